@@ -1,0 +1,86 @@
+"""The `radixserve` command: one subcommand per service, plus tools."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from services.common.config import add_arguments, from_args
+from services.common.model_store import ModelNotFoundError
+
+
+def _executor(args: argparse.Namespace) -> None:
+    from services.executor.config import ExecutorConfig
+    from services.executor.server import main
+
+    main(from_args(ExecutorConfig, args))
+
+
+def _models(args: argparse.Namespace) -> None:
+    from services.common.log import setup_logging
+    from services.common.model_store import list_cached, resolve_model_path
+
+    setup_logging("models")
+    path = resolve_model_path(args.prepare)
+    print(f"ready: {path}")
+    for model in list_cached():
+        print(f"{model.name:40s} {model.size_bytes / 2**20:9.1f} MiB  {model.path}")
+
+
+def _bench_executor(args: argparse.Namespace) -> None:
+    from services.executor.bench import main
+
+    main(args)
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="prepare the default (or a given) model and list cached ones")
+    p.add_argument("--prepare", default="default", help="model path to prepare (default: the bundled model)")
+    p.set_defaults(func=_models)
+
+
+def _add_executor(sub: argparse._SubParsersAction) -> None:
+    from services.executor.config import ExecutorConfig
+
+    p = sub.add_parser("executor", help="serve the model executor (gRPC)")
+    add_arguments(p, ExecutorConfig)
+    p.set_defaults(func=_executor)
+
+
+def _add_bench_executor(sub: argparse._SubParsersAction) -> None:
+    from services.executor.bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench-executor", help="time decode and prefill steps of the executor in process")
+    add_bench_arguments(p)
+    p.set_defaults(func=_bench_executor)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_executor,
+    _add_models,
+    _add_bench_executor,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radixserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ModelNotFoundError, ValueError) as exc:
+        print(f"radixserve {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

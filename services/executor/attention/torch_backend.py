@@ -1,0 +1,106 @@
+"""Attention in plain PyTorch, for any device (the CPU default).
+
+Each part of a step (extend, decode) is one padded, masked `scaled_dot_product_attention` call over
+all its requests: keys are gathered from the pool through the table into [B, L, Hkv, D], and a
+boolean mask hides positions past each request's length (and outside a sliding window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from services.executor.attention.base import AttentionBackend, register
+from services.executor.forward_batch import ForwardBatch
+
+
+@dataclass
+class PaddedPart:
+    kv_idx: torch.Tensor  # [B, L] KV slots of each request's positions 0..L-1
+    mask: torch.Tensor  # [B, 1, Q, L] True where a query may attend a key
+    token_dest: torch.Tensor | None  # [T_part] index into the flattened [B * Q] query grid
+    max_q: int
+
+
+@dataclass
+class TorchMetadata:
+    extend: PaddedPart | None
+    decode: PaddedPart | None
+
+
+@register("torch")
+class TorchAttention(AttentionBackend):
+    def init_metadata(self, batch: ForwardBatch) -> None:
+        ne = batch.num_extend
+        extend = self._extend_part(batch) if ne else None
+        decode = self._decode_part(batch) if batch.num_decode else None
+        batch.attn_metadata = TorchMetadata(extend, decode)
+
+    def _gather_idx(self, rows: torch.Tensor, max_len: int) -> torch.Tensor:
+        return self.table.table[rows, :max_len]
+
+    def _decode_part(self, batch: ForwardBatch) -> PaddedPart:
+        ne = batch.num_extend
+        rows, seq_lens = batch.rows[ne:], batch.seq_lens[ne:]
+        max_len = max(batch.seq_lens_cpu[ne:])
+        key_pos = torch.arange(max_len, device=rows.device)
+        mask = key_pos[None, :] < seq_lens[:, None]
+        if self.sliding_window:
+            mask &= key_pos[None, :] >= seq_lens[:, None] - self.sliding_window
+        return PaddedPart(self._gather_idx(rows, max_len), mask[:, None, None, :], None, 1)
+
+    def _extend_part(self, batch: ForwardBatch) -> PaddedPart:
+        ne = batch.num_extend
+        rows, starts = batch.rows[:ne], batch.starts[:ne]
+        lens = torch.tensor(batch.extend_lens_cpu, device=rows.device)
+        max_q, max_len = max(batch.extend_lens_cpu), max(batch.seq_lens_cpu[:ne])
+        device = rows.device
+        # Padded query (b, i) sits at position starts[b] + i and sees keys 0 .. that position.
+        q_pos = starts[:, None] + torch.arange(max_q, device=device)[None, :]
+        key_pos = torch.arange(max_len, device=device)
+        mask = key_pos[None, None, :] <= q_pos[:, :, None]
+        if self.sliding_window:
+            mask &= key_pos[None, None, :] > q_pos[:, :, None] - self.sliding_window
+        req_of_tok = torch.repeat_interleave(torch.arange(ne, device=device), lens)
+        first_tok = torch.cumsum(lens, 0) - lens
+        offset = torch.arange(batch.num_extend_tokens, device=device) - first_tok[req_of_tok]
+        dest = req_of_tok * max_q + offset
+        return PaddedPart(self._gather_idx(rows, max_len), mask[:, None], dest, max_q)
+
+    def _attend(self, layer: int, q: torch.Tensor, part: PaddedPart) -> torch.Tensor:
+        # q: [B, H, Q, D] → [B, H, Q, D]
+        b, n_keys = part.kv_idx.shape
+        flat = part.kv_idx.reshape(-1)
+        k = self.pool.k[layer].index_select(0, flat).view(b, n_keys, self.num_kv_heads, -1)
+        v = self.pool.v[layer].index_select(0, flat).view(b, n_keys, self.num_kv_heads, -1)
+        k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=part.mask, scale=self.scale, enable_gqa=True
+        )
+
+    def extend(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        part = batch.attn_metadata.extend  # type: ignore[union-attr]
+        b = part.kv_idx.shape[0]
+        grid = q.new_zeros(b * part.max_q, self.num_heads, self.head_dim)
+        grid[part.token_dest] = q
+        grid = grid.view(b, part.max_q, self.num_heads, self.head_dim).transpose(1, 2)
+        out = self._attend(layer, grid, part).transpose(1, 2).reshape(b * part.max_q, -1)
+        return out[part.token_dest].view(-1, self.num_heads, self.head_dim)
+
+    def decode(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        # One query per request: two batched matmuls in float32 beat SDPA's CPU flash kernel,
+        # which is built for long queries. q: [B, H, D] viewed as [B, Hkv, G, D].
+        part = batch.attn_metadata.decode  # type: ignore[union-attr]
+        b, n_keys = part.kv_idx.shape
+        flat = part.kv_idx.reshape(-1)
+        k = self.pool.k[layer].index_select(0, flat).view(b, n_keys, self.num_kv_heads, -1)
+        v = self.pool.v[layer].index_select(0, flat).view(b, n_keys, self.num_kv_heads, -1)
+        group = self.num_heads // self.num_kv_heads
+        qg = q.view(b, self.num_kv_heads, group, self.head_dim).float()
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1).float()) * self.scale  # [B, Hkv, G, L]
+        scores.masked_fill_(~part.mask.view(b, 1, 1, n_keys), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, v.transpose(1, 2).float())  # [B, Hkv, G, D]
+        return out.view(b, self.num_heads, self.head_dim).to(q.dtype)

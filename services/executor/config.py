@@ -1,0 +1,42 @@
+"""Executor configuration: flags, their RADIXSERVE_* twins, and validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import option
+from services.executor.attention import ATTENTION_BACKENDS
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    model_path: str = option("default", "HF directory, .gguf file or Hub id ('default': SmolLM2-135M-Instruct)")
+    served_model_name: str | None = option(None, "model name reported to clients (default: from the path)")
+    dtype: str = option("auto", "weight and KV dtype; auto = bfloat16 where the CPU/GPU has it", DTYPES)
+    device: str = option("auto", "cpu or cuda; auto = cuda when available", DEVICES)
+    max_total_tokens: int | None = option(None, "KV slots in the pool (overrides --mem-fraction-static)")
+    mem_fraction_static: float = option(
+        0.3, "fraction of free memory after loading weights given to the KV pool (CPU: of available RAM)"
+    )
+    max_running_requests: int = option(256, "rows of the request table: most requests active at once")
+    context_length: int | None = option(None, "longest prompt + output (default: the model's)")
+    attention_backend: str | None = option(
+        None, "attention implementation (default: triton on CUDA, torch on CPU)", sorted(ATTENTION_BACKENDS)
+    )
+    max_top_logprobs: int = option(20, "most top_logprobs alternatives a request may ask for")
+    num_threads: int | None = option(None, "torch intra-op threads (default: the cores this process may use)")
+    host: str = option("127.0.0.1", "address the gRPC server binds")
+    port: int = option(30002, "gRPC port")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mem_fraction_static <= 1.0:
+            raise ValueError("--mem-fraction-static must be in (0, 1]")
+        if self.max_total_tokens is not None and self.max_total_tokens < 16:
+            raise ValueError("--max-total-tokens must be at least 16")
+        if self.max_running_requests < 1:
+            raise ValueError("--max-running-requests must be at least 1")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError("--context-length must be at least 2")

@@ -1,0 +1,158 @@
+"""The executor's engine: model, KV pool, request table mirror and sampler, driven by Steps.
+
+It never decides what to run: a Step says which rows join or leave, which KV slots each position
+uses and which tokens to compute. A Step is validated whole before anything is applied, so a bad
+one changes no state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from services.executor.attention import AttentionBackend, create_backend
+from services.executor.batch_builder import build_batch, order_slices
+from services.executor.kv_pool import KVPool, RequestToTokenTable
+from services.executor.model_config import ModelConfig
+from services.executor.sampler import Sampler, SampleRow
+from services.executor.sampling_params import SamplingParams
+from services.executor.step import NewRequest, SampledToken, Slice, StepInput, StepOutput
+from services.executor.validation import validate_step
+
+log = logging.getLogger("radixserve.executor")
+
+
+@dataclass
+class RowState:
+    request_id: str
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    has_sampled: bool = False
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    num_slots: int
+    max_rows: int
+    context_length: int
+    max_top_logprobs: int = 20
+
+
+class Engine:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: ModelConfig,
+        limits: EngineLimits,
+        device: torch.device,
+        attention_backend: str = "torch",
+    ) -> None:
+        self.model, self.cfg, self.limits, self.device = model, cfg, limits, device
+        self.dtype = next(model.parameters()).dtype
+        self.pool = KVPool(
+            cfg.num_layers, limits.num_slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, device
+        )
+        self.table = RequestToTokenTable(limits.max_rows, limits.context_length, device)
+        self.attn: AttentionBackend = create_backend(
+            attention_backend,
+            pool=self.pool,
+            table=self.table,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            sliding_window=cfg.sliding_window,
+        )
+        self.sampler = Sampler(cfg.vocab_size, device)
+        self.rows: dict[int, RowState] = {}
+        self.last_sampled = torch.zeros(limits.max_rows, dtype=torch.int64, device=device)
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1, 8), prompt_len: int = 64) -> None:
+        """Runs prefill and decode shapes once. Every position maps to the padding slot 0, so no
+        cached KV is touched; slot 0 is zeroed afterwards. Only valid with no active rows."""
+        assert not self.rows, "warm-up needs an idle engine"
+        n = min(max(batch_sizes), self.limits.max_rows)
+        prompt_len = min(prompt_len, self.limits.context_length - 2)
+        greedy = SamplingParams(temperature=0.0)
+        adds = [NewRequest(r, "warmup", greedy) for r in range(n)]
+        self.run_step(StepInput(0, add=adds, slices=[Slice(r, 0, [0] * prompt_len) for r in range(n)]))
+        for bs in batch_sizes:
+            decode = [Slice(r, prompt_len, [], use_last_sampled=True) for r in range(min(bs, n))]
+            self.run_step(StepInput(0, slices=decode))
+        self.reset()
+        for layer in range(self.cfg.num_layers):
+            self.pool.k[layer][0].zero_()
+            self.pool.v[layer][0].zero_()
+
+    def reset(self) -> None:
+        self.rows.clear()
+        self.table.reset()
+        self.last_sampled.zero_()
+
+    def run_step(self, step: StepInput) -> StepOutput:
+        """Applies and computes one Step; raises StepRejected (state untouched) if invalid."""
+        validate_step(step, self)
+        started = time.perf_counter_ns()
+        self._apply_membership(step)
+        out = StepOutput(step.step_id)
+        if step.slices:
+            out.tokens = self._compute(step)
+            out.num_tokens = sum(s.length for s in step.slices)
+        out.forward_ns = time.perf_counter_ns() - started
+        return out
+
+    def _apply_membership(self, step: StepInput) -> None:
+        for row in step.release_rows:
+            del self.rows[row]
+            self.table.clear_row(row)
+        for req in step.add:
+            self.rows[req.row] = RowState(
+                req.request_id, req.sampling, req.prompt_ids, list(req.output_ids)
+            )
+        for w in step.writes:
+            self.table.write(w.row, w.start, torch.tensor(w.kv_indices, dtype=torch.int64, device=self.device))
+
+    def logits(self, step: StepInput) -> torch.Tensor:
+        """Applies `step` and returns the raw logits [num_sampled, vocab] in step order, unsampled."""
+        validate_step(step, self)
+        self._apply_membership(step)
+        order = order_slices(step.slices)
+        logits = self._forward([step.slices[i] for i in order])
+        sampled_order = [i for i in order if step.slices[i].sample]
+        back = sorted(range(len(sampled_order)), key=lambda j: sampled_order[j])
+        return logits[back]
+
+    @torch.inference_mode()
+    def _forward(self, slices: list[Slice]) -> torch.Tensor:
+        batch = build_batch(slices, self.table, self.last_sampled, self.device)
+        self.attn.init_metadata(batch)
+        return self.model(batch, self.attn)
+
+    @torch.inference_mode()
+    def _compute(self, step: StepInput) -> list[SampledToken]:
+        order = order_slices(step.slices)
+        slices = [step.slices[i] for i in order]
+        logits = self._forward(slices)
+        sampled = [s for s in slices if s.sample]
+        if not sampled:
+            return []
+        states = [self.rows[s.row] for s in sampled]
+        result = self.sampler(
+            logits, [SampleRow(st.params, st.prompt_ids, st.output_ids) for st in states]
+        )
+        rows_t = torch.tensor([s.row for s in sampled], device=self.device)
+        self.last_sampled[rows_t] = result.token_ids
+        token_ids = result.token_ids.tolist()
+        logprobs = result.logprobs.tolist()
+        tokens = {}
+        for i, (s, st) in enumerate(zip(sampled, states, strict=True)):
+            st.output_ids.append(token_ids[i])
+            st.has_sampled = True
+            tokens[s.row] = SampledToken(
+                s.row, token_ids[i], logprobs[i], result.top_ids[i], result.top_logprobs[i]
+            )
+        return [tokens[s.row] for s in step.slices if s.sample]

@@ -1,0 +1,41 @@
+"""What one forward pass computes: tokens, their positions and KV slots, and per-request slices.
+
+Slices are ordered extend-first: the tokens of the `num_extend` extend slices (several tokens each,
+any with a cached prefix) come first, then one token per decode slice. Attention backends treat
+the two parts separately so a long prefill chunk never pads the decodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    # Per token, T = num_extend_tokens + num_decode.
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    out_cache_loc: torch.Tensor  # [T] int64, the KV slot each token's K/V is stored into
+    # Per slice, S = num_extend + num_decode; slice i covers positions start[i] .. seq_lens[i]-1.
+    rows: torch.Tensor  # [S] int64, rows of the request→KV-slot table
+    starts: torch.Tensor  # [S] int64, cached prefix length before the slice
+    seq_lens: torch.Tensor  # [S] int64, prefix + slice length
+    num_extend: int
+    num_extend_tokens: int
+    # Host copies of the lengths, for building padded layouts without device syncs.
+    extend_lens_cpu: list[int] = field(default_factory=list)
+    seq_lens_cpu: list[int] = field(default_factory=list)
+    # Token indices whose logits are sampled, in result order.
+    sample_token_idx: torch.Tensor | None = None
+    # Backend-specific per-step metadata, built once and shared by every layer.
+    attn_metadata: object | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_decode(self) -> int:
+        return int(self.rows.shape[0]) - self.num_extend

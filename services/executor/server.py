@@ -1,0 +1,38 @@
+"""`radixserve executor`: load the model, warm up, then serve the Executor service."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from radixserve.v1 import executor_pb2, executor_pb2_grpc
+from services.common.grpc_server import GrpcServer
+from services.common.log import setup_logging
+from services.executor.config import ExecutorConfig
+from services.executor.factory import create_engine
+from services.executor.servicer import ExecutorServicer
+
+SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
+
+
+async def serve(cfg: ExecutorConfig) -> None:
+    log = setup_logging("executor")
+    servicer = ExecutorServicer()
+    server = GrpcServer(cfg.host, cfg.port, [SERVICE_NAME])
+    server.register(executor_pb2_grpc.add_ExecutorServicer_to_server, servicer)
+    port = await server.start()
+    log.info("listening on %s:%d (loading the model)", cfg.host, port)
+    loop = asyncio.get_running_loop()
+    loaded = await loop.run_in_executor(servicer.worker, create_engine, cfg)
+    servicer.loaded = loaded
+    started = time.monotonic()
+    await loop.run_in_executor(servicer.worker, loaded.engine.warmup)
+    log.info("warmed up in %.1fs", time.monotonic() - started)
+    servicer.ready = True
+    await server.set_serving(True)
+    log.info("serving %s on %s:%d", loaded.served_name, cfg.host, port)
+    await server.wait_for_termination()
+
+
+def main(cfg: ExecutorConfig) -> None:
+    asyncio.run(serve(cfg))

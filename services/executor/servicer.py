@@ -1,0 +1,101 @@
+"""The Executor gRPC servicer: decode the message, call the engine off the event loop, encode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from radixserve.v1 import executor_pb2 as pb
+from radixserve.v1 import executor_pb2_grpc as pb_grpc
+from services.executor.factory import LoadedModel
+from services.executor.step import error_to_pb, output_to_pb, step_from_pb
+from services.executor.validation import StepRejected
+
+log = logging.getLogger("radixserve.executor")
+
+
+class ExecutorServicer(pb_grpc.ExecutorServicer):
+    """Serves one engine. All engine work runs on one worker thread, in arrival order."""
+
+    def __init__(self) -> None:
+        self.loaded: LoadedModel | None = None
+        self.ready = False
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self.run_active = False
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def _require_ready(self, context: grpc.aio.ServicerContext) -> LoadedModel:
+        if self.loaded is None or not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        return self.loaded  # type: ignore[return-value]
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        loaded = await self._require_ready(context)
+        eng = loaded.engine
+        return pb.InfoResponse(
+            model_name=loaded.served_name,
+            model_path=str(loaded.model_path),
+            architecture=eng.cfg.architecture,
+            vocab_size=eng.cfg.vocab_size,
+            context_length=eng.limits.context_length,
+            num_kv_slots=eng.limits.num_slots,
+            max_running_requests=eng.limits.max_rows,
+            dtype=str(eng.dtype).removeprefix("torch."),
+            device=eng.device.type,
+            attention_backend=loaded.backend,
+            eos_token_ids=list(eng.cfg.eos_token_ids),
+            max_top_logprobs=eng.limits.max_top_logprobs,
+            tp_size=1,
+            kv_bytes_per_token=eng.pool.bytes_per_token(
+                eng.cfg.num_layers, eng.cfg.num_kv_heads, eng.cfg.head_dim, eng.dtype
+            ),
+        )
+
+    async def Warmup(self, request: pb.WarmupRequest, context: grpc.aio.ServicerContext) -> pb.WarmupResponse:
+        loaded = await self._require_ready(context)
+        if loaded.engine.rows:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "warm-up needs an idle executor")
+        started = time.perf_counter_ns()
+        await self._call(loaded.engine.warmup)
+        return pb.WarmupResponse(duration_ns=time.perf_counter_ns() - started)
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        rows = len(self.loaded.engine.rows) if self.loaded else 0
+        return pb.HealthResponse(ready=self.ready, active_rows=rows)
+
+    async def Reset(self, request: pb.ResetRequest, context: grpc.aio.ServicerContext) -> pb.ResetResponse:
+        loaded = await self._require_ready(context)
+        await self._call(loaded.engine.reset)
+        return pb.ResetResponse()
+
+    async def Run(
+        self, request_iterator: AsyncIterator[pb.Step], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StepResult]:
+        loaded = await self._require_ready(context)
+        if self.run_active:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler is attached")
+        self.run_active = True
+        try:
+            async for msg in request_iterator:
+                yield await self._run_step(loaded, msg)
+        finally:
+            self.run_active = False
+            await self._call(loaded.engine.reset)  # a detached scheduler's rows are gone
+
+    async def _run_step(self, loaded: LoadedModel, msg: pb.Step) -> pb.StepResult:
+        try:
+            out = await self._call(loaded.engine.run_step, step_from_pb(msg))
+            return output_to_pb(out)
+        except StepRejected as exc:
+            log.warning("step %d rejected: %s", msg.step_id, exc)
+            return error_to_pb(msg.step_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(exc))
+        except Exception as exc:
+            log.exception("step %d failed", msg.step_id)
+            return error_to_pb(msg.step_id, grpc.StatusCode.INTERNAL.value[0], f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,154 @@
+"""A Step and its result as executor-side dataclasses; the one place protobuf is converted."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from radixserve.v1 import executor_pb2 as pb
+from services.executor.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequest:
+    row: int
+    request_id: str
+    sampling: SamplingParams
+    prompt_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SlotWrite:
+    row: int
+    start: int
+    kv_indices: list[int]
+
+
+@dataclass
+class Slice:
+    row: int
+    start: int
+    input_ids: list[int]
+    use_last_sampled: bool = False
+    sample: bool = True
+
+    @property
+    def length(self) -> int:
+        return 1 if self.use_last_sampled else len(self.input_ids)
+
+
+@dataclass
+class StepInput:
+    step_id: int = 0
+    release_rows: list[int] = field(default_factory=list)
+    add: list[NewRequest] = field(default_factory=list)
+    writes: list[SlotWrite] = field(default_factory=list)
+    slices: list[Slice] = field(default_factory=list)
+
+
+@dataclass
+class SampledToken:
+    row: int
+    token_id: int
+    logprob: float = math.nan
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    step_id: int
+    tokens: list[SampledToken] = field(default_factory=list)
+    num_tokens: int = 0
+    forward_ns: int = 0
+
+
+def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_k=msg.top_k,
+        top_p=msg.top_p,
+        min_p=msg.min_p,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=msg.repetition_penalty,
+        seed=msg.seed,
+        logit_bias=dict(msg.logit_bias),
+        logprobs=msg.logprobs,
+        top_logprobs=msg.top_logprobs,
+    )
+
+
+def sampling_to_pb(p: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        min_p=p.min_p,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        seed=p.seed,
+        logit_bias=p.logit_bias,
+        logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs,
+    )
+
+
+def step_from_pb(msg: pb.Step) -> StepInput:
+    return StepInput(
+        step_id=msg.step_id,
+        release_rows=list(msg.release_rows),
+        add=[
+            NewRequest(a.row, a.request_id, sampling_from_pb(a.sampling), list(a.prompt_ids), list(a.output_ids))
+            for a in msg.add
+        ],
+        writes=[SlotWrite(w.row, w.start, list(w.kv_indices)) for w in msg.writes],
+        slices=[
+            Slice(s.row, s.start, list(s.input_ids), s.use_last_sampled, s.sample) for s in msg.slices
+        ],
+    )
+
+
+def step_to_pb(step: StepInput) -> pb.Step:
+    return pb.Step(
+        step_id=step.step_id,
+        release_rows=step.release_rows,
+        add=[
+            pb.AddRequest(
+                row=a.row,
+                request_id=a.request_id,
+                sampling=sampling_to_pb(a.sampling),
+                prompt_ids=a.prompt_ids,
+                output_ids=a.output_ids,
+            )
+            for a in step.add
+        ],
+        writes=[pb.SlotWrite(row=w.row, start=w.start, kv_indices=w.kv_indices) for w in step.writes],
+        slices=[
+            pb.Slice(
+                row=s.row,
+                start=s.start,
+                input_ids=s.input_ids,
+                use_last_sampled=s.use_last_sampled,
+                sample=s.sample,
+            )
+            for s in step.slices
+        ],
+    )
+
+
+def output_to_pb(out: StepOutput) -> pb.StepResult:
+    result = pb.StepResult(step_id=out.step_id, num_tokens=out.num_tokens, forward_ns=out.forward_ns)
+    for t in out.tokens:
+        result.rows.append(t.row)
+        result.token_ids.append(t.token_id)
+        result.logprobs.append(t.logprob)
+        result.top_ids.extend(t.top_ids)
+        result.top_logprobs.extend(t.top_logprobs)
+    return result
+
+
+def error_to_pb(step_id: int, code: int, message: str) -> pb.StepResult:
+    return pb.StepResult(step_id=step_id, error=pb.StepError(code=code, message=message))

@@ -1,0 +1,90 @@
+"""Checks a Step against the engine's state before anything of it is applied."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from services.executor.step import StepInput
+
+if TYPE_CHECKING:
+    from services.executor.engine import Engine
+
+
+class StepRejected(ValueError):
+    """The Step is invalid; nothing of it was applied (maps to INVALID_ARGUMENT)."""
+
+
+def validate_step(step: StepInput, engine: Engine) -> None:
+    active = set(engine.rows)
+    _check_releases(step, active)
+    active -= set(step.release_rows)
+    _check_adds(step, active, engine)
+    active |= {a.row for a in step.add}
+    _check_writes(step, active, engine)
+    _check_slices(step, active, engine)
+
+
+def _fail(message: str) -> None:
+    raise StepRejected(message)
+
+
+def _check_releases(step: StepInput, active: set[int]) -> None:
+    if len(set(step.release_rows)) != len(step.release_rows):
+        _fail("a row is released twice")
+    for row in step.release_rows:
+        if row not in active:
+            _fail(f"release of row {row}, which is not active")
+
+
+def _check_adds(step: StepInput, active: set[int], engine: Engine) -> None:
+    seen: set[int] = set()
+    vocab = engine.cfg.vocab_size
+    for req in step.add:
+        if req.row >= engine.limits.max_rows:
+            _fail(f"row {req.row} out of range (max_running_requests {engine.limits.max_rows})")
+        if req.row in active or req.row in seen:
+            _fail(f"row {req.row} is already active")
+        seen.add(req.row)
+        try:
+            req.sampling.validate(vocab, engine.limits.max_top_logprobs)
+        except ValueError as exc:
+            _fail(f"request {req.request_id!r}: {exc}")
+        if any(not 0 <= t < vocab for t in req.prompt_ids) or any(
+            not 0 <= t < vocab for t in req.output_ids
+        ):
+            _fail(f"request {req.request_id!r}: token id out of vocabulary ({vocab})")
+
+
+def _check_writes(step: StepInput, active: set[int], engine: Engine) -> None:
+    ctx, slots = engine.limits.context_length, engine.limits.num_slots
+    for w in step.writes:
+        if w.row not in active:
+            _fail(f"slot write to row {w.row}, which is not active")
+        if w.start + len(w.kv_indices) > ctx:
+            _fail(f"slot write past the context length {ctx} (row {w.row})")
+        if w.kv_indices and (min(w.kv_indices) < 1 or max(w.kv_indices) > slots):
+            _fail(f"KV slot index out of range 1..{slots} (row {w.row})")
+
+
+def _check_slices(step: StepInput, active: set[int], engine: Engine) -> None:
+    ctx, vocab = engine.limits.context_length, engine.cfg.vocab_size
+    seen: set[int] = set()
+    for s in step.slices:
+        if s.row not in active:
+            _fail(f"slice for row {s.row}, which is not active")
+        if s.row in seen:
+            _fail(f"two slices for row {s.row}")
+        seen.add(s.row)
+        if s.use_last_sampled:
+            if s.input_ids:
+                _fail(f"slice for row {s.row} has input ids and use_last_sampled")
+            state = engine.rows.get(s.row)
+            new = any(a.row == s.row for a in step.add)
+            if new or state is None or not state.has_sampled:
+                _fail(f"row {s.row} has no sampled token to use")
+        elif not s.input_ids:
+            _fail(f"empty slice for row {s.row}")
+        if s.start + s.length > ctx:
+            _fail(f"slice of row {s.row} ends at {s.start + s.length}, past the context length {ctx}")
+        if s.input_ids and (min(s.input_ids) < 0 or max(s.input_ids) >= vocab):
+            _fail(f"token id out of vocabulary ({vocab}) in the slice of row {s.row}")

@@ -1,0 +1,113 @@
+"""Building a model and filling it from Hugging Face safetensors.
+
+Renames live here, not in the model files: HF's q/k/v and gate/up weights are copied into the
+model's stacked `qkv_proj` / `gate_up_proj` at the offsets their `MergedLinear` declares.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from services.executor.layers import MergedLinear, RotaryEmbedding
+from services.executor.model_config import ModelConfig
+from services.executor.models import model_class
+
+log = logging.getLogger("radixserve.executor")
+SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    return files
+
+
+def iter_safetensors(path: Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in tqdm(safetensors_files(path), desc="loading weights", disable=not progress):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118  (safe_open is not a dict)
+                yield name, handle.get_tensor(name)
+
+
+def build_model(
+    cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """An uninitialised model of the config's architecture (weights to be loaded)."""
+    with torch.device("meta"):
+        model = model_class(cfg.architecture)(cfg, max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.init_table(device)
+    return model.eval()
+
+
+def _target(name: str, packed: dict[str, list[str]]) -> tuple[str, int | None]:
+    """Model parameter name and stacked-shard index for an HF weight name."""
+    for fused, parts in packed.items():
+        for index, part in enumerate(parts):
+            if f".{part}." in name:
+                return name.replace(f".{part}.", f".{fused}."), index
+    return name, None
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copies HF-named tensors into `model`; raises when a weight is missing or misshapen."""
+    params = dict(model.named_parameters())
+    packed = getattr(model, "packed_modules", {})
+    tied = model.config.tie_word_embeddings
+    pending = {n: len(_shards_of(model, n)) for n in params}
+    for name, tensor in weights:
+        if name.endswith(SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        target, shard = _target(name, packed)
+        if target not in params:
+            raise KeyError(f"checkpoint weight {name!r} has no place in {type(model).__name__}")
+        _copy(model, params[target], target, shard, tensor)
+        pending[target] -= 1
+    missing = [n for n, left in pending.items() if left > 0]
+    if missing:
+        raise KeyError(f"checkpoint lacks weights for {missing[:5]}{'…' if len(missing) > 5 else ''}")
+
+
+def _shards_of(model: nn.Module, param_name: str) -> list[int]:
+    module = model.get_submodule(param_name.rsplit(".", 1)[0])
+    return list(range(len(module.output_sizes))) if isinstance(module, MergedLinear) else [0]
+
+
+def _copy(
+    model: nn.Module, param: torch.Tensor, name: str, shard: int | None, tensor: torch.Tensor
+) -> None:
+    dest = param.data
+    if shard is not None:
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        offset, size = module.shard_offset(shard)
+        dest = dest.narrow(0, offset, size)
+    if dest.shape != tensor.shape:
+        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}")
+    with torch.no_grad():
+        dest.copy_(tensor)
+
+
+def load_model(
+    path: Path, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    model = build_model(cfg, max_positions, dtype, device)
+    load_weights(model, iter_safetensors(path))
+    log.info("loaded %s (%s, %s)", path, cfg.architecture, dtype)
+    return model

@@ -1,0 +1,111 @@
+"""A minimal scheduler for executor tests: rows, contiguous KV slots, chunked prefill, decode.
+
+It drives an Engine (in process) through real Steps, exactly as the scheduler service would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from services.executor.engine import Engine
+from services.executor.sampling_params import SamplingParams
+from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
+
+
+@dataclass
+class Job:
+    row: int
+    prompt: list[int]
+    max_new: int
+    params: SamplingParams
+    done_prefill: int = 0
+    output: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[int]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.output) >= self.max_new
+
+
+class Driver:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.next_slot = 1
+        self.step_id = 0
+
+    def slots(self, n: int) -> list[int]:
+        start, self.next_slot = self.next_slot, self.next_slot + n
+        return list(range(start, start + n))
+
+    def next_step(self, **kw: object) -> StepInput:
+        self.step_id += 1
+        return StepInput(self.step_id, **kw)  # type: ignore[arg-type]
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new: int,
+        chunk: int | None = None,
+        params: SamplingParams | list[SamplingParams] | None = None,
+        first_row: int = 0,
+    ) -> list[Job]:
+        """Runs all prompts together to `max_new` tokens each; returns the finished jobs."""
+        plist = params if isinstance(params, list) else [params or SamplingParams(temperature=0)] * len(prompts)
+        jobs = [Job(first_row + i, p, max_new, plist[i]) for i, p in enumerate(prompts)]
+        step = self.next_step(
+            add=[NewRequest(j.row, f"r{j.row}", j.params, j.prompt) for j in jobs],
+            writes=[SlotWrite(j.row, 0, self.slots(len(j.prompt) + max_new)) for j in jobs],
+        )
+        while not all(j.finished for j in jobs):
+            step.slices = [self._slice(j, chunk) for j in jobs if not j.finished]
+            self._collect(jobs, self.engine.run_step(step))
+            step = self.next_step()
+        self.engine.run_step(self.next_step(release_rows=[j.row for j in jobs]))
+        return jobs
+
+    def _slice(self, job: Job, chunk: int | None) -> Slice:
+        if job.done_prefill < len(job.prompt):
+            n = min(chunk or len(job.prompt), len(job.prompt) - job.done_prefill)
+            ids = job.prompt[job.done_prefill : job.done_prefill + n]
+            start, job.done_prefill = job.done_prefill, job.done_prefill + n
+            return Slice(job.row, start, ids, sample=job.done_prefill == len(job.prompt))
+        return Slice(job.row, len(job.prompt) + len(job.output) - 1, [], use_last_sampled=True)
+
+    def _collect(self, jobs: list[Job], out) -> None:
+        by_row = {j.row: j for j in jobs}
+        for t in out.tokens:
+            job = by_row[t.row]
+            job.output.append(t.token_id)
+            job.logprobs.append(t.logprob)
+            job.top.append(t.top_ids)
+
+
+def hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def top2_gap(model, ids: list[int]) -> float:
+    """Gap between the two largest next-token logits of HF `model` after `ids`."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+    top = logits.topk(2).values
+    return float(top[0] - top[1])

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.kv_store import store_kv, store_kv_ref
+
+# A store is a copy: results must match bit for bit in every dtype.
+TOLERANCES = {torch.float32: dict(atol=0, rtol=0), torch.bfloat16: dict(atol=0, rtol=0)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("num_tokens", "num_kv_heads", "head_dim", "index"),
+    [(1, 2, 64, torch.int32), (37, 3, 128, torch.int64), (5, 1, 80, torch.int32)],
+)
+def test_matches_reference(device, dtype, num_tokens, num_kv_heads, head_dim, index):
+    gen = torch.Generator().manual_seed(0)
+    num_slots = 3 * num_tokens + 1
+    # k, v: views into one fused qkv projection, strided along tokens like the executor's
+    qkv = torch.randn(num_tokens, 3 * num_kv_heads * head_dim, generator=gen).to(dtype).to(device)
+    k, v = (t.view(num_tokens, num_kv_heads, head_dim) for t in qkv.chunk(3, dim=1)[1:])
+    loc = (torch.randperm(num_slots - 1, generator=gen)[:num_tokens] + 1).to(index).to(device)
+    pool = torch.randn(2, num_slots, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    expected = pool.clone()
+
+    store_kv(k, v, pool[0], pool[1], loc)
+    store_kv_ref(k, v, expected[0], expected[1], loc)
+
+    torch.testing.assert_close(pool, expected, **TOLERANCES[dtype])
+
+
+def _valid_inputs(device: str) -> dict:
+    return dict(
+        k=torch.randn(3, 2, 64, device=device),
+        v=torch.randn(3, 2, 64, device=device),
+        k_buffer=torch.zeros(9, 2, 64, device=device),
+        v_buffer=torch.zeros(9, 2, 64, device=device),
+        out_cache_loc=torch.tensor([4, 1, 7], device=device),
+    )
+
+
+BAD_INPUTS = {
+    "k-2d": lambda a: a.update(k=a["k"][0]),
+    "k-v-shape-mismatch": lambda a: a.update(v=a["v"][:2]),
+    "heads-mismatch": lambda a: a.update(k_buffer=a["k_buffer"][:, :1]),
+    "buffers-mismatch": lambda a: a.update(v_buffer=a["v_buffer"][:5]),
+    "dtype-mismatch": lambda a: a.update(k=a["k"].bfloat16()),
+    "float-loc": lambda a: a.update(out_cache_loc=a["out_cache_loc"].float()),
+    "loc-wrong-length": lambda a: a.update(out_cache_loc=a["out_cache_loc"][:2]),
+    "strided-head-dim": lambda a: a.update(k=a["k"].transpose(1, 2).contiguous().transpose(1, 2)),
+    "other-device": lambda a: a.update(out_cache_loc=a["out_cache_loc"].to("meta")),
+}
+
+
+@pytest.mark.parametrize("corrupt", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_rejects_bad_inputs(device, corrupt):
+    args = _valid_inputs(device)
+    corrupt(args)
+    with pytest.raises(ValueError):
+        store_kv(**args)
