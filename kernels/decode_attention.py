@@ -109,7 +109,7 @@ def _decode_stage2_kernel(
     stride_oh,
     num_kv_splits,
     HEAD_DIM: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,  # next power of two >= num_kv_splits
+    BLOCK_SPLITS: tl.constexpr,  # a power of two >= num_kv_splits
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -157,6 +157,8 @@ def decode_attention(
     )
     mid_lse = torch.empty(batch, num_heads, num_kv_splits, dtype=torch.float32, device=q.device)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if batch == 0:
+        return o
     _decode_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
         q,
         k_buffer,
@@ -191,7 +193,7 @@ def decode_attention(
         o.stride(1),
         num_kv_splits,
         HEAD_DIM=head_dim,
-        BLOCK_SPLITS=triton.next_power_of_2(num_kv_splits),
+        BLOCK_SPLITS=max(2, triton.next_power_of_2(num_kv_splits)),
         num_warps=4,
     )
     return o

@@ -68,7 +68,7 @@ def rmsnorm(
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
-        num_warps=min(max(block // 256, 1), 16),
+        num_warps=min(max(block // 256, 1), 8),
     )
     return out
 

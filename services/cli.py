@@ -17,6 +17,20 @@ def _executor(args: argparse.Namespace) -> None:
     main(from_args(ExecutorConfig, args))
 
 
+def _tokenizer(args: argparse.Namespace) -> None:
+    from services.tokenizer.config import TokenizerConfig
+    from services.tokenizer.server import main
+
+    main(from_args(TokenizerConfig, args))
+
+
+def _scheduler(args: argparse.Namespace) -> None:
+    from services.scheduler.config import SchedulerConfig
+    from services.scheduler.server import main
+
+    main(from_args(SchedulerConfig, args))
+
+
 def _models(args: argparse.Namespace) -> None:
     from services.common.log import setup_logging
     from services.common.model_store import list_cached, resolve_model_path
@@ -48,6 +62,22 @@ def _add_executor(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_executor)
 
 
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    from services.tokenizer.config import TokenizerConfig
+
+    p = sub.add_parser("tokenizer", help="serve the tokenizer: encode, chat templates, detokenize (gRPC)")
+    add_arguments(p, TokenizerConfig)
+    p.set_defaults(func=_tokenizer)
+
+
+def _add_scheduler(sub: argparse._SubParsersAction) -> None:
+    from services.scheduler.config import SchedulerConfig
+
+    p = sub.add_parser("scheduler", help="serve the scheduler: queue, prefix cache, batching (gRPC)")
+    add_arguments(p, SchedulerConfig)
+    p.set_defaults(func=_scheduler)
+
+
 def _add_bench_executor(sub: argparse._SubParsersAction) -> None:
     from services.executor.bench import add_arguments as add_bench_arguments
 
@@ -58,6 +88,8 @@ def _add_bench_executor(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_executor,
+    _add_tokenizer,
+    _add_scheduler,
     _add_models,
     _add_bench_executor,
 ]

@@ -13,6 +13,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
     model = hf_model("llama")
     model.config.eos_token_id = 255
+    model.generation_config.eos_token_id = 255
     model.save_pretrained(path)
     return path
 

@@ -23,10 +23,14 @@ async def serve(cfg: ExecutorConfig) -> None:
     port = await server.start()
     log.info("listening on %s:%d (loading the model)", cfg.host, port)
     loop = asyncio.get_running_loop()
-    loaded = await loop.run_in_executor(servicer.worker, create_engine, cfg)
-    servicer.loaded = loaded
-    started = time.monotonic()
-    await loop.run_in_executor(servicer.worker, loaded.engine.warmup)
+    try:
+        loaded = await loop.run_in_executor(servicer.worker, create_engine, cfg)
+        servicer.loaded = loaded
+        started = time.monotonic()
+        await loop.run_in_executor(servicer.worker, loaded.engine.warmup)
+    except BaseException:
+        await server.server.stop(0)
+        raise
     log.info("warmed up in %.1fs", time.monotonic() - started)
     servicer.ready = True
     await server.set_serving(True)

@@ -76,6 +76,16 @@ class RadixCache:
         """Tokens (= KV slots) held by the tree."""
         return self._evictable + self._protected
 
+    def slots(self) -> list[int]:
+        """Every KV slot held by the tree. O(tree): tests/idle only."""
+        out: list[int] = []
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            out.extend(node.value)
+            stack.extend(node.children.values())
+        return out
+
     def match_prefix(self, ids: Sequence[int]) -> tuple[list[int], TreeNode]:
         """KV slots of the longest cached prefix of ids, and the node ending exactly there.
 

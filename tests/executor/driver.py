@@ -5,6 +5,7 @@ It drives an Engine (in process) through real Steps, exactly as the scheduler se
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -84,14 +85,17 @@ class Driver:
 
 
 def hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
+    """Exactly `max_new` greedy tokens from HF, running on past EOS like the driver does."""
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = []  # None falls back to the model config's EOS
+    config.pad_token_id = 0
+    config.do_sample = False
+    config.max_new_tokens = max_new
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new,
-            min_new_tokens=max_new,
-            do_sample=False,
-            pad_token_id=0,
+            generation_config=config,
         )
     return out[0, len(prompt) :].tolist()
 

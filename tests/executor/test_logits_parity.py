@@ -13,7 +13,7 @@ TOLERANCE = 1e-4
 LENGTHS = [1, 17, 64]
 
 
-def hf_logits(model, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
 

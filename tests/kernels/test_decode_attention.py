@@ -50,6 +50,12 @@ def test_split_count_does_not_change_the_result(make_kv_pool, device):
     torch.testing.assert_close(one, many, **TOLERANCES[torch.float32])
 
 
+def test_empty_batch(device):
+    args = _valid_inputs(device)
+    args.update(q=args["q"][:0], req_rows=args["req_rows"][:0], seq_lens=args["seq_lens"][:0])
+    assert decode_attention(**args).shape == (0, 4, 64)
+
+
 def _valid_inputs(device: str) -> dict:
     return dict(
         q=torch.randn(2, 4, 64, device=device),

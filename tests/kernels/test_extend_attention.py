@@ -68,10 +68,18 @@ def test_one_new_token_matches_decode(make_kv_pool, device):
     ones = torch.ones_like(lens)
     pool = (k_buffer, v_buffer, req_to_token, req_rows)
 
-    extend = extend_attention(q, *pool, lens - 1, ones, torch.arange(3, device=device), 0.125)
+    qo_start = torch.arange(3, device=device)
+    extend = extend_attention(q, *pool, lens - 1, ones, qo_start, 0.125, max_extend_len=1)
     decode = decode_attention(q, *pool, lens, 0.125, num_kv_splits=4)
 
     torch.testing.assert_close(extend, decode, **TOLERANCES[torch.float32])
+
+
+def test_no_requests(device):
+    args = _valid_inputs(device)
+    names = ("req_rows", "prefix_lens", "extend_lens", "qo_start")
+    args.update(q=args["q"][:0], **{n: args[n][:0] for n in names})
+    assert extend_attention(**args).shape == (0, 4, 64)
 
 
 def _valid_inputs(device: str) -> dict:

@@ -1,0 +1,43 @@
+"""Scheduler configuration: flags, their RADIXSERVE_* twins, and validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import option
+from services.scheduler.policy import POLICIES
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    executor: str = option("127.0.0.1:30002", "address of the executor's gRPC service")
+    host: str = option("127.0.0.1", "address the gRPC server binds")
+    port: int = option(30001, "gRPC port")
+    max_running_requests: int | None = option(
+        None, "most samples running at once (default and upper bound: the executor's table rows)"
+    )
+    max_queued_requests: int = option(4096, "most samples waiting; past it Generate fails with RESOURCE_EXHAUSTED")
+    chunked_prefill_size: int = option(2048, "most prefill tokens per step; longer prompts are chunked")
+    schedule_policy: str = option("lpm", "waiting-queue order (lpm falls back to fcfs on a long queue)", sorted(POLICIES))
+    schedule_conservativeness: float = option(
+        1.0, "scales the reservation for running requests' future tokens (higher: fewer retractions)"
+    )
+    context_length: int | None = option(None, "longest prompt + max_tokens (default: the executor's; may only lower it)")
+    disable_radix_cache: bool = option(False, "no prefix cache: every request computes its whole prompt")
+    disable_overlap_schedule: bool = option(False, "wait for each step's result before sending the next")
+    debug_checks: bool = option(False, "check cache and allocator integrity after every step (slow; for tests)")
+    executor_timeout: float = option(300.0, "seconds to wait for the executor to become ready")
+
+    def __post_init__(self) -> None:
+        if self.max_running_requests is not None and self.max_running_requests < 1:
+            raise ValueError("--max-running-requests must be at least 1")
+        if self.max_queued_requests < 0:
+            raise ValueError("--max-queued-requests must be >= 0")
+        if self.chunked_prefill_size < 1:
+            raise ValueError("--chunked-prefill-size must be at least 1")
+        if self.schedule_policy not in POLICIES:
+            raise ValueError(f"--schedule-policy must be one of {sorted(POLICIES)}")
+        if self.schedule_conservativeness <= 0:
+            raise ValueError("--schedule-conservativeness must be > 0")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError("--context-length must be at least 2")

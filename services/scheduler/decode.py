@@ -1,0 +1,80 @@
+"""Decode: one new position per running request per step, and retraction when slots run out.
+
+Each decoding request needs one KV slot per step, for its newest token. When free + evictable slots
+cannot cover that, requests are retracted (fewest generated tokens first, longest prompt breaking
+ties) until they can: a victim's computed tokens go into the cache as evictable entries, it returns
+to the front of the queue, and it resumes later, usually from the cache.
+
+With min_tokens, the executor first samples with the stop tokens banned; when the next token may
+stop, the row is re-added with the ban lifted (the table is rewritten with the same slots, so
+nothing is recomputed). That step needs the last token explicitly, so under overlap the request
+sits out one step while it arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from services.scheduler.cache import KVCache
+from services.scheduler.request import Req
+from services.scheduler.step import Step
+
+
+def victim_order(req: Req) -> tuple[int, int]:
+    return (len(req.output), -len(req.prompt))
+
+
+class DecodeManager:
+    def __init__(self, cache: KVCache, retract: Callable[[Req], None]) -> None:
+        self.cache = cache
+        self.retract = retract  # releases req and queues it again (the scheduler's bookkeeping)
+
+    def schedule(self, step: Step, running: Sequence[Req]) -> int:
+        """Adds a decode slice for every request that can take one; returns how many decoded."""
+        ready = [r for r in running if r.wants_decode() and not self._awaits_last_token(r)]
+        ready = self._make_room(ready, running)
+        decoded = 0
+        for req in ready:
+            slots = self.cache.allocate(1)
+            if slots is None:
+                break  # requests finishing this step still hold slots; the rest wait a step
+            self._decode(step, req, slots[0])
+            decoded += 1
+        return decoded
+
+    def _awaits_last_token(self, req: Req) -> bool:
+        return req.needs_unban() and len(req.output) < req.num_scheduled_outputs
+
+    def _make_room(self, ready: list[Req], running: Sequence[Req]) -> list[Req]:
+        """Retracts until every remaining ready request gets a slot (always keeping one)."""
+        candidates = sorted(
+            (r for r in running if r in ready or r.prefilling), key=victim_order, reverse=True
+        )
+        while self.cache.available() < len(ready) and len(candidates) > 1:
+            victim = candidates.pop()
+            if victim in ready:
+                ready.remove(victim)
+            self.retract(victim)
+        return ready
+
+    def _decode(self, step: Step, req: Req, slot: int) -> None:
+        assert req.row is not None
+        start = req.num_computed  # position of the newest token, whose KV this step writes
+        unban = req.needs_unban()
+        req.kv.append(slot)
+        req.num_computed += 1
+        req.num_scheduled_outputs += 1
+        if unban:
+            self._readd_unbanned(step, req, start)
+            return
+        step.writes.append((req.row, start, [slot]))
+        step.decode(req, start)
+
+    def _readd_unbanned(self, step: Step, req: Req, start: int) -> None:
+        assert req.row is not None and len(req.fill_ids) == start + 1
+        req.banned = False
+        req.pending_write = None  # the full rewrite below covers it
+        step.release_rows.append(req.row)
+        step.add.append(req)
+        step.writes.append((req.row, 0, list(req.kv)))
+        step.compute(req, start, [req.output[-1]], sample=True)

@@ -1,0 +1,143 @@
+"""The scheduler's connection to its executor: readiness, Info, Reset, and the ordered step stream.
+
+`send` never blocks the loop: the Step is queued for the stream and a future for its StepResult is
+returned. The stream is ordered, so results resolve the pending futures first-in first-out; that
+is what lets the loop send step N+1 before N's result arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from radixserve.v1 import executor_pb2 as pb
+from radixserve.v1 import executor_pb2_grpc as pb_grpc
+from services.common.grpc_server import insecure_channel
+from services.scheduler.errors import ExecutorLost, NotReady
+
+log = logging.getLogger("radixserve.scheduler")
+
+
+@dataclass(frozen=True)
+class ExecutorInfo:
+    model_name: str
+    model_path: str
+    architecture: str
+    vocab_size: int
+    context_length: int
+    num_kv_slots: int  # valid slots 1..num_kv_slots
+    max_running_requests: int  # table rows 0..max_running_requests-1
+    eos_token_ids: frozenset[int]
+    max_top_logprobs: int
+    dtype: str = ""
+    device: str = ""
+
+    @classmethod
+    def from_pb(cls, msg: pb.InfoResponse) -> ExecutorInfo:
+        return cls(
+            model_name=msg.model_name,
+            model_path=msg.model_path,
+            architecture=msg.architecture,
+            vocab_size=msg.vocab_size,
+            context_length=msg.context_length,
+            num_kv_slots=msg.num_kv_slots,
+            max_running_requests=msg.max_running_requests,
+            eos_token_ids=frozenset(msg.eos_token_ids),
+            max_top_logprobs=msg.max_top_logprobs,
+            dtype=msg.dtype,
+            device=msg.device,
+        )
+
+
+class ExecutorLink(Protocol):
+    """What the scheduler needs of an executor (the gRPC client, or an in-process one in tests)."""
+
+    async def connect(self, timeout: float) -> ExecutorInfo: ...
+
+    def send(self, step: pb.Step) -> asyncio.Future[pb.StepResult]: ...
+
+    async def close(self) -> None: ...
+
+
+class ExecutorClient:
+    """gRPC ExecutorLink. `connect` waits for a warmed-up executor, resets it, opens the stream."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel: grpc.aio.Channel | None = None
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._outbox: asyncio.Queue[pb.Step | None] = asyncio.Queue()
+        self._pending: deque[asyncio.Future[pb.StepResult]] = deque()
+        self._reader: asyncio.Task | None = None
+        self._broken = True
+
+    async def connect(self, timeout: float) -> ExecutorInfo:
+        await self.close()
+        self._channel = insecure_channel(self.address)
+        stub = pb_grpc.ExecutorStub(self._channel)
+        await self._wait_ready(stub, timeout)
+        info = ExecutorInfo.from_pb(await stub.Info(pb.InfoRequest()))
+        await stub.Reset(pb.ResetRequest())
+        self._outbox = asyncio.Queue()
+        self._call = stub.Run(self._requests())
+        self._broken = False
+        self._reader = asyncio.create_task(self._read(self._call))
+        log.info("connected to executor %s: %s, %d KV slots", self.address, info.model_name, info.num_kv_slots)
+        return info
+
+    async def _wait_ready(self, stub: pb_grpc.ExecutorStub, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if (await stub.Health(pb.HealthRequest(), timeout=2.0)).ready:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+        raise NotReady(f"executor {self.address} not ready after {timeout:.0f}s")
+
+    def send(self, step: pb.Step) -> asyncio.Future[pb.StepResult]:
+        fut: asyncio.Future[pb.StepResult] = asyncio.get_running_loop().create_future()
+        if self._broken:
+            fut.set_exception(ExecutorLost(f"no step stream to {self.address}"))
+            return fut
+        self._pending.append(fut)
+        self._outbox.put_nowait(step)
+        return fut
+
+    async def _requests(self):
+        while (step := await self._outbox.get()) is not None:
+            yield step
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        reason = "the executor closed the step stream"
+        try:
+            async for result in call:
+                self._pending.popleft().set_result(result)
+        except grpc.aio.AioRpcError as exc:
+            reason = f"step stream failed: {exc.code().name}: {exc.details()}"
+        except asyncio.CancelledError:
+            reason = "step stream closed"
+        finally:
+            self._broken = True
+            while self._pending:
+                fut = self._pending.popleft()
+                if not fut.done():
+                    fut.set_exception(ExecutorLost(reason))
+
+    async def close(self) -> None:
+        self._broken = True
+        self._outbox.put_nowait(None)
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()
+        self._call = self._reader = self._channel = None

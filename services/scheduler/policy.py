@@ -1,0 +1,75 @@
+"""Waiting-queue order, and holding back requests whose prefix another request is computing.
+
+- `lpm` (longest prefix match): requests with the longest cached prefix first, so cache entries are
+  used before they are evicted. Matching costs O(queue × prompt), so past LPM_MAX_QUEUE waiting
+  requests the order falls back to FCFS.
+- `fcfs`: arrival order.
+Retracted requests always come first, in their original arrival order: they already streamed
+tokens to a client.
+
+Hold-back: when a request shares at least HOLD_MIN_TOKENS not-yet-cached tokens (or its whole
+uncached prompt) with a prompt being prefilled now, it waits. Once that prefill is scheduled its
+tokens are in the cache, so the held request pays only for the rest (this is also how the n samples
+of one request share their prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from services.scheduler.cache import KVCache
+from services.scheduler.radix_cache import RadixCache
+from services.scheduler.request import Req
+
+LPM_MAX_QUEUE = 128
+HOLD_MIN_TOKENS = 32
+
+
+def _fcfs_key(req: Req) -> tuple:
+    return (not req.retracted, req.arrival)
+
+
+def _lpm_key(req: Req) -> tuple:
+    return (not req.retracted, -req.prefix_hint, req.arrival)
+
+
+POLICIES: dict[str, Callable[[Req], tuple]] = {"fcfs": _fcfs_key, "lpm": _lpm_key}
+
+
+class Policy:
+    def __init__(self, name: str, cache: KVCache) -> None:
+        assert name in POLICIES, f"unknown policy {name!r}"
+        self.name, self.cache = name, cache
+
+    def order(self, waiting: Sequence[Req]) -> list[Req]:
+        """The waiting requests in the order admission should consider them."""
+        if self.name == "lpm" and self.cache.enabled and len(waiting) <= LPM_MAX_QUEUE:
+            for req in waiting:
+                req.prefix_hint = self.cache.match_len(req.fill_ids[:-1])
+            return sorted(waiting, key=_lpm_key)
+        return sorted(waiting, key=_fcfs_key)
+
+
+class PrefixesInFlight:
+    """Prompts being prefilled and not yet (fully) in the cache, as a throwaway radix tree.
+
+    Built per admission round from the request in chunked prefill and each request admitted so far.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._tree = RadixCache()
+
+    def add(self, req: Req) -> None:
+        if self.enabled:
+            ids = req.fill_ids
+            self._tree.insert(ids, ids)  # values are unused: only the keys are matched
+
+    def should_hold(self, req: Req, cached_len: int) -> bool:
+        """True when req would recompute tokens another request is computing right now."""
+        if not self.enabled:
+            return False
+        ids = req.fill_ids[:-1]
+        shared = len(self._tree.match_prefix(ids)[0])
+        extra = shared - cached_len
+        return extra > 0 and extra >= min(HOLD_MIN_TOKENS, len(ids) - cached_len)

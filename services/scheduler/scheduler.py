@@ -1,0 +1,309 @@
+"""The scheduler: waiting queue, running set, and the loop that turns them into Steps.
+
+Threading: everything runs on one asyncio loop. The API methods (`submit`, `abort`, `load`,
+`flush_cache`) are synchronous and run between the loop's awaits; `_build_step` and `_process`
+never await. So no state is ever seen half-updated, and no lock is needed.
+
+The loop (overlap on): build step N+1 and send it, then wait for N's result and process it — the
+executor computes N+1 while the scheduler processes N. A request that finishes at N already has a
+slice in N+1; its epoch has moved on, so that token is dropped, and its row is released in N+2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import grpc
+
+from radixserve.v1 import executor_pb2 as pb
+from services.scheduler.cache import KVCache
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.decode import DecodeManager
+from services.scheduler.errors import Busy, DuplicateRequest, ExecutorLost, NotReady, QueueFull
+from services.scheduler.executor_client import ExecutorInfo, ExecutorLink
+from services.scheduler.metrics import Counters, Load
+from services.scheduler.policy import Policy
+from services.scheduler.prefill import NewTokenRatio, PrefillManager
+from services.scheduler.request import (
+    FinishReason,
+    GenerateParams,
+    Limits,
+    Req,
+    resolve_seed,
+    stop_ids_of,
+)
+from services.scheduler.request_table import RequestTable
+from services.scheduler.step import Step, result_from_pb
+from services.scheduler.streams import Complete, OutputStream, Token
+
+log = logging.getLogger("radixserve.scheduler")
+RECONNECT_DELAY_S = 1.0
+
+
+class StepFailed(Exception):
+    """The executor rejected a Step: the scheduler's view of its state is wrong."""
+
+
+@dataclass(eq=False)
+class Group:
+    """The n samples of one GenerateRequest and their shared stream."""
+
+    params: GenerateParams
+    stream: OutputStream
+    reqs: list[Req]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        link: ExecutorLink,
+        on_serving: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
+        self.cfg, self.link, self.on_serving = cfg, link, on_serving
+        self.overlap = not cfg.disable_overlap_schedule
+        self.counters = Counters()
+        self.waiting: list[Req] = []
+        self.groups: dict[str, Group] = {}
+        self.ready = False
+        self._wake = asyncio.Event()
+        self._arrivals = itertools.count()
+        self._step_ids = itertools.count(1)
+
+    def _setup(self, info: ExecutorInfo) -> None:
+        """Fresh managers sized from the executor's Info (at start and after reconnecting)."""
+        cfg = self.cfg
+        self.info = info
+        context = min(cfg.context_length or info.context_length, info.context_length)
+        self.limits = Limits(
+            info.vocab_size, context, info.num_kv_slots, info.max_top_logprobs, info.eos_token_ids
+        )
+        self.max_running = min(cfg.max_running_requests or info.max_running_requests, info.max_running_requests)
+        self.cache = KVCache(info.num_kv_slots, cfg.disable_radix_cache, debug=cfg.debug_checks)
+        self.table = RequestTable(info.max_running_requests)
+        self.ratio = NewTokenRatio(cfg.schedule_conservativeness)
+        policy = Policy(cfg.schedule_policy, self.cache)
+        self.prefill = PrefillManager(
+            self.cache, self.table, policy, cfg.chunked_prefill_size, self.max_running, self.ratio
+        )
+        self.decode = DecodeManager(self.cache, self._retract)
+        self.running: list[Req] = []
+        self._releases: list[int] = []  # rows to release in the next step
+        self._inflight: deque[tuple[Step, asyncio.Future]] = deque()
+
+    # ---- API ------------------------------------------------------------------------------------
+
+    def submit(self, params: GenerateParams) -> OutputStream:
+        """Queues the request's n samples; raises before queuing anything if it cannot run."""
+        self.require_ready()
+        params.validate(self.limits)
+        if params.request_id in self.groups:
+            raise DuplicateRequest(f"request {params.request_id!r} is already in flight")
+        if len(self.waiting) + params.n > self.cfg.max_queued_requests:
+            self.counters.rejections += 1
+            raise QueueFull(f"{len(self.waiting)} requests waiting (--max-queued-requests {self.cfg.max_queued_requests})")
+        stream = OutputStream(params.n, len(params.input_ids), params.sampling.logprobs)
+        reqs = [self._new_req(params, i, stream) for i in range(params.n)]
+        self.groups[params.request_id] = Group(params, stream, reqs)
+        self.waiting.extend(reqs)
+        self._wake.set()
+        return stream
+
+    def _new_req(self, params: GenerateParams, index: int, stream: OutputStream) -> Req:
+        return Req(
+            rid=params.request_id,
+            index=index,
+            prompt=list(params.input_ids),
+            sampling=params.sampling,
+            stop=params.stop,
+            stop_ids=stop_ids_of(params.stop, self.limits.eos_token_ids),
+            seed=resolve_seed(params.sampling.seed, index),
+            stream=stream,
+            arrival=next(self._arrivals),
+        )
+
+    def abort(self, request_id: str) -> bool:
+        """Ends every sample of the request now (slots freed at once, rows at the next step)."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return False
+        for req in group.reqs:
+            if req.finished is None:
+                self._finish(req, FinishReason.ABORT)
+        self._wake.set()
+        return True
+
+    def load(self) -> Load:
+        self.require_ready()
+        s = self.cache.stats()
+        return Load(
+            len(self.running), len(self.waiting), s.total, s.used, s.evictable, s.free,
+            self.ratio.value, self.max_running, self.cfg.max_queued_requests, replace(self.counters),
+        )
+
+    def flush_cache(self) -> int:
+        self.require_ready()
+        if self.running or self.waiting:
+            raise Busy(f"{len(self.running)} running and {len(self.waiting)} waiting requests")
+        return self.cache.flush()
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            raise NotReady("the executor is not connected")
+
+    def check_integrity(self) -> None:
+        self.cache.check_integrity(self.running)
+        assert self.table.num_used == len(self.running), "request rows leaked"
+        assert all(r.row is None and r.finished is None for r in self.waiting)
+        self.counters.integrity_checks += 1
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connects, serves until cancelled; on losing the executor, fails what ran and reconnects."""
+        while True:
+            self._setup(await self._connect())
+            await self._set_ready(True)
+            try:
+                await self._serve()
+            except (ExecutorLost, StepFailed, AssertionError) as exc:
+                log.exception("scheduler loop stopped: %s", exc)
+                await self._set_ready(False)
+                code = grpc.StatusCode.UNAVAILABLE if isinstance(exc, ExecutorLost) else grpc.StatusCode.INTERNAL
+                self._fail_running(code.value[0], f"{type(exc).__name__}: {exc}")
+
+    async def _connect(self) -> ExecutorInfo:
+        while True:
+            try:
+                return await self.link.connect(self.cfg.executor_timeout)
+            except (NotReady, grpc.aio.AioRpcError, ExecutorLost) as exc:
+                log.warning("executor %s: %s; retrying", self.cfg.executor, exc)
+                await asyncio.sleep(RECONNECT_DELAY_S)
+
+    async def _set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        if self.on_serving is not None:
+            await self.on_serving(ready)
+
+    async def _serve(self) -> None:
+        while True:
+            self._wake.clear()
+            step = self._build_step()
+            if step:
+                self.counters.steps += 1
+                self._inflight.append((step, self.link.send(step.to_pb())))
+            keep = 1 if self.overlap and step else 0
+            processed = len(self._inflight) > keep  # results may free memory or rows: build again
+            while len(self._inflight) > keep:
+                sent, fut = self._inflight.popleft()
+                self._process(sent, await fut)
+            if not step and not processed:
+                assert not self.running, "idle while requests are running"
+                self.check_integrity()
+                await self._wake.wait()
+
+    def _build_step(self) -> Step:
+        step = Step(next(self._step_ids))
+        retractions = self.counters.retractions
+        if self.decode.schedule(step, self.running):
+            self.ratio.decay()
+        for req in self.running:
+            if req.pending_write is not None:
+                start, kv = req.pending_write
+                step.writes.append((req.row, start, kv))
+                req.pending_write = None
+        admit = self.counters.retractions == retractions  # never re-admit what was just retracted
+        self._start(self.prefill.schedule(step, self.waiting, self.running, admit))
+        step.release_rows.extend(self._releases)
+        self._releases = []
+        return step
+
+    def _start(self, admitted: list[Req]) -> None:
+        if not admitted:
+            return
+        for req in admitted:
+            if not req.retracted:
+                self.counters.prompt_tokens += len(req.prompt)
+                self.counters.cached_tokens += req.cached_tokens or 0
+        self.running += admitted
+        self.waiting = [r for r in self.waiting if r.row is None]
+
+    def _process(self, step: Step, msg: pb.StepResult) -> None:
+        result = result_from_pb(msg, [req.sampling.top_logprobs for req, _ in step.samplers])
+        if result.error is not None:
+            raise StepFailed(f"step {step.step_id} rejected: {result.error[1]}")
+        self.counters.computed_tokens += result.num_tokens
+        for (req, epoch), token in zip(step.samplers, result.tokens, strict=True):
+            if req.epoch == epoch and req.finished is None:
+                self._on_token(req, token)
+        if self.cfg.debug_checks:
+            self.check_integrity()
+
+    def _on_token(self, req: Req, token: Token) -> None:
+        req.output.append(token.token_id)
+        self.counters.generation_tokens += 1
+        n = len(req.output)
+        if token.token_id in req.stop_ids and n > req.stop.min_tokens:
+            self._finish(req, FinishReason.STOP, token.token_id)
+            return
+        req.stream.push(req.index, token, n, req.cached_tokens or 0)
+        if n >= req.stop.max_tokens:
+            self._finish(req, FinishReason.LENGTH)
+
+    # ---- state transitions ----------------------------------------------------------------------
+
+    def _release(self, req: Req) -> None:
+        """Gives back req's slots (caching its computed tokens) and its row (released next step)."""
+        assert req.row is not None
+        self.cache.release(req)
+        self.table.free_row(req.row)
+        self._releases.append(req.row)
+        self.running.remove(req)
+        if self.prefill.chunked is req:
+            self.prefill.chunked = None
+        req.row, req.pending_write, req.prefill_len, req.banned = None, None, 0, False
+        req.num_scheduled_outputs = len(req.output)
+        req.epoch += 1
+
+    def _retract(self, req: Req) -> None:
+        self._release(req)
+        req.retracted = True
+        self.waiting.append(req)
+        self.counters.retractions += 1
+        self.ratio.on_retract()
+        log.debug("retracted %s/%d after %d tokens", req.rid, req.index, len(req.output))
+
+    def _finish(self, req: Req, reason: FinishReason, matched: int | None = None) -> None:
+        if req.row is not None:
+            self._release(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.finished = reason
+        self.counters.finished += 1
+        req.stream.complete(
+            Complete(req.index, reason, matched, len(req.prompt), len(req.output), req.cached_tokens or 0)
+        )
+        group = self.groups.get(req.rid)
+        if group is not None and all(r.finished is not None for r in group.reqs):
+            del self.groups[req.rid]
+
+    def _fail_running(self, code: int, message: str) -> None:
+        """The executor's state is gone: fail every request with a sample on it; keep the queue."""
+        for _, fut in self._inflight:
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: it is the failure being handled
+            fut.cancel()
+        self._inflight.clear()
+        for rid, group in list(self.groups.items()):
+            if any(r.row is not None for r in group.reqs):
+                for req in group.reqs:
+                    req.finished = req.finished or FinishReason.ABORT
+                group.stream.fail(code, message)
+                del self.groups[rid]
+        self.waiting = [r for r in self.waiting if r.finished is None]
+        self.running = []

@@ -1,0 +1,130 @@
+"""A Step as the scheduler builds it, and its result; the one place executor protobufs are made.
+
+A Step is a diff against the executor's state: rows released, then requests added, then table
+writes `table[row, start:start+len] = kv`, then the slices to compute. `samplers` remembers which
+request (and which of its epochs) each sampled token of the result belongs to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from radixserve.v1 import executor_pb2 as pb
+from services.scheduler.request import Req
+from services.scheduler.streams import Token
+
+
+@dataclass
+class Slice:
+    row: int
+    start: int  # position of the first token
+    input_ids: list[int]  # empty with use_last_sampled
+    use_last_sampled: bool = False
+    sample: bool = True
+
+    @property
+    def length(self) -> int:
+        return 1 if self.use_last_sampled else len(self.input_ids)
+
+
+@dataclass
+class Step:
+    step_id: int
+    release_rows: list[int] = field(default_factory=list)
+    add: list[Req] = field(default_factory=list)  # joining at req.row with req's current params
+    writes: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (row, start, kv)
+    slices: list[Slice] = field(default_factory=list)
+    samplers: list[tuple[Req, int]] = field(default_factory=list)  # (req, epoch) per sampled slice
+
+    def __bool__(self) -> bool:
+        return bool(self.release_rows or self.add or self.writes or self.slices)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(s.length for s in self.slices if not s.use_last_sampled)
+
+    def compute(self, req: Req, start: int, ids: list[int], sample: bool) -> None:
+        assert req.row is not None
+        self.slices.append(Slice(req.row, start, ids, sample=sample))
+        if sample:
+            self.samplers.append((req, req.epoch))
+
+    def decode(self, req: Req, start: int) -> None:
+        assert req.row is not None
+        self.slices.append(Slice(req.row, start, [], use_last_sampled=True))
+        self.samplers.append((req, req.epoch))
+
+    def to_pb(self) -> pb.Step:
+        return pb.Step(
+            step_id=self.step_id,
+            release_rows=self.release_rows,
+            add=[_add_to_pb(req) for req in self.add],
+            writes=[pb.SlotWrite(row=r, start=s, kv_indices=kv) for r, s, kv in self.writes],
+            slices=[
+                pb.Slice(
+                    row=s.row,
+                    start=s.start,
+                    input_ids=s.input_ids,
+                    use_last_sampled=s.use_last_sampled,
+                    sample=s.sample,
+                )
+                for s in self.slices
+            ],
+        )
+
+
+def _add_to_pb(req: Req) -> pb.AddRequest:
+    s = req.sampling
+    bias = dict(s.logit_bias)
+    for t in req.ban_ids():
+        bias[t] = -math.inf
+    sampling = pb.SamplingParams(
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        min_p=s.min_p,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty,
+        seed=req.seed,
+        logit_bias=bias,
+        logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs,
+    )
+    # The prompt only matters to the repetition penalty; output_ids always (penalties, seed counter).
+    prompt = req.prompt if s.repetition_penalty != 1.0 else []
+    label = req.rid if req.stream.n == 1 else f"{req.rid}/{req.index}"
+    return pb.AddRequest(
+        row=req.row, request_id=label, sampling=sampling, prompt_ids=prompt, output_ids=req.output
+    )
+
+
+@dataclass
+class StepResult:
+    step_id: int
+    tokens: list[Token]  # one per Step.samplers entry, in order
+    num_tokens: int = 0
+    forward_ns: int = 0
+    error: tuple[int, str] | None = None  # (google.rpc code, message): the step was not applied
+
+
+def result_from_pb(msg: pb.StepResult, top_counts: list[int]) -> StepResult:
+    """`top_counts[i]`: top_logprobs of the i-th sampling request (the flattened top_ids stride)."""
+    if msg.HasField("error"):
+        return StepResult(msg.step_id, [], error=(msg.error.code, msg.error.message))
+    assert len(msg.token_ids) == len(top_counts), (
+        f"step {msg.step_id}: {len(msg.token_ids)} tokens for {len(top_counts)} sampled slices"
+    )
+    tokens, offset = [], 0
+    for i, k in enumerate(top_counts):
+        tokens.append(
+            Token(
+                msg.token_ids[i],
+                msg.logprobs[i],
+                list(msg.top_ids[offset : offset + k]),
+                list(msg.top_logprobs[offset : offset + k]),
+            )
+        )
+        offset += k
+    return StepResult(msg.step_id, tokens, msg.num_tokens, msg.forward_ns)

@@ -1,0 +1,71 @@
+"""Chat requests as the tokenizer sees them: validated OpenAI messages for a Jinja chat template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from services.tokenizer.errors import InvalidRequest
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str = ""
+    name: str = ""
+    tool_call_id: str = ""
+    # The OpenAI `tool_calls` array of an assistant message, already parsed.
+    tool_calls: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise InvalidRequest(f"unknown role {self.role!r} (expected one of {', '.join(ROLES)})")
+        if self.tool_calls and self.role != "assistant":
+            raise InvalidRequest(f"tool_calls on a {self.role!r} message (only assistant messages)")
+
+    def to_template(self) -> dict[str, Any]:
+        """The dict a chat template reads as `message`; optional keys only when set."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name:
+            message["name"] = self.name
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = list(self.tool_calls)
+        return message
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[ChatMessage, ...]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # A Jinja template overriding the service's one for this request.
+    chat_template: str | None = None
+    tools: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.messages:
+            raise InvalidRequest("messages must not be empty")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise InvalidRequest("continue_final_message needs add_generation_prompt set to false")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise InvalidRequest("continue_final_message needs an assistant message last")
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A rendered chat prompt."""
+
+    text: str
+    ids: list[int]
+
+
+def join_text_parts(parts: list[tuple[str, str]]) -> str:
+    """OpenAI content parts (type, text) as one string; only text parts are accepted."""
+    for kind, _ in parts:
+        if kind != "text":
+            raise InvalidRequest(f"content part of type {kind!r} is not supported (only 'text')")
+    return "\n".join(text for _, text in parts)

@@ -1,0 +1,115 @@
+"""The Tokenizer gRPC servicer: decode the message, call the tokenizer, encode the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import grpc
+
+from radixserve.v1 import tokenizer_pb2 as pb
+from radixserve.v1 import tokenizer_pb2_grpc as pb_grpc
+from services.tokenizer import convert
+from services.tokenizer.errors import InvalidRequest
+from services.tokenizer.stream import Delta, DetokenizeStream
+from services.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger("radixserve.tokenizer")
+T = TypeVar("T")
+
+# Encoding and chat templates run on these threads so a long prompt never stalls other streams.
+ENCODE_THREADS = 2
+# Token messages with more ids than this are detokenized on the threads too.
+INLINE_MAX_IDS = 64
+
+
+@contextlib.asynccontextmanager
+async def _status(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """The one place errors become gRPC statuses."""
+    try:
+        yield
+    except InvalidRequest as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+class TokenizerServicer(pb_grpc.TokenizerServicer):
+    """Serves one Tokenizer; UNAVAILABLE until `tokenizer` is set."""
+
+    def __init__(self) -> None:
+        self.tokenizer: Tokenizer | None = None
+        self.pool = ThreadPoolExecutor(max_workers=ENCODE_THREADS, thread_name_prefix="encode")
+
+    async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def _require_ready(self, context: grpc.aio.ServicerContext) -> Tokenizer:
+        if self.tokenizer is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the tokenizer is still loading")
+        return self.tokenizer  # type: ignore[return-value]
+
+    async def Encode(
+        self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EncodeResponse:
+        tok = await self._require_ready(context)
+        add_special = convert.add_special_tokens_from_pb(request)
+        ids = await self._off_loop(tok.encode, request.text, add_special)
+        return pb.EncodeResponse(ids=ids)
+
+    async def ApplyChatTemplate(
+        self, request: pb.ApplyChatTemplateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApplyChatTemplateResponse:
+        tok = await self._require_ready(context)
+        async with _status(context):
+            prompt = await self._off_loop(
+                tok.apply_chat_template, convert.chat_request_from_pb(request)
+            )
+        return convert.chat_prompt_to_pb(prompt)
+
+    async def Info(
+        self, request: pb.TokenizerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizerInfoResponse:
+        tok = await self._require_ready(context)
+        return convert.info_to_pb(tok.info)
+
+    async def Detokenize(
+        self,
+        request_iterator: AsyncIterator[pb.DetokenizeRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.DetokenizeResponse]:
+        tok = await self._require_ready(context)
+        async with _status(context):
+            stream: DetokenizeStream | None = None
+            setup = pb.DetokenizeSetup()
+            async for msg in request_iterator:
+                if stream is None:
+                    setup = _setup_of(msg)
+                    stream = tok.new_detokenizer(convert.options_from_pb(setup))
+                    continue
+                delta = await self._detokenize(stream, _tokens_of(msg))
+                yield convert.delta_to_pb(delta)
+                if delta.finished:
+                    log.debug("detokenize %s done (stop %r)", setup.request_id, delta.matched_stop)
+                    return
+
+    async def _detokenize(self, stream: DetokenizeStream, msg: pb.DetokenizeTokens) -> Delta:
+        step = stream.finish if msg.finish else stream.feed
+        ids = list(msg.ids)
+        if len(ids) > INLINE_MAX_IDS:
+            return await self._off_loop(step, ids)
+        return step(ids)
+
+
+def _setup_of(msg: pb.DetokenizeRequest) -> pb.DetokenizeSetup:
+    if msg.WhichOneof("kind") != "setup":
+        raise InvalidRequest("the first Detokenize message must be a setup")
+    return msg.setup
+
+
+def _tokens_of(msg: pb.DetokenizeRequest) -> pb.DetokenizeTokens:
+    if msg.WhichOneof("kind") != "tokens":
+        raise InvalidRequest("only the first Detokenize message may be a setup")
+    return msg.tokens

@@ -1,0 +1,78 @@
+"""One Detokenize stream: incremental detokenization followed by stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.tokenizer.detokenizer import DecodeFn, IncrementalDetokenizer
+from services.tokenizer.errors import InvalidRequest
+from services.tokenizer.stop import StopChecker
+
+
+@dataclass(frozen=True)
+class DetokenizeOptions:
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = False
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    prompt_tail_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(not s for s in self.stop):
+            raise InvalidRequest("stop strings must not be empty")
+        check_ids(self.prompt_tail_ids)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """The answer to one message of token ids."""
+
+    text: str
+    # Ids of the message consumed: all, or those through the one that completed a stop string.
+    num_tokens: int
+    matched_stop: str | None = None
+    # Nothing follows: a stop string matched or the stream was finished.
+    finished: bool = False
+
+
+def check_ids(ids: Sequence[int]) -> None:
+    if any(i < 0 for i in ids):
+        raise InvalidRequest("token ids must not be negative")
+
+
+class DetokenizeStream:
+    """Text deltas for one request's output ids; never half a character, never a stop string.
+
+    Not thread-safe: one caller feeds it, in order. Once a Delta has `finished` set, it takes
+    no more ids.
+    """
+
+    def __init__(self, decode: DecodeFn, options: DetokenizeOptions) -> None:
+        self.detokenizer = IncrementalDetokenizer(decode, options.prompt_tail_ids)
+        self.stops = StopChecker(options.stop, options.include_stop_str_in_output)
+        self.finished = False
+
+    def feed(self, ids: Sequence[int]) -> Delta:
+        """Adds ids; returns the text that may be sent now."""
+        if self.finished:
+            raise InvalidRequest("the stream already finished")
+        check_ids(ids)
+        parts: list[str] = []
+        for n, token_id in enumerate(ids, start=1):
+            out = self.stops.feed(self.detokenizer.step(token_id))
+            parts.append(out.text)
+            if out.matched is not None:
+                self.finished = True
+                return Delta("".join(parts), n, out.matched, finished=True)
+        return Delta("".join(parts), len(ids))
+
+    def finish(self, ids: Sequence[int] = ()) -> Delta:
+        """Adds the last ids and flushes all held-back text."""
+        delta = self.feed(ids)
+        if delta.finished:
+            return delta
+        self.finished = True
+        out = self.stops.feed(self.detokenizer.flush())
+        tail = out.text if out.matched is not None else out.text + self.stops.flush()
+        return Delta(delta.text + tail, delta.num_tokens, out.matched, finished=True)

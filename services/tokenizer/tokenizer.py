@@ -1,0 +1,153 @@
+"""The model's Hugging Face fast tokenizer behind the operations the service offers."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from services.common.model_store import resolve_model_path
+from services.tokenizer.chat import ChatPrompt, ChatRequest
+from services.tokenizer.errors import InvalidRequest
+from services.tokenizer.stream import DetokenizeOptions, DetokenizeStream
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    # (id, text) of every special token, by id.
+    special_tokens: tuple[tuple[int, str], ...]
+    context_length: int | None
+    has_chat_template: bool
+    model_path: str
+
+
+class Tokenizer:
+    """Encode, chat templates, decode and detokenize streams for one model.
+
+    Every method may be called from several threads at once: nothing changes the Hugging Face
+    tokenizer after loading. `chat_template` (from --chat-template) replaces the model's own.
+    """
+
+    def __init__(self, hf: Any, model_dir: Path, chat_template: str | None = None) -> None:
+        if not hf.is_fast:
+            raise ValueError(f"{model_dir} has no fast tokenizer (tokenizer.json)")
+        self.hf = hf
+        self.backend = hf.backend_tokenizer
+        self.chat_template = chat_template
+        added = hf.added_tokens_decoder
+        self._added_tokens = {i: tok.content for i, tok in added.items()}
+        self._special_ids = frozenset(i for i, tok in added.items() if tok.special)
+        self.info = read_info(hf, model_dir, bool(chat_template or hf.chat_template))
+
+    @classmethod
+    def load(cls, model_path: str = "default", chat_template_file: str | None = None) -> Tokenizer:
+        """Resolves `model_path` (see model_store) and loads its tokenizer; slow, call off-loop."""
+        from transformers import AutoTokenizer
+
+        model_dir = resolve_model_path(model_path)
+        template = Path(chat_template_file).expanduser().read_text() if chat_template_file else None
+        return cls(AutoTokenizer.from_pretrained(model_dir), model_dir, template)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def apply_chat_template(self, request: ChatRequest) -> ChatPrompt:
+        """Renders the conversation and tokenizes it (the template writes the special tokens)."""
+        text = self._render(request)
+        return ChatPrompt(text, self.encode(text, add_special_tokens=False))
+
+    def decode(
+        self,
+        ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = False,
+    ) -> str:
+        """Text of `ids`; ids the tokenizer does not know decode to nothing."""
+        if spaces_between_special_tokens:
+            return self._decode_spaced(ids, skip_special_tokens)
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def new_detokenizer(self, options: DetokenizeOptions) -> DetokenizeStream:
+        """A stream that turns one request's output ids into text deltas."""
+        decode = functools.partial(
+            self.decode,
+            skip_special_tokens=options.skip_special_tokens,
+            spaces_between_special_tokens=options.spaces_between_special_tokens,
+        )
+        return DetokenizeStream(decode, options)
+
+    def _render(self, request: ChatRequest) -> str:
+        template = request.chat_template or self.chat_template
+        if template is None and not self.hf.chat_template:
+            raise InvalidRequest(
+                "the model has no chat template; start the service with --chat-template"
+            )
+        try:
+            return self.hf.apply_chat_template(
+                [m.to_template() for m in request.messages],
+                tools=list(request.tools) or None,
+                chat_template=template,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                tokenize=False,
+            )
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
+            raise InvalidRequest(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+
+    def _decode_spaced(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        """Decodes runs of ordinary ids; added tokens stand alone; all joined by one space."""
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i not in self._added_tokens:
+                run.append(i)
+            elif not (skip_special_tokens and i in self._special_ids):
+                if run:
+                    parts.append(self.backend.decode(run))
+                    run = []
+                parts.append(self._added_tokens[i])
+        if run:
+            parts.append(self.backend.decode(run))
+        return " ".join(parts)
+
+
+def read_info(hf: Any, model_dir: Path, has_chat_template: bool) -> TokenizerInfo:
+    """What the gateway needs to know about the tokenizer, from it and the model's json files."""
+    config = _read_json(model_dir / "config.json")
+    generation = _read_json(model_dir / "generation_config.json")
+    eos = [
+        *_ids(generation.get("eos_token_id")),
+        *_ids(config.get("eos_token_id")),
+        *_ids(hf.eos_token_id),
+    ]
+    context = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+        "max_position_embeddings"
+    )
+    special = sorted((i, tok.content) for i, tok in hf.added_tokens_decoder.items() if tok.special)
+    return TokenizerInfo(
+        vocab_size=len(hf),
+        eos_token_ids=tuple(dict.fromkeys(eos)),
+        bos_token_id=hf.bos_token_id,
+        special_tokens=tuple(special),
+        context_length=int(context) if context else None,
+        has_chat_template=has_chat_template,
+        model_path=str(model_dir),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)

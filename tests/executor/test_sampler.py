@@ -1,0 +1,193 @@
+"""Sampling semantics over a batch: truncation, seeds, bias, penalties, logprobs, masks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from services.executor.sampler import Sampler, SampleRow, uniform_from
+from services.executor.sampling_params import SamplingParams
+
+V = 50
+
+
+def make_logits(rows: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def row(params: SamplingParams, output: list[int] | None = None, prompt: list[int] | None = None) -> SampleRow:
+    return SampleRow(params, prompt or [], output or [])
+
+
+def draws(logits: torch.Tensor, params: SamplingParams, n: int = 300) -> list[int]:
+    """n draws of one request at successive output positions (its seeded stream advances)."""
+    sampler = Sampler(V, torch.device("cpu"))
+    return [
+        int(sampler(logits.clone(), [row(params, output=[0] * i)]).token_ids[0]) for i in range(n)
+    ]
+
+
+def test_greedy_is_argmax() -> None:
+    logits = make_logits(4)
+    out = Sampler(V, torch.device("cpu"))(logits.clone(), [row(SamplingParams(temperature=0))] * 4)
+    assert out.token_ids.tolist() == logits.argmax(-1).tolist()
+
+
+def test_top_k_never_samples_outside_the_k_most_likely() -> None:
+    logits = make_logits()
+    allowed = set(logits[0].topk(5).indices.tolist())
+    seen = set(draws(logits, SamplingParams(temperature=1.5, top_k=5, seed=1)))
+    assert seen <= allowed
+    assert len(seen) > 1
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    logits = make_logits(seed=2)
+    probs = logits[0].softmax(-1)
+    order = probs.argsort(descending=True)
+    mass = probs[order].cumsum(0)
+    keep = int((mass < 0.6).sum()) + 1  # the token that crosses 0.6 is kept
+    allowed = set(order[:keep].tolist())
+    seen = set(draws(logits, SamplingParams(temperature=1.0, top_p=0.6, seed=3)))
+    assert seen <= allowed
+    assert seen == allowed or len(allowed) > 3
+
+
+def test_min_p_cuts_below_fraction_of_top_probability() -> None:
+    logits = make_logits(seed=4)
+    probs = logits[0].softmax(-1)
+    allowed = set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())
+    seen = set(draws(logits, SamplingParams(temperature=1.0, min_p=0.2, seed=5)))
+    assert seen <= allowed
+
+
+def test_seed_gives_same_tokens_alone_and_elsewhere_in_another_batch() -> None:
+    logits = make_logits(8, seed=6)
+    sampler = Sampler(V, torch.device("cpu"))
+    target = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
+    alone = [int(sampler(logits[3:4].clone(), [row(target, [1] * i)]).token_ids[0]) for i in range(20)]
+    others = [SamplingParams(temperature=0.7, top_k=3, seed=s) for s in range(7)]
+    in_batch = []
+    for i in range(20):
+        rows = [row(p, [2] * i) for p in others]
+        rows.insert(5, row(target, [1] * i))
+        batch_logits = torch.cat([logits[:3], logits[4:6], logits[3:4], logits[6:]])
+        in_batch.append(int(sampler(batch_logits.clone(), rows).token_ids[5]))
+    assert in_batch == alone
+    assert len(set(alone)) > 1
+
+
+def test_different_seeds_differ_and_uniforms_are_in_range() -> None:
+    u = uniform_from(torch.arange(1000, dtype=torch.int64), torch.zeros(1000, dtype=torch.int64))
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.05
+    logits = make_logits(seed=7)
+    a = draws(logits, SamplingParams(temperature=1.0, seed=1), 50)
+    b = draws(logits, SamplingParams(temperature=1.0, seed=2), 50)
+    assert a != b
+
+
+def test_logit_bias_minus_100_bans_a_token() -> None:
+    logits = make_logits(seed=8)
+    top = int(logits[0].argmax())
+    greedy = Sampler(V, torch.device("cpu"))(logits.clone(), [row(SamplingParams(temperature=0, logit_bias={top: -100.0}))])
+    assert int(greedy.token_ids[0]) != top
+    seen = draws(logits, SamplingParams(temperature=1.0, seed=9, logit_bias={top: -100.0}), 200)
+    assert top not in seen
+
+
+def test_positive_bias_forces_a_token() -> None:
+    logits = make_logits(seed=8)
+    out = Sampler(V, torch.device("cpu"))(logits.clone(), [row(SamplingParams(temperature=0, logit_bias={7: 100.0}))])
+    assert int(out.token_ids[0]) == 7
+
+
+def processed_logprob(params: SamplingParams, output: list[int], prompt: list[int], token: int) -> float:
+    logits = torch.zeros(1, V)
+    logits[0, token] = 2.0
+    logits[0, token + 1] = -2.0
+    Sampler(V, torch.device("cpu"))(logits, [row(SamplingParams(**{**params.__dict__, "logprobs": True, "temperature": 0}), output, prompt)])
+    lp = torch.log_softmax(logits, -1)  # logits were processed in place
+    return float(lp[0, token])
+
+
+@pytest.mark.parametrize(
+    ("params", "where"),
+    [
+        (SamplingParams(presence_penalty=1.0), "output"),
+        (SamplingParams(frequency_penalty=0.5), "output"),
+        (SamplingParams(repetition_penalty=1.5), "output"),
+        (SamplingParams(repetition_penalty=1.5), "prompt"),
+    ],
+)
+def test_penalties_lower_repeated_tokens(params: SamplingParams, where: str) -> None:
+    token = 10
+    used = [token, token, 3]
+    base = processed_logprob(SamplingParams(), [], [], token)
+    output, prompt = (used, []) if where == "output" else ([], used)
+    penalized = processed_logprob(params, output, prompt, token)
+    assert penalized < base
+
+
+def test_frequency_penalty_scales_with_count_and_presence_does_not() -> None:
+    sampler = Sampler(V, torch.device("cpu"))
+    for params, expect_ratio in [(SamplingParams(temperature=0, frequency_penalty=0.5), 2.0), (SamplingParams(temperature=0, presence_penalty=0.5), 1.0)]:
+        drops = []
+        for count in (1, 2):
+            logits = torch.zeros(1, V)
+            sampler(logits, [row(params, [4] * count)])
+            drops.append(-float(logits[0, 4]))
+        assert math.isclose(drops[1] / drops[0], expect_ratio, rel_tol=1e-6)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
+    logits = torch.tensor([[2.0, -2.0] + [0.0] * (V - 2)])
+    Sampler(V, torch.device("cpu"))(logits, [row(SamplingParams(temperature=0, repetition_penalty=2.0), [0, 1])])
+    assert logits[0, 0].item() == pytest.approx(1.0)
+    assert logits[0, 1].item() == pytest.approx(-4.0)
+
+
+def test_logprobs_are_log_softmax_of_processed_logits() -> None:
+    logits = make_logits(3, seed=10)
+    params = [
+        SamplingParams(temperature=0, logprobs=True, top_logprobs=4, logit_bias={1: 2.0}),
+        SamplingParams(temperature=0.5, logprobs=True, top_logprobs=2, seed=3, frequency_penalty=1.0),
+        SamplingParams(temperature=1.0, seed=4),
+    ]
+    rows = [row(params[0]), row(params[1], [5, 5]), row(params[2])]
+    processed = logits.clone()
+    out = Sampler(V, torch.device("cpu"))(processed, rows)
+    expected = torch.log_softmax(processed, -1)
+    for i in (0, 1):
+        tok = int(out.token_ids[i])
+        assert out.logprobs[i].item() == pytest.approx(expected[i, tok].item(), abs=1e-5)
+        k = params[i].top_logprobs
+        assert out.top_ids[i] == expected[i].topk(k).indices.tolist()
+        assert out.top_logprobs[i] == pytest.approx(expected[i].topk(k).values.tolist(), abs=1e-5)
+    assert math.isnan(out.logprobs[2].item())
+    assert out.top_ids[2] == []
+    # The processing really happened: bias on row 0, temperature and penalty on row 1.
+    manual = logits[1].clone()
+    manual[5] -= 2 * 1.0
+    assert torch.allclose(processed[1], manual / 0.5, atol=1e-6)
+    assert processed[0, 1].item() == pytest.approx(logits[0, 1].item() + 2.0)
+
+
+def test_token_mask_hook_restricts_choices() -> None:
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[[3, 17, 42]] = True
+    params = SamplingParams(temperature=1.0, seed=7, token_mask_fn=lambda _out: allowed)
+    seen = set(draws(make_logits(seed=11), params, 100))
+    assert seen <= {3, 17, 42}
+    greedy = SamplingParams(temperature=0, token_mask_fn=lambda _out: allowed)
+    out = Sampler(V, torch.device("cpu"))(make_logits(seed=11), [row(greedy)])
+    assert int(out.token_ids[0]) in {3, 17, 42}
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2] + [1e-9] * (V - 3)]))
+    seen = draws(logits, SamplingParams(temperature=1.0, seed=99), 2000)
+    freq = [seen.count(t) / len(seen) for t in range(3)]
+    assert freq == pytest.approx([0.5, 0.3, 0.2], abs=0.04)

@@ -1,0 +1,122 @@
+"""`radixserve executor` as a real process, driven over gRPC like the scheduler drives it."""
+
+from __future__ import annotations
+
+import math
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from radixserve.v1 import executor_pb2 as pb
+from radixserve.v1 import executor_pb2_grpc as pb_grpc
+from services.executor.sampling_params import SamplingParams
+from services.executor.step import NewRequest, Slice, SlotWrite, StepInput, step_to_pb
+from tests.executor.driver import Driver
+from tests.executor.tiny import engine_for, hf_model
+from tests.procs import ServiceProcess, free_port
+
+GREEDY = SamplingParams(temperature=0, logprobs=True, top_logprobs=2)
+
+
+class StepStream:
+    """An open Run stream: send a Step, read its result."""
+
+    def __init__(self, stub: pb_grpc.ExecutorStub) -> None:
+        self.outbox: queue.Queue[pb.Step | None] = queue.Queue()
+        self.results = stub.Run(self._requests(), timeout=120)
+
+    def _requests(self) -> Iterator[pb.Step]:
+        while (msg := self.outbox.get()) is not None:
+            yield msg
+
+    def __call__(self, step: StepInput) -> pb.StepResult:
+        self.outbox.put(step_to_pb(step))
+        return next(self.results)
+
+    def close(self) -> None:
+        self.outbox.put(None)
+
+
+@pytest.fixture(scope="module")
+def executor(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    args = ["executor", "--model-path", str(tiny_model_dir), "--port", str(port), "--dtype", "float32",
+            "--max-total-tokens", "2048", "--max-running-requests", "8", "--context-length", "256"]
+    log = tmp_path_factory.mktemp("logs") / "executor.log"
+    with ServiceProcess(args, log) as proc:
+        proc.wait_grpc_serving(port)
+        yield f"127.0.0.1:{port}"
+    assert proc.proc is not None and proc.proc.returncode == 0, proc.output()[-2000:]
+
+
+def test_info_and_health(executor: str) -> None:
+    with grpc.insecure_channel(executor) as channel:
+        stub = pb_grpc.ExecutorStub(channel)
+        info = stub.Info(pb.InfoRequest())
+        assert (info.vocab_size, info.num_kv_slots, info.max_running_requests) == (256, 2048, 8)
+        assert info.context_length == 256 and info.dtype == "float32" and info.device == "cpu"
+        assert list(info.eos_token_ids) == [255] and info.attention_backend == "torch"
+        assert stub.Health(pb.HealthRequest()).ready
+
+
+def test_prefill_decode_and_a_rejected_step_over_the_wire(executor: str) -> None:
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 3, 3, 3]]
+    reference = [j.output for j in Driver(engine_for(hf_model("llama"))).generate(prompts, 6)]
+    with grpc.insecure_channel(executor) as channel:
+        stub = pb_grpc.ExecutorStub(channel)
+        stub.Reset(pb.ResetRequest())
+        run = StepStream(stub)
+        first = run(StepInput(
+            1,
+            add=[NewRequest(r, f"r{r}", GREEDY, p) for r, p in enumerate(prompts)],
+            writes=[SlotWrite(0, 0, list(range(1, 20))), SlotWrite(1, 0, list(range(40, 60)))],
+            slices=[Slice(0, 0, prompts[0][:3], sample=False), Slice(1, 0, prompts[1])],
+        ))
+        assert not first.HasField("error")
+        assert list(first.rows) == [1] and first.num_tokens == 7
+        got = {0: [], 1: [first.token_ids[0]]}
+        assert math.isfinite(first.logprobs[0]) and len(first.top_ids) == 2
+        second = run(StepInput(2, slices=[Slice(0, 3, prompts[0][3:]), Slice(1, 4, [], True)]))
+        for row, tok in zip(second.rows, second.token_ids, strict=True):
+            got[row].append(tok)
+        bad = run(StepInput(3, slices=[Slice(5, 0, [1])]))
+        assert bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "row 5" in bad.error.message and len(bad.rows) == 0
+        step_id = 4
+        while len(got[0]) < 6 or len(got[1]) < 6:
+            slices = [Slice(r, len(prompts[r]) + len(got[r]) - 1, [], True) for r in (0, 1) if len(got[r]) < 6]
+            res = run(StepInput(step_id, slices=slices))
+            assert not res.HasField("error"), res.error.message
+            for row, tok in zip(res.rows, res.token_ids, strict=True):
+                got[row].append(tok)
+            step_id += 1
+        released = run(StepInput(step_id, release_rows=[0, 1]))
+        assert not released.HasField("error")
+        run.close()
+        assert stub.Health(pb.HealthRequest()).active_rows == 0
+    assert [got[0], got[1]] == reference
+
+
+def test_a_second_concurrent_stream_is_refused(executor: str) -> None:
+    with grpc.insecure_channel(executor) as channel:
+        stub = pb_grpc.ExecutorStub(channel)
+        first = StepStream(stub)
+        assert not first(StepInput(1)).HasField("error")
+        second = StepStream(stub)
+        with pytest.raises(grpc.RpcError) as err:
+            second(StepInput(1))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        second.close()
+        first.close()
+
+
+def test_unknown_model_path_exits_with_a_clear_error(tmp_path: Path) -> None:
+    args = ["executor", "--model-path", str(tmp_path / "nope.gguf"), "--port", str(free_port())]
+    with ServiceProcess(args, tmp_path / "bad.log") as proc:
+        assert proc.proc is not None
+        code = proc.proc.wait(60)
+    assert code == 2
+    assert "nope.gguf" in proc.output() and "Traceback" not in proc.output()
