@@ -86,12 +86,27 @@ def _add_bench_executor(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench_executor)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from services.bench.cli import main
+
+    main(args)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from services.bench.cli import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="load any OpenAI-compatible server: throughput, TTFT, ITL, latency")
+    add_bench_arguments(p)
+    p.set_defaults(func=_bench)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_executor,
     _add_tokenizer,
     _add_scheduler,
     _add_models,
     _add_bench_executor,
+    _add_bench,
 ]
 
 

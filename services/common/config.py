@@ -68,11 +68,18 @@ def _env_default(field: dataclasses.Field, scalar: type, is_list: bool) -> Any:
     return scalar(raw)
 
 
-def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """Adds one flag per field of `config_cls`, defaulting to its environment twin."""
+def add_arguments(
+    parser: argparse.ArgumentParser, config_cls: type, skip: Iterable[str] = ()
+) -> list[str]:
+    """Adds one flag per field of `config_cls` (but those in `skip`), defaulting to its
+    environment twin; returns the field names added."""
     hints = typing.get_type_hints(config_cls)
     group = parser.add_argument_group(config_cls.__name__)
+    skipped, added = set(skip), []
     for field in dataclasses.fields(config_cls):
+        if field.name in skipped:
+            continue
+        added.append(field.name)
         scalar, is_list = _base_type(hints[field.name])
         default = _env_default(field, scalar, is_list)
         help_text = f"{field.metadata.get('help', '')} [env {env_name(field.name)}]"
@@ -85,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
             if is_list:
                 kwargs["nargs"] = "+"
         group.add_argument(flag_name(field.name), **kwargs)
+    return added
 
 
 def from_args(config_cls: type[C], args: argparse.Namespace) -> C:

@@ -26,6 +26,13 @@ class ExecutorConfig:
     attention_backend: str | None = option(
         None, "attention implementation (default: triton on CUDA, torch on CPU)", sorted(ATTENTION_BACKENDS)
     )
+    cuda_graph_max_bs: int = option(
+        32, "largest decode batch run on static shapes (CUDA graphs, --enable-torch-compile)"
+    )
+    disable_cuda_graph: bool = option(False, "on CUDA, run decode eagerly instead of replaying graphs")
+    enable_torch_compile: bool = option(
+        False, "torch.compile the static-shape decode step (CPU too; each batch bucket compiles once)"
+    )
     max_top_logprobs: int = option(20, "most top_logprobs alternatives a request may ask for")
     num_threads: int | None = option(None, "torch intra-op threads (default: the cores this process may use)")
     host: str = option("127.0.0.1", "address the gRPC server binds")
@@ -38,5 +45,7 @@ class ExecutorConfig:
             raise ValueError("--max-total-tokens must be at least 16")
         if self.max_running_requests < 1:
             raise ValueError("--max-running-requests must be at least 1")
+        if self.cuda_graph_max_bs < 1:
+            raise ValueError("--cuda-graph-max-bs must be at least 1")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError("--context-length must be at least 2")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from services.executor.attention import AttentionBackend, create_backend
 from services.executor.batch_builder import build_batch, order_slices
+from services.executor.decode_runner import StaticDecodeConfig, StaticDecodeRunner
 from services.executor.kv_pool import KVPool, RequestToTokenTable
 from services.executor.model_config import ModelConfig
 from services.executor.sampler import Sampler, SampleRow
@@ -51,13 +52,17 @@ class Engine:
         limits: EngineLimits,
         device: torch.device,
         attention_backend: str = "torch",
+        static_decode: StaticDecodeConfig | None = None,
     ) -> None:
         self.model, self.cfg, self.limits, self.device = model, cfg, limits, device
         self.dtype = next(model.parameters()).dtype
         self.pool = KVPool(
             cfg.num_layers, limits.num_slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, device
         )
-        self.table = RequestToTokenTable(limits.max_rows, limits.context_length, device)
+        # One row more than steps may use: row `pad_row` stays all slot 0, so padded entries of a
+        # static-shape decode batch read and write only the padding slot.
+        self.pad_row = limits.max_rows
+        self.table = RequestToTokenTable(limits.max_rows + 1, limits.context_length, device)
         self.attn: AttentionBackend = create_backend(
             attention_backend,
             pool=self.pool,
@@ -70,6 +75,12 @@ class Engine:
         self.sampler = Sampler(cfg.vocab_size, device)
         self.rows: dict[int, RowState] = {}
         self.last_sampled = torch.zeros(limits.max_rows, dtype=torch.int64, device=device)
+        self.decode_runner: StaticDecodeRunner | None = None
+        if static_decode is not None:
+            max_bs = min(static_decode.max_bs, limits.max_rows)
+            self.decode_runner = StaticDecodeRunner(
+                model, self.attn, self.pad_row, replace(static_decode, max_bs=max_bs), device
+            )
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8), prompt_len: int = 64) -> None:
         """Runs prefill and decode shapes once. Every position maps to the padding slot 0, so no
@@ -83,6 +94,8 @@ class Engine:
         for bs in batch_sizes:
             decode = [Slice(r, prompt_len, [], use_last_sampled=True) for r in range(min(bs, n))]
             self.run_step(StepInput(0, slices=decode))
+        if self.decode_runner is not None:
+            self.decode_runner.capture_all()
         self.reset()
         for layer in range(self.cfg.num_layers):
             self.pool.k[layer][0].zero_()
@@ -129,6 +142,8 @@ class Engine:
     @torch.inference_mode()
     def _forward(self, slices: list[Slice]) -> torch.Tensor:
         batch = build_batch(slices, self.table, self.last_sampled, self.device)
+        if self.decode_runner is not None and self.decode_runner.can_run(batch):
+            return self.decode_runner.run(batch)
         self.attn.init_metadata(batch)
         return self.model(batch, self.attn)
 

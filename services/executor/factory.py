@@ -12,6 +12,7 @@ import torch
 from services.common.model_store import resolve_model_path, served_name
 from services.executor.attention import default_backend
 from services.executor.config import ExecutorConfig
+from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.engine import Engine, EngineLimits
 from services.executor.kv_pool import KVPool
 from services.executor.model_config import ModelConfig
@@ -82,6 +83,15 @@ def size_kv_pool(cfg: ExecutorConfig, model_cfg: ModelConfig, dtype: torch.dtype
     return slots
 
 
+def static_decode_config(cfg: ExecutorConfig, device: torch.device) -> StaticDecodeConfig | None:
+    """Static-shape decode where it pays: CUDA graphs on CUDA (unless disabled), and wherever
+    --enable-torch-compile asks for it. Eager decode on the CPU otherwise: padding only costs there."""
+    graphs = device.type == "cuda" and not cfg.disable_cuda_graph
+    if not (graphs or cfg.enable_torch_compile):
+        return None
+    return StaticDecodeConfig(cfg.cuda_graph_max_bs, cuda_graph=graphs, torch_compile=cfg.enable_torch_compile)
+
+
 def create_engine(cfg: ExecutorConfig) -> LoadedModel:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -95,10 +105,12 @@ def create_engine(cfg: ExecutorConfig) -> LoadedModel:
     slots = size_kv_pool(cfg, model_cfg, dtype, device, context)
     limits = EngineLimits(slots, cfg.max_running_requests, context, cfg.max_top_logprobs)
     backend = cfg.attention_backend or default_backend(device.type)
-    engine = Engine(model, model_cfg, limits, device, backend)
+    engine = Engine(model, model_cfg, limits, device, backend, static_decode_config(cfg, device))
+    runner = engine.decode_runner
     log.info(
-        "engine ready: %s, %s on %s (%d threads), %d KV slots, context %d, backend %s",
+        "engine ready: %s, %s on %s (%d threads), %d KV slots, context %d, backend %s, decode %s",
         model_cfg.architecture, dtype, device, threads, slots, context, backend,
+        runner.mode if runner else "eager",
     )
     name = cfg.served_model_name or served_name(cfg.model_path, path)
     return LoadedModel(engine, path, name, backend)

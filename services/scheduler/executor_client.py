@@ -78,16 +78,21 @@ class ExecutorClient:
         self._broken = True
 
     async def connect(self, timeout: float) -> ExecutorInfo:
+        """Raises NotReady (executor not up in time) or ExecutorLost (the stream was refused,
+        e.g. another scheduler is attached); nothing of the executor's state is touched then."""
         await self.close()
         self._channel = insecure_channel(self.address)
         stub = pb_grpc.ExecutorStub(self._channel)
         await self._wait_ready(stub, timeout)
         info = ExecutorInfo.from_pb(await stub.Info(pb.InfoRequest()))
-        await stub.Reset(pb.ResetRequest())
         self._outbox = asyncio.Queue()
         self._call = stub.Run(self._requests())
         self._broken = False
         self._reader = asyncio.create_task(self._read(self._call))
+        probe = await self.send(pb.Step(step_id=0))  # an empty Step: proves the stream is ours
+        if probe.HasField("error"):
+            raise ExecutorLost(f"probe step rejected: {probe.error.message}")
+        await stub.Reset(pb.ResetRequest())
         log.info("connected to executor %s: %s, %d KV slots", self.address, info.model_name, info.num_kv_slots)
         return info
 

@@ -183,6 +183,7 @@ class Scheduler:
                 return await self.link.connect(self.cfg.executor_timeout)
             except (NotReady, grpc.aio.AioRpcError, ExecutorLost) as exc:
                 log.warning("executor %s: %s; retrying", self.cfg.executor, exc)
+                await self.link.close()
                 await asyncio.sleep(RECONNECT_DELAY_S)
 
     async def _set_ready(self, ready: bool) -> None:

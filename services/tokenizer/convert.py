@@ -78,6 +78,12 @@ def delta_to_pb(delta: Delta) -> pb.DetokenizeResponse:
     )
 
 
+def pieces_to_pb(pieces: list[tuple[str, bytes]]) -> pb.ConvertIdsToTokensResponse:
+    return pb.ConvertIdsToTokensResponse(
+        tokens=[pb.TokenPiece(text=text, bytes=raw) for text, raw in pieces]
+    )
+
+
 def _json_objects(text: str, field: str) -> list[dict[str, Any]]:
     """A JSON array of objects; an empty string is an empty array."""
     if not text:

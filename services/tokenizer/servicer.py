@@ -95,6 +95,13 @@ class TokenizerServicer(pb_grpc.TokenizerServicer):
                     log.debug("detokenize %s done (stop %r)", setup.request_id, delta.matched_stop)
                     return
 
+    async def ConvertIdsToTokens(
+        self, request: pb.ConvertIdsToTokensRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ConvertIdsToTokensResponse:
+        tok = await self._require_ready(context)
+        async with _status(context):
+            return convert.pieces_to_pb(tok.token_pieces(list(request.ids)))
+
     async def _detokenize(self, stream: DetokenizeStream, msg: pb.DetokenizeTokens) -> Delta:
         step = stream.finish if msg.finish else stream.feed
         ids = list(msg.ids)

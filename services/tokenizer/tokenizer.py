@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from tokenizers import decoders
 
 from services.common.model_store import resolve_model_path
 from services.tokenizer.chat import ChatPrompt, ChatRequest
@@ -46,6 +48,7 @@ class Tokenizer:
         self._added_tokens = {i: tok.content for i, tok in added.items()}
         self._special_ids = frozenset(i for i, tok in added.items() if tok.special)
         self.info = read_info(hf, model_dir, bool(chat_template or hf.chat_template))
+        self._byte_level = isinstance(self.backend.decoder, decoders.ByteLevel)
 
     @classmethod
     def load(cls, model_path: str = "default", chat_template_file: str | None = None) -> Tokenizer:
@@ -74,6 +77,24 @@ class Tokenizer:
         if spaces_between_special_tokens:
             return self._decode_spaced(ids, skip_special_tokens)
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_pieces(self, ids: Sequence[int]) -> list[tuple[str, bytes]]:
+        """(text, exact bytes) of each id on its own, special tokens included."""
+        if any(not 0 <= i < self.info.vocab_size for i in ids):
+            raise InvalidRequest(f"token ids must be in [0, {self.info.vocab_size})")
+        return [self._piece(i) for i in ids]
+
+    def _piece(self, token_id: int) -> tuple[str, bytes]:
+        text = self.backend.decode([token_id], skip_special_tokens=False)
+        raw = self.backend.id_to_token(token_id)
+        if raw is None or token_id in self._added_tokens:
+            return text, text.encode()
+        if self._byte_level:
+            return text, bytes(BYTE_LEVEL_DECODER[c] for c in raw)
+        fallback = BYTE_FALLBACK.fullmatch(raw)
+        if fallback is not None:
+            return text, bytes([int(fallback.group(1), 16)])
+        return text, text.encode()
 
     def new_detokenizer(self, options: DetokenizeOptions) -> DetokenizeStream:
         """A stream that turns one request's output ids into text deltas."""
@@ -117,6 +138,20 @@ class Tokenizer:
         if run:
             parts.append(self.backend.decode(run))
         return " ".join(parts)
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-in character → the byte it encodes (byte-level BPE vocabularies)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    shifted = [b for b in range(256) if b not in kept]
+    table = {chr(b): b for b in kept}
+    table.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return table
+
+
+BYTE_LEVEL_DECODER = _byte_level_decoder()
+# SentencePiece byte-fallback tokens such as <0xE2>.
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def read_info(hf: Any, model_dir: Path, has_chat_template: bool) -> TokenizerInfo:

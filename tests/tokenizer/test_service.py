@@ -109,3 +109,13 @@ def test_invalid_argument(stub: pb_grpc.TokenizerStub) -> None:
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Detokenize(iter(tokens_first)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_convert_ids_to_tokens(stub: pb_grpc.TokenizerStub, hf) -> None:
+    ids = [*hf.encode("🎉 ok", add_special_tokens=False), 2]
+    reply = stub.ConvertIdsToTokens(pb.ConvertIdsToTokensRequest(ids=ids))
+    assert b"".join(t.bytes for t in reply.tokens) == "🎉 ok<|im_end|>".encode()
+    assert reply.tokens[-1].text == "<|im_end|>" and reply.tokens[-2].text == " ok"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ConvertIdsToTokens(pb.ConvertIdsToTokensRequest(ids=[10**6]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

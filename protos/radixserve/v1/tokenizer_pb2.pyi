@@ -139,3 +139,23 @@ class DetokenizeResponse(_message.Message):
     matched_stop: str
     finished: bool
     def __init__(self, text: _Optional[str] = ..., num_tokens: _Optional[int] = ..., matched_stop: _Optional[str] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class ConvertIdsToTokensRequest(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenPiece(_message.Message):
+    __slots__ = ("text", "bytes")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    bytes: bytes
+    def __init__(self, text: _Optional[str] = ..., bytes: _Optional[bytes] = ...) -> None: ...
+
+class ConvertIdsToTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenPiece]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenPiece, _Mapping]]] = ...) -> None: ...

@@ -54,6 +54,11 @@ class TokenizerStub:
                 request_serializer=radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.ConvertIdsToTokens = channel.unary_unary(
+                '/radixserve.v1.Tokenizer/ConvertIdsToTokens',
+                request_serializer=radixserve_dot_v1_dot_tokenizer__pb2.ConvertIdsToTokensRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_tokenizer__pb2.ConvertIdsToTokensResponse.FromString,
+                _registered_method=True)
 
 
 class TokenizerServicer:
@@ -92,6 +97,13 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConvertIdsToTokens(self, request, context):
+        """Each id as a token on its own: its text and its exact bytes (what OpenAI logprobs show).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +126,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'ConvertIdsToTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConvertIdsToTokens,
+                    request_deserializer=radixserve_dot_v1_dot_tokenizer__pb2.ConvertIdsToTokensRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_tokenizer__pb2.ConvertIdsToTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +241,33 @@ class Tokenizer:
             '/radixserve.v1.Tokenizer/Detokenize',
             radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
             radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConvertIdsToTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radixserve.v1.Tokenizer/ConvertIdsToTokens',
+            radixserve_dot_v1_dot_tokenizer__pb2.ConvertIdsToTokensRequest.SerializeToString,
+            radixserve_dot_v1_dot_tokenizer__pb2.ConvertIdsToTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,11 +7,13 @@ boolean mask hides positions past each request's length (and outside a sliding w
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+import kernels.cpu as cpu_kernels
 from services.executor.attention.base import AttentionBackend, register
 from services.executor.forward_batch import ForwardBatch
 
@@ -27,16 +29,42 @@ class PaddedPart:
 @dataclass
 class TorchMetadata:
     extend: PaddedPart | None
-    decode: PaddedPart | None
+    decode: PaddedPart | KernelDecode | None
+
+
+@dataclass
+class KernelDecode:
+    rows: torch.Tensor  # [B] table rows of the decode requests
+    seq_lens: torch.Tensor  # [B] keys per request, positions 0 .. seq_len-1
 
 
 @register("torch")
 class TorchAttention(AttentionBackend):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.use_cpu_kernel = self._cpu_kernel_usable()
+
+    def _cpu_kernel_usable(self) -> bool:
+        pool = self.pool.k[0] if self.pool.k else None
+        if pool is None or pool.device.type != "cpu" or self.sliding_window:
+            return False
+        if pool.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if os.environ.get("RADIXSERVE_DISABLE_CPU_KERNELS", "") not in ("", "0"):
+            return False
+        return cpu_kernels.load() is not None
+
     def init_metadata(self, batch: ForwardBatch) -> None:
         ne = batch.num_extend
         extend = self._extend_part(batch) if ne else None
-        decode = self._decode_part(batch) if batch.num_decode else None
+        decode: PaddedPart | KernelDecode | None = None
+        if batch.num_decode:
+            decode = self._kernel_part(batch) if self.use_cpu_kernel else self._decode_part(batch)
         batch.attn_metadata = TorchMetadata(extend, decode)
+
+    def _kernel_part(self, batch: ForwardBatch) -> KernelDecode:
+        ne = batch.num_extend
+        return KernelDecode(batch.rows[ne:].contiguous(), batch.seq_lens[ne:].contiguous())
 
     def _gather_idx(self, rows: torch.Tensor, max_len: int) -> torch.Tensor:
         return self.table.table[rows, :max_len]
@@ -90,9 +118,15 @@ class TorchAttention(AttentionBackend):
         return out[part.token_dest].view(-1, self.num_heads, self.head_dim)
 
     def decode(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        # One query per request: two batched matmuls in float32 beat SDPA's CPU flash kernel,
-        # which is built for long queries. q: [B, H, D] viewed as [B, Hkv, G, D].
+        # One query per request: the CPU kernel reads K/V straight from the pool; otherwise two
+        # batched matmuls in float32, which beat SDPA's CPU flash kernel (built for long queries).
+        # q: [B, H, D] viewed as [B, Hkv, G, D].
         part = batch.attn_metadata.decode  # type: ignore[union-attr]
+        if isinstance(part, KernelDecode):
+            return cpu_kernels.paged_decode_attention(
+                q, self.pool.k[layer], self.pool.v[layer], self.table.table, part.rows,
+                part.seq_lens, self.scale,
+            )
         b, n_keys = part.kv_idx.shape
         flat = part.kv_idx.reshape(-1)
         k = self.pool.k[layer].index_select(0, flat).view(b, n_keys, self.num_kv_heads, -1)
@@ -104,3 +138,36 @@ class TorchAttention(AttentionBackend):
         probs = torch.softmax(scores, dim=-1)
         out = torch.matmul(probs, v.transpose(1, 2).float())  # [B, Hkv, G, D]
         return out.view(b, self.num_heads, self.head_dim).to(q.dtype)
+
+    # --- Static-shape decode (services/executor/decode_runner.py) ---------------------------------
+    # The eager decode pads keys to this step's longest sequence, a length that changes every step.
+    # The static path pads to a length bucket instead, so a compiled or captured step keeps its
+    # shapes for many steps; keys past a request's length are masked exactly as in `_decode_part`.
+
+    def static_kv_len(self, max_seq_len: int) -> int:
+        return kv_len_bucket(max_seq_len, self.table.context_length)
+
+    def init_static_decode(self, batch: ForwardBatch, kv_len: int) -> None:
+        """Decode metadata of a pure-decode `batch` padded to `kv_len` keys, computed from its
+        tensors alone (no host lengths), so it can run inside a compiled or captured step."""
+        rows, seq_lens = batch.rows, batch.seq_lens
+        key_pos = torch.arange(kv_len, device=rows.device)
+        mask = key_pos[None, :] < seq_lens[:, None]
+        if self.sliding_window:
+            mask &= key_pos[None, :] >= seq_lens[:, None] - self.sliding_window
+        part = PaddedPart(self._gather_idx(rows, kv_len), mask[:, None, None, :], None, 1)
+        batch.attn_metadata = TorchMetadata(None, part)
+
+
+def kv_len_buckets(context_length: int, smallest: int = 64) -> list[int]:
+    """Key lengths of the static decode: 64, 96, 128, 192, 256, 384, … (2^k and 1.5 * 2^k), then
+    the context length itself; at most 50% padding, two compiled shapes per doubling."""
+    buckets, size = [], smallest
+    while size < context_length:
+        buckets += [b for b in (size, size * 3 // 2) if b < context_length]
+        size *= 2
+    return [*buckets, context_length]
+
+
+def kv_len_bucket(seq_len: int, context_length: int) -> int:
+    return next(b for b in kv_len_buckets(context_length) if b >= seq_len)

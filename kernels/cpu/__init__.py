@@ -1,0 +1,118 @@
+"""C++ kernels for the CPU, compiled on first use with torch's extension builder.
+
+`paged_decode_attention` reads K/V rows straight from the paged pool through the request→KV-slot
+table, instead of gathering them into a padded copy first. The build is cached under
+torch's extension directory, keyed by the source and by this CPU's instruction-set flags, so a
+binary built for one CPU is never loaded on another. If the build fails (no compiler), callers
+fall back to the PyTorch path; `load_error()` says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("radixserve.kernels")
+SOURCE = Path(__file__).with_name("paged_decode_attention.cpp")
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        flags = "unknown"
+    return hashlib.sha256((flags + SOURCE.read_text()).encode()).hexdigest()[:12]
+
+
+def load() -> ModuleType | None:
+    """The compiled module, building it on first call; None when it cannot be built."""
+    global _module, _error
+    with _lock:
+        if _module is not None or _error is not None:
+            return _module
+        try:
+            from torch.utils.cpp_extension import load as load_extension
+
+            log.info("building the CPU attention kernel (once per machine)")
+            _module = load_extension(
+                name=f"radixserve_cpu_attention_{_cpu_key()}",
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except Exception as exc:  # compiler missing, headers missing, ...
+            _error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("CPU attention kernel unavailable, using the PyTorch path (%s)", _error)
+        return _module
+
+
+def load_error() -> str | None:
+    return _error
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q: [B, H, D]; pools: [slots, Hkv, D]; table: [rows, ctx] int64 → out [B, H, D] in q.dtype."""
+    module = load()
+    if module is None:
+        raise RuntimeError(f"CPU attention kernel unavailable: {_error}")
+    _check(q, k_pool, v_pool, table, rows, seq_lens)
+    out = module.paged_decode_attention(q.contiguous(), k_pool, v_pool, table, rows, seq_lens, scale)
+    return out.to(q.dtype)
+
+
+def _check(q, k_pool, v_pool, table, rows, seq_lens) -> None:
+    if q.device.type != "cpu":
+        raise ValueError("paged_decode_attention runs on CPU tensors")
+    if q.dtype not in (torch.float32, torch.bfloat16) or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise ValueError(f"dtypes must match and be float32 or bfloat16: {q.dtype}, {k_pool.dtype}")
+    if q.dim() != 3 or k_pool.dim() != 3 or k_pool.shape != v_pool.shape or q.shape[2] != k_pool.shape[2]:
+        raise ValueError(f"shapes: q {tuple(q.shape)}, k_pool {tuple(k_pool.shape)}")
+    if q.shape[1] % k_pool.shape[1]:
+        raise ValueError("query heads must be a multiple of KV heads")
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous() and table.stride(1) == 1):
+        raise ValueError("pools and table rows must be contiguous")
+    for name, t in (("table", table), ("rows", rows), ("seq_lens", seq_lens)):
+        if t.dtype != torch.int64:
+            raise ValueError(f"{name} must be int64")
+    if rows.shape != seq_lens.shape or rows.shape[0] != q.shape[0]:
+        raise ValueError("rows and seq_lens need one entry per query")
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The same in plain PyTorch, one request at a time (for tests)."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k_pool.shape[1]
+    for b in range(q.shape[0]):
+        slots = table[rows[b], : int(seq_lens[b])]
+        k = k_pool[slots].float().repeat_interleave(group, dim=1)  # [L, H, D]
+        v = v_pool[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
+        out[b] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out

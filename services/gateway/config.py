@@ -1,0 +1,43 @@
+"""Gateway configuration: flags, their RADIXSERVE_* twins, and validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import option
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = option("127.0.0.1", "address the HTTP server binds")
+    port: int = option(8000, "HTTP port")
+    tokenizer: list[str] = option(
+        ["127.0.0.1:30001"], "tokenizer gRPC address(es); several are used round-robin"
+    )
+    scheduler: list[str] = option(
+        ["127.0.0.1:30003"], "scheduler gRPC address(es); requests go to the least loaded"
+    )
+    api_key: list[str] = option([], "accepted API key(s) (Bearer); none: no authentication")
+    served_model_name: str | None = option(
+        None, "model name clients use (default: what the scheduler reports)"
+    )
+    request_timeout_s: float = option(600.0, "longest a request may run before it is aborted")
+    metrics: bool = option(True, "serve Prometheus metrics at /metrics")
+    load_refresh_s: float = option(0.5, "how often the schedulers' load is polled for routing")
+    retry_after_s: int = option(1, "Retry-After seconds sent with a 503 when a queue is full")
+    shutdown_grace_s: float = option(
+        30.0, "on SIGTERM: seconds in-flight requests get to finish before they are aborted"
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError("--port must be in [0, 65535]")
+        if not self.tokenizer or not self.scheduler:
+            raise ValueError("--tokenizer and --scheduler need at least one address")
+        if any(not key for key in self.api_key):
+            raise ValueError("--api-key values must not be empty")
+        for name in ("request_timeout_s", "load_refresh_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        if self.retry_after_s < 0 or self.shutdown_grace_s < 0:
+            raise ValueError("--retry-after-s and --shutdown-grace-s must be >= 0")

@@ -1,0 +1,188 @@
+"""What the gateway asks of a generation, as typed values, built from the validated requests.
+
+Defaults are OpenAI's (temperature 1, top_p 1, no penalties); the scheduler gets every field
+set explicitly. Checks that need the model (vocabulary, context length, logprob limits) are here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from services.gateway.errors import ContextLengthExceeded, InvalidRequest
+from services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    NativeSamplingParams,
+    SamplingFields,
+)
+
+SEED_MASK = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model and the limits a request must respect (from the scheduler)."""
+
+    name: str
+    context_length: int
+    vocab_size: int
+    max_top_logprobs: int
+    num_kv_slots: int
+
+    @property
+    def max_sequence(self) -> int:
+        """Longest prompt + output one sample may have."""
+        return min(self.context_length, self.num_kv_slots)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # None: a random seed per sample; in [0, 2**64)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    max_tokens: int | None = None  # None: whatever the context leaves after the prompt
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How output ids become text."""
+
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """One tokenized prompt and how to continue it; max_tokens already fits the context."""
+
+    request_id: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    text: TextOptions
+
+
+def chat_sampling(req: ChatCompletionRequest, model: ModelInfo) -> SamplingParams:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequest("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    top = req.top_logprobs or 0
+    return _sampling(req, model, max_tokens, req.logprobs, top, "top_logprobs")
+
+
+def completion_sampling(req: CompletionRequest, model: ModelInfo) -> SamplingParams:
+    if req.echo and req.logprobs is not None:
+        raise InvalidRequest("'echo' together with 'logprobs' is not supported", param="echo")
+    if req.suffix:
+        raise InvalidRequest("'suffix' is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise InvalidRequest("'best_of' other than 'n' is not supported", param="best_of")
+    wants = req.logprobs is not None
+    return _sampling(req, model, req.max_tokens, wants, req.logprobs or 0, "logprobs")
+
+
+def native_sampling(p: NativeSamplingParams, model: ModelInfo) -> SamplingParams:
+    params = SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=max(p.top_k, 0),
+        min_p=p.min_p,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        seed=None if p.seed is None else p.seed & SEED_MASK,
+        max_tokens=p.max_new_tokens,
+        min_tokens=p.min_new_tokens,
+        stop_token_ids=tuple(p.stop_token_ids or ()),
+        ignore_eos=p.ignore_eos,
+        n=p.n,
+    )
+    _check_ids(params, model, "sampling_params")
+    return params
+
+
+def fit_context(
+    params: SamplingParams, prompt_len: int, model: ModelInfo, what: str
+) -> SamplingParams:
+    """Resolves max_tokens against the context; `what` names the prompt ("messages", "prompt")."""
+    limit = model.max_sequence
+    if params.max_tokens is None:
+        if prompt_len >= limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"{what} resulted in {prompt_len} tokens. Please reduce the length of the {what}.",
+                param=what,
+            )
+        return replace(params, max_tokens=limit - prompt_len)
+    total = prompt_len + params.max_tokens
+    if total > limit:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{total} tokens ({prompt_len} in the {what}, {params.max_tokens} in the completion). "
+            f"Please reduce the length of the {what} or completion.",
+            param=what,
+        )
+    return params
+
+
+def _sampling(
+    req: SamplingFields,
+    model: ModelInfo,
+    max_tokens: int | None,
+    logprobs: bool,
+    top_logprobs: int,
+    logprobs_param: str,
+) -> SamplingParams:
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest("'stream_options' needs 'stream' set to true", param="stream_options")
+    if top_logprobs > model.max_top_logprobs:
+        limit = model.max_top_logprobs
+        raise InvalidRequest(f"'{logprobs_param}' must be at most {limit}", param=logprobs_param)
+    params = SamplingParams(
+        temperature=_or(req.temperature, 1.0),
+        top_p=_or(req.top_p, 1.0),
+        top_k=max(req.top_k or 0, 0),
+        min_p=_or(req.min_p, 0.0),
+        presence_penalty=_or(req.presence_penalty, 0.0),
+        frequency_penalty=_or(req.frequency_penalty, 0.0),
+        repetition_penalty=_or(req.repetition_penalty, 1.0),
+        seed=None if req.seed is None else req.seed & SEED_MASK,
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        n=req.n,
+    )
+    _check_ids(params, model, None)
+    return params
+
+
+def _check_ids(params: SamplingParams, model: ModelInfo, prefix: str | None) -> None:
+    vocab = model.vocab_size
+    if any(not 0 <= t < vocab for t in params.logit_bias):
+        raise InvalidRequest(f"'logit_bias' keys must be token ids in [0, {vocab})", "logit_bias")
+    if any(t >= vocab for t in params.stop_token_ids):
+        name = f"{prefix}.stop_token_ids" if prefix else "stop_token_ids"
+        raise InvalidRequest(f"'stop_token_ids' must be in [0, {vocab})", param=name)
+    if params.max_tokens is not None and params.min_tokens > params.max_tokens:
+        name = f"{prefix}.min_new_tokens" if prefix else "min_tokens"
+        raise InvalidRequest("the minimum tokens exceed the maximum tokens", param=name)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value

@@ -1,0 +1,189 @@
+"""`radixserve serve`: the four services as local child processes behind one command.
+
+serve owns the wiring (internal ports on 127.0.0.1, who talks to whom); every other flag belongs to
+a service and is handed to each service that has it. Children run in their own process group so a
+terminal's Ctrl-C reaches only serve, which then stops them in order: the gateway first (in-flight
+requests drain), then scheduler, executor and tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from services.common.config import add_arguments, to_argv
+
+# (service, config class) in start order; the gateway is the one users talk to.
+SERVICES = [
+    ("tokenizer", "services.tokenizer.config:TokenizerConfig"),
+    ("executor", "services.executor.config:ExecutorConfig"),
+    ("scheduler", "services.scheduler.config:SchedulerConfig"),
+    ("gateway", "services.gateway.config:GatewayConfig"),
+]
+WIRING = {"host", "port", "executor", "tokenizer", "scheduler"}
+STOP_ORDER = ["gateway", "scheduler", "executor", "tokenizer"]
+
+
+def config_class(spec: str) -> type:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=os.environ.get("RADIXSERVE_HOST", "127.0.0.1"),
+                        help="address the gateway binds [env RADIXSERVE_HOST]")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("RADIXSERVE_PORT", "8000")),
+                        help="the gateway's HTTP port [env RADIXSERVE_PORT]")
+    parser.add_argument("--ready-timeout", type=float, default=900.0,
+                        help="seconds to wait for the model to load and warm up")
+    parser.add_argument("--stop-timeout", type=float, default=30.0,
+                        help="seconds each service gets to stop before it is killed")
+    taken = set(WIRING)
+    for _, spec in SERVICES:
+        taken |= set(add_arguments(parser, config_class(spec), skip=taken))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wiring(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    ports = {name: free_port() for name in ("tokenizer", "executor", "scheduler")}
+    addr = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+    return {
+        "tokenizer": {"host": "127.0.0.1", "port": ports["tokenizer"]},
+        "executor": {"host": "127.0.0.1", "port": ports["executor"]},
+        "scheduler": {"host": "127.0.0.1", "port": ports["scheduler"], "executor": addr["executor"]},
+        "gateway": {"host": args.host, "port": args.port, "tokenizer": [addr["tokenizer"]],
+                    "scheduler": [addr["scheduler"]]},
+    }
+
+
+def child_commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """Each service's command line: its own flags from `args`, plus the wiring."""
+    wires = wiring(args)
+    commands = []
+    for name, spec in SERVICES:
+        cls = config_class(spec)
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.name in wires[name]:
+                values[field.name] = _fit(wires[name][field.name], field.type)
+            elif field.name not in WIRING and hasattr(args, field.name):
+                values[field.name] = getattr(args, field.name)
+        commands.append((name, [name, *to_argv(cls(**values))]))
+    return commands
+
+
+def _fit(value: object, annotation: object) -> object:
+    """A wiring address given as a list where the field takes a single string, or vice versa."""
+    wants_list = "list" in str(annotation)
+    if isinstance(value, list) and not wants_list:
+        return value[0]
+    if not isinstance(value, list) and wants_list:
+        return [value]
+    return value
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+
+
+class Supervisor:
+    def __init__(self, commands: list[tuple[str, list[str]]], stop_timeout: float) -> None:
+        self.children = [Child(name, argv) for name, argv in commands]
+        self.stop_timeout = stop_timeout
+        self.stopping = False
+
+    def start(self) -> None:
+        for child in self.children:
+            cmd = [sys.executable, "-m", "services.cli", *child.argv]
+            child.proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def dead_child(self) -> Child | None:
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is not None:
+                return child
+        return None
+
+    def stop(self) -> None:
+        by_name = {c.name: c for c in self.children}
+        for name in STOP_ORDER:
+            child = by_name[name]
+            if child.proc is None or child.proc.poll() is not None:
+                continue
+            child.proc.send_signal(signal.SIGTERM)
+            try:
+                child.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                print(f"radixserve serve: {name} did not stop in {self.stop_timeout:.0f}s; killing it",
+                      file=sys.stderr)
+                child.proc.kill()
+                child.proc.wait()
+
+
+def ready(url: str) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200, ""
+    except urllib.error.HTTPError as exc:
+        return False, exc.read().decode(errors="replace")[:200]
+    except OSError as exc:
+        return False, str(exc)
+
+
+def main(args: argparse.Namespace) -> None:
+    commands = child_commands(args)
+    supervisor = Supervisor(commands, args.stop_timeout)
+    stop_signal: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: stop_signal.append(signum))
+    supervisor.start()
+    code = _supervise(supervisor, args, stop_signal)
+    supervisor.stop()
+    print("radixserve serve: stopped", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _supervise(supervisor: Supervisor, args: argparse.Namespace, stop_signal: list[int]) -> int:
+    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    started, announced, last_note = time.monotonic(), False, 0.0
+    while not stop_signal:
+        dead = supervisor.dead_child()
+        if dead is not None:
+            code = dead.proc.returncode if dead.proc else -1
+            print(f"radixserve serve: the {dead.name} service exited with code {code}; "
+                  "stopping the others", file=sys.stderr, flush=True)
+            return 1
+        if not announced:
+            ok, reason = ready(f"{base}/ready")
+            elapsed = time.monotonic() - started
+            if ok:
+                print(f"radixserve is ready on {base}/v1 (OpenAI-compatible; took {elapsed:.0f}s)",
+                      flush=True)
+                announced = True
+            elif elapsed - last_note >= 10:
+                print(f"radixserve serve: waiting for the services ({elapsed:.0f}s): {reason}",
+                      file=sys.stderr, flush=True)
+                last_note = elapsed
+            if not ok and elapsed > args.ready_timeout:
+                print(f"radixserve serve: not ready after {args.ready_timeout:.0f}s", file=sys.stderr)
+                return 1
+        time.sleep(0.5)
+    return 0

@@ -1,0 +1,117 @@
+"""Admission limits, hold-back, retraction order and the new-token ratio, on the checking fake."""
+
+from __future__ import annotations
+
+import asyncio
+
+from radixserve.v1 import executor_pb2 as pb
+from services.scheduler.prefill import NewTokenRatio
+from tests.scheduler.fake_executor import FakeExecutor, reference
+from tests.scheduler.harness import collect, params, running_scheduler, wait_idle
+
+
+def prefill_lengths(step: pb.Step) -> list[int]:
+    return [len(s.input_ids) for s in step.slices if not s.use_last_sampled]
+
+
+def submit_all(sched, prompts: list[list[int]], max_tokens: int) -> list:
+    return [sched.submit(params(f"r{i}", p, max_tokens, ignore_eos=True)) for i, p in enumerate(prompts)]
+
+
+async def finish(streams: list, prompts: list[list[int]], max_tokens: int) -> None:
+    for stream, prompt in zip(streams, prompts, strict=True):
+        result = await collect(stream)
+        assert result[0].tokens == reference(prompt, max_tokens)[0]
+
+
+def test_token_budget_chunks_the_request_that_does_not_fit() -> None:
+    prompts = [[i] * 30 for i in range(5)]
+
+    async def main() -> None:
+        fake = FakeExecutor(4096, 16)
+        async with running_scheduler(fake, chunked_prefill_size=100) as sched:
+            await finish(submit_all(sched, prompts, 4), prompts, 4)
+        assert prefill_lengths(fake.steps[0]) == [30, 30, 30, 10]
+        assert sum(prefill_lengths(fake.steps[1])) == 20 + 30  # the chunk's rest, then the 5th
+
+    asyncio.run(main())
+
+
+def test_max_running_requests_caps_the_rows_in_use() -> None:
+    prompts = [[i + 1] * 5 for i in range(9)]
+
+    async def main() -> None:
+        fake = FakeExecutor(4096, 16)
+        peak = 0
+        async with running_scheduler(fake, max_running_requests=3) as sched:
+            streams = submit_all(sched, prompts, 6)
+            while sched.waiting or sched.running:
+                peak = max(peak, len(fake.rows))
+                await asyncio.sleep(0)
+            await finish(streams, prompts, 6)
+        assert peak == 3
+
+    asyncio.run(main())
+
+
+def test_memory_reservation_limits_admission() -> None:
+    """Each request reserves 10 + 0.7 × 100 = 80 slots: 300 slots admit 3 at first, not 4."""
+    prompts = [[i + 1] * 10 for i in range(4)]
+
+    async def main() -> None:
+        fake = FakeExecutor(300, 16)
+        async with running_scheduler(fake) as sched:
+            streams = submit_all(sched, prompts, 100)
+            await asyncio.sleep(0)
+            await finish(streams, prompts, 100)
+        assert len(fake.steps[0].add) == 3
+
+    asyncio.run(main())
+
+
+def test_identical_prompts_wait_for_the_first_to_cache_it() -> None:
+    prompt = list(range(1, 101))
+
+    async def main() -> None:
+        fake = FakeExecutor(4096, 16)
+        async with running_scheduler(fake) as sched:
+            streams = submit_all(sched, [prompt] * 3, 5)
+            await finish(streams, [prompt] * 3, 5)
+        assert prefill_lengths(fake.steps[0]) == [100]
+        assert prefill_lengths(fake.steps[1]) == [1, 1]
+
+    asyncio.run(main())
+
+
+def test_retraction_picks_the_fewest_generated_tokens_first() -> None:
+    """The late arrival has generated least, so it is the one retracted."""
+    early = [[1] * 20, [2] * 20]
+    late = [3] * 20
+
+    async def main() -> None:
+        fake = FakeExecutor(200, 16)
+        retracted: list[str] = []
+        async with running_scheduler(fake, schedule_conservativeness=0.2) as sched:
+            streams = submit_all(sched, early, 60)
+            while min((len(r.output) for r in sched.running), default=0) < 20:
+                await asyncio.sleep(0)
+            streams.append(sched.submit(params("late", late, 60, ignore_eos=True)))
+            while sched.counters.retractions == 0:
+                await asyncio.sleep(0)
+            retracted = [r.rid for r in sched.waiting if r.retracted]
+            await finish(streams, [*early, late], 60)
+            await wait_idle(sched)
+        assert retracted == ["late"]
+        assert sched.counters.finished == 3
+
+    asyncio.run(main())
+
+
+def test_new_token_ratio_decays_and_resets() -> None:
+    ratio = NewTokenRatio(1.0)
+    assert ratio.value == 0.7
+    for _ in range(10_000):
+        ratio.decay()
+    assert ratio.value == ratio.floor > 0
+    ratio.on_retract()
+    assert ratio.value == 1.0
