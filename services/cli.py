@@ -31,6 +31,13 @@ def _scheduler(args: argparse.Namespace) -> None:
     main(from_args(SchedulerConfig, args))
 
 
+def _gateway(args: argparse.Namespace) -> None:
+    from services.gateway.config import GatewayConfig
+    from services.gateway.server import main
+
+    main(from_args(GatewayConfig, args))
+
+
 def _models(args: argparse.Namespace) -> None:
     from services.common.log import setup_logging
     from services.common.model_store import list_cached, resolve_model_path
@@ -78,6 +85,14 @@ def _add_scheduler(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_scheduler)
 
 
+def _add_gateway(sub: argparse._SubParsersAction) -> None:
+    from services.gateway.config import GatewayConfig
+
+    p = sub.add_parser("gateway", help="serve the OpenAI-compatible HTTP API (Starlette + uvicorn)")
+    add_arguments(p, GatewayConfig)
+    p.set_defaults(func=_gateway)
+
+
 def _add_bench_executor(sub: argparse._SubParsersAction) -> None:
     from services.executor.bench import add_arguments as add_bench_arguments
 
@@ -100,13 +115,48 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from services.serve import main
+
+    main(args)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from services.serve import add_serve_arguments
+
+    p = sub.add_parser(
+        "serve", help="run all four services locally and serve the OpenAI API (default model)"
+    )
+    add_serve_arguments(p)
+    p.set_defaults(func=_serve)
+
+
+def _healthcheck(args: argparse.Namespace) -> None:
+    from services.common.healthcheck import run
+
+    sys.exit(run(args))
+
+
+def _add_healthcheck(sub: argparse._SubParsersAction) -> None:
+    from services.common.healthcheck import add_arguments as add_healthcheck_arguments
+
+    p = sub.add_parser(
+        "healthcheck", help="probe a service: gRPC health, an HTTP URL, or a scheduler draining"
+    )
+    add_healthcheck_arguments(p)
+    p.set_defaults(func=_healthcheck)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_serve,
     _add_executor,
     _add_tokenizer,
     _add_scheduler,
+    _add_gateway,
     _add_models,
     _add_bench_executor,
     _add_bench,
+    _add_healthcheck,
 ]
 
 

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,22 @@ from services.bench.report import format_table, result_json, write_json
 from services.bench.runner import Runner, RunResult, Schedule
 from services.bench.tokens import TokenCounter
 from services.common.config import add_arguments as add_config_arguments
-from services.common.config import from_args
+from services.common.config import flag_name, from_args
 
 WARMUP_MAX_TOKENS = 16
+# RADIXSERVE_TOKENIZER and RADIXSERVE_API_KEY belong to the gateway (its tokenizer addresses and
+# accepted keys): these two flags have no environment twin.
+NO_ENV_TWIN = ("tokenizer", "api_key")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, BenchConfig)
+    add_config_arguments(parser, BenchConfig, skip=NO_ENV_TWIN)
+    for field in fields(BenchConfig):
+        if field.name in NO_ENV_TWIN:
+            help_text = field.metadata["help"]
+            parser.add_argument(
+                flag_name(field.name), dest=field.name, default=field.default, help=help_text
+            )
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -38,7 +47,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     summary = summarize(result.records, result.duration_s)
     print(format_table(config, model, summary))
     path = output_path(config)
-    write_json(path, result_json(config, model, summary, result.records))
+    write_json(path, result_json(config, model, summary, result))
     print(f"results written to {path}")
     return asdict(summary)
 

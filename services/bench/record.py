@@ -39,7 +39,9 @@ class RequestRecord:
     def ok(self) -> bool:
         return self.error is None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, origin_s: float) -> dict[str, Any]:
+        """The record for the result file, `start_s` counted from `origin_s` (the run's start)."""
         out = asdict(self)
         del out["text"]
+        out["start_s"] = self.start_s - origin_s
         return out

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from services.bench.config import BenchConfig
 from services.bench.metrics import Stats, Summary
-from services.bench.record import RequestRecord
+from services.bench.runner import RunResult
 
 WIDTH = 50
 
@@ -70,7 +69,7 @@ def format_table(config: BenchConfig, model: str, summary: Summary) -> str:
 
 
 def result_json(
-    config: BenchConfig, model: str, summary: Summary, records: Sequence[RequestRecord]
+    config: BenchConfig, model: str, summary: Summary, run: RunResult
 ) -> dict[str, Any]:
     settings = asdict(config)
     settings["api_key"] = "***" if config.api_key else None
@@ -79,7 +78,7 @@ def result_json(
         "config": settings,
         "model": model,
         "summary": asdict(summary),
-        "requests": [r.to_json() for r in records],
+        "requests": [r.to_json(run.start_s) for r in run.records],
     }
 
 

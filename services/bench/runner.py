@@ -34,6 +34,7 @@ class Schedule:
 @dataclass
 class RunResult:
     records: list[RequestRecord]  # in completion order
+    start_s: float  # perf_counter at the start of the run
     duration_s: float
 
 
@@ -104,7 +105,7 @@ class Runner:
             await asyncio.gather(*pending, return_exceptions=True)
         duration = time.perf_counter() - start
         self.progress.close()
-        return RunResult(self.records, duration)
+        return RunResult(self.records, start, duration)
 
     async def _unit(self, unit: Request | Conversation, at: float) -> None:
         answers: list[str] = []
@@ -133,16 +134,17 @@ class Runner:
         return record
 
     def _give_up(self, unit: Request | Conversation, first_turn: int, error: RequestError) -> None:
-        """Error records for the requests of `unit` from `first_turn` on, never sent or cut short."""
+        """Error records for the requests of `unit` from `first_turn` on, never sent or cut short
+        (stamped now, with no latency: whatever they measured is lost)."""
+        now = time.perf_counter()
         if isinstance(unit, Request):
+            ids = [(unit.group_id, unit.conversation_id, unit.turn)]
+        else:
+            ids = [(0, unit.conversation_id, t) for t in range(first_turn, len(unit.user_turns))]
+        for group, conversation, turn in ids:
             self._add(
-                RequestRecord(
-                    unit.group_id, unit.conversation_id, unit.turn, unit.output_len, error=error
-                )
+                RequestRecord(group, conversation, turn, unit.output_len, start_s=now, error=error)
             )
-            return
-        for turn in range(first_turn, len(unit.user_turns)):
-            self._add(RequestRecord(0, unit.conversation_id, turn, unit.output_len, error=error))
 
     def _add(self, record: RequestRecord) -> None:
         self.records.append(record)

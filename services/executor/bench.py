@@ -2,6 +2,8 @@
 
 Decode steps run at a fixed context per request (the KV of that context is sized but its values are
 irrelevant to speed), next to the floor: the model's weight matmuls alone at the same batch size.
+With --enable-torch-compile decode runs on the static-shape runner, its bucketed step compiled;
+untimed warm-up steps come first, so compilation is not timed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.model_store import resolve_model_path
+from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.engine import Engine, EngineLimits
 from services.executor.factory import set_threads
 from services.executor.model_config import ModelConfig
@@ -54,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--prefill-prompts", nargs="+", type=int, default=[1, 4])
     p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument(
+        "--enable-torch-compile",
+        action="store_true",
+        help="decode on the static-shape runner with its bucketed step torch.compile'd",
+    )
+    p.add_argument("--cuda-graph-max-bs", type=int, default=32, help="largest static decode bucket")
     p.add_argument("--json", default=None, help="also write the results to this file")
 
 
@@ -82,14 +91,33 @@ def head_floor_ms(model: nn.Module, rows: int, repeats: int = 5) -> float:
     return statistics.median(times) * 1e3
 
 
-def _engine(model: nn.Module, cfg: ModelConfig, slots: int, rows: int, ctx: int) -> Engine:
-    return Engine(model, cfg, EngineLimits(slots, rows, ctx), torch.device("cpu"))
+WARMUP_STEPS = 2
 
 
-def bench_decode(model: nn.Module, cfg: ModelConfig, batch: int, context: int, steps: int) -> float:
-    """Median decode step time (ms) with `batch` requests at `context` tokens each."""
-    span = context + steps + 2
-    engine = _engine(model, cfg, batch * span, batch, span)
+def _engine(
+    model: nn.Module,
+    cfg: ModelConfig,
+    slots: int,
+    rows: int,
+    ctx: int,
+    static: StaticDecodeConfig | None = None,
+) -> Engine:
+    limits = EngineLimits(slots, rows, ctx)
+    return Engine(model, cfg, limits, torch.device("cpu"), static_decode=static)
+
+
+def bench_decode(
+    model: nn.Module,
+    cfg: ModelConfig,
+    batch: int,
+    context: int,
+    steps: int,
+    static: StaticDecodeConfig | None = None,
+) -> float:
+    """Median decode step time (ms) with `batch` requests at `context` tokens each, after
+    WARMUP_STEPS untimed steps (which compile the static step when there is one)."""
+    span = context + WARMUP_STEPS + steps + 2
+    engine = _engine(model, cfg, batch * span, batch, span, static)
     greedy = SamplingParams(temperature=0.0)
     first = StepInput(
         1,
@@ -99,12 +127,12 @@ def bench_decode(model: nn.Module, cfg: ModelConfig, batch: int, context: int, s
     )
     engine.run_step(first)
     times = []
-    for i in range(steps):
+    for i in range(WARMUP_STEPS + steps):
         step = StepInput(2 + i, slices=[Slice(r, context + 1 + i, [], True) for r in range(batch)])
         start = time.perf_counter()
         engine.run_step(step)
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(times[WARMUP_STEPS:]) * 1e3
 
 
 def bench_prefill(model: nn.Module, cfg: ModelConfig, prompts: int, length: int) -> float:
@@ -132,13 +160,17 @@ def run(args: argparse.Namespace) -> dict[str, list[dict]]:
     path = resolve_model_path(args.model_path)
     cfg = ModelConfig.from_dir(path)
     ctx = max(args.context + args.steps + 2, args.prefill_len + 1)
+    static = None
+    if args.enable_torch_compile:
+        static = StaticDecodeConfig(args.cuda_graph_max_bs, cuda_graph=False, torch_compile=True)
     print(f"model {path.name}, {threads} threads, decode context {args.context}", flush=True)
+    print(f"decode mode: {_mode(static, args.batch_sizes)}", flush=True)
     decode, prefill = [], []
     for dtype_name in args.dtypes:
         model = load_model(path, cfg, ctx, getattr(torch, dtype_name), torch.device("cpu"))
         bench_decode(model, cfg, 1, 16, 2)  # warm-up
         for bs in args.batch_sizes:
-            ms = bench_decode(model, cfg, bs, args.context, args.steps)
+            ms = bench_decode(model, cfg, bs, args.context, args.steps, static)
             floor = linear_floor_ms(model, bs) + head_floor_ms(model, bs)
             decode.append(DecodeRow(dtype_name, bs, ms, bs / ms * 1e3, floor, ms / floor))
             print(_fmt_decode(decode[-1]), flush=True)
@@ -149,6 +181,14 @@ def run(args: argparse.Namespace) -> dict[str, list[dict]]:
             prefill.append(PrefillRow(dtype_name, n, args.prefill_len, ms, tokens / ms * 1e3, floor))
             print(_fmt_prefill(prefill[-1]), flush=True)
     return {"decode": [asdict(r) for r in decode], "prefill": [asdict(r) for r in prefill]}
+
+
+def _mode(static: StaticDecodeConfig | None, batch_sizes: list[int]) -> str:
+    if static is None:
+        return "eager"
+    over = [bs for bs in batch_sizes if bs > static.max_bs]
+    tail = f"; batches {over} above --cuda-graph-max-bs run eagerly" if over else ""
+    return f"static buckets up to {static.max_bs}, torch.compile (dynamic=False){tail}"
 
 
 def _fmt_decode(r: DecodeRow) -> str:

@@ -80,7 +80,13 @@ class DecodeBuffers:
     def load(self, batch: ForwardBatch, bs: int) -> None:
         """Entries 0..n-1 from the pure-decode `batch`, n..bs-1 padding."""
         n = batch.num_decode
-        sources = (batch.input_ids, batch.positions, batch.out_cache_loc, batch.rows, batch.seq_lens)
+        sources = (
+            batch.input_ids,
+            batch.positions,
+            batch.out_cache_loc,
+            batch.rows,
+            batch.seq_lens,
+        )
         for (buf, pad), src in zip(self._padding(), sources, strict=True):
             buf[:n].copy_(src)
             buf[n:bs].fill_(pad)

@@ -83,19 +83,20 @@ class Engine:
             )
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8), prompt_len: int = 64) -> None:
-        """Runs prefill and decode shapes once. Every position maps to the padding slot 0, so no
-        cached KV is touched; slot 0 is zeroed afterwards. Only valid with no active rows."""
+        """Runs prefill and decode shapes once and captures the static decode buckets (CUDA).
+        Every position maps to the padding slot 0, so no cached KV is touched; slot 0 is zeroed
+        afterwards. Only valid with no active rows."""
         assert not self.rows, "warm-up needs an idle engine"
         n = min(max(batch_sizes), self.limits.max_rows)
         prompt_len = min(prompt_len, self.limits.context_length - 2)
         greedy = SamplingParams(temperature=0.0)
         adds = [NewRequest(r, "warmup", greedy) for r in range(n)]
         self.run_step(StepInput(0, add=adds, slices=[Slice(r, 0, [0] * prompt_len) for r in range(n)]))
+        if self.decode_runner is not None:
+            self.decode_runner.capture_all()
         for bs in batch_sizes:
             decode = [Slice(r, prompt_len, [], use_last_sampled=True) for r in range(min(bs, n))]
             self.run_step(StepInput(0, slices=decode))
-        if self.decode_runner is not None:
-            self.decode_runner.capture_all()
         self.reset()
         for layer in range(self.cfg.num_layers):
             self.pool.k[layer][0].zero_()

@@ -73,7 +73,11 @@ def from_status(code: grpc.StatusCode | int, details: str, service: str) -> Gate
     """The gateway error for a gRPC status returned by `service` ("tokenizer", "scheduler")."""
     if isinstance(code, int):
         code = _STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+    if code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.ALREADY_EXISTS,  # a request id (/generate's rid) already in flight
+    ):
         return InvalidRequest(details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return Overloaded(f"the server is overloaded: {details}")
@@ -92,18 +96,23 @@ def error_body(message: str, type_: str, param: str | None, code: str | int | No
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
-    """The one mapping from an exception to its HTTP response (a full queue adds Retry-After)."""
+def error_payload(exc: BaseException) -> tuple[int, dict]:
+    """The one mapping from an exception to its HTTP status and OpenAI error body."""
     if isinstance(exc, GatewayError):
         if exc.status >= 500:
             log.warning("%d %s: %s", exc.status, exc.code, exc.message)
-        body = error_body(exc.message, exc.type, exc.param, exc.code)
-        headers = {"Retry-After": str(retry_after_s)} if isinstance(exc, Overloaded) else None
-        return JSONResponse(body, exc.status, headers=headers)
+        return exc.status, error_body(exc.message, exc.type, exc.param, exc.code)
     if isinstance(exc, HTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        body = error_body(str(exc.detail), kind, None, None)
-        return JSONResponse(body, exc.status_code, headers=exc.headers)
+        return exc.status_code, error_body(str(exc.detail), kind, None, None)
     log.error("unexpected error", exc_info=exc)
-    body = error_body("internal server error", "server_error", None, "internal_error")
-    return JSONResponse(body, 500)
+    return 500, error_body("internal server error", "server_error", None, "internal_error")
+
+
+def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
+    """`error_payload` as a response; a full queue adds Retry-After."""
+    status, body = error_payload(exc)
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(retry_after_s)
+    return JSONResponse(body, status, headers=headers)

@@ -167,8 +167,11 @@ def parse_body(model: type[M], body: bytes) -> M:
 
 
 def _invalid(exc: ValidationError) -> InvalidRequest:
-    # The deepest error: for a union, the branch whose shape the input matched best.
-    first = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))
+    # For a union, the branch the input matched best: the deepest error, not a type mismatch.
+    first = max(
+        exc.errors(include_url=False),
+        key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")),
+    )
     param = param_name(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
@@ -182,6 +185,6 @@ def param_name(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             name += f"[{part}]"
-        elif part.isidentifier() and part not in _TYPE_TAGS:
+        elif part not in _TYPE_TAGS and not any(c in part for c in "[-"):
             name += f".{part}" if name else part
     return name

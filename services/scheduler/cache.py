@@ -119,7 +119,10 @@ class KVCache:
     def flush(self) -> int:
         """Empty the cache; only valid when no request holds slots. Returns the slots freed."""
         _, protected = self.tree.sizes()
-        assert protected == 0 and self.allocator.num_free + self.tree.total_size() == self.allocator.num_slots
+        assert (
+            protected == 0
+            and self.allocator.num_free + self.tree.total_size() == self.allocator.num_slots
+        )
         freed = self.tree.total_size()
         self.tree.reset()
         self.allocator.reset()
@@ -144,10 +147,14 @@ class KVCache:
         assert stats.free + len(cached) + len(owned) == stats.total
 
     def _check_request(self, req: Req) -> None:
-        assert len(req.kv) == req.num_computed, f"{req.rid}: {len(req.kv)} slots, {req.num_computed} computed"
+        assert len(req.kv) == req.num_computed, (
+            f"{req.rid}: {len(req.kv)} slots, {req.num_computed} computed"
+        )
         assert req.num_cached <= req.num_computed <= len(req.prompt) + len(req.output) + 1
         path = _path_slots(req.node) if req.node is not None else []
-        assert path == req.kv[: req.num_cached], f"{req.rid}: cached prefix differs from its tree path"
+        assert path == req.kv[: req.num_cached], (
+            f"{req.rid}: cached prefix differs from its tree path"
+        )
         assert req.node is None or req.node is self.tree.root or req.node.lock_ref > 0
 
 

@@ -16,16 +16,31 @@ class SchedulerConfig:
     max_running_requests: int | None = option(
         None, "most samples running at once (default and upper bound: the executor's table rows)"
     )
-    max_queued_requests: int = option(4096, "most samples waiting; past it Generate fails with RESOURCE_EXHAUSTED")
-    chunked_prefill_size: int = option(2048, "most prefill tokens per step; longer prompts are chunked")
-    schedule_policy: str = option("lpm", "waiting-queue order (lpm falls back to fcfs on a long queue)", sorted(POLICIES))
-    schedule_conservativeness: float = option(
-        1.0, "scales the reservation for running requests' future tokens (higher: fewer retractions)"
+    max_queued_requests: int = option(
+        4096, "most samples waiting; past it Generate fails with RESOURCE_EXHAUSTED"
     )
-    context_length: int | None = option(None, "longest prompt + max_tokens (default: the executor's; may only lower it)")
-    disable_radix_cache: bool = option(False, "no prefix cache: every request computes its whole prompt")
-    disable_overlap_schedule: bool = option(False, "wait for each step's result before sending the next")
-    debug_checks: bool = option(False, "check cache and allocator integrity after every step (slow; for tests)")
+    chunked_prefill_size: int = option(
+        2048, "most prefill tokens per step; longer prompts are chunked"
+    )
+    schedule_policy: str = option(
+        "lpm", "waiting-queue order (lpm falls back to fcfs on a long queue)", sorted(POLICIES)
+    )
+    schedule_conservativeness: float = option(
+        1.0,
+        "scales the reservation for running requests' future tokens (higher: fewer retractions)",
+    )
+    context_length: int | None = option(
+        None, "longest prompt + max_tokens (default: the executor's; may only lower it)"
+    )
+    disable_radix_cache: bool = option(
+        False, "no prefix cache: every request computes its whole prompt"
+    )
+    disable_overlap_schedule: bool = option(
+        False, "wait for each step's result before sending the next"
+    )
+    debug_checks: bool = option(
+        False, "check cache and allocator integrity after every step (slow; for tests)"
+    )
     executor_timeout: float = option(300.0, "seconds to wait for the executor to become ready")
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,7 +57,12 @@ class ExecutorInfo:
 
 
 class ExecutorLink(Protocol):
-    """What the scheduler needs of an executor (the gRPC client, or an in-process one in tests)."""
+    """What the scheduler needs of an executor (the gRPC client, or an in-process one in tests).
+
+    `on_lost`, when set, is called once the step stream breaks, even with nothing in flight.
+    """
+
+    on_lost: Callable[[], None] | None
 
     async def connect(self, timeout: float) -> ExecutorInfo: ...
 
@@ -76,6 +82,7 @@ class ExecutorClient:
         self._pending: deque[asyncio.Future[pb.StepResult]] = deque()
         self._reader: asyncio.Task | None = None
         self._broken = True
+        self.on_lost: Callable[[], None] | None = None
 
     async def connect(self, timeout: float) -> ExecutorInfo:
         """Raises NotReady (executor not up in time) or ExecutorLost (the stream was refused,
@@ -93,7 +100,12 @@ class ExecutorClient:
         if probe.HasField("error"):
             raise ExecutorLost(f"probe step rejected: {probe.error.message}")
         await stub.Reset(pb.ResetRequest())
-        log.info("connected to executor %s: %s, %d KV slots", self.address, info.model_name, info.num_kv_slots)
+        log.info(
+            "connected to executor %s: %s, %d KV slots",
+            self.address,
+            info.model_name,
+            info.num_kv_slots,
+        )
         return info
 
     async def _wait_ready(self, stub: pb_grpc.ExecutorStub, timeout: float) -> None:
@@ -124,7 +136,9 @@ class ExecutorClient:
         reason = "the executor closed the step stream"
         try:
             async for result in call:
-                self._pending.popleft().set_result(result)
+                fut = self._pending.popleft()
+                if not fut.done():  # the scheduler cancels what it gave up on
+                    fut.set_result(result)
         except grpc.aio.AioRpcError as exc:
             reason = f"step stream failed: {exc.code().name}: {exc.details()}"
         except asyncio.CancelledError:
@@ -135,14 +149,18 @@ class ExecutorClient:
                 fut = self._pending.popleft()
                 if not fut.done():
                     fut.set_exception(ExecutorLost(reason))
+            if self.on_lost is not None and self._call is call:
+                log.warning("executor %s: %s", self.address, reason)
+                self.on_lost()
 
     async def close(self) -> None:
         self._broken = True
         self._outbox.put_nowait(None)
-        if self._call is not None:
-            self._call.cancel()
+        call, self._call = self._call, None  # a deliberate close is not reported as lost
+        if call is not None:
+            call.cancel()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
-        self._call = self._reader = self._channel = None
+        self._reader = self._channel = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.scheduler.cache import CacheStats
+
 
 @dataclass
 class Counters:
@@ -28,10 +30,7 @@ class Counters:
 class Load:
     num_running: int
     num_waiting: int
-    kv_total: int
-    kv_used: int
-    kv_evictable: int
-    kv_free: int
+    kv: CacheStats
     new_token_ratio: float
     max_running_requests: int
     max_queued_requests: int
@@ -39,4 +38,4 @@ class Load:
 
     @property
     def kv_usage(self) -> float:
-        return self.kv_used / self.kv_total if self.kv_total else 0.0
+        return self.kv.used / self.kv.total if self.kv.total else 0.0

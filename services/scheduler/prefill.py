@@ -47,7 +47,9 @@ def future_tokens(req: Req, ratio: float) -> float:
     """Slots req may still need: its remaining prefill and its expected remaining outputs."""
     outputs = max(req.num_scheduled_outputs, len(req.output))
     remaining = min(req.stop.max_tokens - outputs, CLIP_MAX_NEW_TOKENS)
-    prefill = max(0, len(req.fill_ids) - req.num_computed) if req.row is None or req.prefilling else 0
+    prefill = (
+        max(0, len(req.fill_ids) - req.num_computed) if req.row is None or req.prefilling else 0
+    )
     return prefill + remaining * ratio
 
 
@@ -99,7 +101,9 @@ class PrefillManager:
             self.cache.cache_prefix(req)
         return admitted
 
-    def _continue_chunked(self, step: Step, budget: Budget, in_flight: PrefixesInFlight) -> list[Req]:
+    def _continue_chunked(
+        self, step: Step, budget: Budget, in_flight: PrefixesInFlight
+    ) -> list[Req]:
         req = self.chunked
         assert req is not None and req.prefilling
         in_flight.add(req)
@@ -130,7 +134,9 @@ class PrefillManager:
                     break
         return admitted
 
-    def _try_admit(self, step: Step, req: Req, budget: Budget, in_flight: PrefixesInFlight) -> Outcome:
+    def _try_admit(
+        self, step: Step, req: Req, budget: Budget, in_flight: PrefixesInFlight
+    ) -> Outcome:
         self.cache.attach(req)
         if in_flight.should_hold(req, req.num_cached):
             self.cache.detach(req)

@@ -85,12 +85,27 @@ class GenerateParams:
             (-2.0 <= s.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (-2.0 <= s.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (s.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (all(0 <= t < vocab for t in s.logit_bias), f"logit_bias token ids must be in [0, {vocab})"),
-            (all(math.isfinite(b) for b in s.logit_bias.values()), "logit_bias values must be finite"),
-            (0 <= s.top_logprobs <= limits.max_top_logprobs, f"top_logprobs must be in [0, {limits.max_top_logprobs}]"),
+            (
+                all(0 <= t < vocab for t in s.logit_bias),
+                f"logit_bias token ids must be in [0, {vocab})",
+            ),
+            (
+                all(math.isfinite(b) for b in s.logit_bias.values()),
+                "logit_bias values must be finite",
+            ),
+            (
+                0 <= s.top_logprobs <= limits.max_top_logprobs,
+                f"top_logprobs must be in [0, {limits.max_top_logprobs}]",
+            ),
             (st.max_tokens >= 1, "max_tokens must be at least 1"),
-            (st.min_tokens <= st.max_tokens, f"min_tokens ({st.min_tokens}) exceeds max_tokens ({st.max_tokens})"),
-            (all(0 <= t < vocab for t in st.stop_token_ids), f"stop_token_ids must be in [0, {vocab})"),
+            (
+                st.min_tokens <= st.max_tokens,
+                f"min_tokens ({st.min_tokens}) exceeds max_tokens ({st.max_tokens})",
+            ),
+            (
+                all(0 <= t < vocab for t in st.stop_token_ids),
+                f"stop_token_ids must be in [0, {vocab})",
+            ),
         ]
 
     def _check_length(self, limits: Limits) -> None:
@@ -144,6 +159,27 @@ class Req:
     cached_tokens: int | None = None  # prompt tokens from the cache at first admission
     prefix_hint: int = 0  # cached-prefix length seen by the policy this round
     finished: FinishReason | None = None
+
+    @classmethod
+    def create(
+        cls,
+        params: GenerateParams,
+        index: int,
+        stream: OutputStream,
+        eos: frozenset[int],
+        arrival: int,
+    ) -> Req:
+        return cls(
+            rid=params.request_id,
+            index=index,
+            prompt=list(params.input_ids),
+            sampling=params.sampling,
+            stop=params.stop,
+            stop_ids=stop_ids_of(params.stop, eos),
+            seed=resolve_seed(params.sampling.seed, index),
+            stream=stream,
+            arrival=arrival,
+        )
 
     @property
     def fill_ids(self) -> list[int]:

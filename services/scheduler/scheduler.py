@@ -16,7 +16,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import grpc
 
@@ -29,33 +29,18 @@ from services.scheduler.executor_client import ExecutorInfo, ExecutorLink
 from services.scheduler.metrics import Counters, Load
 from services.scheduler.policy import Policy
 from services.scheduler.prefill import NewTokenRatio, PrefillManager
-from services.scheduler.request import (
-    FinishReason,
-    GenerateParams,
-    Limits,
-    Req,
-    resolve_seed,
-    stop_ids_of,
-)
+from services.scheduler.request import FinishReason, GenerateParams, Limits, Req
 from services.scheduler.request_table import RequestTable
 from services.scheduler.step import Step, result_from_pb
 from services.scheduler.streams import Complete, OutputStream, Token
 
 log = logging.getLogger("radixserve.scheduler")
 RECONNECT_DELAY_S = 1.0
+UNAVAILABLE, INTERNAL = grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.INTERNAL.value[0]
 
 
 class StepFailed(Exception):
     """The executor rejected a Step: the scheduler's view of its state is wrong."""
-
-
-@dataclass(eq=False)
-class Group:
-    """The n samples of one GenerateRequest and their shared stream."""
-
-    params: GenerateParams
-    stream: OutputStream
-    reqs: list[Req]
 
 
 class Scheduler:
@@ -69,9 +54,11 @@ class Scheduler:
         self.overlap = not cfg.disable_overlap_schedule
         self.counters = Counters()
         self.waiting: list[Req] = []
-        self.groups: dict[str, Group] = {}
+        self.groups: dict[str, list[Req]] = {}  # request_id -> its n samples (one stream)
         self.ready = False
         self._wake = asyncio.Event()
+        self._link_lost = False
+        link.on_lost = self._on_link_lost
         self._arrivals = itertools.count()
         self._step_ids = itertools.count(1)
 
@@ -83,7 +70,9 @@ class Scheduler:
         self.limits = Limits(
             info.vocab_size, context, info.num_kv_slots, info.max_top_logprobs, info.eos_token_ids
         )
-        self.max_running = min(cfg.max_running_requests or info.max_running_requests, info.max_running_requests)
+        self.max_running = min(
+            cfg.max_running_requests or info.max_running_requests, info.max_running_requests
+        )
         self.cache = KVCache(info.num_kv_slots, cfg.disable_radix_cache, debug=cfg.debug_checks)
         self.table = RequestTable(info.max_running_requests)
         self.ratio = NewTokenRatio(cfg.schedule_conservativeness)
@@ -106,33 +95,23 @@ class Scheduler:
             raise DuplicateRequest(f"request {params.request_id!r} is already in flight")
         if len(self.waiting) + params.n > self.cfg.max_queued_requests:
             self.counters.rejections += 1
-            raise QueueFull(f"{len(self.waiting)} requests waiting (--max-queued-requests {self.cfg.max_queued_requests})")
+            raise QueueFull(
+                f"{len(self.waiting)} requests waiting (--max-queued-requests {self.cfg.max_queued_requests})"
+            )
         stream = OutputStream(params.n, len(params.input_ids), params.sampling.logprobs)
-        reqs = [self._new_req(params, i, stream) for i in range(params.n)]
-        self.groups[params.request_id] = Group(params, stream, reqs)
+        eos = self.limits.eos_token_ids
+        reqs = [Req.create(params, i, stream, eos, next(self._arrivals)) for i in range(params.n)]
+        self.groups[params.request_id] = reqs
         self.waiting.extend(reqs)
         self._wake.set()
         return stream
 
-    def _new_req(self, params: GenerateParams, index: int, stream: OutputStream) -> Req:
-        return Req(
-            rid=params.request_id,
-            index=index,
-            prompt=list(params.input_ids),
-            sampling=params.sampling,
-            stop=params.stop,
-            stop_ids=stop_ids_of(params.stop, self.limits.eos_token_ids),
-            seed=resolve_seed(params.sampling.seed, index),
-            stream=stream,
-            arrival=next(self._arrivals),
-        )
-
     def abort(self, request_id: str) -> bool:
         """Ends every sample of the request now (slots freed at once, rows at the next step)."""
-        group = self.groups.get(request_id)
-        if group is None:
+        samples = self.groups.get(request_id)
+        if samples is None:
             return False
-        for req in group.reqs:
+        for req in samples:
             if req.finished is None:
                 self._finish(req, FinishReason.ABORT)
         self._wake.set()
@@ -140,10 +119,14 @@ class Scheduler:
 
     def load(self) -> Load:
         self.require_ready()
-        s = self.cache.stats()
         return Load(
-            len(self.running), len(self.waiting), s.total, s.used, s.evictable, s.free,
-            self.ratio.value, self.max_running, self.cfg.max_queued_requests, replace(self.counters),
+            len(self.running),
+            len(self.waiting),
+            self.cache.stats(),
+            self.ratio.value,
+            self.max_running,
+            self.cfg.max_queued_requests,
+            replace(self.counters),
         )
 
     def flush_cache(self) -> int:
@@ -174,8 +157,8 @@ class Scheduler:
             except (ExecutorLost, StepFailed, AssertionError) as exc:
                 log.exception("scheduler loop stopped: %s", exc)
                 await self._set_ready(False)
-                code = grpc.StatusCode.UNAVAILABLE if isinstance(exc, ExecutorLost) else grpc.StatusCode.INTERNAL
-                self._fail_running(code.value[0], f"{type(exc).__name__}: {exc}")
+                code = UNAVAILABLE if isinstance(exc, ExecutorLost) else INTERNAL
+                self._fail_running(code, f"{type(exc).__name__}: {exc}")
 
     async def _connect(self) -> ExecutorInfo:
         while True:
@@ -186,13 +169,20 @@ class Scheduler:
                 await self.link.close()
                 await asyncio.sleep(RECONNECT_DELAY_S)
 
+    def _on_link_lost(self) -> None:
+        self._link_lost = True
+        self._wake.set()
+
     async def _set_ready(self, ready: bool) -> None:
         self.ready = ready
         if self.on_serving is not None:
             await self.on_serving(ready)
 
     async def _serve(self) -> None:
+        self._link_lost = False
         while True:
+            if self._link_lost:
+                raise ExecutorLost("the step stream closed")
             self._wake.clear()
             step = self._build_step()
             if step:
@@ -287,10 +277,11 @@ class Scheduler:
         req.finished = reason
         self.counters.finished += 1
         req.stream.complete(
-            Complete(req.index, reason, matched, len(req.prompt), len(req.output), req.cached_tokens or 0)
+            Complete(
+                req.index, reason, matched, len(req.prompt), len(req.output), req.cached_tokens or 0
+            )
         )
-        group = self.groups.get(req.rid)
-        if group is not None and all(r.finished is not None for r in group.reqs):
+        if all(r.finished is not None for r in self.groups[req.rid]):
             del self.groups[req.rid]
 
     def _fail_running(self, code: int, message: str) -> None:
@@ -300,11 +291,11 @@ class Scheduler:
                 fut.exception()  # retrieved: it is the failure being handled
             fut.cancel()
         self._inflight.clear()
-        for rid, group in list(self.groups.items()):
-            if any(r.row is not None for r in group.reqs):
-                for req in group.reqs:
+        for rid, samples in list(self.groups.items()):
+            if any(r.row is not None for r in samples):
+                for req in samples:
                     req.finished = req.finished or FinishReason.ABORT
-                group.stream.fail(code, message)
+                samples[0].stream.fail(code, message)
                 del self.groups[rid]
         self.waiting = [r for r in self.waiting if r.finished is None]
         self.running = []

@@ -25,7 +25,9 @@ async def serve(cfg: SchedulerConfig) -> None:
     server = GrpcServer(cfg.host, cfg.port, [SERVICE_NAME])
     link = ExecutorClient(cfg.executor)
     scheduler = Scheduler(cfg, link, on_serving=server.set_serving)
-    server.register(scheduler_pb2_grpc.add_SchedulerServicer_to_server, SchedulerServicer(scheduler))
+    server.register(
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server, SchedulerServicer(scheduler)
+    )
     port = await server.start()
     log.info("listening on %s:%d (connecting to the executor at %s)", cfg.host, port, cfg.executor)
     loop_task = asyncio.create_task(scheduler.run())

@@ -42,10 +42,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             if not stream.done:  # the client went away: free its slots now
                 self.scheduler.abort(request.request_id)
 
-    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
         return pb.AbortResponse(found=self.scheduler.abort(request.request_id))
 
-    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
+    async def GetLoad(
+        self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetLoadResponse:
         async with rpc_errors(context):
             return convert.load_to_pb(self.scheduler.load())
 

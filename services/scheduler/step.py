@@ -23,10 +23,6 @@ class Slice:
     use_last_sampled: bool = False
     sample: bool = True
 
-    @property
-    def length(self) -> int:
-        return 1 if self.use_last_sampled else len(self.input_ids)
-
 
 @dataclass
 class Step:
@@ -39,10 +35,6 @@ class Step:
 
     def __bool__(self) -> bool:
         return bool(self.release_rows or self.add or self.writes or self.slices)
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(s.length for s in self.slices if not s.use_last_sampled)
 
     def compute(self, req: Req, start: int, ids: list[int], sample: bool) -> None:
         assert req.row is not None

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from radixserve.v1 import executor_pb2 as pb
+from services.scheduler.errors import ExecutorLost
 from services.scheduler.executor_client import ExecutorInfo
 
 VOCAB = 256
@@ -67,17 +68,23 @@ class Row:
 class FakeExecutor:
     """ExecutorLink with `num_slots` checked KV slots and `max_rows` rows."""
 
-    def __init__(self, num_slots: int, max_rows: int, context_length: int = 4096, delay: float = 0.0) -> None:
+    def __init__(
+        self, num_slots: int, max_rows: int, context_length: int = 4096, delay: float = 0.0
+    ) -> None:
         self.num_slots, self.max_rows, self.context = num_slots, max_rows, context_length
         self.delay = delay
         self.rows: dict[int, Row] = {}
         self.pool: dict[int, tuple[int, int, int]] = {}  # slot -> (position, token, h)
         self.steps: list[pb.Step] = []
         self.errors: list[str] = []
+        self.connects = 0
+        self.lose_at_step: int | None = None  # the stream "breaks" when this many steps were sent
+        self.reject_at_step: int | None = None  # this step gets StepResult.error
         self._fresh: dict[int, int] = {}
 
     async def connect(self, timeout: float) -> ExecutorInfo:
         self.rows.clear()
+        self.connects += 1
         return ExecutorInfo(
             model_name="fake",
             model_path="fake",
@@ -92,12 +99,20 @@ class FakeExecutor:
 
     def send(self, step: pb.Step) -> asyncio.Future[pb.StepResult]:
         self.steps.append(step)
+        fut = asyncio.get_running_loop().create_future()
+        if self.lose_at_step is not None and len(self.steps) >= self.lose_at_step:
+            self.lose_at_step = None
+            fut.set_exception(ExecutorLost("the executor went away"))
+            return fut
         try:
+            if len(self.steps) == self.reject_at_step:
+                raise StepError("rejected on purpose")
             result = self._apply(step)
         except StepError as exc:
             self.errors.append(str(exc))
-            result = pb.StepResult(step_id=step.step_id, error=pb.StepError(code=3, message=str(exc)))
-        fut = asyncio.get_running_loop().create_future()
+            result = pb.StepResult(
+                step_id=step.step_id, error=pb.StepError(code=3, message=str(exc))
+            )
         asyncio.get_running_loop().call_later(self.delay, _resolve, fut, result)
         return fut
 
@@ -145,7 +160,10 @@ class FakeExecutor:
         for s in step.slices:
             _require(s.row in active, f"slice for inactive row {s.row}")
             if s.use_last_sampled:
-                _require(s.row not in added and self.rows[s.row].last_sampled is not None, "no last token")
+                _require(
+                    s.row not in added and self.rows[s.row].last_sampled is not None,
+                    "no last token",
+                )
 
     def _compute(self, s: pb.Slice) -> int:
         row = self.rows[s.row]
@@ -172,10 +190,17 @@ class FakeExecutor:
         h = 0
         for pos in range(end):
             slot = row.table.get(pos)
-            _require(slot is not None and slot in self.pool, f"position {pos}: slot {slot} never written")
-            _require(slot not in self._fresh, f"position {pos}: slot {slot} is written in this same step")
+            _require(
+                slot is not None and slot in self.pool, f"position {pos}: slot {slot} never written"
+            )
+            _require(
+                slot not in self._fresh, f"position {pos}: slot {slot} is written in this same step"
+            )
             p, tok, stored = self.pool[slot]
-            _require(p == pos and stored == mix(h, tok, pos), f"position {pos}: slot {slot} holds other KV")
+            _require(
+                p == pos and stored == mix(h, tok, pos),
+                f"position {pos}: slot {slot} holds other KV",
+            )
             h = stored
         return h
 

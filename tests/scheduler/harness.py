@@ -14,12 +14,18 @@ from services.scheduler.scheduler import Scheduler
 from services.scheduler.streams import Chunk, Complete, Failure, OutputStream
 
 
-def params(rid: str, prompt: list[int], max_tokens: int, n: int = 1, **kw: object) -> GenerateParams:
+def params(
+    rid: str, prompt: list[int], max_tokens: int, n: int = 1, **kw: object
+) -> GenerateParams:
     sampling_kw = {k: v for k, v in kw.items() if k in SamplingOptions.__dataclass_fields__}
     stop_kw = {k: v for k, v in kw.items() if k in StopOptions.__dataclass_fields__}
     sampling_kw.setdefault("temperature", 0.0)
     return GenerateParams(
-        rid, list(prompt), SamplingOptions(**sampling_kw), StopOptions(max_tokens=max_tokens, **stop_kw), n
+        rid,
+        list(prompt),
+        SamplingOptions(**sampling_kw),
+        StopOptions(max_tokens=max_tokens, **stop_kw),
+        n,
     )
 
 

@@ -48,7 +48,9 @@ class LocalExecutor:
         self.steps.append(step)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        fut = asyncio.get_running_loop().run_in_executor(self.worker, self._run, step.SerializeToString())
+        fut = asyncio.get_running_loop().run_in_executor(
+            self.worker, self._run, step.SerializeToString()
+        )
         fut.add_done_callback(self._done)
         return fut
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from radixserve.v1 import executor_pb2 as pb
 from services.scheduler.prefill import NewTokenRatio
 from tests.scheduler.fake_executor import FakeExecutor, reference
@@ -15,7 +17,9 @@ def prefill_lengths(step: pb.Step) -> list[int]:
 
 
 def submit_all(sched, prompts: list[list[int]], max_tokens: int) -> list:
-    return [sched.submit(params(f"r{i}", p, max_tokens, ignore_eos=True)) for i, p in enumerate(prompts)]
+    return [
+        sched.submit(params(f"r{i}", p, max_tokens, ignore_eos=True)) for i, p in enumerate(prompts)
+    ]
 
 
 async def finish(streams: list, prompts: list[list[int]], max_tokens: int) -> None:
@@ -115,3 +119,25 @@ def test_new_token_ratio_decays_and_resets() -> None:
     assert ratio.value == ratio.floor > 0
     ratio.on_retract()
     assert ratio.value == 1.0
+
+
+@pytest.mark.parametrize("failure", ["lose_at_step", "reject_at_step"])
+def test_executor_failure_fails_running_requests_and_keeps_the_queue(failure: str) -> None:
+    """Running requests get an error (UNAVAILABLE when the stream broke, INTERNAL when a step was
+    rejected); the queued one runs after the scheduler reconnects with a clean state."""
+    prompts = [[1] * 10, [2] * 10, [3] * 10]
+
+    async def main() -> None:
+        fake = FakeExecutor(4096, 16)
+        setattr(fake, failure, 6)
+        async with running_scheduler(fake, max_running_requests=2) as sched:
+            streams = submit_all(sched, prompts, 30)
+            results = [await collect(s) for s in streams]
+            await wait_idle(sched)
+            assert sched.load().kv.used == 0
+        code = 14 if failure == "lose_at_step" else 13
+        assert [r.code for r in results[:2]] == [code, code]
+        assert results[2][0].tokens == reference(prompts[2], 30)[0]
+        assert fake.connects == 2
+
+    asyncio.run(main())

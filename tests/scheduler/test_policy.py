@@ -46,7 +46,12 @@ def _loop():
 )
 def test_order(policy: str, expected: list[int]) -> None:
     cache = cache_with([1, 2, 3, 4, 5, 6])
-    waiting = [req([9, 9, 9], 0), req([7, 7], 1), req([1, 2, 3, 4, 8], 2), req([5, 5], 3, retracted=True)]
+    waiting = [
+        req([9, 9, 9], 0),
+        req([7, 7], 1),
+        req([1, 2, 3, 4, 8], 2),
+        req([5, 5], 3, retracted=True),
+    ]
     order = Policy(policy, cache).order(waiting)
     assert [r.arrival for r in order] == expected
 

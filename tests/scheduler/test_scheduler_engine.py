@@ -29,7 +29,9 @@ def alone(hf):
     driver = Driver(engine_for(hf, num_slots=4096, max_rows=4))
     memo: dict[tuple, list[int]] = {}
 
-    def run(prompt: list[int], max_tokens: int, sampling: SamplingParams | None = None) -> list[int]:
+    def run(
+        prompt: list[int], max_tokens: int, sampling: SamplingParams | None = None
+    ) -> list[int]:
         key = (tuple(prompt), max_tokens, repr(sampling))
         if key not in memo:
             driver.next_slot = 1
@@ -107,14 +109,19 @@ def test_second_turn_reuses_prompt_and_answer(hf, alone) -> None:
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_retraction_resumes_with_the_same_tokens(hf, alone, overlap: bool) -> None:
-    """8 requests need 8 × 140 slots from a pool of 600: some are retracted and come back."""
+    """8 requests need 8 × 100 slots from a pool of 500: some are retracted and come back."""
     rng = random.Random(3)
     prompts = [rand_prompt(rng, 40) for _ in range(8)]
 
     async def main() -> None:
-        async with running_scheduler(link_for(hf, num_slots=600), disable_overlap_schedule=not overlap) as sched:
+        async with running_scheduler(
+            link_for(hf, num_slots=500), disable_overlap_schedule=not overlap
+        ) as sched:
             results = await asyncio.gather(
-                *(generate(sched, params(f"r{i}", p, 100, ignore_eos=True)) for i, p in enumerate(prompts))
+                *(
+                    generate(sched, params(f"r{i}", p, 60, ignore_eos=True))
+                    for i, p in enumerate(prompts)
+                )
             )
             counters = sched.load().counters
         assert counters.retractions > 0
@@ -122,7 +129,7 @@ def test_retraction_resumes_with_the_same_tokens(hf, alone, overlap: bool) -> No
         for p, result in zip(prompts, results, strict=True):
             res = ok(result)
             assert res.complete is not None and res.complete.reason is FinishReason.LENGTH
-            assert res.tokens == alone(p, 100)
+            assert res.tokens == alone(p, 60)
 
     asyncio.run(main())
 
@@ -135,7 +142,10 @@ def test_chunked_prefill_keeps_others_decoding(hf, alone) -> None:
     async def main() -> None:
         link = link_for(hf)
         async with running_scheduler(link, chunked_prefill_size=32) as sched:
-            tasks = [asyncio.create_task(generate(sched, params(f"s{i}", p, 60))) for i, p in enumerate(short)]
+            tasks = [
+                asyncio.create_task(generate(sched, params(f"s{i}", p, 60)))
+                for i, p in enumerate(short)
+            ]
             while len(sched.running) < 3 or min(len(r.output) for r in sched.running) < 2:
                 await asyncio.sleep(0.001)
             long_result = ok(await generate(sched, params("long", long, 4)))
@@ -161,7 +171,10 @@ def test_overlap_on_and_off_give_identical_outputs(hf, alone) -> None:
         link = link_for(hf)
         async with running_scheduler(link, disable_overlap_schedule=not overlap) as sched:
             results = await asyncio.gather(
-                *(generate(sched, params(f"o{i}", p, 24, stop_token_ids=s)) for i, (p, s) in enumerate(zip(prompts, stops, strict=True)))
+                *(
+                    generate(sched, params(f"o{i}", p, 24, stop_token_ids=s))
+                    for i, (p, s) in enumerate(zip(prompts, stops, strict=True))
+                )
             )
         return [ok(r) for r in results], link.max_in_flight
 
@@ -190,22 +203,25 @@ def test_abort_running_queued_and_unknown(hf, alone) -> None:
 
     async def main() -> None:
         async with running_scheduler(link_for(hf), max_running_requests=2) as sched:
-            streams = [sched.submit(params(f"a{i}", p, 150, ignore_eos=True)) for i, p in enumerate(prompts)]
+            streams = [
+                sched.submit(params(f"a{i}", p, 100, ignore_eos=True))
+                for i, p in enumerate(prompts)
+            ]
             while not sched.running or len(sched.running[0].output) < 5:
                 await asyncio.sleep(0.001)
             assert [r.rid for r in sched.waiting] == ["a2"]
-            used = sched.load().kv_used
+            used = sched.load().kv.used
             assert sched.abort("a2") and sched.load().num_waiting == 0
             assert sched.abort("a0")
-            assert sched.load().kv_used < used  # a0's slots are back in the cache or free
+            assert sched.load().kv.used < used  # a0's slots are back in the cache or free
             assert not sched.abort("nope")
             events = [await drain(s) for s in streams]
         assert [e.reason for e in events[2]] == [FinishReason.ABORT]
         assert events[0][-1].reason is FinishReason.ABORT
         tokens0 = [t for e in events[0][:-1] for t in e.token_ids]
-        assert 5 <= len(tokens0) < 150 and tokens0 == alone(prompts[0], 150)[: len(tokens0)]
+        assert 5 <= len(tokens0) < 100 and tokens0 == alone(prompts[0], 100)[: len(tokens0)]
         tokens1 = [t for e in events[1][:-1] for t in e.token_ids]
-        assert tokens1 == alone(prompts[1], 150)
+        assert tokens1 == alone(prompts[1], 100)
 
     asyncio.run(main())
 
@@ -236,7 +252,9 @@ def test_min_tokens_holds_back_stop_tokens(hf, alone, overlap: bool) -> None:
 
     async def main() -> None:
         async with running_scheduler(link_for(hf), disable_overlap_schedule=not overlap) as sched:
-            p = params("m", prompt, 10, min_tokens=3, stop_token_ids=frozenset({7}), logit_bias={7: 50.0})
+            p = params(
+                "m", prompt, 10, min_tokens=3, stop_token_ids=frozenset({7}), logit_bias={7: 50.0}
+            )
             res = ok(await generate(sched, p))
         banned = SamplingParams(temperature=0.0, logit_bias={7: -math.inf, EOS: -math.inf})
         assert res.tokens == alone(prompt, 3, banned)

@@ -27,7 +27,9 @@ CONFIGS = {
 }
 
 
-async def _run_load(cfg: dict, slots: int, rows: int, specs: list[Spec], timeout: float) -> FakeExecutor:
+async def _run_load(
+    cfg: dict, slots: int, rows: int, specs: list[Spec], timeout: float
+) -> FakeExecutor:
     fake = FakeExecutor(slots, rows, delay=0.0005)
     async with running_scheduler(fake, **cfg) as sched:
         await run_all(sched, specs, timeout)
@@ -35,8 +37,8 @@ async def _run_load(cfg: dict, slots: int, rows: int, specs: list[Spec], timeout
         load = sched.load()
         assert fake.errors == []
         assert load.counters.integrity_checks >= load.counters.steps
-        assert sched.flush_cache() == load.kv_evictable
-        assert sched.load().kv_free == slots
+        assert sched.flush_cache() == load.kv.evictable
+        assert sched.load().kv.free == slots
     return fake
 
 

@@ -49,7 +49,11 @@ def test_samples_interleave_and_each_completes_after_its_tokens() -> None:
         assert stream.done
         events = [e async for e in stream.events()]
         assert [type(e).__name__ for e in events] == ["Chunk", "Chunk", "Complete", "Complete"]
-        assert events[0].token_ids == [5, 8] and events[0].top_ids == [5, 6] and events[0].logprobs == []
+        assert (
+            events[0].token_ids == [5, 8]
+            and events[0].top_ids == [5, 6]
+            and events[0].logprobs == []
+        )
         assert events[1].index == 1 and events[1].token_ids == [7]
 
     asyncio.run(main())

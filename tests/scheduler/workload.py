@@ -25,7 +25,9 @@ class Spec:
     abort_after: float | None = None  # seconds after submitting
 
 
-def random_specs(rng: random.Random, count: int, max_prompt: int = 60, max_tokens: int = 30) -> list[Spec]:
+def random_specs(
+    rng: random.Random, count: int, max_prompt: int = 60, max_tokens: int = 30
+) -> list[Spec]:
     """Prompts share a few system-prompt prefixes; some have stop tokens, min_tokens, n > 1, aborts."""
     systems = [[rng.randrange(250) for _ in range(rng.randint(8, 40))] for _ in range(3)]
     specs = []
@@ -45,13 +47,23 @@ def random_specs(rng: random.Random, count: int, max_prompt: int = 60, max_token
                 abort_after=rng.random() * 0.05 if rng.random() < 0.1 else None,
             )
         )
-    return [s if s.min_tokens <= s.max_tokens else Spec(**{**s.__dict__, "min_tokens": 0}) for s in specs]
+    return [
+        s if s.min_tokens <= s.max_tokens else Spec(**{**s.__dict__, "min_tokens": 0})
+        for s in specs
+    ]
 
 
 async def run_spec(sched: Scheduler, spec: Spec) -> dict[int, Result]:
     await asyncio.sleep(spec.delay)
-    p = params(spec.rid, spec.prompt, spec.max_tokens, n=spec.n, min_tokens=spec.min_tokens,
-               stop_token_ids=spec.stops, ignore_eos=True)
+    p = params(
+        spec.rid,
+        spec.prompt,
+        spec.max_tokens,
+        n=spec.n,
+        min_tokens=spec.min_tokens,
+        stop_token_ids=spec.stops,
+        ignore_eos=True,
+    )
     stream = sched.submit(p)
     if spec.abort_after is not None:
         asyncio.get_running_loop().call_later(spec.abort_after, sched.abort, spec.rid)
@@ -69,7 +81,9 @@ def check_results(spec: Spec, results: dict[int, Result]) -> None:
         assert done is not None, f"{spec.rid}/{index} never completed"
         if done.reason is FinishReason.ABORT:
             assert spec.abort_after is not None
-            assert res.tokens == expected[: len(res.tokens)], f"{spec.rid}/{index}: wrong tokens before abort"
+            assert res.tokens == expected[: len(res.tokens)], (
+                f"{spec.rid}/{index}: wrong tokens before abort"
+            )
             continue
         assert res.tokens == expected, f"{spec.rid}/{index}: {res.tokens} != {expected}"
         assert done.matched_stop == stop

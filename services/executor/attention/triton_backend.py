@@ -5,7 +5,9 @@ causal) and the decode part `decode_attention` (flash-decoding over the table). 
 each request's lengths from device tensors, so the decode part has no shape that depends on the
 lengths: the static-shape decode runner captures it once per batch size.
 
-Importing this module only imports the kernels; nothing runs on a device until a forward.
+Importing this module does not import Triton: the kernels are imported when a backend is built.
+Triton fixes, per kernel, whether it is compiled or interpreted (TRITON_INTERPRET) when the
+kernel's module is imported; importing the executor must not make that choice for its caller.
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-# Modules rather than functions: a session that switches Triton to its interpreter re-imports
-# them (see tests/kernels/conftest.py), and attribute lookups at call time follow the re-import.
-from kernels import decode_attention, extend_attention, kv_store
 from services.executor.attention.base import AttentionBackend, register
 from services.executor.forward_batch import ForwardBatch
 from services.executor.kv_pool import KVPool, RequestToTokenTable
@@ -64,6 +63,11 @@ class TritonAttention(AttentionBackend):
                 "--context-length within the window"
             )
         super().__init__(pool, table, num_heads, num_kv_heads, head_dim, sliding_window=None)
+        from kernels import decode_attention, extend_attention, kv_store  # see the module doc
+
+        self._store_kv = kv_store.store_kv
+        self._extend_attention = extend_attention.extend_attention
+        self._decode_attention = decode_attention.decode_attention
 
     def init_metadata(self, batch: ForwardBatch) -> None:
         ne = batch.num_extend
@@ -83,17 +87,19 @@ class TritonAttention(AttentionBackend):
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D] → out: [T, H, D]
-        kv_store.store_kv(k, v, self.pool.k[layer], self.pool.v[layer], batch.out_cache_loc)
+        self._store_kv(k, v, self.pool.k[layer], self.pool.v[layer], batch.out_cache_loc)
         n_ext = batch.num_extend_tokens
         if batch.num_decode == 0:
             return self.extend(layer, q, batch)
         if batch.num_extend == 0:
             return self.decode(layer, q, batch)
-        return torch.cat([self.extend(layer, q[:n_ext], batch), self.decode(layer, q[n_ext:], batch)])
+        return torch.cat(
+            [self.extend(layer, q[:n_ext], batch), self.decode(layer, q[n_ext:], batch)]
+        )
 
     def extend(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         part = batch.attn_metadata.extend  # type: ignore[union-attr]
-        return extend_attention.extend_attention(
+        return self._extend_attention(
             q,
             self.pool.k[layer],
             self.pool.v[layer],
@@ -108,7 +114,7 @@ class TritonAttention(AttentionBackend):
 
     def decode(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         part = batch.attn_metadata.decode  # type: ignore[union-attr]
-        return decode_attention.decode_attention(
+        return self._decode_attention(
             q,
             self.pool.k[layer],
             self.pool.v[layer],

@@ -1,0 +1,184 @@
+"""The HTTP routes: parse the body, ask the backend, render the answer.
+
+Every exception of every route goes through one handler (`errors.error_response`). The OpenAI
+routes and /generate need an API key when the gateway has any; health and metrics do not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.gateway.backend import Backend, new_request_id
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import (
+    GatewayError,
+    Overloaded,
+    Unauthorized,
+    Unavailable,
+    error_response,
+)
+from services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    SamplingFields,
+    parse_body,
+)
+from services.gateway.respond import Run, respond
+from services.gateway.responses import (
+    ChatFormat,
+    CompletionFormat,
+    Meta,
+    NativeFormat,
+    model_card,
+    model_list,
+)
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def check_api_key(authorization: str | None, keys: list[str]) -> None:
+    """Accepts `Authorization: Bearer <key>` with one of `keys` (any request when there are none)."""
+    if not keys:
+        return
+    if not authorization:
+        raise Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
+    scheme, _, token = authorization.partition(" ")
+    token_bytes = token.strip().encode()
+    if scheme.lower() != "bearer" or not any(
+        hmac.compare_digest(token_bytes, k.encode()) for k in keys
+    ):
+        raise Unauthorized("Incorrect API key provided.")
+
+
+def authenticated(handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    async def checked(request: Request) -> Response:
+        check_api_key(request.headers.get("authorization"), request.app.state.api_keys)
+        return await handler(request)
+
+    return checked
+
+
+def _backend(request: Request) -> Backend:
+    return request.app.state.backend
+
+
+def _include_usage(req: SamplingFields) -> bool:
+    return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+
+@authenticated
+async def chat_completions(request: Request) -> Response:
+    backend = _backend(request)
+    req = parse_body(ChatCompletionRequest, await request.body())
+    rid = new_request_id("chatcmpl")
+    inp = await backend.chat_input(req, rid)
+    fmt = ChatFormat(Meta(rid, backend.model.name), req.n, req.logprobs, _include_usage(req))
+    return await respond(request, Run([backend.generation(inp)], req.n), fmt, req.stream)
+
+
+@authenticated
+async def completions(request: Request) -> Response:
+    backend = _backend(request)
+    req = parse_body(CompletionRequest, await request.body())
+    rid = new_request_id("cmpl")
+    inputs = await backend.completion_inputs(req, rid)
+    echo = await backend.prompt_texts(req) if req.echo else None
+    meta = Meta(rid, backend.model.name)
+    fmt = CompletionFormat(meta, req.n, req.logprobs is not None, echo, _include_usage(req))
+    run = Run([backend.generation(inp) for inp in inputs], req.n)
+    return await respond(request, run, fmt, req.stream)
+
+
+@authenticated
+async def generate(request: Request) -> Response:
+    backend = _backend(request)
+    req = parse_body(GenerateRequest, await request.body())
+    rid = req.rid or new_request_id("gen")
+    inp = await backend.native_input(req, rid)
+    n = req.sampling_params.n
+    fmt = NativeFormat(Meta(rid, backend.model.name), n)
+    return await respond(request, Run([backend.generation(inp)], n), fmt, req.stream)
+
+
+@authenticated
+async def list_models(request: Request) -> Response:
+    backend = _backend(request)
+    model = backend.model
+    card = model_card(model.name, backend.created, model.context_length)
+    return JSONResponse(model_list([card]))
+
+
+@authenticated
+async def get_model(request: Request) -> Response:
+    backend = _backend(request)
+    model = backend.check_model(request.path_params["model_id"])
+    return JSONResponse(model_card(model.name, backend.created, model.context_length))
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    backend = _backend(request)
+    reason = await backend.not_ready_reason()
+    if reason is not None:
+        raise Unavailable(f"not ready: {reason}")
+    return JSONResponse({"status": "ready", "model": backend.model.name})
+
+
+async def health_generate(request: Request) -> Response:
+    await _backend(request).health_generate()
+    return JSONResponse({"status": "ok"})
+
+
+async def metrics(request: Request) -> Response:
+    text = await _backend(request).metrics_text()
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+
+def build_app(
+    cfg: GatewayConfig, backend_factory: Callable[[GatewayConfig], Backend] = Backend
+) -> Starlette:
+    """The Starlette app; the backend is made at startup (its gRPC channels need the server's loop)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        backend = app.state.backend = backend_factory(cfg)
+        await backend.start()
+        yield
+        await backend.close()
+
+    def on_error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, Overloaded):
+            _backend(request).metrics.rejected()
+        return error_response(exc, cfg.retry_after_s)
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/generate", generate, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/health_generate", health_generate, methods=["GET"]),
+    ]
+    if cfg.metrics:
+        routes.append(Route("/metrics", metrics, methods=["GET"]))
+    handlers = {GatewayError: on_error, HTTPException: on_error, Exception: on_error}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)  # type: ignore[arg-type]
+    app.state.api_keys = list(cfg.api_key)
+    return app

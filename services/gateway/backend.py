@@ -1,0 +1,209 @@
+"""The services behind the gateway: clients, routing, the served model, readiness, and prompts.
+
+The gateway becomes ready once a scheduler answers GetModelInfo, every tokenizer reports SERVING
+and a one-token warm-up generation went through the whole path; until then `not_ready_reason`
+says what is missing. Requests that arrive before the model is known get 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+
+from services.gateway.clients import SchedulerClient, TokenizerClient
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import GatewayError, InvalidRequest, ModelNotFound, Unavailable
+from services.gateway.generation import Generation
+from services.gateway.metrics import GatewayMetrics, RequestMetrics
+from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from services.gateway.router import SchedulerRouter
+from services.gateway.sampling import (
+    GenerationInput,
+    ModelInfo,
+    SamplingParams,
+    TextOptions,
+    chat_sampling,
+    completion_sampling,
+    fit_context,
+    native_sampling,
+)
+
+log = logging.getLogger("radixserve.gateway")
+STARTUP_RETRY_S = 0.5
+PROBE_TEXT = "Hello"
+
+
+class Backend:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.tokenizer = TokenizerClient(cfg.tokenizer)
+        self.schedulers = [SchedulerClient(a) for a in cfg.scheduler]
+        self.router = SchedulerRouter(self.schedulers, cfg.load_refresh_s)
+        self.metrics = GatewayMetrics(self.router.loads)
+        self.created = int(time.time())
+        self._model: ModelInfo | None = None
+        self._warmed_up = False
+        self._startup_reason = "starting"
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self.router.run()),
+            asyncio.create_task(self._become_ready()),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.tokenizer.close()
+        await asyncio.gather(*(s.close() for s in self.schedulers))
+
+    @property
+    def model(self) -> ModelInfo:
+        if self._model is None:
+            raise Unavailable(f"the model is not available yet: {self._startup_reason}")
+        return self._model
+
+    def check_model(self, name: str | None) -> ModelInfo:
+        """The served model, if `name` (when given) names it."""
+        model = self.model
+        if name is not None and name != model.name:
+            raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
+        return model
+
+    async def not_ready_reason(self) -> str | None:
+        """None when ready; otherwise why not (startup, or a service gone since)."""
+        if not self._warmed_up:
+            return self._startup_reason
+        try:
+            await self.tokenizer.check()
+            await self._check_schedulers()
+        except GatewayError as exc:
+            return exc.message
+        return None
+
+    async def health_generate(self) -> None:
+        """Generates one token through the whole path; raises Unavailable if it fails."""
+        try:
+            ids = await self.tokenizer.encode(PROBE_TEXT)
+            sampling = SamplingParams(temperature=0.0, max_tokens=1)
+            inp = GenerationInput(new_request_id("health"), ids, sampling, TextOptions())
+            async for _ in self.generation(inp, RequestMetrics.disabled()).outputs():
+                pass
+        except GatewayError as exc:
+            raise Unavailable(f"generation failed: {exc.message}") from None
+
+    async def metrics_text(self) -> bytes:
+        """Prometheus text, with the schedulers' load polled just now."""
+        await self.router.refresh()
+        return self.metrics.render()
+
+    def generation(self, inp: GenerationInput, metrics: RequestMetrics | None = None) -> Generation:
+        scheduler = self.router.pick(inp.sampling.n)
+        metrics = metrics or self.metrics.request()
+        return Generation(inp, scheduler, self.tokenizer, metrics, self.cfg.request_timeout_s)
+
+    async def chat_input(self, req: ChatCompletionRequest, request_id: str) -> GenerationInput:
+        model = self.check_model(req.model)
+        sampling = chat_sampling(req, model)
+        ids = await self.tokenizer.apply_chat_template(req)
+        sampling = fit_context(sampling, len(ids), model, "messages")
+        text = TextOptions(
+            req.stop_strings(), req.include_stop_str_in_output, req.skip_special_tokens
+        )
+        return GenerationInput(request_id, ids, sampling, text)
+
+    async def completion_inputs(
+        self, req: CompletionRequest, request_id: str
+    ) -> list[GenerationInput]:
+        model = self.check_model(req.model)
+        sampling = completion_sampling(req, model)
+        prompts = await asyncio.gather(*(self._ids(p) for p in req.prompts()))
+        text = TextOptions(
+            req.stop_strings(), req.include_stop_str_in_output, req.skip_special_tokens
+        )
+        return [
+            GenerationInput(
+                request_id if len(prompts) == 1 else f"{request_id}-{k}",
+                ids,
+                fit_context(sampling, len(ids), model, "prompt"),
+                text,
+            )
+            for k, ids in enumerate(prompts)
+        ]
+
+    async def native_input(self, req: GenerateRequest, request_id: str) -> GenerationInput:
+        if (req.text is None) == (req.input_ids is None):
+            raise InvalidRequest("set exactly one of 'text' and 'input_ids'", param="text")
+        model = self.model
+        p = req.sampling_params
+        sampling = native_sampling(p, model)
+        ids = req.input_ids if req.input_ids is not None else await self._ids(req.text or "")
+        sampling = fit_context(sampling, len(ids), model, "input_ids")
+        return GenerationInput(
+            request_id, ids, sampling, TextOptions(p.stop_strings(), False, p.skip_special_tokens)
+        )
+
+    async def prompt_texts(self, req: CompletionRequest) -> list[str]:
+        """The prompts as text, for echo (id prompts are decoded from their token bytes)."""
+        texts = []
+        for prompt in req.prompts():
+            if isinstance(prompt, str):
+                texts.append(prompt)
+            else:
+                pieces = await self.tokenizer.token_pieces(prompt)
+                texts.append(b"".join(pieces[i].raw for i in prompt).decode(errors="replace"))
+        return texts
+
+    async def _ids(self, prompt: str | list[int]) -> list[int]:
+        return prompt if isinstance(prompt, list) else await self.tokenizer.encode(prompt)
+
+    async def _check_schedulers(self) -> None:
+        results = await asyncio.gather(
+            *(s.check() for s in self.schedulers), return_exceptions=True
+        )
+        if all(isinstance(r, BaseException) for r in results):
+            reasons = "; ".join(str(r) for r in results)
+            raise Unavailable(f"no scheduler is serving: {reasons}")
+
+    async def _become_ready(self) -> None:
+        """Retries the start-up steps until they all pass (a background task)."""
+        while True:
+            try:
+                await self._startup_step()
+            except Exception as exc:
+                self._set_startup_reason(exc)
+                await asyncio.sleep(STARTUP_RETRY_S)
+                continue
+            log.info("ready: serving %s", self.model.name)
+            return
+
+    def _set_startup_reason(self, exc: Exception) -> None:
+        if isinstance(exc, GatewayError):
+            reason = exc.message
+        else:
+            log.error("start-up step failed", exc_info=exc)
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason != self._startup_reason:
+            log.info("not ready: %s", reason)
+        self._startup_reason = reason
+
+    async def _startup_step(self) -> None:
+        await self.router.refresh()
+        scheduler = self.router.pick(0)
+        await scheduler.check()
+        self._model = await scheduler.model_info(self.cfg.served_model_name)
+        await self.tokenizer.check()
+        self._startup_reason = "warming up"
+        await self.health_generate()
+        self._warmed_up = True
+
+
+def new_request_id(prefix: str) -> str:
+    """An id for a response and its scheduler request, e.g. chatcmpl-0f3c…"""
+    return f"{prefix}-{uuid.uuid4().hex}"

@@ -1,0 +1,187 @@
+"""gRPC clients of the tokenizer and the schedulers; failures surface as GatewayErrors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Iterable, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from radixserve.v1 import scheduler_pb2 as spb
+from radixserve.v1 import scheduler_pb2_grpc as spb_grpc
+from radixserve.v1 import tokenizer_pb2 as tpb
+from radixserve.v1 import tokenizer_pb2_grpc as tpb_grpc
+from services.common.grpc_server import insecure_channel
+from services.gateway import convert
+from services.gateway.errors import GatewayError, Unavailable, from_rpc_error
+from services.gateway.events import SampleEnd, TextDelta, TokenChunk, TokenPiece
+from services.gateway.protocol import ChatCompletionRequest
+from services.gateway.router import SchedulerLoad
+from services.gateway.sampling import GenerationInput, ModelInfo
+
+log = logging.getLogger("radixserve.gateway")
+UNARY_TIMEOUT_S = 30.0
+CHECK_TIMEOUT_S = 2.0
+
+
+@contextlib.contextmanager
+def rpc_errors(service: str) -> Iterator[None]:
+    """Turns a failed RPC into the GatewayError its status maps to."""
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise from_rpc_error(err, service) from None
+
+
+async def check_serving(channel: grpc.aio.Channel, service: str) -> None:
+    """Raises Unavailable unless the grpc.health.v1 service of `channel` reports SERVING."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    with rpc_errors(service):
+        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=CHECK_TIMEOUT_S)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise Unavailable(f"the {service} is not serving yet")
+
+
+class Detokenizer:
+    """One sample's Detokenize stream: each `feed` is answered by exactly one TextDelta."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self._call = call
+        self.finished = False
+
+    async def feed(self, ids: list[int], finish: bool = False) -> TextDelta:
+        with rpc_errors("tokenizer"):
+            try:
+                await self._call.write(convert.tokens_to_pb(ids, finish))
+            except asyncio.InvalidStateError:
+                await self._call.read()  # raises the status that ended the stream
+            msg = await self._call.read()
+        if msg is grpc.aio.EOF:
+            raise Unavailable("the tokenizer ended a Detokenize stream early")
+        delta = convert.delta_from_pb(msg)
+        self.finished = delta.finished
+        return delta
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class TokenizerClient:
+    """The tokenizer service (several addresses: round-robin per call or stream)."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+        self._channels = [insecure_channel(a) for a in addresses]
+        self._stubs = [tpb_grpc.TokenizerStub(c) for c in self._channels]
+        self._turn = itertools.cycle(range(len(addresses)))
+        self._pieces: dict[int, TokenPiece] = {}  # id -> piece; at most the vocabulary
+
+    def _stub(self) -> tpb_grpc.TokenizerStub:
+        return self._stubs[next(self._turn)]
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        request = tpb.EncodeRequest(text=text, add_special_tokens=add_special_tokens)
+        with rpc_errors("tokenizer"):
+            reply = await self._stub().Encode(request, timeout=UNARY_TIMEOUT_S)
+        return list(reply.ids)
+
+    async def apply_chat_template(self, req: ChatCompletionRequest) -> list[int]:
+        request = convert.chat_request_to_pb(req)
+        with rpc_errors("tokenizer"):
+            reply = await self._stub().ApplyChatTemplate(request, timeout=UNARY_TIMEOUT_S)
+        return list(reply.ids)
+
+    async def token_pieces(self, ids: Iterable[int]) -> dict[int, TokenPiece]:
+        """Each id's text and bytes, for logprobs (cached: a vocabulary never changes)."""
+        wanted = set(ids)
+        missing = sorted(wanted - self._pieces.keys())
+        if missing:
+            request = tpb.ConvertIdsToTokensRequest(ids=missing)
+            with rpc_errors("tokenizer"):
+                reply = await self._stub().ConvertIdsToTokens(request, timeout=UNARY_TIMEOUT_S)
+            self._pieces.update(zip(missing, convert.pieces_from_pb(reply), strict=True))
+        return {i: self._pieces[i] for i in wanted}
+
+    async def detokenizer(self, inp: GenerationInput, index: int) -> Detokenizer:
+        call = self._stub().Detokenize()
+        with rpc_errors("tokenizer"):
+            await call.write(convert.detokenize_setup_to_pb(inp, index))
+        return Detokenizer(call)
+
+    async def check(self) -> None:
+        """Raises Unavailable unless every tokenizer address is serving."""
+        for address, channel in zip(self.addresses, self._channels, strict=True):
+            try:
+                await check_serving(channel, "tokenizer")
+            except GatewayError as exc:
+                raise Unavailable(f"tokenizer {address}: {exc.message}") from None
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+
+class GenerateStream:
+    """The events of one Generate call, read one at a time; `cancel` ends the call at once."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+        self._call = call
+
+    async def next(self) -> TokenChunk | SampleEnd | None:
+        """The next event; None once the scheduler ended the stream."""
+        with rpc_errors("scheduler"):
+            msg = await self._call.read()
+        if msg is grpc.aio.EOF:
+            return None
+        return convert.event_from_pb(msg)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class SchedulerClient:
+    """One scheduler replica."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = insecure_channel(address)
+        self._stub = spb_grpc.SchedulerStub(self._channel)
+        self._aborts: set[asyncio.Task] = set()  # fire-and-forget Abort calls still running
+
+    def generate(self, inp: GenerationInput, timeout_s: float) -> GenerateStream:
+        request = convert.generate_request_to_pb(inp)
+        return GenerateStream(self._stub.Generate(request, timeout=timeout_s))
+
+    def abort_soon(self, request_id: str) -> None:
+        """Sends Abort without waiting (callable while the caller is being cancelled)."""
+        task = asyncio.get_running_loop().create_task(self._abort(request_id))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+    async def _abort(self, request_id: str) -> None:
+        request = spb.AbortRequest(request_id=request_id)
+        try:
+            await self._stub.Abort(request, timeout=CHECK_TIMEOUT_S)
+        except grpc.RpcError as err:
+            log.warning("abort %s at %s failed: %s", request_id, self.address, err.code())
+
+    async def load(self) -> SchedulerLoad:
+        with rpc_errors("scheduler"):
+            reply = await self._stub.GetLoad(spb.GetLoadRequest(), timeout=CHECK_TIMEOUT_S)
+        return convert.load_from_pb(self.address, reply)
+
+    async def model_info(self, served_name: str | None) -> ModelInfo:
+        with rpc_errors("scheduler"):
+            reply = await self._stub.GetModelInfo(
+                spb.GetModelInfoRequest(), timeout=CHECK_TIMEOUT_S
+            )
+        return convert.model_info_from_pb(reply, served_name)
+
+    async def check(self) -> None:
+        await check_serving(self._channel, f"scheduler at {self.address}")
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,168 @@
+"""One request in flight: scheduler tokens → per-sample detokenization with stop strings → outputs.
+
+`Generation.outputs()` yields the new text of each choice as the scheduler streams tokens; the
+scheduler interleaves the n samples of a request. A stop string ends a sample at the gateway: with
+n = 1 the scheduler request is aborted at once; with n > 1 the other samples keep running (Abort
+ends a whole request), the stopped one's further tokens are dropped, and the request is aborted
+once every sample is done. Whatever ends the iteration early — a consumer that stops reading, a
+client that went away, an error — aborts the scheduler request without waiting (see `abort`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+
+from services.gateway.clients import Detokenizer, GenerateStream, SchedulerClient, TokenizerClient
+from services.gateway.events import (
+    Output,
+    SampleEnd,
+    TokenChunk,
+    TokenLogprob,
+    TokenPiece,
+    Usage,
+)
+from services.gateway.metrics import RequestMetrics
+from services.gateway.sampling import GenerationInput
+
+
+class Sample:
+    """One sample's detokenize stream and token accounting."""
+
+    def __init__(self, index: int, detok: Detokenizer, top_n: int | None) -> None:
+        self.index, self.detok = index, detok
+        self.top_n = top_n  # None: no logprobs
+        self.finished = False  # no more outputs (the scheduler may still be running it)
+        self.finish_reason: str | None = None
+        self.scheduler_done = False
+        self.usage = Usage()
+        self.last_token_at: float | None = None
+
+    async def on_chunk(self, chunk: TokenChunk, tokenizer: TokenizerClient) -> Output | None:
+        if self.finished:
+            return None
+        delta = await self.detok.feed(chunk.token_ids)
+        ids = chunk.token_ids[: delta.num_tokens]
+        self.usage.completion_tokens += delta.num_tokens
+        self.usage.prompt_tokens, self.usage.cached_tokens = (
+            chunk.prompt_tokens,
+            chunk.cached_tokens,
+        )
+        logprobs = await self._logprobs(chunk, delta.num_tokens, tokenizer)
+        if delta.finished:
+            self.finished, self.finish_reason = True, "stop"
+        return Output(self.index, delta.text, ids, logprobs, self.finish_reason)
+
+    async def on_end(self, end: SampleEnd) -> Output | None:
+        self.scheduler_done = True
+        if self.finished:
+            return None
+        delta = await self.detok.feed([], finish=True)
+        self.finished = True
+        self.usage = Usage(end.prompt_tokens, end.completion_tokens, end.cached_tokens)
+        self.finish_reason = "stop" if delta.matched_stop is not None else end.reason
+        return Output(self.index, delta.text, finish_reason=self.finish_reason)
+
+    async def _logprobs(
+        self, chunk: TokenChunk, count: int, tokenizer: TokenizerClient
+    ) -> list[TokenLogprob]:
+        if self.top_n is None or count == 0:
+            return []
+        k = self.top_n
+        tops = [chunk.top_ids[i * k : (i + 1) * k] for i in range(count)]
+        ids = itertools.chain(chunk.token_ids[:count], *tops)
+        pieces = await tokenizer.token_pieces(ids)
+        return [
+            TokenLogprob(
+                pieces[chunk.token_ids[i]],
+                chunk.logprobs[i],
+                _top(pieces, tops[i], chunk.top_logprobs[i * k : (i + 1) * k]),
+            )
+            for i in range(count)
+        ]
+
+
+def _top(
+    pieces: dict[int, TokenPiece], ids: list[int], logprobs: list[float]
+) -> list[tuple[TokenPiece, float]]:
+    return [(pieces[t], lp) for t, lp in zip(ids, logprobs, strict=True)]
+
+
+class Generation:
+    """Runs one GenerationInput on one scheduler; iterate `outputs()` once."""
+
+    def __init__(
+        self,
+        inp: GenerationInput,
+        scheduler: SchedulerClient,
+        tokenizer: TokenizerClient,
+        metrics: RequestMetrics,
+        timeout_s: float,
+    ) -> None:
+        self.inp, self.scheduler, self.tokenizer = inp, scheduler, tokenizer
+        self.metrics, self.timeout_s = metrics, timeout_s
+        self.samples: list[Sample] = []
+        self._stream: GenerateStream | None = None
+
+    @property
+    def usage(self) -> Usage:
+        """Prompt counted once, completions summed over the samples."""
+        first = self.samples[0].usage if self.samples else Usage()
+        completion = sum(s.usage.completion_tokens for s in self.samples)
+        return Usage(first.prompt_tokens, completion, first.cached_tokens)
+
+    async def outputs(self) -> AsyncIterator[Output]:
+        self._stream = self.scheduler.generate(self.inp, self.timeout_s)
+        try:
+            self.samples = await self._open_samples()
+            while not all(s.finished for s in self.samples):
+                event = await self._stream.next()
+                if event is None:
+                    break
+                out = await self._dispatch(event)
+                if out is not None:
+                    yield out
+        finally:
+            self._close()
+        self.metrics.finished(self.usage, [s.finish_reason or "abort" for s in self.samples])
+
+    def abort(self) -> None:
+        """Ends the request at the scheduler now; safe to call from a task being cancelled."""
+        if self._stream is not None:
+            self._stream.cancel()
+        self.scheduler.abort_soon(self.inp.request_id)
+
+    async def _open_samples(self) -> list[Sample]:
+        s = self.inp.sampling
+        top_n = s.top_logprobs if s.logprobs else None
+        opened = await asyncio.gather(
+            *(self.tokenizer.detokenizer(self.inp, i) for i in range(s.n)),
+            return_exceptions=True,
+        )
+        failed = [d for d in opened if isinstance(d, BaseException)]
+        if failed:
+            for d in opened:
+                if isinstance(d, Detokenizer):
+                    d.cancel()
+            raise failed[0]
+        return [Sample(i, d, top_n) for i, d in enumerate(opened)]  # type: ignore[arg-type]
+
+    async def _dispatch(self, event: TokenChunk | SampleEnd) -> Output | None:
+        sample = self.samples[event.index]
+        if isinstance(event, SampleEnd):
+            return await sample.on_end(event)
+        out = await sample.on_chunk(event, self.tokenizer)
+        if out is not None and out.token_ids:
+            now = time.monotonic()
+            self.metrics.tokens(now, sample.last_token_at, len(out.token_ids))
+            sample.last_token_at = now
+        return out
+
+    def _close(self) -> None:
+        if not all(s.scheduler_done for s in self.samples) or not self.samples:
+            self.abort()
+        for sample in self.samples:
+            if not sample.detok.finished:
+                sample.detok.cancel()

