@@ -57,7 +57,9 @@ def _bench_executor(args: argparse.Namespace) -> None:
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="prepare the default (or a given) model and list cached ones")
-    p.add_argument("--prepare", default="default", help="model path to prepare (default: the bundled model)")
+    p.add_argument(
+        "--prepare", default="default", help="model path to prepare (default: the bundled model)"
+    )
     p.set_defaults(func=_models)
 
 
@@ -72,7 +74,9 @@ def _add_executor(sub: argparse._SubParsersAction) -> None:
 def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     from services.tokenizer.config import TokenizerConfig
 
-    p = sub.add_parser("tokenizer", help="serve the tokenizer: encode, chat templates, detokenize (gRPC)")
+    p = sub.add_parser(
+        "tokenizer", help="serve the tokenizer: encode, chat templates, detokenize (gRPC)"
+    )
     add_arguments(p, TokenizerConfig)
     p.set_defaults(func=_tokenizer)
 
@@ -80,7 +84,9 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
 def _add_scheduler(sub: argparse._SubParsersAction) -> None:
     from services.scheduler.config import SchedulerConfig
 
-    p = sub.add_parser("scheduler", help="serve the scheduler: queue, prefix cache, batching (gRPC)")
+    p = sub.add_parser(
+        "scheduler", help="serve the scheduler: queue, prefix cache, batching (gRPC)"
+    )
     add_arguments(p, SchedulerConfig)
     p.set_defaults(func=_scheduler)
 
@@ -96,7 +102,9 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
 def _add_bench_executor(sub: argparse._SubParsersAction) -> None:
     from services.executor.bench import add_arguments as add_bench_arguments
 
-    p = sub.add_parser("bench-executor", help="time decode and prefill steps of the executor in process")
+    p = sub.add_parser(
+        "bench-executor", help="time decode and prefill steps of the executor in process"
+    )
     add_bench_arguments(p)
     p.set_defaults(func=_bench_executor)
 
@@ -110,7 +118,9 @@ def _bench(args: argparse.Namespace) -> None:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from services.bench.cli import add_arguments as add_bench_arguments
 
-    p = sub.add_parser("bench", help="load any OpenAI-compatible server: throughput, TTFT, ITL, latency")
+    p = sub.add_parser(
+        "bench", help="load any OpenAI-compatible server: throughput, TTFT, ITL, latency"
+    )
     add_bench_arguments(p)
     p.set_defaults(func=_bench)
 

@@ -39,14 +39,29 @@ def config_class(spec: str) -> type:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=os.environ.get("RADIXSERVE_HOST", "127.0.0.1"),
-                        help="address the gateway binds [env RADIXSERVE_HOST]")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("RADIXSERVE_PORT", "8000")),
-                        help="the gateway's HTTP port [env RADIXSERVE_PORT]")
-    parser.add_argument("--ready-timeout", type=float, default=900.0,
-                        help="seconds to wait for the model to load and warm up")
-    parser.add_argument("--stop-timeout", type=float, default=30.0,
-                        help="seconds each service gets to stop before it is killed")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("RADIXSERVE_HOST", "127.0.0.1"),
+        help="address the gateway binds [env RADIXSERVE_HOST]",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("RADIXSERVE_PORT", "8000")),
+        help="the gateway's HTTP port [env RADIXSERVE_PORT]",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=900.0,
+        help="seconds to wait for the model to load and warm up",
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=30.0,
+        help="seconds each service gets to stop before it is killed",
+    )
     taken = set(WIRING)
     for _, spec in SERVICES:
         taken |= set(add_arguments(parser, config_class(spec), skip=taken))
@@ -66,9 +81,17 @@ def wiring(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     return {
         "tokenizer": {"host": "127.0.0.1", "port": ports["tokenizer"]},
         "executor": {"host": "127.0.0.1", "port": ports["executor"]},
-        "scheduler": {"host": "127.0.0.1", "port": ports["scheduler"], "executor": addr["executor"]},
-        "gateway": {"host": args.host, "port": args.port, "tokenizer": [addr["tokenizer"]],
-                    "scheduler": [addr["scheduler"]]},
+        "scheduler": {
+            "host": "127.0.0.1",
+            "port": ports["scheduler"],
+            "executor": addr["executor"],
+        },
+        "gateway": {
+            "host": args.host,
+            "port": args.port,
+            "tokenizer": [addr["tokenizer"]],
+            "scheduler": [addr["scheduler"]],
+        },
     }
 
 
@@ -132,8 +155,10 @@ class Supervisor:
             try:
                 child.proc.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
-                print(f"radixserve serve: {name} did not stop in {self.stop_timeout:.0f}s; killing it",
-                      file=sys.stderr)
+                print(
+                    f"radixserve serve: {name} did not stop in {self.stop_timeout:.0f}s; killing it",
+                    file=sys.stderr,
+                )
                 child.proc.kill()
                 child.proc.wait()
 
@@ -168,22 +193,33 @@ def _supervise(supervisor: Supervisor, args: argparse.Namespace, stop_signal: li
         dead = supervisor.dead_child()
         if dead is not None:
             code = dead.proc.returncode if dead.proc else -1
-            print(f"radixserve serve: the {dead.name} service exited with code {code}; "
-                  "stopping the others", file=sys.stderr, flush=True)
+            print(
+                f"radixserve serve: the {dead.name} service exited with code {code}; "
+                "stopping the others",
+                file=sys.stderr,
+                flush=True,
+            )
             return 1
         if not announced:
             ok, reason = ready(f"{base}/ready")
             elapsed = time.monotonic() - started
             if ok:
-                print(f"radixserve is ready on {base}/v1 (OpenAI-compatible; took {elapsed:.0f}s)",
-                      flush=True)
+                print(
+                    f"radixserve is ready on {base}/v1 (OpenAI-compatible; took {elapsed:.0f}s)",
+                    flush=True,
+                )
                 announced = True
             elif elapsed - last_note >= 10:
-                print(f"radixserve serve: waiting for the services ({elapsed:.0f}s): {reason}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"radixserve serve: waiting for the services ({elapsed:.0f}s): {reason}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 last_note = elapsed
             if not ok and elapsed > args.ready_timeout:
-                print(f"radixserve serve: not ready after {args.ready_timeout:.0f}s", file=sys.stderr)
+                print(
+                    f"radixserve serve: not ready after {args.ready_timeout:.0f}s", file=sys.stderr
+                )
                 return 1
         time.sleep(0.5)
     return 0

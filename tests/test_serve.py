@@ -19,15 +19,32 @@ from tests.procs import free_port
 
 pytestmark = pytest.mark.slow
 
-LIGHT = ["--dtype", "float32", "--max-total-tokens", "8192", "--max-running-requests", "16",
-         "--context-length", "2048"]
+LIGHT = [
+    "--dtype",
+    "float32",
+    "--max-total-tokens",
+    "8192",
+    "--max-running-requests",
+    "16",
+    "--context-length",
+    "2048",
+]
 
 
 class Serve:
     def __init__(self, port: int, log: Path, extra: list[str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "services.cli", "serve", "--port", str(port), *LIGHT, *(extra or [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "serve",
+            "--port",
+            str(port),
+            *LIGHT,
+            *(extra or []),
+        ]
         self.log = log
-        self.handle = open(log, "wb")
+        self.handle = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.handle)
         self.lines: list[str] = []
         self.ready = threading.Event()
@@ -80,14 +97,17 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(serve: tuple[Serve, int]) ->
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
     model = client.models.list().data[0].id
     reply = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0
+        model=model,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        temperature=0,
     )
     assert reply.choices[0].message.content
     children = server.children()
     assert len(children) >= 4
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(90) == 0, server.stderr()[-3000:]
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {[p.pid for p in alive]}"
 
 
@@ -99,5 +119,5 @@ def test_serve_reports_a_dead_service_and_stops_the_others(serve: tuple[Serve, i
     os.kill(executor.pid, signal.SIGKILL)
     assert server.proc.wait(90) != 0
     assert "executor service exited" in server.stderr()
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive

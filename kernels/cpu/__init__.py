@@ -27,7 +27,9 @@ _error: str | None = None
 def _cpu_key() -> str:
     try:
         flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
         )
     except (OSError, StopIteration):
         flags = "unknown"
@@ -75,16 +77,27 @@ def paged_decode_attention(
     if module is None:
         raise RuntimeError(f"CPU attention kernel unavailable: {_error}")
     _check(q, k_pool, v_pool, table, rows, seq_lens)
-    out = module.paged_decode_attention(q.contiguous(), k_pool, v_pool, table, rows, seq_lens, scale)
+    out = module.paged_decode_attention(
+        q.contiguous(), k_pool, v_pool, table, rows, seq_lens, scale
+    )
     return out.to(q.dtype)
 
 
 def _check(q, k_pool, v_pool, table, rows, seq_lens) -> None:
     if q.device.type != "cpu":
         raise ValueError("paged_decode_attention runs on CPU tensors")
-    if q.dtype not in (torch.float32, torch.bfloat16) or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+    if (
+        q.dtype not in (torch.float32, torch.bfloat16)
+        or k_pool.dtype != q.dtype
+        or v_pool.dtype != q.dtype
+    ):
         raise ValueError(f"dtypes must match and be float32 or bfloat16: {q.dtype}, {k_pool.dtype}")
-    if q.dim() != 3 or k_pool.dim() != 3 or k_pool.shape != v_pool.shape or q.shape[2] != k_pool.shape[2]:
+    if (
+        q.dim() != 3
+        or k_pool.dim() != 3
+        or k_pool.shape != v_pool.shape
+        or q.shape[2] != k_pool.shape[2]
+    ):
         raise ValueError(f"shapes: q {tuple(q.shape)}, k_pool {tuple(k_pool.shape)}")
     if q.shape[1] % k_pool.shape[1]:
         raise ValueError("query heads must be a multiple of KV heads")

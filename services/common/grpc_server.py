@@ -86,5 +86,10 @@ class GrpcServer:
         stopper.cancel()
 
 
-def insecure_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def insecure_channel(address: str, *, round_robin: bool = False) -> grpc.aio.Channel:
+    """A client channel; `round_robin` spreads calls over every address a name resolves to
+    (e.g. `dns:///tokenizer-headless:30001`) instead of sticking to the first one."""
+    options = list(CHANNEL_OPTIONS)
+    if round_robin:
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    return grpc.aio.insecure_channel(address, options=options)

@@ -70,7 +70,9 @@ def linear_floor_ms(model: nn.Module, tokens: int, repeats: int = 5) -> float:
     """Median time of every weight matmul of one forward over `tokens` rows (lm_head: 1 row
     per sequence is not assumed; the caller passes how many rows reach the head separately)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
-    inputs = {m.in_features: torch.randn(tokens, m.in_features, dtype=m.weight.dtype) for m in linears}
+    inputs = {
+        m.in_features: torch.randn(tokens, m.in_features, dtype=m.weight.dtype) for m in linears
+    }
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -122,7 +124,9 @@ def bench_decode(
     first = StepInput(
         1,
         add=[NewRequest(r, f"b{r}", greedy) for r in range(batch)],
-        writes=[SlotWrite(r, 0, list(range(1 + r * span, 1 + (r + 1) * span))) for r in range(batch)],
+        writes=[
+            SlotWrite(r, 0, list(range(1 + r * span, 1 + (r + 1) * span))) for r in range(batch)
+        ],
         slices=[Slice(r, context, [r % cfg.vocab_size]) for r in range(batch)],
     )
     engine.run_step(first)
@@ -146,7 +150,10 @@ def bench_prefill(model: nn.Module, cfg: ModelConfig, prompts: int, length: int)
             rep + 1,
             release_rows=list(range(prompts)) if rep else [],
             add=[NewRequest(r, f"p{r}", greedy) for r in range(prompts)],
-            writes=[SlotWrite(r, 0, list(range(1 + r * length, 1 + (r + 1) * length))) for r in range(prompts)],
+            writes=[
+                SlotWrite(r, 0, list(range(1 + r * length, 1 + (r + 1) * length)))
+                for r in range(prompts)
+            ],
             slices=[Slice(r, 0, ids[r]) for r in range(prompts)],
         )
         start = time.perf_counter()
@@ -176,9 +183,13 @@ def run(args: argparse.Namespace) -> dict[str, list[dict]]:
             print(_fmt_decode(decode[-1]), flush=True)
         for n in args.prefill_prompts:
             ms = bench_prefill(model, cfg, n, args.prefill_len)
-            floor = linear_floor_ms(model, n * args.prefill_len, repeats=2) + head_floor_ms(model, n)
+            floor = linear_floor_ms(model, n * args.prefill_len, repeats=2) + head_floor_ms(
+                model, n
+            )
             tokens = n * args.prefill_len
-            prefill.append(PrefillRow(dtype_name, n, args.prefill_len, ms, tokens / ms * 1e3, floor))
+            prefill.append(
+                PrefillRow(dtype_name, n, args.prefill_len, ms, tokens / ms * 1e3, floor)
+            )
             print(_fmt_prefill(prefill[-1]), flush=True)
     return {"decode": [asdict(r) for r in decode], "prefill": [asdict(r) for r in prefill]}
 

@@ -13,28 +13,46 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    model_path: str = option("default", "HF directory, .gguf file or Hub id ('default': SmolLM2-135M-Instruct)")
-    served_model_name: str | None = option(None, "model name reported to clients (default: from the path)")
-    dtype: str = option("auto", "weight and KV dtype; auto = bfloat16 where the CPU/GPU has it", DTYPES)
-    device: str = option("auto", "cpu or cuda; auto = cuda when available", DEVICES)
-    max_total_tokens: int | None = option(None, "KV slots in the pool (overrides --mem-fraction-static)")
-    mem_fraction_static: float = option(
-        0.3, "fraction of free memory after loading weights given to the KV pool (CPU: of available RAM)"
+    model_path: str = option(
+        "default", "HF directory, .gguf file or Hub id ('default': SmolLM2-135M-Instruct)"
     )
-    max_running_requests: int = option(256, "rows of the request table: most requests active at once")
+    served_model_name: str | None = option(
+        None, "model name reported to clients (default: from the path)"
+    )
+    dtype: str = option(
+        "auto", "weight and KV dtype; auto = bfloat16 where the CPU/GPU has it", DTYPES
+    )
+    device: str = option("auto", "cpu or cuda; auto = cuda when available", DEVICES)
+    max_total_tokens: int | None = option(
+        None, "KV slots in the pool (overrides --mem-fraction-static)"
+    )
+    mem_fraction_static: float = option(
+        0.3,
+        "fraction of free memory after loading weights given to the KV pool (CPU: of available RAM)",
+    )
+    max_running_requests: int = option(
+        256, "rows of the request table: most requests active at once"
+    )
     context_length: int | None = option(None, "longest prompt + output (default: the model's)")
     attention_backend: str | None = option(
-        None, "attention implementation (default: triton on CUDA, torch on CPU)", sorted(ATTENTION_BACKENDS)
+        None,
+        "attention implementation (default: triton on CUDA, torch on CPU)",
+        sorted(ATTENTION_BACKENDS),
     )
     cuda_graph_max_bs: int = option(
         32, "largest decode batch run on static shapes (CUDA graphs, --enable-torch-compile)"
     )
-    disable_cuda_graph: bool = option(False, "on CUDA, run decode eagerly instead of replaying graphs")
+    disable_cuda_graph: bool = option(
+        False, "on CUDA, run decode eagerly instead of replaying graphs"
+    )
     enable_torch_compile: bool = option(
-        False, "torch.compile the static-shape decode step (CPU too; each batch bucket compiles once)"
+        False,
+        "torch.compile the static-shape decode step (CPU too; each batch bucket compiles once)",
     )
     max_top_logprobs: int = option(20, "most top_logprobs alternatives a request may ask for")
-    num_threads: int | None = option(None, "torch intra-op threads (default: the cores this process may use)")
+    num_threads: int | None = option(
+        None, "torch intra-op threads (default: the cores this process may use)"
+    )
     host: str = option("127.0.0.1", "address the gRPC server binds")
     port: int = option(30002, "gRPC port")
 

@@ -91,7 +91,9 @@ class Engine:
         prompt_len = min(prompt_len, self.limits.context_length - 2)
         greedy = SamplingParams(temperature=0.0)
         adds = [NewRequest(r, "warmup", greedy) for r in range(n)]
-        self.run_step(StepInput(0, add=adds, slices=[Slice(r, 0, [0] * prompt_len) for r in range(n)]))
+        self.run_step(
+            StepInput(0, add=adds, slices=[Slice(r, 0, [0] * prompt_len) for r in range(n)])
+        )
         if self.decode_runner is not None:
             self.decode_runner.capture_all()
         for bs in batch_sizes:
@@ -128,7 +130,9 @@ class Engine:
                 req.request_id, req.sampling, req.prompt_ids, list(req.output_ids)
             )
         for w in step.writes:
-            self.table.write(w.row, w.start, torch.tensor(w.kv_indices, dtype=torch.int64, device=self.device))
+            self.table.write(
+                w.row, w.start, torch.tensor(w.kv_indices, dtype=torch.int64, device=self.device)
+            )
 
     def logits(self, step: StepInput) -> torch.Tensor:
         """Applies `step` and returns the raw logits [num_sampled, vocab] in step order, unsampled."""

@@ -69,10 +69,18 @@ def available_memory(device: torch.device) -> int:
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
 
 
-def size_kv_pool(cfg: ExecutorConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context: int) -> int:
+def size_kv_pool(
+    cfg: ExecutorConfig,
+    model_cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    context: int,
+) -> int:
     if cfg.max_total_tokens:
         return cfg.max_total_tokens
-    per_token = KVPool.bytes_per_token(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, dtype)
+    per_token = KVPool.bytes_per_token(
+        model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, dtype
+    )
     budget = int(available_memory(device) * cfg.mem_fraction_static)
     slots = min(budget // per_token, cfg.max_running_requests * context)
     if slots < context:
@@ -89,7 +97,9 @@ def static_decode_config(cfg: ExecutorConfig, device: torch.device) -> StaticDec
     graphs = device.type == "cuda" and not cfg.disable_cuda_graph
     if not (graphs or cfg.enable_torch_compile):
         return None
-    return StaticDecodeConfig(cfg.cuda_graph_max_bs, cuda_graph=graphs, torch_compile=cfg.enable_torch_compile)
+    return StaticDecodeConfig(
+        cfg.cuda_graph_max_bs, cuda_graph=graphs, torch_compile=cfg.enable_torch_compile
+    )
 
 
 def create_engine(cfg: ExecutorConfig) -> LoadedModel:
@@ -100,7 +110,9 @@ def create_engine(cfg: ExecutorConfig) -> LoadedModel:
     model_cfg = ModelConfig.from_dir(path)
     context = cfg.context_length or model_cfg.max_position_embeddings
     if model_cfg.sliding_window is None and context > model_cfg.max_position_embeddings:
-        log.warning("context length %d exceeds the model's %d", context, model_cfg.max_position_embeddings)
+        log.warning(
+            "context length %d exceeds the model's %d", context, model_cfg.max_position_embeddings
+        )
     model = load_model(path, model_cfg, context, dtype, device)
     slots = size_kv_pool(cfg, model_cfg, dtype, device, context)
     limits = EngineLimits(slots, cfg.max_running_requests, context, cfg.max_top_logprobs)
@@ -109,7 +121,13 @@ def create_engine(cfg: ExecutorConfig) -> LoadedModel:
     runner = engine.decode_runner
     log.info(
         "engine ready: %s, %s on %s (%d threads), %d KV slots, context %d, backend %s, decode %s",
-        model_cfg.architecture, dtype, device, threads, slots, context, backend,
+        model_cfg.architecture,
+        dtype,
+        device,
+        threads,
+        slots,
+        context,
+        backend,
         runner.mode if runner else "eager",
     )
     name = cfg.served_model_name or served_name(cfg.model_path, path)

@@ -32,8 +32,12 @@ class KVPool:
         self.v[layer].index_copy_(0, loc, v.to(self.v[layer].dtype))
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    def bytes_per_token(
+        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return (
+            2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+        )
 
 
 class RequestToTokenTable:

@@ -44,7 +44,9 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+    def from_dict(
+        cls, raw: dict[str, Any], generation: dict[str, Any] | None = None
+    ) -> ModelConfig:
         arch = (raw.get("architectures") or [_default_architecture(raw)])[0]
         heads = raw["num_attention_heads"]
         head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
@@ -81,7 +83,11 @@ class ModelConfig:
 
 
 def _default_architecture(raw: dict[str, Any]) -> str:
-    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    by_type = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }
     model_type = raw.get("model_type", "llama")
     if model_type not in by_type:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(by_type)}")

@@ -85,7 +85,9 @@ class Sampler:
         if idx:
             r, t, b = zip(*idx, strict=True)
             logits.index_put_(
-                (torch.tensor(r), torch.tensor(t)), torch.tensor(b, dtype=logits.dtype), accumulate=True
+                (torch.tensor(r), torch.tensor(t)),
+                torch.tensor(b, dtype=logits.dtype),
+                accumulate=True,
             )
 
     def _token_counts(self, ids: list[list[int]]) -> torch.Tensor:

@@ -48,8 +48,14 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            (0 <= self.top_logprobs <= max_top_logprobs, f"top_logprobs must be in [0, {max_top_logprobs}]"),
-            (all(0 <= t < vocab_size for t in self.logit_bias), "logit_bias token id out of vocabulary"),
+            (
+                0 <= self.top_logprobs <= max_top_logprobs,
+                f"top_logprobs must be in [0, {max_top_logprobs}]",
+            ),
+            (
+                all(0 <= t < vocab_size for t in self.logit_bias),
+                "logit_bias token id out of vocabulary",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -36,7 +36,9 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         return self.loaded  # type: ignore[return-value]
 
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+    async def Info(
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InfoResponse:
         loaded = await self._require_ready(context)
         eng = loaded.engine
         return pb.InfoResponse(
@@ -58,19 +60,27 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             ),
         )
 
-    async def Warmup(self, request: pb.WarmupRequest, context: grpc.aio.ServicerContext) -> pb.WarmupResponse:
+    async def Warmup(
+        self, request: pb.WarmupRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WarmupResponse:
         loaded = await self._require_ready(context)
         if loaded.engine.rows:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "warm-up needs an idle executor")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "warm-up needs an idle executor"
+            )
         started = time.perf_counter_ns()
         await self._call(loaded.engine.warmup)
         return pb.WarmupResponse(duration_ns=time.perf_counter_ns() - started)
 
-    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+    async def Health(
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
         rows = len(self.loaded.engine.rows) if self.loaded else 0
         return pb.HealthResponse(ready=self.ready, active_rows=rows)
 
-    async def Reset(self, request: pb.ResetRequest, context: grpc.aio.ServicerContext) -> pb.ResetResponse:
+    async def Reset(
+        self, request: pb.ResetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetResponse:
         loaded = await self._require_ready(context)
         await self._call(loaded.engine.reset)
         return pb.ResetResponse()
@@ -80,7 +90,9 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
     ) -> AsyncIterator[pb.StepResult]:
         loaded = await self._require_ready(context)
         if self.run_active:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler is attached")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "another scheduler is attached"
+            )
         self.run_active = True
         try:
             async for msg in request_iterator:
@@ -98,4 +110,6 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             return error_to_pb(msg.step_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(exc))
         except Exception as exc:
             log.exception("step %d failed", msg.step_id)
-            return error_to_pb(msg.step_id, grpc.StatusCode.INTERNAL.value[0], f"{type(exc).__name__}: {exc}")
+            return error_to_pb(
+                msg.step_id, grpc.StatusCode.INTERNAL.value[0], f"{type(exc).__name__}: {exc}"
+            )

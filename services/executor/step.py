@@ -101,12 +101,19 @@ def step_from_pb(msg: pb.Step) -> StepInput:
         step_id=msg.step_id,
         release_rows=list(msg.release_rows),
         add=[
-            NewRequest(a.row, a.request_id, sampling_from_pb(a.sampling), list(a.prompt_ids), list(a.output_ids))
+            NewRequest(
+                a.row,
+                a.request_id,
+                sampling_from_pb(a.sampling),
+                list(a.prompt_ids),
+                list(a.output_ids),
+            )
             for a in msg.add
         ],
         writes=[SlotWrite(w.row, w.start, list(w.kv_indices)) for w in msg.writes],
         slices=[
-            Slice(s.row, s.start, list(s.input_ids), s.use_last_sampled, s.sample) for s in msg.slices
+            Slice(s.row, s.start, list(s.input_ids), s.use_last_sampled, s.sample)
+            for s in msg.slices
         ],
     )
 
@@ -125,7 +132,9 @@ def step_to_pb(step: StepInput) -> pb.Step:
             )
             for a in step.add
         ],
-        writes=[pb.SlotWrite(row=w.row, start=w.start, kv_indices=w.kv_indices) for w in step.writes],
+        writes=[
+            pb.SlotWrite(row=w.row, start=w.start, kv_indices=w.kv_indices) for w in step.writes
+        ],
         slices=[
             pb.Slice(
                 row=s.row,
@@ -140,7 +149,9 @@ def step_to_pb(step: StepInput) -> pb.Step:
 
 
 def output_to_pb(out: StepOutput) -> pb.StepResult:
-    result = pb.StepResult(step_id=out.step_id, num_tokens=out.num_tokens, forward_ns=out.forward_ns)
+    result = pb.StepResult(
+        step_id=out.step_id, num_tokens=out.num_tokens, forward_ns=out.forward_ns
+    )
     for t in out.tokens:
         result.rows.append(t.row)
         result.token_ids.append(t.token_id)

@@ -85,6 +85,8 @@ def _check_slices(step: StepInput, active: set[int], engine: Engine) -> None:
         elif not s.input_ids:
             _fail(f"empty slice for row {s.row}")
         if s.start + s.length > ctx:
-            _fail(f"slice of row {s.row} ends at {s.start + s.length}, past the context length {ctx}")
+            _fail(
+                f"slice of row {s.row} ends at {s.start + s.length}, past the context length {ctx}"
+            )
         if s.input_ids and (min(s.input_ids) < 0 or max(s.input_ids) >= vocab):
             _fail(f"token id out of vocabulary ({vocab}) in the slice of row {s.row}")

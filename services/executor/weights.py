@@ -82,7 +82,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         pending[target] -= 1
     missing = [n for n, left in pending.items() if left > 0]
     if missing:
-        raise KeyError(f"checkpoint lacks weights for {missing[:5]}{'…' if len(missing) > 5 else ''}")
+        raise KeyError(
+            f"checkpoint lacks weights for {missing[:5]}{'…' if len(missing) > 5 else ''}"
+        )
 
 
 def _shards_of(model: nn.Module, param_name: str) -> list[int]:
@@ -99,7 +101,9 @@ def _copy(
         offset, size = module.shard_offset(shard)
         dest = dest.narrow(0, offset, size)
     if dest.shape != tensor.shape:
-        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}")
+        raise ValueError(
+            f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}"
+        )
     with torch.no_grad():
         dest.copy_(tensor)
 

@@ -75,7 +75,7 @@ class TokenizerClient:
 
     def __init__(self, addresses: list[str]) -> None:
         self.addresses = addresses
-        self._channels = [insecure_channel(a) for a in addresses]
+        self._channels = [insecure_channel(a, round_robin=True) for a in addresses]
         self._stubs = [tpb_grpc.TokenizerStub(c) for c in self._channels]
         self._turn = itertools.cycle(range(len(addresses)))
         self._pieces: dict[int, TokenPiece] = {}  # id -> piece; at most the vocabulary

@@ -12,13 +12,13 @@ class GatewayConfig:
     host: str = option("127.0.0.1", "address the HTTP server binds")
     port: int = option(8000, "HTTP port")
     # option() gives list defaults a default_factory, so no instance shares a list.
-    tokenizer: list[str] = option(  # noqa: RUF009
+    tokenizer: list[str] = option(
         ["127.0.0.1:30001"], "tokenizer gRPC address(es); several are used round-robin"
     )
-    scheduler: list[str] = option(  # noqa: RUF009
+    scheduler: list[str] = option(
         ["127.0.0.1:30003"], "scheduler gRPC address(es); requests go to the least loaded"
     )
-    api_key: list[str] = option([], "accepted API key(s) (Bearer); none: no authentication")  # noqa: RUF009
+    api_key: list[str] = option([], "accepted API key(s) (Bearer); none: no authentication")
     served_model_name: str | None = option(
         None, "model name clients use (default: what the scheduler reports)"
     )

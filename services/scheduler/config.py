@@ -12,7 +12,7 @@ from services.scheduler.policy import POLICIES
 class SchedulerConfig:
     executor: str = option("127.0.0.1:30002", "address of the executor's gRPC service")
     host: str = option("127.0.0.1", "address the gRPC server binds")
-    port: int = option(30001, "gRPC port")
+    port: int = option(30003, "gRPC port")
     max_running_requests: int | None = option(
         None, "most samples running at once (default and upper bound: the executor's table rows)"
     )

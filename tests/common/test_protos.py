@@ -29,12 +29,13 @@ def test_every_message_field_is_commented() -> None:
         lines = proto.read_text().splitlines()
         for i, line in enumerate(lines):
             stripped = line.strip()
-            is_field = stripped.endswith(";") and "=" in stripped and not stripped.startswith(
-                ("option", "syntax", "package", "//", "import")
+            is_field = (
+                stripped.endswith(";")
+                and "=" in stripped
+                and not stripped.startswith(("option", "syntax", "package", "//", "import"))
             )
             if not is_field:
                 continue
             above = lines[i - 1].strip()
             commented = "//" in line or above.startswith("//")
             assert commented, f"{proto.name}:{i + 1} field without a comment: {stripped}"
-

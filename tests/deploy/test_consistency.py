@@ -382,7 +382,7 @@ def test_hpa_alternative_reads_the_adapter_metric() -> None:
     assert metric_refs.names_in(rule["seriesQuery"]) == {"radixserve:num_requests_waiting"}
 
 
-def test_readme_section_commands_name_existing_files() -> None:
-    text = (Path(manifests.ROOT) / "deploy" / "README_SECTION.md").read_text()
+def test_readme_names_only_existing_deploy_files() -> None:
+    text = (Path(manifests.ROOT) / "README.md").read_text()
     for path in re.findall(r"(?:deploy/[\w./-]+|compose\.yaml)", text):
         assert (manifests.ROOT / path.rstrip(".")).exists(), path

@@ -183,12 +183,6 @@ def test_gateway_is_ready_while_listed_engines_are_absent(deployment: Deployment
     assert httpx.get(f"{deployment.gateway_url}/ready", timeout=5).status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the gateway's tokenizer channel uses gRPC's default pick_first policy: behind one name "
-    "(the headless Service) it talks to a single tokenizer; it needs ('grpc.lb_policy_name', "
-    "'round_robin') in its channel options",
-)
 def test_gateway_balances_over_every_tokenizer_behind_one_name(deployment: Deployment) -> None:
     asyncio.run(concurrent_chats(deployment.gateway_url, 4))
     connected = {

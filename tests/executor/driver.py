@@ -54,7 +54,11 @@ class Driver:
         first_row: int = 0,
     ) -> list[Job]:
         """Runs all prompts together to `max_new` tokens each; returns the finished jobs."""
-        plist = params if isinstance(params, list) else [params or SamplingParams(temperature=0)] * len(prompts)
+        plist = (
+            params
+            if isinstance(params, list)
+            else [params or SamplingParams(temperature=0)] * len(prompts)
+        )
         jobs = [Job(first_row + i, p, max_new, plist[i]) for i, p in enumerate(prompts)]
         step = self.next_step(
             add=[NewRequest(j.row, f"r{j.row}", j.params, j.prompt) for j in jobs],

@@ -44,8 +44,12 @@ def test_second_request_reuses_first_requests_prefix_slots() -> None:
     greedy = SamplingParams(temperature=0)
     a_slots = list(range(1, 1 + 100 + 9 + 16))
     engine.run_step(
-        StepInput(1, add=[NewRequest(0, "a", greedy)], writes=[SlotWrite(0, 0, a_slots)],
-                  slices=[Slice(0, 0, prefix + suffix_a)])
+        StepInput(
+            1,
+            add=[NewRequest(0, "a", greedy)],
+            writes=[SlotWrite(0, 0, a_slots)],
+            slices=[Slice(0, 0, prefix + suffix_a)],
+        )
     )
     # Request b: table positions 0..99 point at a's slots; only its suffix is computed.
     b_own = list(range(500, 500 + 13 + 16))
@@ -59,7 +63,9 @@ def test_second_request_reuses_first_requests_prefix_slots() -> None:
     assert out.num_tokens == len(suffix_b)
     tokens = [out.tokens[0].token_id]
     for i in range(15):
-        res = engine.run_step(StepInput(3 + i, slices=[Slice(1, 113 + i, [], use_last_sampled=True)]))
+        res = engine.run_step(
+            StepInput(3 + i, slices=[Slice(1, 113 + i, [], use_last_sampled=True)])
+        )
         tokens.append(res.tokens[0].token_id)
     assert tokens == scratch
 

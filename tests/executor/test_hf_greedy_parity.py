@@ -46,7 +46,9 @@ def setup(default_model_dir: Path):
         if i % 4 == 0:
             messages.insert(0, {"role": "system", "content": "You answer concisely."})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        prompts.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+        prompts.append(
+            list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        )
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     cfg = ModelConfig.from_dir(default_model_dir)
     ctx = 1024

@@ -29,7 +29,10 @@ def test_prefill_and_decode_logits_match_hf(variant: str) -> None:
     # Rows get interleaved, non-contiguous slots, so the table really does the addressing.
     slots = torch.randperm(300, generator=gen)[:150].add(1).tolist()
     offsets = [0, 10, 60]
-    writes = [SlotWrite(r, 0, slots[o : o + n + 3]) for r, (o, n) in enumerate(zip(offsets, LENGTHS, strict=True))]
+    writes = [
+        SlotWrite(r, 0, slots[o : o + n + 3])
+        for r, (o, n) in enumerate(zip(offsets, LENGTHS, strict=True))
+    ]
     step = StepInput(
         1,
         add=[NewRequest(r, str(r), greedy) for r in range(3)],

@@ -17,7 +17,9 @@ def make_logits(rows: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def row(params: SamplingParams, output: list[int] | None = None, prompt: list[int] | None = None) -> SampleRow:
+def row(
+    params: SamplingParams, output: list[int] | None = None, prompt: list[int] | None = None
+) -> SampleRow:
     return SampleRow(params, prompt or [], output or [])
 
 
@@ -67,7 +69,9 @@ def test_seed_gives_same_tokens_alone_and_elsewhere_in_another_batch() -> None:
     logits = make_logits(8, seed=6)
     sampler = Sampler(V, torch.device("cpu"))
     target = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
-    alone = [int(sampler(logits[3:4].clone(), [row(target, [1] * i)]).token_ids[0]) for i in range(20)]
+    alone = [
+        int(sampler(logits[3:4].clone(), [row(target, [1] * i)]).token_ids[0]) for i in range(20)
+    ]
     others = [SamplingParams(temperature=0.7, top_k=3, seed=s) for s in range(7)]
     in_batch = []
     for i in range(20):
@@ -92,7 +96,9 @@ def test_different_seeds_differ_and_uniforms_are_in_range() -> None:
 def test_logit_bias_minus_100_bans_a_token() -> None:
     logits = make_logits(seed=8)
     top = int(logits[0].argmax())
-    greedy = Sampler(V, torch.device("cpu"))(logits.clone(), [row(SamplingParams(temperature=0, logit_bias={top: -100.0}))])
+    greedy = Sampler(V, torch.device("cpu"))(
+        logits.clone(), [row(SamplingParams(temperature=0, logit_bias={top: -100.0}))]
+    )
     assert int(greedy.token_ids[0]) != top
     seen = draws(logits, SamplingParams(temperature=1.0, seed=9, logit_bias={top: -100.0}), 200)
     assert top not in seen
@@ -100,15 +106,28 @@ def test_logit_bias_minus_100_bans_a_token() -> None:
 
 def test_positive_bias_forces_a_token() -> None:
     logits = make_logits(seed=8)
-    out = Sampler(V, torch.device("cpu"))(logits.clone(), [row(SamplingParams(temperature=0, logit_bias={7: 100.0}))])
+    out = Sampler(V, torch.device("cpu"))(
+        logits.clone(), [row(SamplingParams(temperature=0, logit_bias={7: 100.0}))]
+    )
     assert int(out.token_ids[0]) == 7
 
 
-def processed_logprob(params: SamplingParams, output: list[int], prompt: list[int], token: int) -> float:
+def processed_logprob(
+    params: SamplingParams, output: list[int], prompt: list[int], token: int
+) -> float:
     logits = torch.zeros(1, V)
     logits[0, token] = 2.0
     logits[0, token + 1] = -2.0
-    Sampler(V, torch.device("cpu"))(logits, [row(SamplingParams(**{**params.__dict__, "logprobs": True, "temperature": 0}), output, prompt)])
+    Sampler(V, torch.device("cpu"))(
+        logits,
+        [
+            row(
+                SamplingParams(**{**params.__dict__, "logprobs": True, "temperature": 0}),
+                output,
+                prompt,
+            )
+        ],
+    )
     lp = torch.log_softmax(logits, -1)  # logits were processed in place
     return float(lp[0, token])
 
@@ -133,7 +152,10 @@ def test_penalties_lower_repeated_tokens(params: SamplingParams, where: str) -> 
 
 def test_frequency_penalty_scales_with_count_and_presence_does_not() -> None:
     sampler = Sampler(V, torch.device("cpu"))
-    for params, expect_ratio in [(SamplingParams(temperature=0, frequency_penalty=0.5), 2.0), (SamplingParams(temperature=0, presence_penalty=0.5), 1.0)]:
+    for params, expect_ratio in [
+        (SamplingParams(temperature=0, frequency_penalty=0.5), 2.0),
+        (SamplingParams(temperature=0, presence_penalty=0.5), 1.0),
+    ]:
         drops = []
         for count in (1, 2):
             logits = torch.zeros(1, V)
@@ -144,7 +166,9 @@ def test_frequency_penalty_scales_with_count_and_presence_does_not() -> None:
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
     logits = torch.tensor([[2.0, -2.0] + [0.0] * (V - 2)])
-    Sampler(V, torch.device("cpu"))(logits, [row(SamplingParams(temperature=0, repetition_penalty=2.0), [0, 1])])
+    Sampler(V, torch.device("cpu"))(
+        logits, [row(SamplingParams(temperature=0, repetition_penalty=2.0), [0, 1])]
+    )
     assert logits[0, 0].item() == pytest.approx(1.0)
     assert logits[0, 1].item() == pytest.approx(-4.0)
 
@@ -153,7 +177,9 @@ def test_logprobs_are_log_softmax_of_processed_logits() -> None:
     logits = make_logits(3, seed=10)
     params = [
         SamplingParams(temperature=0, logprobs=True, top_logprobs=4, logit_bias={1: 2.0}),
-        SamplingParams(temperature=0.5, logprobs=True, top_logprobs=2, seed=3, frequency_penalty=1.0),
+        SamplingParams(
+            temperature=0.5, logprobs=True, top_logprobs=2, seed=3, frequency_penalty=1.0
+        ),
         SamplingParams(temperature=1.0, seed=4),
     ]
     rows = [row(params[0]), row(params[1], [5, 5]), row(params[2])]

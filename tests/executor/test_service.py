@@ -43,8 +43,21 @@ class StepStream:
 @pytest.fixture(scope="module")
 def executor(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    args = ["executor", "--model-path", str(tiny_model_dir), "--port", str(port), "--dtype", "float32",
-            "--max-total-tokens", "2048", "--max-running-requests", "8", "--context-length", "256"]
+    args = [
+        "executor",
+        "--model-path",
+        str(tiny_model_dir),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-total-tokens",
+        "2048",
+        "--max-running-requests",
+        "8",
+        "--context-length",
+        "256",
+    ]
     log = tmp_path_factory.mktemp("logs") / "executor.log"
     with ServiceProcess(args, log) as proc:
         proc.wait_grpc_serving(port)
@@ -69,12 +82,14 @@ def test_prefill_decode_and_a_rejected_step_over_the_wire(executor: str) -> None
         stub = pb_grpc.ExecutorStub(channel)
         stub.Reset(pb.ResetRequest())
         run = StepStream(stub)
-        first = run(StepInput(
-            1,
-            add=[NewRequest(r, f"r{r}", GREEDY, p) for r, p in enumerate(prompts)],
-            writes=[SlotWrite(0, 0, list(range(1, 20))), SlotWrite(1, 0, list(range(40, 60)))],
-            slices=[Slice(0, 0, prompts[0][:3], sample=False), Slice(1, 0, prompts[1])],
-        ))
+        first = run(
+            StepInput(
+                1,
+                add=[NewRequest(r, f"r{r}", GREEDY, p) for r, p in enumerate(prompts)],
+                writes=[SlotWrite(0, 0, list(range(1, 20))), SlotWrite(1, 0, list(range(40, 60)))],
+                slices=[Slice(0, 0, prompts[0][:3], sample=False), Slice(1, 0, prompts[1])],
+            )
+        )
         assert not first.HasField("error")
         assert list(first.rows) == [1] and first.num_tokens == 7
         got = {0: [], 1: [first.token_ids[0]]}
@@ -87,7 +102,11 @@ def test_prefill_decode_and_a_rejected_step_over_the_wire(executor: str) -> None
         assert "row 5" in bad.error.message and len(bad.rows) == 0
         step_id = 4
         while len(got[0]) < 6 or len(got[1]) < 6:
-            slices = [Slice(r, len(prompts[r]) + len(got[r]) - 1, [], True) for r in (0, 1) if len(got[r]) < 6]
+            slices = [
+                Slice(r, len(prompts[r]) + len(got[r]) - 1, [], True)
+                for r in (0, 1)
+                if len(got[r]) < 6
+            ]
             res = run(StepInput(step_id, slices=slices))
             assert not res.HasField("error"), res.error.message
             for row, tok in zip(res.rows, res.token_ids, strict=True):

@@ -23,8 +23,12 @@ def hf():
 def started(hf):
     engine = engine_for(hf, num_slots=512, max_rows=4)
     engine.run_step(
-        StepInput(1, add=[NewRequest(0, "a", G)], writes=[SlotWrite(0, 0, list(range(1, 40)))],
-                  slices=[Slice(0, 0, [1, 2, 3, 4])])
+        StepInput(
+            1,
+            add=[NewRequest(0, "a", G)],
+            writes=[SlotWrite(0, 0, list(range(1, 40)))],
+            slices=[Slice(0, 0, [1, 2, 3, 4])],
+        )
     )
     return engine
 
@@ -41,10 +45,14 @@ BAD_STEPS = {
     "release unknown row": StepInput(2, release_rows=[2]),
     "two slices one row": StepInput(2, slices=[Slice(0, 4, [1]), Slice(0, 5, [2])]),
     "empty slice": StepInput(2, slices=[Slice(0, 4, [])]),
-    "last sampled on new row": StepInput(2, add=[NewRequest(1, "b", G)], slices=[Slice(1, 0, [], True)]),
+    "last sampled on new row": StepInput(
+        2, add=[NewRequest(1, "b", G)], slices=[Slice(1, 0, [], True)]
+    ),
     "bad temperature": StepInput(2, add=[NewRequest(1, "b", SamplingParams(temperature=-1))]),
     "bad top_p": StepInput(2, add=[NewRequest(1, "b", SamplingParams(top_p=0.0))]),
-    "too many top logprobs": StepInput(2, add=[NewRequest(1, "b", SamplingParams(top_logprobs=99))]),
+    "too many top logprobs": StepInput(
+        2, add=[NewRequest(1, "b", SamplingParams(top_logprobs=99))]
+    ),
     "slice on released row": StepInput(2, release_rows=[0], slices=[Slice(0, 4, [], True)]),
 }
 

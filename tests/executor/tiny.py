@@ -40,7 +40,11 @@ VARIANTS = {
             },
         },
     ),
-    "untied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False, "num_key_value_heads": 4}),
+    "untied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"tie_word_embeddings": False, "num_key_value_heads": 4},
+    ),
 }
 
 

@@ -29,7 +29,9 @@ def test_kernel_matches_reference(dtype: torch.dtype, heads: int, kv_heads: int,
     seq_lens = torch.tensor([1, 299, 17, 64, 2, 150])
     q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
     out = cpu_kernels.paged_decode_attention(q, k_pool, v_pool, table, rows, seq_lens, dim**-0.5)
-    ref = cpu_kernels.paged_decode_attention_ref(q, k_pool, v_pool, table, rows, seq_lens, dim**-0.5)
+    ref = cpu_kernels.paged_decode_attention_ref(
+        q, k_pool, v_pool, table, rows, seq_lens, dim**-0.5
+    )
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert (out.float() - ref.float()).abs().max().item() < TOLERANCE[dtype]
 

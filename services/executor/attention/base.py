@@ -57,7 +57,9 @@ class AttentionBackend:
             return self.extend(layer, q, batch)
         if batch.num_extend == 0:
             return self.decode(layer, q, batch)
-        return torch.cat([self.extend(layer, q[:n_ext], batch), self.decode(layer, q[n_ext:], batch)])
+        return torch.cat(
+            [self.extend(layer, q[:n_ext], batch), self.decode(layer, q[n_ext:], batch)]
+        )
 
     def extend(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         raise NotImplementedError
@@ -68,5 +70,7 @@ class AttentionBackend:
 
 def create_backend(name: str, **kwargs: object) -> AttentionBackend:
     if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(ATTENTION_BACKENDS)}")
+        raise ValueError(
+            f"unknown attention backend {name!r}; choose from {sorted(ATTENTION_BACKENDS)}"
+        )
     return ATTENTION_BACKENDS[name](**kwargs)  # type: ignore[arg-type]

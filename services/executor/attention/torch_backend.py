@@ -124,8 +124,13 @@ class TorchAttention(AttentionBackend):
         part = batch.attn_metadata.decode  # type: ignore[union-attr]
         if isinstance(part, KernelDecode):
             return cpu_kernels.paged_decode_attention(
-                q, self.pool.k[layer], self.pool.v[layer], self.table.table, part.rows,
-                part.seq_lens, self.scale,
+                q,
+                self.pool.k[layer],
+                self.pool.v[layer],
+                self.table.table,
+                part.rows,
+                part.seq_lens,
+                self.scale,
             )
         b, n_keys = part.kv_idx.shape
         flat = part.kv_idx.reshape(-1)
