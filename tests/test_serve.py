@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,11 +11,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import psutil
 import pytest
 from openai import OpenAI
 
+from services.bench import cli as bench_cli
+from services.cli import build_parser
 from tests.procs import free_port
 
 pytestmark = pytest.mark.slow
@@ -121,3 +126,50 @@ def test_serve_reports_a_dead_service_and_stops_the_others(serve: tuple[Serve, i
     assert "executor service exited" in server.stderr()
     _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
+
+
+def metric(base_url: str, name: str) -> float:
+    """The value of one unlabelled sample of the gateway's /metrics."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def run_bench(port: int, out: Path, *flags: str) -> dict[str, Any]:
+    argv = ["bench", "--base-url", f"http://127.0.0.1:{port}", "--tokenizer", "default",
+            "--output-file", str(out), "--timeout-s", "240", "--seed", "7", *flags]  # fmt: skip
+    summary = bench_cli.main(build_parser().parse_args(argv))
+    assert json.loads(out.read_text())["summary"]["completed"] == summary["completed"]
+    return summary
+
+
+def test_bench_runs_every_dataset_against_serve(serve: tuple[Serve, int], tmp_path: Path) -> None:
+    server, port = serve
+    server.wait_ready()
+    base = f"http://127.0.0.1:{port}"
+
+    random = run_bench(port, tmp_path / "random.json", "--dataset", "random", "--num-prompts", "8",
+                       "--random-input-len", "64", "--random-output-len", "16",
+                       "--random-range-ratio", "1", "--max-concurrency", "4")  # fmt: skip
+    assert (random["completed"], random["errors"]) == (8, 0), random["errors_by_kind"]
+    # Counted by re-tokenizing the streamed text, so a merge at a chunk edge may shift a token.
+    assert 8 * 14 <= random["total_output_tokens"] <= 8 * 18
+    assert random["ttft_ms"]["count"] == 8 and random["peak_concurrency"] <= 4
+    assert random["output_token_throughput"] > 0
+
+    cached_before = metric(base, "radixserve:cached_tokens_total")
+    shared = run_bench(port, tmp_path / "gsp.json", "--dataset", "generated-shared-prefix",
+                       "--gsp-num-groups", "2", "--gsp-prompts-per-group", "4",
+                       "--gsp-system-prompt-len", "200", "--gsp-question-len", "16",
+                       "--gsp-output-len", "8", "--max-concurrency", "4")  # fmt: skip
+    assert (shared["completed"], shared["errors"]) == (8, 0), shared["errors_by_kind"]
+    # Each group's system prompt is computed once and reused by the group's other prompts.
+    assert metric(base, "radixserve:cached_tokens_total") - cached_before >= 2 * 3 * 150
+
+    turns = run_bench(port, tmp_path / "mt.json", "--dataset", "multi-turn",
+                      "--mt-num-conversations", "2", "--mt-turns", "3",
+                      "--mt-turn-input-len", "24", "--mt-output-len", "8")  # fmt: skip
+    assert (turns["completed"], turns["errors"]) == (6, 0), turns["errors_by_kind"]
+    assert turns["total_input_tokens"] > 6 * 24  # later turns carry the conversation so far
