@@ -72,15 +72,37 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q: [B, H, D]; pools: [slots, Hkv, D]; table: [rows, ctx] int64 → out [B, H, D] in q.dtype."""
-    module = load()
-    if module is None:
+    """q: [B, H, D]; pools: [slots, Hkv, D]; table: [rows, ctx] int64 → out [B, H, D] in q.dtype.
+
+    Registered as the custom op `radixserve::paged_decode_attention`, so `torch.compile` keeps it
+    as one opaque call inside a compiled step."""
+    if load() is None:
         raise RuntimeError(f"CPU attention kernel unavailable: {_error}")
     _check(q, k_pool, v_pool, table, rows, seq_lens)
+    return _paged_decode_attention_op(q, k_pool, v_pool, table, rows, seq_lens, scale)
+
+
+@torch.library.custom_op("radixserve::paged_decode_attention", mutates_args=())
+def _paged_decode_attention_op(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    module = load()
+    assert module is not None
     out = module.paged_decode_attention(
         q.contiguous(), k_pool, v_pool, table, rows, seq_lens, scale
     )
     return out.to(q.dtype)
+
+
+@_paged_decode_attention_op.register_fake
+def _(q, k_pool, v_pool, table, rows, seq_lens, scale):  # type: ignore[no-untyped-def]
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def _check(q, k_pool, v_pool, table, rows, seq_lens) -> None:

@@ -1,10 +1,10 @@
 // Decode attention over the paged KV pool, for the CPU: one query token per request, keys and
 // values read straight from the pool through the request→KV-slot table (no gather copy).
-// One task per (request, kv head); the G query heads sharing that kv head are computed together,
-// so each K/V row is read from memory once.
+// A task is one request (all its heads, so each slot's K/V row is read as one contiguous run) or,
+// when there are too few requests to keep every thread busy, one (request, kv head) pair. The G
+// query heads that share a kv head are computed together, so each K/V row is read once.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -13,53 +13,57 @@
 
 namespace {
 
-inline float to_float(float x) { return x; }
-inline float to_float(at::BFloat16 x) {
-  uint16_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float out;
-  std::memcpy(&out, &wide, sizeof(out));
-  return out;
+inline void load_row(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, sizeof(float) * n); }
+inline void load_row(const at::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
 }
 
+// Attends the query heads of kv heads [h0, h1) of one request.
 template <typename T>
-void attend_one(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, int64_t len,
-                int64_t hk, int64_t kv_heads, int64_t group, int64_t dim, float scale,
-                float* qf, float* scores, float* acc, float* out) {
-  // qf: [group, dim]; scores: [group, len]; acc: [group, dim]; out: [group, dim]
-  for (int64_t i = 0; i < group * dim; ++i) qf[i] = to_float(q[i]) * scale;
+void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, int64_t len,
+            int64_t h0, int64_t h1, int64_t kv_heads, int64_t group, int64_t dim, float scale,
+            float* qf, float* row, float* scores, float* out) {
+  const int64_t nh = (h1 - h0) * group;  // query heads handled
+  const int64_t width = (h1 - h0) * dim;  // floats of the K/V row slice
+  load_row(q + h0 * group * dim, qf, nh * dim);
+  for (int64_t i = 0; i < nh * dim; ++i) qf[i] *= scale;
   for (int64_t l = 0; l < len; ++l) {
-    const T* kr = k_pool + (slots[l] * kv_heads + hk) * dim;
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = qf + g * dim;
+    load_row(k_pool + (slots[l] * kv_heads + h0) * dim, row, width);
+    for (int64_t h = 0; h < nh; ++h) {
+      const float* qh = qf + h * dim;
+      const float* kh = row + (h / group) * dim;
       float s = 0.f;
-      for (int64_t d = 0; d < dim; ++d) s += qg[d] * to_float(kr[d]);
-      scores[g * len + l] = s;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < dim; ++d) s += qh[d] * kh[d];
+      scores[h * len + l] = s;
     }
   }
-  std::fill(acc, acc + group * dim, 0.f);
-  for (int64_t g = 0; g < group; ++g) {
-    float* sg = scores + g * len;
+  for (int64_t h = 0; h < nh; ++h) {
+    float* sh = scores + h * len;
     float m = -std::numeric_limits<float>::infinity();
-    for (int64_t l = 0; l < len; ++l) m = std::max(m, sg[l]);
+    for (int64_t l = 0; l < len; ++l) m = std::max(m, sh[l]);
     float sum = 0.f;
     for (int64_t l = 0; l < len; ++l) {
-      sg[l] = std::exp(sg[l] - m);
-      sum += sg[l];
+      sh[l] = std::exp(sh[l] - m);
+      sum += sh[l];
     }
     const float inv = 1.f / sum;
-    for (int64_t l = 0; l < len; ++l) sg[l] *= inv;
+    for (int64_t l = 0; l < len; ++l) sh[l] *= inv;
   }
+  std::fill(out, out + nh * dim, 0.f);
   for (int64_t l = 0; l < len; ++l) {
-    const T* vr = v_pool + (slots[l] * kv_heads + hk) * dim;
-    for (int64_t g = 0; g < group; ++g) {
-      const float p = scores[g * len + l];
-      float* ag = acc + g * dim;
-      for (int64_t d = 0; d < dim; ++d) ag[d] += p * to_float(vr[d]);
+    load_row(v_pool + (slots[l] * kv_heads + h0) * dim, row, width);
+    for (int64_t h = 0; h < nh; ++h) {
+      const float p = scores[h * len + l];
+      const float* vh = row + (h / group) * dim;
+      float* oh = out + h * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) oh[d] += p * vh[d];
     }
   }
-  std::memcpy(out, acc, sizeof(float) * group * dim);
 }
 
 template <typename T>
@@ -78,14 +82,18 @@ void run(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tenso
   float* op = out.data_ptr<float>();
   int64_t max_len = 1;
   for (int64_t b = 0; b < batch; ++b) max_len = std::max(max_len, lp[b]);
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * dim), acc(group * dim), scores(group * max_len);
+  // Whole requests per task read each slot's K/V row as one contiguous run; with too few requests
+  // to keep every thread busy, split each request by kv head instead.
+  const int64_t split = batch >= 4 * at::get_num_threads() ? 1 : kv_heads;
+  const int64_t span = kv_heads / split;
+  at::parallel_for(0, batch * split, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(span * group * dim), row(span * dim), scores(span * group * max_len);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, hk = task % kv_heads;
+      const int64_t b = task / split, h0 = (task % split) * span;
       const int64_t* slots = tp + rp[b] * table_stride;
-      const int64_t offset = (b * heads + hk * group) * dim;
-      attend_one<T>(qp + offset, kp, vp, slots, lp[b], hk, kv_heads, group, dim,
-                    static_cast<float>(scale), qf.data(), scores.data(), acc.data(), op + offset);
+      const int64_t offset = (b * heads + h0 * group) * dim;
+      attend<T>(qp + (b * heads) * dim, kp, vp, slots, lp[b], h0, h0 + span, kv_heads, group,
+                dim, static_cast<float>(scale), qf.data(), row.data(), scores.data(), op + offset);
     }
   });
 }

@@ -18,15 +18,18 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 4, 64), (9, 3, 64), (8, 1, 128)])
-def test_kernel_matches_reference(dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> None:
+@pytest.mark.parametrize("batch", [6, 40])  # split by kv head / one task per request
+def test_kernel_matches_reference(
+    dtype: torch.dtype, heads: int, kv_heads: int, dim: int, batch: int
+) -> None:
     gen = torch.Generator().manual_seed(heads * dim)
-    slots, batch = 3000, 6
+    slots = 3000
     k_pool = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
     v_pool = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
     k_pool[0] = float("nan")  # the padding slot must never be read
     table = torch.randint(1, slots, (10, 300), generator=gen)
-    rows = torch.tensor([7, 0, 3, 9, 1, 5])
-    seq_lens = torch.tensor([1, 299, 17, 64, 2, 150])
+    rows = torch.tensor([7, 0, 3, 9, 1, 5] * (batch // 6) + [2] * (batch % 6))
+    seq_lens = torch.tensor([1, 299, 17, 64, 2, 150] * (batch // 6) + [33] * (batch % 6))
     q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
     out = cpu_kernels.paged_decode_attention(q, k_pool, v_pool, table, rows, seq_lens, dim**-0.5)
     ref = cpu_kernels.paged_decode_attention_ref(

@@ -150,12 +150,17 @@ class TorchAttention(AttentionBackend):
     # shapes for many steps; keys past a request's length are masked exactly as in `_decode_part`.
 
     def static_kv_len(self, max_seq_len: int) -> int:
+        if self.use_cpu_kernel:
+            return 0  # the kernel reads the lengths from the buffers: one layout per batch size
         return kv_len_bucket(max_seq_len, self.table.context_length)
 
     def init_static_decode(self, batch: ForwardBatch, kv_len: int) -> None:
         """Decode metadata of a pure-decode `batch` padded to `kv_len` keys, computed from its
         tensors alone (no host lengths), so it can run inside a compiled or captured step."""
         rows, seq_lens = batch.rows, batch.seq_lens
+        if self.use_cpu_kernel:
+            batch.attn_metadata = TorchMetadata(None, KernelDecode(rows, seq_lens))
+            return
         key_pos = torch.arange(kv_len, device=rows.device)
         mask = key_pos[None, :] < seq_lens[:, None]
         if self.sliding_window:
