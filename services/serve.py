@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -168,7 +169,11 @@ def ready(url: str) -> tuple[bool, str]:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200, ""
     except urllib.error.HTTPError as exc:
-        return False, exc.read().decode(errors="replace")[:200]
+        body = exc.read().decode(errors="replace")
+        try:
+            return False, str(json.loads(body)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            return False, body[:200]
     except OSError as exc:
         return False, str(exc)
 

@@ -25,6 +25,7 @@ from services.gateway.errors import (
     Overloaded,
     Unauthorized,
     Unavailable,
+    error_body,
     error_response,
 )
 from services.gateway.protocol import (
@@ -135,7 +136,11 @@ async def ready(request: Request) -> Response:
     backend = _backend(request)
     reason = await backend.not_ready_reason()
     if reason is not None:
-        raise Unavailable(f"not ready: {reason}")
+        # Probes poll this while the services start: answer 503 without logging each poll (the
+        # backend logs each new reason once).
+        err = Unavailable(f"not ready: {reason}")
+        body = error_body(err.message, err.type, err.param, err.code)
+        return JSONResponse(body, status_code=err.status)
     return JSONResponse({"status": "ready", "model": backend.model.name})
 
 

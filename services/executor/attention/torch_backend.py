@@ -24,6 +24,10 @@ class PaddedPart:
     mask: torch.Tensor  # [B, 1, Q, L] True where a query may attend a key
     token_dest: torch.Tensor | None  # [T_part] index into the flattened [B * Q] query grid
     max_q: int
+    # No request has a cached prefix (and no sliding window): query i of every request sees keys
+    # 0..i, which is SDPA's own causal mask over the right-padded grid, so the kernel can skip the
+    # blocks above the diagonal instead of reading a mask. Padded queries are discarded anyway.
+    causal: bool = False
 
 
 @dataclass
@@ -95,7 +99,8 @@ class TorchAttention(AttentionBackend):
         first_tok = torch.cumsum(lens, 0) - lens
         offset = torch.arange(batch.num_extend_tokens, device=device) - first_tok[req_of_tok]
         dest = req_of_tok * max_q + offset
-        return PaddedPart(self._gather_idx(rows, max_len), mask[:, None], dest, max_q)
+        causal = not self.sliding_window and batch.seq_lens_cpu[:ne] == batch.extend_lens_cpu
+        return PaddedPart(self._gather_idx(rows, max_len), mask[:, None], dest, max_q, causal)
 
     def _attend(self, layer: int, q: torch.Tensor, part: PaddedPart) -> torch.Tensor:
         # q: [B, H, Q, D] → [B, H, Q, D]
@@ -104,6 +109,10 @@ class TorchAttention(AttentionBackend):
         k = self.pool.k[layer].index_select(0, flat).view(b, n_keys, self.num_kv_heads, -1)
         v = self.pool.v[layer].index_select(0, flat).view(b, n_keys, self.num_kv_heads, -1)
         k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)
+        if part.causal:
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.scale, enable_gqa=True
+            )
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=part.mask, scale=self.scale, enable_gqa=True
         )
