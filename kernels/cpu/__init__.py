@@ -75,11 +75,18 @@ def paged_decode_attention(
     """q: [B, H, D]; pools: [slots, Hkv, D]; table: [rows, ctx] int64 → out [B, H, D] in q.dtype.
 
     Registered as the custom op `radixserve::paged_decode_attention`, so `torch.compile` keeps it
-    as one opaque call inside a compiled step."""
-    if load() is None:
+    as one opaque call inside a compiled step; eager callers skip the op dispatch (it costs about
+    as much as the kernel itself at batch 1)."""
+    module = load()
+    if module is None:
         raise RuntimeError(f"CPU attention kernel unavailable: {_error}")
+    if torch.compiler.is_compiling():
+        return _paged_decode_attention_op(q, k_pool, v_pool, table, rows, seq_lens, scale)
     _check(q, k_pool, v_pool, table, rows, seq_lens)
-    return _paged_decode_attention_op(q, k_pool, v_pool, table, rows, seq_lens, scale)
+    out = module.paged_decode_attention(
+        q.contiguous(), k_pool, v_pool, table, rows, seq_lens, scale
+    )
+    return out.to(q.dtype)
 
 
 @torch.library.custom_op("radixserve::paged_decode_attention", mutates_args=())
