@@ -1,7 +1,8 @@
 """C++ kernels for the CPU, compiled on first use with torch's extension builder.
 
-`paged_decode_attention` reads K/V rows straight from the paged pool through the request→KV-slot
-table, instead of gathering them into a padded copy first. The build is cached under
+`paged_decode_attention` (one query token per request) and `extend_attention` (a request's new
+tokens over its cached prefix, causal) read K/V rows straight from the paged pool through the
+request→KV-slot table, instead of gathering them into a padded copy first. The build is cached under
 torch's extension directory, keyed by the source and by this CPU's instruction-set flags, so a
 binary built for one CPU is never loaded on another. If the build fails (no compiler), callers
 fall back to the PyTorch path; `load_error()` says why.
@@ -18,7 +19,7 @@ from types import ModuleType
 import torch
 
 log = logging.getLogger("radixserve.kernels")
-SOURCE = Path(__file__).with_name("paged_decode_attention.cpp")
+SOURCE = Path(__file__).with_name("attention.cpp")
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _error: str | None = None
@@ -113,8 +114,17 @@ def _(q, k_pool, v_pool, table, rows, seq_lens, scale):  # type: ignore[no-untyp
 
 
 def _check(q, k_pool, v_pool, table, rows, seq_lens) -> None:
+    _check_pools(q, k_pool, v_pool, table)
+    for name, t in (("rows", rows), ("seq_lens", seq_lens)):
+        if t.dtype != torch.int64:
+            raise ValueError(f"{name} must be int64")
+    if rows.shape != seq_lens.shape or rows.shape[0] != q.shape[0]:
+        raise ValueError("rows and seq_lens need one entry per query")
+
+
+def _check_pools(q, k_pool, v_pool, table) -> None:
     if q.device.type != "cpu":
-        raise ValueError("paged_decode_attention runs on CPU tensors")
+        raise ValueError("the CPU attention kernels run on CPU tensors")
     if (
         q.dtype not in (torch.float32, torch.bfloat16)
         or k_pool.dtype != q.dtype
@@ -132,11 +142,8 @@ def _check(q, k_pool, v_pool, table, rows, seq_lens) -> None:
         raise ValueError("query heads must be a multiple of KV heads")
     if not (k_pool.is_contiguous() and v_pool.is_contiguous() and table.stride(1) == 1):
         raise ValueError("pools and table rows must be contiguous")
-    for name, t in (("table", table), ("rows", rows), ("seq_lens", seq_lens)):
-        if t.dtype != torch.int64:
-            raise ValueError(f"{name} must be int64")
-    if rows.shape != seq_lens.shape or rows.shape[0] != q.shape[0]:
-        raise ValueError("rows and seq_lens need one entry per query")
+    if table.dtype != torch.int64:
+        raise ValueError("table must be int64")
 
 
 def paged_decode_attention_ref(
@@ -157,4 +164,59 @@ def paged_decode_attention_ref(
         v = v_pool[slots].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
         out[b] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, H, D], the new tokens of every request back to back; request b's tokens sit at
+    positions prefix_lens[b] .. + extend_lens[b] - 1 of its table row, whose K/V the pool already
+    holds. Each sees keys 0 .. its own position. → out [T, H, D] in q.dtype."""
+    module = load()
+    if module is None:
+        raise RuntimeError(f"CPU attention kernel unavailable: {_error}")
+    _check_pools(q, k_pool, v_pool, table)
+    if q.shape[2] % 64:
+        raise ValueError(f"head_dim must be a multiple of 64, not {q.shape[2]}")
+    for name, t in (("rows", rows), ("prefix_lens", prefix_lens), ("extend_lens", extend_lens)):
+        if t.dtype != torch.int64 or t.shape != rows.shape:
+            raise ValueError(f"{name} must be int64 with one entry per request")
+    out = module.extend_attention(
+        q.contiguous(), k_pool, v_pool, table, rows, prefix_lens, extend_lens, scale
+    )
+    return out.to(q.dtype)
+
+
+def extend_attention_ref(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The same in plain PyTorch, one request at a time (for tests)."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k_pool.shape[1]
+    first = 0
+    for b in range(rows.shape[0]):
+        prefix, n = int(prefix_lens[b]), int(extend_lens[b])
+        slots = table[rows[b], : prefix + n]
+        k = k_pool[slots].float().repeat_interleave(group, dim=1)  # [L, H, D]
+        v = v_pool[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,lhd->hql", q[first : first + n].float(), k) * scale
+        visible = torch.arange(prefix + n)[None, :] <= (prefix + torch.arange(n))[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[first : first + n] = torch.einsum("hql,lhd->qhd", scores.softmax(-1), v).to(q.dtype)
+        first += n
     return out

@@ -40,6 +40,13 @@ VARIANTS = {
             },
         },
     ),
+    # head_dim 64 with three query heads per KV head, the shape of SmolLM2's attention (and the
+    # one the CPU extend kernel takes)
+    "gqa3-hd64": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1},
+    ),
     "untied": (
         "LlamaConfig",
         "LlamaForCausalLM",

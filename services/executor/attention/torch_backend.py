@@ -32,8 +32,15 @@ class PaddedPart:
 
 @dataclass
 class TorchMetadata:
-    extend: PaddedPart | None
+    extend: PaddedPart | KernelExtend | None
     decode: PaddedPart | KernelDecode | None
+
+
+@dataclass
+class KernelExtend:
+    rows: torch.Tensor  # [B] table rows of the extend requests
+    prefix_lens: torch.Tensor  # [B] cached tokens before each request's new ones
+    extend_lens: torch.Tensor  # [B] new tokens per request (q holds them back to back)
 
 
 @dataclass
@@ -47,6 +54,8 @@ class TorchAttention(AttentionBackend):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.use_cpu_kernel = self._cpu_kernel_usable()
+        # The extend kernel keeps 64 output floats of a row in registers at a time.
+        self.use_cpu_extend_kernel = self.use_cpu_kernel and self.head_dim % 64 == 0
 
     def _cpu_kernel_usable(self) -> bool:
         pool = self.pool.k[0] if self.pool.k else None
@@ -60,7 +69,13 @@ class TorchAttention(AttentionBackend):
 
     def init_metadata(self, batch: ForwardBatch) -> None:
         ne = batch.num_extend
-        extend = self._extend_part(batch) if ne else None
+        extend: PaddedPart | KernelExtend | None = None
+        if ne:
+            extend = (
+                self._kernel_extend(batch)
+                if self.use_cpu_extend_kernel
+                else self._extend_part(batch)
+            )
         decode: PaddedPart | KernelDecode | None = None
         if batch.num_decode:
             decode = self._kernel_part(batch) if self.use_cpu_kernel else self._decode_part(batch)
@@ -69,6 +84,11 @@ class TorchAttention(AttentionBackend):
     def _kernel_part(self, batch: ForwardBatch) -> KernelDecode:
         ne = batch.num_extend
         return KernelDecode(batch.rows[ne:].contiguous(), batch.seq_lens[ne:].contiguous())
+
+    def _kernel_extend(self, batch: ForwardBatch) -> KernelExtend:
+        ne = batch.num_extend
+        lens = torch.tensor(batch.extend_lens_cpu, device=batch.rows.device)
+        return KernelExtend(batch.rows[:ne].contiguous(), batch.starts[:ne].contiguous(), lens)
 
     def _gather_idx(self, rows: torch.Tensor, max_len: int) -> torch.Tensor:
         return self.table.table[rows, :max_len]
@@ -119,6 +139,17 @@ class TorchAttention(AttentionBackend):
 
     def extend(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         part = batch.attn_metadata.extend  # type: ignore[union-attr]
+        if isinstance(part, KernelExtend):
+            return cpu_kernels.extend_attention(
+                q,
+                self.pool.k[layer],
+                self.pool.v[layer],
+                self.table.table,
+                part.rows,
+                part.prefix_lens,
+                part.extend_lens,
+                self.scale,
+            )
         b = part.kv_idx.shape[0]
         grid = q.new_zeros(b * part.max_q, self.num_heads, self.head_dim)
         grid[part.token_dest] = q
