@@ -40,6 +40,8 @@ def _cpu_key() -> str:
 def load() -> ModuleType | None:
     """The compiled module, building it on first call; None when it cannot be built."""
     global _module, _error
+    if _module is not None:  # the per-layer fast path: no lock once built
+        return _module
     with _lock:
         if _module is not None or _error is not None:
             return _module
@@ -78,13 +80,21 @@ def paged_decode_attention(
     Registered as the custom op `radixserve::paged_decode_attention`, so `torch.compile` keeps it
     as one opaque call inside a compiled step; eager callers skip the op dispatch (it costs about
     as much as the kernel itself at batch 1)."""
-    module = load()
-    if module is None:
-        raise RuntimeError(f"CPU attention kernel unavailable: {_error}")
     if torch.compiler.is_compiling():
         return _paged_decode_attention_op(q, k_pool, v_pool, table, rows, seq_lens, scale)
     _check(q, k_pool, v_pool, table, rows, seq_lens)
-    out = module.paged_decode_attention(
+    return _run_decode(q, k_pool, v_pool, table, rows, seq_lens, scale)
+
+
+def _module_or_raise() -> ModuleType:
+    module = load()
+    if module is None:
+        raise RuntimeError(f"CPU attention kernel unavailable: {_error}")
+    return module
+
+
+def _run_decode(q, k_pool, v_pool, table, rows, seq_lens, scale) -> torch.Tensor:
+    out = _module_or_raise().paged_decode_attention(
         q.contiguous(), k_pool, v_pool, table, rows, seq_lens, scale
     )
     return out.to(q.dtype)
@@ -100,12 +110,7 @@ def _paged_decode_attention_op(
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    module = load()
-    assert module is not None
-    out = module.paged_decode_attention(
-        q.contiguous(), k_pool, v_pool, table, rows, seq_lens, scale
-    )
-    return out.to(q.dtype)
+    return _run_decode(q, k_pool, v_pool, table, rows, seq_lens, scale)
 
 
 @_paged_decode_attention_op.register_fake
@@ -180,9 +185,7 @@ def extend_attention(
     """q: [T, H, D], the new tokens of every request back to back; request b's tokens sit at
     positions prefix_lens[b] .. + extend_lens[b] - 1 of its table row, whose K/V the pool already
     holds. Each sees keys 0 .. its own position. → out [T, H, D] in q.dtype."""
-    module = load()
-    if module is None:
-        raise RuntimeError(f"CPU attention kernel unavailable: {_error}")
+    module = _module_or_raise()
     _check_pools(q, k_pool, v_pool, table)
     if q.shape[2] % 64:
         raise ValueError(f"head_dim must be a multiple of 64, not {q.shape[2]}")

@@ -28,6 +28,20 @@ inline void load_row(const at::BFloat16* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
 }
 
+// s[0 .. n) ← softmax(s[0 .. n)), with exp vectorized (libmvec) through the simd reduction.
+inline void softmax_in_place(float* s, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t l = 0; l < n; ++l) m = std::max(m, s[l]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t l = 0; l < n; ++l) {
+    s[l] = std::exp(s[l] - m);
+    sum += s[l];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t l = 0; l < n; ++l) s[l] *= inv;
+}
+
 // Attends the query heads of kv heads [h0, h1) of one request.
 template <typename T>
 void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, int64_t len,
@@ -48,19 +62,7 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, 
       scores[h * len + l] = s;
     }
   }
-  for (int64_t h = 0; h < nh; ++h) {
-    float* sh = scores + h * len;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t l = 0; l < len; ++l) m = std::max(m, sh[l]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t l = 0; l < len; ++l) {
-      sh[l] = std::exp(sh[l] - m);
-      sum += sh[l];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t l = 0; l < len; ++l) sh[l] *= inv;
-  }
+  for (int64_t h = 0; h < nh; ++h) softmax_in_place(scores + h * len, len);
   std::fill(out, out + nh * dim, 0.f);
   for (int64_t l = 0; l < len; ++l) {
     load_row(v_pool + (slots[l] * kv_heads + h0) * dim, row, width);
@@ -184,17 +186,8 @@ void extend_block(const T* q, int64_t q_stride, const T* k_pool, const T* v_pool
   for (int64_t r = 0; r < nr; ++r) {
     float* sr = scores + r * n_keys;
     const int64_t visible = prefix + i0 + r / group + 1;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t l = 0; l < visible; ++l) m = std::max(m, sr[l]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t l = 0; l < visible; ++l) {
-      sr[l] = std::exp(sr[l] - m);
-      sum += sr[l];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t l = 0; l < visible; ++l) sr[l] *= inv;
-    for (int64_t l = visible; l < n_keys; ++l) sr[l] = 0.f;
+    softmax_in_place(sr, visible);
+    std::fill(sr + visible, sr + n_keys, 0.f);
   }
   // out_r = sum_l p_rl v_l, over blocks of keys converted to float once per block.
   std::fill(acc, acc + nr * dim, 0.f);
