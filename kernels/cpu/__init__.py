@@ -10,60 +10,26 @@ fall back to the PyTorch path; `load_error()` says why.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import threading
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from kernels.cpu.build import Extension
+
 log = logging.getLogger("radixserve.kernels")
 SOURCE = Path(__file__).with_name("attention.cpp")
-_lock = threading.Lock()
-_module: ModuleType | None = None
-_error: str | None = None
-
-
-def _cpu_key() -> str:
-    try:
-        flags = next(
-            line
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        flags = "unknown"
-    return hashlib.sha256((flags + SOURCE.read_text()).encode()).hexdigest()[:12]
+_attention = Extension("radixserve_cpu_attention", SOURCE, "CPU attention kernel")
 
 
 def load() -> ModuleType | None:
-    """The compiled module, building it on first call; None when it cannot be built."""
-    global _module, _error
-    if _module is not None:  # the per-layer fast path: no lock once built
-        return _module
-    with _lock:
-        if _module is not None or _error is not None:
-            return _module
-        try:
-            from torch.utils.cpp_extension import load as load_extension
-
-            log.info("building the CPU attention kernel (once per machine)")
-            _module = load_extension(
-                name=f"radixserve_cpu_attention_{_cpu_key()}",
-                sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as exc:  # compiler missing, headers missing, ...
-            _error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            log.warning("CPU attention kernel unavailable, using the PyTorch path (%s)", _error)
-        return _module
+    """The compiled attention module, building it on first call; None when it cannot be built."""
+    return _attention.load()
 
 
 def load_error() -> str | None:
-    return _error
+    return _attention.error
 
 
 def paged_decode_attention(
@@ -87,10 +53,7 @@ def paged_decode_attention(
 
 
 def _module_or_raise() -> ModuleType:
-    module = load()
-    if module is None:
-        raise RuntimeError(f"CPU attention kernel unavailable: {_error}")
-    return module
+    return _attention.require()
 
 
 def _run_decode(q, k_pool, v_pool, table, rows, seq_lens, scale) -> torch.Tensor:

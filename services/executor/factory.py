@@ -113,7 +113,8 @@ def create_engine(cfg: ExecutorConfig) -> LoadedModel:
         log.warning(
             "context length %d exceeds the model's %d", context, model_cfg.max_position_embeddings
         )
-    model = load_model(path, model_cfg, context, dtype, device)
+    # torch.compile cannot trace oneDNN's opaque packed weights.
+    model = load_model(path, model_cfg, context, dtype, device, not cfg.enable_torch_compile)
     slots = size_kv_pool(cfg, model_cfg, dtype, device, context)
     limits = EngineLimits(slots, cfg.max_running_requests, context, cfg.max_top_logprobs)
     backend = cfg.attention_backend or default_backend(device.type)

@@ -1,4 +1,9 @@
-"""Building blocks shared by the model files: norms, rotary embedding, fused linears."""
+"""Building blocks shared by the model files: norms, rotary embedding, fused linears.
+
+The element-wise steps run as one fused kernel each: the C++ ones of kernels/cpu/fused.py on the
+CPU (which fall back to their PyTorch references where the build is unavailable), the Triton ones
+of kernels/ on CUDA.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kernels.cpu import fused
 
 
 class RMSNorm(nn.Module):
@@ -21,13 +27,15 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * x32.to(dtype)
+        # x, residual: [T, hidden]
+        if x.is_cuda:
+            from kernels.rmsnorm import rmsnorm  # Triton: imported where CUDA runs it
+
+            if residual is not None:
+                residual = residual.clone()  # the kernel writes x + residual into it
+            out = rmsnorm(x, self.weight, self.eps, residual)
+        else:
+            out, residual = fused.add_rmsnorm(x, residual, self.weight, self.eps)
         return out if residual is None else (out, residual)
 
 
@@ -46,9 +54,12 @@ class MergedLinear(nn.Linear):
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    # x: [num_tokens, 2 * intermediate] = gate | up
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    # x: [num_tokens, 2 * intermediate] = gate | up → [num_tokens, intermediate]
+    if x.is_cuda:
+        from kernels.silu_and_mul import silu_and_mul as triton_silu_and_mul
+
+        return triton_silu_and_mul(x)
+    return fused.silu_and_mul(x)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -97,16 +108,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T]; q: [T, H, D]; k: [T, Hkv, D]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        """Rotated q [T, H, D] and k [T, Hkv, D] of a fused projection qkv [T, (H + 2 Hkv) D]
+        at positions [T]. On the CPU in the activation dtype with cos/sin cast to it, as HF does;
+        on CUDA in float32 (the Triton kernel), rounded once."""
+        if qkv.is_cuda:
+            from kernels.rope import apply_rope  # Triton: imported where CUDA runs it
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # HF computes RoPE in the activation dtype with cos/sin cast to it; match that exactly.
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            q_size, kv_size = num_heads * self.head_dim, num_kv_heads * self.head_dim
+            q = qkv[:, :q_size].view(-1, num_heads, self.head_dim)
+            k = qkv[:, q_size : q_size + kv_size].view(-1, num_kv_heads, self.head_dim)
+            return apply_rope(q, k, positions, self.cos, self.sin)
+        return fused.rope(
+            qkv, positions, self.cos, self.sin, num_heads, num_kv_heads, self.head_dim
+        )

@@ -35,11 +35,9 @@ class LlamaAttention(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch, attn: AttentionBackend
     ) -> torch.Tensor:
         # x: [T, hidden] → q: [T, H, D], k, v: [T, Hkv, D]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
+        qkv = self.qkv_proj(x)
+        q, k = self.rope(positions, qkv, self.num_heads, self.num_kv_heads)
+        v = qkv[:, self.split[0] + self.split[1] :].view(-1, self.num_kv_heads, self.head_dim)
         out = attn.forward(self.layer, q, k, v, batch)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 

@@ -1,0 +1,199 @@
+// Fused element-wise steps of a Llama layer for the CPU: each replaces 8-20 small PyTorch ops (and
+// their dispatch, which at decode batch sizes costs more than the arithmetic) with one pass.
+//
+// The results match the unfused PyTorch code of services/executor/layers.py bit for bit in
+// bfloat16, except where a float32 reduction (the RMSNorm mean) adds in another order: every
+// intermediate is rounded to the activation dtype where PyTorch's op sequence rounds it.
+//   add_rmsnorm:  s = x + r (rounded); y = w * round(s * rsqrt(mean(s^2) + eps))
+//   silu_and_mul: y = round(silu(g)) * u, with g | u the two halves of each row
+//   rope:         q, k = rotate-half RoPE in the activation dtype with cos/sin rounded to it (HF)
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+// Rounds a float to the storage type and back, as a PyTorch op producing that dtype does.
+template <typename T> inline float rnd(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+template <typename T>
+void add_rmsnorm_rows(const T* x, const T* r, const T* w, T* out, T* sum_out, int64_t rows,
+                      int64_t dim, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(dim);
+    for (int64_t i = begin; i < end; ++i) {
+      const T* xi = x + i * dim;
+      float ss = 0.f;
+      if (r != nullptr) {
+        const T* ri = r + i * dim;
+        T* si = sum_out + i * dim;
+        for (int64_t d = 0; d < dim; ++d) {
+          const T v = static_cast<T>(static_cast<float>(xi[d]) + static_cast<float>(ri[d]));
+          si[d] = v;
+          s[d] = static_cast<float>(v);
+        }
+      } else {
+        for (int64_t d = 0; d < dim; ++d) s[d] = static_cast<float>(xi[d]);
+      }
+#pragma omp simd reduction(+ : ss)
+      for (int64_t d = 0; d < dim; ++d) ss += s[d] * s[d];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
+      T* oi = out + i * dim;
+      for (int64_t d = 0; d < dim; ++d) {
+        oi[d] = static_cast<T>(static_cast<float>(w[d]) * rnd<T>(s[d] * inv));
+      }
+    }
+  });
+}
+
+template <typename T>
+void silu_and_mul_rows(const T* x, T* out, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* g = x + i * 2 * inter;
+      const T* u = g + inter;
+      T* o = out + i * inter;
+      for (int64_t d = 0; d < inter; ++d) {
+        const float gv = static_cast<float>(g[d]);
+        const float silu = rnd<T>(gv / (1.f + std::exp(-gv)));
+        o[d] = static_cast<T>(silu * static_cast<float>(u[d]));
+      }
+    }
+  });
+}
+
+// Rotates `heads` heads of one token: src (row stride `dim`) → dst, rotate-half layout.
+template <typename T>
+inline void rotate(const T* src, T* dst, int64_t heads, int64_t dim, const float* c,
+                   const float* s) {
+  const int64_t half = dim / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const T* x = src + h * dim;
+    T* y = dst + h * dim;
+    for (int64_t d = 0; d < half; ++d) {
+      const float x1 = static_cast<float>(x[d]), x2 = static_cast<float>(x[d + half]);
+      const float cd = c[d], sd = s[d];
+      y[d] = static_cast<T>(rnd<T>(x1 * cd) - rnd<T>(x2 * sd));
+      y[d + half] = static_cast<T>(rnd<T>(x2 * cd) + rnd<T>(x1 * sd));
+    }
+  }
+}
+
+template <typename T>
+void rope_rows(const T* qkv, int64_t qkv_stride, const int64_t* pos, const float* cos,
+               const float* sin, T* q_out, T* k_out, int64_t tokens, int64_t heads,
+               int64_t kv_heads, int64_t dim) {
+  const int64_t half = dim / 2;
+  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> c(half), s(half);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* ct = cos + pos[t] * half;
+      const float* st = sin + pos[t] * half;
+      for (int64_t d = 0; d < half; ++d) {  // HF casts cos/sin to the activation dtype first
+        c[d] = rnd<T>(ct[d]);
+        s[d] = rnd<T>(st[d]);
+      }
+      const T* row = qkv + t * qkv_stride;
+      rotate<T>(row, q_out + t * heads * dim, heads, dim, c.data(), s.data());
+      rotate<T>(row + heads * dim, k_out + t * kv_heads * dim, kv_heads, dim, c.data(), s.data());
+    }
+  });
+}
+
+void check_cpu_contiguous(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+// x, residual (optional): [T, dim]; weight: [dim]; all one dtype (float32 or bfloat16).
+// Returns (out, x + residual) — the sum is empty when residual is not given.
+std::vector<torch::Tensor> add_rmsnorm(torch::Tensor x, c10::optional<torch::Tensor> residual,
+                                       torch::Tensor weight, double eps) {
+  check_cpu_contiguous(x, "x");
+  check_cpu_contiguous(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "shapes");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype must match x");
+  const bool has_res = residual.has_value();
+  if (has_res) {
+    check_cpu_contiguous(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
+                "residual must match x");
+  }
+  auto out = torch::empty_like(x);
+  auto sum = has_res ? torch::empty_like(x) : torch::empty({0}, x.options());
+  const int64_t rows = x.size(0), dim = x.size(1);
+  if (x.scalar_type() == torch::kBFloat16) {
+    using T = at::BFloat16;
+    add_rmsnorm_rows<T>(x.data_ptr<T>(), has_res ? residual->data_ptr<T>() : nullptr,
+                        weight.data_ptr<T>(), out.data_ptr<T>(),
+                        has_res ? sum.data_ptr<T>() : nullptr, rows, dim, eps);
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "dtype must be float32 or bfloat16");
+    add_rmsnorm_rows<float>(x.data_ptr<float>(), has_res ? residual->data_ptr<float>() : nullptr,
+                            weight.data_ptr<float>(), out.data_ptr<float>(),
+                            has_res ? sum.data_ptr<float>() : nullptr, rows, dim, eps);
+  }
+  return {out, sum};
+}
+
+// x: [T, 2 * inter] (gate | up) → [T, inter].
+torch::Tensor silu_and_mul(torch::Tensor x) {
+  check_cpu_contiguous(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "x must be [T, 2 * intermediate]");
+  const int64_t rows = x.size(0), inter = x.size(1) / 2;
+  auto out = torch::empty({rows, inter}, x.options());
+  if (x.scalar_type() == torch::kBFloat16) {
+    silu_and_mul_rows<at::BFloat16>(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(),
+                                    rows, inter);
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "dtype must be float32 or bfloat16");
+    silu_and_mul_rows<float>(x.data_ptr<float>(), out.data_ptr<float>(), rows, inter);
+  }
+  return out;
+}
+
+// qkv: [T, >= (heads + kv_heads) * dim] rows (q heads then k heads first; any row stride);
+// positions: [T] int64; cos, sin: [max_positions, dim / 2] float32. Returns (q [T, heads, dim],
+// k [T, kv_heads, dim]) rotated, in qkv's dtype.
+std::vector<torch::Tensor> rope(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos,
+                                torch::Tensor sin, int64_t heads, int64_t kv_heads, int64_t dim) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 2 && qkv.stride(1) == 1, "qkv rows");
+  TORCH_CHECK(qkv.size(1) >= (heads + kv_heads) * dim && dim % 2 == 0, "qkv width / head_dim");
+  check_cpu_contiguous(positions, "positions");
+  check_cpu_contiguous(cos, "cos");
+  check_cpu_contiguous(sin, "sin");
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.size(0) == qkv.size(0),
+              "positions must be int64 [T]");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.sizes() == cos.sizes() &&
+                  cos.size(1) == dim / 2, "cos/sin must be float32 [max_positions, dim / 2]");
+  const int64_t tokens = qkv.size(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "position ", pos[t],
+                " is outside the rotary table (", cos.size(0), " positions)");
+  }
+  auto q = torch::empty({tokens, heads, dim}, qkv.options());
+  auto k = torch::empty({tokens, kv_heads, dim}, qkv.options());
+  if (qkv.scalar_type() == torch::kBFloat16) {
+    using T = at::BFloat16;
+    rope_rows<T>(qkv.data_ptr<T>(), qkv.stride(0), pos, cos.data_ptr<float>(),
+                 sin.data_ptr<float>(), q.data_ptr<T>(), k.data_ptr<T>(), tokens, heads,
+                 kv_heads, dim);
+  } else {
+    TORCH_CHECK(qkv.scalar_type() == torch::kFloat32, "dtype must be float32 or bfloat16");
+    rope_rows<float>(qkv.data_ptr<float>(), qkv.stride(0), pos, cos.data_ptr<float>(),
+                     sin.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), tokens,
+                     heads, kv_heads, dim);
+  }
+  return {q, k};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_rmsnorm", &add_rmsnorm, "residual add + RMSNorm (HF Llama semantics)");
+  m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");
+  m.def("rope", &rope, "rotate-half RoPE of the q and k heads of a fused qkv projection");
+}

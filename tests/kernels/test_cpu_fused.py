@@ -1,0 +1,80 @@
+"""The fused CPU layer kernels against their PyTorch references (HF's formulas)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.cpu import fused
+
+pytestmark = pytest.mark.skipif(
+    fused._fused.load() is None, reason=f"kernel not built: {fused._fused.error}"
+)
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rmsnorm_matches_reference(dtype, tokens, with_residual):
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 576, generator=gen).to(dtype)
+    res = torch.randn(tokens, 576, generator=gen).to(dtype) if with_residual else None
+    w = (1 + 0.1 * torch.randn(576, generator=gen)).to(dtype)
+    out, total = fused.add_rmsnorm(x, res, w, 1e-5)
+    ref_out, ref_total = fused.add_rmsnorm_ref(x, res, w, 1e-5)
+    if with_residual:
+        assert torch.equal(total, ref_total)  # the residual stream is exact
+    else:
+        assert total is None and ref_total is None
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    else:  # at most one bf16 ulp, where the float32 mean of squares adds in another order
+        torch.testing.assert_close(out, ref_out, atol=0.0, rtol=2**-7)
+        assert (out == ref_out).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 5, 33])
+def test_silu_and_mul_matches_reference(dtype, tokens):
+    x = (3 * torch.randn(tokens, 2 * 1536, generator=torch.Generator().manual_seed(1))).to(dtype)
+    out = fused.silu_and_mul(x)
+    ref = fused.silu_and_mul_ref(x)
+    assert out.shape == (tokens, 1536)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    else:  # exp may differ from PyTorch's in the last float bit, rarely visible in bfloat16
+        torch.testing.assert_close(out, ref, atol=0.0, rtol=2**-7)
+        assert (out == ref).float().mean() > 0.995
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
+def test_rope_matches_reference(dtype, heads, kv_heads):
+    dim, tokens, max_pos = 64, 11, 4096
+    gen = torch.Generator().manual_seed(heads)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    angles = torch.outer(torch.arange(max_pos).float(), inv_freq)
+    cos, sin = angles.cos(), angles.sin()
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen)
+    q, k = fused.rope(qkv, positions, cos, sin, heads, kv_heads, dim)
+    ref_q, ref_k = fused.rope_ref(qkv, positions, cos, sin, heads, kv_heads, dim)
+    assert q.shape == (tokens, heads, dim) and k.shape == (tokens, kv_heads, dim)
+    if dtype == torch.bfloat16:  # every product is rounded as HF rounds it: bit for bit
+        assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
+    else:  # float32 products may be fused into one multiply-add
+        torch.testing.assert_close(q, ref_q, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(k, ref_k, atol=1e-6, rtol=1e-6)
+
+
+def test_rope_rejects_a_position_outside_the_table():
+    cos = sin = torch.zeros(8, 32)
+    qkv = torch.zeros(2, 3 * 64)
+    with pytest.raises(RuntimeError, match="outside the rotary table"):
+        fused.rope(qkv, torch.tensor([0, 8]), cos, sin, 1, 1, 64)
+
+
+def test_disabled_kernels_use_the_reference(monkeypatch):
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    assert fused.available(torch.zeros(1)) is None
