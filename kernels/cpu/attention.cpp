@@ -10,6 +10,12 @@
 // block of up to 16 new tokens). Its G x 16 query rows are multiplied against blocks of 16 keys
 // converted to float and transposed, so the inner loops are plain vector FMAs with no horizontal
 // sums; query j of the request sees keys 0 .. prefix + j.
+//
+// Shared prefixes (cascade): rows whose first `length` table entries are the same slots attend
+// that span once for all their query tokens (a task is one (group, kv head, block of 16 tokens),
+// the extend block without the causal mask), returning partial outputs and log-sum-exps; the
+// decode and extend kernels then run over each row's own keys only (from a start position) and
+// also return log-sum-exps, and `merge_attention_states_` combines the two parts of every token.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -29,7 +35,8 @@ inline void load_row(const at::BFloat16* src, float* dst, int64_t n) {
 }
 
 // s[0 .. n) ← softmax(s[0 .. n)), with exp vectorized (libmvec) through the simd reduction.
-inline void softmax_in_place(float* s, int64_t n) {
+// Returns the log-sum-exp of the input (n >= 1).
+inline float softmax_in_place(float* s, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t l = 0; l < n; ++l) m = std::max(m, s[l]);
   float sum = 0.f;
@@ -40,13 +47,14 @@ inline void softmax_in_place(float* s, int64_t n) {
   }
   const float inv = 1.f / sum;
   for (int64_t l = 0; l < n; ++l) s[l] *= inv;
+  return m + std::log(sum);
 }
 
 // Attends the query heads of kv heads [h0, h1) of one request.
 template <typename T>
 void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, int64_t len,
             int64_t h0, int64_t h1, int64_t kv_heads, int64_t group, int64_t dim, float scale,
-            float* qf, float* row, float* scores, float* out) {
+            float* qf, float* row, float* scores, float* out, float* lse) {
   const int64_t nh = (h1 - h0) * group;  // query heads handled
   const int64_t width = (h1 - h0) * dim;  // floats of the K/V row slice
   load_row(q + h0 * group * dim, qf, nh * dim);
@@ -62,7 +70,10 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, 
       scores[h * len + l] = s;
     }
   }
-  for (int64_t h = 0; h < nh; ++h) softmax_in_place(scores + h * len, len);
+  for (int64_t h = 0; h < nh; ++h) {
+    const float l = softmax_in_place(scores + h * len, len);
+    if (lse != nullptr) lse[h] = l;
+  }
   std::fill(out, out + nh * dim, 0.f);
   for (int64_t l = 0; l < len; ++l) {
     load_row(v_pool + (slots[l] * kv_heads + h0) * dim, row, width);
@@ -76,10 +87,12 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, 
   }
 }
 
+// Request b attends keys key_starts[b] .. seq_lens[b] - 1 (from 0 when key_starts is null);
+// lse ([B, H], nullable) receives each head's log-sum-exp.
 template <typename T>
 void run(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
-         const torch::Tensor& table, const torch::Tensor& rows, const torch::Tensor& seq_lens,
-         double scale, torch::Tensor& out) {
+         const torch::Tensor& table, const torch::Tensor& rows, const int64_t* key_starts,
+         const torch::Tensor& seq_lens, double scale, torch::Tensor& out, float* lse) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_pool.size(1), group = heads / kv_heads;
   const int64_t table_stride = table.stride(0);
@@ -100,10 +113,13 @@ void run(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tenso
     std::vector<float> qf(span * group * dim), row(span * dim), scores(span * group * max_len);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / split, h0 = (task % split) * span;
-      const int64_t* slots = tp + rp[b] * table_stride;
+      const int64_t first = key_starts != nullptr ? key_starts[b] : 0;
+      const int64_t* slots = tp + rp[b] * table_stride + first;
       const int64_t offset = (b * heads + h0 * group) * dim;
-      attend<T>(qp + (b * heads) * dim, kp, vp, slots, lp[b], h0, h0 + span, kv_heads, group,
-                dim, static_cast<float>(scale), qf.data(), row.data(), scores.data(), op + offset);
+      float* lse_b = lse != nullptr ? lse + b * heads + h0 * group : nullptr;
+      attend<T>(qp + (b * heads) * dim, kp, vp, slots, lp[b] - first, h0, h0 + span, kv_heads,
+                group, dim, static_cast<float>(scale), qf.data(), row.data(), scores.data(),
+                op + offset, lse_b);
     }
   });
 }
@@ -141,16 +157,20 @@ void load_keys_transposed(const T* pool, const int64_t* slots, int64_t l0, int64
   }
 }
 
-// Queries i0 .. i0 + nq - 1 of one request (at positions prefix + i), the G heads of kv head hk.
-// Row r = j * G + g of qf / out is query i0 + j, head hk * G + g.
+// Queries i0 .. i0 + nq - 1 of one request, the G heads of kv head hk, over the keys at
+// slots[0 ..). Causal: query i sits right after `prefix` keys plus i new ones and sees keys
+// 0 .. prefix + i; otherwise every query sees keys 0 .. prefix - 1 (a shared span).
+// Row r = j * G + g of qf / out is query i0 + j, head hk * G + g; lse (nullable) gets
+// lse[(i0 + j) * lse_stride + hk * G + g].
 template <typename T>
 void extend_block(const T* q, int64_t q_stride, const T* k_pool, const T* v_pool,
-                  const int64_t* slots, int64_t prefix, int64_t i0, int64_t nq, int64_t hk,
-                  int64_t kv_heads, int64_t group, int64_t dim, float scale, float* qf,
-                  float* scores, float* kt, float* vb, float* row, float* acc, float* out,
-                  int64_t out_stride) {
+                  const int64_t* slots, int64_t prefix, bool causal, int64_t i0, int64_t nq,
+                  int64_t hk, int64_t kv_heads, int64_t group, int64_t dim, float scale,
+                  float* qf, float* scores, float* kt, float* vb, float* row, float* acc,
+                  float* out, int64_t out_stride, float* lse, int64_t lse_stride) {
   const int64_t nr = nq * group;
-  const int64_t n_keys = prefix + i0 + nq;  // the last query sees keys 0 .. n_keys - 1
+  // The last query sees keys 0 .. n_keys - 1.
+  const int64_t n_keys = causal ? prefix + i0 + nq : prefix;
   for (int64_t j = 0; j < nq; ++j) {
     load_row(q + (i0 + j) * q_stride + hk * group * dim, qf + j * group * dim, group * dim);
   }
@@ -185,9 +205,10 @@ void extend_block(const T* q, int64_t q_stride, const T* k_pool, const T* v_pool
   // Softmax of each row over the keys its query sees; later keys get probability 0.
   for (int64_t r = 0; r < nr; ++r) {
     float* sr = scores + r * n_keys;
-    const int64_t visible = prefix + i0 + r / group + 1;
-    softmax_in_place(sr, visible);
+    const int64_t visible = causal ? prefix + i0 + r / group + 1 : n_keys;
+    const float l = softmax_in_place(sr, visible);
     std::fill(sr + visible, sr + n_keys, 0.f);
+    if (lse != nullptr) lse[(i0 + r / group) * lse_stride + hk * group + r % group] = l;
   }
   // out_r = sum_l p_rl v_l, over blocks of keys converted to float once per block.
   std::fill(acc, acc + nr * dim, 0.f);
@@ -223,11 +244,13 @@ void extend_block(const T* q, int64_t q_stride, const T* k_pool, const T* v_pool
   }
 }
 
+// Request b's new tokens see keys key_starts[b] .. their own position (from 0 when key_starts
+// is null); lse ([T, H], nullable) receives each query head's log-sum-exp.
 template <typename T>
 void run_extend(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
-                const torch::Tensor& table, const torch::Tensor& rows,
+                const torch::Tensor& table, const torch::Tensor& rows, const int64_t* key_starts,
                 const torch::Tensor& prefix_lens, const torch::Tensor& extend_lens,
-                double scale, torch::Tensor& out) {
+                double scale, torch::Tensor& out, float* lse) {
   const int64_t heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_pool.size(1), group = heads / kv_heads;
   const int64_t batch = rows.size(0), table_stride = table.stride(0);
@@ -258,11 +281,60 @@ void run_extend(const torch::Tensor& q, const torch::Tensor& k_pool, const torch
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = tasks[t];
       const int64_t nq = std::min(kQueryBlock, ep[task.b] - task.i0);
+      const int64_t first = key_starts != nullptr ? key_starts[task.b] : 0;
       extend_block<T>(qp + task.first_token * heads * dim, heads * dim, kp, vp,
-                      tp + rp[task.b] * table_stride, pp[task.b], task.i0, nq, task.hk, kv_heads,
-                      group, dim, static_cast<float>(scale), qf.data(), scores.data(), kt.data(),
-                      vb.data(), row.data(), acc.data(), op + task.first_token * heads * dim,
-                      heads * dim);
+                      tp + rp[task.b] * table_stride + first, pp[task.b] - first, true, task.i0,
+                      nq, task.hk, kv_heads, group, dim, static_cast<float>(scale), qf.data(),
+                      scores.data(), kt.data(), vb.data(), row.data(), acc.data(),
+                      op + task.first_token * heads * dim, heads * dim,
+                      lse != nullptr ? lse + task.first_token * heads : nullptr, heads);
+    }
+  });
+}
+
+// Group g's query tokens tok_offsets[g] .. tok_offsets[g + 1] - 1 of q (all heads) attend keys
+// 0 .. prefix_lens[g] - 1 of table row group_rows[g]; each span is read once per (kv head, block
+// of 16 tokens), whichever rows the tokens belong to.
+template <typename T>
+void run_shared(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
+                const torch::Tensor& table, const torch::Tensor& group_rows,
+                const torch::Tensor& tok_offsets, const torch::Tensor& prefix_lens, double scale,
+                torch::Tensor& out, torch::Tensor& lse) {
+  const int64_t heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_pool.size(1), group = heads / kv_heads;
+  const int64_t groups = group_rows.size(0), table_stride = table.stride(0);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_pool.data_ptr<T>();
+  const T* vp = v_pool.data_ptr<T>();
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* rp = group_rows.data_ptr<int64_t>();
+  const int64_t* op_ = tok_offsets.data_ptr<int64_t>();
+  const int64_t* pp = prefix_lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  struct Task { int64_t g, hk, i0; };
+  std::vector<Task> tasks;
+  int64_t max_keys = 1;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t i0 = 0; i0 < op_[g + 1] - op_[g]; i0 += kQueryBlock) {
+      for (int64_t hk = 0; hk < kv_heads; ++hk) tasks.push_back({g, hk, i0});
+    }
+    max_keys = std::max(max_keys, pp[g]);
+  }
+  TORCH_CHECK(op_[groups] == q.size(0), "group offsets must end at the query tokens");
+  const int64_t rows_max = kQueryBlock * group;
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(rows_max * dim), scores(rows_max * max_keys), kt(dim * kKeyBlock),
+        vb(kKeyBlock * dim), row(dim), acc(rows_max * dim);
+    for (int64_t t = begin; t < end; ++t) {
+      const Task& task = tasks[t];
+      const int64_t first = op_[task.g];
+      const int64_t nq = std::min(kQueryBlock, op_[task.g + 1] - first - task.i0);
+      extend_block<T>(qp + first * heads * dim, heads * dim, kp, vp, tp + rp[task.g] * table_stride,
+                      pp[task.g], false, task.i0, nq, task.hk, kv_heads, group, dim,
+                      static_cast<float>(scale), qf.data(), scores.data(), kt.data(), vb.data(),
+                      row.data(), acc.data(), op + first * heads * dim, heads * dim,
+                      lp + first * heads, heads);
     }
   });
 }
@@ -276,11 +348,29 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
                                      torch::Tensor seq_lens, double scale) {
   auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
   if (q.scalar_type() == torch::kBFloat16) {
-    run<at::BFloat16>(q, k_pool, v_pool, table, rows, seq_lens, scale, out);
+    run<at::BFloat16>(q, k_pool, v_pool, table, rows, nullptr, seq_lens, scale, out, nullptr);
   } else {
-    run<float>(q, k_pool, v_pool, table, rows, seq_lens, scale, out);
+    run<float>(q, k_pool, v_pool, table, rows, nullptr, seq_lens, scale, out, nullptr);
   }
   return out;
+}
+
+// As paged_decode_attention over keys key_starts[b] .. seq_lens[b] - 1 only (key_starts: [B]
+// int64, each < seq_len). Returns out [B, H, D] and lse [B, H], both float32.
+std::vector<torch::Tensor> paged_decode_attention_lse(torch::Tensor q, torch::Tensor k_pool,
+                                                      torch::Tensor v_pool, torch::Tensor table,
+                                                      torch::Tensor rows, torch::Tensor key_starts,
+                                                      torch::Tensor seq_lens, double scale) {
+  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
+  auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
+  const int64_t* ks = key_starts.data_ptr<int64_t>();
+  if (q.scalar_type() == torch::kBFloat16) {
+    run<at::BFloat16>(q, k_pool, v_pool, table, rows, ks, seq_lens, scale, out,
+                      lse.data_ptr<float>());
+  } else {
+    run<float>(q, k_pool, v_pool, table, rows, ks, seq_lens, scale, out, lse.data_ptr<float>());
+  }
+  return {out, lse};
 }
 
 // q: [T, H, D], the new tokens of every request back to back; k_pool, v_pool: [num_slots, Hkv, D]
@@ -291,11 +381,79 @@ torch::Tensor extend_attention(torch::Tensor q, torch::Tensor k_pool, torch::Ten
                                torch::Tensor extend_lens, double scale) {
   auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
   if (q.scalar_type() == torch::kBFloat16) {
-    run_extend<at::BFloat16>(q, k_pool, v_pool, table, rows, prefix_lens, extend_lens, scale, out);
+    run_extend<at::BFloat16>(q, k_pool, v_pool, table, rows, nullptr, prefix_lens, extend_lens,
+                             scale, out, nullptr);
   } else {
-    run_extend<float>(q, k_pool, v_pool, table, rows, prefix_lens, extend_lens, scale, out);
+    run_extend<float>(q, k_pool, v_pool, table, rows, nullptr, prefix_lens, extend_lens, scale,
+                      out, nullptr);
   }
   return out;
+}
+
+// As extend_attention with request b's keys starting at key_starts[b] (<= prefix_lens[b]).
+// Returns out [T, H, D] and lse [T, H], both float32.
+std::vector<torch::Tensor> extend_attention_lse(torch::Tensor q, torch::Tensor k_pool,
+                                                torch::Tensor v_pool, torch::Tensor table,
+                                                torch::Tensor rows, torch::Tensor key_starts,
+                                                torch::Tensor prefix_lens,
+                                                torch::Tensor extend_lens, double scale) {
+  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
+  auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
+  const int64_t* ks = key_starts.data_ptr<int64_t>();
+  if (q.scalar_type() == torch::kBFloat16) {
+    run_extend<at::BFloat16>(q, k_pool, v_pool, table, rows, ks, prefix_lens, extend_lens, scale,
+                             out, lse.data_ptr<float>());
+  } else {
+    run_extend<float>(q, k_pool, v_pool, table, rows, ks, prefix_lens, extend_lens, scale, out,
+                      lse.data_ptr<float>());
+  }
+  return {out, lse};
+}
+
+// q: [N, H, D], the query tokens of every group back to back (group g: tok_offsets[g] ..
+// tok_offsets[g + 1] - 1; tok_offsets: [G + 1] int64); group g sees keys 0 .. prefix_lens[g] - 1
+// (>= 1) of table row group_rows[g] ([G] int64). Returns out [N, H, D] and lse [N, H], float32.
+std::vector<torch::Tensor> shared_prefix_attention(torch::Tensor q, torch::Tensor k_pool,
+                                                   torch::Tensor v_pool, torch::Tensor table,
+                                                   torch::Tensor group_rows,
+                                                   torch::Tensor tok_offsets,
+                                                   torch::Tensor prefix_lens, double scale) {
+  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
+  auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
+  if (q.scalar_type() == torch::kBFloat16) {
+    run_shared<at::BFloat16>(q, k_pool, v_pool, table, group_rows, tok_offsets, prefix_lens,
+                             scale, out, lse);
+  } else {
+    run_shared<float>(q, k_pool, v_pool, table, group_rows, tok_offsets, prefix_lens, scale, out,
+                      lse);
+  }
+  return {out, lse};
+}
+
+// out [T, H, D], lse [T, H] (float32, one attention over some keys) ← merged in place with
+// part_out [N, H, D], part_lse [N, H] (the same queries over other keys) at tokens idx [N] int64.
+void merge_attention_states_(torch::Tensor out, torch::Tensor lse, torch::Tensor part_out,
+                             torch::Tensor part_lse, torch::Tensor idx) {
+  const int64_t n = idx.size(0), heads = out.size(1), dim = out.size(2);
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const float* po = part_out.data_ptr<float>();
+  const float* pl = part_lse.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t h = 0; h < heads; ++h) {
+        float* o = op + (ip[i] * heads + h) * dim;
+        const float* p = po + (i * heads + h) * dim;
+        const float a = lp[ip[i] * heads + h], b = pl[i * heads + h];
+        const float m = std::max(a, b);
+        const float wa = std::exp(a - m), wb = std::exp(b - m), inv = 1.f / (wa + wb);
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) o[d] = (wa * o[d] + wb * p[d]) * inv;
+        lp[ip[i] * heads + h] = m + std::log(wa + wb);
+      }
+    }
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -303,4 +461,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "causal attention of new tokens over their cached prefix in the paged KV pool (CPU)");
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over the paged KV pool (CPU)");
+  m.def("paged_decode_attention_lse", &paged_decode_attention_lse,
+        "decode attention over each request's keys from a start position, with log-sum-exp");
+  m.def("extend_attention_lse", &extend_attention_lse,
+        "extend attention over each request's keys from a start position, with log-sum-exp");
+  m.def("shared_prefix_attention", &shared_prefix_attention,
+        "attention of groups of query tokens to one shared KV span per group, with log-sum-exp");
+  m.def("merge_attention_states_", &merge_attention_states_,
+        "merges two partial attentions of the same queries by log-sum-exp (in place)");
 }

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from services.executor.forward_batch import ForwardBatch
+from services.executor.forward_batch import ForwardBatch, SharedSpans
 from services.executor.kv_pool import RequestToTokenTable
-from services.executor.step import Slice
+from services.executor.step import SharedPrefix, Slice
 
 
 def order_slices(slices: list[Slice]) -> list[int]:
@@ -21,6 +21,7 @@ def build_batch(
     table: RequestToTokenTable,
     last_sampled: torch.Tensor,
     device: torch.device,
+    shared_prefixes: list[SharedPrefix] | None = None,
 ) -> ForwardBatch:
     """`slices` must already be ordered by `order_slices`; `last_sampled`: [max_rows] int64."""
     lens = [s.length for s in slices]
@@ -55,4 +56,34 @@ def build_batch(
         extend_lens_cpu=lens[:num_extend],
         seq_lens_cpu=seq_lens_cpu,
         sample_token_idx=torch.tensor(sample_idx, dtype=torch.int64, device=device),
+        shared=build_shared(slices, ends.tolist(), shared_prefixes or [], device),
+    )
+
+
+def build_shared(
+    slices: list[Slice], ends: list[int], spans: list[SharedPrefix], device: torch.device
+) -> SharedSpans | None:
+    """Token groups of `spans` (validated) over `slices` whose tokens end at `ends` ([S])."""
+    if not spans:
+        return None
+    index = {s.row: i for i, s in enumerate(slices)}
+    key_starts = [0] * len(slices)
+    tok_idx: list[int] = []
+    offsets = [0]
+    for span in spans:
+        for row in span.rows:
+            i = index[row]
+            key_starts[i] = span.length
+            tok_idx += range(ends[i] - slices[i].length, ends[i])
+        offsets.append(len(tok_idx))
+
+    def t(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    return SharedSpans(
+        tok_idx=t(tok_idx),
+        tok_offsets=t(offsets),
+        rows=t([span.rows[0] for span in spans]),
+        lens=t([span.length for span in spans]),
+        key_starts=t(key_starts),
     )

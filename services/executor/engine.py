@@ -21,7 +21,14 @@ from services.executor.kv_pool import KVPool, RequestToTokenTable
 from services.executor.model_config import ModelConfig
 from services.executor.sampler import Sampler, SampleRow
 from services.executor.sampling_params import SamplingParams
-from services.executor.step import NewRequest, SampledToken, Slice, StepInput, StepOutput
+from services.executor.step import (
+    NewRequest,
+    SampledToken,
+    SharedPrefix,
+    Slice,
+    StepInput,
+    StepOutput,
+)
 from services.executor.validation import validate_step
 
 log = logging.getLogger("radixserve.executor")
@@ -139,16 +146,20 @@ class Engine:
         validate_step(step, self)
         self._apply_membership(step)
         order = order_slices(step.slices)
-        logits = self._forward([step.slices[i] for i in order])
+        logits = self._forward([step.slices[i] for i in order], step.shared_prefixes)
         sampled_order = [i for i in order if step.slices[i].sample]
         back = sorted(range(len(sampled_order)), key=lambda j: sampled_order[j])
         return logits[back]
 
     @torch.inference_mode()
-    def _forward(self, slices: list[Slice]) -> torch.Tensor:
-        batch = build_batch(slices, self.table, self.last_sampled, self.device)
-        if self.decode_runner is not None and self.decode_runner.can_run(batch):
-            return self.decode_runner.run(batch)
+    def _forward(
+        self, slices: list[Slice], shared_prefixes: list[SharedPrefix] | None = None
+    ) -> torch.Tensor:
+        shared = shared_prefixes if self.attn.supports_shared_prefixes else None
+        batch = build_batch(slices, self.table, self.last_sampled, self.device, shared)
+        runner = self.decode_runner
+        if runner is not None and batch.shared is None and runner.can_run(batch):
+            return runner.run(batch)
         self.attn.init_metadata(batch)
         return self.model(batch, self.attn)
 
@@ -156,7 +167,7 @@ class Engine:
     def _compute(self, step: StepInput) -> list[SampledToken]:
         order = order_slices(step.slices)
         slices = [step.slices[i] for i in order]
-        logits = self._forward(slices)
+        logits = self._forward(slices, step.shared_prefixes)
         sampled = [s for s in slices if s.sample]
         if not sampled:
             return []

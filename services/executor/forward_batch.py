@@ -13,6 +13,22 @@ import torch
 
 
 @dataclass
+class SharedSpans:
+    """Groups of query tokens whose rows share a cached prefix (a Step's shared_prefixes).
+
+    Group g's tokens are `tok_idx[tok_offsets[g] : tok_offsets[g + 1]]` (all tokens of its slices);
+    they all see keys 0 .. lens[g]-1 through table row `rows[g]` (any member's row: the slots are
+    the same), and each slice's own keys start at `key_starts`.
+    """
+
+    tok_idx: torch.Tensor  # [N] int64, indices into the batch's tokens, grouped contiguously
+    tok_offsets: torch.Tensor  # [G + 1] int64
+    rows: torch.Tensor  # [G] int64, a table row holding each group's span
+    lens: torch.Tensor  # [G] int64, shared positions per group
+    key_starts: torch.Tensor  # [S] int64, per slice: lens of its group, 0 when ungrouped
+
+
+@dataclass
 class ForwardBatch:
     # Per token, T = num_extend_tokens + num_decode.
     input_ids: torch.Tensor  # [T] int64
@@ -29,6 +45,8 @@ class ForwardBatch:
     seq_lens_cpu: list[int] = field(default_factory=list)
     # Token indices whose logits are sampled, in result order.
     sample_token_idx: torch.Tensor | None = None
+    # Shared cached prefixes, read once per group (None: every slice reads its own keys).
+    shared: SharedSpans | None = None
     # Backend-specific per-step metadata, built once and shared by every layer.
     attn_metadata: object | None = None
 

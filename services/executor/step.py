@@ -39,12 +39,21 @@ class Slice:
 
 
 @dataclass
+class SharedPrefix:
+    """Table rows whose positions 0 .. length-1 hold the same KV slots (a shared cached prefix)."""
+
+    length: int
+    rows: list[int]
+
+
+@dataclass
 class StepInput:
     step_id: int = 0
     release_rows: list[int] = field(default_factory=list)
     add: list[NewRequest] = field(default_factory=list)
     writes: list[SlotWrite] = field(default_factory=list)
     slices: list[Slice] = field(default_factory=list)
+    shared_prefixes: list[SharedPrefix] = field(default_factory=list)
 
 
 @dataclass
@@ -115,6 +124,7 @@ def step_from_pb(msg: pb.Step) -> StepInput:
             Slice(s.row, s.start, list(s.input_ids), s.use_last_sampled, s.sample)
             for s in msg.slices
         ],
+        shared_prefixes=[SharedPrefix(p.length, list(p.rows)) for p in msg.shared_prefixes],
     )
 
 
@@ -144,6 +154,9 @@ def step_to_pb(step: StepInput) -> pb.Step:
                 sample=s.sample,
             )
             for s in step.slices
+        ],
+        shared_prefixes=[
+            pb.SharedPrefix(length=p.length, rows=p.rows) for p in step.shared_prefixes
         ],
     )
 

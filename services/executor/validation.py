@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from services.executor.step import StepInput
+import torch
+
+from services.executor.step import SharedPrefix, StepInput
 
 if TYPE_CHECKING:
     from services.executor.engine import Engine
@@ -22,6 +24,7 @@ def validate_step(step: StepInput, engine: Engine) -> None:
     active |= {a.row for a in step.add}
     _check_writes(step, active, engine)
     _check_slices(step, active, engine)
+    _check_shared_prefixes(step, engine)
 
 
 def _fail(message: str) -> None:
@@ -90,3 +93,40 @@ def _check_slices(step: StepInput, active: set[int], engine: Engine) -> None:
             )
         if s.input_ids and (min(s.input_ids) < 0 or max(s.input_ids) >= vocab):
             _fail(f"token id out of vocabulary ({vocab}) in the slice of row {s.row}")
+
+
+def _check_shared_prefixes(step: StepInput, engine: Engine) -> None:
+    starts = {s.row: s.start for s in step.slices}
+    grouped: set[int] = set()
+    for span in step.shared_prefixes:
+        if span.length < 1 or not span.rows:
+            _fail(f"shared prefix of length {span.length} over {len(span.rows)} rows")
+        for row in span.rows:
+            if row not in starts:
+                _fail(f"shared prefix row {row} has no slice in this step")
+            if row in grouped:
+                _fail(f"row {row} is in two shared prefixes")
+            grouped.add(row)
+            if span.length > starts[row]:
+                _fail(f"shared prefix of length {span.length} past the start of row {row}")
+        if not bool((_slots_after_writes(step, engine, span) > 0).all()):
+            _fail(f"shared prefix over rows {span.rows}: positions differ or are unset")
+
+
+def _slots_after_writes(step: StepInput, engine: Engine, span: SharedPrefix) -> torch.Tensor:
+    """[length] the span's slots if every row holds the same ones after this step's releases
+    and writes, else a zero tensor; reads the table without changing it."""
+    n = span.length
+    rows = torch.tensor(span.rows, dtype=torch.int64, device=engine.device)
+    slots = engine.table.table[rows, :n]  # [R, n], a copy (advanced indexing)
+    member = {row: i for i, row in enumerate(span.rows)}
+    for row in step.release_rows:
+        if row in member:
+            slots[member[row]] = 0
+    for w in step.writes:
+        if w.row in member and w.start < n:
+            kv = w.kv_indices[: n - w.start]
+            slots[member[w.row], w.start : w.start + len(kv)] = torch.tensor(kv, device=rows.device)
+    if not bool((slots == slots[:1]).all()):
+        return torch.zeros(n, dtype=torch.int64)
+    return slots[0]

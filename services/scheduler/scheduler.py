@@ -31,6 +31,7 @@ from services.scheduler.policy import Policy
 from services.scheduler.prefill import NewTokenRatio, PrefillManager
 from services.scheduler.request import FinishReason, GenerateParams, Limits, Req
 from services.scheduler.request_table import RequestTable
+from services.scheduler.shared_prefix import shared_prefixes
 from services.scheduler.step import Step, result_from_pb
 from services.scheduler.streams import Complete, OutputStream, Token
 
@@ -212,6 +213,9 @@ class Scheduler:
         self._start(self.prefill.schedule(step, self.waiting, self.running, admit))
         step.release_rows.extend(self._releases)
         self._releases = []
+        by_row = {req.row: req for req in self.running}
+        computed = [(by_row[s.row], s.start) for s in step.slices if s.row in by_row]
+        step.shared_prefixes = shared_prefixes(computed)
         return step
 
     def _start(self, admitted: list[Req]) -> None:

@@ -32,6 +32,8 @@ class Step:
     writes: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (row, start, kv)
     slices: list[Slice] = field(default_factory=list)
     samplers: list[tuple[Req, int]] = field(default_factory=list)  # (req, epoch) per sampled slice
+    # (length, rows): rows whose positions 0..length-1 hold the same cached slots
+    shared_prefixes: list[tuple[int, list[int]]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.release_rows or self.add or self.writes or self.slices)
@@ -62,6 +64,9 @@ class Step:
                     sample=s.sample,
                 )
                 for s in self.slices
+            ],
+            shared_prefixes=[
+                pb.SharedPrefix(length=n, rows=rows) for n, rows in self.shared_prefixes
             ],
         )
 

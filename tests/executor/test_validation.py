@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.executor.sampling_params import SamplingParams
-from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
+from services.executor.step import NewRequest, SharedPrefix, Slice, SlotWrite, StepInput
 from services.executor.validation import StepRejected
 from tests.executor.tiny import engine_for, hf_model
 
@@ -54,6 +54,33 @@ BAD_STEPS = {
         2, add=[NewRequest(1, "b", SamplingParams(top_logprobs=99))]
     ),
     "slice on released row": StepInput(2, release_rows=[0], slices=[Slice(0, 4, [], True)]),
+    "shared prefix past the slice start": StepInput(
+        2, slices=[Slice(0, 4, [], True)], shared_prefixes=[SharedPrefix(5, [0])]
+    ),
+    "shared prefix of length 0": StepInput(
+        2, slices=[Slice(0, 4, [], True)], shared_prefixes=[SharedPrefix(0, [0])]
+    ),
+    "shared prefix row without a slice": StepInput(
+        2, slices=[Slice(0, 4, [], True)], shared_prefixes=[SharedPrefix(2, [0, 1])]
+    ),
+    "row in two shared prefixes": StepInput(
+        2,
+        slices=[Slice(0, 4, [], True)],
+        shared_prefixes=[SharedPrefix(2, [0]), SharedPrefix(3, [0])],
+    ),
+    "shared prefix slots differ": StepInput(
+        2,
+        add=[NewRequest(1, "b", G)],
+        writes=[SlotWrite(1, 0, [1, 2, 9, 4, 50])],
+        slices=[Slice(0, 4, [], True), Slice(1, 4, [7])],
+        shared_prefixes=[SharedPrefix(4, [0, 1])],
+    ),
+    "shared prefix over unset slots": StepInput(
+        2,
+        add=[NewRequest(1, "b", G), NewRequest(2, "c", G)],
+        slices=[Slice(1, 2, [5]), Slice(2, 2, [5])],
+        shared_prefixes=[SharedPrefix(2, [1, 2])],
+    ),
 }
 
 

@@ -81,6 +81,7 @@ class FakeExecutor:
         self.lose_at_step: int | None = None  # the stream "breaks" when this many steps were sent
         self.reject_at_step: int | None = None  # this step gets StepResult.error
         self._fresh: dict[int, int] = {}
+        self.shared_prefix_rows = 0  # rows sent in shared prefixes, over all steps
 
     async def connect(self, timeout: float) -> ExecutorInfo:
         self.rows.clear()
@@ -134,6 +135,7 @@ class FakeExecutor:
         result = pb.StepResult(step_id=step.step_id)
         # A slot written by one row's slice must not be read by another row in the same step.
         self._fresh = {slot: s.row for s in step.slices for slot in self._slots_of(s)}
+        self._check_shared_prefixes(step)
         for s in step.slices:
             token = self._compute(s)
             result.num_tokens += 1 if s.use_last_sampled else len(s.input_ids)
@@ -164,6 +166,27 @@ class FakeExecutor:
                     s.row not in added and self.rows[s.row].last_sampled is not None,
                     "no last token",
                 )
+
+    def _check_shared_prefixes(self, step: pb.Step) -> None:
+        """Each span's rows have slices starting at or past it and hold the same slots for its
+        positions, all written by earlier steps."""
+        starts = {s.row: s.start for s in step.slices}
+        grouped: set[int] = set()
+        for span in step.shared_prefixes:
+            _require(span.length >= 1 and len(span.rows) > 0, "empty shared prefix")
+            first = [self.rows[span.rows[0]].table.get(p) for p in range(span.length)]
+            for row in span.rows:
+                _require(row not in grouped, f"row {row} in two shared prefixes")
+                grouped.add(row)
+                _require(span.length <= starts.get(row, -1), f"shared prefix past row {row}")
+                table = self.rows[row].table
+                same = all(table.get(p) == slot for p, slot in enumerate(first))
+                _require(same, f"row {row}: shared prefix slots differ")
+            _require(
+                all(slot in self.pool and slot not in self._fresh for slot in first),
+                "shared prefix over slots not computed before this step",
+            )
+        self.shared_prefix_rows += len(grouped)
 
     def _compute(self, s: pb.Slice) -> int:
         row = self.rows[s.row]

@@ -143,19 +143,29 @@ class Slice(_message.Message):
     sample: bool
     def __init__(self, row: _Optional[int] = ..., start: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., use_last_sampled: _Optional[bool] = ..., sample: _Optional[bool] = ...) -> None: ...
 
+class SharedPrefix(_message.Message):
+    __slots__ = ("length", "rows")
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    length: int
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, length: _Optional[int] = ..., rows: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class Step(_message.Message):
-    __slots__ = ("step_id", "release_rows", "add", "writes", "slices")
+    __slots__ = ("step_id", "release_rows", "add", "writes", "slices", "shared_prefixes")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     RELEASE_ROWS_FIELD_NUMBER: _ClassVar[int]
     ADD_FIELD_NUMBER: _ClassVar[int]
     WRITES_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_PREFIXES_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     release_rows: _containers.RepeatedScalarFieldContainer[int]
     add: _containers.RepeatedCompositeFieldContainer[AddRequest]
     writes: _containers.RepeatedCompositeFieldContainer[SlotWrite]
     slices: _containers.RepeatedCompositeFieldContainer[Slice]
-    def __init__(self, step_id: _Optional[int] = ..., release_rows: _Optional[_Iterable[int]] = ..., add: _Optional[_Iterable[_Union[AddRequest, _Mapping]]] = ..., writes: _Optional[_Iterable[_Union[SlotWrite, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ...) -> None: ...
+    shared_prefixes: _containers.RepeatedCompositeFieldContainer[SharedPrefix]
+    def __init__(self, step_id: _Optional[int] = ..., release_rows: _Optional[_Iterable[int]] = ..., add: _Optional[_Iterable[_Union[AddRequest, _Mapping]]] = ..., writes: _Optional[_Iterable[_Union[SlotWrite, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., shared_prefixes: _Optional[_Iterable[_Union[SharedPrefix, _Mapping]]] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("code", "message")

@@ -26,9 +26,16 @@ def register(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBack
 
 
 class AttentionBackend:
-    """Batched attention over every request of a step; no Python loop over requests."""
+    """Batched attention over every request of a step; no Python loop over requests.
+
+    A backend with `supports_shared_prefixes` also runs batches with `batch.shared` set (rows
+    sharing a cached prefix): `shared_prefix` attends each group's span once for all its tokens,
+    `extend_tail` / `decode_tail` each slice's own keys, and `merge` combines the two parts by
+    log-sum-exp. Other backends never see `batch.shared` (the engine drops it).
+    """
 
     name = "base"
+    supports_shared_prefixes = False
 
     def __init__(
         self,
@@ -52,6 +59,8 @@ class AttentionBackend:
     ) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D] → out: [T, H, D]
         self.pool.store(layer, batch.out_cache_loc, k, v)
+        if batch.shared is not None:
+            return self._forward_shared(layer, q, batch)
         n_ext = batch.num_extend_tokens
         if batch.num_decode == 0:
             return self.extend(layer, q, batch)
@@ -61,7 +70,54 @@ class AttentionBackend:
             [self.extend(layer, q[:n_ext], batch), self.decode(layer, q[n_ext:], batch)]
         )
 
+    def _forward_shared(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        # q: [T, H, D]. Every slice over its own keys (all of them when ungrouped), then each
+        # group's tokens over its shared span, merged by log-sum-exp: [T, H, D] float32 → q.dtype.
+        n_ext, parts = batch.num_extend_tokens, []
+        if batch.num_extend:
+            parts.append(self.extend_tail(layer, q[:n_ext], batch))
+        if batch.num_decode:
+            parts.append(self.decode_tail(layer, q[n_ext:], batch))
+        out, lse = parts[0]
+        if len(parts) == 2:
+            out, lse = torch.cat([out, parts[1][0]]), torch.cat([lse, parts[1][1]])
+        shared = batch.shared
+        assert shared is not None
+        part_out, part_lse = self.shared_prefix(layer, q.index_select(0, shared.tok_idx), batch)
+        return self.merge(out, lse, part_out, part_lse, shared.tok_idx).to(q.dtype)
+
     def extend(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extend_tail(
+        self, layer: int, q: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Extend tokens over keys key_starts .. their position: out [T_ext, H, D], lse [T_ext, H]
+        (float32)."""
+        raise NotImplementedError
+
+    def decode_tail(
+        self, layer: int, q: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode tokens over keys key_starts .. seq_len-1: out [B, H, D], lse [B, H] (float32)."""
+        raise NotImplementedError
+
+    def shared_prefix(
+        self, layer: int, q: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [N, H, D], the tokens `batch.shared.tok_idx` over their group's span: out [N, H, D],
+        lse [N, H] (float32)."""
+        raise NotImplementedError
+
+    def merge(
+        self,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        part_out: torch.Tensor,
+        part_lse: torch.Tensor,
+        idx: torch.Tensor,
+    ) -> torch.Tensor:
+        """out [T, H, D] with the partial attention of tokens idx [N] merged in (float32)."""
         raise NotImplementedError
 
     def decode(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -3,19 +3,24 @@
 Each part of a step (extend, decode) is one padded, masked `scaled_dot_product_attention` call over
 all its requests: keys are gathered from the pool through the table into [B, L, Hkv, D], and a
 boolean mask hides positions past each request's length (and outside a sliding window).
+
+Shared prefixes (`batch.shared`): the C++ kernels of kernels/cpu/cascade.py, or, without a
+compiler, the same padded layout with masks that also hide each slice's shared positions and a
+log-sum-exp kept for the merge.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 import kernels.cpu as cpu_kernels
+from kernels.cpu import cascade
 from services.executor.attention.base import AttentionBackend, register
-from services.executor.forward_batch import ForwardBatch
+from services.executor.forward_batch import ForwardBatch, SharedSpans
 
 
 @dataclass
@@ -34,6 +39,7 @@ class PaddedPart:
 class TorchMetadata:
     extend: PaddedPart | KernelExtend | None
     decode: PaddedPart | KernelDecode | None
+    shared: PaddedPart | SharedSpans | None = None  # the groups' spans, when batch.shared
 
 
 @dataclass
@@ -41,12 +47,14 @@ class KernelExtend:
     rows: torch.Tensor  # [B] table rows of the extend requests
     prefix_lens: torch.Tensor  # [B] cached tokens before each request's new ones
     extend_lens: torch.Tensor  # [B] new tokens per request (q holds them back to back)
+    key_starts: torch.Tensor | None = None  # [B] first key position read (shared prefixes)
 
 
 @dataclass
 class KernelDecode:
     rows: torch.Tensor  # [B] table rows of the decode requests
     seq_lens: torch.Tensor  # [B] keys per request, positions 0 .. seq_len-1
+    key_starts: torch.Tensor | None = None  # [B] first key position read (shared prefixes)
 
 
 @register("torch")
@@ -56,6 +64,7 @@ class TorchAttention(AttentionBackend):
         self.use_cpu_kernel = self._cpu_kernel_usable()
         # The extend kernel keeps 64 output floats of a row in registers at a time.
         self.use_cpu_extend_kernel = self.use_cpu_kernel and self.head_dim % 64 == 0
+        self.supports_shared_prefixes = not self.sliding_window
 
     def _cpu_kernel_usable(self) -> bool:
         pool = self.pool.k[0] if self.pool.k else None
@@ -68,6 +77,9 @@ class TorchAttention(AttentionBackend):
         return cpu_kernels.load() is not None
 
     def init_metadata(self, batch: ForwardBatch) -> None:
+        if batch.shared is not None:
+            batch.attn_metadata = self._shared_metadata(batch, batch.shared)
+            return
         ne = batch.num_extend
         extend: PaddedPart | KernelExtend | None = None
         if ne:
@@ -81,6 +93,33 @@ class TorchAttention(AttentionBackend):
             decode = self._kernel_part(batch) if self.use_cpu_kernel else self._decode_part(batch)
         batch.attn_metadata = TorchMetadata(extend, decode)
 
+    def _shared_metadata(self, batch: ForwardBatch, shared: SharedSpans) -> TorchMetadata:
+        ne, starts = batch.num_extend, shared.key_starts
+        extend: PaddedPart | KernelExtend | None = None
+        if ne and self.use_cpu_extend_kernel:
+            extend = replace(self._kernel_extend(batch), key_starts=starts[:ne].contiguous())
+        elif ne:
+            extend = self._extend_part(batch, starts[:ne])
+        decode: PaddedPart | KernelDecode | None = None
+        if batch.num_decode and self.use_cpu_kernel:
+            decode = replace(self._kernel_part(batch), key_starts=starts[ne:].contiguous())
+        elif batch.num_decode:
+            decode = self._decode_part(batch, starts[ne:])
+        spans = shared if self.use_cpu_extend_kernel else self._shared_part(shared)
+        return TorchMetadata(extend, decode, spans)
+
+    def _shared_part(self, shared: SharedSpans) -> PaddedPart:
+        # Group g's tokens fill row g of a [G, max_n] query grid; all see keys 0 .. lens[g]-1.
+        counts = shared.tok_offsets.diff()
+        max_n, max_len = int(counts.max()), int(shared.lens.max())
+        device = counts.device
+        group_of_tok = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+        offset = torch.arange(int(shared.tok_offsets[-1]), device=device)
+        dest = group_of_tok * max_n + offset - shared.tok_offsets[:-1][group_of_tok]
+        mask = torch.arange(max_len, device=device)[None, :] < shared.lens[:, None]  # [G, L]
+        mask = mask[:, None, None, :].expand(-1, 1, max_n, -1)
+        return PaddedPart(self._gather_idx(shared.rows, max_len), mask, dest, max_n)
+
     def _kernel_part(self, batch: ForwardBatch) -> KernelDecode:
         ne = batch.num_extend
         return KernelDecode(batch.rows[ne:].contiguous(), batch.seq_lens[ne:].contiguous())
@@ -93,17 +132,23 @@ class TorchAttention(AttentionBackend):
     def _gather_idx(self, rows: torch.Tensor, max_len: int) -> torch.Tensor:
         return self.table.table[rows, :max_len]
 
-    def _decode_part(self, batch: ForwardBatch) -> PaddedPart:
+    def _decode_part(
+        self, batch: ForwardBatch, key_starts: torch.Tensor | None = None
+    ) -> PaddedPart:
         ne = batch.num_extend
         rows, seq_lens = batch.rows[ne:], batch.seq_lens[ne:]
         max_len = max(batch.seq_lens_cpu[ne:])
         key_pos = torch.arange(max_len, device=rows.device)
         mask = key_pos[None, :] < seq_lens[:, None]
+        if key_starts is not None:
+            mask &= key_pos[None, :] >= key_starts[:, None]
         if self.sliding_window:
             mask &= key_pos[None, :] >= seq_lens[:, None] - self.sliding_window
         return PaddedPart(self._gather_idx(rows, max_len), mask[:, None, None, :], None, 1)
 
-    def _extend_part(self, batch: ForwardBatch) -> PaddedPart:
+    def _extend_part(
+        self, batch: ForwardBatch, key_starts: torch.Tensor | None = None
+    ) -> PaddedPart:
         ne = batch.num_extend
         rows, starts = batch.rows[:ne], batch.starts[:ne]
         lens = torch.tensor(batch.extend_lens_cpu, device=rows.device)
@@ -115,11 +160,17 @@ class TorchAttention(AttentionBackend):
         mask = key_pos[None, None, :] <= q_pos[:, :, None]
         if self.sliding_window:
             mask &= key_pos[None, None, :] > q_pos[:, :, None] - self.sliding_window
+        if key_starts is not None:
+            mask &= key_pos[None, None, :] >= key_starts[:, None, None]
         req_of_tok = torch.repeat_interleave(torch.arange(ne, device=device), lens)
         first_tok = torch.cumsum(lens, 0) - lens
         offset = torch.arange(batch.num_extend_tokens, device=device) - first_tok[req_of_tok]
         dest = req_of_tok * max_q + offset
-        causal = not self.sliding_window and batch.seq_lens_cpu[:ne] == batch.extend_lens_cpu
+        causal = (
+            not self.sliding_window
+            and key_starts is None
+            and batch.seq_lens_cpu[:ne] == batch.extend_lens_cpu
+        )
         return PaddedPart(self._gather_idx(rows, max_len), mask[:, None], dest, max_q, causal)
 
     def _attend(self, layer: int, q: torch.Tensor, part: PaddedPart) -> torch.Tensor:
@@ -183,6 +234,81 @@ class TorchAttention(AttentionBackend):
         probs = torch.softmax(scores, dim=-1)
         out = torch.matmul(probs, v.transpose(1, 2).float())  # [B, Hkv, G, D]
         return out.view(b, self.num_heads, self.head_dim).to(q.dtype)
+
+    # --- Shared prefixes (batch.shared) -----------------------------------------------------------
+
+    def extend_tail(
+        self, layer: int, q: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        part = batch.attn_metadata.extend  # type: ignore[union-attr]
+        if isinstance(part, KernelExtend):
+            assert part.key_starts is not None
+            return cascade.extend_attention_lse(
+                q, *self._pools(layer), part.rows, part.key_starts, part.prefix_lens,
+                part.extend_lens, self.scale,
+            )  # fmt: skip
+        return self._attend_lse(layer, q, part)
+
+    def decode_tail(
+        self, layer: int, q: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        part = batch.attn_metadata.decode  # type: ignore[union-attr]
+        if isinstance(part, KernelDecode):
+            assert part.key_starts is not None
+            return cascade.paged_decode_attention_lse(
+                q, *self._pools(layer), part.rows, part.key_starts, part.seq_lens, self.scale
+            )
+        return self._attend_lse(layer, q, part)
+
+    def shared_prefix(
+        self, layer: int, q: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        part = batch.attn_metadata.shared  # type: ignore[union-attr]
+        if isinstance(part, SharedSpans):
+            return cascade.shared_prefix_attention(
+                q, *self._pools(layer), part.rows, part.tok_offsets, part.lens, self.scale
+            )
+        return self._attend_lse(layer, q, part)
+
+    def merge(
+        self,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        part_out: torch.Tensor,
+        part_lse: torch.Tensor,
+        idx: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.use_cpu_kernel:
+            return cascade.merge_attention_states_(out, lse, part_out, part_lse, idx)
+        return cascade.merge_attention_states_ref(out, lse, part_out, part_lse, idx)
+
+    def _pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.pool.k[layer], self.pool.v[layer], self.table.table
+
+    def _attend_lse(
+        self, layer: int, q: torch.Tensor, part: PaddedPart
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [T, H, D], placed on the part's [B, Q] grid → out [T, H, D], lse [T, H] (float32).
+        # Padded grid entries see no key (lse -inf, out NaN) and are dropped.
+        b, n_keys = part.kv_idx.shape
+        h, d, hkv = self.num_heads, self.head_dim, self.num_kv_heads
+        grid = q
+        if part.token_dest is not None:
+            grid = q.new_zeros(b * part.max_q, h, d)
+            grid[part.token_dest] = q
+        qg = grid.view(b, part.max_q, hkv, h // hkv, d).float()
+        flat = part.kv_idx.reshape(-1)
+        k = self.pool.k[layer].index_select(0, flat).view(b, n_keys, hkv, d).float()
+        v = self.pool.v[layer].index_select(0, flat).view(b, n_keys, hkv, d).float()
+        scores = torch.einsum("bqkgd,blkd->bkgql", qg, k) * self.scale
+        mask = part.mask.reshape(b, 1, 1, part.max_q, n_keys)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, Q]
+        out = torch.einsum("bkgql,blkd->bqkgd", (scores - lse[..., None]).exp(), v)
+        out, lse = out.reshape(-1, h, d), lse.permute(0, 3, 1, 2).reshape(-1, h)
+        if part.token_dest is not None:
+            out, lse = out[part.token_dest], lse[part.token_dest]
+        return out, lse
 
     # --- Static-shape decode (services/executor/decode_runner.py) ---------------------------------
     # The eager decode pads keys to this step's longest sequence, a length that changes every step.

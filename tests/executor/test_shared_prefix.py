@@ -1,0 +1,150 @@
+"""Shared-prefix (cascade) attention changes no logits: the same Steps with and without
+`shared_prefixes` give the same logits, through the C++ kernels and the PyTorch fallback."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from services.executor.engine import Engine
+from services.executor.sampling_params import SamplingParams
+from services.executor.step import NewRequest, SharedPrefix, Slice, SlotWrite, StepInput
+from tests.executor.tiny import engine_for, hf_model
+
+GREEDY = SamplingParams(temperature=0)
+P = 48  # the shared cached prefix
+
+
+class Script:
+    """Rows with their KV slots, handing out fresh slots as tokens are computed."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.kv: dict[int, list[int]] = {}
+        self.next_slot = 1
+        self.step_id = 0
+
+    def ids(self, n: int) -> list[int]:
+        return [self.rng.randrange(256) for _ in range(n)]
+
+    def step(
+        self,
+        add: dict[int, tuple[int, int]] | None = None,  # row -> (source row, shared length)
+        compute: dict[int, int | tuple[int, bool]] | None = None,  # row -> tokens (, sample)
+        shared: list[tuple[int, list[int]]] | None = None,
+        release: list[int] | None = None,
+    ) -> StepInput:
+        self.step_id += 1
+        step = StepInput(self.step_id, release_rows=list(release or []))
+        for row in step.release_rows:
+            del self.kv[row]
+        for row, (src, n) in (add or {}).items():
+            self.kv[row] = list(self.kv[src][:n]) if n else []
+            step.add.append(NewRequest(row, str(row), GREEDY))
+            if n:
+                step.writes.append(SlotWrite(row, 0, list(self.kv[row])))
+        for row, spec in (compute or {}).items():
+            n, sample = spec if isinstance(spec, tuple) else (spec, True)
+            start, slots = len(self.kv[row]), list(range(self.next_slot, self.next_slot + n))
+            self.next_slot += n
+            self.kv[row] += slots
+            step.writes.append(SlotWrite(row, start, slots))
+            step.slices.append(Slice(row, start, self.ids(n), sample=sample))
+        step.shared_prefixes = [SharedPrefix(n, rows) for n, rows in shared or []]
+        return step
+
+
+def scenario(seed: int = 0) -> list[StepInput]:
+    """Prefill of a shared prefix, rows joining on it (extend, chunked), decodes over spans of
+    length 1, exactly a row's start, the whole prefix and shorter ones; rows leaving and joining;
+    unshared rows beside shared ones."""
+    s = Script(seed)
+    return [
+        s.step(add={0: (0, 0), 4: (4, 0)}, compute={0: P + 5, 4: 30}),
+        s.step(
+            add={1: (0, P), 2: (0, P), 3: (0, P - 8)},
+            compute={0: 1, 1: 7, 2: 1, 3: (10, False), 4: 1},
+            shared=[(P, [0, 1, 2]), (P - 8, [3])],
+        ),
+        s.step(compute={0: 1, 1: 1, 2: 1, 3: 6, 4: 1}, shared=[(P, [0, 1]), (1, [2, 3])]),
+        s.step(
+            release=[1],
+            add={5: (0, P)},
+            compute={5: 4, 0: 1, 2: 1, 3: 1, 4: 1},
+            shared=[(P - 10, [0, 2, 3, 5])],
+        ),
+        s.step(
+            compute={0: 1, 2: 1, 3: 1, 4: 1, 5: 1}, shared=[(P, [0, 2, 5]), (P - 8, [3]), (20, [4])]
+        ),
+        s.step(
+            release=[2],
+            add={1: (1, 0)},
+            compute={1: 20, 0: 1, 3: 1, 4: 1, 5: 1},
+            shared=[(P, [0, 5]), (P - 8, [3])],
+        ),
+        s.step(compute={0: 1, 1: 1, 3: 1, 4: 1, 5: 1}, shared=[(P - 8, [0, 3, 5])]),
+    ]
+
+
+def plain(step: StepInput) -> StepInput:
+    return replace(step, shared_prefixes=[])
+
+
+def engines(variant: str, dtype: torch.dtype) -> tuple[Engine, Engine]:
+    hf = hf_model(variant)
+    return engine_for(hf, dtype=dtype), engine_for(hf, dtype=dtype)
+
+
+CASES = {
+    # head_dim 64: every part through the C++ kernels
+    "kernels-fp32": ("gqa3-hd64", torch.float32, 1e-4),
+    "kernels-bf16": ("gqa3-hd64", torch.bfloat16, 2e-2),
+    # head_dim 16: C++ decode, PyTorch shared span and extend
+    "mixed-fp32": ("llama", torch.float32, 1e-4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_without_shared_prefixes(case: str) -> None:
+    variant, dtype, tol = CASES[case]
+    cascade, reference = engines(variant, dtype)
+    for step in scenario():
+        ours, ref = cascade.logits(step), reference.logits(plain(step))
+        delta = (ours - ref).abs().max().item()
+        assert delta < tol, f"step {step.step_id}: max |Δ| {delta:.2e}"
+
+
+def test_pytorch_fallback_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    cascade, reference = engines("gqa3-hd64", torch.float32)
+    assert not cascade.attn.use_cpu_kernel  # type: ignore[attr-defined]
+    for step in scenario(seed=1):
+        delta = (cascade.logits(step) - reference.logits(plain(step))).abs().max().item()
+        assert delta < 1e-4, f"step {step.step_id}: max |Δ| {delta:.2e}"
+
+
+def test_greedy_tokens_identical_in_fp32() -> None:
+    cascade, reference = engines("gqa3-hd64", torch.float32)
+    for step in scenario(seed=2):
+        a, b = cascade.run_step(step), reference.run_step(plain(step))
+        assert [t.token_id for t in a.tokens] == [t.token_id for t in b.tokens]
+    # Decodes of the sampled tokens, with the shared group changing every step.
+    rows = sorted(cascade.rows)
+    groups = [[(P - 8, [0, 3, 5])], [(P, [0, 5])], [(1, [0, 3, 5]), (3, [4])], []]
+    for k, spans in enumerate(groups * 3):
+        slices = [Slice(r, _length(cascade, r), [], use_last_sampled=True) for r in rows]
+        shared = [SharedPrefix(n, rs) for n, rs in spans]
+        step = StepInput(100 + k, slices=slices, shared_prefixes=shared)
+        step.writes = [
+            SlotWrite(r, s.start, [2000 + 10 * k + r]) for r, s in zip(rows, slices, strict=True)
+        ]
+        a, b = cascade.run_step(step), reference.run_step(plain(step))
+        assert [t.token_id for t in a.tokens] == [t.token_id for t in b.tokens]
+
+
+def _length(engine: Engine, row: int) -> int:
+    """Positions row holds: the nonzero prefix of its table row."""
+    return int((engine.table.table[row] != 0).sum())

@@ -1,0 +1,101 @@
+"""The C++ shared-prefix kernels (kernels/cpu/cascade.py) against their PyTorch references, and the
+cascade identity: shared span + own keys, merged, equals attention over all keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels.cpu as cpu_kernels
+from kernels.cpu import cascade
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.load() is None, reason=f"kernel not built: {cpu_kernels.load_error()}"
+)
+
+
+def pool(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(3000, kv_heads, dim, generator=gen).to(dtype)
+    v = torch.randn(3000, kv_heads, dim, generator=gen).to(dtype)
+    k[0] = v[0] = float("nan")  # the padding slot must never be read
+    table = torch.randint(1, 3000, (10, 300), generator=gen)
+    table[1:6, :120] = table[0, :120]  # rows 0..5 share 120 positions
+    return k, v, table, gen
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+SHAPES = [(4, 4, 64), (9, 3, 64), (8, 1, 128)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), SHAPES)
+def test_shared_prefix_attention(dtype, heads, kv_heads, dim) -> None:
+    k, v, table, gen = pool(dtype, heads, kv_heads, dim)
+    offsets = torch.tensor([0, 1, 5, 40])  # groups of 1, 4 and 35 tokens (blocks of 16)
+    rows, lens = torch.tensor([0, 3, 7]), torch.tensor([120, 1, 299])
+    q = torch.randn(40, heads, dim, generator=gen).to(dtype)
+    args = (q, k, v, table, rows, offsets, lens, dim**-0.5)
+    for a, b in zip(
+        cascade.shared_prefix_attention(*args),
+        cascade.shared_prefix_attention_ref(*args),
+        strict=True,
+    ):
+        close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), SHAPES)
+@pytest.mark.parametrize("batch", [6, 40])  # split by kv head / one task per request
+def test_decode_tail(dtype, heads, kv_heads, dim, batch) -> None:
+    k, v, table, gen = pool(dtype, heads, kv_heads, dim)
+    rows = torch.arange(batch) % 10
+    seq_lens = torch.randint(1, 300, (batch,), generator=gen)
+    starts = (seq_lens - 1) * torch.rand(batch, generator=gen)
+    args = (torch.randn(batch, heads, dim, generator=gen).to(dtype), k, v, table, rows)
+    args += (starts.long(), seq_lens, dim**-0.5)
+    for a, b in zip(
+        cascade.paged_decode_attention_lse(*args),
+        cascade.paged_decode_attention_lse_ref(*args),
+        strict=True,
+    ):
+        close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), SHAPES)
+def test_extend_tail(dtype, heads, kv_heads, dim) -> None:
+    k, v, table, gen = pool(dtype, heads, kv_heads, dim)
+    rows, prefix = torch.tensor([0, 2, 4]), torch.tensor([120, 0, 64])
+    extend, starts = torch.tensor([1, 37, 16]), torch.tensor([120, 0, 10])
+    q = torch.randn(int(extend.sum()), heads, dim, generator=gen).to(dtype)
+    args = (q, k, v, table, rows, starts, prefix, extend, dim**-0.5)
+    for a, b in zip(
+        cascade.extend_attention_lse(*args), cascade.extend_attention_lse_ref(*args), strict=True
+    ):
+        close(a, b, dtype)
+
+
+@pytest.mark.parametrize("span", [1, 64, 119, 120])
+def test_shared_plus_own_keys_is_full_attention(span: int) -> None:
+    k, v, table, gen = pool(torch.float32, 9, 3, 64)
+    rows, seq_lens = torch.tensor([0, 1, 2, 5]), torch.tensor([121, 200, 150, 299])
+    q = torch.randn(4, 9, 64, generator=gen)
+    scale = 0.125
+    full = cpu_kernels.paged_decode_attention(q, k, v, table, rows, seq_lens, scale)
+    starts = torch.full((4,), span)
+    out, lse = cascade.paged_decode_attention_lse(q, k, v, table, rows, starts, seq_lens, scale)
+    part = cascade.shared_prefix_attention(
+        q, k, v, table, rows[:1], torch.tensor([0, 4]), torch.tensor([span]), scale
+    )
+    merged = cascade.merge_attention_states_(out, lse, *part, torch.arange(4))
+    torch.testing.assert_close(merged, full, atol=1e-5, rtol=1e-5)
+    ref = cascade.merge_attention_states_ref(*cascade.paged_decode_attention_lse_ref(
+        q, k, v, table, rows, starts, seq_lens, scale), *part, torch.arange(4))  # fmt: skip
+    torch.testing.assert_close(ref, full, atol=1e-5, rtol=1e-5)
