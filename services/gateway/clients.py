@@ -18,10 +18,11 @@ from radixserve.v1 import tokenizer_pb2_grpc as tpb_grpc
 from services.common.grpc_server import insecure_channel
 from services.gateway import convert
 from services.gateway.errors import GatewayError, Unavailable, from_rpc_error
-from services.gateway.events import SampleEnd, TextDelta, TokenChunk, TokenPiece
+from services.gateway.events import TextDelta, TokenPiece
 from services.gateway.protocol import ChatCompletionRequest
 from services.gateway.router import SchedulerLoad
 from services.gateway.sampling import GenerationInput, ModelInfo
+from services.gateway.scheduler_stream import RequestEvents, SchedulerStream
 
 log = logging.getLogger("radixserve.gateway")
 UNARY_TIMEOUT_S = 30.0
@@ -124,49 +125,25 @@ class TokenizerClient:
         await asyncio.gather(*(c.close() for c in self._channels))
 
 
-class GenerateStream:
-    """The events of one Generate call, read one at a time; `cancel` ends the call at once."""
-
-    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
-        self._call = call
-
-    async def next(self) -> TokenChunk | SampleEnd | None:
-        """The next event; None once the scheduler ended the stream."""
-        with rpc_errors("scheduler"):
-            msg = await self._call.read()
-        if msg is grpc.aio.EOF:
-            return None
-        return convert.event_from_pb(msg)
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-
 class SchedulerClient:
-    """One scheduler replica."""
+    """One scheduler replica; its requests share one multiplexed Stream call."""
 
     def __init__(self, address: str) -> None:
         self.address = address
         self._channel = insecure_channel(address)
         self._stub = spb_grpc.SchedulerStub(self._channel)
-        self._aborts: set[asyncio.Task] = set()  # fire-and-forget Abort calls still running
+        self._stream: SchedulerStream | None = None  # made on the loop, at first use
 
-    def generate(self, inp: GenerationInput, timeout_s: float) -> GenerateStream:
-        request = convert.generate_request_to_pb(inp)
-        return GenerateStream(self._stub.Generate(request, timeout=timeout_s))
+    def generate(self, inp: GenerationInput, timeout_s: float) -> RequestEvents:
+        """Submits the request; its events (or its refusal) come from the returned queue."""
+        if self._stream is None:
+            self._stream = SchedulerStream(self._stub)
+        return self._stream.generate(convert.generate_request_to_pb(inp), timeout_s)
 
     def abort_soon(self, request_id: str) -> None:
         """Sends Abort without waiting (callable while the caller is being cancelled)."""
-        task = asyncio.get_running_loop().create_task(self._abort(request_id))
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
-
-    async def _abort(self, request_id: str) -> None:
-        request = spb.AbortRequest(request_id=request_id)
-        try:
-            await self._stub.Abort(request, timeout=CHECK_TIMEOUT_S)
-        except grpc.RpcError as err:
-            log.warning("abort %s at %s failed: %s", request_id, self.address, err.code())
+        if self._stream is not None:
+            self._stream.abort(request_id)
 
     async def load(self) -> SchedulerLoad:
         with rpc_errors("scheduler"):
@@ -184,4 +161,6 @@ class SchedulerClient:
         await check_serving(self._channel, f"scheduler at {self.address}")
 
     async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
         await self._channel.close()
