@@ -136,20 +136,15 @@ def message_to_pb(m: ChatMessage) -> tpb.ChatMessage:
     return msg
 
 
-def detokenize_setup_to_pb(inp: GenerationInput, index: int) -> tpb.DetokenizeRequest:
+def detokenize_setup_to_pb(inp: GenerationInput, index: int) -> tpb.DetokenizeSetup:
     opts: TextOptions = inp.text
-    setup = tpb.DetokenizeSetup(
+    return tpb.DetokenizeSetup(
         request_id=f"{inp.request_id}/{index}",
         skip_special_tokens=opts.skip_special_tokens,
         stop=opts.stop,
         include_stop_str_in_output=opts.include_stop_str_in_output,
         prompt_tail_ids=inp.input_ids[-PROMPT_TAIL:],
     )
-    return tpb.DetokenizeRequest(setup=setup)
-
-
-def tokens_to_pb(ids: list[int], finish: bool) -> tpb.DetokenizeRequest:
-    return tpb.DetokenizeRequest(tokens=tpb.DetokenizeTokens(ids=ids, finish=finish))
 
 
 def delta_from_pb(msg: tpb.DetokenizeResponse) -> TextDelta:

@@ -15,7 +15,8 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 
-from services.gateway.clients import Detokenizer, SchedulerClient, TokenizerClient
+from services.gateway.clients import SchedulerClient, TokenizerClient
+from services.gateway.detokenize_stream import Detokenizer
 from services.gateway.events import (
     Output,
     SampleEnd,
