@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
@@ -33,43 +35,59 @@ Item = TokenChunk | SampleEnd | GatewayError
 
 
 class RequestEvents:
-    """One request's events, in order; `next` ends (None) after the n-th SampleEnd.
+    """One request's events; `next` ends (None) after the n-th SampleEnd.
 
-    `timeout_s` bounds the whole request: past it, `next` raises Timeout (what a Generate
-    deadline gave).
+    The shared call is read at the scheduler's pace; a reader slower than that finds several
+    batches' tokens waiting and gets them as one chunk per sample (chunks before ends, as the
+    scheduler coalesces for a slow Generate reader). `timeout_s` bounds the whole request: past
+    it, `next` raises Timeout (what a Generate deadline gave).
     """
 
     def __init__(self, owner: SchedulerStream, request_id: str, n: int, timeout_s: float) -> None:
         self._owner, self.request_id = owner, request_id
-        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._chunks: dict[int, TokenChunk] = {}  # sample index -> tokens not yet taken
+        self._ends: list[SampleEnd | GatewayError] = []
+        self._taken: deque[Item] = deque()  # taken, not yet returned by `next`
+        self._wake = asyncio.Event()
         self._open_samples = n  # samples the reader has not seen end
         self._unsent_ends = n  # samples the scheduler has not ended (as put)
         self._deadline = asyncio.get_running_loop().time() + timeout_s
 
     def put(self, item: Item) -> bool:
         """Queues an event; True when it is the request's last."""
-        self._queue.put_nowait(item)
-        if isinstance(item, GatewayError):
-            self._unsent_ends = 0
-        elif isinstance(item, SampleEnd):
-            self._unsent_ends -= 1
+        if isinstance(item, TokenChunk):
+            held = self._chunks.get(item.index)
+            self._chunks[item.index] = item if held is None else merge_chunks(held, item)
+        else:
+            self._ends.append(item)
+            self._unsent_ends = 0 if isinstance(item, GatewayError) else self._unsent_ends - 1
+        self._wake.set()
         return self._unsent_ends == 0
 
     async def next(self) -> TokenChunk | SampleEnd | None:
         """The next event; None once every sample ended. Raises the request's GatewayError."""
         if self._open_samples == 0:
             return None
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                item = await self._queue.get()
-        except TimeoutError:
-            raise Timeout("the scheduler did not answer in time") from None
+        if not self._taken:
+            await self._wait()
+            self._taken.extend([*self._chunks.values(), *self._ends])
+            self._chunks.clear()
+            self._ends.clear()
+            self._wake.clear()
+        item = self._taken.popleft()
         if isinstance(item, GatewayError):
             self._open_samples = 0
             raise item
         if isinstance(item, SampleEnd):
             self._open_samples -= 1
         return item
+
+    async def _wait(self) -> None:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                await self._wake.wait()
+        except TimeoutError:
+            raise Timeout("the scheduler did not answer in time") from None
 
     def cancel(self) -> None:
         """Stops delivering this request's events (the caller aborts it separately)."""
@@ -130,6 +148,7 @@ class SchedulerStream:
             error = from_rpc_error(err, "scheduler")
         except asyncio.CancelledError:
             call.cancel()
+            self._fail_all(Unavailable("the gateway is shutting down"))
             raise
         self._fail_all(error)
 
@@ -148,6 +167,17 @@ class SchedulerStream:
             log.warning("scheduler stream broke with %d requests on it: %s", len(requests), error)
         for events in requests.values():
             events.put(error)
+
+
+def merge_chunks(a: TokenChunk, b: TokenChunk) -> TokenChunk:
+    """`b` appended to `a` (same sample): its tokens after a's, its cumulative counts."""
+    return replace(
+        b,
+        token_ids=a.token_ids + b.token_ids,
+        logprobs=a.logprobs + b.logprobs,
+        top_ids=a.top_ids + b.top_ids,
+        top_logprobs=a.top_logprobs + b.top_logprobs,
+    )
 
 
 async def _drain(

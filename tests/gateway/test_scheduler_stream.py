@@ -117,3 +117,22 @@ def test_the_request_timeout_ends_one_request() -> None:
             await client.close()
 
     asyncio.run(main())
+
+
+def test_a_slow_reader_gets_coalesced_chunks() -> None:
+    async def main() -> None:
+        async with scheduler_server(FakeExecutor(4096, 8, delay=0.001)) as (_, _, addr):
+            client = SchedulerClient(addr)
+            events = client.generate(inp("slow", [5, 6], 60, n=2), 30.0)
+            chunks: dict[int, list[TokenChunk]] = {0: [], 1: []}
+            while (event := await events.next()) is not None:
+                if isinstance(event, TokenChunk):
+                    chunks[event.index].append(event)
+                await asyncio.sleep(0.03)  # a slow client
+            await client.close()
+        want = reference([5, 6], 60)[0]
+        for got in chunks.values():
+            assert [t for c in got for t in c.token_ids] == want
+            assert 1 < len(got) < 20 and got[-1].completion_tokens == 60
+
+    asyncio.run(main())
