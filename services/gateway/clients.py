@@ -17,11 +17,13 @@ from radixserve.v1 import tokenizer_pb2 as tpb
 from radixserve.v1 import tokenizer_pb2_grpc as tpb_grpc
 from services.common.grpc_server import insecure_channel
 from services.gateway import convert
+from services.gateway.detokenize_stream import DetokenizeCall, Detokenizer
 from services.gateway.errors import GatewayError, Unavailable, from_rpc_error
-from services.gateway.events import SampleEnd, TextDelta, TokenChunk, TokenPiece
+from services.gateway.events import TokenPiece
 from services.gateway.protocol import ChatCompletionRequest
 from services.gateway.router import SchedulerLoad
 from services.gateway.sampling import GenerationInput, ModelInfo
+from services.gateway.scheduler_stream import RequestEvents, SchedulerStream
 
 log = logging.getLogger("radixserve.gateway")
 UNARY_TIMEOUT_S = 30.0
@@ -46,38 +48,20 @@ async def check_serving(channel: grpc.aio.Channel, service: str) -> None:
         raise Unavailable(f"the {service} is not serving yet")
 
 
-class Detokenizer:
-    """One sample's Detokenize stream: each `feed` is answered by exactly one TextDelta."""
-
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
-        self._call = call
-        self.finished = False
-
-    async def feed(self, ids: list[int], finish: bool = False) -> TextDelta:
-        with rpc_errors("tokenizer"):
-            try:
-                await self._call.write(convert.tokens_to_pb(ids, finish))
-            except asyncio.InvalidStateError:
-                await self._call.read()  # raises the status that ended the stream
-            msg = await self._call.read()
-        if msg is grpc.aio.EOF:
-            raise Unavailable("the tokenizer ended a Detokenize stream early")
-        delta = convert.delta_from_pb(msg)
-        self.finished = delta.finished
-        return delta
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-
 class TokenizerClient:
-    """The tokenizer service (several addresses: round-robin per call or stream)."""
+    """The tokenizer service (several addresses: round-robin per call or sample).
+
+    Samples are detokenized over one shared DetokenizeBatch call per address (see
+    detokenize_stream), opened on first use and again after it broke.
+    """
 
     def __init__(self, addresses: list[str]) -> None:
         self.addresses = addresses
         self._channels = [insecure_channel(a, round_robin=True) for a in addresses]
         self._stubs = [tpb_grpc.TokenizerStub(c) for c in self._channels]
         self._turn = itertools.cycle(range(len(addresses)))
+        self._calls: list[DetokenizeCall | None] = [None] * len(addresses)
+        self._sample_ids = itertools.count(1)
         self._pieces: dict[int, TokenPiece] = {}  # id -> piece; at most the vocabulary
 
     def _stub(self) -> tpb_grpc.TokenizerStub:
@@ -107,10 +91,14 @@ class TokenizerClient:
         return {i: self._pieces[i] for i in wanted}
 
     async def detokenizer(self, inp: GenerationInput, index: int) -> Detokenizer:
-        call = self._stub().Detokenize()
-        with rpc_errors("tokenizer"):
-            await call.write(convert.detokenize_setup_to_pb(inp, index))
-        return Detokenizer(call)
+        """Sample `index` of `inp`, opened on a shared call (with its first feed)."""
+        k = next(self._turn)
+        call = self._calls[k]
+        if call is None or not call.alive:
+            call = self._calls[k] = DetokenizeCall(self._stubs[k])
+        sample_id = next(self._sample_ids)
+        call.open(sample_id, convert.detokenize_setup_to_pb(inp, index))
+        return Detokenizer(call, sample_id)
 
     async def check(self) -> None:
         """Raises Unavailable unless every tokenizer address is serving."""
@@ -121,52 +109,29 @@ class TokenizerClient:
                 raise Unavailable(f"tokenizer {address}: {exc.message}") from None
 
     async def close(self) -> None:
+        await asyncio.gather(*(c.close_call() for c in self._calls if c is not None))
         await asyncio.gather(*(c.close() for c in self._channels))
 
 
-class GenerateStream:
-    """The events of one Generate call, read one at a time; `cancel` ends the call at once."""
-
-    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
-        self._call = call
-
-    async def next(self) -> TokenChunk | SampleEnd | None:
-        """The next event; None once the scheduler ended the stream."""
-        with rpc_errors("scheduler"):
-            msg = await self._call.read()
-        if msg is grpc.aio.EOF:
-            return None
-        return convert.event_from_pb(msg)
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-
 class SchedulerClient:
-    """One scheduler replica."""
+    """One scheduler replica; its requests share one multiplexed Stream call."""
 
     def __init__(self, address: str) -> None:
         self.address = address
         self._channel = insecure_channel(address)
         self._stub = spb_grpc.SchedulerStub(self._channel)
-        self._aborts: set[asyncio.Task] = set()  # fire-and-forget Abort calls still running
+        self._stream: SchedulerStream | None = None  # made on the loop, at first use
 
-    def generate(self, inp: GenerationInput, timeout_s: float) -> GenerateStream:
-        request = convert.generate_request_to_pb(inp)
-        return GenerateStream(self._stub.Generate(request, timeout=timeout_s))
+    def generate(self, inp: GenerationInput, timeout_s: float) -> RequestEvents:
+        """Submits the request; its events (or its refusal) come from the returned queue."""
+        if self._stream is None:
+            self._stream = SchedulerStream(self._stub)
+        return self._stream.generate(convert.generate_request_to_pb(inp), timeout_s)
 
     def abort_soon(self, request_id: str) -> None:
         """Sends Abort without waiting (callable while the caller is being cancelled)."""
-        task = asyncio.get_running_loop().create_task(self._abort(request_id))
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
-
-    async def _abort(self, request_id: str) -> None:
-        request = spb.AbortRequest(request_id=request_id)
-        try:
-            await self._stub.Abort(request, timeout=CHECK_TIMEOUT_S)
-        except grpc.RpcError as err:
-            log.warning("abort %s at %s failed: %s", request_id, self.address, err.code())
+        if self._stream is not None:
+            self._stream.abort(request_id)
 
     async def load(self) -> SchedulerLoad:
         with rpc_errors("scheduler"):
@@ -184,4 +149,6 @@ class SchedulerClient:
         await check_serving(self._channel, f"scheduler at {self.address}")
 
     async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
         await self._channel.close()

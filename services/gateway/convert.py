@@ -6,7 +6,7 @@ import json
 
 from radixserve.v1 import scheduler_pb2 as spb
 from radixserve.v1 import tokenizer_pb2 as tpb
-from services.gateway.errors import from_status
+from services.gateway.errors import GatewayError, from_status
 from services.gateway.events import SampleEnd, TextDelta, TokenChunk, TokenPiece
 from services.gateway.protocol import ChatCompletionRequest, ChatMessage
 from services.gateway.router import SchedulerLoad
@@ -51,6 +51,20 @@ def generate_request_to_pb(inp: GenerationInput) -> spb.GenerateRequest:
 
 def event_from_pb(msg: spb.GenerateResponse) -> TokenChunk | SampleEnd:
     """A chunk or the end of a sample; an `error` event raises the matching GatewayError."""
+    event = _event_from_pb(msg)
+    if isinstance(event, GatewayError):
+        raise event
+    return event
+
+
+def stream_event_from_pb(msg: spb.StreamEvent) -> tuple[str, TokenChunk | SampleEnd | GatewayError]:
+    """(request_id, event) of a StreamBatch; an `error` event is returned as its GatewayError."""
+    return msg.request_id, _event_from_pb(msg)
+
+
+def _event_from_pb(
+    msg: spb.GenerateResponse | spb.StreamEvent,
+) -> TokenChunk | SampleEnd | GatewayError:
     kind = msg.WhichOneof("event")
     if kind == "chunk":
         c = msg.chunk
@@ -73,7 +87,7 @@ def event_from_pb(msg: spb.GenerateResponse) -> TokenChunk | SampleEnd:
             completion_tokens=e.completion_tokens,
             cached_tokens=e.cached_tokens,
         )
-    raise from_status(msg.error.code, msg.error.message, "scheduler")
+    return from_status(msg.error.code, msg.error.message, "scheduler")
 
 
 def load_from_pb(address: str, msg: spb.GetLoadResponse) -> SchedulerLoad:
@@ -122,20 +136,15 @@ def message_to_pb(m: ChatMessage) -> tpb.ChatMessage:
     return msg
 
 
-def detokenize_setup_to_pb(inp: GenerationInput, index: int) -> tpb.DetokenizeRequest:
+def detokenize_setup_to_pb(inp: GenerationInput, index: int) -> tpb.DetokenizeSetup:
     opts: TextOptions = inp.text
-    setup = tpb.DetokenizeSetup(
+    return tpb.DetokenizeSetup(
         request_id=f"{inp.request_id}/{index}",
         skip_special_tokens=opts.skip_special_tokens,
         stop=opts.stop,
         include_stop_str_in_output=opts.include_stop_str_in_output,
         prompt_tail_ids=inp.input_ids[-PROMPT_TAIL:],
     )
-    return tpb.DetokenizeRequest(setup=setup)
-
-
-def tokens_to_pb(ids: list[int], finish: bool) -> tpb.DetokenizeRequest:
-    return tpb.DetokenizeRequest(tokens=tpb.DetokenizeTokens(ids=ids, finish=finish))
 
 
 def delta_from_pb(msg: tpb.DetokenizeResponse) -> TextDelta:

@@ -15,7 +15,8 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 
-from services.gateway.clients import Detokenizer, GenerateStream, SchedulerClient, TokenizerClient
+from services.gateway.clients import SchedulerClient, TokenizerClient
+from services.gateway.detokenize_stream import Detokenizer
 from services.gateway.events import (
     Output,
     SampleEnd,
@@ -26,6 +27,7 @@ from services.gateway.events import (
 )
 from services.gateway.metrics import RequestMetrics
 from services.gateway.sampling import GenerationInput
+from services.gateway.scheduler_stream import RequestEvents
 
 
 class Sample:
@@ -104,7 +106,7 @@ class Generation:
         self.inp, self.scheduler, self.tokenizer = inp, scheduler, tokenizer
         self.metrics, self.timeout_s = metrics, timeout_s
         self.samples: list[Sample] = []
-        self._stream: GenerateStream | None = None
+        self._stream: RequestEvents | None = None
 
     @property
     def usage(self) -> Usage:

@@ -50,8 +50,20 @@ def params_from_pb(msg: pb.GenerateRequest) -> GenerateParams:
 
 
 def event_to_pb(event: Event) -> pb.GenerateResponse:
+    return pb.GenerateResponse(**_event_fields(event))
+
+
+def batch_to_pb(batch: list[tuple[str, Event]]) -> pb.StreamBatch:
+    """(request_id, event) pairs as one StreamBatch, order kept."""
+    return pb.StreamBatch(
+        events=[pb.StreamEvent(request_id=rid, **_event_fields(e)) for rid, e in batch]
+    )
+
+
+def _event_fields(event: Event) -> dict[str, object]:
+    """The `oneof event` field both GenerateResponse and StreamEvent carry."""
     if isinstance(event, Chunk):
-        return pb.GenerateResponse(
+        return dict(
             chunk=pb.GenerateChunk(
                 index=event.index,
                 token_ids=event.token_ids,
@@ -64,7 +76,7 @@ def event_to_pb(event: Event) -> pb.GenerateResponse:
             )
         )
     if isinstance(event, Complete):
-        return pb.GenerateResponse(
+        return dict(
             complete=pb.GenerateComplete(
                 index=event.index,
                 reason=FINISH_TO_PB[event.reason],
@@ -75,7 +87,7 @@ def event_to_pb(event: Event) -> pb.GenerateResponse:
             )
         )
     assert isinstance(event, Failure)
-    return pb.GenerateResponse(error=pb.GenerateError(code=event.code, message=event.message))
+    return dict(error=pb.GenerateError(code=event.code, message=event.message))
 
 
 def load_to_pb(load: Load) -> pb.GetLoadResponse:

@@ -88,8 +88,12 @@ class Scheduler:
 
     # ---- API ------------------------------------------------------------------------------------
 
-    def submit(self, params: GenerateParams) -> OutputStream:
-        """Queues the request's n samples; raises before queuing anything if it cannot run."""
+    def submit(
+        self, params: GenerateParams, on_event: Callable[[], None] | None = None
+    ) -> OutputStream:
+        """Queues the request's n samples; raises before queuing anything if it cannot run.
+
+        `on_event` is handed to the OutputStream (called whenever it has new events)."""
         self.require_ready()
         params.validate(self.limits)
         if params.request_id in self.groups:
@@ -99,7 +103,7 @@ class Scheduler:
             raise QueueFull(
                 f"{len(self.waiting)} requests waiting (--max-queued-requests {self.cfg.max_queued_requests})"
             )
-        stream = OutputStream(params.n, len(params.input_ids), params.sampling.logprobs)
+        stream = OutputStream(params.n, len(params.input_ids), params.sampling.logprobs, on_event)
         eos = self.limits.eos_token_ids
         reqs = [Req.create(params, i, stream, eos, next(self._arrivals)) for i in range(params.n)]
         self.groups[params.request_id] = reqs

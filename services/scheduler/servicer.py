@@ -1,11 +1,13 @@
 """The Scheduler gRPC servicer: decode the message, call the scheduler, encode the answer.
 
 Errors map to status codes in one place (`rpc_errors`, via errors.status_of). Once a Generate
-stream has started, failures arrive as its `error` message instead.
+stream has started, failures arrive as its `error` message instead; on the multiplexed Stream
+every failure, admission included, is the request's `error` event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -14,6 +16,7 @@ import grpc
 from radixserve.v1 import scheduler_pb2 as pb
 from radixserve.v1 import scheduler_pb2_grpc as pb_grpc
 from services.scheduler import convert
+from services.scheduler.connection import StreamConnection
 from services.scheduler.errors import SchedulerError, status_of
 from services.scheduler.scheduler import Scheduler
 
@@ -42,6 +45,22 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             if not stream.done:  # the client went away: free its slots now
                 self.scheduler.abort(request.request_id)
 
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamBatch]:
+        conn = StreamConnection(self.scheduler)
+        reader = asyncio.create_task(_read_requests(request_iterator, conn))
+        try:
+            while not (reader.done() and not conn.streams):
+                await conn.wake.wait()
+                batch = conn.take()
+                if batch:
+                    yield convert.batch_to_pb(batch)
+            reader.result()  # the caller half-closed; re-raises what broke the reader
+        finally:
+            reader.cancel()
+            conn.close()
+
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
@@ -66,3 +85,20 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             s = self.scheduler
             s.require_ready()
             return convert.model_info_to_pb(s.info, s.limits, s.cfg, s.max_running)
+
+
+async def _read_requests(requests: AsyncIterator[pb.StreamRequest], conn: StreamConnection) -> None:
+    """Applies a Stream caller's messages until it half-closes; then wakes the writer."""
+    try:
+        async for msg in requests:
+            if msg.WhichOneof("kind") == "abort":
+                conn.abort(msg.abort.request_id)
+                continue
+            try:
+                params = convert.params_from_pb(msg.generate)
+            except SchedulerError as exc:
+                conn.refuse(msg.generate.request_id, exc)
+                continue
+            conn.generate(params)
+    finally:
+        conn.wake.set()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from services.scheduler.request import FinishReason
@@ -57,10 +57,22 @@ class Token:
 
 
 class OutputStream:
-    """Events of one GenerateRequest's n samples; single producer (the loop), single consumer."""
+    """Events of one GenerateRequest's n samples; single producer (the loop), single consumer.
 
-    def __init__(self, n: int, prompt_tokens: int, logprobs: bool) -> None:
+    `on_event`, when given, is called after every push, complete or fail (from the loop, so it
+    must not block): a multiplexed Stream call uses it to learn which of its requests have
+    something to take.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        prompt_tokens: int,
+        logprobs: bool,
+        on_event: Callable[[], None] | None = None,
+    ) -> None:
         self.n, self.prompt_tokens, self.logprobs = n, prompt_tokens, logprobs
+        self._on_event = on_event
         self._chunks: dict[int, Chunk] = {}  # index -> tokens not yet taken by the reader
         self._ends: list[Complete | Failure] = []
         self._num_complete = 0
@@ -82,20 +94,25 @@ class OutputStream:
         chunk.top_ids.extend(token.top_ids)
         chunk.top_logprobs.extend(token.top_logprobs)
         chunk.completion_tokens, chunk.cached_tokens = completion_tokens, cached_tokens
-        self._wake.set()
+        self._notify()
 
     def complete(self, end: Complete) -> None:
         assert not self.done, "complete after the stream ended"
         self._ends.append(end)
         self._num_complete += 1
-        self._wake.set()
+        self._notify()
 
     def fail(self, code: int, message: str) -> None:
         if self.done:
             return
         self._failed = True
         self._ends.append(Failure(code, message))
+        self._notify()
+
+    def _notify(self) -> None:
         self._wake.set()
+        if self._on_event is not None:
+            self._on_event()
 
     def take(self) -> list[Event]:
         """Everything pending, chunks before ends (a sample's tokens precede its complete)."""

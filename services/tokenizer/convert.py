@@ -8,6 +8,7 @@ from typing import Any
 from radixserve.v1 import tokenizer_pb2 as pb
 from services.tokenizer.chat import ChatMessage, ChatPrompt, ChatRequest, join_text_parts
 from services.tokenizer.errors import InvalidRequest
+from services.tokenizer.session import Feed, Result, SessionBatch
 from services.tokenizer.stream import Delta, DetokenizeOptions
 from services.tokenizer.tokenizer import TokenizerInfo
 
@@ -66,6 +67,36 @@ def options_from_pb(msg: pb.DetokenizeSetup) -> DetokenizeOptions:
         stop=tuple(msg.stop),
         include_stop_str_in_output=msg.include_stop_str_in_output,
         prompt_tail_ids=tuple(msg.prompt_tail_ids),
+    )
+
+
+def session_batch_from_pb(msg: pb.DetokenizeBatchRequest) -> SessionBatch:
+    """A DetokenizeBatchRequest; an open with invalid options carries its error instead."""
+    return SessionBatch(
+        opens=[(o.sample_id, _options_or_error(o.setup)) for o in msg.open],
+        feeds=[Feed(f.sample_id, list(f.ids), f.finish) for f in msg.feeds],
+        closes=list(msg.close),
+    )
+
+
+def _options_or_error(setup: pb.DetokenizeSetup) -> DetokenizeOptions | InvalidRequest:
+    try:
+        return options_from_pb(setup)
+    except InvalidRequest as exc:
+        return exc
+
+
+def results_to_pb(results: list[Result]) -> pb.DetokenizeBatchResponse:
+    invalid = 3  # google.rpc.Code INVALID_ARGUMENT
+    return pb.DetokenizeBatchResponse(
+        results=[
+            pb.DetokenizeResult(
+                sample_id=sample_id, error=pb.DetokenizeError(code=invalid, message=str(out))
+            )
+            if isinstance(out, InvalidRequest)
+            else pb.DetokenizeResult(sample_id=sample_id, delta=delta_to_pb(out))
+            for sample_id, out in results
+        ]
     )
 
 

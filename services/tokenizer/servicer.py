@@ -15,6 +15,7 @@ from radixserve.v1 import tokenizer_pb2 as pb
 from radixserve.v1 import tokenizer_pb2_grpc as pb_grpc
 from services.tokenizer import convert
 from services.tokenizer.errors import InvalidRequest
+from services.tokenizer.session import DetokenizeSession
 from services.tokenizer.stream import Delta, DetokenizeStream
 from services.tokenizer.tokenizer import Tokenizer
 
@@ -94,6 +95,21 @@ class TokenizerServicer(pb_grpc.TokenizerServicer):
                 if delta.finished:
                     log.debug("detokenize %s done (stop %r)", setup.request_id, delta.matched_stop)
                     return
+
+    async def DetokenizeBatch(
+        self,
+        request_iterator: AsyncIterator[pb.DetokenizeBatchRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.DetokenizeBatchResponse]:
+        tok = await self._require_ready(context)
+        session = DetokenizeSession(tok.new_detokenizer)
+        async for msg in request_iterator:
+            batch = convert.session_batch_from_pb(msg)
+            if batch.num_ids > INLINE_MAX_IDS:
+                results = await self._off_loop(session.apply, batch)
+            else:
+                results = session.apply(batch)
+            yield convert.results_to_pb(results)
 
     async def ConvertIdsToTokens(
         self, request: pb.ConvertIdsToTokensRequest, context: grpc.aio.ServicerContext

@@ -39,6 +39,11 @@ class SchedulerStub:
                 request_serializer=radixserve_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/radixserve.v1.Scheduler/Stream',
+                request_serializer=radixserve_dot_v1_dot_scheduler__pb2.StreamRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_scheduler__pb2.StreamBatch.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/radixserve.v1.Scheduler/Abort',
                 request_serializer=radixserve_dot_v1_dot_scheduler__pb2.AbortRequest.SerializeToString,
@@ -66,6 +71,15 @@ class SchedulerServicer:
 
     def Generate(self, request, context):
         """Queues one request and streams its tokens; n > 1 streams n samples interleaved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stream(self, request_iterator, context):
+        """Many requests over one call: Generate and Abort messages in, batches of events out. Every
+        request ends with one `complete` per sample or one `error`. Requests still in flight when
+        the call ends (the caller went away) are aborted at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +121,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=radixserve_dot_v1_dot_scheduler__pb2.GenerateRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_scheduler__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=radixserve_dot_v1_dot_scheduler__pb2.StreamRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_scheduler__pb2.StreamBatch.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -156,6 +175,33 @@ class Scheduler:
             '/radixserve.v1.Scheduler/Generate',
             radixserve_dot_v1_dot_scheduler__pb2.GenerateRequest.SerializeToString,
             radixserve_dot_v1_dot_scheduler__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/radixserve.v1.Scheduler/Stream',
+            radixserve_dot_v1_dot_scheduler__pb2.StreamRequest.SerializeToString,
+            radixserve_dot_v1_dot_scheduler__pb2.StreamBatch.FromString,
             options,
             channel_credentials,
             insecure,

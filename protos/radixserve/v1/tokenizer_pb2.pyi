@@ -140,6 +140,58 @@ class DetokenizeResponse(_message.Message):
     finished: bool
     def __init__(self, text: _Optional[str] = ..., num_tokens: _Optional[int] = ..., matched_stop: _Optional[str] = ..., finished: _Optional[bool] = ...) -> None: ...
 
+class DetokenizeOpen(_message.Message):
+    __slots__ = ("sample_id", "setup")
+    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
+    SETUP_FIELD_NUMBER: _ClassVar[int]
+    sample_id: int
+    setup: DetokenizeSetup
+    def __init__(self, sample_id: _Optional[int] = ..., setup: _Optional[_Union[DetokenizeSetup, _Mapping]] = ...) -> None: ...
+
+class DetokenizeFeed(_message.Message):
+    __slots__ = ("sample_id", "ids", "finish")
+    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_FIELD_NUMBER: _ClassVar[int]
+    sample_id: int
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    finish: bool
+    def __init__(self, sample_id: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., finish: _Optional[bool] = ...) -> None: ...
+
+class DetokenizeBatchRequest(_message.Message):
+    __slots__ = ("open", "feeds", "close")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    FEEDS_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    open: _containers.RepeatedCompositeFieldContainer[DetokenizeOpen]
+    feeds: _containers.RepeatedCompositeFieldContainer[DetokenizeFeed]
+    close: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, open: _Optional[_Iterable[_Union[DetokenizeOpen, _Mapping]]] = ..., feeds: _Optional[_Iterable[_Union[DetokenizeFeed, _Mapping]]] = ..., close: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DetokenizeError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DetokenizeResult(_message.Message):
+    __slots__ = ("sample_id", "delta", "error")
+    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    sample_id: int
+    delta: DetokenizeResponse
+    error: DetokenizeError
+    def __init__(self, sample_id: _Optional[int] = ..., delta: _Optional[_Union[DetokenizeResponse, _Mapping]] = ..., error: _Optional[_Union[DetokenizeError, _Mapping]] = ...) -> None: ...
+
+class DetokenizeBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[DetokenizeResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[DetokenizeResult, _Mapping]]] = ...) -> None: ...
+
 class ConvertIdsToTokensRequest(_message.Message):
     __slots__ = ("ids",)
     IDS_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class TokenizerStub:
                 request_serializer=radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.DetokenizeBatch = channel.stream_stream(
+                '/radixserve.v1.Tokenizer/DetokenizeBatch',
+                request_serializer=radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeBatchRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeBatchResponse.FromString,
+                _registered_method=True)
         self.ConvertIdsToTokens = channel.unary_unary(
                 '/radixserve.v1.Tokenizer/ConvertIdsToTokens',
                 request_serializer=radixserve_dot_v1_dot_tokenizer__pb2.ConvertIdsToTokensRequest.SerializeToString,
@@ -97,6 +102,17 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DetokenizeBatch(self, request_iterator, context):
+        """Incremental detokenization of many samples over one call. Every request message is
+        answered by exactly one response, in order: its opens are applied first, then its feeds
+        (one result each, in the same order, all detokenized in one go), then its closes. A sample's
+        text follows exactly Detokenize's rules; a sample whose result is `finished` or an error is
+        closed by the server. Status codes end the whole call (UNAVAILABLE while loading).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ConvertIdsToTokens(self, request, context):
         """Each id as a token on its own: its text and its exact bytes (what OpenAI logprobs show).
         """
@@ -126,6 +142,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'DetokenizeBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.DetokenizeBatch,
+                    request_deserializer=radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeBatchRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeBatchResponse.SerializeToString,
             ),
             'ConvertIdsToTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.ConvertIdsToTokens,
@@ -241,6 +262,33 @@ class Tokenizer:
             '/radixserve.v1.Tokenizer/Detokenize',
             radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
             radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetokenizeBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/radixserve.v1.Tokenizer/DetokenizeBatch',
+            radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeBatchRequest.SerializeToString,
+            radixserve_dot_v1_dot_tokenizer__pb2.DetokenizeBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,146 @@
+"""The gateway's one DetokenizeBatch call per tokenizer connection, with a per-tick batcher.
+
+Samples of every request in flight share the call. A `feed` only queues its ids and returns a
+future; the first feed of an event-loop iteration schedules one flush for the end of it, so
+the feeds of all the requests woken by one scheduler batch leave in one message, and their
+text comes back in one response. Opens and closes ride along with the next message that
+carries feeds. Responses answer messages in order, so the futures of each sent message wait
+in a FIFO. When the call breaks, every sample on it fails with the error its status maps to
+(a killed tokenizer: Unavailable); the next sample opens a fresh call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+
+import grpc
+
+from radixserve.v1 import tokenizer_pb2 as tpb
+from radixserve.v1 import tokenizer_pb2_grpc as tpb_grpc
+from services.gateway import convert
+from services.gateway.errors import GatewayError, Unavailable, from_rpc_error, from_status
+from services.gateway.events import TextDelta
+
+log = logging.getLogger("radixserve.gateway")
+
+
+class DetokenizeCall:
+    """One live DetokenizeBatch call: samples opened on it fail with it."""
+
+    def __init__(self, stub: tpb_grpc.TokenizerStub) -> None:
+        self._outbox: asyncio.Queue[tpb.DetokenizeBatchRequest | None] = asyncio.Queue()
+        self._opens: list[tpb.DetokenizeOpen] = []
+        self._feeds: list[tpb.DetokenizeFeed] = []
+        self._closes: list[int] = []
+        self._waiting: list[asyncio.Future[TextDelta]] = []  # one per queued feed
+        self._sent: deque[list[asyncio.Future[TextDelta]]] = deque()  # per message, in order
+        self._flush_scheduled = False
+        self.error: GatewayError | None = None  # set once the call broke
+        self.messages_sent = 0
+        call = stub.DetokenizeBatch(_drain(self._outbox))
+        self._reader = asyncio.get_running_loop().create_task(self._read(call))
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+    def open(self, sample_id: int, setup: tpb.DetokenizeSetup) -> None:
+        self._opens.append(tpb.DetokenizeOpen(sample_id=sample_id, setup=setup))
+
+    def feed(self, sample_id: int, ids: list[int], finish: bool) -> asyncio.Future[TextDelta]:
+        """Queues ids for the next message; the future gets the sample's TextDelta."""
+        fut: asyncio.Future[TextDelta] = asyncio.get_running_loop().create_future()
+        if self.error is not None:
+            fut.set_exception(self.error)
+            return fut
+        self._feeds.append(tpb.DetokenizeFeed(sample_id=sample_id, ids=ids, finish=finish))
+        self._waiting.append(fut)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return fut
+
+    def close(self, sample_id: int) -> None:
+        """Forgets the sample; sent with the next message (or dropped if never opened there)."""
+        opened = [o for o in self._opens if o.sample_id != sample_id]
+        if len(opened) < len(self._opens):
+            self._opens = opened
+        elif self.alive:
+            self._closes.append(sample_id)
+
+    async def close_call(self) -> None:
+        self._outbox.put_nowait(None)
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._feeds or self.error is not None:
+            return
+        msg = tpb.DetokenizeBatchRequest(open=self._opens, feeds=self._feeds, close=self._closes)
+        self._opens, self._feeds, self._closes = [], [], []
+        self._sent.append(self._waiting)
+        self._waiting = []
+        self._outbox.put_nowait(msg)
+        self.messages_sent += 1
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            async for reply in call:
+                self._answer(reply)
+            error: GatewayError = Unavailable("the tokenizer ended a detokenize stream early")
+        except grpc.RpcError as err:
+            error = from_rpc_error(err, "tokenizer")
+        except asyncio.CancelledError:
+            call.cancel()
+            self._fail(Unavailable("the gateway is shutting down"))
+            raise
+        self._fail(error)
+
+    def _answer(self, reply: tpb.DetokenizeBatchResponse) -> None:
+        futures = self._sent.popleft()
+        assert len(futures) == len(reply.results), "one result per feed"
+        for fut, result in zip(futures, reply.results, strict=True):
+            if fut.done():  # the waiting request was cancelled
+                continue
+            if result.WhichOneof("outcome") == "error":
+                fut.set_exception(from_status(result.error.code, result.error.message, "tokenizer"))
+            else:
+                fut.set_result(convert.delta_from_pb(result.delta))
+
+    def _fail(self, error: GatewayError) -> None:
+        self.error = error
+        pending = [f for futures in self._sent for f in futures] + self._waiting
+        self._sent.clear()
+        self._waiting, self._feeds = [], []
+        if pending:
+            log.warning("detokenize stream broke with %d feeds waiting: %s", len(pending), error)
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(error)
+
+
+class Detokenizer:
+    """One sample on a shared DetokenizeBatch call: each `feed` is answered by one TextDelta."""
+
+    def __init__(self, call: DetokenizeCall, sample_id: int) -> None:
+        self._call, self.sample_id = call, sample_id
+        self.finished = False
+
+    async def feed(self, ids: list[int], finish: bool = False) -> TextDelta:
+        delta = await self._call.feed(self.sample_id, ids, finish)
+        self.finished = delta.finished
+        return delta
+
+    def cancel(self) -> None:
+        self._call.close(self.sample_id)
+
+
+async def _drain(
+    outbox: asyncio.Queue[tpb.DetokenizeBatchRequest | None],
+) -> AsyncIterator[tpb.DetokenizeBatchRequest]:
+    while (msg := await outbox.get()) is not None:
+        yield msg
