@@ -1,9 +1,10 @@
 """Greedy parity with Hugging Face `generate` on the real SmolLM2-135M-Instruct weights.
 
 In float32 and in bfloat16 (the CPU default): the engine and HF run the same model in the same
-dtype; a divergence is accepted only where HF's own top-2 logit gap shows a near-tie, the float32
-threshold for float32 and a bfloat16 rounding step (logits of this model are up to ~30, where one
-bfloat16 ulp is 0.125) for bfloat16.
+dtype; a divergence is accepted only where HF's own top-2 logit gap shows a near-tie: 1e-4 in
+float32, and in bfloat16 four rounding steps of the logits (this model's top logits lie in 16..32,
+where one bfloat16 step is 0.125; the hidden states carry rounding of the same relative size
+through 30 layers, so a 2-step gap can flip between two correct bfloat16 implementations).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tests.executor.driver import Driver, first_divergence, hf_greedy, top2_gap
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 64
-NEAR_TIE = {"float32": 1e-4, "bfloat16": 0.25}
+NEAR_TIE = {"float32": 1e-4, "bfloat16": 0.5}
 QUESTIONS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
