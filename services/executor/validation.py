@@ -15,13 +15,26 @@ class StepRejected(ValueError):
 
 
 def validate_step(step: StepInput, engine: Engine) -> None:
-    active = set(engine.rows)
+    """Checks `step` against `engine.planned`: the rows (and whether each has sampled a token)
+    as all steps accepted before it leave them, whether or not those have run yet."""
+    active = set(engine.planned)
     _check_releases(step, active)
     active -= set(step.release_rows)
     _check_adds(step, active, engine)
     active |= {a.row for a in step.add}
     _check_writes(step, active, engine)
     _check_slices(step, active, engine)
+
+
+def advance_plan(planned: dict[int, bool], step: StepInput) -> None:
+    """Applies a valid `step` to `planned` (row -> has a sampled token)."""
+    for row in step.release_rows:
+        del planned[row]
+    for req in step.add:
+        planned[req.row] = False
+    for s in step.slices:
+        if s.sample:
+            planned[s.row] = True
 
 
 def _fail(message: str) -> None:
@@ -78,9 +91,8 @@ def _check_slices(step: StepInput, active: set[int], engine: Engine) -> None:
         if s.use_last_sampled:
             if s.input_ids:
                 _fail(f"slice for row {s.row} has input ids and use_last_sampled")
-            state = engine.rows.get(s.row)
             new = any(a.row == s.row for a in step.add)
-            if new or state is None or not state.has_sampled:
+            if new or not engine.planned.get(s.row, False):
                 _fail(f"row {s.row} has no sampled token to use")
         elif not s.input_ids:
             _fail(f"empty slice for row {s.row}")
