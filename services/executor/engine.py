@@ -140,10 +140,14 @@ class Engine:
         """Applies and computes one Step; raises StepRejected (state untouched) if invalid."""
         return self.execute(self.prepare(step))
 
-    def prepare(self, step: StepInput) -> PreparedStep:
+    def prepare(self, step: StepInput, resync: bool = False) -> PreparedStep:
         """Validates `step` after every step prepared so far and builds its host-side parts.
-        Raises StepRejected, leaving the plan as it was."""
+        Raises StepRejected, leaving the plan as it was. With `resync`, the plan first restarts
+        from the rows applied so far (in a new epoch), in the same critical section."""
         with self.plan_lock:
+            if resync:
+                self.epoch += 1  # steps prepared after the stale one re-validate too
+                self.planned = {r: st.has_sampled for r, st in self.rows.items()}
             validate_step(step, self)
             advance_plan(self.planned, step)
             epoch = self.epoch
@@ -175,12 +179,10 @@ class Engine:
         return out
 
     def _revalidated(self, prepared: PreparedStep) -> PreparedStep:
+        """`prepared`, or the same Step prepared again when an epoch change made it stale."""
         if prepared.epoch == self.epoch:
             return prepared
-        with self.plan_lock:
-            self.epoch += 1  # steps prepared after this one, against the old plan, re-validate too
-            self.planned = {r: st.has_sampled for r, st in self.rows.items()}
-        return self.prepare(prepared.step)
+        return self.prepare(prepared.step, resync=True)
 
     def _apply_membership(self, prepared: PreparedStep) -> None:
         step = prepared.step
