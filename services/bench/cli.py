@@ -18,6 +18,7 @@ from services.bench.datasets import Conversation, Request, Workload, build_workl
 from services.bench.metrics import summarize
 from services.bench.report import format_table, result_json, write_json
 from services.bench.runner import Runner, RunResult, Schedule
+from services.bench.service_cpu import CpuMeter, meter_for
 from services.bench.tokens import TokenCounter
 from services.common.config import add_arguments as add_config_arguments
 from services.common.config import flag_name, from_args
@@ -43,11 +44,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     config = from_args(BenchConfig, args)
     counter = TokenCounter.load(config.tokenizer)
     workload = build_workload(config, counter)
-    model, result = asyncio.run(_run(config, counter, workload))
+    meter = meter_for(config.serve_pid, config.server_pids)
+    model, result = asyncio.run(_run(config, counter, workload, meter))
     summary = summarize(result.records, result.duration_s)
-    print(format_table(config, model, summary))
+    cpu = meter.report(summary.total_output_tokens) if meter else []
+    print(format_table(config, model, summary, cpu))
     path = output_path(config)
-    write_json(path, result_json(config, model, summary, result))
+    write_json(path, result_json(config, model, summary, result, cpu))
     print(f"results written to {path}")
     return asdict(summary)
 
@@ -59,8 +62,9 @@ def output_path(config: BenchConfig) -> Path:
 
 
 async def _run(
-    config: BenchConfig, counter: TokenCounter, workload: Workload
+    config: BenchConfig, counter: TokenCounter, workload: Workload, meter: CpuMeter | None = None
 ) -> tuple[str, RunResult]:
+    """Warms up, then runs the workload; `meter` reads the services' CPU around the timed run."""
     async with make_http(config.max_concurrency) as http:
         model = await _model(config, http)
         client_config = ClientConfig(
@@ -81,7 +85,12 @@ async def _run(
         schedule = Schedule(
             config.max_concurrency, config.request_rate, config.timeout_s, config.seed
         )
-        return model, await Runner(client.send, schedule).run(workload)
+        if meter is not None:
+            meter.start()
+        result = await Runner(client.send, schedule).run(workload)
+        if meter is not None:
+            meter.stop()
+        return model, result
 
 
 async def _model(config: BenchConfig, http: httpx.AsyncClient) -> str:

@@ -60,6 +60,12 @@ class BenchConfig:
     ignore_eos: bool = option(
         True, "ask the server to ignore EOS so outputs have the requested length"
     )
+    serve_pid: int | None = option(
+        None, "pid of `radixserve serve`: report the CPU time of its service processes"
+    )
+    server_pids: list[str] = option(
+        [], "NAME=PID of service processes to report CPU time of (e.g. gateway=4242)"
+    )
     output_file: str | None = option(
         None, "JSON result file (default: bench-<dataset>-<time>.json)"
     )

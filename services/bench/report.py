@@ -11,6 +11,7 @@ from typing import Any
 from services.bench.config import BenchConfig
 from services.bench.metrics import Stats, Summary
 from services.bench.runner import RunResult
+from services.bench.service_cpu import ServiceCpu
 
 WIDTH = 50
 
@@ -34,7 +35,18 @@ def _stats_rows(title: str, short: str, stats: Stats) -> list[str]:
     ]
 
 
-def format_table(config: BenchConfig, model: str, summary: Summary) -> str:
+def _cpu_rows(cpu: list[ServiceCpu]) -> list[str]:
+    if not cpu:
+        return []
+    rows = [_title("Service CPU (s per 1k output tokens)", "-")]
+    rows += [_row(f"{c.name} (pid {c.pid})", c.per_1k_output_tokens) for c in cpu]
+    total = sum(c.per_1k_output_tokens for c in cpu)
+    return [*rows, _row("All listed services", total)]
+
+
+def format_table(
+    config: BenchConfig, model: str, summary: Summary, cpu: list[ServiceCpu] | None = None
+) -> str:
     cap = config.max_concurrency if config.max_concurrency is not None else "not set"
     lines = [
         _title("Serving Benchmark Result", "="),
@@ -63,13 +75,18 @@ def format_table(config: BenchConfig, model: str, summary: Summary) -> str:
         *_stats_rows("Time to First Token", "TTFT", summary.ttft_ms),
         *_stats_rows("Time per Output Token (excl. 1st token)", "TPOT", summary.tpot_ms),
         *_stats_rows("Inter-Chunk Latency", "ITL", summary.itl_ms),
+        *_cpu_rows(cpu or []),
         _title("", "="),
     ]
     return "\n".join(lines)
 
 
 def result_json(
-    config: BenchConfig, model: str, summary: Summary, run: RunResult
+    config: BenchConfig,
+    model: str,
+    summary: Summary,
+    run: RunResult,
+    cpu: list[ServiceCpu] | None = None,
 ) -> dict[str, Any]:
     settings = asdict(config)
     settings["api_key"] = "***" if config.api_key else None
@@ -78,6 +95,7 @@ def result_json(
         "config": settings,
         "model": model,
         "summary": asdict(summary),
+        "service_cpu": [asdict(c) for c in cpu or []],
         "requests": [r.to_json(run.start_s) for r in run.records],
     }
 

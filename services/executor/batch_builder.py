@@ -1,12 +1,39 @@
-"""Turns a Step's slices into a ForwardBatch (tensors on the device, extend slices first)."""
+"""Turns a Step's slices into a ForwardBatch (tensors on the device, extend slices first).
+
+Built in two halves so the host work can run ahead of the device: `plan_batch` needs only the
+slices (host tensors, no engine state), `materialize` moves them to the device and reads what
+only exists at forward time — the KV slot of each token from the table, and the token sampled by
+the previous step for slices that use it.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from services.executor.forward_batch import ForwardBatch, SharedSpans
 from services.executor.kv_pool import RequestToTokenTable
 from services.executor.step import SharedPrefix, Slice
+
+
+@dataclass
+class BatchPlan:
+    """Host-side (CPU) parts of a ForwardBatch; T tokens over S slices in `order_slices` order."""
+
+    input_ids: torch.Tensor  # [T] int64, 0 where the slice uses the last sampled token
+    positions: torch.Tensor  # [T] int64
+    row_of_tok: torch.Tensor  # [T] int64, table row of each token
+    rows: torch.Tensor  # [S] int64
+    starts: torch.Tensor  # [S] int64
+    seq_lens: torch.Tensor  # [S] int64
+    reuse_tok: torch.Tensor  # [R] int64, tokens taken from the last sampled buffer
+    reuse_rows: torch.Tensor  # [R] int64, their rows
+    sample_idx: torch.Tensor  # [num_sampled] int64, token indices whose logits are sampled
+    num_extend: int
+    extend_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    shared: SharedSpans | None = None  # host tensors, moved to the device by `materialize`
 
 
 def order_slices(slices: list[Slice]) -> list[int]:
@@ -16,19 +43,13 @@ def order_slices(slices: list[Slice]) -> list[int]:
     return extend + decode
 
 
-def build_batch(
-    slices: list[Slice],
-    table: RequestToTokenTable,
-    last_sampled: torch.Tensor,
-    device: torch.device,
-    shared_prefixes: list[SharedPrefix] | None = None,
-) -> ForwardBatch:
-    """`slices` must already be ordered by `order_slices`; `last_sampled`: [max_rows] int64."""
+def plan_batch(slices: list[Slice], shared_prefixes: list[SharedPrefix] | None = None) -> BatchPlan:
+    """`slices` must already be ordered by `order_slices` and non-empty; `shared_prefixes`
+    already validated against them."""
     lens = [s.length for s in slices]
     starts_cpu = [s.start for s in slices]
     num_extend = sum(1 for n in lens if n > 1)
     ids = [t for s in slices for t in (s.input_ids if not s.use_last_sampled else [0])]
-    input_ids = torch.tensor(ids, dtype=torch.int64)
     rows = torch.tensor([s.row for s in slices], dtype=torch.int64)
     lens_t = torch.tensor(lens, dtype=torch.int64)
     starts = torch.tensor(starts_cpu, dtype=torch.int64)
@@ -36,32 +57,28 @@ def build_batch(
     # positions[t] = start of t's slice + offset of t within the slice
     slice_of_tok = torch.repeat_interleave(torch.arange(len(slices)), lens_t)
     positions = torch.arange(int(ends[-1])) - (ends - lens_t)[slice_of_tok] + starts[slice_of_tok]
-    input_ids, positions, rows = input_ids.to(device), positions.to(device), rows.to(device)
     reuse = [i for i, s in enumerate(slices) if s.use_last_sampled]
-    if reuse:
-        tok = (ends - 1)[reuse].to(device)
-        input_ids[tok] = last_sampled[rows[reuse]]
-    row_of_tok = rows[slice_of_tok.to(device)]
-    sample_idx = [int(ends[i]) - 1 for i, s in enumerate(slices) if s.sample]
-    seq_lens_cpu = [a + n for a, n in zip(starts_cpu, lens, strict=True)]
-    return ForwardBatch(
-        input_ids=input_ids,
+    return BatchPlan(
+        input_ids=torch.tensor(ids, dtype=torch.int64),
         positions=positions,
-        out_cache_loc=table.table[row_of_tok, positions],
+        row_of_tok=rows[slice_of_tok],
         rows=rows,
-        starts=starts.to(device),
-        seq_lens=(starts + lens_t).to(device),
+        starts=starts,
+        seq_lens=starts + lens_t,
+        reuse_tok=(ends - 1)[reuse],
+        reuse_rows=rows[reuse],
+        sample_idx=torch.tensor(
+            [int(ends[i]) - 1 for i, s in enumerate(slices) if s.sample], dtype=torch.int64
+        ),
         num_extend=num_extend,
-        num_extend_tokens=sum(lens[:num_extend]),
         extend_lens_cpu=lens[:num_extend],
-        seq_lens_cpu=seq_lens_cpu,
-        sample_token_idx=torch.tensor(sample_idx, dtype=torch.int64, device=device),
-        shared=build_shared(slices, ends.tolist(), shared_prefixes or [], device),
+        seq_lens_cpu=[a + n for a, n in zip(starts_cpu, lens, strict=True)],
+        shared=plan_shared(slices, ends.tolist(), shared_prefixes or []),
     )
 
 
-def build_shared(
-    slices: list[Slice], ends: list[int], spans: list[SharedPrefix], device: torch.device
+def plan_shared(
+    slices: list[Slice], ends: list[int], spans: list[SharedPrefix]
 ) -> SharedSpans | None:
     """Token groups of `spans` (validated) over `slices` whose tokens end at `ends` ([S])."""
     if not spans:
@@ -78,7 +95,7 @@ def build_shared(
         offsets.append(len(tok_idx))
 
     def t(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=device)
+        return torch.tensor(values, dtype=torch.int64)
 
     return SharedSpans(
         tok_idx=t(tok_idx),
@@ -87,3 +104,47 @@ def build_shared(
         lens=t([span.length for span in spans]),
         key_starts=t(key_starts),
     )
+
+
+def _to_device(shared: SharedSpans | None, device: torch.device) -> SharedSpans | None:
+    if shared is None:
+        return None
+    return SharedSpans(
+        *(t.to(device) for t in (shared.tok_idx, shared.tok_offsets, shared.rows, shared.lens)),
+        key_starts=shared.key_starts.to(device),
+    )
+
+
+def materialize(
+    plan: BatchPlan, table: RequestToTokenTable, last_sampled: torch.Tensor, device: torch.device
+) -> ForwardBatch:
+    """The ForwardBatch of `plan` on `device`; `last_sampled`: [max_rows] int64 on `device`."""
+    input_ids = plan.input_ids.to(device)
+    positions = plan.positions.to(device)
+    if plan.reuse_tok.numel():
+        input_ids[plan.reuse_tok.to(device)] = last_sampled[plan.reuse_rows.to(device)]
+    return ForwardBatch(
+        input_ids=input_ids,
+        positions=positions,
+        out_cache_loc=table.table[plan.row_of_tok.to(device), positions],
+        rows=plan.rows.to(device),
+        starts=plan.starts.to(device),
+        seq_lens=plan.seq_lens.to(device),
+        num_extend=plan.num_extend,
+        num_extend_tokens=sum(plan.extend_lens_cpu),
+        extend_lens_cpu=plan.extend_lens_cpu,
+        seq_lens_cpu=plan.seq_lens_cpu,
+        sample_token_idx=plan.sample_idx.to(device),
+        shared=_to_device(plan.shared, device),
+    )
+
+
+def build_batch(
+    slices: list[Slice],
+    table: RequestToTokenTable,
+    last_sampled: torch.Tensor,
+    device: torch.device,
+    shared_prefixes: list[SharedPrefix] | None = None,
+) -> ForwardBatch:
+    """`slices` must already be ordered by `order_slices`; `last_sampled`: [max_rows] int64."""
+    return materialize(plan_batch(slices, shared_prefixes), table, last_sampled, device)

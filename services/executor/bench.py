@@ -1,9 +1,15 @@
 """`radixserve bench-executor`: decode and prefill step times of the engine, in process.
 
-Decode steps run at a fixed context per request (the KV of that context is sized but its values are
-irrelevant to speed), next to the floor: the model's weight matmuls alone at the same batch size.
-With --enable-torch-compile decode runs on the static-shape runner, its bucketed step compiled;
-untimed warm-up steps come first, so compilation is not timed.
+Decode steps run at fixed contexts per request (the KV of that context is sized but its values are
+irrelevant to speed), in up to three cases per batch size: `greedy`; `sampled` (temperature 1,
+top_p 0.9 and presence / frequency / repetition penalties, with --sampling); and
+`shared-prefix GxP` (with --shared-prefix-groups G: the rows fall into G groups whose rows' table
+entries point at the same KV slots for the first P positions, each row with its own tail).
+Each row is printed next to two floors: the model's weight matmuls alone at the same batch size,
+and the bytes a step must read (weights once, plus the KV it attends over, a shared prefix once)
+over the memory bandwidth measured at start. With --enable-torch-compile decode runs on the
+static-shape runner, its bucketed step compiled; untimed warm-up steps come first, so compilation
+is not timed.
 """
 
 from __future__ import annotations
@@ -15,27 +21,68 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from services.common.model_store import resolve_model_path
+from services.executor.bench_floors import (
+    bandwidth_floor_ms,
+    head_floor_ms,
+    linear_floor_ms,
+    memory_bandwidth,
+    weight_bytes,
+)
 from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.engine import Engine, EngineLimits
 from services.executor.factory import set_threads
+from services.executor.kv_pool import KVPool
 from services.executor.model_config import ModelConfig
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
 from services.executor.weights import load_model
 
+GREEDY = SamplingParams(temperature=0.0)
+SAMPLED = SamplingParams(
+    temperature=1.0,
+    top_p=0.9,
+    presence_penalty=0.5,
+    frequency_penalty=0.5,
+    repetition_penalty=1.1,
+    seed=1,
+)
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    """What the decode rows of one measurement sample with, and how their KV is laid out:
+    with `groups` > 0, rows in one group share the KV slots of their first `prefix_len` positions."""
+
+    name: str
+    params: SamplingParams
+    groups: int = 0
+    prefix_len: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.groups}x{self.prefix_len}" if self.groups else self.name
+
+    def kv_tokens(self, batch: int, context: int) -> int:
+        """Distinct KV positions a step over `batch` rows at `context` must read."""
+        groups = min(self.groups, batch)
+        return groups * self.prefix_len + batch * (context - self.prefix_len)
+
 
 @dataclass
 class DecodeRow:
+    case: str
     dtype: str
     batch: int
+    context: int
     step_ms: float
     tokens_per_s: float
     matmul_floor_ms: float
     ratio_to_floor: float
+    bandwidth_floor_ms: float
+    ratio_to_bandwidth_floor: float
 
 
 @dataclass
@@ -52,11 +99,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default="default")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32, 64])
-    p.add_argument("--context", type=int, default=256, help="tokens already in each request's KV")
+    p.add_argument(
+        "--contexts",
+        nargs="+",
+        type=int,
+        default=[256],
+        help="tokens already in each request's KV; one sweep of the decode cases per value",
+    )
+    p.add_argument("--context", dest="contexts", type=int, nargs=1, help="one context (alias)")
     p.add_argument("--steps", type=int, default=10, help="timed decode steps per batch size")
+    p.add_argument(
+        "--sampling",
+        action="store_true",
+        help="also time a 'sampled' row per batch size: temperature 1, top_p 0.9, "
+        "presence/frequency/repetition penalties",
+    )
+    p.add_argument(
+        "--shared-prefix-groups",
+        type=int,
+        default=0,
+        help="also time a 'shared-prefix' row: the rows in this many groups, each sharing the KV "
+        "slots of its first --shared-prefix-len positions (0: off)",
+    )
+    p.add_argument(
+        "--shared-prefix-len",
+        type=int,
+        default=None,
+        help="positions shared within a group (default: 3/4 of the context)",
+    )
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--prefill-prompts", nargs="+", type=int, default=[1, 4])
     p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument(
+        "--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth read test"
+    )
     p.add_argument(
         "--enable-torch-compile",
         action="store_true",
@@ -64,33 +140,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cuda-graph-max-bs", type=int, default=32, help="largest static decode bucket")
     p.add_argument("--json", default=None, help="also write the results to this file")
-
-
-def linear_floor_ms(model: nn.Module, tokens: int, repeats: int = 5) -> float:
-    """Median time of every weight matmul of one forward over `tokens` rows (lm_head: 1 row
-    per sequence is not assumed; the caller passes how many rows reach the head separately)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
-    inputs = {
-        m.in_features: torch.randn(tokens, m.in_features, dtype=m.weight.dtype) for m in linears
-    }
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for m in linears:
-            F.linear(inputs[m.in_features], m.weight, m.bias)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def head_floor_ms(model: nn.Module, rows: int, repeats: int = 5) -> float:
-    head = model.lm_head
-    x = torch.randn(rows, head.in_features, dtype=head.weight.dtype)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        F.linear(x, head.weight)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 WARMUP_STEPS = 2
@@ -108,6 +157,21 @@ def _engine(
     return Engine(model, cfg, limits, torch.device("cpu"), static_decode=static)
 
 
+def slot_writes(case: DecodeCase, batch: int, span: int) -> tuple[list[SlotWrite], int]:
+    """Each row's table entries for positions 0..span-1, and the number of slots they use.
+    Rows r of a shared-prefix case fall into contiguous groups (r * groups // batch); a group's
+    rows point at the same slots for their first `prefix_len` positions."""
+    groups, prefix = min(case.groups, batch), case.prefix_len if case.groups else 0
+    shared, own = groups * prefix, span - prefix
+    writes = []
+    for r in range(batch):
+        g = r * groups // batch if groups else 0
+        head = list(range(1 + g * prefix, 1 + (g + 1) * prefix))
+        tail = list(range(1 + shared + r * own, 1 + shared + (r + 1) * own))
+        writes.append(SlotWrite(r, 0, head + tail))
+    return writes, shared + batch * own
+
+
 def bench_decode(
     model: nn.Module,
     cfg: ModelConfig,
@@ -115,18 +179,17 @@ def bench_decode(
     context: int,
     steps: int,
     static: StaticDecodeConfig | None = None,
+    case: DecodeCase = DecodeCase("greedy", GREEDY),
 ) -> float:
     """Median decode step time (ms) with `batch` requests at `context` tokens each, after
     WARMUP_STEPS untimed steps (which compile the static step when there is one)."""
     span = context + WARMUP_STEPS + steps + 2
-    engine = _engine(model, cfg, batch * span, batch, span, static)
-    greedy = SamplingParams(temperature=0.0)
+    writes, num_slots = slot_writes(case, batch, span)
+    engine = _engine(model, cfg, num_slots, batch, span, static)
     first = StepInput(
         1,
-        add=[NewRequest(r, f"b{r}", greedy) for r in range(batch)],
-        writes=[
-            SlotWrite(r, 0, list(range(1 + r * span, 1 + (r + 1) * span))) for r in range(batch)
-        ],
+        add=[NewRequest(r, f"b{r}", case.params, [r % cfg.vocab_size]) for r in range(batch)],
+        writes=writes,
         slices=[Slice(r, context, [r % cfg.vocab_size]) for r in range(batch)],
     )
     engine.run_step(first)
@@ -162,36 +225,110 @@ def bench_prefill(model: nn.Module, cfg: ModelConfig, prompts: int, length: int)
     return min(times) * 1e3
 
 
-def run(args: argparse.Namespace) -> dict[str, list[dict]]:
+@dataclass(frozen=True)
+class Floors:
+    """What the floors of one model need: its weight bytes, KV bytes per token and the machine's
+    memory bandwidth (bytes/s)."""
+
+    weight_bytes: int
+    kv_bytes_per_token: int
+    bandwidth: float
+
+    def bandwidth_ms(self, kv_tokens: int) -> float:
+        return bandwidth_floor_ms(
+            self.weight_bytes + kv_tokens * self.kv_bytes_per_token, self.bandwidth
+        )
+
+
+def decode_cases(args: argparse.Namespace, context: int) -> list[DecodeCase]:
+    cases = [DecodeCase("greedy", GREEDY)]
+    if args.sampling:
+        cases.append(DecodeCase("sampled", SAMPLED))
+    if args.shared_prefix_groups > 0:
+        prefix = args.shared_prefix_len if args.shared_prefix_len is not None else context * 3 // 4
+        prefix = max(0, min(prefix, context))
+        cases.append(DecodeCase("shared-prefix", GREEDY, args.shared_prefix_groups, prefix))
+    return cases
+
+
+def max_positions(args: argparse.Namespace) -> int:
+    """Positions the model (RoPE tables) must cover: the longest decode span and the prefill."""
+    return max(max(args.contexts) + WARMUP_STEPS + args.steps + 2, args.prefill_len + 1)
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
     threads = set_threads(args.num_threads)
     path = resolve_model_path(args.model_path)
     cfg = ModelConfig.from_dir(path)
-    ctx = max(args.context + args.steps + 2, args.prefill_len + 1)
     static = None
     if args.enable_torch_compile:
         static = StaticDecodeConfig(args.cuda_graph_max_bs, cuda_graph=False, torch_compile=True)
-    print(f"model {path.name}, {threads} threads, decode context {args.context}", flush=True)
+    contexts = ", ".join(str(c) for c in args.contexts)
+    print(f"model {path.name}, {threads} threads, decode contexts {contexts}", flush=True)
     print(f"decode mode: {_mode(static, args.batch_sizes)}", flush=True)
+    bandwidth = memory_bandwidth(args.bandwidth_gib)
+    print(
+        f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (sum over {args.bandwidth_gib:g} GiB, median of 5)",
+        flush=True,
+    )
     decode, prefill = [], []
     for dtype_name in args.dtypes:
-        model = load_model(path, cfg, ctx, getattr(torch, dtype_name), torch.device("cpu"))
+        dtype = getattr(torch, dtype_name)
+        model = load_model(path, cfg, max_positions(args), dtype, torch.device("cpu"))
+        kv_bytes = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+        floors = Floors(weight_bytes(model), kv_bytes, bandwidth)
         bench_decode(model, cfg, 1, 16, 2)  # warm-up
-        for bs in args.batch_sizes:
-            ms = bench_decode(model, cfg, bs, args.context, args.steps, static)
-            floor = linear_floor_ms(model, bs) + head_floor_ms(model, bs)
-            decode.append(DecodeRow(dtype_name, bs, ms, bs / ms * 1e3, floor, ms / floor))
-            print(_fmt_decode(decode[-1]), flush=True)
+        for context in args.contexts:
+            for case in decode_cases(args, context):
+                for bs in args.batch_sizes:
+                    decode.append(
+                        _decode_row(model, cfg, args, static, floors, case, bs, context, dtype_name)
+                    )
+                    print(_fmt_decode(decode[-1]), flush=True)
         for n in args.prefill_prompts:
-            ms = bench_prefill(model, cfg, n, args.prefill_len)
-            floor = linear_floor_ms(model, n * args.prefill_len, repeats=2) + head_floor_ms(
-                model, n
-            )
-            tokens = n * args.prefill_len
-            prefill.append(
-                PrefillRow(dtype_name, n, args.prefill_len, ms, tokens / ms * 1e3, floor)
-            )
+            prefill.append(_prefill_row(model, cfg, n, args.prefill_len, dtype_name))
             print(_fmt_prefill(prefill[-1]), flush=True)
-    return {"decode": [asdict(r) for r in decode], "prefill": [asdict(r) for r in prefill]}
+    return {
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "decode": [asdict(r) for r in decode],
+        "prefill": [asdict(r) for r in prefill],
+    }
+
+
+def _decode_row(
+    model: nn.Module,
+    cfg: ModelConfig,
+    args: argparse.Namespace,
+    static: StaticDecodeConfig | None,
+    floors: Floors,
+    case: DecodeCase,
+    bs: int,
+    context: int,
+    dtype_name: str,
+) -> DecodeRow:
+    ms = bench_decode(model, cfg, bs, context, args.steps, static, case)
+    floor = linear_floor_ms(model, bs) + head_floor_ms(model, bs)
+    bw_floor = floors.bandwidth_ms(case.kv_tokens(bs, context))
+    return DecodeRow(
+        case.label,
+        dtype_name,
+        bs,
+        context,
+        ms,
+        bs / ms * 1e3,
+        floor,
+        ms / floor,
+        bw_floor,
+        ms / bw_floor,
+    )
+
+
+def _prefill_row(
+    model: nn.Module, cfg: ModelConfig, n: int, length: int, dtype_name: str
+) -> PrefillRow:
+    ms = bench_prefill(model, cfg, n, length)
+    floor = linear_floor_ms(model, n * length, repeats=2) + head_floor_ms(model, n)
+    return PrefillRow(dtype_name, n, length, ms, n * length / ms * 1e3, floor)
 
 
 def _mode(static: StaticDecodeConfig | None, batch_sizes: list[int]) -> str:
@@ -204,8 +341,10 @@ def _mode(static: StaticDecodeConfig | None, batch_sizes: list[int]) -> str:
 
 def _fmt_decode(r: DecodeRow) -> str:
     return (
-        f"decode  {r.dtype:9s} batch {r.batch:3d}: {r.step_ms:8.1f} ms/step {r.tokens_per_s:8.1f} tok/s"
-        f"   matmul floor {r.matmul_floor_ms:7.1f} ms  ({r.ratio_to_floor:.2f}x)"
+        f"decode  {r.dtype:9s} {r.case:22s} ctx {r.context:5d} batch {r.batch:3d}: "
+        f"{r.step_ms:8.1f} ms/step {r.tokens_per_s:8.1f} tok/s"
+        f"   matmul floor {r.matmul_floor_ms:7.1f} ms ({r.ratio_to_floor:.2f}x)"
+        f"   bandwidth floor {r.bandwidth_floor_ms:7.2f} ms ({r.ratio_to_bandwidth_floor:.2f}x)"
     )
 
 

@@ -3,11 +3,18 @@
 It never decides what to run: a Step says which rows join or leave, which KV slots each position
 uses and which tokens to compute. A Step is validated whole before anything is applied, so a bad
 one changes no state.
+
+A Step runs in two halves so the host work of step N+1 can overlap step N's forward: `prepare`
+validates it against the rows that all earlier prepared steps leave (`planned`) and builds its
+host-side tensors; `execute` applies it and computes, reading only at that point what the previous
+step produced (its sampled tokens, for `use_last_sampled` slices). Steps must be executed in the
+order they were prepared; `prepare` may run on another thread than `execute`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -15,9 +22,9 @@ import torch
 from torch import nn
 
 from services.executor.attention import AttentionBackend, create_backend
-from services.executor.batch_builder import build_batch, order_slices
+from services.executor.batch_builder import BatchPlan, materialize, order_slices, plan_batch
 from services.executor.decode_runner import StaticDecodeConfig, StaticDecodeRunner
-from services.executor.kv_pool import KVPool, RequestToTokenTable
+from services.executor.kv_pool import KVPool, RequestToTokenTable, TableWrites
 from services.executor.model_config import ModelConfig
 from services.executor.sampler import Sampler, SampleRow
 from services.executor.sampling_params import SamplingParams
@@ -29,7 +36,7 @@ from services.executor.step import (
     StepInput,
     StepOutput,
 )
-from services.executor.validation import validate_step
+from services.executor.validation import advance_plan, check_shared_slots, validate_step
 
 log = logging.getLogger("radixserve.executor")
 
@@ -41,6 +48,17 @@ class RowState:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
     has_sampled: bool = False
+
+
+@dataclass
+class PreparedStep:
+    """A validated Step with its host-side tensors, valid for the engine `epoch` it was built in."""
+
+    step: StepInput
+    epoch: int
+    order: list[int]  # slice indices, extends first
+    writes: TableWrites | None
+    batch: BatchPlan | None
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,11 @@ class Engine:
         )
         self.sampler = Sampler(cfg.vocab_size, device)
         self.rows: dict[int, RowState] = {}
+        # Rows as the prepared steps leave them (row -> has sampled), guarded by plan_lock. An
+        # epoch change (reset, failed step) makes steps prepared before it re-validate on execute.
+        self.planned: dict[int, bool] = {}
+        self.epoch = 0
+        self.plan_lock = threading.Lock()
         self.last_sampled = torch.zeros(limits.max_rows, dtype=torch.int64, device=device)
         self.decode_runner: StaticDecodeRunner | None = None
         if static_decode is not None:
@@ -112,51 +135,96 @@ class Engine:
             self.pool.v[layer][0].zero_()
 
     def reset(self) -> None:
+        with self.plan_lock:
+            self.epoch += 1
+            self.planned.clear()
         self.rows.clear()
         self.table.reset()
+        self.sampler.reset()
         self.last_sampled.zero_()
 
     def run_step(self, step: StepInput) -> StepOutput:
         """Applies and computes one Step; raises StepRejected (state untouched) if invalid."""
-        validate_step(step, self)
+        return self.execute(self.prepare(step))
+
+    def prepare(self, step: StepInput, resync: bool = False) -> PreparedStep:
+        """Validates `step` after every step prepared so far and builds its host-side parts.
+        Raises StepRejected, leaving the plan as it was. With `resync`, the plan first restarts
+        from the rows applied so far (in a new epoch), in the same critical section."""
+        with self.plan_lock:
+            if resync:
+                self.epoch += 1  # steps prepared after the stale one re-validate too
+                self.planned = {r: st.has_sampled for r, st in self.rows.items()}
+            validate_step(step, self)
+            advance_plan(self.planned, step)
+            epoch = self.epoch
+        order = order_slices(step.slices)
+        writes = [(w.row, w.start, w.kv_indices) for w in step.writes if w.kv_indices]
+        return PreparedStep(
+            step,
+            epoch,
+            order,
+            TableWrites.concat(writes) if writes else None,
+            plan_batch([step.slices[i] for i in order], self._spans(step)) if step.slices else None,
+        )
+
+    def _spans(self, step: StepInput) -> list[SharedPrefix]:
+        """The Step's shared spans where the attention backend reads them, else none."""
+        return step.shared_prefixes if self.attn.supports_shared_prefixes else []
+
+    def execute(self, prepared: PreparedStep) -> StepOutput:
+        """Applies and computes a prepared Step, the next one in prepare order."""
+        prepared = self._revalidated(prepared)
         started = time.perf_counter_ns()
-        self._apply_membership(step)
-        out = StepOutput(step.step_id)
-        if step.slices:
-            out.tokens = self._compute(step)
-            out.num_tokens = sum(s.length for s in step.slices)
+        try:
+            # Spans name slots written by earlier steps, which preparing ahead cannot see yet.
+            check_shared_slots(prepared.step, self)
+            self._apply_membership(prepared)
+            out = StepOutput(prepared.step.step_id)
+            if prepared.batch is not None:
+                out.tokens = self._compute(prepared)
+                out.num_tokens = sum(s.length for s in prepared.step.slices)
+        except Exception:
+            with self.plan_lock:
+                self.epoch += 1  # the plan may be ahead of what was applied
+            raise
         out.forward_ns = time.perf_counter_ns() - started
         return out
 
-    def _apply_membership(self, step: StepInput) -> None:
+    def _revalidated(self, prepared: PreparedStep) -> PreparedStep:
+        """`prepared`, or the same Step prepared again when an epoch change made it stale."""
+        if prepared.epoch == self.epoch:
+            return prepared
+        return self.prepare(prepared.step, resync=True)
+
+    def _apply_membership(self, prepared: PreparedStep) -> None:
+        step = prepared.step
         for row in step.release_rows:
             del self.rows[row]
-            self.table.clear_row(row)
+            self.sampler.release_row(row)
+        if step.release_rows:
+            self.table.clear_rows(step.release_rows)
         for req in step.add:
-            self.rows[req.row] = RowState(
-                req.request_id, req.sampling, req.prompt_ids, list(req.output_ids)
-            )
-        for w in step.writes:
-            self.table.write(
-                w.row, w.start, torch.tensor(w.kv_indices, dtype=torch.int64, device=self.device)
-            )
+            state = RowState(req.request_id, req.sampling, req.prompt_ids, list(req.output_ids))
+            self.rows[req.row] = state
+            self.sampler.add_row(req.row, req.sampling, req.prompt_ids, state.output_ids)
+        if prepared.writes is not None:
+            self.table.write_many(prepared.writes)
 
     def logits(self, step: StepInput) -> torch.Tensor:
         """Applies `step` and returns the raw logits [num_sampled, vocab] in step order, unsampled."""
-        validate_step(step, self)
-        self._apply_membership(step)
-        order = order_slices(step.slices)
-        logits = self._forward([step.slices[i] for i in order], step.shared_prefixes)
-        sampled_order = [i for i in order if step.slices[i].sample]
+        prepared = self._revalidated(self.prepare(step))
+        check_shared_slots(prepared.step, self)
+        self._apply_membership(prepared)
+        logits = self._forward(prepared.batch)
+        sampled_order = [i for i in prepared.order if step.slices[i].sample]
         back = sorted(range(len(sampled_order)), key=lambda j: sampled_order[j])
         return logits[back]
 
     @torch.inference_mode()
-    def _forward(
-        self, slices: list[Slice], shared_prefixes: list[SharedPrefix] | None = None
-    ) -> torch.Tensor:
-        shared = shared_prefixes if self.attn.supports_shared_prefixes else None
-        batch = build_batch(slices, self.table, self.last_sampled, self.device, shared)
+    def _forward(self, plan: BatchPlan | None) -> torch.Tensor:
+        assert plan is not None, "a step without slices has no forward"
+        batch = materialize(plan, self.table, self.last_sampled, self.device)
         runner = self.decode_runner
         if runner is not None and batch.shared is None and runner.can_run(batch):
             return runner.run(batch)
@@ -164,16 +232,19 @@ class Engine:
         return self.model(batch, self.attn)
 
     @torch.inference_mode()
-    def _compute(self, step: StepInput) -> list[SampledToken]:
-        order = order_slices(step.slices)
-        slices = [step.slices[i] for i in order]
-        logits = self._forward(slices, step.shared_prefixes)
-        sampled = [s for s in slices if s.sample]
+    def _compute(self, prepared: PreparedStep) -> list[SampledToken]:
+        step = prepared.step
+        logits = self._forward(prepared.batch)
+        sampled = [step.slices[i] for i in prepared.order if step.slices[i].sample]
         if not sampled:
             return []
         states = [self.rows[s.row] for s in sampled]
         result = self.sampler(
-            logits, [SampleRow(st.params, st.prompt_ids, st.output_ids) for st in states]
+            logits,
+            [
+                SampleRow(st.params, st.prompt_ids, st.output_ids, row=s.row)
+                for s, st in zip(sampled, states, strict=True)
+            ],
         )
         rows_t = torch.tensor([s.row for s in sampled], device=self.device)
         self.last_sampled[rows_t] = result.token_ids

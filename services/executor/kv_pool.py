@@ -6,6 +6,8 @@ slot: it is never handed out, so reading it for a padded position is always harm
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -51,8 +53,50 @@ class RequestToTokenTable:
     def write(self, row: int, start: int, kv_indices: torch.Tensor) -> None:
         self.table[row, start : start + kv_indices.shape[0]] = kv_indices
 
+    def write_many(self, writes: TableWrites) -> None:
+        """All of a Step's slot writes as one indexed copy."""
+        dev = self.table.device
+        self.table[writes.rows.to(dev), writes.cols.to(dev)] = writes.slots.to(dev)
+
+    def clear_rows(self, rows: list[int]) -> None:
+        self.table[torch.tensor(rows, dtype=torch.int64, device=self.table.device)] = 0
+
     def clear_row(self, row: int) -> None:
         self.table[row].zero_()
 
     def reset(self) -> None:
         self.table.zero_()
+
+
+@dataclass
+class TableWrites:
+    """Slot writes flattened on the host: table[rows[i], cols[i]] = slots[i] ([N] int64 each)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    slots: torch.Tensor
+
+    @classmethod
+    def concat(cls, writes: list[tuple[int, int, list[int]]]) -> TableWrites:
+        """From (row, start, kv_indices) triples, in order; where two writes of one Step name the
+        same entry the later one wins, as if they were applied one by one."""
+        lens = torch.tensor([len(kv) for _, _, kv in writes], dtype=torch.int64)
+        offsets = torch.cumsum(lens, 0) - lens
+        which = torch.repeat_interleave(torch.arange(len(writes)), lens)
+        rows = torch.tensor([r for r, _, _ in writes], dtype=torch.int64)[which]
+        starts = torch.tensor([s for _, s, _ in writes], dtype=torch.int64)[which]
+        cols = starts + torch.arange(int(lens.sum())) - offsets[which]
+        slots = torch.tensor([k for _, _, kv in writes for k in kv], dtype=torch.int64)
+        return cls(rows, cols, slots)._last_wins()
+
+    def _last_wins(self) -> TableWrites:
+        # index_put with repeated indices leaves any one of the values, so drop earlier repeats
+        n = self.rows.numel()
+        if n < 2:
+            return self
+        keys = self.rows * (int(self.cols.max()) + 1) + self.cols
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        if uniq.numel() == n:
+            return self
+        last = torch.full_like(uniq, -1).scatter_reduce(0, inverse, torch.arange(n), "amax")
+        return TableWrites(self.rows[last], self.cols[last], self.slots[last])

@@ -4,8 +4,18 @@ Order of processing (per row): token mask → logit bias → repetition / freque
 penalties → greedy argmax, or temperature → top-k / top-p / min-p → draw. Returned logprobs are the
 log-softmax of the logits after penalties, bias, mask and temperature (before truncation).
 
+Greedy rows are an argmax and nothing else; a batch of greedy rows without logprobs never waits
+for the device (no `.item()`, `.tolist()` or branch on a tensor value).
+
+Truncation follows the full-vocabulary definition: top-k keeps the tokens whose logit is at least
+the k-th largest; top-p keeps a token while the probability mass strictly before it (in descending
+order of the untruncated distribution) is below p; min-p keeps tokens with probability at least
+min_p × the largest. It is computed over a bounded candidate set from `torch.topk` (the largest
+top_k of the rows, or `candidates` tokens for top-p-only rows); a top-p row whose candidates hold
+less than p of the mass falls back to a full sort.
+
 Randomness is counter based: a request's n-th sampled token uses one uniform number derived from
-(seed, n) only, and the draw is an inverse-CDF over the vocabulary in id order, so the same seed
+(seed, n) only, and the draw is an inverse-CDF over the kept tokens in id order, so the same seed
 gives the same tokens whatever else is in the batch.
 """
 
@@ -15,26 +25,42 @@ from dataclasses import dataclass
 
 import torch
 
+from services.executor.penalties import PenaltyState, counts_from_lists, needs_penalty
 from services.executor.sampling_params import SamplingParams
 
 MASK32 = 0xFFFFFFFF
+DEFAULT_CANDIDATES = 1024
 
 
 @dataclass
 class SampleRow:
-    """What the sampler needs of one request."""
+    """What the sampler needs of one request. With `row` set and the row added to the sampler
+    (`add_row`), penalty counts come from the sampler's device state, not from the lists."""
 
     params: SamplingParams
     prompt_ids: list[int]
     output_ids: list[int]
+    row: int | None = None
 
 
 @dataclass
 class SamplerOutput:
-    token_ids: torch.Tensor  # [S] int64
-    logprobs: torch.Tensor  # [S] float32, NaN where not requested
+    token_ids: torch.Tensor  # [S] int64, on the logits' device
+    logprobs: torch.Tensor  # [S] float32 on the CPU, NaN where not requested
     top_ids: list[list[int]]  # per row, its own top_logprobs count
     top_logprobs: list[list[float]]
+
+
+@dataclass
+class Truncation:
+    """Per-row truncation parameters of drawn rows, as [n] device tensors."""
+
+    top_k: torch.Tensor  # int64, 0 = off
+    top_p: torch.Tensor  # float32, +inf = off
+    min_p: torch.Tensor  # float32, 0 = off
+
+    def rows(self, idx: torch.Tensor) -> Truncation:
+        return Truncation(self.top_k[idx], self.top_p[idx], self.min_p[idx])
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
@@ -47,17 +73,43 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_from(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """One float64 uniform in (0, 1) per row from (seed, counter); seeds are 64-bit."""
+    """One float32 uniform in (0, 1) per row from (seed, counter); seeds are 64-bit.
+    The top 24 bits of the hash are used, so every value is exact in float32 and never 0 or 1."""
     lo, hi = seeds & MASK32, (seeds >> 32) & MASK32
     h = hash32(hash32(lo ^ hash32(hi)) ^ (counters & MASK32))
     h = hash32(h ^ 0x9E3779B9)
-    return (h.double() + 0.5) / 2.0**32
+    return ((h >> 8).float() + 0.5) / 2.0**24
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of `weights` ([n, N] >= 0, unnormalized) with uniforms u ([n]):
+    the first index whose cumulative weight reaches u × total. Zero-weight entries are never drawn."""
+    cdf = weights.cumsum(-1)
+    target = u[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=weights.shape[1] - 1)
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
+    def __init__(
+        self, vocab_size: int, device: torch.device, candidates: int = DEFAULT_CANDIDATES
+    ) -> None:
         self.vocab_size = vocab_size
         self.device = device
+        self.candidates = candidates
+        self.penalties = PenaltyState(vocab_size, device)
+
+    def add_row(
+        self, row: int, params: SamplingParams, prompt: list[int], output: list[int]
+    ) -> None:
+        """Starts tracking penalty counts of `row` when its params have a penalty."""
+        if needs_penalty(params):
+            self.penalties.add(row, prompt, output)
+
+    def release_row(self, row: int) -> None:
+        self.penalties.release(row)
+
+    def reset(self) -> None:
+        self.penalties.clear()
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         # logits: [S, V] float32, modified in place
@@ -65,14 +117,18 @@ class Sampler:
         self._apply_mask(logits, rows)
         self._apply_bias(logits, params)
         self._apply_penalties(logits, rows)
-        greedy = torch.tensor([p.greedy for p in params], device=self.device)
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
-        logits.div_(temps.to(self.device, logits.dtype)[:, None])
         token_ids = logits.argmax(-1)
-        if not bool(greedy.all()):
-            sampled = self._draw(logits, rows)
-            token_ids = torch.where(greedy, token_ids, sampled)
+        drawn = [i for i, p in enumerate(params) if not p.greedy]
+        if drawn:
+            temps = [p.temperature if not p.greedy else 1.0 for p in params]
+            logits.div_(self._tensor(temps, logits.dtype)[:, None])
+            idx = self._tensor(drawn, torch.int64)
+            token_ids[idx] = self._draw(logits[idx], [rows[i] for i in drawn])
+        self.penalties.record([r.row for r in rows], token_ids)
         return self._logprobs(logits, token_ids, params)
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _apply_mask(self, logits: torch.Tensor, rows: list[SampleRow]) -> None:
         for i, row in enumerate(rows):
@@ -85,66 +141,106 @@ class Sampler:
         if idx:
             r, t, b = zip(*idx, strict=True)
             logits.index_put_(
-                (torch.tensor(r), torch.tensor(t)),
-                torch.tensor(b, dtype=logits.dtype),
+                (self._tensor(list(r), torch.int64), self._tensor(list(t), torch.int64)),
+                self._tensor(list(b), logits.dtype),
                 accumulate=True,
             )
 
-    def _token_counts(self, ids: list[list[int]]) -> torch.Tensor:
-        """[S, V] counts of each token id in each row's list."""
-        width = max(1, max(len(x) for x in ids))
-        padded = torch.full((len(ids), width), self.vocab_size, dtype=torch.int64)
-        for i, x in enumerate(ids):
-            padded[i, : len(x)] = torch.tensor(x, dtype=torch.int64)
-        counts = torch.zeros((len(ids), self.vocab_size + 1), dtype=torch.float32)
-        counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
-        return counts[:, : self.vocab_size].to(self.device)
+    def _penalty_counts(self, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts of output tokens [n, V] float32, seen in prompt or output [n, V] bool)."""
+        if all(self.penalties.tracks(r.row) for r in rows):
+            return self.penalties.gather([r.row for r in rows])  # type: ignore[misc]
+        counts = counts_from_lists([r.output_ids for r in rows], self.vocab_size, self.device)
+        prompt = counts_from_lists([r.prompt_ids for r in rows], self.vocab_size, self.device)
+        return counts, (counts > 0) | (prompt > 0)
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SampleRow]) -> None:
-        params = [r.params for r in rows]
-        if any(p.repetition_penalty != 1.0 for p in params):
-            seen = self._token_counts([r.prompt_ids + r.output_ids for r in rows]) > 0
-            rep = torch.tensor([p.repetition_penalty for p in params], device=self.device)[:, None]
-            penalized = torch.where(logits > 0, logits / rep, logits * rep)
-            logits.copy_(torch.where(seen, penalized, logits))
-        if any(p.has_penalties for p in params):
-            counts = self._token_counts([r.output_ids for r in rows])
-            freq = torch.tensor([p.frequency_penalty for p in params], device=self.device)[:, None]
-            pres = torch.tensor([p.presence_penalty for p in params], device=self.device)[:, None]
-            logits.sub_(freq * counts + pres * (counts > 0).float())
-
-    def _truncation_mask(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """[S, V] True where top-k / top-p / min-p remove a token."""
-        probs = torch.softmax(logits, -1)
-        removed = torch.zeros_like(logits, dtype=torch.bool)
-        ks = [p.top_k if p.top_k > 0 else self.vocab_size for p in params]
-        if min(ks) < self.vocab_size:
-            kth = torch.topk(logits, min(max(ks), self.vocab_size), dim=-1).values
-            k_idx = torch.tensor(ks, device=self.device).clamp(max=kth.shape[1]) - 1
-            removed |= logits < kth.gather(1, k_idx[:, None])
-        if any(p.needs_sort for p in params):
-            removed |= self._top_p_removed(probs, params)
-        min_p = torch.tensor([p.min_p for p in params], device=self.device)[:, None]
-        if bool((min_p > 0).any()):
-            removed |= probs < min_p * probs.max(-1, keepdim=True).values
-        return removed
-
-    def _top_p_removed(self, probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        top_p = torch.tensor([p.top_p for p in params], device=self.device)[:, None]
-        sorted_probs, order = probs.sort(-1, descending=True)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_removed = mass_before >= top_p  # the top token is always kept
-        return torch.zeros_like(sorted_removed).scatter_(1, order, sorted_removed)
+        pen = [i for i, r in enumerate(rows) if needs_penalty(r.params)]
+        if not pen:
+            return
+        params = [rows[i].params for i in pen]
+        counts, seen = self._penalty_counts([rows[i] for i in pen])
+        idx = self._tensor(pen, torch.int64)
+        x = logits[idx]
+        rep = self._tensor([p.repetition_penalty for p in params], x.dtype)[:, None]
+        freq = self._tensor([p.frequency_penalty for p in params], x.dtype)[:, None]
+        pres = self._tensor([p.presence_penalty for p in params], x.dtype)[:, None]
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        logits[idx] = x - freq * counts - pres * (counts > 0).to(x.dtype)
 
     def _draw(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """[n] token ids drawn from `logits` ([n, V], after temperature) of non-greedy rows."""
         params = [r.params for r in rows]
-        truncated = logits.masked_fill(self._truncation_mask(logits, params), float("-inf"))
-        probs = torch.softmax(truncated, -1).double()
-        cdf = probs.cumsum(-1)
         seeds = torch.tensor([p.seed & (2**63 - 1) for p in params], dtype=torch.int64)
         counters = torch.tensor([len(r.output_ids) for r in rows], dtype=torch.int64)
-        u = uniform_from(seeds, counters).to(self.device)[:, None] * cdf[:, -1:]
-        return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=self.vocab_size - 1)
+        u = uniform_from(seeds, counters).to(self.device)
+        trunc = Truncation(
+            self._tensor([p.top_k for p in params], torch.int64),
+            self._tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], u.dtype),
+            self._tensor([p.min_p for p in params], u.dtype),
+        )
+        narrow = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
+        if len(narrow) == len(params):
+            return self._draw_narrow(logits, trunc, u, params)
+        out = self._draw_full(logits, trunc.min_p, u)
+        if narrow:
+            idx = self._tensor(narrow, torch.int64)
+            sub = [params[i] for i in narrow]
+            out[idx] = self._draw_narrow(logits[idx], trunc.rows(idx), u[idx], sub)
+        return out
+
+    def _draw_full(
+        self, logits: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows without top-k / top-p: a draw over the whole vocabulary, min-p applied."""
+        probs = torch.softmax(logits, -1)
+        cut = min_p[:, None] * probs.max(-1, keepdim=True).values
+        return inverse_cdf(probs.masked_fill(probs < cut, 0.0), u)
+
+    def _draw_narrow(
+        self,
+        logits: torch.Tensor,
+        trunc: Truncation,
+        u: torch.Tensor,
+        params: list[SamplingParams],
+    ) -> torch.Tensor:
+        """Rows with top-k or top-p: a draw over the `topk` candidates, which hold every token
+        the truncation keeps unless a top-p-only row's candidates fall short of its mass."""
+        width = max(p.top_k if p.top_k > 0 else self.candidates for p in params)
+        width = min(width, self.vocab_size)
+        lse = torch.logsumexp(logits, -1)
+        vals, ids = torch.topk(logits, width, dim=-1)
+        tokens, short = self._draw_sorted(vals, ids, lse, trunc, u)
+        if width == self.vocab_size or all(p.top_k > 0 for p in params):
+            return tokens
+        redo = short.nonzero().squeeze(1)  # host sync: only sampled rows get here
+        if redo.numel():
+            vals, ids = logits[redo].sort(-1, descending=True)
+            tokens[redo] = self._draw_sorted(vals, ids, lse[redo], trunc.rows(redo), u[redo])[0]
+        return tokens
+
+    @staticmethod
+    def _draw_sorted(
+        vals: torch.Tensor,
+        ids: torch.Tensor,
+        lse: torch.Tensor,
+        trunc: Truncation,
+        u: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw over candidates `vals` / `ids` ([n, K], logits in descending order and their
+        token ids), `lse` ([n]) the full-vocabulary log-normaliser. Returns (tokens [n] int64,
+        short [n] bool: top-p not reached within the K candidates, so tokens past them count)."""
+        width = vals.shape[1]
+        probs = torch.exp(vals - lse[:, None])  # untruncated probabilities of the candidates
+        kth = (trunc.top_k - 1).clamp(0, width - 1).where(trunc.top_k > 0, width - 1)
+        mass = probs.cumsum(-1)
+        keep = vals >= vals.gather(1, kth[:, None])
+        keep &= (mass - probs) < trunc.top_p[:, None]
+        keep &= probs >= trunc.min_p[:, None] * probs[:, :1]
+        short = (trunc.top_k == 0) & (mass[:, -1] < trunc.top_p)
+        id_order, perm = ids.sort(-1)  # inverse CDF in token-id order
+        weights = probs.where(keep, 0.0).gather(1, perm)
+        return id_order.gather(1, inverse_cdf(weights, u)[:, None]).squeeze(1), short
 
     def _logprobs(
         self, logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -12,21 +13,28 @@ import grpc
 
 from radixserve.v1 import executor_pb2 as pb
 from radixserve.v1 import executor_pb2_grpc as pb_grpc
+from services.executor.engine import PreparedStep
 from services.executor.factory import LoadedModel
 from services.executor.step import error_to_pb, output_to_pb, step_from_pb
 from services.executor.validation import StepRejected
 
 log = logging.getLogger("radixserve.executor")
+DETACH_WAIT_S = 2.0  # how long a new Run waits for the previous stream to finish detaching
 
 
 class ExecutorServicer(pb_grpc.ExecutorServicer):
-    """Serves one engine. All engine work runs on one worker thread, in arrival order."""
+    """Serves one engine. Steps are applied and computed on one worker thread, in arrival order;
+    the next Step is decoded, validated and its host-side batch built on a second thread while
+    the current one computes (`Engine.prepare` / `Engine.execute`)."""
 
     def __init__(self) -> None:
         self.loaded: LoadedModel | None = None
         self.ready = False
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self.preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.run_active = False
+        self._detached = asyncio.Event()  # set whenever no Run stream is attached
+        self._detached.set()
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
@@ -90,26 +98,79 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
     ) -> AsyncIterator[pb.StepResult]:
         loaded = await self._require_ready(context)
         if self.run_active:
+            # A scheduler that reconnects may arrive while its old stream is still detaching.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._detached.wait(), DETACH_WAIT_S)
+        if self.run_active:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "another scheduler is attached"
             )
         self.run_active = True
+        self._detached.clear()
+        pending: asyncio.Queue[Prepared | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read_ahead(loaded, request_iterator, pending))
+        try:
+            while (item := await pending.get()) is not None:
+                yield await self._execute(loaded, item)
+            await reader  # re-raises a failed read of the stream
+        finally:
+            try:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+                await asyncio.get_running_loop().run_in_executor(self.preparer, _nothing)
+                await self._call(loaded.engine.reset)  # a detached scheduler's rows are gone
+            finally:
+                self.run_active = False
+                self._detached.set()
+
+    async def _read_ahead(
+        self,
+        loaded: LoadedModel,
+        request_iterator: AsyncIterator[pb.Step],
+        pending: asyncio.Queue[Prepared | None],
+    ) -> None:
+        """Reads and prepares Steps in order into `pending`, then None when the stream ends."""
+        loop = asyncio.get_running_loop()
         try:
             async for msg in request_iterator:
-                yield await self._run_step(loaded, msg)
+                pending.put_nowait(await loop.run_in_executor(self.preparer, _prepare, loaded, msg))
         finally:
-            self.run_active = False
-            await self._call(loaded.engine.reset)  # a detached scheduler's rows are gone
+            pending.put_nowait(None)
 
-    async def _run_step(self, loaded: LoadedModel, msg: pb.Step) -> pb.StepResult:
+    async def _execute(self, loaded: LoadedModel, item: Prepared) -> pb.StepResult:
+        if isinstance(item, pb.StepResult):  # rejected while preparing
+            return item
+        step_id = item.step.step_id
         try:
-            out = await self._call(loaded.engine.run_step, step_from_pb(msg))
-            return output_to_pb(out)
+            return output_to_pb(await self._call(loaded.engine.execute, item))
         except StepRejected as exc:
-            log.warning("step %d rejected: %s", msg.step_id, exc)
-            return error_to_pb(msg.step_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(exc))
+            return _rejected(step_id, exc)
         except Exception as exc:
-            log.exception("step %d failed", msg.step_id)
-            return error_to_pb(
-                msg.step_id, grpc.StatusCode.INTERNAL.value[0], f"{type(exc).__name__}: {exc}"
-            )
+            return _failed(step_id, exc)
+
+
+# A prepared Step, or the error result of one that could not be prepared.
+Prepared = PreparedStep | pb.StepResult
+
+
+def _nothing() -> None:
+    return None
+
+
+def _prepare(loaded: LoadedModel, msg: pb.Step) -> Prepared:
+    try:
+        return loaded.engine.prepare(step_from_pb(msg))
+    except StepRejected as exc:
+        return _rejected(msg.step_id, exc)
+    except Exception as exc:
+        return _failed(msg.step_id, exc)
+
+
+def _rejected(step_id: int, exc: StepRejected) -> pb.StepResult:
+    log.warning("step %d rejected: %s", step_id, exc)
+    return error_to_pb(step_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(exc))
+
+
+def _failed(step_id: int, exc: Exception) -> pb.StepResult:
+    log.exception("step %d failed", step_id, exc_info=exc)
+    return error_to_pb(step_id, grpc.StatusCode.INTERNAL.value[0], f"{type(exc).__name__}: {exc}")

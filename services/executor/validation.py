@@ -17,7 +17,9 @@ class StepRejected(ValueError):
 
 
 def validate_step(step: StepInput, engine: Engine) -> None:
-    active = set(engine.rows)
+    """Checks `step` against `engine.planned`: the rows (and whether each has sampled a token)
+    as all steps accepted before it leave them, whether or not those have run yet."""
+    active = set(engine.planned)
     _check_releases(step, active)
     active -= set(step.release_rows)
     _check_adds(step, active, engine)
@@ -25,6 +27,17 @@ def validate_step(step: StepInput, engine: Engine) -> None:
     _check_writes(step, active, engine)
     _check_slices(step, active, engine)
     _check_shared_prefixes(step, engine)
+
+
+def advance_plan(planned: dict[int, bool], step: StepInput) -> None:
+    """Applies a valid `step` to `planned` (row -> has a sampled token)."""
+    for row in step.release_rows:
+        del planned[row]
+    for req in step.add:
+        planned[req.row] = False
+    for s in step.slices:
+        if s.sample:
+            planned[s.row] = True
 
 
 def _fail(message: str) -> None:
@@ -81,9 +94,8 @@ def _check_slices(step: StepInput, active: set[int], engine: Engine) -> None:
         if s.use_last_sampled:
             if s.input_ids:
                 _fail(f"slice for row {s.row} has input ids and use_last_sampled")
-            state = engine.rows.get(s.row)
             new = any(a.row == s.row for a in step.add)
-            if new or state is None or not state.has_sampled:
+            if new or not engine.planned.get(s.row, False):
                 _fail(f"row {s.row} has no sampled token to use")
         elif not s.input_ids:
             _fail(f"empty slice for row {s.row}")
@@ -109,6 +121,13 @@ def _check_shared_prefixes(step: StepInput, engine: Engine) -> None:
             grouped.add(row)
             if span.length > starts[row]:
                 _fail(f"shared prefix of length {span.length} past the start of row {row}")
+
+
+def check_shared_slots(step: StepInput, engine: Engine) -> None:
+    """Raises StepRejected unless every shared span's rows hold the same, set KV slots once this
+    Step's releases and writes apply. Reads the table as the Steps before this one left it, so
+    it runs when the Step is executed, not when it is prepared; changes nothing."""
+    for span in step.shared_prefixes:
         if not bool((_slots_after_writes(step, engine, span) > 0).all()):
             _fail(f"shared prefix over rows {span.rows}: positions differ or are unset")
 

@@ -217,3 +217,122 @@ def test_sampling_follows_the_distribution() -> None:
     seen = draws(logits, SamplingParams(temperature=1.0, seed=99), 2000)
     freq = [seen.count(t) / len(seen) for t in range(3)]
     assert freq == pytest.approx([0.5, 0.3, 0.2], abs=0.04)
+
+
+def reference_draw(logits: torch.Tensor, params: SamplingParams, u: float) -> tuple[int, set[int]]:
+    """The definition over the full vocabulary in float64: (drawn token, kept tokens)."""
+    x = logits.double() / params.temperature
+    probs = x.softmax(-1)
+    removed = torch.zeros_like(x, dtype=torch.bool)
+    if params.top_k > 0:
+        removed |= x < x.topk(min(params.top_k, x.numel())).values[-1]
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(0) - sorted_probs
+        removed[order[before >= params.top_p]] = True
+    removed |= probs < params.min_p * probs.max()
+    kept = probs.masked_fill(removed, 0.0)
+    cdf = kept.cumsum(0)
+    token = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype)))
+    return min(token, x.numel() - 1), set(torch.nonzero(~removed).flatten().tolist())
+
+
+TRUNCATIONS = [
+    SamplingParams(temperature=1.0, top_p=0.9),
+    SamplingParams(temperature=0.7, top_p=0.5, min_p=0.05),
+    SamplingParams(temperature=1.3, top_k=7),
+    SamplingParams(temperature=1.0, top_k=40, top_p=0.8),
+    SamplingParams(temperature=2.0, top_p=0.99),  # needs more than the candidates: full sort
+    SamplingParams(temperature=1.0, min_p=0.1),
+    SamplingParams(temperature=0.9),
+]
+
+
+@pytest.mark.parametrize("candidates", [16, 1024])
+def test_bounded_candidates_match_the_full_vocabulary_definition(candidates: int) -> None:
+    vocab, trials = 300, 60
+    sampler = Sampler(vocab, torch.device("cpu"), candidates=candidates)
+    gen = torch.Generator().manual_seed(21)
+    mismatches = 0
+    for trial in range(trials):
+        logits = torch.randn(len(TRUNCATIONS), vocab, generator=gen) * (1 + trial % 4)
+        params = [
+            SamplingParams(**{**p.__dict__, "seed": trial * 7 + i})
+            for i, p in enumerate(TRUNCATIONS)
+        ]
+        rows = [row(p, output=[0] * trial) for p in params]
+        out = sampler(logits.clone(), rows).token_ids.tolist()
+        seeds = torch.tensor([p.seed for p in params], dtype=torch.int64)
+        u = uniform_from(seeds, torch.full((len(params),), trial, dtype=torch.int64)).tolist()
+        for i, p in enumerate(params):
+            token, kept = reference_draw(logits[i], p, u[i])
+            assert out[i] in kept
+            mismatches += out[i] != token
+    # float32 against float64 may differ only where u falls within rounding of a CDF step
+    assert mismatches <= 1
+
+
+def test_candidate_truncation_keeps_exactly_the_reference_set() -> None:
+    vocab = 200
+    sampler = Sampler(vocab, torch.device("cpu"), candidates=8)
+    gen = torch.Generator().manual_seed(5)
+    for p in TRUNCATIONS[:5]:
+        logits = torch.randn(1, vocab, generator=gen) * 2
+        _, kept = reference_draw(logits[0], p, 0.5)
+        seen = {
+            int(
+                sampler(
+                    logits.clone(), [row(SamplingParams(**{**p.__dict__, "seed": s}))]
+                ).token_ids[0]
+            )
+            for s in range(400)
+        }
+        assert seen <= kept
+        assert len(seen) >= min(len(kept), 3)
+
+
+def test_all_greedy_batch_never_reads_a_tensor_value_on_the_host(monkeypatch) -> None:
+    def forbidden(*_a, **_k):
+        raise AssertionError("host sync in the greedy path")
+
+    allowed = torch.ones(V, dtype=torch.bool)
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, logit_bias={3: 5.0}),
+        SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.5),
+        SamplingParams(temperature=0, token_mask_fn=lambda _out: allowed),
+    ]
+    sampler = Sampler(V, torch.device("cpu"))
+    sampler.add_row(2, params[2], [1, 2], [4])
+    rows = [SampleRow(p, [1, 2], [4], row=i) for i, p in enumerate(params)]
+    logits = make_logits(4, seed=12)
+    expected = Sampler(V, torch.device("cpu"))(
+        logits.clone(), [row(p, [4], [1, 2]) for p in params]
+    )
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    out = sampler(logits.clone(), rows)
+    monkeypatch.undo()
+    assert out.token_ids.tolist() == expected.token_ids.tolist()
+
+
+def test_tracked_penalty_counts_follow_sampling_and_survive_readding() -> None:
+    params = SamplingParams(
+        temperature=1.0, seed=3, repetition_penalty=1.4, presence_penalty=0.5, frequency_penalty=0.3
+    )
+    prompt = [1, 2, 2, 9]
+    tracked, plain = Sampler(V, torch.device("cpu")), Sampler(V, torch.device("cpu"))
+    tracked.add_row(5, params, prompt, [])
+    output: list[int] = []
+    for step in range(30):
+        if step == 12:  # retraction: the row leaves and comes back with its output so far
+            tracked.release_row(5)
+            tracked.add_row(5, params, prompt, list(output))
+        logits = make_logits(seed=100 + step)
+        a, b = logits.clone(), logits.clone()
+        got = tracked(a, [SampleRow(params, prompt, output, row=5)])
+        want = plain(b, [row(params, list(output), prompt)])
+        assert torch.equal(a, b)
+        assert got.token_ids.tolist() == want.token_ids.tolist()
+        output.append(int(got.token_ids[0]))
+    assert len(set(output)) > 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +39,18 @@ class StepStream:
 
     def close(self) -> None:
         self.outbox.put(None)
+
+
+def run_all(stub: pb_grpc.ExecutorStub, steps: list[StepInput]) -> list[pb.StepResult]:
+    """Sends every step at once on a new stream, once the previous stream has detached."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return list(stub.Run(iter([step_to_pb(s) for s in steps]), timeout=120))
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +152,33 @@ def test_unknown_model_path_exits_with_a_clear_error(tmp_path: Path) -> None:
         code = proc.proc.wait(60)
     assert code == 2
     assert "nope.gguf" in proc.output() and "Traceback" not in proc.output()
+
+
+def test_steps_sent_ahead_run_in_order_and_a_rejected_one_changes_nothing(executor: str) -> None:
+    """The whole stream is sent before any result is read, so the executor prepares later steps
+    while earlier ones compute; decode steps use the token the previous step sampled."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 3, 3, 3]]
+    reference = [j.output for j in Driver(engine_for(hf_model("llama"))).generate(prompts, 6)]
+    steps = [
+        StepInput(
+            1,
+            add=[NewRequest(r, f"r{r}", GREEDY, p) for r, p in enumerate(prompts)],
+            writes=[SlotWrite(0, 0, list(range(1, 20))), SlotWrite(1, 0, list(range(40, 60)))],
+            slices=[Slice(r, 0, p) for r, p in enumerate(prompts)],
+        ),
+        StepInput(2, add=[NewRequest(0, "again", GREEDY)], slices=[Slice(0, 0, [1])]),
+    ]
+    for i in range(1, 6):
+        decode = [Slice(r, len(p) + i - 1, [], True) for r, p in enumerate(prompts)]
+        steps.append(StepInput(2 + i, slices=decode))
+    steps.append(StepInput(8, release_rows=[0, 1]))
+    with grpc.insecure_channel(executor) as channel:
+        results = run_all(pb_grpc.ExecutorStub(channel), steps)
+    assert [r.step_id for r in results] == [s.step_id for s in steps]
+    assert results[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    got: dict[int, list[int]] = {0: [], 1: []}
+    for res in results[:1] + results[2:]:
+        assert not res.HasField("error"), res.error.message
+        for row, tok in zip(res.rows, res.token_ids, strict=True):
+            got[row].append(tok)
+    assert [got[0], got[1]] == reference

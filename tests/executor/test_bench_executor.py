@@ -1,0 +1,69 @@
+"""`radixserve bench-executor`: argument handling, KV layouts of its cases, its floors."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from services.executor.bench import (
+    GREEDY,
+    WARMUP_STEPS,
+    DecodeCase,
+    add_arguments,
+    bench_decode,
+    decode_cases,
+    max_positions,
+    slot_writes,
+)
+from services.executor.bench_floors import memory_bandwidth, weight_bytes
+from services.executor.model_config import ModelConfig
+from services.executor.weights import build_model, load_weights
+from tests.executor.tiny import hf_model
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_context_is_an_alias_of_one_context_and_positions_cover_every_span() -> None:
+    assert parse("--context", "1000").contexts == [1000]
+    args = parse("--contexts", "256", "1000", "4000", "--steps", "7", "--prefill-len", "512")
+    assert args.contexts == [256, 1000, 4000]
+    assert max_positions(args) >= 4000 + WARMUP_STEPS + 7 + 2
+    assert max_positions(parse("--context", "8", "--prefill-len", "512")) == 513
+
+
+def test_cases_follow_the_flags() -> None:
+    args = parse("--sampling", "--shared-prefix-groups", "2", "--shared-prefix-len", "40")
+    cases = decode_cases(args, 64)
+    assert [c.label for c in cases] == ["greedy", "sampled", "shared-prefix 2x40"]
+    assert not cases[1].params.greedy and cases[1].params.top_p == 0.9
+    assert decode_cases(parse("--shared-prefix-groups", "3"), 100)[-1].prefix_len == 75
+
+
+def test_shared_prefix_rows_of_a_group_point_at_the_same_slots() -> None:
+    case = DecodeCase("shared-prefix", GREEDY, groups=2, prefix_len=5)
+    writes, used = slot_writes(case, batch=4, span=8)
+    assert used == 2 * 5 + 4 * 3
+    tables = [w.kv_indices for w in writes]
+    assert tables[0][:5] == tables[1][:5] != tables[2][:5] == tables[3][:5]
+    tails = [k for t in tables for k in t[5:]]
+    assert len(set(tails)) == len(tails) and not set(tails) & {k for t in tables for k in t[:5]}
+    assert {k for t in tables for k in t} == set(range(1, used + 1))
+    assert case.kv_tokens(4, 8) == used
+
+
+def test_decode_runs_at_a_context_past_the_prefill_length() -> None:
+    hf = hf_model("llama")
+    cfg = ModelConfig.from_dict(hf.config.to_dict())
+    args = parse("--context", "300", "--steps", "2", "--prefill-len", "16")
+    model = build_model(cfg, max_positions(args), torch.float32, torch.device("cpu"))
+    load_weights(model, hf.state_dict().items())
+    for case in decode_cases(parse("--sampling", "--shared-prefix-groups", "2"), 300):
+        assert bench_decode(model, cfg, 4, 300, 2, case=case) > 0
+    # tied embeddings: the head reads the embedding table, so every weight counts once
+    assert weight_bytes(model) == sum(p.numel() * 4 for p in model.parameters())
+    assert memory_bandwidth(gib=1 / 64, repeats=2) > 0
