@@ -37,7 +37,7 @@ from services.executor.factory import set_threads
 from services.executor.kv_pool import KVPool
 from services.executor.model_config import ModelConfig
 from services.executor.sampling_params import SamplingParams
-from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
+from services.executor.step import NewRequest, SharedPrefix, Slice, SlotWrite, StepInput
 from services.executor.weights import load_model
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -60,13 +60,17 @@ class DecodeCase:
     params: SamplingParams
     groups: int = 0
     prefix_len: int = 0
+    cascade: bool = True  # send the groups as Step.shared_prefixes (read each span once)
 
     @property
     def label(self) -> str:
         return f"{self.name} {self.groups}x{self.prefix_len}" if self.groups else self.name
 
     def kv_tokens(self, batch: int, context: int) -> int:
-        """Distinct KV positions a step over `batch` rows at `context` must read."""
+        """KV positions a step over `batch` rows at `context` must read: a shared span once
+        when the case sends it as a span, once per row otherwise."""
+        if not self.cascade:
+            return batch * context
         groups = min(self.groups, batch)
         return groups * self.prefix_len + batch * (context - self.prefix_len)
 
@@ -172,6 +176,17 @@ def slot_writes(case: DecodeCase, batch: int, span: int) -> tuple[list[SlotWrite
     return writes, shared + batch * own
 
 
+def shared_spans(case: DecodeCase, batch: int) -> list[SharedPrefix]:
+    """The groups of `slot_writes` as Step.shared_prefixes (none for a plain case)."""
+    groups = min(case.groups, batch)
+    if not (case.cascade and groups and case.prefix_len):
+        return []
+    members: list[list[int]] = [[] for _ in range(groups)]
+    for r in range(batch):
+        members[r * groups // batch].append(r)
+    return [SharedPrefix(case.prefix_len, rows) for rows in members if len(rows) > 1]
+
+
 def bench_decode(
     model: nn.Module,
     cfg: ModelConfig,
@@ -186,16 +201,22 @@ def bench_decode(
     span = context + WARMUP_STEPS + steps + 2
     writes, num_slots = slot_writes(case, batch, span)
     engine = _engine(model, cfg, num_slots, batch, span, static)
+    spans = shared_spans(case, batch)
     first = StepInput(
         1,
         add=[NewRequest(r, f"b{r}", case.params, [r % cfg.vocab_size]) for r in range(batch)],
         writes=writes,
         slices=[Slice(r, context, [r % cfg.vocab_size]) for r in range(batch)],
+        shared_prefixes=spans,
     )
     engine.run_step(first)
     times = []
     for i in range(WARMUP_STEPS + steps):
-        step = StepInput(2 + i, slices=[Slice(r, context + 1 + i, [], True) for r in range(batch)])
+        step = StepInput(
+            2 + i,
+            slices=[Slice(r, context + 1 + i, [], True) for r in range(batch)],
+            shared_prefixes=spans,
+        )
         start = time.perf_counter()
         engine.run_step(step)
         times.append(time.perf_counter() - start)
@@ -247,7 +268,9 @@ def decode_cases(args: argparse.Namespace, context: int) -> list[DecodeCase]:
     if args.shared_prefix_groups > 0:
         prefix = args.shared_prefix_len if args.shared_prefix_len is not None else context * 3 // 4
         prefix = max(0, min(prefix, context))
-        cases.append(DecodeCase("shared-prefix", GREEDY, args.shared_prefix_groups, prefix))
+        groups = args.shared_prefix_groups
+        cases.append(DecodeCase("shared-prefix", GREEDY, groups, prefix))
+        cases.append(DecodeCase("shared-prefix-plain", GREEDY, groups, prefix, cascade=False))
     return cases
 
 

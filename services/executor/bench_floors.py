@@ -11,35 +11,46 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from services.executor.packed_linear import PackedLinear
+
+
+def _linears(model: nn.Module) -> list[nn.Module]:
+    """Every weight matmul as the engine runs it: `nn.Linear` or its oneDNN-packed twin."""
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+
+
+def _time_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def linear_floor_ms(model: nn.Module, tokens: int, repeats: int = 5) -> float:
     """Median time of every weight matmul of one forward over `tokens` rows, lm_head excluded
-    (the caller adds `head_floor_ms` for the rows that reach the head)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
-    inputs = {
-        m.in_features: torch.randn(tokens, m.in_features, dtype=m.weight.dtype) for m in linears
-    }
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    (the caller adds `head_floor_ms` for the rows that reach the head). Each layer is called as
+    the model calls it, so packed weights are timed packed."""
+    dtype = model.lm_head.weight.dtype
+    linears = [m for m in _linears(model) if m is not model.lm_head]
+    inputs = {m.in_features: torch.randn(tokens, m.in_features, dtype=dtype) for m in linears}
+
+    def run() -> None:
         for m in linears:
-            F.linear(inputs[m.in_features], m.weight, m.bias)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+            m(inputs[m.in_features])
+
+    run()  # untimed: oneDNN builds its kernels for a new shape on the first call
+    return _time_ms(run, repeats)
 
 
 def head_floor_ms(model: nn.Module, rows: int, repeats: int = 5) -> float:
     head = model.lm_head
     x = torch.randn(rows, head.in_features, dtype=head.weight.dtype)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        F.linear(x, head.weight)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    head(x)
+    return _time_ms(lambda: head(x), repeats)
 
 
 def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -58,9 +69,14 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights one decode step reads: every linear layer (lm_head included, shared
     with the embedding when tied) and the norms; the embedding table is only gathered from."""
-    skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    skip.discard(id(model.lm_head.weight))
-    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+    itemsize = model.lm_head.weight.dtype.itemsize
+    matmuls = sum(m.in_features * m.out_features * itemsize for m in _linears(model))
+    norms = sum(
+        p.numel() * p.element_size()
+        for name, p in model.named_parameters()
+        if name.endswith("norm.weight")
+    )
+    return matmuls + norms
 
 
 def bandwidth_floor_ms(read_bytes: int, bytes_per_s: float) -> float:
