@@ -18,10 +18,14 @@
 // also return log-sum-exps, and `merge_attention_states_` combines the two parts of every token.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -50,11 +54,112 @@ inline float softmax_in_place(float* s, int64_t n) {
   return m + std::log(sum);
 }
 
+#if defined(__AVX512BF16__)
+// Decode attention of one request's G query heads over one kv head's keys, with AVX-512 BF16:
+// q . k as bf16 pair dot products into float32 (the products of two bf16 values are exact in
+// float32, as when both are widened first), 16 keys at a time, their 16 horizontal sums reduced
+// together; then p . v in float32 with the output rows held in registers. head_dim must be 64.
+constexpr int64_t kDim = 64;
+
+// r[j] = sum of the 16 lanes of a[j], for j < 16 (a transposing reduction: 45 vector ops).
+inline __m512 reduce16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i) {
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // each 128-bit lane: partial sums of keys 4i .. 4i+3
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+inline __m512 widen_bf16(const at::BFloat16* p) {  // 16 bf16 → 16 float
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// q: [group, 64] of this kv head; pools [slots, kv_heads, 64]; keys slots[0 .. len); scores:
+// [group, len] scratch; out: [group, 64] float32; lse: [group] or null. group <= 8.
+inline void attend_head_bf16(const at::BFloat16* q, const at::BFloat16* k_pool,
+                             const at::BFloat16* v_pool, const int64_t* slots, int64_t len,
+                             int64_t kv_heads, int64_t hk, int64_t group, float scale,
+                             float* scores, float* out, float* lse) {
+  __m512bh qv[8][2];
+  for (int64_t g = 0; g < group; ++g) {
+    qv[g][0] = (__m512bh)_mm512_loadu_si512(q + g * kDim);
+    qv[g][1] = (__m512bh)_mm512_loadu_si512(q + g * kDim + 32);
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t l0 = 0; l0 < len; l0 += 16) {
+    const int64_t n = std::min<int64_t>(16, len - l0);
+    const at::BFloat16* rows[16];
+    for (int64_t j = 0; j < 16; ++j) {
+      rows[j] = k_pool + (slots[l0 + std::min(j, n - 1)] * kv_heads + hk) * kDim;
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 acc[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(rows[j]);
+        const __m512bh k1 = (__m512bh)_mm512_loadu_si512(rows[j] + 32);
+        acc[j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g][0], k0),
+                                  qv[g][1], k1);
+      }
+      const __m512 s = _mm512_mul_ps(reduce16(acc), vscale);
+      _mm512_mask_storeu_ps(scores + g * len + l0, (__mmask16)((1u << n) - 1), s);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float l = softmax_in_place(scores + g * len, len);
+    if (lse != nullptr) lse[g] = l;
+  }
+  __m512 o[8][4];
+  for (int64_t g = 0; g < group; ++g) {
+    for (int c = 0; c < 4; ++c) o[g][c] = _mm512_setzero_ps();
+  }
+  for (int64_t l = 0; l < len; ++l) {
+    const at::BFloat16* v = v_pool + (slots[l] * kv_heads + hk) * kDim;
+    const __m512 v0 = widen_bf16(v), v1 = widen_bf16(v + 16), v2 = widen_bf16(v + 32),
+                 v3 = widen_bf16(v + 48);
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * len + l]);
+      o[g][0] = _mm512_fmadd_ps(p, v0, o[g][0]);
+      o[g][1] = _mm512_fmadd_ps(p, v1, o[g][1]);
+      o[g][2] = _mm512_fmadd_ps(p, v2, o[g][2]);
+      o[g][3] = _mm512_fmadd_ps(p, v3, o[g][3]);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + g * kDim + c * 16, o[g][c]);
+  }
+}
+#endif
+
 // Attends the query heads of kv heads [h0, h1) of one request.
 template <typename T>
 void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, int64_t len,
             int64_t h0, int64_t h1, int64_t kv_heads, int64_t group, int64_t dim, float scale,
             float* qf, float* row, float* scores, float* out, float* lse) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (dim == kDim && group <= 8) {
+      for (int64_t hk = h0; hk < h1; ++hk) {
+        const int64_t first = (hk - h0) * group;  // this kv head's query heads within the task
+        attend_head_bf16(q + hk * group * dim, k_pool, v_pool, slots, len, kv_heads, hk, group,
+                         scale, scores, out + first * dim,
+                         lse != nullptr ? lse + first : nullptr);
+      }
+      return;
+    }
+  }
+#endif
   const int64_t nh = (h1 - h0) * group;  // query heads handled
   const int64_t width = (h1 - h0) * dim;  // floats of the K/V row slice
   load_row(q + h0 * group * dim, qf, nh * dim);

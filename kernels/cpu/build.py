@@ -17,7 +17,8 @@ from types import ModuleType
 log = logging.getLogger("radixserve.kernels")
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The `flags` line of /proc/cpuinfo ("unknown" where it cannot be read)."""
     try:
         return next(
             line
@@ -39,7 +40,7 @@ class Extension:
 
     def key(self) -> str:
         """12 hex digits of sha256(CPU flags + source text)."""
-        return hashlib.sha256((_cpu_flags() + self.source.read_text()).encode()).hexdigest()[:12]
+        return hashlib.sha256((cpu_flags() + self.source.read_text()).encode()).hexdigest()[:12]
 
     def load(self) -> ModuleType | None:
         """The compiled module, building it on the first call; None when it cannot be built."""

@@ -14,6 +14,7 @@ from services.executor.bench import (
     bench_decode,
     decode_cases,
     max_positions,
+    shared_spans,
     slot_writes,
 )
 from services.executor.bench_floors import memory_bandwidth, weight_bytes
@@ -39,9 +40,20 @@ def test_context_is_an_alias_of_one_context_and_positions_cover_every_span() -> 
 def test_cases_follow_the_flags() -> None:
     args = parse("--sampling", "--shared-prefix-groups", "2", "--shared-prefix-len", "40")
     cases = decode_cases(args, 64)
-    assert [c.label for c in cases] == ["greedy", "sampled", "shared-prefix 2x40"]
+    labels = ["greedy", "sampled", "shared-prefix 2x40", "shared-prefix-plain 2x40"]
+    assert [c.label for c in cases] == labels
     assert not cases[1].params.greedy and cases[1].params.top_p == 0.9
+    assert cases[2].cascade and not cases[3].cascade
     assert decode_cases(parse("--shared-prefix-groups", "3"), 100)[-1].prefix_len == 75
+
+
+def test_shared_spans_name_each_group_of_the_cascade_case_only() -> None:
+    case = DecodeCase("shared-prefix", GREEDY, groups=2, prefix_len=5)
+    spans = shared_spans(case, batch=4)
+    assert [(s.length, s.rows) for s in spans] == [(5, [0, 1]), (5, [2, 3])]
+    assert shared_spans(DecodeCase("p", GREEDY, 2, 5, cascade=False), batch=4) == []
+    assert case.kv_tokens(4, 8) == 2 * 5 + 4 * 3
+    assert DecodeCase("p", GREEDY, 2, 5, cascade=False).kv_tokens(4, 8) == 4 * 8
 
 
 def test_shared_prefix_rows_of_a_group_point_at_the_same_slots() -> None:

@@ -108,9 +108,12 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_match_without_shared_prefixes(case: str) -> None:
+def test_logits_match_without_shared_prefixes(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The C++ extend kernel (where AMX is present, bfloat16 extends default to SDPA, without spans).
+    monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")
     variant, dtype, tol = CASES[case]
     cascade, reference = engines(variant, dtype)
+    assert cascade.attn.supports_shared_prefixes
     for step in scenario():
         ours, ref = cascade.logits(step), reference.logits(plain(step))
         delta = (ours - ref).abs().max().item()
@@ -124,6 +127,14 @@ def test_pytorch_fallback_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     for step in scenario(seed=1):
         delta = (cascade.logits(step) - reference.logits(plain(step))).abs().max().item()
         assert delta < 1e-4, f"step {step.step_id}: max |Δ| {delta:.2e}"
+
+
+def test_sdpa_extends_run_the_spans_as_plain_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "sdpa")
+    cascade, reference = engines("gqa3-hd64", torch.bfloat16)
+    assert not cascade.attn.supports_shared_prefixes  # the engine drops the spans
+    for step in scenario(seed=3):
+        assert torch.equal(cascade.logits(step), reference.logits(plain(step)))
 
 
 def test_greedy_tokens_identical_in_fp32() -> None:
