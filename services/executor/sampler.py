@@ -10,9 +10,11 @@ for the device (no `.item()`, `.tolist()` or branch on a tensor value).
 Truncation follows the full-vocabulary definition: top-k keeps the tokens whose logit is at least
 the k-th largest; top-p keeps a token while the probability mass strictly before it (in descending
 order of the untruncated distribution) is below p; min-p keeps tokens with probability at least
-min_p × the largest. It is computed over a bounded candidate set from `torch.topk` (the largest
-top_k of the rows, or `candidates` tokens for top-p-only rows); a top-p row whose candidates hold
-less than p of the mass falls back to a full sort.
+min_p × the largest. Top-k and top-p give each row a logit cutoff, read off the sorted candidates
+of `torch.topk` (the largest top_k of the rows, or `candidates` tokens for top-p-only rows); a
+top-p row whose candidates hold less than p of the mass is tried again with `CANDIDATE_GROWTH`
+times as many, and finally with the whole vocabulary. The draw then runs over the full
+vocabulary with the tokens below the cutoff (or below min-p) weighted 0.
 
 Randomness is counter based: a request's n-th sampled token uses one uniform number derived from
 (seed, n) only, and the draw is an inverse-CDF over the kept tokens in id order, so the same seed
@@ -25,11 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-from services.executor.penalties import PenaltyState, counts_from_lists, needs_penalty
+from services.executor.penalties import PenaltyState, Touched, needs_penalty, touched_from_lists
 from services.executor.sampling_params import SamplingParams
 
 MASK32 = 0xFFFFFFFF
-DEFAULT_CANDIDATES = 1024
+DEFAULT_CANDIDATES = 64
+CANDIDATE_GROWTH = 16
 
 
 @dataclass
@@ -117,13 +120,17 @@ class Sampler:
         self._apply_mask(logits, rows)
         self._apply_bias(logits, params)
         self._apply_penalties(logits, rows)
-        token_ids = logits.argmax(-1)
         drawn = [i for i, p in enumerate(params) if not p.greedy]
+        if len(drawn) < len(rows):
+            token_ids = logits.argmax(-1)
         if drawn:
             temps = [p.temperature if not p.greedy else 1.0 for p in params]
             logits.div_(self._tensor(temps, logits.dtype)[:, None])
-            idx = self._tensor(drawn, torch.int64)
-            token_ids[idx] = self._draw(logits[idx], [rows[i] for i in drawn])
+            if len(drawn) == len(rows):
+                token_ids = self._draw(logits, rows)
+            else:
+                idx = self._tensor(drawn, torch.int64)
+                token_ids[idx] = self._draw(logits[idx], [rows[i] for i in drawn])
         self.penalties.record([r.row for r in rows], token_ids)
         return self._logprobs(logits, token_ids, params)
 
@@ -146,27 +153,30 @@ class Sampler:
                 accumulate=True,
             )
 
-    def _penalty_counts(self, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(counts of output tokens [n, V] float32, seen in prompt or output [n, V] bool)."""
+    def _touched(self, rows: list[SampleRow]) -> Touched:
         if all(self.penalties.tracks(r.row) for r in rows):
-            return self.penalties.gather([r.row for r in rows])  # type: ignore[misc]
-        counts = counts_from_lists([r.output_ids for r in rows], self.vocab_size, self.device)
-        prompt = counts_from_lists([r.prompt_ids for r in rows], self.vocab_size, self.device)
-        return counts, (counts > 0) | (prompt > 0)
+            return self.penalties.touched([r.row for r in rows])  # type: ignore[misc]
+        return touched_from_lists(
+            [r.prompt_ids for r in rows], [r.output_ids for r in rows], self.device
+        )
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SampleRow]) -> None:
+        """Repetition on ids in the prompt or output, frequency / presence on output counts;
+        only the touched ids of penalized rows are read and written."""
         pen = [i for i, r in enumerate(rows) if needs_penalty(r.params)]
         if not pen:
             return
         params = [rows[i].params for i in pen]
-        counts, seen = self._penalty_counts([rows[i] for i in pen])
-        idx = self._tensor(pen, torch.int64)
-        x = logits[idx]
+        touched = self._touched([rows[i] for i in pen])
+        where = (self._tensor(pen, torch.int64)[:, None], touched.ids)
+        x = logits[where]  # [n, L]
+        counts = touched.counts
         rep = self._tensor([p.repetition_penalty for p in params], x.dtype)[:, None]
         freq = self._tensor([p.frequency_penalty for p in params], x.dtype)[:, None]
         pres = self._tensor([p.presence_penalty for p in params], x.dtype)[:, None]
-        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-        logits[idx] = x - freq * counts - pres * (counts > 0).to(x.dtype)
+        y = torch.where(x > 0, x / rep, x * rep)
+        y = y - freq * counts - pres * (counts > 0).to(x.dtype)
+        logits[where] = y.where(touched.valid, x)
 
     def _draw(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """[n] token ids drawn from `logits` ([n, V], after temperature) of non-greedy rows."""
@@ -204,43 +214,54 @@ class Sampler:
         u: torch.Tensor,
         params: list[SamplingParams],
     ) -> torch.Tensor:
-        """Rows with top-k or top-p: a draw over the `topk` candidates, which hold every token
-        the truncation keeps unless a top-p-only row's candidates fall short of its mass."""
-        width = max(p.top_k if p.top_k > 0 else self.candidates for p in params)
-        width = min(width, self.vocab_size)
+        """Rows with top-k or top-p: an inverse-CDF draw over the full vocabulary in id order,
+        tokens below the row's cutoff or its min-p weighted 0."""
         lse = torch.logsumexp(logits, -1)
-        vals, ids = torch.topk(logits, width, dim=-1)
-        tokens, short = self._draw_sorted(vals, ids, lse, trunc, u)
-        if width == self.vocab_size or all(p.top_k > 0 for p in params):
-            return tokens
-        redo = short.nonzero().squeeze(1)  # host sync: only sampled rows get here
-        if redo.numel():
-            vals, ids = logits[redo].sort(-1, descending=True)
-            tokens[redo] = self._draw_sorted(vals, ids, lse[redo], trunc.rows(redo), u[redo])[0]
-        return tokens
+        probs = torch.exp(logits - lse[:, None])  # [n, V] untruncated probabilities
+        drop = logits < self._cutoffs(logits, lse, trunc, params)[:, None]
+        if any(p.min_p > 0 for p in params):
+            top = torch.exp(logits.max(-1).values - lse)
+            drop |= probs < (trunc.min_p * top)[:, None]
+        return inverse_cdf(probs.masked_fill_(drop, 0.0), u)
 
-    @staticmethod
-    def _draw_sorted(
-        vals: torch.Tensor,
-        ids: torch.Tensor,
+    def _cutoffs(
+        self,
+        logits: torch.Tensor,
         lse: torch.Tensor,
         trunc: Truncation,
-        u: torch.Tensor,
+        params: list[SamplingParams],
+    ) -> torch.Tensor:
+        """[n] float32: the smallest logit that top-k and top-p keep, from the sorted `topk`
+        candidates; rows whose top-p is not reached within them are redone with more."""
+        width = max(p.top_k if p.top_k > 0 else self.candidates for p in params)
+        cut, short = self._sorted_cutoffs(logits, lse, trunc, min(width, self.vocab_size))
+        if all(p.top_k > 0 for p in params):
+            return cut
+        rows = torch.arange(len(params), device=self.device)
+        while width < self.vocab_size:
+            rows = rows[short]  # host sync: only sampled rows get here
+            if not rows.numel():
+                break
+            width = min(width * CANDIDATE_GROWTH, self.vocab_size)
+            sub = self._sorted_cutoffs(logits[rows], lse[rows], trunc.rows(rows), width)
+            cut[rows], short = sub
+        return cut
+
+    @staticmethod
+    def _sorted_cutoffs(
+        logits: torch.Tensor, lse: torch.Tensor, trunc: Truncation, width: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw over candidates `vals` / `ids` ([n, K], logits in descending order and their
-        token ids), `lse` ([n]) the full-vocabulary log-normaliser. Returns (tokens [n] int64,
-        short [n] bool: top-p not reached within the K candidates, so tokens past them count)."""
-        width = vals.shape[1]
-        probs = torch.exp(vals - lse[:, None])  # untruncated probabilities of the candidates
-        kth = (trunc.top_k - 1).clamp(0, width - 1).where(trunc.top_k > 0, width - 1)
+        """Cutoffs over the `width` largest logits of each row ([n, V]) with `lse` ([n]) the
+        full-vocabulary log-normaliser. Returns (cutoff [n] float32, short [n] bool: top-p not
+        reached within them, so tokens past them may be kept too)."""
+        vals = torch.topk(logits, width, dim=-1).values  # [n, width] descending
+        probs = torch.exp(vals - lse[:, None])
         mass = probs.cumsum(-1)
-        keep = vals >= vals.gather(1, kth[:, None])
-        keep &= (mass - probs) < trunc.top_p[:, None]
-        keep &= probs >= trunc.min_p[:, None] * probs[:, :1]
+        kth = (trunc.top_k - 1).clamp(0, width - 1).where(trunc.top_k > 0, width - 1)
+        kept_p = ((mass - probs) < trunc.top_p[:, None]).sum(-1)  # a prefix, at least 1
+        last = torch.minimum(kth, kept_p - 1)
         short = (trunc.top_k == 0) & (mass[:, -1] < trunc.top_p)
-        id_order, perm = ids.sort(-1)  # inverse CDF in token-id order
-        weights = probs.where(keep, 0.0).gather(1, perm)
-        return id_order.gather(1, inverse_cdf(weights, u)[:, None]).squeeze(1), short
+        return vals.gather(1, last[:, None]).squeeze(1), short
 
     def _logprobs(
         self, logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]

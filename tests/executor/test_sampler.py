@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from services.executor.sampler import Sampler, SampleRow, uniform_from
+from services.executor.sampler import Sampler, SampleRow, Truncation, uniform_from
 from services.executor.sampling_params import SamplingParams
 
 V = 50
@@ -336,3 +336,74 @@ def test_tracked_penalty_counts_follow_sampling_and_survive_readding() -> None:
         assert got.token_ids.tolist() == want.token_ids.tolist()
         output.append(int(got.token_ids[0]))
     assert len(set(output)) > 3
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 4.0, 20.0])  # flat to peaked
+def test_cutoffs_equal_a_full_sort_reference(scale: float) -> None:
+    vocab = 2000
+    sampler = Sampler(vocab, torch.device("cpu"), candidates=8)  # widths 8, 128, then all
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    params = [
+        SamplingParams(top_p=p, top_k=k) for p in (0.1, 0.5, 0.9, 0.999) for k in (0, 0, 3, 50)
+    ]
+    for _ in range(10):
+        logits = torch.randn(len(params), vocab, generator=gen) * scale
+        lse = torch.logsumexp(logits, -1)
+        trunc = Truncation(
+            torch.tensor([p.top_k for p in params]),
+            torch.tensor([p.top_p for p in params]),
+            torch.zeros(len(params)),
+        )
+        cut = sampler._cutoffs(logits, lse, trunc, params)
+        vals = logits.sort(-1, descending=True).values
+        probs = torch.exp(vals - lse[:, None])
+        for i, p in enumerate(params):
+            keep = int(((probs[i].cumsum(0) - probs[i]) < p.top_p).sum())
+            if p.top_k:
+                keep = min(keep, p.top_k)
+            assert cut[i].item() == vals[i, keep - 1].item()
+
+
+def reference_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Penalties over the full vocabulary, one row at a time."""
+    out = logits.clone()
+    for i, r in enumerate(rows):
+        p, x = r.params, out[i]
+        counts = torch.zeros(V).index_add_(
+            0, torch.tensor(r.output_ids, dtype=torch.int64), torch.ones(len(r.output_ids))
+        )
+        seen = counts > 0
+        seen[r.prompt_ids] = True
+        rep = torch.tensor(p.repetition_penalty)
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        out[i] = x - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+    return out
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+def test_penalties_equal_a_full_vocabulary_reference(tracked: bool) -> None:
+    gen = torch.Generator().manual_seed(31)
+    sampler = Sampler(V, torch.device("cpu"))
+    params = [
+        SamplingParams(temperature=0, repetition_penalty=1.3, presence_penalty=0.4),
+        SamplingParams(temperature=0, frequency_penalty=-0.7),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, repetition_penalty=0.8, frequency_penalty=1.5),
+        SamplingParams(temperature=0, presence_penalty=2.0),  # nothing touched yet
+    ]
+    prompts = [[1, 2, 2, 40], [], [3], [7, 8, 9, 7], []]
+    outputs: list[list[int]] = [[4, 4, 1], [5, 6, 5, 5], [], [], []]
+    if tracked:
+        for i, p in enumerate(params):
+            sampler.add_row(i, p, prompts[i], outputs[i])
+    for _ in range(8):
+        rows = [
+            SampleRow(p, prompts[i], list(outputs[i]), row=i if tracked else None)
+            for i, p in enumerate(params)
+        ]
+        logits = torch.randn(len(params), V, generator=gen) * 3
+        expected = reference_penalties(logits, rows)
+        out = sampler(logits, rows)
+        assert torch.equal(logits, expected)
+        for i, t in enumerate(out.token_ids.tolist()):
+            outputs[i].append(t)
