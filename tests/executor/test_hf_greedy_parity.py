@@ -24,6 +24,10 @@ pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 64
 NEAR_TIE = {"float32": 1e-4, "bfloat16": 0.5}
+# At most this many prompts may diverge (each at a verified near-tie). In bfloat16 a near-tie is
+# met within 64 tokens by about half the prompts, so there at least a quarter must agree on every
+# token (measured: 5 to 8 of 16).
+MAX_DIVERGED = {"float32": 2, "bfloat16": 12}
 QUESTIONS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -67,17 +71,23 @@ def setup(request, default_model_dir: Path):
 
 
 def check(hf, prompts, reference, outputs, label: str) -> None:
-    ties = 0
-    near_tie = NEAR_TIE[str(hf.dtype).removeprefix("torch.")]
+    dtype = str(hf.dtype).removeprefix("torch.")
+    agreed = []
     for prompt, expected, got in zip(prompts, reference, outputs, strict=True):
         k = first_divergence(got, expected)
+        agreed.append(NEW_TOKENS if k is None else k)
         if k is None:
             continue
         gap = top2_gap(hf, prompt + expected[:k])
-        assert gap < near_tie, f"{label}: diverges at token {k} with a top-2 gap of {gap:.2e}"
-        ties += 1
-    print(f"{label}: {ties} of {len(prompts)} prompts diverged at a verified near-tie")
-    assert ties <= 2
+        assert gap < NEAR_TIE[dtype], (
+            f"{label}: diverges at token {k} with a top-2 gap of {gap:.2e}"
+        )
+    ties = sum(1 for n in agreed if n < NEW_TOKENS)
+    print(
+        f"{label} ({dtype}): {ties} of {len(prompts)} prompts diverged at a verified near-tie; "
+        f"tokens agreeing before the first divergence: {agreed}"
+    )
+    assert ties <= MAX_DIVERGED[dtype]
 
 
 def test_each_prompt_alone(setup) -> None:
