@@ -8,7 +8,7 @@ the previous step for slices that use it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -109,10 +109,7 @@ def plan_shared(
 def _to_device(shared: SharedSpans | None, device: torch.device) -> SharedSpans | None:
     if shared is None:
         return None
-    return SharedSpans(
-        *(t.to(device) for t in (shared.tok_idx, shared.tok_offsets, shared.rows, shared.lens)),
-        key_starts=shared.key_starts.to(device),
-    )
+    return SharedSpans(**{f.name: getattr(shared, f.name).to(device) for f in fields(shared)})
 
 
 def materialize(

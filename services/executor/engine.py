@@ -177,8 +177,6 @@ class Engine:
         prepared = self._revalidated(prepared)
         started = time.perf_counter_ns()
         try:
-            # Spans name slots written by earlier steps, which preparing ahead cannot see yet.
-            check_shared_slots(prepared.step, self)
             self._apply_membership(prepared)
             out = StepOutput(prepared.step.step_id)
             if prepared.batch is not None:
@@ -198,7 +196,11 @@ class Engine:
         return self.prepare(prepared.step, resync=True)
 
     def _apply_membership(self, prepared: PreparedStep) -> None:
+        """Applies releases, adds and table writes; raises StepRejected, applying nothing, when
+        a shared span's slots differ (they name slots written by earlier Steps, which preparing
+        ahead cannot see yet, so they are checked here)."""
         step = prepared.step
+        check_shared_slots(step, self)
         for row in step.release_rows:
             del self.rows[row]
             self.sampler.release_row(row)
@@ -214,7 +216,6 @@ class Engine:
     def logits(self, step: StepInput) -> torch.Tensor:
         """Applies `step` and returns the raw logits [num_sampled, vocab] in step order, unsampled."""
         prepared = self._revalidated(self.prepare(step))
-        check_shared_slots(prepared.step, self)
         self._apply_membership(prepared)
         logits = self._forward(prepared.batch)
         sampled_order = [i for i in prepared.order if step.slices[i].sample]
