@@ -9,6 +9,11 @@ validates it against the rows that all earlier prepared steps leave (`planned`) 
 host-side tensors; `execute` applies it and computes, reading only at that point what the previous
 step produced (its sampled tokens, for `use_last_sampled` slices). Steps must be executed in the
 order they were prepared; `prepare` may run on another thread than `execute`.
+
+Rows with a grammar (`AddRequest.grammar`) sample under its token mask: the grammar is compiled
+when the Step is prepared (usually a cache hit: the scheduler compiles it ahead with
+CompileGrammar), its matcher is built when the row joins, and a row whose grammar ends is reported
+in `StepOutput.grammar_ended`.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 
+from services.common.grammar import GrammarError
 from services.executor.attention import AttentionBackend, create_backend
 from services.executor.batch_builder import BatchPlan, materialize, order_slices, plan_batch
 from services.executor.decode_runner import StaticDecodeConfig, StaticDecodeRunner
+from services.executor.grammar import GrammarRuntime
 from services.executor.kv_pool import KVPool, RequestToTokenTable, TableWrites
 from services.executor.model_config import ModelConfig
 from services.executor.sampler import Sampler, SampleRow
@@ -36,7 +44,12 @@ from services.executor.step import (
     StepInput,
     StepOutput,
 )
-from services.executor.validation import advance_plan, check_shared_slots, validate_step
+from services.executor.validation import (
+    StepRejected,
+    advance_plan,
+    check_shared_slots,
+    validate_step,
+)
 
 log = logging.getLogger("radixserve.executor")
 
@@ -48,6 +61,7 @@ class RowState:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
     has_sampled: bool = False
+    matcher: Any = None  # xgrammar GrammarMatcher of a constrained row
 
 
 @dataclass
@@ -78,8 +92,10 @@ class Engine:
         device: torch.device,
         attention_backend: str = "torch",
         static_decode: StaticDecodeConfig | None = None,
+        grammar: GrammarRuntime | None = None,
     ) -> None:
         self.model, self.cfg, self.limits, self.device = model, cfg, limits, device
+        self.grammar = grammar  # None: requests with a grammar are rejected
         self.dtype = next(model.parameters()).dtype
         self.pool = KVPool(
             cfg.num_layers, limits.num_slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, device
@@ -151,6 +167,7 @@ class Engine:
         """Validates `step` after every step prepared so far and builds its host-side parts.
         Raises StepRejected, leaving the plan as it was. With `resync`, the plan first restarts
         from the rows applied so far (in a new epoch), in the same critical section."""
+        self._compile_grammars(step)
         with self.plan_lock:
             if resync:
                 self.epoch += 1  # steps prepared after the stale one re-validate too
@@ -168,6 +185,17 @@ class Engine:
             plan_batch([step.slices[i] for i in order], self._spans(step)) if step.slices else None,
         )
 
+    def _compile_grammars(self, step: StepInput) -> None:
+        for req in step.add:
+            if req.grammar is None or req.compiled is not None:
+                continue
+            if self.grammar is None:
+                raise StepRejected(f"request {req.request_id!r}: this executor has no grammars")
+            try:
+                req.compiled = self.grammar.compile(req.grammar)
+            except GrammarError as exc:
+                raise StepRejected(f"request {req.request_id!r}: invalid grammar: {exc}") from None
+
     def _spans(self, step: StepInput) -> list[SharedPrefix]:
         """The Step's shared spans where the attention backend reads them, else none."""
         return step.shared_prefixes if self.attn.supports_shared_prefixes else []
@@ -180,7 +208,7 @@ class Engine:
             self._apply_membership(prepared)
             out = StepOutput(prepared.step.step_id)
             if prepared.batch is not None:
-                out.tokens = self._compute(prepared)
+                out.tokens, out.grammar_ended = self._compute(prepared)
                 out.num_tokens = sum(s.length for s in prepared.step.slices)
         except Exception:
             with self.plan_lock:
@@ -201,17 +229,29 @@ class Engine:
         ahead cannot see yet, so they are checked here)."""
         step = prepared.step
         check_shared_slots(step, self)
+        matchers = [self._matcher(req) for req in step.add]
         for row in step.release_rows:
             del self.rows[row]
             self.sampler.release_row(row)
         if step.release_rows:
             self.table.clear_rows(step.release_rows)
-        for req in step.add:
+        for req, matcher in zip(step.add, matchers, strict=True):
             state = RowState(req.request_id, req.sampling, req.prompt_ids, list(req.output_ids))
+            state.matcher = matcher
             self.rows[req.row] = state
             self.sampler.add_row(req.row, req.sampling, req.prompt_ids, state.output_ids)
         if prepared.writes is not None:
             self.table.write_many(prepared.writes)
+
+    def _matcher(self, req: NewRequest) -> Any:
+        """The grammar matcher of a joining row (None when free), past its output so far."""
+        if req.compiled is None:
+            return None
+        assert self.grammar is not None
+        try:
+            return self.grammar.matcher(req.compiled, req.output_ids)
+        except GrammarError as exc:
+            raise StepRejected(f"request {req.request_id!r}: {exc}") from None
 
     def logits(self, step: StepInput) -> torch.Tensor:
         """Applies `step` and returns the raw logits [num_sampled, vocab] in step order, unsampled."""
@@ -233,13 +273,20 @@ class Engine:
         return self.model(batch, self.attn)
 
     @torch.inference_mode()
-    def _compute(self, prepared: PreparedStep) -> list[SampledToken]:
+    def _compute(self, prepared: PreparedStep) -> tuple[list[SampledToken], list[int]]:
+        """The sampled tokens in the Step's slice order, and the indices among them of the rows
+        whose grammar ended."""
         step = prepared.step
         logits = self._forward(prepared.batch)
         sampled = [step.slices[i] for i in prepared.order if step.slices[i].sample]
         if not sampled:
-            return []
+            return [], []
         states = [self.rows[s.row] for s in sampled]
+        constrained = [i for i, st in enumerate(states) if st.matcher is not None]
+        matchers = [states[i].matcher for i in constrained]
+        if constrained:
+            assert self.grammar is not None
+            self.grammar.mask(logits, constrained, matchers)
         result = self.sampler(
             logits,
             [
@@ -251,6 +298,10 @@ class Engine:
         self.last_sampled[rows_t] = result.token_ids
         token_ids = result.token_ids.tolist()
         logprobs = result.logprobs.tolist()
+        ended_rows = set()
+        if constrained:
+            ended = GrammarRuntime.advance(matchers, [token_ids[i] for i in constrained])
+            ended_rows = {sampled[i].row for i, e in zip(constrained, ended, strict=True) if e}
         tokens = {}
         for i, (s, st) in enumerate(zip(sampled, states, strict=True)):
             st.output_ids.append(token_ids[i])
@@ -258,4 +309,5 @@ class Engine:
             tokens[s.row] = SampledToken(
                 s.row, token_ids[i], logprobs[i], result.top_ids[i], result.top_logprobs[i]
             )
-        return [tokens[s.row] for s in step.slices if s.sample]
+        out = [tokens[s.row] for s in step.slices if s.sample]
+        return out, [i for i, t in enumerate(out) if t.row in ended_rows]

@@ -14,6 +14,7 @@ from services.executor.attention import default_backend
 from services.executor.config import ExecutorConfig
 from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.engine import Engine, EngineLimits
+from services.executor.grammar import GrammarRuntime, hf_tokenizer_info
 from services.executor.kv_pool import KVPool
 from services.executor.model_config import ModelConfig
 from services.executor.weights import load_model
@@ -118,7 +119,16 @@ def create_engine(cfg: ExecutorConfig) -> LoadedModel:
     slots = size_kv_pool(cfg, model_cfg, dtype, device, context)
     limits = EngineLimits(slots, cfg.max_running_requests, context, cfg.max_top_logprobs)
     backend = cfg.attention_backend or default_backend(device.type)
-    engine = Engine(model, model_cfg, limits, device, backend, static_decode_config(cfg, device))
+    grammar = GrammarRuntime(
+        lambda: hf_tokenizer_info(path, model_cfg.vocab_size, model_cfg.eos_token_ids),
+        model_cfg.vocab_size,
+        cfg.max_running_requests,
+        device,
+        threads=max(threads, 1),
+    )
+    engine = Engine(
+        model, model_cfg, limits, device, backend, static_decode_config(cfg, device), grammar
+    )
     runner = engine.decode_runner
     log.info(
         "engine ready: %s, %s on %s (%d threads), %d KV slots, context %d, backend %s, decode %s",

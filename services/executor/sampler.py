@@ -1,8 +1,9 @@
 """Sampling over a whole batch at once.
 
-Order of processing (per row): token mask → logit bias → repetition / frequency / presence
-penalties → greedy argmax, or temperature → top-k / top-p / min-p → draw. Returned logprobs are the
-log-softmax of the logits after penalties, bias, mask and temperature (before truncation).
+Order of processing (per row): logit bias → repetition / frequency / presence penalties → greedy
+argmax, or temperature → top-k / top-p / min-p → draw. A grammar's token mask is applied to the
+logits before they get here (`services/executor/grammar.py`). Returned logprobs are the log-softmax
+of the logits after mask, penalties, bias and temperature (before truncation).
 
 Greedy rows are an argmax and nothing else; a batch of greedy rows without logprobs never waits
 for the device (no `.item()`, `.tolist()` or branch on a tensor value).
@@ -117,7 +118,6 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         # logits: [S, V] float32, modified in place
         params = [r.params for r in rows]
-        self._apply_mask(logits, rows)
         self._apply_bias(logits, params)
         self._apply_penalties(logits, rows)
         drawn = [i for i, p in enumerate(params) if not p.greedy]
@@ -136,12 +136,6 @@ class Sampler:
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
-
-    def _apply_mask(self, logits: torch.Tensor, rows: list[SampleRow]) -> None:
-        for i, row in enumerate(rows):
-            if row.params.token_mask_fn is not None:
-                allowed = row.params.token_mask_fn(row.output_ids).to(self.device)
-                logits[i].masked_fill_(~allowed[: self.vocab_size], float("-inf"))
 
     def _apply_bias(self, logits: torch.Tensor, params: list[SamplingParams]) -> None:
         idx = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]

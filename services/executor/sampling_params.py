@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
-
-# Given the request's output ids so far, the tokens allowed next ([vocab] bool, True = allowed).
-TokenMaskFn = Callable[[list[int]], torch.Tensor]
 
 
 @dataclass
@@ -25,7 +19,6 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: bool = False
     top_logprobs: int = 0
-    token_mask_fn: TokenMaskFn | None = None
 
     @property
     def greedy(self) -> bool:

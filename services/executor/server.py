@@ -27,7 +27,10 @@ async def serve(cfg: ExecutorConfig) -> None:
         loaded = await loop.run_in_executor(servicer.worker, create_engine, cfg)
         servicer.loaded = loaded
         started = time.monotonic()
-        await loop.run_in_executor(servicer.worker, loaded.engine.warmup)
+        warmups = [loop.run_in_executor(servicer.worker, loaded.engine.warmup)]
+        if loaded.engine.grammar is not None:  # the tokenizer, so the first grammar is quick
+            warmups.append(loop.run_in_executor(servicer.compiler, loaded.engine.grammar.preload))
+        await asyncio.gather(*warmups)
     except BaseException:
         await server.server.stop(0)
         raise

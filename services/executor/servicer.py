@@ -13,6 +13,8 @@ import grpc
 
 from radixserve.v1 import executor_pb2 as pb
 from radixserve.v1 import executor_pb2_grpc as pb_grpc
+from radixserve.v1 import grammar_pb2 as gpb
+from services.common.grammar import GrammarError, GrammarSpec
 from services.executor.engine import PreparedStep
 from services.executor.factory import LoadedModel
 from services.executor.step import error_to_pb, output_to_pb, step_from_pb
@@ -32,6 +34,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         self.ready = False
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        self.compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self.run_active = False
         self._detached = asyncio.Event()  # set whenever no Run stream is attached
         self._detached.set()
@@ -92,6 +95,24 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         loaded = await self._require_ready(context)
         await self._call(loaded.engine.reset)
         return pb.ResetResponse()
+
+    async def CompileGrammar(
+        self, request: gpb.Grammar, context: grpc.aio.ServicerContext
+    ) -> pb.CompileGrammarResponse:
+        loaded = await self._require_ready(context)
+        grammar = loaded.engine.grammar
+        if grammar is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "grammars are not available")
+        started = time.perf_counter_ns()
+        try:
+            spec = GrammarSpec.from_pb(request)
+            if spec is None:
+                raise GrammarError("the grammar has no kind")
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.compiler, grammar.compile, spec)
+        except GrammarError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid grammar: {exc}")
+        return pb.CompileGrammarResponse(duration_ns=time.perf_counter_ns() - started)
 
     async def Run(
         self, request_iterator: AsyncIterator[pb.Step], context: grpc.aio.ServicerContext

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from radixserve.v1 import executor_pb2 as pb
+from services.common.grammar import GrammarSpec
 from services.executor.sampling_params import SamplingParams
 
 
@@ -16,6 +18,8 @@ class NewRequest:
     sampling: SamplingParams
     prompt_ids: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
+    grammar: GrammarSpec | None = None
+    compiled: Any = None  # the grammar's xgrammar CompiledGrammar, set when the Step is prepared
 
 
 @dataclass
@@ -71,6 +75,7 @@ class StepOutput:
     tokens: list[SampledToken] = field(default_factory=list)
     num_tokens: int = 0
     forward_ns: int = 0
+    grammar_ended: list[int] = field(default_factory=list)  # indices into tokens
 
 
 def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
@@ -116,6 +121,7 @@ def step_from_pb(msg: pb.Step) -> StepInput:
                 sampling_from_pb(a.sampling),
                 list(a.prompt_ids),
                 list(a.output_ids),
+                GrammarSpec.from_pb(a.grammar) if a.HasField("grammar") else None,
             )
             for a in msg.add
         ],
@@ -139,6 +145,7 @@ def step_to_pb(step: StepInput) -> pb.Step:
                 sampling=sampling_to_pb(a.sampling),
                 prompt_ids=a.prompt_ids,
                 output_ids=a.output_ids,
+                grammar=a.grammar.to_pb() if a.grammar is not None else None,
             )
             for a in step.add
         ],
@@ -163,7 +170,10 @@ def step_to_pb(step: StepInput) -> pb.Step:
 
 def output_to_pb(out: StepOutput) -> pb.StepResult:
     result = pb.StepResult(
-        step_id=out.step_id, num_tokens=out.num_tokens, forward_ns=out.forward_ns
+        step_id=out.step_id,
+        num_tokens=out.num_tokens,
+        forward_ns=out.forward_ns,
+        grammar_ended=out.grammar_ended,
     )
     for t in out.tokens:
         result.rows.append(t.row)

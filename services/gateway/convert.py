@@ -40,6 +40,7 @@ def sampling_to_pb(s: SamplingParams) -> spb.SamplingOptions:
         stop_token_ids=s.stop_token_ids,
         ignore_eos=s.ignore_eos,
         n=s.n,
+        grammar=s.grammar.to_pb() if s.grammar is not None else None,
     )
 
 

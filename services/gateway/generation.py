@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from services.gateway.clients import SchedulerClient, TokenizerClient
 from services.gateway.detokenize_stream import Detokenizer
+from services.gateway.errors import InvalidRequest
 from services.gateway.events import (
     Output,
     SampleEnd,
@@ -120,7 +121,7 @@ class Generation:
         try:
             self.samples = await self._open_samples()
             while not all(s.finished for s in self.samples):
-                event = await self._stream.next()
+                event = await self._next_event()
                 if event is None:
                     break
                 out = await self._dispatch(event)
@@ -129,6 +130,16 @@ class Generation:
         finally:
             self._close()
         self.metrics.finished(self.usage, [s.finish_reason or "abort" for s in self.samples])
+
+    async def _next_event(self) -> TokenChunk | SampleEnd | None:
+        assert self._stream is not None
+        try:
+            return await self._stream.next()
+        except InvalidRequest as exc:
+            # The grammar did not compile: name the field it came from.
+            if exc.param is None and self.inp.sampling.grammar is not None:
+                exc.param = self.inp.sampling.grammar_param
+            raise
 
     def abort(self) -> None:
         """Ends the request at the scheduler now; safe to call from a task being cancelled."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from services.gateway.errors import InvalidRequest
 
@@ -26,6 +26,39 @@ NonEmptyText = Annotated[str, Field(min_length=1)]
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema` (OpenAI). The schema is always generated strictly:
+    properties it does not list are not generated unless it allows additionalProperties."""
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`; `structural_tag` (vLLM / SGLang) carries xgrammar's
+    structural tag in `format`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | bool | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
 
 
 class SamplingFields(BaseModel):
@@ -53,6 +86,13 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured outputs: at most one of them (see services/gateway/structured.py).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -135,6 +175,11 @@ class NativeSamplingParams(BaseModel):
     skip_special_tokens: bool = True
     seed: Seed | None = Field(None, alias="sampling_seed")
     n: int = Field(1, ge=1, le=128)
+    # Structured outputs (SGLang): at most one of them.
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: str | None = None
+    structural_tag: str | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from services.common.grammar import GrammarSpec
 from services.gateway.errors import ContextLengthExceeded, InvalidRequest
 from services.gateway.protocol import (
     ChatCompletionRequest,
@@ -15,6 +16,7 @@ from services.gateway.protocol import (
     NativeSamplingParams,
     SamplingFields,
 )
+from services.gateway.structured import native_grammar, request_grammar
 
 SEED_MASK = 2**64 - 1
 
@@ -53,6 +55,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     n: int = 1
+    grammar: GrammarSpec | None = None  # the output must follow it (structured outputs)
+    grammar_param: str | None = None  # the request field the grammar came from, for errors
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ def native_sampling(p: NativeSamplingParams, model: ModelInfo) -> SamplingParams
         n=p.n,
     )
     _check_ids(params, model, "sampling_params")
-    return params
+    return _with_grammar(params, native_grammar(p))
 
 
 def fit_context(
@@ -169,7 +173,13 @@ def _sampling(
         n=req.n,
     )
     _check_ids(params, model, None)
-    return params
+    return _with_grammar(params, request_grammar(req))
+
+
+def _with_grammar(params: SamplingParams, found: tuple[GrammarSpec, str] | None) -> SamplingParams:
+    if found is None:
+        return params
+    return replace(params, grammar=found[0], grammar_param=found[1])
 
 
 def _check_ids(params: SamplingParams, model: ModelInfo, prefix: str | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from radixserve.v1 import scheduler_pb2 as pb
+from services.common.grammar import GrammarError, GrammarSpec
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.errors import InvalidRequest
 from services.scheduler.executor_client import ExecutorInfo
@@ -46,7 +47,11 @@ def params_from_pb(msg: pb.GenerateRequest) -> GenerateParams:
         stop_token_ids=frozenset(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
     )
-    return GenerateParams(msg.request_id, list(msg.input_ids), sampling, stop, s.n)
+    try:
+        grammar = GrammarSpec.from_pb(s.grammar) if s.HasField("grammar") else None
+    except GrammarError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return GenerateParams(msg.request_id, list(msg.input_ids), sampling, stop, s.n, grammar)
 
 
 def event_to_pb(event: Event) -> pb.GenerateResponse:

@@ -19,10 +19,12 @@ import grpc
 
 from radixserve.v1 import executor_pb2 as pb
 from radixserve.v1 import executor_pb2_grpc as pb_grpc
+from radixserve.v1 import grammar_pb2 as gpb
 from services.common.grpc_server import insecure_channel
-from services.scheduler.errors import ExecutorLost, NotReady
+from services.scheduler.errors import ExecutorLost, InvalidRequest, NotReady
 
 log = logging.getLogger("radixserve.scheduler")
+COMPILE_TIMEOUT_S = 60.0  # a grammar that takes longer to compile fails its request
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,11 @@ class ExecutorLink(Protocol):
 
     def send(self, step: pb.Step) -> asyncio.Future[pb.StepResult]: ...
 
+    async def compile_grammar(self, grammar: gpb.Grammar) -> None:
+        """Has the executor compile `grammar` into its cache. Raises InvalidRequest with the
+        reason when it cannot be compiled, ExecutorLost when the executor does not answer."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -82,6 +89,7 @@ class ExecutorClient:
         self._pending: deque[asyncio.Future[pb.StepResult]] = deque()
         self._reader: asyncio.Task | None = None
         self._broken = True
+        self._stub: pb_grpc.ExecutorStub | None = None
         self.on_lost: Callable[[], None] | None = None
 
     async def connect(self, timeout: float) -> ExecutorInfo:
@@ -89,7 +97,7 @@ class ExecutorClient:
         e.g. another scheduler is attached); nothing of the executor's state is touched then."""
         await self.close()
         self._channel = insecure_channel(self.address)
-        stub = pb_grpc.ExecutorStub(self._channel)
+        stub = self._stub = pb_grpc.ExecutorStub(self._channel)
         await self._wait_ready(stub, timeout)
         info = ExecutorInfo.from_pb(await stub.Info(pb.InfoRequest()))
         self._outbox = asyncio.Queue()
@@ -128,6 +136,17 @@ class ExecutorClient:
         self._outbox.put_nowait(step)
         return fut
 
+    async def compile_grammar(self, grammar: gpb.Grammar) -> None:
+        stub = self._stub
+        if stub is None or self._broken:
+            raise ExecutorLost(f"not connected to {self.address}")
+        try:
+            await stub.CompileGrammar(grammar, timeout=COMPILE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidRequest(exc.details() or "invalid grammar") from None
+            raise ExecutorLost(f"CompileGrammar: {exc.code().name}: {exc.details()}") from None
+
     async def _requests(self):
         while (step := await self._outbox.get()) is not None:
             yield step
@@ -163,4 +182,4 @@ class ExecutorClient:
             await asyncio.gather(self._reader, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
-        self._reader = self._channel = None
+        self._reader = self._channel = self._stub = None

@@ -8,6 +8,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from services.common.grammar import GrammarSpec
 from services.scheduler.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class GenerateParams:
     sampling: SamplingOptions = SamplingOptions()
     stop: StopOptions = StopOptions()
     n: int = 1
+    grammar: GrammarSpec | None = None  # the output must follow it; None: free text
 
     def validate(self, limits: Limits) -> None:
         """Raises InvalidRequest naming the first problem."""
@@ -142,6 +144,8 @@ class Req:
     seed: int  # resolved: the request's seed + index, or random
     stream: OutputStream
     arrival: int  # FCFS order
+    grammar: GrammarSpec | None = None
+    grammar_ready: bool = True  # False while the executor compiles the grammar (not admissible)
     output: list[int] = field(default_factory=list)  # tokens seen (results processed)
     # ---- while holding a row ----
     row: int | None = None
@@ -179,6 +183,8 @@ class Req:
             seed=resolve_seed(params.sampling.seed, index),
             stream=stream,
             arrival=arrival,
+            grammar=params.grammar,
+            grammar_ready=params.grammar is None,
         )
 
     @property

@@ -4,6 +4,10 @@ Threading: everything runs on one asyncio loop. The API methods (`submit`, `abor
 `flush_cache`) are synchronous and run between the loop's awaits; `_build_step` and `_process`
 never await. So no state is ever seen half-updated, and no lock is needed.
 
+A request with a grammar waits in the queue, not admissible, while the executor compiles it
+(`CompileGrammar`, awaited in a task of its own, so neither the loop nor other requests wait); a
+grammar that does not compile fails the request with INVALID_ARGUMENT before it ever runs.
+
 The loop (overlap on): build step N+1 and send it, then wait for N's result and process it — the
 executor computes N+1 while the scheduler processes N. A request that finishes at N already has a
 slice in N+1; its epoch has moved on, so that token is dropped, and its row is released in N+2.
@@ -21,10 +25,18 @@ from dataclasses import replace
 import grpc
 
 from radixserve.v1 import executor_pb2 as pb
+from services.common.grammar import GrammarSpec
 from services.scheduler.cache import KVCache
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.decode import DecodeManager
-from services.scheduler.errors import Busy, DuplicateRequest, ExecutorLost, NotReady, QueueFull
+from services.scheduler.errors import (
+    Busy,
+    DuplicateRequest,
+    ExecutorLost,
+    InvalidRequest,
+    NotReady,
+    QueueFull,
+)
 from services.scheduler.executor_client import ExecutorInfo, ExecutorLink
 from services.scheduler.metrics import Counters, Load
 from services.scheduler.policy import Policy
@@ -38,6 +50,8 @@ from services.scheduler.streams import Complete, OutputStream, Token
 log = logging.getLogger("radixserve.scheduler")
 RECONNECT_DELAY_S = 1.0
 UNAVAILABLE, INTERNAL = grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.INTERNAL.value[0]
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+COMPILED_MEMORY = 4096  # grammars known compiled on this connection (then the set starts over)
 
 
 class StepFailed(Exception):
@@ -62,6 +76,8 @@ class Scheduler:
         link.on_lost = self._on_link_lost
         self._arrivals = itertools.count()
         self._step_ids = itertools.count(1)
+        self._compiles: set[asyncio.Task] = set()
+        self._compiled: set[GrammarSpec] = set()
 
     def _setup(self, info: ExecutorInfo) -> None:
         """Fresh managers sized from the executor's Info (at start and after reconnecting)."""
@@ -84,6 +100,7 @@ class Scheduler:
         self.decode = DecodeManager(self.cache, self._retract)
         self.running: list[Req] = []
         self._releases: list[int] = []  # rows to release in the next step
+        self._compiled = set()  # a new executor connection has an empty grammar cache
         self._inflight: deque[tuple[Step, asyncio.Future]] = deque()
 
     # ---- API ------------------------------------------------------------------------------------
@@ -108,6 +125,13 @@ class Scheduler:
         reqs = [Req.create(params, i, stream, eos, next(self._arrivals)) for i in range(params.n)]
         self.groups[params.request_id] = reqs
         self.waiting.extend(reqs)
+        if params.grammar is not None and params.grammar not in self._compiled:
+            task = asyncio.get_running_loop().create_task(self._compile(params.grammar, reqs))
+            self._compiles.add(task)
+            task.add_done_callback(self._compiles.discard)
+        else:
+            for req in reqs:
+                req.grammar_ready = True
         self._wake.set()
         return stream
 
@@ -121,6 +145,33 @@ class Scheduler:
                 self._finish(req, FinishReason.ABORT)
         self._wake.set()
         return True
+
+    async def _compile(self, grammar: GrammarSpec, reqs: list[Req]) -> None:
+        """Has the executor compile `grammar`, then makes `reqs` admissible, or fails them."""
+        try:
+            await self.link.compile_grammar(grammar.to_pb())
+        except InvalidRequest as exc:
+            self._fail_waiting(reqs, INVALID_ARGUMENT, str(exc))
+        except Exception as exc:
+            self._fail_waiting(reqs, UNAVAILABLE, f"the grammar was not compiled: {exc}")
+        else:
+            if len(self._compiled) >= COMPILED_MEMORY:
+                self._compiled.clear()
+            self._compiled.add(grammar)
+            for req in reqs:
+                req.grammar_ready = True
+        self._wake.set()
+
+    def _fail_waiting(self, reqs: list[Req], code: int, message: str) -> None:
+        """Ends a request that never ran (its samples are all still queued) with an error."""
+        if self.groups.get(reqs[0].rid) is not reqs or any(r.finished for r in reqs):
+            return  # aborted meanwhile
+        for req in reqs:
+            if req in self.waiting:
+                self.waiting.remove(req)
+            req.finished = FinishReason.ABORT
+        reqs[0].stream.fail(code, message)
+        del self.groups[reqs[0].rid]
 
     def load(self) -> Load:
         self.require_ready()
@@ -214,7 +265,10 @@ class Scheduler:
                 step.writes.append((req.row, start, kv))
                 req.pending_write = None
         admit = self.counters.retractions == retractions  # never re-admit what was just retracted
-        self._start(self.prefill.schedule(step, self.waiting, self.running, admit))
+        admissible = self.waiting
+        if any(not r.grammar_ready for r in admissible):
+            admissible = [r for r in admissible if r.grammar_ready]
+        self._start(self.prefill.schedule(step, admissible, self.running, admit))
         step.release_rows.extend(self._releases)
         self._releases = []
         by_row = {req.row: req for req in self.running}
@@ -237,17 +291,17 @@ class Scheduler:
         if result.error is not None:
             raise StepFailed(f"step {step.step_id} rejected: {result.error[1]}")
         self.counters.computed_tokens += result.num_tokens
-        for (req, epoch), token in zip(step.samplers, result.tokens, strict=True):
+        for i, ((req, epoch), token) in enumerate(zip(step.samplers, result.tokens, strict=True)):
             if req.epoch == epoch and req.finished is None:
-                self._on_token(req, token)
+                self._on_token(req, token, i in result.grammar_ended)
         if self.cfg.debug_checks:
             self.check_integrity()
 
-    def _on_token(self, req: Req, token: Token) -> None:
+    def _on_token(self, req: Req, token: Token, grammar_ended: bool = False) -> None:
         req.output.append(token.token_id)
         self.counters.generation_tokens += 1
         n = len(req.output)
-        if token.token_id in req.stop_ids and n > req.stop.min_tokens:
+        if grammar_ended or (token.token_id in req.stop_ids and n > req.stop.min_tokens):
             self._finish(req, FinishReason.STOP, token.token_id)
             return
         req.stream.push(req.index, token, n, req.cached_tokens or 0)

@@ -92,8 +92,14 @@ def _add_to_pb(req: Req) -> pb.AddRequest:
     # The prompt only matters to the repetition penalty; output_ids always (penalties, seed counter).
     prompt = req.prompt if s.repetition_penalty != 1.0 else []
     label = req.rid if req.stream.n == 1 else f"{req.rid}/{req.index}"
+    grammar = req.grammar.to_pb() if req.grammar is not None else None
     return pb.AddRequest(
-        row=req.row, request_id=label, sampling=sampling, prompt_ids=prompt, output_ids=req.output
+        row=req.row,
+        request_id=label,
+        sampling=sampling,
+        prompt_ids=prompt,
+        output_ids=req.output,
+        grammar=grammar,
     )
 
 
@@ -101,6 +107,7 @@ def _add_to_pb(req: Req) -> pb.AddRequest:
 class StepResult:
     step_id: int
     tokens: list[Token]  # one per Step.samplers entry, in order
+    grammar_ended: frozenset[int] = frozenset()  # indices into tokens: the grammar is complete
     num_tokens: int = 0
     forward_ns: int = 0
     error: tuple[int, str] | None = None  # (google.rpc code, message): the step was not applied
@@ -124,4 +131,6 @@ def result_from_pb(msg: pb.StepResult, top_counts: list[int]) -> StepResult:
             )
         )
         offset += k
-    return StepResult(msg.step_id, tokens, msg.num_tokens, msg.forward_ns)
+    return StepResult(
+        msg.step_id, tokens, frozenset(msg.grammar_ended), msg.num_tokens, msg.forward_ns
+    )

@@ -201,17 +201,6 @@ def test_logprobs_are_log_softmax_of_processed_logits() -> None:
     assert processed[0, 1].item() == pytest.approx(logits[0, 1].item() + 2.0)
 
 
-def test_token_mask_hook_restricts_choices() -> None:
-    allowed = torch.zeros(V, dtype=torch.bool)
-    allowed[[3, 17, 42]] = True
-    params = SamplingParams(temperature=1.0, seed=7, token_mask_fn=lambda _out: allowed)
-    seen = set(draws(make_logits(seed=11), params, 100))
-    assert seen <= {3, 17, 42}
-    greedy = SamplingParams(temperature=0, token_mask_fn=lambda _out: allowed)
-    out = Sampler(V, torch.device("cpu"))(make_logits(seed=11), [row(greedy)])
-    assert int(out.token_ids[0]) in {3, 17, 42}
-
-
 def test_sampling_follows_the_distribution() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2] + [1e-9] * (V - 3)]))
     seen = draws(logits, SamplingParams(temperature=1.0, seed=99), 2000)
@@ -295,12 +284,10 @@ def test_all_greedy_batch_never_reads_a_tensor_value_on_the_host(monkeypatch) ->
     def forbidden(*_a, **_k):
         raise AssertionError("host sync in the greedy path")
 
-    allowed = torch.ones(V, dtype=torch.bool)
     params = [
         SamplingParams(temperature=0),
         SamplingParams(temperature=0, logit_bias={3: 5.0}),
         SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.5),
-        SamplingParams(temperature=0, token_mask_fn=lambda _out: allowed),
     ]
     sampler = Sampler(V, torch.device("cpu"))
     sampler.add_row(2, params[2], [1, 2], [4])

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from radixserve.v1 import grammar_pb2 as radixserve_dot_v1_dot_grammar__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cradixserve/v1/executor.proto\x12\rradixserve.v1\"\r\n\x0bInfoRequest\"\xc4\x02\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_slots\x18\x06 \x01(\r\x12\x1c\n\x14max_running_requests\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\n \x01(\t\x12\x15\n\reos_token_ids\x18\x0b \x03(\x05\x12\x18\n\x10max_top_logprobs\x18\x0c \x01(\r\x12\x0f\n\x07tp_size\x18\r \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x0e \x01(\x04\"\x0f\n\rWarmupRequest\"%\n\x0eWarmupResponse\x12\x13\n\x0b\x64uration_ns\x18\x01 \x01(\x04\"\x0f\n\rHealthRequest\"4\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x13\n\x0b\x61\x63tive_rows\x18\x02 \x01(\r\"\x0e\n\x0cResetRequest\"\x0f\n\rResetResponse\"\xcd\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.radixserve.v1.SamplingParams.LogitBiasEntry\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x8e\x01\n\nAddRequest\x12\x0b\n\x03row\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.radixserve.v1.SamplingParams\x12\x16\n\nprompt_ids\x18\x04 \x03(\x05\x42\x02\x10\x01\x12\x16\n\noutput_ids\x18\x05 \x03(\x05\x42\x02\x10\x01\"?\n\tSlotWrite\x12\x0b\n\x03row\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\r\x12\x16\n\nkv_indices\x18\x03 \x03(\x05\x42\x02\x10\x01\"d\n\x05Slice\x12\x0b\n\x03row\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\r\x12\x15\n\tinput_ids\x18\x03 \x03(\x05\x42\x02\x10\x01\x12\x18\n\x10use_last_sampled\x18\x04 \x01(\x08\x12\x0e\n\x06sample\x18\x05 \x01(\x08\"0\n\x0cSharedPrefix\x12\x0e\n\x06length\x18\x01 \x01(\r\x12\x10\n\x04rows\x18\x02 \x03(\rB\x02\x10\x01\"\xdf\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x0crelease_rows\x18\x02 \x03(\rB\x02\x10\x01\x12&\n\x03\x61\x64\x64\x18\x03 \x03(\x0b\x32\x19.radixserve.v1.AddRequest\x12(\n\x06writes\x18\x04 \x03(\x0b\x32\x18.radixserve.v1.SlotWrite\x12$\n\x06slices\x18\x05 \x03(\x0b\x32\x14.radixserve.v1.Slice\x12\x34\n\x0fshared_prefixes\x18\x06 \x03(\x0b\x32\x1b.radixserve.v1.SharedPrefix\"*\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xdc\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.radixserve.v1.StepError\x12\x10\n\x04rows\x18\x03 \x03(\rB\x02\x10\x01\x12\x15\n\ttoken_ids\x18\x04 \x03(\x05\x42\x02\x10\x01\x12\x14\n\x08logprobs\x18\x05 \x03(\x02\x42\x02\x10\x01\x12\x13\n\x07top_ids\x18\x06 \x03(\x05\x42\x02\x10\x01\x12\x18\n\x0ctop_logprobs\x18\x07 \x03(\x02\x42\x02\x10\x01\x12\x12\n\nnum_tokens\x18\x08 \x01(\r\x12\x12\n\nforward_ns\x18\t \x01(\x04\x32\xd8\x02\n\x08\x45xecutor\x12?\n\x04Info\x12\x1a.radixserve.v1.InfoRequest\x1a\x1b.radixserve.v1.InfoResponse\x12\x45\n\x06Warmup\x12\x1c.radixserve.v1.WarmupRequest\x1a\x1d.radixserve.v1.WarmupResponse\x12\x45\n\x06Health\x12\x1c.radixserve.v1.HealthRequest\x1a\x1d.radixserve.v1.HealthResponse\x12\x42\n\x05Reset\x12\x1b.radixserve.v1.ResetRequest\x1a\x1c.radixserve.v1.ResetResponse\x12\x39\n\x03Run\x12\x13.radixserve.v1.Step\x1a\x19.radixserve.v1.StepResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cradixserve/v1/executor.proto\x12\rradixserve.v1\x1a\x1bradixserve/v1/grammar.proto\"-\n\x16\x43ompileGrammarResponse\x12\x13\n\x0b\x64uration_ns\x18\x01 \x01(\x04\"\r\n\x0bInfoRequest\"\xc4\x02\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_slots\x18\x06 \x01(\r\x12\x1c\n\x14max_running_requests\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\n \x01(\t\x12\x15\n\reos_token_ids\x18\x0b \x03(\x05\x12\x18\n\x10max_top_logprobs\x18\x0c \x01(\r\x12\x0f\n\x07tp_size\x18\r \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x0e \x01(\x04\"\x0f\n\rWarmupRequest\"%\n\x0eWarmupResponse\x12\x13\n\x0b\x64uration_ns\x18\x01 \x01(\x04\"\x0f\n\rHealthRequest\"4\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x13\n\x0b\x61\x63tive_rows\x18\x02 \x01(\r\"\x0e\n\x0cResetRequest\"\x0f\n\rResetResponse\"\xcd\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.radixserve.v1.SamplingParams.LogitBiasEntry\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xb7\x01\n\nAddRequest\x12\x0b\n\x03row\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.radixserve.v1.SamplingParams\x12\x16\n\nprompt_ids\x18\x04 \x03(\x05\x42\x02\x10\x01\x12\x16\n\noutput_ids\x18\x05 \x03(\x05\x42\x02\x10\x01\x12\'\n\x07grammar\x18\x06 \x01(\x0b\x32\x16.radixserve.v1.Grammar\"?\n\tSlotWrite\x12\x0b\n\x03row\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\r\x12\x16\n\nkv_indices\x18\x03 \x03(\x05\x42\x02\x10\x01\"d\n\x05Slice\x12\x0b\n\x03row\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\r\x12\x15\n\tinput_ids\x18\x03 \x03(\x05\x42\x02\x10\x01\x12\x18\n\x10use_last_sampled\x18\x04 \x01(\x08\x12\x0e\n\x06sample\x18\x05 \x01(\x08\"0\n\x0cSharedPrefix\x12\x0e\n\x06length\x18\x01 \x01(\r\x12\x10\n\x04rows\x18\x02 \x03(\rB\x02\x10\x01\"\xdf\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x0crelease_rows\x18\x02 \x03(\rB\x02\x10\x01\x12&\n\x03\x61\x64\x64\x18\x03 \x03(\x0b\x32\x19.radixserve.v1.AddRequest\x12(\n\x06writes\x18\x04 \x03(\x0b\x32\x18.radixserve.v1.SlotWrite\x12$\n\x06slices\x18\x05 \x03(\x0b\x32\x14.radixserve.v1.Slice\x12\x34\n\x0fshared_prefixes\x18\x06 \x03(\x0b\x32\x1b.radixserve.v1.SharedPrefix\"*\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf7\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.radixserve.v1.StepError\x12\x10\n\x04rows\x18\x03 \x03(\rB\x02\x10\x01\x12\x15\n\ttoken_ids\x18\x04 \x03(\x05\x42\x02\x10\x01\x12\x14\n\x08logprobs\x18\x05 \x03(\x02\x42\x02\x10\x01\x12\x13\n\x07top_ids\x18\x06 \x03(\x05\x42\x02\x10\x01\x12\x18\n\x0ctop_logprobs\x18\x07 \x03(\x02\x42\x02\x10\x01\x12\x12\n\nnum_tokens\x18\x08 \x01(\r\x12\x12\n\nforward_ns\x18\t \x01(\x04\x12\x19\n\rgrammar_ended\x18\n \x03(\rB\x02\x10\x01\x32\xa9\x03\n\x08\x45xecutor\x12?\n\x04Info\x12\x1a.radixserve.v1.InfoRequest\x1a\x1b.radixserve.v1.InfoResponse\x12\x45\n\x06Warmup\x12\x1c.radixserve.v1.WarmupRequest\x1a\x1d.radixserve.v1.WarmupResponse\x12\x45\n\x06Health\x12\x1c.radixserve.v1.HealthRequest\x1a\x1d.radixserve.v1.HealthResponse\x12\x42\n\x05Reset\x12\x1b.radixserve.v1.ResetRequest\x1a\x1c.radixserve.v1.ResetResponse\x12\x39\n\x03Run\x12\x13.radixserve.v1.Step\x1a\x19.radixserve.v1.StepResult(\x01\x30\x01\x12O\n\x0e\x43ompileGrammar\x12\x16.radixserve.v1.Grammar\x1a%.radixserve.v1.CompileGrammarResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,40 +56,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPRESULT'].fields_by_name['top_ids']._serialized_options = b'\020\001'
   _globals['_STEPRESULT'].fields_by_name['top_logprobs']._loaded_options = None
   _globals['_STEPRESULT'].fields_by_name['top_logprobs']._serialized_options = b'\020\001'
-  _globals['_INFOREQUEST']._serialized_start=47
-  _globals['_INFOREQUEST']._serialized_end=60
-  _globals['_INFORESPONSE']._serialized_start=63
-  _globals['_INFORESPONSE']._serialized_end=387
-  _globals['_WARMUPREQUEST']._serialized_start=389
-  _globals['_WARMUPREQUEST']._serialized_end=404
-  _globals['_WARMUPRESPONSE']._serialized_start=406
-  _globals['_WARMUPRESPONSE']._serialized_end=443
-  _globals['_HEALTHREQUEST']._serialized_start=445
-  _globals['_HEALTHREQUEST']._serialized_end=460
-  _globals['_HEALTHRESPONSE']._serialized_start=462
-  _globals['_HEALTHRESPONSE']._serialized_end=514
-  _globals['_RESETREQUEST']._serialized_start=516
-  _globals['_RESETREQUEST']._serialized_end=530
-  _globals['_RESETRESPONSE']._serialized_start=532
-  _globals['_RESETRESPONSE']._serialized_end=547
-  _globals['_SAMPLINGPARAMS']._serialized_start=550
-  _globals['_SAMPLINGPARAMS']._serialized_end=883
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=835
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=883
-  _globals['_ADDREQUEST']._serialized_start=886
-  _globals['_ADDREQUEST']._serialized_end=1028
-  _globals['_SLOTWRITE']._serialized_start=1030
-  _globals['_SLOTWRITE']._serialized_end=1093
-  _globals['_SLICE']._serialized_start=1095
-  _globals['_SLICE']._serialized_end=1195
-  _globals['_SHAREDPREFIX']._serialized_start=1197
-  _globals['_SHAREDPREFIX']._serialized_end=1245
-  _globals['_STEP']._serialized_start=1248
-  _globals['_STEP']._serialized_end=1471
-  _globals['_STEPERROR']._serialized_start=1473
-  _globals['_STEPERROR']._serialized_end=1515
-  _globals['_STEPRESULT']._serialized_start=1518
-  _globals['_STEPRESULT']._serialized_end=1738
-  _globals['_EXECUTOR']._serialized_start=1741
-  _globals['_EXECUTOR']._serialized_end=2085
+  _globals['_STEPRESULT'].fields_by_name['grammar_ended']._loaded_options = None
+  _globals['_STEPRESULT'].fields_by_name['grammar_ended']._serialized_options = b'\020\001'
+  _globals['_COMPILEGRAMMARRESPONSE']._serialized_start=76
+  _globals['_COMPILEGRAMMARRESPONSE']._serialized_end=121
+  _globals['_INFOREQUEST']._serialized_start=123
+  _globals['_INFOREQUEST']._serialized_end=136
+  _globals['_INFORESPONSE']._serialized_start=139
+  _globals['_INFORESPONSE']._serialized_end=463
+  _globals['_WARMUPREQUEST']._serialized_start=465
+  _globals['_WARMUPREQUEST']._serialized_end=480
+  _globals['_WARMUPRESPONSE']._serialized_start=482
+  _globals['_WARMUPRESPONSE']._serialized_end=519
+  _globals['_HEALTHREQUEST']._serialized_start=521
+  _globals['_HEALTHREQUEST']._serialized_end=536
+  _globals['_HEALTHRESPONSE']._serialized_start=538
+  _globals['_HEALTHRESPONSE']._serialized_end=590
+  _globals['_RESETREQUEST']._serialized_start=592
+  _globals['_RESETREQUEST']._serialized_end=606
+  _globals['_RESETRESPONSE']._serialized_start=608
+  _globals['_RESETRESPONSE']._serialized_end=623
+  _globals['_SAMPLINGPARAMS']._serialized_start=626
+  _globals['_SAMPLINGPARAMS']._serialized_end=959
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=911
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=959
+  _globals['_ADDREQUEST']._serialized_start=962
+  _globals['_ADDREQUEST']._serialized_end=1145
+  _globals['_SLOTWRITE']._serialized_start=1147
+  _globals['_SLOTWRITE']._serialized_end=1210
+  _globals['_SLICE']._serialized_start=1212
+  _globals['_SLICE']._serialized_end=1312
+  _globals['_SHAREDPREFIX']._serialized_start=1314
+  _globals['_SHAREDPREFIX']._serialized_end=1362
+  _globals['_STEP']._serialized_start=1365
+  _globals['_STEP']._serialized_end=1588
+  _globals['_STEPERROR']._serialized_start=1590
+  _globals['_STEPERROR']._serialized_end=1632
+  _globals['_STEPRESULT']._serialized_start=1635
+  _globals['_STEPRESULT']._serialized_end=1882
+  _globals['_EXECUTOR']._serialized_start=1885
+  _globals['_EXECUTOR']._serialized_end=2310
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from radixserve.v1 import executor_pb2 as radixserve_dot_v1_dot_executor__pb2
+from radixserve.v1 import grammar_pb2 as radixserve_dot_v1_dot_grammar__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -59,6 +60,11 @@ class ExecutorStub:
                 request_serializer=radixserve_dot_v1_dot_executor__pb2.Step.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_executor__pb2.StepResult.FromString,
                 _registered_method=True)
+        self.CompileGrammar = channel.unary_unary(
+                '/radixserve.v1.Executor/CompileGrammar',
+                request_serializer=radixserve_dot_v1_dot_grammar__pb2.Grammar.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_executor__pb2.CompileGrammarResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -102,6 +108,15 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompileGrammar(self, request, context):
+        """Compiles a grammar against the model's vocabulary into the executor's grammar cache, off the
+        step loop. INVALID_ARGUMENT names the problem when the grammar cannot be compiled. A Step may
+        add a request whose grammar was never compiled (it is compiled then, holding that Step up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +144,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Run,
                     request_deserializer=radixserve_dot_v1_dot_executor__pb2.Step.FromString,
                     response_serializer=radixserve_dot_v1_dot_executor__pb2.StepResult.SerializeToString,
+            ),
+            'CompileGrammar': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompileGrammar,
+                    request_deserializer=radixserve_dot_v1_dot_grammar__pb2.Grammar.FromString,
+                    response_serializer=radixserve_dot_v1_dot_executor__pb2.CompileGrammarResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +286,33 @@ class Executor:
             '/radixserve.v1.Executor/Run',
             radixserve_dot_v1_dot_executor__pb2.Step.SerializeToString,
             radixserve_dot_v1_dot_executor__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompileGrammar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radixserve.v1.Executor/CompileGrammar',
+            radixserve_dot_v1_dot_grammar__pb2.Grammar.SerializeToString,
+            radixserve_dot_v1_dot_executor__pb2.CompileGrammarResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from radixserve.v1 import grammar_pb2 as radixserve_dot_v1_dot_grammar__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dradixserve/v1/scheduler.proto\x12\rradixserve.v1\"\xc0\x03\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x41\n\nlogit_bias\x18\t \x03(\x0b\x32-.radixserve.v1.SamplingOptions.LogitBiasEntry\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x12\n\nmax_tokens\x18\x0c \x01(\r\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x1a\n\x0estop_token_ids\x18\x0e \x03(\x05\x42\x02\x10\x01\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\t\n\x01n\x18\x10 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"n\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\tinput_ids\x18\x02 \x03(\x05\x42\x02\x10\x01\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.radixserve.v1.SamplingOptions\"\xc3\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\ttoken_ids\x18\x02 \x03(\x05\x42\x02\x10\x01\x12\x14\n\x08logprobs\x18\x03 \x03(\x02\x42\x02\x10\x01\x12\x13\n\x07top_ids\x18\x04 \x03(\x05\x42\x02\x10\x01\x12\x18\n\x0ctop_logprobs\x18\x05 \x03(\x02\x42\x02\x10\x01\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\"\xcf\x01\n\x10GenerateComplete\x12\r\n\x05index\x18\x01 \x01(\r\x12+\n\x06reason\x18\x02 \x01(\x0e\x32\x1b.radixserve.v1.FinishReason\x12\x1f\n\x12matched_stop_token\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\rB\x15\n\x13_matched_stop_token\".\n\rGenerateError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xae\x01\n\x10GenerateResponse\x12-\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1c.radixserve.v1.GenerateChunkH\x00\x12\x33\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1f.radixserve.v1.GenerateCompleteH\x00\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1c.radixserve.v1.GenerateErrorH\x00\x42\x07\n\x05\x65vent\"y\n\rStreamRequest\x12\x32\n\x08generate\x18\x01 \x01(\x0b\x32\x1e.radixserve.v1.GenerateRequestH\x00\x12,\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1b.radixserve.v1.AbortRequestH\x00\x42\x06\n\x04kind\"\xbd\x01\n\x0bStreamEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.radixserve.v1.GenerateChunkH\x00\x12\x33\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1f.radixserve.v1.GenerateCompleteH\x00\x12-\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1c.radixserve.v1.GenerateErrorH\x00\x42\x07\n\x05\x65vent\"9\n\x0bStreamBatch\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.radixserve.v1.StreamEvent\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xb9\x04\n\x0fGetLoadResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_slots_total\x18\x03 \x01(\r\x12\x15\n\rkv_slots_used\x18\x04 \x01(\r\x12\x1a\n\x12kv_slots_evictable\x18\x05 \x01(\r\x12\x15\n\rkv_slots_free\x18\x06 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x07 \x01(\x02\x12\x1d\n\x15prefix_cache_hit_rate\x18\x08 \x01(\x02\x12\x1b\n\x13prompt_tokens_total\x18\t \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\n \x01(\x04\x12\x1b\n\x13\x63\x61\x63hed_tokens_total\x18\x0b \x01(\x04\x12\x1d\n\x15num_retractions_total\x18\x0c \x01(\x04\x12 \n\x18request_rejections_total\x18\r \x01(\x04\x12\x1f\n\x17requests_finished_total\x18\x0e \x01(\x04\x12\x13\n\x0bsteps_total\x18\x0f \x01(\x04\x12\x1d\n\x15\x63omputed_tokens_total\x18\x10 \x01(\x04\x12\x1e\n\x16integrity_checks_total\x18\x11 \x01(\x04\x12\x17\n\x0fnew_token_ratio\x18\x12 \x01(\x02\x12\x1c\n\x14max_running_requests\x18\x13 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x14 \x01(\r\"\x13\n\x11\x46lushCacheRequest\"*\n\x12\x46lushCacheResponse\x12\x14\n\x0ctokens_freed\x18\x01 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xa2\x03\n\x14GetModelInfoResponse\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x19\n\reos_token_ids\x18\x06 \x03(\x05\x42\x02\x10\x01\x12\x1c\n\x14max_running_requests\x18\x07 \x01(\r\x12\x14\n\x0cnum_kv_slots\x18\x08 \x01(\r\x12\x18\n\x10max_top_logprobs\x18\t \x01(\r\x12\x1b\n\x13max_queued_requests\x18\n \x01(\r\x12\x1c\n\x14\x63hunked_prefill_size\x18\x0b \x01(\r\x12\x17\n\x0fschedule_policy\x18\x0c \x01(\t\x12\x1b\n\x13radix_cache_enabled\x18\r \x01(\x08\x12 \n\x18overlap_schedule_enabled\x18\x0e \x01(\x08\x12\r\n\x05\x64type\x18\x0f \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x10 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xdc\x03\n\tScheduler\x12M\n\x08Generate\x12\x1e.radixserve.v1.GenerateRequest\x1a\x1f.radixserve.v1.GenerateResponse0\x01\x12\x46\n\x06Stream\x12\x1c.radixserve.v1.StreamRequest\x1a\x1a.radixserve.v1.StreamBatch(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.radixserve.v1.AbortRequest\x1a\x1c.radixserve.v1.AbortResponse\x12H\n\x07GetLoad\x12\x1d.radixserve.v1.GetLoadRequest\x1a\x1e.radixserve.v1.GetLoadResponse\x12Q\n\nFlushCache\x12 .radixserve.v1.FlushCacheRequest\x1a!.radixserve.v1.FlushCacheResponse\x12W\n\x0cGetModelInfo\x12\".radixserve.v1.GetModelInfoRequest\x1a#.radixserve.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dradixserve/v1/scheduler.proto\x12\rradixserve.v1\x1a\x1bradixserve/v1/grammar.proto\"\xe9\x03\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x41\n\nlogit_bias\x18\t \x03(\x0b\x32-.radixserve.v1.SamplingOptions.LogitBiasEntry\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x12\n\nmax_tokens\x18\x0c \x01(\r\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x1a\n\x0estop_token_ids\x18\x0e \x03(\x05\x42\x02\x10\x01\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\t\n\x01n\x18\x10 \x01(\r\x12\'\n\x07grammar\x18\x11 \x01(\x0b\x32\x16.radixserve.v1.Grammar\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"n\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\tinput_ids\x18\x02 \x03(\x05\x42\x02\x10\x01\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.radixserve.v1.SamplingOptions\"\xc3\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\ttoken_ids\x18\x02 \x03(\x05\x42\x02\x10\x01\x12\x14\n\x08logprobs\x18\x03 \x03(\x02\x42\x02\x10\x01\x12\x13\n\x07top_ids\x18\x04 \x03(\x05\x42\x02\x10\x01\x12\x18\n\x0ctop_logprobs\x18\x05 \x03(\x02\x42\x02\x10\x01\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\"\xcf\x01\n\x10GenerateComplete\x12\r\n\x05index\x18\x01 \x01(\r\x12+\n\x06reason\x18\x02 \x01(\x0e\x32\x1b.radixserve.v1.FinishReason\x12\x1f\n\x12matched_stop_token\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\rB\x15\n\x13_matched_stop_token\".\n\rGenerateError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xae\x01\n\x10GenerateResponse\x12-\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1c.radixserve.v1.GenerateChunkH\x00\x12\x33\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1f.radixserve.v1.GenerateCompleteH\x00\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1c.radixserve.v1.GenerateErrorH\x00\x42\x07\n\x05\x65vent\"y\n\rStreamRequest\x12\x32\n\x08generate\x18\x01 \x01(\x0b\x32\x1e.radixserve.v1.GenerateRequestH\x00\x12,\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1b.radixserve.v1.AbortRequestH\x00\x42\x06\n\x04kind\"\xbd\x01\n\x0bStreamEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.radixserve.v1.GenerateChunkH\x00\x12\x33\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1f.radixserve.v1.GenerateCompleteH\x00\x12-\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1c.radixserve.v1.GenerateErrorH\x00\x42\x07\n\x05\x65vent\"9\n\x0bStreamBatch\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.radixserve.v1.StreamEvent\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xb9\x04\n\x0fGetLoadResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_slots_total\x18\x03 \x01(\r\x12\x15\n\rkv_slots_used\x18\x04 \x01(\r\x12\x1a\n\x12kv_slots_evictable\x18\x05 \x01(\r\x12\x15\n\rkv_slots_free\x18\x06 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x07 \x01(\x02\x12\x1d\n\x15prefix_cache_hit_rate\x18\x08 \x01(\x02\x12\x1b\n\x13prompt_tokens_total\x18\t \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\n \x01(\x04\x12\x1b\n\x13\x63\x61\x63hed_tokens_total\x18\x0b \x01(\x04\x12\x1d\n\x15num_retractions_total\x18\x0c \x01(\x04\x12 \n\x18request_rejections_total\x18\r \x01(\x04\x12\x1f\n\x17requests_finished_total\x18\x0e \x01(\x04\x12\x13\n\x0bsteps_total\x18\x0f \x01(\x04\x12\x1d\n\x15\x63omputed_tokens_total\x18\x10 \x01(\x04\x12\x1e\n\x16integrity_checks_total\x18\x11 \x01(\x04\x12\x17\n\x0fnew_token_ratio\x18\x12 \x01(\x02\x12\x1c\n\x14max_running_requests\x18\x13 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x14 \x01(\r\"\x13\n\x11\x46lushCacheRequest\"*\n\x12\x46lushCacheResponse\x12\x14\n\x0ctokens_freed\x18\x01 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xa2\x03\n\x14GetModelInfoResponse\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x19\n\reos_token_ids\x18\x06 \x03(\x05\x42\x02\x10\x01\x12\x1c\n\x14max_running_requests\x18\x07 \x01(\r\x12\x14\n\x0cnum_kv_slots\x18\x08 \x01(\r\x12\x18\n\x10max_top_logprobs\x18\t \x01(\r\x12\x1b\n\x13max_queued_requests\x18\n \x01(\r\x12\x1c\n\x14\x63hunked_prefill_size\x18\x0b \x01(\r\x12\x17\n\x0fschedule_policy\x18\x0c \x01(\t\x12\x1b\n\x13radix_cache_enabled\x18\r \x01(\x08\x12 \n\x18overlap_schedule_enabled\x18\x0e \x01(\x08\x12\r\n\x05\x64type\x18\x0f \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x10 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xdc\x03\n\tScheduler\x12M\n\x08Generate\x12\x1e.radixserve.v1.GenerateRequest\x1a\x1f.radixserve.v1.GenerateResponse0\x01\x12\x46\n\x06Stream\x12\x1c.radixserve.v1.StreamRequest\x1a\x1a.radixserve.v1.StreamBatch(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.radixserve.v1.AbortRequest\x1a\x1c.radixserve.v1.AbortResponse\x12H\n\x07GetLoad\x12\x1d.radixserve.v1.GetLoadRequest\x1a\x1e.radixserve.v1.GetLoadResponse\x12Q\n\nFlushCache\x12 .radixserve.v1.FlushCacheRequest\x1a!.radixserve.v1.FlushCacheResponse\x12W\n\x0cGetModelInfo\x12\".radixserve.v1.GetModelInfoRequest\x1a#.radixserve.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,44 +48,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATECHUNK'].fields_by_name['top_logprobs']._serialized_options = b'\020\001'
   _globals['_GETMODELINFORESPONSE'].fields_by_name['eos_token_ids']._loaded_options = None
   _globals['_GETMODELINFORESPONSE'].fields_by_name['eos_token_ids']._serialized_options = b'\020\001'
-  _globals['_FINISHREASON']._serialized_start=2785
-  _globals['_FINISHREASON']._serialized_end=2905
-  _globals['_SAMPLINGOPTIONS']._serialized_start=49
-  _globals['_SAMPLINGOPTIONS']._serialized_end=497
-  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_start=440
-  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_end=488
-  _globals['_GENERATEREQUEST']._serialized_start=499
-  _globals['_GENERATEREQUEST']._serialized_end=609
-  _globals['_GENERATECHUNK']._serialized_start=612
-  _globals['_GENERATECHUNK']._serialized_end=807
-  _globals['_GENERATECOMPLETE']._serialized_start=810
-  _globals['_GENERATECOMPLETE']._serialized_end=1017
-  _globals['_GENERATEERROR']._serialized_start=1019
-  _globals['_GENERATEERROR']._serialized_end=1065
-  _globals['_GENERATERESPONSE']._serialized_start=1068
-  _globals['_GENERATERESPONSE']._serialized_end=1242
-  _globals['_STREAMREQUEST']._serialized_start=1244
-  _globals['_STREAMREQUEST']._serialized_end=1365
-  _globals['_STREAMEVENT']._serialized_start=1368
-  _globals['_STREAMEVENT']._serialized_end=1557
-  _globals['_STREAMBATCH']._serialized_start=1559
-  _globals['_STREAMBATCH']._serialized_end=1616
-  _globals['_ABORTREQUEST']._serialized_start=1618
-  _globals['_ABORTREQUEST']._serialized_end=1652
-  _globals['_ABORTRESPONSE']._serialized_start=1654
-  _globals['_ABORTRESPONSE']._serialized_end=1684
-  _globals['_GETLOADREQUEST']._serialized_start=1686
-  _globals['_GETLOADREQUEST']._serialized_end=1702
-  _globals['_GETLOADRESPONSE']._serialized_start=1705
-  _globals['_GETLOADRESPONSE']._serialized_end=2274
-  _globals['_FLUSHCACHEREQUEST']._serialized_start=2276
-  _globals['_FLUSHCACHEREQUEST']._serialized_end=2295
-  _globals['_FLUSHCACHERESPONSE']._serialized_start=2297
-  _globals['_FLUSHCACHERESPONSE']._serialized_end=2339
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2341
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2362
-  _globals['_GETMODELINFORESPONSE']._serialized_start=2365
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2783
-  _globals['_SCHEDULER']._serialized_start=2908
-  _globals['_SCHEDULER']._serialized_end=3384
+  _globals['_FINISHREASON']._serialized_start=2855
+  _globals['_FINISHREASON']._serialized_end=2975
+  _globals['_SAMPLINGOPTIONS']._serialized_start=78
+  _globals['_SAMPLINGOPTIONS']._serialized_end=567
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_start=510
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_end=558
+  _globals['_GENERATEREQUEST']._serialized_start=569
+  _globals['_GENERATEREQUEST']._serialized_end=679
+  _globals['_GENERATECHUNK']._serialized_start=682
+  _globals['_GENERATECHUNK']._serialized_end=877
+  _globals['_GENERATECOMPLETE']._serialized_start=880
+  _globals['_GENERATECOMPLETE']._serialized_end=1087
+  _globals['_GENERATEERROR']._serialized_start=1089
+  _globals['_GENERATEERROR']._serialized_end=1135
+  _globals['_GENERATERESPONSE']._serialized_start=1138
+  _globals['_GENERATERESPONSE']._serialized_end=1312
+  _globals['_STREAMREQUEST']._serialized_start=1314
+  _globals['_STREAMREQUEST']._serialized_end=1435
+  _globals['_STREAMEVENT']._serialized_start=1438
+  _globals['_STREAMEVENT']._serialized_end=1627
+  _globals['_STREAMBATCH']._serialized_start=1629
+  _globals['_STREAMBATCH']._serialized_end=1686
+  _globals['_ABORTREQUEST']._serialized_start=1688
+  _globals['_ABORTREQUEST']._serialized_end=1722
+  _globals['_ABORTRESPONSE']._serialized_start=1724
+  _globals['_ABORTRESPONSE']._serialized_end=1754
+  _globals['_GETLOADREQUEST']._serialized_start=1756
+  _globals['_GETLOADREQUEST']._serialized_end=1772
+  _globals['_GETLOADRESPONSE']._serialized_start=1775
+  _globals['_GETLOADRESPONSE']._serialized_end=2344
+  _globals['_FLUSHCACHEREQUEST']._serialized_start=2346
+  _globals['_FLUSHCACHEREQUEST']._serialized_end=2365
+  _globals['_FLUSHCACHERESPONSE']._serialized_start=2367
+  _globals['_FLUSHCACHERESPONSE']._serialized_end=2409
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2411
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2432
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2435
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2853
+  _globals['_SCHEDULER']._serialized_start=2978
+  _globals['_SCHEDULER']._serialized_end=3454
 # @@protoc_insertion_point(module_scope)
