@@ -28,6 +28,7 @@ from services.gateway.errors import (
     error_body,
     error_response,
 )
+from services.gateway.fields import CHAT, COMPLETIONS, GENERATE
 from services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -82,7 +83,7 @@ def _include_usage(req: SamplingFields) -> bool:
 @authenticated
 async def chat_completions(request: Request) -> Response:
     backend = _backend(request)
-    req = parse_body(ChatCompletionRequest, await request.body())
+    req = parse_body(ChatCompletionRequest, await request.body(), CHAT)
     rid = new_request_id("chatcmpl")
     inp = await backend.chat_input(req, rid)
     fmt = ChatFormat(Meta(rid, backend.model.name), req.n, req.logprobs, _include_usage(req))
@@ -92,7 +93,7 @@ async def chat_completions(request: Request) -> Response:
 @authenticated
 async def completions(request: Request) -> Response:
     backend = _backend(request)
-    req = parse_body(CompletionRequest, await request.body())
+    req = parse_body(CompletionRequest, await request.body(), COMPLETIONS)
     rid = new_request_id("cmpl")
     inputs = await backend.completion_inputs(req, rid)
     echo = await backend.prompt_texts(req) if req.echo else None
@@ -105,7 +106,7 @@ async def completions(request: Request) -> Response:
 @authenticated
 async def generate(request: Request) -> Response:
     backend = _backend(request)
-    req = parse_body(GenerateRequest, await request.body())
+    req = parse_body(GenerateRequest, await request.body(), GENERATE)
     rid = req.rid or new_request_id("gen")
     inp = await backend.native_input(req, rid)
     n = req.sampling_params.n

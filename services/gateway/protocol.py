@@ -2,8 +2,9 @@
 
 Shapes follow OpenAI's API; the SGLang / vLLM sampling extensions that clients send through
 `extra_body` (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos, …) are
-accepted at the top level. Unknown fields are ignored, as vLLM does. Checks that need the model
-(context length, vocabulary) happen later, in `sampling.py`.
+accepted at the top level. What every field does is listed in `fields.py`, which `parse_body`
+applies to the raw object: rejected fields are refused there, unknown ones logged and ignored, as
+vLLM does. Checks that need the model (context length, vocabulary) happen later, in `sampling.py`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from services.gateway.errors import InvalidRequest
+from services.gateway.fields import FieldTable
 
 M = TypeVar("M", bound=BaseModel)
 # Names pydantic puts in an error's location for the branch of a union that failed.
@@ -197,8 +199,11 @@ class GenerateRequest(BaseModel):
     rid: str | None = None
 
 
-def parse_body(model: type[M], body: bytes) -> M:
-    """Decodes and validates a JSON body; malformed or invalid input raises InvalidRequest."""
+def parse_body(model: type[M], body: bytes, fields: FieldTable | None = None) -> M:
+    """Decodes and validates a JSON body, then checks it against `fields` (the endpoint's lists).
+
+    Malformed, invalid or rejected input raises InvalidRequest.
+    """
     try:
         data = json.loads(body)
     except ValueError as exc:
@@ -206,9 +211,12 @@ def parse_body(model: type[M], body: bytes) -> M:
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:
-        return model.model_validate(data)
+        parsed = model.model_validate(data)
     except ValidationError as exc:
         raise _invalid(exc) from None
+    if fields is not None:
+        fields.check(data)
+    return parsed
 
 
 def _invalid(exc: ValidationError) -> InvalidRequest:

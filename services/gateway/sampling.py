@@ -89,10 +89,6 @@ def chat_sampling(req: ChatCompletionRequest, model: ModelInfo) -> SamplingParam
 def completion_sampling(req: CompletionRequest, model: ModelInfo) -> SamplingParams:
     if req.echo and req.logprobs is not None:
         raise InvalidRequest("'echo' together with 'logprobs' is not supported", param="echo")
-    if req.suffix:
-        raise InvalidRequest("'suffix' is not supported", param="suffix")
-    if req.best_of is not None and req.best_of != req.n:
-        raise InvalidRequest("'best_of' other than 'n' is not supported", param="best_of")
     wants = req.logprobs is not None
     return _sampling(req, model, req.max_tokens, wants, req.logprobs or 0, "logprobs")
 

@@ -167,3 +167,16 @@ def test_native_generate(stack: Stack) -> None:
         timeout=60,
     ).json()
     assert len(ids["output_ids"]) == 4 and ids["meta_info"]["prompt_tokens"] == 3
+
+
+def test_no_effect_fields_change_nothing_and_rejected_ones_are_a_400(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    plain = greedy_chat(client, stack)
+    same = greedy_chat(
+        client, stack, user="u-1", store=True, metadata={"team": "a"}, prompt_cache_key="k"
+    )
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        greedy_chat(client, stack, modalities=["text", "audio"])
+    assert err.value.param == "modalities" and err.value.status_code == 400

@@ -145,8 +145,6 @@ def test_completion_defaults_to_16_tokens_and_logprobs_int() -> None:
         (ChatCompletionRequest, chat(stop_token_ids=[1000]), "stop_token_ids"),
         (ChatCompletionRequest, chat(min_tokens=5, max_tokens=4), "min_tokens"),
         (CompletionRequest, b'{"prompt": "x", "echo": true, "logprobs": 1}', "echo"),
-        (CompletionRequest, b'{"prompt": "x", "suffix": "y"}', "suffix"),
-        (CompletionRequest, b'{"prompt": "x", "best_of": 2}', "best_of"),
     ],
 )
 def test_checks_needing_the_model(model: type, body: bytes, param: str) -> None:
