@@ -129,6 +129,17 @@ _SAMPLING: dict[str, Rule] = {
     "ignore_eos": Rule("EOS does not end a sample"),
     "skip_special_tokens": Rule("special tokens are left out of the text"),
     "include_stop_str_in_output": Rule("the matched stop string is kept in the text"),
+    # Structured outputs: at most one per request.
+    "response_format": Rule(
+        "`json_object`, `json_schema` or `structural_tag` constrains the output; `text` does not"
+    ),
+    "structured_outputs": Rule(
+        "vLLM's constraint: json, regex, choice, grammar, json_object or structural_tag"
+    ),
+    "guided_json": Rule("the output follows this JSON schema"),
+    "guided_regex": Rule("the output matches this regular expression"),
+    "guided_choice": Rule("the output is one of these strings"),
+    "guided_grammar": Rule("the output follows this EBNF grammar"),
 }
 
 _USER = {"user": Rule("end-user id for abuse monitoring; nothing is monitored here")}
@@ -150,13 +161,6 @@ CHAT = FieldTable(
         ),
         "add_generation_prompt": Rule("the chat template's assistant header ends the prompt"),
         "continue_final_message": Rule("the last assistant message is continued, not closed"),
-        # Structured outputs.
-        "response_format": Rule("`json_object` or `json_schema` constrains the output"),
-        "structured_outputs": Rule("vLLM's constraint object (json, regex, choice, grammar)"),
-        "guided_json": Rule("the output follows this JSON schema"),
-        "guided_regex": Rule("the output matches this regular expression"),
-        "guided_choice": Rule("the output is one of these strings"),
-        "guided_grammar": Rule("the output follows this EBNF grammar"),
     },
     no_effect={
         **_USER,

@@ -43,11 +43,6 @@ from tests.gateway.fakes import FakeScheduler, FakeTokenizer, chunks_of, end_of
 
 MODEL = ModelInfo("m", context_length=2048, vocab_size=1000, max_top_logprobs=20, num_kv_slots=4096)
 ROOT = Path(__file__).resolve().parents[2]
-# Structured-output fields: honoured, declared in protocol.py with their implementation.
-STRUCTURED = {
-    "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-    "guided_grammar", "regex", "ebnf", "json_schema", "structural_tag",
-}  # fmt: skip
 # Honoured by its rule alone: the values it accepts all mean free text.
 RULE_ONLY = {"tool_choice"}
 
@@ -65,8 +60,8 @@ def lists_holding(table: FieldTable, name: str) -> list[str]:
 def assert_each_in_one_list(table: FieldTable, names: set[str], model: type[BaseModel]) -> None:
     misplaced = {n: lists_holding(table, n) for n in names if len(lists_holding(table, n)) != 1}
     assert not misplaced, f"{table.endpoint}: fields in no list or in several: {misplaced}"
-    # An honoured field the model drops would be silently ignored (structured outputs excepted).
-    assert set(table.honoured) - declared(model) <= STRUCTURED | RULE_ONLY, table.endpoint
+    # An honoured field the model drops would be silently ignored.
+    assert set(table.honoured) - declared(model) <= RULE_ONLY, table.endpoint
 
 
 def test_a_field_in_two_lists_or_in_none_fails() -> None:
