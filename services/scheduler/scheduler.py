@@ -78,6 +78,7 @@ class Scheduler:
         self._step_ids = itertools.count(1)
         self._compiles: set[asyncio.Task] = set()
         self._compiled: set[GrammarSpec] = set()
+        self._compiling: dict[GrammarSpec, asyncio.Future[None]] = {}
 
     def _setup(self, info: ExecutorInfo) -> None:
         """Fresh managers sized from the executor's Info (at start and after reconnecting)."""
@@ -149,7 +150,7 @@ class Scheduler:
     async def _compile(self, grammar: GrammarSpec, reqs: list[Req]) -> None:
         """Has the executor compile `grammar`, then makes `reqs` admissible, or fails them."""
         try:
-            await self.link.compile_grammar(grammar.to_pb())
+            await asyncio.shield(self._compiling_of(grammar))
         except InvalidRequest as exc:
             self._fail_waiting(reqs, INVALID_ARGUMENT, str(exc))
         except Exception as exc:
@@ -161,6 +162,15 @@ class Scheduler:
             for req in reqs:
                 req.grammar_ready = True
         self._wake.set()
+
+    def _compiling_of(self, grammar: GrammarSpec) -> asyncio.Future[None]:
+        """The executor's compilation of `grammar`, shared by every request that waits for it."""
+        fut = self._compiling.get(grammar)
+        if fut is None:
+            fut = asyncio.ensure_future(self.link.compile_grammar(grammar.to_pb()))
+            self._compiling[grammar] = fut
+            fut.add_done_callback(lambda _: self._compiling.pop(grammar, None))
+        return fut
 
     def _fail_waiting(self, reqs: list[Req], code: int, message: str) -> None:
         """Ends a request that never ran (its samples are all still queued) with an error."""

@@ -11,17 +11,14 @@ import re
 
 import pytest
 import torch
-import xgrammar as xgr
 
 from services.common.grammar import GrammarSpec
 from services.executor.engine import Engine
-from services.executor.grammar import GrammarRuntime
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
 from services.executor.validation import StepRejected
-from tests.executor.tiny import engine_for, hf_model
+from tests.executor.grammar_vocab import EOS, grammar_engine, text
 
-EOS = 255
 MAX_NEW = 40
 SCHEMA = {
     "type": "object",
@@ -33,21 +30,6 @@ SCHEMA = {
     "required": ["ok", "n", "tag"],
 }
 REGEX = r"(yes|no)-[0-9]{2,3}"
-
-
-def byte_tokenizer_info() -> xgr.TokenizerInfo:
-    vocab = [bytes([i]) for i in range(255)] + [b"</s>"]
-    return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=256, stop_token_ids=[EOS])
-
-
-def grammar_engine(max_rows: int = 16) -> Engine:
-    engine = engine_for(hf_model("llama"), max_rows=max_rows)
-    engine.grammar = GrammarRuntime(byte_tokenizer_info, 256, max_rows, torch.device("cpu"))
-    return engine
-
-
-def text(ids: list[int]) -> str:
-    return bytes(t for t in ids if t != EOS).decode()
 
 
 class Runner:

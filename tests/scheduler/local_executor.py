@@ -11,9 +11,12 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from radixserve.v1 import executor_pb2 as pb
+from radixserve.v1 import grammar_pb2 as gpb
+from services.common.grammar import GrammarError, GrammarSpec
 from services.executor.engine import Engine
 from services.executor.step import error_to_pb, output_to_pb, step_from_pb
 from services.executor.validation import StepRejected
+from services.scheduler.errors import InvalidRequest
 from services.scheduler.executor_client import ExecutorInfo
 
 EOS = 255
@@ -28,6 +31,8 @@ class LocalExecutor:
         self.steps: list[pb.Step] = []
         self.in_flight = 0
         self.max_in_flight = 0  # 2 when the scheduler overlaps, 1 when it does not
+        self.compile_gate: asyncio.Event | None = None  # when set, compiles wait for it
+        self.compiled: list[GrammarSpec] = []
 
     async def connect(self, timeout: float) -> ExecutorInfo:
         self.engine.reset()
@@ -63,6 +68,19 @@ class LocalExecutor:
             return output_to_pb(self.engine.run_step(step_from_pb(msg)))
         except StepRejected as exc:
             return error_to_pb(msg.step_id, 3, str(exc))
+
+    async def compile_grammar(self, grammar: gpb.Grammar) -> None:
+        spec = GrammarSpec.from_pb(grammar)
+        assert spec is not None and self.engine.grammar is not None
+        if self.compile_gate is not None:
+            await self.compile_gate.wait()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.engine.grammar.compile, spec
+            )
+        except GrammarError as exc:
+            raise InvalidRequest(f"invalid grammar: {exc}") from None
+        self.compiled.append(spec)
 
     async def close(self) -> None:
         self.worker.shutdown(wait=False)
