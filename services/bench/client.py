@@ -117,6 +117,8 @@ class BenchClient:
             body["prompt"] = request.prompt()
         if self.config.ignore_eos:
             body["ignore_eos"] = True
+        if request.response_format:
+            body["response_format"] = json.loads(request.response_format)
         return body
 
     async def _stream(self, request: Request, record: RequestRecord) -> None:

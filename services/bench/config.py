@@ -14,6 +14,7 @@ DEFAULT_ENDPOINT = {
     "random": "completions",
     "generated-shared-prefix": "chat",
     "multi-turn": "chat",
+    "json-schema": "chat",
 }
 
 
@@ -32,7 +33,7 @@ class BenchConfig:
     endpoint: str | None = option(
         None, "API to call (default: completions for random, chat otherwise)", ENDPOINTS
     )
-    num_prompts: int = option(1000, "requests of the random dataset")
+    num_prompts: int = option(1000, "requests of the random and json-schema datasets")
     random_input_len: int = option(1024, "random: most prompt tokens")
     random_output_len: int = option(1024, "random: most output tokens")
     random_range_ratio: float = option(0.0, "random: lengths drawn uniformly in [len * ratio, len]")
@@ -47,6 +48,11 @@ class BenchConfig:
     mt_turns: int = option(4, "multi-turn: user turns per conversation")
     mt_turn_input_len: int = option(128, "multi-turn: tokens of each new user message")
     mt_output_len: int = option(128, "multi-turn: output tokens per turn")
+    structured_output_ratio: float = option(
+        1.0,
+        "json-schema: share of requests sent with their schema as response_format "
+        "(the rest ask for the same JSON unconstrained; 0 gives the free baseline)",
+    )
     max_concurrency: int | None = option(None, "most requests in flight (default: unbounded)")
     request_rate: float = option(
         math.inf, "arrivals per second, a Poisson process (inf: all at once)"
@@ -88,6 +94,8 @@ class BenchConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1")
+        if not 0.0 <= self.structured_output_ratio <= 1.0:
+            raise ValueError("--structured-output-ratio must be in [0, 1]")
         if not 0.0 <= self.random_range_ratio <= 1.0:
             raise ValueError("--random-range-ratio must be in [0, 1]")
         if self.max_concurrency is not None and self.max_concurrency < 1:

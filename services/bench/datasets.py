@@ -1,4 +1,5 @@
-"""The workloads: random prompts, groups sharing a system prompt, and growing conversations.
+"""The workloads: random prompts, groups sharing a system prompt, growing conversations, and
+JSON-schema requests (structured outputs).
 
 Every prompt is text decoded from random token ids of the model's vocabulary, re-encoded and
 trimmed until it has the requested number of tokens (exactly, in practice: see `random_text`).
@@ -6,6 +7,7 @@ trimmed until it has the requested number of tokens (exactly, in practice: see `
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ class Request:
     group_id: int = 0  # generated-shared-prefix: requests of a group share their system prompt
     conversation_id: int = 0  # multi-turn: the conversation this turn belongs to
     turn: int = 0
+    response_format: str = ""  # json-schema: the `response_format` to send, as JSON ("" = none)
 
     def prompt(self) -> str:
         return "\n\n".join(m.content for m in self.messages)
@@ -161,10 +164,70 @@ def _multi_turn(config: BenchConfig, counter: TokenCounter, rng: random.Random) 
     )
 
 
+# json-schema: fields a record may have; each request's schema takes a random subset and order.
+RECORD_FIELDS: dict[str, dict] = {
+    "id": {"type": "integer", "minimum": 1, "maximum": 999999},
+    "name": {"type": "string", "minLength": 1, "maxLength": 24},
+    "email": {"type": "string", "pattern": "^[a-z]{1,12}@[a-z]{1,12}\\.com$"},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "active": {"type": "boolean"},
+    "score": {"type": "number", "minimum": 0, "maximum": 100},
+    "role": {"enum": ["admin", "editor", "viewer", "guest"]},
+    "city": {"type": "string", "maxLength": 24},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+}
+MIN_RECORDS = 64  # more than any output length reaches: every answer runs to max_tokens
+
+
+def record_schema(rng: random.Random) -> dict:
+    """A JSON schema of a list of at least MIN_RECORDS records with 3-6 of RECORD_FIELDS."""
+    names = rng.sample(list(RECORD_FIELDS), rng.randint(3, 6))
+    record = {
+        "type": "object",
+        "properties": {n: RECORD_FIELDS[n] for n in names},
+        "required": names,
+    }
+    return {
+        "type": "object",
+        "properties": {"records": {"type": "array", "items": record, "minItems": MIN_RECORDS}},
+        "required": ["records"],
+    }
+
+
+def json_schema_requests(
+    rng: random.Random, num_prompts: int, output_len: int, structured_ratio: float
+) -> Iterator[Request]:
+    """Requests asking for records following a schema of their own; a share `structured_ratio`
+    of them (drawn at random) sends it as `response_format`, the rest ask for the same text free.
+    The schemas ask for more records than `output_len` tokens hold, so constrained answers run
+    to max_tokens like free ones with ignore_eos: the two kinds are timed on the same lengths."""
+    constrained = set(rng.sample(range(num_prompts), round(num_prompts * structured_ratio)))
+    for i in range(num_prompts):
+        schema = record_schema(rng)
+        prompt = (
+            "Generate example records as JSON, following this JSON schema exactly:\n"
+            + json.dumps(schema)
+        )
+        fmt = ""
+        if i in constrained:
+            spec = {"name": f"records_{i}", "schema": schema, "strict": True}
+            fmt = json.dumps({"type": "json_schema", "json_schema": spec})
+        yield Request((Message("user", prompt),), output_len, response_format=fmt)
+
+
+def _json_schema(config: BenchConfig, counter: TokenCounter, rng: random.Random) -> Workload:
+    return list(
+        json_schema_requests(
+            rng, config.num_prompts, config.random_output_len, config.structured_output_ratio
+        )
+    )
+
+
 DATASETS: dict[str, Callable[[BenchConfig, TokenCounter, random.Random], Workload]] = {
     "random": _random,
     "generated-shared-prefix": _shared_prefix,
     "multi-turn": _multi_turn,
+    "json-schema": _json_schema,
 }
 
 

@@ -104,3 +104,30 @@ def test_workloads_are_seeded(counter: TokenCounter) -> None:
     assert num_requests(first) == 6
     other = build_workload(BenchConfig(**{**config.__dict__, "seed": 2}), counter)
     assert other != first
+
+
+def test_json_schema_requests_split_by_ratio_and_carry_valid_schemas() -> None:
+    import json
+
+    import jsonschema
+
+    from services.bench.client import BenchClient, ClientConfig
+    from services.bench.datasets import MIN_RECORDS, json_schema_requests
+
+    requests = list(json_schema_requests(random.Random(5), 40, 64, 0.25))
+    constrained = [r for r in requests if r.response_format]
+    assert len(requests) == 40 and len(constrained) == 10
+    schemas = set()
+    for r in requests:
+        assert r.output_len == 64 and r.prompt().startswith("Generate example records")
+        schema = json.loads(r.prompt().split("\n", 1)[1])
+        jsonschema.Draft202012Validator.check_schema(schema)
+        assert schema["properties"]["records"]["minItems"] == MIN_RECORDS
+        schemas.add(json.dumps(schema))
+        if r.response_format:
+            fmt = json.loads(r.response_format)
+            assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == schema
+            client = BenchClient(ClientConfig("http://x", "m", "chat"), None, None)  # type: ignore[arg-type]
+            assert client.body(r)["response_format"] == fmt
+    assert len(schemas) > 20  # schemas vary, so the grammar cache is exercised too
+    assert not any(r.response_format for r in json_schema_requests(random.Random(5), 8, 8, 0.0))
