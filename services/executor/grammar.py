@@ -3,7 +3,8 @@
 Each constrained row holds an xgrammar `GrammarMatcher` over its grammar. Before a step samples,
 the matchers of its constrained rows fill one batched token bitmask (xgrammar's packed int32
 format, one bit per vocabulary id) and xgrammar's `apply_token_bitmask_inplace` sets the logits of
-disallowed tokens to -inf; the model's stop tokens are allowed only where the grammar accepts the
+disallowed tokens to -inf (on the CPU, `kernels/cpu/token_mask.cpp` does the same, faster); the
+model's stop tokens are allowed only where the grammar accepts the
 text so far. After sampling, each matcher accepts its row's token; a row whose grammar is then
 complete (it accepted a stop token) or rejects the token has ended.
 
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from kernels.cpu.token_mask import apply_token_bitmask_
 from services.common.grammar import GrammarError, GrammarSpec, compile_grammar
 
 log = logging.getLogger("radixserve.executor")
@@ -129,8 +131,6 @@ class GrammarRuntime:
     def mask(self, logits: torch.Tensor, rows: list[int], matchers: list[Any]) -> None:
         """Sets to -inf the logits ([S, V] float32, in place) of the tokens each matcher does not
         allow next, for logits rows `rows`; matchers already terminated are skipped."""
-        import xgrammar as xgr
-
         live = [(r, m) for r, m in zip(rows, matchers, strict=True) if not m.is_terminated()]
         if not live:
             return
@@ -140,10 +140,7 @@ class GrammarRuntime:
             live[0][1].fill_next_token_bitmask(bitmask, idx[0])
         else:
             self._batch_matcher().batch_fill_next_token_bitmask([m for _, m in live], bitmask, idx)
-        bits = bitmask[: logits.shape[0]]
-        if logits.device.type != "cpu":
-            bits = bits.to(logits.device, non_blocking=True)
-        xgr.apply_token_bitmask_inplace(logits, bits, vocab_size=self.vocab_size, indices=idx)
+        apply_token_bitmask_(logits, bitmask, idx, self.vocab_size)
 
     @staticmethod
     def advance(matchers: list[Any], token_ids: list[int]) -> list[bool]:
