@@ -62,6 +62,8 @@ class RowState:
     output_ids: list[int] = field(default_factory=list)
     has_sampled: bool = False
     matcher: Any = None  # xgrammar GrammarMatcher of a constrained row
+    jump_forward: bool = False  # emit the grammar's forced tokens after each sampled one
+    awaiting_forced: bool = False  # forced tokens emitted, not yet given back as input ids
 
 
 @dataclass
@@ -238,6 +240,7 @@ class Engine:
         for req, matcher in zip(step.add, matchers, strict=True):
             state = RowState(req.request_id, req.sampling, req.prompt_ids, list(req.output_ids))
             state.matcher = matcher
+            state.jump_forward = req.jump_forward and matcher is not None
             self.rows[req.row] = state
             self.sampler.add_row(req.row, req.sampling, req.prompt_ids, state.output_ids)
         if prepared.writes is not None:
@@ -281,6 +284,28 @@ class Engine:
         sampled = [step.slices[i] for i in prepared.order if step.slices[i].sample]
         if not sampled:
             return [], []
+        tokens: dict[int, SampledToken] = {}
+        live = []  # indices into `sampled` that really sample
+        for i, s in enumerate(sampled):
+            st = self.rows[s.row]
+            if st.awaiting_forced and s.use_last_sampled:
+                # Computes the token before the forced ones; what follows it is known already.
+                tokens[s.row] = SampledToken(s.row, st.output_ids[-1])
+            else:
+                st.awaiting_forced = False
+                live.append(i)
+        if len(live) < len(sampled):
+            logits = logits[live]
+            sampled = [sampled[i] for i in live]
+        ended_rows = self._sample(logits, sampled, tokens) if sampled else set()
+        out = [tokens[s.row] for s in step.slices if s.sample]
+        return out, [i for i, t in enumerate(out) if t.row in ended_rows]
+
+    def _sample(
+        self, logits: torch.Tensor, sampled: list[Slice], tokens: dict[int, SampledToken]
+    ) -> set[int]:
+        """Samples one token per slice (logits [len(sampled), V]) into `tokens` by row, under
+        each constrained row's grammar; returns the rows whose grammar ended."""
         states = [self.rows[s.row] for s in sampled]
         constrained = [i for i, st in enumerate(states) if st.matcher is not None]
         matchers = [states[i].matcher for i in constrained]
@@ -302,12 +327,16 @@ class Engine:
         if constrained:
             ended = GrammarRuntime.advance(matchers, [token_ids[i] for i in constrained])
             ended_rows = {sampled[i].row for i, e in zip(constrained, ended, strict=True) if e}
-        tokens = {}
         for i, (s, st) in enumerate(zip(sampled, states, strict=True)):
             st.output_ids.append(token_ids[i])
             st.has_sampled = True
-            tokens[s.row] = SampledToken(
+            token = SampledToken(
                 s.row, token_ids[i], logprobs[i], result.top_ids[i], result.top_logprobs[i]
             )
-        out = [tokens[s.row] for s in step.slices if s.sample]
-        return out, [i for i, t in enumerate(out) if t.row in ended_rows]
+            if st.jump_forward and s.row not in ended_rows:
+                token.forced = GrammarRuntime.jump_forward(st.matcher)
+                if token.forced:
+                    st.output_ids.extend(token.forced)
+                    st.awaiting_forced = True
+            tokens[s.row] = token
+        return ended_rows

@@ -8,6 +8,10 @@ model's stop tokens are allowed only where the grammar accepts the
 text so far. After sampling, each matcher accepts its row's token; a row whose grammar is then
 complete (it accepted a stop token) or rejects the token has ended.
 
+Jump-forward: where the grammar allows exactly one continuation (the `"key": "` between two JSON
+values), a row that asks for it also gets those tokens after its sampled one, at no forward
+pass; the scheduler feeds them back as the input of the row's next slice.
+
 A matcher is rebuilt from a request's output ids when it joins (a retracted request coming back
 replays them), so a row's state never depends on which steps it sat out.
 
@@ -31,6 +35,7 @@ from services.common.grammar import GrammarError, GrammarSpec, compile_grammar
 
 log = logging.getLogger("radixserve.executor")
 CACHE_SIZE = 256
+MAX_JUMP_FORWARD = 32  # most forced tokens emitted after one sampled token
 
 
 def hf_tokenizer_info(model_path: Path, vocab_size: int, stop_ids: Sequence[int]) -> Any:
@@ -154,6 +159,18 @@ class GrammarRuntime:
             ok = m.accept_token(token)
             ended.append(not ok or m.is_terminated())
         return ended
+
+    @staticmethod
+    def jump_forward(matcher: Any, limit: int = MAX_JUMP_FORWARD) -> list[int]:
+        """The tokens the grammar forces next (at most `limit`), accepted into `matcher`: xgrammar
+        greedily matches the longest vocabulary tokens to the forced text, never a stop token,
+        and leaves out a last token that a longer one could extend."""
+        forced = []
+        for token in matcher.find_jump_forward_tokens()[:limit]:
+            if not matcher.accept_token(token):
+                break
+            forced.append(token)
+        return forced
 
     def _bitmask_for(self, rows: int) -> torch.Tensor:
         import xgrammar as xgr

@@ -20,6 +20,7 @@ class NewRequest:
     output_ids: list[int] = field(default_factory=list)
     grammar: GrammarSpec | None = None
     compiled: Any = None  # the grammar's xgrammar CompiledGrammar, set when the Step is prepared
+    jump_forward: bool = False  # emit the grammar's forced tokens after each sampled one
 
 
 @dataclass
@@ -67,6 +68,7 @@ class SampledToken:
     logprob: float = math.nan
     top_ids: list[int] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
+    forced: list[int] = field(default_factory=list)  # jump-forward tokens following token_id
 
 
 @dataclass
@@ -122,6 +124,7 @@ def step_from_pb(msg: pb.Step) -> StepInput:
                 list(a.prompt_ids),
                 list(a.output_ids),
                 GrammarSpec.from_pb(a.grammar) if a.HasField("grammar") else None,
+                jump_forward=a.jump_forward,
             )
             for a in msg.add
         ],
@@ -146,6 +149,7 @@ def step_to_pb(step: StepInput) -> pb.Step:
                 prompt_ids=a.prompt_ids,
                 output_ids=a.output_ids,
                 grammar=a.grammar.to_pb() if a.grammar is not None else None,
+                jump_forward=a.jump_forward,
             )
             for a in step.add
         ],
@@ -181,6 +185,10 @@ def output_to_pb(out: StepOutput) -> pb.StepResult:
         result.logprobs.append(t.logprob)
         result.top_ids.extend(t.top_ids)
         result.top_logprobs.extend(t.top_logprobs)
+    if any(t.forced for t in out.tokens):
+        for t in out.tokens:
+            result.forced_counts.append(len(t.forced))
+            result.forced_ids.extend(t.forced)
     return result
 
 

@@ -38,6 +38,9 @@ class SchedulerConfig:
     disable_overlap_schedule: bool = option(
         False, "wait for each step's result before sending the next"
     )
+    disable_jump_forward: bool = option(
+        False, "with a grammar, decode every token, also those the grammar forces"
+    )
     debug_checks: bool = option(
         False, "check cache and allocator integrity after every step (slow; for tests)"
     )

@@ -5,6 +5,10 @@ cannot cover that, requests are retracted (fewest generated tokens first, longes
 ties) until they can: a victim's computed tokens go into the cache as evictable entries, it returns
 to the front of the queue, and it resumes later, usually from the cache.
 
+Jump-forward: a request whose grammar forced tokens after its last one (`Req.explicit_next`)
+computes them in one slice with explicit input ids (plus the sampled token before them when no
+step computes it yet), sampling after the last, instead of one decode step per token.
+
 With min_tokens, the executor first samples with the stop tokens banned; when the next token may
 stop, the row is re-added with the ban lifted (the table is rewritten with the same slots, so
 nothing is recomputed). That step needs the last token explicitly, so under overlap the request
@@ -35,12 +39,36 @@ class DecodeManager:
         ready = self._make_room(ready, running)
         decoded = 0
         for req in ready:
+            if req.explicit_next:
+                if not self._extend(step, req):
+                    break
+                decoded += 1
+                continue
             slots = self.cache.allocate(1)
             if slots is None:
                 break  # requests finishing this step still hold slots; the rest wait a step
             self._decode(step, req, slots[0])
             decoded += 1
         return decoded
+
+    def _extend(self, step: Step, req: Req) -> bool:
+        """After jump-forward: computes every token not computed yet (the forced ones, and the
+        sampled one before them if no step computes it yet) with explicit ids, sampling after
+        the last. False when the slots are not free yet."""
+        assert req.row is not None
+        start = req.num_computed
+        ids = req.fill_ids[start:]
+        assert ids, "jump-forward without tokens to compute"
+        slots = self.cache.allocate(len(ids))
+        if slots is None:
+            return False
+        req.kv += slots
+        req.num_computed += len(ids)
+        req.num_scheduled_outputs += 1
+        req.explicit_next = False
+        step.writes.append((req.row, start, slots))
+        step.compute(req, start, ids, sample=True)
+        return True
 
     def _awaits_last_token(self, req: Req) -> bool:
         return req.needs_unban() and len(req.output) < req.num_scheduled_outputs

@@ -146,6 +146,7 @@ class Req:
     arrival: int  # FCFS order
     grammar: GrammarSpec | None = None
     grammar_ready: bool = True  # False while the executor compiles the grammar (not admissible)
+    jump_forward: bool = False  # the executor may emit the grammar's forced tokens (see decode.py)
     output: list[int] = field(default_factory=list)  # tokens seen (results processed)
     # ---- while holding a row ----
     row: int | None = None
@@ -157,6 +158,7 @@ class Req:
     num_scheduled_outputs: int = 0  # tokens sampled once every sent step returns
     banned: bool = False  # stop tokens banned in the executor's params (min_tokens not reached)
     pending_write: tuple[int, list[int]] | None = None  # (start, slots) to rewrite in the table
+    explicit_next: bool = False  # forced tokens arrived: the next slice sends them as input ids
     # ---- lifecycle ----
     epoch: int = 0  # bumped at every release; results from an older epoch are dropped
     retracted: bool = False
@@ -206,6 +208,20 @@ class Req:
     def needs_unban(self) -> bool:
         """The next token may be a stop token, but the executor still bans them."""
         return self.banned and self.num_scheduled_outputs >= self.stop.min_tokens
+
+    def wants_jump_forward(self) -> bool:
+        """Jump-forward applies: a grammar, and nothing a forced token would need (logprobs, a
+        penalty counting it, stop tokens still banned)."""
+        s = self.sampling
+        return (
+            self.jump_forward
+            and self.grammar is not None
+            and not self.banned
+            and not (s.logprobs or s.top_logprobs)
+            and s.presence_penalty == 0.0
+            and s.frequency_penalty == 0.0
+            and s.repetition_penalty == 1.0
+        )
 
     def ban_ids(self) -> frozenset[int]:
         """Ids banned while min_tokens is not reached (empty when not banned)."""

@@ -124,6 +124,8 @@ class Scheduler:
         stream = OutputStream(params.n, len(params.input_ids), params.sampling.logprobs, on_event)
         eos = self.limits.eos_token_ids
         reqs = [Req.create(params, i, stream, eos, next(self._arrivals)) for i in range(params.n)]
+        for req in reqs:
+            req.jump_forward = not self.cfg.disable_jump_forward
         self.groups[params.request_id] = reqs
         self.waiting.extend(reqs)
         if params.grammar is not None and params.grammar not in self._compiled:
@@ -304,6 +306,8 @@ class Scheduler:
         for i, ((req, epoch), token) in enumerate(zip(step.samplers, result.tokens, strict=True)):
             if req.epoch == epoch and req.finished is None:
                 self._on_token(req, token, i in result.grammar_ended)
+                if result.forced[i] and req.finished is None:
+                    self._on_forced(req, result.forced[i])
         if self.cfg.debug_checks:
             self.check_integrity()
 
@@ -318,6 +322,22 @@ class Scheduler:
         if n >= req.stop.max_tokens:
             self._finish(req, FinishReason.LENGTH)
 
+    def _on_forced(self, req: Req, forced: list[int]) -> None:
+        """Jump-forward tokens the grammar forced after req's last token: output without a forward
+        of their own. A slice of req already in flight computes the token before them and samples
+        a placeholder; the epoch moves on so it is dropped, and the next slice carries them."""
+        for token_id in forced:
+            req.output.append(token_id)
+            self.counters.generation_tokens += 1
+            n = len(req.output)
+            req.stream.push(req.index, Token(token_id), n, req.cached_tokens or 0)
+            if n >= req.stop.max_tokens:
+                self._finish(req, FinishReason.LENGTH)
+                return
+        req.epoch += 1
+        req.num_scheduled_outputs = len(req.output)
+        req.explicit_next = True
+
     # ---- state transitions ----------------------------------------------------------------------
 
     def _release(self, req: Req) -> None:
@@ -330,6 +350,7 @@ class Scheduler:
         if self.prefill.chunked is req:
             self.prefill.chunked = None
         req.row, req.pending_write, req.prefill_len, req.banned = None, None, 0, False
+        req.explicit_next = False
         req.num_scheduled_outputs = len(req.output)
         req.epoch += 1
 

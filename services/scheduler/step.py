@@ -100,6 +100,7 @@ def _add_to_pb(req: Req) -> pb.AddRequest:
         prompt_ids=prompt,
         output_ids=req.output,
         grammar=grammar,
+        jump_forward=req.wants_jump_forward(),
     )
 
 
@@ -108,6 +109,7 @@ class StepResult:
     step_id: int
     tokens: list[Token]  # one per Step.samplers entry, in order
     grammar_ended: frozenset[int] = frozenset()  # indices into tokens: the grammar is complete
+    forced: list[list[int]] = field(default_factory=list)  # per token: jump-forward tokens after it
     num_tokens: int = 0
     forward_ns: int = 0
     error: tuple[int, str] | None = None  # (google.rpc code, message): the step was not applied
@@ -131,6 +133,11 @@ def result_from_pb(msg: pb.StepResult, top_counts: list[int]) -> StepResult:
             )
         )
         offset += k
+    forced: list[list[int]] = [[] for _ in tokens]
+    offset = 0
+    for i, count in enumerate(msg.forced_counts):
+        forced[i] = list(msg.forced_ids[offset : offset + count])
+        offset += count
     return StepResult(
-        msg.step_id, tokens, frozenset(msg.grammar_ended), msg.num_tokens, msg.forward_ns
+        msg.step_id, tokens, frozenset(msg.grammar_ended), forced, msg.num_tokens, msg.forward_ns
     )

@@ -18,9 +18,9 @@ def byte_tokenizer_info() -> xgr.TokenizerInfo:
     return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=256, stop_token_ids=[EOS])
 
 
-def grammar_engine(max_rows: int = 16) -> Engine:
+def grammar_engine(max_rows: int = 16, num_slots: int = 4096) -> Engine:
     """A tiny random Llama (vocabulary 256) whose grammars use the byte vocabulary."""
-    engine = engine_for(hf_model("llama"), max_rows=max_rows)
+    engine = engine_for(hf_model("llama"), num_slots=num_slots, max_rows=max_rows)
     engine.grammar = GrammarRuntime(byte_tokenizer_info, 256, max_rows, torch.device("cpu"))
     return engine
 

@@ -113,20 +113,22 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class AddRequest(_message.Message):
-    __slots__ = ("row", "request_id", "sampling", "prompt_ids", "output_ids", "grammar")
+    __slots__ = ("row", "request_id", "sampling", "prompt_ids", "output_ids", "grammar", "jump_forward")
     ROW_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    JUMP_FORWARD_FIELD_NUMBER: _ClassVar[int]
     row: int
     request_id: str
     sampling: SamplingParams
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     output_ids: _containers.RepeatedScalarFieldContainer[int]
     grammar: _grammar_pb2.Grammar
-    def __init__(self, row: _Optional[int] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., grammar: _Optional[_Union[_grammar_pb2.Grammar, _Mapping]] = ...) -> None: ...
+    jump_forward: bool
+    def __init__(self, row: _Optional[int] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., grammar: _Optional[_Union[_grammar_pb2.Grammar, _Mapping]] = ..., jump_forward: _Optional[bool] = ...) -> None: ...
 
 class SlotWrite(_message.Message):
     __slots__ = ("row", "start", "kv_indices")
@@ -185,7 +187,7 @@ class StepError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "error", "rows", "token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens", "forward_ns", "grammar_ended")
+    __slots__ = ("step_id", "error", "rows", "token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens", "forward_ns", "grammar_ended", "forced_counts", "forced_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +198,8 @@ class StepResult(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_ENDED_FIELD_NUMBER: _ClassVar[int]
+    FORCED_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    FORCED_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     error: StepError
     rows: _containers.RepeatedScalarFieldContainer[int]
@@ -206,4 +210,6 @@ class StepResult(_message.Message):
     num_tokens: int
     forward_ns: int
     grammar_ended: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., forward_ns: _Optional[int] = ..., grammar_ended: _Optional[_Iterable[int]] = ...) -> None: ...
+    forced_counts: _containers.RepeatedScalarFieldContainer[int]
+    forced_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., forward_ns: _Optional[int] = ..., grammar_ended: _Optional[_Iterable[int]] = ..., forced_counts: _Optional[_Iterable[int]] = ..., forced_ids: _Optional[_Iterable[int]] = ...) -> None: ...
