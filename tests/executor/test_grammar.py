@@ -189,3 +189,21 @@ def test_logprobs_are_over_the_allowed_tokens() -> None:
     ]
     assert set(allowed) == {ord("a"), ord("b")}
     assert sum(torch.tensor(token.top_logprobs[:2]).exp().tolist()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_structural_tag_constrains_the_tagged_content() -> None:
+    """xgrammar's structural tag, as `response_format: {"type": "structural_tag", ...}` sends it."""
+    tag = {
+        "type": "structural_tag",
+        "format": {
+            "type": "tag",
+            "begin": "<answer>",
+            "content": {"type": "regex", "pattern": REGEX},
+            "end": "</answer>",
+        },
+    }
+    greedy = SamplingParams(temperature=0.0)
+    out = Runner(grammar_engine()).run(
+        {0: (PROMPTS[0], greedy, GrammarSpec("structural_tag", json.dumps(tag)))}
+    )[0]
+    assert re.fullmatch(f"<answer>{REGEX}</answer>", text(out)), text(out)
