@@ -85,8 +85,9 @@ async def chat_completions(request: Request) -> Response:
     backend = _backend(request)
     req = parse_body(ChatCompletionRequest, await request.body(), CHAT)
     rid = new_request_id("chatcmpl")
-    inp = await backend.chat_input(req, rid)
+    inp, plan = await backend.chat_input(req, rid)
     fmt = ChatFormat(Meta(rid, backend.model.name), req.n, req.logprobs, _include_usage(req))
+    fmt.answers(plan, backend.cfg.reasoning_parser)
     return await respond(request, Run([backend.generation(inp)], req.n), fmt, req.stream)
 
 

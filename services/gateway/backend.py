@@ -12,7 +12,9 @@ import contextlib
 import logging
 import time
 import uuid
+from dataclasses import replace
 
+from services.gateway.chat_tools import ToolPlan, plan_tools
 from services.gateway.clients import SchedulerClient, TokenizerClient
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import GatewayError, InvalidRequest, ModelNotFound, Unavailable
@@ -30,6 +32,7 @@ from services.gateway.sampling import (
     fit_context,
     native_sampling,
 )
+from services.gateway.tools.parsers import default_tool_parser
 
 log = logging.getLogger("radixserve.gateway")
 STARTUP_RETRY_S = 0.5
@@ -108,15 +111,20 @@ class Backend:
         metrics = metrics or self.metrics.request()
         return Generation(inp, scheduler, self.tokenizer, metrics, self.cfg.request_timeout_s)
 
-    async def chat_input(self, req: ChatCompletionRequest, request_id: str) -> GenerationInput:
+    async def chat_input(
+        self, req: ChatCompletionRequest, request_id: str
+    ) -> tuple[GenerationInput, ToolPlan | None]:
+        """The generation of a chat request, and how its tools are used (None: no tools)."""
         model = self.check_model(req.model)
-        sampling = chat_sampling(req, model)
+        sampling, plan = chat_tools_sampling(req, model, self.cfg.tool_call_parser)
         ids = await self.tokenizer.apply_chat_template(req)
         sampling = fit_context(sampling, len(ids), model, "messages")
         text = TextOptions(
             req.stop_strings(), req.include_stop_str_in_output, req.skip_special_tokens
         )
-        return GenerationInput(request_id, ids, sampling, text)
+        return GenerationInput(request_id, ids, sampling, text), plan
+
+
 
     async def completion_inputs(
         self, req: CompletionRequest, request_id: str
@@ -202,6 +210,27 @@ class Backend:
         self._startup_reason = "warming up"
         await self.health_generate()
         self._warmed_up = True
+
+
+def chat_tools_sampling(
+    req: ChatCompletionRequest, model: ModelInfo, tool_call_parser: str | None
+) -> tuple[SamplingParams, ToolPlan | None]:
+    """A chat request's sampling with its tools' constraint, and how its tools are used.
+    `tool_call_parser` None picks the format from the model family."""
+    sampling = chat_sampling(req, model)
+    functions = [t["function"] for t in req.tool_dicts()]
+    choice, param = req.effective_tool_choice()
+    parser = tool_call_parser or default_tool_parser(model.architecture, model.name)
+    plan = plan_tools(functions, choice, req.parallel_tool_calls, parser, param)
+    grammar = plan.grammar() if plan is not None else None
+    if grammar is None:
+        return sampling, plan
+    if sampling.grammar is not None:
+        raise InvalidRequest(
+            f"'{sampling.grammar_param}' cannot be combined with {param} {choice!r}",
+            param=sampling.grammar_param,
+        )
+    return replace(sampling, grammar=grammar, grammar_param="tools"), plan
 
 
 def new_request_id(prefix: str) -> str:

@@ -29,6 +29,14 @@ class GatewayConfig:
     shutdown_grace_s: float = option(
         30.0, "on SIGTERM: seconds in-flight requests get to finish before they are aborted"
     )
+    tool_call_parser: str | None = option(
+        None,
+        "format of tool calls in answers: hermes, llama3_json, mistral, pythonic "
+        "(default: from the model family; hermes for SmolLM2, Qwen and Hermes)",
+    )
+    reasoning_parser: str | None = option(
+        None, "split answers' think sections into reasoning_content: deepseek-r1, qwen3"
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -42,3 +50,6 @@ class GatewayConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
         if self.retry_after_s < 0 or self.shutdown_grace_s < 0:
             raise ValueError("--retry-after-s and --shutdown-grace-s must be >= 0")
+        from services.gateway.chat_tools import check_parsers
+
+        check_parsers(self.tool_call_parser, self.reasoning_parser)

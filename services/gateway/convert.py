@@ -111,6 +111,7 @@ def model_info_from_pb(msg: spb.GetModelInfoResponse, served_name: str | None) -
         vocab_size=msg.vocab_size,
         max_top_logprobs=msg.max_top_logprobs,
         num_kv_slots=msg.num_kv_slots,
+        architecture=msg.architecture,
     )
 
 
@@ -119,7 +120,7 @@ def chat_request_to_pb(req: ChatCompletionRequest) -> tpb.ApplyChatTemplateReque
         messages=[message_to_pb(m) for m in req.messages],
         add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
-        tools_json=json.dumps(req.tools) if req.tools else "",
+        tools_json=json.dumps(tools) if (tools := req.tool_dicts()) else "",
     )
 
 

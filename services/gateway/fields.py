@@ -153,12 +153,14 @@ CHAT = FieldTable(
         "max_tokens": Rule("output limit; default: what the context leaves after the prompt"),
         "logprobs": Rule("returns the sampled tokens' logprobs"),
         "top_logprobs": Rule("returns this many most likely tokens per position"),
-        "tools": Rule("rendered into the prompt by the chat template"),
+        "tools": Rule("functions the model may call, shown to it through the chat template"),
         "tool_choice": Rule(
-            'only "auto" and "none" (free text: tool calls are not parsed out of the answer); '
-            '"required" and a named or allowed-tools choice are not supported yet',
-            _null_or("auto", "none"),
+            '"none", "auto" (answers parsed for calls), "required" or a named function '
+            "(generation constrained to valid calls)"
         ),
+        "parallel_tool_calls": Rule("false: at most one call per answer"),
+        "functions": Rule("legacy form of `tools`"),
+        "function_call": Rule("legacy form of `tool_choice`"),
         "add_generation_prompt": Rule("the chat template's assistant header ends the prompt"),
         "continue_final_message": Rule("the last assistant message is continued, not closed"),
     },
@@ -173,7 +175,6 @@ CHAT = FieldTable(
         "prompt_cache_options": Rule("the prefix cache needs no breakpoints"),
         "reasoning_effort": Rule("not passed to the chat template; no reasoning budget applies"),
         "verbosity": Rule("not passed to the chat template"),
-        "parallel_tool_calls": Rule("tool calls are not parsed out of the answer"),
     },
     rejected={
         "audio": rejected("audio output is not supported; only null is accepted"),
@@ -184,15 +185,6 @@ CHAT = FieldTable(
         "prediction": rejected("predicted outputs are not supported; only null is accepted"),
         "web_search_options": rejected("web search is not supported; only null is accepted"),
         "moderation": rejected("no moderation runs here; only null is accepted"),
-        "functions": rejected(
-            "deprecated `functions` are not supported (use `tools`); only null or [] is accepted",
-            _null_or([]),
-        ),
-        "function_call": rejected(
-            "deprecated `function_call` is not supported (use `tool_choice`); "
-            'only null, "auto" or "none" is accepted',
-            _null_or("auto", "none"),
-        ),
     },
 )
 

@@ -123,14 +123,57 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
 
 
+class FunctionDef(BaseModel):
+    """A function the model may call (OpenAI `tools[i].function`, legacy `functions[i]`)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDef] | None = None  # legacy: mapped onto tools
+    function_call: Literal["none", "auto"] | FunctionName | None = None  # legacy tool_choice
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools as OpenAI `tools` entries (legacy `functions` become tools)."""
+        tools = self.tools or [Tool(type="function", function=f) for f in self.functions or []]
+        return [t.model_dump(exclude_none=True) for t in tools]
+
+    def effective_tool_choice(self) -> tuple[str | dict[str, Any] | None, str]:
+        """(tool_choice, the field it came from): legacy `function_call` maps onto it."""
+        if self.tool_choice is not None or self.function_call is None:
+            choice = self.tool_choice
+            value = choice.model_dump() if isinstance(choice, BaseModel) else choice
+            return value, "tool_choice"
+        call = self.function_call
+        return (call.model_dump() if isinstance(call, BaseModel) else call), "function_call"
 
 
 PromptIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from services.gateway.chat_tools import Answer, ToolPlan
 from services.gateway.events import Output, TokenLogprob, TokenPiece, Usage
 
 # JSON has no infinity: the floor vLLM also uses for logprobs of impossible tokens.
@@ -114,10 +115,32 @@ def _choice(index: int, finish_reason: str | None, **fields: Any) -> dict[str, A
 
 @dataclass
 class ChatFormat:
+    """Chat completions. With tools or a reasoning parser (`answers`), each choice's text is split
+    into reasoning, content and tool calls (services/gateway/chat_tools.py)."""
+
     meta: Meta
     n: int
     logprobs: bool
     include_usage: bool = False
+    _plan: ToolPlan | None = None
+    _reasoning: str | None = None
+    _answers: dict[int, Answer] = field(default_factory=dict)
+    _split: bool = False
+
+    def answers(self, plan: ToolPlan | None, reasoning_parser: str | None) -> None:
+        """Split answers by `plan` and the reasoning parser (no-op when neither is set)."""
+        self._plan, self._reasoning = plan, reasoning_parser
+        self._split = plan is not None or reasoning_parser is not None
+
+    def _answer(self, index: int) -> Answer:
+        if index not in self._answers:
+            self._answers[index] = Answer(self._plan, self._reasoning)
+        return self._answers[index]
+
+    def _finish_reason(self, reason: str | None, answer: Answer | None) -> str | None:
+        if answer is not None and answer.called and reason == "stop":
+            return "tool_calls"
+        return reason
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         usage = {"usage": None} if self.include_usage else {}
@@ -130,10 +153,20 @@ class ChatFormat:
     def chunk(self, out: Output) -> dict[str, Any] | None:
         if not (out.text or out.logprobs or out.finish_reason):
             return None
-        delta = {"content": out.text} if out.text else {}
+        answer = None
+        if self._split:
+            answer = self._answer(out.index)
+            delta = answer.feed(out.text)
+            if out.finish_reason:
+                delta = _merge_delta(delta, answer.finish())
+        else:
+            delta = {"content": out.text} if out.text else {}
         wanted = self.logprobs and out.logprobs
+        if not (delta or wanted or out.finish_reason):
+            return None
         logprobs = {"content": chat_logprobs(out.logprobs)} if wanted else None
-        return self._chunk([_choice(out.index, out.finish_reason, delta=delta, logprobs=logprobs)])
+        reason = self._finish_reason(out.finish_reason, answer)
+        return self._chunk([_choice(out.index, reason, delta=delta, logprobs=logprobs)])
 
     def closing(self, usage: Usage) -> list[dict[str, Any]]:
         if not self.include_usage:
@@ -146,8 +179,38 @@ class ChatFormat:
 
     def _choice(self, c: Choice) -> dict[str, Any]:
         logprobs = {"content": chat_logprobs(c.logprobs)} if self.logprobs else None
-        message = {"role": "assistant", "content": c.text}
-        return _choice(c.index, c.finish_reason, message=message, logprobs=logprobs)
+        if not self._split:
+            message = {"role": "assistant", "content": c.text}
+            return _choice(c.index, c.finish_reason, message=message, logprobs=logprobs)
+        answer = self._answer(c.index)
+        message = {"role": "assistant", **answer.message(c.text)}
+        reason = self._finish_reason(c.finish_reason, answer)
+        return _choice(c.index, reason, message=message, logprobs=logprobs)
+
+
+def _merge_delta(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two deltas of one choice as one: text fields joined, tool-call entries listed."""
+    merged = dict(first)
+    for key, value in second.items():
+        if key == "tool_calls":
+            merged[key] = _merge_calls(merged.get(key, []) + value)
+        elif key in merged:
+            merged[key] += value
+        else:
+            merged[key] = value
+    return merged
+
+
+def _merge_calls(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`delta.tool_calls` entries with one per call index (arguments of later ones appended)."""
+    by_index: dict[int, dict[str, Any]] = {}
+    for entry in entries:
+        first = by_index.get(entry["index"])
+        if first is None:
+            by_index[entry["index"]] = {**entry, "function": dict(entry["function"])}
+        else:
+            first["function"]["arguments"] += entry["function"]["arguments"]
+    return list(by_index.values())
 
 
 @dataclass

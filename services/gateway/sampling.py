@@ -30,6 +30,7 @@ class ModelInfo:
     vocab_size: int
     max_top_logprobs: int
     num_kv_slots: int
+    architecture: str = ""  # config.json's architectures[0], e.g. "LlamaForCausalLM"
 
     @property
     def max_sequence(self) -> int:

@@ -19,6 +19,8 @@ from starlette.testclient import TestClient
 
 from services.gateway import fields
 from services.gateway.app import build_app
+from services.gateway.backend import chat_tools_sampling
+from services.gateway.chat_tools import ToolPlan
 from services.gateway.config import GatewayConfig
 from services.gateway.fields import CHAT, COMPLETIONS, GENERATE, SAMPLING_PARAMS, FieldTable, Rule
 from services.gateway.generation import Generation
@@ -44,7 +46,7 @@ from tests.gateway.fakes import FakeScheduler, FakeTokenizer, chunks_of, end_of
 MODEL = ModelInfo("m", context_length=2048, vocab_size=1000, max_top_logprobs=20, num_kv_slots=4096)
 ROOT = Path(__file__).resolve().parents[2]
 # Honoured by its rule alone: the values it accepts all mean free text.
-RULE_ONLY = {"tool_choice"}
+RULE_ONLY: set[str] = set()
 
 
 def declared(model: type[BaseModel]) -> set[str]:
@@ -101,6 +103,7 @@ class OkBackend:
     """Enough backend for the routes: the real sampling checks, then every sample answers "ok"."""
 
     def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
         self.metrics = GatewayMetrics(lambda: [])
         self.created = 1
         self.model = MODEL
@@ -115,8 +118,11 @@ class OkBackend:
     def check_model(self, name: str | None) -> ModelInfo:
         return self.model
 
-    async def chat_input(self, req: ChatCompletionRequest, rid: str) -> GenerationInput:
-        return self._input(rid, chat_sampling(req, MODEL), openai_text(req))
+    async def chat_input(
+        self, req: ChatCompletionRequest, rid: str
+    ) -> tuple[GenerationInput, ToolPlan | None]:
+        sampling, plan = chat_tools_sampling(req, MODEL, self.cfg.tool_call_parser)
+        return self._input(rid, sampling, openai_text(req)), plan
 
     async def completion_inputs(self, req: CompletionRequest, rid: str) -> list[GenerationInput]:
         return [self._input(rid, completion_sampling(req, MODEL), openai_text(req))]
@@ -160,8 +166,6 @@ REFUSED = {
     "prediction": {"type": "content", "content": "hello"},
     "web_search_options": {},
     "moderation": {"model": "omni-moderation-latest"},
-    "functions": [{"name": "f", "parameters": {}}],
-    "function_call": {"name": "f"},
     "suffix": "y",
     "best_of": 2,
     "return_logprob": True,
@@ -172,8 +176,6 @@ REFUSED = {
 ACCEPTED_NO_OPS = [
     ("/v1/chat/completions", {"audio": None}),
     ("/v1/chat/completions", {"modalities": ["text"]}),
-    ("/v1/chat/completions", {"functions": []}),
-    ("/v1/chat/completions", {"function_call": "none"}),
     ("/v1/completions", {"suffix": ""}),
     ("/v1/completions", {"best_of": 3, "n": 3}),
     ("/generate", {"return_logprob": False, "image_data": None}),
@@ -190,7 +192,6 @@ NO_EFFECT = {
     "prompt_cache_options": {"mode": "explicit"},
     "reasoning_effort": "high",
     "verbosity": "low",
-    "parallel_tool_calls": False,
 }
 
 
@@ -249,26 +250,31 @@ def test_a_no_effect_field_is_accepted_and_changes_nothing(
     assert (first.sampling, first.text) == (second.sampling, second.text)
 
 
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+
 @pytest.mark.parametrize("value", ["auto", "none", None])
 def test_tool_choice_auto_and_none_answer_in_free_text(client: TestClient, value) -> None:
-    body = {**ROUTES["/v1/chat/completions"][1], "tools": [{"type": "function"}]}
+    body = {**ROUTES["/v1/chat/completions"][1], "tools": TOOLS}
     response = client.post("/v1/chat/completions", json={**body, "tool_choice": value})
     assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["message"] == {"role": "assistant", "content": "ok"}
+    assert response.json()["choices"][0]["message"]["content"] == "ok"
+    assert client.app.state.backend.inputs[-1].sampling.grammar is None
 
 
 @pytest.mark.parametrize(
-    "value",
+    ("extra", "param"),
     [
-        "required",
-        {"type": "function", "function": {"name": "f"}},
-        {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}},
+        ({"tool_choice": "required"}, "tool_choice"),  # no tools to call
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, "tool_choice"),
+        ({"functions": [{"name": "f"}], "function_call": {"name": "g"}}, "function_call"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
     ],
 )
-def test_tool_choice_required_or_named_is_not_supported_yet(client: TestClient, value) -> None:
-    body = {**ROUTES["/v1/chat/completions"][1], "tool_choice": value}
-    error = assert_openai_error(client.post("/v1/chat/completions", json=body), "tool_choice")
-    assert "not supported yet" in error["message"]
+def test_tool_choices_the_tools_cannot_satisfy_are_400s(client: TestClient, extra, param) -> None:
+    body = {**ROUTES["/v1/chat/completions"][1], **extra}
+    assert_openai_error(client.post("/v1/chat/completions", json=body), param)
 
 
 def test_invalid_values_are_reported_before_rejected_fields(client: TestClient) -> None:

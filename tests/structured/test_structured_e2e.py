@@ -9,9 +9,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -19,9 +17,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.procs import free_port
 from tests.structured.schemas import SCHEMAS
-from tests.test_serve import Serve
 
 pytestmark = pytest.mark.slow
 
@@ -29,28 +25,6 @@ MAX_TOKENS = 256
 # Two alternatives this close (in logprob) may swap between a batch and a lone run, fp32 sums
 # being taken in another order; anything else must match token for token.
 NEAR_TIE = 0.01
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("structured") / "serve.log"
-    serve = Serve(port, log, ["--max-running-requests", "32", "--max-total-tokens", "16384"])
-    try:
-        serve.wait_ready()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.kill_all()
-
-
-@pytest.fixture(scope="module")
-def client(server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
 
 
 def schema_format(i: int, schema: dict) -> dict:
