@@ -131,6 +131,7 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 PromptIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
