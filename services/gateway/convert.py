@@ -121,6 +121,9 @@ def chat_request_to_pb(req: ChatCompletionRequest) -> tpb.ApplyChatTemplateReque
         add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
         tools_json=json.dumps(tools) if (tools := req.tool_dicts()) else "",
+        chat_template_kwargs_json=json.dumps(req.chat_template_kwargs)
+        if req.chat_template_kwargs
+        else "",
     )
 
 

@@ -163,6 +163,10 @@ CHAT = FieldTable(
         "function_call": Rule("legacy form of `tool_choice`"),
         "add_generation_prompt": Rule("the chat template's assistant header ends the prompt"),
         "continue_final_message": Rule("the last assistant message is continued, not closed"),
+        "chat_template_kwargs": Rule(
+            "extra variables for the chat template (e.g. `enable_thinking`); "
+            "names it already gets are refused"
+        ),
     },
     no_effect={
         **_USER,

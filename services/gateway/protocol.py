@@ -160,6 +160,7 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Literal["none", "auto"] | FunctionName | None = None  # legacy tool_choice
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def tool_dicts(self) -> list[dict[str, Any]]:
         """The tools as OpenAI `tools` entries (legacy `functions` become tools)."""

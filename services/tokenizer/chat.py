@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.tokenizer.errors import InvalidRequest
@@ -45,6 +46,8 @@ class ChatRequest:
     # A Jinja template overriding the service's one for this request.
     chat_template: str | None = None
     tools: tuple[dict[str, Any], ...] = ()
+    # Extra template variables (OpenAI-compatible servers' `chat_template_kwargs`).
+    chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.messages:
@@ -69,3 +72,12 @@ def join_text_parts(parts: list[tuple[str, str]]) -> str:
         if kind != "text":
             raise InvalidRequest(f"content part of type {kind!r} is not supported (only 'text')")
     return "\n".join(text for _, text in parts)
+
+
+def check_template_kwargs(kwargs: Mapping[str, Any], reserved: Collection[str]) -> None:
+    """Refuses `chat_template_kwargs` that would replace a variable the template already gets."""
+    taken = sorted(name for name in kwargs if name in reserved)
+    if taken:
+        raise InvalidRequest(
+            f"chat_template_kwargs may not set {taken[0]!r}: the chat template already gets it"
+        )

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import option
+from services.tokenizer.chat_templates import BUILTIN_TEMPLATES
 
 
 @dataclass(frozen=True)
@@ -14,13 +15,23 @@ class TokenizerConfig:
         "default", "HF directory, .gguf file or Hub id ('default': SmolLM2-135M-Instruct)"
     )
     chat_template: str | None = option(
-        None, "Jinja chat template file used instead of the model's own"
+        None,
+        "Jinja chat template file, or a built-in template's name "
+        f"({', '.join(BUILTIN_TEMPLATES)}), used instead of the model's own",
     )
     host: str = option("127.0.0.1", "address the gRPC server binds")
     port: int = option(30001, "gRPC port")
 
     def __post_init__(self) -> None:
-        if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():
-            raise ValueError(f"--chat-template {self.chat_template} is not a file")
+        if not _is_template(self.chat_template):
+            raise ValueError(
+                f"--chat-template {self.chat_template} is not a file or a built-in template "
+                f"({', '.join(BUILTIN_TEMPLATES)})"
+            )
         if not 0 <= self.port < 65536:
             raise ValueError("--port must be in [0, 65535]")
+
+
+def _is_template(value: str | None) -> bool:
+    """Unset, a built-in template's name, or a file."""
+    return value is None or value in BUILTIN_TEMPLATES or Path(value).expanduser().is_file()

@@ -26,6 +26,9 @@ def chat_request_from_pb(msg: pb.ApplyChatTemplateRequest) -> ChatRequest:
         continue_final_message=msg.continue_final_message,
         chat_template=msg.chat_template if msg.HasField("chat_template") else None,
         tools=tuple(_json_objects(msg.tools_json, "tools_json")),
+        chat_template_kwargs=_json_object(
+            msg.chat_template_kwargs_json, "chat_template_kwargs_json"
+        ),
     )
 
 
@@ -117,12 +120,22 @@ def pieces_to_pb(pieces: list[tuple[str, bytes]]) -> pb.ConvertIdsToTokensRespon
 
 def _json_objects(text: str, field: str) -> list[dict[str, Any]]:
     """A JSON array of objects; an empty string is an empty array."""
-    if not text:
-        return []
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"{field} is not valid JSON: {exc}") from exc
+    value = _json(text, field) if text else []
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise InvalidRequest(f"{field} must be a JSON array of objects")
     return value
+
+
+def _json_object(text: str, field: str) -> dict[str, Any]:
+    """A JSON object; an empty string is an empty object."""
+    value = _json(text, field) if text else {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{field} must be a JSON object")
+    return value
+
+
+def _json(text: str, field: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{field} is not valid JSON: {exc}") from exc

@@ -14,7 +14,12 @@ import jinja2
 from tokenizers import decoders
 
 from services.common.model_store import resolve_model_path
-from services.tokenizer.chat import ChatPrompt, ChatRequest
+from services.tokenizer.chat import ChatPrompt, ChatRequest, check_template_kwargs
+from services.tokenizer.chat_templates import (
+    ToolFallback,
+    read_chat_template,
+    reserved_template_vars,
+)
 from services.tokenizer.errors import InvalidRequest
 from services.tokenizer.stream import DetokenizeOptions, DetokenizeStream
 
@@ -35,7 +40,8 @@ class Tokenizer:
     """Encode, chat templates, decode and detokenize streams for one model.
 
     Every method may be called from several threads at once: nothing changes the Hugging Face
-    tokenizer after loading. `chat_template` (from --chat-template) replaces the model's own.
+    tokenizer after loading. `chat_template` (from --chat-template) replaces the model's own; a
+    template that ignores `tools` gives way to the built-in tool_chat for requests that have them.
     """
 
     def __init__(self, hf: Any, model_dir: Path, chat_template: str | None = None) -> None:
@@ -49,14 +55,19 @@ class Tokenizer:
         self._special_ids = frozenset(i for i, tok in added.items() if tok.special)
         self.info = read_info(hf, model_dir, bool(chat_template or hf.chat_template))
         self._byte_level = isinstance(self.backend.decoder, decoders.ByteLevel)
+        self.tool_fallback = ToolFallback()
+        self._reserved_vars = reserved_template_vars(hf)
 
     @classmethod
-    def load(cls, model_path: str = "default", chat_template_file: str | None = None) -> Tokenizer:
-        """Resolves `model_path` (see model_store) and loads its tokenizer; slow, call off-loop."""
+    def load(cls, model_path: str = "default", chat_template: str | None = None) -> Tokenizer:
+        """Resolves `model_path` (see model_store) and loads its tokenizer; slow, call off-loop.
+
+        `chat_template` is a built-in template's name or a template file.
+        """
         from transformers import AutoTokenizer
 
         model_dir = resolve_model_path(model_path)
-        template = Path(chat_template_file).expanduser().read_text() if chat_template_file else None
+        template = read_chat_template(chat_template) if chat_template else None
         return cls(AutoTokenizer.from_pretrained(model_dir), model_dir, template)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -106,22 +117,45 @@ class Tokenizer:
         return DetokenizeStream(decode, options)
 
     def _render(self, request: ChatRequest) -> str:
-        template = request.chat_template or self.chat_template
-        if template is None and not self.hf.chat_template:
+        check_template_kwargs(request.chat_template_kwargs, self._reserved_vars)
+        if not (request.chat_template or self.chat_template or self.hf.chat_template):
             raise InvalidRequest(
                 "the model has no chat template; start the service with --chat-template"
             )
         try:
-            return self.hf.apply_chat_template(
-                [m.to_template() for m in request.messages],
-                tools=list(request.tools) or None,
-                chat_template=template,
-                add_generation_prompt=request.add_generation_prompt,
-                continue_final_message=request.continue_final_message,
-                tokenize=False,
-            )
+            template = self._template_for(request)
+            return self._render_with(template, request, request.tools)
         except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
             raise InvalidRequest(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+
+    def _template_for(self, request: ChatRequest) -> str:
+        """The template text for `request`: tool_chat stands in for a service template that
+        ignores the request's tools (a per-request template is always used as sent)."""
+        tools = list(request.tools) or None
+        template = self.hf.get_chat_template(request.chat_template or self.chat_template, tools)
+        if not request.tools or request.chat_template is not None:
+            return template
+
+        def renders_same() -> bool:
+            with_tools = self._render_with(template, request, request.tools)
+            return with_tools == self._render_with(template, request, ())
+
+        if self.tool_fallback.ignores_tools(template, renders_same):
+            return self.tool_fallback.template
+        return template
+
+    def _render_with(
+        self, template: str, request: ChatRequest, tools: Sequence[dict[str, Any]]
+    ) -> str:
+        return self.hf.apply_chat_template(
+            [m.to_template() for m in request.messages],
+            tools=list(tools) or None,
+            chat_template=template,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            tokenize=False,
+            **request.chat_template_kwargs,
+        )
 
     def _decode_spaced(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         """Decodes runs of ordinary ids; added tokens stand alone; all joined by one space."""

@@ -6,6 +6,7 @@ it is classified in services/gateway/fields.py.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from services.gateway.app import build_app
 from services.gateway.backend import chat_tools_sampling
 from services.gateway.chat_tools import ToolPlan
 from services.gateway.config import GatewayConfig
+from services.gateway.convert import chat_request_to_pb
 from services.gateway.fields import CHAT, COMPLETIONS, GENERATE, SAMPLING_PARAMS, FieldTable, Rule
 from services.gateway.generation import Generation
 from services.gateway.metrics import GatewayMetrics, RequestMetrics
@@ -260,6 +262,15 @@ def test_tool_choice_auto_and_none_answer_in_free_text(client: TestClient, value
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == "ok"
     assert client.app.state.backend.inputs[-1].sampling.grammar is None
+
+
+def test_chat_template_kwargs_reach_the_tokenizer_request() -> None:
+    body = ROUTES["/v1/chat/completions"][1]
+    kwargs = {"enable_thinking": False}
+    req = ChatCompletionRequest.model_validate({**body, "chat_template_kwargs": kwargs})
+    assert json.loads(chat_request_to_pb(req).chat_template_kwargs_json) == kwargs
+    plain = ChatCompletionRequest.model_validate(body)
+    assert chat_request_to_pb(plain).chat_template_kwargs_json == ""
 
 
 @pytest.mark.parametrize(

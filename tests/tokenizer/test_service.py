@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,3 +120,19 @@ def test_convert_ids_to_tokens(stub: pb_grpc.TokenizerStub, hf) -> None:
     with pytest.raises(grpc.RpcError) as err:
         stub.ConvertIdsToTokens(pb.ConvertIdsToTokensRequest(ids=[10**6]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_tools_and_chat_template_kwargs(stub: pb_grpc.TokenizerStub) -> None:
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {}}}
+    request = pb.ApplyChatTemplateRequest(
+        messages=[pb.ChatMessage(**MESSAGES[0])],
+        tools_json=json.dumps([tool]),
+        chat_template_kwargs_json=json.dumps({"enable_thinking": False}),
+    )
+    prompt = stub.ApplyChatTemplate(request).prompt
+    assert f"<tools>\n{json.dumps(tool)}\n</tools>" in prompt and "<tool_call>" in prompt
+    request.chat_template_kwargs_json = json.dumps({"add_generation_prompt": False})
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ApplyChatTemplate(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'add_generation_prompt'" in err.value.details()

@@ -78,7 +78,8 @@ class TokenizerServicer:
 
     def ApplyChatTemplate(self, request, context):
         """OpenAI-style chat messages → the rendered prompt and its token ids, with the model's chat
-        template, the one the service was started with (--chat-template), or the request's own.
+        template, the one the service was started with (--chat-template: a file or a built-in name),
+        or the request's own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
