@@ -124,8 +124,6 @@ class Backend:
         )
         return GenerationInput(request_id, ids, sampling, text), plan
 
-
-
     async def completion_inputs(
         self, req: CompletionRequest, request_id: str
     ) -> list[GenerationInput]:

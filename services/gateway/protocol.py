@@ -277,11 +277,12 @@ def _invalid(exc: ValidationError) -> InvalidRequest:
 
 
 def param_name(loc: tuple[int | str, ...]) -> str:
-    """('messages', 0, 'content', 'str') → 'messages[0].content' (union branch tags dropped)."""
+    """('messages', 0, 'content', 'str') → 'messages[0].content': union branch tags (type names,
+    model class names, literals) dropped."""
     name = ""
     for part in loc:
         if isinstance(part, int):
             name += f"[{part}]"
-        elif part not in _TYPE_TAGS and not any(c in part for c in "[-"):
+        elif part not in _TYPE_TAGS and not any(c in part for c in "[-") and not part[:1].isupper():
             name += f".{part}" if name else part
     return name

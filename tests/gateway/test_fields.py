@@ -38,7 +38,6 @@ from services.gateway.sampling import (
     ModelInfo,
     SamplingParams,
     TextOptions,
-    chat_sampling,
     completion_sampling,
     fit_context,
     native_sampling,
@@ -277,10 +276,19 @@ def test_chat_template_kwargs_reach_the_tokenizer_request() -> None:
     ("extra", "param"),
     [
         ({"tool_choice": "required"}, "tool_choice"),  # no tools to call
-        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
-        ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, "tool_choice"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice",
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}},
+            "tool_choice.type",
+        ),
         ({"functions": [{"name": "f"}], "function_call": {"name": "g"}}, "function_call"),
-        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name"}}]},
+            "tools[0].function.name",
+        ),
     ],
 )
 def test_tool_choices_the_tools_cannot_satisfy_are_400s(client: TestClient, extra, param) -> None:
