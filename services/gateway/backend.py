@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import replace
 
-from services.gateway.chat_tools import ToolPlan, plan_tools
+from services.gateway.chat_tools import ToolPlan, after_reasoning, plan_tools
 from services.gateway.clients import SchedulerClient, TokenizerClient
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import GatewayError, InvalidRequest, ModelNotFound, Unavailable
@@ -116,7 +116,9 @@ class Backend:
     ) -> tuple[GenerationInput, ToolPlan | None]:
         """The generation of a chat request, and how its tools are used (None: no tools)."""
         model = self.check_model(req.model)
-        sampling, plan = chat_tools_sampling(req, model, self.cfg.tool_call_parser)
+        sampling, plan = chat_tools_sampling(
+            req, model, self.cfg.tool_call_parser, self.cfg.reasoning_parser
+        )
         ids = await self.tokenizer.apply_chat_template(req)
         sampling = fit_context(sampling, len(ids), model, "messages")
         text = TextOptions(
@@ -211,10 +213,23 @@ class Backend:
 
 
 def chat_tools_sampling(
-    req: ChatCompletionRequest, model: ModelInfo, tool_call_parser: str | None
+    req: ChatCompletionRequest,
+    model: ModelInfo,
+    tool_call_parser: str | None,
+    reasoning_parser: str | None = None,
 ) -> tuple[SamplingParams, ToolPlan | None]:
     """A chat request's sampling with its tools' constraint, and how its tools are used.
-    `tool_call_parser` None picks the format from the model family."""
+    `tool_call_parser` None picks the format from the model family. With a reasoning parser, a
+    constraint applies after the think section only."""
+    sampling, plan = _with_tools(req, model, tool_call_parser)
+    if reasoning_parser is not None and sampling.grammar is not None:
+        sampling = replace(sampling, grammar=after_reasoning(sampling.grammar, reasoning_parser))
+    return sampling, plan
+
+
+def _with_tools(
+    req: ChatCompletionRequest, model: ModelInfo, tool_call_parser: str | None
+) -> tuple[SamplingParams, ToolPlan | None]:
     sampling = chat_sampling(req, model)
     functions = [t["function"] for t in req.tool_dicts()]
     choice, param = req.effective_tool_choice()

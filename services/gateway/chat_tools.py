@@ -65,6 +65,38 @@ class ToolPlan:
         return GrammarSpec.json_schema(schema)
 
 
+def after_reasoning(spec: GrammarSpec, reasoning_parser: str) -> GrammarSpec:
+    """`spec` applied after the answer's think section, the section itself free text: an xgrammar
+    structural tag. `deepseek-r1` answers start inside the section (it ends at `</think>`);
+    `qwen3` answers may open one with `<think>`. A structural tag is returned as it is."""
+    content = _tag_content(spec)
+    if content is None:
+        return spec
+    implicit = REASONING_PARSERS[reasoning_parser].implicit_think
+    think = {
+        "type": "tag",
+        "begin": "" if implicit else "<think>",
+        "content": {"type": "any_text"},
+        "end": "</think>",
+    }
+    fmt: dict[str, Any] = {"type": "sequence", "elements": [think, content]}
+    if not implicit:
+        fmt = {"type": "or", "elements": [fmt, content]}
+    return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": fmt}))
+
+
+def _tag_content(spec: GrammarSpec) -> dict[str, Any] | None:
+    if spec.kind == "json_schema":
+        return {"type": "json_schema", "json_schema": json.loads(spec.spec)}
+    if spec.kind == "json_object":
+        return {"type": "json_schema", "json_schema": {"type": "object"}}
+    if spec.kind == "regex":
+        return {"type": "regex", "pattern": spec.spec}
+    if spec.kind == "ebnf":
+        return {"type": "grammar", "grammar": spec.spec}
+    return None
+
+
 def function_list(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """The `function` objects of OpenAI `tools` entries."""
     return [t["function"] for t in tools or []]

@@ -116,3 +116,28 @@ def test_tool_choice_none_leaves_markup_as_content() -> None:
     text = '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
     assert plan is not None and Answer(plan, None).message(text) == {"content": text}
     assert isinstance(plan, ToolPlan) and plan.grammar() is None
+
+
+@pytest.mark.parametrize(
+    ("parser", "accepted", "refused"),
+    [
+        ("deepseek-r1", ['Let me see.</think>{"city": "Oslo"}', '</think>{"city": "X"}'], ['{"city": "Oslo"}']),
+        ("qwen3", ['<think>hmm</think>{"city": "Oslo"}', '{"city": "Oslo"}'], ['hmm</think>{"city": "Oslo"}']),
+    ],
+)  # fmt: skip
+def test_a_constraint_applies_after_the_think_section(parser, accepted, refused) -> None:
+    import xgrammar as xgr
+
+    from services.common.grammar import GrammarSpec
+    from services.gateway.chat_tools import after_reasoning
+
+    spec = after_reasoning(GrammarSpec.json_schema(WEATHER["parameters"]), parser)
+    assert spec.kind == "structural_tag"
+    info = xgr.TokenizerInfo([bytes([i]) for i in range(256)], xgr.VocabType.RAW)
+    compiled = xgr.GrammarCompiler(info).compile_grammar(xgr.Grammar.from_structural_tag(spec.spec))
+    for text in accepted:
+        m = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+        assert m.accept_string(text) and m.is_completed(), text
+    for text in refused:
+        m = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+        assert not (m.accept_string(text) and m.is_completed()), text
