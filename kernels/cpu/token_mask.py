@@ -21,6 +21,11 @@ _mask = Extension(
 )
 
 
+def load_token_mask_kernel() -> bool:
+    """Builds (once per machine) and loads the kernel; False when it cannot be built."""
+    return _mask.load() is not None
+
+
 def apply_token_bitmask_(
     logits: torch.Tensor, bitmask: torch.Tensor, indices: list[int], vocab_size: int
 ) -> None:

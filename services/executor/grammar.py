@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kernels.cpu.token_mask import apply_token_bitmask_
+from kernels.cpu.token_mask import apply_token_bitmask_, load_token_mask_kernel
 from services.common.grammar import GrammarError, GrammarSpec, compile_grammar
 
 log = logging.getLogger("radixserve.executor")
@@ -94,7 +94,10 @@ class GrammarRuntime:
 
     def preload(self) -> bool:
         """Loads the tokenizer and creates the compiler now rather than at the first grammar
-        (a few seconds). False when grammars are not available (the reason is logged)."""
+        (a few seconds), and on the CPU builds the token-mask kernel (once per machine). False
+        when grammars are not available (the reason is logged)."""
+        if self.device.type == "cpu":
+            load_token_mask_kernel()
         try:
             self._get_compiler()
         except GrammarError:
