@@ -149,6 +149,7 @@ def detokenize_setup_to_pb(inp: GenerationInput, index: int) -> tpb.DetokenizeSe
         stop=opts.stop,
         include_stop_str_in_output=opts.include_stop_str_in_output,
         prompt_tail_ids=inp.input_ids[-PROMPT_TAIL:],
+        min_tokens=inp.sampling.min_tokens,
     )
 
 

@@ -70,6 +70,7 @@ def options_from_pb(msg: pb.DetokenizeSetup) -> DetokenizeOptions:
         stop=tuple(msg.stop),
         include_stop_str_in_output=msg.include_stop_str_in_output,
         prompt_tail_ids=tuple(msg.prompt_tail_ids),
+        min_tokens=msg.min_tokens,
     )
 
 

@@ -17,6 +17,7 @@ class DetokenizeOptions:
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
     prompt_tail_ids: tuple[int, ...] = ()
+    min_tokens: int = 0  # stop strings are looked for only from this output token on
 
     def __post_init__(self) -> None:
         if any(not s for s in self.stop):
@@ -51,6 +52,8 @@ class DetokenizeStream:
     def __init__(self, decode: DecodeFn, options: DetokenizeOptions) -> None:
         self.detokenizer = IncrementalDetokenizer(decode, options.prompt_tail_ids)
         self.stops = StopChecker(options.stop, options.include_stop_str_in_output)
+        self.min_tokens = options.min_tokens
+        self.seen = 0  # output tokens fed so far
         self.finished = False
 
     def feed(self, ids: Sequence[int]) -> Delta:
@@ -60,7 +63,12 @@ class DetokenizeStream:
         check_ids(ids)
         parts: list[str] = []
         for n, token_id in enumerate(ids, start=1):
-            out = self.stops.feed(self.detokenizer.step(token_id))
+            self.seen += 1
+            text = self.detokenizer.step(token_id)
+            if self.seen <= self.min_tokens:  # min_tokens holds back stop strings too
+                parts.append(text)
+                continue
+            out = self.stops.feed(text)
             parts.append(out.text)
             if out.matched is not None:
                 self.finished = True

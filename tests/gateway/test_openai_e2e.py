@@ -180,3 +180,19 @@ def test_no_effect_fields_change_nothing_and_rejected_ones_are_a_400(
     with pytest.raises(openai.BadRequestError) as err:
         greedy_chat(client, stack, modalities=["text", "audio"])
     assert err.value.param == "modalities" and err.value.status_code == 400
+
+
+def test_min_tokens_holds_back_stop_strings_and_stop_tokens(
+    client: openai.OpenAI, stack: Stack, default_model_dir
+) -> None:
+    from transformers import AutoTokenizer
+
+    comma = AutoTokenizer.from_pretrained(default_model_dir).convert_tokens_to_ids(",")
+    kw = {"model": stack.model, "prompt": "Here are the months of the year: January,",
+          "max_tokens": 12, "temperature": 0}  # fmt: skip
+    for stop in ({"stop": [","]}, {"extra_body": {"stop_token_ids": [comma]}}):
+        extra = stop.pop("extra_body", {})
+        short = client.completions.create(**kw, **stop, extra_body=extra)
+        held = client.completions.create(**kw, **stop, extra_body={**extra, "min_tokens": 8})
+        assert short.usage.completion_tokens < 8 <= held.usage.completion_tokens, stop
+        assert held.choices[0].text.startswith(short.choices[0].text)

@@ -149,3 +149,15 @@ def test_stop_property_with_real_tokens(tokenizer: Tokenizer, text: str, stop: s
 def test_empty_stop_is_rejected() -> None:
     with pytest.raises(InvalidRequest):
         DetokenizeOptions(stop=("ok", ""))
+
+
+def test_min_tokens_holds_back_stop_strings(tokenizer: Tokenizer) -> None:
+    """The months example: with "," as a stop and min_tokens 8, the stream runs past the commas
+    of its first 8 tokens and stops at the first comma after them."""
+    ids = tokenizer.encode(" February, March, April, May, June, July, August")
+    for chunk in (1, 3, len(ids)):
+        out, consumed, matched = detokenize(tokenizer, ids, chunk, stop=(",",), min_tokens=8)
+        assert consumed > 8 and matched == ","
+        assert out == tokenizer.decode(ids[: consumed - 1]) and out.count(",") >= 3
+    out, consumed, _ = detokenize(tokenizer, ids, 1, stop=(",",))
+    assert (out, consumed) == (" February", 2)  # without min_tokens: the first comma
