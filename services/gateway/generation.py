@@ -129,7 +129,8 @@ class Generation:
                     yield out
         finally:
             self._close()
-        self.metrics.finished(self.usage, [s.finish_reason or "abort" for s in self.samples])
+            # In the finally: a client that went away (the task cancelled) counts as "abort".
+            self.metrics.finished(self.usage, [s.finish_reason or "abort" for s in self.samples])
 
     async def _next_event(self) -> TokenChunk | SampleEnd | None:
         assert self._stream is not None

@@ -56,11 +56,16 @@ def test_streaming_client_that_drops_aborts_at_once(stack: Stack) -> None:
 
 def test_non_streaming_client_that_drops_aborts_at_once(stack: Stack) -> None:
     before = stack.get_load()
+    aborted = scrape(stack).get(ABORTED, 0.0)
     url = f"{stack.base_url}/v1/chat/completions"
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url, json=LONG, headers=headers(stack), timeout=httpx.Timeout(60, read=1.0))
     wait_freed(stack, before.kv_slots_used)
     assert stack.get_load().requests_finished_total == before.requests_finished_total + 1
+    assert scrape(stack)[ABORTED] == aborted + 1  # the disconnect is counted in /metrics
+
+
+ABORTED = "radixserve:request_success_total{finished_reason=abort}"
 
 
 def scrape(stack: Stack) -> dict[str, float]:
