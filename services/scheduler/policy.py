@@ -7,6 +7,11 @@
 Retracted requests always come first, in their original arrival order: they already streamed
 tokens to a client.
 
+Aging (`lpm`): a request may be overtaken by at most LPM_MAX_OVERTAKE later arrivals; after that
+it goes ahead of every request that arrived after it, whatever their cached prefixes. So a
+request without a cached prefix waits a bounded number of admissions behind cache hits instead of
+as long as they keep coming, and the cache benefit stays for everything else.
+
 Hold-back: when a request shares at least HOLD_MIN_TOKENS not-yet-cached tokens (or its whole
 uncached prompt) with a prompt being prefilled now, it waits. Once that prefill is scheduled its
 tokens are in the cache, so the held request pays only for the rest (this is also how the n samples
@@ -15,6 +20,7 @@ of one request share their prompt).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 
 from services.scheduler.cache import KVCache
@@ -22,6 +28,7 @@ from services.scheduler.radix_cache import RadixCache
 from services.scheduler.request import Req
 
 LPM_MAX_QUEUE = 128
+LPM_MAX_OVERTAKE = 32
 HOLD_MIN_TOKENS = 32
 
 
@@ -30,7 +37,8 @@ def _fcfs_key(req: Req) -> tuple:
 
 
 def _lpm_key(req: Req) -> tuple:
-    return (not req.retracted, -req.prefix_hint, req.arrival)
+    starved = req.overtaken >= LPM_MAX_OVERTAKE
+    return (not req.retracted, not starved, -req.prefix_hint if not starved else 0, req.arrival)
 
 
 POLICIES: dict[str, Callable[[Req], tuple]] = {"fcfs": _fcfs_key, "lpm": _lpm_key}
@@ -48,6 +56,16 @@ class Policy:
                 req.prefix_hint = self.cache.match_len(req.fill_ids[:-1])
             return sorted(waiting, key=_lpm_key)
         return sorted(waiting, key=_fcfs_key)
+
+    @staticmethod
+    def note_admitted(admitted: Sequence[Req], waiting: Sequence[Req]) -> None:
+        """Counts, for each request still waiting, the later arrivals admitted before it."""
+        if not admitted:
+            return
+        arrivals = sorted(r.arrival for r in admitted)
+        for req in waiting:
+            if req.row is None:
+                req.overtaken += len(arrivals) - bisect.bisect_right(arrivals, req.arrival)
 
 
 class PrefixesInFlight:

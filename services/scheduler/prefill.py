@@ -97,6 +97,7 @@ class PrefillManager:
         admitted = []
         if admit and self.chunked is None:
             admitted = self._admit(step, budget, waiting, in_flight)
+            self.policy.note_admitted(admitted, waiting)
         for req in touched + admitted:
             self.cache.cache_prefix(req)
         return admitted

@@ -164,6 +164,7 @@ class Req:
     retracted: bool = False
     cached_tokens: int | None = None  # prompt tokens from the cache at first admission
     prefix_hint: int = 0  # cached-prefix length seen by the policy this round
+    overtaken: int = 0  # later arrivals admitted while this one waited (lpm aging)
     finished: FinishReason | None = None
 
     @classmethod

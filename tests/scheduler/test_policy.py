@@ -84,3 +84,25 @@ def test_hold_back(computing: list[int], prompt: list[int], cached: int, held: b
     in_flight.add(req(computing, 0))
     assert in_flight.should_hold(req(prompt, 1), cached) is held
     assert PrefixesInFlight(enabled=False).should_hold(req(prompt, 1), cached) is False
+
+
+def test_lpm_lets_a_request_be_overtaken_a_bounded_number_of_times() -> None:
+    """A request with no cached prefix, behind a steady stream of cache hits: lpm puts it
+    behind them until LPM_MAX_OVERTAKE later arrivals went ahead, then first."""
+    from services.scheduler.policy import LPM_MAX_OVERTAKE
+
+    cache = cache_with([1, 2, 3, 4, 5, 6])
+    policy = Policy("lpm", cache)
+    cold = req([9, 9, 9], 0)
+    waiting, arrival, admissions = [cold], 1, 0
+    while True:
+        waiting.append(req([1, 2, 3, 4, 5, 6, arrival], arrival))  # a cache hit arrives
+        arrival += 1
+        first = policy.order(waiting)[0]
+        waiting.remove(first)
+        policy.note_admitted([first], waiting)
+        admissions += 1
+        if first is cold:
+            break
+        assert admissions <= LPM_MAX_OVERTAKE, "the cold request waited past the bound"
+    assert admissions == LPM_MAX_OVERTAKE + 1  # the cache hits did go first until then
