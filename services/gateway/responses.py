@@ -109,8 +109,15 @@ def _top_dict(lp: TokenLogprob) -> dict[str, float]:
     return top
 
 
+# OpenAI's finish_reason enum has no "abort": a sample the server ended early (an Abort from
+# elsewhere) is reported as cut short. /generate keeps SGLang's "abort".
+OPENAI_FINISH_REASONS = {"abort": "length"}
+
+
 def _choice(index: int, finish_reason: str | None, **fields: Any) -> dict[str, Any]:
-    return {"index": index, **fields, "finish_reason": finish_reason}
+    """An OpenAI choice; `finish_reason` mapped onto OpenAI's enum."""
+    reason = OPENAI_FINISH_REASONS.get(finish_reason or "", finish_reason)
+    return {"index": index, **fields, "finish_reason": reason}
 
 
 @dataclass

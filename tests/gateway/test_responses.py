@@ -147,3 +147,17 @@ def test_sse_stream_ends_with_done_and_reports_errors() -> None:
     error = json.loads(parts[-2].removeprefix(b"data: "))
     assert error["error"]["code"] == "service_unavailable"
     assert event({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
+
+
+def test_an_aborted_sample_reports_an_openai_finish_reason() -> None:
+    """OpenAI's enum has no "abort": the OpenAI routes report "length"; /generate keeps "abort"."""
+    outs = [Output(0, "Hel", [1], [], "abort")]
+    chat = ChatFormat(META, n=1, logprobs=False)
+    assert chat.response(join_outputs(outs, 1), USAGE)["choices"][0]["finish_reason"] == "length"
+    assert chat.chunk(outs[0])["choices"][0]["finish_reason"] == "length"
+    completion = CompletionFormat(META, n=1, logprobs=False)
+    assert (
+        completion.response(join_outputs(outs, 1), USAGE)["choices"][0]["finish_reason"] == "length"
+    )
+    native = NativeFormat(META, n=1).response(join_outputs(outs, 1), USAGE)
+    assert native["meta_info"]["finish_reason"] == {"type": "abort"}
