@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -64,19 +65,27 @@ class TokenizerClient:
         self._sample_ids = itertools.count(1)
         self._pieces: dict[int, TokenPiece] = {}  # id -> piece; at most the vocabulary
 
-    def _stub(self) -> tpb_grpc.TokenizerStub:
-        return self._stubs[next(self._turn)]
+    async def _unary(self, method: str, request: object) -> Any:
+        """One unary call, on the next address; an unavailable tokenizer is retried on each
+        other address in turn (calls have no side effects)."""
+        first, n = next(self._turn), len(self._stubs)
+        for attempt in range(n):
+            stub = self._stubs[(first + attempt) % n]
+            try:
+                with rpc_errors("tokenizer"):
+                    return await getattr(stub, method)(request, timeout=UNARY_TIMEOUT_S)
+            except Unavailable:
+                if attempt == len(self._stubs) - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         request = tpb.EncodeRequest(text=text, add_special_tokens=add_special_tokens)
-        with rpc_errors("tokenizer"):
-            reply = await self._stub().Encode(request, timeout=UNARY_TIMEOUT_S)
+        reply = await self._unary("Encode", request)
         return list(reply.ids)
 
     async def apply_chat_template(self, req: ChatCompletionRequest) -> list[int]:
-        request = convert.chat_request_to_pb(req)
-        with rpc_errors("tokenizer"):
-            reply = await self._stub().ApplyChatTemplate(request, timeout=UNARY_TIMEOUT_S)
+        reply = await self._unary("ApplyChatTemplate", convert.chat_request_to_pb(req))
         return list(reply.ids)
 
     async def token_pieces(self, ids: Iterable[int]) -> dict[int, TokenPiece]:
@@ -85,20 +94,34 @@ class TokenizerClient:
         missing = sorted(wanted - self._pieces.keys())
         if missing:
             request = tpb.ConvertIdsToTokensRequest(ids=missing)
-            with rpc_errors("tokenizer"):
-                reply = await self._stub().ConvertIdsToTokens(request, timeout=UNARY_TIMEOUT_S)
+            reply = await self._unary("ConvertIdsToTokens", request)
             self._pieces.update(zip(missing, convert.pieces_from_pb(reply), strict=True))
         return {i: self._pieces[i] for i in wanted}
 
     async def detokenizer(self, inp: GenerationInput, index: int) -> Detokenizer:
-        """Sample `index` of `inp`, opened on a shared call (with its first feed)."""
+        """Sample `index` of `inp`, opened on a shared call (with its first feed); it fails over
+        to another tokenizer address if its call breaks."""
+        setup = convert.detokenize_setup_to_pb(inp, index)
+        opened = self._open(setup, None)
+        assert opened is not None
+        call, sample_id, k = opened
+        return Detokenizer(call, sample_id, setup, k, self._open)
+
+    def _open(
+        self, setup: tpb.DetokenizeSetup, avoid: int | None
+    ) -> tuple[DetokenizeCall, int, int] | None:
+        """Opens a sample on the next address other than `avoid` (None: there is no other)."""
         k = next(self._turn)
+        if k == avoid:
+            if len(self.addresses) == 1:
+                return None
+            k = next(self._turn)
         call = self._calls[k]
         if call is None or not call.alive:
             call = self._calls[k] = DetokenizeCall(self._stubs[k])
         sample_id = next(self._sample_ids)
-        call.open(sample_id, convert.detokenize_setup_to_pb(inp, index))
-        return Detokenizer(call, sample_id)
+        call.open(sample_id, setup)
+        return call, sample_id, k
 
     async def check(self) -> None:
         """Raises Unavailable unless every tokenizer address is serving."""

@@ -5,8 +5,13 @@ future; the first feed of an event-loop iteration schedules one flush for the en
 the feeds of all the requests woken by one scheduler batch leave in one message, and their
 text comes back in one response. Opens and closes ride along with the next message that
 carries feeds. Responses answer messages in order, so the futures of each sent message wait
-in a FIFO. When the call breaks, every sample on it fails with the error its status maps to
-(a killed tokenizer: Unavailable); the next sample opens a fresh call.
+in a FIFO. When the call breaks, every feed waiting on it fails with the error its status maps
+to (a killed tokenizer: Unavailable); the next sample opens a fresh call.
+
+Failover: a `Detokenizer` keeps the ids it has fed and how much text it has returned. When its
+call breaks and another tokenizer is configured, it opens the sample there, feeds every id again
+(with the new ones) and returns only the text past what it already returned: detokenization is
+deterministic, so the stream the client sees goes on unbroken.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -123,17 +128,58 @@ class DetokenizeCall:
                 fut.set_exception(error)
 
 
-class Detokenizer:
-    """One sample on a shared DetokenizeBatch call: each `feed` is answered by one TextDelta."""
+# Opens a sample on a tokenizer other than `avoid` (an address index; None: any): returns the
+# call, the sample id and the address index, or None when there is no other tokenizer.
+Opener = Callable[[tpb.DetokenizeSetup, int | None], tuple[DetokenizeCall, int, int] | None]
 
-    def __init__(self, call: DetokenizeCall, sample_id: int) -> None:
+
+class Detokenizer:
+    """One sample on a shared DetokenizeBatch call: each `feed` is answered by one TextDelta.
+    With an `opener`, a broken call fails over to another tokenizer (see the module doc)."""
+
+    def __init__(
+        self,
+        call: DetokenizeCall,
+        sample_id: int,
+        setup: tpb.DetokenizeSetup | None = None,
+        address: int = 0,
+        opener: Opener | None = None,
+    ) -> None:
         self._call, self.sample_id = call, sample_id
+        self._setup, self._address, self._opener = setup, address, opener
+        self._ids: list[int] = []  # ids consumed so far
+        self._sent = 0  # characters of text returned so far
+        self.failovers = 0
         self.finished = False
 
     async def feed(self, ids: list[int], finish: bool = False) -> TextDelta:
-        delta = await self._call.feed(self.sample_id, ids, finish)
+        try:
+            delta = await self._call.feed(self.sample_id, ids, finish)
+        except Unavailable as exc:
+            delta = await self._failover(ids, finish, exc)
+        self._ids += ids[: delta.num_tokens]
+        self._sent += len(delta.text)
         self.finished = delta.finished
         return delta
+
+    async def _failover(self, ids: list[int], finish: bool, error: Unavailable) -> TextDelta:
+        """Replays the sample on another tokenizer; raises `error` when there is none."""
+        opened = None
+        if self._opener is not None and self._setup is not None:
+            opened = self._opener(self._setup, self._address)
+        if opened is None:
+            raise error
+        self._call, self.sample_id, self._address = opened
+        self.failovers += 1
+        log.warning("detokenizing sample %d again on tokenizer %d", self.sample_id, self._address)
+        before = len(self._ids)
+        whole = await self._call.feed(self.sample_id, self._ids + ids, finish)
+        return TextDelta(
+            whole.text[self._sent :],
+            max(0, whole.num_tokens - before),
+            whole.matched_stop,
+            whole.finished,
+        )
 
     def cancel(self) -> None:
         self._call.close(self.sample_id)

@@ -122,3 +122,36 @@ def test_a_tokenizer_that_goes_away_fails_every_sample_at_once() -> None:
             await client.close()
 
     asyncio.run(main())
+
+
+def test_samples_fail_over_to_another_tokenizer_and_their_text_goes_on() -> None:
+    """Two tokenizers; one goes away mid-stream: every sample's text continues on the other,
+    unbroken, stop strings included."""
+    texts = [f"sample {i}: héllo wörld 🎉 STOP never" for i in range(8)]
+
+    async def one(client: TokenizerClient, i: int, text: str, stopped: asyncio.Event) -> str:
+        detok = await client.detokenizer(inp(f"r{i}", stop=("STOP",)), 0)
+        ids, out = ids_of(text), []
+        for k in range(0, len(ids), 3):
+            if k == 9:
+                await stopped.wait()  # the first tokenizer is gone from here on
+            delta = await detok.feed(ids[k : k + 3], finish=k + 3 >= len(ids))
+            out.append(delta.text)
+            if delta.finished:
+                break
+        assert detok.finished
+        return "".join(out)
+
+    async def main() -> None:
+        async with tokenizer_server() as (_, first, a), tokenizer_server() as (_, _, b):
+            client = TokenizerClient([a, b])
+            stopped = asyncio.Event()
+            tasks = [asyncio.create_task(one(client, i, t, stopped)) for i, t in enumerate(texts)]
+            await asyncio.sleep(0.2)
+            await first.stop(0)
+            stopped.set()
+            results = await asyncio.gather(*tasks)
+            await client.close()
+        assert results == [t.split("STOP")[0] for t in texts]
+
+    asyncio.run(main())
