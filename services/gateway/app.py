@@ -1,6 +1,7 @@
 """The HTTP routes: parse the body, ask the backend, render the answer.
 
-Every exception of every route goes through one handler (`errors.error_response`). The OpenAI
+Every exception of every route goes through one handler (`errors.error_response`); bodies past
+--max-request-bytes are refused by `BodyLimit` before they are read. The OpenAI
 routes and /generate need an API key when the gateway has any; health and metrics do not.
 """
 
@@ -14,11 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.gateway.backend import Backend, new_request_id
+from services.gateway.body_limit import BodyLimit
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import (
     GatewayError,
@@ -186,6 +189,12 @@ def build_app(
     if cfg.metrics:
         routes.append(Route("/metrics", metrics, methods=["GET"]))
     handlers = {GatewayError: on_error, HTTPException: on_error, Exception: on_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)  # type: ignore[arg-type]
+    limit = Middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
+    app = Starlette(
+        routes=routes,
+        middleware=[limit],
+        exception_handlers=handlers,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
     app.state.api_keys = list(cfg.api_key)
     return app
