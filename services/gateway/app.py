@@ -32,6 +32,7 @@ from services.gateway.errors import (
     error_response,
 )
 from services.gateway.fields import CHAT, COMPLETIONS, GENERATE
+from services.gateway.openapi import openapi_document
 from services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -133,6 +134,10 @@ async def get_model(request: Request) -> Response:
     return JSONResponse(model_card(model.name, backend.created, model.context_length))
 
 
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -182,6 +187,7 @@ def build_app(
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/generate", generate, methods=["POST"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/health_generate", health_generate, methods=["GET"]),

@@ -219,3 +219,14 @@ def test_the_real_backend_checks_prompt_characters_before_tokenizing() -> None:
     with pytest.raises(ContextLengthExceeded) as err:
         asyncio.run(backend.chat_input(req, "r"))
     assert err.value.param == "messages" and backend.tokenizer.calls == 0  # type: ignore[attr-defined]
+
+
+def test_the_openapi_document_carries_the_models_and_their_ranges(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    assert set(doc["paths"]) == set(BASE) and doc["openapi"].startswith("3.1")
+    schemas = doc["components"]["schemas"]
+    top_k = schemas["NativeSamplingParams"]["properties"]["top_k"]
+    assert (top_k["minimum"], top_k["maximum"], top_k["type"]) == (-1, 2**31 - 1, "integer")
+    for path in BASE:
+        ref = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert ref["$ref"].rsplit("/", 1)[-1] in schemas
