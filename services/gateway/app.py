@@ -1,6 +1,7 @@
 """The HTTP routes: parse the body, ask the backend, render the answer.
 
-Every exception of every route goes through one handler (`errors.error_response`). The OpenAI
+Every exception of every route goes through one handler (`errors.error_response`); bodies past
+--max-request-bytes are refused by `BodyLimit` before they are read. The OpenAI
 routes and /generate need an API key when the gateway has any; health and metrics do not.
 """
 
@@ -14,11 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.gateway.backend import Backend, new_request_id
+from services.gateway.body_limit import BodyLimit
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import (
     GatewayError,
@@ -29,6 +32,7 @@ from services.gateway.errors import (
     error_response,
 )
 from services.gateway.fields import CHAT, COMPLETIONS, GENERATE
+from services.gateway.openapi import openapi_document
 from services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -130,6 +134,10 @@ async def get_model(request: Request) -> Response:
     return JSONResponse(model_card(model.name, backend.created, model.context_length))
 
 
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -179,6 +187,7 @@ def build_app(
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/generate", generate, methods=["POST"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/health_generate", health_generate, methods=["GET"]),
@@ -186,6 +195,12 @@ def build_app(
     if cfg.metrics:
         routes.append(Route("/metrics", metrics, methods=["GET"]))
     handlers = {GatewayError: on_error, HTTPException: on_error, Exception: on_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)  # type: ignore[arg-type]
+    limit = Middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
+    app = Starlette(
+        routes=routes,
+        middleware=[limit],
+        exception_handlers=handlers,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
     app.state.api_keys = list(cfg.api_key)
     return app

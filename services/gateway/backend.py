@@ -28,6 +28,8 @@ from services.gateway.sampling import (
     SamplingParams,
     TextOptions,
     chat_sampling,
+    chat_texts,
+    check_prompt_chars,
     completion_sampling,
     fit_context,
     native_sampling,
@@ -116,6 +118,7 @@ class Backend:
     ) -> tuple[GenerationInput, ToolPlan | None]:
         """The generation of a chat request, and how its tools are used (None: no tools)."""
         model = self.check_model(req.model)
+        check_prompt_chars(chat_texts(req), model, "messages")
         sampling, plan = chat_tools_sampling(
             req, model, self.cfg.tool_call_parser, self.cfg.reasoning_parser
         )
@@ -130,6 +133,9 @@ class Backend:
         self, req: CompletionRequest, request_id: str
     ) -> list[GenerationInput]:
         model = self.check_model(req.model)
+        for prompt in req.prompts():
+            if isinstance(prompt, str):
+                check_prompt_chars([prompt], model, "prompt")
         sampling = completion_sampling(req, model)
         prompts = await asyncio.gather(*(self._ids(p) for p in req.prompts()))
         text = TextOptions(
@@ -149,6 +155,7 @@ class Backend:
         if (req.text is None) == (req.input_ids is None):
             raise InvalidRequest("set exactly one of 'text' and 'input_ids'", param="text")
         model = self.model
+        check_prompt_chars([req.text or ""], model, "text")
         p = req.sampling_params
         sampling = native_sampling(p, model)
         ids = req.input_ids if req.input_ids is not None else await self._ids(req.text or "")

@@ -25,6 +25,9 @@ class GatewayConfig:
     request_timeout_s: float = option(600.0, "longest a request may run before it is aborted")
     metrics: bool = option(True, "serve Prometheus metrics at /metrics")
     load_refresh_s: float = option(0.5, "how often the schedulers' load is polled for routing")
+    max_request_bytes: int = option(
+        4 * 2**20, "longest request body accepted; a longer one is answered 413 unread"
+    )
     retry_after_s: int = option(1, "Retry-After seconds sent with a 503 when a queue is full")
     shutdown_grace_s: float = option(
         30.0, "on SIGTERM: seconds in-flight requests get to finish before they are aborted"
@@ -48,6 +51,8 @@ class GatewayConfig:
         for name in ("request_timeout_s", "load_refresh_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        if self.max_request_bytes <= 0:
+            raise ValueError("--max-request-bytes must be > 0")
         if self.retry_after_s < 0 or self.shutdown_grace_s < 0:
             raise ValueError("--retry-after-s and --shutdown-grace-s must be >= 0")
         from services.gateway.chat_tools import check_parsers

@@ -8,7 +8,9 @@ Every failure a client can see is a `GatewayError` carrying its HTTP status and 
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 import grpc
 from starlette.exceptions import HTTPException
@@ -39,6 +41,12 @@ class InvalidRequest(GatewayError):
 
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
+
+
+class RequestTooLarge(GatewayError):
+    """The body is longer than --max-request-bytes."""
+
+    status, type, code = 413, "invalid_request_error", "request_too_large"
 
 
 class Unauthorized(GatewayError):
@@ -109,10 +117,18 @@ def error_payload(exc: BaseException) -> tuple[int, dict]:
     return 500, error_body("internal server error", "server_error", None, "internal_error")
 
 
+class ErrorResponse(JSONResponse):
+    """JSON as ASCII: an error quoting the client's input (a model name holding a lone
+    surrogate, say) always encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
     """`error_payload` as a response; a full queue adds Retry-After."""
     status, body = error_payload(exc)
     headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(retry_after_s)
-    return JSONResponse(body, status, headers=headers)
+    return ErrorResponse(body, status, headers=headers)

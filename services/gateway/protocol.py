@@ -9,25 +9,43 @@ vLLM does. Checks that need the model (context length, vocabulary) happen later,
 
 from __future__ import annotations
 
-import json
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from services.gateway.errors import InvalidRequest
 from services.gateway.fields import FieldTable
+from services.gateway.json_body import decode_object
+from services.gateway.limits import (
+    LOGIT_BIAS_KEY,
+    BestOf,
+    Bias,
+    MaxTokens,
+    MinP,
+    MinTokens,
+    N,
+    NativeTemperature,
+    Penalty,
+    RepetitionPenalty,
+    Seed,
+    Temperature,
+    TokenId,
+    TopK,
+    TopLogprobs,
+    TopP,
+)
 
 M = TypeVar("M", bound=BaseModel)
 # Names pydantic puts in an error's location for the branch of a union that failed.
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
-Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
 NonEmptyText = Annotated[str, Field(min_length=1)]
+# A client's request id: echoed in answers and logs, so short and free of control characters.
+RequestId = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class JsonSchemaFormat(BaseModel):
@@ -36,8 +54,8 @@ class JsonSchemaFormat(BaseModel):
 
     name: str = "response"
     description: str | None = None
-    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
-    strict: bool | None = None
+    schema_: dict[str, Any] | StrictBool | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
 
 
 class ResponseFormat(BaseModel):
@@ -55,11 +73,11 @@ class StructuredOutputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    json_: dict[str, Any] | str | bool | None = Field(None, alias="json")
+    json_: dict[str, Any] | str | StrictBool | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[str] | None = Field(None, min_length=1)
     grammar: str | None = None
-    json_object: bool | None = None
+    json_object: StrictBool | None = None
     structural_tag: str | dict[str, Any] | None = None
 
 
@@ -67,12 +85,12 @@ class SamplingFields(BaseModel):
     """Sampling and stopping fields shared by chat and completions."""
 
     model: str | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=128)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: N = 1
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     stop: NonEmptyText | list[NonEmptyText] | None = None
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
@@ -80,14 +98,14 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, Bias] | None = None
     user: str | None = None
     # Extensions (SGLang / vLLM), sent by OpenAI clients through extra_body.
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    min_tokens: MinTokens = 0
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
     # Structured outputs: at most one of them (see services/gateway/structured.py).
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -100,8 +118,8 @@ class SamplingFields(BaseModel):
     @classmethod
     def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not key.strip().lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not re.fullmatch(LOGIT_BIAS_KEY, key):
+                raise ValueError(f"keys must be token ids (ASCII decimal integers), got {key!r}")
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -129,7 +147,7 @@ class FunctionDef(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class Tool(BaseModel):
@@ -150,16 +168,16 @@ class NamedToolChoice(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: StrictBool = False
+    top_logprobs: TopLogprobs | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     functions: list[FunctionDef] | None = None  # legacy: mapped onto tools
     function_call: Literal["none", "auto"] | FunctionName | None = None  # legacy tool_choice
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
     def tool_dicts(self) -> list[dict[str, Any]]:
@@ -177,16 +195,16 @@ class ChatCompletionRequest(SamplingFields):
         return (call.model_dump() if isinstance(call, BaseModel) else call), "function_call"
 
 
-PromptIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+PromptIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingFields):
     prompt: NonEmptyText | PromptIds | list[NonEmptyText] | list[PromptIds]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    max_tokens: MaxTokens | None = 16
+    logprobs: TopLogprobs | None = None
+    echo: StrictBool = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: BestOf | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -206,21 +224,21 @@ class CompletionRequest(SamplingFields):
 class NativeSamplingParams(BaseModel):
     """`sampling_params` of /generate, with SGLang's names."""
 
-    max_new_tokens: int = Field(128, ge=1)
-    min_new_tokens: int = Field(0, ge=0)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    max_new_tokens: MaxTokens = 128
+    min_new_tokens: MinTokens = 0
+    temperature: NativeTemperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
+    min_p: MinP = 0.0
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: RepetitionPenalty = 1.0
     stop: NonEmptyText | list[NonEmptyText] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
     seed: Seed | None = Field(None, alias="sampling_seed")
-    n: int = Field(1, ge=1, le=128)
+    n: N = 1
     # Structured outputs (SGLang): at most one of them.
     regex: str | None = None
     ebnf: str | None = None
@@ -239,8 +257,8 @@ class GenerateRequest(BaseModel):
     text: NonEmptyText | None = None
     input_ids: PromptIds | None = None
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
-    stream: bool = False
-    rid: str | None = None
+    stream: StrictBool = False
+    rid: RequestId | None = None
 
 
 def parse_body(model: type[M], body: bytes, fields: FieldTable | None = None) -> M:
@@ -248,14 +266,10 @@ def parse_body(model: type[M], body: bytes, fields: FieldTable | None = None) ->
 
     Malformed, invalid or rejected input raises InvalidRequest.
     """
+    data = decode_object(body)
     try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise InvalidRequest(f"malformed JSON body: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    try:
-        parsed = model.model_validate(data)
+        # Strict: JSON booleans and integers only, as OpenAI (no "4", 4.0 or "yes").
+        parsed = model.model_validate(data, strict=True)
     except ValidationError as exc:
         raise _invalid(exc) from None
     if fields is not None:

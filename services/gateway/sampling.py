@@ -6,6 +6,7 @@ set explicitly. Checks that need the model (vocabulary, context length, logprob 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from services.common.grammar import GrammarSpec
@@ -19,6 +20,9 @@ from services.gateway.protocol import (
 from services.gateway.structured import native_grammar, request_grammar
 
 SEED_MASK = 2**64 - 1
+# Longest prompt text per token of the context, checked before tokenizing. Tokens of real
+# vocabularies are far shorter; this only stops megabytes of text from reaching the tokenizer.
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,33 @@ def native_sampling(p: NativeSamplingParams, model: ModelInfo) -> SamplingParams
     )
     _check_ids(params, model, "sampling_params")
     return _with_grammar(params, native_grammar(p))
+
+
+def check_prompt_chars(texts: Iterable[str], model: ModelInfo, what: str) -> None:
+    """Refuses prompt text that cannot fit the context whatever the tokenizer makes of it: more
+    than MAX_CHARS_PER_TOKEN characters per token of the context. Runs before tokenizing, so a
+    huge prompt costs no tokenizer time."""
+    limit = model.context_length * MAX_CHARS_PER_TOKEN
+    chars = sum(len(text) for text in texts)
+    if chars > limit:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {model.context_length} tokens. However, "
+            f"your {what} is {chars} characters long, more than the {limit} characters "
+            f"({MAX_CHARS_PER_TOKEN} per token) that context can hold. "
+            f"Please reduce the length of the {what}.",
+            param=what,
+        )
+
+
+def chat_texts(req: ChatCompletionRequest) -> Iterator[str]:
+    """The text of every message (names, strings and text parts)."""
+    for message in req.messages:
+        if message.name is not None:
+            yield message.name
+        if isinstance(message.content, str):
+            yield message.content
+        elif message.content is not None:
+            yield from (part.text for part in message.content if part.text is not None)
 
 
 def fit_context(
