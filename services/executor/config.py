@@ -53,6 +53,11 @@ class ExecutorConfig:
     num_threads: int | None = option(
         None, "torch intra-op threads (default: the cores this process may use)"
     )
+    watchdog_timeout_s: float = option(
+        600.0,
+        "exit the process when one step has executed this many seconds (a wedged forward), "
+        "so it is restarted; idle time, loading and warm-up never count; 0 disables it",
+    )
     host: str = option("127.0.0.1", "address the gRPC server binds")
     port: int = option(30002, "gRPC port")
 
@@ -67,3 +72,5 @@ class ExecutorConfig:
             raise ValueError("--cuda-graph-max-bs must be at least 1")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError("--context-length must be at least 2")
+        if self.watchdog_timeout_s < 0:
+            raise ValueError("--watchdog-timeout-s must be >= 0 (0 disables it)")

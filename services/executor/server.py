@@ -10,14 +10,15 @@ from services.common.grpc_server import GrpcServer
 from services.common.log import setup_logging
 from services.executor.config import ExecutorConfig
 from services.executor.factory import create_engine
-from services.executor.servicer import ExecutorServicer
+from services.executor.servicer import ExecutorServicer, Watchdog
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
 
 
 async def serve(cfg: ExecutorConfig) -> None:
     log = setup_logging("executor")
-    servicer = ExecutorServicer()
+    watchdog = Watchdog(cfg.watchdog_timeout_s)
+    servicer = ExecutorServicer(watchdog)
     server = GrpcServer(cfg.host, cfg.port, [SERVICE_NAME])
     server.register(executor_pb2_grpc.add_ExecutorServicer_to_server, servicer)
     port = await server.start()
@@ -36,6 +37,7 @@ async def serve(cfg: ExecutorConfig) -> None:
         raise
     log.info("warmed up in %.1fs", time.monotonic() - started)
     servicer.ready = True
+    watchdog.start()
     await server.set_serving(True)
     log.info("serving %s on %s:%d", loaded.served_name, cfg.host, port)
     await server.wait_for_termination()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
+import os
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -17,11 +20,66 @@ from radixserve.v1 import grammar_pb2 as gpb
 from services.common.grammar import GrammarError, GrammarSpec
 from services.executor.engine import PreparedStep
 from services.executor.factory import LoadedModel
-from services.executor.step import error_to_pb, output_to_pb, step_from_pb
+from services.executor.step import StepOutput, error_to_pb, output_to_pb, step_from_pb
 from services.executor.validation import StepRejected
 
 log = logging.getLogger("radixserve.executor")
 DETACH_WAIT_S = 2.0  # how long a new Run waits for the previous stream to finish detaching
+WATCHDOG_EXIT_CODE = 3
+
+
+class Watchdog:
+    """Ends the process when one step has executed longer than `timeout_s` (0: never).
+
+    A forward wedged in a kernel or a deadlock holds the worker thread for good while health
+    still says ready; only a restart (by the orchestrator, or `radixserve serve` noticing a dead
+    service) frees it. The clock runs only between `begin` and `end` — around a step's execute on
+    the worker thread — so idle time, loading and warm-up never count. A daemon thread checks.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        exit: Callable[[int], object] = os._exit,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self._clock, self._exit = clock, exit
+        self._running: tuple[int, float] | None = None  # (step id, started) while one executes
+
+    def begin(self, step_id: int) -> None:
+        self._running = (step_id, self._clock())
+
+    def end(self) -> None:
+        self._running = None
+
+    def start(self) -> None:
+        if self.timeout_s:
+            threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
+
+    def check(self) -> None:
+        running = self._running
+        if running is None or not self.timeout_s:
+            return
+        step_id, started = running
+        elapsed = self._clock() - started
+        if elapsed > self.timeout_s:
+            log.critical(
+                "watchdog: step %d has executed for %.1f s (--watchdog-timeout-s %g); the forward "
+                "is wedged, exiting so the executor is restarted",
+                step_id,
+                elapsed,
+                self.timeout_s,
+            )
+            with contextlib.suppress(Exception):
+                faulthandler.dump_traceback(all_threads=True)  # where the forward is stuck
+            self._exit(WATCHDOG_EXIT_CODE)
+
+    def _watch(self) -> None:
+        interval = min(self.timeout_s / 4, 5.0)
+        while True:
+            time.sleep(interval)
+            self.check()
 
 
 class ExecutorServicer(pb_grpc.ExecutorServicer):
@@ -29,7 +87,8 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
     the next Step is decoded, validated and its host-side batch built on a second thread while
     the current one computes (`Engine.prepare` / `Engine.execute`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, watchdog: Watchdog | None = None) -> None:
+        self.watchdog = watchdog or Watchdog(0.0)
         self.loaded: LoadedModel | None = None
         self.ready = False
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
@@ -163,11 +222,18 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             return item
         step_id = item.step.step_id
         try:
-            return output_to_pb(await self._call(loaded.engine.execute, item))
+            return output_to_pb(await self._call(self._watched_execute, loaded, item))
         except StepRejected as exc:
             return _rejected(step_id, exc)
         except Exception as exc:
             return _failed(step_id, exc)
+
+    def _watched_execute(self, loaded: LoadedModel, item: PreparedStep) -> StepOutput:
+        self.watchdog.begin(item.step.step_id)
+        try:
+            return loaded.engine.execute(item)
+        finally:
+            self.watchdog.end()
 
 
 # A prepared Step, or the error result of one that could not be prepared.

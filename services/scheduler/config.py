@@ -45,6 +45,11 @@ class SchedulerConfig:
         False, "check cache and allocator integrity after every step (slow; for tests)"
     )
     executor_timeout: float = option(300.0, "seconds to wait for the executor to become ready")
+    step_timeout_s: float = option(
+        300.0,
+        "seconds the executor may take to answer a sent step before it is treated as lost "
+        "(its requests fail, the scheduler reconnects); 0 waits forever",
+    )
 
     def __post_init__(self) -> None:
         if self.max_running_requests is not None and self.max_running_requests < 1:
@@ -59,3 +64,5 @@ class SchedulerConfig:
             raise ValueError("--schedule-conservativeness must be > 0")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError("--context-length must be at least 2")
+        if self.step_timeout_s < 0:
+            raise ValueError("--step-timeout-s must be >= 0 (0 disables it)")

@@ -45,5 +45,9 @@ class ExecutorLost(Exception):
     """The executor's step stream broke; every running request is lost with it."""
 
 
+class StepTimeout(ExecutorLost):
+    """A sent step's result did not come within --step-timeout-s: the executor is wedged."""
+
+
 def status_of(exc: BaseException) -> grpc.StatusCode:
     return exc.code if isinstance(exc, SchedulerError) else grpc.StatusCode.INTERNAL

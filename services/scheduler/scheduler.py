@@ -11,6 +11,13 @@ grammar that does not compile fails the request with INVALID_ARGUMENT before it 
 The loop (overlap on): build step N+1 and send it, then wait for N's result and process it — the
 executor computes N+1 while the scheduler processes N. A request that finishes at N already has a
 slice in N+1; its epoch has moved on, so that token is dropped, and its row is released in N+2.
+
+Failure: whatever stops `_serve` — the step stream broke, a step unanswered past --step-timeout-s,
+a rejected step, a bug — fails the requests the loop holds, reports not ready, and connects again;
+only cancellation ends `run`. On executor loss (broken or silent stream) the queue fails too, at
+once: the executor may take minutes to come back, and a caller is better served by an error it can
+retry elsewhere. A rejected step or a bug leaves the executor up, so queued requests wait for the
+reconnect, which is immediate.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from services.scheduler.errors import (
     InvalidRequest,
     NotReady,
     QueueFull,
+    StepTimeout,
 )
 from services.scheduler.executor_client import ExecutorInfo, ExecutorLink
 from services.scheduler.metrics import Counters, Load
@@ -79,6 +87,9 @@ class Scheduler:
         self._compiles: set[asyncio.Task] = set()
         self._compiled: set[GrammarSpec] = set()
         self._compiling: dict[GrammarSpec, asyncio.Future[None]] = {}
+        self.running: list[Req] = []
+        # Steps sent and not processed yet: (step, its result's future, loop time it was sent).
+        self._inflight: deque[tuple[Step, asyncio.Future, float]] = deque()
 
     def _setup(self, info: ExecutorInfo) -> None:
         """Fresh managers sized from the executor's Info (at start and after reconnecting)."""
@@ -102,7 +113,8 @@ class Scheduler:
         self.running: list[Req] = []
         self._releases: list[int] = []  # rows to release in the next step
         self._compiled = set()  # a new executor connection has an empty grammar cache
-        self._inflight: deque[tuple[Step, asyncio.Future]] = deque()
+        self._inflight = deque()
+        self._answered_at = 0.0  # loop time of the last step result
 
     # ---- API ------------------------------------------------------------------------------------
 
@@ -216,17 +228,28 @@ class Scheduler:
     # ---- the loop -------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Connects, serves until cancelled; on losing the executor, fails what ran and reconnects."""
+        """Connects and serves until cancelled; any failure fails what it held and reconnects."""
         while True:
-            self._setup(await self._connect())
-            await self._set_ready(True)
             try:
+                self._setup(await self._connect())
+                await self._set_ready(True)
                 await self._serve()
-            except (ExecutorLost, StepFailed, AssertionError) as exc:
-                log.exception("scheduler loop stopped: %s", exc)
-                await self._set_ready(False)
-                code = UNAVAILABLE if isinstance(exc, ExecutorLost) else INTERNAL
-                self._fail_running(code, f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                await self._recover(exc)
+
+    async def _recover(self, exc: Exception) -> None:
+        """Not ready; the requests the loop held fail; the link is closed for a fresh connect."""
+        lost = isinstance(exc, ExecutorLost)
+        if lost:
+            log.error("executor lost: %s; reconnecting", exc)
+        else:
+            log.exception("scheduler loop stopped by %s: %s; reconnecting", type(exc).__name__, exc)
+        await self._set_ready(False)
+        code = UNAVAILABLE if lost else INTERNAL
+        self._fail_requests(code, f"{type(exc).__name__}: {exc}", queued=lost)
+        await self.link.close()
+        if not lost:  # a bug that recurs at once must not spin
+            await asyncio.sleep(RECONNECT_DELAY_S)
 
     async def _connect(self) -> ExecutorInfo:
         while True:
@@ -255,16 +278,38 @@ class Scheduler:
             step = self._build_step()
             if step:
                 self.counters.steps += 1
-                self._inflight.append((step, self.link.send(step.to_pb())))
+                sent_at = asyncio.get_running_loop().time()
+                self._inflight.append((step, self.link.send(step.to_pb()), sent_at))
             keep = 1 if self.overlap and step else 0
             processed = len(self._inflight) > keep  # results may free memory or rows: build again
             while len(self._inflight) > keep:
-                sent, fut = self._inflight.popleft()
-                self._process(sent, await fut)
+                result = await self._oldest_result()
+                self._process(self._inflight.popleft()[0], result)
             if not step and not processed:
                 assert not self.running, "idle while requests are running"
                 self.check_integrity()
                 await self._wake.wait()
+
+    async def _oldest_result(self) -> pb.StepResult:
+        """The oldest in-flight step's result, or StepTimeout past --step-timeout-s.
+
+        The executor owes it from when it was sent or the previous result came, whichever is later
+        (with overlap it is sent while the step before still computes); idle time never counts, as
+        nothing is in flight then."""
+        step, fut, sent_at = self._inflight[0]
+        timeout = self.cfg.step_timeout_s
+        if timeout:
+            loop = asyncio.get_running_loop()
+            left = max(sent_at, self._answered_at) + timeout - loop.time()
+            try:
+                result = await asyncio.wait_for(asyncio.shield(fut), left)
+            except TimeoutError:
+                raise StepTimeout(
+                    f"the executor did not answer step {step.step_id} within {timeout:g} s"
+                ) from None
+            self._answered_at = loop.time()
+            return result
+        return await fut
 
     def _build_step(self) -> Step:
         step = Step(next(self._step_ids))
@@ -377,15 +422,16 @@ class Scheduler:
         if all(r.finished is not None for r in self.groups[req.rid]):
             del self.groups[req.rid]
 
-    def _fail_running(self, code: int, message: str) -> None:
-        """The executor's state is gone: fail every request with a sample on it; keep the queue."""
-        for _, fut in self._inflight:
+    def _fail_requests(self, code: int, message: str, queued: bool) -> None:
+        """The executor's state is gone: fail every request with a sample on it, and with `queued`
+        those still waiting too (else they stay queued for the next connection)."""
+        for _, fut, _ in self._inflight:
             if fut.done() and not fut.cancelled():
                 fut.exception()  # retrieved: it is the failure being handled
             fut.cancel()
         self._inflight.clear()
         for rid, samples in list(self.groups.items()):
-            if any(r.row is not None for r in samples):
+            if queued or any(r.row is not None for r in samples):
                 for req in samples:
                     req.finished = req.finished or FinishReason.ABORT
                 samples[0].stream.fail(code, message)
