@@ -157,7 +157,7 @@ class Backend:
         model = self.model
         check_prompt_chars([req.text or ""], model, "text")
         p = req.sampling_params
-        sampling = native_sampling(p, model)
+        sampling = replace(native_sampling(p, model), priority=req.priority)
         ids = req.input_ids if req.input_ids is not None else await self._ids(req.text or "")
         sampling = fit_context(sampling, len(ids), model, "input_ids")
         return GenerationInput(

@@ -129,6 +129,7 @@ _SAMPLING: dict[str, Rule] = {
     "ignore_eos": Rule("EOS does not end a sample"),
     "skip_special_tokens": Rule("special tokens are left out of the text"),
     "include_stop_str_in_output": Rule("the matched stop string is kept in the text"),
+    "priority": Rule("admission order under --schedule-policy priority, lowest first"),
     # Structured outputs: at most one per request.
     "response_format": Rule(
         "`json_object`, `json_schema` or `structural_tag` constrains the output; `text` does not"
@@ -249,6 +250,7 @@ GENERATE = FieldTable(
         "sampling_params": Rule("how to sample, with SGLang's names"),
         "stream": Rule("answers as server-sent events"),
         "rid": Rule("the request id (a duplicate in flight is a 400)"),
+        "priority": Rule("admission order under --schedule-policy priority, lowest first"),
     },
     no_effect={},
     rejected={

@@ -33,6 +33,7 @@ MaxTokens = Annotated[int, _int(1)]
 N = Annotated[int, _int(1, MAX_N)]
 BestOf = Annotated[int, _int(1)]
 TopLogprobs = Annotated[int, _int(0, MAX_TOP_LOGPROBS)]
+Priority = Annotated[int, _int(-(2**31))]  # int32; lower values go first (vLLM's convention)
 # OpenAI documents int64; the scheduler takes the value modulo 2**64, so uint64 seeds work too.
 Seed = Annotated[int, _int(-(2**63), 2**64 - 1)]
 

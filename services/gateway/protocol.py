@@ -27,6 +27,7 @@ from services.gateway.limits import (
     N,
     NativeTemperature,
     Penalty,
+    Priority,
     RepetitionPenalty,
     Seed,
     Temperature,
@@ -106,6 +107,7 @@ class SamplingFields(BaseModel):
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    priority: Priority = 0  # vLLM: lower first, with --schedule-policy priority
     # Structured outputs: at most one of them (see services/gateway/structured.py).
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -259,6 +261,7 @@ class GenerateRequest(BaseModel):
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
     stream: StrictBool = False
     rid: RequestId | None = None
+    priority: Priority = 0  # SGLang: lower first, with --schedule-policy priority
 
 
 def parse_body(model: type[M], body: bytes, fields: FieldTable | None = None) -> M:

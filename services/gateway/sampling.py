@@ -62,6 +62,7 @@ class SamplingParams:
     n: int = 1
     grammar: GrammarSpec | None = None  # the output must follow it (structured outputs)
     grammar_param: str | None = None  # the request field the grammar came from, for errors
+    priority: int = 0  # admission order under --schedule-policy priority (lower first)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ def _sampling(
         stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
         n=req.n,
+        priority=req.priority,
     )
     _check_ids(params, model, None)
     return _with_grammar(params, request_grammar(req))

@@ -23,7 +23,10 @@ class SchedulerConfig:
         2048, "most prefill tokens per step; longer prompts are chunked"
     )
     schedule_policy: str = option(
-        "lpm", "waiting-queue order (lpm falls back to fcfs on a long queue)", sorted(POLICIES)
+        "lpm",
+        "waiting-queue order: lpm (longest cached prefix; fcfs on a long queue), fcfs, or "
+        "priority (the request's priority, lowest first)",
+        sorted(POLICIES),
     )
     schedule_conservativeness: float = option(
         1.0,

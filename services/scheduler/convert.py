@@ -51,7 +51,9 @@ def params_from_pb(msg: pb.GenerateRequest) -> GenerateParams:
         grammar = GrammarSpec.from_pb(s.grammar) if s.HasField("grammar") else None
     except GrammarError as exc:
         raise InvalidRequest(str(exc)) from None
-    return GenerateParams(msg.request_id, list(msg.input_ids), sampling, stop, s.n, grammar)
+    return GenerateParams(
+        msg.request_id, list(msg.input_ids), sampling, stop, s.n, grammar, msg.priority
+    )
 
 
 def event_to_pb(event: Event) -> pb.GenerateResponse:

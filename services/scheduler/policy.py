@@ -4,6 +4,8 @@
   used before they are evicted. Matching costs O(queue × prompt), so past LPM_MAX_QUEUE waiting
   requests the order falls back to FCFS.
 - `fcfs`: arrival order.
+- `priority`: the request's `priority`, lowest first (vLLM's convention), then arrival order.
+  Admission order only: running requests are not preempted for a higher-priority one.
 Retracted requests always come first, in their original arrival order: they already streamed
 tokens to a client.
 
@@ -41,7 +43,15 @@ def _lpm_key(req: Req) -> tuple:
     return (not req.retracted, not starved, -req.prefix_hint if not starved else 0, req.arrival)
 
 
-POLICIES: dict[str, Callable[[Req], tuple]] = {"fcfs": _fcfs_key, "lpm": _lpm_key}
+def _priority_key(req: Req) -> tuple:
+    return (not req.retracted, req.priority, req.arrival)
+
+
+POLICIES: dict[str, Callable[[Req], tuple]] = {
+    "fcfs": _fcfs_key,
+    "lpm": _lpm_key,
+    "priority": _priority_key,
+}
 
 
 class Policy:
@@ -55,6 +65,8 @@ class Policy:
             for req in waiting:
                 req.prefix_hint = self.cache.match_len(req.fill_ids[:-1])
             return sorted(waiting, key=_lpm_key)
+        if self.name == "priority":
+            return sorted(waiting, key=_priority_key)
         return sorted(waiting, key=_fcfs_key)
 
     @staticmethod

@@ -66,6 +66,7 @@ class GenerateParams:
     stop: StopOptions = StopOptions()
     n: int = 1
     grammar: GrammarSpec | None = None  # the output must follow it; None: free text
+    priority: int = 0  # lower first under the `priority` policy
 
     def validate(self, limits: Limits) -> None:
         """Raises InvalidRequest naming the first problem."""
@@ -145,6 +146,7 @@ class Req:
     stream: OutputStream
     arrival: int  # FCFS order
     grammar: GrammarSpec | None = None
+    priority: int = 0
     grammar_ready: bool = True  # False while the executor compiles the grammar (not admissible)
     jump_forward: bool = False  # the executor may emit the grammar's forced tokens (see decode.py)
     output: list[int] = field(default_factory=list)  # tokens seen (results processed)
@@ -187,6 +189,7 @@ class Req:
             stream=stream,
             arrival=arrival,
             grammar=params.grammar,
+            priority=params.priority,
             grammar_ready=params.grammar is None,
         )
 

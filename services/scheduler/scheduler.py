@@ -126,6 +126,11 @@ class Scheduler:
         `on_event` is handed to the OutputStream (called whenever it has new events)."""
         self.require_ready()
         params.validate(self.limits)
+        if params.priority and self.cfg.schedule_policy != "priority":
+            raise InvalidRequest(
+                f"priority {params.priority} needs --schedule-policy priority "
+                f"(this scheduler uses {self.cfg.schedule_policy})"
+            )
         if params.request_id in self.groups:
             raise DuplicateRequest(f"request {params.request_id!r} is already in flight")
         if len(self.waiting) + params.n > self.cfg.max_queued_requests:

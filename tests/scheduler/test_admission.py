@@ -137,3 +137,32 @@ def test_rejected_step_fails_running_requests_and_keeps_the_queue() -> None:
         assert fake.connects == 2
 
     asyncio.run(main())
+
+
+def test_priority_policy_admits_lower_values_first_and_other_policies_refuse_it() -> None:
+    import dataclasses
+
+    import pytest
+
+    from services.scheduler.errors import InvalidRequest
+
+    priorities = [3, -2, 7, 0]
+
+    async def main() -> None:
+        fake = FakeExecutor(4096, 16)
+        cfg = {"schedule_policy": "priority", "max_running_requests": 1}
+        async with running_scheduler(fake, **cfg) as sched:
+            streams = [
+                sched.submit(dataclasses.replace(params(f"r{i}", [i + 1] * 5, 2), priority=p))
+                for i, p in enumerate(priorities)
+            ]
+            for stream in streams:
+                await collect(stream)
+        admitted = [a.request_id for step in fake.steps for a in step.add]
+        assert admitted == ["r1", "r3", "r0", "r2"]  # -2, 0, 3, 7
+        async with running_scheduler(FakeExecutor(4096, 16)) as sched:  # lpm
+            with pytest.raises(InvalidRequest, match="--schedule-policy priority"):
+                sched.submit(dataclasses.replace(params("x", [1, 2], 2), priority=1))
+            await collect(sched.submit(params("y", [1, 2], 2)))  # priority 0 is fine
+
+    asyncio.run(main())

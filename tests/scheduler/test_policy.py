@@ -106,3 +106,11 @@ def test_lpm_lets_a_request_be_overtaken_a_bounded_number_of_times() -> None:
             break
         assert admissions <= LPM_MAX_OVERTAKE, "the cold request waited past the bound"
     assert admissions == LPM_MAX_OVERTAKE + 1  # the cache hits did go first until then
+
+
+def test_priority_policy_orders_by_priority_then_arrival() -> None:
+    cache = cache_with([1, 2, 3])
+    waiting = [req([1, 2, 3, 4], 0), req([9], 1), req([8], 2), req([7], 3, retracted=True)]
+    waiting[0].priority, waiting[1].priority, waiting[2].priority = 5, -1, 5
+    order = Policy("priority", cache).order(waiting)
+    assert [r.arrival for r in order] == [3, 1, 0, 2]  # retracted, then -1, then 5 by arrival
