@@ -24,6 +24,11 @@ from services.scheduler.request import Req
 from services.scheduler.step import Step
 
 
+def slots_needed(req: Req) -> int:
+    """KV slots req's next decode slice takes: its uncomputed tokens after jump-forward, else 1."""
+    return len(req.fill_ids) - req.num_computed if req.explicit_next else 1
+
+
 def victim_order(req: Req) -> tuple[int, int]:
     return (len(req.output), -len(req.prompt))
 
@@ -74,11 +79,12 @@ class DecodeManager:
         return req.needs_unban() and len(req.output) < req.num_scheduled_outputs
 
     def _make_room(self, ready: list[Req], running: Sequence[Req]) -> list[Req]:
-        """Retracts until every remaining ready request gets a slot (always keeping one)."""
+        """Retracts until every remaining ready request gets its slots (always keeping one): one
+        each, or after jump-forward one per token still to compute."""
         candidates = sorted(
             (r for r in running if r in ready or r.prefilling), key=victim_order, reverse=True
         )
-        while self.cache.available() < len(ready) and len(candidates) > 1:
+        while self.cache.available() < sum(map(slots_needed, ready)) and len(candidates) > 1:
             victim = candidates.pop()
             if victim in ready:
                 ready.remove(victim)
