@@ -58,6 +58,11 @@ class ExecutorConfig:
         "exit the process when one step has executed this many seconds (a wedged forward), "
         "so it is restarted; idle time, loading and warm-up never count; 0 disables it",
     )
+    fault_injection_request_id: str | None = option(
+        None,
+        "for tests only: sampling a request whose id contains this string raises, to show that "
+        "one failing row leaves the others of its step running",
+    )
     host: str = option("127.0.0.1", "address the gRPC server binds")
     port: int = option(30002, "gRPC port")
 

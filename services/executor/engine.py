@@ -54,6 +54,10 @@ from services.executor.validation import (
 log = logging.getLogger("radixserve.executor")
 
 
+class InjectedFault(RuntimeError):
+    """Raised on purpose by --fault-injection-request-id (tests only)."""
+
+
 @dataclass
 class RowState:
     request_id: str
@@ -98,6 +102,9 @@ class Engine:
     ) -> None:
         self.model, self.cfg, self.limits, self.device = model, cfg, limits, device
         self.grammar = grammar  # None: requests with a grammar are rejected
+        # Test-only fault injection (--fault-injection-request-id): sampling a row whose request
+        # id contains this string raises InjectedFault.
+        self.fault_request_id: str | None = None
         self.dtype = next(model.parameters()).dtype
         self.pool = KVPool(
             cfg.num_layers, limits.num_slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, device
@@ -210,7 +217,7 @@ class Engine:
             self._apply_membership(prepared)
             out = StepOutput(prepared.step.step_id)
             if prepared.batch is not None:
-                out.tokens, out.grammar_ended = self._compute(prepared)
+                out.tokens, out.grammar_ended, out.failed = self._compute(prepared)
                 out.num_tokens = sum(s.length for s in prepared.step.slices)
         except Exception:
             with self.plan_lock:
@@ -276,14 +283,16 @@ class Engine:
         return self.model(batch, self.attn)
 
     @torch.inference_mode()
-    def _compute(self, prepared: PreparedStep) -> tuple[list[SampledToken], list[int]]:
-        """The sampled tokens in the Step's slice order, and the indices among them of the rows
-        whose grammar ended."""
+    def _compute(
+        self, prepared: PreparedStep
+    ) -> tuple[list[SampledToken], list[int], dict[int, str]]:
+        """The sampled tokens in the Step's slice order, the indices among them of the rows whose
+        grammar ended, and of those whose sampling failed (with the cause)."""
         step = prepared.step
         logits = self._forward(prepared.batch)
         sampled = [step.slices[i] for i in prepared.order if step.slices[i].sample]
         if not sampled:
-            return [], []
+            return [], [], {}
         tokens: dict[int, SampledToken] = {}
         live = []  # indices into `sampled` that really sample
         for i, s in enumerate(sampled):
@@ -297,21 +306,49 @@ class Engine:
         if len(live) < len(sampled):
             logits = logits[live]
             sampled = [sampled[i] for i in live]
-        ended_rows = self._sample(logits, sampled, tokens) if sampled else set()
+        failed: dict[int, str] = {}  # row -> cause
+        ended_rows = self._sample_contained(logits, sampled, tokens, failed) if sampled else set()
         out = [tokens[s.row] for s in step.slices if s.sample]
-        return out, [i for i, t in enumerate(out) if t.row in ended_rows]
+        ended = [i for i, t in enumerate(out) if t.row in ended_rows]
+        return out, ended, {i: failed[t.row] for i, t in enumerate(out) if t.row in failed}
 
-    def _sample(
-        self, logits: torch.Tensor, sampled: list[Slice], tokens: dict[int, SampledToken]
+    def _sample_contained(
+        self,
+        logits: torch.Tensor,
+        sampled: list[Slice],
+        tokens: dict[int, SampledToken],
+        failed: dict[int, str],
     ) -> set[int]:
-        """Samples one token per slice (logits [len(sampled), V]) into `tokens` by row, under
-        each constrained row's grammar; returns the rows whose grammar ended."""
+        """Samples one token per slice into `tokens`; returns the rows whose grammar ended. When
+        choosing the tokens raises, each row is tried alone: a row that fails again gets a
+        placeholder token and its cause in `failed`, and every other row is sampled as usual.
+        Choosing changes no row state, so trying again is safe."""
+        try:
+            chosen = self._choose(logits.clone() if len(sampled) > 1 else logits, sampled)
+        except Exception as exc:
+            if len(sampled) > 1:
+                ended: set[int] = set()
+                for i, s in enumerate(sampled):
+                    ended |= self._sample_contained(logits[i : i + 1], [s], tokens, failed)
+                return ended
+            row = sampled[0].row
+            log.warning("sampling failed for %s", self.rows[row].request_id, exc_info=exc)
+            failed[row] = f"{type(exc).__name__}: {exc}"
+            tokens[row] = SampledToken(row, 0)
+            return set()
+        return self._commit(chosen, sampled, tokens)
+
+    def _choose(self, logits: torch.Tensor, sampled: list[Slice]) -> tuple[Any, list[int]]:
+        """The sampler's output for `sampled` (logits [len(sampled), V], modified in place) and
+        the indices of its constrained rows. Changes no row state."""
         states = [self.rows[s.row] for s in sampled]
+        fault = self.fault_request_id
+        if fault and any(fault in st.request_id for st in states):
+            raise InjectedFault(f"fault injected for request id containing {fault!r}")
         constrained = [i for i, st in enumerate(states) if st.matcher is not None]
-        matchers = [states[i].matcher for i in constrained]
         if constrained:
             assert self.grammar is not None
-            self.grammar.mask(logits, constrained, matchers)
+            self.grammar.mask(logits, constrained, [states[i].matcher for i in constrained])
         result = self.sampler(
             logits,
             [
@@ -319,6 +356,16 @@ class Engine:
                 for s, st in zip(sampled, states, strict=True)
             ],
         )
+        return result, constrained
+
+    def _commit(
+        self, chosen: tuple[Any, list[int]], sampled: list[Slice], tokens: dict[int, SampledToken]
+    ) -> set[int]:
+        """Applies the chosen tokens to the rows (outputs, grammars, jump-forward) into `tokens`;
+        returns the rows whose grammar ended."""
+        result, constrained = chosen
+        states = [self.rows[s.row] for s in sampled]
+        matchers = [states[i].matcher for i in constrained]
         rows_t = torch.tensor([s.row for s in sampled], device=self.device)
         self.last_sampled[rows_t] = result.token_ids
         token_ids = result.token_ids.tolist()

@@ -129,6 +129,12 @@ def create_engine(cfg: ExecutorConfig) -> LoadedModel:
     engine = Engine(
         model, model_cfg, limits, device, backend, static_decode_config(cfg, device), grammar
     )
+    engine.fault_request_id = cfg.fault_injection_request_id
+    if cfg.fault_injection_request_id:
+        log.warning(
+            "fault injection on: requests whose id contains %r fail when sampled",
+            cfg.fault_injection_request_id,
+        )
     runner = engine.decode_runner
     log.info(
         "engine ready: %s, %s on %s (%d threads), %d KV slots, context %d, backend %s, decode %s",

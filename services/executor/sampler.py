@@ -131,8 +131,9 @@ class Sampler:
             else:
                 idx = self._tensor(drawn, torch.int64)
                 token_ids[idx] = self._draw(logits[idx], [rows[i] for i in drawn])
-        self.penalties.record([r.row for r in rows], token_ids)
-        return self._logprobs(logits, token_ids, params)
+        out = self._logprobs(logits, token_ids, params)
+        self.penalties.record([r.row for r in rows], token_ids)  # last: the only state change
+        return out
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)

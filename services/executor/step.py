@@ -78,6 +78,7 @@ class StepOutput:
     num_tokens: int = 0
     forward_ns: int = 0
     grammar_ended: list[int] = field(default_factory=list)  # indices into tokens
+    failed: dict[int, str] = field(default_factory=dict)  # index into tokens -> cause
 
 
 def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
@@ -185,6 +186,9 @@ def output_to_pb(out: StepOutput) -> pb.StepResult:
         result.logprobs.append(t.logprob)
         result.top_ids.extend(t.top_ids)
         result.top_logprobs.extend(t.top_logprobs)
+    for index, reason in sorted(out.failed.items()):
+        result.failed.append(index)
+        result.failed_reasons.append(reason)
     if any(t.forced for t in out.tokens):
         for t in out.tokens:
             result.forced_counts.append(len(t.forced))

@@ -354,12 +354,29 @@ class Scheduler:
             raise StepFailed(f"step {step.step_id} rejected: {result.error[1]}")
         self.counters.computed_tokens += result.num_tokens
         for i, ((req, epoch), token) in enumerate(zip(step.samplers, result.tokens, strict=True)):
-            if req.epoch == epoch and req.finished is None:
+            if req.epoch == epoch and req.finished is None and i in result.failed:
+                self._fail_request(req, f"sampling failed: {result.failed[i]}")
+            elif req.epoch == epoch and req.finished is None:
                 self._on_token(req, token, i in result.grammar_ended)
                 if result.forced[i] and req.finished is None:
                     self._on_forced(req, result.forced[i])
         if self.cfg.debug_checks:
             self.check_integrity()
+
+    def _fail_request(self, req: Req, message: str) -> None:
+        """Ends req's whole request (every sample) with INTERNAL naming the cause; the others
+        running with it carry on."""
+        log.error("request %s failed: %s", req.rid, message)
+        samples = self.groups.pop(req.rid, [req])
+        for r in samples:
+            if r.finished is None:
+                if r.row is not None:
+                    self._release(r)
+                elif r in self.waiting:
+                    self.waiting.remove(r)
+                r.finished = FinishReason.ABORT
+                self.counters.finished += 1
+        req.stream.fail(INTERNAL, message)
 
     def _on_token(self, req: Req, token: Token, grammar_ended: bool = False) -> None:
         req.output.append(token.token_id)

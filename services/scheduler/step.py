@@ -110,6 +110,7 @@ class StepResult:
     tokens: list[Token]  # one per Step.samplers entry, in order
     grammar_ended: frozenset[int] = frozenset()  # indices into tokens: the grammar is complete
     forced: list[list[int]] = field(default_factory=list)  # per token: jump-forward tokens after it
+    failed: dict[int, str] = field(default_factory=dict)  # index into tokens -> why sampling failed
     num_tokens: int = 0
     forward_ns: int = 0
     error: tuple[int, str] | None = None  # (google.rpc code, message): the step was not applied
@@ -139,5 +140,11 @@ def result_from_pb(msg: pb.StepResult, top_counts: list[int]) -> StepResult:
         forced[i] = list(msg.forced_ids[offset : offset + count])
         offset += count
     return StepResult(
-        msg.step_id, tokens, frozenset(msg.grammar_ended), forced, msg.num_tokens, msg.forward_ns
+        msg.step_id,
+        tokens,
+        frozenset(msg.grammar_ended),
+        forced,
+        dict(zip(msg.failed, msg.failed_reasons, strict=True)),
+        msg.num_tokens,
+        msg.forward_ns,
     )
