@@ -90,39 +90,39 @@ def check_grammar(spec: GrammarSpec) -> None:
     Takes about a millisecond for ordinary schemas; the same checks `compile_grammar` makes."""
     import xgrammar as xgr
 
-    _guarded(lambda: _to_grammar(xgr, spec))
+    def build() -> Any:
+        name, _, args, kwargs = _xgrammar_call(spec)
+        return getattr(xgr.Grammar, name)(*args, **kwargs)
+
+    _guarded(build)
 
 
 def compile_grammar(compiler: xgrammar.GrammarCompiler, spec: GrammarSpec) -> Any:
     """The xgrammar CompiledGrammar of `spec` against the compiler's vocabulary (the compiler
     caches by grammar text). Raises GrammarError with the reason if `spec` is invalid."""
-    return _guarded(lambda: _compile(compiler, spec))
+
+    def build() -> Any:
+        _, method, args, kwargs = _xgrammar_call(spec)
+        return getattr(compiler, method)(*args, **kwargs)
+
+    return _guarded(build)
 
 
-def _compile(compiler: Any, spec: GrammarSpec) -> Any:
-    if spec.kind == "json_schema":
-        json.loads(spec.spec)
-        return compiler.compile_json_schema(spec.spec, any_whitespace=False, strict_mode=True)
-    if spec.kind == "json_object":
-        return compiler.compile_json_schema(ANY_OBJECT_SCHEMA, any_whitespace=False)
-    if spec.kind == "regex":
-        return compiler.compile_regex(spec.spec)
-    if spec.kind == "ebnf":
-        return compiler.compile_grammar(spec.spec)
-    return compiler.compile_structural_tag(spec.spec)
-
-
-def _to_grammar(xgr: Any, spec: GrammarSpec) -> Any:
+def _xgrammar_call(spec: GrammarSpec) -> tuple[str, str, tuple[str], dict[str, Any]]:
+    """(the `xgrammar.Grammar.from_*` builder, the `GrammarCompiler.compile_*` method, their
+    arguments) for `spec`: one place for the options of each kind."""
     if spec.kind == "json_schema":
         json.loads(spec.spec)  # a clearer message than the converter's for broken JSON
-        return xgr.Grammar.from_json_schema(spec.spec, any_whitespace=False, strict_mode=True)
+        strict = {"any_whitespace": False, "strict_mode": True}
+        return "from_json_schema", "compile_json_schema", (spec.spec,), strict
     if spec.kind == "json_object":
-        return xgr.Grammar.from_json_schema(ANY_OBJECT_SCHEMA, any_whitespace=False)
+        compact = {"any_whitespace": False}
+        return "from_json_schema", "compile_json_schema", (ANY_OBJECT_SCHEMA,), compact
     if spec.kind == "regex":
-        return xgr.Grammar.from_regex(spec.spec)
+        return "from_regex", "compile_regex", (spec.spec,), {}
     if spec.kind == "ebnf":
-        return xgr.Grammar.from_ebnf(spec.spec)
-    return xgr.Grammar.from_structural_tag(spec.spec)
+        return "from_ebnf", "compile_grammar", (spec.spec,), {}
+    return "from_structural_tag", "compile_structural_tag", (spec.spec,), {}
 
 
 def _guarded(fn: Any) -> Any:
