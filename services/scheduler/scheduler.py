@@ -171,9 +171,9 @@ class Scheduler:
         try:
             await asyncio.shield(self._compiling_of(grammar))
         except InvalidRequest as exc:
-            self._fail_waiting(reqs, INVALID_ARGUMENT, str(exc))
+            self._fail_group(reqs, INVALID_ARGUMENT, str(exc))
         except Exception as exc:
-            self._fail_waiting(reqs, UNAVAILABLE, f"the grammar was not compiled: {exc}")
+            self._fail_group(reqs, UNAVAILABLE, f"the grammar was not compiled: {exc}")
         else:
             if len(self._compiled) >= COMPILED_MEMORY:
                 self._compiled.clear()
@@ -191,16 +191,23 @@ class Scheduler:
             fut.add_done_callback(lambda _: self._compiling.pop(grammar, None))
         return fut
 
-    def _fail_waiting(self, reqs: list[Req], code: int, message: str) -> None:
-        """Ends a request that never ran (its samples are all still queued) with an error."""
-        if self.groups.get(reqs[0].rid) is not reqs or any(r.finished for r in reqs):
-            return  # aborted meanwhile
-        for req in reqs:
-            if req in self.waiting:
-                self.waiting.remove(req)
-            req.finished = FinishReason.ABORT
-        reqs[0].stream.fail(code, message)
-        del self.groups[reqs[0].rid]
+    def _fail_group(self, samples: list[Req], code: int, message: str) -> None:
+        """Ends a request's samples with an error: running ones give back their slots and rows,
+        queued ones leave the queue; every other request carries on. Nothing happens when the
+        request already ended (its group is gone or is another request's by now)."""
+        rid = samples[0].rid
+        if self.groups.get(rid) is not samples:
+            return
+        del self.groups[rid]
+        for r in samples:
+            if r.finished is None:
+                if r.row is not None:
+                    self._release(r)
+                elif r in self.waiting:
+                    self.waiting.remove(r)
+                r.finished = FinishReason.ABORT
+                self.counters.finished += 1
+        samples[0].stream.fail(code, message)
 
     def load(self) -> Load:
         self.require_ready()
@@ -355,28 +362,16 @@ class Scheduler:
         self.counters.computed_tokens += result.num_tokens
         for i, ((req, epoch), token) in enumerate(zip(step.samplers, result.tokens, strict=True)):
             if req.epoch == epoch and req.finished is None and i in result.failed:
-                self._fail_request(req, f"sampling failed: {result.failed[i]}")
+                log.error("request %s failed: %s", req.rid, result.failed[i])
+                self._fail_group(
+                    self.groups[req.rid], INTERNAL, f"sampling failed: {result.failed[i]}"
+                )
             elif req.epoch == epoch and req.finished is None:
                 self._on_token(req, token, i in result.grammar_ended)
                 if result.forced[i] and req.finished is None:
                     self._on_forced(req, result.forced[i])
         if self.cfg.debug_checks:
             self.check_integrity()
-
-    def _fail_request(self, req: Req, message: str) -> None:
-        """Ends req's whole request (every sample) with INTERNAL naming the cause; the others
-        running with it carry on."""
-        log.error("request %s failed: %s", req.rid, message)
-        samples = self.groups.pop(req.rid, [req])
-        for r in samples:
-            if r.finished is None:
-                if r.row is not None:
-                    self._release(r)
-                elif r in self.waiting:
-                    self.waiting.remove(r)
-                r.finished = FinishReason.ABORT
-                self.counters.finished += 1
-        req.stream.fail(INTERNAL, message)
 
     def _on_token(self, req: Req, token: Token, grammar_ended: bool = False) -> None:
         req.output.append(token.token_id)
