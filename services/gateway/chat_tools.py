@@ -296,11 +296,16 @@ def _json_object(text: str) -> dict[str, Any] | None:
 
 def _merged(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:
     """Deltas of one chunk as `delta.tool_calls` entries, one per call index."""
-    entries: dict[int, dict[str, Any]] = {}
-    for d in deltas:
-        entry = entries.get(d.index)
-        if entry is None:
-            entries[d.index] = delta_dict(d)
+    return merge_call_entries([delta_dict(d) for d in deltas])
+
+
+def merge_call_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`delta.tool_calls` entries with one per call index (arguments of later ones appended)."""
+    by_index: dict[int, dict[str, Any]] = {}
+    for entry in entries:
+        first = by_index.get(entry["index"])
+        if first is None:
+            by_index[entry["index"]] = {**entry, "function": dict(entry["function"])}
         else:
-            entry["function"]["arguments"] += d.arguments
-    return list(entries.values())
+            first["function"]["arguments"] += entry["function"]["arguments"]
+    return list(by_index.values())

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from services.gateway.chat_tools import Answer, ToolPlan
+from services.gateway.chat_tools import Answer, ToolPlan, merge_call_entries
 from services.gateway.events import Output, TokenLogprob, TokenPiece, Usage
 
 # JSON has no infinity: the floor vLLM also uses for logprobs of impossible tokens.
@@ -200,24 +200,12 @@ def _merge_delta(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any
     merged = dict(first)
     for key, value in second.items():
         if key == "tool_calls":
-            merged[key] = _merge_calls(merged.get(key, []) + value)
+            merged[key] = merge_call_entries(merged.get(key, []) + value)
         elif key in merged:
             merged[key] += value
         else:
             merged[key] = value
     return merged
-
-
-def _merge_calls(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`delta.tool_calls` entries with one per call index (arguments of later ones appended)."""
-    by_index: dict[int, dict[str, Any]] = {}
-    for entry in entries:
-        first = by_index.get(entry["index"])
-        if first is None:
-            by_index[entry["index"]] = {**entry, "function": dict(entry["function"])}
-        else:
-            first["function"]["arguments"] += entry["function"]["arguments"]
-    return list(by_index.values())
 
 
 @dataclass
