@@ -2,9 +2,10 @@
 
 A `GrammarSpec` is a kind and a text (a JSON Schema, a regex, an EBNF grammar, an xgrammar
 structural tag). The gateway builds it from the request fields (`response_format`, vLLM's
-`structured_outputs` / `guided_*`, SGLang's `regex` / `ebnf` / `json_schema`) and checks that it
-parses (`check_grammar`, no tokenizer needed); the executor compiles it against the model's
-vocabulary (`compile_grammar`) with xgrammar, which does the matching and the token masks.
+`structured_outputs` / `guided_*`, SGLang's `regex` / `ebnf` / `json_schema`); the executor
+compiles it against the model's vocabulary (`compile_grammar`) with xgrammar, which does the
+matching and the token masks, and its errors are the request's 400. `check_grammar` makes the
+same checks without a tokenizer.
 
 JSON is generated compactly: `any_whitespace=False` lets the model emit no free whitespace
 between tokens of the JSON syntax, so a small model cannot loop on blank space; schemas are

@@ -97,11 +97,6 @@ def _tag_content(spec: GrammarSpec) -> dict[str, Any] | None:
     return None
 
 
-def function_list(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """The `function` objects of OpenAI `tools` entries."""
-    return [t["function"] for t in tools or []]
-
-
 def plan_tools(
     functions: list[dict[str, Any]],
     tool_choice: str | dict[str, Any] | None,
