@@ -69,10 +69,10 @@ class Policy:
             return sorted(waiting, key=_priority_key)
         return sorted(waiting, key=_fcfs_key)
 
-    @staticmethod
-    def note_admitted(admitted: Sequence[Req], waiting: Sequence[Req]) -> None:
-        """Counts, for each request still waiting, the later arrivals admitted before it."""
-        if not admitted:
+    def note_admitted(self, admitted: Sequence[Req], waiting: Sequence[Req]) -> None:
+        """Counts, for each request still waiting, the later arrivals admitted before it (only
+        `lpm` reorders by anything else than arrival, so only it needs the count)."""
+        if not admitted or self.name != "lpm":
             return
         arrivals = sorted(r.arrival for r in admitted)
         for req in waiting:
