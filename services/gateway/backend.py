@@ -82,7 +82,9 @@ class Backend:
         return model
 
     async def not_ready_reason(self) -> str | None:
-        """None when ready; otherwise why not (startup, or a service gone since)."""
+        """None when ready; otherwise why not (startup, or a service gone since). The router's
+        snapshot is refreshed too, so a request right after a ready answer is routed by what
+        this check saw, not by a poll from before a scheduler came back."""
         if not self._warmed_up:
             return self._startup_reason
         try:
@@ -90,6 +92,9 @@ class Backend:
             await self._check_schedulers()
         except GatewayError as exc:
             return exc.message
+        await self.router.refresh()
+        if not self.router.loads():
+            return f"no scheduler is reachable: {self.router.unreachable_reason()}"
         return None
 
     async def health_generate(self) -> None:
