@@ -126,9 +126,13 @@ class ErrorResponse(JSONResponse):
 
 
 def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
-    """`error_payload` as a response; a full queue adds Retry-After."""
+    """`error_payload` as a response; a full queue adds Retry-After, and a body too large closes
+    the connection (so the server stops receiving the rest of it rather than read it to the end
+    to keep the connection alive)."""
     status, body = error_payload(exc)
     headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(retry_after_s)
+    if isinstance(exc, RequestTooLarge):
+        headers["Connection"] = "close"
     return ErrorResponse(body, status, headers=headers)

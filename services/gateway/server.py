@@ -40,5 +40,7 @@ def main(cfg: GatewayConfig) -> None:
         access_log=False,
         timeout_graceful_shutdown=cfg.shutdown_grace_s,
         timeout_keep_alive=30,
+        http="httptools",  # HTTP/1.1 parsed in C: a large or hostile body costs the loop little
+        loop="asyncio",  # the gRPC clients' asyncio integration
     )
     Server(config).run()

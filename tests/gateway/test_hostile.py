@@ -20,12 +20,13 @@ from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
 from services.gateway.convert import generate_request_to_pb
 from services.gateway.errors import ContextLengthExceeded, ModelNotFound, error_response
+from services.gateway.events import SampleEnd, TokenChunk
 from services.gateway.generation import Generation
 from services.gateway.json_body import MAX_DEPTH, check_depth
 from services.gateway.metrics import GatewayMetrics, RequestMetrics
 from services.gateway.protocol import ChatCompletionRequest
 from services.gateway.sampling import MAX_CHARS_PER_TOKEN, GenerationInput, chat_texts
-from tests.gateway.fakes import FakeScheduler, FakeTokenizer, chunks_of, end_of, ids_of
+from tests.gateway.fakes import FakeScheduler, FakeStream, FakeTokenizer, end_of, ids_of
 from tests.gateway.hostile import (
     BASE,
     CHAT,
@@ -60,11 +61,24 @@ class CharTokenizer(FakeTokenizer):
 
 
 class EncodingScheduler(FakeScheduler):
-    """Answers "ok" once the request has been encoded as the scheduler would receive it."""
+    """Answers "ok" to every sample once the request has been encoded as the scheduler would
+    receive it, with as many logprobs and top logprobs per token as the request asked for."""
+
+    def __init__(self) -> None:
+        super().__init__([])
 
     def generate(self, inp: GenerationInput, timeout_s: float):  # type: ignore[no-untyped-def]
         generate_request_to_pb(inp)  # raises on a value protobuf cannot carry
-        return super().generate(inp, timeout_s)
+        s, ids = inp.sampling, ids_of("ok")
+        k = s.top_logprobs
+        lps = [-0.5] * len(ids) if s.logprobs else []
+        tops = [t for t in ids for _ in range(k)] if s.logprobs else []
+        events: list[TokenChunk | SampleEnd | Exception] = []
+        for i in range(s.n):
+            events.append(TokenChunk(i, ids, lps, tops, [-0.5] * len(tops), 3, len(ids), 1))
+            events.append(end_of("ok", "stop", index=i))
+        self.stream = FakeStream(events)
+        return self.stream
 
 
 class FakeBackend(Backend):
@@ -86,7 +100,7 @@ class FakeBackend(Backend):
         pass
 
     def generation(self, inp: GenerationInput, metrics: RequestMetrics | None = None) -> Generation:
-        scheduler = EncodingScheduler([*chunks_of("ok"), end_of("ok", "stop")])
+        scheduler = EncodingScheduler()
         metrics = RequestMetrics.disabled()
         return Generation(inp, scheduler, self.tokenizer, metrics, 60.0)  # type: ignore[arg-type]
 

@@ -3,17 +3,26 @@ services are still up and a normal request still works."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import select
 import socket
+import statistics
+import threading
 import time
 from urllib.parse import urlparse
 
 import httpx
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
 
 from tests.gateway.conftest import Stack
 from tests.gateway.hostile import Case, cases, check_answer
 
 pytestmark = pytest.mark.slow
+INVALID_EXAMPLES = 150
 
 # The cases that gave 500 before, and an even spread of the rest (about 30 in all).
 MUST = {
@@ -77,3 +86,96 @@ def test_ten_megabytes_are_refused_before_they_are_sent(stack: Stack) -> None:
     assert elapsed < 0.1, elapsed
     health = httpx.get(f"{stack.base_url}/health", timeout=10)
     assert health.status_code == 200
+
+
+def test_schemathesis_invalid_requests_through_the_real_services(stack: Stack) -> None:
+    """Requests that break `/openapi.json`, as schemathesis generates them, against the real
+    services: every one refused with an OpenAI-shaped 4xx, none reaches the model."""
+    schema = schemathesis.openapi.from_url(f"{stack.base_url}/openapi.json")
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    seen: collections.Counter[int] = collections.Counter()
+
+    @given(case=schema.as_strategy(GenerationMode.NEGATIVE))
+    @settings(
+        max_examples=INVALID_EXAMPLES,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    def refused(case: schemathesis.Case) -> None:
+        response = case.call(headers=headers, timeout=60)
+        seen[response.status_code] += 1
+        assert 400 <= response.status_code < 500, (case.as_curl_command(), response.text)
+        error = response.json()["error"]
+        assert set(error) >= {"message", "type", "param", "code"}, error
+
+    refused()
+    assert sum(seen.values()) >= INVALID_EXAMPLES // 2, seen
+    assert stack.get_load().num_running == 0
+    assert httpx.get(f"{stack.base_url}/ready", timeout=10).status_code == 200
+
+
+def _small_request_s(stack: Stack) -> float:
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    body = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
+    started = time.perf_counter()
+    response = httpx.post(
+        f"{stack.base_url}/v1/completions", json=body, headers=headers, timeout=30
+    )
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200, response.text
+    return elapsed
+
+
+def _push_ten_megabytes(stack: Stack, chunked: bool) -> bytes:
+    """One 10 MB completions body, sent 64 KiB at a time until the server answers (as a client
+    reading its socket would); returns the status line."""
+    url = urlparse(stack.base_url)
+    framing = "Transfer-Encoding: chunked" if chunked else "Content-Length: 10000012"
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Content-Type: application/json\r\nAuthorization: Bearer {stack.api_key}\r\n"
+        f"{framing}\r\n\r\n"
+    ).encode()
+    piece = b"x" * 65536
+    if chunked:
+        piece = b"10000\r\n" + piece + b"\r\n"
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(
+            head + (b"c\r\n" if chunked else b"") + b'{"prompt": "' + (b"\r\n" if chunked else b"")
+        )
+        for _ in range(10_000_000 // 65536):
+            if select.select([sock], [], [], 0)[0]:
+                break
+            with contextlib.suppress(OSError):
+                sock.sendall(piece)
+        return sock.recv(65536).split(b"\r\n", 1)[0]
+
+
+def test_ten_megabyte_bodies_leave_small_requests_as_fast_as_idle(stack: Stack) -> None:
+    """Two clients pushing 10 MB bodies without pause (one with Content-Length, one chunked):
+    each gets its 413, and a small request meanwhile takes at most twice its idle time (medians
+    of 7, bounded in count and time)."""
+    idle = statistics.median(_small_request_s(stack) for _ in range(7))
+    stop = threading.Event()
+    answers: collections.Counter[bytes] = collections.Counter()
+
+    def push(chunked: bool) -> None:
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            answers[_push_ten_megabytes(stack, chunked)] += 1
+
+    pushers = [threading.Thread(target=push, args=(chunked,)) for chunked in (False, True)]
+    for t in pushers:
+        t.start()
+    try:
+        time.sleep(0.5)
+        busy = statistics.median(_small_request_s(stack) for _ in range(7))
+    finally:
+        stop.set()
+        for t in pushers:
+            t.join(timeout=70)
+    assert set(answers) == {b"HTTP/1.1 413 Request Entity Too Large"}, answers
+    assert answers[b"HTTP/1.1 413 Request Entity Too Large"] >= 4, answers
+    assert busy <= 2 * idle, (busy, idle)
