@@ -60,8 +60,14 @@ class ExecutorConfig:
     )
     fault_injection_request_id: str | None = option(
         None,
-        "for tests only: sampling a request whose id contains this string raises, to show that "
-        "one failing row leaves the others of its step running",
+        "for tests only: a request whose id contains this string fails (see "
+        "--fault-injection-stage), to show that one failing row leaves the others of its step "
+        "running",
+    )
+    fault_injection_stage: str = option(
+        "sample",
+        "for tests only: where --fault-injection-request-id fails: `sample` (choosing its token "
+        "raises) or `forward` (every forward pass that includes its slice raises)",
     )
     host: str = option("127.0.0.1", "address the gRPC server binds")
     port: int = option(30002, "gRPC port")
@@ -77,5 +83,7 @@ class ExecutorConfig:
             raise ValueError("--cuda-graph-max-bs must be at least 1")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError("--context-length must be at least 2")
+        if self.fault_injection_stage not in ("sample", "forward"):
+            raise ValueError("--fault-injection-stage must be `sample` or `forward`")
         if self.watchdog_timeout_s < 0:
             raise ValueError("--watchdog-timeout-s must be >= 0 (0 disables it)")

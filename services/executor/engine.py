@@ -102,9 +102,11 @@ class Engine:
     ) -> None:
         self.model, self.cfg, self.limits, self.device = model, cfg, limits, device
         self.grammar = grammar  # None: requests with a grammar are rejected
-        # Test-only fault injection (--fault-injection-request-id): sampling a row whose request
-        # id contains this string raises InjectedFault.
+        # Test-only fault injection (--fault-injection-request-id, --fault-injection-stage): a
+        # row whose request id contains this string raises InjectedFault when sampled ("sample")
+        # or in every forward pass that computes a slice of it ("forward").
         self.fault_request_id: str | None = None
+        self.fault_stage = "sample"
         self.dtype = next(model.parameters()).dtype
         self.pool = KVPool(
             cfg.num_layers, limits.num_slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, device
@@ -217,7 +219,7 @@ class Engine:
             self._apply_membership(prepared)
             out = StepOutput(prepared.step.step_id)
             if prepared.batch is not None:
-                out.tokens, out.grammar_ended, out.failed = self._compute(prepared)
+                out.tokens, out.grammar_ended, out.failed = self._compute(prepared, out.unwritten)
                 out.num_tokens = sum(s.length for s in prepared.step.slices)
         except Exception:
             with self.plan_lock:
@@ -284,33 +286,79 @@ class Engine:
 
     @torch.inference_mode()
     def _compute(
-        self, prepared: PreparedStep
+        self, prepared: PreparedStep, unwritten: dict[int, str]
     ) -> tuple[list[SampledToken], list[int], dict[int, str]]:
         """The sampled tokens in the Step's slice order, the indices among them of the rows whose
-        grammar ended, and of those whose sampling failed (with the cause)."""
+        grammar ended, and of those whose forward or sampling failed (with the cause). Rows whose
+        slice's forward failed go into `unwritten` too."""
         step = prepared.step
-        logits = self._forward(prepared.batch)
+        logits = self._forward_contained(step, prepared.order, prepared.batch, unwritten)
         sampled = [step.slices[i] for i in prepared.order if step.slices[i].sample]
         if not sampled:
             return [], [], {}
         tokens: dict[int, SampledToken] = {}
+        failed: dict[int, str] = {}  # row -> cause
         live = []  # indices into `sampled` that really sample
         for i, s in enumerate(sampled):
             st = self.rows[s.row]
-            if st.awaiting_forced and s.use_last_sampled:
+            if s.row in unwritten:
+                failed[s.row] = unwritten[s.row]
+                tokens[s.row] = SampledToken(s.row, 0)
+            elif st.awaiting_forced and s.use_last_sampled:
                 # Computes the token before the forced ones; what follows it is known already.
                 tokens[s.row] = SampledToken(s.row, st.output_ids[-1])
             else:
                 st.awaiting_forced = False
                 live.append(i)
-        if len(live) < len(sampled):
+        if unwritten:  # the logits are those of the slices that were computed
+            computed = [i for i, s in enumerate(sampled) if s.row not in unwritten]
+            logits = logits[[computed.index(i) for i in live]]
+        elif len(live) < len(sampled):
             logits = logits[live]
-            sampled = [sampled[i] for i in live]
-        failed: dict[int, str] = {}  # row -> cause
+        sampled = [sampled[i] for i in live]
         ended_rows = self._sample_contained(logits, sampled, tokens, failed) if sampled else set()
         out = [tokens[s.row] for s in step.slices if s.sample]
         ended = [i for i, t in enumerate(out) if t.row in ended_rows]
         return out, ended, {i: failed[t.row] for i, t in enumerate(out) if t.row in failed}
+
+    def _forward_contained(
+        self,
+        step: StepInput,
+        order: list[int],
+        plan: BatchPlan | None,
+        unwritten: dict[int, str],
+    ) -> torch.Tensor:
+        """Logits [sampled slices computed, V] of the slices `order` (indices into step.slices,
+        extends first), in that order. When the forward raises, each half of the slices is
+        computed on its own, down to single slices: a slice that fails alone goes into
+        `unwritten` (row -> cause) and has no logits row; every other slice is computed as
+        usual. A forward writes only the KV of its own slices' positions, and computing them
+        again writes the same values, so trying again is safe."""
+        try:
+            self._inject_fault("forward", [step.slices[i].row for i in order])
+            return self._forward(plan)
+        except Exception as exc:
+            if len(order) == 1:
+                row = step.slices[order[0]].row
+                log.warning("forward failed for %s", self.rows[row].request_id, exc_info=exc)
+                unwritten[row] = f"{type(exc).__name__}: {exc}"
+                return torch.empty(0, self.cfg.vocab_size)
+            log.warning("forward of %d slices failed (%s); computing halves apart", len(order), exc)
+        half = len(order) // 2
+        parts = []
+        for part in (order[:half], order[half:]):
+            sub = plan_batch([step.slices[i] for i in part])
+            logits = self._forward_contained(step, part, sub, unwritten)
+            if logits.shape[0]:
+                parts.append(logits)
+        return torch.cat(parts) if parts else torch.empty(0, self.cfg.vocab_size)
+
+    def _inject_fault(self, stage: str, rows: list[int]) -> None:
+        fault = self.fault_request_id
+        if not fault or self.fault_stage != stage:
+            return
+        if any(fault in self.rows[row].request_id for row in rows):
+            raise InjectedFault(f"fault injected for request id containing {fault!r}")
 
     def _sample_contained(
         self,
@@ -342,9 +390,7 @@ class Engine:
         """The sampler's output for `sampled` (logits [len(sampled), V], modified in place) and
         the indices of its constrained rows. Changes no row state."""
         states = [self.rows[s.row] for s in sampled]
-        fault = self.fault_request_id
-        if fault and any(fault in st.request_id for st in states):
-            raise InjectedFault(f"fault injected for request id containing {fault!r}")
+        self._inject_fault("sample", [s.row for s in sampled])
         constrained = [i for i, st in enumerate(states) if st.matcher is not None]
         if constrained:
             assert self.grammar is not None

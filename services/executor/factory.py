@@ -130,10 +130,12 @@ def create_engine(cfg: ExecutorConfig) -> LoadedModel:
         model, model_cfg, limits, device, backend, static_decode_config(cfg, device), grammar
     )
     engine.fault_request_id = cfg.fault_injection_request_id
+    engine.fault_stage = cfg.fault_injection_stage
     if cfg.fault_injection_request_id:
         log.warning(
-            "fault injection on: requests whose id contains %r fail when sampled",
+            "fault injection on: requests whose id contains %r fail in %s",
             cfg.fault_injection_request_id,
+            "every forward pass" if cfg.fault_injection_stage == "forward" else "sampling",
         )
     runner = engine.decode_runner
     log.info(

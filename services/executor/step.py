@@ -79,6 +79,8 @@ class StepOutput:
     forward_ns: int = 0
     grammar_ended: list[int] = field(default_factory=list)  # indices into tokens
     failed: dict[int, str] = field(default_factory=dict)  # index into tokens -> cause
+    # row -> cause: rows whose slice's forward pass failed (their KV there is not written)
+    unwritten: dict[int, str] = field(default_factory=dict)
 
 
 def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
@@ -189,6 +191,9 @@ def output_to_pb(out: StepOutput) -> pb.StepResult:
     for index, reason in sorted(out.failed.items()):
         result.failed.append(index)
         result.failed_reasons.append(reason)
+    for row, reason in sorted(out.unwritten.items()):
+        result.unwritten_rows.append(row)
+        result.unwritten_reasons.append(reason)
     if any(t.forced for t in out.tokens):
         for t in out.tokens:
             result.forced_counts.append(len(t.forced))

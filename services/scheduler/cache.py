@@ -10,7 +10,7 @@ step built later.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 
 from services.scheduler.allocator import SlotAllocator
@@ -77,15 +77,27 @@ class KVCache:
         assert len(req.kv) == req.num_cached, "detach after allocating"
         self._unlock(req)
 
-    def release(self, req: Req) -> None:
+    def release(self, req: Req, bad: Set[int] = frozenset()) -> None:
         """Return everything req holds, caching the tokens whose KV is written (finish, abort,
-        retraction). Slots past the known tokens (an overlapped step's input) are freed."""
-        ids = req.fill_ids[: req.num_computed]
-        n = len(ids)
+        retraction). Slots past the known tokens (an overlapped step's input) are freed. With
+        `bad` (slots whose KV a failed forward did not write), only the tokens before req's first
+        bad slot are cached; bad slots the tree holds stay its own until `discard`."""
+        n = len(req.fill_ids[: req.num_computed])
+        if bad:
+            n = next((i for i, slot in enumerate(req.kv[:n]) if slot in bad), n)
+        ids = req.fill_ids[:n]
         r = self.tree.insert(ids, req.kv[:n])  # the tree now owns kv[r:n]
         self.allocator.free(req.kv[req.num_cached : r])  # duplicates of cached tokens
-        self.allocator.free(req.kv[n:])
+        self.allocator.free(req.kv[max(n, req.num_cached) :])
         self._unlock(req)
+
+    def discard(self, bad: Set[int]) -> int:
+        """Drop from the tree every cached token from a bad slot on (see RadixCache.discard) and
+        free those slots; every request holding them must have been released first. Returns how
+        many slots were freed."""
+        freed = self.tree.discard(set(bad))
+        self.allocator.free(freed)
+        return len(freed)
 
     def cache_prefix(self, req: Req) -> None:
         """Insert the computed part of a prefilling request and lock it instead of the old prefix.

@@ -177,7 +177,40 @@ class RadixCache:
             self._remove_leaf(node)
         return out
 
+    def discard(self, slots: set[int]) -> list[int]:
+        """Remove every edge holding one of `slots` from that slot on, with everything below it
+        (KV computed after garbage is garbage too). Returns the KV slots removed; the caller
+        returns them to the allocator. O(tree): for failures only.
+
+        Raises AssertionError if a removed edge is locked: whoever holds it must let go first.
+        """
+        out: list[int] = []
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            k = next((i for i, slot in enumerate(node.value) if slot in slots), None)
+            if k is None:
+                stack.extend(node.children.values())
+                continue
+            if k > 0:
+                self._split(node, k)  # the part before the first bad slot stays
+            out.extend(self._remove_subtree(node))
+        return out
+
     # ---- internals -----------------------------------------------------------------------------
+
+    def _remove_subtree(self, top: TreeNode) -> list[int]:
+        """Removes `top` and its descendants, leaves first; returns their slots."""
+        out: list[int] = []
+        order, stack = [], [top]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(node.children.values())
+        for node in reversed(order):  # every child before its parent
+            out.extend(node.value)
+            self._remove_leaf(node)
+        return out
 
     def _tick(self) -> int:
         self._clock += 1

@@ -26,7 +26,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Set
 from dataclasses import replace
 
 import grpc
@@ -191,10 +191,13 @@ class Scheduler:
             fut.add_done_callback(lambda _: self._compiling.pop(grammar, None))
         return fut
 
-    def _fail_group(self, samples: list[Req], code: int, message: str) -> None:
-        """Ends a request's samples with an error: running ones give back their slots and rows,
-        queued ones leave the queue; every other request carries on. Nothing happens when the
-        request already ended (its group is gone or is another request's by now)."""
+    def _fail_group(
+        self, samples: list[Req], code: int, message: str, bad: Set[int] = frozenset()
+    ) -> None:
+        """Ends a request's samples with an error: running ones give back their slots and rows
+        (caching nothing from a `bad` slot on), queued ones leave the queue; every other request
+        carries on. Nothing happens when the request already ended (its group is gone or is
+        another request's by now)."""
         rid = samples[0].rid
         if self.groups.get(rid) is not samples:
             return
@@ -202,7 +205,7 @@ class Scheduler:
         for r in samples:
             if r.finished is None:
                 if r.row is not None:
-                    self._release(r)
+                    self._release(r, bad)
                 elif r in self.waiting:
                     self.waiting.remove(r)
                 r.finished = FinishReason.ABORT
@@ -343,6 +346,9 @@ class Scheduler:
         by_row = {req.row: req for req in self.running}
         computed = [(by_row[s.row], s.start) for s in step.slices if s.row in by_row]
         step.shared_prefixes = shared_prefixes(computed)
+        for s in step.slices:
+            req = by_row[s.row]
+            step.writers[s.row] = (req, req.epoch, req.kv[s.start : s.start + s.length])
         return step
 
     def _start(self, admitted: list[Req]) -> None:
@@ -360,6 +366,8 @@ class Scheduler:
         if result.error is not None:
             raise StepFailed(f"step {step.step_id} rejected: {result.error[1]}")
         self.counters.computed_tokens += result.num_tokens
+        if result.unwritten:
+            self._drop_unwritten(step, result.unwritten)
         for i, ((req, epoch), token) in enumerate(zip(step.samplers, result.tokens, strict=True)):
             if req.epoch == epoch and req.finished is None and i in result.failed:
                 log.error("request %s failed: %s", req.rid, result.failed[i])
@@ -372,6 +380,24 @@ class Scheduler:
                     self._on_forced(req, result.forced[i])
         if self.cfg.debug_checks:
             self.check_integrity()
+
+    def _drop_unwritten(self, step: Step, unwritten: dict[int, str]) -> None:
+        """Some slices' forward failed: their KV is garbage. Their requests fail with the cause;
+        any other request holding one of those slots (a prefix it matched in the cache before
+        the result came) is retracted, to be computed again from what is still valid; the cache
+        drops every token from those slots on. Every other request carries on."""
+        bad: set[int] = set()
+        for row in unwritten:
+            bad.update(step.writers[row][2])
+        for row, cause in unwritten.items():
+            req, epoch, _ = step.writers[row]
+            if req.epoch == epoch and req.finished is None:
+                log.error("request %s failed: the forward pass failed: %s", req.rid, cause)
+                group = self.groups[req.rid]
+                self._fail_group(group, INTERNAL, f"the forward pass failed: {cause}", bad)
+        for req in [r for r in self.running if not bad.isdisjoint(r.kv)]:
+            self._retract(req, bad)
+        self.cache.discard(bad)
 
     def _on_token(self, req: Req, token: Token, grammar_ended: bool = False) -> None:
         req.output.append(token.token_id)
@@ -402,10 +428,11 @@ class Scheduler:
 
     # ---- state transitions ----------------------------------------------------------------------
 
-    def _release(self, req: Req) -> None:
-        """Gives back req's slots (caching its computed tokens) and its row (released next step)."""
+    def _release(self, req: Req, bad: Set[int] = frozenset()) -> None:
+        """Gives back req's slots (caching its computed tokens up to a `bad` slot) and its row
+        (released next step)."""
         assert req.row is not None
-        self.cache.release(req)
+        self.cache.release(req, bad)
         self.table.free_row(req.row)
         self._releases.append(req.row)
         self.running.remove(req)
@@ -416,8 +443,8 @@ class Scheduler:
         req.num_scheduled_outputs = len(req.output)
         req.epoch += 1
 
-    def _retract(self, req: Req) -> None:
-        self._release(req)
+    def _retract(self, req: Req, bad: Set[int] = frozenset()) -> None:
+        self._release(req, bad)
         req.retracted = True
         self.waiting.append(req)
         self.counters.retractions += 1

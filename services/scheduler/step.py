@@ -23,6 +23,11 @@ class Slice:
     use_last_sampled: bool = False
     sample: bool = True
 
+    @property
+    def length(self) -> int:
+        """Positions computed: one for a decode slice, else its input ids."""
+        return 1 if self.use_last_sampled else len(self.input_ids)
+
 
 @dataclass
 class Step:
@@ -34,6 +39,8 @@ class Step:
     samplers: list[tuple[Req, int]] = field(default_factory=list)  # (req, epoch) per sampled slice
     # (length, rows): rows whose positions 0..length-1 hold the same cached slots
     shared_prefixes: list[tuple[int, list[int]]] = field(default_factory=list)
+    # row -> (req, epoch, KV slots its slice writes), for a slice whose forward fails
+    writers: dict[int, tuple[Req, int, list[int]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.release_rows or self.add or self.writes or self.slices)
@@ -111,6 +118,7 @@ class StepResult:
     grammar_ended: frozenset[int] = frozenset()  # indices into tokens: the grammar is complete
     forced: list[list[int]] = field(default_factory=list)  # per token: jump-forward tokens after it
     failed: dict[int, str] = field(default_factory=dict)  # index into tokens -> why sampling failed
+    unwritten: dict[int, str] = field(default_factory=dict)  # row -> why its forward failed
     num_tokens: int = 0
     forward_ns: int = 0
     error: tuple[int, str] | None = None  # (google.rpc code, message): the step was not applied
@@ -145,6 +153,7 @@ def result_from_pb(msg: pb.StepResult, top_counts: list[int]) -> StepResult:
         frozenset(msg.grammar_ended),
         forced,
         dict(zip(msg.failed, msg.failed_reasons, strict=True)),
+        dict(zip(msg.unwritten_rows, msg.unwritten_reasons, strict=True)),
         msg.num_tokens,
         msg.forward_ns,
     )

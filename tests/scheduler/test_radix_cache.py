@@ -329,3 +329,32 @@ def test_common_prefix_len_matches_a_naive_loop(key: list[int], ids: list[int], 
     while naive < min(len(key), len(ids) - start) and key[naive] == ids[start + naive]:
         naive += 1
     assert _common_prefix_len(key, ids, start) == naive
+
+
+# ---- discard -----------------------------------------------------------------------------------
+
+
+def test_discard_cuts_an_edge_at_the_first_bad_slot_and_drops_what_hangs_below() -> None:
+    # [1,2,3,4] → slots 100..103; [1,2,3,4,5,6] adds [5,6] (204,205); [1,2,9] splits at 2 (302).
+    cache = build([1, 2, 3, 4], [1, 2, 3, 4, 5, 6], [1, 2, 9], [7, 8])
+    freed = cache.discard({102})  # the slot of token 3 on the [3,4] edge
+    assert sorted(freed) == [102, 103, 204, 205]
+    assert shape(cache.root) == {(1, 2): {(9,): {}}, (7, 8): {}}
+    assert cache.match_prefix([1, 2, 3, 4, 5])[0] == [100, 101]
+    assert cache.total_size() == 5
+    cache.check_integrity()
+
+
+def test_discard_of_slots_the_tree_does_not_hold_changes_nothing() -> None:
+    cache = build([1, 2, 3], [4, 5])
+    assert cache.discard({999}) == []
+    assert shape(cache.root) == {(1, 2, 3): {}, (4, 5): {}}
+    assert cache.total_size() == 5
+
+
+def test_discard_refuses_a_locked_edge() -> None:
+    cache = build([1, 2, 3])
+    _, node = cache.match_prefix([1, 2, 3])
+    cache.lock(node)
+    with pytest.raises(AssertionError):
+        cache.discard({101})

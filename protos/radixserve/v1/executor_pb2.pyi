@@ -187,7 +187,7 @@ class StepError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "error", "rows", "token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens", "forward_ns", "grammar_ended", "forced_counts", "forced_ids", "failed", "failed_reasons")
+    __slots__ = ("step_id", "error", "rows", "token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens", "forward_ns", "grammar_ended", "forced_counts", "forced_ids", "failed", "failed_reasons", "unwritten_rows", "unwritten_reasons")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,8 @@ class StepResult(_message.Message):
     FORCED_IDS_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     FAILED_REASONS_FIELD_NUMBER: _ClassVar[int]
+    UNWRITTEN_ROWS_FIELD_NUMBER: _ClassVar[int]
+    UNWRITTEN_REASONS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     error: StepError
     rows: _containers.RepeatedScalarFieldContainer[int]
@@ -216,4 +218,6 @@ class StepResult(_message.Message):
     forced_ids: _containers.RepeatedScalarFieldContainer[int]
     failed: _containers.RepeatedScalarFieldContainer[int]
     failed_reasons: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., forward_ns: _Optional[int] = ..., grammar_ended: _Optional[_Iterable[int]] = ..., forced_counts: _Optional[_Iterable[int]] = ..., forced_ids: _Optional[_Iterable[int]] = ..., failed: _Optional[_Iterable[int]] = ..., failed_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+    unwritten_rows: _containers.RepeatedScalarFieldContainer[int]
+    unwritten_reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., forward_ns: _Optional[int] = ..., grammar_ended: _Optional[_Iterable[int]] = ..., forced_counts: _Optional[_Iterable[int]] = ..., forced_ids: _Optional[_Iterable[int]] = ..., failed: _Optional[_Iterable[int]] = ..., failed_reasons: _Optional[_Iterable[str]] = ..., unwritten_rows: _Optional[_Iterable[int]] = ..., unwritten_reasons: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -102,7 +102,9 @@ class ExecutorServicer:
     def Run(self, request_iterator, context):
         """The step stream. One StepResult per Step, in the order the Steps were sent. A Step that is
         invalid is answered by a StepResult carrying `error` and changes no state; the stream and
-        every other request carry on.
+        every other request carry on. A forward pass or a sampling that fails for some slices fails
+        those alone (StepResult.failed, StepResult.unwritten_rows); any other error in executing a
+        Step is answered by `error` too, after which the scheduler resets the executor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
