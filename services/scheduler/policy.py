@@ -9,10 +9,11 @@
 Retracted requests always come first, in their original arrival order: they already streamed
 tokens to a client.
 
-Aging (`lpm`): a request may be overtaken by at most LPM_MAX_OVERTAKE later arrivals; after that
-it goes ahead of every request that arrived after it, whatever their cached prefixes. So a
-request without a cached prefix waits a bounded number of admissions behind cache hits instead of
-as long as they keep coming, and the cache benefit stays for everything else.
+Aging (`lpm`): a request may be overtaken by a bounded number of later arrivals; after that it
+goes ahead of every request that arrived after it, whatever their cached prefixes. The bound is
+half the requests that were waiting when it arrived (at least LPM_MIN_OVERTAKE): under FCFS it
+would wait for those, so under `lpm` it waits for at most about 1.5 times as many admissions,
+however many cache hits keep coming, and the cache benefit stays for everything else.
 
 Hold-back: when a request shares at least HOLD_MIN_TOKENS not-yet-cached tokens (or its whole
 uncached prompt) with a prompt being prefilled now, it waits. Once that prefill is scheduled its
@@ -30,7 +31,7 @@ from services.scheduler.radix_cache import RadixCache
 from services.scheduler.request import Req
 
 LPM_MAX_QUEUE = 128
-LPM_MAX_OVERTAKE = 32
+LPM_MIN_OVERTAKE = 4
 HOLD_MIN_TOKENS = 32
 
 
@@ -39,7 +40,7 @@ def _fcfs_key(req: Req) -> tuple:
 
 
 def _lpm_key(req: Req) -> tuple:
-    starved = req.overtaken >= LPM_MAX_OVERTAKE
+    starved = req.overtaken >= req.overtake_limit
     return (not req.retracted, not starved, -req.prefix_hint if not starved else 0, req.arrival)
 
 
@@ -68,6 +69,12 @@ class Policy:
         if self.name == "priority":
             return sorted(waiting, key=_priority_key)
         return sorted(waiting, key=_fcfs_key)
+
+    def note_arrived(self, arrived: Sequence[Req], waiting: Sequence[Req]) -> None:
+        """Sets the aging bound of requests joining `waiting` (the queue before they join)."""
+        limit = max(LPM_MIN_OVERTAKE, len(waiting) // 2)
+        for req in arrived:
+            req.overtake_limit = limit
 
     def note_admitted(self, admitted: Sequence[Req], waiting: Sequence[Req]) -> None:
         """Counts, for each request still waiting, the later arrivals admitted before it (only

@@ -167,6 +167,7 @@ class Req:
     cached_tokens: int | None = None  # prompt tokens from the cache at first admission
     prefix_hint: int = 0  # cached-prefix length seen by the policy this round
     overtaken: int = 0  # later arrivals admitted while this one waited (lpm aging)
+    overtake_limit: int = 4  # overtaken this often, it goes first (lpm aging; Policy.note_arrived)
     finished: FinishReason | None = None
 
     @classmethod

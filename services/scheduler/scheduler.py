@@ -144,6 +144,7 @@ class Scheduler:
         for req in reqs:
             req.jump_forward = not self.cfg.disable_jump_forward
         self.groups[params.request_id] = reqs
+        self.prefill.policy.note_arrived(reqs, self.waiting)
         self.waiting.extend(reqs)
         if params.grammar is not None and params.grammar not in self._compiled:
             task = asyncio.get_running_loop().create_task(self._compile(params.grammar, reqs))

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from services.scheduler.cache import KVCache
-from services.scheduler.policy import LPM_MAX_QUEUE, Policy, PrefixesInFlight
+from services.scheduler.policy import LPM_MAX_QUEUE, LPM_MIN_OVERTAKE, Policy, PrefixesInFlight
 from services.scheduler.request import Req, SamplingOptions, StopOptions
 from services.scheduler.streams import OutputStream
 
@@ -86,26 +86,31 @@ def test_hold_back(computing: list[int], prompt: list[int], cached: int, held: b
     assert PrefixesInFlight(enabled=False).should_hold(req(prompt, 1), cached) is False
 
 
-def test_lpm_lets_a_request_be_overtaken_a_bounded_number_of_times() -> None:
+@pytest.mark.parametrize("ahead", [0, 3, 20])
+def test_lpm_lets_a_request_be_overtaken_a_bounded_number_of_times(ahead: int) -> None:
     """A request with no cached prefix, behind a steady stream of cache hits: lpm puts it
-    behind them until LPM_MAX_OVERTAKE later arrivals went ahead, then first."""
-    from services.scheduler.policy import LPM_MAX_OVERTAKE
-
+    behind them until half the requests waiting when it came (at least LPM_MIN_OVERTAKE) went
+    ahead, then first."""
     cache = cache_with([1, 2, 3, 4, 5, 6])
     policy = Policy("lpm", cache)
+    waiting = [req([1, 2, 3, 4, 5, 6, 100 + i], -ahead + i) for i in range(ahead)]
     cold = req([9, 9, 9], 0)
-    waiting, arrival, admissions = [cold], 1, 0
+    policy.note_arrived([cold], waiting)
+    waiting.append(cold)
+    bound = max(LPM_MIN_OVERTAKE, ahead // 2)
+    arrival, later_admitted = 1, 0
     while True:
         waiting.append(req([1, 2, 3, 4, 5, 6, arrival], arrival))  # a cache hit arrives
         arrival += 1
         first = policy.order(waiting)[0]
         waiting.remove(first)
         policy.note_admitted([first], waiting)
-        admissions += 1
         if first is cold:
             break
-        assert admissions <= LPM_MAX_OVERTAKE, "the cold request waited past the bound"
-    assert admissions == LPM_MAX_OVERTAKE + 1  # the cache hits did go first until then
+        later_admitted += first.arrival > cold.arrival
+        assert later_admitted <= bound, "the cold request waited past the bound"
+    assert later_admitted == bound  # the cache hits did go first until then
+    assert all(r.arrival > cold.arrival for r in waiting)  # and everything ahead of it too
 
 
 def test_priority_policy_orders_by_priority_then_arrival() -> None:
