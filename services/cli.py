@@ -39,10 +39,10 @@ def _gateway(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace) -> None:
-    from services.common.log import setup_logging
+    from services.common.log import LogConfig, setup_logging
     from services.common.model_store import list_cached, resolve_model_path
 
-    setup_logging("models")
+    setup_logging("models", from_args(LogConfig, args))
     path = resolve_model_path(args.prepare)
     print(f"ready: {path}")
     for model in list_cached():
@@ -56,10 +56,13 @@ def _bench_executor(args: argparse.Namespace) -> None:
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
+    from services.common.log import LogConfig
+
     p = sub.add_parser("models", help="prepare the default (or a given) model and list cached ones")
     p.add_argument(
         "--prepare", default="default", help="model path to prepare (default: the bundled model)"
     )
+    add_arguments(p, LogConfig)
     p.set_defaults(func=_models)
 
 

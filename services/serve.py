@@ -3,7 +3,8 @@
 serve owns the wiring (internal ports on 127.0.0.1, who talks to whom); every other flag belongs to
 a service and is handed to each service that has it. Children run in their own process group so a
 terminal's Ctrl-C reaches only serve, which then stops them in order: the gateway first (in-flight
-requests drain), then scheduler, executor and tokenizer.
+requests drain), then scheduler, executor and tokenizer. The children write to serve's stderr, and
+serve logs there too, all in the one --log-format.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,7 +23,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from services.common.config import add_arguments, to_argv
+from services.common.config import add_arguments, from_args, to_argv
+from services.common.log import LogConfig, setup_logging
 
 # (service, config class) in start order; the gateway is the one users talk to.
 SERVICES = [
@@ -32,6 +35,7 @@ SERVICES = [
 ]
 WIRING = {"host", "port", "executor", "tokenizer", "scheduler"}
 STOP_ORDER = ["gateway", "scheduler", "executor", "tokenizer"]
+log = logging.getLogger("radixserve.serve")
 
 
 def config_class(spec: str) -> type:
@@ -156,10 +160,7 @@ class Supervisor:
             try:
                 child.proc.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
-                print(
-                    f"radixserve serve: {name} did not stop in {self.stop_timeout:.0f}s; killing it",
-                    file=sys.stderr,
-                )
+                log.warning("%s did not stop in %.0fs; killing it", name, self.stop_timeout)
                 child.proc.kill()
                 child.proc.wait()
 
@@ -179,6 +180,7 @@ def ready(url: str) -> tuple[bool, str]:
 
 
 def main(args: argparse.Namespace) -> None:
+    setup_logging("serve", from_args(LogConfig, args))
     commands = child_commands(args)
     supervisor = Supervisor(commands, args.stop_timeout)
     stop_signal: list[int] = []
@@ -187,7 +189,7 @@ def main(args: argparse.Namespace) -> None:
     supervisor.start()
     code = _supervise(supervisor, args, stop_signal)
     supervisor.stop()
-    print("radixserve serve: stopped", file=sys.stderr, flush=True)
+    log.info("stopped")
     sys.exit(code)
 
 
@@ -198,12 +200,7 @@ def _supervise(supervisor: Supervisor, args: argparse.Namespace, stop_signal: li
         dead = supervisor.dead_child()
         if dead is not None:
             code = dead.proc.returncode if dead.proc else -1
-            print(
-                f"radixserve serve: the {dead.name} service exited with code {code}; "
-                "stopping the others",
-                file=sys.stderr,
-                flush=True,
-            )
+            log.error("the %s service exited with code %d; stopping the others", dead.name, code)
             return 1
         if not announced:
             ok, reason = ready(f"{base}/ready")
@@ -215,16 +212,10 @@ def _supervise(supervisor: Supervisor, args: argparse.Namespace, stop_signal: li
                 )
                 announced = True
             elif elapsed - last_note >= 10:
-                print(
-                    f"radixserve serve: waiting for the services ({elapsed:.0f}s): {reason}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                log.info("waiting for the services (%.0fs): %s", elapsed, reason)
                 last_note = elapsed
             if not ok and elapsed > args.ready_timeout:
-                print(
-                    f"radixserve serve: not ready after {args.ready_timeout:.0f}s", file=sys.stderr
-                )
+                log.error("not ready after %.0fs", args.ready_timeout)
                 return 1
         time.sleep(0.5)
     return 0

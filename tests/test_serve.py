@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +174,65 @@ def test_bench_runs_every_dataset_against_serve(serve: tuple[Serve, int], tmp_pa
                       "--mt-turn-input-len", "24", "--mt-output-len", "8")  # fmt: skip
     assert (turns["completed"], turns["errors"]) == (6, 0), turns["errors_by_kind"]
     assert turns["total_input_tokens"] > 6 * 24  # later turns carry the conversation so far
+
+
+def test_serve_logs_a_request_as_json_under_its_id_in_every_service(
+    tmp_path: Path, default_model_dir: Path
+) -> None:
+    port = free_port()
+    flags = ["--log-format", "json", "--log-level", "debug", "--log-requests", "--access-log"]
+    server = Serve(port, tmp_path / "serve.log", flags)
+    try:
+        server.wait_ready()
+        body = {
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        headers = {"X-Request-Id": "my-req-1"}
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as response:
+            assert response.status_code == 200
+            assert response.headers["x-request-id"] == "my-req-1"
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
+        usage = json.loads(events[-1])["usage"]
+        entries = _json_lines(server, until=lambda e: e["logger"] == "radixserve.gateway.requests")
+        mine = [e for e in entries if e.get("request_id") == "my-req-1"]
+        assert {"gateway", "scheduler", "executor"} <= {e["service"] for e in mine}
+        (request,) = [e for e in mine if e["logger"] == "radixserve.gateway.requests"]
+        assert (request["method"], request["route"], request["status"]) == (
+            "POST",
+            "/v1/chat/completions",
+            200,
+        )
+        for key in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+            got = (
+                usage["prompt_tokens_details"]["cached_tokens"]
+                if key == "cached_tokens"
+                else usage[key]
+            )
+            assert request[key] == got, (key, request, usage)
+        assert 0 < request["ttft_ms"] <= request["latency_ms"]
+        access = [e for e in mine if e["logger"] == "uvicorn.access"]
+        assert access and "POST /v1/chat/completions" in access[0]["message"]
+        # Every service started and logged its lines as JSON.
+        assert {"tokenizer", "executor", "scheduler", "gateway"} <= {e["service"] for e in entries}
+    finally:
+        server.kill_all()
+
+
+def _json_lines(server: Serve, until: Callable[[dict], bool], timeout: float = 10) -> list[dict]:
+    """The JSON log lines serve's services wrote so far, once one of them satisfies `until`
+    (the request log line is written when the response ends, just after the client has it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = []
+        for line in server.stderr().splitlines():
+            with contextlib.suppress(ValueError):
+                if line.startswith("{"):
+                    entries.append(json.loads(line))
+        if any(until(e) for e in entries) or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.2)

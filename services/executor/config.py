@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import option
+from services.common.log import LogConfig
 from services.executor.attention import ATTENTION_BACKENDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -12,7 +13,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
-class ExecutorConfig:
+class ExecutorConfig(LogConfig):
     model_path: str = option(
         "default", "HF directory, .gguf file or Hub id ('default': SmolLM2-135M-Instruct)"
     )
@@ -73,6 +74,7 @@ class ExecutorConfig:
     port: int = option(30002, "gRPC port")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1]")
         if self.max_total_tokens is not None and self.max_total_tokens < 16:

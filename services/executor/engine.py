@@ -242,7 +242,8 @@ class Engine:
         check_shared_slots(step, self)
         matchers = [self._matcher(req) for req in step.add]
         for row in step.release_rows:
-            del self.rows[row]
+            rid = self.rows.pop(row).request_id
+            log.debug("released row %d", row, extra={"request_id": rid})
             self.sampler.release_row(row)
         if step.release_rows:
             self.table.clear_rows(step.release_rows)
@@ -252,6 +253,7 @@ class Engine:
             state.jump_forward = req.jump_forward and matcher is not None
             self.rows[req.row] = state
             self.sampler.add_row(req.row, req.sampling, req.prompt_ids, state.output_ids)
+            log.debug("added at row %d", req.row, extra={"request_id": req.request_id})
         if prepared.writes is not None:
             self.table.write_many(prepared.writes)
 
@@ -380,7 +382,8 @@ class Engine:
                     ended |= self._sample_contained(logits[i : i + 1], [s], tokens, failed)
                 return ended
             row = sampled[0].row
-            log.warning("sampling failed for %s", self.rows[row].request_id, exc_info=exc)
+            rid = self.rows[row].request_id
+            log.warning("sampling failed", exc_info=exc, extra={"request_id": rid})
             failed[row] = f"{type(exc).__name__}: {exc}"
             tokens[row] = SampledToken(row, 0)
             return set()

@@ -16,7 +16,7 @@ SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
 
 
 async def serve(cfg: ExecutorConfig) -> None:
-    log = setup_logging("executor")
+    log = setup_logging("executor", cfg)
     watchdog = Watchdog(cfg.watchdog_timeout_s)
     servicer = ExecutorServicer(watchdog)
     server = GrpcServer(cfg.host, cfg.port, [SERVICE_NAME])

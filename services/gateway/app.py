@@ -3,6 +3,7 @@
 Every exception of every route goes through one handler (`errors.error_response`); bodies past
 --max-request-bytes are refused by `BodyLimit` before they are read. The OpenAI
 routes and /generate need an API key when the gateway has any; health and metrics do not.
+`RequestLog` gives each request to those three its id (X-Request-Id) and its request log line.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.gateway.backend import Backend, new_request_id
+from services.gateway.backend import Backend
 from services.gateway.body_limit import BodyLimit
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import (
@@ -40,6 +41,7 @@ from services.gateway.protocol import (
     SamplingFields,
     parse_body,
 )
+from services.gateway.request_log import RequestLog, request_id
 from services.gateway.respond import Run, respond
 from services.gateway.responses import (
     ChatFormat,
@@ -51,6 +53,8 @@ from services.gateway.responses import (
 )
 
 Handler = Callable[[Request], Awaitable[Response]]
+# The generation routes, and the prefix of the ids they make for requests without X-Request-Id.
+ID_PREFIXES = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl", "/generate": "gen"}
 
 
 def check_api_key(authorization: str | None, keys: list[str]) -> None:
@@ -88,7 +92,7 @@ def _include_usage(req: SamplingFields) -> bool:
 async def chat_completions(request: Request) -> Response:
     backend = _backend(request)
     req = parse_body(ChatCompletionRequest, await request.body(), CHAT)
-    rid = new_request_id("chatcmpl")
+    rid = request_id(request)
     inp, plan = await backend.chat_input(req, rid)
     fmt = ChatFormat(Meta(rid, backend.model.name), req.n, req.logprobs, _include_usage(req))
     fmt.answers(plan, backend.cfg.reasoning_parser)
@@ -99,7 +103,7 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     backend = _backend(request)
     req = parse_body(CompletionRequest, await request.body(), COMPLETIONS)
-    rid = new_request_id("cmpl")
+    rid = request_id(request)
     inputs = await backend.completion_inputs(req, rid)
     echo = await backend.prompt_texts(req) if req.echo else None
     meta = Meta(rid, backend.model.name)
@@ -112,7 +116,7 @@ async def completions(request: Request) -> Response:
 async def generate(request: Request) -> Response:
     backend = _backend(request)
     req = parse_body(GenerateRequest, await request.body(), GENERATE)
-    rid = req.rid or new_request_id("gen")
+    rid = request_id(request, req.rid)
     inp = await backend.native_input(req, rid)
     n = req.sampling_params.n
     fmt = NativeFormat(Meta(rid, backend.model.name), n)
@@ -202,5 +206,6 @@ def build_app(
         exception_handlers=handlers,  # type: ignore[arg-type]
         lifespan=lifespan,
     )
+    app.add_middleware(RequestLog, id_prefixes=ID_PREFIXES, log_requests=cfg.log_requests)
     app.state.api_keys = list(cfg.api_key)
     return app

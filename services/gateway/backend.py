@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from dataclasses import replace
 
 from services.gateway.chat_tools import ToolPlan, after_reasoning, plan_tools
@@ -21,6 +20,7 @@ from services.gateway.errors import GatewayError, InvalidRequest, ModelNotFound,
 from services.gateway.generation import Generation
 from services.gateway.metrics import GatewayMetrics, RequestMetrics
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from services.gateway.request_log import new_request_id
 from services.gateway.router import SchedulerRouter
 from services.gateway.sampling import (
     GenerationInput,
@@ -256,8 +256,3 @@ def _with_tools(
             param=sampling.grammar_param,
         )
     return replace(sampling, grammar=grammar, grammar_param="tools"), plan
-
-
-def new_request_id(prefix: str) -> str:
-    """An id for a response and its scheduler request, e.g. chatcmpl-0f3c…"""
-    return f"{prefix}-{uuid.uuid4().hex}"

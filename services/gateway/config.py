@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import option
+from services.common.log import LogConfig
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
+class GatewayConfig(LogConfig):
     host: str = option("127.0.0.1", "address the HTTP server binds")
     port: int = option(8000, "HTTP port")
     # option() gives list defaults a default_factory, so no instance shares a list.
@@ -24,6 +25,12 @@ class GatewayConfig:
     )
     request_timeout_s: float = option(600.0, "longest a request may run before it is aborted")
     metrics: bool = option(True, "serve Prometheus metrics at /metrics")
+    log_requests: bool = option(
+        False,
+        "log one line per generation request when it ends: id, route, status, token counts, "
+        "time to first token, latency",
+    )
+    access_log: bool = option(False, "log one line per HTTP response (uvicorn's access log)")
     load_refresh_s: float = option(0.5, "how often the schedulers' load is polled for routing")
     max_request_bytes: int = option(
         4 * 2**20, "longest request body accepted; a longer one is answered 413 unread"
@@ -42,6 +49,7 @@ class GatewayConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.port < 65536:
             raise ValueError("--port must be in [0, 65535]")
         if not self.tokenizer or not self.scheduler:

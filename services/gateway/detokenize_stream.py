@@ -17,6 +17,7 @@ deterministic, so the stream the client sees goes on unbroken.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -46,7 +47,10 @@ class DetokenizeCall:
         self.error: GatewayError | None = None  # set once the call broke
         self.messages_sent = 0
         call = stub.DetokenizeBatch(_drain(self._outbox))
-        self._reader = asyncio.get_running_loop().create_task(self._read(call))
+        # A fresh context: the reader outlives the request that opened the call, and must not
+        # log under its id.
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read(call), context=contextvars.Context())
 
     @property
     def alive(self) -> bool:

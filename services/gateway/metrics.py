@@ -131,7 +131,7 @@ class RequestMetrics:
 
     def __init__(self, metrics: GatewayMetrics | None, arrived: float) -> None:
         self.m, self.arrived = metrics, arrived  # m None: not recorded (internal probes)
-        self._first_token = False
+        self.first_token_at: float | None = None  # time.monotonic() of the first output token
 
     @classmethod
     def disabled(cls) -> RequestMetrics:
@@ -139,10 +139,12 @@ class RequestMetrics:
 
     def tokens(self, now: float, previous: float | None, count: int) -> None:
         """`count` tokens of one sample arrived at `now`; its previous ones at `previous`."""
+        first = self.first_token_at is None
+        if first:
+            self.first_token_at = now
         if self.m is None:
             return
-        if not self._first_token:
-            self._first_token = True
+        if first:
             self.m.ttft.observe(now - self.arrived)
         elif previous is not None:
             for _ in range(count):

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from services.gateway.errors import GatewayError
 from services.gateway.events import Output, Usage
 from services.gateway.generation import Generation
+from services.gateway.request_log import record_of
 from services.gateway.responses import Format, join_outputs
 from services.gateway.sse import HEADERS, sse_stream
 
@@ -45,6 +46,12 @@ class Run:
     @property
     def usage(self) -> Usage:
         return sum((g.usage for g in self.generations), Usage())
+
+    @property
+    def first_token_at(self) -> float | None:
+        """time.monotonic() of the first output token of any generation (None: none yet)."""
+        times = [g.metrics.first_token_at for g in self.generations]
+        return min((t for t in times if t is not None), default=None)
 
     def abort(self) -> None:
         for g in self.generations:
@@ -85,6 +92,7 @@ class Run:
 
 
 async def respond(request: Request, run: Run, fmt: Format, stream: bool) -> Response:
+    record_of(request).run = run
     outputs = run.outputs()
     if not stream:
         collected = await unless_disconnected(request, run, _collect(outputs))

@@ -10,6 +10,7 @@ after it broke; when it breaks, every request on it fails with the error its sta
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -137,7 +138,10 @@ class SchedulerStream:
             return
         self._outbox = asyncio.Queue()
         call = self._stub.Stream(_drain(self._outbox))
-        self._reader = asyncio.get_running_loop().create_task(self._read(call))
+        # A fresh context: the reader outlives the request that opened the call, and must not
+        # log under its id.
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read(call), context=contextvars.Context())
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         try:

@@ -30,14 +30,14 @@ class Server(uvicorn.Server):
 
 
 def main(cfg: GatewayConfig) -> None:
-    log = setup_logging("gateway")
+    log = setup_logging("gateway", cfg)
     log.info("tokenizer %s, scheduler %s", ", ".join(cfg.tokenizer), ", ".join(cfg.scheduler))
     config = uvicorn.Config(
         build_app(cfg),
         host=cfg.host,
         port=cfg.port,
         log_config=None,
-        access_log=False,
+        access_log=cfg.access_log,
         timeout_graceful_shutdown=cfg.shutdown_grace_s,
         timeout_keep_alive=30,
         http="httptools",  # HTTP/1.1 parsed in C: a large or hostile body costs the loop little

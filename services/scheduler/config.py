@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import option
+from services.common.log import LogConfig
 from services.scheduler.policy import POLICIES
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(LogConfig):
     executor: str = option("127.0.0.1:30002", "address of the executor's gRPC service")
     host: str = option("127.0.0.1", "address the gRPC server binds")
     port: int = option(30003, "gRPC port")
@@ -55,6 +56,7 @@ class SchedulerConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ValueError("--max-running-requests must be at least 1")
         if self.max_queued_requests < 0:

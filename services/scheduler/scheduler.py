@@ -146,6 +146,7 @@ class Scheduler:
         self.groups[params.request_id] = reqs
         self.prefill.policy.note_arrived(reqs, self.waiting)
         self.waiting.extend(reqs)
+        _debug(params.request_id, "queued: %d prompt tokens, n=%d", len(params.input_ids), params.n)
         if params.grammar is not None and params.grammar not in self._compiled:
             task = asyncio.get_running_loop().create_task(self._compile(params.grammar, reqs))
             self._compiles.add(task)
@@ -161,6 +162,7 @@ class Scheduler:
         samples = self.groups.get(request_id)
         if samples is None:
             return False
+        _debug(request_id, "aborted by the caller")
         for req in samples:
             if req.finished is None:
                 self._finish(req, FinishReason.ABORT)
@@ -203,6 +205,7 @@ class Scheduler:
         if self.groups.get(rid) is not samples:
             return
         del self.groups[rid]
+        _log_failed(rid, code, message)
         for r in samples:
             if r.finished is None:
                 if r.row is not None:
@@ -356,9 +359,11 @@ class Scheduler:
         if not admitted:
             return
         for req in admitted:
+            cached = req.cached_tokens or 0
             if not req.retracted:
                 self.counters.prompt_tokens += len(req.prompt)
-                self.counters.cached_tokens += req.cached_tokens or 0
+                self.counters.cached_tokens += cached
+            _debug(req.rid, "admitted sample %d (%d prompt tokens cached)", req.index, cached)
         self.running += admitted
         self.waiting = [r for r in self.waiting if r.row is None]
 
@@ -371,7 +376,6 @@ class Scheduler:
             self._drop_unwritten(step, result.unwritten)
         for i, ((req, epoch), token) in enumerate(zip(step.samplers, result.tokens, strict=True)):
             if req.epoch == epoch and req.finished is None and i in result.failed:
-                log.error("request %s failed: %s", req.rid, result.failed[i])
                 self._fail_group(
                     self.groups[req.rid], INTERNAL, f"sampling failed: {result.failed[i]}"
                 )
@@ -450,7 +454,7 @@ class Scheduler:
         self.waiting.append(req)
         self.counters.retractions += 1
         self.ratio.on_retract()
-        log.debug("retracted %s/%d after %d tokens", req.rid, req.index, len(req.output))
+        _debug(req.rid, "retracted sample %d after %d tokens", req.index, len(req.output))
 
     def _finish(self, req: Req, reason: FinishReason, matched: int | None = None) -> None:
         if req.row is not None:
@@ -459,6 +463,9 @@ class Scheduler:
             self.waiting.remove(req)
         req.finished = reason
         self.counters.finished += 1
+        _debug(
+            req.rid, "finished sample %d: %s, %d tokens", req.index, reason.value, len(req.output)
+        )
         req.stream.complete(
             Complete(
                 req.index, reason, matched, len(req.prompt), len(req.output), req.cached_tokens or 0
@@ -481,5 +488,17 @@ class Scheduler:
                     req.finished = req.finished or FinishReason.ABORT
                 samples[0].stream.fail(code, message)
                 del self.groups[rid]
+                _log_failed(rid, code, message)
         self.waiting = [r for r in self.waiting if r.finished is None]
         self.running = []
+
+
+def _debug(request_id: str, msg: str, *args: object) -> None:
+    """A debug line about one request (its id in the line's `request_id`)."""
+    log.debug(msg, *args, extra={"request_id": request_id})
+
+
+def _log_failed(request_id: str, code: int, message: str) -> None:
+    """A request ended with an error: a warning, but for a bad request (the caller's error)."""
+    level = logging.DEBUG if code == INVALID_ARGUMENT else logging.WARNING
+    log.log(level, "failed: %s", message, extra={"request_id": request_id})

@@ -26,7 +26,7 @@ LOOP_DIED_EXIT_CODE = 3
 
 
 async def serve(cfg: SchedulerConfig) -> None:
-    log = setup_logging("scheduler")
+    log = setup_logging("scheduler", cfg)
     server = GrpcServer(cfg.host, cfg.port, [SERVICE_NAME])
     link = ExecutorClient(cfg.executor)
     scheduler = Scheduler(cfg, link, on_serving=server.set_serving)

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import option
+from services.common.log import LogConfig
 from services.tokenizer.chat_templates import BUILTIN_TEMPLATES
 
 
 @dataclass(frozen=True)
-class TokenizerConfig:
+class TokenizerConfig(LogConfig):
     model_path: str = option(
         "default", "HF directory, .gguf file or Hub id ('default': SmolLM2-135M-Instruct)"
     )
@@ -23,6 +24,7 @@ class TokenizerConfig:
     port: int = option(30001, "gRPC port")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not _is_template(self.chat_template):
             raise ValueError(
                 f"--chat-template {self.chat_template} is not a file or a built-in template "

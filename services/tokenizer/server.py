@@ -15,7 +15,7 @@ SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
 
 
 async def serve(cfg: TokenizerConfig) -> None:
-    log = setup_logging("tokenizer")
+    log = setup_logging("tokenizer", cfg)
     servicer = TokenizerServicer()
     server = GrpcServer(cfg.host, cfg.port, [SERVICE_NAME])
     server.register(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, servicer)

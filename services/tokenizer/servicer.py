@@ -93,7 +93,10 @@ class TokenizerServicer(pb_grpc.TokenizerServicer):
                 delta = await self._detokenize(stream, _tokens_of(msg))
                 yield convert.delta_to_pb(delta)
                 if delta.finished:
-                    log.debug("detokenize %s done (stop %r)", setup.request_id, delta.matched_stop)
+                    rid = setup.request_id
+                    log.debug(
+                        "detokenized (stop %r)", delta.matched_stop, extra={"request_id": rid}
+                    )
                     return
 
     async def DetokenizeBatch(

@@ -17,8 +17,8 @@ from services.common import healthcheck
 from services.common.config import env_name, from_args
 from services.serve import SERVICES, config_class
 
-# Read by every process rather than one service's config (model store, logging, CPU kernels).
-PROCESS_ENV = {"RADIXSERVE_CACHE_DIR", "RADIXSERVE_LOG_LEVEL", "RADIXSERVE_DISABLE_CPU_KERNELS"}
+# Read by every process rather than one service's config (model store, CPU kernels).
+PROCESS_ENV = {"RADIXSERVE_CACHE_DIR", "RADIXSERVE_DISABLE_CPU_KERNELS"}
 CONFIGS = {name: config_class(spec) for name, spec in SERVICES}
 HEALTHCHECK_MODULE = ["python", "-m", "services.common.healthcheck"]
 
