@@ -4,8 +4,9 @@ Every request to a generation route has an id: its `X-Request-Id` header (1 to 1
 characters, else a 400), or a new one (`chatcmpl-…`, `cmpl-…`, `gen-…`); /generate's `rid` field
 replaces either. The id is the answer's `id` and the request's id at the scheduler and executor
 (`<id>-<k>` for prompt k of a batched completion, `<id>/<i>` for sample i in the executor), comes
-back as the `X-Request-Id` header of every response of these routes (streams and errors too), and
-tags every gateway log line written while the request is handled.
+back as the `X-Request-Id` header of every response of these routes (streams and errors too;
+not for a `rid` that is no valid header value, such as one with non-ASCII characters), and tags
+every gateway log line written while the request is handled.
 
 With --log-requests each of these requests logs one line once its response has ended, also after
 an error or a client that went away: method, route, status (499 when the response was cut off
@@ -113,7 +114,8 @@ class RequestLog:
         async def stamped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
-                MutableHeaders(scope=message).append(HEADER, record.request_id)
+                if valid_request_id(record.request_id):  # a `rid` need not fit in a header
+                    MutableHeaders(scope=message).append(HEADER, record.request_id)
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 record.ended = True
             await send(message)

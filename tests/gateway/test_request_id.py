@@ -186,6 +186,13 @@ def test_generate_prefers_its_rid_to_the_header(client: TestClient, lines: Lines
     assert lines.request_line("from-body")["status"] == 200 and not lines.about("from-header")
 
 
+def test_a_rid_that_is_no_header_value_is_answered_without_the_header(client: TestClient) -> None:
+    response = client.post(GENERATE, json={"text": "hi", "rid": "ĉlient-ŝ"}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert "x-request-id" not in response.headers
+    assert response.json()["meta_info"]["id"] == "ĉlient-ŝ"
+
+
 def test_parallel_samples_and_prompts_keep_their_internal_ids(client: TestClient) -> None:
     headers = {**AUTH, "X-Request-Id": "batch-1"}
     pair = client.post(CHAT, json=chat(n=2), headers=headers)
