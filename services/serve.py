@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -36,6 +37,10 @@ SERVICES = [
 WIRING = {"host", "port", "executor", "tokenizer", "scheduler"}
 STOP_ORDER = ["gateway", "scheduler", "executor", "tokenizer"]
 log = logging.getLogger("radixserve.serve")
+# The readiness probe of serve's own gateway over TLS: encrypted, certificate not verified.
+_OWN_GATEWAY_TLS = ssl.create_default_context()
+_OWN_GATEWAY_TLS.check_hostname = False
+_OWN_GATEWAY_TLS.verify_mode = ssl.CERT_NONE
 
 
 def config_class(spec: str) -> type:
@@ -166,8 +171,10 @@ class Supervisor:
 
 
 def ready(url: str) -> tuple[bool, str]:
+    """(the URL answers 200, why not). An https URL is the gateway serve started on this machine,
+    so its certificate (often self-signed, for another host name) is not checked."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2, context=_OWN_GATEWAY_TLS) as response:
             return response.status == 200, ""
     except urllib.error.HTTPError as exc:
         body = exc.read().decode(errors="replace")
@@ -194,7 +201,9 @@ def main(args: argparse.Namespace) -> None:
 
 
 def _supervise(supervisor: Supervisor, args: argparse.Namespace, stop_signal: list[int]) -> int:
-    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    scheme = "https" if args.ssl_certfile else "http"
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    base = f"{scheme}://{host}:{args.port}"
     started, announced, last_note = time.monotonic(), False, 0.0
     while not stop_signal:
         dead = supervisor.dead_child()

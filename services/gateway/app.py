@@ -1,33 +1,35 @@
 """The HTTP routes: parse the body, ask the backend, render the answer.
 
 Every exception of every route goes through one handler (`errors.error_response`); bodies past
---max-request-bytes are refused by `BodyLimit` before they are read. The OpenAI
-routes and /generate need an API key when the gateway has any; health and metrics do not.
-`RequestLog` gives each request to those three its id (X-Request-Id) and its request log line.
+--max-request-bytes are refused by `BodyLimit` before they are read. Which key each route takes is
+in `auth`; the operator routes (tokenize, server info, cache flush, ...) are in `operator_routes`.
+With --allowed-origins, CORS headers are added (and preflights answered) before anything else.
+`RequestLog` gives each request to the generation routes its id (X-Request-Id) and its request log
+line.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from services.gateway import operator_routes
+from services.gateway.auth import ApiKeys, authenticated, probe
 from services.gateway.backend import Backend
 from services.gateway.body_limit import BodyLimit
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import (
     GatewayError,
     Overloaded,
-    Unauthorized,
     Unavailable,
     error_body,
     error_response,
@@ -41,7 +43,7 @@ from services.gateway.protocol import (
     SamplingFields,
     parse_body,
 )
-from services.gateway.request_log import RequestLog, request_id
+from services.gateway.request_log import HEADER, RequestLog, request_id
 from services.gateway.respond import Run, respond
 from services.gateway.responses import (
     ChatFormat,
@@ -52,32 +54,8 @@ from services.gateway.responses import (
     model_list,
 )
 
-Handler = Callable[[Request], Awaitable[Response]]
 # The generation routes, and the prefix of the ids they make for requests without X-Request-Id.
 ID_PREFIXES = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl", "/generate": "gen"}
-
-
-def check_api_key(authorization: str | None, keys: list[str]) -> None:
-    """Accepts `Authorization: Bearer <key>` with one of `keys` (any request when there are none)."""
-    if not keys:
-        return
-    if not authorization:
-        raise Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
-    scheme, _, token = authorization.partition(" ")
-    token_bytes = token.strip().encode()
-    if scheme.lower() != "bearer" or not any(
-        hmac.compare_digest(token_bytes, k.encode()) for k in keys
-    ):
-        raise Unauthorized("Incorrect API key provided.")
-
-
-def authenticated(handler: Handler) -> Handler:
-    @functools.wraps(handler)
-    async def checked(request: Request) -> Response:
-        check_api_key(request.headers.get("authorization"), request.app.state.api_keys)
-        return await handler(request)
-
-    return checked
 
 
 def _backend(request: Request) -> Backend:
@@ -158,11 +136,13 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"status": "ready", "model": backend.model.name})
 
 
+@probe
 async def health_generate(request: Request) -> Response:
     await _backend(request).health_generate()
     return JSONResponse({"status": "ok"})
 
 
+@probe
 async def metrics(request: Request) -> Response:
     text = await _backend(request).metrics_text()
     return Response(text, media_type=CONTENT_TYPE_LATEST)
@@ -195,6 +175,7 @@ def build_app(
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/health_generate", health_generate, methods=["GET"]),
+        *operator_routes.ROUTES,
     ]
     if cfg.metrics:
         routes.append(Route("/metrics", metrics, methods=["GET"]))
@@ -207,5 +188,23 @@ def build_app(
         lifespan=lifespan,
     )
     app.add_middleware(RequestLog, id_prefixes=ID_PREFIXES, log_requests=cfg.log_requests)
-    app.state.api_keys = list(cfg.api_key)
+    for cors in _cors(cfg):  # outermost: a preflight is answered before anything else
+        app.add_middleware(cors.cls, *cors.args, **cors.kwargs)
+    app.state.api_keys = ApiKeys.from_config(cfg)
     return app
+
+
+def _cors(cfg: GatewayConfig) -> list[Middleware]:
+    """Starlette's CORS middleware when --allowed-origins is set (none otherwise: no CORS headers,
+    and a preflight OPTIONS is a 405)."""
+    if not cfg.allowed_origins:
+        return []
+    cors = Middleware(
+        CORSMiddleware,
+        allow_origins=cfg.allowed_origins,
+        allow_methods=cfg.allowed_methods,
+        allow_headers=cfg.allowed_headers,
+        allow_credentials=cfg.allow_credentials,
+        expose_headers=[HEADER],  # browsers may read X-Request-Id
+    )
+    return [cors]

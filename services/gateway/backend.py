@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from dataclasses import replace
+from typing import Any
 
 from services.gateway.chat_tools import ToolPlan, after_reasoning, plan_tools
 from services.gateway.clients import SchedulerClient, TokenizerClient
@@ -19,10 +20,17 @@ from services.gateway.config import GatewayConfig
 from services.gateway.errors import GatewayError, InvalidRequest, ModelNotFound, Unavailable
 from services.gateway.generation import Generation
 from services.gateway.metrics import GatewayMetrics, RequestMetrics
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    TokenizeRequest,
+)
 from services.gateway.request_log import new_request_id
 from services.gateway.router import SchedulerRouter
 from services.gateway.sampling import (
+    MAX_CHARS_PER_TOKEN,
     GenerationInput,
     ModelInfo,
     SamplingParams,
@@ -168,6 +176,64 @@ class Backend:
         return GenerationInput(
             request_id, ids, sampling, TextOptions(p.stop_strings(), False, p.skip_special_tokens)
         )
+
+    async def tokenize(self, req: TokenizeRequest) -> list[list[int]]:
+        """The ids of each prompt, or of the `messages` as the chat route renders them (one)."""
+        model = self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequest("set exactly one of 'prompt' and 'messages'", param="prompt")
+        if req.messages is not None:
+            chat = req.chat_request()
+            check_prompt_chars(chat_texts(chat), model, "messages")
+            return [await self.tokenizer.apply_chat_template(chat)]
+        for prompt in req.prompts():
+            check_prompt_chars([prompt], model, "prompt")
+        encodes = (self.tokenizer.encode(p, req.add_special_tokens) for p in req.prompts())
+        return list(await asyncio.gather(*encodes))
+
+    async def detokenize(self, req: DetokenizeRequest) -> list[str]:
+        """The text of each sequence of ids. Ids must be in the vocabulary, and a sequence no
+        longer than the longest prompt /tokenize takes (MAX_CHARS_PER_TOKEN × the context)."""
+        model = self.check_model(req.model)
+        batch = req.batch()
+        longest = model.context_length * MAX_CHARS_PER_TOKEN
+        for ids in batch:
+            if any(i >= model.vocab_size for i in ids):
+                raise InvalidRequest(
+                    f"'tokens' must be token ids in [0, {model.vocab_size})", param="tokens"
+                )
+            if len(ids) > longest:
+                raise InvalidRequest(
+                    f"'tokens' holds {len(ids)} ids, more than the {longest} accepted",
+                    param="tokens",
+                )
+        decodes = (self.tokenizer.decode(ids, req.skip_special_tokens) for ids in batch)
+        return list(await asyncio.gather(*decodes))
+
+    async def flush_cache(self) -> int:
+        """Empties the prefix cache of every scheduler; returns the cached tokens freed. A
+        scheduler with requests in flight refuses (Busy) and an unreachable one fails
+        (Unavailable); the others are flushed all the same."""
+        results = await asyncio.gather(
+            *(s.flush_cache() for s in self.schedulers), return_exceptions=True
+        )
+        freed = 0
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            freed += result
+        return freed
+
+    async def scheduler_states(self) -> list[dict[str, Any]]:
+        """Each scheduler's settings and load (`address` and `error` for one unreachable)."""
+
+        async def state(scheduler: SchedulerClient) -> dict[str, Any]:
+            try:
+                return await scheduler.state()
+            except GatewayError as exc:
+                return {"address": scheduler.address, "error": exc.message}
+
+        return list(await asyncio.gather(*(state(s) for s in self.schedulers)))
 
     async def prompt_texts(self, req: CompletionRequest) -> list[str]:
         """The prompts as text, for echo (id prompts are decoded from their token bytes)."""

@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +27,7 @@ from services.gateway.sampling import GenerationInput, ModelInfo
 from services.gateway.scheduler_stream import RequestEvents, SchedulerStream
 
 log = logging.getLogger("radixserve.gateway")
+T = TypeVar("T")
 UNARY_TIMEOUT_S = 30.0
 CHECK_TIMEOUT_S = 2.0
 
@@ -66,14 +67,20 @@ class TokenizerClient:
         self._pieces: dict[int, TokenPiece] = {}  # id -> piece; at most the vocabulary
 
     async def _unary(self, method: str, request: object) -> Any:
-        """One unary call, on the next address; an unavailable tokenizer is retried on each
-        other address in turn (calls have no side effects)."""
+        """One unary call, on the next address (see `_on_any`)."""
+        return await self._on_any(
+            lambda stub: getattr(stub, method)(request, timeout=UNARY_TIMEOUT_S)
+        )
+
+    async def _on_any(self, call: Callable[[tpb_grpc.TokenizerStub], Awaitable[T]]) -> T:
+        """`call` on the next address; an unavailable tokenizer is retried on each other
+        address in turn (calls have no side effects)."""
         first, n = next(self._turn), len(self._stubs)
         for attempt in range(n):
             stub = self._stubs[(first + attempt) % n]
             try:
                 with rpc_errors("tokenizer"):
-                    return await getattr(stub, method)(request, timeout=UNARY_TIMEOUT_S)
+                    return await call(stub)
             except Unavailable:
                 if attempt == len(self._stubs) - 1:
                     raise
@@ -87,6 +94,26 @@ class TokenizerClient:
     async def apply_chat_template(self, req: ChatCompletionRequest) -> list[int]:
         reply = await self._unary("ApplyChatTemplate", convert.chat_request_to_pb(req))
         return list(reply.ids)
+
+    async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """The text of `ids` (the tokenizer's decode), over a Detokenize call of its own, so a
+        long decode never holds up the streams sharing a DetokenizeBatch call."""
+        setup = tpb.DetokenizeSetup(request_id="decode", skip_special_tokens=skip_special_tokens)
+        messages = [
+            tpb.DetokenizeRequest(setup=setup),
+            tpb.DetokenizeRequest(tokens=tpb.DetokenizeTokens(ids=ids, finish=True)),
+        ]
+
+        async def call(stub: tpb_grpc.TokenizerStub) -> str:
+            replies = stub.Detokenize(iter(messages), timeout=UNARY_TIMEOUT_S)
+            return "".join([reply.text async for reply in replies])
+
+        return await self._on_any(call)
+
+    async def model_path(self) -> str:
+        """The directory the tokenizer was loaded from."""
+        reply = await self._unary("Info", tpb.TokenizerInfoRequest())
+        return reply.model_path
 
     async def token_pieces(self, ids: Iterable[int]) -> dict[int, TokenPiece]:
         """Each id's text and bytes, for logprobs (cached: a vocabulary never changes)."""
@@ -167,6 +194,20 @@ class SchedulerClient:
                 spb.GetModelInfoRequest(), timeout=CHECK_TIMEOUT_S
             )
         return convert.model_info_from_pb(reply, served_name)
+
+    async def flush_cache(self) -> int:
+        """Empties the replica's prefix cache; returns the cached tokens freed. Raises Busy
+        while it has requests in flight."""
+        with rpc_errors(f"scheduler at {self.address}"):
+            reply = await self._stub.FlushCache(spb.FlushCacheRequest(), timeout=UNARY_TIMEOUT_S)
+        return reply.tokens_freed
+
+    async def state(self) -> dict[str, Any]:
+        """The replica's settings (GetModelInfo) and load (GetLoad), as JSON fields."""
+        with rpc_errors(f"scheduler at {self.address}"):
+            info = await self._stub.GetModelInfo(spb.GetModelInfoRequest(), timeout=CHECK_TIMEOUT_S)
+            load = await self._stub.GetLoad(spb.GetLoadRequest(), timeout=CHECK_TIMEOUT_S)
+        return convert.scheduler_state_from_pb(self.address, info, load)
 
     async def check(self) -> None:
         await check_serving(self._channel, f"scheduler at {self.address}")

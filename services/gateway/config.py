@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from services.common.config import option
@@ -47,6 +48,21 @@ class GatewayConfig(LogConfig):
     reasoning_parser: str | None = option(
         None, "split answers' think sections into reasoning_content: deepseek-r1, qwen3"
     )
+    # Operations: the admin key, CORS and TLS (names from SGLang and vLLM).
+    admin_api_key: list[str] = option(
+        [], "key(s) for the admin routes /flush_cache and /get_server_info; none: --api-key's"
+    )
+    protect_metrics: bool = option(
+        False, "/metrics and /health_generate need a key (--api-key or --admin-api-key)"
+    )
+    allowed_origins: list[str] = option(
+        [], "CORS: origins browsers may call from ('*': any); none: no CORS headers"
+    )
+    allowed_methods: list[str] = option(["*"], "CORS: methods allowed cross-origin")
+    allowed_headers: list[str] = option(["*"], "CORS: request headers allowed cross-origin")
+    allow_credentials: bool = option(False, "CORS: allow credentials (cookies, auth) cross-origin")
+    ssl_keyfile: str | None = option(None, "TLS private key (PEM file); with --ssl-certfile: HTTPS")
+    ssl_certfile: str | None = option(None, "TLS certificate chain (PEM file)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,3 +82,15 @@ class GatewayConfig(LogConfig):
         from services.gateway.chat_tools import check_parsers
 
         check_parsers(self.tool_call_parser, self.reasoning_parser)
+        self._check_operations()
+
+    def _check_operations(self) -> None:
+        if any(not key for key in self.admin_api_key):
+            raise ValueError("--admin-api-key values must not be empty")
+        if self.protect_metrics and not (self.api_key or self.admin_api_key):
+            raise ValueError("--protect-metrics needs an --api-key or an --admin-api-key")
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("--ssl-keyfile and --ssl-certfile go together")
+        for path in (self.ssl_keyfile, self.ssl_certfile):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"no such TLS file: {path}")

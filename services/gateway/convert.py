@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from typing import Any
+
+from google.protobuf.message import Message
 
 from radixserve.v1 import scheduler_pb2 as spb
 from radixserve.v1 import tokenizer_pb2 as tpb
@@ -115,7 +118,22 @@ def model_info_from_pb(msg: spb.GetModelInfoResponse, served_name: str | None) -
         max_top_logprobs=msg.max_top_logprobs,
         num_kv_slots=msg.num_kv_slots,
         architecture=msg.architecture,
+        model_path=msg.model_path,
     )
+
+
+def scheduler_state_from_pb(
+    address: str, info: spb.GetModelInfoResponse, load: spb.GetLoadResponse
+) -> dict[str, Any]:
+    """One scheduler's settings and load as JSON fields, named as in the proto (for
+    /get_server_info; the proto's comments document them)."""
+    return {"address": address, **_fields(info), **_fields(load)}
+
+
+def _fields(msg: Message) -> dict[str, Any]:
+    """A flat message's fields by name; repeated fields as lists."""
+    values = ((f.name, getattr(msg, f.name)) for f in msg.DESCRIPTOR.fields)
+    return {name: v if isinstance(v, str | int | float) else list(v) for name, v in values}
 
 
 def chat_request_to_pb(req: ChatCompletionRequest) -> tpb.ApplyChatTemplateRequest:

@@ -61,6 +61,13 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class Busy(GatewayError):
+    """The operation needs an idle server: a cache flush while requests are in flight (400, as
+    SGLang answers)."""
+
+    status, type, code = 400, "invalid_request_error", "server_busy"
+
+
 class Overloaded(GatewayError):
     """A scheduler's waiting queue is full: retry later."""
 
@@ -87,6 +94,8 @@ def from_status(code: grpc.StatusCode | int, details: str, service: str) -> Gate
         grpc.StatusCode.ALREADY_EXISTS,  # a request id (/generate's rid) already in flight
     ):
         return InvalidRequest(details)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return Busy(f"the {service} is busy: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return Overloaded(f"the server is overloaded: {details}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):

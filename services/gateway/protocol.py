@@ -264,6 +264,56 @@ class GenerateRequest(BaseModel):
     priority: Priority = 0  # SGLang: lower first, with --schedule-policy priority
 
 
+class TokenizeRequest(BaseModel):
+    """/tokenize (SGLang's and vLLM's): `prompt` (a text or a batch of texts) or chat `messages`,
+    rendered as /v1/chat/completions renders them (the template writes the special tokens, so
+    `add_special_tokens` applies to `prompt` only)."""
+
+    model: str | None = None
+    prompt: str | Annotated[list[str], Field(min_length=1)] | None = None
+    add_special_tokens: StrictBool = True
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+
+    @property
+    def batched(self) -> bool:
+        return isinstance(self.prompt, list)
+
+    def prompts(self) -> list[str]:
+        """The prompt as a batch (of one unless a list was sent)."""
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt or [])
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat request whose prompt the `messages` are."""
+        assert self.messages is not None
+        return ChatCompletionRequest(
+            messages=self.messages,
+            tools=self.tools,
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
+
+
+class DetokenizeRequest(BaseModel):
+    """/detokenize (SGLang's and vLLM's): token ids, or a batch of them, back to text."""
+
+    model: str | None = None
+    tokens: list[TokenId] | list[list[TokenId]]
+    skip_special_tokens: StrictBool = True  # SGLang's default: BOS and the like are left out
+
+    @property
+    def batched(self) -> bool:
+        return bool(self.tokens) and isinstance(self.tokens[0], list)
+
+    def batch(self) -> list[list[int]]:
+        """The ids as a batch (of one unless a list of lists was sent)."""
+        return list(self.tokens) if self.batched else [self.tokens]  # type: ignore[arg-type,list-item]
+
+
 def parse_body(model: type[M], body: bytes, fields: FieldTable | None = None) -> M:
     """Decodes and validates a JSON body, then checks it against `fields` (the endpoint's lists).
 

@@ -35,6 +35,7 @@ class ModelInfo:
     max_top_logprobs: int
     num_kv_slots: int
     architecture: str = ""  # config.json's architectures[0], e.g. "LlamaForCausalLM"
+    model_path: str = ""  # where the scheduler's executor loaded the weights from
 
     @property
     def max_sequence(self) -> int:

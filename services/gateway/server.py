@@ -2,6 +2,8 @@
 
 SIGTERM / SIGINT stop accepting connections; in-flight requests get --shutdown-grace-s to finish,
 after which they are cancelled (and so aborted at their scheduler). The process then exits 0.
+
+With --ssl-keyfile and --ssl-certfile it serves HTTPS only (TLS in uvicorn).
 """
 
 from __future__ import annotations
@@ -42,5 +44,7 @@ def main(cfg: GatewayConfig) -> None:
         timeout_keep_alive=30,
         http="httptools",  # HTTP/1.1 parsed in C: a large or hostile body costs the loop little
         loop="asyncio",  # the gRPC clients' asyncio integration
+        ssl_keyfile=cfg.ssl_keyfile,
+        ssl_certfile=cfg.ssl_certfile,
     )
     Server(config).run()

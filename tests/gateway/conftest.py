@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,18 +26,22 @@ class Stack:
     api_key: str
     scheduler: scheduler_pb2_grpc.SchedulerStub
     model: str
+    tokenizer_port: int  # for a second gateway in front of the same services
+    scheduler_port: int
 
     def get_load(self) -> scheduler_pb2.GetLoadResponse:
         return self.scheduler.GetLoad(scheduler_pb2.GetLoadRequest(), timeout=5)
 
 
-def wait_ready(proc: ServiceProcess, url: str, timeout: float = 180.0) -> None:
+def wait_ready(
+    proc: ServiceProcess, url: str, timeout: float = 180.0, verify: ssl.SSLContext | bool = True
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.proc is not None and proc.proc.poll() is not None:
             raise RuntimeError(f"gateway exited early:\n{proc.output()[-3000:]}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/ready", timeout=2, verify=verify).status_code == 200:
                 return
         time.sleep(0.3)
     raise TimeoutError(f"gateway not ready after {timeout}s:\n{proc.output()[-3000:]}")
@@ -85,5 +90,5 @@ def stack(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             headers = {"Authorization": f"Bearer {API_KEYS[0]}"}
             name = httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]["id"]
-            yield Stack(url, API_KEYS[0], stub, name)
+            yield Stack(url, API_KEYS[0], stub, name, tok, sch)
         assert g.stop() == 0, g.output()[-3000:]

@@ -8,9 +8,11 @@ import grpc
 import pytest
 from starlette.testclient import TestClient
 
-from services.gateway.app import build_app, check_api_key
+from services.gateway.app import build_app
+from services.gateway.auth import check_api_key
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import (
+    Busy,
     ContextLengthExceeded,
     GatewayError,
     InvalidRequest,
@@ -33,6 +35,7 @@ from services.gateway.sampling import ModelInfo
         (grpc.StatusCode.OUT_OF_RANGE, InvalidRequest, 400),
         (grpc.StatusCode.ALREADY_EXISTS, InvalidRequest, 400),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, Overloaded, 503),
+        (grpc.StatusCode.FAILED_PRECONDITION, Busy, 400),  # FlushCache with requests in flight
         (grpc.StatusCode.UNAVAILABLE, Unavailable, 503),
         (14, Unavailable, 503),  # a GenerateError carries the number
         (grpc.StatusCode.DEADLINE_EXCEEDED, Timeout, 504),
