@@ -37,7 +37,7 @@ class FakeTokenizer:
     def __init__(self) -> None:
         self.detokenizers: list[FakeDetokenizer] = []
 
-    async def detokenizer(self, inp: GenerationInput, index: int) -> FakeDetokenizer:
+    async def detokenizer(self, inp: GenerationInput, index: int, link=None) -> FakeDetokenizer:
         detok = FakeDetokenizer(inp.text.stop)
         self.detokenizers.append(detok)
         return detok
@@ -70,7 +70,7 @@ class FakeScheduler:
         self.stream = FakeStream(events)
         self.aborted: list[str] = []
 
-    def generate(self, inp: GenerationInput, timeout_s: float) -> FakeStream:
+    def generate(self, inp: GenerationInput, timeout_s: float, traceparent: str = "") -> FakeStream:
         return self.stream
 
     def abort_soon(self, request_id: str) -> None:
