@@ -8,34 +8,39 @@ from collections.abc import Callable
 
 from services.common.config import add_arguments, from_args
 from services.common.model_store import ModelNotFoundError
+from services.common.tracing import TracingConfig, session
 
 
 def _executor(args: argparse.Namespace) -> None:
     from services.executor.config import ExecutorConfig
     from services.executor.server import main
 
-    main(from_args(ExecutorConfig, args))
+    with session(from_args(TracingConfig, args), "executor"):
+        main(from_args(ExecutorConfig, args))
 
 
 def _tokenizer(args: argparse.Namespace) -> None:
     from services.tokenizer.config import TokenizerConfig
     from services.tokenizer.server import main
 
-    main(from_args(TokenizerConfig, args))
+    with session(from_args(TracingConfig, args), "tokenizer"):
+        main(from_args(TokenizerConfig, args))
 
 
 def _scheduler(args: argparse.Namespace) -> None:
     from services.scheduler.config import SchedulerConfig
     from services.scheduler.server import main
 
-    main(from_args(SchedulerConfig, args))
+    with session(from_args(TracingConfig, args), "scheduler"):
+        main(from_args(SchedulerConfig, args))
 
 
 def _gateway(args: argparse.Namespace) -> None:
     from services.gateway.config import GatewayConfig
     from services.gateway.server import main
 
-    main(from_args(GatewayConfig, args))
+    with session(from_args(TracingConfig, args), "gateway"):
+        main(from_args(GatewayConfig, args))
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -71,6 +76,7 @@ def _add_executor(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("executor", help="serve the model executor (gRPC)")
     add_arguments(p, ExecutorConfig)
+    add_arguments(p, TracingConfig)
     p.set_defaults(func=_executor)
 
 
@@ -81,6 +87,7 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
         "tokenizer", help="serve the tokenizer: encode, chat templates, detokenize (gRPC)"
     )
     add_arguments(p, TokenizerConfig)
+    add_arguments(p, TracingConfig)
     p.set_defaults(func=_tokenizer)
 
 
@@ -91,6 +98,7 @@ def _add_scheduler(sub: argparse._SubParsersAction) -> None:
         "scheduler", help="serve the scheduler: queue, prefix cache, batching (gRPC)"
     )
     add_arguments(p, SchedulerConfig)
+    add_arguments(p, TracingConfig)
     p.set_defaults(func=_scheduler)
 
 
@@ -99,6 +107,7 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("gateway", help="serve the OpenAI-compatible HTTP API (Starlette + uvicorn)")
     add_arguments(p, GatewayConfig)
+    add_arguments(p, TracingConfig)
     p.set_defaults(func=_gateway)
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from services.common.config import add_arguments, from_args, to_argv
 from services.common.log import LogConfig, setup_logging
+from services.common.tracing import TracingConfig
 
 # (service, config class) in start order; the gateway is the one users talk to.
 SERVICES = [
@@ -75,6 +76,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     taken = set(WIRING)
     for _, spec in SERVICES:
         taken |= set(add_arguments(parser, config_class(spec), skip=taken))
+    add_arguments(parser, TracingConfig)  # every service gets these
 
 
 def free_port() -> int:
@@ -106,8 +108,9 @@ def wiring(args: argparse.Namespace) -> dict[str, dict[str, object]]:
 
 
 def child_commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """Each service's command line: its own flags from `args`, plus the wiring."""
+    """Each service's command line: its own flags from `args`, the tracing flags, the wiring."""
     wires = wiring(args)
+    tracing = to_argv(from_args(TracingConfig, args))
     commands = []
     for name, spec in SERVICES:
         cls = config_class(spec)
@@ -117,7 +120,7 @@ def child_commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
                 values[field.name] = _fit(wires[name][field.name], field.type)
             elif field.name not in WIRING and hasattr(args, field.name):
                 values[field.name] = getattr(args, field.name)
-        commands.append((name, [name, *to_argv(cls(**values))]))
+        commands.append((name, [name, *to_argv(cls(**values)), *tracing]))
     return commands
 
 

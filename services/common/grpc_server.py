@@ -11,6 +11,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.tracing import client_interceptors, server_interceptors
+
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _SIZES = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -39,14 +41,15 @@ log = logging.getLogger("radixserve.grpc")
 
 
 class GrpcServer:
-    """An asyncio gRPC server with the standard health and reflection services.
+    """An asyncio gRPC server with the standard health and reflection services (and a span per
+    traced call when tracing is on: services/common/tracing.py).
 
     `register` adds the service's own servicers; `service_names` are the fully qualified names
     reflected and reported by the health service (NOT_SERVING until `set_serving(True)`).
     """
 
     def __init__(self, host: str, port: int, service_names: Iterable[str]) -> None:
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors())
         self.health = health.aio.HealthServicer()
         self.service_names = list(service_names)
         self.host, self.port = host, port
@@ -88,8 +91,9 @@ class GrpcServer:
 
 def insecure_channel(address: str, *, round_robin: bool = False) -> grpc.aio.Channel:
     """A client channel; `round_robin` spreads calls over every address a name resolves to
-    (e.g. `dns:///tokenizer-headless:30001`) instead of sticking to the first one."""
+    (e.g. `dns:///tokenizer-headless:30001`) instead of sticking to the first one. With tracing
+    on, unary calls get a span and send its context along."""
     options = list(CHANNEL_OPTIONS)
     if round_robin:
         options.append(("grpc.lb_policy_name", "round_robin"))
-    return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=client_interceptors())

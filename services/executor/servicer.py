@@ -18,8 +18,10 @@ from radixserve.v1 import executor_pb2 as pb
 from radixserve.v1 import executor_pb2_grpc as pb_grpc
 from radixserve.v1 import grammar_pb2 as gpb
 from services.common.grammar import GrammarError, GrammarSpec
+from services.common.tracing import tracer
 from services.executor.engine import PreparedStep
 from services.executor.factory import LoadedModel
+from services.executor.spans import StepSpans
 from services.executor.step import StepOutput, error_to_pb, output_to_pb, step_from_pb
 from services.executor.validation import StepRejected
 
@@ -85,10 +87,13 @@ class Watchdog:
 class ExecutorServicer(pb_grpc.ExecutorServicer):
     """Serves one engine. Steps are applied and computed on one worker thread, in arrival order;
     the next Step is decoded, validated and its host-side batch built on a second thread while
-    the current one computes (`Engine.prepare` / `Engine.execute`)."""
+    the current one computes (`Engine.prepare` / `Engine.execute`). With tracing on, executed
+    Steps and the rows they add are spans (see spans.py)."""
 
     def __init__(self, watchdog: Watchdog | None = None) -> None:
         self.watchdog = watchdog or Watchdog(0.0)
+        step_tracer = tracer("radixserve.executor")
+        self.spans = StepSpans(step_tracer) if step_tracer is not None else None
         self.loaded: LoadedModel | None = None
         self.ready = False
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
@@ -153,6 +158,8 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
     ) -> pb.ResetResponse:
         loaded = await self._require_ready(context)
         await self._call(loaded.engine.reset)
+        if self.spans is not None:
+            self.spans.reset()
         return pb.ResetResponse()
 
     async def CompileGrammar(
@@ -199,6 +206,8 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 await asyncio.gather(reader, return_exceptions=True)
                 await asyncio.get_running_loop().run_in_executor(self.preparer, _nothing)
                 await self._call(loaded.engine.reset)  # a detached scheduler's rows are gone
+                if self.spans is not None:
+                    self.spans.reset()
             finally:
                 self.run_active = False
                 self._detached.set()
@@ -220,13 +229,17 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
     async def _execute(self, loaded: LoadedModel, item: Prepared) -> pb.StepResult:
         if isinstance(item, pb.StepResult):  # rejected while preparing
             return item
+        started_ns = time.time_ns()
         step_id = item.step.step_id
         try:
-            return output_to_pb(await self._call(self._watched_execute, loaded, item))
+            result = output_to_pb(await self._call(self._watched_execute, loaded, item))
         except StepRejected as exc:
-            return _rejected(step_id, exc)
+            result = _rejected(step_id, exc)
         except Exception as exc:
-            return _failed(step_id, exc)
+            result = _failed(step_id, exc)
+        if self.spans is not None:
+            self.spans.record(item.step, started_ns, result)
+        return result
 
     def _watched_execute(self, loaded: LoadedModel, item: PreparedStep) -> StepOutput:
         self.watchdog.begin(item.step.step_id)

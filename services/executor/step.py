@@ -21,6 +21,7 @@ class NewRequest:
     grammar: GrammarSpec | None = None
     compiled: Any = None  # the grammar's xgrammar CompiledGrammar, set when the Step is prepared
     jump_forward: bool = False  # emit the grammar's forced tokens after each sampled one
+    traceparent: str = ""  # W3C traceparent of the scheduler's span of the request ("": none)
 
 
 @dataclass
@@ -128,6 +129,7 @@ def step_from_pb(msg: pb.Step) -> StepInput:
                 list(a.output_ids),
                 GrammarSpec.from_pb(a.grammar) if a.HasField("grammar") else None,
                 jump_forward=a.jump_forward,
+                traceparent=a.traceparent,
             )
             for a in msg.add
         ],
@@ -153,6 +155,7 @@ def step_to_pb(step: StepInput) -> pb.Step:
                 output_ids=a.output_ids,
                 grammar=a.grammar.to_pb() if a.grammar is not None else None,
                 jump_forward=a.jump_forward,
+                traceparent=a.traceparent,
             )
             for a in step.add
         ],

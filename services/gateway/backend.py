@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from services.common.tracing import tracer
 from services.gateway.chat_tools import ToolPlan, after_reasoning, plan_tools
 from services.gateway.clients import SchedulerClient, TokenizerClient
 from services.gateway.config import GatewayConfig
@@ -52,7 +53,8 @@ PROBE_TEXT = "Hello"
 class Backend:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
-        self.tokenizer = TokenizerClient(cfg.tokenizer)
+        self.tracer = tracer("radixserve.gateway")  # None: tracing is off
+        self.tokenizer = TokenizerClient(cfg.tokenizer, self.tracer)
         self.schedulers = [SchedulerClient(a) for a in cfg.scheduler]
         self.router = SchedulerRouter(self.schedulers, cfg.load_refresh_s)
         self.metrics = GatewayMetrics(self.router.loads)
@@ -124,7 +126,10 @@ class Backend:
     def generation(self, inp: GenerationInput, metrics: RequestMetrics | None = None) -> Generation:
         scheduler = self.router.pick(inp.sampling.n)
         metrics = metrics or self.metrics.request()
-        return Generation(inp, scheduler, self.tokenizer, metrics, self.cfg.request_timeout_s)
+        model = self._model.name if self._model is not None else ""
+        return Generation(
+            inp, scheduler, self.tokenizer, metrics, self.cfg.request_timeout_s, self.tracer, model
+        )
 
     async def chat_input(
         self, req: ChatCompletionRequest, request_id: str

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
 
 from radixserve.v1 import scheduler_pb2 as spb
 from radixserve.v1 import scheduler_pb2_grpc as spb_grpc
@@ -54,11 +55,13 @@ class TokenizerClient:
     """The tokenizer service (several addresses: round-robin per call or sample).
 
     Samples are detokenized over one shared DetokenizeBatch call per address (see
-    detokenize_stream), opened on first use and again after it broke.
+    detokenize_stream), opened on first use and again after it broke; with a `tracer`, each of
+    its messages is a span.
     """
 
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(self, addresses: list[str], tracer: trace.Tracer | None = None) -> None:
         self.addresses = addresses
+        self._tracer = tracer
         self._channels = [insecure_channel(a, round_robin=True) for a in addresses]
         self._stubs = [tpb_grpc.TokenizerStub(c) for c in self._channels]
         self._turn = itertools.cycle(range(len(addresses)))
@@ -125,14 +128,17 @@ class TokenizerClient:
             self._pieces.update(zip(missing, convert.pieces_from_pb(reply), strict=True))
         return {i: self._pieces[i] for i in wanted}
 
-    async def detokenizer(self, inp: GenerationInput, index: int) -> Detokenizer:
+    async def detokenizer(
+        self, inp: GenerationInput, index: int, link: trace.SpanContext | None = None
+    ) -> Detokenizer:
         """Sample `index` of `inp`, opened on a shared call (with its first feed); it fails over
-        to another tokenizer address if its call breaks."""
+        to another tokenizer address if its call breaks. `link`: the generation's span, linked
+        from the spans of the messages that carry the sample's feeds."""
         setup = convert.detokenize_setup_to_pb(inp, index)
         opened = self._open(setup, None)
         assert opened is not None
         call, sample_id, k = opened
-        return Detokenizer(call, sample_id, setup, k, self._open)
+        return Detokenizer(call, sample_id, setup, k, self._open, link)
 
     def _open(
         self, setup: tpb.DetokenizeSetup, avoid: int | None
@@ -145,7 +151,7 @@ class TokenizerClient:
             k = next(self._turn)
         call = self._calls[k]
         if call is None or not call.alive:
-            call = self._calls[k] = DetokenizeCall(self._stubs[k])
+            call = self._calls[k] = DetokenizeCall(self._stubs[k], self._tracer)
         sample_id = next(self._sample_ids)
         call.open(sample_id, setup)
         return call, sample_id, k
@@ -172,11 +178,14 @@ class SchedulerClient:
         self._stub = spb_grpc.SchedulerStub(self._channel)
         self._stream: SchedulerStream | None = None  # made on the loop, at first use
 
-    def generate(self, inp: GenerationInput, timeout_s: float) -> RequestEvents:
-        """Submits the request; its events (or its refusal) come from the returned queue."""
+    def generate(
+        self, inp: GenerationInput, timeout_s: float, traceparent: str = ""
+    ) -> RequestEvents:
+        """Submits the request (part of the trace `traceparent` names, if any); its events (or
+        its refusal) come from the returned queue."""
         if self._stream is None:
             self._stream = SchedulerStream(self._stub)
-        return self._stream.generate(convert.generate_request_to_pb(inp), timeout_s)
+        return self._stream.generate(convert.generate_request_to_pb(inp, traceparent), timeout_s)
 
     def abort_soon(self, request_id: str) -> None:
         """Sends Abort without waiting (callable while the caller is being cancelled)."""

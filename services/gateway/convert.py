@@ -47,12 +47,13 @@ def sampling_to_pb(s: SamplingParams) -> spb.SamplingOptions:
     )
 
 
-def generate_request_to_pb(inp: GenerationInput) -> spb.GenerateRequest:
+def generate_request_to_pb(inp: GenerationInput, traceparent: str = "") -> spb.GenerateRequest:
     return spb.GenerateRequest(
         request_id=inp.request_id,
         input_ids=inp.input_ids,
         sampling=sampling_to_pb(inp.sampling),
         priority=inp.sampling.priority,
+        traceparent=traceparent,
     )
 
 

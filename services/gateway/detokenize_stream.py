@@ -6,7 +6,8 @@ the feeds of all the requests woken by one scheduler batch leave in one message,
 text comes back in one response. Opens and closes ride along with the next message that
 carries feeds. Responses answer messages in order, so the futures of each sent message wait
 in a FIFO. When the call breaks, every feed waiting on it fails with the error its status maps
-to (a killed tokenizer: Unavailable); the next sample opens a fresh call.
+to (a killed tokenizer: Unavailable); the next sample opens a fresh call. With a tracer, each
+message is a span linked to the generation spans of its feeds (see spans.py).
 
 Failover: a `Detokenizer` keeps the ids it has fed and how much text it has returned. When its
 call breaks and another tokenizer is configured, it opens the sample there, feeds every id again
@@ -23,12 +24,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from opentelemetry import trace
 
 from radixserve.v1 import tokenizer_pb2 as tpb
 from radixserve.v1 import tokenizer_pb2_grpc as tpb_grpc
 from services.gateway import convert
 from services.gateway.errors import GatewayError, Unavailable, from_rpc_error, from_status
 from services.gateway.events import TextDelta
+from services.gateway.spans import detokenize_span
 
 log = logging.getLogger("radixserve.gateway")
 
@@ -36,13 +39,16 @@ log = logging.getLogger("radixserve.gateway")
 class DetokenizeCall:
     """One live DetokenizeBatch call: samples opened on it fail with it."""
 
-    def __init__(self, stub: tpb_grpc.TokenizerStub) -> None:
+    def __init__(self, stub: tpb_grpc.TokenizerStub, tracer: trace.Tracer | None = None) -> None:
+        self._tracer = tracer
         self._outbox: asyncio.Queue[tpb.DetokenizeBatchRequest | None] = asyncio.Queue()
         self._opens: list[tpb.DetokenizeOpen] = []
         self._feeds: list[tpb.DetokenizeFeed] = []
         self._closes: list[int] = []
         self._waiting: list[asyncio.Future[TextDelta]] = []  # one per queued feed
-        self._sent: deque[list[asyncio.Future[TextDelta]]] = deque()  # per message, in order
+        self._links: list[trace.SpanContext] = []  # the queued feeds' generation spans
+        # per message, in order: its feeds' futures and its span (None: not traced)
+        self._sent: deque[tuple[list[asyncio.Future[TextDelta]], trace.Span | None]] = deque()
         self._flush_scheduled = False
         self.error: GatewayError | None = None  # set once the call broke
         self.messages_sent = 0
@@ -59,14 +65,23 @@ class DetokenizeCall:
     def open(self, sample_id: int, setup: tpb.DetokenizeSetup) -> None:
         self._opens.append(tpb.DetokenizeOpen(sample_id=sample_id, setup=setup))
 
-    def feed(self, sample_id: int, ids: list[int], finish: bool) -> asyncio.Future[TextDelta]:
-        """Queues ids for the next message; the future gets the sample's TextDelta."""
+    def feed(
+        self,
+        sample_id: int,
+        ids: list[int],
+        finish: bool,
+        link: trace.SpanContext | None = None,
+    ) -> asyncio.Future[TextDelta]:
+        """Queues ids for the next message; the future gets the sample's TextDelta. `link`: the
+        span of the generation the sample belongs to."""
         fut: asyncio.Future[TextDelta] = asyncio.get_running_loop().create_future()
         if self.error is not None:
             fut.set_exception(self.error)
             return fut
         self._feeds.append(tpb.DetokenizeFeed(sample_id=sample_id, ids=ids, finish=finish))
         self._waiting.append(fut)
+        if self._tracer is not None and link is not None:
+            self._links.append(link)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -90,8 +105,13 @@ class DetokenizeCall:
         if not self._feeds or self.error is not None:
             return
         msg = tpb.DetokenizeBatchRequest(open=self._opens, feeds=self._feeds, close=self._closes)
+        span = None
+        if self._tracer is not None:
+            tokens = sum(len(f.ids) for f in self._feeds)
+            span = detokenize_span(self._tracer, len(self._feeds), tokens, self._links)
+            self._links = []
         self._opens, self._feeds, self._closes = [], [], []
-        self._sent.append(self._waiting)
+        self._sent.append((self._waiting, span))
         self._waiting = []
         self._outbox.put_nowait(msg)
         self.messages_sent += 1
@@ -102,7 +122,12 @@ class DetokenizeCall:
                 self._answer(reply)
             error: GatewayError = Unavailable("the tokenizer ended a detokenize stream early")
         except grpc.RpcError as err:
+            # Errors of one sample come back in its result; the call itself ends only when the
+            # tokenizer or the connection went away (UNAVAILABLE, CANCELLED, or gRPC core's
+            # INTERNAL while a server stops): its samples may fail over.
             error = from_rpc_error(err, "tokenizer")
+            if not isinstance(error, Unavailable):
+                error = Unavailable(f"the tokenizer is unavailable: the stream broke: {error}")
         except asyncio.CancelledError:
             call.cancel()
             self._fail(Unavailable("the gateway is shutting down"))
@@ -110,7 +135,9 @@ class DetokenizeCall:
         self._fail(error)
 
     def _answer(self, reply: tpb.DetokenizeBatchResponse) -> None:
-        futures = self._sent.popleft()
+        futures, span = self._sent.popleft()
+        if span is not None:
+            span.end()
         assert len(futures) == len(reply.results), "one result per feed"
         for fut, result in zip(futures, reply.results, strict=True):
             if fut.done():  # the waiting request was cancelled
@@ -122,9 +149,13 @@ class DetokenizeCall:
 
     def _fail(self, error: GatewayError) -> None:
         self.error = error
-        pending = [f for futures in self._sent for f in futures] + self._waiting
+        pending = [f for futures, _ in self._sent for f in futures] + self._waiting
+        for _, span in self._sent:
+            if span is not None:
+                span.set_status(trace.StatusCode.ERROR, error.message)
+                span.end()
         self._sent.clear()
-        self._waiting, self._feeds = [], []
+        self._waiting, self._feeds, self._links = [], [], []
         if pending:
             log.warning("detokenize stream broke with %d feeds waiting: %s", len(pending), error)
         for fut in pending:
@@ -148,9 +179,11 @@ class Detokenizer:
         setup: tpb.DetokenizeSetup | None = None,
         address: int = 0,
         opener: Opener | None = None,
+        link: trace.SpanContext | None = None,
     ) -> None:
         self._call, self.sample_id = call, sample_id
         self._setup, self._address, self._opener = setup, address, opener
+        self._link = link  # the generation's span, for the detokenize messages' spans
         self._ids: list[int] = []  # ids consumed so far
         self._sent = 0  # characters of text returned so far
         self.failovers = 0
@@ -158,7 +191,7 @@ class Detokenizer:
 
     async def feed(self, ids: list[int], finish: bool = False) -> TextDelta:
         try:
-            delta = await self._call.feed(self.sample_id, ids, finish)
+            delta = await self._call.feed(self.sample_id, ids, finish, self._link)
         except Unavailable as exc:
             delta = await self._failover(ids, finish, exc)
         self._ids += ids[: delta.num_tokens]
@@ -177,7 +210,7 @@ class Detokenizer:
         self.failovers += 1
         log.warning("detokenizing sample %d again on tokenizer %d", self.sample_id, self._address)
         before = len(self._ids)
-        whole = await self._call.feed(self.sample_id, self._ids + ids, finish)
+        whole = await self._call.feed(self.sample_id, self._ids + ids, finish, self._link)
         return TextDelta(
             whole.text[self._sent :],
             max(0, whole.num_tokens - before),

@@ -15,6 +15,8 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 
+from opentelemetry import trace
+
 from services.gateway.clients import SchedulerClient, TokenizerClient
 from services.gateway.detokenize_stream import Detokenizer
 from services.gateway.errors import InvalidRequest
@@ -29,6 +31,7 @@ from services.gateway.events import (
 from services.gateway.metrics import RequestMetrics
 from services.gateway.sampling import GenerationInput
 from services.gateway.scheduler_stream import RequestEvents
+from services.gateway.spans import GenerationSpan
 
 
 class Sample:
@@ -94,7 +97,8 @@ def _top(
 
 
 class Generation:
-    """Runs one GenerationInput on one scheduler; iterate `outputs()` once."""
+    """Runs one GenerationInput on one scheduler; iterate `outputs()` once. With a `tracer`, the
+    iteration is a span (see spans.py) naming `model`."""
 
     def __init__(
         self,
@@ -103,10 +107,14 @@ class Generation:
         tokenizer: TokenizerClient,
         metrics: RequestMetrics,
         timeout_s: float,
+        tracer: trace.Tracer | None = None,
+        model: str = "",
     ) -> None:
         self.inp, self.scheduler, self.tokenizer = inp, scheduler, tokenizer
         self.metrics, self.timeout_s = metrics, timeout_s
+        self.tracer, self.model = tracer, model
         self.samples: list[Sample] = []
+        self.span: GenerationSpan | None = None
         self._stream: RequestEvents | None = None
 
     @property
@@ -117,8 +125,13 @@ class Generation:
         return Usage(first.prompt_tokens, completion, first.cached_tokens)
 
     async def outputs(self) -> AsyncIterator[Output]:
-        self._stream = self.scheduler.generate(self.inp, self.timeout_s)
+        span = self.span = (
+            GenerationSpan(self.tracer, self.inp, self.model) if self.tracer is not None else None
+        )
+        error: Exception | None = None
         try:
+            traceparent = span.traceparent if span is not None else ""
+            self._stream = self.scheduler.generate(self.inp, self.timeout_s, traceparent)
             self.samples = await self._open_samples()
             while not all(s.finished for s in self.samples):
                 event = await self._next_event()
@@ -127,10 +140,13 @@ class Generation:
                 out = await self._dispatch(event)
                 if out is not None:
                     yield out
+        except Exception as exc:
+            error = exc
+            raise
         finally:
-            self._close()
-            # In the finally: a client that went away (the task cancelled) counts as "abort".
-            self.metrics.finished(self.usage, [s.finish_reason or "abort" for s in self.samples])
+            reasons = self._close()
+            if span is not None:
+                span.end(self.usage, reasons, error)
 
     async def _next_event(self) -> TokenChunk | SampleEnd | None:
         assert self._stream is not None
@@ -151,8 +167,9 @@ class Generation:
     async def _open_samples(self) -> list[Sample]:
         s = self.inp.sampling
         top_n = s.top_logprobs if s.logprobs else None
+        link = self.span.context if self.span is not None else None
         opened = await asyncio.gather(
-            *(self.tokenizer.detokenizer(self.inp, i) for i in range(s.n)),
+            *(self.tokenizer.detokenizer(self.inp, i, link) for i in range(s.n)),
             return_exceptions=True,
         )
         failed = [d for d in opened if isinstance(d, BaseException)]
@@ -172,11 +189,21 @@ class Generation:
             now = time.monotonic()
             self.metrics.tokens(now, sample.last_token_at, len(out.token_ids))
             sample.last_token_at = now
+            if self.span is not None:
+                self.span.tokens()
         return out
 
-    def _close(self) -> None:
+    def _close(self) -> list[str]:
+        """Aborts and closes what is still open, counts the request in the metrics and returns
+        its samples' finish reasons (none for a request the scheduler refused to take)."""
+        if self._stream is None:
+            return []
         if not all(s.scheduler_done for s in self.samples) or not self.samples:
             self.abort()
         for sample in self.samples:
             if not sample.detok.finished:
                 sample.detok.cancel()
+        # A client that went away (the task cancelled) counts as "abort".
+        reasons = [s.finish_reason or "abort" for s in self.samples]
+        self.metrics.finished(self.usage, reasons)
+        return reasons

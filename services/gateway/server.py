@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from services.common.log import setup_logging
+from services.common.tracing import instrument_asgi
 from services.gateway.app import build_app
 from services.gateway.config import GatewayConfig
 
@@ -35,7 +36,7 @@ def main(cfg: GatewayConfig) -> None:
     log = setup_logging("gateway", cfg)
     log.info("tokenizer %s, scheduler %s", ", ".join(cfg.tokenizer), ", ".join(cfg.scheduler))
     config = uvicorn.Config(
-        build_app(cfg),
+        instrument_asgi(build_app(cfg)),
         host=cfg.host,
         port=cfg.port,
         log_config=None,

@@ -52,7 +52,14 @@ def params_from_pb(msg: pb.GenerateRequest) -> GenerateParams:
     except GrammarError as exc:
         raise InvalidRequest(str(exc)) from None
     return GenerateParams(
-        msg.request_id, list(msg.input_ids), sampling, stop, s.n, grammar, msg.priority
+        msg.request_id,
+        list(msg.input_ids),
+        sampling,
+        stop,
+        s.n,
+        grammar,
+        msg.priority,
+        msg.traceparent,
     )
 
 

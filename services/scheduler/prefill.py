@@ -164,6 +164,8 @@ class PrefillManager:
         req.banned = bool(req.stop_ids) and len(req.output) < req.stop.min_tokens
         if req.cached_tokens is None:
             req.cached_tokens = req.num_cached
+        if req.span is not None:
+            req.span.admitted(req)
         step.add.append(req)
         if req.num_cached:
             step.writes.append((req.row, 0, list(req.kv)))

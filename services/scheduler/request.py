@@ -13,6 +13,7 @@ from services.scheduler.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from services.scheduler.radix_cache import TreeNode
+    from services.scheduler.spans import SampleSpan
     from services.scheduler.streams import OutputStream
 
 
@@ -67,6 +68,7 @@ class GenerateParams:
     n: int = 1
     grammar: GrammarSpec | None = None  # the output must follow it; None: free text
     priority: int = 0  # lower first under the `priority` policy
+    traceparent: str = ""  # W3C traceparent of the caller's span ("": none)
 
     def validate(self, limits: Limits) -> None:
         """Raises InvalidRequest naming the first problem."""
@@ -169,6 +171,7 @@ class Req:
     overtaken: int = 0  # later arrivals admitted while this one waited (lpm aging)
     overtake_limit: int = 4  # overtaken this often, it goes first (lpm aging; Policy.note_arrived)
     finished: FinishReason | None = None
+    span: SampleSpan | None = None  # with tracing on
 
     @classmethod
     def create(

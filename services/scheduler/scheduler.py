@@ -33,6 +33,7 @@ import grpc
 
 from radixserve.v1 import executor_pb2 as pb
 from services.common.grammar import GrammarSpec
+from services.common.tracing import tracer
 from services.scheduler.cache import KVCache
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.decode import DecodeManager
@@ -52,6 +53,7 @@ from services.scheduler.prefill import NewTokenRatio, PrefillManager
 from services.scheduler.request import FinishReason, GenerateParams, Limits, Req
 from services.scheduler.request_table import RequestTable
 from services.scheduler.shared_prefix import shared_prefixes
+from services.scheduler.spans import SampleSpan
 from services.scheduler.step import Step, result_from_pb
 from services.scheduler.streams import Complete, OutputStream, Token
 
@@ -74,6 +76,7 @@ class Scheduler:
         on_serving: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg, self.link, self.on_serving = cfg, link, on_serving
+        self.tracer = tracer("radixserve.scheduler")  # None: tracing is off
         self.overlap = not cfg.disable_overlap_schedule
         self.counters = Counters()
         self.waiting: list[Req] = []
@@ -143,6 +146,8 @@ class Scheduler:
         reqs = [Req.create(params, i, stream, eos, next(self._arrivals)) for i in range(params.n)]
         for req in reqs:
             req.jump_forward = not self.cfg.disable_jump_forward
+            if self.tracer is not None:
+                req.span = SampleSpan(self.tracer, req, params.traceparent)
         self.groups[params.request_id] = reqs
         self.prefill.policy.note_arrived(reqs, self.waiting)
         self.waiting.extend(reqs)
@@ -214,6 +219,8 @@ class Scheduler:
                     self.waiting.remove(r)
                 r.finished = FinishReason.ABORT
                 self.counters.finished += 1
+                if r.span is not None:
+                    r.span.end(r, r.finished.value, message)
         samples[0].stream.fail(code, message)
 
     def load(self) -> Load:
@@ -408,6 +415,8 @@ class Scheduler:
         req.output.append(token.token_id)
         self.counters.generation_tokens += 1
         n = len(req.output)
+        if n == 1 and req.span is not None:
+            req.span.first_token()
         if grammar_ended or (token.token_id in req.stop_ids and n > req.stop.min_tokens):
             self._finish(req, FinishReason.STOP, token.token_id)
             return
@@ -452,6 +461,8 @@ class Scheduler:
         self._release(req, bad)
         req.retracted = True
         self.waiting.append(req)
+        if req.span is not None:
+            req.span.retracted(req)
         self.counters.retractions += 1
         self.ratio.on_retract()
         _debug(req.rid, "retracted sample %d after %d tokens", req.index, len(req.output))
@@ -466,6 +477,8 @@ class Scheduler:
         _debug(
             req.rid, "finished sample %d: %s, %d tokens", req.index, reason.value, len(req.output)
         )
+        if req.span is not None:
+            req.span.end(req, reason.value)
         req.stream.complete(
             Complete(
                 req.index, reason, matched, len(req.prompt), len(req.output), req.cached_tokens or 0
@@ -485,6 +498,8 @@ class Scheduler:
         for rid, samples in list(self.groups.items()):
             if queued or any(r.row is not None for r in samples):
                 for req in samples:
+                    if req.finished is None and req.span is not None:
+                        req.span.end(req, FinishReason.ABORT.value, message)
                     req.finished = req.finished or FinishReason.ABORT
                 samples[0].stream.fail(code, message)
                 del self.groups[rid]

@@ -108,6 +108,7 @@ def _add_to_pb(req: Req) -> pb.AddRequest:
         output_ids=req.output,
         grammar=grammar,
         jump_forward=req.wants_jump_forward(),
+        traceparent=req.span.traceparent if req.span is not None else "",
     )
 
 

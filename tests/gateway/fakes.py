@@ -36,10 +36,12 @@ class FakeDetokenizer:
 class FakeTokenizer:
     def __init__(self) -> None:
         self.detokenizers: list[FakeDetokenizer] = []
+        self.links: list[object] = []  # the span context each sample was opened with
 
-    async def detokenizer(self, inp: GenerationInput, index: int) -> FakeDetokenizer:
+    async def detokenizer(self, inp: GenerationInput, index: int, link=None) -> FakeDetokenizer:
         detok = FakeDetokenizer(inp.text.stop)
         self.detokenizers.append(detok)
+        self.links.append(link)
         return detok
 
     async def token_pieces(self, ids) -> dict[int, TokenPiece]:
@@ -69,8 +71,10 @@ class FakeScheduler:
     def __init__(self, events: list[TokenChunk | SampleEnd | Exception]) -> None:
         self.stream = FakeStream(events)
         self.aborted: list[str] = []
+        self.traceparent = ""  # what the last request was sent with
 
-    def generate(self, inp: GenerationInput, timeout_s: float) -> FakeStream:
+    def generate(self, inp: GenerationInput, timeout_s: float, traceparent: str = "") -> FakeStream:
+        self.traceparent = traceparent
         return self.stream
 
     def abort_soon(self, request_id: str) -> None:

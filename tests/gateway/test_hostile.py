@@ -67,7 +67,7 @@ class EncodingScheduler(FakeScheduler):
     def __init__(self) -> None:
         super().__init__([])
 
-    def generate(self, inp: GenerationInput, timeout_s: float):  # type: ignore[no-untyped-def]
+    def generate(self, inp: GenerationInput, timeout_s: float, traceparent: str = ""):  # type: ignore[no-untyped-def]
         generate_request_to_pb(inp)  # raises on a value protobuf cannot carry
         s, ids = inp.sampling, ids_of("ok")
         k = s.top_logprobs

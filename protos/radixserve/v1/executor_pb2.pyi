@@ -113,7 +113,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class AddRequest(_message.Message):
-    __slots__ = ("row", "request_id", "sampling", "prompt_ids", "output_ids", "grammar", "jump_forward")
+    __slots__ = ("row", "request_id", "sampling", "prompt_ids", "output_ids", "grammar", "jump_forward", "traceparent")
     ROW_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class AddRequest(_message.Message):
     OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     JUMP_FORWARD_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     row: int
     request_id: str
     sampling: SamplingParams
@@ -128,7 +129,8 @@ class AddRequest(_message.Message):
     output_ids: _containers.RepeatedScalarFieldContainer[int]
     grammar: _grammar_pb2.Grammar
     jump_forward: bool
-    def __init__(self, row: _Optional[int] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., grammar: _Optional[_Union[_grammar_pb2.Grammar, _Mapping]] = ..., jump_forward: _Optional[bool] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, row: _Optional[int] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., output_ids: _Optional[_Iterable[int]] = ..., grammar: _Optional[_Union[_grammar_pb2.Grammar, _Mapping]] = ..., jump_forward: _Optional[bool] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class SlotWrite(_message.Message):
     __slots__ = ("row", "start", "kv_indices")
