@@ -43,6 +43,7 @@ from services.gateway.protocol import (
     SamplingFields,
     parse_body,
 )
+from services.gateway.rate_limits import RateLimiter, load_keys_file
 from services.gateway.request_log import HEADER, RequestLog, request_id
 from services.gateway.respond import Run, respond
 from services.gateway.responses import (
@@ -190,7 +191,9 @@ def build_app(
     app.add_middleware(RequestLog, id_prefixes=ID_PREFIXES, log_requests=cfg.log_requests)
     for cors in _cors(cfg):  # outermost: a preflight is answered before anything else
         app.add_middleware(cors.cls, *cors.args, **cors.kwargs)
-    app.state.api_keys = ApiKeys.from_config(cfg)
+    limits = load_keys_file(cfg.api_key_file) if cfg.api_key_file else []
+    app.state.api_keys = ApiKeys.from_config(cfg, tuple(k.key for k in limits))
+    app.state.rate_limiter = RateLimiter(limits)
     return app
 
 

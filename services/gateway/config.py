@@ -61,6 +61,11 @@ class GatewayConfig(LogConfig):
     allowed_methods: list[str] = option(["*"], "CORS: methods allowed cross-origin")
     allowed_headers: list[str] = option(["*"], "CORS: request headers allowed cross-origin")
     allow_credentials: bool = option(False, "CORS: allow credentials (cookies, auth) cross-origin")
+    api_key_file: str | None = option(
+        None,
+        "JSON file of API keys with per-key limits: "
+        '{"keys": [{"key": ..., "name": ..., "rpm": 60, "tpm": 100000}]} (429 past a limit)',
+    )
     ssl_keyfile: str | None = option(None, "TLS private key (PEM file); with --ssl-certfile: HTTPS")
     ssl_certfile: str | None = option(None, "TLS certificate chain (PEM file)")
 
@@ -87,7 +92,11 @@ class GatewayConfig(LogConfig):
     def _check_operations(self) -> None:
         if any(not key for key in self.admin_api_key):
             raise ValueError("--admin-api-key values must not be empty")
-        if self.protect_metrics and not (self.api_key or self.admin_api_key):
+        if self.api_key_file is not None:
+            from services.gateway.rate_limits import load_keys_file
+
+            load_keys_file(self.api_key_file)  # raises ValueError naming what is wrong
+        if self.protect_metrics and not (self.api_key or self.admin_api_key or self.api_key_file):
             raise ValueError("--protect-metrics needs an --api-key or an --admin-api-key")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ValueError("--ssl-keyfile and --ssl-certfile go together")

@@ -74,6 +74,17 @@ class Overloaded(GatewayError):
     status, type, code = 503, "server_error", "queue_full"
 
 
+class RateLimited(GatewayError):
+    """A key's requests or tokens per minute ran out (--api-key-file): retry after some seconds.
+    `kind` is OpenAI's error type for it: "requests" or "tokens"."""
+
+    status, code = 429, "rate_limit_exceeded"
+
+    def __init__(self, message: str, kind: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.type, self.retry_after_s = kind, retry_after_s
+
+
 class Unavailable(GatewayError):
     """A downstream service cannot be reached or is not ready."""
 
@@ -135,13 +146,15 @@ class ErrorResponse(JSONResponse):
 
 
 def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
-    """`error_payload` as a response; a full queue adds Retry-After, and a body too large closes
+    """`error_payload` as a response; a full queue or a rate limit adds Retry-After, and a body too large closes
     the connection (so the server stops receiving the rest of it rather than read it to the end
     to keep the connection alive)."""
     status, body = error_payload(exc)
     headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(retry_after_s)
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, RequestTooLarge):
         headers["Connection"] = "close"
     return ErrorResponse(body, status, headers=headers)

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.log import REQUEST_ID
+from services.gateway.auth import KEY_SCOPE
 from services.gateway.errors import InvalidRequest, error_response
 
 if TYPE_CHECKING:
@@ -134,9 +135,21 @@ class RequestLog:
             # 500 (or this middleware's 400) carries the request id, and so does its log line.
             await error_response(exc)(scope, receive, stamped)
         finally:
+            _charge_tokens(scope, record)
             if self.log_requests:
                 fields = record.fields(scope)
                 log.info(
                     "request finished", extra={"request_id": record.request_id, "fields": fields}
                 )
             REQUEST_ID.reset(token)
+
+
+def _charge_tokens(scope: Scope, record: RequestRecord) -> None:
+    """Charges the request's prompt and completion tokens to the API key it was admitted under
+    (per-key tokens per minute, see `rate_limits`)."""
+    key = scope.get(KEY_SCOPE)
+    usage = record.run.usage if record.run is not None else None
+    if key is not None and usage is not None:
+        scope["app"].state.rate_limiter.add_tokens(
+            key, usage.prompt_tokens + usage.completion_tokens
+        )
