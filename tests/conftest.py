@@ -3,6 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.executor.tiny import hf_model
 
@@ -24,3 +27,12 @@ def default_model_dir() -> Path:
     from services.common.model_store import resolve_model_path
 
     return resolve_model_path("default")
+
+
+@pytest.fixture
+def traced() -> tuple[TracerProvider, InMemorySpanExporter]:
+    """A tracer provider whose finished spans land in the exporter at once."""
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    return provider, exported

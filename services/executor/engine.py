@@ -312,11 +312,11 @@ class Engine:
             else:
                 st.awaiting_forced = False
                 live.append(i)
-        if unwritten:  # the logits are those of the slices that were computed
-            computed = [i for i, s in enumerate(sampled) if s.row not in unwritten]
-            logits = logits[[computed.index(i) for i in live]]
-        elif len(live) < len(sampled):
-            logits = logits[live]
+        # The logits rows are those of the slices that were computed; keep the live ones.
+        computed = [i for i, s in enumerate(sampled) if s.row not in unwritten]
+        if live != computed:
+            row_of = {i: k for k, i in enumerate(computed)}
+            logits = logits[[row_of[i] for i in live]]
         sampled = [sampled[i] for i in live]
         ended_rows = self._sample_contained(logits, sampled, tokens, failed) if sampled else set()
         out = [tokens[s.row] for s in step.slices if s.sample]

@@ -82,11 +82,11 @@ class KVCache:
         retraction). Slots past the known tokens (an overlapped step's input) are freed. With
         `bad` (slots whose KV a failed forward did not write), only the tokens before req's first
         bad slot are cached; bad slots the tree holds stay its own until `discard`."""
-        n = len(req.fill_ids[: req.num_computed])
+        ids = req.fill_ids
+        n = min(req.num_computed, len(ids))
         if bad:
             n = next((i for i, slot in enumerate(req.kv[:n]) if slot in bad), n)
-        ids = req.fill_ids[:n]
-        r = self.tree.insert(ids, req.kv[:n])  # the tree now owns kv[r:n]
+        r = self.tree.insert(ids[:n], req.kv[:n])  # the tree now owns kv[r:n]
         self.allocator.free(req.kv[req.num_cached : r])  # duplicates of cached tokens
         self.allocator.free(req.kv[max(n, req.num_cached) :])
         self._unlock(req)

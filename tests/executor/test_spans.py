@@ -4,9 +4,7 @@ no request span; a reset ends them all."""
 
 from __future__ import annotations
 
-import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from radixserve.v1 import executor_pb2 as pb
@@ -16,14 +14,6 @@ from services.executor.spans import StepSpans
 from services.executor.step import NewRequest, Slice, StepInput
 
 G = SamplingParams(temperature=0)
-
-
-@pytest.fixture
-def traced() -> tuple[TracerProvider, InMemorySpanExporter]:
-    exported = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exported))
-    return provider, exported
 
 
 def ok(step_id: int, tokens: int, rows: list[int]) -> pb.StepResult:

@@ -7,22 +7,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.common.tracing import traceparent
 from tests.scheduler.fake_executor import FakeExecutor
 from tests.scheduler.harness import collect, params, running_scheduler
-
-
-@pytest.fixture
-def traced() -> tuple[TracerProvider, InMemorySpanExporter]:
-    exported = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exported))
-    return provider, exported
 
 
 def samples(exported: InMemorySpanExporter) -> dict[str, ReadableSpan]:
