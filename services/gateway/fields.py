@@ -45,7 +45,7 @@ def _null_or_n(value: Any, obj: Mapping[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class Rule:
-    """A field's note (the README's, and a 400's reason) and the values accepted for it."""
+    """A field's note (as docs/api.md lists it, and a 400's reason) and the values accepted for it."""
 
     note: str
     accepts: Accepts = _any

@@ -382,7 +382,12 @@ def test_hpa_alternative_reads_the_adapter_metric() -> None:
     assert metric_refs.names_in(rule["seriesQuery"]) == {"radixserve:num_requests_waiting"}
 
 
-def test_readme_names_only_existing_deploy_files() -> None:
-    text = (Path(manifests.ROOT) / "README.md").read_text()
-    for path in re.findall(r"(?:deploy/[\w./-]+|compose\.yaml)", text):
-        assert (manifests.ROOT / path.rstrip(".")).exists(), path
+def test_docs_name_only_existing_deploy_files() -> None:
+    root = Path(manifests.ROOT)
+    named: dict[str, list[str]] = {}
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        paths = re.findall(r"(?:deploy/[\w./-]+|compose\.yaml)", doc.read_text())
+        named[doc.relative_to(root).as_posix()] = paths
+        for path in paths:
+            assert (manifests.ROOT / path.rstrip(".")).exists(), (doc.name, path)
+    assert named["docs/deploying.md"], "docs/deploying.md names no deploy file"

@@ -370,27 +370,27 @@ def rows_of(table: FieldTable, prefix: str = "") -> set[tuple[str, str, str]]:
     return rows
 
 
-def readme_rows(heading: str) -> list[tuple[str, ...]]:
-    """The rows `| `field` | … |` of the README table under `heading`."""
-    text = (ROOT / "README.md").read_text()
+def api_doc_rows(heading: str) -> list[tuple[str, ...]]:
+    """The rows `| `field` | … |` of the docs/api.md table under `heading`."""
+    text = (ROOT / "docs" / "api.md").read_text()
     section = text.split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
     cells = re.findall(r"^\| `([^`]+)` \| (.+) \|$", section, flags=re.MULTILINE)
     return [(name, *(c.strip() for c in rest.split(" | "))) for name, rest in cells]
 
 
-def test_readme_lists_the_openai_fields_as_in_fields_py() -> None:
+def test_api_doc_lists_the_openai_fields_as_in_fields_py() -> None:
     chat, completions = rows_of(CHAT), rows_of(COMPLETIONS)
     expected = set()
     for name, status, note in chat | completions:
         in_chat, in_completions = ((name, status, note) in rows for rows in (chat, completions))
         where = "both" if in_chat and in_completions else "chat" if in_chat else "completions"
         expected.add((name, where, status, note))
-    rows = readme_rows("#### OpenAI routes")
+    rows = api_doc_rows("### OpenAI routes")
     assert len(rows) == len(set(rows))
     assert set(rows) == expected
 
 
-def test_readme_lists_the_generate_fields_as_in_fields_py() -> None:
-    rows = readme_rows("#### `/generate`")
+def test_api_doc_lists_the_generate_fields_as_in_fields_py() -> None:
+    rows = api_doc_rows("### `/generate`")
     assert len(rows) == len(set(rows))
     assert set(rows) == rows_of(GENERATE)
