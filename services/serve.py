@@ -35,7 +35,9 @@ SERVICES = [
     ("scheduler", "services.scheduler.config:SchedulerConfig"),
     ("gateway", "services.gateway.config:GatewayConfig"),
 ]
-WIRING = {"host", "port", "executor", "tokenizer", "scheduler"}
+WIRING = {"host", "port", "executor", "tokenizer", "scheduler", "metrics_port"}
+# --metrics-port N gives the gRPC services N, N+1, N+2 (the gateway serves /metrics on --port).
+METRICS_PORT_OFFSETS = {"tokenizer": 0, "executor": 1, "scheduler": 2}
 STOP_ORDER = ["gateway", "scheduler", "executor", "tokenizer"]
 log = logging.getLogger("radixserve.serve")
 # The readiness probe of serve's own gateway over TLS: encrypted, certificate not verified.
@@ -62,6 +64,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="the gateway's HTTP port [env RADIXSERVE_PORT]",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env_int("RADIXSERVE_METRICS_PORT"),
+        help="first of three ports where the tokenizer, executor and scheduler serve Prometheus "
+        "metrics at /metrics (N, N+1, N+2; unset: none; the gateway serves its own on --port) "
+        "[env RADIXSERVE_METRICS_PORT]",
+    )
+    parser.add_argument(
         "--ready-timeout",
         type=float,
         default=900.0,
@@ -79,6 +89,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, TracingConfig)  # every service gets these
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
 def free_port() -> int:
     import socket
 
@@ -90,13 +105,19 @@ def free_port() -> int:
 def wiring(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     ports = {name: free_port() for name in ("tokenizer", "executor", "scheduler")}
     addr = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+    base = args.metrics_port
+    metrics = {
+        name: {"metrics_port": None if base is None else base + offset}
+        for name, offset in METRICS_PORT_OFFSETS.items()
+    }
     return {
-        "tokenizer": {"host": "127.0.0.1", "port": ports["tokenizer"]},
-        "executor": {"host": "127.0.0.1", "port": ports["executor"]},
+        "tokenizer": {"host": "127.0.0.1", "port": ports["tokenizer"], **metrics["tokenizer"]},
+        "executor": {"host": "127.0.0.1", "port": ports["executor"], **metrics["executor"]},
         "scheduler": {
             "host": "127.0.0.1",
             "port": ports["scheduler"],
             "executor": addr["executor"],
+            **metrics["scheduler"],
         },
         "gateway": {
             "host": args.host,

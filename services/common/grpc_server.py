@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
+from services.common.metrics import GrpcServerMetrics
 from services.common.tracing import client_interceptors, server_interceptors
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -45,11 +47,21 @@ class GrpcServer:
     traced call when tracing is on: services/common/tracing.py).
 
     `register` adds the service's own servicers; `service_names` are the fully qualified names
-    reflected and reported by the health service (NOT_SERVING until `set_serving(True)`).
+    reflected and reported by the health service (NOT_SERVING until `set_serving(True)`). With a
+    `metrics` registry, every call is counted and timed in it (grpc_server_*, services/common/metrics.py).
     """
 
-    def __init__(self, host: str, port: int, service_names: Iterable[str]) -> None:
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors())
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        service_names: Iterable[str],
+        metrics: CollectorRegistry | None = None,
+    ) -> None:
+        interceptors = server_interceptors()
+        if metrics is not None:  # outermost: counts every call, traced or not
+            interceptors.insert(0, GrpcServerMetrics(metrics))
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         self.health = health.aio.HealthServicer()
         self.service_names = list(service_names)
         self.host, self.port = host, port

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import option
-from services.common.log import LogConfig
+from services.common.metrics import ServiceConfig
 from services.executor.attention import ATTENTION_BACKENDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -13,7 +13,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
-class ExecutorConfig(LogConfig):
+class ExecutorConfig(ServiceConfig):
     model_path: str = option(
         "default", "HF directory, .gguf file or Hub id ('default': SmolLM2-135M-Instruct)"
     )

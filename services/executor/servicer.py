@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from radixserve.v1 import executor_pb2 as pb
 from radixserve.v1 import executor_pb2_grpc as pb_grpc
@@ -21,6 +22,7 @@ from services.common.grammar import GrammarError, GrammarSpec
 from services.common.tracing import tracer
 from services.executor.engine import PreparedStep
 from services.executor.factory import LoadedModel
+from services.executor.metrics import ExecutorMetrics
 from services.executor.spans import StepSpans
 from services.executor.step import StepOutput, error_to_pb, output_to_pb, step_from_pb
 from services.executor.validation import StepRejected
@@ -90,8 +92,11 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
     the current one computes (`Engine.prepare` / `Engine.execute`). With tracing on, executed
     Steps and the rows they add are spans (see spans.py)."""
 
-    def __init__(self, watchdog: Watchdog | None = None) -> None:
+    def __init__(
+        self, watchdog: Watchdog | None = None, registry: CollectorRegistry | None = None
+    ) -> None:
         self.watchdog = watchdog or Watchdog(0.0)
+        self.metrics = ExecutorMetrics(registry or CollectorRegistry())
         step_tracer = tracer("radixserve.executor")
         self.spans = StepSpans(step_tracer) if step_tracer is not None else None
         self.loaded: LoadedModel | None = None
@@ -239,6 +244,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             result = _failed(step_id, exc)
         if self.spans is not None:
             self.spans.record(item.step, started_ns, result)
+        self.metrics.step(result)
         return result
 
     def _watched_execute(self, loaded: LoadedModel, item: PreparedStep) -> StepOutput:

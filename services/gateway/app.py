@@ -35,6 +35,7 @@ from services.gateway.errors import (
     error_response,
 )
 from services.gateway.fields import CHAT, COMPLETIONS, GENERATE
+from services.gateway.metrics import HttpMetrics
 from services.gateway.openapi import openapi_document
 from services.gateway.protocol import (
     ChatCompletionRequest,
@@ -145,7 +146,7 @@ async def health_generate(request: Request) -> Response:
 
 @probe
 async def metrics(request: Request) -> Response:
-    text = await _backend(request).metrics_text()
+    text = _backend(request).metrics_text()
     return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
@@ -189,6 +190,8 @@ def build_app(
         lifespan=lifespan,
     )
     app.add_middleware(RequestLog, id_prefixes=ID_PREFIXES, log_requests=cfg.log_requests)
+    if cfg.metrics:
+        app.add_middleware(HttpMetrics)
     for cors in _cors(cfg):  # outermost: a preflight is answered before anything else
         app.add_middleware(cors.cls, *cors.args, **cors.kwargs)
     limits = load_keys_file(cfg.api_key_file) if cfg.api_key_file else []

@@ -57,7 +57,7 @@ class Backend:
         self.tokenizer = TokenizerClient(cfg.tokenizer, self.tracer)
         self.schedulers = [SchedulerClient(a) for a in cfg.scheduler]
         self.router = SchedulerRouter(self.schedulers, cfg.load_refresh_s)
-        self.metrics = GatewayMetrics(self.router.loads)
+        self.metrics = GatewayMetrics()
         self.created = int(time.time())
         self._model: ModelInfo | None = None
         self._warmed_up = False
@@ -118,9 +118,8 @@ class Backend:
         except GatewayError as exc:
             raise Unavailable(f"generation failed: {exc.message}") from None
 
-    async def metrics_text(self) -> bytes:
-        """Prometheus text, with the schedulers' load polled just now."""
-        await self.router.refresh()
+    def metrics_text(self) -> bytes:
+        """The gateway's series in Prometheus' text format."""
         return self.metrics.render()
 
     def generation(self, inp: GenerationInput, metrics: RequestMetrics | None = None) -> Generation:
@@ -289,6 +288,7 @@ class Backend:
         scheduler = self.router.pick(0)
         await scheduler.check()
         self._model = await scheduler.model_info(self.cfg.served_model_name)
+        self.metrics.bind(self._model.name)
         await self.tokenizer.check()
         self._startup_reason = "warming up"
         await self.health_generate()

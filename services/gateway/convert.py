@@ -105,9 +105,6 @@ def load_from_pb(address: str, msg: spb.GetLoadResponse) -> SchedulerLoad:
         num_waiting=msg.num_waiting,
         kv_slots_total=msg.kv_slots_total,
         kv_slots_used=msg.kv_slots_used,
-        prompt_tokens_total=msg.prompt_tokens_total,
-        cached_tokens_total=msg.cached_tokens_total,
-        num_retractions_total=msg.num_retractions_total,
     )
 
 

@@ -1,126 +1,86 @@
-"""Prometheus metrics of the gateway (names of DESIGN §7), plus the schedulers' load at scrape time.
+"""The gateway's Prometheus series: what it measures itself, per request, as its clients see it.
 
-The gateway measures latency and token counts per request itself. Queue depth, KV usage, cache
-hit rate and retractions are the schedulers' own numbers, copied (summed over the replicas) from
-their latest GetLoad when /metrics is scraped.
+Latency (time to first token, between tokens, end to end) and finished requests by reason, under
+vLLM's names (`vllm:` becomes `radixserve:`) with the served model's `model_name` label; 503s
+refused for a full queue; http_requests_total and http_request_duration_seconds for every route
+(prometheus-fastapi-instrumentator's names and labels, as vLLM serves them); process and Python
+series. Queue depth, KV usage, token counts and the prefix cache are the schedulers' own numbers,
+served by each scheduler (docs/metrics.md).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.metrics import MODEL_NAME, PREFIX, service_registry
 from services.gateway.events import Usage
-from services.gateway.router import SchedulerLoad
 
 # fmt: off
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0)
+HTTP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # fmt: on
-
-
-class SchedulerLoadCollector(Collector):
-    """Gauges (and the retraction counter) from the schedulers' latest load snapshots."""
-
-    def __init__(self, loads: Callable[[], list[SchedulerLoad]]) -> None:
-        self._loads = loads
-
-    def collect(self) -> Iterator[Metric]:
-        loads = self._loads()
-        kv_total = sum(x.kv_slots_total for x in loads)
-        prompt = sum(x.prompt_tokens_total for x in loads)
-        yield _gauge(
-            "num_requests_running",
-            "Samples running on the schedulers",
-            sum(x.num_running for x in loads),
-        )
-        yield _gauge(
-            "num_requests_waiting",
-            "Samples waiting in the schedulers' queues",
-            sum(x.num_waiting for x in loads),
-        )
-        used = sum(x.kv_slots_used for x in loads)
-        yield _gauge(
-            "kv_cache_usage_perc",
-            "Fraction of KV slots held by running samples",
-            used / kv_total if kv_total else 0.0,
-        )
-        cached = sum(x.cached_tokens_total for x in loads)
-        yield _gauge(
-            "prefix_cache_hit_rate",
-            "Prompt tokens taken from the prefix cache / all prompt tokens",
-            cached / prompt if prompt else 0.0,
-        )
-        yield CounterMetricFamily(
-            "radixserve:num_retractions",
-            "Samples pushed back to the queue because decode ran out of KV slots",
-            value=sum(x.num_retractions_total for x in loads),
-        )
-
-
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(f"radixserve:{name}", doc, value=value)
+UNMATCHED = "none"  # the handler label of a path no route matches (bounded cardinality)
 
 
 class GatewayMetrics:
     """The gateway's registry; one RequestMetrics per request feeds it."""
 
-    def __init__(self, loads: Callable[[], list[SchedulerLoad]]) -> None:
-        r = self.registry = CollectorRegistry()
-        self.ttft = Histogram(
-            "radixserve:time_to_first_token_seconds",
-            "Time to the first output token",
-            registry=r,
-            buckets=TTFT_BUCKETS,
+    def __init__(self) -> None:
+        r = self.registry = service_registry()
+        self.model_name = ""  # the served model's name, once known (bind)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(PREFIX + name, doc, [MODEL_NAME], registry=r, buckets=buckets)
+
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Time to the first output token", TTFT_BUCKETS
         )
-        self.itl = Histogram(
-            "radixserve:inter_token_latency_seconds",
-            "Time between output tokens of a sample",
-            registry=r,
-            buckets=ITL_BUCKETS,
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Time between output tokens of a sample", ITL_BUCKETS
         )
-        self.e2e = Histogram(
-            "radixserve:e2e_request_latency_seconds",
-            "Arrival to last token of a request",
-            registry=r,
-            buckets=E2E_BUCKETS,
-        )
-        self.prompt_tokens = Counter(
-            "radixserve:prompt_tokens_total", "Prompt tokens of finished requests", registry=r
-        )
-        self.generation_tokens = Counter(
-            "radixserve:generation_tokens_total",
-            "Tokens generated for finished requests",
-            registry=r,
-        )
-        self.cached_tokens = Counter(
-            "radixserve:cached_tokens_total",
-            "Prompt tokens served from the prefix cache",
-            registry=r,
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Arrival to last token of a request", E2E_BUCKETS
         )
         self.success = Counter(
-            "radixserve:request_success_total",
+            PREFIX + "request_success",
             "Samples finished, by reason",
-            ["finished_reason"],
+            [MODEL_NAME, "finished_reason"],
             registry=r,
         )
         self.rejections = Counter(
-            "radixserve:request_rejections_total",
-            "Requests refused because a queue was full",
+            PREFIX + "request_rejections",
+            "Requests refused with 503 because a queue was full",
+            [MODEL_NAME],
             registry=r,
         )
-        r.register(SchedulerLoadCollector(loads))
+        self.http_requests = Counter(
+            "http_requests",
+            "HTTP requests answered, by route, method and status class",
+            ["handler", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "http_request_duration_seconds",
+            "Time from an HTTP request's arrival to the end of its response",
+            ["handler", "method"],
+            registry=r,
+            buckets=HTTP_BUCKETS,
+        )
+
+    def bind(self, model_name: str) -> None:
+        """Names the served model (the label of the series recorded from now on)."""
+        self.model_name = model_name
 
     def request(self) -> RequestMetrics:
         return RequestMetrics(self, time.monotonic())
 
     def rejected(self) -> None:
-        self.rejections.inc()
+        self.rejections.labels(self.model_name).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -131,6 +91,7 @@ class RequestMetrics:
 
     def __init__(self, metrics: GatewayMetrics | None, arrived: float) -> None:
         self.m, self.arrived = metrics, arrived  # m None: not recorded (internal probes)
+        self.model = metrics.model_name if metrics is not None else ""
         self.first_token_at: float | None = None  # time.monotonic() of the first output token
 
     @classmethod
@@ -145,17 +106,45 @@ class RequestMetrics:
         if self.m is None:
             return
         if first:
-            self.m.ttft.observe(now - self.arrived)
+            self.m.ttft.labels(self.model).observe(now - self.arrived)
         elif previous is not None:
+            itl = self.m.itl.labels(self.model)
             for _ in range(count):
-                self.m.itl.observe((now - previous) / count)
+                itl.observe((now - previous) / count)
 
     def finished(self, usage: Usage, reasons: list[str]) -> None:
+        """The request ended; `reasons` has one finish reason per sample."""
         if self.m is None:
             return
-        self.m.e2e.observe(time.monotonic() - self.arrived)
-        self.m.prompt_tokens.inc(usage.prompt_tokens)
-        self.m.generation_tokens.inc(usage.completion_tokens)
-        self.m.cached_tokens.inc(usage.cached_tokens)
+        self.m.e2e.labels(self.model).observe(time.monotonic() - self.arrived)
         for reason in reasons:
-            self.m.success.labels(finished_reason=reason).inc()
+            self.m.success.labels(self.model, reason).inc()
+
+
+class HttpMetrics:
+    """ASGI middleware counting and timing every HTTP request by its route's path template
+    (`/v1/models/{model_id:path}`, not the path itself), method and status class (2xx, 4xx…).
+    A response cut off before its end counts with the status it started with."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), [500]
+
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            route = scope.get("route")
+            handler = getattr(route, "path", UNMATCHED)
+            m: GatewayMetrics = scope["app"].state.backend.metrics
+            m.http_requests.labels(handler, scope["method"], f"{status[0] // 100}xx").inc()
+            m.http_duration.labels(handler, scope["method"]).observe(time.perf_counter() - started)

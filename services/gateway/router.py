@@ -23,16 +23,13 @@ POLL_TIMEOUT_S = 2.0
 
 @dataclass(frozen=True)
 class SchedulerLoad:
-    """One replica's GetLoad snapshot (counters are cumulative since it started)."""
+    """One replica's GetLoad snapshot: what routing needs of it."""
 
     address: str
     num_running: int
     num_waiting: int
     kv_slots_total: int
     kv_slots_used: int
-    prompt_tokens_total: int
-    cached_tokens_total: int
-    num_retractions_total: int
 
 
 class SchedulerRouter:

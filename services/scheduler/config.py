@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import option
-from services.common.log import LogConfig
+from services.common.metrics import ServiceConfig
 from services.scheduler.policy import POLICIES
 
 
 @dataclass(frozen=True)
-class SchedulerConfig(LogConfig):
+class SchedulerConfig(ServiceConfig):
     executor: str = option("127.0.0.1:30002", "address of the executor's gRPC service")
     host: str = option("127.0.0.1", "address the gRPC server binds")
     port: int = option(30003, "gRPC port")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,15 @@ if TYPE_CHECKING:
     from services.scheduler.radix_cache import TreeNode
     from services.scheduler.spans import SampleSpan
     from services.scheduler.streams import OutputStream
+
+
+@dataclass
+class SampleTimes:
+    """time.monotonic() of one sample's milestones (None: not reached yet)."""
+
+    arrived: float
+    admitted: float | None = None  # first admission (a retracted sample keeps its first)
+    first_token: float | None = None
 
 
 class FinishReason(enum.Enum):
@@ -172,6 +182,7 @@ class Req:
     overtake_limit: int = 4  # overtaken this often, it goes first (lpm aging; Policy.note_arrived)
     finished: FinishReason | None = None
     span: SampleSpan | None = None  # with tracing on
+    times: SampleTimes = field(default_factory=lambda: SampleTimes(time.monotonic()))
 
     @classmethod
     def create(

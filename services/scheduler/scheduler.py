@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Set
 from dataclasses import replace
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from radixserve.v1 import executor_pb2 as pb
 from services.common.grammar import GrammarSpec
@@ -47,7 +48,7 @@ from services.scheduler.errors import (
     StepTimeout,
 )
 from services.scheduler.executor_client import ExecutorInfo, ExecutorLink
-from services.scheduler.metrics import Counters, Load
+from services.scheduler.metrics import Counters, Load, SchedulerMetrics
 from services.scheduler.policy import Policy
 from services.scheduler.prefill import NewTokenRatio, PrefillManager
 from services.scheduler.request import FinishReason, GenerateParams, Limits, Req
@@ -74,8 +75,10 @@ class Scheduler:
         cfg: SchedulerConfig,
         link: ExecutorLink,
         on_serving: Callable[[bool], Awaitable[None]] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.cfg, self.link, self.on_serving = cfg, link, on_serving
+        self.metrics = SchedulerMetrics(registry or CollectorRegistry(), self._scraped_load)
         self.tracer = tracer("radixserve.scheduler")  # None: tracing is off
         self.overlap = not cfg.disable_overlap_schedule
         self.counters = Counters()
@@ -98,6 +101,7 @@ class Scheduler:
         """Fresh managers sized from the executor's Info (at start and after reconnecting)."""
         cfg = self.cfg
         self.info = info
+        self.metrics.bind(info.model_name)
         context = min(cfg.context_length or info.context_length, info.context_length)
         self.limits = Limits(
             info.vocab_size, context, info.num_kv_slots, info.max_top_logprobs, info.eos_token_ids
@@ -217,10 +221,7 @@ class Scheduler:
                     self._release(r, bad)
                 elif r in self.waiting:
                     self.waiting.remove(r)
-                r.finished = FinishReason.ABORT
-                self.counters.finished += 1
-                if r.span is not None:
-                    r.span.end(r, r.finished.value, message)
+                self._ended(r, FinishReason.ABORT, message)
         samples[0].stream.fail(code, message)
 
     def load(self) -> Load:
@@ -234,6 +235,10 @@ class Scheduler:
             self.cfg.max_queued_requests,
             replace(self.counters),
         )
+
+    def _scraped_load(self) -> Load | None:
+        """load() for a scrape from another thread: None while no executor is connected."""
+        return self.load() if self.ready else None
 
     def flush_cache(self) -> int:
         self.require_ready()
@@ -370,6 +375,7 @@ class Scheduler:
             if not req.retracted:
                 self.counters.prompt_tokens += len(req.prompt)
                 self.counters.cached_tokens += cached
+                self.metrics.admitted(req.times)
             _debug(req.rid, "admitted sample %d (%d prompt tokens cached)", req.index, cached)
         self.running += admitted
         self.waiting = [r for r in self.waiting if r.row is None]
@@ -379,6 +385,7 @@ class Scheduler:
         if result.error is not None:
             raise StepFailed(f"step {step.step_id} rejected: {result.error[1]}")
         self.counters.computed_tokens += result.num_tokens
+        self.metrics.iteration.observe(result.num_tokens)
         if result.unwritten:
             self._drop_unwritten(step, result.unwritten)
         for i, ((req, epoch), token) in enumerate(zip(step.samplers, result.tokens, strict=True)):
@@ -415,8 +422,10 @@ class Scheduler:
         req.output.append(token.token_id)
         self.counters.generation_tokens += 1
         n = len(req.output)
-        if n == 1 and req.span is not None:
-            req.span.first_token()
+        if n == 1:
+            self.metrics.first_token(req.times)
+            if req.span is not None:
+                req.span.first_token()
         if grammar_ended or (token.token_id in req.stop_ids and n > req.stop.min_tokens):
             self._finish(req, FinishReason.STOP, token.token_id)
             return
@@ -472,13 +481,10 @@ class Scheduler:
             self._release(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        req.finished = reason
-        self.counters.finished += 1
+        self._ended(req, reason)
         _debug(
             req.rid, "finished sample %d: %s, %d tokens", req.index, reason.value, len(req.output)
         )
-        if req.span is not None:
-            req.span.end(req, reason.value)
         req.stream.complete(
             Complete(
                 req.index, reason, matched, len(req.prompt), len(req.output), req.cached_tokens or 0
@@ -486,6 +492,15 @@ class Scheduler:
         )
         if all(r.finished is not None for r in self.groups[req.rid]):
             del self.groups[req.rid]
+
+    def _ended(self, req: Req, reason: FinishReason, error: str | None = None) -> None:
+        """Marks a sample ended (finished, or failed with `error`): counted, observed, its span
+        closed."""
+        req.finished = reason
+        self.counters.finished += 1
+        self.metrics.ended(req.times, len(req.prompt), len(req.output))
+        if req.span is not None:
+            req.span.end(req, reason.value, error)
 
     def _fail_requests(self, code: int, message: str, queued: bool) -> None:
         """The executor's state is gone: fail every request with a sample on it, and with `queued`
@@ -498,9 +513,8 @@ class Scheduler:
         for rid, samples in list(self.groups.items()):
             if queued or any(r.row is not None for r in samples):
                 for req in samples:
-                    if req.finished is None and req.span is not None:
-                        req.span.end(req, FinishReason.ABORT.value, message)
-                    req.finished = req.finished or FinishReason.ABORT
+                    if req.finished is None:
+                        self._ended(req, FinishReason.ABORT, message)
                 samples[0].stream.fail(code, message)
                 del self.groups[rid]
                 _log_failed(rid, code, message)

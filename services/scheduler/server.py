@@ -16,6 +16,7 @@ import os
 from radixserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common.grpc_server import GrpcServer
 from services.common.log import setup_logging
+from services.common.metrics import serve_metrics, service_registry
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.executor_client import ExecutorClient
 from services.scheduler.scheduler import Scheduler
@@ -27,14 +28,16 @@ LOOP_DIED_EXIT_CODE = 3
 
 async def serve(cfg: SchedulerConfig) -> None:
     log = setup_logging("scheduler", cfg)
-    server = GrpcServer(cfg.host, cfg.port, [SERVICE_NAME])
+    registry = service_registry()
+    server = GrpcServer(cfg.host, cfg.port, [SERVICE_NAME], metrics=registry)
     link = ExecutorClient(cfg.executor)
-    scheduler = Scheduler(cfg, link, on_serving=server.set_serving)
+    scheduler = Scheduler(cfg, link, on_serving=server.set_serving, registry=registry)
     server.register(
         scheduler_pb2_grpc.add_SchedulerServicer_to_server, SchedulerServicer(scheduler)
     )
     port = await server.start()
     log.info("listening on %s:%d (connecting to the executor at %s)", cfg.host, port, cfg.executor)
+    metrics = serve_metrics(registry, cfg.host, cfg.metrics_port, log)
     loop_task = asyncio.create_task(scheduler.run())
     loop_task.add_done_callback(_exit_unless_cancelled)
     try:
@@ -44,6 +47,8 @@ async def serve(cfg: SchedulerConfig) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await loop_task
         await link.close()
+        if metrics is not None:
+            metrics.close()
 
 
 def _exit_unless_cancelled(task: asyncio.Task) -> None:

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import option
-from services.common.log import LogConfig
+from services.common.metrics import ServiceConfig
 from services.tokenizer.chat_templates import BUILTIN_TEMPLATES
 
 
 @dataclass(frozen=True)
-class TokenizerConfig(LogConfig):
+class TokenizerConfig(ServiceConfig):
     model_path: str = option(
         "default", "HF directory, .gguf file or Hub id ('default': SmolLM2-135M-Instruct)"
     )

@@ -103,7 +103,8 @@ class FakeBackend:
     fail: Exception = RuntimeError("secret detail")
 
     def __init__(self, cfg: GatewayConfig) -> None:
-        self.metrics = GatewayMetrics(lambda: [])
+        self.metrics = GatewayMetrics()
+        self.metrics.bind("m")
         self.created = 1
         self.model = ModelInfo("m", 2048, 1000, 20, 4096)
 
@@ -122,7 +123,7 @@ class FakeBackend:
         self.check_model(req.model)
         raise self.fail
 
-    async def metrics_text(self) -> bytes:
+    def metrics_text(self) -> bytes:
         return self.metrics.render()
 
     async def not_ready_reason(self) -> str | None:
@@ -184,7 +185,10 @@ def test_queue_full_sends_retry_after_and_counts_a_rejection(client: TestClient)
         FakeBackend.fail = RuntimeError("secret detail")
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     metrics = client.get("/metrics")
-    assert "radixserve:request_rejections_total 1.0" in metrics.text
+    assert 'radixserve:request_rejections_total{model_name="m"} 1.0' in metrics.text
+    # and the 503 is counted as an HTTP response of its route
+    route = 'handler="/v1/chat/completions",method="POST",status="5xx"'
+    assert f"http_requests_total{{{route}}} 1.0" in metrics.text
 
 
 def test_health_needs_no_key(client: TestClient) -> None:

@@ -105,7 +105,7 @@ class OkBackend:
 
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
-        self.metrics = GatewayMetrics(lambda: [])
+        self.metrics = GatewayMetrics()
         self.created = 1
         self.model = MODEL
         self.inputs: list[GenerationInput] = []

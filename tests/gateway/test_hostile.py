@@ -87,7 +87,7 @@ class FakeBackend(Backend):
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         self.tokenizer = CharTokenizer()  # type: ignore[assignment]
-        self.metrics = GatewayMetrics(lambda: [])
+        self.metrics = GatewayMetrics()
         self.created = 1
         self._model = MODEL
         self._warmed_up = True

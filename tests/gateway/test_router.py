@@ -17,7 +17,7 @@ class Replica:
     async def load(self) -> SchedulerLoad:
         if not self.up:
             raise Unavailable(f"the scheduler at {self.address} is unavailable")
-        return SchedulerLoad(self.address, self.running, self.waiting, 100, 10, 50, 5, 0)
+        return SchedulerLoad(self.address, self.running, self.waiting, 100, 10)
 
 
 def routed(replicas: list[Replica], picks: list[int]) -> list[str]:
