@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,13 +12,49 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_run(n: int, attempts: int = 50) -> int:
+    """The first of `n` consecutive ports free on 127.0.0.1 now (for serve's --metrics-port)."""
+    for _ in range(attempts):
+        base = free_port()
+        if base + n > 65536:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + n):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError(f"no {n} consecutive free ports in {attempts} attempts")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample of a Prometheus endpoint (`url` ends in /metrics) but histogram buckets,
+    keyed `name{k=v,...}` with labels sorted and `model_name` left out; raises AssertionError
+    when a radixserve series lacks the label."""
+    values = {}
+    text = httpx.get(url, timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if "le" in s.labels:
+                continue
+            if s.name.startswith("radixserve:"):
+                assert s.labels.get("model_name"), f"{s.name} has no model_name label"
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+            values[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return values
 
 
 class ServiceProcess:

@@ -21,7 +21,7 @@ from openai import OpenAI
 
 from services.bench import cli as bench_cli
 from services.cli import build_parser
-from tests.procs import free_port
+from tests.procs import free_port, free_port_run, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +35,9 @@ LIGHT = [
     "--context-length",
     "2048",
 ]
+
+
+METRICS_OFFSET = 1  # the serve fixture's --metrics-port: its port + 1 (three ports from there)
 
 
 class Serve:
@@ -88,8 +91,8 @@ class Serve:
 
 @pytest.fixture
 def serve(tmp_path: Path, default_model_dir: Path) -> Iterator[tuple[Serve, int]]:
-    port = free_port()
-    server = Serve(port, tmp_path / "serve.log")
+    port = free_port_run(1 + 3)  # the gateway's, then the three metrics ports
+    server = Serve(port, tmp_path / "serve.log", ["--metrics-port", str(port + METRICS_OFFSET)])
     try:
         yield server, port
     finally:
@@ -129,13 +132,12 @@ def test_serve_reports_a_dead_service_and_stops_the_others(serve: tuple[Serve, i
     assert not alive
 
 
-def metric(base_url: str, name: str) -> float:
-    """The value of one unlabelled sample of the gateway's /metrics."""
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
+def metrics_urls(port: int, metrics_base: int) -> dict[str, str]:
+    """Each service's Prometheus endpoint under `serve --metrics-port metrics_base`."""
+    urls = {"gateway": f"http://127.0.0.1:{port}/metrics"}
+    for offset, name in enumerate(("tokenizer", "executor", "scheduler")):
+        urls[name] = f"http://127.0.0.1:{metrics_base + offset}/metrics"
+    return urls
 
 
 def run_bench(port: int, out: Path, *flags: str) -> dict[str, Any]:
@@ -149,7 +151,6 @@ def run_bench(port: int, out: Path, *flags: str) -> dict[str, Any]:
 def test_bench_runs_every_dataset_against_serve(serve: tuple[Serve, int], tmp_path: Path) -> None:
     server, port = serve
     server.wait_ready()
-    base = f"http://127.0.0.1:{port}"
 
     random = run_bench(port, tmp_path / "random.json", "--dataset", "random", "--num-prompts", "8",
                        "--random-input-len", "64", "--random-output-len", "16",
@@ -160,14 +161,26 @@ def test_bench_runs_every_dataset_against_serve(serve: tuple[Serve, int], tmp_pa
     assert random["ttft_ms"]["count"] == 8 and random["peak_concurrency"] <= 4
     assert random["output_token_throughput"] > 0
 
-    cached_before = metric(base, "radixserve:cached_tokens_total")
+    urls = metrics_urls(port, port + METRICS_OFFSET)
+    scraped = {name: scrape(url) for name, url in urls.items()}  # every service serves its own
+    assert (
+        scraped["tokenizer"][
+            "grpc_server_handled_total{grpc_code=OK,grpc_method=Encode,grpc_service=radixserve.v1.Tokenizer,grpc_type=unary}"
+        ]
+        >= 8
+    )
+    assert scraped["executor"]["radixserve:forward_time_seconds_count"] > 0
+    assert scraped["scheduler"]["radixserve:request_generation_tokens_count"] >= 8
+    assert scraped["gateway"]["radixserve:request_success_total{finished_reason=length}"] >= 8
+    cached_before = scrape(urls["scheduler"])["radixserve:prefix_cache_hits_total"]
     shared = run_bench(port, tmp_path / "gsp.json", "--dataset", "generated-shared-prefix",
                        "--gsp-num-groups", "2", "--gsp-prompts-per-group", "4",
                        "--gsp-system-prompt-len", "200", "--gsp-question-len", "16",
                        "--gsp-output-len", "8", "--max-concurrency", "4")  # fmt: skip
     assert (shared["completed"], shared["errors"]) == (8, 0), shared["errors_by_kind"]
     # Each group's system prompt is computed once and reused by the group's other prompts.
-    assert metric(base, "radixserve:cached_tokens_total") - cached_before >= 2 * 3 * 150
+    cached = scrape(urls["scheduler"])["radixserve:prefix_cache_hits_total"] - cached_before
+    assert cached >= 2 * 3 * 150
 
     turns = run_bench(port, tmp_path / "mt.json", "--dataset", "multi-turn",
                       "--mt-num-conversations", "2", "--mt-turns", "3",

@@ -15,6 +15,7 @@ The gRPC services serve /metrics from a small HTTP server on a thread of their o
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -129,40 +130,25 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")
         if handler.unary_unary is not None:
-            wrap, make, behavior = (
-                self._unary,
-                grpc.unary_unary_rpc_method_handler,
-                handler.unary_unary,
-            )
-            kind = "unary"
+            make, behavior, kind = grpc.unary_unary_rpc_method_handler, handler.unary_unary, "unary"
         elif handler.unary_stream is not None:
-            wrap, make, behavior = (
-                self._stream,
-                grpc.unary_stream_rpc_method_handler,
-                handler.unary_stream,
-            )
+            make, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
             kind = "server_stream"
         elif handler.stream_unary is not None:
-            wrap, make, behavior = (
-                self._unary,
-                grpc.stream_unary_rpc_method_handler,
-                handler.stream_unary,
-            )
+            make, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
             kind = "client_stream"
         else:
-            wrap, make, behavior = (
-                self._stream,
-                grpc.stream_stream_rpc_method_handler,
-                handler.stream_stream,
-            )
+            make, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
             kind = "bidi_stream"
+        # A streaming behavior either yields its responses or is a coroutine that writes them.
+        wrap = self._generator if inspect.isasyncgenfunction(behavior) else self._coroutine
         return make(
             wrap(behavior, (service, method, kind)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _unary(self, behavior: Callable, labels: tuple[str, str, str]) -> Callable:
+    def _coroutine(self, behavior: Callable, labels: tuple[str, str, str]) -> Callable:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = self._start(labels)
             code = grpc.StatusCode.UNKNOWN
@@ -178,7 +164,7 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):
 
         return call
 
-    def _stream(self, behavior: Callable, labels: tuple[str, str, str]) -> Callable:
+    def _generator(self, behavior: Callable, labels: tuple[str, str, str]) -> Callable:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = self._start(labels)
             code = grpc.StatusCode.UNKNOWN

@@ -233,6 +233,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
 
     async def _execute(self, loaded: LoadedModel, item: Prepared) -> pb.StepResult:
         if isinstance(item, pb.StepResult):  # rejected while preparing
+            self.metrics.step(item)
             return item
         started_ns = time.time_ns()
         step_id = item.step.step_id

@@ -24,6 +24,7 @@ ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0)
 HTTP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # fmt: on
+FINISH_REASONS = ("stop", "length", "abort")
 UNMATCHED = "none"  # the handler label of a path no route matches (bounded cardinality)
 
 
@@ -73,8 +74,12 @@ class GatewayMetrics:
         )
 
     def bind(self, model_name: str) -> None:
-        """Names the served model (the label of the series recorded from now on)."""
+        """Names the served model (the label of the series recorded from now on); its counters
+        exist from here on, at 0 until counted (a rate over them starts at the first scrape)."""
         self.model_name = model_name
+        self.rejections.labels(model_name)
+        for reason in FINISH_REASONS:
+            self.success.labels(model_name, reason)
 
     def request(self) -> RequestMetrics:
         return RequestMetrics(self, time.monotonic())

@@ -78,7 +78,8 @@ class Scheduler:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.cfg, self.link, self.on_serving = cfg, link, on_serving
-        self.metrics = SchedulerMetrics(registry or CollectorRegistry(), self._scraped_load)
+        self.registry = registry or CollectorRegistry()  # the Prometheus series (metrics.py)
+        self.metrics = SchedulerMetrics(self.registry, self._scraped_load)
         self.tracer = tracer("radixserve.scheduler")  # None: tracing is off
         self.overlap = not cfg.disable_overlap_schedule
         self.counters = Counters()

@@ -17,7 +17,7 @@ from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, Slice, SlotWrite, StepInput, step_to_pb
 from tests.executor.driver import Driver
 from tests.executor.tiny import engine_for, hf_model
-from tests.procs import ServiceProcess, free_port
+from tests.procs import ServiceProcess, free_port, scrape
 
 GREEDY = SamplingParams(temperature=0, logprobs=True, top_logprobs=2)
 
@@ -53,11 +53,16 @@ def run_all(stub: pb_grpc.ExecutorStub, steps: list[StepInput]) -> list[pb.StepR
             time.sleep(0.2)
 
 
+METRICS_PORT = free_port()  # the module's executor serves its /metrics here
+
+
 @pytest.fixture(scope="module")
 def executor(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     args = [
         "executor",
+        "--metrics-port",
+        str(METRICS_PORT),
         "--model-path",
         str(tiny_model_dir),
         "--port",
@@ -91,6 +96,8 @@ def test_info_and_health(executor: str) -> None:
 def test_prefill_decode_and_a_rejected_step_over_the_wire(executor: str) -> None:
     prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 3, 3, 3]]
     reference = [j.output for j in Driver(engine_for(hf_model("llama"))).generate(prompts, 6)]
+    metrics = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    before = scrape(metrics)
     with grpc.insecure_channel(executor) as channel:
         stub = pb_grpc.ExecutorStub(channel)
         stub.Reset(pb.ResetRequest())
@@ -130,6 +137,16 @@ def test_prefill_decode_and_a_rejected_step_over_the_wire(executor: str) -> None
         run.close()
         assert stub.Health(pb.HealthRequest()).active_rows == 0
     assert [got[0], got[1]] == reference
+    after = scrape(metrics)  # every answered step is in the executor's own series
+
+    def delta(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert delta("radixserve:forward_time_seconds_count") == step_id - 1  # all but the rejected
+    assert delta("radixserve:step_failures_total{kind=step}") == 1
+    assert delta("radixserve:step_failures_total{kind=forward}") == 0
+    run_rpc = "grpc_method=Run,grpc_service=radixserve.v1.Executor,grpc_type=bidi_stream"
+    assert delta(f"grpc_server_started_total{{{run_rpc}}}") == 1
 
 
 def test_a_second_concurrent_stream_is_refused(executor: str) -> None:

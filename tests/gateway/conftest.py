@@ -28,6 +28,7 @@ class Stack:
     model: str
     tokenizer_port: int  # for a second gateway in front of the same services
     scheduler_port: int
+    scheduler_metrics: str  # the scheduler's Prometheus endpoint (http://…/metrics)
 
     def get_load(self) -> scheduler_pb2.GetLoadResponse:
         return self.scheduler.GetLoad(scheduler_pb2.GetLoadRequest(), timeout=5)
@@ -60,7 +61,7 @@ def gateway_args(port: int, tokenizer: int, scheduler: int, *extra: str) -> list
 def stack(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Started once for the gateway's end-to-end tests; every process stopped at the end."""
     logs = tmp_path_factory.mktemp("gateway-stack")
-    tok, exe, sch, gw = (free_port() for _ in range(4))
+    tok, exe, sch, gw, sch_metrics = (free_port() for _ in range(5))
     model = str(default_model_dir)
     executor = [
         "executor", "--model-path", model, "--port", str(exe), "--dtype", "float32",
@@ -68,7 +69,7 @@ def stack(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     ]  # fmt: skip
     scheduler = [
         "scheduler", "--executor", f"127.0.0.1:{exe}", "--port", str(sch),
-        "--max-queued-requests", str(MAX_QUEUED),
+        "--max-queued-requests", str(MAX_QUEUED), "--metrics-port", str(sch_metrics),
     ]  # fmt: skip
     with contextlib.ExitStack() as procs:
         t = procs.enter_context(
@@ -90,5 +91,6 @@ def stack(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             headers = {"Authorization": f"Bearer {API_KEYS[0]}"}
             name = httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]["id"]
-            yield Stack(url, API_KEYS[0], stub, name, tok, sch)
+            metrics = f"http://127.0.0.1:{sch_metrics}/metrics"
+            yield Stack(url, API_KEYS[0], stub, name, tok, sch, metrics)
         assert g.stop() == 0, g.output()[-3000:]

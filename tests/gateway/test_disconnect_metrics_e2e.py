@@ -7,8 +7,8 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests import procs
 from tests.gateway.conftest import Stack
 
 pytestmark = pytest.mark.slow
@@ -69,19 +69,12 @@ ABORTED = "radixserve:request_success_total{finished_reason=abort}"
 
 
 def scrape(stack: Stack) -> dict[str, float]:
-    """Every sample of /metrics by name (and labels)."""
-    text = httpx.get(f"{stack.base_url}/metrics").text
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
-            if "le" not in s.labels:
-                values[s.name + (f"{{{labels}}}" if labels else "")] = s.value
-    return values
+    """The gateway's /metrics (every radixserve series labelled with the served model)."""
+    return procs.scrape(f"{stack.base_url}/metrics")
 
 
 def test_metrics_follow_the_traffic(stack: Stack) -> None:
-    before = scrape(stack)
+    before, engine_before = scrape(stack), procs.scrape(stack.scheduler_metrics)
     url = f"{stack.base_url}/v1/completions"
     usages = []
     for stream in (False, True):
@@ -96,21 +89,37 @@ def test_metrics_follow_the_traffic(stack: Stack) -> None:
                 httpx.post(url, json=body, headers=headers(stack), timeout=60).json()["usage"]
             )
     after = scrape(stack)
+    engine_after = procs.scrape(stack.scheduler_metrics)
 
     def delta(name: str) -> float:
         return after[name] - before.get(name, 0.0)
 
-    assert delta("radixserve:prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
-    assert delta("radixserve:generation_tokens_total") == 10
-    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
-    assert delta("radixserve:cached_tokens_total") == cached
+    def engine_delta(name: str) -> float:
+        return engine_after[name] - engine_before.get(name, 0.0)
+
+    # The gateway: what it measured itself, per request.
     assert delta("radixserve:request_success_total{finished_reason=length}") == 2
     assert delta("radixserve:e2e_request_latency_seconds_count") == 2
     assert delta("radixserve:time_to_first_token_seconds_count") == 2
     assert 0 < delta("radixserve:inter_token_latency_seconds_count") <= 8  # 4 gaps per request
-    assert after["radixserve:num_requests_running"] == 0
-    assert after["radixserve:num_requests_waiting"] == 0
-    assert after["radixserve:kv_cache_usage_perc"] == 0
-    assert 0 < after["radixserve:prefix_cache_hit_rate"] <= 1  # the second prompt was cached
-    assert after["radixserve:num_retractions_total"] >= 0
+    assert delta("http_requests_total{handler=/v1/completions,method=POST,status=2xx}") == 2
     assert "radixserve:request_rejections_total" in after
+    assert "process_resident_memory_bytes" in after
+    # The engine's numbers are the scheduler's own, not re-exported by the gateway.
+    assert not any(k.startswith("radixserve:num_requests_waiting") for k in after)
+    prompt = sum(u["prompt_tokens"] for u in usages)
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+    assert engine_delta("radixserve:prompt_tokens_total") == prompt
+    assert engine_delta("radixserve:generation_tokens_total") == 10
+    assert engine_delta("radixserve:prefix_cache_queries_total") == prompt
+    assert engine_delta("radixserve:prefix_cache_hits_total") == cached > 0  # the 2nd was cached
+    assert engine_delta("radixserve:request_prompt_tokens_sum") == prompt
+    assert engine_delta("radixserve:request_generation_tokens_sum") == 10
+    for stage in ("queue", "prefill", "decode", "inference"):
+        assert engine_delta(f"radixserve:request_{stage}_time_seconds_count") == 2, stage
+    # Each request: a prefill step, then 4 decode steps (the 5th token comes with the 4th).
+    assert engine_delta("radixserve:iteration_tokens_total_count") >= 2 * 5
+    assert engine_after["radixserve:num_preemptions_total"] >= 0
+    assert engine_after["radixserve:num_requests_running"] == 0
+    assert engine_after["radixserve:num_requests_waiting"] == 0
+    assert engine_after["radixserve:kv_cache_usage_perc"] == 0

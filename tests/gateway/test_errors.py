@@ -193,3 +193,16 @@ def test_queue_full_sends_retry_after_and_counts_a_rejection(client: TestClient)
 
 def test_health_needs_no_key(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_http_requests_are_counted_by_route_template_not_path(client: TestClient) -> None:
+    client.get("/v1/models/m", headers=AUTH)
+    client.get("/v1/models/other", headers=AUTH)  # 404: the model does not exist
+    client.get("/no/such/path/123", headers=AUTH)
+    text = client.get("/metrics").text
+    template = 'handler="/v1/models/{model_id:path}",method="GET"'
+    assert f'http_requests_total{{{template},status="2xx"}} 1.0' in text
+    assert f'http_requests_total{{{template},status="4xx"}} 1.0' in text
+    assert 'http_requests_total{handler="none",method="GET",status="4xx"} 1.0' in text
+    assert "/no/such/path" not in text  # unmatched paths share one series
+    assert f"http_request_duration_seconds_count{{{template}}} 2.0" in text
