@@ -36,8 +36,7 @@ SERVICES = [
     ("gateway", "services.gateway.config:GatewayConfig"),
 ]
 WIRING = {"host", "port", "executor", "tokenizer", "scheduler", "metrics_port"}
-# --metrics-port N gives the gRPC services N, N+1, N+2 (the gateway serves /metrics on --port).
-METRICS_PORT_OFFSETS = {"tokenizer": 0, "executor": 1, "scheduler": 2}
+# The order services stop in: requests drain from the gateway down.
 STOP_ORDER = ["gateway", "scheduler", "executor", "tokenizer"]
 log = logging.getLogger("radixserve.serve")
 # The readiness probe of serve's own gateway over TLS: encrypted, certificate not verified.
@@ -64,12 +63,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="the gateway's HTTP port [env RADIXSERVE_PORT]",
     )
     parser.add_argument(
+        "--dp-size",
+        "--dp",
+        type=int,
+        default=int(os.environ.get("RADIXSERVE_DP_SIZE", "1")),
+        help="engines (scheduler + executor pairs) behind the gateway, which routes between them "
+        "by --routing-policy; each executor gets an equal share of the cores unless "
+        "--num-threads is given [env RADIXSERVE_DP_SIZE]",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=_env_int("RADIXSERVE_METRICS_PORT"),
-        help="first of three ports where the tokenizer, executor and scheduler serve Prometheus "
-        "metrics at /metrics (N, N+1, N+2; unset: none; the gateway serves its own on --port) "
-        "[env RADIXSERVE_METRICS_PORT]",
+        help="N: the tokenizer serves Prometheus metrics at /metrics on port N, engine i's "
+        "executor on N+1+2i and its scheduler on N+2+2i (unset: none; the gateway serves its "
+        "own on --port) [env RADIXSERVE_METRICS_PORT]",
     )
     parser.add_argument(
         "--ready-timeout",
@@ -102,46 +110,69 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wiring(args: argparse.Namespace) -> dict[str, dict[str, object]]:
-    ports = {name: free_port() for name in ("tokenizer", "executor", "scheduler")}
-    addr = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
-    base = args.metrics_port
-    metrics = {
-        name: {"metrics_port": None if base is None else base + offset}
-        for name, offset in METRICS_PORT_OFFSETS.items()
+def metrics_ports(base: int | None, dp_size: int) -> dict[str, int | None]:
+    """Child name -> its --metrics-port under `serve --metrics-port base`."""
+    ports: dict[str, int | None] = {"tokenizer": base}
+    for i in range(dp_size):
+        ports[engine_name("executor", i, dp_size)] = None if base is None else base + 1 + 2 * i
+        ports[engine_name("scheduler", i, dp_size)] = None if base is None else base + 2 + 2 * i
+    return ports
+
+
+def engine_name(service: str, index: int, dp_size: int) -> str:
+    """`executor` / `scheduler` with one engine; `executor-0`, `scheduler-1`… with several."""
+    return service if dp_size == 1 else f"{service}-{index}"
+
+
+def wiring(args: argparse.Namespace) -> list[tuple[str, str, dict[str, object]]]:
+    """(child name, service, its wiring flags) of every child, in start order."""
+    dp = args.dp_size
+    metrics = metrics_ports(args.metrics_port, dp)
+    tokenizer = f"127.0.0.1:{(tokenizer_port := free_port())}"
+    children: list[tuple[str, str, dict[str, object]]] = [
+        ("tokenizer", "tokenizer", {"host": "127.0.0.1", "port": tokenizer_port}),
+    ]
+    schedulers = []
+    for i in range(dp):
+        executor, scheduler = free_port(), free_port()
+        schedulers.append(f"127.0.0.1:{scheduler}")
+        children.append(
+            (engine_name("executor", i, dp), "executor", {"host": "127.0.0.1", "port": executor})
+        )
+        wires = {"host": "127.0.0.1", "port": scheduler, "executor": f"127.0.0.1:{executor}"}
+        children.append((engine_name("scheduler", i, dp), "scheduler", wires))
+    gateway = {
+        "host": args.host,
+        "port": args.port,
+        "tokenizer": [tokenizer],
+        "scheduler": schedulers,
     }
-    return {
-        "tokenizer": {"host": "127.0.0.1", "port": ports["tokenizer"], **metrics["tokenizer"]},
-        "executor": {"host": "127.0.0.1", "port": ports["executor"], **metrics["executor"]},
-        "scheduler": {
-            "host": "127.0.0.1",
-            "port": ports["scheduler"],
-            "executor": addr["executor"],
-            **metrics["scheduler"],
-        },
-        "gateway": {
-            "host": args.host,
-            "port": args.port,
-            "tokenizer": [addr["tokenizer"]],
-            "scheduler": [addr["scheduler"]],
-        },
-    }
+    children.append(("gateway", "gateway", gateway))
+    for name, _, wires in children:
+        if name in metrics:
+            wires["metrics_port"] = metrics[name]
+    return children
 
 
 def child_commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """Each service's command line: its own flags from `args`, the tracing flags, the wiring."""
-    wires = wiring(args)
+    """Each child's command line: its service's flags from `args`, the tracing flags, the wiring
+    (and with --dp-size > 1, each executor's share of the cores)."""
+    if args.dp_size < 1:
+        raise SystemExit("--dp-size must be at least 1")
     tracing = to_argv(from_args(TracingConfig, args))
+    specs = dict(SERVICES)
     commands = []
-    for name, spec in SERVICES:
-        cls = config_class(spec)
+    for name, service, wires in wiring(args):
+        cls = config_class(specs[service])
         values = {}
         for field in dataclasses.fields(cls):
-            if field.name in wires[name]:
-                values[field.name] = _fit(wires[name][field.name], field.type)
+            if field.name in wires:
+                values[field.name] = _fit(wires[field.name], field.type)
             elif field.name not in WIRING and hasattr(args, field.name):
                 values[field.name] = getattr(args, field.name)
-        commands.append((name, [name, *to_argv(cls(**values)), *tracing]))
+        if service == "executor" and args.dp_size > 1 and values.get("num_threads") is None:
+            values["num_threads"] = max(1, len(os.sched_getaffinity(0)) // args.dp_size)
+        commands.append((name, [service, *to_argv(cls(**values)), *tracing]))
     return commands
 
 
@@ -180,18 +211,24 @@ class Supervisor:
         return None
 
     def stop(self) -> None:
-        by_name = {c.name: c for c in self.children}
-        for name in STOP_ORDER:
-            child = by_name[name]
-            if child.proc is None or child.proc.poll() is not None:
-                continue
-            child.proc.send_signal(signal.SIGTERM)
-            try:
-                child.proc.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", name, self.stop_timeout)
-                child.proc.kill()
-                child.proc.wait()
+        """Stops the children service by service in STOP_ORDER (the engines' schedulers all
+        before their executors), each given --stop-timeout before it is killed."""
+        for service in STOP_ORDER:
+            for child in self.children:
+                if child.argv[0] != service or child.proc is None or child.proc.poll() is not None:
+                    continue
+                child.proc.send_signal(signal.SIGTERM)
+            for child in self.children:
+                if child.argv[0] != service or child.proc is None:
+                    continue
+                try:
+                    child.proc.wait(self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning(
+                        "%s did not stop in %.0fs; killing it", child.name, self.stop_timeout
+                    )
+                    child.proc.kill()
+                    child.proc.wait()
 
 
 def ready(url: str) -> tuple[bool, str]:

@@ -55,8 +55,13 @@ class Backend:
         self.cfg = cfg
         self.tracer = tracer("radixserve.gateway")  # None: tracing is off
         self.tokenizer = TokenizerClient(cfg.tokenizer, self.tracer)
-        self.schedulers = [SchedulerClient(a) for a in cfg.scheduler]
-        self.router = SchedulerRouter(self.schedulers, cfg.load_refresh_s)
+        self.router = SchedulerRouter(
+            cfg.scheduler,
+            cfg.load_refresh_s,
+            SchedulerClient,
+            cfg.routing(),
+            cfg.discovery_refresh_s,
+        )
         self.metrics = GatewayMetrics()
         self.created = int(time.time())
         self._model: ModelInfo | None = None
@@ -76,7 +81,12 @@ class Backend:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.tokenizer.close()
-        await asyncio.gather(*(s.close() for s in self.schedulers))
+        await self.router.close()
+
+    @property
+    def schedulers(self) -> list[SchedulerClient]:
+        """The engines listed now (static --scheduler addresses, or found by DNS)."""
+        return self.router.clients
 
     @property
     def model(self) -> ModelInfo:
@@ -123,7 +133,7 @@ class Backend:
         return self.metrics.render()
 
     def generation(self, inp: GenerationInput, metrics: RequestMetrics | None = None) -> Generation:
-        scheduler = self.router.pick(inp.sampling.n)
+        scheduler = self.router.pick(inp.sampling.n, inp.input_ids)
         metrics = metrics or self.metrics.request()
         model = self._model.name if self._model is not None else ""
         return Generation(

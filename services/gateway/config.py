@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from services.common.config import option
 from services.common.log import LogConfig
+from services.gateway.discovery import check_target
+from services.gateway.routing import ROUTING_POLICIES, RoutingConfig
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,30 @@ class GatewayConfig(LogConfig):
         ["127.0.0.1:30001"], "tokenizer gRPC address(es); several are used round-robin"
     )
     scheduler: list[str] = option(
-        ["127.0.0.1:30003"], "scheduler gRPC address(es); requests go to the least loaded"
+        ["127.0.0.1:30003"],
+        "scheduler gRPC address(es) host:port, or dns:///name:port for every address name "
+        "resolves to (looked up every --discovery-refresh-s)",
+    )
+    routing_policy: str = option(
+        "cache_aware",
+        "which scheduler a request goes to: cache_aware (the longest cached prefix while loads "
+        "are balanced), least_load, power_of_two, round_robin",
+        ROUTING_POLICIES,
+    )
+    cache_threshold: float = option(
+        0.3, "cache_aware: smallest matched fraction of a prompt that routes by prefix"
+    )
+    balance_abs_threshold: int = option(
+        64, "cache_aware: loads are out of balance when the busiest has this many samples more…"
+    )
+    balance_rel_threshold: float = option(
+        1.5, "…and this many times the idlest's; then requests go to the least loaded"
+    )
+    max_tree_size: int = option(
+        2**22, "cache_aware: prompt tokens remembered per scheduler (least recently used dropped)"
+    )
+    discovery_refresh_s: float = option(
+        5.0, "how often dns:/// scheduler targets are resolved again"
     )
     api_key: list[str] = option([], "accepted API key(s) (Bearer); none: no authentication")
     served_model_name: str | None = option(
@@ -87,7 +112,33 @@ class GatewayConfig(LogConfig):
         from services.gateway.chat_tools import check_parsers
 
         check_parsers(self.tool_call_parser, self.reasoning_parser)
+        self._check_routing()
         self._check_operations()
+
+    def _check_routing(self) -> None:
+        for target in self.scheduler:
+            try:
+                check_target(target)
+            except ValueError as exc:
+                raise ValueError(f"--scheduler: {exc} (nor dns:///host:port)") from None
+        if self.routing_policy not in ROUTING_POLICIES:
+            raise ValueError(f"--routing-policy must be one of {', '.join(ROUTING_POLICIES)}")
+        if not 0 <= self.cache_threshold <= 1:
+            raise ValueError("--cache-threshold must be in [0, 1]")
+        if self.balance_abs_threshold < 0 or self.balance_rel_threshold < 1:
+            raise ValueError("--balance-abs-threshold must be >= 0, --balance-rel-threshold >= 1")
+        if self.max_tree_size < 1 or self.discovery_refresh_s <= 0:
+            raise ValueError("--max-tree-size must be >= 1, --discovery-refresh-s > 0")
+
+    def routing(self) -> RoutingConfig:
+        """The routing flags, for the router."""
+        return RoutingConfig(
+            self.routing_policy,
+            self.cache_threshold,
+            self.balance_abs_threshold,
+            self.balance_rel_threshold,
+            self.max_tree_size,
+        )
 
     def _check_operations(self) -> None:
         if any(not key for key in self.admin_api_key):

@@ -10,8 +10,8 @@ every gateway log line written while the request is handled.
 
 With --log-requests each of these requests logs one line once its response has ended, also after
 an error or a client that went away: method, route, status (499 when the response was cut off
-before its end), prompt / completion / cached tokens, time to the first token when one came, and
-the latency.
+before its end), prompt / completion / cached tokens, the scheduler(s) it was routed to, time to
+the first token when one came, and the latency.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ class RequestRecord:
             "completion_tokens": usage.completion_tokens if usage else 0,
             "cached_tokens": usage.cached_tokens if usage else 0,
         }
+        if self.run is not None:
+            fields["scheduler"] = ",".join(self.run.schedulers)
         if first is not None:
             fields["ttft_ms"] = _ms(first - self.arrived)
         fields["latency_ms"] = _ms(time.monotonic() - self.arrived)

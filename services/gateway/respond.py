@@ -48,6 +48,12 @@ class Run:
         return sum((g.usage for g in self.generations), Usage())
 
     @property
+    def schedulers(self) -> list[str]:
+        """The addresses of the schedulers the generations went to (one per prompt, deduplicated
+        in order)."""
+        return list(dict.fromkeys(g.scheduler.address for g in self.generations))
+
+    @property
     def first_token_at(self) -> float | None:
         """time.monotonic() of the first output token of any generation (None: none yet)."""
         times = [g.metrics.first_token_at for g in self.generations]

@@ -1,18 +1,25 @@
-"""Spreads requests over the scheduler replicas: the least loaded by a periodically polled GetLoad.
+"""Spreads requests over the engines (scheduler replicas): which ones exist (discovery.py), how
+loaded each is (a periodically polled GetLoad), and which one a request goes to (routing.py;
+`--routing-policy`, cache-aware by default).
 
-Between two polls the router counts the samples it sent to each replica itself, so a burst does
-not all land on the replica that looked idle at the last poll. A replica whose GetLoad fails is
-left out until a later poll reaches it again.
+Between two polls the router counts the samples it sent to each engine itself, so a burst does
+not all land on the engine that looked idle at the last poll. An engine whose GetLoad fails is
+left out until a later poll reaches it again. An engine that discovery no longer lists takes no
+new requests; its client stays open for the requests it is finishing (and for its return).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from services.gateway.discovery import Discovery, Resolver, resolve
 from services.gateway.errors import GatewayError, Unavailable
+from services.gateway.routing import Candidate, Policy, PrefixIndex, RoutingConfig
 
 if TYPE_CHECKING:
     from services.gateway.clients import SchedulerClient
@@ -33,20 +40,55 @@ class SchedulerLoad:
 
 
 class SchedulerRouter:
-    def __init__(self, clients: list[SchedulerClient], refresh_s: float) -> None:
-        assert clients, "at least one scheduler"
-        self.clients = clients
-        self.refresh_s = refresh_s
-        self._loads: dict[str, SchedulerLoad | None] = {c.address: None for c in clients}
-        self._sent: dict[str, int] = {c.address: 0 for c in clients}  # samples since the poll
-        self._errors: dict[str, str] = {c.address: "not polled yet" for c in clients}
+    """`targets` are --scheduler's (static `host:port` or `dns:///name:port`); `make_client`
+    makes the client of one address."""
+
+    def __init__(
+        self,
+        targets: list[str],
+        refresh_s: float,
+        make_client: Callable[[str], SchedulerClient],
+        routing: RoutingConfig | None = None,
+        discovery_refresh_s: float = 5.0,
+        resolver: Resolver = resolve,
+    ) -> None:
+        assert targets, "at least one scheduler"
+        self.refresh_s, self.discovery_refresh_s = refresh_s, discovery_refresh_s
+        self.routing = routing or RoutingConfig()
+        self._discovery = Discovery(targets, resolver)
+        self._make_client = make_client
+        self._policy = Policy(self.routing)
+        self._clients: dict[str, SchedulerClient] = {}  # every address ever listed
+        self._listed: list[str] = []
+        self._discovered_at = -float("inf")
+        self._loads: dict[str, SchedulerLoad | None] = {}
+        self._sent: dict[str, int] = {}  # samples sent since the last poll
+        self._errors: dict[str, str] = {}
+        self._indexes: dict[str, PrefixIndex] = {}
+        if not self._discovery.dynamic:  # static targets: listed from the start
+            self._set_listed(list(dict.fromkeys(targets)))
+
+    @property
+    def clients(self) -> list[SchedulerClient]:
+        """The engines listed now (by the static targets and the last DNS lookups)."""
+        return [self._clients[a] for a in self._listed]
+
+    async def discover(self) -> None:
+        """Looks the DNS targets up again (a no-op for static targets)."""
+        self._discovered_at = time.monotonic()
+        if self._discovery.dynamic:
+            self._set_listed(await self._discovery.addresses())
 
     async def refresh(self) -> None:
-        """Polls every replica's load at once."""
-        results = await asyncio.gather(*(self._poll(c) for c in self.clients))
-        for client, load in zip(self.clients, results, strict=True):
-            self._loads[client.address] = load
-            self._sent[client.address] = 0
+        """Re-discovers when due, then polls every listed engine's load at once."""
+        if time.monotonic() - self._discovered_at >= self.discovery_refresh_s:
+            await self.discover()
+        clients = self.clients
+        results = await asyncio.gather(*(self._poll(c) for c in clients))
+        for client, load in zip(clients, results, strict=True):
+            if client.address in self._loads:  # still listed after the await
+                self._loads[client.address] = load
+                self._sent[client.address] = 0
 
     async def run(self) -> None:
         """Refreshes forever (a background task)."""
@@ -54,35 +96,63 @@ class SchedulerRouter:
             await self.refresh()
             await asyncio.sleep(self.refresh_s)
 
-    def pick(self, num_samples: int) -> SchedulerClient:
-        """The reachable replica with the fewest running, waiting and just-sent samples."""
-        reachable = [c for c in self.clients if self._loads[c.address] is not None]
-        if not reachable:
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._clients.values()))
+
+    def pick(self, num_samples: int, input_ids: Sequence[int] = ()) -> SchedulerClient:
+        """The engine for a request of `num_samples` samples with prompt `input_ids` (none: a
+        probe, routed by load alone), by --routing-policy among the reachable engines."""
+        candidates = [
+            Candidate(a, self._score(a), self._indexes[a])
+            for a in self._listed
+            if self._loads[a] is not None
+        ]
+        if not candidates:
             raise Unavailable(f"no scheduler is reachable: {self.unreachable_reason()}")
-        client = min(reachable, key=self._score)
-        self._sent[client.address] += num_samples
-        return client
+        chosen = self._policy.choose(candidates, input_ids)
+        self._sent[chosen.address] += num_samples
+        return self._clients[chosen.address]
 
     def loads(self) -> list[SchedulerLoad]:
-        """The latest snapshot of every reachable replica."""
+        """The latest snapshot of every reachable listed engine."""
         return [load for load in self._loads.values() if load is not None]
 
     def unreachable_reason(self) -> str:
+        if not self._listed:
+            return f"{', '.join(self._discovery.targets)} lists no engine"
         return "; ".join(f"{addr}: {err}" for addr, err in self._errors.items() if err)
 
-    def _score(self, client: SchedulerClient) -> int:
-        load = self._loads[client.address]
+    def _set_listed(self, addresses: list[str]) -> None:
+        gone = [a for a in self._listed if a not in addresses]
+        for address in gone:
+            log.info("scheduler %s left the routing", address)
+            for table in (self._loads, self._sent, self._errors, self._indexes):
+                table.pop(address, None)
+        for address in addresses:
+            if address not in self._loads:
+                if address not in self._clients:
+                    self._clients[address] = self._make_client(address)
+                self._loads[address] = None
+                self._sent[address] = 0
+                self._errors[address] = "not polled yet"
+                self._indexes[address] = PrefixIndex(self.routing.max_tree_size)
+        self._listed = list(addresses)
+
+    def _score(self, address: str) -> int:
+        load = self._loads[address]
         assert load is not None
-        return load.num_running + load.num_waiting + self._sent[client.address]
+        return load.num_running + load.num_waiting + self._sent[address]
 
     async def _poll(self, client: SchedulerClient) -> SchedulerLoad | None:
         try:
             load = await asyncio.wait_for(client.load(), POLL_TIMEOUT_S)
         except (GatewayError, asyncio.TimeoutError) as exc:
             reason = str(exc) or "GetLoad timed out"
-            if self._errors[client.address] != reason:
+            if self._errors.get(client.address) != reason:
                 log.warning("scheduler %s unreachable: %s", client.address, reason)
-            self._errors[client.address] = reason
+            if client.address in self._errors:
+                self._errors[client.address] = reason
             return None
-        self._errors[client.address] = ""
+        if client.address in self._errors:
+            self._errors[client.address] = ""
         return load

@@ -101,3 +101,31 @@ def test_serve_gives_each_grpc_service_its_own_metrics_port(
     assert set(ports([]).values()) == {None}
     monkeypatch.setenv("RADIXSERVE_METRICS_PORT", "9500")
     assert ports([])["scheduler"] == 9502
+
+
+def test_serve_dp_size_starts_that_many_engines_behind_the_gateway() -> None:
+    args = build_parser().parse_args(["serve", "--dp-size", "2", "--metrics-port", "9400"])
+    commands = dict(child_commands(args))
+    assert sorted(commands) == [
+        "executor-0", "executor-1", "gateway", "scheduler-0", "scheduler-1", "tokenizer",
+    ]  # fmt: skip
+
+    def flag(name: str, option: str) -> list[str]:
+        argv = commands[name]
+        i = argv.index(option)
+        return argv[
+            i + 1 : next(
+                (j for j in range(i + 1, len(argv)) if argv[j].startswith("--")), len(argv)
+            )
+        ]
+
+    schedulers = flag("gateway", "--scheduler")
+    assert len(schedulers) == 2
+    for i in range(2):
+        assert f"127.0.0.1:{flag(f'scheduler-{i}', '--port')[0]}" == schedulers[i]
+        assert flag(f"scheduler-{i}", "--executor") == [
+            f"127.0.0.1:{flag(f'executor-{i}', '--port')[0]}"
+        ]
+        assert flag(f"executor-{i}", "--metrics-port") == [str(9401 + 2 * i)]
+        assert flag(f"scheduler-{i}", "--metrics-port") == [str(9402 + 2 * i)]
+        assert int(flag(f"executor-{i}", "--num-threads")[0]) >= 1  # a share of the cores

@@ -87,8 +87,8 @@ class OpsBackend(FakeBackend):
     def __init__(self, cfg: GatewayConfig) -> None:
         super().__init__(cfg)
         self.tokenizer = OpsTokenizer()  # type: ignore[assignment]
-        self.schedulers = [OpsScheduler("s:1"), OpsScheduler("s:2")]  # type: ignore[list-item]
-        self.router = SchedulerRouter(self.schedulers, cfg.load_refresh_s)  # type: ignore[arg-type]
+        ops = {a: OpsScheduler(a) for a in ("s:1", "s:2")}
+        self.router = SchedulerRouter(list(ops), cfg.load_refresh_s, ops.__getitem__)  # type: ignore[arg-type]
         self._model = OPS_MODEL
 
 

@@ -53,7 +53,7 @@ class StreamingBackend(FakeBackend):
     def __init__(self, cfg: GatewayConfig) -> None:
         super().__init__(cfg)
         self.sent: list[str] = []
-        self.schedulers: list[FakeScheduler] = []
+        self.used: list[FakeScheduler] = []  # the scheduler of each generation
         self.open = self.most_open = 0
 
     async def chat_input(self, req: ChatCompletionRequest, request_id: str):  # type: ignore[no-untyped-def]
@@ -69,7 +69,7 @@ class StreamingBackend(FakeBackend):
             events += [*chunks_of(text, index=i, size=1), end_of(text, "length", index=i)]
         scheduler = FakeScheduler([])
         scheduler.stream = SlowStream(events)
-        self.schedulers.append(scheduler)
+        self.used.append(scheduler)
         return Counted(self, inp, scheduler)
 
 
@@ -174,6 +174,7 @@ def test_the_header_is_the_request_id_everywhere(
     line = lines.request_line("my-req-1")
     assert (line["method"], line["route"], line["status"]) == ("POST", CHAT, 200)
     assert (line["prompt_tokens"], line["completion_tokens"], line["cached_tokens"]) == (3, 3, 1)
+    assert line["scheduler"] == "fake:0"  # the engine it was routed to
     assert 0 < line["ttft_ms"] <= line["latency_ms"]
 
 
@@ -310,4 +311,4 @@ def test_a_client_that_goes_away_is_logged_with_499_and_the_tokens_it_got(
     line = lines.request_line("gone-1")
     assert line["status"] == 499
     assert 0 < line["completion_tokens"] < 1000
-    assert "gone-1" in backend.schedulers[0].aborted  # and so aborted at the scheduler
+    assert "gone-1" in backend.used[0].aborted  # and so aborted at the scheduler
