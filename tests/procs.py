@@ -8,11 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import grpc
 import httpx
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -105,3 +107,68 @@ class ServiceProcess:
                     pass
                 time.sleep(0.2)
         raise TimeoutError(f"{self.args[0]} not serving after {timeout}s:\n{self.output()[-3000:]}")
+
+
+# Flags that make serve's executor light: float32, a small KV pool and request table.
+SERVE_LIGHT = [
+    "--dtype",
+    "float32",
+    "--max-total-tokens",
+    "8192",
+    "--max-running-requests",
+    "16",
+    "--context-length",
+    "2048",
+]
+
+
+class Serve:
+    """`radixserve serve` as a child process (its stdout read for the ready line); kill_all()
+    stops it and every process it started."""
+
+    def __init__(self, port: int, log: Path, extra: list[str] | None = None) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "serve",
+            "--port",
+            str(port),
+            *SERVE_LIGHT,
+            *(extra or []),
+        ]
+        self.log = log
+        self.handle = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.handle)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            if "ready on" in line:
+                self.ready.set()
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.5):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"serve not ready:\n{self.stderr()[-4000:]}")
+
+    def stderr(self) -> str:
+        self.handle.flush()
+        return self.log.read_text(errors="replace")
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def kill_all(self) -> None:
+        for child in self.children() if self.proc.poll() is None else []:
+            child.kill()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.handle.close()

@@ -6,9 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,72 +18,11 @@ from openai import OpenAI
 
 from services.bench import cli as bench_cli
 from services.cli import build_parser
-from tests.procs import free_port, free_port_run, scrape
+from tests.procs import Serve, free_port, free_port_run, scrape
 
 pytestmark = pytest.mark.slow
 
-LIGHT = [
-    "--dtype",
-    "float32",
-    "--max-total-tokens",
-    "8192",
-    "--max-running-requests",
-    "16",
-    "--context-length",
-    "2048",
-]
-
-
 METRICS_OFFSET = 1  # the serve fixture's --metrics-port: its port + 1 (three ports from there)
-
-
-class Serve:
-    def __init__(self, port: int, log: Path, extra: list[str] | None = None) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "serve",
-            "--port",
-            str(port),
-            *LIGHT,
-            *(extra or []),
-        ]
-        self.log = log
-        self.handle = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.handle)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode(errors="replace")
-            self.lines.append(line)
-            if "ready on" in line:
-                self.ready.set()
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.ready.wait(0.5):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"serve not ready:\n{self.stderr()[-4000:]}")
-
-    def stderr(self) -> str:
-        self.handle.flush()
-        return self.log.read_text(errors="replace")
-
-    def children(self) -> list[psutil.Process]:
-        return psutil.Process(self.proc.pid).children(recursive=True)
-
-    def kill_all(self) -> None:
-        for child in self.children() if self.proc.poll() is None else []:
-            child.kill()
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.handle.close()
 
 
 @pytest.fixture
