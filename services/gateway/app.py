@@ -36,6 +36,12 @@ from services.gateway.errors import (
 )
 from services.gateway.fields import CHAT, COMPLETIONS, GENERATE
 from services.gateway.metrics import HttpMetrics
+from services.gateway.openai_responses import (
+    RESPONSES,
+    ResponsesFormat,
+    ResponsesRequest,
+    chat_request,
+)
 from services.gateway.openapi import openapi_document
 from services.gateway.protocol import (
     ChatCompletionRequest,
@@ -57,7 +63,12 @@ from services.gateway.responses import (
 )
 
 # The generation routes, and the prefix of the ids they make for requests without X-Request-Id.
-ID_PREFIXES = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl", "/generate": "gen"}
+ID_PREFIXES = {
+    "/v1/chat/completions": "chatcmpl",
+    "/v1/completions": "cmpl",
+    "/generate": "gen",
+    "/v1/responses": "resp",
+}
 
 
 def _backend(request: Request) -> Backend:
@@ -101,6 +112,24 @@ async def generate(request: Request) -> Response:
     n = req.sampling_params.n
     fmt = NativeFormat(Meta(rid, backend.model.name), n)
     return await respond(request, Run([backend.generation(inp)], n), fmt, req.stream)
+
+
+@authenticated
+async def create_response(request: Request) -> Response:
+    backend = _backend(request)
+    req = parse_body(ResponsesRequest, await request.body(), RESPONSES)
+    rid = request_id(request)
+    chat, history = chat_request(req, backend.responses)
+    inp, _ = await backend.chat_input(chat, rid)
+    response_id = "resp_" + rid.removeprefix("resp-").removeprefix("resp_")
+    fmt = ResponsesFormat(response_id, backend.model.name, req, history, backend.responses)
+    return await respond(request, Run([backend.generation(inp)], 1), fmt, req.stream)
+
+
+@authenticated
+async def get_response(request: Request) -> Response:
+    stored = _backend(request).responses.get(request.path_params["response_id"])
+    return JSONResponse(stored.body)
 
 
 @authenticated
@@ -173,6 +202,8 @@ def build_app(
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/generate", generate, methods=["POST"]),
+        Route("/v1/responses", create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),

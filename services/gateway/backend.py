@@ -21,6 +21,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.errors import GatewayError, InvalidRequest, ModelNotFound, Unavailable
 from services.gateway.generation import Generation
 from services.gateway.metrics import GatewayMetrics, RequestMetrics
+from services.gateway.openai_responses import ResponseStore
 from services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -63,6 +64,7 @@ class Backend:
             cfg.discovery_refresh_s,
         )
         self.metrics = GatewayMetrics()
+        self.responses = ResponseStore(cfg.max_stored_responses)  # for /v1/responses
         self.created = int(time.time())
         self._model: ModelInfo | None = None
         self._warmed_up = False

@@ -42,6 +42,9 @@ class GatewayConfig(LogConfig):
     max_tree_size: int = option(
         2**22, "cache_aware: prompt tokens remembered per scheduler (least recently used dropped)"
     )
+    max_stored_responses: int = option(
+        1024, "/v1/responses kept in memory for GET and previous_response_id (oldest dropped)"
+    )
     discovery_refresh_s: float = option(
         5.0, "how often dns:/// scheduler targets are resolved again"
     )
@@ -127,6 +130,8 @@ class GatewayConfig(LogConfig):
             raise ValueError("--cache-threshold must be in [0, 1]")
         if self.balance_abs_threshold < 0 or self.balance_rel_threshold < 1:
             raise ValueError("--balance-abs-threshold must be >= 0, --balance-rel-threshold >= 1")
+        if self.max_stored_responses < 0:
+            raise ValueError("--max-stored-responses must be >= 0")
         if self.max_tree_size < 1 or self.discovery_refresh_s <= 0:
             raise ValueError("--max-tree-size must be >= 1, --discovery-refresh-s > 0")
 

@@ -8,12 +8,14 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from services.gateway.openai_responses import ResponsesRequest
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 ROUTES: dict[str, tuple[type[BaseModel], str]] = {
     "/v1/chat/completions": (ChatCompletionRequest, "Creates a chat completion (OpenAI)."),
     "/v1/completions": (CompletionRequest, "Creates a text completion (OpenAI)."),
     "/generate": (GenerateRequest, "Generates from text or token ids (SGLang's native API)."),
+    "/v1/responses": (ResponsesRequest, "Creates a model response (OpenAI's Responses API)."),
 }
 _ERROR = {
     "description": "an OpenAI-shaped error",

@@ -24,6 +24,7 @@ from services.gateway.events import SampleEnd, TokenChunk
 from services.gateway.generation import Generation
 from services.gateway.json_body import MAX_DEPTH, check_depth
 from services.gateway.metrics import GatewayMetrics, RequestMetrics
+from services.gateway.openai_responses import ResponseStore
 from services.gateway.protocol import ChatCompletionRequest
 from services.gateway.sampling import MAX_CHARS_PER_TOKEN, GenerationInput, chat_texts
 from tests.gateway.fakes import FakeScheduler, FakeStream, FakeTokenizer, end_of, ids_of
@@ -88,6 +89,7 @@ class FakeBackend(Backend):
         self.cfg = cfg
         self.tokenizer = CharTokenizer()  # type: ignore[assignment]
         self.metrics = GatewayMetrics()
+        self.responses = ResponseStore(cfg.max_stored_responses)
         self.created = 1
         self._model = MODEL
         self._warmed_up = True

@@ -1,0 +1,151 @@
+"""POST /v1/responses and GET /v1/responses/{id} through the `openai` SDK, in process (the real
+Backend over a toy tokenizer whose chat template concatenates the messages' texts)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+from openai import OpenAI
+from starlette.testclient import TestClient
+
+from services.gateway.app import build_app
+from services.gateway.config import GatewayConfig
+from services.gateway.generation import Generation
+from services.gateway.metrics import RequestMetrics
+from services.gateway.sampling import GenerationInput
+from tests.gateway.fakes import char_decode
+from tests.gateway.test_fields import MODEL
+from tests.gateway.test_hostile import FakeBackend
+
+
+class RecordingBackend(FakeBackend):
+    """Answers "ok" to every sample; keeps each prompt (as text) it was asked to continue."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        super().__init__(cfg)
+        self.prompts: list[str] = []
+
+    def generation(self, inp: GenerationInput, metrics: RequestMetrics | None = None) -> Generation:
+        self.prompts.append(char_decode(inp.input_ids))
+        return super().generation(inp, metrics)
+
+
+@pytest.fixture
+def http() -> Iterator[TestClient]:
+    app = build_app(GatewayConfig(max_stored_responses=2), backend_factory=RecordingBackend)  # type: ignore[arg-type]
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def sdk(http: TestClient) -> OpenAI:
+    return OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+
+
+def prompts(http: TestClient) -> list[str]:
+    return http.app.state.backend.prompts  # type: ignore[attr-defined]
+
+
+def test_a_response_has_openai_shape(sdk: OpenAI, http: TestClient) -> None:
+    resp = sdk.responses.create(model=MODEL.name, input="hi", instructions="be brief")
+    assert resp.id.startswith("resp_") and resp.object == "response"
+    assert (resp.status, resp.output_text, resp.model) == ("completed", "ok", MODEL.name)
+    (item,) = resp.output
+    assert item.type == "message" and item.role == "assistant" and item.status == "completed"
+    u = resp.usage  # the stand-in scheduler reports 3 prompt (1 cached) and 3 output tokens
+    assert u is not None and (u.input_tokens, u.output_tokens, u.total_tokens) == (3, 3, 6)
+    assert u.input_tokens_details.cached_tokens == 1
+    assert prompts(http) == ["be briefhi"]  # instructions first, then the input
+
+
+def test_a_streamed_response_is_openai_event_sequence(sdk: OpenAI) -> None:
+    events = list(sdk.responses.create(model=MODEL.name, input="hi", stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == "ok" == events[-4].text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert final.output_text == "ok" and final.usage is not None
+
+
+def test_previous_response_id_continues_the_conversation(sdk: OpenAI, http: TestClient) -> None:
+    first = sdk.responses.create(model=MODEL.name, input="one", instructions="sys")
+    second = sdk.responses.create(
+        model=MODEL.name, input=[{"role": "user", "content": "two"}], previous_response_id=first.id
+    )
+    # Instructions are not carried over; the first turn's input and answer are.
+    assert prompts(http)[-1] == "oneoktwo"
+    assert second.previous_response_id == first.id
+    third = sdk.responses.create(model=MODEL.name, input="three", previous_response_id=second.id)
+    assert prompts(http)[-1] == "oneoktwookthree"
+    got = http.get(f"/v1/responses/{third.id}").json()
+    assert got["id"] == third.id and got["output"][0]["content"][0]["text"] == "ok"
+    # Only the two most recent are kept (--max-stored-responses 2).
+    assert http.get(f"/v1/responses/{first.id}").status_code == 404
+    with pytest.raises(openai.NotFoundError) as err:
+        sdk.responses.create(model=MODEL.name, input="x", previous_response_id=first.id)
+    assert err.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert first.id in err.value.body["message"]  # type: ignore[index]
+
+
+def test_store_false_keeps_nothing(sdk: OpenAI, http: TestClient) -> None:
+    resp = sdk.responses.create(model=MODEL.name, input="hi", store=False)
+    assert http.get(f"/v1/responses/{resp.id}").status_code == 404
+
+
+def test_text_format_json_schema_becomes_structured_output(sdk: OpenAI, http: TestClient) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    text = {"format": {"type": "json_schema", "name": "thing", "schema": schema, "strict": True}}
+    response = http.post("/v1/responses", json={"input": "hi", "text": text})
+    assert response.status_code == 200, response.text
+    assert response.json()["text"]["format"]["schema"] == schema
+    missing = http.post(
+        "/v1/responses", json={"input": "hi", "text": {"format": {"type": "json_schema"}}}
+    )
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "text.format.schema"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"type": "function", "name": "f", "parameters": {}}]),
+        ("reasoning", {"effort": "high"}),
+        ("background", True),
+        ("include", ["message.output_text.logprobs"]),
+    ],
+)
+def test_fields_not_offered_are_a_400_naming_them(
+    http: TestClient, field: str, value: object
+) -> None:
+    response = http.post("/v1/responses", json={"input": "hi", field: value})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "input"),
+        ({"input": ""}, "input"),
+        ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+        ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+    ],
+)
+def test_malformed_requests_name_the_field(http: TestClient, body: dict, param: str) -> None:
+    response = http.post("/v1/responses", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
