@@ -82,7 +82,8 @@ ENV PATH=/opt/radixserve/bin:${PATH} \
 VOLUME ["/var/cache/radixserve"]
 USER ${UID}:${UID}
 WORKDIR /home/radixserve
-# gateway (HTTP), tokenizer, executor, scheduler (gRPC)
-EXPOSE 8000 30001 30002 30003
+# gateway (HTTP, with /metrics), tokenizer, executor, scheduler (gRPC); the metrics endpoints of the
+# tokenizer, executor and scheduler (--metrics-port, as compose.yaml and deploy/k8s set them)
+EXPOSE 8000 30001 30002 30003 9400 9401 9402
 ENTRYPOINT ["radixserve"]
 CMD ["serve"]

@@ -26,6 +26,10 @@ DOCKERFILE = ROOT / "Dockerfile"
 IMAGE_NAME = "radixserve"
 LOOPBACK = {"127.0.0.1", "localhost", "0.0.0.0"}
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+# Flags and variables that name a port the service itself listens on (its gRPC or HTTP port, its
+# metrics endpoint): each must be one the service declares, and gets that port's local twin.
+OWN_PORT_FLAGS = ("--port", "--metrics-port")
+OWN_PORT_VARIABLES = ("RADIXSERVE_PORT", "RADIXSERVE_METRICS_PORT")
 _ADDRESS = re.compile(r"(?<![\w.-])([A-Za-z0-9][A-Za-z0-9._-]*):(\d{2,5})(?!\d)")
 
 
@@ -171,7 +175,7 @@ class LocalCompose:
             raise ValueError(f"{name}: its command must give --port (the port it declares)")
         out = []
         for i, arg in enumerate(argv):
-            if i > 0 and argv[i - 1] == "--port":
+            if i > 0 and argv[i - 1] in OWN_PORT_FLAGS:
                 out.append(self.own_port(name, arg))
             elif i > 0 and argv[i - 1] == "--host":
                 out.append("127.0.0.1" if arg == "0.0.0.0" else arg)
@@ -187,7 +191,7 @@ class LocalCompose:
         mounts = named_volume_mounts(self.services[name], self.compose.get("volumes", {}))
         out = {}
         for key, value in env.items():
-            if key == "RADIXSERVE_PORT":
+            if key in OWN_PORT_VARIABLES:
                 value = self.own_port(name, value)
             elif key == "RADIXSERVE_HOST" and value == "0.0.0.0":
                 value = "127.0.0.1"

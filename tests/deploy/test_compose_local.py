@@ -30,6 +30,14 @@ def test_addresses_follow_the_declared_ports(compose: dict) -> None:
         == f"127.0.0.1:{executor.ports[30002]}"
     )
     assert executor.argv[executor.argv.index("--port") + 1] == str(executor.ports[30002])
+    for svc, port in [(executor, 9401), (scheduler, 9402), (services["tokenizer"], 9400)]:
+        assert svc.argv[svc.argv.index("--metrics-port") + 1] == str(svc.ports[port]), svc.name
+    metrics_ports = [
+        s.argv[s.argv.index("--metrics-port") + 1]
+        for s in services.values()
+        if "--metrics-port" in s.argv
+    ]
+    assert len(set(metrics_ports)) == 3, "one local port per service, as one per container"
     assert executor.env["RADIXSERVE_CACHE_DIR"] == "/tmp/model-cache"
     assert str(services["gateway"].ports[8000]) in services["gateway"].healthcheck[-1]
     assert services["gateway"].depends_on == {
@@ -44,6 +52,7 @@ def test_addresses_follow_the_declared_ports(compose: dict) -> None:
         ("scheduler", "executor:30002", "executor:30001", "declares only ports"),
         ("scheduler", "executor:30002", "engine:30002", "names no service"),
         ("executor", "30002", "30009", "does not declare"),
+        ("scheduler", "9402", "9409", "does not declare"),
     ],
 )
 def test_wiring_mistakes_are_refused(

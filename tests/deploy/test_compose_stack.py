@@ -2,7 +2,8 @@
 
 Each radixserve service starts with its `command` and `environment` (over the image's RADIXSERVE_*
 ENV) once its `depends_on` conditions hold, checked by running the healthcheck commands the file
-declares; then a chat completion goes through the gateway's published port. A wrong command, port,
+declares; then a chat completion goes through the gateway's published port, and every service's
+metrics endpoint is scraped where deploy/prometheus/prometheus.yml scrapes it. A wrong command, port,
 variable, healthcheck or dependency in the file fails here. The executor's KV pool is made small
 (memory-related variables only), and the model-cache volume is the local model cache.
 """
@@ -33,11 +34,14 @@ LIGHT_EXECUTOR = {
 
 
 @pytest.fixture(scope="module")
-def stack(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    assert entrypoint() == ["radixserve"], "the services run as `radixserve <command>`"
-    compose = load_compose()
+def local(default_model_dir: Path) -> LocalCompose:
     cache_root = default_model_dir.parents[1]  # <cache>/models/<model>: the model-cache volume
-    local = LocalCompose(compose, {"model-cache": cache_root})
+    return LocalCompose(load_compose(), {"model-cache": cache_root})
+
+
+@pytest.fixture(scope="module")
+def stack(local: LocalCompose, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    assert entrypoint() == ["radixserve"], "the services run as `radixserve <command>`"
     base_env = {k: v for k, v in image_env().items() if k.startswith("RADIXSERVE_")}
     services = local.local_services(base_env)
     for svc in services:
@@ -85,14 +89,61 @@ def test_chat_completion_through_the_published_port(chat_reply: str) -> None:
     assert chat_reply.strip()
 
 
-def test_metrics_named_by_dashboards_alerts_and_autoscalers_are_exposed(
-    gateway_url: str, chat_reply: str
+def exposed_series(text: str) -> set[str]:
+    """The series names a /metrics page declares: its samples, and the series of every family it
+    declares (a labelled counter nothing has counted yet has its HELP and TYPE but no sample)."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names |= {s.name for s in family.samples}
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+        elif family.type == "histogram":
+            names |= {f"{family.name}{suffix}" for suffix in metric_refs.HISTOGRAM_SUFFIXES}
+        else:
+            names.add(family.name)
+    return names
+
+
+@pytest.fixture(scope="module")
+def scraped(stack: Stack, local: LocalCompose, chat_reply: str) -> dict[str, set[str]]:
+    """service (gateway, tokenizer, scheduler, executor) -> the series its endpoint exposes,
+    scraped after a chat completion at the targets prometheus.yml gives (mapped like the rest)."""
+    out = {}
+    for target in metric_refs.compose_scrape_targets():
+        address = local.address("prometheus", target.where, target.port)
+        response = httpx.get(f"http://{address}{target.path}", timeout=10)
+        assert response.status_code == 200, f"{target.job}: {response.status_code}"
+        out[target.service] = exposed_series(response.text)
+    return out
+
+
+def test_every_service_exposes_its_metrics_where_prometheus_scrapes(
+    scraped: dict[str, set[str]],
 ) -> None:
-    text = httpx.get(f"{gateway_url}/metrics", timeout=10).text
-    exposed = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    assert set(scraped) == set(metric_refs.SERVICES)
+    for service, names in scraped.items():
+        assert "process_resident_memory_bytes" in names, service
+        assert any(n.startswith("radixserve:") or n.startswith("grpc_server_") for n in names), (
+            f"{service} exposes none of its own series"
+        )
+
+
+def test_metrics_named_by_dashboards_alerts_and_autoscalers_are_exposed(
+    scraped: dict[str, set[str]],
+) -> None:
+    """Each series a deploy file uses is on the endpoint of every service docs/metrics.md says
+    serves it, and on no other radixserve endpoint (a sum over instances would count it twice)."""
     for source, names in metric_refs.referenced_metrics().items():
-        missing = sorted(names - exposed)
-        assert not missing, f"{source} names metrics /metrics does not expose: {missing}"
+        for name in sorted(names):
+            servers = metric_refs.serving(name)
+            assert servers, f"{source}: {name} is not in docs/metrics.md"
+            for service, exposed in scraped.items():
+                if service in servers:
+                    assert name in exposed, f"{source} uses {name}, which {service} does not expose"
+                else:
+                    assert name not in exposed, f"{service} exposes {name}, a {servers} series"
+    for name in ("radixserve:num_requests_waiting", "radixserve:kv_cache_usage_perc"):
+        assert name in scraped["scheduler"] and name not in scraped["gateway"], name
 
 
 def test_probe_paths_answer_on_the_running_gateway(gateway_url: str) -> None:

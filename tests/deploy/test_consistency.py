@@ -4,16 +4,21 @@ Every command, flag and RADIXSERVE_* variable in compose and the manifests is ac
 every probe, healthcheck and pre-stop command parses and points at a port some container of its
 pod listens on (HTTP ones at a route the gateway serves); Services, NetworkPolicies, autoscalers and
 PDBs select what exists; the gateway's addresses name Services and ports that lead to the right
-service; containers are locked down and sized. (Metric names are checked against a running gateway
-in test_compose_stack.py.)
+service; containers are locked down and sized. Every metric the dashboard, alerts and autoscalers
+use is in docs/metrics.md, and every service serving one is scraped, by compose's Prometheus and by
+the PodMonitors, on the port its own command line serves /metrics on. (The metrics themselves are
+looked up on the running services in test_compose_stack.py.)
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import pytest
+import yaml
 
 from tests.deploy import manifests, metric_refs
 from tests.deploy.cli import CommandError, gateway_routes, healthcheck_probe, service_config
@@ -66,6 +71,12 @@ def listening(cluster: Cluster, workload: dict) -> dict[int, str]:
     return out
 
 
+def served_ports(cfg: Any) -> set[int]:
+    """The ports a service config listens on: its own, and its metrics endpoint's if set."""
+    metrics = getattr(cfg, "metrics_port", None)
+    return {cfg.port} | ({metrics} if metrics is not None else set())
+
+
 def container_port(container: dict, port: int | str) -> int:
     if isinstance(port, int):
         return port
@@ -85,7 +96,8 @@ def test_compose_commands_and_environment_are_accepted_by_the_cli() -> None:
     for name, svc in compose_services().items():
         env = {**IMAGE_ENV, **{k: str(v) for k, v in svc.get("environment", {}).items()}}
         cfg = service_config([str(a) for a in svc["command"]], env, f"compose {name}")
-        assert container_ports(svc) == {cfg.port}, f"compose {name}: listens on {cfg.port}"
+        listens = served_ports(cfg)
+        assert container_ports(svc) == listens, f"compose {name}: listens on {listens}"
 
 
 def test_compose_healthchecks_probe_the_service_itself() -> None:
@@ -146,7 +158,9 @@ def test_containers_run_cli_commands_with_known_settings(cluster: Cluster) -> No
         assert c["image"].split(":")[0].rsplit("/", 1)[-1] == "radixserve", where
         cfg = service_config(command_of(c), {**IMAGE_ENV, **cluster.env(c)}, where)
         ports = {p["containerPort"] for p in c.get("ports", [])}
-        assert ports == {cfg.port}, f"{where}: declares {ports}, listens on {cfg.port}"
+        assert ports == served_ports(cfg), (
+            f"{where}: declares {ports}, listens on {served_ports(cfg)}"
+        )
 
 
 @cluster_param
@@ -329,6 +343,11 @@ def test_autoscalers_and_budgets_target_workloads(cluster: Cluster) -> None:
         assert "radixserve:num_requests_waiting" in trigger["metadata"]["query"]
 
 
+def from_outside(peer: dict) -> bool:
+    """A NetworkPolicy peer outside the namespace (pods of other namespaces, or addresses)."""
+    return "namespaceSelector" in peer or "ipBlock" in peer
+
+
 @cluster_param
 def test_only_the_gateway_reaches_tokenizers_and_schedulers(cluster: Cluster) -> None:
     (gateway,) = [w for w, c in cluster.containers() if command_of(c)[0] == "gateway"]
@@ -341,8 +360,13 @@ def test_only_the_gateway_reaches_tokenizers_and_schedulers(cluster: Cluster) ->
             pod_ports = listening(cluster, w)
             for rule in policy["spec"]["ingress"]:
                 ports = {p["port"] for p in rule["ports"]}
+                peers = rule.get("from", [])
+                if any(from_outside(peer) for peer in peers):
+                    # Prometheus' rules: see test_prometheus_reaches_the_metrics_ports_only.
+                    assert all(from_outside(peer) for peer in peers), policy["metadata"]["name"]
+                    continue
                 assert ports <= pod_ports.keys(), (policy["metadata"]["name"], ports)
-                sources = [cluster.selected(s["podSelector"]) for s in rule.get("from", [])]
+                sources = [cluster.selected(s["podSelector"]) for s in peers]
                 if w is not gateway:
                     assert sources and all(s == [gateway] for s in sources), policy["metadata"][
                         "name"
@@ -354,6 +378,158 @@ def test_only_the_gateway_reaches_tokenizers_and_schedulers(cluster: Cluster) ->
         pod_ports = listening(cluster, w)
         dialed = {p for p, sub in pod_ports.items() if sub in ("tokenizer", "scheduler")}
         assert allowed.get(w["metadata"]["name"], set()) == dialed, w["metadata"]["name"]
+
+
+def prometheus_namespace() -> str:
+    """The namespace of the Prometheus the autoscalers query (KEDA's serverAddress, the adapter's
+    url): the one whose pods must reach the metrics ports."""
+    (trigger,) = manifests.load_docs(metric_refs.KEDA)[0]["spec"]["triggers"]
+    keda = urlparse(trigger["metadata"]["serverAddress"]).hostname
+    adapter = urlparse(
+        yaml.safe_load(metric_refs.ADAPTER_VALUES.read_text())["prometheus"]["url"]
+    ).hostname
+    assert keda == adapter, "KEDA and the adapter query the same Prometheus"
+    return keda.split(".")[1]  # <service>.<namespace>.svc
+
+
+@cluster_param
+def test_prometheus_reaches_the_metrics_ports_only(cluster: Cluster) -> None:
+    namespace = prometheus_namespace()
+    metrics = metric_refs.k8s_metrics_ports(cluster)
+    for w in cluster.workloads():
+        name = w["metadata"]["name"]
+        wanted = {port for (workload, _), port in metrics.items() if workload == name}
+        policies = [
+            p
+            for p in cluster.of_kind("NetworkPolicy")
+            if w in cluster.selected(p["spec"]["podSelector"])
+        ]
+        assert policies, f"{name}: no NetworkPolicy"
+        open_to_all: set[int] = set()
+        from_prometheus: set[int] = set()
+        for policy in policies:
+            for rule in policy["spec"]["ingress"]:
+                ports = {p["port"] for p in rule["ports"]}
+                peers = rule.get("from", [])
+                if not peers:
+                    open_to_all |= ports
+                elif any(from_outside(peer) for peer in peers):
+                    for peer in peers:
+                        assert peer.get("namespaceSelector", {}).get("matchLabels") == {
+                            "kubernetes.io/metadata.name": namespace
+                        }, f"{policy['metadata']['name']}: Prometheus runs in {namespace}"
+                        assert peer.get("podSelector", {}).get("matchLabels"), (
+                            f"{policy['metadata']['name']}: Prometheus' pods, not all of {namespace}"
+                        )
+                    from_prometheus |= ports
+        unreachable = wanted - open_to_all - from_prometheus
+        assert not unreachable, f"{name}: Prometheus cannot reach its metrics on {unreachable}"
+        extra = from_prometheus - wanted
+        assert not extra, f"{name}: Prometheus may reach {extra}, which serve no metrics"
+
+
+@cluster_param
+def test_scrape_annotations_name_the_pods_metrics_port(cluster: Cluster) -> None:
+    metrics = metric_refs.k8s_metrics_ports(cluster)
+    for w in cluster.workloads():
+        name = w["metadata"]["name"]
+        ports = {port for (workload, _), port in metrics.items() if workload == name}
+        annotations = w["spec"]["template"]["metadata"].get("annotations", {})
+        if annotations.get("prometheus.io/scrape") == "true":
+            assert {int(annotations["prometheus.io/port"])} == ports, name
+            assert annotations.get("prometheus.io/path", "/metrics") == "/metrics", name
+        else:
+            assert len(ports) > 1, f"{name}: one metrics port, which prometheus.io annotations name"
+
+
+# --- metrics: what the dashboard, alerts and autoscalers use, and where it is scraped ------------
+
+
+def used_services() -> set[str]:
+    """The services docs/metrics.md says serve a series the deploy files use."""
+    return {
+        service
+        for names in metric_refs.referenced_metrics().values()
+        for name in names
+        for service in metric_refs.serving(name)
+    }
+
+
+def test_deploy_files_use_only_documented_metrics() -> None:
+    for source, names in metric_refs.referenced_metrics().items():
+        unknown = sorted(n for n in names if metric_refs.documented_metric(n) is None)
+        assert not unknown, f"{source} uses series docs/metrics.md does not list: {unknown}"
+    assert used_services() >= {"gateway", "scheduler", "executor"}
+
+
+def test_a_series_no_service_serves_is_caught() -> None:
+    expr = "sum(rate(radixserve:cached_tokens_total[5m])) / sum(rate(http_requests_total[5m]))"
+    assert metric_refs.names_in(expr) == {"radixserve:cached_tokens_total", "http_requests_total"}
+    assert metric_refs.documented_metric("radixserve:cached_tokens_total") is None
+    assert metric_refs.names_in('up{job="radixserve:x"}') == set()  # a label value
+    bucket = "radixserve:request_queue_time_seconds_bucket"
+    assert metric_refs.serving(bucket) == {"scheduler"}
+    counter_bucket = "radixserve:prompt_tokens_total_bucket"  # a counter has no buckets
+    assert metric_refs.documented_metric(counter_bucket) is None
+
+
+def check_scrape_targets(
+    targets: list[metric_refs.Target], serving_metrics: dict[str, int], config: str
+) -> None:
+    """Each target is scraped at the port its service serves /metrics on, under the job name
+    radixserve-<service>; every service that serves metrics is scraped, every used one included."""
+    for t in targets:
+        assert t.metrics_port is not None, f"{config}: {t.where} is scraped but serves no metrics"
+        assert t.port == t.metrics_port, (
+            f"{config}: {t.where} is scraped on {t.port}, its command line serves metrics on "
+            f"{t.metrics_port}"
+        )
+        assert t.path == "/metrics", f"{config}: {t.where}"
+        assert t.job == f"radixserve-{t.service}", f"{config}: {t.where} is scraped as {t.job}"
+    unscraped = sorted(serving_metrics.keys() - {t.where for t in targets})
+    assert not unscraped, f"{config} does not scrape {unscraped}"
+    missing = sorted(used_services() - {t.service for t in targets})
+    assert not missing, f"{config} scrapes no {missing}, whose metrics the deploy files use"
+
+
+def test_compose_prometheus_scrapes_every_service_on_its_metrics_port() -> None:
+    targets = metric_refs.compose_scrape_targets()
+    check_scrape_targets(targets, metric_refs.compose_metrics_ports(), "prometheus.yml")
+    assert {t.service for t in targets} == set(metric_refs.SERVICES)
+    services = load_compose()["services"]
+    for t in targets:
+        assert t.port in container_ports(services[t.where]), f"{t.where} does not expose {t.port}"
+
+
+@cluster_param
+def test_pod_monitors_scrape_every_service_on_its_metrics_port(cluster: Cluster) -> None:
+    targets = metric_refs.k8s_scrape_targets(cluster)
+    serving_metrics = {
+        f"{w}/{c}": port for (w, c), port in metric_refs.k8s_metrics_ports(cluster).items()
+    }
+    check_scrape_targets(targets, serving_metrics, "the PodMonitors")
+    assert {t.service for t in targets} == set(metric_refs.SERVICES)
+    compose_jobs = {t.service: t.job for t in metric_refs.compose_scrape_targets()}
+    assert {t.service: t.job for t in targets} == compose_jobs, "the alerts' job names hold in both"
+
+
+def test_autoscalers_read_the_schedulers_queue_summed_over_engines() -> None:
+    queries = [
+        *metric_refs.keda_queries(),
+        *(
+            r["metricsQuery"].replace("<<.Series>>", r["seriesQuery"])
+            for r in metric_refs.adapter_rules()
+        ),
+    ]
+    for query in queries:
+        names = metric_refs.names_in(query)
+        assert names, query
+        for name in names:
+            assert metric_refs.serving(name) == {"scheduler"}, (
+                f"{query}: {name} is no scheduler series"
+            )
+        # One series per scheduler: the deployment's queue is their sum (max would see one engine).
+        assert re.match(r"^sum\s*(by\s*\([^)]*\)\s*)?\(", query.strip()), query
 
 
 @cluster_param

@@ -4,7 +4,9 @@ The gateway's command comes from gateway.yaml: its engine addresses (every State
 to the autoscaler's maximum) become two running scheduler + executor pairs for ordinals 0 and 1 and
 closed ports for the rest, as for pods that are not running; its one tokenizer address (the
 headless Service, several pods behind one name) becomes one gRPC target naming two tokenizer
-processes. The engines run the commands of engine.yaml, made light with executor flags.
+processes. The engines run the commands of engine.yaml, made light with executor flags; every
+process keeps the metrics endpoint its manifest gives it, on a local port of its own (in the cluster
+each pod has its own address). The last test stops one engine for good.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import httpx
 import psutil
 import pytest
 from openai import AsyncOpenAI, OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from radixserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.deploy.manifests import Cluster, base_docs, command_of, flag_values, split_address
@@ -46,11 +49,20 @@ REQUESTS = 8
 
 
 @dataclass
+class Engine:
+    scheduler: ServiceProcess
+    executor: ServiceProcess
+    port: int  # the scheduler's gRPC port
+    metrics_port: int  # the scheduler's metrics endpoint
+
+
+@dataclass
 class Deployment:
     gateway_url: str
     gateway_pid: int
     scheduler_ports: list[int]
     tokenizer_ports: list[int]
+    engines: list[Engine]
 
 
 def container_args(subcommand: str) -> list[str]:
@@ -66,6 +78,13 @@ def with_value(argv: list[str], flag: str, values: list[str]) -> list[str]:
     """`argv` with the values after `flag` replaced (the flag stays where the manifest put it)."""
     i = argv.index(flag)
     return [*argv[: i + 1], *values, *argv[i + 1 + len(flag_values(argv, flag)) :]]
+
+
+def with_metrics_port(argv: list[str]) -> tuple[list[str], int]:
+    """`argv` with the metrics endpoint its manifest gives moved to a free local port."""
+    assert flag_values(argv, "--metrics-port"), f"the manifest gives {argv[0]} no metrics endpoint"
+    port = free_port()
+    return with_value(argv, "--metrics-port", [str(port)]), port
 
 
 def wait_ready(url: str, proc: ServiceProcess, timeout: float = 120.0) -> None:
@@ -99,18 +118,15 @@ def deployment(
             return stack.enter_context(ServiceProcess(args, logs / f"{name}.log"))
 
         tokenizer_ports = [free_port() for _ in range(2)]
-        tokenizers = [
-            start(with_value(container_args("tokenizer"), "--port", [str(p)]), f"tokenizer{i}")
-            for i, p in enumerate(tokenizer_ports)
-        ]
+        tokenizers = []
+        for i, p in enumerate(tokenizer_ports):
+            args, _ = with_metrics_port(with_value(container_args("tokenizer"), "--port", [str(p)]))
+            tokenizers.append(start(args, f"tokenizer{i}"))
         executor_ports = [free_port() for _ in range(RUNNING_ENGINES)]
-        executors = [
-            start(
-                [*with_value(container_args("executor"), "--port", [str(p)]), *LIGHT_EXECUTOR],
-                f"executor{i}",
-            )
-            for i, p in enumerate(executor_ports)
-        ]
+        executors = []
+        for i, p in enumerate(executor_ports):
+            args, _ = with_metrics_port(with_value(container_args("executor"), "--port", [str(p)]))
+            executors.append(start([*args, *LIGHT_EXECUTOR], f"executor{i}"))
         local = {}  # engine address in the manifest -> local address
         schedulers = []
         for i, address in enumerate(engines):
@@ -121,12 +137,13 @@ def deployment(
                 _, executor_port = split_address(flag_values(args, "--executor")[0])
                 assert executor_port == int(flag_values(container_args("executor"), "--port")[0])
                 args = with_value(args, "--executor", [f"127.0.0.1:{executor_ports[i]}"])
-                schedulers.append((port, start(args, f"scheduler{i}")))
+                args, metrics_port = with_metrics_port(args)
+                schedulers.append((port, metrics_port, start(args, f"scheduler{i}")))
         for proc, port in zip(tokenizers, tokenizer_ports, strict=True):
             proc.wait_grpc_serving(port)
         for proc, port in zip(executors, executor_ports, strict=True):
             proc.wait_grpc_serving(port, timeout=240)
-        for port, proc in schedulers:
+        for port, _, proc in schedulers:
             proc.wait_grpc_serving(port)
 
         assert tokenizer_target.startswith("dns:///")  # one name, every pod behind it
@@ -140,7 +157,16 @@ def deployment(
         url = f"http://127.0.0.1:{http_port}"
         wait_ready(url, gateway)
         assert gateway.proc is not None
-        yield Deployment(url, gateway.proc.pid, [p for p, _ in schedulers], tokenizer_ports)
+        yield Deployment(
+            url,
+            gateway.proc.pid,
+            [p for p, _, _ in schedulers],
+            tokenizer_ports,
+            [
+                Engine(proc, executor, port, metrics_port)
+                for (port, metrics_port, proc), executor in zip(schedulers, executors, strict=True)
+            ],
+        )
 
 
 def finished(port: int) -> int:
@@ -224,4 +250,57 @@ def test_pre_stop_drain_waits_for_in_flight_requests(deployment: Deployment) -> 
     drainer.join(60)
     assert finished_at and finished_at[0] <= returned_at, (
         "the drain returned before the request ended"
+    )
+
+
+def monotonic_series(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every counter and histogram bucket/count series of a /metrics page: (name, labels) -> value."""
+    text = httpx.get(url, timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (family.type == "counter" and sample.name.endswith("_total")) or (
+                family.type == "histogram" and sample.name.endswith(("_bucket", "_count"))
+            ):
+                out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def total(series: dict[tuple[str, frozenset], float], name: str) -> float:
+    return sum(v for (n, _), v in series.items() if n == name)
+
+
+def test_counters_stay_monotonic_when_one_of_two_engines_stops(deployment: Deployment) -> None:
+    """Runs last: it stops engine 1 for good. Each service reports only its own numbers, so losing
+    an engine drops its series and nothing else: no counter of the gateway or of the surviving
+    scheduler goes down (Prometheus would read a decrease as a reset)."""
+    survivor, stopped = deployment.engines
+    endpoints = {
+        "gateway": f"{deployment.gateway_url}/metrics",
+        "scheduler0": f"http://127.0.0.1:{survivor.metrics_port}/metrics",
+    }
+    asyncio.run(concurrent_chats(deployment.gateway_url, 4))
+    before = {name: monotonic_series(url) for name, url in endpoints.items()}
+    assert monotonic_series(f"http://127.0.0.1:{stopped.metrics_port}/metrics"), "engine 1 reports"
+    assert total(before["gateway"], "radixserve:request_success_total") > 0
+
+    stopped.scheduler.stop()
+    stopped.executor.stop()
+    time.sleep(3)  # a few load polls: the gateway leaves the stopped engine out
+    replies = asyncio.run(concurrent_chats(deployment.gateway_url, 4))
+    assert all(r.strip() for r in replies), "the surviving engine serves every request"
+
+    after = {name: monotonic_series(url) for name, url in endpoints.items()}
+    for name in endpoints:
+        assert before[name], f"{name} reports no counter"
+        for key, value in before[name].items():
+            assert key in after[name], f"{name}: {key} disappeared"
+            assert after[name][key] >= value, (
+                f"{name}: {key} went from {value} to {after[name][key]}"
+            )
+    success = "radixserve:request_success_total"
+    assert total(after["gateway"], success) >= total(before["gateway"], success) + 4
+    generated = "radixserve:generation_tokens_total"
+    assert total(after["scheduler0"], generated) > total(before["scheduler0"], generated), (
+        "the surviving scheduler generated the new requests' tokens"
     )

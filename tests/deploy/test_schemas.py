@@ -3,13 +3,15 @@
 compose files: the Compose Specification's JSON Schema (vendored in deploy/schemas). Kubernetes
 kinds: the schemas bundled in `kubernetes-validate`, strict (unknown fields fail), for the oldest and
 newest versions the manifests target. KEDA's ScaledObject: a focused schema of its own, its HPA
-behavior against Kubernetes' HorizontalPodAutoscalerBehavior. Prometheus and Grafana files: their
-structure and cross-references.
+behavior against Kubernetes' HorizontalPodAutoscalerBehavior; the Prometheus Operator's PodMonitor
+likewise. Prometheus and Grafana files: their structure and cross-references (which ports they
+scrape: test_consistency.py).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -32,9 +34,17 @@ def schema(name: str) -> dict:
     return json.loads((SCHEMAS / name).read_text())
 
 
+# apiVersion prefix -> focused schema, for the kinds Kubernetes' own schemas do not cover
+CUSTOM_SCHEMAS = {
+    "keda.sh/": "keda-scaledobject.json",
+    "monitoring.coreos.com/": "prometheus-operator-podmonitor.json",
+}
+
+
 def validate_k8s(doc: dict, version: str) -> None:
-    if doc["apiVersion"].startswith("keda.sh/"):
-        jsonschema.Draft202012Validator(schema("keda-scaledobject.json")).validate(doc)
+    custom = [f for prefix, f in CUSTOM_SCHEMAS.items() if doc["apiVersion"].startswith(prefix)]
+    if custom:
+        jsonschema.Draft202012Validator(schema(custom[0])).validate(doc)
         behavior = (
             doc["spec"].get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior")
         )
@@ -118,7 +128,15 @@ def test_scaled_object_schema_rejects_a_misspelt_key() -> None:
         validate_k8s(doc, K8S_VERSIONS[-1])
 
 
-def test_prometheus_config_scrapes_the_gateway_and_loads_the_alerts() -> None:
+def test_pod_monitor_schema_rejects_a_misspelt_key() -> None:
+    (doc, *_) = manifests.load_docs(manifests.BASE / "monitoring.yaml")
+    endpoint = doc["spec"]["podMetricsEndpoints"][0]
+    endpoint["metricsPath"] = endpoint.pop("path")
+    with pytest.raises(jsonschema.ValidationError):
+        validate_k8s(doc, K8S_VERSIONS[-1])
+
+
+def test_prometheus_config_scrapes_every_service_and_loads_the_alerts() -> None:
     config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     compose = interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), {})
     mounts = dict(
@@ -130,13 +148,16 @@ def test_prometheus_config_scrapes_the_gateway_and_loads_the_alerts() -> None:
         assert rule_file in mounts, f"{rule_file} is not mounted into the Prometheus container"
         assert (ROOT / mounts[rule_file]).is_file()
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    gateway = jobs["radixserve-gateway"]
-    assert gateway["metrics_path"] == "/metrics"
-    assert gateway["static_configs"][0]["targets"] == ["gateway:8000"]
+    assert set(jobs) == {f"radixserve-{s}" for s in metric_refs.SERVICES}
+    assert jobs["radixserve-gateway"]["static_configs"][0]["targets"] == ["gateway:8000"]
     assert "8000" in compose["services"]["gateway"]["ports"][0].rsplit(":", 1)[-1]
+    watched = set()
     for expr in metric_refs.alert_exprs():
-        if "up{" in expr:
-            assert 'job="radixserve-gateway"' in expr
+        for op, value in re.findall(r'\bup\{[^}]*\bjob\s*(=~|=)\s*"([^"]*)"', expr):
+            matched = {j for j in jobs if (re.fullmatch(value, j) if op == "=~" else j == value)}
+            assert matched, f"{expr}: no job of prometheus.yml"
+            watched |= matched
+    assert watched == set(jobs), f"no alert fires when {sorted(set(jobs) - watched)} goes down"
 
 
 def test_alert_rules_are_well_formed() -> None:
@@ -164,7 +185,22 @@ def test_grafana_dashboard_is_provisioned_with_its_datasource() -> None:
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
     dashboard = json.loads(metric_refs.DASHBOARD.read_text())
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("first token", "inter-token", "throughput", "queue", "kv cache", "prefix cache"):
+    topics = (
+        "first token",
+        "inter-token",
+        "throughput",
+        "queue depth",
+        "kv cache",
+        "prefix cache",
+        "preemptions",
+        "queue time",
+        "prefill time",
+        "decode time",
+        "iteration tokens",
+        "forward time",
+        "5xx",
+    )
+    for topic in topics:
         assert topic in titles, topic
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == uid
