@@ -14,9 +14,10 @@ from services.gateway.app import build_app
 from services.gateway.config import GatewayConfig
 from services.gateway.generation import Generation
 from services.gateway.metrics import RequestMetrics
+from services.gateway.openai_responses import RESPONSES
 from services.gateway.sampling import GenerationInput
 from tests.gateway.fakes import char_decode
-from tests.gateway.test_fields import MODEL
+from tests.gateway.test_fields import MODEL, api_doc_rows, rows_of
 from tests.gateway.test_hostile import FakeBackend
 
 
@@ -149,3 +150,9 @@ def test_malformed_requests_name_the_field(http: TestClient, body: dict, param: 
     response = http.post("/v1/responses", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == param
+
+
+def test_api_doc_lists_the_responses_fields_as_in_the_code() -> None:
+    rows = api_doc_rows("### `/v1/responses` fields")
+    assert len(rows) == len(set(rows))
+    assert set(rows) == rows_of(RESPONSES)
