@@ -29,12 +29,14 @@ from services.gateway.body_limit import BodyLimit
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import (
     GatewayError,
+    InvalidRequest,
     Overloaded,
     Unavailable,
     error_body,
     error_response,
 )
 from services.gateway.fields import CHAT, COMPLETIONS, GENERATE
+from services.gateway.json_body import decode_object
 from services.gateway.metrics import HttpMetrics
 from services.gateway.openai_responses import (
     RESPONSES,
@@ -68,6 +70,7 @@ ID_PREFIXES = {
     "/v1/completions": "cmpl",
     "/generate": "gen",
     "/v1/responses": "resp",
+    "/invocations": "inv",
 }
 
 
@@ -81,6 +84,10 @@ def _include_usage(req: SamplingFields) -> bool:
 
 @authenticated
 async def chat_completions(request: Request) -> Response:
+    return await _chat_completions(request)
+
+
+async def _chat_completions(request: Request) -> Response:
     backend = _backend(request)
     req = parse_body(ChatCompletionRequest, await request.body(), CHAT)
     rid = request_id(request)
@@ -92,6 +99,10 @@ async def chat_completions(request: Request) -> Response:
 
 @authenticated
 async def completions(request: Request) -> Response:
+    return await _completions(request)
+
+
+async def _completions(request: Request) -> Response:
     backend = _backend(request)
     req = parse_body(CompletionRequest, await request.body(), COMPLETIONS)
     rid = request_id(request)
@@ -130,6 +141,25 @@ async def create_response(request: Request) -> Response:
 async def get_response(request: Request) -> Response:
     stored = _backend(request).responses.get(request.path_params["response_id"])
     return JSONResponse(stored.body)
+
+
+@authenticated
+async def invocations(request: Request) -> Response:
+    """vLLM's SageMaker route: a body with `messages` is a chat completion, one with `prompt` a
+    completion."""
+    body = decode_object(await request.body())
+    if "messages" in body:
+        return await _chat_completions(request)
+    if "prompt" in body:
+        return await _completions(request)
+    raise InvalidRequest(
+        "an /invocations body needs 'messages' (chat) or 'prompt' (completion)", param="messages"
+    )
+
+
+async def load(request: Request) -> Response:
+    """vLLM's server load: generation requests in flight at this gateway."""
+    return JSONResponse({"server_load": getattr(request.app.state, "server_load", 0)})
 
 
 @authenticated
@@ -203,6 +233,8 @@ def build_app(
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/generate", generate, methods=["POST"]),
         Route("/v1/responses", create_response, methods=["POST"]),
+        Route("/invocations", invocations, methods=["POST"]),
+        Route("/load", load, methods=["GET"]),
         Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

@@ -113,6 +113,8 @@ class RequestLog:
         rid = new_request_id(prefix) if header is None or invalid else header
         record = scope[SCOPE_KEY] = RequestRecord(rid, time.monotonic())
         token = REQUEST_ID.set(record.request_id)
+        state = scope["app"].state
+        state.server_load = getattr(state, "server_load", 0) + 1  # GET /load
 
         async def stamped(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -137,6 +139,7 @@ class RequestLog:
             # 500 (or this middleware's 400) carries the request id, and so does its log line.
             await error_response(exc)(scope, receive, stamped)
         finally:
+            state.server_load -= 1
             _charge_tokens(scope, record)
             if self.log_requests:
                 fields = record.fields(scope)

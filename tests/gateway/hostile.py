@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from services.gateway.limits import FLOAT32_MAX, INT32_MAX, MAX_N, MAX_TOP_LOGPROBS
 
 CHAT, COMPLETIONS, GENERATE = "/v1/chat/completions", "/v1/completions", "/generate"
+RESPONSES = "/v1/responses"
 BASE = {
     CHAT: {"messages": [{"role": "user", "content": "hi"}]},
     COMPLETIONS: {"prompt": "hi"},
     GENERATE: {"text": "hi"},
+    RESPONSES: {"input": "hi"},
 }
-SHORT = {CHAT: "chat", COMPLETIONS: "completions", GENERATE: "generate"}
+SHORT = {CHAT: "chat", COMPLETIONS: "completions", GENERATE: "generate", RESPONSES: "responses"}
 JSON = "application/json"
 ANY = "*"  # any param
 

@@ -27,9 +27,12 @@ class RecordingBackend(FakeBackend):
     def __init__(self, cfg: GatewayConfig) -> None:
         super().__init__(cfg)
         self.prompts: list[str] = []
+        self.app_state = None  # the app's state, when a test wants GET /load's counter seen
+        self.loads: list[int | None] = []
 
     def generation(self, inp: GenerationInput, metrics: RequestMetrics | None = None) -> Generation:
         self.prompts.append(char_decode(inp.input_ids))
+        self.loads.append(self.app_state.server_load if self.app_state else None)
         return super().generation(inp, metrics)
 
 
@@ -156,3 +159,16 @@ def test_api_doc_lists_the_responses_fields_as_in_the_code() -> None:
     rows = api_doc_rows("### `/v1/responses` fields")
     assert len(rows) == len(set(rows))
     assert set(rows) == rows_of(RESPONSES)
+
+
+def test_invocations_dispatches_by_body_and_load_counts_requests_in_flight(http: TestClient) -> None:
+    backend = http.app.state.backend  # type: ignore[attr-defined]
+    backend.app_state = http.app.state  # type: ignore[attr-defined]
+    chat = http.post("/invocations", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"
+    completion = http.post("/invocations", json={"prompt": "hi", "max_tokens": 2})
+    assert completion.status_code == 200 and completion.json()["object"] == "text_completion"
+    neither = http.post("/invocations", json={"input": "hi"})
+    assert neither.status_code == 400 and neither.json()["error"]["param"] == "messages"
+    assert backend.loads == [1, 1]  # each counted while it ran...
+    assert http.get("/load").json() == {"server_load": 0}  # ...and not once answered
