@@ -15,9 +15,10 @@ The gRPC services serve /metrics from a small HTTP server on a thread of their o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,13 @@ class ServiceConfig(LogConfig):
         super().__post_init__()
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError("--metrics-port must be in [0, 65535]")
+
+
+def model_histogram(
+    registry: CollectorRegistry, name: str, doc: str, buckets: tuple[float, ...]
+) -> Histogram:
+    """A `radixserve:<name>` histogram labelled with the served model's name."""
+    return Histogram(PREFIX + name, doc, [MODEL_NAME], registry=registry, buckets=buckets)
 
 
 def service_registry() -> CollectorRegistry:
@@ -150,43 +158,35 @@ class GrpcServerMetrics(grpc.aio.ServerInterceptor):
 
     def _coroutine(self, behavior: Callable, labels: tuple[str, str, str]) -> Callable:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = self._start(labels)
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                response = await behavior(request, context)
-                code = _code_of(context, grpc.StatusCode.OK)
-                return response
-            except BaseException as exc:
-                code = _code_of(context, _exception_code(exc))
-                raise
-            finally:
-                self._end(labels, started, code)
+            with self._observed(labels, context):
+                return await behavior(request, context)
 
         return call
 
     def _generator(self, behavior: Callable, labels: tuple[str, str, str]) -> Callable:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = self._start(labels)
-            code = grpc.StatusCode.UNKNOWN
-            try:
+            with self._observed(labels, context):
                 async for response in behavior(request, context):
                     yield response
-                code = _code_of(context, grpc.StatusCode.OK)
-            except BaseException as exc:
-                code = _code_of(context, _exception_code(exc))
-                raise
-            finally:
-                self._end(labels, started, code)
 
         return call
 
-    def _start(self, labels: tuple[str, str, str]) -> float:
+    @contextlib.contextmanager
+    def _observed(
+        self, labels: tuple[str, str, str], context: grpc.aio.ServicerContext
+    ) -> Iterator[None]:
+        """Counts the call's start, and its end with the status code it ended with."""
         self.started.labels(*labels).inc()
-        return time.perf_counter()
-
-    def _end(self, labels: tuple[str, str, str], started: float, code: grpc.StatusCode) -> None:
-        self.handled.labels(*labels, code.name).inc()
-        self.seconds.labels(*labels).observe(time.perf_counter() - started)
+        started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN
+        try:
+            yield
+            code = _code_of(context, grpc.StatusCode.OK)
+        except BaseException as exc:
+            code = _code_of(context, _exception_code(exc))
+            raise
+        finally:
+            self.handled.labels(*labels, code.name).inc()
+            self.seconds.labels(*labels).observe(time.perf_counter() - started)
 
 
 def _code_of(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:

@@ -15,7 +15,7 @@ import time
 from prometheus_client import Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.metrics import MODEL_NAME, PREFIX, service_registry
+from services.common.metrics import MODEL_NAME, PREFIX, model_histogram, service_registry
 from services.gateway.events import Usage
 
 # fmt: off
@@ -35,17 +35,14 @@ class GatewayMetrics:
         r = self.registry = service_registry()
         self.model_name = ""  # the served model's name, once known (bind)
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(PREFIX + name, doc, [MODEL_NAME], registry=r, buckets=buckets)
-
-        self.ttft = histogram(
-            "time_to_first_token_seconds", "Time to the first output token", TTFT_BUCKETS
+        self.ttft = model_histogram(
+            r, "time_to_first_token_seconds", "Time to the first output token", TTFT_BUCKETS
         )
-        self.itl = histogram(
-            "inter_token_latency_seconds", "Time between output tokens of a sample", ITL_BUCKETS
+        self.itl = model_histogram(
+            r, "inter_token_latency_seconds", "Time between output tokens of a sample", ITL_BUCKETS
         )
-        self.e2e = histogram(
-            "e2e_request_latency_seconds", "Arrival to last token of a request", E2E_BUCKETS
+        self.e2e = model_histogram(
+            r, "e2e_request_latency_seconds", "Arrival to last token of a request", E2E_BUCKETS
         )
         self.success = Counter(
             PREFIX + "request_success",

@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.common.metrics import MODEL_NAME, PREFIX
+from services.common.metrics import MODEL_NAME, PREFIX, model_histogram
 from services.scheduler.cache import CacheStats
 from services.scheduler.request import SampleTimes
 
@@ -69,33 +69,41 @@ class SchedulerMetrics:
     def __init__(self, registry: CollectorRegistry, load: Callable[[], Load | None]) -> None:
         self.model_name: str | None = None
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(PREFIX + name, doc, [MODEL_NAME], registry=registry, buckets=buckets)
-
-        self._queue = histogram(
-            "request_queue_time_seconds", "Arrival to first admission of a sample", TIME_BUCKETS
+        self._queue = model_histogram(
+            registry,
+            "request_queue_time_seconds",
+            "Arrival to first admission of a sample",
+            TIME_BUCKETS,
         )
-        self._prefill = histogram(
+        self._prefill = model_histogram(
+            registry,
             "request_prefill_time_seconds",
             "First admission to first output token of a sample",
             TIME_BUCKETS,
         )
-        self._decode = histogram(
-            "request_decode_time_seconds", "First output token to the end of a sample", TIME_BUCKETS
+        self._decode = model_histogram(
+            registry,
+            "request_decode_time_seconds",
+            "First output token to the end of a sample",
+            TIME_BUCKETS,
         )
-        self._inference = histogram(
+        self._inference = model_histogram(
+            registry,
             "request_inference_time_seconds",
             "First admission to the end of a sample (prefill and decode)",
             TIME_BUCKETS,
         )
-        self._prompt = histogram(
-            "request_prompt_tokens", "Prompt tokens of each ended sample", TOKEN_BUCKETS
+        self._prompt = model_histogram(
+            registry, "request_prompt_tokens", "Prompt tokens of each ended sample", TOKEN_BUCKETS
         )
-        self._generation = histogram(
-            "request_generation_tokens", "Tokens generated for each ended sample", TOKEN_BUCKETS
+        self._generation = model_histogram(
+            registry,
+            "request_generation_tokens",
+            "Tokens generated for each ended sample",
+            TOKEN_BUCKETS,
         )
-        self._iteration = histogram(
-            "iteration_tokens_total", "Tokens computed per engine step", ITERATION_BUCKETS
+        self._iteration = model_histogram(
+            registry, "iteration_tokens_total", "Tokens computed per engine step", ITERATION_BUCKETS
         )
         registry.register(_LoadCollector(self, load))
 
