@@ -177,6 +177,18 @@ def finished(port: int) -> int:
     return load.requests_finished_total
 
 
+def distinct_prompt(i: int) -> str:
+    """The user message of conversation `i`: unlike the others' from its second word on, and long
+    enough (about 66 tokens in the chat template) that what they share, the template's system
+    prompt, stays under --cache-threshold (0.3) of it. The gateway's default cache_aware routing
+    would keep prompts sharing more on one engine, as it should; different users' conversations
+    spread over the engines."""
+    return (
+        f"Customer {i} writes: please count from one to {i + 2} in words, one number on each line, "
+        "with no greeting, no explanation and nothing else before or after the numbers."
+    )
+
+
 async def concurrent_chats(url: str, n: int) -> list[str]:
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
     model = (await client.models.list()).data[0].id
@@ -184,7 +196,7 @@ async def concurrent_chats(url: str, n: int) -> list[str]:
     async def one(i: int) -> str:
         reply = await client.chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": f"Count to {i + 2}."}],
+            messages=[{"role": "user", "content": distinct_prompt(i)}],
             max_tokens=8,
             temperature=0,
         )
