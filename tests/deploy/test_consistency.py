@@ -3,16 +3,18 @@
 Every command, flag and RADIXSERVE_* variable in compose and the manifests is accepted by the CLI;
 every probe, healthcheck and pre-stop command parses and points at a port some container of its
 pod listens on (HTTP ones at a route the gateway serves); Services, NetworkPolicies, autoscalers and
-PDBs select what exists; the gateway's addresses name Services and ports that lead to the right
-service; containers are locked down and sized. Every metric the dashboard, alerts and autoscalers
-use is in docs/metrics.md, and every service serving one is scraped, by compose's Prometheus and by
-the PodMonitors, on the port its own command line serves /metrics on. (The metrics themselves are
-looked up on the running services in test_compose_stack.py.)
+PDBs select what exists; the gateway's DNS targets name headless Services of ready pods and ports
+that lead to the right service; containers are locked down and sized. Every metric the dashboard,
+alerts and autoscalers use is in docs/metrics.md, and every service serving one is scraped, by
+compose's Prometheus and by the PodMonitors, on the port its own command line serves /metrics on.
+(The metrics themselves are looked up on the running services in test_compose_stack.py.)
 """
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -252,44 +254,128 @@ def pod_port(workload: dict, port: int | str) -> int:
     return named[port]
 
 
-@cluster_param
-def test_gateway_addresses_lead_to_tokenizers_and_schedulers(cluster: Cluster) -> None:
-    (gateway,) = [c for _, c in cluster.containers() if command_of(c)[0] == "gateway"]
+def namespace_of(doc: dict) -> str:
+    """The namespace a resource lands in: its own (a kustomize build), or the one the base's
+    kustomization gives it (the base as written)."""
+    if "namespace" in doc["metadata"]:
+        return doc["metadata"]["namespace"]
+    return yaml.safe_load((manifests.BASE / "kustomization.yaml").read_text())["namespace"]
+
+
+def discovered(cluster: Cluster, client: dict, target: str, subcommand: str) -> list[dict]:
+    """The workloads a `dns:///name:port` target, dialed from `client`'s pods, resolves to. `name`
+    must be a headless Service of `client`'s namespace (a short name resolves through the pod's DNS
+    search path, which starts there) whose records are its ready pods only, and each pod it selects
+    must run `subcommand` on `port`."""
+    assert target.startswith("dns:///"), f"{target}: resolved by DNS, every pod behind one name"
+    host, port = split_address(target)
+    name, *rest = host.split(".")
+    namespace = namespace_of(client)
+    # name, name.<namespace>, name.<namespace>.svc or name.<namespace>.svc.<cluster domain>
+    assert rest[:2] == [namespace, "svc"][: len(rest)], f"{target}: not a Service of {namespace}"
+    svc = cluster.get("Service", name)
+    assert svc is not None and namespace_of(svc) == namespace, f"{target}: no Service {name}"
+    spec = svc["spec"]
+    # Headless: the name resolves to the pods themselves, not to one virtual IP that would pin each
+    # long-lived HTTP/2 connection to one pod.
+    assert spec.get("clusterIP") == "None", f"{name}: a headless Service"
+    assert spec.get("publishNotReadyAddresses", False) is False, (
+        f"{name}: pods must be ready (model loaded and warmed up) before they are found"
+    )
+    assert spec.get("selector"), f"{name}: selects pods (no hand-written endpoints)"
+    selected = cluster.selected(spec["selector"])
+    assert selected, f"{name} selects nothing"
+    for w in selected:
+        where = f"{target} -> {w['metadata']['name']}"
+        # Nothing proxies a headless Service: the client dials each pod on the target's own port.
+        assert listening(cluster, w).get(port) == subcommand, f"{where}: no {subcommand} on {port}"
+        ports = [p for p in spec["ports"] if p["port"] == port]
+        assert ports and all(pod_port(w, p["targetPort"]) == port for p in ports), (
+            f"{where}: the Service names port {port} as the pods' own"
+        )
+    return selected
+
+
+def runs(cluster: Cluster, subcommand: str) -> list[dict]:
+    """The workloads whose pods run `subcommand`."""
+    return [w for w in cluster.workloads() if subcommand in listening(cluster, w).values()]
+
+
+def check_gateway_targets(cluster: Cluster) -> None:
+    """The gateway's one tokenizer target and one scheduler target each name a headless Service
+    selecting exactly the tokenizer pods (the engine pods), on the port their tokenizer (scheduler)
+    listens on: every pod the autoscalers add is found, and nothing else is."""
+    ((workload, gateway),) = [
+        (w, c) for w, c in cluster.containers() if command_of(c)[0] == "gateway"
+    ]
     argv = command_of(gateway)
-    for address in flag_values(argv, "--tokenizer"):
-        assert address.startswith("dns:///"), "resolved by DNS, balanced over every tokenizer pod"
-        host, port = split_address(address)
-        svc = cluster.get("Service", host)
-        assert svc is not None and svc["spec"].get("clusterIP") == "None", (
-            f"{host}: a headless Service"
-        )
-        assert port in {p["port"] for p in svc["spec"]["ports"]}
-        for w in cluster.selected(svc["spec"]["selector"]):
-            assert listening(cluster, w).get(port) == "tokenizer", address
-
-    engines = engine_addresses(cluster, flag_values(argv, "--scheduler"))
-    assert engines, "the gateway lists the engines"
-    for name, ordinals in engines.items():
-        assert ordinals == list(range(max_replicas(cluster, "StatefulSet", name))), (
-            f"the gateway must list every {name} ordinal the autoscaler may create"
-        )
+    (tokenizer,) = flag_values(argv, "--tokenizer")
+    assert discovered(cluster, workload, tokenizer, "tokenizer") == runs(cluster, "tokenizer")
+    (scheduler,) = flag_values(argv, "--scheduler")
+    engines = discovered(cluster, workload, scheduler, "scheduler")
+    assert engines == runs(cluster, "scheduler"), f"{scheduler}: every engine, and only engines"
+    assert [w["kind"] for w in engines] == ["StatefulSet"], "the engines are the StatefulSet"
 
 
-def engine_addresses(cluster: Cluster, addresses: list[str]) -> dict[str, list[int]]:
-    """StatefulSet name -> ordinals, checking each `<set>-<i>.<service>:<port>` address."""
-    out: dict[str, list[int]] = {}
-    for address in addresses:
-        host, port = split_address(address)
-        pod, _, service = host.partition(".")
-        name, _, ordinal = pod.rpartition("-")
-        sts = cluster.get("StatefulSet", name)
-        assert sts is not None and sts["spec"]["serviceName"] == service, address
-        svc = cluster.get("Service", service)
-        assert svc is not None and svc["spec"].get("clusterIP") == "None", f"{service}: headless"
-        assert cluster.selected(svc["spec"]["selector"]) == [sts]
-        assert listening(cluster, sts).get(port) == "scheduler", address
-        out.setdefault(name, []).append(int(ordinal))
-    return out
+@cluster_param
+def test_gateway_finds_tokenizers_and_engines_by_dns(cluster: Cluster) -> None:
+    check_gateway_targets(cluster)
+
+
+def mutant(target: str | None, edit_service: Callable[[dict], object] | None) -> Cluster:
+    """The base with the gateway's --scheduler target replaced, or the engines' Service edited."""
+    cluster = Cluster(copy.deepcopy(list(manifests.base_docs())))
+    if target is not None:
+        (gateway,) = [c for _, c in cluster.containers() if command_of(c)[0] == "gateway"]
+        gateway["args"][gateway["args"].index("--scheduler") + 1] = target
+    if edit_service is not None:
+        edit_service(cluster.get("Service", "radixserve-engine")["spec"])
+    return cluster
+
+
+@pytest.mark.parametrize(
+    ("target", "edit_service", "error"),
+    [
+        pytest.param("radixserve-engine:30003", None, "resolved by DNS", id="static"),
+        pytest.param("dns:///radixserve-engines:30003", None, "no Service", id="name"),
+        pytest.param("dns:///radixserve-tokenizer:30003", None, "no scheduler", id="tokenizers"),
+        pytest.param("dns:///radixserve-engine:30002", None, "no scheduler", id="executor-port"),
+        pytest.param(
+            "dns:///radixserve-engine.default.svc:30003", None, "not a Service", id="namespace"
+        ),
+        pytest.param(
+            None, lambda s: s.update(publishNotReadyAddresses=True), "must be ready", id="not-ready"
+        ),
+        pytest.param(None, lambda s: s.pop("clusterIP"), "headless", id="cluster-ip"),
+        pytest.param(
+            None,
+            lambda s: s["selector"].update({"app.kubernetes.io/component": "tokenizer"}),
+            "no scheduler",
+            id="selects-tokenizers",
+        ),
+        pytest.param(
+            None,
+            lambda s: s["selector"].pop("app.kubernetes.io/component"),
+            "no scheduler",
+            id="selects-every-pod",
+        ),
+        pytest.param(
+            None, lambda s: s["ports"][0].update(port=30004), "names port", id="service-port"
+        ),
+        pytest.param(
+            None,
+            lambda s: s["ports"][0].update(targetPort="sched-metrics"),
+            "names port",
+            id="target-port",
+        ),
+    ],
+)
+def test_a_gateway_target_that_misses_the_engines_is_caught(
+    target: str | None, edit_service: Callable[[dict], object] | None, error: str
+) -> None:
+    check_gateway_targets(mutant(None, None))  # the base as written passes
+    with pytest.raises(AssertionError, match=error):
+        check_gateway_targets(mutant(target, edit_service))
 
 
 def max_replicas(cluster: Cluster, kind: str, name: str) -> int:

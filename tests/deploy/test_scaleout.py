@@ -1,12 +1,16 @@
 """The gateway as deploy/k8s configures it, in front of two real engines and two tokenizers.
 
-The gateway's command comes from gateway.yaml: its engine addresses (every StatefulSet ordinal up
-to the autoscaler's maximum) become two running scheduler + executor pairs for ordinals 0 and 1 and
-closed ports for the rest, as for pods that are not running; its one tokenizer address (the
-headless Service, several pods behind one name) becomes one gRPC target naming two tokenizer
-processes. The engines run the commands of engine.yaml, made light with executor flags; every
-process keeps the metrics endpoint its manifest gives it, on a local port of its own (in the cluster
-each pod has its own address). The last test stops one engine for good.
+The gateway's command comes from gateway.yaml. Its engine target, `dns:///radixserve-engine:30003`
+(every ready pod of the engines' headless Service, found by DNS), is the one flag value translated:
+the gateway runs as a real process, whose lookups cannot be faked, and this machine has no name
+that resolves to several local engines. It becomes the static addresses of what the lookup would
+return: two running scheduler + executor pairs, and one closed port standing for a pod that is in
+the answer but does not answer (stopped since the last lookup). Discovery itself, the answer
+changing under a running router, is tested in tests/gateway/test_router.py. The one tokenizer
+address (the headless Service, several pods behind one name) becomes one gRPC target naming two
+tokenizer processes. The engines run the commands of engine.yaml, made light with executor flags;
+every process keeps the metrics endpoint its manifest gives it, on a local port of its own (in the
+cluster each pod has its own address). The last test stops one engine for good.
 """
 
 from __future__ import annotations
@@ -106,9 +110,11 @@ def deployment(
 ) -> Iterator[Deployment]:
     logs = tmp_path_factory.mktemp("scaleout-logs")
     gateway_args = container_args("gateway")
-    engines = flag_values(gateway_args, "--scheduler")
+    (engine_target,) = flag_values(gateway_args, "--scheduler")
     (tokenizer_target,) = flag_values(gateway_args, "--tokenizer")
-    assert len(engines) > RUNNING_ENGINES, "the manifest lists more engines than run here"
+    assert engine_target.startswith("dns:///"), "one name, every ready engine pod behind it"
+    _, engine_port = split_address(engine_target)
+    assert engine_port == int(flag_values(container_args("scheduler"), "--port")[0])
     with ExitStack() as stack:
         mp = stack.enter_context(pytest.MonkeyPatch.context())
         for key in [k for k in os.environ if k.startswith("RADIXSERVE_")]:
@@ -127,18 +133,17 @@ def deployment(
         for i, p in enumerate(executor_ports):
             args, _ = with_metrics_port(with_value(container_args("executor"), "--port", [str(p)]))
             executors.append(start([*args, *LIGHT_EXECUTOR], f"executor{i}"))
-        local = {}  # engine address in the manifest -> local address
         schedulers = []
-        for i, address in enumerate(engines):
+        for i, executor_port in enumerate(executor_ports):
             port = free_port()
-            local[address] = f"127.0.0.1:{port}"
-            if i < RUNNING_ENGINES:
-                args = with_value(container_args("scheduler"), "--port", [str(port)])
-                _, executor_port = split_address(flag_values(args, "--executor")[0])
-                assert executor_port == int(flag_values(container_args("executor"), "--port")[0])
-                args = with_value(args, "--executor", [f"127.0.0.1:{executor_ports[i]}"])
-                args, metrics_port = with_metrics_port(args)
-                schedulers.append((port, metrics_port, start(args, f"scheduler{i}")))
+            args = with_value(container_args("scheduler"), "--port", [str(port)])
+            _, pod_executor_port = split_address(flag_values(args, "--executor")[0])
+            assert pod_executor_port == int(flag_values(container_args("executor"), "--port")[0])
+            args = with_value(args, "--executor", [f"127.0.0.1:{executor_port}"])
+            args, metrics_port = with_metrics_port(args)
+            schedulers.append((port, metrics_port, start(args, f"scheduler{i}")))
+        # What the lookup would return: the running engines and one that does not answer.
+        resolved = [f"127.0.0.1:{port}" for port, _, _ in schedulers] + [f"127.0.0.1:{free_port()}"]
         for proc, port in zip(tokenizers, tokenizer_ports, strict=True):
             proc.wait_grpc_serving(port)
         for proc, port in zip(executors, executor_ports, strict=True):
@@ -152,7 +157,7 @@ def deployment(
         args = with_value(
             args, "--tokenizer", ["ipv4:" + ",".join(f"127.0.0.1:{p}" for p in tokenizer_ports)]
         )
-        args = with_value(args, "--scheduler", [local[a] for a in engines])
+        args = with_value(args, "--scheduler", resolved)
         gateway = start(args, "gateway")
         url = f"http://127.0.0.1:{http_port}"
         wait_ready(url, gateway)
@@ -177,6 +182,18 @@ def finished(port: int) -> int:
     return load.requests_finished_total
 
 
+def distinct_prompt(i: int) -> str:
+    """The user message of conversation `i`: unlike the others' from its second word on, and long
+    enough (about 66 tokens in the chat template) that what they share, the template's system
+    prompt, stays under --cache-threshold (0.3) of it. The gateway's default cache_aware routing
+    would keep prompts sharing more on one engine, as it should; different users' conversations
+    spread over the engines."""
+    return (
+        f"Customer {i} writes: please count from one to {i + 2} in words, one number on each line, "
+        "with no greeting, no explanation and nothing else before or after the numbers."
+    )
+
+
 async def concurrent_chats(url: str, n: int) -> list[str]:
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
     model = (await client.models.list()).data[0].id
@@ -184,7 +201,7 @@ async def concurrent_chats(url: str, n: int) -> list[str]:
     async def one(i: int) -> str:
         reply = await client.chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": f"Count to {i + 2}."}],
+            messages=[{"role": "user", "content": distinct_prompt(i)}],
             max_tokens=8,
             temperature=0,
         )
@@ -206,6 +223,7 @@ def test_requests_spread_over_the_running_engines(deployment: Deployment) -> Non
 
 
 def test_gateway_is_ready_while_listed_engines_are_absent(deployment: Deployment) -> None:
+    """One address of the lookup's answer does not answer; the other engines serve."""
     assert httpx.get(f"{deployment.gateway_url}/ready", timeout=5).status_code == 200
 
 
