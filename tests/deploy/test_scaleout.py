@@ -35,19 +35,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from radixserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.deploy.manifests import Cluster, base_docs, command_of, flag_values, split_address
+from tests.procs import SERVE_LIGHT as LIGHT_EXECUTOR
 from tests.procs import ServiceProcess, free_port
 
 pytestmark = pytest.mark.slow
-LIGHT_EXECUTOR = [
-    "--dtype",
-    "float32",
-    "--max-total-tokens",
-    "8192",
-    "--max-running-requests",
-    "16",
-    "--context-length",
-    "1024",
-]
 RUNNING_ENGINES = 2
 REQUESTS = 8
 
