@@ -105,6 +105,7 @@ def load_from_pb(address: str, msg: spb.GetLoadResponse) -> SchedulerLoad:
         num_waiting=msg.num_waiting,
         kv_slots_total=msg.kv_slots_total,
         kv_slots_used=msg.kv_slots_used,
+        max_running_requests=msg.max_running_requests,
     )
 
 

@@ -37,6 +37,7 @@ class SchedulerLoad:
     num_waiting: int
     kv_slots_total: int
     kv_slots_used: int
+    max_running_requests: int = 0  # 0: not reported
 
 
 class SchedulerRouter:
@@ -103,7 +104,7 @@ class SchedulerRouter:
         """The engine for a request of `num_samples` samples with prompt `input_ids` (none: a
         probe, routed by load alone), by --routing-policy among the reachable engines."""
         candidates = [
-            Candidate(a, self._score(a), self._indexes[a])
+            Candidate(a, self._score(a), self._indexes[a], self._has_room(a))
             for a in self._listed
             if self._loads[a] is not None
         ]
@@ -137,6 +138,14 @@ class SchedulerRouter:
                 self._errors[address] = "not polled yet"
                 self._indexes[address] = PrefixIndex(self.routing.max_tree_size)
         self._listed = list(addresses)
+
+    def _has_room(self, address: str) -> bool:
+        """Whether a new sample would run at once there (no queue, a free row)."""
+        load = self._loads[address]
+        assert load is not None
+        if load.num_waiting or not load.max_running_requests:
+            return not load.num_waiting
+        return self._score(address) < load.max_running_requests
 
     def _score(self, address: str) -> int:
         load = self._loads[address]

@@ -7,9 +7,12 @@ that prefix covers at least `--cache-threshold` of the prompt; otherwise to the 
 the gateway has filled least (the most room). Once loads are out of balance — the busiest engine
 has more than `--balance-abs-threshold` samples more than the idlest *and* more than
 `--balance-rel-threshold` times as many — requests go to the least loaded engine until balance
-returns, so a hot conversation cannot pin all traffic to one engine. Unlike SGLang's router,
-which matches characters of the request text, the match is on the prompt's token ids (the
-gateway has them from the tokenizer), so it sees exactly the prefix an engine's radix cache would.
+returns, so a hot conversation cannot pin all traffic to one engine. Unlike SGLang's router, an
+engine that would queue the request (a waiting queue, or every row taken) is passed over while
+another has room, so a prefix shared by all traffic (a common system prompt) cannot keep the other
+engines idle until the absolute threshold is crossed. And where SGLang's router matches characters
+of the request text, the match here is on the prompt's token ids (the gateway has them from the
+tokenizer), so it sees exactly the prefix an engine's radix cache would.
 
 Each engine's cache is approximated by a `PrefixIndex`: the prompts routed there, as a trie of
 fixed-size token pages keyed by chained hashes (the way vLLM keys its prefix-cache blocks),
@@ -96,11 +99,12 @@ class RoutingConfig:
 @dataclass(frozen=True)
 class Candidate:
     """A routable engine: its address, load score (running + waiting + sent since the last
-    poll, in samples) and prefix index."""
+    poll, in samples), prefix index, and whether it has room for one more sample now."""
 
     address: str
     load: int
     index: PrefixIndex
+    room: bool = True  # a new sample would run at once (no queue, a free row)
 
 
 class Policy:
@@ -134,6 +138,9 @@ class Policy:
         return high - low > cfg.balance_abs_threshold and high > low * cfg.balance_rel_threshold
 
     def _cache_aware(self, candidates: Sequence[Candidate], ids: Sequence[int]) -> Candidate:
+        roomy = [c for c in candidates if c.room]
+        if roomy and len(roomy) < len(candidates):
+            candidates = roomy  # never queue for a cache hit while another engine has room
         matches = [(c.index.match(ids), c) for c in candidates]
         best, chosen = max(matches, key=lambda m: (m[0], -m[1].load))
         if best and best >= self.cfg.cache_threshold * len(ids):

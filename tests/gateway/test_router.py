@@ -200,3 +200,21 @@ def test_dns_discovery_follows_the_answer() -> None:
 def test_routing_flags_are_validated(option: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GatewayConfig(**{option: value})  # type: ignore[arg-type]
+
+
+def test_a_prefix_shared_by_all_traffic_does_not_leave_an_engine_idle() -> None:
+    """Every prompt starts with the same 32-token system prompt: it is cached where the first
+    request went, but once that engine's rows are taken the next ones go to the idle engine."""
+    full = Replica("a:1")
+    replicas = {r.address: r for r in (full, Replica("b:1"))}
+
+    async def load(r: Replica = full) -> SchedulerLoad:
+        return SchedulerLoad(r.address, r.running, r.waiting, 100, 10, max_running_requests=4)
+
+    for r in replicas.values():
+        r.load = lambda r=r: load(r)  # type: ignore[method-assign]
+    router = SchedulerRouter(list(replicas), 1.0, replicas.__getitem__, RoutingConfig())  # type: ignore[arg-type]
+    asyncio.run(router.refresh())
+    system = list(range(32))
+    first = [router.pick(1, [*system, 1000 + i]).address for i in range(8)]
+    assert first == ["a:1"] * 4 + ["b:1"] * 4  # four rows each, then b caches the prompt too
