@@ -60,9 +60,11 @@ from services.gateway.responses import (
     CompletionFormat,
     Meta,
     NativeFormat,
+    ResponseOptions,
     model_card,
     model_list,
 )
+from services.gateway.sampling import GenerationInput
 
 # The generation routes, and the prefix of the ids they make for requests without X-Request-Id.
 ID_PREFIXES = {
@@ -78,8 +80,18 @@ def _backend(request: Request) -> Backend:
     return request.app.state.backend
 
 
-def _include_usage(req: SamplingFields) -> bool:
-    return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+def _options(
+    req: SamplingFields, inputs: list[GenerationInput], echo: list[str] | None
+) -> ResponseOptions:
+    """What the request asked of its answer besides the choices."""
+    stream = req.stream_options if req.stream else None
+    include = bool(stream and stream.include_usage)
+    return ResponseOptions(
+        include_usage=include,
+        continuous_usage=include and bool(stream and stream.continuous_usage_stats),
+        prompt_ids=tuple(inp.input_ids for inp in inputs) if req.return_token_ids else None,
+        echo=tuple(echo) if echo else None,
+    )
 
 
 @authenticated
@@ -92,7 +104,8 @@ async def _chat_completions(request: Request) -> Response:
     req = parse_body(ChatCompletionRequest, await request.body(), CHAT)
     rid = request_id(request)
     inp, plan = await backend.chat_input(req, rid)
-    fmt = ChatFormat(Meta(rid, backend.model.name), req.n, req.logprobs, _include_usage(req))
+    options = _options(req, [inp], [req.echo_text()] if req.echo else None)
+    fmt = ChatFormat(Meta(rid, backend.model.name), req.n, req.logprobs, options)
     fmt.answers(plan, backend.cfg.reasoning_parser)
     return await respond(request, Run([backend.generation(inp)], req.n), fmt, req.stream)
 
@@ -107,9 +120,9 @@ async def _completions(request: Request) -> Response:
     req = parse_body(CompletionRequest, await request.body(), COMPLETIONS)
     rid = request_id(request)
     inputs = await backend.completion_inputs(req, rid)
-    echo = await backend.prompt_texts(req) if req.echo else None
+    echo = await backend.prompt_texts(req, inputs) if req.echo else None
     meta = Meta(rid, backend.model.name)
-    fmt = CompletionFormat(meta, req.n, req.logprobs is not None, echo, _include_usage(req))
+    fmt = CompletionFormat(meta, req.n, req.logprobs is not None, _options(req, inputs, echo))
     run = Run([backend.generation(inp) for inp in inputs], req.n)
     return await respond(request, run, fmt, req.stream)
 
@@ -166,7 +179,7 @@ async def load(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     backend = _backend(request)
     model = backend.model
-    card = model_card(model.name, backend.created, model.context_length)
+    card = model_card(model.name, backend.created, model.context_length, model.model_path)
     return JSONResponse(model_list([card]))
 
 
@@ -174,7 +187,8 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     backend = _backend(request)
     model = backend.check_model(request.path_params["model_id"])
-    return JSONResponse(model_card(model.name, backend.created, model.context_length))
+    card = model_card(model.name, backend.created, model.context_length, model.model_path)
+    return JSONResponse(card)
 
 
 async def openapi(request: Request) -> Response:

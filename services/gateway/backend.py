@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from dataclasses import replace
 from typing import Any
@@ -40,15 +41,20 @@ from services.gateway.sampling import (
     chat_sampling,
     chat_texts,
     check_prompt_chars,
+    check_token_ids,
     completion_sampling,
     fit_context,
     native_sampling,
+    text_options,
+    truncate_prompt,
 )
 from services.gateway.tools.parsers import default_tool_parser
 
 log = logging.getLogger("radixserve.gateway")
 STARTUP_RETRY_S = 0.5
 PROBE_TEXT = "Hello"
+# The tokenizer's answer to a role its chat template does not render, naming the message.
+ROLE_NOT_RENDERED = re.compile(r"does not render role .*? \(messages\[(\d+)\]\)")
 
 
 class Backend:
@@ -151,12 +157,9 @@ class Backend:
         sampling, plan = chat_tools_sampling(
             req, model, self.cfg.tool_call_parser, self.cfg.reasoning_parser
         )
-        ids = await self.tokenizer.apply_chat_template(req)
+        ids = truncate_prompt(await self._chat_ids(req), req, model)
         sampling = fit_context(sampling, len(ids), model, "messages")
-        text = TextOptions(
-            req.stop_strings(), req.include_stop_str_in_output, req.skip_special_tokens
-        )
-        return GenerationInput(request_id, ids, sampling, text), plan
+        return GenerationInput(request_id, ids, sampling, text_options(req)), plan
 
     async def completion_inputs(
         self, req: CompletionRequest, request_id: str
@@ -165,11 +168,12 @@ class Backend:
         for prompt in req.prompts():
             if isinstance(prompt, str):
                 check_prompt_chars([prompt], model, "prompt")
+            else:
+                check_token_ids(prompt, model, "prompt")
         sampling = completion_sampling(req, model)
-        prompts = await asyncio.gather(*(self._ids(p) for p in req.prompts()))
-        text = TextOptions(
-            req.stop_strings(), req.include_stop_str_in_output, req.skip_special_tokens
-        )
+        encoded = await asyncio.gather(*(self._ids(p) for p in req.prompts()))
+        prompts = [truncate_prompt(ids, req, model) for ids in encoded]
+        text = text_options(req)
         return [
             GenerationInput(
                 request_id if len(prompts) == 1 else f"{request_id}-{k}",
@@ -187,11 +191,11 @@ class Backend:
         check_prompt_chars([req.text or ""], model, "text")
         p = req.sampling_params
         sampling = replace(native_sampling(p, model), priority=req.priority)
+        if req.input_ids is not None:
+            check_token_ids(req.input_ids, model, "input_ids")
         ids = req.input_ids if req.input_ids is not None else await self._ids(req.text or "")
         sampling = fit_context(sampling, len(ids), model, "input_ids")
-        return GenerationInput(
-            request_id, ids, sampling, TextOptions(p.stop_strings(), False, p.skip_special_tokens)
-        )
+        return GenerationInput(request_id, ids, sampling, text_options(p))
 
     async def tokenize(self, req: TokenizeRequest) -> list[list[int]]:
         """The ids of each prompt, or of the `messages` as the chat route renders them (one)."""
@@ -201,7 +205,7 @@ class Backend:
         if req.messages is not None:
             chat = req.chat_request()
             check_prompt_chars(chat_texts(chat), model, "messages")
-            return [await self.tokenizer.apply_chat_template(chat)]
+            return [await self._chat_ids(chat)]
         for prompt in req.prompts():
             check_prompt_chars([prompt], model, "prompt")
         encodes = (self.tokenizer.encode(p, req.add_special_tokens) for p in req.prompts())
@@ -251,19 +255,34 @@ class Backend:
 
         return list(await asyncio.gather(*(state(s) for s in self.schedulers)))
 
-    async def prompt_texts(self, req: CompletionRequest) -> list[str]:
-        """The prompts as text, for echo (id prompts are decoded from their token bytes)."""
+    async def prompt_texts(
+        self, req: CompletionRequest, inputs: list[GenerationInput]
+    ) -> list[str]:
+        """The prompts as text, for echo: as sent, or decoded from their token bytes (id prompts,
+        and prompts `truncate_prompt_tokens` may have cut)."""
         texts = []
-        for prompt in req.prompts():
-            if isinstance(prompt, str):
+        for prompt, inp in zip(req.prompts(), inputs, strict=True):
+            if isinstance(prompt, str) and req.truncate_prompt_tokens is None:
                 texts.append(prompt)
             else:
-                pieces = await self.tokenizer.token_pieces(prompt)
-                texts.append(b"".join(pieces[i].raw for i in prompt).decode(errors="replace"))
+                ids = inp.input_ids
+                pieces = await self.tokenizer.token_pieces(ids)
+                texts.append(b"".join(pieces[i].raw for i in ids).decode(errors="replace"))
         return texts
 
     async def _ids(self, prompt: str | list[int]) -> list[int]:
         return prompt if isinstance(prompt, list) else await self.tokenizer.encode(prompt)
+
+    async def _chat_ids(self, req: ChatCompletionRequest) -> list[int]:
+        """The rendered conversation's ids; a role the template does not render is a 400 whose
+        `param` is that message's role."""
+        try:
+            return await self.tokenizer.apply_chat_template(req)
+        except InvalidRequest as exc:
+            found = ROLE_NOT_RENDERED.search(exc.message)
+            if found is not None and exc.param is None:
+                exc.param = f"messages[{found.group(1)}].role"
+            raise
 
     async def _check_schedulers(self) -> None:
         results = await asyncio.gather(

@@ -94,6 +94,7 @@ def _event_from_pb(
             prompt_tokens=e.prompt_tokens,
             completion_tokens=e.completion_tokens,
             cached_tokens=e.cached_tokens,
+            matched_stop_token=e.matched_stop_token if e.HasField("matched_stop_token") else None,
         )
     return from_status(msg.error.code, msg.error.message, "scheduler")
 
@@ -167,6 +168,7 @@ def detokenize_setup_to_pb(inp: GenerationInput, index: int) -> tpb.DetokenizeSe
         request_id=f"{inp.request_id}/{index}",
         skip_special_tokens=opts.skip_special_tokens,
         stop=opts.stop,
+        stop_regex=opts.stop_regex,
         include_stop_str_in_output=opts.include_stop_str_in_output,
         prompt_tail_ids=inp.input_ids[-PROMPT_TAIL:],
         min_tokens=inp.sampling.min_tokens,

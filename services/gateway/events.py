@@ -6,6 +6,18 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class SampleEnd:
+    """The scheduler finished one sample."""
+
+    index: int
+    reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int  # includes a matched stop token
+    cached_tokens: int
+    matched_stop_token: int | None = None  # the EOS or stop token that ended it (reason "stop")
+
+
+@dataclass(frozen=True)
 class TokenChunk:
     """New tokens of one sample, as the scheduler streamed them."""
 
@@ -17,17 +29,14 @@ class TokenChunk:
     prompt_tokens: int
     completion_tokens: int  # cumulative
     cached_tokens: int
+    # The sample's end, when it arrived with these tokens (they are the sample's last).
+    end: SampleEnd | None = None
 
-
-@dataclass(frozen=True)
-class SampleEnd:
-    """The scheduler finished one sample."""
-
-    index: int
-    reason: str  # "stop" | "length" | "abort"
-    prompt_tokens: int
-    completion_tokens: int  # includes a matched stop token
-    cached_tokens: int
+    @classmethod
+    def ending(cls, end: SampleEnd) -> TokenChunk:
+        """No new tokens, only the end (a stop token, an abort)."""
+        counts = (end.prompt_tokens, end.completion_tokens, end.cached_tokens)
+        return cls(end.index, [], [], [], [], *counts, end=end)
 
 
 @dataclass(frozen=True)
@@ -57,13 +66,15 @@ class TokenLogprob:
 
 @dataclass
 class Output:
-    """New text of one choice; the last one of a choice has `finish_reason` set."""
+    """New text of one choice; the last one of a choice has `finish_reason` set, and
+    `matched_stop`: the stop string or regex, or the stop token id, that ended it (None: none did)."""
 
     index: int
     text: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    matched_stop: str | int | None = None
 
 
 @dataclass

@@ -111,7 +111,10 @@ def _warn_unknown(endpoint: str, param: str) -> None:
 _SAMPLING: dict[str, Rule] = {
     "model": Rule("must name the served model (404 otherwise); may be left out"),
     "stream": Rule("answers as server-sent events"),
-    "stream_options": Rule("`include_usage` adds a last chunk with the usage; needs `stream`"),
+    "stream_options": Rule(
+        "`include_usage` adds a last chunk with the usage, and with `continuous_usage_stats` "
+        "every chunk carries the usage so far; needs `stream`"
+    ),
     "n": Rule("number of samples, sharing the prompt's KV cache"),
     "temperature": Rule("sampling temperature; 0 is greedy"),
     "top_p": Rule("nucleus sampling"),
@@ -141,6 +144,24 @@ _SAMPLING: dict[str, Rule] = {
     "guided_regex": Rule("the output matches this regular expression"),
     "guided_choice": Rule("the output is one of these strings"),
     "guided_grammar": Rule("the output follows this EBNF grammar"),
+    # SGLang's stopping extensions.
+    "stop_regex": Rule(
+        "Python regular expressions; a sample ends where its text first matches one"
+    ),
+    "no_stop_trim": Rule("the matched stop string or regex text is kept in the text"),
+    # vLLM's prompt and token extensions.
+    "return_token_ids": Rule("choices carry `token_ids`, and the prompt's ids come back"),
+    "truncate_prompt_tokens": Rule(
+        "keeps this many prompt tokens (-1: as many as the context holds)"
+    ),
+    "truncation_side": Rule('"left" (default) keeps the last prompt tokens, "right" the first'),
+}
+
+# Fields that ask for what is not offered here, on both routes.
+_NOT_OFFERED = {
+    "use_beam_search": rejected(
+        "beam search is not offered; only null or false is accepted", _null_or(False)
+    ),
 }
 
 _USER = {"user": Rule("end-user id for abuse monitoring; nothing is monitored here")}
@@ -168,6 +189,7 @@ CHAT = FieldTable(
             "extra variables for the chat template (e.g. `enable_thinking`); "
             "names it already gets are refused"
         ),
+        "echo": Rule("a last assistant message (the one continued) is put before the answer"),
     },
     no_effect={
         **_USER,
@@ -190,6 +212,7 @@ CHAT = FieldTable(
         "prediction": rejected("predicted outputs are not supported; only null is accepted"),
         "web_search_options": rejected("web search is not supported; only null is accepted"),
         "moderation": rejected("no moderation runs here; only null is accepted"),
+        **_NOT_OFFERED,
     },
 )
 
@@ -211,6 +234,7 @@ COMPLETIONS = FieldTable(
             "best-of selection is not supported; only null or the value of `n` is accepted",
             _null_or_n,
         ),
+        **_NOT_OFFERED,
     },
 )
 
@@ -232,6 +256,10 @@ SAMPLING_PARAMS = FieldTable(
         "skip_special_tokens": Rule("special tokens are left out of the text"),
         "sampling_seed": Rule("seeds the random draws; without it each sample gets a random seed"),
         "n": Rule("number of samples, sharing the prompt's KV cache"),
+        "stop_regex": Rule(
+            "Python regular expressions; a sample ends where its text first matches one"
+        ),
+        "no_stop_trim": Rule("the matched stop string or regex text is kept in the text"),
         # Structured outputs.
         "regex": Rule("the output matches this regular expression"),
         "ebnf": Rule("the output follows this EBNF grammar"),

@@ -23,6 +23,7 @@ from services.gateway.errors import InvalidRequest
 from services.gateway.events import (
     Output,
     SampleEnd,
+    TextDelta,
     TokenChunk,
     TokenLogprob,
     TokenPiece,
@@ -47,9 +48,14 @@ class Sample:
         self.last_token_at: float | None = None
 
     async def on_chunk(self, chunk: TokenChunk, tokenizer: TokenizerClient) -> Output | None:
+        """The output of new tokens; the last one (a stop string matched, or the scheduler's end
+        came with the tokens) carries the finish."""
+        end = chunk.end
+        if end is not None:
+            self.scheduler_done = True
         if self.finished:
             return None
-        delta = await self.detok.feed(chunk.token_ids)
+        delta = await self.detok.feed(chunk.token_ids, finish=end is not None)
         ids = chunk.token_ids[: delta.num_tokens]
         self.usage.completion_tokens += delta.num_tokens
         self.usage.prompt_tokens, self.usage.cached_tokens = (
@@ -57,19 +63,27 @@ class Sample:
             chunk.cached_tokens,
         )
         logprobs = await self._logprobs(chunk, delta.num_tokens, tokenizer)
+        out = Output(self.index, delta.text, ids, logprobs)
         if delta.finished:
-            self.finished, self.finish_reason = True, "stop"
-        return Output(self.index, delta.text, ids, logprobs, self.finish_reason)
+            self._finish(out, delta, end, cut=delta.num_tokens < len(chunk.token_ids))
+        return out
 
-    async def on_end(self, end: SampleEnd) -> Output | None:
-        self.scheduler_done = True
-        if self.finished:
-            return None
-        delta = await self.detok.feed([], finish=True)
+    async def on_end(self, end: SampleEnd, tokenizer: TokenizerClient) -> Output | None:
+        """The end of a sample that came without tokens: held-back text flushed, the finish."""
+        return await self.on_chunk(TokenChunk.ending(end), tokenizer)
+
+    def _finish(self, out: Output, delta: TextDelta, end: SampleEnd | None, cut: bool) -> None:
+        """Sets the finish on `out`: a matched stop string or regex, else the scheduler's reason.
+        The scheduler's counts are the sample's usage unless a stop string cut its tokens."""
         self.finished = True
-        self.usage = Usage(end.prompt_tokens, end.completion_tokens, end.cached_tokens)
-        self.finish_reason = "stop" if delta.matched_stop is not None else end.reason
-        return Output(self.index, delta.text, finish_reason=self.finish_reason)
+        if end is not None and not cut:
+            self.usage = Usage(end.prompt_tokens, end.completion_tokens, end.cached_tokens)
+        if delta.matched_stop is not None:
+            self.finish_reason, out.matched_stop = "stop", delta.matched_stop
+        else:
+            assert end is not None, "only a stop string finishes a sample before its end"
+            self.finish_reason, out.matched_stop = end.reason, end.matched_stop_token
+        out.finish_reason = self.finish_reason
 
     async def _logprobs(
         self, chunk: TokenChunk, count: int, tokenizer: TokenizerClient
@@ -183,7 +197,7 @@ class Generation:
     async def _dispatch(self, event: TokenChunk | SampleEnd) -> Output | None:
         sample = self.samples[event.index]
         if isinstance(event, SampleEnd):
-            return await sample.on_end(event)
+            return await sample.on_end(event, self.tokenizer)
         out = await sample.on_chunk(event, self.tokenizer)
         if out is not None and out.token_ids:
             now = time.monotonic()

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
+from services.common.stop_regex import compile_stop_regex
 from services.gateway.errors import InvalidRequest
 from services.gateway.fields import FieldTable
 from services.gateway.json_body import decode_object
@@ -35,6 +36,7 @@ from services.gateway.limits import (
     TopK,
     TopLogprobs,
     TopP,
+    TruncatePromptTokens,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -47,6 +49,7 @@ RequestId = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM: usage on every chunk (with include_usage)
 
 
 class JsonSchemaFormat(BaseModel):
@@ -115,6 +118,25 @@ class SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
+    # Stopping and prompts (SGLang: stop_regex, no_stop_trim; vLLM: the rest).
+    stop_regex: NonEmptyText | list[NonEmptyText] | None = None
+    no_stop_trim: StrictBool = False
+    return_token_ids: StrictBool = False
+    truncate_prompt_tokens: TruncatePromptTokens | None = None
+    truncation_side: Literal["left", "right"] | None = None
+
+    @field_validator("stop_regex")
+    @classmethod
+    def _compiles(cls, value: str | list[str] | None) -> str | list[str] | None:
+        check_stop_regexes(value)
+        return value
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_some(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be -1 (the context length) or at least 1")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -125,9 +147,28 @@ class SamplingFields(BaseModel):
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return _strings(self.stop)
+
+    def stop_regexes(self) -> tuple[str, ...]:
+        return _strings(self.stop_regex)
+
+    @property
+    def keep_stop(self) -> bool:
+        """The matched stop string or regex text stays in the output (vLLM's or SGLang's name)."""
+        return self.include_stop_str_in_output or self.no_stop_trim
+
+
+def _strings(value: str | list[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def check_stop_regexes(value: str | list[str] | None) -> None:
+    """ValueError for a stop regex Python's `re` does not compile, or one that matches the empty
+    string."""
+    for pattern in _strings(value):
+        compile_stop_regex(pattern)
 
 
 class ContentPart(BaseModel):
@@ -136,7 +177,8 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # OpenAI's roles, or any other the chat template renders (the tokenizer checks).
+    role: NonEmptyText
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
@@ -181,6 +223,17 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    echo: StrictBool = False  # vLLM: a last assistant message is put before the answer
+
+    def echo_text(self) -> str:
+        """What `echo` puts before the answer: the last message, when it is the assistant's (the
+        one `continue_final_message` continues), as the template sees it; else nothing."""
+        last = self.messages[-1]
+        if not self.echo or last.role != "assistant" or last.content is None:
+            return ""
+        if isinstance(last.content, str):
+            return last.content
+        return "\n".join(part.text or "" for part in last.content)
 
     def tool_dicts(self) -> list[dict[str, Any]]:
         """The tools as OpenAI `tools` entries (legacy `functions` become tools)."""
@@ -241,16 +294,25 @@ class NativeSamplingParams(BaseModel):
     skip_special_tokens: StrictBool = True
     seed: Seed | None = Field(None, alias="sampling_seed")
     n: N = 1
+    stop_regex: NonEmptyText | list[NonEmptyText] | None = None
+    no_stop_trim: StrictBool = False
     # Structured outputs (SGLang): at most one of them.
     regex: str | None = None
     ebnf: str | None = None
     json_schema: str | None = None
     structural_tag: str | None = None
 
+    @field_validator("stop_regex")
+    @classmethod
+    def _compiles(cls, value: str | list[str] | None) -> str | list[str] | None:
+        check_stop_regexes(value)
+        return value
+
     def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return _strings(self.stop)
+
+    def stop_regexes(self) -> tuple[str, ...]:
+        return _strings(self.stop_regex)
 
 
 class GenerateRequest(BaseModel):

@@ -1,7 +1,13 @@
 """OpenAI (and native /generate) response bodies and stream chunks, built from gateway outputs.
 
-A format turns one request's outputs into JSON-ready dicts: `opening()` chunks before any output,
-`chunk(out)` per output, `closing(usage)` after the last, or `response(choices, usage)` at once.
+A format turns one request's outputs into JSON-ready dicts: `opening(usage)` chunks before any
+output, `chunk(out, usage)` per output, `closing(usage)` after the last, or
+`response(choices, usage)` at once (`usage`: the request's so far).
+
+As vLLM and SGLang do, a choice's last tokens and its `finish_reason` share one chunk; a chunk
+goes out for every output that consumed tokens, even when their text is held back (a stop string
+may start there, a character is not complete yet). Each finished choice names what stopped it
+in `matched_stop` (SGLang): the stop string or regex, the stop token id, or null.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    matched_stop: str | int | None = None
 
     def add(self, out: Output) -> None:
         self.text += out.text
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs
-        self.finish_reason = out.finish_reason or self.finish_reason
+        if out.finish_reason:
+            self.finish_reason, self.matched_stop = out.finish_reason, out.matched_stop
 
 
 def join_outputs(outputs: list[Output], num_choices: int) -> list[Choice]:
@@ -56,11 +64,42 @@ class Meta:
         return {**body, "choices": choices, **extra}
 
 
+@dataclass(frozen=True)
+class ResponseOptions:
+    """What a request asked of its answer besides the choices."""
+
+    include_usage: bool = False  # streamed: a last chunk with the usage
+    continuous_usage: bool = False  # streamed: every chunk carries the usage so far (vLLM)
+    prompt_ids: tuple[list[int], ...] | None = None  # return_token_ids: each prompt's ids
+    echo: tuple[str, ...] | None = None  # the text put before each prompt's answers
+
+    def usage(self, usage: Usage) -> dict[str, Any]:
+        """A chunk's `usage` field (none unless include_usage)."""
+        if not self.include_usage:
+            return {}
+        return {"usage": usage_dict(usage) if self.continuous_usage else None}
+
+
 class Format(Protocol):
-    def opening(self) -> list[dict[str, Any]]: ...
-    def chunk(self, out: Output) -> dict[str, Any] | None: ...
+    def opening(self, usage: Usage) -> list[dict[str, Any]]: ...
+    def chunk(self, out: Output, usage: Usage) -> dict[str, Any] | None: ...
     def closing(self, usage: Usage) -> list[dict[str, Any]]: ...
     def response(self, choices: list[Choice], usage: Usage) -> Any: ...
+
+
+def _prompt_only(usage: Usage) -> Usage:
+    """The usage before any output (what an opening chunk reports)."""
+    return Usage(usage.prompt_tokens, 0, usage.cached_tokens)
+
+
+def _token_ids(ids: list[int], matched_stop: str | int | None) -> list[int]:
+    """The ids a choice generated, with the stop token that ended it (vLLM's `token_ids`)."""
+    return [*ids, matched_stop] if isinstance(matched_stop, int) else ids
+
+
+def _ended(finish_reason: str | None, matched_stop: str | int | None) -> dict[str, Any]:
+    """SGLang's `matched_stop` on a finished choice."""
+    return {"matched_stop": matched_stop} if finish_reason else {}
 
 
 def usage_dict(u: Usage) -> dict[str, Any]:
@@ -128,7 +167,7 @@ class ChatFormat:
     meta: Meta
     n: int
     logprobs: bool
-    include_usage: bool = False
+    options: ResponseOptions = ResponseOptions()
     _plan: ToolPlan | None = None
     _reasoning: str | None = None
     _answers: dict[int, Answer] = field(default_factory=dict)
@@ -149,17 +188,32 @@ class ChatFormat:
             return "tool_calls"
         return reason
 
-    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        usage = {"usage": None} if self.include_usage else {}
-        return self.meta.envelope("chat.completion.chunk", choices, **usage)
+    @property
+    def _echo(self) -> str:
+        return self.options.echo[0] if self.options.echo else ""
 
-    def opening(self) -> list[dict[str, Any]]:
+    def _chunk(self, choice: dict[str, Any], usage: Usage, **extra: Any) -> dict[str, Any]:
+        fields = {**extra, **self.options.usage(usage)}
+        return self.meta.envelope("chat.completion.chunk", [choice], **fields)
+
+    def opening(self, usage: Usage) -> list[dict[str, Any]]:
+        before = _prompt_only(usage)
+        ids = self.options.prompt_ids
+        extra = {"prompt_token_ids": ids[0]} if ids else {}
         role = {"role": "assistant", "content": ""}
-        return [self._chunk([_choice(i, None, delta=role, logprobs=None)]) for i in range(self.n)]
+        chunks = [
+            self._chunk(_choice(i, None, delta=role, logprobs=None), before, **extra)
+            for i in range(self.n)
+        ]
+        if self._echo:
+            echo = {"content": self._echo}
+            chunks += [
+                self._chunk(_choice(i, None, delta=echo, logprobs=None), before)
+                for i in range(self.n)
+            ]
+        return chunks
 
-    def chunk(self, out: Output) -> dict[str, Any] | None:
-        if not (out.text or out.logprobs or out.finish_reason):
-            return None
+    def chunk(self, out: Output, usage: Usage) -> dict[str, Any] | None:
         answer = None
         if self._split:
             answer = self._answer(out.index)
@@ -167,32 +221,46 @@ class ChatFormat:
             if out.finish_reason:
                 delta = _merge_delta(delta, answer.finish())
         else:
-            delta = {"content": out.text} if out.text else {}
+            delta = {"content": out.text} if out.text or out.token_ids else {}
         wanted = self.logprobs and out.logprobs
-        if not (delta or wanted or out.finish_reason):
+        ids = self.options.prompt_ids is not None and (out.token_ids or out.finish_reason)
+        if not (delta or wanted or ids or out.finish_reason):
             return None
-        logprobs = {"content": chat_logprobs(out.logprobs)} if wanted else None
+        fields: dict[str, Any] = {"delta": delta}
+        fields["logprobs"] = {"content": chat_logprobs(out.logprobs)} if wanted else None
+        if self.options.prompt_ids is not None:
+            fields["token_ids"] = _token_ids(out.token_ids, out.matched_stop)
+        fields.update(_ended(out.finish_reason, out.matched_stop))
         reason = self._finish_reason(out.finish_reason, answer)
-        return self._chunk([_choice(out.index, reason, delta=delta, logprobs=logprobs)])
+        return self._chunk(_choice(out.index, reason, **fields), usage)
 
     def closing(self, usage: Usage) -> list[dict[str, Any]]:
-        if not self.include_usage:
+        if not self.options.include_usage:
             return []
         return [self.meta.envelope("chat.completion.chunk", [], usage=usage_dict(usage))]
 
     def response(self, choices: list[Choice], usage: Usage) -> dict[str, Any]:
         bodies = [self._choice(c) for c in choices]
-        return self.meta.envelope("chat.completion", bodies, usage=usage_dict(usage))
+        ids = self.options.prompt_ids
+        extra = {"prompt_token_ids": ids[0]} if ids else {}
+        return self.meta.envelope("chat.completion", bodies, usage=usage_dict(usage), **extra)
 
     def _choice(self, c: Choice) -> dict[str, Any]:
         logprobs = {"content": chat_logprobs(c.logprobs)} if self.logprobs else None
+        reason = c.finish_reason
         if not self._split:
-            message = {"role": "assistant", "content": c.text}
-            return _choice(c.index, c.finish_reason, message=message, logprobs=logprobs)
-        answer = self._answer(c.index)
-        message = {"role": "assistant", **answer.message(c.text)}
-        reason = self._finish_reason(c.finish_reason, answer)
-        return _choice(c.index, reason, message=message, logprobs=logprobs)
+            message: dict[str, Any] = {"role": "assistant", "content": self._echo + c.text}
+        else:
+            answer = self._answer(c.index)
+            message = {"role": "assistant", **answer.message(c.text)}
+            if self._echo:
+                message["content"] = self._echo + (message["content"] or "")
+            reason = self._finish_reason(c.finish_reason, answer)
+        fields: dict[str, Any] = {"message": message, "logprobs": logprobs}
+        if self.options.prompt_ids is not None:
+            fields["token_ids"] = _token_ids(c.token_ids, c.matched_stop)
+        fields["matched_stop"] = c.matched_stop
+        return _choice(c.index, reason, **fields)
 
 
 def _merge_delta(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
@@ -215,34 +283,52 @@ class CompletionFormat:
     meta: Meta
     n: int
     logprobs: bool
-    echo_prompts: list[str] | None = None  # prompt texts, when echo is set
-    include_usage: bool = False
+    options: ResponseOptions = ResponseOptions()
     _offsets: dict[int, int] = field(default_factory=dict)  # choice -> text length so far
+    _opened: set[int] = field(default_factory=set)  # choices that have had a chunk
 
-    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
-        usage = {"usage": None} if self.include_usage else {}
-        return self.meta.envelope("text_completion", [choice], **usage)
+    def _chunk(self, choice: dict[str, Any], usage: Usage) -> dict[str, Any]:
+        return self.meta.envelope("text_completion", [choice], **self.options.usage(usage))
 
     def _echo(self, index: int) -> str:
-        return self.echo_prompts[index // self.n] if self.echo_prompts else ""
+        return self.options.echo[index // self.n] if self.options.echo else ""
 
-    def opening(self) -> list[dict[str, Any]]:
-        if not self.echo_prompts:
+    def _prompt_ids(self, index: int) -> dict[str, Any]:
+        """vLLM's `prompt_token_ids` of a choice: in its first chunk only, when streamed."""
+        ids = self.options.prompt_ids
+        if ids is None or index in self._opened:
+            return {}
+        self._opened.add(index)
+        return {"prompt_token_ids": ids[index // self.n]}
+
+    def opening(self, usage: Usage) -> list[dict[str, Any]]:
+        if not self.options.echo:
             return []
-        indexes = range(len(self.echo_prompts) * self.n)
+        indexes = range(len(self.options.echo) * self.n)
         self._offsets = {i: len(self._echo(i)) for i in indexes}
-        return [self._chunk(_choice(i, None, text=self._echo(i), logprobs=None)) for i in indexes]
+        before = _prompt_only(usage)
+        return [
+            self._chunk(
+                _choice(i, None, text=self._echo(i), logprobs=None, **self._prompt_ids(i)), before
+            )
+            for i in indexes
+        ]
 
-    def chunk(self, out: Output) -> dict[str, Any] | None:
-        if not (out.text or out.logprobs or out.finish_reason):
+    def chunk(self, out: Output, usage: Usage) -> dict[str, Any] | None:
+        if not (out.text or out.token_ids or out.logprobs or out.finish_reason):
             return None
         offset = self._offsets.get(out.index, 0)
         self._offsets[out.index] = offset + len(out.text)
-        logprobs = completion_logprobs(out.logprobs, offset) if self.logprobs else None
-        return self._chunk(_choice(out.index, out.finish_reason, text=out.text, logprobs=logprobs))
+        fields: dict[str, Any] = {"text": out.text}
+        fields["logprobs"] = completion_logprobs(out.logprobs, offset) if self.logprobs else None
+        fields.update(self._prompt_ids(out.index))
+        if self.options.prompt_ids is not None:
+            fields["token_ids"] = _token_ids(out.token_ids, out.matched_stop)
+        fields.update(_ended(out.finish_reason, out.matched_stop))
+        return self._chunk(_choice(out.index, out.finish_reason, **fields), usage)
 
     def closing(self, usage: Usage) -> list[dict[str, Any]]:
-        if not self.include_usage:
+        if not self.options.include_usage:
             return []
         return [self.meta.envelope("text_completion", [], usage=usage_dict(usage))]
 
@@ -253,7 +339,12 @@ class CompletionFormat:
     def _choice(self, c: Choice) -> dict[str, Any]:
         echo = self._echo(c.index)
         logprobs = completion_logprobs(c.logprobs, len(echo)) if self.logprobs else None
-        return _choice(c.index, c.finish_reason, text=echo + c.text, logprobs=logprobs)
+        fields: dict[str, Any] = {"text": echo + c.text, "logprobs": logprobs}
+        if self.options.prompt_ids is not None:
+            fields["prompt_token_ids"] = self.options.prompt_ids[c.index // self.n]
+            fields["token_ids"] = _token_ids(c.token_ids, c.matched_stop)
+        fields["matched_stop"] = c.matched_stop
+        return _choice(c.index, c.finish_reason, **fields)
 
 
 @dataclass
@@ -263,15 +354,15 @@ class NativeFormat:
     meta: Meta
     n: int
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self, usage: Usage) -> list[dict[str, Any]]:
         return []
 
-    def chunk(self, out: Output) -> dict[str, Any] | None:
+    def chunk(self, out: Output, usage: Usage) -> dict[str, Any] | None:
         return {
             "index": out.index,
             "text": out.text,
             "output_ids": out.token_ids,
-            "meta_info": self._meta_info(out.finish_reason, None),
+            "meta_info": self._meta_info(out.finish_reason, out.matched_stop, None),
         }
 
     def closing(self, usage: Usage) -> list[dict[str, Any]]:
@@ -282,17 +373,19 @@ class NativeFormat:
             {
                 "text": c.text,
                 "output_ids": c.token_ids,
-                "meta_info": self._meta_info(c.finish_reason, usage),
+                "meta_info": self._meta_info(c.finish_reason, c.matched_stop, usage),
             }
             for c in choices
         ]
         return bodies[0] if self.n == 1 else bodies
 
-    def _meta_info(self, reason: str | None, usage: Usage | None) -> dict[str, Any]:
-        info: dict[str, Any] = {
-            "id": self.meta.id,
-            "finish_reason": {"type": reason} if reason else None,
-        }
+    def _meta_info(
+        self, reason: str | None, matched: str | int | None, usage: Usage | None
+    ) -> dict[str, Any]:
+        finish: dict[str, Any] | None = {"type": reason} if reason else None
+        if finish is not None and matched is not None:
+            finish["matched"] = matched  # SGLang: the stop string or token id
+        info: dict[str, Any] = {"id": self.meta.id, "finish_reason": finish}
         if usage is not None:
             info.update(
                 prompt_tokens=usage.prompt_tokens,
@@ -302,12 +395,16 @@ class NativeFormat:
         return info
 
 
-def model_card(name: str, created: int, context_length: int) -> dict[str, Any]:
+def model_card(name: str, created: int, context_length: int, root: str = "") -> dict[str, Any]:
+    """A model object as vLLM lists it: `root` is where the weights came from (the name when
+    unknown); `parent` is null (no adapters are served)."""
     return {
         "id": name,
         "object": "model",
         "created": created,
         "owned_by": "radixserve",
+        "root": root or name,
+        "parent": None,
         "max_model_len": context_length,
     }
 

@@ -71,8 +71,18 @@ class TextOptions:
     """How output ids become text."""
 
     stop: tuple[str, ...] = ()
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: bool = False  # the matched stop string or regex text is kept
     skip_special_tokens: bool = True
+    stop_regex: tuple[str, ...] = ()  # Python regular expressions that end a sample
+
+
+def text_options(req: SamplingFields | NativeSamplingParams) -> TextOptions:
+    """How a request's output ids become text (/generate never keeps the stop unless asked)."""
+    if isinstance(req, NativeSamplingParams):
+        keep = req.no_stop_trim
+    else:
+        keep = req.keep_stop
+    return TextOptions(req.stop_strings(), keep, req.skip_special_tokens, req.stop_regexes())
 
 
 @dataclass(frozen=True)
@@ -162,13 +172,33 @@ def fit_context(
         return replace(params, max_tokens=limit - prompt_len)
     total = prompt_len + params.max_tokens
     if total > limit:
+        # OpenAI's wording (vLLM's too, on every route), which clients match on.
         raise ContextLengthExceeded(
             f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{total} tokens ({prompt_len} in the {what}, {params.max_tokens} in the completion). "
-            f"Please reduce the length of the {what} or completion.",
+            f"{total} tokens ({prompt_len} in the messages, {params.max_tokens} in the "
+            "completion). Please reduce the length of the messages or completion.",
             param=what,
         )
     return params
+
+
+def truncate_prompt(ids: list[int], req: SamplingFields, model: ModelInfo) -> list[int]:
+    """vLLM's `truncate_prompt_tokens`: the last K ids of the prompt (the first K with
+    `truncation_side` "right"); -1 keeps as many as the context holds."""
+    keep = req.truncate_prompt_tokens
+    if keep is None:
+        return ids
+    if keep == -1:
+        keep = model.context_length
+    if keep > model.context_length:
+        raise InvalidRequest(
+            f"truncate_prompt_tokens value ({keep}) is greater than the model's maximum context "
+            f"length ({model.context_length}). Please select a smaller truncation size.",
+            param="truncate_prompt_tokens",
+        )
+    if len(ids) <= keep:
+        return ids
+    return ids[:keep] if req.truncation_side == "right" else ids[-keep:]
 
 
 def _sampling(
@@ -213,13 +243,21 @@ def _with_grammar(params: SamplingParams, found: tuple[GrammarSpec, str] | None)
     return replace(params, grammar=found[0], grammar_param=found[1])
 
 
-def _check_ids(params: SamplingParams, model: ModelInfo, prefix: str | None) -> None:
+def check_token_ids(ids: Iterable[int], model: ModelInfo, param: str) -> None:
+    """InvalidRequest naming the first id past the vocabulary (and `param`)."""
     vocab = model.vocab_size
-    if any(not 0 <= t < vocab for t in params.logit_bias):
-        raise InvalidRequest(f"'logit_bias' keys must be token ids in [0, {vocab})", "logit_bias")
-    if any(t >= vocab for t in params.stop_token_ids):
-        name = f"{prefix}.stop_token_ids" if prefix else "stop_token_ids"
-        raise InvalidRequest(f"'stop_token_ids' must be in [0, {vocab})", param=name)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"invalid '{param}': token id {bad} is out of vocabulary (vocab size {vocab})",
+            param=param,
+        )
+
+
+def _check_ids(params: SamplingParams, model: ModelInfo, prefix: str | None) -> None:
+    check_token_ids(params.logit_bias, model, "logit_bias")
+    name = f"{prefix}.stop_token_ids" if prefix else "stop_token_ids"
+    check_token_ids(params.stop_token_ids, model, name)
     if params.max_tokens is not None and params.min_tokens > params.max_tokens:
         name = f"{prefix}.min_new_tokens" if prefix else "min_tokens"
         raise InvalidRequest("the minimum tokens exceed the maximum tokens", param=name)

@@ -40,8 +40,11 @@ class RequestEvents:
 
     The shared call is read at the scheduler's pace; a reader slower than that finds several
     batches' tokens waiting and gets them as one chunk per sample (chunks before ends, as the
-    scheduler coalesces for a slow Generate reader). `timeout_s` bounds the whole request: past
-    it, `next` raises Timeout (what a Generate deadline gave).
+    scheduler coalesces for a slow Generate reader). A sample's end that is waiting with its
+    last tokens rides on their chunk (`TokenChunk.end`), so the last tokens and the finish reach
+    the client together; an end with no tokens left to ride on (a stop token, an abort) comes
+    alone. `timeout_s` bounds the whole request: past it, `next` raises Timeout (what a Generate
+    deadline gave).
     """
 
     def __init__(self, owner: SchedulerStream, request_id: str, n: int, timeout_s: float) -> None:
@@ -71,7 +74,7 @@ class RequestEvents:
             return None
         if not self._taken:
             await self._wait()
-            self._taken.extend([*self._chunks.values(), *self._ends])
+            self._taken.extend(with_ends(list(self._chunks.values()), self._ends))
             self._chunks.clear()
             self._ends.clear()
             self._wake.clear()
@@ -79,7 +82,7 @@ class RequestEvents:
         if isinstance(item, GatewayError):
             self._open_samples = 0
             raise item
-        if isinstance(item, SampleEnd):
+        if isinstance(item, SampleEnd) or item.end is not None:
             self._open_samples -= 1
         return item
 
@@ -171,6 +174,19 @@ class SchedulerStream:
             log.warning("scheduler stream broke with %d requests on it: %s", len(requests), error)
         for events in requests.values():
             events.put(error)
+
+
+def with_ends(chunks: list[TokenChunk], ends: list[SampleEnd | GatewayError]) -> list[Item]:
+    """The events in order, each sample's end attached to its chunk when it has one."""
+    by_index = {c.index: i for i, c in enumerate(chunks)}
+    out: list[Item] = list(chunks)
+    for end in ends:
+        at = by_index.pop(end.index, None) if isinstance(end, SampleEnd) else None
+        if at is None:
+            out.append(end)
+        else:
+            out[at] = replace(chunks[at], end=end)
+    return out
 
 
 def merge_chunks(a: TokenChunk, b: TokenChunk) -> TokenChunk:

@@ -23,12 +23,12 @@ def event(body: Any) -> bytes:
 async def sse_stream(
     fmt: Format, outputs: AsyncIterator[Output], usage: Callable[[], Usage]
 ) -> AsyncIterator[bytes]:
-    """The SSE body of one streamed response; `usage` is read after the last output."""
-    for body in fmt.opening():
+    """The SSE body of one streamed response; `usage` gives the request's usage so far."""
+    for body in fmt.opening(usage()):
         yield event(body)
     try:
         async for out in outputs:
-            body = fmt.chunk(out)
+            body = fmt.chunk(out, usage())
             if body is not None:
                 yield event(body)
     except Exception as exc:  # the status line is gone: the error becomes the last event

@@ -1,14 +1,20 @@
-"""Chat requests as the tokenizer sees them: validated OpenAI messages for a Jinja chat template."""
+"""Chat requests as the tokenizer sees them: validated OpenAI messages for a Jinja chat template.
+
+Roles beyond OpenAI's (system, developer, user, assistant, tool) go to the template as sent; a
+template that does not render them refuses them (see `role_probe`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.tokenizer.errors import InvalidRequest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+# Content that stands in for a message's own when checking that the template renders its role.
+PROBE_MARKER = "radixserve-role-probe-{}-x"
 
 
 @dataclass(frozen=True)
@@ -21,8 +27,8 @@ class ChatMessage:
     tool_calls: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise InvalidRequest(f"unknown role {self.role!r} (expected one of {', '.join(ROLES)})")
+        if not self.role:
+            raise InvalidRequest("a message has an empty role")
         if self.tool_calls and self.role != "assistant":
             raise InvalidRequest(f"tool_calls on a {self.role!r} message (only assistant messages)")
 
@@ -56,6 +62,30 @@ class ChatRequest:
             raise InvalidRequest("continue_final_message needs add_generation_prompt set to false")
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise InvalidRequest("continue_final_message needs an assistant message last")
+
+
+def role_probe(request: ChatRequest) -> tuple[ChatRequest, dict[int, str]] | None:
+    """The request with the content of each message of a role beyond OpenAI's replaced by a
+    marker, and the markers by message index; None when every role is one of OpenAI's. A
+    template renders those roles when every marker comes out in the rendered text."""
+    markers = {
+        i: PROBE_MARKER.format(i) for i, m in enumerate(request.messages) if m.role not in ROLES
+    }
+    if not markers:
+        return None
+    messages = tuple(
+        replace(m, content=markers[i]) if i in markers else m
+        for i, m in enumerate(request.messages)
+    )
+    return replace(request, messages=messages), markers
+
+
+def role_not_rendered(request: ChatRequest, index: int, why: str = "") -> InvalidRequest:
+    role = request.messages[index].role
+    reason = f": {why}" if why else ""
+    return InvalidRequest(
+        f"the chat template does not render role {role!r} (messages[{index}]){reason}"
+    )
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ def options_from_pb(msg: pb.DetokenizeSetup) -> DetokenizeOptions:
         else True,
         spaces_between_special_tokens=msg.spaces_between_special_tokens,
         stop=tuple(msg.stop),
+        stop_regex=tuple(msg.stop_regex),
         include_stop_str_in_output=msg.include_stop_str_in_output,
         prompt_tail_ids=tuple(msg.prompt_tail_ids),
         min_tokens=msg.min_tokens,

@@ -1,10 +1,11 @@
-"""One Detokenize stream: incremental detokenization followed by stop strings."""
+"""One Detokenize stream: incremental detokenization followed by stop strings and regexes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.common.stop_regex import compile_stop_regex
 from services.tokenizer.detokenizer import DecodeFn, IncrementalDetokenizer
 from services.tokenizer.errors import InvalidRequest
 from services.tokenizer.stop import StopChecker
@@ -15,13 +16,19 @@ class DetokenizeOptions:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = False
     stop: tuple[str, ...] = ()
-    include_stop_str_in_output: bool = False
+    stop_regex: tuple[str, ...] = ()  # Python regular expressions; a match ends the stream too
+    include_stop_str_in_output: bool = False  # the matched stop string (or regex match) is kept
     prompt_tail_ids: tuple[int, ...] = ()
     min_tokens: int = 0  # stop strings are looked for only from this output token on
 
     def __post_init__(self) -> None:
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must not be empty")
+        for pattern in self.stop_regex:
+            try:
+                compile_stop_regex(pattern)
+            except ValueError as exc:
+                raise InvalidRequest(f"stop_regex: {exc}") from None
         check_ids(self.prompt_tail_ids)
 
 
@@ -30,10 +37,10 @@ class Delta:
     """The answer to one message of token ids."""
 
     text: str
-    # Ids of the message consumed: all, or those through the one that completed a stop string.
+    # Ids of the message consumed: all, or those through the one that completed a stop.
     num_tokens: int
-    matched_stop: str | None = None
-    # Nothing follows: a stop string matched or the stream was finished.
+    matched_stop: str | None = None  # the stop string, or the pattern of the stop regex
+    # Nothing follows: a stop matched or the stream was finished.
     finished: bool = False
 
 
@@ -51,7 +58,9 @@ class DetokenizeStream:
 
     def __init__(self, decode: DecodeFn, options: DetokenizeOptions) -> None:
         self.detokenizer = IncrementalDetokenizer(decode, options.prompt_tail_ids)
-        self.stops = StopChecker(options.stop, options.include_stop_str_in_output)
+        self.stops = StopChecker(
+            options.stop, options.include_stop_str_in_output, options.stop_regex
+        )
         self.min_tokens = options.min_tokens
         self.seen = 0  # output tokens fed so far
         self.finished = False

@@ -14,7 +14,13 @@ import jinja2
 from tokenizers import decoders
 
 from services.common.model_store import resolve_model_path
-from services.tokenizer.chat import ChatPrompt, ChatRequest, check_template_kwargs
+from services.tokenizer.chat import (
+    ChatPrompt,
+    ChatRequest,
+    check_template_kwargs,
+    role_not_rendered,
+    role_probe,
+)
 from services.tokenizer.chat_templates import (
     ToolFallback,
     read_chat_template,
@@ -22,6 +28,9 @@ from services.tokenizer.chat_templates import (
 )
 from services.tokenizer.errors import InvalidRequest
 from services.tokenizer.stream import DetokenizeOptions, DetokenizeStream
+
+# What a chat template raises on a conversation it cannot render.
+TEMPLATE_ERRORS = (jinja2.TemplateError, ValueError, TypeError, KeyError)
 
 
 @dataclass(frozen=True)
@@ -124,9 +133,27 @@ class Tokenizer:
             )
         try:
             template = self._template_for(request)
-            return self._render_with(template, request, request.tools)
-        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
+        except TEMPLATE_ERRORS as exc:
             raise InvalidRequest(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+        self._check_roles(template, request)
+        try:
+            return self._render_with(template, request, request.tools)
+        except TEMPLATE_ERRORS as exc:
+            raise InvalidRequest(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+
+    def _check_roles(self, template: str, request: ChatRequest) -> None:
+        """Refuses a role beyond OpenAI's that the template drops (or fails on), naming it."""
+        probe = role_probe(request)
+        if probe is None:
+            return
+        probed, markers = probe
+        try:
+            text = self._render_with(template, probed, request.tools)
+        except TEMPLATE_ERRORS as exc:
+            raise role_not_rendered(request, min(markers), f"{type(exc).__name__}: {exc}") from exc
+        for index, marker in markers.items():
+            if marker not in text:
+                raise role_not_rendered(request, index)
 
     def _template_for(self, request: ChatRequest) -> str:
         """The template text for `request`: tool_chat stands in for a service template that

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from services.gateway.events import SampleEnd, TextDelta, TokenChunk, TokenPiece
-from services.gateway.sampling import GenerationInput
+from services.gateway.sampling import GenerationInput, TextOptions
 from services.tokenizer.stream import DetokenizeOptions, DetokenizeStream
+
+# Between two events in a FakeStream: they come from different scheduler steps.
+STEP = object()
 
 
 def char_decode(ids: list[int]) -> str:
@@ -19,8 +24,13 @@ def ids_of(text: str) -> list[int]:
 class FakeDetokenizer:
     """The tokenizer service's real DetokenizeStream over the toy vocabulary."""
 
-    def __init__(self, stop: tuple[str, ...]) -> None:
-        self.stream = DetokenizeStream(char_decode, DetokenizeOptions(stop=stop))
+    def __init__(self, text: TextOptions) -> None:
+        options = DetokenizeOptions(
+            stop=text.stop,
+            stop_regex=text.stop_regex,
+            include_stop_str_in_output=text.include_stop_str_in_output,
+        )
+        self.stream = DetokenizeStream(char_decode, options)
         self.finished = False
         self.cancelled = False
 
@@ -39,7 +49,7 @@ class FakeTokenizer:
         self.links: list[object] = []  # the span context each sample was opened with
 
     async def detokenizer(self, inp: GenerationInput, index: int, link=None) -> FakeDetokenizer:
-        detok = FakeDetokenizer(inp.text.stop)
+        detok = FakeDetokenizer(inp.text)
         self.detokenizers.append(detok)
         self.links.append(link)
         return detok
@@ -49,17 +59,28 @@ class FakeTokenizer:
 
 
 class FakeStream:
-    def __init__(self, events: list[TokenChunk | SampleEnd | Exception]) -> None:
+    """The events of one request, as RequestEvents gives them: a sample's end right after its
+    last chunk rides on that chunk (the scheduler finished it in the step that made the tokens)
+    unless STEP stands between them."""
+
+    def __init__(self, events: list[TokenChunk | SampleEnd | Exception | object]) -> None:
         self.events = list(events)
         self.cancelled = False
 
     async def next(self) -> TokenChunk | SampleEnd | None:
+        while self.events and self.events[0] is STEP:
+            self.events.pop(0)
         if not self.events:
             return None
         event = self.events.pop(0)
         if isinstance(event, Exception):
             raise event
-        return event
+        after = self.events[0] if self.events else None
+        ends_it = isinstance(after, SampleEnd) and after.index == getattr(event, "index", None)
+        if isinstance(event, TokenChunk) and ends_it:
+            self.events.pop(0)
+            return replace(event, end=after)  # type: ignore[arg-type]
+        return event  # type: ignore[return-value]
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -95,5 +116,10 @@ def chunks_of(
     return out
 
 
-def end_of(text: str, reason: str, index: int = 0, prompt: int = 3) -> SampleEnd:
-    return SampleEnd(index, reason, prompt, len(text) + (reason == "stop"), 1)
+def end_of(
+    text: str, reason: str, index: int = 0, prompt: int = 3, stop_token: int | None = None
+) -> SampleEnd:
+    """The end after `text`; "stop" counts a stop token (`stop_token`, the EOS id 0 by default)."""
+    if reason == "stop" and stop_token is None:
+        stop_token = 0
+    return SampleEnd(index, reason, prompt, len(text) + (reason == "stop"), 1, stop_token)

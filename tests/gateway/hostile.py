@@ -378,9 +378,9 @@ def value_cases() -> Iterator[Case]:
     yield Case("chat-messages-null", CHAT, dumps({"messages": None}), 400, "messages")
     yield Case("chat-message-number", CHAT, dumps({"messages": [1]}), 400, "messages[0]")
     yield Case(
-        "chat-role-robot",
+        "chat-role-empty",
         CHAT,
-        dumps({"messages": [{"role": "robot", "content": "hi"}]}),
+        dumps({"messages": [{"role": "", "content": "hi"}]}),
         400,
         "messages[0].role",
     )

@@ -41,6 +41,7 @@ from services.gateway.sampling import (
     completion_sampling,
     fit_context,
     native_sampling,
+    text_options,
 )
 from tests.gateway.fakes import FakeScheduler, FakeTokenizer, chunks_of, end_of
 
@@ -97,7 +98,7 @@ def test_every_generate_field_is_in_exactly_one_list() -> None:
 
 
 def openai_text(req: ChatCompletionRequest | CompletionRequest) -> TextOptions:
-    return TextOptions(req.stop_strings(), req.include_stop_str_in_output, req.skip_special_tokens)
+    return text_options(req)
 
 
 class OkBackend:
@@ -133,8 +134,7 @@ class OkBackend:
 
     async def native_input(self, req: GenerateRequest, rid: str) -> GenerationInput:
         p = req.sampling_params
-        text = TextOptions(p.stop_strings(), False, p.skip_special_tokens)
-        return self._input(rid, native_sampling(p, MODEL), text)
+        return self._input(rid, native_sampling(p, MODEL), text_options(p))
 
     def _input(self, rid: str, sampling: SamplingParams, text: TextOptions) -> GenerationInput:
         sampling = fit_context(sampling, 3, MODEL, "prompt")
@@ -172,6 +172,7 @@ REFUSED = {
     "return_logprob": True,
     "image_data": "cat.png",
     "lora_path": "adapter",
+    "use_beam_search": True,
 }
 # A no-op value each rejected field accepts, next to the default request of its route.
 ACCEPTED_NO_OPS = [
@@ -179,6 +180,8 @@ ACCEPTED_NO_OPS = [
     ("/v1/chat/completions", {"modalities": ["text"]}),
     ("/v1/completions", {"suffix": ""}),
     ("/v1/completions", {"best_of": 3, "n": 3}),
+    ("/v1/completions", {"use_beam_search": False}),
+    ("/v1/chat/completions", {"use_beam_search": None}),
     ("/generate", {"return_logprob": False, "image_data": None}),
 ]
 # A value for each no-effect field (a new one needs one here).

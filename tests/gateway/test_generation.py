@@ -13,7 +13,7 @@ from services.gateway.events import Output
 from services.gateway.generation import Generation
 from services.gateway.metrics import RequestMetrics
 from services.gateway.sampling import GenerationInput, SamplingParams, TextOptions
-from tests.gateway.fakes import FakeScheduler, FakeTokenizer, chunks_of, end_of
+from tests.gateway.fakes import STEP, FakeScheduler, FakeTokenizer, chunks_of, end_of
 
 
 def run(
@@ -45,6 +45,37 @@ def test_plain_generation_ends_with_the_scheduler() -> None:
     assert text_of(outs) == "hello world" and reasons(outs) == {0: "length"}
     assert (gen.usage.prompt_tokens, gen.usage.completion_tokens) == (3, 11)
     assert scheduler.aborted == [] and not scheduler.stream.cancelled
+
+
+def test_the_finish_comes_with_the_last_tokens() -> None:
+    outs, gen, *_ = run([*chunks_of("hello", size=2, logprobs=True), end_of("hello", "length")],
+                        top_logprobs=1)  # fmt: skip
+    assert [(o.text, o.finish_reason) for o in outs] == [
+        ("he", None),
+        ("ll", None),
+        ("o", "length"),
+    ]
+    assert [len(o.logprobs) for o in outs] == [2, 2, 1] and outs[-1].matched_stop is None
+    assert gen.usage.completion_tokens == 5
+
+
+def test_a_stop_token_a_step_later_ends_with_an_output_of_its_own() -> None:
+    outs, gen, *_ = run([*chunks_of("hi"), STEP, end_of("hi", "stop", stop_token=7)])
+    assert [(o.text, o.token_ids, o.finish_reason) for o in outs] == [
+        ("hi", [104, 105], None),
+        ("", [], "stop"),
+    ]
+    assert outs[-1].matched_stop == 7 and gen.usage.completion_tokens == 3
+
+
+def test_held_back_text_is_flushed_with_the_finish() -> None:
+    outs, *_ = run([*chunks_of("abXY", size=1), end_of("abXY", "length")], stop=("XYZ",))
+    assert [(o.text, o.finish_reason) for o in outs] == [
+        ("a", None),
+        ("b", None),
+        ("", None),
+        ("XY", "length"),
+    ]
 
 
 def test_stop_string_aborts_the_request_at_once() -> None:

@@ -19,7 +19,12 @@ from services.gateway.app import build_app
 from services.gateway.backend import Backend
 from services.gateway.config import GatewayConfig
 from services.gateway.convert import generate_request_to_pb
-from services.gateway.errors import ContextLengthExceeded, ModelNotFound, error_response
+from services.gateway.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    error_response,
+)
 from services.gateway.events import SampleEnd, TokenChunk
 from services.gateway.generation import Generation
 from services.gateway.json_body import MAX_DEPTH, check_depth
@@ -40,7 +45,9 @@ from tests.gateway.hostile import (
 )
 from tests.gateway.test_fields import MODEL
 
+OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool")
 LIMIT = 4 * 2**20
+VOCAB = MODEL.vocab_size  # ids up to int32 pass the request models; past the vocabulary, a 400
 TEN_MB = 10_000_000
 LATENCY_S = 0.1  # the contract: a too-large body is refused in well under this
 
@@ -57,7 +64,14 @@ class CharTokenizer(FakeTokenizer):
         return ids_of(text)
 
     async def apply_chat_template(self, req: ChatCompletionRequest) -> list[int]:
+        """The texts joined, by a template that renders OpenAI's roles only (refused as the
+        tokenizer service refuses a role its template drops)."""
         self.calls += 1
+        for i, message in enumerate(req.messages):
+            if message.role not in OPENAI_ROLES:
+                raise InvalidRequest(
+                    f"the chat template does not render role {message.role!r} (messages[{i}])"
+                )
         return ids_of("".join(chat_texts(req)))
 
 
@@ -138,9 +152,9 @@ def test_hostile_request_is_a_clean_4xx(client: TestClient, case: Case) -> None:
     ("path", "body"),
     [
         (CHAT, {"messages": [{"role": "user", "content": "\ud83d\ude00"}], "seed": 2**64 - 1}),
-        (COMPLETIONS, {"prompt": [0, 2**31 - 1], "top_k": 2**31 - 1, "logit_bias": {"7": 100}}),
+        (COMPLETIONS, {"prompt": [0, VOCAB - 1], "top_k": 2**31 - 1, "logit_bias": {"7": 100}}),
         (COMPLETIONS, {"prompt": "hi", "temperature": 1, "repetition_penalty": 2, "n": 1}),
-        (GENERATE, {"input_ids": [2**31 - 1], "sampling_params": {"sampling_seed": -(2**63)}}),
+        (GENERATE, {"input_ids": [VOCAB - 1], "sampling_params": {"sampling_seed": -(2**63)}}),
         (GENERATE, {"text": "hi", "rid": "my-id 1", "sampling_params": {"temperature": 1e30}}),
         (CHAT, {**BASE[CHAT], "x": json.loads("[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1))}),
         (CHAT, {"messages": [{"role": "user", "content": "x" * (MODEL.context_length - 1)}]}),

@@ -38,7 +38,8 @@ def chat(**fields) -> bytes:
         (b"[1, 2]", None, "must be a JSON object"),
         (b"{}", "messages", "'messages' is a required property"),
         (json.dumps({"messages": []}).encode(), "messages", "at least 1 item"),
-        (json.dumps({"messages": [{"role": "robot"}]}).encode(), "messages[0].role", "'user'"),
+        (json.dumps({"messages": [{"role": ""}]}).encode(), "messages[0].role", "at least 1"),
+        (json.dumps({"messages": [{"role": 7}]}).encode(), "messages[0].role", "valid string"),
         (
             json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(),
             "messages[0].content",

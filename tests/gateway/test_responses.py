@@ -10,6 +10,7 @@ from services.gateway.responses import (
     CompletionFormat,
     Meta,
     NativeFormat,
+    ResponseOptions,
     chat_logprobs,
     completion_logprobs,
     join_outputs,
@@ -74,11 +75,11 @@ def test_chat_response() -> None:
 
 
 def test_chat_stream_sequence_with_usage() -> None:
-    fmt = ChatFormat(META, n=2, logprobs=False, include_usage=True)
+    fmt = ChatFormat(META, n=2, logprobs=False, options=ResponseOptions(include_usage=True))
     chunks = [
-        *fmt.opening(),
-        fmt.chunk(Output(1, "a")),
-        fmt.chunk(Output(0, "", finish_reason="length")),
+        *fmt.opening(USAGE),
+        fmt.chunk(Output(1, "a", [97]), USAGE),
+        fmt.chunk(Output(0, "", finish_reason="abort"), USAGE),
     ]
     chunks += fmt.closing(USAGE)
     assert [c["choices"][0]["delta"] for c in chunks[:2]] == [
@@ -86,20 +87,23 @@ def test_chat_stream_sequence_with_usage() -> None:
     ] * 2
     assert [c["choices"][0]["index"] for c in chunks[:4]] == [0, 1, 1, 0]
     assert chunks[2]["choices"][0]["delta"] == {"content": "a"}
+    # A finish with no new text (an abort, a stop token) still gets its chunk.
     assert chunks[3]["choices"][0] == {
         "index": 0,
         "delta": {},
         "logprobs": None,
+        "matched_stop": None,
         "finish_reason": "length",
     }
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 13
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
-    assert fmt.chunk(Output(0, "")) is None
+    assert fmt.chunk(Output(0, ""), USAGE) is None
 
 
 def test_completion_echo_and_batches() -> None:
-    fmt = CompletionFormat(META, n=2, logprobs=True, echo_prompts=["P0", "Prompt1"])
+    options = ResponseOptions(echo=("P0", "Prompt1"))
+    fmt = CompletionFormat(META, n=2, logprobs=True, options=options)
     outs = [
         Output(3, "x", [1], [lp("x", -1.0)], "length"),
         Output(0, "y", [2], [lp("y", -2.0)], "stop"),
@@ -112,11 +116,11 @@ def test_completion_echo_and_batches() -> None:
 
 
 def test_completion_stream_offsets_follow_the_text() -> None:
-    fmt = CompletionFormat(META, n=1, logprobs=True, echo_prompts=["ab"])
-    opening = fmt.opening()
+    fmt = CompletionFormat(META, n=1, logprobs=True, options=ResponseOptions(echo=("ab",)))
+    opening = fmt.opening(USAGE)
     assert opening[0]["choices"][0]["text"] == "ab"
-    first = fmt.chunk(Output(0, "cd", [1], [lp("cd", -1.0)]))
-    second = fmt.chunk(Output(0, "e", [2], [lp("e", -1.0)], "stop"))
+    first = fmt.chunk(Output(0, "cd", [1], [lp("cd", -1.0)]), USAGE)
+    second = fmt.chunk(Output(0, "e", [2], [lp("e", -1.0)], "stop"), USAGE)
     assert first["choices"][0]["logprobs"]["text_offset"] == [2]
     assert second["choices"][0]["logprobs"]["text_offset"] == [4]
 
@@ -154,7 +158,7 @@ def test_an_aborted_sample_reports_an_openai_finish_reason() -> None:
     outs = [Output(0, "Hel", [1], [], "abort")]
     chat = ChatFormat(META, n=1, logprobs=False)
     assert chat.response(join_outputs(outs, 1), USAGE)["choices"][0]["finish_reason"] == "length"
-    assert chat.chunk(outs[0])["choices"][0]["finish_reason"] == "length"
+    assert chat.chunk(outs[0], USAGE)["choices"][0]["finish_reason"] == "length"
     completion = CompletionFormat(META, n=1, logprobs=False)
     assert (
         completion.response(join_outputs(outs, 1), USAGE)["choices"][0]["finish_reason"] == "length"

@@ -22,13 +22,16 @@ def inp(rid: str, prompt: list[int], max_tokens: int, n: int = 1) -> GenerationI
 
 
 async def drain(events: RequestEvents) -> dict[int, list[int]]:
-    """Tokens per sample, checking each sample ends exactly once, after its tokens."""
+    """Tokens per sample, checking each sample ends exactly once, after its tokens (alone, or
+    riding on the chunk of its last tokens)."""
     tokens: dict[int, list[int]] = {}
     ended: set[int] = set()
     while (event := await events.next()) is not None:
         assert event.index not in ended
         if isinstance(event, TokenChunk):
             tokens.setdefault(event.index, []).extend(event.token_ids)
+            if event.end is not None:
+                ended.add(event.index)
         else:
             assert isinstance(event, SampleEnd)
             ended.add(event.index)
@@ -136,3 +139,27 @@ def test_a_slow_reader_gets_coalesced_chunks() -> None:
             assert 1 < len(got) < 20 and got[-1].completion_tokens == 60
 
     asyncio.run(main())
+
+
+def test_a_length_finish_rides_on_the_chunk_of_the_last_token() -> None:
+    """The scheduler ends a sample in the step that made its last token: the gateway gets the
+    end with those tokens, never as an event of its own."""
+
+    async def main() -> list[TokenChunk | SampleEnd]:
+        async with scheduler_server(FakeExecutor(4096, 8, delay=0.001)) as (_, _, addr):
+            client = SchedulerClient(addr)
+            events = client.generate(inp("last", [5, 6], 6, n=2), 30.0)
+            got = []
+            while (event := await events.next()) is not None:
+                got.append(event)
+            await client.close()
+        return got
+
+    got = asyncio.run(main())
+    assert all(isinstance(e, TokenChunk) for e in got)
+    for index in (0, 1):
+        mine = [e for e in got if e.index == index]
+        assert [t for c in mine for t in c.token_ids] == reference([5, 6], 6)[0]
+        assert [c.end is not None for c in mine] == [False] * (len(mine) - 1) + [True]
+        end = mine[-1].end
+        assert end is not None and (end.reason, end.completion_tokens) == ("length", 6)

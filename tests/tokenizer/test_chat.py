@@ -22,6 +22,13 @@ CONVERSATION = [
 ]
 
 
+# A template that renders OpenAI's roles and silently drops any other.
+OPENAI_ROLES_ONLY = (
+    "{% for m in messages %}{% if m.role in ['system', 'user', 'assistant'] %}"
+    "<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}"
+)
+
+
 def request_pb(messages: list[dict], **fields: object) -> pb.ApplyChatTemplateRequest:
     return pb.ApplyChatTemplateRequest(messages=[pb.ChatMessage(**m) for m in messages], **fields)
 
@@ -87,7 +94,19 @@ def test_template_file_replaces_the_models(default_model_dir: Path, tmp_path: Pa
     ("messages", "fields", "error"),
     [
         ([], {}, "messages must not be empty"),
-        ([{"role": "wizard", "content": "x"}], {}, "unknown role 'wizard'"),
+        ([{"role": "", "content": "x"}], {}, "empty role"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "wizard", "content": "y"}],
+            {"chat_template": OPENAI_ROLES_ONLY},
+            r"does not render role 'wizard' \(messages\[1\]\)",
+        ),
+        (
+            [{"role": "wizard", "content": "x"}],
+            {
+                "chat_template": "{% for m in messages %}{{ raise_exception('bad role') }}{% endfor %}"
+            },
+            r"does not render role 'wizard' \(messages\[0\]\): .*bad role",
+        ),
         (
             [{"role": "user", "content": "x"}],
             {"chat_template": "{% for %}"},
@@ -123,6 +142,26 @@ def test_invalid_requests(
 ) -> None:
     with pytest.raises(InvalidRequest, match=error):
         tokenizer.apply_chat_template(convert.chat_request_from_pb(request_pb(messages, **fields)))
+
+
+def test_a_role_beyond_openais_reaches_a_template_that_renders_it(tokenizer: Tokenizer) -> None:
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "ipython", "content": "42"},
+        {"role": "assistant", "content": "The answer is"},
+    ]
+    request = convert.chat_request_from_pb(
+        request_pb(messages, add_generation_prompt=False, continue_final_message=True)
+    )
+    prompt = tokenizer.apply_chat_template(request)
+    # SmolLM2's ChatML template renders any role; the probe's markers never show.
+    assert "<|im_start|>ipython\n42<|im_end|>" in prompt.text
+    assert prompt.text.endswith("The answer is") and "probe" not in prompt.text
+    plain = convert.chat_request_from_pb(
+        request_pb(messages, chat_template=OPENAI_ROLES_ONLY, add_generation_prompt=False)
+    )
+    with pytest.raises(InvalidRequest, match="'ipython'"):
+        tokenizer.apply_chat_template(plain)
 
 
 def test_info(tokenizer: Tokenizer) -> None:

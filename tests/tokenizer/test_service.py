@@ -100,12 +100,27 @@ def test_detokenize_finish_flushes(stub: pb_grpc.TokenizerStub, hf) -> None:
     assert [r.num_tokens for r in replies] == [len(ids), 1] and replies[-1].finished
 
 
+def test_detokenize_stops_at_a_stop_regex(stub: pb_grpc.TokenizerStub, hf) -> None:
+    ids = hf.encode("Order 66 now")
+    messages = [
+        pb.DetokenizeRequest(setup=pb.DetokenizeSetup(stop_regex=[r"\d+"])),
+        pb.DetokenizeRequest(tokens=pb.DetokenizeTokens(ids=ids)),
+    ]
+    (reply,) = stub.Detokenize(iter(messages))
+    assert (reply.text, reply.matched_stop, reply.finished) == ("Order ", r"\d+", True)
+    assert reply.num_tokens < len(ids)
+    bad = [pb.DetokenizeRequest(setup=pb.DetokenizeSetup(stop_regex=["("])), messages[1]]
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Detokenize(iter(bad)))
+    assert "stop_regex" in err.value.details()
+
+
 def test_invalid_argument(stub: pb_grpc.TokenizerStub) -> None:
-    request = pb.ApplyChatTemplateRequest(messages=[pb.ChatMessage(role="robot", content="hi")])
+    request = pb.ApplyChatTemplateRequest(messages=[pb.ChatMessage(role="", content="hi")])
     with pytest.raises(grpc.RpcError) as err:
         stub.ApplyChatTemplate(request)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "unknown role 'robot'" in err.value.details()
+    assert "empty role" in err.value.details()
     tokens_first = [pb.DetokenizeRequest(tokens=pb.DetokenizeTokens(ids=[1]))]
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Detokenize(iter(tokens_first)))

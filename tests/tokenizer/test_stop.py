@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -161,3 +162,73 @@ def test_min_tokens_holds_back_stop_strings(tokenizer: Tokenizer) -> None:
         assert out == tokenizer.decode(ids[: consumed - 1]) and out.count(",") >= 3
     out, consumed, _ = detokenize(tokenizer, ids, 1, stop=(",",))
     assert (out, consumed) == (" February", 2)  # without min_tokens: the first comma
+
+
+# ---- stop regexes ------------------------------------------------------------------------------
+
+
+def run_regex(pieces: list[str], regexes: list[str], include: bool = False, stops=()) -> tuple:
+    checker = StopChecker(stops, include, regexes)
+    emitted = []
+    for piece in pieces:
+        out = checker.feed(piece)
+        emitted.append(out.text)
+        if out.matched is not None:
+            return "".join(emitted), out.matched
+    return "".join(emitted) + checker.flush(), None
+
+
+@pytest.mark.parametrize(
+    ("pieces", "regexes", "include", "expected"),
+    [
+        (["Total: 42 apples"], [r"\d+"], False, ("Total: ", r"\d+")),
+        (["Total: 4", "2 apples"], [r"\d+"], True, ("Total: 4", r"\d+")),
+        (["The end", ". More"], [r"end\."], False, ("The ", r"end\.")),
+        (["The end", ". More"], [r"end\."], True, ("The end.", r"end\.")),
+        (["ending well"], [r"end\."], False, ("ending well", None)),
+        (["a", "b", "c"], [r"b+c"], False, ("a", "b+c")),
+        (["x ab", "c"], [r"abc"], False, ("x ", "abc")),
+        (["yes", " no"], [r"^no"], False, ("yes no", None)),  # ^ is the text's start only
+        (["no", " yes"], [r"^no"], False, ("", "^no")),
+        (["Q: ", "A: 7"], [r"A: \d"], False, ("Q: ", r"A: \d")),
+    ],
+)
+def test_regex_table(pieces: list[str], regexes: list[str], include: bool, expected: tuple) -> None:
+    assert run_regex(pieces, regexes, include) == expected
+
+
+def test_a_regex_holds_back_text_a_match_may_start_with() -> None:
+    checker = StopChecker([], regexes=[r"\[\d+\]"])
+    assert checker.feed("see [1").text == "see "
+    assert checker.pending == "[1"
+    assert checker.feed("x] and").text == "[1x] and"
+    out = checker.feed(" [22]")
+    assert (out.text, out.matched) == (" ", r"\[\d+\]")
+
+
+def test_strings_and_regexes_the_first_to_complete_wins() -> None:
+    assert run_regex(["abc 12 STOP"], [r"\d+"], stops=["STOP"]) == ("abc ", r"\d+")
+    assert run_regex(["abc STOP 12"], [r"\d+"], stops=["STOP"]) == ("abc ", "STOP")
+
+
+@given(
+    text=st.text(alphabet="ab 1.", max_size=30),
+    cuts=st.lists(st.integers(0, 30), max_size=6),
+    pattern=st.sampled_from([r"1\.b+", r"a a", r"b\.?1"]),
+)
+def test_regex_split_does_not_matter(text: str, cuts: list[int], pattern: str) -> None:
+    """Fed in any pieces, the text emitted is the text before the first match, and nothing a
+    match starts with comes out before it is known not to be one."""
+    bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
+    found = re.search(pattern, text)
+    expected = (text, None) if found is None else (text[: found.start()], pattern)
+    assert run_regex(pieces, [pattern]) == expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "error"), [("(", "invalid regular expression"), ("a*", "empty")]
+)
+def test_a_bad_regex_is_refused(pattern: str, error: str) -> None:
+    with pytest.raises(InvalidRequest, match=error):
+        DetokenizeOptions(stop_regex=(pattern,))

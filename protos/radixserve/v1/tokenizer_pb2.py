@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dradixserve/v1/tokenizer.proto\x12\rradixserve.v1\"U\n\rEncodeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"\x1d\n\x0e\x45ncodeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x05\")\n\x0b\x43ontentPart\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x94\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\x05parts\x18\x03 \x03(\x0b\x32\x1a.radixserve.v1.ContentPart\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x06 \x01(\t\"\x8b\x02\n\x18\x41pplyChatTemplateRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.radixserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x1a\n\rchat_template\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x12\n\ntools_json\x18\x05 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\x06 \x01(\tB\x18\n\x16_add_generation_promptB\x10\n\x0e_chat_template\"8\n\x19\x41pplyChatTemplateResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"\x16\n\x14TokenizerInfoRequest\"(\n\x0cSpecialToken\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x82\x02\n\x15TokenizerInfoResponse\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x15\n\reos_token_ids\x18\x02 \x03(\x05\x12\x19\n\x0c\x62os_token_id\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x33\n\x0especial_tokens\x18\x04 \x03(\x0b\x32\x1b.radixserve.v1.SpecialToken\x12\x1b\n\x0e\x63ontext_length\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x12\n\nmodel_path\x18\x07 \x01(\tB\x0f\n\r_bos_token_idB\x11\n\x0f_context_length\"\xe5\x01\n\x0f\x44\x65tokenizeSetup\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12%\n\x1dspaces_between_special_tokens\x18\x03 \x01(\x08\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x05 \x01(\x08\x12\x17\n\x0fprompt_tail_ids\x18\x06 \x03(\x05\x12\x12\n\nmin_tokens\x18\x07 \x01(\rB\x16\n\x14_skip_special_tokens\"/\n\x10\x44\x65tokenizeTokens\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x0e\n\x06\x66inish\x18\x02 \x01(\x08\"\x7f\n\x11\x44\x65tokenizeRequest\x12/\n\x05setup\x18\x01 \x01(\x0b\x32\x1e.radixserve.v1.DetokenizeSetupH\x00\x12\x31\n\x06tokens\x18\x02 \x01(\x0b\x32\x1f.radixserve.v1.DetokenizeTokensH\x00\x42\x06\n\x04kind\"t\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x19\n\x0cmatched_stop\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x42\x0f\n\r_matched_stop\"R\n\x0e\x44\x65tokenizeOpen\x12\x11\n\tsample_id\x18\x01 \x01(\x04\x12-\n\x05setup\x18\x02 \x01(\x0b\x32\x1e.radixserve.v1.DetokenizeSetup\"D\n\x0e\x44\x65tokenizeFeed\x12\x11\n\tsample_id\x18\x01 \x01(\x04\x12\x0f\n\x03ids\x18\x02 \x03(\x05\x42\x02\x10\x01\x12\x0e\n\x06\x66inish\x18\x03 \x01(\x08\"\x86\x01\n\x16\x44\x65tokenizeBatchRequest\x12+\n\x04open\x18\x01 \x03(\x0b\x32\x1d.radixserve.v1.DetokenizeOpen\x12,\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0b\x32\x1d.radixserve.v1.DetokenizeFeed\x12\x11\n\x05\x63lose\x18\x03 \x03(\x04\x42\x02\x10\x01\"0\n\x0f\x44\x65tokenizeError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x95\x01\n\x10\x44\x65tokenizeResult\x12\x11\n\tsample_id\x18\x01 \x01(\x04\x12\x32\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32!.radixserve.v1.DetokenizeResponseH\x00\x12/\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1e.radixserve.v1.DetokenizeErrorH\x00\x42\t\n\x07outcome\"K\n\x17\x44\x65tokenizeBatchResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.radixserve.v1.DetokenizeResult\"(\n\x19\x43onvertIdsToTokensRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x05\")\n\nTokenPiece\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\"G\n\x1a\x43onvertIdsToTokensResponse\x12)\n\x06tokens\x18\x01 \x03(\x0b\x32\x19.radixserve.v1.TokenPiece2\xb5\x04\n\tTokenizer\x12\x45\n\x06\x45ncode\x12\x1c.radixserve.v1.EncodeRequest\x1a\x1d.radixserve.v1.EncodeResponse\x12\x66\n\x11\x41pplyChatTemplate\x12\'.radixserve.v1.ApplyChatTemplateRequest\x1a(.radixserve.v1.ApplyChatTemplateResponse\x12Q\n\x04Info\x12#.radixserve.v1.TokenizerInfoRequest\x1a$.radixserve.v1.TokenizerInfoResponse\x12U\n\nDetokenize\x12 .radixserve.v1.DetokenizeRequest\x1a!.radixserve.v1.DetokenizeResponse(\x01\x30\x01\x12\x64\n\x0f\x44\x65tokenizeBatch\x12%.radixserve.v1.DetokenizeBatchRequest\x1a&.radixserve.v1.DetokenizeBatchResponse(\x01\x30\x01\x12i\n\x12\x43onvertIdsToTokens\x12(.radixserve.v1.ConvertIdsToTokensRequest\x1a).radixserve.v1.ConvertIdsToTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dradixserve/v1/tokenizer.proto\x12\rradixserve.v1\"U\n\rEncodeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"\x1d\n\x0e\x45ncodeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x05\")\n\x0b\x43ontentPart\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x94\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\x05parts\x18\x03 \x03(\x0b\x32\x1a.radixserve.v1.ContentPart\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x06 \x01(\t\"\x8b\x02\n\x18\x41pplyChatTemplateRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.radixserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x1a\n\rchat_template\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x12\n\ntools_json\x18\x05 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\x06 \x01(\tB\x18\n\x16_add_generation_promptB\x10\n\x0e_chat_template\"8\n\x19\x41pplyChatTemplateResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"\x16\n\x14TokenizerInfoRequest\"(\n\x0cSpecialToken\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x82\x02\n\x15TokenizerInfoResponse\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x15\n\reos_token_ids\x18\x02 \x03(\x05\x12\x19\n\x0c\x62os_token_id\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x33\n\x0especial_tokens\x18\x04 \x03(\x0b\x32\x1b.radixserve.v1.SpecialToken\x12\x1b\n\x0e\x63ontext_length\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x12\n\nmodel_path\x18\x07 \x01(\tB\x0f\n\r_bos_token_idB\x11\n\x0f_context_length\"\xf9\x01\n\x0f\x44\x65tokenizeSetup\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12%\n\x1dspaces_between_special_tokens\x18\x03 \x01(\x08\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x05 \x01(\x08\x12\x17\n\x0fprompt_tail_ids\x18\x06 \x03(\x05\x12\x12\n\nmin_tokens\x18\x07 \x01(\r\x12\x12\n\nstop_regex\x18\x08 \x03(\tB\x16\n\x14_skip_special_tokens\"/\n\x10\x44\x65tokenizeTokens\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x0e\n\x06\x66inish\x18\x02 \x01(\x08\"\x7f\n\x11\x44\x65tokenizeRequest\x12/\n\x05setup\x18\x01 \x01(\x0b\x32\x1e.radixserve.v1.DetokenizeSetupH\x00\x12\x31\n\x06tokens\x18\x02 \x01(\x0b\x32\x1f.radixserve.v1.DetokenizeTokensH\x00\x42\x06\n\x04kind\"t\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x19\n\x0cmatched_stop\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x42\x0f\n\r_matched_stop\"R\n\x0e\x44\x65tokenizeOpen\x12\x11\n\tsample_id\x18\x01 \x01(\x04\x12-\n\x05setup\x18\x02 \x01(\x0b\x32\x1e.radixserve.v1.DetokenizeSetup\"D\n\x0e\x44\x65tokenizeFeed\x12\x11\n\tsample_id\x18\x01 \x01(\x04\x12\x0f\n\x03ids\x18\x02 \x03(\x05\x42\x02\x10\x01\x12\x0e\n\x06\x66inish\x18\x03 \x01(\x08\"\x86\x01\n\x16\x44\x65tokenizeBatchRequest\x12+\n\x04open\x18\x01 \x03(\x0b\x32\x1d.radixserve.v1.DetokenizeOpen\x12,\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0b\x32\x1d.radixserve.v1.DetokenizeFeed\x12\x11\n\x05\x63lose\x18\x03 \x03(\x04\x42\x02\x10\x01\"0\n\x0f\x44\x65tokenizeError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x95\x01\n\x10\x44\x65tokenizeResult\x12\x11\n\tsample_id\x18\x01 \x01(\x04\x12\x32\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32!.radixserve.v1.DetokenizeResponseH\x00\x12/\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1e.radixserve.v1.DetokenizeErrorH\x00\x42\t\n\x07outcome\"K\n\x17\x44\x65tokenizeBatchResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.radixserve.v1.DetokenizeResult\"(\n\x19\x43onvertIdsToTokensRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x05\")\n\nTokenPiece\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\"G\n\x1a\x43onvertIdsToTokensResponse\x12)\n\x06tokens\x18\x01 \x03(\x0b\x32\x19.radixserve.v1.TokenPiece2\xb5\x04\n\tTokenizer\x12\x45\n\x06\x45ncode\x12\x1c.radixserve.v1.EncodeRequest\x1a\x1d.radixserve.v1.EncodeResponse\x12\x66\n\x11\x41pplyChatTemplate\x12\'.radixserve.v1.ApplyChatTemplateRequest\x1a(.radixserve.v1.ApplyChatTemplateResponse\x12Q\n\x04Info\x12#.radixserve.v1.TokenizerInfoRequest\x1a$.radixserve.v1.TokenizerInfoResponse\x12U\n\nDetokenize\x12 .radixserve.v1.DetokenizeRequest\x1a!.radixserve.v1.DetokenizeResponse(\x01\x30\x01\x12\x64\n\x0f\x44\x65tokenizeBatch\x12%.radixserve.v1.DetokenizeBatchRequest\x1a&.radixserve.v1.DetokenizeBatchResponse(\x01\x30\x01\x12i\n\x12\x43onvertIdsToTokens\x12(.radixserve.v1.ConvertIdsToTokensRequest\x1a).radixserve.v1.ConvertIdsToTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,31 +54,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIZERINFORESPONSE']._serialized_start=755
   _globals['_TOKENIZERINFORESPONSE']._serialized_end=1013
   _globals['_DETOKENIZESETUP']._serialized_start=1016
-  _globals['_DETOKENIZESETUP']._serialized_end=1245
-  _globals['_DETOKENIZETOKENS']._serialized_start=1247
-  _globals['_DETOKENIZETOKENS']._serialized_end=1294
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1296
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1423
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1425
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1541
-  _globals['_DETOKENIZEOPEN']._serialized_start=1543
-  _globals['_DETOKENIZEOPEN']._serialized_end=1625
-  _globals['_DETOKENIZEFEED']._serialized_start=1627
-  _globals['_DETOKENIZEFEED']._serialized_end=1695
-  _globals['_DETOKENIZEBATCHREQUEST']._serialized_start=1698
-  _globals['_DETOKENIZEBATCHREQUEST']._serialized_end=1832
-  _globals['_DETOKENIZEERROR']._serialized_start=1834
-  _globals['_DETOKENIZEERROR']._serialized_end=1882
-  _globals['_DETOKENIZERESULT']._serialized_start=1885
-  _globals['_DETOKENIZERESULT']._serialized_end=2034
-  _globals['_DETOKENIZEBATCHRESPONSE']._serialized_start=2036
-  _globals['_DETOKENIZEBATCHRESPONSE']._serialized_end=2111
-  _globals['_CONVERTIDSTOTOKENSREQUEST']._serialized_start=2113
-  _globals['_CONVERTIDSTOTOKENSREQUEST']._serialized_end=2153
-  _globals['_TOKENPIECE']._serialized_start=2155
-  _globals['_TOKENPIECE']._serialized_end=2196
-  _globals['_CONVERTIDSTOTOKENSRESPONSE']._serialized_start=2198
-  _globals['_CONVERTIDSTOTOKENSRESPONSE']._serialized_end=2269
-  _globals['_TOKENIZER']._serialized_start=2272
-  _globals['_TOKENIZER']._serialized_end=2837
+  _globals['_DETOKENIZESETUP']._serialized_end=1265
+  _globals['_DETOKENIZETOKENS']._serialized_start=1267
+  _globals['_DETOKENIZETOKENS']._serialized_end=1314
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1316
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1443
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1445
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1561
+  _globals['_DETOKENIZEOPEN']._serialized_start=1563
+  _globals['_DETOKENIZEOPEN']._serialized_end=1645
+  _globals['_DETOKENIZEFEED']._serialized_start=1647
+  _globals['_DETOKENIZEFEED']._serialized_end=1715
+  _globals['_DETOKENIZEBATCHREQUEST']._serialized_start=1718
+  _globals['_DETOKENIZEBATCHREQUEST']._serialized_end=1852
+  _globals['_DETOKENIZEERROR']._serialized_start=1854
+  _globals['_DETOKENIZEERROR']._serialized_end=1902
+  _globals['_DETOKENIZERESULT']._serialized_start=1905
+  _globals['_DETOKENIZERESULT']._serialized_end=2054
+  _globals['_DETOKENIZEBATCHRESPONSE']._serialized_start=2056
+  _globals['_DETOKENIZEBATCHRESPONSE']._serialized_end=2131
+  _globals['_CONVERTIDSTOTOKENSREQUEST']._serialized_start=2133
+  _globals['_CONVERTIDSTOTOKENSREQUEST']._serialized_end=2173
+  _globals['_TOKENPIECE']._serialized_start=2175
+  _globals['_TOKENPIECE']._serialized_end=2216
+  _globals['_CONVERTIDSTOTOKENSRESPONSE']._serialized_start=2218
+  _globals['_CONVERTIDSTOTOKENSRESPONSE']._serialized_end=2289
+  _globals['_TOKENIZER']._serialized_start=2292
+  _globals['_TOKENIZER']._serialized_end=2857
 # @@protoc_insertion_point(module_scope)

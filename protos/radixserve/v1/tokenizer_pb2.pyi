@@ -99,7 +99,7 @@ class TokenizerInfoResponse(_message.Message):
     def __init__(self, vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., special_tokens: _Optional[_Iterable[_Union[SpecialToken, _Mapping]]] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., model_path: _Optional[str] = ...) -> None: ...
 
 class DetokenizeSetup(_message.Message):
-    __slots__ = ("request_id", "skip_special_tokens", "spaces_between_special_tokens", "stop", "include_stop_str_in_output", "prompt_tail_ids", "min_tokens")
+    __slots__ = ("request_id", "skip_special_tokens", "spaces_between_special_tokens", "stop", "include_stop_str_in_output", "prompt_tail_ids", "min_tokens", "stop_regex")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPACES_BETWEEN_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class DetokenizeSetup(_message.Message):
     INCLUDE_STOP_STR_IN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TAIL_IDS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_REGEX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     skip_special_tokens: bool
     spaces_between_special_tokens: bool
@@ -114,7 +115,8 @@ class DetokenizeSetup(_message.Message):
     include_stop_str_in_output: bool
     prompt_tail_ids: _containers.RepeatedScalarFieldContainer[int]
     min_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., skip_special_tokens: _Optional[bool] = ..., spaces_between_special_tokens: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., include_stop_str_in_output: _Optional[bool] = ..., prompt_tail_ids: _Optional[_Iterable[int]] = ..., min_tokens: _Optional[int] = ...) -> None: ...
+    stop_regex: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., skip_special_tokens: _Optional[bool] = ..., spaces_between_special_tokens: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., include_stop_str_in_output: _Optional[bool] = ..., prompt_tail_ids: _Optional[_Iterable[int]] = ..., min_tokens: _Optional[int] = ..., stop_regex: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DetokenizeTokens(_message.Message):
     __slots__ = ("ids", "finish")
