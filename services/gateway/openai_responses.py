@@ -279,7 +279,7 @@ class ResponsesFormat:
 
     # ---- the Format protocol ----
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self, usage: Usage) -> list[dict[str, Any]]:
         started = self._body("in_progress", [], None)
         return [
             self._event("response.created", response=started),
@@ -294,7 +294,7 @@ class ResponsesFormat:
             ),
         ]
 
-    def chunk(self, out: Output) -> dict[str, Any] | None:
+    def chunk(self, out: Output, usage: Usage) -> dict[str, Any] | None:
         if out.finish_reason is not None:
             self._reason = out.finish_reason
         if not out.text:
