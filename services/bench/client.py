@@ -172,6 +172,8 @@ def _apply_chunk(chunk: dict[str, Any], record: RequestRecord) -> str:
     usage = chunk.get("usage")
     if usage:
         record.server_output_tokens = usage.get("completion_tokens")
+        details = usage.get("prompt_tokens_details") or {}
+        record.server_cached_tokens = details.get("cached_tokens")
     choices = chunk.get("choices") or []
     if not choices:
         return ""

@@ -40,6 +40,10 @@ class Summary:
     total_token_throughput: float
     total_input_tokens: int
     total_output_tokens: int
+    # Prompt tokens the server reported served from its prefix cache (usage's cached_tokens),
+    # and their share of the prompt tokens; None when the server reports none.
+    total_cached_tokens: int | None
+    cached_token_ratio: float | None
     ttft_ms: Stats
     itl_ms: Stats  # gaps between text-bearing chunks, pooled over requests
     tpot_ms: Stats  # per request: (latency - TTFT) / (output tokens - 1)
@@ -89,6 +93,8 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> Summary:
     done = [r for r in records if r.ok]
     input_tokens = sum(r.input_tokens for r in done)
     output_tokens = sum(r.output_tokens for r in done)
+    reported = [r.server_cached_tokens for r in done if r.server_cached_tokens is not None]
+    cached = sum(reported) if reported else None
     return Summary(
         total=len(records),
         completed=len(done),
@@ -101,6 +107,8 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> Summary:
         total_token_throughput=(input_tokens + output_tokens) / duration_s,
         total_input_tokens=input_tokens,
         total_output_tokens=output_tokens,
+        total_cached_tokens=cached,
+        cached_token_ratio=cached / input_tokens if cached is not None and input_tokens else None,
         ttft_ms=Stats.of_seconds([r.ttft_s for r in done if r.ttft_s is not None]),
         itl_ms=Stats.of_seconds([gap for r in done for gap in r.itl_s]),
         tpot_ms=Stats.of_seconds([t for t in map(tpot_s, done) if t is not None]),

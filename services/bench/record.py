@@ -34,6 +34,7 @@ class RequestRecord:
     finish_reason: str | None = None
     error: RequestError | None = None
     text: str = ""  # the generated text (not written to the JSON file)
+    server_cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
 
     @property
     def ok(self) -> bool:

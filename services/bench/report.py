@@ -21,7 +21,9 @@ def _title(text: str, fill: str) -> str:
 
 
 def _row(label: str, value: object) -> str:
-    if isinstance(value, float):
+    if value is None:
+        value = "n/a"
+    elif isinstance(value, float):
         value = f"{value:.2f}"
     return f"{label + ':':<40}{value}"
 
@@ -65,6 +67,8 @@ def format_table(
         _row("Benchmark duration (s)", summary.duration_s),
         _row("Total input tokens", summary.total_input_tokens),
         _row("Total generated tokens", summary.total_output_tokens),
+        _row("Cached prompt tokens (server)", summary.total_cached_tokens),
+        _row("Cached share of prompt tokens", summary.cached_token_ratio),
         _row("Request throughput (req/s)", summary.request_throughput),
         _row("Input token throughput (tok/s)", summary.input_token_throughput),
         _row("Output token throughput (tok/s)", summary.output_token_throughput),

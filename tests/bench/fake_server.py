@@ -52,7 +52,8 @@ async def _events(body: dict[str, Any]) -> AsyncIterator[str]:
             return
         yield _chunk(body, WORD * min(per_chunk, n - i))
     yield _chunk(body, None, "length")
-    yield "data: " + json.dumps({"choices": [], "usage": {"completion_tokens": n}}) + "\n\n"
+    usage = {"completion_tokens": n, "prompt_tokens_details": {"cached_tokens": 3}}
+    yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
     if model != "no-done":
         yield "data: [DONE]\n\n"
 

@@ -51,6 +51,7 @@ def test_stream_is_timed_and_recounted(
     assert record.text == WORD * 8
     assert record.output_tokens == counter.count_text(WORD * 8) == 8
     assert record.server_output_tokens == 8 and record.finish_reason == "length"
+    assert record.server_cached_tokens == 3  # usage.prompt_tokens_details.cached_tokens
     request = Request((Message("system", "be brief"), Message("user", "say hello")), 8)
     expected_input = (
         counter.count_messages(request.messages)

@@ -67,6 +67,10 @@ def test_summary_of_hand_built_records() -> None:
     assert s.e2e_latency_ms.mean == pytest.approx(1500.0)
     assert s.mean_concurrency == pytest.approx((1.0 + 2.0 + 0.05 + 0.5) / 4.0)
     assert s.peak_concurrency == 3  # in [0.9, 1.0): both completed requests and the disconnect
+    assert (s.total_cached_tokens, s.cached_token_ratio) == (None, None)  # none reported
+    records[0].server_cached_tokens, records[1].server_cached_tokens = 40, 60
+    cached = summarize(records, duration_s=4.0)
+    assert (cached.total_cached_tokens, cached.cached_token_ratio) == (100, 0.25)
 
 
 def test_errors_only_summary_has_empty_stats() -> None:
