@@ -67,8 +67,8 @@ class RankGroup:
     """Rank 0's handle on the follower ranks 1 .. size-1: their processes and command pipes.
 
     `start` spawns them running `target(rank, port, conn, *args)`; from then on a follower that
-    exits before `close` ends this process with RANK_EXIT_CODE and a log line naming it. `send`
-    and `abort` are called on the forward thread only."""
+    exits before `close` ends this process with RANK_EXIT_CODE and a log line naming it (a
+    watcher thread waits on their processes). `send` is called on the forward thread only."""
 
     def __init__(self, procs: list[Any], conns: list[Connection], port: int) -> None:
         self.procs, self.conns, self.port = procs, conns, port
@@ -77,7 +77,7 @@ class RankGroup:
     @classmethod
     def start(cls, size: int, target: Callable[..., None], args: tuple[Any, ...]) -> RankGroup:
         """Spawns the followers; returns with them starting up (rank 0 joins the process group
-        next, with `init_process_group` on the returned `port`)."""
+        next, with `init_process_group` on the group's `port`)."""
         ctx = multiprocessing.get_context("spawn")
         port = free_port()
         procs, conns = [], []
@@ -107,20 +107,27 @@ class RankGroup:
                 self.abort(f"cannot reach tensor-parallel rank {index}: {exc}")
 
     def abort(self, reason: str) -> NoReturn:
+        """Ends this process, and so every rank. A failed collective is most often the work of
+        a follower that died: where one has exited (within a second), it is named instead."""
+        reason = self._exited(timeout_s=1.0) or reason
         log.critical("%s; stopping the executor", reason)
         logging.shutdown()
         os._exit(RANK_EXIT_CODE)
 
-    def _watch(self) -> None:
-        sentinels = {p.sentinel: (index, p) for index, p in enumerate(self.procs, start=1)}
-        ready = multiprocessing.connection.wait(list(sentinels))
-        if self.closing:
-            return
-        index, proc = sentinels[ready[0]]
+    def _exited(self, timeout_s: float | None) -> str | None:
+        """Waits up to `timeout_s` (None: for good) for a follower to exit; says which did."""
+        by_sentinel = {p.sentinel: (i, p) for i, p in enumerate(self.procs, start=1)}
+        ready = multiprocessing.connection.wait(list(by_sentinel), timeout_s)
+        if not ready:
+            return None
+        index, proc = by_sentinel[ready[0]]  # type: ignore[index]
         proc.join(1.0)
-        self.abort(
-            f"tensor-parallel rank {index} (pid {proc.pid}) exited with code {proc.exitcode}"
-        )
+        return f"tensor-parallel rank {index} (pid {proc.pid}) exited with code {proc.exitcode}"
+
+    def _watch(self) -> None:
+        reason = self._exited(timeout_s=None)
+        if not self.closing:
+            self.abort(reason or "a tensor-parallel rank exited")
 
     def close(self) -> None:
         """Stops the followers (a closed pipe ends them) and leaves the process group."""
