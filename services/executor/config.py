@@ -52,7 +52,14 @@ class ExecutorConfig(ServiceConfig):
     )
     max_top_logprobs: int = option(20, "most top_logprobs alternatives a request may ask for")
     num_threads: int | None = option(
-        None, "torch intra-op threads (default: the cores this process may use)"
+        None,
+        "torch intra-op threads per rank (default: the cores this process may use, shared "
+        "evenly by the --tp ranks)",
+    )
+    tp: int = option(
+        1,
+        "tensor-parallel ranks: the model's heads, MLP and vocabulary are split over this many "
+        "processes (GPUs on CUDA), which this one starts and serves for",
     )
     watchdog_timeout_s: float = option(
         600.0,
@@ -87,5 +94,7 @@ class ExecutorConfig(ServiceConfig):
             raise ValueError("--context-length must be at least 2")
         if self.fault_injection_stage not in ("sample", "forward"):
             raise ValueError("--fault-injection-stage must be `sample` or `forward`")
+        if self.tp < 1:
+            raise ValueError("--tp must be at least 1")
         if self.watchdog_timeout_s < 0:
             raise ValueError("--watchdog-timeout-s must be >= 0 (0 disables it)")

@@ -157,9 +157,7 @@ class Engine:
             decode = [Slice(r, prompt_len, [], use_last_sampled=True) for r in range(min(bs, n))]
             self.run_step(StepInput(0, slices=decode))
         self.reset()
-        for layer in range(self.cfg.num_layers):
-            self.pool.k[layer][0].zero_()
-            self.pool.v[layer][0].zero_()
+        self.pool.zero_slot(0)
 
     def reset(self) -> None:
         with self.plan_lock:
@@ -271,13 +269,14 @@ class Engine:
         """Applies `step` and returns the raw logits [num_sampled, vocab] in step order, unsampled."""
         prepared = self._revalidated(self.prepare(step))
         self._apply_membership(prepared)
-        logits = self._forward(prepared.batch)
+        logits = self.run_forward(prepared.batch)
         sampled_order = [i for i in prepared.order if step.slices[i].sample]
         back = sorted(range(len(sampled_order)), key=lambda j: sampled_order[j])
         return logits[back]
 
     @torch.inference_mode()
-    def _forward(self, plan: BatchPlan | None) -> torch.Tensor:
+    def run_forward(self, plan: BatchPlan | None) -> torch.Tensor:
+        """The logits [num_sampled, vocab] of a prepared batch whose Step has been applied."""
         assert plan is not None, "a step without slices has no forward"
         batch = materialize(plan, self.table, self.last_sampled, self.device)
         runner = self.decode_runner
@@ -338,7 +337,7 @@ class Engine:
         again writes the same values, so trying again is safe."""
         try:
             self._inject_fault("forward", [step.slices[i].row for i in order])
-            return self._forward(plan)
+            return self.run_forward(plan)
         except Exception as exc:
             if len(order) == 1:
                 row = step.slices[order[0]].row

@@ -1,14 +1,21 @@
-"""From an ExecutorConfig to a running Engine: device, dtype, threads, weights, KV sizing."""
+"""From an ExecutorConfig to a running Engine: device, dtype, threads, weights, KV sizing; with
+--tp, the follower ranks too."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
+from services.common.log import setup_logging
 from services.common.model_store import resolve_model_path, served_name
 from services.executor.attention import default_backend
 from services.executor.config import ExecutorConfig
@@ -16,7 +23,15 @@ from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.engine import Engine, EngineLimits
 from services.executor.grammar import GrammarRuntime, hf_tokenizer_info
 from services.executor.kv_pool import KVPool
+from services.executor.mirror import Follower, LeaderEngine
 from services.executor.model_config import ModelConfig
+from services.executor.parallel import Rank, head_shard, kv_heads_per_rank, rank_config
+from services.executor.ranks import (
+    COLLECTIVE_TIMEOUT_S,
+    RankGroup,
+    all_ranks_min,
+    init_process_group,
+)
 from services.executor.weights import load_model
 
 log = logging.getLogger("radixserve.executor")
@@ -28,14 +43,30 @@ class LoadedModel:
     model_path: Path
     served_name: str
     backend: str
+    tp_size: int = 1
+    kv_bytes_per_token: int = 0  # over every layer and every rank
+    ranks: RankGroup | None = None  # the follower ranks, under tensor parallelism
+
+    def close(self) -> None:
+        if self.ranks is not None:
+            self.ranks.close()
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, rank: Rank | None = None) -> torch.device:
+    """The device by name; under tensor parallelism rank r takes GPU r."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but no CUDA device is available")
-    return torch.device(name)
+    if name != "cuda" or rank is None:
+        return torch.device(name)
+    if torch.cuda.device_count() < rank.size:
+        raise ValueError(
+            f"--tp {rank.size} needs {rank.size} GPUs; {torch.cuda.device_count()} seen"
+        )
+    device = torch.device("cuda", rank.index)
+    torch.cuda.set_device(device)
+    return device
 
 
 def cpu_has_bf16() -> bool:
@@ -54,8 +85,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def set_threads(num_threads: int | None) -> int:
-    n = num_threads or len(os.sched_getaffinity(0))
+def set_threads(num_threads: int | None, ranks: int = 1) -> int:
+    """`num_threads` torch threads, by default this process's share of the cores it may use
+    (the ranks of a tensor-parallel executor share them)."""
+    n = num_threads or max(1, len(os.sched_getaffinity(0)) // ranks)
     torch.set_num_threads(n)
     return n
 
@@ -76,26 +109,33 @@ def size_kv_pool(
     dtype: torch.dtype,
     device: torch.device,
     context: int,
+    sharing: int = 1,
 ) -> int:
+    """KV slots: --max-total-tokens, or as many as --mem-fraction-static of the free memory holds
+    at `model_cfg`'s KV heads (a tensor-parallel rank's own). `sharing` ranks take their pools
+    out of the same memory (a CPU's ranks share its RAM)."""
     if cfg.max_total_tokens:
         return cfg.max_total_tokens
     per_token = KVPool.bytes_per_token(
         model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, dtype
     )
-    budget = int(available_memory(device) * cfg.mem_fraction_static)
-    slots = min(budget // per_token, cfg.max_running_requests * context)
+    budget = int(available_memory(device) * cfg.mem_fraction_static) // sharing
+    return min(budget // per_token, cfg.max_running_requests * context)
+
+
+def check_kv_pool(slots: int, context: int) -> None:
     if slots < context:
         raise ValueError(
             f"the KV pool would hold {slots} tokens, less than the context length {context}; "
             "raise --mem-fraction-static or lower --context-length"
         )
-    return slots
 
 
 def static_decode_config(cfg: ExecutorConfig, device: torch.device) -> StaticDecodeConfig | None:
-    """Static-shape decode where it pays: CUDA graphs on CUDA (unless disabled), and wherever
-    --enable-torch-compile asks for it. Eager decode on the CPU otherwise: padding only costs there."""
-    graphs = device.type == "cuda" and not cfg.disable_cuda_graph
+    """Static-shape decode where it pays: CUDA graphs on CUDA (unless disabled, or under tensor
+    parallelism, whose collectives are not captured), and wherever --enable-torch-compile asks
+    for it. Eager decode on the CPU otherwise: padding only costs there."""
+    graphs = device.type == "cuda" and not cfg.disable_cuda_graph and cfg.tp == 1
     if not (graphs or cfg.enable_torch_compile):
         return None
     return StaticDecodeConfig(
@@ -104,20 +144,42 @@ def static_decode_config(cfg: ExecutorConfig, device: torch.device) -> StaticDec
 
 
 def create_engine(cfg: ExecutorConfig) -> LoadedModel:
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
-    threads = set_threads(cfg.num_threads) if device.type == "cpu" else 0
+    """The engine of rank 0, the process serving gRPC; with --tp N, the follower ranks are
+    started first and run along (ranks.py, mirror.py)."""
     path = resolve_model_path(cfg.model_path)
     model_cfg = ModelConfig.from_dir(path)
+    if cfg.tp == 1:
+        return _create_leader(cfg, path, model_cfg, pick_device(cfg.device), None)
+    # an impossible split or too few GPUs fail here, before any process is started
+    head_shard(model_cfg.num_heads, model_cfg.num_kv_heads, Rank(0, cfg.tp))
+    device = pick_device(cfg.device, Rank(0, cfg.tp))
+    ranks = RankGroup.start(cfg.tp, follower_main, (cfg, path))
+    try:
+        return _create_leader(cfg, path, model_cfg, device, ranks)
+    except BaseException:
+        ranks.close()
+        raise
+
+
+def _create_leader(
+    cfg: ExecutorConfig,
+    path: Path,
+    model_cfg: ModelConfig,
+    device: torch.device,
+    ranks: RankGroup | None,
+) -> LoadedModel:
+    rank = Rank(0, cfg.tp) if ranks is not None else None
+    dtype = pick_dtype(cfg.dtype, device)
+    threads = set_threads(cfg.num_threads, cfg.tp) if device.type == "cpu" else 0
     context = cfg.context_length or model_cfg.max_position_embeddings
     if model_cfg.sliding_window is None and context > model_cfg.max_position_embeddings:
         log.warning(
             "context length %d exceeds the model's %d", context, model_cfg.max_position_embeddings
         )
-    # torch.compile cannot trace oneDNN's opaque packed weights.
-    model = load_model(path, model_cfg, context, dtype, device, not cfg.enable_torch_compile)
-    slots = size_kv_pool(cfg, model_cfg, dtype, device, context)
-    limits = EngineLimits(slots, cfg.max_running_requests, context, cfg.max_top_logprobs)
+    if ranks is not None:
+        init_process_group(Rank(0, cfg.tp), ranks.port, device, COLLECTIVE_TIMEOUT_S)
+    model, rank_cfg, limits = _load(cfg, path, model_cfg, context, dtype, device, rank)
+    check_kv_pool(limits.num_slots, context)
     backend = cfg.attention_backend or default_backend(device.type)
     grammar = GrammarRuntime(
         lambda: hf_tokenizer_info(path, model_cfg.vocab_size, model_cfg.eos_token_ids),
@@ -126,9 +188,8 @@ def create_engine(cfg: ExecutorConfig) -> LoadedModel:
         device,
         threads=max(threads, 1),
     )
-    engine = Engine(
-        model, model_cfg, limits, device, backend, static_decode_config(cfg, device), grammar
-    )
+    parts = (model, rank_cfg, limits, device, backend, static_decode_config(cfg, device), grammar)
+    engine = Engine(*parts) if ranks is None else LeaderEngine(*parts, ranks=ranks)
     engine.fault_request_id = cfg.fault_injection_request_id
     engine.fault_stage = cfg.fault_injection_stage
     if cfg.fault_injection_request_id:
@@ -139,15 +200,70 @@ def create_engine(cfg: ExecutorConfig) -> LoadedModel:
         )
     runner = engine.decode_runner
     log.info(
-        "engine ready: %s, %s on %s (%d threads), %d KV slots, context %d, backend %s, decode %s",
+        "engine ready: %s, %s on %s (%d threads), %d KV slots, context %d, backend %s, decode %s%s",
         model_cfg.architecture,
         dtype,
         device,
         threads,
-        slots,
+        limits.num_slots,
         context,
         backend,
         runner.mode if runner else "eager",
+        f", tensor parallel over {cfg.tp} ranks" if ranks is not None else "",
     )
+    kv_heads = sum(kv_heads_per_rank(model_cfg.num_heads, model_cfg.num_kv_heads, cfg.tp))
+    kv_bytes = KVPool.bytes_per_token(model_cfg.num_layers, kv_heads, model_cfg.head_dim, dtype)
     name = cfg.served_model_name or served_name(cfg.model_path, path)
-    return LoadedModel(engine, path, name, backend)
+    return LoadedModel(engine, path, name, backend, cfg.tp, kv_bytes, ranks)
+
+
+def _load(
+    cfg: ExecutorConfig,
+    path: Path,
+    model_cfg: ModelConfig,
+    context: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    rank: Rank | None,
+) -> tuple[nn.Module, ModelConfig, EngineLimits]:
+    """A rank's model (its shard under tensor parallelism), the model config as the rank sees it,
+    and the limits, with the KV slots every rank can hold (a collective under --tp)."""
+    # torch.compile cannot trace oneDNN's opaque packed weights.
+    prepack = not cfg.enable_torch_compile
+    model = load_model(path, model_cfg, context, dtype, device, prepack, rank)
+    rank_cfg = model_cfg if rank is None else rank_config(model_cfg, rank)
+    # The CPU's ranks take their pools out of the same RAM; GPUs each have their own.
+    sharing = rank.size if rank is not None and device.type == "cpu" else 1
+    slots = size_kv_pool(cfg, rank_cfg, dtype, device, context, sharing)
+    if rank is not None:
+        slots = all_ranks_min(slots)
+    return (
+        model,
+        rank_cfg,
+        EngineLimits(slots, cfg.max_running_requests, context, cfg.max_top_logprobs),
+    )
+
+
+def follower_main(rank: Rank, port: int, conn: Connection, cfg: ExecutorConfig, path: Path) -> None:
+    """A follower rank's process, spawned by rank 0: loads its shard, then runs the forwards rank
+    0 sends until rank 0 closes the pipe. Signals are left to rank 0, which ends it that way."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    setup_logging(f"executor-rank{rank.index}", cfg)
+    try:
+        device = pick_device(cfg.device, rank)
+        dtype = pick_dtype(cfg.dtype, device)
+        if device.type == "cpu":
+            set_threads(cfg.num_threads, cfg.tp)
+        init_process_group(rank, port, device, COLLECTIVE_TIMEOUT_S)
+        model_cfg = ModelConfig.from_dir(path)
+        context = cfg.context_length or model_cfg.max_position_embeddings
+        model, rank_cfg, limits = _load(cfg, path, model_cfg, context, dtype, device, rank)
+        backend = cfg.attention_backend or default_backend(device.type)
+        engine = Engine(model, rank_cfg, limits, device, backend, static_decode_config(cfg, device))
+        log.info("rank %d of %d ready on %s", rank.index, rank.size, device)
+        Follower(engine, conn).run()
+    except Exception:
+        log.exception("tensor-parallel rank %d failed", rank.index)
+        sys.exit(1)
+    dist.destroy_process_group()  # rank 0 closed the pipe: the executor is stopping

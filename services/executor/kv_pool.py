@@ -33,6 +33,11 @@ class KVPool:
         self.k[layer].index_copy_(0, loc, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(0, loc, v.to(self.v[layer].dtype))
 
+    def zero_slot(self, slot: int) -> None:
+        for k, v in zip(self.k, self.v, strict=True):
+            k[slot].zero_()
+            v[slot].zero_()
+
     @staticmethod
     def bytes_per_token(
         num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype

@@ -37,6 +37,8 @@ async def serve(cfg: ExecutorConfig) -> None:
         await asyncio.gather(*warmups)
     except BaseException:
         await server.server.stop(0)
+        if servicer.loaded is not None:
+            servicer.loaded.close()
         if metrics is not None:
             metrics.close()
         raise
@@ -47,6 +49,7 @@ async def serve(cfg: ExecutorConfig) -> None:
     await server.set_serving(True)
     log.info("serving %s on %s:%d", loaded.served_name, cfg.host, port)
     await server.wait_for_termination()
+    loaded.close()  # the other tensor-parallel ranks, after the last step
     if metrics is not None:
         metrics.close()
 

@@ -134,10 +134,8 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             attention_backend=loaded.backend,
             eos_token_ids=list(eng.cfg.eos_token_ids),
             max_top_logprobs=eng.limits.max_top_logprobs,
-            tp_size=1,
-            kv_bytes_per_token=eng.pool.bytes_per_token(
-                eng.cfg.num_layers, eng.cfg.num_kv_heads, eng.cfg.head_dim, eng.dtype
-            ),
+            tp_size=loaded.tp_size,
+            kv_bytes_per_token=loaded.kv_bytes_per_token,
         )
 
     async def Warmup(

@@ -1,7 +1,9 @@
 """Building a model and filling it from Hugging Face safetensors.
 
 Renames live here, not in the model files: HF's q/k/v and gate/up weights are copied into the
-model's stacked `qkv_proj` / `gate_up_proj` at the offsets their `MergedLinear` declares.
+model's stacked `qkv_proj` / `gate_up_proj` at the offsets their `MergedLinear` declares. Under
+tensor parallelism (parallel.py) a layer's `tp_shard` first cuts the rank's part out of each
+checkpoint tensor.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from services.executor.layers import MergedLinear, RotaryEmbedding
 from services.executor.model_config import ModelConfig
 from services.executor.models import model_class
 from services.executor.packed_linear import prepack_linears
+from services.executor.parallel import Rank, shard_model
 
 log = logging.getLogger("radixserve.executor")
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -44,11 +47,18 @@ def iter_safetensors(path: Path, progress: bool = True) -> Iterator[tuple[str, t
 
 
 def build_model(
-    cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device
+    cfg: ModelConfig,
+    max_positions: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    rank: Rank | None = None,
 ) -> nn.Module:
-    """An uninitialised model of the config's architecture (weights to be loaded)."""
+    """An uninitialised model of the config's architecture (weights to be loaded); with `rank`,
+    that tensor-parallel rank's shard of it."""
     with torch.device("meta"):
         model = model_class(cfg.architecture)(cfg, max_positions)
+        if rank is not None:
+            shard_model(model, rank)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -97,8 +107,11 @@ def _copy(
     model: nn.Module, param: torch.Tensor, name: str, shard: int | None, tensor: torch.Tensor
 ) -> None:
     dest = param.data
+    module = model.get_submodule(name.rsplit(".", 1)[0])
+    tp_shard = getattr(module, "tp_shard", None)
+    if tp_shard is not None:
+        tensor = tp_shard.local(tensor, shard, name.endswith(".bias"))
     if shard is not None:
-        module = model.get_submodule(name.rsplit(".", 1)[0])
         offset, size = module.shard_offset(shard)
         dest = dest.narrow(0, offset, size)
     if dest.shape != tensor.shape:
@@ -116,10 +129,12 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     prepack: bool = True,
+    rank: Rank | None = None,
 ) -> nn.Module:
-    """Builds the model and loads its weights; with `prepack`, linear weights are packed for
-    oneDNN where that is exact and faster (bfloat16 on the CPU, see packed_linear.py)."""
-    model = build_model(cfg, max_positions, dtype, device)
+    """Builds the model (with `rank`, that tensor-parallel rank's shard) and loads its weights;
+    with `prepack`, linear weights are packed for oneDNN where that is exact and faster
+    (bfloat16 on the CPU, see packed_linear.py)."""
+    model = build_model(cfg, max_positions, dtype, device, rank)
     load_weights(model, iter_safetensors(path))
     if prepack:
         prepack_linears(model)
