@@ -14,6 +14,7 @@ import torch
 
 from services.executor.forward_batch import ForwardBatch, SharedSpans
 from services.executor.kv_pool import RequestToTokenTable
+from services.executor.prompt_logprobs import PromptPlan, plan_prompt
 from services.executor.step import SharedPrefix, Slice
 
 
@@ -34,6 +35,7 @@ class BatchPlan:
     extend_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     shared: SharedSpans | None = None  # host tensors, moved to the device by `materialize`
+    prompt: PromptPlan | None = None  # positions whose prompt logprobs the step returns
 
 
 def order_slices(slices: list[Slice]) -> list[int]:
@@ -74,6 +76,7 @@ def plan_batch(slices: list[Slice], shared_prefixes: list[SharedPrefix] | None =
         extend_lens_cpu=lens[:num_extend],
         seq_lens_cpu=[a + n for a, n in zip(starts_cpu, lens, strict=True)],
         shared=plan_shared(slices, ends.tolist(), shared_prefixes or []),
+        prompt=plan_prompt(slices, ends.tolist()),
     )
 
 
@@ -133,6 +136,7 @@ def materialize(
         seq_lens_cpu=plan.seq_lens_cpu,
         sample_token_idx=plan.sample_idx.to(device),
         shared=_to_device(plan.shared, device),
+        prompt_token_idx=plan.prompt.token_idx.to(device) if plan.prompt is not None else None,
     )
 
 

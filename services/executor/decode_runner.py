@@ -151,7 +151,12 @@ class StaticDecodeRunner:
         return f"static decode, batch buckets {self.buckets}, " + ", ".join(parts)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.num_extend == 0 and 0 < batch.num_decode <= self.max_bs
+        """A pure-decode batch within the largest bucket, returning only sampled logits."""
+        return (
+            batch.num_extend == 0
+            and 0 < batch.num_decode <= self.max_bs
+            and batch.prompt_token_idx is None
+        )
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)

@@ -34,10 +34,12 @@ from services.executor.decode_runner import StaticDecodeConfig, StaticDecodeRunn
 from services.executor.grammar import GrammarRuntime
 from services.executor.kv_pool import KVPool, RequestToTokenTable, TableWrites
 from services.executor.model_config import ModelConfig
+from services.executor.prompt_logprobs import prompt_logprobs
 from services.executor.sampler import Sampler, SampleRow
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import (
     NewRequest,
+    PromptLogprobs,
     SampledToken,
     SharedPrefix,
     Slice,
@@ -217,7 +219,9 @@ class Engine:
             self._apply_membership(prepared)
             out = StepOutput(prepared.step.step_id)
             if prepared.batch is not None:
-                out.tokens, out.grammar_ended, out.failed = self._compute(prepared, out.unwritten)
+                out.tokens, out.grammar_ended, out.failed = self._compute(
+                    prepared, out.unwritten, out.prompt_logprobs
+                )
                 out.num_tokens = sum(s.length for s in prepared.step.slices)
         except Exception:
             with self.plan_lock:
@@ -276,7 +280,8 @@ class Engine:
 
     @torch.inference_mode()
     def run_forward(self, plan: BatchPlan | None) -> torch.Tensor:
-        """The logits [num_sampled, vocab] of a prepared batch whose Step has been applied."""
+        """The logits [num_sampled + prompt positions, vocab] of a prepared batch whose Step has
+        been applied (the sampled rows first, then those of `plan.prompt`)."""
         assert plan is not None, "a step without slices has no forward"
         batch = materialize(plan, self.table, self.last_sampled, self.device)
         runner = self.decode_runner
@@ -287,13 +292,16 @@ class Engine:
 
     @torch.inference_mode()
     def _compute(
-        self, prepared: PreparedStep, unwritten: dict[int, str]
+        self, prepared: PreparedStep, unwritten: dict[int, str], prompt: list[PromptLogprobs]
     ) -> tuple[list[SampledToken], list[int], dict[int, str]]:
         """The sampled tokens in the Step's slice order, the indices among them of the rows whose
         grammar ended, and of those whose forward or sampling failed (with the cause). Rows whose
-        slice's forward failed go into `unwritten` too."""
+        slice's forward failed go into `unwritten` too; the prompt logprobs of the others go into
+        `prompt`, in the Step's slice order."""
         step = prepared.step
-        logits = self._forward_contained(step, prepared.order, prepared.batch, unwritten)
+        logits = self._forward_contained(step, prepared.order, prepared.batch, unwritten, prompt)
+        slice_of_row = {s.row: i for i, s in enumerate(step.slices)}
+        prompt.sort(key=lambda p: slice_of_row[p.row])
         sampled = [step.slices[i] for i in prepared.order if step.slices[i].sample]
         if not sampled:
             return [], [], {}
@@ -328,16 +336,18 @@ class Engine:
         order: list[int],
         plan: BatchPlan | None,
         unwritten: dict[int, str],
+        prompt: list[PromptLogprobs],
     ) -> torch.Tensor:
         """Logits [sampled slices computed, V] of the slices `order` (indices into step.slices,
-        extends first), in that order. When the forward raises, each half of the slices is
-        computed on its own, down to single slices: a slice that fails alone goes into
-        `unwritten` (row -> cause) and has no logits row; every other slice is computed as
-        usual. A forward writes only the KV of its own slices' positions, and computing them
-        again writes the same values, so trying again is safe."""
+        extends first), in that order; the prompt logprobs of those slices go into `prompt`. When
+        the forward raises, each half of the slices is computed on its own, down to single
+        slices: a slice that fails alone goes into `unwritten` (row -> cause) and has no logits
+        row; every other slice is computed as usual. A forward writes only the KV of its own
+        slices' positions, and computing them again writes the same values, so trying again is
+        safe."""
         try:
             self._inject_fault("forward", [step.slices[i].row for i in order])
-            return self.run_forward(plan)
+            return self._split_prompt(self.run_forward(plan), plan, prompt)
         except Exception as exc:
             if len(order) == 1:
                 row = step.slices[order[0]].row
@@ -349,10 +359,22 @@ class Engine:
         parts = []
         for part in (order[:half], order[half:]):
             sub = plan_batch([step.slices[i] for i in part])
-            logits = self._forward_contained(step, part, sub, unwritten)
+            logits = self._forward_contained(step, part, sub, unwritten, prompt)
             if logits.shape[0]:
                 parts.append(logits)
         return torch.cat(parts) if parts else torch.empty(0, self.cfg.vocab_size)
+
+    def _split_prompt(
+        self, logits: torch.Tensor, plan: BatchPlan | None, prompt: list[PromptLogprobs]
+    ) -> torch.Tensor:
+        """The sampled rows of a forward's `logits`; the prompt-logprob rows after them become
+        the prompt logprobs of their slices, appended to `prompt`."""
+        if plan is None or plan.prompt is None:
+            return logits
+        num_sampled = logits.shape[0] - int(plan.prompt.token_idx.shape[0])
+        top_counts = [self.rows[row].params.top_logprobs for row in plan.prompt.rows]
+        prompt += prompt_logprobs(logits[num_sampled:], plan.prompt, top_counts)
+        return logits[:num_sampled]
 
     def _inject_fault(self, stage: str, rows: list[int]) -> None:
         fault = self.fault_request_id

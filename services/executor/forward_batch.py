@@ -45,6 +45,8 @@ class ForwardBatch:
     seq_lens_cpu: list[int] = field(default_factory=list)
     # Token indices whose logits are sampled, in result order.
     sample_token_idx: torch.Tensor | None = None
+    # Token indices whose logits give prompt logprobs, returned after the sampled ones (None: none).
+    prompt_token_idx: torch.Tensor | None = None
     # Shared cached prefixes, read once per group (None: every slice reads its own keys).
     shared: SharedSpans | None = None
     # Backend-specific per-step metadata, built once and shared by every layer.
@@ -57,3 +59,11 @@ class ForwardBatch:
     @property
     def num_decode(self) -> int:
         return int(self.rows.shape[0]) - self.num_extend
+
+    @property
+    def logits_token_idx(self) -> torch.Tensor | None:
+        """Token indices whose logits the forward returns, in order: the sampled ones, then the
+        prompt-logprob ones; None: every token."""
+        if self.prompt_token_idx is None or self.sample_token_idx is None:
+            return self.sample_token_idx
+        return torch.cat([self.sample_token_idx, self.prompt_token_idx])

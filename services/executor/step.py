@@ -38,10 +38,21 @@ class Slice:
     input_ids: list[int]
     use_last_sampled: bool = False
     sample: bool = True
+    # Prompt logprobs from this position (absolute) to the last one with a known next token.
+    logprob_start: int | None = None
+    next_token_id: int | None = None  # the token after the slice's last position
 
     @property
     def length(self) -> int:
         return 1 if self.use_last_sampled else len(self.input_ids)
+
+    @property
+    def prompt_positions(self) -> range:
+        """Positions whose prompt logprob this slice returns (empty when not asked)."""
+        if self.logprob_start is None:
+            return range(0)
+        end = self.start + self.length - (0 if self.next_token_id is not None else 1)
+        return range(self.logprob_start, end)
 
 
 @dataclass
@@ -73,6 +84,17 @@ class SampledToken:
 
 
 @dataclass
+class PromptLogprobs:
+    """Prompt logprobs of one slice: per position of `Slice.prompt_positions`, the logprob of
+    its next token, and `top_logprobs` alternatives (the row's count), flattened."""
+
+    row: int
+    logprobs: list[float]
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
 class StepOutput:
     step_id: int
     tokens: list[SampledToken] = field(default_factory=list)
@@ -82,6 +104,8 @@ class StepOutput:
     failed: dict[int, str] = field(default_factory=dict)  # index into tokens -> cause
     # row -> cause: rows whose slice's forward pass failed (their KV there is not written)
     unwritten: dict[int, str] = field(default_factory=dict)
+    # per slice with logprob_start whose forward succeeded, in the Step's slice order
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
@@ -135,7 +159,15 @@ def step_from_pb(msg: pb.Step) -> StepInput:
         ],
         writes=[SlotWrite(w.row, w.start, list(w.kv_indices)) for w in msg.writes],
         slices=[
-            Slice(s.row, s.start, list(s.input_ids), s.use_last_sampled, s.sample)
+            Slice(
+                s.row,
+                s.start,
+                list(s.input_ids),
+                s.use_last_sampled,
+                s.sample,
+                s.logprob_start if s.HasField("logprob_start") else None,
+                s.next_token_id if s.HasField("next_token_id") else None,
+            )
             for s in msg.slices
         ],
         shared_prefixes=[SharedPrefix(p.length, list(p.rows)) for p in msg.shared_prefixes],
@@ -169,6 +201,8 @@ def step_to_pb(step: StepInput) -> pb.Step:
                 input_ids=s.input_ids,
                 use_last_sampled=s.use_last_sampled,
                 sample=s.sample,
+                logprob_start=s.logprob_start,
+                next_token_id=s.next_token_id,
             )
             for s in step.slices
         ],
@@ -201,6 +235,12 @@ def output_to_pb(out: StepOutput) -> pb.StepResult:
         for t in out.tokens:
             result.forced_counts.append(len(t.forced))
             result.forced_ids.extend(t.forced)
+    for p in out.prompt_logprobs:
+        result.prompt_rows.append(p.row)
+        result.prompt_counts.append(len(p.logprobs))
+        result.prompt_logprobs.extend(p.logprobs)
+        result.prompt_top_ids.extend(p.top_ids)
+        result.prompt_top_logprobs.extend(p.top_logprobs)
     return result
 
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from services.executor.step import SharedPrefix, StepInput
+from services.executor.step import SharedPrefix, Slice, StepInput
 
 if TYPE_CHECKING:
     from services.executor.engine import Engine
@@ -105,6 +105,24 @@ def _check_slices(step: StepInput, active: set[int], engine: Engine) -> None:
             )
         if s.input_ids and (min(s.input_ids) < 0 or max(s.input_ids) >= vocab):
             _fail(f"token id out of vocabulary ({vocab}) in the slice of row {s.row}")
+        _check_prompt_logprobs(s, vocab)
+
+
+def _check_prompt_logprobs(s: Slice, vocab: int) -> None:
+    if s.next_token_id is not None:
+        if s.logprob_start is None or s.sample:
+            _fail(f"slice of row {s.row}: next_token_id needs logprob_start and no sample")
+        if not 0 <= s.next_token_id < vocab:
+            _fail(f"next_token_id out of vocabulary ({vocab}) in the slice of row {s.row}")
+    if s.logprob_start is None:
+        return
+    if s.use_last_sampled:
+        _fail(f"slice of row {s.row}: logprob_start with use_last_sampled")
+    if not s.start <= s.logprob_start < s.start + s.length or not s.prompt_positions:
+        _fail(
+            f"slice of row {s.row}: logprob_start {s.logprob_start} leaves no position with a "
+            f"known next token in {s.start}..{s.start + s.length - 1}"
+        )
 
 
 def _check_shared_prefixes(step: StepInput, engine: Engine) -> None:

@@ -64,11 +64,12 @@ class KVCache:
     # ---- a request's slots ----------------------------------------------------------------------
 
     def attach(self, req: Req) -> None:
-        """Lock the longest cached prefix of req's tokens as its first positions.
+        """Lock the longest cached prefix of req's matchable tokens as its first positions.
 
-        The last token is never matched: its logits are needed to sample the next one.
+        The last token is never matched: its logits are needed to sample the next one. Nor are
+        the positions whose prompt logprobs req still needs (`Req.matchable_ids`).
         """
-        kv, node = self.tree.match_prefix(req.fill_ids[:-1])
+        kv, node = self.tree.match_prefix(req.matchable_ids())
         self.tree.lock(node)
         req.kv, req.num_cached, req.node, req.num_computed = list(kv), len(kv), node, len(kv)
 

@@ -60,6 +60,7 @@ def params_from_pb(msg: pb.GenerateRequest) -> GenerateParams:
         grammar,
         msg.priority,
         msg.traceparent,
+        msg.logprob_start_len if msg.HasField("logprob_start_len") else -1,
     )
 
 
@@ -77,18 +78,22 @@ def batch_to_pb(batch: list[tuple[str, Event]]) -> pb.StreamBatch:
 def _event_fields(event: Event) -> dict[str, object]:
     """The `oneof event` field both GenerateResponse and StreamEvent carry."""
     if isinstance(event, Chunk):
-        return dict(
-            chunk=pb.GenerateChunk(
-                index=event.index,
-                token_ids=event.token_ids,
-                logprobs=event.logprobs,
-                top_ids=event.top_ids,
-                top_logprobs=event.top_logprobs,
-                prompt_tokens=event.prompt_tokens,
-                completion_tokens=event.completion_tokens,
-                cached_tokens=event.cached_tokens,
-            )
+        chunk = pb.GenerateChunk(
+            index=event.index,
+            token_ids=event.token_ids,
+            logprobs=event.logprobs,
+            top_ids=event.top_ids,
+            top_logprobs=event.top_logprobs,
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            cached_tokens=event.cached_tokens,
         )
+        if event.prompt is not None:
+            chunk.prompt_logprob_start = event.prompt.start
+            chunk.prompt_logprobs.extend(event.prompt.logprobs)
+            chunk.prompt_top_ids.extend(event.prompt.top_ids)
+            chunk.prompt_top_logprobs.extend(event.prompt.top_logprobs)
+        return dict(chunk=chunk)
     if isinstance(event, Complete):
         return dict(
             complete=pb.GenerateComplete(

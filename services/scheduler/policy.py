@@ -64,7 +64,7 @@ class Policy:
         """The waiting requests in the order admission should consider them."""
         if self.name == "lpm" and self.cache.enabled and len(waiting) <= LPM_MAX_QUEUE:
             for req in waiting:
-                req.prefix_hint = self.cache.match_len(req.fill_ids[:-1])
+                req.prefix_hint = self.cache.match_len(req.matchable_ids())
             return sorted(waiting, key=_lpm_key)
         if self.name == "priority":
             return sorted(waiting, key=_priority_key)
@@ -106,7 +106,7 @@ class PrefixesInFlight:
         """True when req would recompute tokens another request is computing right now."""
         if not self.enabled:
             return False
-        ids = req.fill_ids[:-1]
+        ids = req.matchable_ids()
         shared = len(self._tree.match_prefix(ids)[0])
         extra = shared - cached_len
         return extra > 0 and extra >= min(HOLD_MIN_TOKENS, len(ids) - cached_len)

@@ -176,7 +176,8 @@ class PrefillManager:
         start, end = req.num_computed, req.num_computed + len(slots)
         step.writes.append((req.row, start, slots))
         last = end == req.prefill_len
-        step.compute(req, start, req.fill_ids[start:end], sample=last)
+        ids = req.fill_ids[start:end]
+        step.compute(req, start, ids, last, req.prompt_logprob_span(start, end))
         req.kv += slots
         req.num_computed = end
         if last:

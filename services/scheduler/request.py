@@ -58,6 +58,28 @@ class StopOptions:
     ignore_eos: bool = False
 
 
+@dataclass
+class PromptLogprobs:
+    """Logprobs of the prompt tokens from position `start` on, as the step results bring them.
+
+    Value i is the logprob of token start + i, from the logits of position start + i - 1;
+    `top_ids` / `top_logprobs` hold top_logprobs alternatives per value, flattened.
+    """
+
+    start: int  # first prompt position with a value (>= 1: token 0 has none)
+    logprobs: list[float] = field(default_factory=list)
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def next_position(self) -> int:
+        """The position whose logits give the next value still missing."""
+        return self.start - 1 + len(self.logprobs)
+
+    def complete(self, prompt_len: int) -> bool:
+        return self.start + len(self.logprobs) >= prompt_len
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a request must fit; from the executor's Info and the scheduler's flags."""
@@ -79,6 +101,7 @@ class GenerateParams:
     grammar: GrammarSpec | None = None  # the output must follow it; None: free text
     priority: int = 0  # lower first under the `priority` policy
     traceparent: str = ""  # W3C traceparent of the caller's span ("": none)
+    logprob_start_len: int = -1  # prompt logprobs from this position on; -1: none
 
     def validate(self, limits: Limits) -> None:
         """Raises InvalidRequest naming the first problem."""
@@ -113,6 +136,11 @@ class GenerateParams:
                 f"top_logprobs must be in [0, {limits.max_top_logprobs}]",
             ),
             (st.max_tokens >= 1, "max_tokens must be at least 1"),
+            (
+                -1 <= self.logprob_start_len < len(self.input_ids),
+                f"logprob_start_len must be -1 or in [0, {len(self.input_ids)}) "
+                "(a prompt position)",
+            ),
             (
                 st.min_tokens <= st.max_tokens,
                 f"min_tokens ({st.min_tokens}) exceeds max_tokens ({st.max_tokens})",
@@ -173,6 +201,8 @@ class Req:
     banned: bool = False  # stop tokens banned in the executor's params (min_tokens not reached)
     pending_write: tuple[int, list[int]] | None = None  # (start, slots) to rewrite in the table
     explicit_next: bool = False  # forced tokens arrived: the next slice sends them as input ids
+    # Prompt logprobs asked for and not yet streamed (gathered across admissions); else None.
+    prompt_logprobs: PromptLogprobs | None = None
     # ---- lifecycle ----
     epoch: int = 0  # bumped at every release; results from an older epoch are dropped
     retracted: bool = False
@@ -206,6 +236,11 @@ class Req:
             grammar=params.grammar,
             priority=params.priority,
             grammar_ready=params.grammar is None,
+            prompt_logprobs=(
+                PromptLogprobs(max(params.logprob_start_len, 1))
+                if params.logprob_start_len >= 0 and index == 0
+                else None
+            ),
         )
 
     @property
@@ -215,6 +250,28 @@ class Req:
     @property
     def prefilling(self) -> bool:
         return self.num_computed < self.prefill_len
+
+    def matchable_ids(self) -> list[int]:
+        """The tokens a cached prefix may cover: never the last one (its logits sample the next
+        token), nor any position whose prompt logprob is still to compute (cached KV has no
+        logits)."""
+        ids = self.fill_ids[:-1]
+        if self.prompt_logprobs is not None:
+            ids = ids[: self.prompt_logprobs.next_position]
+        return ids
+
+    def prompt_logprob_span(self, start: int, end: int) -> tuple[int, int | None] | None:
+        """For a prefill slice over positions start..end-1: the first position whose prompt
+        logprob it returns, and the token after the slice when its last position has one too;
+        None when it returns none."""
+        pl = self.prompt_logprobs
+        if pl is None:
+            return None
+        last = len(self.prompt) - 2  # the last position with a prompt token after it
+        first = max(start, pl.next_position)
+        if first > min(end - 1, last):
+            return None
+        return first, self.prompt[end] if end - 1 <= last else None
 
     def wants_decode(self) -> bool:
         return (

@@ -51,7 +51,7 @@ from services.scheduler.executor_client import ExecutorInfo, ExecutorLink
 from services.scheduler.metrics import Counters, Load, SchedulerMetrics
 from services.scheduler.policy import Policy
 from services.scheduler.prefill import NewTokenRatio, PrefillManager
-from services.scheduler.request import FinishReason, GenerateParams, Limits, Req
+from services.scheduler.request import FinishReason, GenerateParams, Limits, PromptLogprobs, Req
 from services.scheduler.request_table import RequestTable
 from services.scheduler.shared_prefix import shared_prefixes
 from services.scheduler.spans import SampleSpan
@@ -153,6 +153,8 @@ class Scheduler:
             req.jump_forward = not self.cfg.disable_jump_forward
             if self.tracer is not None:
                 req.span = SampleSpan(self.tracer, req, params.traceparent)
+            if req.prompt_logprobs is not None:
+                self._on_prompt_logprobs(req)  # a one-token prompt has none to compute
         self.groups[params.request_id] = reqs
         self.prefill.policy.note_arrived(reqs, self.waiting)
         self.waiting.extend(reqs)
@@ -382,13 +384,18 @@ class Scheduler:
         self.waiting = [r for r in self.waiting if r.row is None]
 
     def _process(self, step: Step, msg: pb.StepResult) -> None:
-        result = result_from_pb(msg, [req.sampling.top_logprobs for req, _ in step.samplers])
+        top_counts = [req.sampling.top_logprobs for req, _ in step.samplers]
+        result = result_from_pb(msg, top_counts, step.prompt_slices())
         if result.error is not None:
             raise StepFailed(f"step {step.step_id} rejected: {result.error[1]}")
         self.counters.computed_tokens += result.num_tokens
         self.metrics.iteration.observe(result.num_tokens)
         if result.unwritten:
             self._drop_unwritten(step, result.unwritten)
+        for row, piece in result.prompt.items():  # before the tokens: they ride in the first chunk
+            req, epoch, _ = step.writers[row]
+            if req.epoch == epoch and req.finished is None:
+                self._on_prompt_logprobs(req, piece)
         for i, ((req, epoch), token) in enumerate(zip(step.samplers, result.tokens, strict=True)):
             if req.epoch == epoch and req.finished is None and i in result.failed:
                 self._fail_group(
@@ -433,6 +440,21 @@ class Scheduler:
         req.stream.push(req.index, token, n, req.cached_tokens or 0)
         if n >= req.stop.max_tokens:
             self._finish(req, FinishReason.LENGTH)
+
+    def _on_prompt_logprobs(self, req: Req, piece: PromptLogprobs | None = None) -> None:
+        """Adds a step's values to req's prompt logprobs (they arrive in position order, once:
+        a retracted request keeps what it got and computes only the rest); streams them once
+        complete."""
+        gathered = req.prompt_logprobs
+        assert gathered is not None and not req.output, "prompt logprobs after the first token"
+        if piece is not None:
+            assert piece.start == gathered.start + len(gathered.logprobs), "out of order"
+            gathered.logprobs += piece.logprobs
+            gathered.top_ids += piece.top_ids
+            gathered.top_logprobs += piece.top_logprobs
+        if gathered.complete(len(req.prompt)):
+            req.stream.push_prompt(req.index, gathered, req.cached_tokens or 0)
+            req.prompt_logprobs = None
 
     def _on_forced(self, req: Req, forced: list[int]) -> None:
         """Jump-forward tokens the grammar forced after req's last token: output without a forward

@@ -2,7 +2,8 @@
 
 A Step is a diff against the executor's state: rows released, then requests added, then table
 writes `table[row, start:start+len] = kv`, then the slices to compute. `samplers` remembers which
-request (and which of its epochs) each sampled token of the result belongs to.
+request (and which of its epochs) each sampled token of the result belongs to; a slice that asks
+for prompt logprobs (`logprob_start`) gets them back by row.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from radixserve.v1 import executor_pb2 as pb
-from services.scheduler.request import Req
+from services.scheduler.request import PromptLogprobs, Req
 from services.scheduler.streams import Token
 
 
@@ -22,6 +23,8 @@ class Slice:
     input_ids: list[int]  # empty with use_last_sampled
     use_last_sampled: bool = False
     sample: bool = True
+    logprob_start: int | None = None  # prompt logprobs from this position on (None: none)
+    next_token_id: int | None = None  # the token after the slice, with prompt logprobs
 
     @property
     def length(self) -> int:
@@ -39,17 +42,38 @@ class Step:
     samplers: list[tuple[Req, int]] = field(default_factory=list)  # (req, epoch) per sampled slice
     # (length, rows): rows whose positions 0..length-1 hold the same cached slots
     shared_prefixes: list[tuple[int, list[int]]] = field(default_factory=list)
-    # row -> (req, epoch, KV slots its slice writes), for a slice whose forward fails
+    # row -> (req, epoch, KV slots its slice writes): whose prompt logprobs or failed forward
+    # a result reports
     writers: dict[int, tuple[Req, int, list[int]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.release_rows or self.add or self.writes or self.slices)
 
-    def compute(self, req: Req, start: int, ids: list[int], sample: bool) -> None:
+    def compute(
+        self,
+        req: Req,
+        start: int,
+        ids: list[int],
+        sample: bool,
+        prompt_logprobs: tuple[int, int | None] | None = None,
+    ) -> None:
+        """A slice of req's explicit `ids`; `prompt_logprobs`: (logprob_start, next_token_id)."""
         assert req.row is not None
-        self.slices.append(Slice(req.row, start, ids, sample=sample))
+        first, following = prompt_logprobs or (None, None)
+        self.slices.append(
+            Slice(req.row, start, ids, sample=sample, logprob_start=first, next_token_id=following)
+        )
         if sample:
             self.samplers.append((req, req.epoch))
+
+    def prompt_slices(self) -> dict[int, tuple[int, int]]:
+        """row -> (prompt position of its first value, top_logprobs) of each slice with prompt
+        logprobs; call once `writers` is filled."""
+        return {
+            s.row: (s.logprob_start + 1, self.writers[s.row][0].sampling.top_logprobs)
+            for s in self.slices
+            if s.logprob_start is not None
+        }
 
     def decode(self, req: Req, start: int) -> None:
         assert req.row is not None
@@ -69,6 +93,8 @@ class Step:
                     input_ids=s.input_ids,
                     use_last_sampled=s.use_last_sampled,
                     sample=s.sample,
+                    logprob_start=s.logprob_start,
+                    next_token_id=s.next_token_id,
                 )
                 for s in self.slices
             ],
@@ -120,13 +146,20 @@ class StepResult:
     forced: list[list[int]] = field(default_factory=list)  # per token: jump-forward tokens after it
     failed: dict[int, str] = field(default_factory=dict)  # index into tokens -> why sampling failed
     unwritten: dict[int, str] = field(default_factory=dict)  # row -> why its forward failed
+    prompt: dict[int, PromptLogprobs] = field(default_factory=dict)  # row -> its slice's values
     num_tokens: int = 0
     forward_ns: int = 0
     error: tuple[int, str] | None = None  # (google.rpc code, message): the step was not applied
 
 
-def result_from_pb(msg: pb.StepResult, top_counts: list[int]) -> StepResult:
-    """`top_counts[i]`: top_logprobs of the i-th sampling request (the flattened top_ids stride)."""
+def result_from_pb(
+    msg: pb.StepResult,
+    top_counts: list[int],
+    prompt_slices: dict[int, tuple[int, int]] | None = None,
+) -> StepResult:
+    """`top_counts[i]`: top_logprobs of the i-th sampling request (the flattened top_ids stride);
+    `prompt_slices[row]`: (position of the first value, top_logprobs) of each slice with prompt
+    logprobs (`Step.prompt_slices`)."""
     if msg.HasField("error"):
         return StepResult(msg.step_id, [], error=(msg.error.code, msg.error.message))
     assert len(msg.token_ids) == len(top_counts), (
@@ -155,6 +188,26 @@ def result_from_pb(msg: pb.StepResult, top_counts: list[int]) -> StepResult:
         forced,
         dict(zip(msg.failed, msg.failed_reasons, strict=True)),
         dict(zip(msg.unwritten_rows, msg.unwritten_reasons, strict=True)),
+        _prompt_from_pb(msg, prompt_slices or {}),
         msg.num_tokens,
         msg.forward_ns,
     )
+
+
+def _prompt_from_pb(
+    msg: pb.StepResult, slices: dict[int, tuple[int, int]]
+) -> dict[int, PromptLogprobs]:
+    out: dict[int, PromptLogprobs] = {}
+    offset = top_offset = 0
+    for row, n in zip(msg.prompt_rows, msg.prompt_counts, strict=True):
+        start, top = slices[row]
+        k = n * top
+        out[row] = PromptLogprobs(
+            start,
+            list(msg.prompt_logprobs[offset : offset + n]),
+            list(msg.prompt_top_ids[top_offset : top_offset + k]),
+            list(msg.prompt_top_logprobs[top_offset : top_offset + k]),
+        )
+        offset += n
+        top_offset += k
+    return out

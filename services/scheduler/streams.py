@@ -3,6 +3,10 @@
 The scheduler loop only appends to a stream's buffers and sets an event; it never awaits a reader.
 The reader takes everything pending at once, so a slow client gets one coalesced chunk per sample
 covering several steps instead of stalling the loop or building a queue of small messages.
+
+Prompt logprobs are pushed once, complete, before the sample's first token: they ride in its first
+chunk, which carries no tokens when the reader takes it before one arrives (or when the sample
+ends on a stop token, which is never streamed).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from services.scheduler.request import FinishReason
+from services.scheduler.request import FinishReason, PromptLogprobs
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt: PromptLogprobs | None = None  # prompt logprobs: only in a sample's first chunk
 
 
 @dataclass
@@ -84,10 +89,21 @@ class OutputStream:
         """Every sample completed or the request failed (the producer side is finished)."""
         return self._failed or self._num_complete == self.n
 
-    def push(self, index: int, token: Token, completion_tokens: int, cached_tokens: int) -> None:
+    def _chunk(self, index: int) -> Chunk:
         chunk = self._chunks.get(index)
         if chunk is None:
             chunk = self._chunks[index] = Chunk(index, prompt_tokens=self.prompt_tokens)
+        return chunk
+
+    def push_prompt(self, index: int, prompt: PromptLogprobs, cached_tokens: int) -> None:
+        """The sample's prompt logprobs, complete; before any of its tokens."""
+        chunk = self._chunk(index)
+        assert not chunk.token_ids, "prompt logprobs after a token"
+        chunk.prompt, chunk.cached_tokens = prompt, cached_tokens
+        self._notify()
+
+    def push(self, index: int, token: Token, completion_tokens: int, cached_tokens: int) -> None:
+        chunk = self._chunk(index)
         chunk.token_ids.append(token.token_id)
         if self.logprobs:
             chunk.logprobs.append(token.logprob)

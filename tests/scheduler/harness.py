@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.executor_client import ExecutorLink
-from services.scheduler.request import GenerateParams, SamplingOptions, StopOptions
+from services.scheduler.request import (
+    GenerateParams,
+    PromptLogprobs,
+    SamplingOptions,
+    StopOptions,
+)
 from services.scheduler.scheduler import Scheduler
 from services.scheduler.streams import Chunk, Complete, Failure, OutputStream
 
@@ -26,6 +31,7 @@ def params(
         SamplingOptions(**sampling_kw),
         StopOptions(max_tokens=max_tokens, **stop_kw),
         n,
+        logprob_start_len=int(kw.get("logprob_start_len", -1)),  # type: ignore[call-overload]
     )
 
 
@@ -38,6 +44,8 @@ class Result:
     chunks: int = 0
     complete: Complete | None = None
     cached_tokens: int = 0
+    prompt: PromptLogprobs | None = None  # prompt logprobs, from the first chunk
+    prompt_chunks: int = 0  # chunks that carried prompt logprobs (at most the first one)
 
 
 async def collect(stream: OutputStream) -> dict[int, Result] | Failure:
@@ -47,6 +55,10 @@ async def collect(stream: OutputStream) -> dict[int, Result] | Failure:
             return event
         res = results.setdefault(event.index, Result())
         if isinstance(event, Chunk):
+            if event.prompt is not None:
+                assert res.chunks == 0, "prompt logprobs after the first chunk"
+                res.prompt = event.prompt
+                res.prompt_chunks += 1
             res.tokens += event.token_ids
             res.logprobs += event.logprobs
             res.chunks += 1

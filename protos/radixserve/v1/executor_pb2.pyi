@@ -143,18 +143,22 @@ class SlotWrite(_message.Message):
     def __init__(self, row: _Optional[int] = ..., start: _Optional[int] = ..., kv_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Slice(_message.Message):
-    __slots__ = ("row", "start", "input_ids", "use_last_sampled", "sample")
+    __slots__ = ("row", "start", "input_ids", "use_last_sampled", "sample", "logprob_start", "next_token_id")
     ROW_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     USE_LAST_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_START_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     row: int
     start: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     use_last_sampled: bool
     sample: bool
-    def __init__(self, row: _Optional[int] = ..., start: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., use_last_sampled: _Optional[bool] = ..., sample: _Optional[bool] = ...) -> None: ...
+    logprob_start: int
+    next_token_id: int
+    def __init__(self, row: _Optional[int] = ..., start: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., use_last_sampled: _Optional[bool] = ..., sample: _Optional[bool] = ..., logprob_start: _Optional[int] = ..., next_token_id: _Optional[int] = ...) -> None: ...
 
 class SharedPrefix(_message.Message):
     __slots__ = ("length", "rows")
@@ -189,7 +193,7 @@ class StepError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "error", "rows", "token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens", "forward_ns", "grammar_ended", "forced_counts", "forced_ids", "failed", "failed_reasons", "unwritten_rows", "unwritten_reasons")
+    __slots__ = ("step_id", "error", "rows", "token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens", "forward_ns", "grammar_ended", "forced_counts", "forced_ids", "failed", "failed_reasons", "unwritten_rows", "unwritten_reasons", "prompt_rows", "prompt_counts", "prompt_logprobs", "prompt_top_ids", "prompt_top_logprobs")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +210,11 @@ class StepResult(_message.Message):
     FAILED_REASONS_FIELD_NUMBER: _ClassVar[int]
     UNWRITTEN_ROWS_FIELD_NUMBER: _ClassVar[int]
     UNWRITTEN_REASONS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     error: StepError
     rows: _containers.RepeatedScalarFieldContainer[int]
@@ -222,4 +231,9 @@ class StepResult(_message.Message):
     failed_reasons: _containers.RepeatedScalarFieldContainer[str]
     unwritten_rows: _containers.RepeatedScalarFieldContainer[int]
     unwritten_reasons: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., forward_ns: _Optional[int] = ..., grammar_ended: _Optional[_Iterable[int]] = ..., forced_counts: _Optional[_Iterable[int]] = ..., forced_ids: _Optional[_Iterable[int]] = ..., failed: _Optional[_Iterable[int]] = ..., failed_reasons: _Optional[_Iterable[str]] = ..., unwritten_rows: _Optional[_Iterable[int]] = ..., unwritten_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+    prompt_rows: _containers.RepeatedScalarFieldContainer[int]
+    prompt_counts: _containers.RepeatedScalarFieldContainer[int]
+    prompt_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    prompt_top_ids: _containers.RepeatedScalarFieldContainer[int]
+    prompt_top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., forward_ns: _Optional[int] = ..., grammar_ended: _Optional[_Iterable[int]] = ..., forced_counts: _Optional[_Iterable[int]] = ..., forced_ids: _Optional[_Iterable[int]] = ..., failed: _Optional[_Iterable[int]] = ..., failed_reasons: _Optional[_Iterable[str]] = ..., unwritten_rows: _Optional[_Iterable[int]] = ..., unwritten_reasons: _Optional[_Iterable[str]] = ..., prompt_rows: _Optional[_Iterable[int]] = ..., prompt_counts: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., prompt_top_ids: _Optional[_Iterable[int]] = ..., prompt_top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...

@@ -110,8 +110,10 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        """Logits [num_sampled, vocab] (float32) of the tokens in `batch.sample_token_idx`."""
+        """Logits [n, vocab] (float32) of the tokens in `batch.logits_token_idx` (the sampled
+        ones, then those of prompt logprobs)."""
         hidden = self.model(batch, attn)
-        if batch.sample_token_idx is not None:
-            hidden = hidden[batch.sample_token_idx]
+        idx = batch.logits_token_idx
+        if idx is not None:
+            hidden = hidden[idx]
         return self.lm_head(hidden).float()
