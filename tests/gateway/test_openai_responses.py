@@ -161,7 +161,9 @@ def test_api_doc_lists_the_responses_fields_as_in_the_code() -> None:
     assert set(rows) == rows_of(RESPONSES)
 
 
-def test_invocations_dispatches_by_body_and_load_counts_requests_in_flight(http: TestClient) -> None:
+def test_invocations_dispatches_by_body_and_load_counts_requests_in_flight(
+    http: TestClient,
+) -> None:
     backend = http.app.state.backend  # type: ignore[attr-defined]
     backend.app_state = http.app.state  # type: ignore[attr-defined]
     chat = http.post("/invocations", json={"messages": [{"role": "user", "content": "hi"}]})
