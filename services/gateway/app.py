@@ -81,7 +81,10 @@ def _backend(request: Request) -> Backend:
 
 
 def _options(
-    req: SamplingFields, inputs: list[GenerationInput], echo: list[str] | None
+    req: SamplingFields,
+    inputs: list[GenerationInput],
+    echo: list[str] | None,
+    pieces: list[list[str]] | None = None,
 ) -> ResponseOptions:
     """What the request asked of its answer besides the choices."""
     stream = req.stream_options if req.stream else None
@@ -91,6 +94,7 @@ def _options(
         continuous_usage=include and bool(stream and stream.continuous_usage_stats),
         prompt_ids=tuple(inp.input_ids for inp in inputs) if req.return_token_ids else None,
         echo=tuple(echo) if echo else None,
+        prompt_pieces=tuple(pieces) if pieces else None,
     )
 
 
@@ -121,8 +125,12 @@ async def _completions(request: Request) -> Response:
     rid = request_id(request)
     inputs = await backend.completion_inputs(req, rid)
     echo = await backend.prompt_texts(req, inputs) if req.echo else None
+    pieces = None
+    if req.echo and req.logprobs is not None:  # prompt logprobs: each prompt token's text
+        pieces = [await backend.prompt_pieces(inp.input_ids) for inp in inputs]
     meta = Meta(rid, backend.model.name)
-    fmt = CompletionFormat(meta, req.n, req.logprobs is not None, _options(req, inputs, echo))
+    options = _options(req, inputs, echo, pieces)
+    fmt = CompletionFormat(meta, req.n, req.logprobs is not None, options)
     run = Run([backend.generation(inp) for inp in inputs], req.n)
     return await respond(request, run, fmt, req.stream)
 

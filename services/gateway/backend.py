@@ -174,12 +174,15 @@ class Backend:
         encoded = await asyncio.gather(*(self._ids(p) for p in req.prompts()))
         prompts = [truncate_prompt(ids, req, model) for ids in encoded]
         text = text_options(req)
+        prompt_logprobs = 0 if req.echo and req.logprobs is not None else None
         return [
             GenerationInput(
                 request_id if len(prompts) == 1 else f"{request_id}-{k}",
                 ids,
                 fit_context(sampling, len(ids), model, "prompt"),
                 text,
+                logprob_start_len=prompt_logprobs,
+                hide_output=req.max_tokens == 0,
             )
             for k, ids in enumerate(prompts)
         ]
@@ -269,6 +272,11 @@ class Backend:
                 pieces = await self.tokenizer.token_pieces(ids)
                 texts.append(b"".join(pieces[i].raw for i in ids).decode(errors="replace"))
         return texts
+
+    async def prompt_pieces(self, ids: list[int]) -> list[str]:
+        """The text of each token of `ids`, shown alone (logprobs' `tokens`)."""
+        pieces = await self.tokenizer.token_pieces(ids)
+        return [pieces[i].text for i in ids]
 
     async def _ids(self, prompt: str | list[int]) -> list[int]:
         return prompt if isinstance(prompt, list) else await self.tokenizer.encode(prompt)

@@ -54,6 +54,7 @@ def generate_request_to_pb(inp: GenerationInput, traceparent: str = "") -> spb.G
         sampling=sampling_to_pb(inp.sampling),
         priority=inp.sampling.priority,
         traceparent=traceparent,
+        logprob_start_len=inp.logprob_start_len,
     )
 
 
@@ -85,6 +86,12 @@ def _event_from_pb(
             prompt_tokens=c.prompt_tokens,
             completion_tokens=c.completion_tokens,
             cached_tokens=c.cached_tokens,
+            prompt_logprob_start=(
+                c.prompt_logprob_start if c.HasField("prompt_logprob_start") else None
+            ),
+            prompt_logprobs=list(c.prompt_logprobs),
+            prompt_top_ids=list(c.prompt_top_ids),
+            prompt_top_logprobs=list(c.prompt_top_logprobs),
         )
     if kind == "complete":
         e = msg.complete

@@ -31,6 +31,12 @@ class TokenChunk:
     cached_tokens: int
     # The sample's end, when it arrived with these tokens (they are the sample's last).
     end: SampleEnd | None = None
+    # Prompt logprobs (first chunk of sample 0 of a request that asked): positions
+    # prompt_logprob_start .. prompt_tokens - 1, with top alternatives flattened as for tokens.
+    prompt_logprob_start: int | None = None
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_ids: list[int] = field(default_factory=list)
+    prompt_top_logprobs: list[float] = field(default_factory=list)
 
     @classmethod
     def ending(cls, end: SampleEnd) -> TokenChunk:
@@ -75,6 +81,9 @@ class Output:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     matched_stop: str | int | None = None
+    # The prompt's logprobs, one per prompt token (None where there is none: the first token),
+    # on the output that brought them.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

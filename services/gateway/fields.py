@@ -221,8 +221,11 @@ COMPLETIONS = FieldTable(
     honoured={
         **_SAMPLING,
         "prompt": Rule("text, token ids, or a batch of either"),
-        "max_tokens": Rule("output limit; default 16"),
-        "logprobs": Rule("returns the sampled tokens' logprobs and this many top tokens"),
+        "max_tokens": Rule("output limit; default 16; 0 with echo: the prompt alone"),
+        "logprobs": Rule(
+            "returns the sampled tokens' logprobs and this many top tokens; with echo, the "
+            "prompt's too (unstreamed, n 1)"
+        ),
         "echo": Rule("the prompt is put before the output text"),
     },
     no_effect=_USER,

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from opentelemetry import trace
 
@@ -38,9 +39,13 @@ from services.gateway.spans import GenerationSpan
 class Sample:
     """One sample's detokenize stream and token accounting."""
 
-    def __init__(self, index: int, detok: Detokenizer, top_n: int | None) -> None:
+    def __init__(
+        self, index: int, detok: Detokenizer, top_n: int | None, inp: GenerationInput | None = None
+    ) -> None:
         self.index, self.detok = index, detok
         self.top_n = top_n  # None: no logprobs
+        self.prompt_ids = inp.input_ids if inp is not None else []
+        self.hide_output = inp is not None and inp.hide_output  # the one token is not shown
         self.finished = False  # no more outputs (the scheduler may still be running it)
         self.finish_reason: str | None = None
         self.scheduler_done = False
@@ -55,6 +60,9 @@ class Sample:
             self.scheduler_done = True
         if self.finished:
             return None
+        prompt = await self._prompt_logprobs(chunk, tokenizer)
+        if self.hide_output:
+            chunk = replace(chunk, token_ids=[], logprobs=[], top_ids=[], top_logprobs=[])
         delta = await self.detok.feed(chunk.token_ids, finish=end is not None)
         ids = chunk.token_ids[: delta.num_tokens]
         self.usage.completion_tokens += delta.num_tokens
@@ -63,7 +71,7 @@ class Sample:
             chunk.cached_tokens,
         )
         logprobs = await self._logprobs(chunk, delta.num_tokens, tokenizer)
-        out = Output(self.index, delta.text, ids, logprobs)
+        out = Output(self.index, delta.text, ids, logprobs, prompt_logprobs=prompt)
         if delta.finished:
             self._finish(out, delta, end, cut=delta.num_tokens < len(chunk.token_ids))
         return out
@@ -77,7 +85,8 @@ class Sample:
         The scheduler's counts are the sample's usage unless a stop string cut its tokens."""
         self.finished = True
         if end is not None and not cut:
-            self.usage = Usage(end.prompt_tokens, end.completion_tokens, end.cached_tokens)
+            shown = 0 if self.hide_output else end.completion_tokens
+            self.usage = Usage(end.prompt_tokens, shown, end.cached_tokens)
         if delta.matched_stop is not None:
             self.finish_reason, out.matched_stop = "stop", delta.matched_stop
         else:
@@ -102,6 +111,28 @@ class Sample:
             )
             for i in range(count)
         ]
+
+    async def _prompt_logprobs(
+        self, chunk: TokenChunk, tokenizer: TokenizerClient
+    ) -> list[TokenLogprob | None] | None:
+        """The prompt's logprobs when `chunk` brings them: one entry per prompt token, None
+        before `prompt_logprob_start` (the first token has none)."""
+        start = chunk.prompt_logprob_start
+        if start is None:
+            return None
+        ids = self.prompt_ids
+        k = len(chunk.prompt_top_ids) // max(len(chunk.prompt_logprobs), 1)
+        tops = [
+            chunk.prompt_top_ids[i * k : (i + 1) * k] for i in range(len(chunk.prompt_logprobs))
+        ]
+        pieces = await tokenizer.token_pieces(itertools.chain(ids, *tops))
+        entries: list[TokenLogprob | None] = [None] * start
+        for i, logprob in enumerate(chunk.prompt_logprobs):
+            top_lps = chunk.prompt_top_logprobs[i * k : (i + 1) * k]
+            entries.append(
+                TokenLogprob(pieces[ids[start + i]], logprob, _top(pieces, tops[i], top_lps))
+            )
+        return entries
 
 
 def _top(
@@ -192,7 +223,7 @@ class Generation:
                 if isinstance(d, Detokenizer):
                     d.cancel()
             raise failed[0]
-        return [Sample(i, d, top_n) for i, d in enumerate(opened)]  # type: ignore[arg-type]
+        return [Sample(i, d, top_n, self.inp) for i, d in enumerate(opened)]  # type: ignore[arg-type]
 
     async def _dispatch(self, event: TokenChunk | SampleEnd) -> Output | None:
         sample = self.samples[event.index]

@@ -30,6 +30,7 @@ TokenId = Annotated[int, _int(0)]
 TopK = Annotated[int, _int(-1)]  # -1 and 0: off
 MinTokens = Annotated[int, _int(0)]
 MaxTokens = Annotated[int, _int(1)]
+CompletionMaxTokens = Annotated[int, _int(0)]  # 0 only with echo: the prompt alone
 N = Annotated[int, _int(1, MAX_N)]
 BestOf = Annotated[int, _int(1)]
 TruncatePromptTokens = Annotated[int, _int(-1)]  # -1: the context length; 0 is refused

@@ -22,6 +22,7 @@ from services.gateway.limits import (
     LOGIT_BIAS_KEY,
     BestOf,
     Bias,
+    CompletionMaxTokens,
     MaxTokens,
     MinP,
     MinTokens,
@@ -255,7 +256,7 @@ PromptIds = Annotated[list[TokenId], Field(min_length=1)]
 
 class CompletionRequest(SamplingFields):
     prompt: NonEmptyText | PromptIds | list[NonEmptyText] | list[PromptIds]
-    max_tokens: MaxTokens | None = 16
+    max_tokens: CompletionMaxTokens | None = 16
     logprobs: TopLogprobs | None = None
     echo: StrictBool = False
     suffix: str | None = None

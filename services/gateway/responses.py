@@ -34,11 +34,14 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     matched_stop: str | int | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, when asked
 
     def add(self, out: Output) -> None:
         self.text += out.text
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.finish_reason:
             self.finish_reason, self.matched_stop = out.finish_reason, out.matched_stop
 
@@ -72,6 +75,7 @@ class ResponseOptions:
     continuous_usage: bool = False  # streamed: every chunk carries the usage so far (vLLM)
     prompt_ids: tuple[list[int], ...] | None = None  # return_token_ids: each prompt's ids
     echo: tuple[str, ...] | None = None  # the text put before each prompt's answers
+    prompt_pieces: tuple[list[str], ...] | None = None  # echo + logprobs: each prompt token's text
 
     def usage(self, usage: Usage) -> dict[str, Any]:
         """A chunk's `usage` field (none unless include_usage)."""
@@ -138,6 +142,27 @@ def completion_logprobs(lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
         "token_logprobs": [_logprob(lp.logprob) for lp in lps],
         "top_logprobs": [_top_dict(lp) for lp in lps],
         "text_offset": offsets,
+    }
+
+
+def echo_logprobs(
+    prompt: list[TokenLogprob | None], pieces: list[str], output: list[TokenLogprob]
+) -> dict[str, Any]:
+    """`choices[i].logprobs` of an echoed completion (OpenAI's legacy shape, as vLLM answers and
+    lm-evaluation-harness reads it): every prompt token first — `pieces` are their texts — with
+    null logprob and alternatives where the prompt has none (its first token), then the output's."""
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    tail = completion_logprobs(output, at)
+    return {
+        "tokens": [*pieces, *tail["tokens"]],
+        "token_logprobs": [None if e is None else _logprob(e.logprob) for e in prompt]
+        + tail["token_logprobs"],
+        "top_logprobs": [None if e is None else _top_dict(e) for e in prompt]
+        + tail["top_logprobs"],
+        "text_offset": offsets + tail["text_offset"],
     }
 
 
@@ -339,6 +364,9 @@ class CompletionFormat:
     def _choice(self, c: Choice) -> dict[str, Any]:
         echo = self._echo(c.index)
         logprobs = completion_logprobs(c.logprobs, len(echo)) if self.logprobs else None
+        if self.logprobs and c.prompt_logprobs is not None:
+            pieces = self.options.prompt_pieces[c.index // self.n]
+            logprobs = echo_logprobs(c.prompt_logprobs, pieces, c.logprobs)
         fields: dict[str, Any] = {"text": echo + c.text, "logprobs": logprobs}
         if self.options.prompt_ids is not None:
             fields["prompt_token_ids"] = self.options.prompt_ids[c.index // self.n]

@@ -93,6 +93,10 @@ class GenerationInput:
     input_ids: list[int]
     sampling: SamplingParams
     text: TextOptions
+    # Prompt logprobs from this position on (None: none; see the scheduler's logprob_start_len).
+    logprob_start_len: int | None = None
+    # Generate one token the client does not see (echo with max_tokens 0: the prompt alone).
+    hide_output: bool = False
 
 
 def chat_sampling(req: ChatCompletionRequest, model: ModelInfo) -> SamplingParams:
@@ -104,10 +108,22 @@ def chat_sampling(req: ChatCompletionRequest, model: ModelInfo) -> SamplingParam
 
 
 def completion_sampling(req: CompletionRequest, model: ModelInfo) -> SamplingParams:
-    if req.echo and req.logprobs is not None:
-        raise InvalidRequest("'echo' together with 'logprobs' is not supported", param="echo")
     wants = req.logprobs is not None
-    return _sampling(req, model, req.max_tokens, wants, req.logprobs or 0, "logprobs")
+    if req.echo and wants and req.stream:
+        raise InvalidRequest(
+            "'echo' with 'logprobs' (prompt logprobs) is answered unstreamed; set 'stream' false",
+            param="stream",
+        )
+    if req.echo and wants and req.n != 1:
+        raise InvalidRequest("'echo' with 'logprobs' needs 'n' 1", param="n")
+    max_tokens = req.max_tokens
+    if max_tokens == 0:
+        if not req.echo:
+            raise InvalidRequest(
+                "'max_tokens' 0 needs 'echo' (the prompt alone)", param="max_tokens"
+            )
+        max_tokens = 1  # one token is computed and not returned
+    return _sampling(req, model, max_tokens, wants, req.logprobs or 0, "logprobs")
 
 
 def native_sampling(p: NativeSamplingParams, model: ModelInfo) -> SamplingParams:

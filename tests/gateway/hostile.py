@@ -465,11 +465,25 @@ def value_cases() -> Iterator[Case]:
         "completions-suffix", COMPLETIONS, with_fields(COMPLETIONS, suffix="y"), 400, "suffix"
     )
     yield Case(
-        "completions-echo-logprobs",
+        "completions-echo-logprobs-streamed",
         COMPLETIONS,
-        with_fields(COMPLETIONS, echo=True, logprobs=1),
+        with_fields(COMPLETIONS, echo=True, logprobs=1, stream=True),
         400,
-        "echo",
+        "stream",
+    )
+    yield Case(
+        "completions-echo-logprobs-n",
+        COMPLETIONS,
+        with_fields(COMPLETIONS, echo=True, logprobs=1, n=2),
+        400,
+        "n",
+    )
+    yield Case(
+        "completions-max-tokens-0-without-echo",
+        COMPLETIONS,
+        with_fields(COMPLETIONS, max_tokens=0),
+        400,
+        "max_tokens",
     )
     yield Case(
         "completions-min-over-max",

@@ -145,7 +145,8 @@ def test_completion_defaults_to_16_tokens_and_logprobs_int() -> None:
         (ChatCompletionRequest, chat(logit_bias={"1000": 1}), "logit_bias"),
         (ChatCompletionRequest, chat(stop_token_ids=[1000]), "stop_token_ids"),
         (ChatCompletionRequest, chat(min_tokens=5, max_tokens=4), "min_tokens"),
-        (CompletionRequest, b'{"prompt": "x", "echo": true, "logprobs": 1}', "echo"),
+        (CompletionRequest, b'{"prompt": "x", "echo": true, "logprobs": 1, "n": 2}', "n"),
+        (CompletionRequest, b'{"prompt": "x", "max_tokens": 0}', "max_tokens"),
     ],
 )
 def test_checks_needing_the_model(model: type, body: bytes, param: str) -> None:
