@@ -44,7 +44,9 @@ def harness_request(stack: Stack, ids: list[int], max_tokens: int) -> dict:
         "seed": 1234,
     }
     headers = {"Authorization": f"Bearer {stack.api_key}"}
-    response = httpx.post(f"{stack.base_url}/v1/completions", json=body, headers=headers, timeout=60)
+    response = httpx.post(
+        f"{stack.base_url}/v1/completions", json=body, headers=headers, timeout=60
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
