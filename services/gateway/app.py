@@ -142,7 +142,18 @@ async def generate(request: Request) -> Response:
     rid = request_id(request, req.rid)
     inp = await backend.native_input(req, rid)
     n = req.sampling_params.n
-    fmt = NativeFormat(Meta(rid, backend.model.name), n)
+    pieces = []
+    if inp.logprob_start_len is not None and req.return_text_in_logprobs:
+        pieces = await backend.prompt_pieces(inp.input_ids)
+    fmt = NativeFormat(
+        Meta(rid, backend.model.name),
+        n,
+        logprobs=req.return_logprob,
+        text_in_logprobs=req.return_text_in_logprobs,
+        logprob_start=max(req.logprob_start_len, 0),
+        prompt_ids=inp.input_ids,
+        prompt_pieces=pieces,
+    )
     return await respond(request, Run([backend.generation(inp)], n), fmt, req.stream)
 
 

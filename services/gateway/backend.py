@@ -198,7 +198,17 @@ class Backend:
             check_token_ids(req.input_ids, model, "input_ids")
         ids = req.input_ids if req.input_ids is not None else await self._ids(req.text or "")
         sampling = fit_context(sampling, len(ids), model, "input_ids")
-        return GenerationInput(request_id, ids, sampling, text_options(p))
+        start = None
+        if req.return_logprob:
+            sampling = replace(sampling, logprobs=True, top_logprobs=req.top_logprobs_num)
+            if req.logprob_start_len >= len(ids):
+                raise InvalidRequest(
+                    f"'logprob_start_len' {req.logprob_start_len} is not below the prompt's "
+                    f"{len(ids)} tokens",
+                    param="logprob_start_len",
+                )
+            start = req.logprob_start_len if req.logprob_start_len >= 0 else None
+        return GenerationInput(request_id, ids, sampling, text_options(p), logprob_start_len=start)
 
     async def tokenize(self, req: TokenizeRequest) -> list[list[int]]:
         """The ids of each prompt, or of the `messages` as the chat route renders them (one)."""

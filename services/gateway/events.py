@@ -68,6 +68,8 @@ class TokenLogprob:
     token: TokenPiece
     logprob: float
     top: list[tuple[TokenPiece, float]]  # most likely first
+    token_id: int = -1  # the token's id (-1: not known)
+    top_ids: list[int] = field(default_factory=list)  # the ids of `top`, same order
 
 
 @dataclass

@@ -282,13 +282,15 @@ GENERATE = FieldTable(
         "stream": Rule("answers as server-sent events"),
         "rid": Rule("the request id (a duplicate in flight is a 400)"),
         "priority": Rule("admission order under --schedule-policy priority, lowest first"),
+        "return_logprob": Rule("meta_info carries the output tokens' logprobs"),
+        "logprob_start_len": Rule(
+            "with return_logprob: the prompt's logprobs from this position on; -1: none"
+        ),
+        "top_logprobs_num": Rule("with return_logprob: this many alternatives per token"),
+        "return_text_in_logprobs": Rule("logprob entries carry the token's text too"),
     },
     no_effect={},
     rejected={
-        "return_logprob": rejected(
-            "/generate returns no logprobs (the OpenAI routes do); only null or false is accepted",
-            _null_or(False),
-        ),
         "image_data": rejected("image input is not supported; only null is accepted"),
         "lora_path": rejected("LoRA adapters are not supported; only null is accepted"),
     },

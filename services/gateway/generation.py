@@ -108,6 +108,8 @@ class Sample:
                 pieces[chunk.token_ids[i]],
                 chunk.logprobs[i],
                 _top(pieces, tops[i], chunk.top_logprobs[i * k : (i + 1) * k]),
+                chunk.token_ids[i],
+                tops[i],
             )
             for i in range(count)
         ]
@@ -130,7 +132,13 @@ class Sample:
         for i, logprob in enumerate(chunk.prompt_logprobs):
             top_lps = chunk.prompt_top_logprobs[i * k : (i + 1) * k]
             entries.append(
-                TokenLogprob(pieces[ids[start + i]], logprob, _top(pieces, tops[i], top_lps))
+                TokenLogprob(
+                    pieces[ids[start + i]],
+                    logprob,
+                    _top(pieces, tops[i], top_lps),
+                    ids[start + i],
+                    tops[i],
+                )
             )
         return entries
 

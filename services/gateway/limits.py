@@ -35,6 +35,7 @@ N = Annotated[int, _int(1, MAX_N)]
 BestOf = Annotated[int, _int(1)]
 TruncatePromptTokens = Annotated[int, _int(-1)]  # -1: the context length; 0 is refused
 TopLogprobs = Annotated[int, _int(0, MAX_TOP_LOGPROBS)]
+LogprobStartLen = Annotated[int, _int(-1)]  # -1: none; else below the prompt's length
 Priority = Annotated[int, _int(-(2**31))]  # int32; lower values go first (vLLM's convention)
 # OpenAI documents int64; the scheduler takes the value modulo 2**64, so uint64 seeds work too.
 Seed = Annotated[int, _int(-(2**63), 2**64 - 1)]

@@ -23,6 +23,7 @@ from services.gateway.limits import (
     BestOf,
     Bias,
     CompletionMaxTokens,
+    LogprobStartLen,
     MaxTokens,
     MinP,
     MinTokens,
@@ -325,6 +326,11 @@ class GenerateRequest(BaseModel):
     stream: StrictBool = False
     rid: RequestId | None = None
     priority: Priority = 0  # SGLang: lower first, with --schedule-policy priority
+    # SGLang's logprob options: output tokens' logprobs, and the prompt's from logprob_start_len.
+    return_logprob: StrictBool = False
+    logprob_start_len: LogprobStartLen = -1  # -1: no prompt logprobs
+    top_logprobs_num: TopLogprobs = 0
+    return_text_in_logprobs: StrictBool = False
 
 
 class TokenizeRequest(BaseModel):

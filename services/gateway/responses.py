@@ -377,35 +377,75 @@ class CompletionFormat:
 
 @dataclass
 class NativeFormat:
-    """/generate, in SGLang's shape; streamed events carry the new text and ids only."""
+    """/generate, in SGLang's shape; streamed events carry the new text and ids only. With
+    `logprobs` (return_logprob), meta_info carries SGLang's logprob lists: each entry
+    `[logprob, token_id, text]` (text null unless `text_in_logprobs`), `output_token_logprobs` and
+    `output_top_logprobs` for the generated tokens, `input_token_logprobs` and
+    `input_top_logprobs` for the prompt from logprob_start_len (a null logprob for the first
+    token)."""
 
     meta: Meta
     n: int
+    logprobs: bool = False
+    text_in_logprobs: bool = False
+    logprob_start: int = 0  # the first prompt position listed (logprob_start_len)
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_pieces: list[str] = field(default_factory=list)  # with text_in_logprobs
 
     def opening(self, usage: Usage) -> list[dict[str, Any]]:
         return []
 
     def chunk(self, out: Output, usage: Usage) -> dict[str, Any] | None:
+        info = self._meta_info(out.finish_reason, out.matched_stop, None)
+        info.update(self._logprobs(out.logprobs, out.prompt_logprobs))
         return {
             "index": out.index,
             "text": out.text,
             "output_ids": out.token_ids,
-            "meta_info": self._meta_info(out.finish_reason, out.matched_stop, None),
+            "meta_info": info,
         }
 
     def closing(self, usage: Usage) -> list[dict[str, Any]]:
         return []
 
     def response(self, choices: list[Choice], usage: Usage) -> Any:
-        bodies = [
-            {
-                "text": c.text,
-                "output_ids": c.token_ids,
-                "meta_info": self._meta_info(c.finish_reason, c.matched_stop, usage),
-            }
-            for c in choices
-        ]
+        prompt = next((c.prompt_logprobs for c in choices if c.prompt_logprobs), None)
+        bodies = []
+        for c in choices:
+            info = self._meta_info(c.finish_reason, c.matched_stop, usage)
+            info.update(self._logprobs(c.logprobs, prompt))
+            bodies.append({"text": c.text, "output_ids": c.token_ids, "meta_info": info})
         return bodies[0] if self.n == 1 else bodies
+
+    def _entry(self, lp: TokenLogprob | None, token_id: int, piece: str) -> list[Any]:
+        value = None if lp is None else _logprob(lp.logprob)
+        return [value, token_id, piece if self.text_in_logprobs else None]
+
+    def _tops(self, lp: TokenLogprob | None) -> list[list[Any]] | None:
+        if lp is None:
+            return None
+        return [
+            self._entry(TokenLogprob(p, v, []), t, p.text)
+            for (p, v), t in zip(lp.top, lp.top_ids, strict=True)
+        ]
+
+    def _logprobs(
+        self, output: list[TokenLogprob], prompt: list[TokenLogprob | None] | None
+    ) -> dict[str, Any]:
+        if not self.logprobs:
+            return {}
+        fields: dict[str, Any] = {
+            "output_token_logprobs": [self._entry(lp, lp.token_id, lp.token.text) for lp in output],
+            "output_top_logprobs": [self._tops(lp) for lp in output],
+        }
+        if prompt is not None:
+            positions = range(self.logprob_start, len(prompt))
+            pieces = self.prompt_pieces or [""] * len(prompt)
+            fields["input_token_logprobs"] = [
+                self._entry(prompt[i], self.prompt_ids[i], pieces[i]) for i in positions
+            ]
+            fields["input_top_logprobs"] = [self._tops(prompt[i]) for i in positions]
+        return fields
 
     def _meta_info(
         self, reason: str | None, matched: str | int | None, usage: Usage | None

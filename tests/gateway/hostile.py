@@ -515,11 +515,18 @@ def value_cases() -> Iterator[Case]:
         "generate-rid-null-byte", GENERATE, dumps({"text": "a", "rid": "a\u0000b"}), 400, "rid"
     )
     yield Case(
-        "generate-return-logprob",
+        "generate-logprob-start-past-the-prompt",
         GENERATE,
-        dumps({"text": "a", "return_logprob": True}),
+        dumps({"text": "a", "return_logprob": True, "logprob_start_len": 5}),
         400,
-        "return_logprob",
+        "logprob_start_len",
+    )
+    yield Case(
+        "generate-logprob-start-below-minus-one",
+        GENERATE,
+        dumps({"text": "a", "return_logprob": True, "logprob_start_len": -2}),
+        400,
+        "logprob_start_len",
     )
 
 

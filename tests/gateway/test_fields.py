@@ -169,7 +169,6 @@ REFUSED = {
     "moderation": {"model": "omni-moderation-latest"},
     "suffix": "y",
     "best_of": 2,
-    "return_logprob": True,
     "image_data": "cat.png",
     "lora_path": "adapter",
     "use_beam_search": True,
@@ -182,7 +181,7 @@ ACCEPTED_NO_OPS = [
     ("/v1/completions", {"best_of": 3, "n": 3}),
     ("/v1/completions", {"use_beam_search": False}),
     ("/v1/chat/completions", {"use_beam_search": None}),
-    ("/generate", {"return_logprob": False, "image_data": None}),
+    ("/generate", {"image_data": None}),
 ]
 # A value for each no-effect field (a new one needs one here).
 NO_EFFECT = {

@@ -77,3 +77,31 @@ def test_loglikelihood_matches_hugging_face_with_and_without_a_cache_hit(
     assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # positions recomputed
     if max_tokens == 0:
         assert choice["text"] == CONTEXT + CONTINUATION  # the prompt alone
+
+
+def test_generate_returns_sglang_logprobs_from_logprob_start_len(
+    stack: Stack, reference: tuple[list[int], int, list[float], list[int]]
+) -> None:
+    ids, ctxlen, expected, _ = reference
+    body = {
+        "input_ids": ids,
+        "sampling_params": {"max_new_tokens": 3, "temperature": 0},
+        "return_logprob": True,
+        "logprob_start_len": ctxlen,
+        "top_logprobs_num": 2,
+        "return_text_in_logprobs": True,
+    }
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    for attempt in range(2):
+        response = httpx.post(f"{stack.base_url}/generate", json=body, headers=headers, timeout=60)
+        assert response.status_code == 200, response.text
+        info = response.json()["meta_info"]
+        listed = info["input_token_logprobs"]
+        assert [entry[1] for entry in listed] == ids[ctxlen:]
+        got = [entry[0] for entry in listed]
+        assert max(abs(a - b) for a, b in zip(got, expected[ctxlen - 1 :], strict=True)) < 1e-4
+        assert "".join(entry[2] for entry in listed) == CONTINUATION
+        assert all(len(top) == 2 for top in info["input_top_logprobs"])
+        assert len(info["output_token_logprobs"]) == 3 == len(info["output_top_logprobs"])
+        if attempt == 1:  # the prompt is cached now: everything before the listed part is reused
+            assert info["cached_tokens"] == ctxlen - 1
