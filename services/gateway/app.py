@@ -11,6 +11,7 @@ line.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -35,6 +36,7 @@ from services.gateway.errors import (
     error_body,
     error_response,
 )
+from services.gateway.events import Output
 from services.gateway.fields import CHAT, COMPLETIONS, GENERATE
 from services.gateway.json_body import decode_object
 from services.gateway.metrics import HttpMetrics
@@ -54,7 +56,7 @@ from services.gateway.protocol import (
 )
 from services.gateway.rate_limits import RateLimiter, load_keys_file
 from services.gateway.request_log import HEADER, RequestLog, request_id
-from services.gateway.respond import Run, respond
+from services.gateway.respond import Run, respond, unless_disconnected
 from services.gateway.responses import (
     ChatFormat,
     CompletionFormat,
@@ -65,6 +67,16 @@ from services.gateway.responses import (
     model_list,
 )
 from services.gateway.sampling import GenerationInput
+from services.gateway.score import (
+    SCORE,
+    ScoreRequest,
+    joined_ids,
+    joined_texts,
+    score_body,
+    scores_of,
+)
+from services.gateway.score import check_request as check_score_request
+from services.gateway.score import generation_inputs as score_inputs
 
 # The generation routes, and the prefix of the ids they make for requests without X-Request-Id.
 ID_PREFIXES = {
@@ -73,6 +85,7 @@ ID_PREFIXES = {
     "/generate": "gen",
     "/v1/responses": "resp",
     "/invocations": "inv",
+    "/v1/score": "score",
 }
 
 
@@ -189,6 +202,36 @@ async def invocations(request: Request) -> Response:
     )
 
 
+@authenticated
+async def score(request: Request) -> Response:
+    """SGLang's /v1/score (services/gateway/score.py)."""
+    backend = _backend(request)
+    req = parse_body(ScoreRequest, await request.body(), SCORE)
+    model = backend.check_model(req.model)
+    check_score_request(req, model)
+    if isinstance(req.query, str):
+        prompts = [await backend.tokenizer.encode(text) for text in joined_texts(req)]
+    else:
+        prompts = joined_ids(req)
+    inputs = score_inputs(request_id(request), prompts, req.label_token_ids, model)
+    run = Run([backend.generation(inp) for inp in inputs], 1)
+    outputs = await unless_disconnected(request, run, _collect_outputs(run))
+    logprobs = [math.nan] * len(inputs)
+    for out in outputs:
+        if out.prompt_logprobs:
+            entry = out.prompt_logprobs[-1]
+            logprobs[out.index] = entry.logprob if entry is not None else math.nan
+    labels = len(req.label_token_ids)
+    body = score_body(
+        model.name, scores_of(logprobs, labels, req.apply_softmax), sum(map(len, prompts))
+    )
+    return JSONResponse(body)
+
+
+async def _collect_outputs(run: Run) -> list[Output]:
+    return [out async for out in run.outputs()]
+
+
 async def load(request: Request) -> Response:
     """vLLM's server load: generation requests in flight at this gateway."""
     return JSONResponse({"server_load": getattr(request.app.state, "server_load", 0)})
@@ -268,6 +311,7 @@ def build_app(
         Route("/v1/responses", create_response, methods=["POST"]),
         Route("/invocations", invocations, methods=["POST"]),
         Route("/load", load, methods=["GET"]),
+        Route("/v1/score", score, methods=["POST"]),
         Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
