@@ -162,6 +162,10 @@ _NOT_OFFERED = {
     "use_beam_search": rejected(
         "beam search is not offered; only null or false is accepted", _null_or(False)
     ),
+    "prompt_logprobs": rejected(
+        "vLLM's prompt_logprobs is not offered: completions with echo and logprobs, or "
+        "/generate's logprob_start_len, return the prompt's logprobs; only null is accepted"
+    ),
 }
 
 _USER = {"user": Rule("end-user id for abuse monitoring; nothing is monitored here")}

@@ -172,6 +172,7 @@ REFUSED = {
     "image_data": "cat.png",
     "lora_path": "adapter",
     "use_beam_search": True,
+    "prompt_logprobs": 1,
 }
 # A no-op value each rejected field accepts, next to the default request of its route.
 ACCEPTED_NO_OPS = [
