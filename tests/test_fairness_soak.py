@@ -23,8 +23,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from tests.procs import free_port
-from tests.test_serve import Serve, metric
+from tests.procs import Serve, free_port_run, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -86,10 +85,12 @@ def first_token_s(client: OpenAI, model: str, kind: str, args: dict[str, Any]) -
     return first
 
 
-def cache_counters(base_url: str) -> tuple[float, float]:
-    """(prompt tokens served from the prefix cache, prompt tokens) of the finished requests."""
-    cached = metric(base_url, "radixserve:cached_tokens_total")
-    return cached, metric(base_url, "radixserve:prompt_tokens_total")
+def cache_counters(scheduler_metrics: str) -> tuple[float, float]:
+    """(prompt tokens found in the prefix cache, prompt tokens looked up), from the scheduler."""
+    values = scrape(scheduler_metrics)
+    return values["radixserve:prefix_cache_hits_total"], values[
+        "radixserve:prefix_cache_queries_total"
+    ]
 
 
 def concurrently(client: OpenAI, model: str, work: list[tuple[str, dict[str, Any]]]) -> list[float]:
@@ -104,7 +105,7 @@ def concurrently(client: OpenAI, model: str, work: list[tuple[str, dict[str, Any
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def soak(base_url: str, work: list[tuple[str, dict[str, Any]]]) -> Soak:
+def soak(base_url: str, scheduler_metrics: str, work: list[tuple[str, dict[str, Any]]]) -> Soak:
     client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=120)
     model = client.models.list().data[0].id
     # The first requests after start-up pay one-off costs; they are kept out of the figures.
@@ -112,11 +113,11 @@ def soak(base_url: str, work: list[tuple[str, dict[str, Any]]]) -> Soak:
     warm_up = [{"role": "system", "content": words(rng, 20)}, {"role": "user", "content": "Hi."}]
     first_token_s(client, model, "chat", {"messages": warm_up})
     first_token_s(client, model, "plain", {"prompt": f"Warm up: {words(rng, PROMPT_WORDS)}"})
-    cached_before, prompt_before = cache_counters(base_url)
+    cached_before, prompt_before = cache_counters(scheduler_metrics)
     start = time.monotonic()
     ttfts = concurrently(client, model, work)
     wall_s = time.monotonic() - start
-    cached, prompt = cache_counters(base_url)
+    cached, prompt = cache_counters(scheduler_metrics)
     kinds = [kind for kind, _ in work]
     by_kind = {
         k: [t for kind, t in zip(kinds, ttfts, strict=True) if kind == k] for k in ("chat", "plain")
@@ -125,12 +126,13 @@ def soak(base_url: str, work: list[tuple[str, dict[str, Any]]]) -> Soak:
 
 
 def soak_under(policy: str, tmp_path: Path, work: list[tuple[str, dict[str, Any]]]) -> Soak:
-    port = free_port()
+    port = free_port_run(4)  # the gateway's, then the tokenizer's, executor's, scheduler's metrics
     extra = ["--schedule-policy", policy, "--max-running-requests", str(RUNNING)]
+    extra += ["--metrics-port", str(port + 1)]
     server = Serve(port, tmp_path / f"serve-{policy}.log", extra)
     try:
         server.wait_ready()
-        return soak(f"http://127.0.0.1:{port}", work)
+        return soak(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 3}/metrics", work)
     finally:
         server.kill_all()
 

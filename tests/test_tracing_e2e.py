@@ -20,8 +20,7 @@ from openai import OpenAI
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from tests.procs import free_port
-from tests.test_serve import Serve
+from tests.procs import Serve, free_port
 
 pytestmark = pytest.mark.slow
 SERVICES = {

@@ -15,8 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.procs import free_port
-from tests.test_serve import Serve
+from tests.procs import Serve, free_port
 
 pytestmark = pytest.mark.slow
 

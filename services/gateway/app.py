@@ -176,9 +176,9 @@ async def create_response(request: Request) -> Response:
     req = parse_body(ResponsesRequest, await request.body(), RESPONSES)
     rid = request_id(request)
     chat, history = chat_request(req, backend.responses)
-    inp, _ = await backend.chat_input(chat, rid)
+    inp, plan = await backend.chat_input(chat, rid)
     response_id = "resp_" + rid.removeprefix("resp-").removeprefix("resp_")
-    fmt = ResponsesFormat(response_id, backend.model.name, req, history, backend.responses)
+    fmt = ResponsesFormat(response_id, backend.model.name, req, history, backend.responses, plan)
     return await respond(request, Run([backend.generation(inp)], 1), fmt, req.stream)
 
 

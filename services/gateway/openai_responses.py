@@ -27,12 +27,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from services.gateway.chat_tools import Answer, ToolPlan, merge_call_entries
 from services.gateway.errors import InvalidRequest, NotFound
 from services.gateway.events import Output, Usage
 from services.gateway.fields import FieldTable, Rule, rejected
 from services.gateway.limits import MaxTokens, Temperature, TopP
 from services.gateway.protocol import ChatCompletionRequest, NonEmptyText
-from services.gateway.responses import Choice
+from services.gateway.responses import Choice, _merge_delta
 
 ROLES = ("user", "system", "developer", "assistant")
 
@@ -57,6 +58,39 @@ class InputMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class FunctionCallItem(BaseModel):
+    """An earlier answer's call, sent back as input."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(BaseModel):
+    """The result of a call, for the model to read."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    name: NonEmptyText
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class NamedFunction(BaseModel):
+    type: Literal["function"]
+    name: NonEmptyText
+
+
 class TextFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["text", "json_object", "json_schema"]
@@ -76,7 +110,9 @@ class ResponsesRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     model: str | None = None
-    input: NonEmptyText | list[InputMessage] = Field(min_length=1)
+    input: NonEmptyText | list[InputMessage | FunctionCallItem | FunctionCallOutputItem] = Field(
+        min_length=1
+    )
     instructions: str | None = None
     max_output_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
@@ -86,6 +122,9 @@ class ResponsesRequest(BaseModel):
     store: StrictBool = True
     metadata: dict[str, str] | None = None
     text: TextOptions | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: StrictBool | None = None
 
 
 RESPONSES = FieldTable(
@@ -102,18 +141,16 @@ RESPONSES = FieldTable(
         "store": Rule("keep the response for GET and previous_response_id (default true)"),
         "metadata": Rule("returned as sent"),
         "text": Rule("`format`: text, json_object, or json_schema (structured outputs)"),
+        "tools": Rule("function tools; calls come back as function_call output items"),
+        "tool_choice": Rule("auto, none, required, or a named function"),
+        "parallel_tool_calls": Rule("more than one call per answer (default true)"),
     },
     no_effect={
         "user": Rule("end-user id for abuse monitoring; nothing is monitored here"),
-        "parallel_tool_calls": Rule("no tools on this route"),
         "service_tier": Rule("one tier here"),
         "truncation": Rule("never truncated: an over-long conversation is a 400"),
     },
     rejected={
-        "tools": rejected("tools: use /v1/chat/completions", lambda v, o: not v),
-        "tool_choice": rejected(
-            "tools: use /v1/chat/completions", lambda v, o: v in (None, "none", "auto")
-        ),
         "reasoning": rejected("reasoning options are not offered"),
         "include": rejected("no extra output data is offered", lambda v, o: not v),
         "background": rejected(
@@ -122,7 +159,7 @@ RESPONSES = FieldTable(
         "top_logprobs": rejected("logprobs: use /v1/chat/completions", lambda v, o: v in (None, 0)),
         "prompt": rejected("prompt templates are not offered"),
         "conversation": rejected("conversation objects are not offered; use previous_response_id"),
-        "max_tool_calls": rejected("no tools on this route"),
+        "max_tool_calls": rejected("a bound on calls is not offered; only null is accepted"),
     },
 )
 
@@ -170,7 +207,7 @@ def chat_request(
     if isinstance(req.input, str):
         history.append({"role": "user", "content": req.input})
     else:
-        history += [{"role": m.role, "content": m.text()} for m in req.input]
+        history += input_messages(req.input)
     messages = list(history)
     if req.instructions:
         messages.insert(0, {"role": "system", "content": req.instructions})
@@ -184,6 +221,17 @@ def chat_request(
     ):
         if getattr(req, ours) is not None:
             body[chat] = getattr(req, ours)
+    if req.tools:
+        body["tools"] = [
+            {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+            for t in req.tools
+        ]
+    if isinstance(req.tool_choice, NamedFunction):
+        body["tool_choice"] = {"type": "function", "function": {"name": req.tool_choice.name}}
+    elif req.tool_choice is not None and req.tools:
+        body["tool_choice"] = req.tool_choice
+    if req.parallel_tool_calls is not None and req.tools:
+        body["parallel_tool_calls"] = req.parallel_tool_calls
     fmt = req.text.format if req.text is not None else None
     if fmt is not None and fmt.type == "json_object":
         body["response_format"] = {"type": "json_object"}
@@ -200,20 +248,55 @@ def chat_request(
         raise InvalidRequest(f"invalid request: {exc}") from None
 
 
+def input_messages(
+    items: list[InputMessage | FunctionCallItem | FunctionCallOutputItem],
+) -> list[dict[str, Any]]:
+    """Input items as chat messages: consecutive function calls become one assistant message
+    with tool calls, each call's output a tool message."""
+    messages: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, InputMessage):
+            messages.append({"role": item.role, "content": item.text()})
+        elif isinstance(item, FunctionCallOutputItem):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        else:
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments},
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    return messages
+
+
 @dataclass
 class ResponsesFormat:
     """Renders one generation as a Response object, or as its stream of events (the `Format`
-    protocol of services/gateway/responses.py); stores it when it ends."""
+    protocol of services/gateway/responses.py); stores it when it ends. With tools (`plan`), the
+    answer is split as on chat (services/gateway/chat_tools.py): its text is the message item,
+    its calls `function_call` items after it (streamed: announced once the answer ended)."""
 
     response_id: str
     model: str
     req: ResponsesRequest
     history: list[dict[str, Any]]
     store: ResponseStore
+    plan: ToolPlan | None = None
     created_at: int = field(default_factory=lambda: int(time.time()))
     _text: str = ""
     _reason: str | None = None
     _sequence: int = 0
+    _opened: bool = False  # the message item was announced (streamed)
+    _answer: Answer | None = None
+    _calls: list[dict[str, Any]] = field(default_factory=list)  # streamed call deltas
+
+    def __post_init__(self) -> None:
+        if self.plan is not None:
+            self._answer = Answer(self.plan, None)
 
     @property
     def _item_id(self) -> str:
@@ -241,6 +324,9 @@ class ResponsesFormat:
     ) -> dict[str, Any]:
         req = self.req
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text else None
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+        choice = req.tool_choice
         return {
             "id": self.response_id,
             "object": "response",
@@ -252,16 +338,16 @@ class ResponsesFormat:
             "max_output_tokens": req.max_output_tokens,
             "model": self.model,
             "output": output,
-            "parallel_tool_calls": True,
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
             "store": req.store,
             "temperature": req.temperature if req.temperature is not None else 1.0,
-            "text": {"format": {"type": "text"}}
-            if req.text is None
-            else req.text.model_dump(by_alias=True, exclude_none=True),
-            "tool_choice": "auto",
-            "tools": [],
+            "text": text or {"format": {"type": "text"}},
+            "tool_choice": choice.model_dump()
+            if isinstance(choice, BaseModel)
+            else choice or "auto",
+            "tools": tools,
             "top_p": req.top_p if req.top_p is not None else 1.0,
             "truncation": "disabled",
             "usage": _usage(usage) if usage is not None else None,
@@ -269,12 +355,18 @@ class ResponsesFormat:
             "metadata": req.metadata or {},
         }
 
-    def _finished(self, text: str, reason: str | None, usage: Usage) -> dict[str, Any]:
-        status = "incomplete" if reason == "length" else "completed"
-        body = self._body(status, [self._item(text)], usage)
+    def _finished(
+        self, text: str, calls: list[dict[str, Any]], reason: str | None, usage: Usage
+    ) -> dict[str, Any]:
+        status = "incomplete" if reason == "length" and not calls else "completed"
+        output = [self._item(text)] if text or not calls else []
+        output += [_call_item(c) for c in calls]
+        body = self._body(status, output, usage)
         if self.req.store:
-            conversation = [*self.history, {"role": "assistant", "content": text}]
-            self.store.put(self.response_id, Stored(body, conversation))
+            answer: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if calls:
+                answer["tool_calls"] = calls
+            self.store.put(self.response_id, Stored(body, [*self.history, answer]))
         return body
 
     # ---- the Format protocol ----
@@ -284,6 +376,13 @@ class ResponsesFormat:
         return [
             self._event("response.created", response=started),
             self._event("response.in_progress", response=started),
+        ]
+
+    def _open_message(self) -> list[dict[str, Any]]:
+        if self._opened:
+            return []
+        self._opened = True
+        return [
             self._event("response.output_item.added", output_index=0, item=self._item(None)),
             self._event(
                 "response.content_part.added",
@@ -294,35 +393,83 @@ class ResponsesFormat:
             ),
         ]
 
-    def chunk(self, out: Output, usage: Usage) -> dict[str, Any] | None:
+    def chunk(self, out: Output, usage: Usage) -> dict[str, Any] | list[dict[str, Any]] | None:
         if out.finish_reason is not None:
             self._reason = out.finish_reason
-        if not out.text:
+        text = out.text
+        if self._answer is not None:
+            fields = self._answer.feed(out.text)
+            if out.finish_reason is not None:
+                fields = _merge_delta(fields, self._answer.finish())
+            self._calls = merge_call_entries([*self._calls, *fields.get("tool_calls", [])])
+            text = fields.get("content") or ""
+        if not text:
             return None
-        self._text += out.text
-        return self._event(
+        self._text += text
+        opened = self._open_message()
+        delta = self._event(
             "response.output_text.delta",
             item_id=self._item_id,
             output_index=0,
             content_index=0,
-            delta=out.text,
+            delta=text,
             logprobs=[],
         )
+        return [*opened, delta]
 
     def closing(self, usage: Usage) -> list[dict[str, Any]]:
-        body = self._finished(self._text, self._reason, usage)
-        where = {"item_id": self._item_id, "output_index": 0, "content_index": 0}
-        last = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
-        return [
-            self._event("response.output_text.done", **where, text=self._text, logprobs=[]),
-            self._event("response.content_part.done", **where, part=_text_part(self._text)),
-            self._event("response.output_item.done", output_index=0, item=self._item(self._text)),
-            self._event(last, response=body),
+        calls = [
+            {"id": c["id"], "type": "function", "function": dict(c["function"])}
+            for c in self._calls
         ]
+        body = self._finished(self._text, calls, self._reason, usage)
+        events: list[dict[str, Any]] = []
+        if self._text or not calls:
+            where = {"item_id": self._item_id, "output_index": 0, "content_index": 0}
+            events += self._open_message()
+            events += [
+                self._event("response.output_text.done", **where, text=self._text, logprobs=[]),
+                self._event("response.content_part.done", **where, part=_text_part(self._text)),
+                self._event(
+                    "response.output_item.done", output_index=0, item=self._item(self._text)
+                ),
+            ]
+        first = len(body["output"]) - len(calls)
+        for k, call in enumerate(calls):
+            item = _call_item(call)
+            index = first + k
+            events += [
+                self._event("response.output_item.added", output_index=index, item=item),
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    arguments=item["arguments"],
+                ),
+                self._event("response.output_item.done", output_index=index, item=item),
+            ]
+        last = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
+        return [*events, self._event(last, response=body)]
 
     def response(self, choices: list[Choice], usage: Usage) -> dict[str, Any]:
         (choice,) = choices
-        return self._finished(choice.text, choice.finish_reason, usage)
+        if self._answer is None:
+            return self._finished(choice.text, [], choice.finish_reason, usage)
+        message = self._answer.message(choice.text)
+        text = message.get("content") or ""
+        return self._finished(text, message.get("tool_calls", []), choice.finish_reason, usage)
+
+
+def _call_item(call: dict[str, Any]) -> dict[str, Any]:
+    """A `function_call` output item of a chat tool call."""
+    return {
+        "type": "function_call",
+        "id": "fc_" + call["id"].removeprefix("call_"),
+        "call_id": call["id"],
+        "name": call["function"]["name"],
+        "arguments": call["function"]["arguments"],
+        "status": "completed",
+    }
 
 
 def _text_part(text: str) -> dict[str, Any]:

@@ -29,8 +29,8 @@ async def sse_stream(
     try:
         async for out in outputs:
             body = fmt.chunk(out, usage())
-            if body is not None:
-                yield event(body)
+            for one in body if isinstance(body, list) else [body] if body is not None else []:
+                yield event(one)
     except Exception as exc:  # the status line is gone: the error becomes the last event
         yield event(error_payload(exc)[1])
     else:

@@ -3,6 +3,7 @@ Backend over a toy tokenizer whose chat template concatenates the messages' text
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import openai
@@ -16,7 +17,7 @@ from services.gateway.generation import Generation
 from services.gateway.metrics import RequestMetrics
 from services.gateway.openai_responses import RESPONSES
 from services.gateway.sampling import GenerationInput
-from tests.gateway.fakes import char_decode
+from tests.gateway.fakes import FakeScheduler, char_decode, chunks_of, end_of
 from tests.gateway.test_fields import MODEL, api_doc_rows, rows_of
 from tests.gateway.test_hostile import FakeBackend
 
@@ -126,7 +127,7 @@ def test_text_format_json_schema_becomes_structured_output(sdk: OpenAI, http: Te
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "name": "f", "parameters": {}}]),
+        ("max_tool_calls", 3),
         ("reasoning", {"effort": "high"}),
         ("background", True),
         ("include", ["message.output_text.logprobs"]),
@@ -174,3 +175,73 @@ def test_invocations_dispatches_by_body_and_load_counts_requests_in_flight(
     assert neither.status_code == 400 and neither.json()["error"]["param"] == "messages"
     assert backend.loads == [1, 1]  # each counted while it ran...
     assert http.get("/load").json() == {"server_load": 0}  # ...and not once answered
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+CALL_TEXT = (
+    'Let me check.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+)
+
+
+class ToolCallingBackend(RecordingBackend):
+    """Answers every request with CALL_TEXT (a hermes tool call after some text)."""
+
+    def generation(self, inp: GenerationInput, metrics: RequestMetrics | None = None) -> Generation:
+        self.prompts.append(char_decode(inp.input_ids))
+        scheduler = FakeScheduler([*chunks_of(CALL_TEXT, size=7), end_of(CALL_TEXT, "stop")])
+        return Generation(inp, scheduler, self.tokenizer, RequestMetrics.disabled(), 60.0)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def tool_sdk() -> Iterator[tuple[OpenAI, TestClient]]:
+    cfg = GatewayConfig(tool_call_parser="hermes")
+    app = build_app(cfg, backend_factory=ToolCallingBackend)  # type: ignore[arg-type]
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=c), c
+
+
+def test_a_tool_call_comes_back_as_a_function_call_item(
+    tool_sdk: tuple[OpenAI, TestClient],
+) -> None:
+    sdk, http = tool_sdk
+    resp = sdk.responses.create(model=MODEL.name, input="Weather in Paris?", tools=[WEATHER])
+    message, call = resp.output
+    assert message.type == "message" and resp.output_text == "Let me check."
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"} and call.call_id.startswith("call_")
+    # The call's result goes back as input; the conversation continues from the stored one.
+    sdk.responses.create(
+        model=MODEL.name,
+        previous_response_id=resp.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+        tools=[WEATHER],
+    )
+    prompt = prompts(http)[-1]  # the toy template joins the messages' texts
+    assert prompt.startswith("Weather in Paris?Let me check.") and prompt.endswith("sunny")
+
+
+def test_a_streamed_tool_call_is_announced_after_the_text(
+    tool_sdk: tuple[OpenAI, TestClient],
+) -> None:
+    sdk, _ = tool_sdk
+    events = list(
+        sdk.responses.create(model=MODEL.name, input="Weather?", tools=[WEATHER], stream=True)
+    )
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == "Let me check."  # the call's markup never streams as text
+    args = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(args) == 1 and json.loads(args[0].arguments) == {"city": "Paris"}
+    final = events[-1].response
+    assert [item.type for item in final.output] == ["message", "function_call"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_a_tool_that_is_not_a_function_is_a_400(http: TestClient) -> None:
+    response = http.post("/v1/responses", json={"input": "hi", "tools": [{"type": "web_search"}]})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"].startswith("tools[0]")

@@ -8,8 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.procs import free_port
-from tests.test_serve import Serve
+from tests.procs import Serve, free_port
 
 
 @pytest.fixture(scope="package")
