@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from openai import OpenAI
 
@@ -54,3 +56,39 @@ def test_streamed_events_add_up_to_the_response(stack: Stack) -> None:
     assert final.response.incomplete_details.reason == "max_output_tokens"
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == final.response.output_text and final.response.usage.output_tokens == 4
+
+
+def test_a_named_function_call_round_trips(stack: Stack) -> None:
+    """tool_choice names the function: the answer is constrained to a valid call of it."""
+    client = sdk(stack)
+    weather = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    }
+    first = client.responses.create(
+        model=stack.model,
+        input="What is the weather in Paris?",
+        tools=[weather],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=48,
+        temperature=0,
+    )
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather" and "city" in json.loads(call.arguments)
+    second = client.responses.create(
+        model=stack.model,
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}],
+        tools=[weather],
+        tool_choice="none",
+        max_output_tokens=16,
+        temperature=0,
+    )
+    assert second.output_text and second.usage is not None
+    assert second.usage.input_tokens_details.cached_tokens > 0  # the first turn is cached
