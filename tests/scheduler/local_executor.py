@@ -8,6 +8,7 @@ overlap loop really overlaps. Every Step is recorded for the tests to inspect.
 from __future__ import annotations
 
 import asyncio
+import random
 from concurrent.futures import ThreadPoolExecutor
 
 from radixserve.v1 import executor_pb2 as pb
@@ -18,6 +19,7 @@ from services.executor.step import error_to_pb, output_to_pb, step_from_pb
 from services.executor.validation import StepRejected
 from services.scheduler.errors import InvalidRequest
 from services.scheduler.executor_client import ExecutorInfo
+from tests.executor.tiny import engine_for
 
 EOS = 255
 
@@ -84,3 +86,13 @@ class LocalExecutor:
 
     async def close(self) -> None:
         self.worker.shutdown(wait=False)
+
+
+def link_for(hf, num_slots: int = 4096, max_rows: int = 16) -> LocalExecutor:  # type: ignore[no-untyped-def]
+    """A LocalExecutor over a fresh engine of the Hugging Face model `hf`."""
+    return LocalExecutor(engine_for(hf, num_slots=num_slots, max_rows=max_rows))
+
+
+def rand_prompt(rng: random.Random, n: int) -> list[int]:
+    """n token ids of the tiny test vocabulary."""
+    return [rng.randrange(250) for _ in range(n)]

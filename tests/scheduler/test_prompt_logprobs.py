@@ -16,36 +16,14 @@ from services.scheduler.errors import InvalidRequest
 from services.scheduler.request import FinishReason, PromptLogprobs
 from services.scheduler.scheduler import Scheduler
 from services.scheduler.streams import Chunk
-from tests.executor.driver import Driver
-from tests.executor.tiny import engine_for, hf_model
+from tests.executor.tiny import engine_for
 from tests.scheduler.harness import Result, generate, params, running_scheduler
-from tests.scheduler.local_executor import LocalExecutor
+from tests.scheduler.local_executor import LocalExecutor, link_for, rand_prompt
 from tests.scheduler.test_scheduler_engine import ok, slices_of
 
 TOLERANCE = 1e-4
 TOP = 3
 ASK = dict(logprob_start_len=0, top_logprobs=TOP)
-
-
-@pytest.fixture(scope="module")
-def hf():
-    return hf_model("llama")
-
-
-@pytest.fixture(scope="module")
-def alone(hf):
-    """Greedy tokens of one prompt computed alone (memoized), ignoring EOS."""
-    driver = Driver(engine_for(hf, num_slots=4096, max_rows=4))
-    memo: dict[tuple[tuple[int, ...], int], list[int]] = {}
-
-    def run(prompt: list[int], max_tokens: int) -> list[int]:
-        key = (tuple(prompt), max_tokens)
-        if key not in memo:
-            driver.next_slot = 1
-            memo[key] = driver.generate([prompt], max_tokens)[0].output
-        return memo[key]
-
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +40,6 @@ def reference(hf):
         return memo[key]
 
     return run
-
-
-def link_for(hf, num_slots: int = 4096, max_rows: int = 16) -> LocalExecutor:
-    return LocalExecutor(engine_for(hf, num_slots=num_slots, max_rows=max_rows))
-
-
-def rand_prompt(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(250) for _ in range(n)]
 
 
 def check_prompt(res: Result, ref: torch.Tensor, prompt: list[int], s: int, k: int = TOP) -> None:

@@ -12,41 +12,8 @@ import pytest
 from radixserve.v1 import executor_pb2 as pb
 from services.executor.sampling_params import SamplingParams
 from services.scheduler.request import FinishReason
-from tests.executor.driver import Driver
-from tests.executor.tiny import engine_for, hf_model
 from tests.scheduler.harness import Result, generate, params, running_scheduler, wait_idle
-from tests.scheduler.local_executor import EOS, LocalExecutor
-
-
-@pytest.fixture(scope="module")
-def hf():
-    return hf_model("llama")
-
-
-@pytest.fixture(scope="module")
-def alone(hf):
-    """Greedy tokens of one prompt computed alone (memoized), ignoring EOS."""
-    driver = Driver(engine_for(hf, num_slots=4096, max_rows=4))
-    memo: dict[tuple, list[int]] = {}
-
-    def run(
-        prompt: list[int], max_tokens: int, sampling: SamplingParams | None = None
-    ) -> list[int]:
-        key = (tuple(prompt), max_tokens, repr(sampling))
-        if key not in memo:
-            driver.next_slot = 1
-            memo[key] = driver.generate([prompt], max_tokens, params=sampling)[0].output
-        return memo[key]
-
-    return run
-
-
-def link_for(hf, num_slots: int = 4096, max_rows: int = 16) -> LocalExecutor:
-    return LocalExecutor(engine_for(hf, num_slots=num_slots, max_rows=max_rows))
-
-
-def rand_prompt(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(250) for _ in range(n)]
+from tests.scheduler.local_executor import EOS, link_for, rand_prompt
 
 
 def slices_of(steps: list[pb.Step], request_id: str) -> list[tuple[int, pb.Slice]]:

@@ -17,14 +17,7 @@ from services.tokenizer.tokenizer import Tokenizer
 
 def run(pieces: list[str], stops: list[str], include: bool = False) -> tuple[str, str | None]:
     """(everything emitted, matched stop) for text arriving in `pieces`."""
-    checker = StopChecker(stops, include)
-    emitted = []
-    for piece in pieces:
-        out = checker.feed(piece)
-        emitted.append(out.text)
-        if out.matched is not None:
-            return "".join(emitted), out.matched
-    return "".join(emitted) + checker.flush(), None
+    return run_regex(pieces, [], include, stops)
 
 
 @pytest.mark.parametrize(
@@ -168,6 +161,7 @@ def test_min_tokens_holds_back_stop_strings(tokenizer: Tokenizer) -> None:
 
 
 def run_regex(pieces: list[str], regexes: list[str], include: bool = False, stops=()) -> tuple:
+    """(everything emitted, matched stop or regex) for text arriving in `pieces`."""
     checker = StopChecker(stops, include, regexes)
     emitted = []
     for piece in pieces:
