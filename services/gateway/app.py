@@ -10,6 +10,7 @@ line.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator, Callable
@@ -36,7 +37,6 @@ from services.gateway.errors import (
     error_body,
     error_response,
 )
-from services.gateway.events import Output
 from services.gateway.fields import CHAT, COMPLETIONS, GENERATE
 from services.gateway.json_body import decode_object
 from services.gateway.metrics import HttpMetrics
@@ -56,7 +56,7 @@ from services.gateway.protocol import (
 )
 from services.gateway.rate_limits import RateLimiter, load_keys_file
 from services.gateway.request_log import HEADER, RequestLog, request_id
-from services.gateway.respond import Run, respond, unless_disconnected
+from services.gateway.respond import Run, collect, respond
 from services.gateway.responses import (
     ChatFormat,
     CompletionFormat,
@@ -140,7 +140,7 @@ async def _completions(request: Request) -> Response:
     echo = await backend.prompt_texts(req, inputs) if req.echo else None
     pieces = None
     if req.echo and req.logprobs is not None:  # prompt logprobs: each prompt token's text
-        pieces = [await backend.prompt_pieces(inp.input_ids) for inp in inputs]
+        pieces = list(await asyncio.gather(*(backend.prompt_pieces(i.input_ids) for i in inputs)))
     meta = Meta(rid, backend.model.name)
     options = _options(req, inputs, echo, pieces)
     fmt = CompletionFormat(meta, req.n, req.logprobs is not None, options)
@@ -210,12 +210,13 @@ async def score(request: Request) -> Response:
     model = backend.check_model(req.model)
     check_score_request(req, model)
     if isinstance(req.query, str):
-        prompts = [await backend.tokenizer.encode(text) for text in joined_texts(req)]
+        texts = joined_texts(req)
+        prompts = list(await asyncio.gather(*(backend.tokenizer.encode(t) for t in texts)))
     else:
         prompts = joined_ids(req)
     inputs = score_inputs(request_id(request), prompts, req.label_token_ids, model)
     run = Run([backend.generation(inp) for inp in inputs], 1)
-    outputs = await unless_disconnected(request, run, _collect_outputs(run))
+    outputs = await collect(request, run)
     logprobs = [math.nan] * len(inputs)
     for out in outputs:
         if out.prompt_logprobs:
@@ -226,10 +227,6 @@ async def score(request: Request) -> Response:
         model.name, scores_of(logprobs, labels, req.apply_softmax), sum(map(len, prompts))
     )
     return JSONResponse(body)
-
-
-async def _collect_outputs(run: Run) -> list[Output]:
-    return [out async for out in run.outputs()]
 
 
 async def load(request: Request) -> Response:

@@ -99,20 +99,14 @@ class Sample:
     ) -> list[TokenLogprob]:
         if self.top_n is None or count == 0:
             return []
-        k = self.top_n
-        tops = [chunk.top_ids[i * k : (i + 1) * k] for i in range(count)]
-        ids = itertools.chain(chunk.token_ids[:count], *tops)
-        pieces = await tokenizer.token_pieces(ids)
-        return [
-            TokenLogprob(
-                pieces[chunk.token_ids[i]],
-                chunk.logprobs[i],
-                _top(pieces, tops[i], chunk.top_logprobs[i * k : (i + 1) * k]),
-                chunk.token_ids[i],
-                tops[i],
-            )
-            for i in range(count)
-        ]
+        return await token_logprobs(
+            tokenizer,
+            chunk.token_ids[:count],
+            chunk.logprobs,
+            chunk.top_ids,
+            chunk.top_logprobs,
+            self.top_n,
+        )
 
     async def _prompt_logprobs(
         self, chunk: TokenChunk, tokenizer: TokenizerClient
@@ -122,25 +116,37 @@ class Sample:
         start = chunk.prompt_logprob_start
         if start is None:
             return None
-        ids = self.prompt_ids
-        k = len(chunk.prompt_top_ids) // max(len(chunk.prompt_logprobs), 1)
-        tops = [
-            chunk.prompt_top_ids[i * k : (i + 1) * k] for i in range(len(chunk.prompt_logprobs))
-        ]
-        pieces = await tokenizer.token_pieces(itertools.chain(ids, *tops))
-        entries: list[TokenLogprob | None] = [None] * start
-        for i, logprob in enumerate(chunk.prompt_logprobs):
-            top_lps = chunk.prompt_top_logprobs[i * k : (i + 1) * k]
-            entries.append(
-                TokenLogprob(
-                    pieces[ids[start + i]],
-                    logprob,
-                    _top(pieces, tops[i], top_lps),
-                    ids[start + i],
-                    tops[i],
-                )
-            )
-        return entries
+        values = chunk.prompt_logprobs
+        k = len(chunk.prompt_top_ids) // max(len(values), 1)
+        ids = self.prompt_ids[start : start + len(values)]
+        entries = await token_logprobs(
+            tokenizer, ids, values, chunk.prompt_top_ids, chunk.prompt_top_logprobs, k
+        )
+        return [None] * start + entries
+
+
+async def token_logprobs(
+    tokenizer: TokenizerClient,
+    ids: list[int],
+    logprobs: list[float],
+    top_ids: list[int],
+    top_logprobs: list[float],
+    k: int,
+) -> list[TokenLogprob]:
+    """One TokenLogprob per token of `ids`, with the texts of the token and of its `k`
+    alternatives (`top_ids` / `top_logprobs`: k per token, flattened, most likely first)."""
+    tops = [top_ids[i * k : (i + 1) * k] for i in range(len(ids))]
+    pieces = await tokenizer.token_pieces(itertools.chain(ids, *tops))
+    return [
+        TokenLogprob(
+            pieces[t],
+            logprobs[i],
+            _top(pieces, tops[i], top_logprobs[i * k : (i + 1) * k]),
+            t,
+            tops[i],
+        )
+        for i, t in enumerate(ids)
+    ]
 
 
 def _top(

@@ -20,7 +20,6 @@ starts with the earlier turns' tokens, so it is served from the engine's prefix 
 from __future__ import annotations
 
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -191,10 +190,6 @@ class ResponseStore:
         if stored is None:
             raise NotFound(f"Response with id '{response_id}' not found.", param=param)
         return stored
-
-
-def new_response_id() -> str:
-    return f"resp_{uuid.uuid4().hex}"
 
 
 def chat_request(

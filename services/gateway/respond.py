@@ -98,14 +98,21 @@ class Run:
 
 
 async def respond(request: Request, run: Run, fmt: Format, stream: bool) -> Response:
+    if not stream:
+        collected = await collect(request, run)
+        return JSONResponse(fmt.response(join_outputs(collected, run.num_choices), run.usage))
     record_of(request).run = run
     outputs = run.outputs()
-    if not stream:
-        collected = await unless_disconnected(request, run, _collect(outputs))
-        return JSONResponse(fmt.response(join_outputs(collected, run.num_choices), run.usage))
     first = await unless_disconnected(request, run, anext(outputs, None))
     body = sse_stream(fmt, _prepend(first, outputs), lambda: run.usage)
     return StreamingResponse(body, media_type="text/event-stream", headers=HEADERS)
+
+
+async def collect(request: Request, run: Run) -> list[Output]:
+    """Every output of `run`, the request's record (request log, token charges) pointing at it;
+    aborted at once if the client disconnects first."""
+    record_of(request).run = run
+    return await unless_disconnected(request, run, _collect(run.outputs()))
 
 
 async def unless_disconnected(request: Request, run: Run, work: Awaitable[T]) -> T:

@@ -143,9 +143,10 @@ class SchedulerRouter:
         """Whether a new sample would run at once there (no queue, a free row)."""
         load = self._loads[address]
         assert load is not None
-        if load.num_waiting or not load.max_running_requests:
-            return not load.num_waiting
-        return self._score(address) < load.max_running_requests
+        if load.num_waiting:
+            return False
+        rows = load.max_running_requests  # 0: not reported, so only the queue says
+        return not rows or self._score(address) < rows
 
     def _score(self, address: str) -> int:
         load = self._loads[address]
