@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("radixserve.gateway")
 POLL_TIMEOUT_S = 2.0
+KV_FULL_SHARE = 0.9  # KV use past which an engine's waiting queue counts as held back
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,16 @@ class SchedulerRouter:
         self._listed = list(addresses)
 
     def _has_room(self, address: str) -> bool:
-        """Whether a new sample would run at once there (no queue, a free row)."""
+        """Whether a new sample would run at once there: a free row, and no queue that is held
+        back. A queue the next step admits (rows free, KV not nearly full) is not held back: a
+        request waits there for one step whenever it arrives mid-step."""
         load = self._loads[address]
         assert load is not None
-        if load.num_waiting:
-            return False
         rows = load.max_running_requests  # 0: not reported, so only the queue says
-        return not rows or self._score(address) < rows
+        if rows and self._score(address) >= rows:
+            return False
+        kv_full = load.kv_slots_used >= KV_FULL_SHARE * load.kv_slots_total
+        return not load.num_waiting or (bool(rows) and not kv_full)
 
     def _score(self, address: str) -> int:
         load = self._loads[address]

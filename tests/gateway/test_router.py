@@ -218,3 +218,31 @@ def test_a_prefix_shared_by_all_traffic_does_not_leave_an_engine_idle() -> None:
     system = list(range(32))
     first = [router.pick(1, [*system, 1000 + i]).address for i in range(8)]
     assert first == ["a:1"] * 4 + ["b:1"] * 4  # four rows each, then b caches the prompt too
+
+
+@pytest.mark.parametrize(
+    ("waiting", "kv_used", "room"),
+    [
+        (0, 10, True),  # nothing queued
+        (1, 10, True),  # one request between steps: the next step admits it
+        (1, 95, False),  # queued behind a full KV cache
+        (0, 95, True),  # full KV, but nothing waits for it
+    ],
+)
+def test_only_a_held_back_queue_takes_an_engines_room(
+    waiting: int, kv_used: int, room: bool
+) -> None:
+    """A prompt cached on `a` stays there while `a` merely has a request between steps; it goes
+    to the idle `b` when `a`'s queue is held back by a full KV cache."""
+    a, b = Replica("a:1", running=1, waiting=waiting), Replica("b:1")
+
+    async def load(r: Replica) -> SchedulerLoad:
+        used = kv_used if r is a else 10
+        return SchedulerLoad(r.address, r.running, r.waiting, 100, used, max_running_requests=8)
+
+    for r in (a, b):
+        r.load = lambda r=r: load(r)  # type: ignore[method-assign]
+    router = SchedulerRouter(["a:1", "b:1"], 1.0, {"a:1": a, "b:1": b}.__getitem__, RoutingConfig())  # type: ignore[arg-type]
+    asyncio.run(router.refresh())
+    router._indexes["a:1"].insert(prompt(1, 64))
+    assert router.pick(1, prompt(1, 80)).address == ("a:1" if room else "b:1")
