@@ -143,6 +143,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="decode on the static-shape runner with its bucketed step torch.compile'd",
     )
     p.add_argument("--cuda-graph-max-bs", type=int, default=32, help="largest static decode bucket")
+    p.add_argument(
+        "--enable-deterministic-inference",
+        action="store_true",
+        help="time the batch-invariant engine (tiled matmuls, per-token attention, row-by-row "
+        "sampling) that the executor's flag of the same name runs",
+    )
     p.add_argument("--json", default=None, help="also write the results to this file")
 
 
@@ -156,9 +162,12 @@ def _engine(
     rows: int,
     ctx: int,
     static: StaticDecodeConfig | None = None,
+    deterministic: bool = False,
 ) -> Engine:
     limits = EngineLimits(slots, rows, ctx)
-    return Engine(model, cfg, limits, torch.device("cpu"), static_decode=static)
+    return Engine(
+        model, cfg, limits, torch.device("cpu"), static_decode=static, deterministic=deterministic
+    )
 
 
 def slot_writes(case: DecodeCase, batch: int, span: int) -> tuple[list[SlotWrite], int]:
@@ -195,12 +204,13 @@ def bench_decode(
     steps: int,
     static: StaticDecodeConfig | None = None,
     case: DecodeCase = DecodeCase("greedy", GREEDY),
+    deterministic: bool = False,
 ) -> float:
     """Median decode step time (ms) with `batch` requests at `context` tokens each, after
     WARMUP_STEPS untimed steps (which compile the static step when there is one)."""
     span = context + WARMUP_STEPS + steps + 2
     writes, num_slots = slot_writes(case, batch, span)
-    engine = _engine(model, cfg, num_slots, batch, span, static)
+    engine = _engine(model, cfg, num_slots, batch, span, static, deterministic)
     spans = shared_spans(case, batch)
     first = StepInput(
         1,
@@ -223,8 +233,10 @@ def bench_decode(
     return statistics.median(times[WARMUP_STEPS:]) * 1e3
 
 
-def bench_prefill(model: nn.Module, cfg: ModelConfig, prompts: int, length: int) -> float:
-    engine = _engine(model, cfg, prompts * length + 1, prompts, length + 1)
+def bench_prefill(
+    model: nn.Module, cfg: ModelConfig, prompts: int, length: int, deterministic: bool = False
+) -> float:
+    engine = _engine(model, cfg, prompts * length + 1, prompts, length + 1, None, deterministic)
     greedy = SamplingParams(temperature=0.0)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (prompts, length), generator=gen).tolist()
@@ -284,11 +296,19 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     path = resolve_model_path(args.model_path)
     cfg = ModelConfig.from_dir(path)
     static = None
+    if args.enable_torch_compile and args.enable_deterministic_inference:
+        raise SystemExit(
+            "--enable-deterministic-inference runs decode eagerly: drop --enable-torch-compile"
+        )
     if args.enable_torch_compile:
         static = StaticDecodeConfig(args.cuda_graph_max_bs, cuda_graph=False, torch_compile=True)
     contexts = ", ".join(str(c) for c in args.contexts)
     print(f"model {path.name}, {threads} threads, decode contexts {contexts}", flush=True)
     print(f"decode mode: {_mode(static, args.batch_sizes)}", flush=True)
+    if args.enable_deterministic_inference:
+        print(
+            "deterministic inference: batch-invariant matmuls, attention and sampling", flush=True
+        )
     bandwidth = memory_bandwidth(args.bandwidth_gib)
     print(
         f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (sum over {args.bandwidth_gib:g} GiB, median of 5)",
@@ -300,7 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         model = load_model(path, cfg, max_positions(args), dtype, torch.device("cpu"))
         kv_bytes = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
         floors = Floors(weight_bytes(model), kv_bytes, bandwidth)
-        bench_decode(model, cfg, 1, 16, 2)  # warm-up
+        bench_decode(model, cfg, 1, 16, 2, deterministic=args.enable_deterministic_inference)
         for context in args.contexts:
             for case in decode_cases(args, context):
                 for bs in args.batch_sizes:
@@ -309,7 +329,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     )
                     print(_fmt_decode(decode[-1]), flush=True)
         for n in args.prefill_prompts:
-            prefill.append(_prefill_row(model, cfg, n, args.prefill_len, dtype_name))
+            prefill.append(_prefill_row(model, cfg, args, n, dtype_name))
             print(_fmt_prefill(prefill[-1]), flush=True)
     return {
         "memory_bandwidth_bytes_per_s": bandwidth,
@@ -329,7 +349,9 @@ def _decode_row(
     context: int,
     dtype_name: str,
 ) -> DecodeRow:
-    ms = bench_decode(model, cfg, bs, context, args.steps, static, case)
+    ms = bench_decode(
+        model, cfg, bs, context, args.steps, static, case, args.enable_deterministic_inference
+    )
     floor = linear_floor_ms(model, bs) + head_floor_ms(model, bs)
     bw_floor = floors.bandwidth_ms(case.kv_tokens(bs, context))
     return DecodeRow(
@@ -347,9 +369,10 @@ def _decode_row(
 
 
 def _prefill_row(
-    model: nn.Module, cfg: ModelConfig, n: int, length: int, dtype_name: str
+    model: nn.Module, cfg: ModelConfig, args: argparse.Namespace, n: int, dtype_name: str
 ) -> PrefillRow:
-    ms = bench_prefill(model, cfg, n, length)
+    length = args.prefill_len
+    ms = bench_prefill(model, cfg, n, length, args.enable_deterministic_inference)
     floor = linear_floor_ms(model, n * length, repeats=2) + head_floor_ms(model, n)
     return PrefillRow(dtype_name, n, length, ms, n * length / ms * 1e3, floor)
 

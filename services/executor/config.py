@@ -50,6 +50,13 @@ class ExecutorConfig(ServiceConfig):
         False,
         "torch.compile the static-shape decode step (CPU too; each batch bucket compiles once)",
     )
+    enable_deterministic_inference: bool = option(
+        False,
+        "the same request (prompt, sampling parameters, seed) gives the same tokens whatever else "
+        "is in its batch, however its prefill is chunked and whether its prefix was cached: "
+        "batch-invariant matmuls, one attention kernel for every token, sampling row by row "
+        "(CPU attention kernels only; not with --tp or --enable-torch-compile)",
+    )
     max_top_logprobs: int = option(20, "most top_logprobs alternatives a request may ask for")
     num_threads: int | None = option(
         None,
@@ -96,5 +103,11 @@ class ExecutorConfig(ServiceConfig):
             raise ValueError("--fault-injection-stage must be `sample` or `forward`")
         if self.tp < 1:
             raise ValueError("--tp must be at least 1")
+        if self.enable_deterministic_inference and self.tp > 1:
+            raise ValueError("--enable-deterministic-inference does not support --tp above 1")
+        if self.enable_deterministic_inference and self.enable_torch_compile:
+            raise ValueError(
+                "--enable-deterministic-inference runs decode eagerly: drop --enable-torch-compile"
+            )
         if self.watchdog_timeout_s < 0:
             raise ValueError("--watchdog-timeout-s must be >= 0 (0 disables it)")

@@ -30,6 +30,7 @@ from torch import nn
 from services.common.grammar import GrammarError
 from services.executor.attention import AttentionBackend, create_backend
 from services.executor.batch_builder import BatchPlan, materialize, order_slices, plan_batch
+from services.executor.batch_invariant import make_batch_invariant
 from services.executor.decode_runner import StaticDecodeConfig, StaticDecodeRunner
 from services.executor.grammar import GrammarRuntime
 from services.executor.kv_pool import KVPool, RequestToTokenTable, TableWrites
@@ -101,7 +102,11 @@ class Engine:
         attention_backend: str = "torch",
         static_decode: StaticDecodeConfig | None = None,
         grammar: GrammarRuntime | None = None,
+        deterministic: bool = False,
     ) -> None:
+        """`deterministic` (--enable-deterministic-inference): every token's logits and every
+        draw depend on its own request alone; raises ValueError where the attention backend
+        cannot run that way (no CPU attention kernel) or with a static-shape decode."""
         self.model, self.cfg, self.limits, self.device = model, cfg, limits, device
         self.grammar = grammar  # None: requests with a grammar are rejected
         # Test-only fault injection (--fault-injection-request-id, --fault-injection-stage): a
@@ -126,7 +131,10 @@ class Engine:
             head_dim=cfg.head_dim,
             sliding_window=cfg.sliding_window,
         )
-        self.sampler = Sampler(cfg.vocab_size, device)
+        self.deterministic = deterministic
+        if deterministic:
+            self._make_deterministic(static_decode)
+        self.sampler = Sampler(cfg.vocab_size, device, batch_invariant=deterministic)
         self.rows: dict[int, RowState] = {}
         # Rows as the prepared steps leave them (row -> has sampled), guarded by plan_lock. An
         # epoch change (reset, failed step) makes steps prepared before it re-validate on execute.
@@ -140,6 +148,12 @@ class Engine:
             self.decode_runner = StaticDecodeRunner(
                 model, self.attn, self.pad_row, replace(static_decode, max_bs=max_bs), device
             )
+
+    def _make_deterministic(self, static_decode: StaticDecodeConfig | None) -> None:
+        self.attn.make_batch_invariant()
+        if static_decode is not None:
+            raise ValueError("deterministic inference runs decode eagerly (no static decode)")
+        make_batch_invariant(self.model)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8), prompt_len: int = 64) -> None:
         """Runs prefill and decode shapes once and captures the static decode buckets (CUDA).

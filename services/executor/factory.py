@@ -189,7 +189,10 @@ def _create_leader(
         threads=max(threads, 1),
     )
     parts = (model, rank_cfg, limits, device, backend, static_decode_config(cfg, device), grammar)
-    engine = Engine(*parts) if ranks is None else LeaderEngine(*parts, ranks=ranks)
+    if ranks is None:
+        engine = Engine(*parts, deterministic=cfg.enable_deterministic_inference)
+    else:
+        engine = LeaderEngine(*parts, ranks=ranks)
     engine.fault_request_id = cfg.fault_injection_request_id
     engine.fault_stage = cfg.fault_injection_stage
     if cfg.fault_injection_request_id:
@@ -200,7 +203,7 @@ def _create_leader(
         )
     runner = engine.decode_runner
     log.info(
-        "engine ready: %s, %s on %s (%d threads), %d KV slots, context %d, backend %s, decode %s%s",
+        "engine ready: %s, %s on %s (%d threads), %d KV slots, context %d, backend %s, decode %s%s%s",
         model_cfg.architecture,
         dtype,
         device,
@@ -210,6 +213,7 @@ def _create_leader(
         backend,
         runner.mode if runner else "eager",
         f", tensor parallel over {cfg.tp} ranks" if ranks is not None else "",
+        ", deterministic inference" if cfg.enable_deterministic_inference else "",
     )
     kv_heads = sum(kv_heads_per_rank(model_cfg.num_heads, model_cfg.num_kv_heads, cfg.tp))
     kv_bytes = KVPool.bytes_per_token(model_cfg.num_layers, kv_heads, model_cfg.head_dim, dtype)

@@ -95,9 +95,17 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 class Sampler:
     def __init__(
-        self, vocab_size: int, device: torch.device, candidates: int = DEFAULT_CANDIDATES
+        self,
+        vocab_size: int,
+        device: torch.device,
+        candidates: int = DEFAULT_CANDIDATES,
+        batch_invariant: bool = False,
     ) -> None:
+        """`batch_invariant` (--enable-deterministic-inference) samples each row as a batch of
+        one, so no reduction (softmax, log-sum-exp, cumulative sums) is split or ordered by the
+        number of rows it runs with."""
         self.vocab_size = vocab_size
+        self.batch_invariant = batch_invariant
         self.device = device
         self.candidates = candidates
         self.penalties = PenaltyState(vocab_size, device)
@@ -117,6 +125,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         # logits: [S, V] float32, modified in place
+        if self.batch_invariant and len(rows) > 1:
+            outs = [self._sample(logits[i : i + 1], [row]) for i, row in enumerate(rows)]
+            return SamplerOutput(
+                torch.cat([o.token_ids for o in outs]),
+                torch.cat([o.logprobs for o in outs]),
+                [o.top_ids[0] for o in outs],
+                [o.top_logprobs[0] for o in outs],
+            )
+        return self._sample(logits, rows)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         params = [r.params for r in rows]
         self._apply_bias(logits, params)
         self._apply_penalties(logits, rows)

@@ -6,12 +6,14 @@ import argparse
 
 import torch
 
+from services.executor.batch_invariant import BatchInvariantLinear
 from services.executor.bench import (
     GREEDY,
     WARMUP_STEPS,
     DecodeCase,
     add_arguments,
     bench_decode,
+    bench_prefill,
     decode_cases,
     max_positions,
     shared_spans,
@@ -79,3 +81,14 @@ def test_decode_runs_at_a_context_past_the_prefill_length() -> None:
     # tied embeddings: the head reads the embedding table, so every weight counts once
     assert weight_bytes(model) == sum(p.numel() * 4 for p in model.parameters())
     assert memory_bandwidth(gib=1 / 64, repeats=2) > 0
+
+
+def test_deterministic_mode_times_the_batch_invariant_engine() -> None:
+    hf = hf_model("llama")
+    cfg = ModelConfig.from_dict(hf.config.to_dict())
+    model = build_model(cfg, 64, torch.float32, torch.device("cpu"))
+    load_weights(model, hf.state_dict().items())
+    assert bench_decode(model, cfg, 3, 40, 2, deterministic=True) > 0
+    assert bench_prefill(model, cfg, 2, 24, deterministic=True) > 0
+    wrapped = [m for m in model.modules() if isinstance(m, BatchInvariantLinear)]
+    assert len(wrapped) == cfg.num_layers * 4 + 1  # qkv, o, gate_up, down per layer; the head

@@ -51,6 +51,12 @@ class AttentionBackend:
         self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
 
+    def make_batch_invariant(self) -> None:
+        """Switches to computing each query token's attention by one fixed procedure that depends
+        only on its own query and keys (--enable-deterministic-inference). Raises ValueError where
+        the backend cannot."""
+        raise ValueError(f"the {self.name} attention backend has no batch-invariant mode")
+
     def init_metadata(self, batch: ForwardBatch) -> None:
         """Builds per-step metadata shared by all layers into `batch.attn_metadata`."""
 

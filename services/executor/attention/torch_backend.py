@@ -60,6 +60,8 @@ class KernelDecode:
 
 @register("torch")
 class TorchAttention(AttentionBackend):
+    batch_invariant = False  # --enable-deterministic-inference: see make_batch_invariant
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.use_cpu_kernel = self._cpu_kernel_usable()
@@ -94,7 +96,24 @@ class TorchAttention(AttentionBackend):
             return False
         return cpu_kernels.load() is not None
 
+    def make_batch_invariant(self) -> None:
+        """Every token, extend or decode, runs through the C++ decode kernel over keys 0 .. its
+        own position: the kernel's arithmetic for one (token, head) depends only on that token's
+        query and keys, never on the batch, the task split or whether the token came in a prefill
+        chunk, so a prefix computed in any step, chunked or cached, holds the same K/V and gives
+        the same outputs. Shared-prefix spans (a different summation order) are not used."""
+        if not self.use_cpu_kernel:
+            raise ValueError(
+                "--enable-deterministic-inference needs the CPU attention kernels (device cpu, "
+                "float32 or bfloat16, no sliding window, a C++ compiler)"
+            )
+        self.batch_invariant = True
+        self.supports_shared_prefixes = False
+
     def init_metadata(self, batch: ForwardBatch) -> None:
+        if self.batch_invariant:
+            batch.attn_metadata = TorchMetadata(None, self._per_token_part(batch))
+            return
         if batch.shared is not None:
             batch.attn_metadata = self._shared_metadata(batch, batch.shared)
             return
@@ -137,6 +156,22 @@ class TorchAttention(AttentionBackend):
         mask = torch.arange(max_len, device=device)[None, :] < shared.lens[:, None]  # [G, L]
         mask = mask[:, None, None, :].expand(-1, 1, max_n, -1)
         return PaddedPart(self._gather_idx(shared.rows, max_len), mask, dest, max_n)
+
+    def _per_token_part(self, batch: ForwardBatch) -> KernelDecode:
+        """Every token as a decode query: its request's table row, keys 0 .. its position."""
+        ne, rows = batch.num_extend, batch.rows
+        if ne:
+            lens = torch.tensor(batch.extend_lens_cpu, device=rows.device)
+            rows = torch.cat([rows[:ne].repeat_interleave(lens), rows[ne:]])
+        return KernelDecode(rows.contiguous(), (batch.positions + 1).contiguous())
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        if not self.batch_invariant:
+            return super().forward(layer, q, k, v, batch)
+        self.pool.store(layer, batch.out_cache_loc, k, v)
+        return self.decode(layer, q, batch)
 
     def _kernel_part(self, batch: ForwardBatch) -> KernelDecode:
         ne = batch.num_extend
