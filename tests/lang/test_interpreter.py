@@ -121,6 +121,20 @@ def test_forks_run_concurrently_and_join_gathers_their_variables() -> None:
     assert state.get_meta_info("pick")["normalized_prompt_logprobs"] == [-2.0, -0.1]
 
 
+def test_join_gathers_a_variable_from_the_branches_that_set_it() -> None:
+    @function
+    def prog(s: Any) -> None:
+        s["kept"] = "parent"
+        forks = s.fork(3)
+        forks[1] += gen("only")
+        forks += [gen("kept"), "", ""]
+        forks.join()
+        return forks
+
+    state = prog.run(backend=Scripted())
+    assert state["only"] == [state.ret_value[1]["only"]] and state["kept"] == "parent"
+
+
 def test_concate_and_append_join_appends_the_branches_in_order() -> None:
     @function
     def prog(s: Any) -> None:

@@ -312,6 +312,11 @@ class ProgramStateGroup:
     def __getitem__(self, i: int) -> ProgramState:
         return self.states[i]
 
+    def __setitem__(self, i: int, state: ProgramState) -> None:
+        # `forks[i] += x` appends to forks[i], then stores it back here.
+        if state is not self.states[i]:
+            raise TypeError("a fork cannot be replaced by another state")
+
     def __len__(self) -> int:
         return len(self.states)
 
@@ -330,8 +335,8 @@ class ProgramStateGroup:
 
     def join(self, mode: str = "gather_variable") -> None:
         """Waits for every fork and ends them. `gather_variable` (SGLang's default): each
-        variable the forks set that the parent lacks becomes, in the parent, the list of the
-        forks' values. `concate_and_append`: the forks' new text is appended to the parent's, in
+        variable the forks set that the parent lacks becomes, in the parent, the list of its
+        values in the forks that set it, in fork order. `concate_and_append`: the forks' new text is appended to the parent's, in
         order. Raises the first fork's error."""
         if mode not in ("gather_variable", "concate_and_append"):
             raise ValueError(f"unknown join mode {mode!r}")
@@ -346,4 +351,4 @@ class ProgramStateGroup:
         with self.parent._changed:
             known = set(self.parent._vars)
         for name in {n for s in self.states for n in s._vars} - known:
-            self.parent.set_var(name, [s._vars.get(name) for s in self.states])
+            self.parent.set_var(name, [s._vars[name] for s in self.states if name in s._vars])
