@@ -137,6 +137,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench)
 
 
+def _bench_lang(args: argparse.Namespace) -> None:
+    from radixserve.lang.bench import main
+
+    main(args)
+
+
+def _add_bench_lang(sub: argparse._SubParsersAction) -> None:
+    from radixserve.lang.bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser(
+        "bench-lang", help="time N frontend-language programs run one by one and with run_batch"
+    )
+    add_bench_arguments(p)
+    p.set_defaults(func=_bench_lang)
+
+
 def _serve(args: argparse.Namespace) -> None:
     from services.serve import main
 
@@ -178,6 +194,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models,
     _add_bench_executor,
     _add_bench,
+    _add_bench_lang,
     _add_healthcheck,
 ]
 
