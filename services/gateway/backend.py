@@ -208,7 +208,14 @@ class Backend:
                     param="logprob_start_len",
                 )
             start = req.logprob_start_len if req.logprob_start_len >= 0 else None
-        return GenerationInput(request_id, ids, sampling, text_options(p), logprob_start_len=start)
+        return GenerationInput(
+            request_id,
+            ids,
+            sampling,
+            text_options(p),
+            logprob_start_len=start,
+            hide_output=p.max_new_tokens == 0,
+        )
 
     async def tokenize(self, req: TokenizeRequest) -> list[list[int]]:
         """The ids of each prompt, or of the `messages` as the chat route renders them (one)."""

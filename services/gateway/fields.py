@@ -248,7 +248,9 @@ COMPLETIONS = FieldTable(
 SAMPLING_PARAMS = FieldTable(
     endpoint="/generate",
     honoured={
-        "max_new_tokens": Rule("output limit; default 128"),
+        "max_new_tokens": Rule(
+            "output limit; default 128; 0: the prompt alone (its logprobs with return_logprob)"
+        ),
         "min_new_tokens": Rule("stop tokens are banned until this many tokens are generated"),
         "temperature": Rule("sampling temperature; 0 is greedy"),
         "top_p": Rule("nucleus sampling"),

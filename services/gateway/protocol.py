@@ -281,7 +281,7 @@ class CompletionRequest(SamplingFields):
 class NativeSamplingParams(BaseModel):
     """`sampling_params` of /generate, with SGLang's names."""
 
-    max_new_tokens: MaxTokens = 128
+    max_new_tokens: CompletionMaxTokens = 128  # SGLang: 0 computes the prompt alone
     min_new_tokens: MinTokens = 0
     temperature: NativeTemperature = 1.0
     top_p: TopP = 1.0

@@ -379,12 +379,13 @@ class CompletionFormat:
 
 @dataclass
 class NativeFormat:
-    """/generate, in SGLang's shape; streamed events carry the new text and ids only. With
-    `logprobs` (return_logprob), meta_info carries SGLang's logprob lists: each entry
-    `[logprob, token_id, text]` (text null unless `text_in_logprobs`), `output_token_logprobs` and
-    `output_top_logprobs` for the generated tokens, `input_token_logprobs` and
-    `input_top_logprobs` for the prompt from logprob_start_len (a null logprob for the first
-    token)."""
+    """/generate, in SGLang's shape. Streamed events are cumulative, as SGLang's are: each
+    carries the sample's whole `text` and `output_ids` so far, and meta_info with the token
+    counts so far. With `logprobs` (return_logprob), meta_info carries SGLang's logprob lists:
+    each entry `[logprob, token_id, text]` (text null unless `text_in_logprobs`),
+    `output_token_logprobs` and `output_top_logprobs` for the generated tokens,
+    `input_token_logprobs` and `input_top_logprobs` for the prompt from logprob_start_len (a null
+    logprob for the first token)."""
 
     meta: Meta
     n: int
@@ -393,17 +394,24 @@ class NativeFormat:
     logprob_start: int = 0  # the first prompt position listed (logprob_start_len)
     prompt_ids: list[int] = field(default_factory=list)
     prompt_pieces: list[str] = field(default_factory=list)  # with text_in_logprobs
+    _sofar: dict[int, Output] = field(default_factory=dict, init=False)  # streamed, per sample
 
     def opening(self, usage: Usage) -> list[dict[str, Any]]:
         return []
 
     def chunk(self, out: Output, usage: Usage) -> dict[str, Any] | None:
-        info = self._meta_info(out.finish_reason, out.matched_stop, None)
-        info.update(self._logprobs(out.logprobs, out.prompt_logprobs))
+        sofar = self._sofar.setdefault(out.index, Output(out.index, ""))
+        sofar.text += out.text
+        sofar.token_ids = [*sofar.token_ids, *out.token_ids]
+        sofar.logprobs = [*sofar.logprobs, *out.logprobs]
+        sofar.prompt_logprobs = out.prompt_logprobs or sofar.prompt_logprobs
+        counts = Usage(usage.prompt_tokens, len(sofar.token_ids), usage.cached_tokens)
+        info = self._meta_info(out.finish_reason, out.matched_stop, counts)
+        info.update(self._logprobs(sofar.logprobs, sofar.prompt_logprobs))
         return {
             "index": out.index,
-            "text": out.text,
-            "output_ids": out.token_ids,
+            "text": sofar.text,
+            "output_ids": sofar.token_ids,
             "meta_info": info,
         }
 

@@ -136,7 +136,7 @@ def native_sampling(p: NativeSamplingParams, model: ModelInfo) -> SamplingParams
         frequency_penalty=p.frequency_penalty,
         repetition_penalty=p.repetition_penalty,
         seed=None if p.seed is None else p.seed & SEED_MASK,
-        max_tokens=p.max_new_tokens,
+        max_tokens=max(p.max_new_tokens, 1),  # 0: one token computed and not returned
         min_tokens=p.min_new_tokens,
         stop_token_ids=tuple(p.stop_token_ids or ()),
         ignore_eos=p.ignore_eos,

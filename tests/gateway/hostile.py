@@ -71,7 +71,7 @@ CHAT_INTS = {
 }
 COMPLETION_INTS = {**OPENAI_INTS, "logprobs": (0, MAX_TOP_LOGPROBS), "best_of": (1, INT32_MAX)}
 NATIVE_INTS = {
-    "max_new_tokens": (1, INT32_MAX),
+    "max_new_tokens": (0, INT32_MAX),
     "min_new_tokens": (0, INT32_MAX),
     "top_k": (-1, INT32_MAX),
     "n": (1, MAX_N),

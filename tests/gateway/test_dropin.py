@@ -442,3 +442,18 @@ def test_stop_regexes_and_no_stop_trim_reach_the_tokenizer(client: TestClient) -
     client.post(COMPLETIONS, json={"prompt": "hi", "stop_regex": r"\d", "no_stop_trim": True})
     setup = detokenize_setup_to_pb(backend(client).inputs[-1], 0)
     assert list(setup.stop_regex) == [r"\d"] and setup.include_stop_str_in_output
+
+
+def test_streamed_generate_events_are_cumulative_as_sglangs(client: TestClient) -> None:
+    """SGLang's /generate stream: every event holds the whole text and ids so far, with counts."""
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 5}, "return_logprob": True}
+    chunks = events(client, GENERATE, body)
+    assert [c["text"] for c in chunks] == ["h", "he", "hel", "hell", "hello"]
+    assert [len(c["output_ids"]) for c in chunks] == [1, 2, 3, 4, 5]
+    infos = [c["meta_info"] for c in chunks]
+    assert [i["completion_tokens"] for i in infos] == [1, 2, 3, 4, 5]
+    assert [len(i["output_token_logprobs"]) for i in infos] == [1, 2, 3, 4, 5]
+    assert all(i["prompt_tokens"] > 0 and "cached_tokens" in i for i in infos)
+    assert [i["finish_reason"] for i in infos] == [None] * 4 + [{"type": "length"}]
+    whole = client.post(GENERATE, json=body).json()
+    assert (whole["text"], whole["output_ids"]) == (chunks[-1]["text"], chunks[-1]["output_ids"])

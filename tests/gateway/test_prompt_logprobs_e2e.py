@@ -105,3 +105,25 @@ def test_generate_returns_sglang_logprobs_from_logprob_start_len(
         assert len(info["output_token_logprobs"]) == 3 == len(info["output_top_logprobs"])
         if attempt == 1:  # the prompt is cached now: everything before the listed part is reused
             assert info["cached_tokens"] == ctxlen - 1
+
+
+def test_generate_with_no_new_tokens_scores_the_prompt_alone(
+    stack: Stack, reference: tuple[list[int], int, list[float], list[int]]
+) -> None:
+    """SGLang's `max_new_tokens: 0`: the prompt's logprobs, no text, no output ids."""
+    ids, ctxlen, expected, _ = reference
+    body = {
+        "input_ids": ids,
+        "sampling_params": {"max_new_tokens": 0},
+        "return_logprob": True,
+        "logprob_start_len": ctxlen,
+    }
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    response = httpx.post(f"{stack.base_url}/generate", json=body, headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["text"], answer["output_ids"]) == ("", [])
+    info = answer["meta_info"]
+    assert info["completion_tokens"] == 0 and info["output_token_logprobs"] == []
+    got = [entry[0] for entry in info["input_token_logprobs"]]
+    assert max(abs(a - b) for a, b in zip(got, expected[ctxlen - 1 :], strict=True)) < 1e-4

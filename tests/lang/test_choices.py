@@ -62,4 +62,4 @@ def test_choose_scores_each_choice_from_its_boundary_and_records_the_scores() ->
     assert decision.meta_info["cached_tokens"] == [3, 3, 3]
     starts = sorted(b["logprob_start_len"] for b in scorer.bodies)
     assert starts == [2, 2, 2]
-    assert all(b["sampling_params"]["max_new_tokens"] == 1 for b in scorer.bodies)
+    assert all(b["sampling_params"]["max_new_tokens"] == 0 for b in scorer.bodies)

@@ -63,7 +63,9 @@ class RuntimeEndpoint:
         return self._call("POST", "/generate", body)
 
     def generate_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """POST /generate with stream: each SSE event's object (`text` is the new text only)."""
+        """POST /generate with stream: each SSE event's object, with `text` turned into the new
+        text only (the server's events are cumulative, as SGLang's are)."""
+        sofar = ""
         with self.http.stream("POST", "/generate", json={**body, "stream": True}) as resp:
             if resp.status_code != 200:
                 resp.read()
@@ -77,7 +79,9 @@ class RuntimeEndpoint:
                 event = json.loads(data)
                 if "error" in event:
                     raise ServerError("/generate", None, _message(event), event)
-                yield event
+                whole = event["text"]
+                yield {**event, "text": whole[len(sofar) :]}
+                sofar = whole
 
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
         """The ids /generate gives each text (special tokens added as it adds them)."""

@@ -91,7 +91,7 @@ def choose(scorer: Scorer, prefix: str, choices: list[str], temperature: float) 
 def _body(ids: list[int], start: int) -> dict[str, Any]:
     return {
         "input_ids": ids,
-        "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+        "sampling_params": {"max_new_tokens": 0},  # the prompt alone: its logprobs
         "return_logprob": True,
         "logprob_start_len": start,
         "return_text_in_logprobs": True,
