@@ -4,8 +4,7 @@
 Tokens can merge across the boundary between the text and a choice, so a choice's tokens are
 those of `prefix + choice` from the first position where its ids leave the prefix's ids. Each
 choice is one /generate over those ids with `return_logprob` and `logprob_start_len` at that
-position; /generate needs at least one new token, so each computes one token that is not used.
-The choices are sent concurrently; the prefix before `logprob_start_len` comes from the prefix
+position and `max_new_tokens: 0` (the prompt alone, no text generated). The choices are sent concurrently; the prefix before `logprob_start_len` comes from the prefix
 cache after the first of them.
 """
 
