@@ -20,6 +20,7 @@ the model files: `make_batch_invariant` wraps every linear layer in place.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +39,13 @@ class BatchInvariantLinear(nn.Module):
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped layer's attributes (`weight`, `in_features`, …) read through the wrapper."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
