@@ -317,7 +317,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     decode, prefill = [], []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        model = load_model(path, cfg, max_positions(args), dtype, torch.device("cpu"))
+        # torch.compile cannot trace oneDNN's packed weights: the executor keeps them plain too.
+        prepack = not args.enable_torch_compile
+        model = load_model(path, cfg, max_positions(args), dtype, torch.device("cpu"), prepack)
         kv_bytes = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
         floors = Floors(weight_bytes(model), kv_bytes, bandwidth)
         bench_decode(model, cfg, 1, 16, 2, deterministic=args.enable_deterministic_inference)
