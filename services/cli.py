@@ -60,6 +60,12 @@ def _bench_executor(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _perplexity(args: argparse.Namespace) -> None:
+    from services.executor.perplexity import main
+
+    main(args)
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     from services.common.log import LogConfig
 
@@ -119,6 +125,16 @@ def _add_bench_executor(sub: argparse._SubParsersAction) -> None:
     )
     add_bench_arguments(p)
     p.set_defaults(func=_bench_executor)
+
+
+def _add_perplexity(sub: argparse._SubParsersAction) -> None:
+    from services.executor.perplexity import add_arguments as add_perplexity_arguments
+
+    p = sub.add_parser(
+        "perplexity", help="perplexity of the model on a shipped text, per --quantization mode"
+    )
+    add_perplexity_arguments(p)
+    p.set_defaults(func=_perplexity)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -193,6 +209,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_gateway,
     _add_models,
     _add_bench_executor,
+    _add_perplexity,
     _add_bench,
     _add_bench_lang,
     _add_healthcheck,

@@ -78,6 +78,24 @@ def resolve_model_path(model_path: str | None) -> Path:
     return download_from_hub(model_path)
 
 
+def gguf_file(model_path: str | None) -> Path:
+    """The GGUF file `model_path` names: the bundled one for the default model, a `.gguf` path, or
+    the first `.gguf` of a directory without config.json. Raises ModelNotFoundError otherwise."""
+    if not model_path or model_path == DEFAULT_MODEL:
+        return default_gguf_path()
+    path = Path(model_path).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return ggufs[0]
+    raise ModelNotFoundError(
+        f"--quantization gguf reads a GGUF file's quantized weights; {model_path} is not one "
+        "(use --model-path default or a .gguf file, or int8 / int4 for a float checkpoint)"
+    )
+
+
 def download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 

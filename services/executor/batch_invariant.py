@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from services.executor.packed_linear import PackedLinear
+from services.executor.quantization import QUANTIZED_LINEARS
 
 log = logging.getLogger("radixserve.executor")
 
@@ -65,14 +66,14 @@ class BatchInvariantLinear(nn.Module):
 
 
 def make_batch_invariant(model: nn.Module) -> int:
-    """Wraps every linear layer of `model` (`nn.Linear`, `PackedLinear`) in a
+    """Wraps every linear layer of `model` (`nn.Linear`, `PackedLinear`, the quantized ones) in a
     `BatchInvariantLinear`, in place; returns how many were wrapped (0 when they all are)."""
     targets = [
         (parent, name, child)
         for parent in model.modules()
         if not isinstance(parent, BatchInvariantLinear)
         for name, child in parent.named_children()
-        if isinstance(child, (nn.Linear, PackedLinear))
+        if isinstance(child, (nn.Linear, PackedLinear, *QUANTIZED_LINEARS))
     ]
     if not targets:
         return 0

@@ -9,7 +9,8 @@ Each row is printed next to two floors: the model's weight matmuls alone at the 
 and the bytes a step must read (weights once, plus the KV it attends over, a shared prefix once)
 over the memory bandwidth measured at start. With --enable-torch-compile decode runs on the
 static-shape runner, its bucketed step compiled; untimed warm-up steps come first, so compilation
-is not timed.
+is not timed. With --quantization, each dtype is timed once per mode (int8, int4, gguf as the
+executor's flag), the bandwidth floor counting the quantized weights' bytes as stored.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from services.common.model_store import resolve_model_path
+from services.common.model_store import gguf_file, resolve_model_path
 from services.executor.bench_floors import (
     bandwidth_floor_ms,
     head_floor_ms,
@@ -36,6 +38,7 @@ from services.executor.engine import Engine, EngineLimits
 from services.executor.factory import set_threads
 from services.executor.kv_pool import KVPool
 from services.executor.model_config import ModelConfig
+from services.executor.quantization import INT4_GROUP_SIZES, QUANTIZATION_METHODS, Quantization
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, SharedPrefix, Slice, SlotWrite, StepInput
 from services.executor.weights import load_model
@@ -79,6 +82,7 @@ class DecodeCase:
 class DecodeRow:
     case: str
     dtype: str
+    quantization: str
     batch: int
     context: int
     step_ms: float
@@ -92,6 +96,7 @@ class DecodeRow:
 @dataclass
 class PrefillRow:
     dtype: str
+    quantization: str
     prompts: int
     prompt_len: int
     step_ms: float
@@ -102,6 +107,15 @@ class PrefillRow:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default="default")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument(
+        "--quantization",
+        nargs="+",
+        default=["none"],
+        choices=QUANTIZATION_METHODS,
+        help="weight quantization modes to time, each with every --dtypes (see the executor's "
+        "flag; gguf needs --model-path default or a .gguf file)",
+    )
+    p.add_argument("--quantization-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32, 64])
     p.add_argument(
         "--contexts",
@@ -316,28 +330,51 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     )
     decode, prefill = [], []
     for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        # torch.compile cannot trace oneDNN's packed weights: the executor keeps them plain too.
-        prepack = not args.enable_torch_compile
-        model = load_model(path, cfg, max_positions(args), dtype, torch.device("cpu"), prepack)
-        kv_bytes = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
-        floors = Floors(weight_bytes(model), kv_bytes, bandwidth)
-        bench_decode(model, cfg, 1, 16, 2, deterministic=args.enable_deterministic_inference)
-        for context in args.contexts:
-            for case in decode_cases(args, context):
-                for bs in args.batch_sizes:
-                    decode.append(
-                        _decode_row(model, cfg, args, static, floors, case, bs, context, dtype_name)
-                    )
-                    print(_fmt_decode(decode[-1]), flush=True)
-        for n in args.prefill_prompts:
-            prefill.append(_prefill_row(model, cfg, args, n, dtype_name))
-            print(_fmt_prefill(prefill[-1]), flush=True)
+        for mode in args.quantization:
+            rows = _bench_model(args, path, cfg, static, bandwidth, dtype_name, mode)
+            decode += rows[0]
+            prefill += rows[1]
     return {
         "memory_bandwidth_bytes_per_s": bandwidth,
         "decode": [asdict(r) for r in decode],
         "prefill": [asdict(r) for r in prefill],
     }
+
+
+def _bench_model(
+    args: argparse.Namespace,
+    path: Path,
+    cfg: ModelConfig,
+    static: StaticDecodeConfig | None,
+    bandwidth: float,
+    dtype_name: str,
+    mode: str,
+) -> tuple[list[DecodeRow], list[PrefillRow]]:
+    """The decode and prefill rows of one model load (`dtype_name`, quantization `mode`)."""
+    dtype = getattr(torch, dtype_name)
+    gguf = gguf_file(args.model_path) if mode == "gguf" else None
+    quant = Quantization(mode, args.quantization_group_size, gguf)
+    # torch.compile cannot trace oneDNN's packed weights: the executor keeps them plain too.
+    prepack = not args.enable_torch_compile
+    model = load_model(
+        path, cfg, max_positions(args), dtype, torch.device("cpu"), prepack, quantization=quant
+    )
+    kv_bytes = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+    floors = Floors(weight_bytes(model), kv_bytes, bandwidth)
+    megabytes = floors.weight_bytes / 1e6
+    print(f"{dtype_name}, {quant.label} weights: {megabytes:.1f} MB read per step", flush=True)
+    bench_decode(model, cfg, 1, 16, 2, deterministic=args.enable_deterministic_inference)
+    decode, prefill = [], []
+    for context in args.contexts:
+        for case in decode_cases(args, context):
+            for bs in args.batch_sizes:
+                row = _decode_row(model, cfg, args, static, floors, case, bs, context, dtype_name)
+                decode.append(replace(row, quantization=mode))
+                print(_fmt_decode(decode[-1]), flush=True)
+    for n in args.prefill_prompts:
+        prefill.append(_prefill_row(model, cfg, args, n, dtype_name, mode))
+        print(_fmt_prefill(prefill[-1]), flush=True)
+    return decode, prefill
 
 
 def _decode_row(
@@ -359,6 +396,7 @@ def _decode_row(
     return DecodeRow(
         case.label,
         dtype_name,
+        "none",
         bs,
         context,
         ms,
@@ -371,12 +409,17 @@ def _decode_row(
 
 
 def _prefill_row(
-    model: nn.Module, cfg: ModelConfig, args: argparse.Namespace, n: int, dtype_name: str
+    model: nn.Module,
+    cfg: ModelConfig,
+    args: argparse.Namespace,
+    n: int,
+    dtype_name: str,
+    mode: str = "none",
 ) -> PrefillRow:
     length = args.prefill_len
     ms = bench_prefill(model, cfg, n, length, args.enable_deterministic_inference)
     floor = linear_floor_ms(model, n * length, repeats=2) + head_floor_ms(model, n)
-    return PrefillRow(dtype_name, n, length, ms, n * length / ms * 1e3, floor)
+    return PrefillRow(dtype_name, mode, n, length, ms, n * length / ms * 1e3, floor)
 
 
 def _mode(static: StaticDecodeConfig | None, batch_sizes: list[int]) -> str:
@@ -387,9 +430,13 @@ def _mode(static: StaticDecodeConfig | None, batch_sizes: list[int]) -> str:
     return f"static buckets up to {static.max_bs}, torch.compile (dynamic=False){tail}"
 
 
+def _quant(mode: str) -> str:
+    return "" if mode == "none" else f"{mode:5s} "
+
+
 def _fmt_decode(r: DecodeRow) -> str:
     return (
-        f"decode  {r.dtype:9s} {r.case:22s} ctx {r.context:5d} batch {r.batch:3d}: "
+        f"decode  {r.dtype:9s} {_quant(r.quantization)}{r.case:22s} ctx {r.context:5d} batch {r.batch:3d}: "
         f"{r.step_ms:8.1f} ms/step {r.tokens_per_s:8.1f} tok/s"
         f"   matmul floor {r.matmul_floor_ms:7.1f} ms ({r.ratio_to_floor:.2f}x)"
         f"   bandwidth floor {r.bandwidth_floor_ms:7.2f} ms ({r.ratio_to_bandwidth_floor:.2f}x)"
@@ -398,7 +445,7 @@ def _fmt_decode(r: DecodeRow) -> str:
 
 def _fmt_prefill(r: PrefillRow) -> str:
     return (
-        f"prefill {r.dtype:9s} {r.prompts} x {r.prompt_len}: {r.step_ms:8.1f} ms "
+        f"prefill {r.dtype:9s} {_quant(r.quantization)}{r.prompts} x {r.prompt_len}: {r.step_ms:8.1f} ms "
         f"{r.tokens_per_s:8.1f} tok/s   matmul floor {r.matmul_floor_ms:7.1f} ms"
     )
 

@@ -14,11 +14,19 @@ import torch
 from torch import nn
 
 from services.executor.packed_linear import PackedLinear
+from services.executor.quantization import QUANTIZED_LINEARS, quantized_bytes
 
 
 def _linears(model: nn.Module) -> list[nn.Module]:
-    """Every weight matmul as the engine runs it: `nn.Linear` or its oneDNN-packed twin."""
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    """Every weight matmul as the engine runs it: `nn.Linear`, its oneDNN-packed twin or a
+    quantized one."""
+    kinds = (nn.Linear, PackedLinear, *QUANTIZED_LINEARS)
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    """The activations' dtype: the embedding's (linear weights may be packed or quantized)."""
+    return next(model.parameters()).dtype
 
 
 def _time_ms(fn, repeats: int) -> float:
@@ -33,9 +41,10 @@ def _time_ms(fn, repeats: int) -> float:
 def linear_floor_ms(model: nn.Module, tokens: int, repeats: int = 5) -> float:
     """Median time of every weight matmul of one forward over `tokens` rows, lm_head excluded
     (the caller adds `head_floor_ms` for the rows that reach the head). Each layer is called as
-    the model calls it, so packed weights are timed packed."""
-    dtype = model.lm_head.weight.dtype
-    linears = [m for m in _linears(model) if m is not model.lm_head]
+    the model calls it, so packed weights are timed packed and quantized ones quantized."""
+    dtype = _dtype(model)
+    head = set(model.lm_head.modules())  # the head, and its inner layer when wrapped
+    linears = [m for m in _linears(model) if m not in head]
     inputs = {m.in_features: torch.randn(tokens, m.in_features, dtype=dtype) for m in linears}
 
     def run() -> None:
@@ -48,7 +57,8 @@ def linear_floor_ms(model: nn.Module, tokens: int, repeats: int = 5) -> float:
 
 def head_floor_ms(model: nn.Module, rows: int, repeats: int = 5) -> float:
     head = model.lm_head
-    x = torch.randn(rows, head.in_features, dtype=head.weight.dtype)
+    features = getattr(head, "inner", head).in_features  # wrapped under deterministic inference
+    x = torch.randn(rows, features, dtype=_dtype(model))
     head(x)
     return _time_ms(lambda: head(x), repeats)
 
@@ -68,9 +78,15 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights one decode step reads: every linear layer (lm_head included, shared
-    with the embedding when tied) and the norms; the embedding table is only gathered from."""
-    itemsize = model.lm_head.weight.dtype.itemsize
-    matmuls = sum(m.in_features * m.out_features * itemsize for m in _linears(model))
+    with the embedding when tied), quantized ones as stored (values, scales and zeros), and the
+    norms; the embedding table is only gathered from."""
+    itemsize = _dtype(model).itemsize
+    matmuls = sum(
+        quantized_bytes(m)
+        if isinstance(m, QUANTIZED_LINEARS)
+        else m.in_features * m.out_features * itemsize
+        for m in _linears(model)
+    )
     norms = sum(
         p.numel() * p.element_size()
         for name, p in model.named_parameters()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from services.common.config import option
 from services.common.metrics import ServiceConfig
 from services.executor.attention import ATTENTION_BACKENDS
+from services.executor.quantization import INT4_GROUP_SIZES, QUANTIZATION_METHODS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -24,6 +25,18 @@ class ExecutorConfig(ServiceConfig):
         "auto", "weight and KV dtype; auto = bfloat16 where the CPU/GPU has it", DTYPES
     )
     device: str = option("auto", "cpu or cuda; auto = cuda when available", DEVICES)
+    quantization: str = option(
+        "none",
+        "weight-only quantization of the linear layers (CPU): int8 (per output channel) or int4 "
+        "(groups of --quantization-group-size inputs; the LM head int8) quantize the float "
+        "checkpoint at load; "
+        "gguf loads the GGUF file's own quantized blocks (Q4_0/Q4_1 as int4, other types as "
+        "int8; needs --model-path default or a .gguf file); activations stay in --dtype",
+        QUANTIZATION_METHODS,
+    )
+    quantization_group_size: int = option(
+        32, "input features per int4 scale and zero (32, 64, 128 or 256)"
+    )
     max_total_tokens: int | None = option(
         None, "KV slots in the pool (overrides --mem-fraction-static)"
     )
@@ -109,5 +122,9 @@ class ExecutorConfig(ServiceConfig):
             raise ValueError(
                 "--enable-deterministic-inference runs decode eagerly: drop --enable-torch-compile"
             )
+        if self.quantization_group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"--quantization-group-size must be one of {INT4_GROUP_SIZES}")
+        if self.quantization != "none" and self.tp > 1:
+            raise ValueError("--quantization does not support --tp above 1")
         if self.watchdog_timeout_s < 0:
             raise ValueError("--watchdog-timeout-s must be >= 0 (0 disables it)")

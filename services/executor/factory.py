@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from services.common.log import setup_logging
-from services.common.model_store import resolve_model_path, served_name
+from services.common.model_store import gguf_file, resolve_model_path, served_name
 from services.executor.attention import default_backend
 from services.executor.config import ExecutorConfig
 from services.executor.decode_runner import StaticDecodeConfig
@@ -26,6 +26,7 @@ from services.executor.kv_pool import KVPool
 from services.executor.mirror import Follower, LeaderEngine
 from services.executor.model_config import ModelConfig
 from services.executor.parallel import Rank, head_shard, kv_heads_per_rank, rank_config
+from services.executor.quantization import Quantization
 from services.executor.ranks import (
     COLLECTIVE_TIMEOUT_S,
     RankGroup,
@@ -203,9 +204,11 @@ def _create_leader(
         )
     runner = engine.decode_runner
     log.info(
-        "engine ready: %s, %s on %s (%d threads), %d KV slots, context %d, backend %s, decode %s%s%s",
+        "engine ready: %s, %s%s on %s (%d threads), %d KV slots, context %d, backend %s, "
+        "decode %s%s%s",
         model_cfg.architecture,
         dtype,
+        f" ({cfg.quantization} weights)" if cfg.quantization != "none" else "",
         device,
         threads,
         limits.num_slots,
@@ -234,7 +237,8 @@ def _load(
     and the limits, with the KV slots every rank can hold (a collective under --tp)."""
     # torch.compile cannot trace oneDNN's opaque packed weights.
     prepack = not cfg.enable_torch_compile
-    model = load_model(path, model_cfg, context, dtype, device, prepack, rank)
+    quant = quantization(cfg)
+    model = load_model(path, model_cfg, context, dtype, device, prepack, rank, quant)
     rank_cfg = model_cfg if rank is None else rank_config(model_cfg, rank)
     # The CPU's ranks take their pools out of the same RAM; GPUs each have their own.
     sharing = rank.size if rank is not None and device.type == "cpu" else 1
@@ -246,6 +250,12 @@ def _load(
         rank_cfg,
         EngineLimits(slots, cfg.max_running_requests, context, cfg.max_top_logprobs),
     )
+
+
+def quantization(cfg: ExecutorConfig) -> Quantization:
+    """--quantization and its group size; for gguf, the GGUF file --model-path names."""
+    gguf = gguf_file(cfg.model_path) if cfg.quantization == "gguf" else None
+    return Quantization(cfg.quantization, cfg.quantization_group_size, gguf)
 
 
 def follower_main(rank: Rank, port: int, conn: Connection, cfg: ExecutorConfig, path: Path) -> None:

@@ -3,7 +3,8 @@
 Renames live here, not in the model files: HF's q/k/v and gate/up weights are copied into the
 model's stacked `qkv_proj` / `gate_up_proj` at the offsets their `MergedLinear` declares. Under
 tensor parallelism (parallel.py) a layer's `tp_shard` first cuts the rank's part out of each
-checkpoint tensor.
+checkpoint tensor. Quantization is applied after loading (quantization.py), or the linear weights
+come quantized from a GGUF file (gguf_weights.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from services.executor.model_config import ModelConfig
 from services.executor.models import model_class
 from services.executor.packed_linear import prepack_linears
 from services.executor.parallel import Rank, shard_model
+from services.executor.quantization import Quantization, quantize_linears
 
 log = logging.getLogger("radixserve.executor")
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -68,7 +70,7 @@ def build_model(
     return model.eval()
 
 
-def _target(name: str, packed: dict[str, list[str]]) -> tuple[str, int | None]:
+def checkpoint_target(name: str, packed: dict[str, list[str]]) -> tuple[str, int | None]:
     """Model parameter name and stacked-shard index for an HF weight name."""
     for fused, parts in packed.items():
         for index, part in enumerate(parts):
@@ -86,7 +88,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     for name, tensor in weights:
         if name.endswith(SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
-        target, shard = _target(name, packed)
+        target, shard = checkpoint_target(name, packed)
         if target not in params:
             raise KeyError(f"checkpoint weight {name!r} has no place in {type(model).__name__}")
         _copy(model, params[target], target, shard, tensor)
@@ -130,13 +132,28 @@ def load_model(
     device: torch.device,
     prepack: bool = True,
     rank: Rank | None = None,
+    quantization: Quantization | None = None,
 ) -> nn.Module:
     """Builds the model (with `rank`, that tensor-parallel rank's shard) and loads its weights;
-    with `prepack`, linear weights are packed for oneDNN where that is exact and faster
-    (bfloat16 on the CPU, see packed_linear.py)."""
+    with `quantization`, its linear layers are quantized (int8, int4) or read quantized from a
+    GGUF file (gguf; see quantization.py, gguf_weights.py); with `prepack`, the linear weights
+    left float are packed for oneDNN where that is exact and faster (bfloat16 on the CPU, see
+    packed_linear.py). Raises ValueError for quantization under tensor parallelism."""
+    quant = quantization or Quantization()
+    if quant.method != "none" and rank is not None:
+        raise ValueError("--quantization does not support --tp above 1")
     model = build_model(cfg, max_positions, dtype, device, rank)
-    load_weights(model, iter_safetensors(path))
+    if quant.method == "gguf":
+        from services.executor.gguf_weights import load_gguf  # imports this module
+
+        assert quant.gguf_path is not None, "--quantization gguf needs the GGUF file"
+        load_gguf(model, quant.gguf_path)
+    else:
+        load_weights(model, iter_safetensors(path))
+    if quant.method in ("int8", "int4"):
+        quantize_linears(model, quant.method, quant.group_size)
     if prepack:
         prepack_linears(model)
-    log.info("loaded %s (%s, %s)", path, cfg.architecture, dtype)
+    source = quant.gguf_path if quant.method == "gguf" else path
+    log.info("loaded %s (%s, %s, quantization %s)", source, cfg.architecture, dtype, quant.label)
     return model

@@ -19,8 +19,19 @@ from services.executor.bench import (
     shared_spans,
     slot_writes,
 )
-from services.executor.bench_floors import memory_bandwidth, weight_bytes
+from services.executor.bench_floors import (
+    head_floor_ms,
+    linear_floor_ms,
+    memory_bandwidth,
+    weight_bytes,
+)
 from services.executor.model_config import ModelConfig
+from services.executor.quantization import (
+    QUANTIZED_LINEARS,
+    Int8Linear,
+    quantize_linears,
+    quantized_bytes,
+)
 from services.executor.weights import build_model, load_weights
 from tests.executor.tiny import hf_model
 
@@ -92,3 +103,22 @@ def test_deterministic_mode_times_the_batch_invariant_engine() -> None:
     assert bench_prefill(model, cfg, 2, 24, deterministic=True) > 0
     wrapped = [m for m in model.modules() if isinstance(m, BatchInvariantLinear)]
     assert len(wrapped) == cfg.num_layers * 4 + 1  # qkv, o, gate_up, down per layer; the head
+
+
+def test_quantized_weights_count_as_stored_and_time_under_tiles() -> None:
+    hf = hf_model("llama")
+    cfg = ModelConfig.from_dict(hf.config.to_dict())
+    model = build_model(cfg, 64, torch.bfloat16, torch.device("cpu"))
+    load_weights(model, hf.state_dict().items())
+    before = weight_bytes(model)
+    quantize_linears(model, "int4", 32)
+    linears = [m for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)]
+    norms = sum(p.numel() * 2 for n, p in model.named_parameters() if n.endswith("norm.weight"))
+    assert weight_bytes(model) == sum(quantized_bytes(m) for m in linears) + norms
+    assert isinstance(model.lm_head, Int8Linear)  # the head at 8 bits, the rest at 4
+    assert weight_bytes(model) < before / 2
+    assert linear_floor_ms(model, 4, repeats=1) > 0 and head_floor_ms(model, 4, repeats=1) > 0
+    assert bench_decode(model, cfg, 3, 40, 2, deterministic=True) > 0
+    assert head_floor_ms(model, 2, repeats=1) > 0  # the head now wrapped in tiles
+    args = parse("--quantization", "none", "int8", "--quantization-group-size", "64")
+    assert (args.quantization, args.quantization_group_size) == (["none", "int8"], 64)
