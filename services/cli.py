@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
@@ -52,18 +53,6 @@ def _models(args: argparse.Namespace) -> None:
     print(f"ready: {path}")
     for model in list_cached():
         print(f"{model.name:40s} {model.size_bytes / 2**20:9.1f} MiB  {model.path}")
-
-
-def _bench_executor(args: argparse.Namespace) -> None:
-    from services.executor.bench import main
-
-    main(args)
-
-
-def _perplexity(args: argparse.Namespace) -> None:
-    from services.executor.perplexity import main
-
-    main(args)
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -117,56 +106,17 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_gateway)
 
 
-def _add_bench_executor(sub: argparse._SubParsersAction) -> None:
-    from services.executor.bench import add_arguments as add_bench_arguments
+def _tool(name: str, module: str, help: str) -> Callable[[argparse._SubParsersAction], None]:
+    """The adder of a tool subcommand whose `module` has `add_arguments(parser)` and
+    `main(args)`; the module is imported when the parser is built."""
 
-    p = sub.add_parser(
-        "bench-executor", help="time decode and prefill steps of the executor in process"
-    )
-    add_bench_arguments(p)
-    p.set_defaults(func=_bench_executor)
+    def add(sub: argparse._SubParsersAction) -> None:
+        tool = importlib.import_module(module)
+        p = sub.add_parser(name, help=help)
+        tool.add_arguments(p)
+        p.set_defaults(func=tool.main)
 
-
-def _add_perplexity(sub: argparse._SubParsersAction) -> None:
-    from services.executor.perplexity import add_arguments as add_perplexity_arguments
-
-    p = sub.add_parser(
-        "perplexity", help="perplexity of the model on a shipped text, per --quantization mode"
-    )
-    add_perplexity_arguments(p)
-    p.set_defaults(func=_perplexity)
-
-
-def _bench(args: argparse.Namespace) -> None:
-    from services.bench.cli import main
-
-    main(args)
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from services.bench.cli import add_arguments as add_bench_arguments
-
-    p = sub.add_parser(
-        "bench", help="load any OpenAI-compatible server: throughput, TTFT, ITL, latency"
-    )
-    add_bench_arguments(p)
-    p.set_defaults(func=_bench)
-
-
-def _bench_lang(args: argparse.Namespace) -> None:
-    from radixserve.lang.bench import main
-
-    main(args)
-
-
-def _add_bench_lang(sub: argparse._SubParsersAction) -> None:
-    from radixserve.lang.bench import add_arguments as add_bench_arguments
-
-    p = sub.add_parser(
-        "bench-lang", help="time N frontend-language programs run one by one and with run_batch"
-    )
-    add_bench_arguments(p)
-    p.set_defaults(func=_bench_lang)
+    return add
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -208,10 +158,26 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_scheduler,
     _add_gateway,
     _add_models,
-    _add_bench_executor,
-    _add_perplexity,
-    _add_bench,
-    _add_bench_lang,
+    _tool(
+        "bench-executor",
+        "services.executor.bench",
+        "time decode and prefill steps of the executor in process",
+    ),
+    _tool(
+        "perplexity",
+        "services.executor.perplexity",
+        "perplexity of the model on a shipped text, per --quantization mode",
+    ),
+    _tool(
+        "bench",
+        "services.bench.cli",
+        "load any OpenAI-compatible server: throughput, TTFT, ITL, latency",
+    ),
+    _tool(
+        "bench-lang",
+        "radixserve.lang.bench",
+        "time N frontend-language programs run one by one and with run_batch",
+    ),
     _add_healthcheck,
 ]
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -120,6 +121,19 @@ SERVE_LIGHT = [
     "--context-length",
     "2048",
 ]
+
+
+@contextlib.contextmanager
+def serving(log: Path, extra: list[str] | None = None) -> Iterator[str]:
+    """`radixserve serve` (SERVE_LIGHT, then `extra`) on a free port, ready: its base URL; on
+    exit it and every process it started are stopped."""
+    port = free_port()
+    serve = Serve(port, log, extra)
+    try:
+        serve.wait_ready()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.kill_all()
 
 
 class Serve:

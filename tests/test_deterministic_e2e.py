@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.procs import Serve, free_port
+from tests.procs import serving
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +35,10 @@ BACKGROUND = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Iterator[str]:
-    port = free_port()
     log = tmp_path_factory.mktemp("deterministic") / "serve.log"
     flags = ["--dtype", "bfloat16", "--enable-deterministic-inference"]
-    serve = Serve(port, log, [*flags, "--chunked-prefill-size", "32"])
-    try:
-        serve.wait_ready()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.kill_all()
+    with serving(log, [*flags, "--chunked-prefill-size", "32"]) as url:
+        yield url
 
 
 def ask(client: openai.OpenAI, question: str, seed: int) -> tuple[str, list[float]]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.executor.packed_linear import PackedLinear
+from services.executor.packed_linear import PackedLinear, children_of_type
 from services.executor.quantization import QUANTIZED_LINEARS
 
 log = logging.getLogger("radixserve.executor")
@@ -68,16 +68,11 @@ class BatchInvariantLinear(nn.Module):
 def make_batch_invariant(model: nn.Module) -> int:
     """Wraps every linear layer of `model` (`nn.Linear`, `PackedLinear`, the quantized ones) in a
     `BatchInvariantLinear`, in place; returns how many were wrapped (0 when they all are)."""
-    targets = [
-        (parent, name, child)
-        for parent in model.modules()
-        if not isinstance(parent, BatchInvariantLinear)
-        for name, child in parent.named_children()
-        if isinstance(child, (nn.Linear, PackedLinear, *QUANTIZED_LINEARS))
-    ]
+    linears = (nn.Linear, PackedLinear, *QUANTIZED_LINEARS)
+    targets = children_of_type(model, linears, skip=BatchInvariantLinear)
     if not targets:
         return 0
-    for parent, name, child in targets:
+    for parent, name, _, child in targets:
         setattr(parent, name, BatchInvariantLinear(child))
     log.info(
         "deterministic inference: %d linear layers run on %d-row tiles", len(targets), TILE_ROWS

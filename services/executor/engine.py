@@ -131,7 +131,6 @@ class Engine:
             head_dim=cfg.head_dim,
             sliding_window=cfg.sliding_window,
         )
-        self.deterministic = deterministic
         if deterministic:
             self._make_deterministic(static_decode)
         self.sampler = Sampler(cfg.vocab_size, device, batch_invariant=deterministic)

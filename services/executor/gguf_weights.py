@@ -35,6 +35,7 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from torch import nn
 
+from services.executor.packed_linear import children_of_type
 from services.executor.quantization import (
     QUANTIZED_LINEARS,
     Int4Linear,
@@ -170,12 +171,10 @@ def load_gguf(model: nn.Module, path: Path) -> list[str]:
 def _linear_slots(model: nn.Module) -> Iterator[tuple[nn.Module, str, str, list[str]]]:
     """(parent, attribute, full name, Hugging Face names of its stacked parts) per linear."""
     packed = getattr(model, "packed_modules", {})
-    for prefix, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                full = f"{prefix}.{name}" if prefix else name
-                parts = [f"{prefix}.{p}" for p in packed[name]] if name in packed else [full]
-                yield parent, name, full, parts
+    for parent, name, full, _ in children_of_type(model, nn.Linear):
+        prefix = full.rpartition(".")[0]
+        parts = [f"{prefix}.{p}" for p in packed[name]] if name in packed else [full]
+        yield parent, name, full, parts
 
 
 def _install_quantized(model: nn.Module, gguf: GGUFTensors, dtype: torch.dtype) -> list[str]:

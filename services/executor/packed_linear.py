@@ -62,6 +62,20 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
 
 
+def children_of_type(
+    model: nn.Module, types: type | tuple[type, ...], skip: type | tuple[type, ...] = ()
+) -> list[tuple[nn.Module, str, str, nn.Module]]:
+    """(parent, attribute, full name, child) for every submodule of `model` that is a `types`,
+    except inside a `skip`; listed before any is swapped, so callers may `setattr` as they go."""
+    return [
+        (parent, name, f"{prefix}.{name}" if prefix else name, child)
+        for prefix, parent in model.named_modules()
+        if not isinstance(parent, skip)
+        for name, child in parent.named_children()
+        if isinstance(child, types)
+    ]
+
+
 def prepack_linears(model: nn.Module) -> int:
     """Replaces every `nn.Linear` of `model` (lm_head included, even when it is tied to the
     embedding: the embedding keeps its plain weight) by a `PackedLinear`, in place.
@@ -69,13 +83,8 @@ def prepack_linears(model: nn.Module) -> int:
     first = next(model.parameters())
     if not can_prepack(first.dtype, first.device):
         return 0
-    targets = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear)
-    ]
-    for parent, name, child in targets:
+    targets = children_of_type(model, nn.Linear)
+    for parent, name, _, child in targets:
         setattr(parent, name, PackedLinear(child))
     log.info("packed %d linear layers for oneDNN", len(targets))
     return len(targets)

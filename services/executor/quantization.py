@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.executor.packed_linear import children_of_type
+
 log = logging.getLogger("radixserve.executor")
 
 QUANTIZATION_METHODS = ("none", "int8", "int4", "gguf")
@@ -365,12 +367,7 @@ def quantize_linears(
         raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, not {group_size}")
     first = next(model.parameters())
     check_quantizable(first.dtype, first.device)
-    targets = [
-        (parent, name, f"{prefix}.{name}" if prefix else name, child)
-        for prefix, parent in model.named_modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear)
-    ]
+    targets = children_of_type(model, nn.Linear)
     kept: dict[str, list[str]] = {}  # reason -> layers
     with torch.no_grad():
         for parent, name, full, child in targets:

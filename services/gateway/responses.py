@@ -401,9 +401,9 @@ class NativeFormat:
 
     def chunk(self, out: Output, usage: Usage) -> dict[str, Any] | None:
         sofar = self._sofar.setdefault(out.index, Output(out.index, ""))
-        sofar.text += out.text
-        sofar.token_ids = [*sofar.token_ids, *out.token_ids]
-        sofar.logprobs = [*sofar.logprobs, *out.logprobs]
+        sofar.text += out.text  # lists grow in place: sse serializes each event as it is made
+        sofar.token_ids.extend(out.token_ids)
+        sofar.logprobs.extend(out.logprobs)
         sofar.prompt_logprobs = out.prompt_logprobs or sofar.prompt_logprobs
         counts = Usage(usage.prompt_tokens, len(sofar.token_ids), usage.cached_tokens)
         info = self._meta_info(out.finish_reason, out.matched_stop, counts)

@@ -9,21 +9,15 @@ from pathlib import Path
 import pytest
 
 from radixserve.lang import RuntimeEndpoint
-from tests.procs import Serve, free_port
+from tests.procs import serving
 
 API_KEY = "lang-test-key"
 
 
 @pytest.fixture(scope="package")
 def server(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("lang") / "serve.log"
-    serve = Serve(port, log, ["--api-key", API_KEY])
-    try:
-        serve.wait_ready()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.kill_all()
+    with serving(tmp_path_factory.mktemp("lang") / "serve.log", ["--api-key", API_KEY]) as url:
+        yield url
 
 
 @pytest.fixture(scope="package")

@@ -8,19 +8,14 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.procs import Serve, free_port
+from tests.procs import serving
 
 
 @pytest.fixture(scope="package")
 def server(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Iterator[str]:
-    port = free_port()
     log = tmp_path_factory.mktemp("structured") / "serve.log"
-    serve = Serve(port, log, ["--max-running-requests", "32", "--max-total-tokens", "16384"])
-    try:
-        serve.wait_ready()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.kill_all()
+    with serving(log, ["--max-running-requests", "32", "--max-total-tokens", "16384"]) as url:
+        yield url
 
 
 @pytest.fixture(scope="package")

@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.procs import Serve, free_port
+from tests.procs import serving
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +38,9 @@ def client(
     tmp = tmp_path_factory.mktemp("reasoning")
     template = tmp / "think.jinja"
     template.write_text(THINK_TEMPLATE)
-    port = free_port()
     extra = ["--reasoning-parser", "deepseek-r1", "--chat-template", str(template)]
-    serve = Serve(port, tmp / "serve.log", extra)
-    try:
-        serve.wait_ready()
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-    finally:
-        serve.kill_all()
+    with serving(tmp / "serve.log", extra) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
 
 def test_think_section_goes_to_reasoning_content_whole_and_streamed(client: openai.OpenAI) -> None:
