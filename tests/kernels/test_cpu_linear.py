@@ -1,0 +1,118 @@
+"""The small-batch CPU linear kernels against their references, and the layers that use them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kernels.cpu import linear as cpu_linear
+from services.executor.packed_linear import SMALL_BATCH_ROWS, PackedLinear, can_prepack
+from services.executor.quantization import Int8Linear
+
+KERNEL = cpu_linear._linear.load()
+pytestmark = pytest.mark.skipif(
+    KERNEL is None, reason=f"kernel not built: {cpu_linear.load_error()}"
+)
+ROWS = [1, 2, 3, 4, 5, 7, 16, 33, 64]
+SHAPES = [(32, 13), (64, 100), (576, 962), (1536, 576)]  # (K, N): odd channel counts too
+
+
+def _ulp_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Within one bfloat16 rounding of the float32 sum (the kernel adds in another order)."""
+    assert out.dtype == ref.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-3, rtol=2**-7)
+    assert (out == ref).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(("k", "n"), SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    _ulp_close(cpu_linear.linear_bf16(KERNEL, x, w, b), cpu_linear.linear_bf16_ref(x, w, b))
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(("k", "n"), SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows * n + k + 1)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(n, generator=gen) / 127 / k**0.5).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    out = cpu_linear.linear_int8(KERNEL, x, q, scale, b)
+    _ulp_close(out, cpu_linear.linear_int8_ref(x, q, scale, b))
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_a_row_does_not_depend_on_its_batch(kind: str) -> None:
+    """Each row's sum runs in the same order whatever else is in the batch: bit for bit."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(37, 576, generator=gen).bfloat16()
+    w = torch.randn(300, 576, generator=gen).bfloat16()
+    q = torch.randint(-127, 128, (300, 576), generator=gen, dtype=torch.int8)
+    scale = torch.rand(300, generator=gen).bfloat16() / 100
+
+    def apply(rows: torch.Tensor) -> torch.Tensor:
+        if kind == "bf16":
+            return cpu_linear.linear_bf16(KERNEL, rows, w, None)
+        return cpu_linear.linear_int8(KERNEL, rows, q, scale, None)
+
+    alone = torch.cat([apply(x[i : i + 1]) for i in range(37)])
+    for m in (2, 3, 4, 5, 9, 37):
+        assert torch.equal(apply(x[:m]), alone[:m]), f"{m} rows"
+
+
+def test_shapes_and_dtypes_it_cannot_take_are_refused() -> None:
+    x = torch.randn(2, 48).bfloat16()
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu_linear.linear_bf16(KERNEL, x, torch.randn(8, 48).bfloat16(), None)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        cpu_linear.linear_bf16(KERNEL, torch.randn(2, 64), torch.randn(8, 64), None)
+    with pytest.raises(RuntimeError, match="features"):
+        cpu_linear.linear_bf16(
+            KERNEL, torch.randn(2, 64).bfloat16(), torch.randn(8, 32).bfloat16(), None
+        )
+    assert cpu_linear.available(x, 48) is None  # the layers fall back instead
+    assert cpu_linear.available(torch.randn(2, 64), 64) is None
+
+
+def test_disabled_kernels_are_not_offered(monkeypatch) -> None:
+    x = torch.randn(1, 64).bfloat16()
+    assert cpu_linear.available(x, 64) is KERNEL
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    assert cpu_linear.available(x, 64) is None
+
+
+@pytest.mark.skipif(not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 962, bias=bias).bfloat16()
+    layer = PackedLinear(linear)
+    x = torch.randn(3, SMALL_BATCH_ROWS + 3, 576).bfloat16()  # leading dims are flattened
+    for rows in (1, SMALL_BATCH_ROWS):
+        part = x[0, :rows]
+        out = layer(part)
+        assert torch.equal(out, cpu_linear.linear_bf16(KERNEL, part, linear.weight, linear.bias))
+        _ulp_close(out, nn.functional.linear(part, linear.weight, linear.bias))
+    # from SMALL_BATCH_ROWS + 1 rows: oneDNN, bit for bit F.linear
+    assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 31])
+def test_int8_linear_runs_the_kernel_below_the_float_gemm(rows: int) -> None:
+    torch.manual_seed(rows)
+    weight = torch.randn(962, 576) / 24
+    layer = Int8Linear.from_float(weight, torch.randn(962), torch.bfloat16)
+    x = torch.randn(rows, 576).bfloat16()
+    out = layer(x)
+    assert torch.equal(
+        out, cpu_linear.linear_int8(KERNEL, x, layer.qweight, layer.scale, layer.bias)
+    )
+    _ulp_close(out, cpu_linear.linear_int8_ref(x, layer.qweight, layer.scale, layer.bias))
