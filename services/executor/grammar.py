@@ -54,7 +54,7 @@ class GrammarRuntime:
     """Compiles grammars for one model and masks / advances the rows that use them.
 
     `tokenizer_info` builds the xgrammar TokenizerInfo (called once, on first compile). `compile`
-    is thread-safe (the preparer thread and the CompileGrammar RPC's pool both call it); `mask`
+    is thread-safe (the forward thread and the CompileGrammar RPC's pool both call it); `mask`
     and `advance` run on the forward thread only.
     """
 

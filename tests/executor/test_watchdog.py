@@ -64,7 +64,6 @@ def test_the_servicer_watches_execute_only() -> None:
     assert seen[0] is not None and seen[0][0] == 42
     assert servicer.watchdog._running is None
     servicer.worker.shutdown()
-    servicer.preparer.shutdown()
     servicer.compiler.shutdown()
 
 
