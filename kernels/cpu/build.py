@@ -10,11 +10,29 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 log = logging.getLogger("radixserve.kernels")
+
+
+DISABLE_ENV = "RADIXSERVE_DISABLE_CPU_KERNELS"
+
+
+def disabled_by_env() -> bool:
+    """True when RADIXSERVE_DISABLE_CPU_KERNELS is set to anything but "" or "0": every caller
+    then runs its PyTorch path. Read on each call, so it can change at run time."""
+    return os.environ.get(DISABLE_ENV, "") not in ("", "0")
+
+
+def kernels_enabled() -> bool:
+    """The C++ kernels may run here: not disabled by the environment and not inside
+    torch.compile (which traces the PyTorch references instead)."""
+    return not torch.compiler.is_compiling() and not disabled_by_env()
 
 
 def cpu_flags() -> str:

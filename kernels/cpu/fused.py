@@ -8,14 +8,13 @@ order of a float32 sum in the RMSNorm).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu.build import Extension
+from kernels.cpu.build import Extension, kernels_enabled
 
 _fused = Extension(
     "radixserve_cpu_fused", Path(__file__).with_name("fused.cpp"), "CPU fused layer kernels"
@@ -28,11 +27,7 @@ def available(x: torch.Tensor) -> ModuleType | None:
     references instead); None otherwise."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if torch.compiler.is_compiling():
-        return None
-    if os.environ.get("RADIXSERVE_DISABLE_CPU_KERNELS", "") not in ("", "0"):
-        return None
-    return _fused.load()
+    return _fused.load() if kernels_enabled() else None
 
 
 def add_rmsnorm(

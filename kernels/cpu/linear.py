@@ -13,14 +13,13 @@ PyTorch), bfloat16 activations, and an input width that is a multiple of 32.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu.build import Extension
+from kernels.cpu.build import Extension, kernels_enabled
 
 _linear = Extension(
     "radixserve_cpu_linear",
@@ -36,11 +35,7 @@ def available(x: torch.Tensor, in_features: int) -> ModuleType | None:
     RADIXSERVE_DISABLE_CPU_KERNELS=1, not inside torch.compile; None otherwise."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or in_features % K_MULTIPLE:
         return None
-    if torch.compiler.is_compiling():
-        return None
-    if os.environ.get("RADIXSERVE_DISABLE_CPU_KERNELS", "") not in ("", "0"):
-        return None
-    return _linear.load()
+    return _linear.load() if kernels_enabled() else None
 
 
 def load_error() -> str | None:

@@ -9,12 +9,11 @@ times faster on the CPU (one pass over the words, rows in parallel).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from kernels.cpu.build import Extension
+from kernels.cpu.build import Extension, disabled_by_env
 
 _mask = Extension(
     "radixserve_cpu_token_mask", Path(__file__).with_name("token_mask.cpp"), "CPU token-mask kernel"
@@ -37,7 +36,7 @@ def apply_token_bitmask_(
         and logits.dtype == torch.float32
         and logits.stride(-1) == 1
         and bitmask.device.type == "cpu"
-        and os.environ.get("RADIXSERVE_DISABLE_CPU_KERNELS", "") in ("", "0")
+        and not disabled_by_env()
     ):
         module = _mask.load()
     if module is None:

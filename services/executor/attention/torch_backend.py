@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import kernels.cpu as cpu_kernels
 from kernels.cpu import cascade
-from kernels.cpu.build import cpu_flags
+from kernels.cpu.build import cpu_flags, disabled_by_env
 from services.executor.attention.base import AttentionBackend, register
 from services.executor.forward_batch import ForwardBatch, SharedSpans
 
@@ -92,7 +92,7 @@ class TorchAttention(AttentionBackend):
             return False
         if pool.dtype not in (torch.float32, torch.bfloat16):
             return False
-        if os.environ.get("RADIXSERVE_DISABLE_CPU_KERNELS", "") not in ("", "0"):
+        if disabled_by_env():
             return False
         return cpu_kernels.load() is not None
 
