@@ -149,7 +149,7 @@ def test_serve_logs_a_request_as_json_under_its_id_in_every_service(
         usage = json.loads(events[-1])["usage"]
         entries = _json_lines(server, until=lambda e: e["logger"] == "radixserve.gateway.requests")
         mine = [e for e in entries if e.get("request_id") == "my-req-1"]
-        assert {"gateway", "scheduler", "executor"} <= {e["service"] for e in mine}
+        assert {"gateway", "tokenizer", "scheduler", "executor"} <= {e["service"] for e in mine}
         (request,) = [e for e in mine if e["logger"] == "radixserve.gateway.requests"]
         assert (request["method"], request["route"], request["status"]) == (
             "POST",

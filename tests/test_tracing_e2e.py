@@ -178,7 +178,7 @@ def test_a_streamed_chat_is_one_trace_across_the_four_services(
     assert handler.parent_span_id == client.span_id
     assert sample.parent_span_id == generate.span_id
     assert row.parent_span_id == sample.span_id
-    for s in (generate, sample, row):
+    for s in (generate, handler, sample, row):
         assert s.attributes["radixserve.request_id"] == request_id, s.name
     for s in (generate, sample):
         assert s.attributes["gen_ai.usage.output_tokens"] == 8, s.name

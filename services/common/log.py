@@ -8,7 +8,7 @@ when there is one, and the line's own `fields`.
 
 A line is about a request when it is logged with `extra={"request_id": ...}` (the scheduler,
 executor and tokenizer do so) or while `REQUEST_ID` is set (the gateway sets it while it handles
-a request). `extra={"fields": {...}}` gives a line named values: top-level keys in JSON,
+a request, the tokenizer while it encodes or renders a template for one). `extra={"fields": {...}}` gives a line named values: top-level keys in JSON,
 `key=value` pairs after the message in text.
 """
 
@@ -27,6 +27,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 # The request the current task works for (set by the gateway around each request it handles).
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+# The gRPC metadata key that carries it on the gateway's unary tokenizer calls (keys are lower
+# case in gRPC); the tokenizer sets REQUEST_ID from it while it serves the call.
+REQUEST_ID_METADATA = "x-request-id"
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,13 @@ from radixserve.v1 import scheduler_pb2_grpc as spb_grpc
 from radixserve.v1 import tokenizer_pb2 as tpb
 from radixserve.v1 import tokenizer_pb2_grpc as tpb_grpc
 from services.common.grpc_server import insecure_channel
+from services.common.log import REQUEST_ID, REQUEST_ID_METADATA
 from services.gateway import convert
 from services.gateway.detokenize_stream import DetokenizeCall, Detokenizer
 from services.gateway.errors import GatewayError, Unavailable, from_rpc_error
 from services.gateway.events import TokenPiece
 from services.gateway.protocol import ChatCompletionRequest
+from services.gateway.request_log import valid_request_id
 from services.gateway.router import SchedulerLoad
 from services.gateway.sampling import GenerationInput, ModelInfo
 from services.gateway.scheduler_stream import RequestEvents, SchedulerStream
@@ -70,9 +72,13 @@ class TokenizerClient:
         self._pieces: dict[int, TokenPiece] = {}  # id -> piece; at most the vocabulary
 
     async def _unary(self, method: str, request: object) -> Any:
-        """One unary call, on the next address (see `_on_any`)."""
+        """One unary call, on the next address (see `_on_any`); the request id of the HTTP
+        request being served, if any, goes with it as `x-request-id` metadata, so the
+        tokenizer's log lines and spans about it carry the id."""
+        rid = REQUEST_ID.get()
+        metadata = ((REQUEST_ID_METADATA, rid),) if rid and valid_request_id(rid) else None
         return await self._on_any(
-            lambda stub: getattr(stub, method)(request, timeout=UNARY_TIMEOUT_S)
+            lambda stub: getattr(stub, method)(request, timeout=UNARY_TIMEOUT_S, metadata=metadata)
         )
 
     async def _on_any(self, call: Callable[[tpb_grpc.TokenizerStub], Awaitable[T]]) -> T:

@@ -10,9 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
+from opentelemetry import trace
 
 from radixserve.v1 import tokenizer_pb2 as pb
 from radixserve.v1 import tokenizer_pb2_grpc as pb_grpc
+from services.common import tracing
+from services.common.log import REQUEST_ID, REQUEST_ID_METADATA
 from services.tokenizer import convert
 from services.tokenizer.errors import InvalidRequest
 from services.tokenizer.session import DetokenizeSession
@@ -37,6 +40,18 @@ async def _status(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
+def _for_request(context: grpc.aio.ServicerContext) -> str | None:
+    """The request id the caller sent as `x-request-id` metadata (the gateway does, for the
+    HTTP request it serves); sets REQUEST_ID for this call's log lines and tags the call's
+    span (when tracing is on) with it. Each call runs in a task of its own, so the variable
+    ends with the call."""
+    rid = dict(context.invocation_metadata() or ()).get(REQUEST_ID_METADATA)
+    if rid:
+        REQUEST_ID.set(rid)
+        trace.get_current_span().set_attribute(tracing.REQUEST_ID, rid)
+    return rid
+
+
 class TokenizerServicer(pb_grpc.TokenizerServicer):
     """Serves one Tokenizer; UNAVAILABLE until `tokenizer` is set."""
 
@@ -56,18 +71,22 @@ class TokenizerServicer(pb_grpc.TokenizerServicer):
         self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.EncodeResponse:
         tok = await self._require_ready(context)
+        _for_request(context)
         add_special = convert.add_special_tokens_from_pb(request)
         ids = await self._off_loop(tok.encode, request.text, add_special)
+        log.debug("encoded %d characters into %d tokens", len(request.text), len(ids))
         return pb.EncodeResponse(ids=ids)
 
     async def ApplyChatTemplate(
         self, request: pb.ApplyChatTemplateRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApplyChatTemplateResponse:
         tok = await self._require_ready(context)
+        _for_request(context)
         async with _status(context):
             prompt = await self._off_loop(
                 tok.apply_chat_template, convert.chat_request_from_pb(request)
             )
+        log.debug("rendered %d messages into %d tokens", len(request.messages), len(prompt.ids))
         return convert.chat_prompt_to_pb(prompt)
 
     async def Info(
