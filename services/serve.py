@@ -136,9 +136,10 @@ def wiring(args: argparse.Namespace) -> list[tuple[str, str, dict[str, object]]]
     for i in range(dp):
         executor, scheduler = free_port(), free_port()
         schedulers.append(f"127.0.0.1:{scheduler}")
-        children.append(
-            (engine_name("executor", i, dp), "executor", {"host": "127.0.0.1", "port": executor})
-        )
+        # engine i's ranks take GPUs base + i*tp .. base + i*tp + tp - 1 (unused on the CPU)
+        gpus = args.base_gpu_id + i * args.tp
+        wires = {"host": "127.0.0.1", "port": executor, "base_gpu_id": gpus}
+        children.append((engine_name("executor", i, dp), "executor", wires))
         wires = {"host": "127.0.0.1", "port": scheduler, "executor": f"127.0.0.1:{executor}"}
         children.append((engine_name("scheduler", i, dp), "scheduler", wires))
     gateway = {
@@ -156,7 +157,7 @@ def wiring(args: argparse.Namespace) -> list[tuple[str, str, dict[str, object]]]
 
 def child_commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """Each child's command line: its service's flags from `args`, the tracing flags, the wiring
-    (and with --dp-size > 1, each executor's share of the cores)."""
+    (and with --dp-size > 1, each executor's share of the cores and its own GPUs)."""
     if args.dp_size < 1:
         raise SystemExit("--dp-size must be at least 1")
     tracing = to_argv(from_args(TracingConfig, args))

@@ -81,6 +81,11 @@ class ExecutorConfig(ServiceConfig):
         "tensor-parallel ranks: the model's heads, MLP and vocabulary are split over this many "
         "processes (GPUs on CUDA), which this one starts and serves for",
     )
+    base_gpu_id: int = option(
+        0,
+        "on CUDA, the first GPU this executor uses (rank r of --tp takes GPU base + r); "
+        "`radixserve serve --dp-size D --tp N` gives engine i the GPUs from i*N",
+    )
     watchdog_timeout_s: float = option(
         600.0,
         "exit the process when one step has executed this many seconds (a wedged forward), "
@@ -116,6 +121,8 @@ class ExecutorConfig(ServiceConfig):
             raise ValueError("--fault-injection-stage must be `sample` or `forward`")
         if self.tp < 1:
             raise ValueError("--tp must be at least 1")
+        if self.base_gpu_id < 0:
+            raise ValueError("--base-gpu-id must be at least 0")
         if self.enable_deterministic_inference and self.tp > 1:
             raise ValueError("--enable-deterministic-inference does not support --tp above 1")
         if self.enable_deterministic_inference and self.enable_torch_compile:

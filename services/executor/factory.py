@@ -53,19 +53,23 @@ class LoadedModel:
             self.ranks.close()
 
 
-def pick_device(name: str, rank: Rank | None = None) -> torch.device:
-    """The device by name; under tensor parallelism rank r takes GPU r."""
+def pick_device(name: str, rank: Rank | None = None, base_gpu_id: int = 0) -> torch.device:
+    """The device by name; on CUDA, GPU `base_gpu_id`, and under tensor parallelism rank r takes
+    GPU `base_gpu_id + r` (SGLang's --base-gpu-id). Raises ValueError when CUDA is asked for and
+    absent, or when the GPUs asked for are more than the machine has."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but no CUDA device is available")
-    if name != "cuda" or rank is None:
+    if name != "cuda":
         return torch.device(name)
-    if torch.cuda.device_count() < rank.size:
+    size, index = (1, 0) if rank is None else (rank.size, rank.index)
+    if torch.cuda.device_count() < base_gpu_id + size:
         raise ValueError(
-            f"--tp {rank.size} needs {rank.size} GPUs; {torch.cuda.device_count()} seen"
+            f"--base-gpu-id {base_gpu_id} with --tp {size} needs GPUs up to "
+            f"{base_gpu_id + size - 1}; {torch.cuda.device_count()} seen"
         )
-    device = torch.device("cuda", rank.index)
+    device = torch.device("cuda", base_gpu_id + index)
     torch.cuda.set_device(device)
     return device
 
@@ -150,10 +154,12 @@ def create_engine(cfg: ExecutorConfig) -> LoadedModel:
     path = resolve_model_path(cfg.model_path)
     model_cfg = ModelConfig.from_dir(path)
     if cfg.tp == 1:
-        return _create_leader(cfg, path, model_cfg, pick_device(cfg.device), None)
+        return _create_leader(
+            cfg, path, model_cfg, pick_device(cfg.device, None, cfg.base_gpu_id), None
+        )
     # an impossible split or too few GPUs fail here, before any process is started
     head_shard(model_cfg.num_heads, model_cfg.num_kv_heads, Rank(0, cfg.tp))
-    device = pick_device(cfg.device, Rank(0, cfg.tp))
+    device = pick_device(cfg.device, Rank(0, cfg.tp), cfg.base_gpu_id)
     ranks = RankGroup.start(cfg.tp, follower_main, (cfg, path))
     try:
         return _create_leader(cfg, path, model_cfg, device, ranks)
@@ -265,7 +271,7 @@ def follower_main(rank: Rank, port: int, conn: Connection, cfg: ExecutorConfig, 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging(f"executor-rank{rank.index}", cfg)
     try:
-        device = pick_device(cfg.device, rank)
+        device = pick_device(cfg.device, rank, cfg.base_gpu_id)
         dtype = pick_dtype(cfg.dtype, device)
         if device.type == "cpu":
             set_threads(cfg.num_threads, cfg.tp)

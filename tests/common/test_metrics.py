@@ -129,3 +129,30 @@ def test_serve_dp_size_starts_that_many_engines_behind_the_gateway() -> None:
         assert flag(f"executor-{i}", "--metrics-port") == [str(9401 + 2 * i)]
         assert flag(f"scheduler-{i}", "--metrics-port") == [str(9402 + 2 * i)]
         assert int(flag(f"executor-{i}", "--num-threads")[0]) >= 1  # a share of the cores
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], {"executor": ("1", "0")}),
+        (["--tp", "3"], {"executor": ("3", "0")}),
+        (["--dp-size", "2", "--tp", "2"], {"executor-0": ("2", "0"), "executor-1": ("2", "2")}),
+        (
+            ["--dp-size", "2", "--base-gpu-id", "1"],
+            {"executor-0": ("1", "1"), "executor-1": ("1", "2")},
+        ),
+    ],
+)
+def test_serve_gives_each_engine_its_tp_ranks_and_gpus(
+    argv: list[str], expected: dict[str, tuple[str, str]]
+) -> None:
+    """--tp reaches every executor; with --dp-size, engine i's ranks start at GPU base + i*tp, so
+    no two engines share a GPU."""
+    commands = dict(child_commands(build_parser().parse_args(["serve", *argv])))
+    got = {}
+    for name, command in commands.items():
+        if name.startswith("executor"):
+            got[name] = tuple(
+                command[command.index(flag) + 1] for flag in ("--tp", "--base-gpu-id")
+            )
+    assert got == expected
