@@ -18,6 +18,7 @@ VARIANTS = {
     "gpu": K8S,
     "cpu": K8S / "overlays" / "cpu",
     "prometheus-adapter": K8S / "overlays" / "prometheus-adapter",
+    "tp": K8S / "overlays" / "tp",
 }
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 

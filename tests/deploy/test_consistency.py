@@ -166,6 +166,25 @@ def test_containers_run_cli_commands_with_known_settings(cluster: Cluster) -> No
 
 
 @cluster_param
+def test_an_executor_has_a_gpu_for_each_tensor_parallel_rank(cluster: Cluster) -> None:
+    """An executor asking for GPUs asks for one per --tp rank (rank r takes GPU r of its pod);
+    one without GPUs runs on the CPU."""
+    executors = 0
+    for w, c in cluster.containers():
+        where = f"{w['metadata']['name']}/{c['name']}"
+        cfg = service_config(command_of(c), {**IMAGE_ENV, **cluster.env(c)}, where)
+        if command_of(c)[0] != "executor":
+            continue
+        executors += 1
+        gpus = c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+        if gpus is None:
+            assert cfg.device == "cpu", f"{where}: no GPU requested, yet --device {cfg.device}"
+        else:
+            assert int(gpus) == cfg.tp, f"{where}: {gpus} GPUs for --tp {cfg.tp}"
+    assert executors >= 1
+
+
+@cluster_param
 def test_probes_and_pre_stop_hooks_reach_their_pod(cluster: Cluster) -> None:
     routes = gateway_routes()
     for w in cluster.workloads():
@@ -631,7 +650,8 @@ def test_engine_pods_wait_for_a_warm_model(cluster: Cluster) -> None:
     if images == {"cpu"}:
         assert gpus == [] and "tolerations" not in pod_spec(engine)
     else:
-        assert gpus == ["executor"] and limits["executor"]["nvidia.com/gpu"] == "1"
+        # the executor alone takes GPUs, one per --tp rank (checked above)
+        assert gpus == ["executor"]
 
 
 def test_hpa_alternative_reads_the_adapter_metric() -> None:
