@@ -1,17 +1,27 @@
 """Building one C++ source into a Python extension on first use, once per machine.
 
-The build is cached under torch's extension directory, keyed by the source and by this CPU's
-instruction-set flags, so a binary built for one CPU is never loaded on another. A failed build
-(no compiler, no headers) is remembered: `load()` then returns None and `error` says why, so
-callers can fall back to PyTorch.
+The build is cached under torch's extension directory ($TORCH_EXTENSIONS_DIR, else
+~/.cache/torch_extensions), keyed by the source, by this CPU's instruction-set flags and by the
+Python and torch versions, so a binary built for one CPU or torch is never loaded with another.
+A failed build (no compiler, no headers) is remembered: `load()` then returns None and `error`
+says why, so callers can fall back to PyTorch.
+
+Processes building the same extension at once take turns under an flock on `build.lock` in its
+directory, which the kernel releases when its holder dies. torch's own `lock` file, which a build
+killed midway leaves behind and which would make every later build wait for ever, is therefore
+stale whenever the flock is held, and is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -47,18 +57,50 @@ def cpu_flags() -> str:
         return "unknown"
 
 
-class Extension:
-    """One C++ source file compiled with -O3 -march=native and OpenMP; thread-safe lazy load."""
+def build_root() -> Path:
+    """Where extensions are built: $TORCH_EXTENSIONS_DIR, else torch's default root."""
+    from torch.utils.cpp_extension import get_default_build_root
 
-    def __init__(self, name: str, source: Path, what: str) -> None:
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Holds the flock on `directory`/build.lock (created with the directory) while the block
+    runs, waiting for another process's build to end first; removes torch's stale `lock` file
+    (see the module docstring). Raises OSError when the directory cannot be created."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "build.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Extension:
+    """One C++ source file compiled with -O3 -march=native and OpenMP; thread-safe lazy load.
+
+    `requires`: the /proc/cpuinfo flags the source cannot be compiled without (e.g.
+    "avx512_bf16"); on a CPU lacking one, `load()` returns None at once, without running the
+    compiler, and `error` names the missing flags."""
+
+    def __init__(self, name: str, source: Path, what: str, requires: tuple[str, ...] = ()) -> None:
         self.name, self.source, self.what = name, source, what
+        self.requires = requires
         self.error: str | None = None
         self._module: ModuleType | None = None
         self._lock = threading.Lock()
 
     def key(self) -> str:
-        """12 hex digits of sha256(CPU flags + source text)."""
-        return hashlib.sha256((cpu_flags() + self.source.read_text()).encode()).hexdigest()[:12]
+        """12 hex digits of sha256(CPU flags + Python and torch versions + source text)."""
+        versions = f"{sys.version_info[:2]} {torch.__version__}"
+        text = cpu_flags() + versions + self.source.read_text()
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def load(self) -> ModuleType | None:
         """The compiled module, building it on the first call; None when it cannot be built."""
@@ -67,17 +109,26 @@ class Extension:
         with self._lock:
             if self._module is not None or self.error is not None:
                 return self._module
+            missing = [flag for flag in self.requires if flag not in cpu_flags().split()]
+            if missing:
+                self.error = f"this CPU lacks {', '.join(missing)}"
+                log.info("%s not built: %s; using the PyTorch path", self.what, self.error)
+                return None
             try:
                 from torch.utils.cpp_extension import load as load_extension
 
+                name = f"{self.name}_{self.key()}"
+                directory = build_root() / name
                 log.info("building the %s (once per machine)", self.what)
-                self._module = load_extension(
-                    name=f"{self.name}_{self.key()}",
-                    sources=[str(self.source)],
-                    extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
+                with build_lock(directory):
+                    self._module = load_extension(
+                        name=name,
+                        sources=[str(self.source)],
+                        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"],
+                        build_directory=str(directory),
+                        verbose=False,
+                    )
             except Exception as exc:  # compiler missing, headers missing, ...
                 first_line = str(exc).splitlines()[0] if str(exc) else ""
                 self.error = f"{type(exc).__name__}: {first_line}"

@@ -7,7 +7,7 @@ rows (the callers pick the row limit from measurements, see packed_linear.py and
 quantization.py). Each `*_ref` is the PyTorch formula the kernel computes; results agree with it
 to float32 summation order, rounded to bfloat16 once.
 
-The kernels need a CPU with AVX-512 BF16 (the build fails elsewhere, and callers fall back to
+The kernels need a CPU with AVX-512 BF16 (elsewhere they are not built and callers fall back to
 PyTorch), bfloat16 activations, and an input width that is a multiple of 32.
 """
 
@@ -25,6 +25,7 @@ _linear = Extension(
     "radixserve_cpu_linear",
     Path(__file__).with_name("linear.cpp"),
     "CPU small-batch linear kernels",
+    requires=("avx512f", "avx512bw", "avx512_bf16"),
 )
 K_MULTIPLE = 32  # input features per AVX-512 BF16 dot product
 
