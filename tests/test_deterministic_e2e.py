@@ -1,4 +1,5 @@
-"""`radixserve serve --enable-deterministic-inference` in bfloat16: a seeded chat request at
+"""`radixserve serve --enable-deterministic-inference` in the default dtype (bfloat16 on a CPU
+with AVX-512 BF16, float32 elsewhere): a seeded chat request at
 temperature 1 answers the same — tokens and logprobs — on a cold cache, on a warm one, and when it
 runs among other requests whose prefill chunks share its steps (a 32-token chunk budget)."""
 
@@ -36,7 +37,7 @@ BACKGROUND = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Iterator[str]:
     log = tmp_path_factory.mktemp("deterministic") / "serve.log"
-    flags = ["--dtype", "bfloat16", "--enable-deterministic-inference"]
+    flags = ["--dtype", "auto", "--enable-deterministic-inference"]
     with serving(log, [*flags, "--chunked-prefill-size", "32"]) as url:
         yield url
 

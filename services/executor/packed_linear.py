@@ -38,12 +38,16 @@ SMALL_BATCH_ROWS = 4
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
-    """True where packing pays and is exact: bfloat16 on a CPU whose torch has oneDNN."""
+    """True where packing pays and is exact: bfloat16 on a CPU whose torch has oneDNN and whose
+    instruction set oneDNN's bfloat16 GEMM runs on (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; on an
+    AVX2-only CPU the reorder raises, and torch's plain bfloat16 linear is used instead)."""
     return (
         device.type == "cpu"
         and dtype == torch.bfloat16
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
 
 
