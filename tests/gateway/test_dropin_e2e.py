@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import openai
@@ -233,3 +234,38 @@ def test_model_objects_carry_root_and_parent(client: openai.OpenAI, stack: Stack
     (model,) = client.models.list().data
     assert model.model_extra["root"] and model.model_extra["parent"] is None
     assert client.models.retrieve(stack.model).model_extra["root"] == model.model_extra["root"]
+
+
+def test_invocations_answer_as_chat_or_completion_and_load_counts_streams(stack: Stack) -> None:
+    """vLLM's SageMaker route picks chat or completion by the body; GET /load counts the
+    generation requests in flight: 1 while a stream is open, 0 once it ended."""
+    chat = {"model": stack.model, "messages": QUESTION, "temperature": 0, "max_tokens": N}
+    via_route = post(stack, "/v1/chat/completions", chat).json()
+    via_invocations = post(stack, "/invocations", chat).json()
+    assert via_invocations["object"] == "chat.completion"
+    assert via_invocations["choices"][0]["message"] == via_route["choices"][0]["message"]
+    completion = greedy(stack)
+    invoked = post(stack, "/invocations", {"model": stack.model, "prompt": PROMPT,
+                   "temperature": 0, "max_tokens": 16}).json()  # fmt: skip
+    assert invoked["object"] == "text_completion"
+    assert invoked["choices"][0]["text"] == completion["choices"][0]["text"]
+    neither = post(stack, "/invocations", {"model": stack.model, "input": "hi"})
+    assert neither.status_code == 400 and neither.json()["error"]["param"] == "messages"
+
+    def load() -> int:
+        return httpx.get(f"{stack.base_url}/load", timeout=10).json()["server_load"]
+
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    body = {"model": stack.model, "prompt": PROMPT, "max_tokens": 64, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.stream(
+        "POST", f"{stack.base_url}/v1/completions", json=body, headers=headers, timeout=120
+    ) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))  # generating now
+        assert load() == 1
+        assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+    deadline = time.monotonic() + 5  # the count drops when the response's last byte is sent
+    while load() != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert load() == 0

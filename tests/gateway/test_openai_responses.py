@@ -28,11 +28,13 @@ class RecordingBackend(FakeBackend):
     def __init__(self, cfg: GatewayConfig) -> None:
         super().__init__(cfg)
         self.prompts: list[str] = []
+        self.inputs: list[GenerationInput] = []
         self.app_state = None  # the app's state, when a test wants GET /load's counter seen
         self.loads: list[int | None] = []
 
     def generation(self, inp: GenerationInput, metrics: RequestMetrics | None = None) -> Generation:
         self.prompts.append(char_decode(inp.input_ids))
+        self.inputs.append(inp)
         self.loads.append(self.app_state.server_load if self.app_state else None)
         return super().generation(inp, metrics)
 
@@ -51,6 +53,17 @@ def sdk(http: TestClient) -> OpenAI:
 
 def prompts(http: TestClient) -> list[str]:
     return http.app.state.backend.prompts  # type: ignore[attr-defined]
+
+
+def test_sampling_fields_reach_the_generation(sdk: OpenAI, http: TestClient) -> None:
+    sdk.responses.create(
+        model=MODEL.name, input="hi", temperature=0.25, top_p=0.5, max_output_tokens=7
+    )
+    sdk.responses.create(model=MODEL.name, input="hi")
+    chosen, default = http.app.state.backend.inputs  # type: ignore[attr-defined]
+    assert (chosen.sampling.temperature, chosen.sampling.top_p) == (0.25, 0.5)
+    assert chosen.sampling.max_tokens == 7
+    assert (default.sampling.temperature, default.sampling.top_p) == (1.0, 1.0)
 
 
 def test_a_response_has_openai_shape(sdk: OpenAI, http: TestClient) -> None:
@@ -193,6 +206,7 @@ class ToolCallingBackend(RecordingBackend):
 
     def generation(self, inp: GenerationInput, metrics: RequestMetrics | None = None) -> Generation:
         self.prompts.append(char_decode(inp.input_ids))
+        self.inputs.append(inp)
         scheduler = FakeScheduler([*chunks_of(CALL_TEXT, size=7), end_of(CALL_TEXT, "stop")])
         return Generation(inp, scheduler, self.tokenizer, RequestMetrics.disabled(), 60.0)  # type: ignore[arg-type]
 
