@@ -33,7 +33,7 @@ serve: install
 
 test: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check .
