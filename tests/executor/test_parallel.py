@@ -232,3 +232,24 @@ def test_sharded_logits_match_the_whole_model(
         assert ours.shape == ref.shape == (len(PROMPTS), cfg.vocab_size)
         delta = (ours - ref).abs().max().item()
         assert delta < 1e-5, f"{variant} on {size} ranks, step {k}: max |Δ| {delta:.2e}"
+
+
+def test_a_rank_holding_half_the_kv_heads_holds_twice_the_slots_in_its_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The KV pool is sized on a rank's own KV heads: on GPUs, each with its own memory, --tp 2
+    holds twice the tokens of --tp 1 in the same memory per device; a CPU's ranks share one RAM,
+    so there the total stays the same."""
+    from services.executor import factory
+    from services.executor.config import ExecutorConfig
+
+    _, cfg = config_for()  # 4 query heads, 2 KV heads
+    monkeypatch.setattr(factory, "available_memory", lambda device: 64 * 2**20)
+    exe = ExecutorConfig(mem_fraction_static=0.5, max_running_requests=10**6)
+    half = rank_config(cfg, Rank(0, 2))
+    assert (cfg.num_kv_heads, half.num_kv_heads) == (2, 1)
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        whole = factory.size_kv_pool(exe, cfg, torch.float32, device, 512)
+        sharing = 2 if device.type == "cpu" else 1
+        split = factory.size_kv_pool(exe, half, torch.float32, device, 512, sharing)
+        assert split == (whole if device.type == "cpu" else 2 * whole), device
