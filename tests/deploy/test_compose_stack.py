@@ -146,6 +146,28 @@ def test_metrics_named_by_dashboards_alerts_and_autoscalers_are_exposed(
         assert name in scraped["scheduler"] and name not in scraped["gateway"], name
 
 
+def test_docs_metrics_table_is_what_each_service_serves(scraped: dict[str, set[str]]) -> None:
+    """docs/metrics.md's reference table, both ways: every metric it lists is on the endpoint of
+    each service it names (with a histogram's series), and every radixserve:, http_ and
+    grpc_server_ series a service exposes is listed for that service."""
+    ours = ("radixserve:", "http_", "grpc_server_")
+    for name, doc in metric_refs.documented_metrics().items():
+        series = (
+            [f"{name}{suffix}" for suffix in metric_refs.HISTOGRAM_SUFFIXES]
+            if doc.type == "histogram"
+            else [name]
+        )
+        for service in doc.services:
+            missing = [s for s in series if s not in scraped[service]]
+            assert not missing, f"docs/metrics.md lists {name} on the {service}: {missing} absent"
+    for service, exposed in scraped.items():
+        for series in sorted(exposed):
+            if series.startswith(ours):
+                assert service in metric_refs.serving(series), (
+                    f"the {service} exposes {series}, which docs/metrics.md does not list for it"
+                )
+
+
 def test_probe_paths_answer_on_the_running_gateway(gateway_url: str) -> None:
     paths = {probe["httpGet"]["path"] for probe in manifests.http_probes("gateway")}
     assert paths, "the gateway has HTTP probes"
