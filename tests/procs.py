@@ -61,16 +61,23 @@ def scrape(url: str) -> dict[str, float]:
 
 
 class ServiceProcess:
-    """`radixserve <args>` as a child process; stopped (SIGTERM, then SIGKILL) on exit."""
+    """`radixserve <args>` as a child process; stopped (SIGTERM, then SIGKILL) on exit.
+    `module`: the module run with `python -m` (one that ends in `services.cli.main`)."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.args, self.log_path = args, log_path
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        module: str = "services.cli",
+    ) -> None:
+        self.args, self.log_path, self.module = args, log_path, module
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ServiceProcess:
         self.log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "services.cli", *self.args]
+        cmd = [sys.executable, "-m", self.module, *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         return self
 
@@ -93,9 +100,9 @@ class ServiceProcess:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_grpc_serving(self, port: int, timeout: float = 120.0) -> None:
+    def wait_grpc_serving(self, port: int, timeout: float = 120.0, host: str = "127.0.0.1") -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:

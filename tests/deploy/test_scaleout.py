@@ -2,12 +2,13 @@
 
 The gateway's command comes from gateway.yaml. Its engine target, `dns:///radixserve-engine:30003`
 (every ready pod of the engines' headless Service, found by DNS), is the one flag value translated:
-the gateway runs as a real process, whose lookups cannot be faked, and this machine has no name
-that resolves to several local engines. It becomes the static addresses of what the lookup would
-return: two running scheduler + executor pairs, and one closed port standing for a pod that is in
-the answer but does not answer (stopped since the last lookup). Discovery itself, the answer
-changing under a running router, is tested in tests/gateway/test_router.py. The one tokenizer
-address (the headless Service, several pods behind one name) becomes one gRPC target naming two
+the gateway runs as `radixserve gateway` itself, with the system resolver, and this machine has no
+name that resolves to several local engines. It becomes the static addresses of what the lookup
+would return: two running scheduler + executor pairs, and one closed port standing for a pod that
+is in the answer but does not answer (stopped since the last lookup). Discovery itself, the answer
+changing under a running gateway, is tested in tests/gateway/test_router.py and, with a gateway
+process whose test-only resolver reads a file, in tests/gateway/test_routing_e2e.py. The one
+tokenizer address (the headless Service, several pods behind one name) becomes one gRPC target naming two
 tokenizer processes. The engines run the commands of engine.yaml, made light with executor flags;
 every process keeps the metrics endpoint its manifest gives it, on a local port of its own (in the
 cluster each pod has its own address). The last test stops one engine for good.

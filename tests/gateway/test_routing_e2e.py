@@ -4,12 +4,18 @@ One tokenizer and two scheduler + executor pairs run as real processes; a gatewa
 policy sits in front of both (and, for the baseline, one in front of engine 0 alone). Eight
 conversations of four turns run at once, each turn sent when the previous one answered. The
 gateway's request log (`--log-requests`, JSON) names the engine each turn went to.
+
+The two schedulers listen on one port at two loopback addresses (127.0.0.1 and 127.0.0.2), as
+two pods behind a headless Service do, so a gateway given `dns:///<name>:<port>` finds them by
+DNS; in the discovery test the name's answer comes from a file the test rewrites
+(tests/gateway/dns_answers.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,19 +55,22 @@ def engines(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
             ServiceProcess(["tokenizer", "--model-path", model, "--port", str(tok)], logs / "t.log")
         )
         schedulers = []
+        sch = free_port()  # both schedulers' port, one on each loopback address
         for i in range(2):
-            exe, sch = free_port(), free_port()
+            exe, host = free_port(), f"127.0.0.{i + 1}"
             executor = [
                 "executor", "--model-path", model, "--port", str(exe), "--dtype", "float32",
                 "--max-total-tokens", "8192", "--max-running-requests", "16",
                 "--context-length", "2048", "--num-threads", "1",
             ]  # fmt: skip
             e = procs.enter_context(ServiceProcess(executor, logs / f"e{i}.log"))
-            scheduler = ["scheduler", "--executor", f"127.0.0.1:{exe}", "--port", str(sch)]
+            scheduler = [
+                "scheduler", "--executor", f"127.0.0.1:{exe}", "--host", host, "--port", str(sch),
+            ]  # fmt: skip
             s = procs.enter_context(ServiceProcess(scheduler, logs / f"s{i}.log"))
             e.wait_grpc_serving(exe)
-            s.wait_grpc_serving(sch)
-            schedulers.append(f"127.0.0.1:{sch}")
+            s.wait_grpc_serving(sch, host=host)
+            schedulers.append(f"{host}:{sch}")
         t.wait_grpc_serving(tok)
         yield Engines(f"127.0.0.1:{tok}", schedulers)
 
@@ -134,3 +143,67 @@ def test_cache_aware_routing_keeps_conversations_on_their_engine(
     assert aware.cached_tokens >= 0.9 * single.cached_tokens
     assert min(aware.per_engine.values()) >= CONVERSATIONS * TURNS // 4  # both engines serve
     assert single.affinity == 1.0  # (one engine: every turn on it)
+
+
+def test_dns_discovery_follows_the_answer_over_real_engines(
+    engines: Engines, tmp_path: Path
+) -> None:
+    """A gateway given `dns:///engines.radixserve.test:<port>` routes to what the name resolves
+    to: one engine, then both within the refresh interval of the answer growing, then only the
+    second once the first left the answer (no request reaches it afterwards)."""
+    first, second = engines.schedulers
+    port = first.rsplit(":", 1)[1]
+    answer = tmp_path / "answer"
+    answer.write_text("127.0.0.1\n")
+    gateway_port, refresh_s = free_port(), 1.0
+    args = [
+        "gateway", "--port", str(gateway_port), "--tokenizer", engines.tokenizer,
+        "--scheduler", f"dns:///engines.radixserve.test:{port}", "--routing-policy",
+        "round_robin", "--discovery-refresh-s", str(refresh_s), "--log-requests",
+        "--log-format", "json",
+    ]  # fmt: skip
+    env = {"RADIXSERVE_TEST_DNS_ANSWERS": str(answer)}
+    log = tmp_path / "gateway.log"
+    with ServiceProcess(args, log, env, module="tests.gateway.dns_answers") as gateway:
+        url = f"http://127.0.0.1:{gateway_port}"
+        wait_ready(gateway, url)
+        sent = 0
+
+        def send() -> str:
+            """One short request; the engine the gateway's request log says it went to."""
+            nonlocal sent
+            sent += 1
+            rid = f"dns-{sent}"
+            body = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
+            reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60,
+                               headers={"X-Request-Id": rid})  # fmt: skip
+            assert reply.status_code == 200, reply.text
+            return routed_to(log, rid)
+
+        assert {send() for _ in range(4)} == {first}
+        answer.write_text("127.0.0.1\n127.0.0.2\n")
+        grown = time.monotonic()
+        while send() != second:
+            # the next lookup, then one load poll that finds the new engine reachable
+            assert time.monotonic() - grown < refresh_s + 2.0, "the second engine was not used"
+            time.sleep(0.1)
+        assert {send() for _ in range(4)} == {first, second}  # round robin over both
+        answer.write_text("127.0.0.2\n")
+        time.sleep(refresh_s + 0.5)
+        assert {send() for _ in range(6)} == {second}
+        assert gateway.stop() == 0
+
+
+def routed_to(log: Path, request_id: str, timeout_s: float = 5.0) -> str:
+    """The engine a request went to, from the gateway's request log (written as it ends)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("message") == "request finished" and (
+                    entry.get("request_id") == request_id
+                ):
+                    return entry["scheduler"]
+        assert time.monotonic() < deadline, f"{request_id} is not in the request log"
+        time.sleep(0.05)
