@@ -109,7 +109,8 @@ class Extension:
         with self._lock:
             if self._module is not None or self.error is not None:
                 return self._module
-            missing = [flag for flag in self.requires if flag not in cpu_flags().split()]
+            flags = cpu_flags().split()
+            missing = [flag for flag in self.requires if flag not in flags]
             if missing:
                 self.error = f"this CPU lacks {', '.join(missing)}"
                 log.info("%s not built: %s; using the PyTorch path", self.what, self.error)

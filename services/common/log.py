@@ -8,8 +8,9 @@ when there is one, and the line's own `fields`.
 
 A line is about a request when it is logged with `extra={"request_id": ...}` (the scheduler,
 executor and tokenizer do so) or while `REQUEST_ID` is set (the gateway sets it while it handles
-a request, the tokenizer while it encodes or renders a template for one). `extra={"fields": {...}}` gives a line named values: top-level keys in JSON,
-`key=value` pairs after the message in text.
+a request, the tokenizer while it encodes or renders a template for one). `extra={"fields":
+{...}}` gives a line named values: top-level keys in JSON, `key=value` pairs after the message in
+text.
 """
 
 from __future__ import annotations

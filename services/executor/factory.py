@@ -155,7 +155,7 @@ def create_engine(cfg: ExecutorConfig) -> LoadedModel:
     model_cfg = ModelConfig.from_dir(path)
     if cfg.tp == 1:
         return _create_leader(
-            cfg, path, model_cfg, pick_device(cfg.device, None, cfg.base_gpu_id), None
+            cfg, path, model_cfg, pick_device(cfg.device, base_gpu_id=cfg.base_gpu_id), None
         )
     # an impossible split or too few GPUs fail here, before any process is started
     head_shard(model_cfg.num_heads, model_cfg.num_kv_heads, Rank(0, cfg.tp))

@@ -40,16 +40,15 @@ async def _status(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
-def _for_request(context: grpc.aio.ServicerContext) -> str | None:
-    """The request id the caller sent as `x-request-id` metadata (the gateway does, for the
-    HTTP request it serves); sets REQUEST_ID for this call's log lines and tags the call's
+def _for_request(context: grpc.aio.ServicerContext) -> None:
+    """Takes the request id the caller sent as `x-request-id` metadata (the gateway does, for
+    the HTTP request it serves): sets REQUEST_ID for this call's log lines and tags the call's
     span (when tracing is on) with it. Each call runs in a task of its own, so the variable
     ends with the call."""
     rid = dict(context.invocation_metadata() or ()).get(REQUEST_ID_METADATA)
     if rid:
         REQUEST_ID.set(rid)
         trace.get_current_span().set_attribute(tracing.REQUEST_ID, rid)
-    return rid
 
 
 class TokenizerServicer(pb_grpc.TokenizerServicer):

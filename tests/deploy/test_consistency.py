@@ -171,10 +171,10 @@ def test_an_executor_has_a_gpu_for_each_tensor_parallel_rank(cluster: Cluster) -
     one without GPUs runs on the CPU."""
     executors = 0
     for w, c in cluster.containers():
-        where = f"{w['metadata']['name']}/{c['name']}"
-        cfg = service_config(command_of(c), {**IMAGE_ENV, **cluster.env(c)}, where)
         if command_of(c)[0] != "executor":
             continue
+        where = f"{w['metadata']['name']}/{c['name']}"
+        cfg = service_config(command_of(c), {**IMAGE_ENV, **cluster.env(c)}, where)
         executors += 1
         gpus = c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
         if gpus is None:

@@ -91,12 +91,7 @@ def run_traffic(engines: Engines, schedulers: list[str], policy: str, logs: Path
         with ThreadPoolExecutor(CONVERSATIONS) as pool:
             cached = sum(pool.map(lambda c: converse(url, c, policy), range(CONVERSATIONS)))
         assert gateway.stop() == 0
-    routed = {}
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if entry.get("message") == "request finished":
-                routed[entry["request_id"]] = entry["scheduler"]
+    routed = routes(log)
     assert len(routed) == CONVERSATIONS * TURNS
     same = sum(
         routed[f"{policy}-c{c}-t{t}"] == routed[f"{policy}-c{c}-t1"]
@@ -194,16 +189,21 @@ def test_dns_discovery_follows_the_answer_over_real_engines(
         assert gateway.stop() == 0
 
 
+def routes(log: Path) -> dict[str, str]:
+    """request id -> the engine it went to, from a gateway's JSON request log."""
+    routed = {}
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if entry.get("message") == "request finished":
+                routed[entry["request_id"]] = entry["scheduler"]
+    return routed
+
+
 def routed_to(log: Path, request_id: str, timeout_s: float = 5.0) -> str:
-    """The engine a request went to, from the gateway's request log (written as it ends)."""
+    """The engine a request went to, once the request log has its line (written as it ends)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        for line in log.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if entry.get("message") == "request finished" and (
-                    entry.get("request_id") == request_id
-                ):
-                    return entry["scheduler"]
+    while (engine := routes(log).get(request_id)) is None:
         assert time.monotonic() < deadline, f"{request_id} is not in the request log"
         time.sleep(0.05)
+    return engine
