@@ -1,14 +1,20 @@
-"""Small-batch linear layers on the CPU (kernels/cpu/linear.cpp), with references.
+"""Small-batch linear layers on the CPU, with references.
 
 At decode batch sizes a linear layer's time is reading its weights; oneDNN's bfloat16 GEMM adds
-20-30 us per call to that and torch's int8 kernel reads at about half the memory bandwidth. The
-C++ kernels here stream the weights into AVX-512 BF16 dot products instead, for inputs of a few
-rows (the callers pick the row limit from measurements, see packed_linear.py and
-quantization.py). Each `*_ref` is the PyTorch formula the kernel computes; results agree with it
-to float32 summation order, rounded to bfloat16 once.
+20-30 us per call to that, torch's int8 kernel reads at about half the memory bandwidth, and on
+CPUs without AVX-512 torch's int8 and int4 kernels run scalar code (measured on an AVX2 host over
+SmolLM2-135M's layers at one row: 65 ms int8, against 7 ms here). The C++ kernels here stream the
+weights into vector dot products instead, for inputs of a few rows (the callers pick the row limit
+from measurements, see packed_linear.py and quantization.py):
 
-The kernels need a CPU with AVX-512 BF16 (elsewhere they are not built and callers fall back to
-PyTorch), bfloat16 activations, and an input width that is a multiple of 32.
+- bfloat16 activations (linear.cpp): AVX-512 BF16 dot products over bfloat16 or int8 weights;
+  built on CPUs with AVX-512 BF16.
+- float32 activations (linear_f32.cpp): AVX2 FMAs over float32, int8 or int4 weights; built on
+  CPUs with AVX2 and FMA.
+
+Each `*_ref` is the PyTorch formula the kernel computes; results agree with it to float32
+summation order (rounded to bfloat16 once for bfloat16 activations). Inputs need a width that is a
+multiple of 32. Where a kernel is not built, `available*` returns None and callers use PyTorch.
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ _linear = Extension(
     "CPU small-batch linear kernels",
     requires=("avx512f", "avx512bw", "avx512_bf16"),
 )
-K_MULTIPLE = 32  # input features per AVX-512 BF16 dot product
+_linear_f32 = Extension(
+    "radixserve_cpu_linear_f32",
+    Path(__file__).with_name("linear_f32.cpp"),
+    "CPU float32 small-batch linear kernels",
+    requires=("avx2", "fma"),
+)
+K_MULTIPLE = 32  # input features per AVX-512 BF16 dot product, and per step of the FMA kernels
+INT4_BLOCK = 32  # features per block of the float32 kernel's int4 packing (pack_int4)
 
 
 def available(x: torch.Tensor, in_features: int) -> ModuleType | None:
@@ -39,9 +52,27 @@ def available(x: torch.Tensor, in_features: int) -> ModuleType | None:
     return _linear.load() if kernels_enabled() else None
 
 
+def available_f32(x: torch.Tensor, in_features: int) -> ModuleType | None:
+    """The compiled float32 module when an input like `x` ([M, in_features]) can use it: float32
+    on the CPU, `in_features` a multiple of 32, kernels enabled (see `available`); else None."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or in_features % K_MULTIPLE:
+        return None
+    return _linear_f32.load() if kernels_enabled() else None
+
+
+def f32_kernels_built() -> bool:
+    """True when the float32 kernels are built here (building them on the first call)."""
+    return _linear_f32.load() is not None
+
+
 def load_error() -> str | None:
-    """Why the kernels could not be built (None: built, or not tried yet)."""
+    """Why the bfloat16 kernels could not be built (None: built, or not tried yet)."""
     return _linear.error
+
+
+def f32_load_error() -> str | None:
+    """Why the float32 kernels could not be built (None: built, or not tried yet)."""
+    return _linear_f32.error
 
 
 def linear_bf16(
@@ -78,3 +109,105 @@ def linear_int8_ref(
     """(x · q) * scale (+ bias) in float32, rounded to bfloat16 once."""
     y = F.linear(x.float(), qweight.float()) * scale.float()
     return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def linear_f32(
+    module: ModuleType, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T + bias [N], all float32 → [M, N] float32 (`module` from
+    `available_f32`); `linear_f32_ref` is the formula. Raises RuntimeError on a shape or dtype
+    the kernel does not take."""
+    return module.linear_f32(x.contiguous(), weight, bias)
+
+
+def linear_f32_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """F.linear in float32."""
+    return F.linear(x, weight, bias)
+
+
+def linear_int8_f32(
+    module: ModuleType,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] float32 @ (qweight [N, K] int8 * scale [N] float32)^T + bias [N] → [M, N]
+    float32, summed as (x · q) * scale (`module` from `available_f32`; the formula is
+    `linear_int8_ref`). Raises RuntimeError on a shape or dtype the kernel does not take."""
+    return module.linear_int8(x.contiguous(), qweight, scale, bias)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] integers in [0, 15] → [N, K/2] uint8 in the float32 kernel's order: in each block
+    of 32 features, byte i holds feature i in its low nibble and feature i + 16 in its high one
+    (the order of GGUF's Q4_0/Q4_1 blocks). K must be a multiple of 32."""
+    n, k = q.shape
+    blocks = q.to(torch.uint8).reshape(n, k // INT4_BLOCK, 2, INT4_BLOCK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4`: [N, K/2] uint8 → q [N, K] uint8 in [0, 15]."""
+    n, half = packed.shape
+    blocks = packed.reshape(n, half // (INT4_BLOCK // 2), 1, INT4_BLOCK // 2)
+    return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(n, half * 2)
+
+
+def linear_int4_f32(
+    module: ModuleType,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] float32 @ W^T + bias [N] → [M, N] float32, W[n, k] = q[n, k] * scale[n, k // g]
+    + zero[n, k // g] expanded in float32 (one fused multiply-add), q from `packed` [N, K/2]
+    (see `pack_int4`), scale and zero [N, K/g] float32, g = `group_size` (a power of 2, at least
+    32). `module` from `available_f32`; the formula is `linear_int4_f32_ref`. Raises
+    RuntimeError on a shape, dtype or group size the kernel does not take."""
+    return module.linear_int4(x.contiguous(), packed, scale, zero, group_size, bias)
+
+
+def int4_weight(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """W [N, K] float32 = q * scale + zero per group, from `pack_int4`'s bytes (the weight
+    `linear_int4_f32` multiplies by): expanded by the kernel where it is built (bit for bit what
+    it multiplies by), else by `int4_weight_ref`."""
+    if (
+        packed.device.type == "cpu"
+        and group_size % INT4_BLOCK == 0
+        and kernels_enabled()
+        and (module := _linear_f32.load()) is not None
+    ):
+        return module.dequantize_int4(
+            packed.contiguous(), scale.float().contiguous(), zero.float().contiguous(), group_size
+        )
+    return int4_weight_ref(packed, scale, zero, group_size)
+
+
+def int4_weight_ref(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """`int4_weight` in PyTorch: q * scale + zero, rounded twice where the kernel fuses them."""
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    groups = q.view(n, k // group_size, group_size)
+    return torch.addcmul(zero.float()[..., None], groups, scale.float()[..., None]).view(n, k)
+
+
+def linear_int4_f32_ref(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """F.linear over `int4_weight_ref`, in float32."""
+    return F.linear(x, int4_weight_ref(packed, scale, zero, group_size), bias)

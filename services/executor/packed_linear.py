@@ -11,8 +11,12 @@ AVX-512 BF16 kernel of kernels/cpu/linear.py over the plain weight, which the la
 the packed one: oneDNN's fixed cost per call is most of a small layer's time at one row. That
 kernel sums in another order, so those rows can differ from `F.linear` in the last bfloat16 bit.
 
+Float32 models get the same small-batch treatment without packing: `SmallBatchLinear` runs the
+AVX2 FMA kernel of kernels/cpu/linear.py up to F32_SMALL_BATCH_ROWS rows and `F.linear` above.
+
 Like quantization, this is applied to a built model from outside the model files: `prepack_linears`
-swaps every `nn.Linear` for a `PackedLinear` holding the packed weight.
+swaps every `nn.Linear` for a `PackedLinear` holding the packed weight (bfloat16) or a
+`SmallBatchLinear` (float32).
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
+from kernels.cpu.build import kernels_enabled
 
 log = logging.getLogger("radixserve.executor")
 
@@ -35,6 +41,11 @@ PACK_BATCH_HINT = 64
 # 121 linear layers (distinct weights, so each is read from memory): 12.6 against 19.8 ms at one
 # row, 15.9 against 18.8 ms at 4; oneDNN (with AMX) is ahead from 6 rows on.
 SMALL_BATCH_ROWS = 4
+
+# Rows up to which float32 linears run the FMA kernel instead of F.linear. Measured on an AVX2 host
+# over this model's 210 decoder linear layers: 20 against 30 ms at one row, 37 against 51 at 8, even
+# at 16, behind from there (103 against 84 ms at 32).
+F32_SMALL_BATCH_ROWS = 8
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -89,6 +100,48 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
 
 
+class SmallBatchLinear(nn.Module):
+    """y = x W^T + b for float32 on the CPU: x [..., in_features] → [..., out_features], through
+    the AVX2 FMA kernel for inputs of 1..F32_SMALL_BATCH_ROWS rows (where it is built and not
+    disabled), through `F.linear` otherwise. `weight` and `bias` are the loaded parameters
+    themselves (shared with a tied embedding). The kernel sums in another order than
+    `F.linear`, so its rows can differ from it by float32 rounding."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features)
+        kernel = (
+            cpu_linear.available_f32(flat, self.in_features)
+            if 0 < flat.shape[0] <= F32_SMALL_BATCH_ROWS
+            else None
+        )
+        if kernel is None:
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.detach()
+        y = cpu_linear.linear_f32(kernel, flat, self.weight.detach(), bias)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, small-batch"
+
+
+def can_use_small_batch_f32(dtype: torch.dtype, device: torch.device) -> bool:
+    """True where `SmallBatchLinear` runs its kernel: float32 on a CPU with AVX2 and FMA (the
+    kernel built, which this may do), kernels not disabled by RADIXSERVE_DISABLE_CPU_KERNELS."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and kernels_enabled()
+        and cpu_linear.f32_kernels_built()
+    )
+
+
 def children_of_type(
     model: nn.Module, types: type | tuple[type, ...], skip: type | tuple[type, ...] = ()
 ) -> list[tuple[nn.Module, str, str, nn.Module]]:
@@ -105,13 +158,18 @@ def children_of_type(
 
 def prepack_linears(model: nn.Module) -> int:
     """Replaces every `nn.Linear` of `model` (lm_head included, even when it is tied to the
-    embedding: the embedding keeps its plain weight) by a `PackedLinear`, in place.
-    Returns how many were packed; 0 when `can_prepack` is false for the model's weights."""
+    embedding: the embedding keeps its plain weight) by a `PackedLinear` where `can_prepack`
+    (bfloat16), or by a `SmallBatchLinear` where `can_use_small_batch_f32` (float32), in place.
+    Returns how many were replaced; 0 when neither holds for the model's weights."""
     first = next(model.parameters())
-    if not can_prepack(first.dtype, first.device):
+    if can_prepack(first.dtype, first.device):
+        kind, what = PackedLinear, "packed %d linear layers for oneDNN"
+    elif can_use_small_batch_f32(first.dtype, first.device):
+        kind, what = SmallBatchLinear, "%d float32 linear layers run the FMA kernel at small batch"
+    else:
         return 0
     targets = children_of_type(model, nn.Linear)
     for parent, name, _, child in targets:
-        setattr(parent, name, PackedLinear(child))
-    log.info("packed %d linear layers for oneDNN", len(targets))
+        setattr(parent, name, kind(child))
+    log.info(what, len(targets))
     return len(targets)

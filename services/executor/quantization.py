@@ -7,19 +7,26 @@ Activations stay in the model dtype (bfloat16, float16 or float32); only
 the weights are stored in fewer bits and expanded inside torch's CPU kernels:
 
 - int8: one symmetric scale per output channel; our AVX-512 BF16 kernel (kernels/cpu/linear.py)
-  for bfloat16 activations, `torch._weight_int8pack_mm` otherwise (measured here over this model's
-  layers at one row: 8.9 ms against 13.1 ms; ahead at every row count below DEQUANT_ROWS).
-- int4: an asymmetric scale and zero per group of `group_size` input features,
-  `aten._weight_int4pack_mm_for_cpu`, the weight in the layout of
-  `aten._convert_weight_to_int4pack_for_cpu` (which depends on the CPU's vector width, so it is
-  packed where it runs).
+  for bfloat16 activations (measured on an AVX-512 host over this model's layers at one row:
+  8.9 ms against 13.1 ms for torch's), our AVX2 FMA kernel for float32 ones, and
+  `torch._weight_int8pack_mm` where neither is built.
+- int4: an asymmetric scale and zero per group of `group_size` input features. For float32
+  activations on a CPU with AVX2 and FMA, our kernel over our own packing
+  (`cpu_linear.pack_int4`); otherwise `aten._weight_int4pack_mm_for_cpu`, the weight in the
+  layout of `aten._convert_weight_to_int4pack_for_cpu` (which depends on the CPU's vector width,
+  so it is packed where it runs).
 
-Both kernels are row-at-a-time (no AMX tiles): they beat the oneDNN bfloat16 GEMM at decode batch
-sizes, where reading the weights is the cost, and fall far behind it on prefill-sized inputs. So
-inputs of many rows (DEQUANT_ROWS for int8, INT4_DEQUANT_ROWS for int4) run as a float GEMM over
-the weight expanded on the fly, a chunk of output channels at a time. For int4 that needs the
-packed layout, which is private to torch: `int4_layout` finds it by unpacking a probe that torch
-packed, and where no known layout matches, int4 layers always run the kernel.
+On a CPU without AVX-512, torch's int8 and int4 kernels run scalar code: measured on an AVX2 host
+over this model's 210 linear layers, 65 ms at one row and 3.7 s at 32 for int8, against 7 ms and
+98 ms for the FMA kernel; torch's int4 decoded 6 tokens a second.
+
+The kernels are row-at-a-time (no AMX tiles): they beat the float GEMMs at decode batch sizes,
+where reading the weights is the cost, and fall far behind them on prefill-sized inputs. So inputs
+of many rows (DEQUANT_ROWS for int8 and our int4 kernel, INT4_DEQUANT_ROWS for torch's int4) run
+as a float GEMM over the weight expanded on the fly, a chunk of output channels at a time. For
+torch's int4 that needs its packed layout, which is private to torch: `int4_layout` finds it by
+unpacking a probe that torch packed, and where no known layout matches, int4 layers always run the
+kernel.
 
 GGUF files bring their own quantized weights; gguf_weights.py maps them onto these modules.
 """
@@ -36,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
+from kernels.cpu.build import kernels_enabled
 from services.executor.packed_linear import children_of_type
 
 log = logging.getLogger("radixserve.executor")
@@ -48,8 +56,10 @@ QUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Int8Linear: inputs with at least this many rows run as a float GEMM (measured here: the int8
 # kernel's time grows linearly with rows and crosses the convert-then-GEMM time near 32 rows).
 DEQUANT_ROWS = 32
-# Int4Linear: the same from this many rows (expanding int4 costs more: measured here, the kernel
-# at 256 rows takes about as long as expanding the weight, and 3x longer at 512).
+# Int4Linear on torch's kernel: the same from this many rows (expanding int4 costs more: measured
+# here, the kernel at 256 rows takes about as long as expanding the weight, and 3x longer at 512).
+# On our float32 kernel, DEQUANT_ROWS (measured on an AVX2 host: 126 ms over the model's layers at
+# 32 rows, against 93 ms for the float32 GEMM those rows then run).
 INT4_DEQUANT_ROWS = 256
 DEQUANT_CHUNK = 1 << 22  # weights expanded at once on those paths (4 Mi elements)
 
@@ -107,9 +117,10 @@ class Int8Linear(nn.Module):
 
     x: [..., K] in the scale's dtype (bfloat16, float16 or float32) → y: [..., N] in that dtype.
     Buffers: `qweight` [N, K] int8, `scale` [N], `bias` [N] or None. Below DEQUANT_ROWS rows,
-    the AVX-512 BF16 kernel of kernels/cpu/linear.py for bfloat16 inputs (where it is built and K
-    is a multiple of 32), else torch._weight_int8pack_mm (both float32 accumulation); from there, a float GEMM over q converted to
-    the activation dtype (exact: |q| ≤ 127) and scaled per output channel afterwards.
+    the kernels of kernels/cpu/linear.py where they are built and K is a multiple of 32 (AVX-512
+    BF16 for bfloat16 inputs, AVX2 FMA for float32 ones), else torch._weight_int8pack_mm (all with
+    float32 accumulation); from there, a float GEMM over q converted to the activation dtype
+    (exact: |q| ≤ 127) and scaled per output channel afterwards.
     """
 
     def __init__(
@@ -142,6 +153,13 @@ class Int8Linear(nn.Module):
             y = flat.new_zeros(0, self.out_features)
         elif flat.shape[0] >= DEQUANT_ROWS:
             y = self._float_gemm(flat)
+        elif (
+            self.scale.dtype == torch.float32
+            and (kernel := cpu_linear.available_f32(flat, self.in_features)) is not None
+        ):
+            return cpu_linear.linear_int8_f32(
+                kernel, flat, self.qweight, self.scale, self.bias
+            ).view(*shape[:-1], self.out_features)
         elif (
             self.scale.dtype == flat.dtype
             and (kernel := cpu_linear.available(flat, self.in_features)) is not None
@@ -212,16 +230,34 @@ def int4_layout() -> tuple[int, bool] | None:
     return None
 
 
+def fma_int4(dtype: torch.dtype, in_features: int) -> bool:
+    """True when an int4 layer for activations of `dtype` takes our float32 kernel's packing:
+    float32, K a multiple of 32, the kernel built on this CPU (AVX2 and FMA) and not disabled by
+    RADIXSERVE_DISABLE_CPU_KERNELS."""
+    return (
+        dtype == torch.float32
+        and in_features % cpu_linear.INT4_BLOCK == 0
+        and kernels_enabled()
+        and cpu_linear.f32_kernels_built()
+    )
+
+
 class Int4Linear(nn.Module):
     """y = x W^T + bias with W[n, k] = (q[n, k] - 8) * scale[n, k // g] + zero[n, k // g].
 
     x: [..., K] in the scales' dtype (bfloat16, float16 or float32) → y: [..., N] in that dtype.
-    Buffers: `qweight` [N, K/2] uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`
-    (machine-specific), `scales_and_zeros` [K/g, N, 2] (scale, zero), `bias` [N] or None.
-    Below INT4_DEQUANT_ROWS rows the kernel expands each weight in float32 as
-    (q - 8) * scale + zero and accumulates in float32; from there a float GEMM runs over W
-    expanded in float32 and rounded to the activation dtype. Needs N % 16 == 0 and K % g == 0,
-    g in INT4_GROUP_SIZES.
+    Two layouts, chosen at construction (`layout`):
+
+    - "fma" (float32 activations where `fma_int4`): `qweight` [N, K/2] uint8 packed by
+      `cpu_linear.pack_int4`, `scale` [N, K/g] and `zero` [N, K/g] float32 with the 8 folded into
+      the zero (W = q * scale + (zero - 8 * scale)). Below DEQUANT_ROWS rows, our AVX2 FMA kernel.
+    - "torch": `qweight` [N, K/2] uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`
+      (machine-specific), `scales_and_zeros` [K/g, N, 2] (scale, zero). Below INT4_DEQUANT_ROWS
+      rows, torch's kernel.
+
+    Both kernels expand each weight in float32 and accumulate in float32; from their row limit a
+    float GEMM runs over W expanded in float32 and rounded to the activation dtype. `bias` [N] or
+    None. Needs N % 16 == 0 and K % g == 0, g in INT4_GROUP_SIZES.
     """
 
     def __init__(
@@ -243,10 +279,17 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 kernel cannot run this weight: {reason}")
         assert scale.shape == zero.shape == (self.out_features, self.in_features // group_size)
         self.group_size = group_size
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        self.register_buffer("qweight", packed)
-        pairs = torch.stack([scale, zero.to(scale.dtype)], dim=-1)  # [N, K/g, 2]
-        self.register_buffer("scales_and_zeros", pairs.transpose(0, 1).contiguous())
+        self.layout = "fma" if fma_int4(scale.dtype, self.in_features) else "torch"
+        if self.layout == "fma":
+            scale32 = scale.float()
+            self.register_buffer("qweight", cpu_linear.pack_int4(q))
+            self.register_buffer("scale", scale32.contiguous())
+            self.register_buffer("zero", (zero.float() - 8 * scale32).contiguous())
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            self.register_buffer("qweight", packed)
+            pairs = torch.stack([scale, zero.to(scale.dtype)], dim=-1)  # [N, K/g, 2]
+            self.register_buffer("scales_and_zeros", pairs.transpose(0, 1).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(scale.dtype))
 
     @classmethod
@@ -262,6 +305,19 @@ class Int4Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] == 0:
             y = flat.new_zeros(0, self.out_features)
+        elif self.layout == "fma":
+            kernel = (
+                cpu_linear.available_f32(flat, self.in_features)
+                if flat.shape[0] < DEQUANT_ROWS
+                else None
+            )
+            if kernel is None:
+                y = self._float_gemm(flat)
+            else:
+                y = cpu_linear.linear_int4_f32(
+                    kernel, flat, self.qweight, self.scale, self.zero, self.group_size, self.bias
+                )
+                return y.view(*shape[:-1], self.out_features)
         elif flat.shape[0] >= INT4_DEQUANT_ROWS and int4_layout() is not None:
             y = self._float_gemm(flat)
         else:
@@ -273,7 +329,7 @@ class Int4Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
     def _float_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        block = int4_layout()[0]  # type: ignore[index]
+        block = 1 if self.layout == "fma" else int4_layout()[0]  # type: ignore[index]
         step = max(block, DEQUANT_CHUNK // self.in_features // block * block)
         parts = [
             F.linear(x, self._expand(a, min(a + step, self.out_features)).to(x.dtype))
@@ -283,6 +339,13 @@ class Int4Linear(nn.Module):
 
     def _expand(self, start: int, end: int) -> torch.Tensor:
         """W[start:end] in float32 (start a multiple of the layout's block)."""
+        if self.layout == "fma":
+            return cpu_linear.int4_weight(
+                self.qweight[start:end],
+                self.scale[start:end],
+                self.zero[start:end],
+                self.group_size,
+            )
         n, k, g = end - start, self.in_features, self.group_size
         q = _unpack(self.qweight[start:end], n, k, int4_layout())  # type: ignore[arg-type]
         sz = self.scales_and_zeros[:, start:end].float()  # [K/g, n, 2]
@@ -294,7 +357,7 @@ class Int4Linear(nn.Module):
         """The weight this layer applies, [N, K] float32: (q - 8) * scale + zero (where the
         packed layout is unknown, the kernel run in float32 on the identity, which expands
         each weight exactly as it does in a product)."""
-        if int4_layout() is not None:
+        if self.layout == "fma" or int4_layout() is not None:
             return self._expand(0, self.out_features)
         eye = torch.eye(self.in_features, dtype=torch.float32)
         sz = self.scales_and_zeros.float()
@@ -304,7 +367,7 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"int4, group_size={self.group_size}"
+            f"int4, group_size={self.group_size}, layout={self.layout}"
         )
 
 

@@ -1,0 +1,227 @@
+"""The float32 small-batch CPU linear kernels (AVX2 FMA) against their references, and the layers
+that use them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kernels.cpu import linear as cpu_linear
+from services.executor.packed_linear import (
+    F32_SMALL_BATCH_ROWS,
+    SmallBatchLinear,
+    prepack_linears,
+)
+from services.executor.quantization import DEQUANT_ROWS, Int4Linear, Int8Linear, quantize_int4
+
+KERNEL = cpu_linear._linear_f32.load()
+pytestmark = pytest.mark.skipif(
+    KERNEL is None, reason=f"kernel not built: {cpu_linear.f32_load_error()}"
+)
+# 8 rows and fewer expand quantized weights in registers, more through a buffer: both sides
+ROWS = [1, 2, 3, 7, 8, 9, 16, 33]
+SHAPES = [(32, 13), (64, 100), (576, 962), (1536, 576)]  # (K, N): odd channel counts too
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """Within float32 rounding of the sum, scaled by the sum of the terms' magnitudes."""
+    assert out.dtype == ref.dtype == torch.float32 and out.shape == ref.shape
+    bound = x.abs() @ w.abs().t()
+    assert ((out - ref).abs() <= 1e-5 * bound + 1e-6).all()
+
+
+def _int4(n: int, k: int, group: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scale = torch.rand(n, k // group, generator=gen) / 8
+    zero = torch.randn(n, k // group, generator=gen) / 4
+    return cpu_linear.pack_int4(q), scale, zero
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(("k", "n"), SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_f32_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    b = torch.randn(n, generator=gen) if bias else None
+    out = cpu_linear.linear_f32(KERNEL, x, w, b)
+    _close(out, cpu_linear.linear_f32_ref(x, w, b), x, w)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(("k", "n"), SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows * n + k + 1)
+    x = torch.randn(rows, k, generator=gen)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) / 127 / k**0.5
+    b = torch.randn(n, generator=gen) if bias else None
+    out = cpu_linear.linear_int8_f32(KERNEL, x, q, scale, b)
+    ref = cpu_linear.linear_int8_ref(x, q, scale, b)
+    _close(out, ref, x, q.float() * scale[:, None])
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(("k", "n"), [(256, 13), (576, 962), (1536, 576)])
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_matches_reference(rows: int, k: int, n: int, group: int) -> None:
+    """Every group size, each group with its own scale and zero (so a group boundary read from
+    the wrong group shows), with and without bias."""
+    if k % group:
+        pytest.skip("K not a multiple of the group")
+    packed, scale, zero = _int4(n, k, group, rows + k + group)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    b = torch.randn(n) if rows % 2 else None
+    out = cpu_linear.linear_int4_f32(KERNEL, x, packed, scale, zero, group, b)
+    ref = cpu_linear.linear_int4_f32_ref(x, packed, scale, zero, group, b)
+    _close(out, ref, x, cpu_linear.int4_weight(packed, scale, zero, group))
+
+
+@pytest.mark.parametrize("group", [32, 64, 256])
+def test_int4_weight_expands_as_the_reference(group: int) -> None:
+    """The kernel's expansion (one fused multiply-add) within a rounding of q * scale + zero."""
+    packed, scale, zero = _int4(48, 512, group, group)
+    got = cpu_linear.int4_weight(packed, scale, zero, group)
+    ref = cpu_linear.int4_weight_ref(packed, scale, zero, group)
+    q = cpu_linear.unpack_int4(packed).float().view(48, -1, group)
+    terms = (q * scale[..., None]).abs() + zero.abs()[..., None]
+    assert got.shape == (48, 512) and ((got - ref).abs() <= 2.0**-23 * terms.view(48, 512)).all()
+    eye = torch.eye(512)  # a product with unit rows reads the multiplied weights back exactly
+    for rows in (eye[:3], eye[100:116]):  # in registers, and through the buffer
+        cols = cpu_linear.linear_int4_f32(KERNEL, rows, packed, scale, zero, group, None)
+        assert torch.equal(cols, (rows @ got.t()))
+
+
+def test_int4_packing_is_gguf_block_order() -> None:
+    """Byte i of each 32-feature block holds features i (low nibble) and i + 16 (high)."""
+    q = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    packed = cpu_linear.pack_int4(q)
+    assert packed.shape == (5, 48) and packed.dtype == torch.uint8
+    for block in range(3):
+        for i in range(16):
+            byte = packed[:, block * 16 + i]
+            assert torch.equal(byte & 15, q[:, block * 32 + i])
+            assert torch.equal(byte >> 4, q[:, block * 32 + 16 + i])
+    assert torch.equal(cpu_linear.unpack_int4(packed), q)
+
+
+@pytest.mark.parametrize("kind", ["f32", "int8", "int4"])
+def test_a_row_does_not_depend_on_its_batch(kind: str) -> None:
+    """Each row's sum runs in the same order whatever else is in the batch, whether the weights
+    are expanded in registers (few rows) or through a buffer (more): bit for bit."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(37, 576, generator=gen)
+    w = torch.randn(300, 576, generator=gen)
+    q = torch.randint(-127, 128, (300, 576), generator=gen, dtype=torch.int8)
+    scale = torch.rand(300, generator=gen) / 100
+    packed, s4, z4 = _int4(300, 576, 64, 3)
+
+    def apply(rows: torch.Tensor) -> torch.Tensor:
+        if kind == "f32":
+            return cpu_linear.linear_f32(KERNEL, rows, w, None)
+        if kind == "int8":
+            return cpu_linear.linear_int8_f32(KERNEL, rows, q, scale, None)
+        return cpu_linear.linear_int4_f32(KERNEL, rows, packed, s4, z4, 64, None)
+
+    alone = torch.cat([apply(x[i : i + 1]) for i in range(37)])
+    for m in (2, 3, 8, 9, 37):
+        assert torch.equal(apply(x[:m]), alone[:m]), f"{m} rows"
+
+
+def test_shapes_dtypes_and_groups_it_cannot_take_are_refused() -> None:
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu_linear.linear_f32(KERNEL, torch.randn(2, 48), torch.randn(8, 48), None)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_linear.linear_f32(KERNEL, torch.randn(2, 64).bfloat16(), torch.randn(8, 64), None)
+    with pytest.raises(RuntimeError, match="features"):
+        cpu_linear.linear_f32(KERNEL, torch.randn(2, 64), torch.randn(8, 32), None)
+    with pytest.raises(RuntimeError, match="scale"):
+        q = torch.zeros(8, 64, dtype=torch.int8)
+        cpu_linear.linear_int8_f32(KERNEL, torch.randn(2, 64), q, torch.ones(7), None)
+    packed, scale, zero = _int4(8, 96, 32, 0)
+    with pytest.raises(RuntimeError, match="power of 2"):
+        cpu_linear.linear_int4_f32(KERNEL, torch.randn(2, 96), packed, scale, zero, 48, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        cpu_linear.linear_int4_f32(
+            KERNEL, torch.randn(2, 96), packed, scale, zero, 32, torch.ones(3)
+        )
+    assert cpu_linear.available_f32(torch.randn(2, 48), 48) is None  # the layers fall back
+    assert cpu_linear.available_f32(torch.randn(2, 64).bfloat16(), 64) is None
+
+
+def test_disabled_kernels_are_not_offered(monkeypatch) -> None:
+    x = torch.randn(1, 64)
+    assert cpu_linear.available_f32(x, 64) is KERNEL
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    assert cpu_linear.available_f32(x, 64) is None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_batch_linear_runs_the_kernel_on_few_rows_and_f_linear_on_more(bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 962, bias=bias)
+    layer = SmallBatchLinear(linear)
+    x = torch.randn(3, F32_SMALL_BATCH_ROWS + 3, 576)  # leading dims are flattened
+    for rows in (1, F32_SMALL_BATCH_ROWS):
+        part = x[0, :rows]
+        out = layer(part)
+        assert torch.equal(out, cpu_linear.linear_f32(KERNEL, part, linear.weight, linear.bias))
+        _close(out, nn.functional.linear(part, linear.weight, linear.bias), part, linear.weight)
+    assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
+
+
+def test_a_float32_model_gets_small_batch_linears_sharing_its_weights() -> None:
+    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 32), nn.Linear(32, 10, bias=False))
+    model[2].weight = nn.Parameter(torch.randn(10, 32))
+    head = model[2].weight
+    assert prepack_linears(model) == 2
+    assert [type(m) for m in model] == [nn.Embedding, SmallBatchLinear, SmallBatchLinear]
+    assert model[2].weight is head  # not copied: a tied embedding keeps sharing it
+    assert dict(model.named_parameters()).keys() == {"0.weight", "1.weight", "1.bias", "2.weight"}
+
+
+@pytest.mark.parametrize("rows", [1, 5, DEQUANT_ROWS - 1, DEQUANT_ROWS, 40])
+def test_int4_linear_in_float32_runs_the_kernel_then_the_float_gemm(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(208, 576, generator=gen) / 24
+    layer = Int4Linear(*quantize_int4(w, 64, torch.float32), 64, torch.randn(208))
+    assert layer.layout == "fma" and layer.qweight.shape == (208, 288)
+    x = torch.randn(rows, 576, generator=gen)
+    out = layer(x)
+    ref = nn.functional.linear(x, layer.dequantize(), layer.bias)
+    _close(out, ref, x, layer.dequantize())
+    if rows < DEQUANT_ROWS:
+        kernel = cpu_linear.linear_int4_f32(
+            KERNEL, x, layer.qweight, layer.scale, layer.zero, 64, layer.bias
+        )
+        assert torch.equal(out, kernel)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, DEQUANT_ROWS - 1])
+def test_int8_linear_in_float32_runs_the_kernel_below_the_float_gemm(rows: int) -> None:
+    torch.manual_seed(rows)
+    layer = Int8Linear.from_float(torch.randn(962, 576) / 24, torch.randn(962), torch.float32)
+    x = torch.randn(rows, 576)
+    out = layer(x)
+    expect = cpu_linear.linear_int8_f32(KERNEL, x, layer.qweight, layer.scale, layer.bias)
+    assert torch.equal(out, expect)
+    _close(
+        out,
+        cpu_linear.linear_int8_ref(x, layer.qweight, layer.scale, layer.bias),
+        x,
+        layer.dequantize(),
+    )
+
+
+def test_int4_layers_keep_torchs_packing_where_the_kernel_may_not_run(monkeypatch) -> None:
+    w = torch.randn(64, 128)
+    assert Int4Linear.from_float(w, None, 32, torch.bfloat16).layout == "torch"
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    layer = Int4Linear.from_float(w, None, 32, torch.float32)
+    assert layer.layout == "torch" and hasattr(layer, "scales_and_zeros")
+    x = torch.randn(3, 128)
+    _close(layer(x), nn.functional.linear(x, layer.dequantize()), x, layer.dequantize())
