@@ -3,8 +3,8 @@
 Like packing (packed_linear.py), this is applied to a built, loaded model from outside the model
 files: `quantize_linears` swaps every `nn.Linear` for an `Int8Linear` or `Int4Linear` holding
 the quantized weight (the LM head at int8 under int4 too: it is the most sensitive layer).
-Activations stay in the model dtype (bfloat16, float16 or float32); only
-the weights are stored in fewer bits and expanded inside torch's CPU kernels:
+Activations stay in the model dtype (bfloat16, float16 or float32); only the weights are stored
+in fewer bits and expanded inside the CPU kernels (ours, or torch's where ours are not built):
 
 - int8: one symmetric scale per output channel; our AVX-512 BF16 kernel (kernels/cpu/linear.py)
   for bfloat16 activations (measured on an AVX-512 host over this model's layers at one row:
