@@ -78,7 +78,10 @@ def generate(engine: Engine, ps: list[list[int]], shared: bool) -> list[list[int
     return outputs
 
 
-def test_greedy_outputs_unchanged_with_shared_prefixes(default_model_dir: Path) -> None:
+def test_greedy_outputs_unchanged_with_shared_prefixes(
+    default_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")  # the spans run, on any CPU
     ps = prompts(default_model_dir)
     assert common_prefix(ps) >= 40, "the prompts should share the system prompt"
     cfg = ModelConfig.from_dir(default_model_dir)

@@ -106,9 +106,12 @@ def test_engine_gives_same_tokens_with_and_without_the_kernel() -> None:
     assert a == b
 
 
-def test_engine_extend_kernel_gives_torch_logits_with_cached_prefixes() -> None:
+def test_engine_extend_kernel_gives_torch_logits_with_cached_prefixes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Prefill, then requests pointed at the first one's prefix slots computing only their own
     suffix, with the extend kernel and with the PyTorch path: the same logits."""
+    monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")  # SDPA's choice on some CPUs
     hf = hf_model("gqa3-hd64")
     prompt = list(range(3, 83))
     results = []

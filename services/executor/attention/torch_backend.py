@@ -75,16 +75,25 @@ class TorchAttention(AttentionBackend):
         self.supports_shared_prefixes = not self.sliding_window and not sdpa_extend
 
     def _sdpa_extend_faster(self) -> bool:
-        """Whether extend attention runs faster in torch's SDPA than in the C++ extend kernel:
-        on CPUs with AMX, in bfloat16 (`radixserve bench-executor`: a 4 x 512-token prefill step
-        in 706 ms against 979 ms); not on AVX-512-only CPUs, where the kernel won (816 against
-        980 ms for 7 x 80 tokens over a cached 1,000-token prefix). RADIXSERVE_CPU_EXTEND_ATTENTION=kernel|sdpa overrides the choice."""
+        """Whether extend attention runs faster in torch's SDPA than in the C++ extend kernel
+        (`radixserve bench-executor` prefill steps):
+
+        - CPUs with AMX, in bfloat16: SDPA (4 x 512 tokens in 706 ms against 979 ms);
+        - CPUs with AVX-512 but no AMX: the kernel (816 against 980 ms for 7 x 80 tokens over a
+          cached 1,000-token prefix, bfloat16);
+        - CPUs without AVX-512: SDPA (float32 on an AVX2 host: 1 x 512 tokens in 946 ms against
+          2,202 ms, 4 x 512 in 4.1 s against 7.2 s).
+
+        RADIXSERVE_CPU_EXTEND_ATTENTION=kernel|sdpa overrides the choice."""
         choice = os.environ.get("RADIXSERVE_CPU_EXTEND_ATTENTION", "auto")
         if choice in ("kernel", "sdpa"):
             return choice == "sdpa"
         if choice != "auto":
             raise ValueError(f"RADIXSERVE_CPU_EXTEND_ATTENTION={choice!r}: use auto, kernel, sdpa")
-        return self.pool.k[0].dtype == torch.bfloat16 and "amx_bf16" in cpu_flags()
+        flags = cpu_flags().split()
+        if "avx512f" not in flags:
+            return True
+        return self.pool.k[0].dtype == torch.bfloat16 and "amx_bf16" in flags
 
     def _cpu_kernel_usable(self) -> bool:
         pool = self.pool.k[0] if self.pool.k else None
