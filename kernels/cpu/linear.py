@@ -57,12 +57,13 @@ def available_f32(x: torch.Tensor, in_features: int) -> ModuleType | None:
     on the CPU, `in_features` a multiple of 32, kernels enabled (see `available`); else None."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or in_features % K_MULTIPLE:
         return None
+    return f32_module()
+
+
+def f32_module() -> ModuleType | None:
+    """The compiled float32 module (built on the first call) when it is built here and kernels
+    are enabled (see `kernels_enabled`); else None."""
     return _linear_f32.load() if kernels_enabled() else None
-
-
-def f32_kernels_built() -> bool:
-    """True when the float32 kernels are built here (building them on the first call)."""
-    return _linear_f32.load() is not None
 
 
 def load_error() -> str | None:
@@ -182,8 +183,7 @@ def int4_weight(
     if (
         packed.device.type == "cpu"
         and group_size % INT4_BLOCK == 0
-        and kernels_enabled()
-        and (module := _linear_f32.load()) is not None
+        and (module := f32_module()) is not None
     ):
         return module.dequantize_int4(
             packed.contiguous(), scale.float().contiguous(), zero.float().contiguous(), group_size

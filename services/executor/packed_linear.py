@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
-from kernels.cpu.build import kernels_enabled
 
 log = logging.getLogger("radixserve.executor")
 
@@ -134,12 +133,7 @@ class SmallBatchLinear(nn.Module):
 def can_use_small_batch_f32(dtype: torch.dtype, device: torch.device) -> bool:
     """True where `SmallBatchLinear` runs its kernel: float32 on a CPU with AVX2 and FMA (the
     kernel built, which this may do), kernels not disabled by RADIXSERVE_DISABLE_CPU_KERNELS."""
-    return (
-        device.type == "cpu"
-        and dtype == torch.float32
-        and kernels_enabled()
-        and cpu_linear.f32_kernels_built()
-    )
+    return device.type == "cpu" and dtype == torch.float32 and cpu_linear.f32_module() is not None
 
 
 def children_of_type(

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
-from kernels.cpu.build import kernels_enabled
 from services.executor.packed_linear import children_of_type
 
 log = logging.getLogger("radixserve.executor")
@@ -237,8 +236,7 @@ def fma_int4(dtype: torch.dtype, in_features: int) -> bool:
     return (
         dtype == torch.float32
         and in_features % cpu_linear.INT4_BLOCK == 0
-        and kernels_enabled()
-        and cpu_linear.f32_kernels_built()
+        and cpu_linear.f32_module() is not None
     )
 
 
