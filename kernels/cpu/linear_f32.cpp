@@ -73,7 +73,8 @@ struct Int4Weights {
   const float* zero;    // [N, K / g]
   int64_t K, groups, group_shift;  // groups per channel, log2 of the group size
   inline void load(int64_t n, int64_t k, __m256 out[4]) const {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + n * (K / 2) + k / 2));
+    const __m128i bytes =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + n * (K / 2) + k / 2));
     const __m128i nibble = _mm_set1_epi8(15);
     const __m128i lo = _mm_and_si128(bytes, nibble);                      // features 0..15
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);  // features 16..31
@@ -138,6 +139,16 @@ void block_rows(const float* x, int64_t M, int64_t K, const W& weights, int64_t 
   }
 }
 
+// out[0 .. K) = channel n of `weights` expanded to float32.
+template <typename W>
+inline void expand_channel(const W& weights, int64_t n, int64_t K, float* out) {
+  __m256 wv[4];
+  for (int64_t k = 0; k < K; k += 32) {
+    weights.load(n, k, wv);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + k + 8 * i, wv[i]);
+  }
+}
+
 // Runs every block of channels; `expand` says whether a block is first written out as float32
 // (quantized weights with more than kDirectRows rows). finish(m, n, sum) stores a value.
 template <typename W, typename Finish>
@@ -153,12 +164,8 @@ void run(const float* x, int64_t M, int64_t K, int64_t N, const W& weights, bool
         block_rows(x, M, K, weights, n0, channels, finish);
         continue;
       }
-      __m256 wv[4];
       for (int64_t c = 0; c < channels; ++c)
-        for (int64_t k = 0; k < K; k += 32) {
-          weights.load(n0 + c, k, wv);
-          for (int i = 0; i < 4; ++i) _mm256_storeu_ps(buffer.data() + c * K + k + 8 * i, wv[i]);
-        }
+        expand_channel(weights, n0 + c, K, buffer.data() + c * K);
       const F32Weights expanded{buffer.data(), K};
       block_rows(x, M, K, expanded, 0, channels,
                  [&](int64_t m, int64_t c, float s) { finish(m, n0 + c, s); });
@@ -254,12 +261,7 @@ torch::Tensor dequantize_int4(torch::Tensor q, torch::Tensor scale, torch::Tenso
   auto out = torch::empty({N, K}, scale.options());
   float* o = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    __m256 wv[4];
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t k = 0; k < K; k += 32) {
-        weights.load(n, k, wv);
-        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + n * K + k + 8 * i, wv[i]);
-      }
+    for (int64_t n = n0; n < n1; ++n) expand_channel(weights, n, K, o + n * K);
   });
   return out;
 }
