@@ -48,7 +48,7 @@ def paged_decode_attention(
     as much as the kernel itself at batch 1)."""
     if torch.compiler.is_compiling():
         return _paged_decode_attention_op(q, k_pool, v_pool, table, rows, seq_lens, scale)
-    _check(q, k_pool, v_pool, table, rows, seq_lens)
+    check_decode_args(q, k_pool, v_pool, table, rows, seq_lens)
     return _run_decode(q, k_pool, v_pool, table, rows, seq_lens, scale)
 
 
@@ -81,7 +81,10 @@ def _(q, k_pool, v_pool, table, rows, seq_lens, scale):  # type: ignore[no-untyp
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def _check(q, k_pool, v_pool, table, rows, seq_lens) -> None:
+def check_decode_args(q, k_pool, v_pool, table, rows, seq_lens) -> None:
+    """Raises ValueError where `paged_decode_attention` cannot take these arguments (device,
+    dtypes, shapes, contiguity). Every layer's pools have the same shape, dtype and layout, so a
+    caller that runs the kernel directly over all layers of a step checks once."""
     _check_pools(q, k_pool, v_pool, table)
     for name, t in (("rows", rows), ("seq_lens", seq_lens)):
         if t.dtype != torch.int64:

@@ -32,6 +32,7 @@ from services.executor.attention import AttentionBackend, create_backend
 from services.executor.batch_builder import BatchPlan, materialize, order_slices, plan_batch
 from services.executor.batch_invariant import make_batch_invariant
 from services.executor.decode_runner import StaticDecodeConfig, StaticDecodeRunner
+from services.executor.direct_decode import DirectDecode
 from services.executor.grammar import GrammarRuntime
 from services.executor.kv_pool import KVPool, RequestToTokenTable, TableWrites
 from services.executor.model_config import ModelConfig
@@ -133,6 +134,12 @@ class Engine:
         )
         if deterministic:
             self._make_deterministic(static_decode)
+        # Pure-decode batches on the CPU skip the modules' Python (see direct_decode.py).
+        self.direct_decode = (
+            DirectDecode(model, self.attn)
+            if DirectDecode.supports(model, self.attn, device)
+            else None
+        )
         self.sampler = Sampler(cfg.vocab_size, device, batch_invariant=deterministic)
         self.rows: dict[int, RowState] = {}
         # Rows as the prepared steps leave them (row -> has sampled), guarded by plan_lock. An
@@ -301,6 +308,9 @@ class Engine:
         if runner is not None and batch.shared is None and runner.can_run(batch):
             return runner.run(batch)
         self.attn.init_metadata(batch)
+        direct = self.direct_decode
+        if direct is not None and direct.can_run(batch):
+            return direct.run(batch)
         return self.model(batch, self.attn)
 
     @torch.inference_mode()

@@ -22,6 +22,7 @@ swaps every `nn.Linear` for a `PackedLinear` holding the packed weight (bfloat16
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from torch import nn
 from kernels.cpu import linear as cpu_linear
 
 log = logging.getLogger("radixserve.executor")
+
+# A linear layer's product for one contiguous [M, in_features] input: → [M, out_features].
+Linear2D = Callable[[torch.Tensor], torch.Tensor]
 
 # Batch size oneDNN is told to expect when it picks the packed layout; measured here, the layouts
 # chosen for 16..64 rows give bit-identical results at every batch size and run within a few % of
@@ -84,16 +88,17 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        kernel = (
-            cpu_linear.available(flat, self.in_features)
-            if 0 < flat.shape[0] <= SMALL_BATCH_ROWS
-            else None
-        )
-        if kernel is not None:
-            y = cpu_linear.linear_bf16(kernel, flat, self.plain, self.bias)
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
-        return y.view(*shape[:-1], self.out_features)
+        return self.direct(flat)(flat).view(*shape[:-1], self.out_features)
+
+    def direct(self, x: torch.Tensor) -> Linear2D:
+        """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
+        layer's weights: the small-batch kernel up to SMALL_BATCH_ROWS rows, oneDNN above."""
+        plain, packed, bias = self.plain, self.weight, self.bias
+        if 0 < x.shape[0] <= SMALL_BATCH_ROWS:
+            kernel = cpu_linear.available(x, self.in_features)
+            if kernel is not None:
+                return lambda flat: cpu_linear.linear_bf16(kernel, flat, plain, bias)
+        return lambda flat: torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
@@ -115,16 +120,19 @@ class SmallBatchLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        kernel = (
-            cpu_linear.available_f32(flat, self.in_features)
-            if 0 < flat.shape[0] <= F32_SMALL_BATCH_ROWS
-            else None
-        )
-        if kernel is None:
-            return F.linear(x, self.weight, self.bias)
+        return self.direct(flat)(flat).view(*shape[:-1], self.out_features)
+
+    def direct(self, x: torch.Tensor) -> Linear2D:
+        """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
+        layer's weights: the FMA kernel for 1..F32_SMALL_BATCH_ROWS float32 rows where it is
+        available, `F.linear` otherwise."""
+        weight = self.weight.detach()
         bias = None if self.bias is None else self.bias.detach()
-        y = cpu_linear.linear_f32(kernel, flat, self.weight.detach(), bias)
-        return y.view(*shape[:-1], self.out_features)
+        if 0 < x.shape[0] <= F32_SMALL_BATCH_ROWS:
+            kernel = cpu_linear.available_f32(x, self.in_features)
+            if kernel is not None:
+                return lambda flat: cpu_linear.linear_f32(kernel, flat, weight, bias)
+        return lambda flat: F.linear(flat, weight, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, small-batch"

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
-from services.executor.packed_linear import children_of_type
+from services.executor.packed_linear import Linear2D, children_of_type
 
 log = logging.getLogger("radixserve.executor")
 
@@ -148,29 +148,32 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
+        if (call := self.direct(flat)) is not None:
+            return call(flat).view(*shape[:-1], self.out_features)
         if flat.shape[0] == 0:
             y = flat.new_zeros(0, self.out_features)
         elif flat.shape[0] >= DEQUANT_ROWS:
             y = self._float_gemm(flat)
-        elif (
-            self.scale.dtype == torch.float32
-            and (kernel := cpu_linear.available_f32(flat, self.in_features)) is not None
-        ):
-            return cpu_linear.linear_int8_f32(
-                kernel, flat, self.qweight, self.scale, self.bias
-            ).view(*shape[:-1], self.out_features)
-        elif (
-            self.scale.dtype == flat.dtype
-            and (kernel := cpu_linear.available(flat, self.in_features)) is not None
-        ):
-            return cpu_linear.linear_int8(kernel, flat, self.qweight, self.scale, self.bias).view(
-                *shape[:-1], self.out_features
-            )
         else:
             y = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scale)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+    def direct(self, x: torch.Tensor) -> Linear2D | None:
+        """The kernel call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to
+        this layer's weights: one of kernels/cpu/linear.py's for 1..DEQUANT_ROWS-1 rows where it
+        is available (float32, or the scale's dtype with AVX-512 BF16); None where `forward` runs
+        torch's kernel or the float GEMM."""
+        if not 0 < x.shape[0] < DEQUANT_ROWS:
+            return None
+        q, scale, bias = self.qweight, self.scale, self.bias
+        f32 = scale.dtype == torch.float32
+        if f32 and (kernel := cpu_linear.available_f32(x, self.in_features)) is not None:
+            return lambda flat: cpu_linear.linear_int8_f32(kernel, flat, q, scale, bias)
+        if scale.dtype == x.dtype and (kernel := cpu_linear.available(x, self.in_features)):
+            return lambda flat: cpu_linear.linear_int8(kernel, flat, q, scale, bias)
+        return None
 
     def _float_gemm(self, x: torch.Tensor) -> torch.Tensor:
         # a chunk of output channels at a time, so the converted weight stays small
@@ -301,22 +304,13 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
+        if (call := self.direct(flat)) is not None:
+            return call(flat).view(*shape[:-1], self.out_features)
         if flat.shape[0] == 0:
             y = flat.new_zeros(0, self.out_features)
-        elif self.layout == "fma":
-            kernel = (
-                cpu_linear.available_f32(flat, self.in_features)
-                if flat.shape[0] < DEQUANT_ROWS
-                else None
-            )
-            if kernel is None:
-                y = self._float_gemm(flat)
-            else:
-                y = cpu_linear.linear_int4_f32(
-                    kernel, flat, self.qweight, self.scale, self.zero, self.group_size, self.bias
-                )
-                return y.view(*shape[:-1], self.out_features)
-        elif flat.shape[0] >= INT4_DEQUANT_ROWS and int4_layout() is not None:
+        elif self.layout == "fma" or (
+            flat.shape[0] >= INT4_DEQUANT_ROWS and int4_layout() is not None
+        ):
             y = self._float_gemm(flat)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -325,6 +319,25 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+    def direct(self, x: torch.Tensor) -> Linear2D | None:
+        """The kernel call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to
+        this layer's weights: the FMA kernel of kernels/cpu/linear.py for 1..DEQUANT_ROWS-1
+        float32 rows of an "fma" layer where it is available; None where `forward` runs torch's
+        kernel or the float GEMM."""
+        if self.layout != "fma" or not 0 < x.shape[0] < DEQUANT_ROWS:
+            return None
+        kernel = cpu_linear.available_f32(x, self.in_features)
+        if kernel is None:
+            return None
+        q, scale, zero, group, bias = (
+            self.qweight,
+            self.scale,
+            self.zero,
+            self.group_size,
+            self.bias,
+        )
+        return lambda flat: cpu_linear.linear_int4_f32(kernel, flat, q, scale, zero, group, bias)
 
     def _float_gemm(self, x: torch.Tensor) -> torch.Tensor:
         block = 1 if self.layout == "fma" else int4_layout()[0]  # type: ignore[index]

@@ -1,0 +1,161 @@
+"""Decode steps through direct kernel calls give the module path's logits, bit for bit, and the
+engine takes that path exactly for the batches it can run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import kernels.cpu as cpu_kernels
+from kernels.cpu import fused
+from services.executor.direct_decode import DirectDecode
+from services.executor.engine import Engine, EngineLimits
+from services.executor.model_config import ModelConfig
+from services.executor.packed_linear import can_prepack, prepack_linears
+from services.executor.quantization import quantize_linears
+from services.executor.sampling_params import SamplingParams
+from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
+from services.executor.weights import build_model, load_weights
+from tests.executor.tiny import hf_model
+
+GREEDY = SamplingParams(temperature=0)
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.load() is None or fused._fused.load() is None,
+    reason="the CPU attention and fused kernels are not built here",
+)
+
+
+def engine(
+    variant: str, mode: str, dtype: torch.dtype = torch.float32, deterministic: bool = False
+) -> Engine:
+    """A tiny model loaded as `radixserve serve` loads one: quantized (int8, int4) or prepacked
+    (none), in `dtype`."""
+    hf = hf_model(variant)
+    cfg = ModelConfig.from_dict(hf.config.to_dict())
+    model = build_model(cfg, cfg.max_position_embeddings, dtype, torch.device("cpu"))
+    load_weights(model, hf.state_dict().items())
+    if mode == "none":
+        prepack_linears(model)
+    else:
+        assert quantize_linears(model, mode, 32) == []
+    limits = EngineLimits(4096, 64, cfg.max_position_embeddings)
+    return Engine(model, cfg, limits, torch.device("cpu"), deterministic=deterministic)
+
+
+def prefill(n: int, seed: int) -> tuple[StepInput, list[int]]:
+    """A step adding n requests with prompts of 2..40 tokens (slots for 60 positions each), and
+    the prompt lengths."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(2, 40))] for _ in range(n)]
+    return StepInput(
+        1,
+        add=[NewRequest(r, f"r{r}", GREEDY) for r in range(n)],
+        writes=[SlotWrite(r, 0, list(range(1 + 60 * r, 1 + 60 * (r + 1)))) for r in range(n)],
+        slices=[Slice(r, 0, p) for r, p in enumerate(prompts)],
+    ), [len(p) for p in prompts]
+
+
+def decode(step_id: int, lens: list[int]) -> StepInput:
+    return StepInput(step_id, slices=[Slice(r, n, [], True) for r, n in enumerate(lens)])
+
+
+def count_direct(e: Engine) -> list[int]:
+    """Records the row count of every batch `e` runs through DirectDecode."""
+    direct = e.direct_decode
+    assert direct is not None
+    sizes: list[int] = []
+    run = direct.run
+
+    def counted(batch):  # type: ignore[no-untyped-def]
+        sizes.append(batch.num_tokens)
+        return run(batch)
+
+    direct.run = counted  # type: ignore[method-assign]
+    return sizes
+
+
+BF16 = pytest.mark.skipif(
+    not can_prepack(torch.bfloat16, torch.device("cpu")),
+    reason="bfloat16 linears need oneDNN's bfloat16 GEMM (AVX-512)",
+)
+MODES = [
+    ("none", torch.float32),
+    ("int8", torch.float32),
+    ("int4", torch.float32),
+    pytest.param("none", torch.bfloat16, marks=BF16),
+    pytest.param("int8", torch.bfloat16, marks=BF16),
+]
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "gqa3-hd64"])
+@pytest.mark.parametrize(("mode", "dtype"), MODES)
+@pytest.mark.parametrize("batch", [1, 3, 9, 33])
+def test_direct_decode_logits_equal_the_modules(
+    variant: str, mode: str, dtype: torch.dtype, batch: int
+) -> None:
+    """Batch sizes on both sides of each layer's cut-overs (8 rows for the float32 kernel, 32 for
+    the quantized ones, 4 for bfloat16): three decode steps, the same logits bit for bit."""
+    direct, modules = engine(variant, mode, dtype), engine(variant, mode, dtype)
+    assert direct.direct_decode is not None
+    modules.direct_decode = None
+    runs = count_direct(direct)
+    first, lens = prefill(batch, seed=batch)
+    assert torch.equal(direct.logits(first), modules.logits(first))
+    assert runs == []  # a prefill runs the modules
+    for i in range(3):
+        step = decode(2 + i, [n + i for n in lens])
+        a, b = direct.logits(step), modules.logits(step)
+        assert a.dtype == torch.float32 and a.shape == (batch, 256)
+        assert torch.equal(a, b), f"step {i}: max diff {(a - b).abs().max()}"
+    assert runs == [batch] * 3
+
+
+def test_mixed_and_shared_batches_run_the_modules() -> None:
+    """A step with an extend slice beside decodes is not a pure decode: the modules run it."""
+    e = engine("llama", "int8")
+    runs = count_direct(e)
+    first, lens = prefill(2, seed=1)
+    e.run_step(first)
+    e.run_step(
+        StepInput(
+            2,
+            add=[NewRequest(5, "late", GREEDY)],
+            writes=[SlotWrite(5, 0, list(range(1000, 1010)))],
+            slices=[Slice(0, lens[0], [], True), Slice(5, 0, [1, 2, 3])],
+        )
+    )
+    assert runs == []
+    e.run_step(decode(3, [lens[0] + 1, lens[1]]))
+    assert runs == [2]
+
+
+def test_disabled_kernels_run_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RADIXSERVE_DISABLE_CPU_KERNELS=1, set after start-up, sends decode back to the modules
+    (and their PyTorch references)."""
+    e = engine("llama", "none")
+    runs = count_direct(e)
+    first, lens = prefill(1, seed=2)
+    e.run_step(first)
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    e.run_step(decode(2, lens))
+    assert runs == []
+    monkeypatch.delenv("RADIXSERVE_DISABLE_CPU_KERNELS")
+    e.run_step(decode(3, [lens[0] + 1]))
+    assert runs == [1]
+
+
+def test_unknown_models_and_modes_are_declined() -> None:
+    """Deterministic inference (batch-invariant layers), forward hooks (tensor parallelism's
+    all-reduces) and layers it does not know keep the module path."""
+    assert engine("llama", "none", deterministic=True).direct_decode is None
+    e = engine("llama", "none")
+    assert DirectDecode.supports(e.model, e.attn, torch.device("cpu"))
+    handle = e.model.model.layers[0].mlp.register_forward_hook(lambda *args: None)
+    assert not DirectDecode.supports(e.model, e.attn, torch.device("cpu"))
+    handle.remove()
+    e.model.model.layers[1].mlp.down_proj = nn.Sequential(e.model.model.layers[1].mlp.down_proj)
+    assert not DirectDecode.supports(e.model, e.attn, torch.device("cpu"))
