@@ -36,8 +36,14 @@ from kernels.cpu.build import kernels_enabled
 from services.executor.attention import AttentionBackend
 from services.executor.attention.torch_backend import KernelDecode, TorchAttention
 from services.executor.forward_batch import ForwardBatch
-from services.executor.layers import MergedLinear, RMSNorm
-from services.executor.models.llama import LlamaForCausalLM
+from services.executor.layers import MergedLinear, RMSNorm, RotaryEmbedding
+from services.executor.models.llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+)
 from services.executor.packed_linear import Linear2D, PackedLinear, SmallBatchLinear
 from services.executor.quantization import Int4Linear, Int8Linear
 
@@ -72,6 +78,8 @@ class DirectDecode:
 
     `can_run(batch)` says whether a batch (with `attn.init_metadata` applied) qualifies;
     `run(batch)` returns the logits [num_sampled, vocab] float32 that `model(batch, attn)` would.
+    The calls hold the layers' weight tensors: the executor loads the weights before the engine
+    starts and never reassigns them, and forward hooks are looked for once, at start-up.
     """
 
     def __init__(self, model: nn.Module, attn: AttentionBackend) -> None:
@@ -98,7 +106,17 @@ class DirectDecode:
         if not isinstance(attn, TorchAttention) or not attn.use_cpu_kernel:
             return False
         inner = model.model
+        # The Llama block exactly: a subclass could change what a layer computes.
+        if type(model).forward is not LlamaForCausalLM.forward or type(inner) is not LlamaModel:
+            return False
         if type(inner.embed_tokens) is not nn.Embedding or not inner.layers:
+            return False
+        if type(inner.rotary_emb) is not RotaryEmbedding or not all(
+            type(layer) is LlamaDecoderLayer
+            and type(layer.self_attn) is LlamaAttention
+            and type(layer.mlp) is LlamaMLP
+            for layer in inner.layers
+        ):
             return False
         dtype = inner.embed_tokens.weight.dtype
         if attn.pool.k[0].dtype != dtype:

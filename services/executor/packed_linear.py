@@ -120,19 +120,31 @@ class SmallBatchLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        return self.direct(flat)(flat).view(*shape[:-1], self.out_features)
+        call = self._kernel_call(flat)
+        if call is None:
+            return F.linear(x, self.weight, self.bias)
+        return call(flat).view(*shape[:-1], self.out_features)
 
     def direct(self, x: torch.Tensor) -> Linear2D:
         """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
         layer's weights: the FMA kernel for 1..F32_SMALL_BATCH_ROWS float32 rows where it is
         available, `F.linear` otherwise."""
+        call = self._kernel_call(x)
+        if call is not None:
+            return call
         weight = self.weight.detach()
         bias = None if self.bias is None else self.bias.detach()
-        if 0 < x.shape[0] <= F32_SMALL_BATCH_ROWS:
-            kernel = cpu_linear.available_f32(x, self.in_features)
-            if kernel is not None:
-                return lambda flat: cpu_linear.linear_f32(kernel, flat, weight, bias)
         return lambda flat: F.linear(flat, weight, bias)
+
+    def _kernel_call(self, x: torch.Tensor) -> Linear2D | None:
+        if not 0 < x.shape[0] <= F32_SMALL_BATCH_ROWS:
+            return None
+        kernel = cpu_linear.available_f32(x, self.in_features)
+        if kernel is None:
+            return None
+        weight = self.weight.detach()
+        bias = None if self.bias is None else self.bias.detach()
+        return lambda flat: cpu_linear.linear_f32(kernel, flat, weight, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, small-batch"

@@ -17,7 +17,7 @@ from services.executor.model_config import ModelConfig
 from services.executor.packed_linear import can_prepack, prepack_linears
 from services.executor.quantization import quantize_linears
 from services.executor.sampling_params import SamplingParams
-from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
+from services.executor.step import NewRequest, SharedPrefix, Slice, SlotWrite, StepInput
 from services.executor.weights import build_model, load_weights
 from tests.executor.tiny import hf_model
 
@@ -33,14 +33,14 @@ def engine(
     variant: str, mode: str, dtype: torch.dtype = torch.float32, deterministic: bool = False
 ) -> Engine:
     """A tiny model loaded as `radixserve serve` loads one: quantized (int8, int4) or prepacked
-    (none), in `dtype`."""
+    (none), in `dtype`; "plain" keeps torch's linears (as `--enable-torch-compile` does)."""
     hf = hf_model(variant)
     cfg = ModelConfig.from_dict(hf.config.to_dict())
     model = build_model(cfg, cfg.max_position_embeddings, dtype, torch.device("cpu"))
     load_weights(model, hf.state_dict().items())
     if mode == "none":
         prepack_linears(model)
-    else:
+    elif mode != "plain":
         assert quantize_linears(model, mode, 32) == []
     limits = EngineLimits(4096, 64, cfg.max_position_embeddings)
     return Engine(model, cfg, limits, torch.device("cpu"), deterministic=deterministic)
@@ -86,8 +86,10 @@ MODES = [
     ("none", torch.float32),
     ("int8", torch.float32),
     ("int4", torch.float32),
+    ("plain", torch.float32),
     pytest.param("none", torch.bfloat16, marks=BF16),
     pytest.param("int8", torch.bfloat16, marks=BF16),
+    pytest.param("int4", torch.bfloat16, marks=BF16),  # torch's int4 kernel and packing
 ]
 
 
@@ -114,7 +116,7 @@ def test_direct_decode_logits_equal_the_modules(
     assert runs == [batch] * 3
 
 
-def test_mixed_and_shared_batches_run_the_modules() -> None:
+def test_mixed_batches_run_the_modules() -> None:
     """A step with an extend slice beside decodes is not a pure decode: the modules run it."""
     e = engine("llama", "int8")
     runs = count_direct(e)
@@ -133,18 +135,74 @@ def test_mixed_and_shared_batches_run_the_modules() -> None:
     assert runs == [2]
 
 
+def test_shared_prefix_spans_run_the_modules() -> None:
+    """Rows sent with a shared-prefix span run the modules (cascade attention) where the engine
+    keeps the spans, and the direct loop where it drops them (SDPA extends); the same logits as
+    the module path either way."""
+    direct, modules = engine("gqa3-hd64", "int8"), engine("gqa3-hd64", "int8")
+    modules.direct_decode = None
+    runs = count_direct(direct)
+    rng = random.Random(3)
+    shared = [rng.randrange(256) for _ in range(64)]
+    prompts = [shared + [rng.randrange(256) for _ in range(5 + r)] for r in range(4)]
+    head = list(range(1, 65))  # the four rows' first 64 positions map to the same slots
+    steps = [
+        StepInput(  # row 0 computes the shared prefix and its own tokens
+            1,
+            add=[NewRequest(0, "r0", GREEDY)],
+            writes=[SlotWrite(0, 0, [*head, *range(100, 150)])],
+            slices=[Slice(0, 0, prompts[0])],
+        ),
+        StepInput(  # rows 1-3 find it cached, as after a radix-tree hit
+            2,
+            add=[NewRequest(r, f"r{r}", GREEDY) for r in range(1, 4)],
+            writes=[
+                SlotWrite(r, 0, [*head, *range(100 + 50 * r, 150 + 50 * r)]) for r in (1, 2, 3)
+            ],
+            slices=[Slice(r, 64, prompts[r][64:]) for r in range(1, 4)],
+        ),
+    ]
+    for step in steps:
+        assert torch.equal(direct.logits(step), modules.logits(step))
+    spans = [SharedPrefix(64, [0, 1, 2, 3])]
+    for i in range(2):
+        step = StepInput(
+            3 + i,
+            slices=[Slice(r, len(p) + i, [], True) for r, p in enumerate(prompts)],
+            shared_prefixes=spans,
+        )
+        assert torch.equal(direct.logits(step), modules.logits(step))
+    assert runs == ([] if direct.attn.supports_shared_prefixes else [4, 4])
+
+
+def test_unsampled_rows_take_the_lm_head_of_the_sampled_ones() -> None:
+    """A decode step whose rows are not all sampled: the LM head runs on the sampled rows only,
+    and the logits equal the module path's."""
+    direct, modules = engine("llama", "none"), engine("llama", "none")
+    modules.direct_decode = None
+    runs = count_direct(direct)
+    first, lens = prefill(3, seed=4)
+    direct.logits(first), modules.logits(first)
+    step = StepInput(2, slices=[Slice(r, n, [], True, sample=r != 1) for r, n in enumerate(lens)])
+    a, b = direct.logits(step), modules.logits(step)
+    assert a.shape == (2, 256) and torch.equal(a, b)
+    assert runs == [3]
+
+
 def test_disabled_kernels_run_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     """RADIXSERVE_DISABLE_CPU_KERNELS=1, set after start-up, sends decode back to the modules
-    (and their PyTorch references)."""
-    e = engine("llama", "none")
-    runs = count_direct(e)
+    (and their PyTorch references); unset again, the direct loop gives the modules' logits."""
+    direct, modules = engine("llama", "none"), engine("llama", "none")
+    modules.direct_decode = None
+    runs = count_direct(direct)
     first, lens = prefill(1, seed=2)
-    e.run_step(first)
+    direct.run_step(first), modules.run_step(first)
     monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
-    e.run_step(decode(2, lens))
+    direct.run_step(decode(2, lens)), modules.run_step(decode(2, lens))
     assert runs == []
     monkeypatch.delenv("RADIXSERVE_DISABLE_CPU_KERNELS")
-    e.run_step(decode(3, [lens[0] + 1]))
+    step = decode(3, [lens[0] + 1])
+    assert torch.equal(direct.logits(step), modules.logits(step))
     assert runs == [1]
 
 
