@@ -117,3 +117,17 @@ def top2_gap(model, ids: list[int]) -> float:
         logits = model(torch.tensor([ids])).logits[0, -1].float()
     top = logits.topk(2).values
     return float(top[0] - top[1])
+
+
+def record_runs(runner: object) -> list[int]:
+    """Wraps `runner.run(batch)` (a decode runner of the engine) to record the number of decode
+    rows of every batch it runs; returns the list it appends to."""
+    sizes: list[int] = []
+    run = runner.run  # type: ignore[attr-defined]
+
+    def counted(batch):  # type: ignore[no-untyped-def]
+        sizes.append(batch.num_decode)
+        return run(batch)
+
+    runner.run = counted  # type: ignore[attr-defined]
+    return sizes

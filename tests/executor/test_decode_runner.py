@@ -20,7 +20,7 @@ from services.executor.model_config import ModelConfig
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
 from services.executor.weights import build_model, load_weights
-from tests.executor.driver import Driver
+from tests.executor.driver import Driver, record_runs
 from tests.executor.tiny import hf_model
 
 GREEDY = SamplingParams(temperature=0)
@@ -50,17 +50,8 @@ def prompts(n: int, seed: int) -> list[list[int]]:
 
 def count_runs(engine: Engine) -> list[int]:
     """Records the batch size of every run of `engine`'s decode runner."""
-    runner = engine.decode_runner
-    assert runner is not None
-    sizes: list[int] = []
-    run = runner.run
-
-    def counted(batch):  # type: ignore[no-untyped-def]
-        sizes.append(batch.num_decode)
-        return run(batch)
-
-    runner.run = counted  # type: ignore[method-assign]
-    return sizes
+    assert engine.decode_runner is not None
+    return record_runs(engine.decode_runner)
 
 
 def lockstep_logits(

@@ -19,6 +19,7 @@ from services.executor.quantization import quantize_linears
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, SharedPrefix, Slice, SlotWrite, StepInput
 from services.executor.weights import build_model, load_weights
+from tests.executor.driver import record_runs
 from tests.executor.tiny import hf_model
 
 GREEDY = SamplingParams(temperature=0)
@@ -65,17 +66,8 @@ def decode(step_id: int, lens: list[int]) -> StepInput:
 
 def count_direct(e: Engine) -> list[int]:
     """Records the row count of every batch `e` runs through DirectDecode."""
-    direct = e.direct_decode
-    assert direct is not None
-    sizes: list[int] = []
-    run = direct.run
-
-    def counted(batch):  # type: ignore[no-untyped-def]
-        sizes.append(batch.num_tokens)
-        return run(batch)
-
-    direct.run = counted  # type: ignore[method-assign]
-    return sizes
+    assert e.direct_decode is not None
+    return record_runs(e.direct_decode)
 
 
 BF16 = pytest.mark.skipif(
