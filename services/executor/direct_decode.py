@@ -32,7 +32,6 @@ from torch import nn
 
 import kernels.cpu as cpu_kernels
 from kernels.cpu import fused
-from kernels.cpu.build import kernels_enabled
 from services.executor.attention import AttentionBackend
 from services.executor.attention.torch_backend import KernelDecode, TorchAttention
 from services.executor.forward_batch import ForwardBatch
@@ -83,7 +82,7 @@ class DirectDecode:
     """
 
     def __init__(self, model: nn.Module, attn: AttentionBackend) -> None:
-        self.model, self.attn = model, attn
+        self.attn = attn
         inner = model.model  # type: ignore[union-attr]
         self.layers = list(inner.layers)
         self.embed: nn.Embedding = inner.embed_tokens
@@ -141,13 +140,12 @@ class DirectDecode:
             and batch.shared is None
             and not self.attn.batch_invariant  # type: ignore[attr-defined]
             and isinstance(getattr(batch.attn_metadata, "decode", None), KernelDecode)
-            and kernels_enabled()
-            and fused.available(self._probe) is not None
+            and fused.available(self._probe) is not None  # None when the kernels are disabled
         )
 
     def _calls_for(self, rows: int) -> tuple[list[LayerCalls], Linear2D]:
-        """Each layer's calls for an input of `rows` rows, and the LM head's (built on first use;
-        the LM head's for the single row count it sees most, the sampled rows)."""
+        """Each layer's calls for an input of `rows` rows, and the LM head's for `rows` rows (the
+        usual case: every row sampled); built on first use."""
         if rows not in self._calls:
             hidden = self.embed.weight.shape[1]
             x = torch.empty(rows, hidden, dtype=self.dtype)
