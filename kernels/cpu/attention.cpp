@@ -4,7 +4,8 @@
 // Decode (one query token per request): a task is one request (all its heads, so each slot's K/V
 // row is read as one contiguous run) or, when there are too few requests to keep every thread
 // busy, one (request, kv head) pair. The G query heads that share a kv head are computed together,
-// so each K/V row is read once.
+// so each K/V row is read once. At head dim 64 the inner loops are vector code: AVX-512 BF16 for
+// bfloat16 pools, AVX2 + FMA for float32 ones (attend_head_bf16, attend_head_f32).
 //
 // Extend (a request's new tokens after its cached prefix, causal): a task is one (request, kv head,
 // block of up to 16 new tokens). Its G x 16 query rows are multiplied against blocks of 16 keys
@@ -18,7 +19,7 @@
 // also return log-sum-exps, and `merge_attention_states_` combines the two parts of every token.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <cmath>
@@ -142,6 +143,89 @@ inline void attend_head_bf16(const at::BFloat16* q, const at::BFloat16* k_pool,
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// Decode attention of one request's G query heads over one kv head's keys, float32 with AVX2 and
+// FMA: q . k for 8 keys at a time (8 vector sums reduced together by horizontal adds), then p . v
+// with the output rows held in registers, 3 heads and half a row at a time. The keys' and
+// values' slots are fetched one block ahead (a slot's row is 256 bytes; rows of a request are
+// scattered over the pool). head_dim must be 64.
+constexpr int64_t kDimF32 = 64;
+
+// r[j] = sum of the 8 lanes of a[j], for j < 8.
+inline __m256 reduce8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                       _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+inline void prefetch_row(const float* p) {
+  for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * i), _MM_HINT_T0);
+}
+
+// q: [group, 64] of this kv head; pools [slots, kv_heads, 64]; keys slots[0 .. len); scores:
+// [group, len] scratch; out: [group, 64] float32; lse: [group] or null.
+inline void attend_head_f32(const float* q, const float* k_pool, const float* v_pool,
+                            const int64_t* slots, int64_t len, int64_t kv_heads, int64_t hk,
+                            int64_t group, float scale, float* scores, float* out, float* lse) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  auto row = [&](const float* pool, int64_t l) {
+    return pool + (slots[l] * kv_heads + hk) * kDimF32;
+  };
+  for (int64_t l0 = 0; l0 < len; l0 += 8) {
+    const int64_t n = std::min<int64_t>(8, len - l0);
+    const float* rows[8];
+    for (int64_t j = 0; j < 8; ++j) rows[j] = row(k_pool, l0 + std::min(j, n - 1));
+    for (int64_t j = l0 + 8; j < std::min(l0 + 16, len); ++j) prefetch_row(row(k_pool, j));
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * kDimF32;
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < kDimF32; c += 8) {
+        const __m256 qc = _mm256_loadu_ps(qg + c);
+        for (int j = 0; j < 8; ++j)
+          acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(rows[j] + c), acc[j]);
+      }
+      const __m256 sv = _mm256_mul_ps(reduce8(acc), vscale);
+      if (n == 8) {
+        _mm256_storeu_ps(scores + g * len + l0, sv);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, sv);
+        std::memcpy(scores + g * len + l0, tmp, sizeof(float) * n);
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float l = softmax_in_place(scores + g * len, len);
+    if (lse != nullptr) lse[g] = l;
+  }
+  for (int64_t l = 0; l < std::min<int64_t>(8, len); ++l) prefetch_row(row(v_pool, l));
+  for (int64_t g0 = 0; g0 < group; g0 += 3) {
+    const int64_t gn = std::min<int64_t>(3, group - g0);
+    for (int64_t half = 0; half < kDimF32; half += 32) {
+      __m256 o[3][4];
+      for (int g = 0; g < 3; ++g)
+        for (int c = 0; c < 4; ++c) o[g][c] = _mm256_setzero_ps();
+      for (int64_t l = 0; l < len; ++l) {
+        if (g0 == 0 && half == 0 && l + 8 < len) prefetch_row(row(v_pool, l + 8));
+        const float* v = row(v_pool, l) + half;
+        __m256 p[3];
+        for (int64_t g = 0; g < gn; ++g) p[g] = _mm256_set1_ps(scores[(g0 + g) * len + l]);
+        for (int c = 0; c < 4; ++c) {
+          const __m256 vc = _mm256_loadu_ps(v + 8 * c);
+          for (int64_t g = 0; g < gn; ++g) o[g][c] = _mm256_fmadd_ps(p[g], vc, o[g][c]);
+        }
+      }
+      for (int64_t g = 0; g < gn; ++g)
+        for (int c = 0; c < 4; ++c)
+          _mm256_storeu_ps(out + (g0 + g) * kDimF32 + half + 8 * c, o[g][c]);
+    }
+  }
+}
+#endif
+
 // Attends the query heads of kv heads [h0, h1) of one request.
 template <typename T>
 void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, int64_t len,
@@ -155,6 +239,18 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, 
         attend_head_bf16(q + hk * group * dim, k_pool, v_pool, slots, len, kv_heads, hk, group,
                          scale, scores, out + first * dim,
                          lse != nullptr ? lse + first : nullptr);
+      }
+      return;
+    }
+  }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (dim == kDimF32) {
+      for (int64_t hk = h0; hk < h1; ++hk) {
+        const int64_t first = (hk - h0) * group;  // this kv head's query heads within the task
+        attend_head_f32(q + hk * group * dim, k_pool, v_pool, slots, len, kv_heads, hk, group,
+                        scale, scores, out + first * dim, lse != nullptr ? lse + first : nullptr);
       }
       return;
     }

@@ -3,20 +3,27 @@
 `F.linear` on a bfloat16 CPU tensor hands the weight to oneDNN in PyTorch's plain row-major layout,
 and oneDNN reorders it into its blocked layout on every call: at decode batch sizes that reorder
 costs as much as the multiply. Packing once at load time (what vLLM's CPU backend does with its
-oneDNN linear) removes it; the products are bit-identical to `F.linear` (same kernel, same
-accumulation order), so greedy outputs do not change.
+oneDNN linear) removes it; the bfloat16 products are bit-identical to `F.linear` (same kernel,
+same accumulation order), so greedy outputs do not change.
 
-Inputs of up to SMALL_BATCH_ROWS rows (decode at small batch sizes) skip oneDNN and run the
-AVX-512 BF16 kernel of kernels/cpu/linear.py over the plain weight, which the layer keeps beside
-the packed one: oneDNN's fixed cost per call is most of a small layer's time at one row. That
-kernel sums in another order, so those rows can differ from `F.linear` in the last bfloat16 bit.
+Float32 weights are packed for oneDNN too where torch has it. `F.linear` in float32 runs MKL's
+SGEMM, which re-packs the weight on every call as well; over this model's layers on an AVX2 host
+oneDNN's packed float32 GEMM takes 84 against 144 ms at 32 rows and 19 against 43 ms for the LM
+head (see F32_SMALL_BATCH_ROWS). Its sums run in another order than MKL's, so float32 rows from
+oneDNN can differ from `F.linear` by float32 rounding.
 
-Float32 models get the same small-batch treatment without packing: `SmallBatchLinear` runs the
-AVX2 FMA kernel of kernels/cpu/linear.py up to F32_SMALL_BATCH_ROWS rows and `F.linear` above.
+Small inputs skip oneDNN and run a kernel of kernels/cpu/linear.py over the plain weight, which
+the layer keeps beside the packed one: the AVX-512 BF16 kernel for up to SMALL_BATCH_ROWS
+bfloat16 rows, the AVX2 FMA kernel for up to F32_SMALL_BATCH_ROWS float32 rows. oneDNN's fixed
+cost per call is most of a small layer's time at one row. Those kernels sum in another order too.
+Keeping both copies doubles the memory of the linear weights (not of a tied embedding, whose
+plain weight the LM head shares).
+
+Where torch has no oneDNN, float32 models get `SmallBatchLinear`: the FMA kernel up to
+F32_SMALL_BATCH_ROWS rows and `F.linear` above, over the loaded weight alone.
 
 Like quantization, this is applied to a built model from outside the model files: `prepack_linears`
-swaps every `nn.Linear` for a `PackedLinear` holding the packed weight (bfloat16) or a
-`SmallBatchLinear` (float32).
+swaps every `nn.Linear` for a `PackedLinear` holding the packed weight, or a `SmallBatchLinear`.
 """
 
 from __future__ import annotations
@@ -45,22 +52,27 @@ PACK_BATCH_HINT = 64
 # row, 15.9 against 18.8 ms at 4; oneDNN (with AMX) is ahead from 6 rows on.
 SMALL_BATCH_ROWS = 4
 
-# Rows up to which float32 linears run the FMA kernel instead of F.linear. Measured on an AVX2 host
-# over this model's 210 decoder linear layers: 20 against 30 ms at one row, 37 against 51 at 8, even
-# at 16, behind from there (103 against 84 ms at 32).
-F32_SMALL_BATCH_ROWS = 8
+# Rows up to which float32 linears run the FMA kernel instead of oneDNN's packed GEMM. Measured on
+# an AVX2 host over this model's 120 decoder linear layers (distinct weights, read from memory):
+# 21.6 against 28.7 ms at one row, 27.3 against 29.1 at 3, 37.0 against 43.0 at 6, behind from
+# there (44.7 against 36.5 at 8, 137 against 84 at 32). Without oneDNN (`SmallBatchLinear`) the
+# kernel is ahead of `F.linear` up to 16 rows and behind at 32 (103 against 84 ms there).
+F32_SMALL_BATCH_ROWS = 6
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
-    """True where packing pays and is exact: bfloat16 on a CPU whose torch has oneDNN and whose
-    instruction set oneDNN's bfloat16 GEMM runs on (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; on an
+    """True where packing pays: on a CPU whose torch has oneDNN, float32, and bfloat16 where the
+    instruction set has oneDNN's bfloat16 GEMM (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; on an
     AVX2-only CPU the reorder raises, and torch's plain bfloat16 linear is used instead)."""
-    return (
+    if not (
         device.type == "cpu"
-        and dtype == torch.bfloat16
+        and dtype in (torch.float32, torch.bfloat16)
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+    ):
+        return False
+    return dtype == torch.float32 or (
+        hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
         and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
 
@@ -68,7 +80,8 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
 class PackedLinear(nn.Module):
     """y = x W^T + b with W in oneDNN's blocked layout.
 
-    x: [..., in_features] bfloat16 on the CPU → [..., out_features] bfloat16. `weight` is an opaque
+    x: [..., in_features] on the CPU, in the weight's dtype (bfloat16 or float32) →
+    [..., out_features] in that dtype. `weight` is an opaque
     mkldnn tensor: it cannot be sliced, copied into or read as a plain tensor. `plain` is the
     row-major weight [out_features, in_features] the small-batch kernel reads (not a buffer: it is
     the loaded tensor itself, shared with a tied embedding).
@@ -92,9 +105,16 @@ class PackedLinear(nn.Module):
 
     def direct(self, x: torch.Tensor) -> Linear2D:
         """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
-        layer's weights: the small-batch kernel up to SMALL_BATCH_ROWS rows, oneDNN above."""
+        layer's weights: the small-batch kernel (bfloat16 up to SMALL_BATCH_ROWS rows, float32 up
+        to F32_SMALL_BATCH_ROWS) where it is available, oneDNN otherwise."""
         plain, packed, bias = self.plain, self.weight, self.bias
-        if 0 < x.shape[0] <= SMALL_BATCH_ROWS:
+        rows = x.shape[0]
+        if plain.dtype == torch.float32:
+            if 0 < rows <= F32_SMALL_BATCH_ROWS:
+                kernel = cpu_linear.available_f32(x, self.in_features)
+                if kernel is not None:
+                    return lambda flat: cpu_linear.linear_f32(kernel, flat, plain, bias)
+        elif 0 < rows <= SMALL_BATCH_ROWS:
             kernel = cpu_linear.available(x, self.in_features)
             if kernel is not None:
                 return lambda flat: cpu_linear.linear_bf16(kernel, flat, plain, bias)
@@ -173,7 +193,8 @@ def children_of_type(
 def prepack_linears(model: nn.Module) -> int:
     """Replaces every `nn.Linear` of `model` (lm_head included, even when it is tied to the
     embedding: the embedding keeps its plain weight) by a `PackedLinear` where `can_prepack`
-    (bfloat16), or by a `SmallBatchLinear` where `can_use_small_batch_f32` (float32), in place.
+    (bfloat16 or float32 with oneDNN), or else by a `SmallBatchLinear` where
+    `can_use_small_batch_f32` (float32 without oneDNN), in place.
     Returns how many were replaced; 0 when neither holds for the model's weights."""
     first = next(model.parameters())
     if can_prepack(first.dtype, first.device):

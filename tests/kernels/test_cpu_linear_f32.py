@@ -10,7 +10,9 @@ from torch import nn
 from kernels.cpu import linear as cpu_linear
 from services.executor.packed_linear import (
     F32_SMALL_BATCH_ROWS,
+    PackedLinear,
     SmallBatchLinear,
+    can_prepack,
     prepack_linears,
 )
 from services.executor.quantization import DEQUANT_ROWS, Int4Linear, Int8Linear, quantize_int4
@@ -174,14 +176,60 @@ def test_small_batch_linear_runs_the_kernel_on_few_rows_and_f_linear_on_more(bia
     assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
 
 
-def test_a_float32_model_gets_small_batch_linears_sharing_its_weights() -> None:
+ONEDNN_F32 = can_prepack(torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not ONEDNN_F32, reason="torch without oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_runs_the_kernel_on_few_float32_rows_and_onednn_on_more(bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 962, bias=bias)
+    layer = PackedLinear(linear)
+    assert layer.plain.data_ptr() == linear.weight.data_ptr()  # the kernel reads the loaded weight
+    x = torch.randn(3, F32_SMALL_BATCH_ROWS + 3, 576)  # leading dims are flattened
+    for rows in (1, F32_SMALL_BATCH_ROWS):
+        part = x[0, :rows]
+        out = layer(part)
+        assert torch.equal(out, cpu_linear.linear_f32(KERNEL, part, linear.weight, linear.bias))
+    for part in (x[0, : F32_SMALL_BATCH_ROWS + 1], x):
+        out = layer(part)
+        flat = part.reshape(-1, 576)
+        packed = torch.ops.mkldnn._linear_pointwise(flat, layer.weight, layer.bias, "none", [], "")
+        assert torch.equal(out.reshape(-1, 962), packed)
+        with torch.no_grad():
+            ref = nn.functional.linear(part, linear.weight, linear.bias)
+        _close(out, ref, part, linear.weight)
+
+
+@pytest.mark.skipif(not ONEDNN_F32, reason="torch without oneDNN")
+def test_packed_float32_linears_fall_back_to_onednn_when_the_kernels_are_disabled(
+    monkeypatch,
+) -> None:
+    torch.manual_seed(1)
+    linear = nn.Linear(576, 100)
+    layer = PackedLinear(linear)
+    x = torch.randn(2, 576)
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    out = layer(x)
+    packed = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    assert torch.equal(out, packed)
+
+
+def test_a_float32_model_gets_linears_sharing_its_weights() -> None:
     model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 32), nn.Linear(32, 10, bias=False))
     model[2].weight = nn.Parameter(torch.randn(10, 32))
     head = model[2].weight
     assert prepack_linears(model) == 2
-    assert [type(m) for m in model] == [nn.Embedding, SmallBatchLinear, SmallBatchLinear]
-    assert model[2].weight is head  # not copied: a tied embedding keeps sharing it
-    assert dict(model.named_parameters()).keys() == {"0.weight", "1.weight", "1.bias", "2.weight"}
+    kind = PackedLinear if ONEDNN_F32 else SmallBatchLinear
+    assert [type(m) for m in model] == [nn.Embedding, kind, kind]
+    # not copied: a tied embedding keeps sharing the weight the small-batch kernel reads
+    if ONEDNN_F32:
+        assert model[2].plain.data_ptr() == head.data_ptr()
+        assert dict(model.named_parameters()).keys() == {"0.weight"}
+    else:
+        assert model[2].weight is head
+        names = {"0.weight", "1.weight", "1.bias", "2.weight"}
+        assert dict(model.named_parameters()).keys() == names
 
 
 @pytest.mark.parametrize("rows", [1, 5, DEQUANT_ROWS - 1, DEQUANT_ROWS, 40])
