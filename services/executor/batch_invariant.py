@@ -30,7 +30,7 @@ from services.executor.quantization import QUANTIZED_LINEARS
 
 log = logging.getLogger("radixserve.executor")
 
-TILE_ROWS = 16  # rows of every GEMM call; float32 MKL changes kernels below 16 rows
+TILE_ROWS = 16  # rows of every GEMM call (oneDNN and MKL pick their kernel by the row count)
 
 
 class BatchInvariantLinear(nn.Module):

@@ -20,7 +20,7 @@ Keeping both copies doubles the memory of the linear weights (not of a tied embe
 plain weight the LM head shares).
 
 Where torch has no oneDNN, float32 models get `SmallBatchLinear`: the FMA kernel up to
-F32_SMALL_BATCH_ROWS rows and `F.linear` above, over the loaded weight alone.
+F32_FALLBACK_ROWS rows and `F.linear` above, over the loaded weight alone.
 
 Like quantization, this is applied to a built model from outside the model files: `prepack_linears`
 swaps every `nn.Linear` for a `PackedLinear` holding the packed weight, or a `SmallBatchLinear`.
@@ -52,12 +52,16 @@ PACK_BATCH_HINT = 64
 # row, 15.9 against 18.8 ms at 4; oneDNN (with AMX) is ahead from 6 rows on.
 SMALL_BATCH_ROWS = 4
 
-# Rows up to which float32 linears run the FMA kernel instead of oneDNN's packed GEMM. Measured on
-# an AVX2 host over this model's 120 decoder linear layers (distinct weights, read from memory):
-# 21.6 against 28.7 ms at one row, 27.3 against 29.1 at 3, 37.0 against 43.0 at 6, behind from
-# there (44.7 against 36.5 at 8, 137 against 84 at 32). Without oneDNN (`SmallBatchLinear`) the
-# kernel is ahead of `F.linear` up to 16 rows and behind at 32 (103 against 84 ms there).
+# Rows up to which float32 `PackedLinear`s run the FMA kernel instead of oneDNN's packed GEMM.
+# Measured on an AVX2 host over this model's 120 decoder linear layers (distinct weights, read
+# from memory): 21.6 against 28.7 ms at one row, 27.3 against 29.1 at 3, 37.0 against 43.0 at 6,
+# behind from there (44.7 against 36.5 at 8; at 32 rows 137 against 84, and `F.linear` 144).
 F32_SMALL_BATCH_ROWS = 6
+
+# The same for `SmallBatchLinear` (torch without oneDNN), against `F.linear`. Measured on an AVX2
+# host over this model's 210 decoder linear layers: 20 against 30 ms at one row, 37 against 51 at
+# 8, even at 16, behind from there.
+F32_FALLBACK_ROWS = 8
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -84,14 +88,19 @@ class PackedLinear(nn.Module):
     [..., out_features] in that dtype. `weight` is an opaque
     mkldnn tensor: it cannot be sliced, copied into or read as a plain tensor. `plain` is the
     row-major weight [out_features, in_features] the small-batch kernel reads (not a buffer: it is
-    the loaded tensor itself, shared with a tied embedding).
+    the loaded tensor itself, shared with a tied embedding), or None for a float32 layer the FMA
+    kernel cannot take (not built, disabled at load time, or in_features not a multiple of 32).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        self.plain = weight.contiguous()
+        # the small-batch kernel's weight; None where no kernel can ever take this layer (the
+        # loaded tensor is then left to be freed)
+        self.plain: torch.Tensor | None = weight.contiguous()
+        if weight.dtype == torch.float32 and not _f32_kernel_fits(self.in_features):
+            self.plain = None
         self.register_buffer(
             "weight", torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
         )
@@ -109,12 +118,12 @@ class PackedLinear(nn.Module):
         to F32_SMALL_BATCH_ROWS) where it is available, oneDNN otherwise."""
         plain, packed, bias = self.plain, self.weight, self.bias
         rows = x.shape[0]
-        if plain.dtype == torch.float32:
-            if 0 < rows <= F32_SMALL_BATCH_ROWS:
-                kernel = cpu_linear.available_f32(x, self.in_features)
-                if kernel is not None:
-                    return lambda flat: cpu_linear.linear_f32(kernel, flat, plain, bias)
-        elif 0 < rows <= SMALL_BATCH_ROWS:
+        f32 = plain is not None and plain.dtype == torch.float32
+        if f32 and 0 < rows <= F32_SMALL_BATCH_ROWS:
+            kernel = cpu_linear.available_f32(x, self.in_features)
+            if kernel is not None:
+                return lambda flat: cpu_linear.linear_f32(kernel, flat, plain, bias)
+        elif plain is not None and not f32 and 0 < rows <= SMALL_BATCH_ROWS:
             kernel = cpu_linear.available(x, self.in_features)
             if kernel is not None:
                 return lambda flat: cpu_linear.linear_bf16(kernel, flat, plain, bias)
@@ -126,7 +135,7 @@ class PackedLinear(nn.Module):
 
 class SmallBatchLinear(nn.Module):
     """y = x W^T + b for float32 on the CPU: x [..., in_features] → [..., out_features], through
-    the AVX2 FMA kernel for inputs of 1..F32_SMALL_BATCH_ROWS rows (where it is built and not
+    the AVX2 FMA kernel for inputs of 1..F32_FALLBACK_ROWS rows (where it is built and not
     disabled), through `F.linear` otherwise. `weight` and `bias` are the loaded parameters
     themselves (shared with a tied embedding). The kernel sums in another order than
     `F.linear`, so its rows can differ from it by float32 rounding."""
@@ -147,7 +156,7 @@ class SmallBatchLinear(nn.Module):
 
     def direct(self, x: torch.Tensor) -> Linear2D:
         """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
-        layer's weights: the FMA kernel for 1..F32_SMALL_BATCH_ROWS float32 rows where it is
+        layer's weights: the FMA kernel for 1..F32_FALLBACK_ROWS float32 rows where it is
         available, `F.linear` otherwise."""
         call = self._kernel_call(x)
         if call is not None:
@@ -157,7 +166,7 @@ class SmallBatchLinear(nn.Module):
         return lambda flat: F.linear(flat, weight, bias)
 
     def _kernel_call(self, x: torch.Tensor) -> Linear2D | None:
-        if not 0 < x.shape[0] <= F32_SMALL_BATCH_ROWS:
+        if not 0 < x.shape[0] <= F32_FALLBACK_ROWS:
             return None
         kernel = cpu_linear.available_f32(x, self.in_features)
         if kernel is None:
@@ -168,6 +177,11 @@ class SmallBatchLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, small-batch"
+
+
+def _f32_kernel_fits(in_features: int) -> bool:
+    """Whether the float32 FMA kernel is built and takes `in_features` (a multiple of 32)."""
+    return in_features % 32 == 0 and cpu_linear.f32_module() is not None
 
 
 def can_use_small_batch_f32(dtype: torch.dtype, device: torch.device) -> bool:

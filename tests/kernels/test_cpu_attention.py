@@ -19,9 +19,9 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# float32 at head_dim 64 runs the AVX2 kernel in chunks of 3 query heads: groups of 1, 3 and 8
+# float32 at head_dim 64 runs the AVX2 kernel in chunks of 3 query heads: groups of 1, 3, 4 and 8
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "dim"), [(4, 4, 64), (9, 3, 64), (16, 2, 64), (8, 1, 128)]
+    ("heads", "kv_heads", "dim"), [(4, 4, 64), (9, 3, 64), (8, 2, 64), (16, 2, 64), (8, 1, 128)]
 )
 @pytest.mark.parametrize("batch", [6, 40])  # split by kv head / one task per request
 def test_kernel_matches_reference(

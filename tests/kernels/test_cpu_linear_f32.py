@@ -9,6 +9,7 @@ from torch import nn
 
 from kernels.cpu import linear as cpu_linear
 from services.executor.packed_linear import (
+    F32_FALLBACK_ROWS,
     F32_SMALL_BATCH_ROWS,
     PackedLinear,
     SmallBatchLinear,
@@ -167,8 +168,8 @@ def test_small_batch_linear_runs_the_kernel_on_few_rows_and_f_linear_on_more(bia
     torch.manual_seed(0)
     linear = nn.Linear(576, 962, bias=bias)
     layer = SmallBatchLinear(linear)
-    x = torch.randn(3, F32_SMALL_BATCH_ROWS + 3, 576)  # leading dims are flattened
-    for rows in (1, F32_SMALL_BATCH_ROWS):
+    x = torch.randn(3, F32_FALLBACK_ROWS + 3, 576)  # leading dims are flattened
+    for rows in (1, F32_FALLBACK_ROWS):
         part = x[0, :rows]
         out = layer(part)
         assert torch.equal(out, cpu_linear.linear_f32(KERNEL, part, linear.weight, linear.bias))
@@ -213,6 +214,22 @@ def test_packed_float32_linears_fall_back_to_onednn_when_the_kernels_are_disable
     out = layer(x)
     packed = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
     assert torch.equal(out, packed)
+    # disabled at load time: no plain weight is kept, oneDNN runs every batch
+    late = PackedLinear(linear)
+    assert late.plain is None
+    monkeypatch.delenv("RADIXSERVE_DISABLE_CPU_KERNELS")
+    assert torch.equal(late(x), packed)
+
+
+@pytest.mark.skipif(not ONEDNN_F32, reason="torch without oneDNN")
+def test_packed_float32_linears_the_kernel_cannot_take_keep_no_plain_weight() -> None:
+    torch.manual_seed(2)
+    linear = nn.Linear(100, 40)  # 100 input features: not a multiple of 32
+    layer = PackedLinear(linear)
+    assert layer.plain is None
+    x = torch.randn(1, 100)
+    with torch.no_grad():
+        _close(layer(x), nn.functional.linear(x, linear.weight, linear.bias), x, linear.weight)
 
 
 def test_a_float32_model_gets_linears_sharing_its_weights() -> None:
