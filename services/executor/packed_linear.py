@@ -96,11 +96,13 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        # the small-batch kernel's weight; None where no kernel can ever take this layer (the
-        # loaded tensor is then left to be freed)
-        self.plain: torch.Tensor | None = weight.contiguous()
-        if weight.dtype == torch.float32 and not _f32_kernel_fits(self.in_features):
-            self.plain = None
+        # the small-batch kernel's weight; a float32 layer the FMA kernel cannot take keeps none
+        # (the loaded tensor is then left to be freed). `available_f32` checks the weight as it
+        # would an input: float32 on the CPU, in_features a multiple of 32, kernel built.
+        unusable = weight.dtype == torch.float32 and not cpu_linear.available_f32(
+            weight, self.in_features
+        )
+        self.plain: torch.Tensor | None = None if unusable else weight.contiguous()
         self.register_buffer(
             "weight", torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
         )
@@ -177,11 +179,6 @@ class SmallBatchLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, small-batch"
-
-
-def _f32_kernel_fits(in_features: int) -> bool:
-    """Whether the float32 FMA kernel is built and takes `in_features` (a multiple of 32)."""
-    return in_features % 32 == 0 and cpu_linear.f32_module() is not None
 
 
 def can_use_small_batch_f32(dtype: torch.dtype, device: torch.device) -> bool:

@@ -138,7 +138,8 @@ def load_model(
     with `quantization`, its linear layers are quantized (int8, int4) or read quantized from a
     GGUF file (gguf; see quantization.py, gguf_weights.py); with `prepack`, the linear weights
     left float are packed for oneDNN where that is faster (bfloat16 and float32 on a CPU whose
-    torch has oneDNN, see packed_linear.py). Raises ValueError for quantization under tensor parallelism."""
+    torch has oneDNN, see packed_linear.py). Raises ValueError for quantization under tensor
+    parallelism."""
     quant = quantization or Quantization()
     if quant.method != "none" and rank is not None:
         raise ValueError("--quantization does not support --tp above 1")
