@@ -20,13 +20,14 @@ On a CPU without AVX-512, torch's int8 and int4 kernels run scalar code: measure
 over this model's 210 linear layers, 65 ms at one row and 3.7 s at 32 for int8, against 7 ms and
 98 ms for the FMA kernel; torch's int4 decoded 6 tokens a second.
 
-The kernels are row-at-a-time (no AMX tiles): they beat the float GEMMs at decode batch sizes,
-where reading the weights is the cost, and fall far behind them on prefill-sized inputs. So inputs
-of many rows (DEQUANT_ROWS for int8 and our int4 kernel, INT4_DEQUANT_ROWS for torch's int4) run
-as a float GEMM over the weight expanded on the fly, a chunk of output channels at a time. For
-torch's int4 that needs its packed layout, which is private to torch: `int4_layout` finds it by
-unpacking a probe that torch packed, and where no known layout matches, int4 layers always run the
-kernel.
+The kernels (no AMX tiles) beat the float GEMMs at decode batch sizes, where reading the weights
+is the cost, and fall behind them on prefill-sized inputs. So inputs of many rows run as a float
+GEMM over the weight expanded on the fly, a chunk of output channels at a time: from
+F32_DEQUANT_ROWS rows on our float32 kernels (dot products up to 8 rows, register tiles of 6
+channels x 16 rows above), from DEQUANT_ROWS for int8 on the bfloat16 kernel or torch's, from
+INT4_DEQUANT_ROWS for torch's int4. For torch's int4 that needs its packed layout, which is
+private to torch: `int4_layout` finds it by unpacking a probe that torch packed, and where no
+known layout matches, int4 layers always run the kernel.
 
 GGUF files bring their own quantized weights; gguf_weights.py maps them onto these modules.
 """
@@ -57,9 +58,12 @@ QUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEQUANT_ROWS = 32
 # Int4Linear on torch's kernel: the same from this many rows (expanding int4 costs more: measured
 # here, the kernel at 256 rows takes about as long as expanding the weight, and 3x longer at 512).
-# On our float32 kernel, DEQUANT_ROWS (measured on an AVX2 host: 126 ms over the model's layers at
-# 32 rows, against 93 ms for the float32 GEMM those rows then run).
 INT4_DEQUANT_ROWS = 256
+# Int8Linear and Int4Linear on our float32 kernel: the same from this many rows (measured on a
+# 2-core AVX2 host over the model's 120 decoder linears: int8 80-89 ms against 140-170 ms at 32
+# rows, 157 against 227 ms at 64, 222 against 219 ms at 96; int4 105 against 126 ms at 48 and
+# 178 against 193 ms at 96).
+F32_DEQUANT_ROWS = 96
 DEQUANT_CHUNK = 1 << 22  # weights expanded at once on those paths (4 Mi elements)
 
 
@@ -115,10 +119,11 @@ class Int8Linear(nn.Module):
     """y = (x q^T) * scale + bias, q int8 per output channel.
 
     x: [..., K] in the scale's dtype (bfloat16, float16 or float32) → y: [..., N] in that dtype.
-    Buffers: `qweight` [N, K] int8, `scale` [N], `bias` [N] or None. Below DEQUANT_ROWS rows,
-    the kernels of kernels/cpu/linear.py where they are built and K is a multiple of 32 (AVX-512
-    BF16 for bfloat16 inputs, AVX2 FMA for float32 ones), else torch._weight_int8pack_mm (all with
-    float32 accumulation); from there, a float GEMM over q converted to the activation dtype
+    Buffers: `qweight` [N, K] int8, `scale` [N], `bias` [N] or None. The kernels of
+    kernels/cpu/linear.py where they are built and K is a multiple of 32: AVX-512 BF16 for
+    bfloat16 inputs of fewer than DEQUANT_ROWS rows, AVX2 FMA for float32 ones of fewer than
+    F32_DEQUANT_ROWS. Otherwise torch._weight_int8pack_mm below DEQUANT_ROWS rows (all with
+    float32 accumulation), and from there a float GEMM over q converted to the activation dtype
     (exact: |q| ≤ 127) and scaled per output channel afterwards.
     """
 
@@ -162,15 +167,18 @@ class Int8Linear(nn.Module):
 
     def direct(self, x: torch.Tensor) -> Linear2D | None:
         """The kernel call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to
-        this layer's weights: one of kernels/cpu/linear.py's for 1..DEQUANT_ROWS-1 rows where it
-        is available (float32, or the scale's dtype with AVX-512 BF16); None where `forward` runs
-        torch's kernel or the float GEMM."""
-        if not 0 < x.shape[0] < DEQUANT_ROWS:
+        this layer's weights: one of kernels/cpu/linear.py's where it is available, for
+        1..F32_DEQUANT_ROWS-1 float32 rows or 1..DEQUANT_ROWS-1 rows of the scale's dtype with
+        AVX-512 BF16; None where `forward` runs torch's kernel or the float GEMM."""
+        rows = x.shape[0]
+        if rows == 0:
             return None
         q, scale, bias = self.qweight, self.scale, self.bias
-        f32 = scale.dtype == torch.float32
+        f32 = scale.dtype == torch.float32 and rows < F32_DEQUANT_ROWS
         if f32 and (kernel := cpu_linear.available_f32(x, self.in_features)) is not None:
             return lambda flat: cpu_linear.linear_int8_f32(kernel, flat, q, scale, bias)
+        if rows >= DEQUANT_ROWS:
+            return None
         if scale.dtype == x.dtype and (kernel := cpu_linear.available(x, self.in_features)):
             return lambda flat: cpu_linear.linear_int8(kernel, flat, q, scale, bias)
         return None
@@ -251,7 +259,8 @@ class Int4Linear(nn.Module):
 
     - "fma" (float32 activations where `fma_int4`): `qweight` [N, K/2] uint8 packed by
       `cpu_linear.pack_int4`, `scale` [N, K/g] and `zero` [N, K/g] float32 with the 8 folded into
-      the zero (W = q * scale + (zero - 8 * scale)). Below DEQUANT_ROWS rows, our AVX2 FMA kernel.
+      the zero (W = q * scale + (zero - 8 * scale)). Below F32_DEQUANT_ROWS rows, our AVX2 FMA
+      kernel.
     - "torch": `qweight` [N, K/2] uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`
       (machine-specific), `scales_and_zeros` [K/g, N, 2] (scale, zero). Below INT4_DEQUANT_ROWS
       rows, torch's kernel.
@@ -322,10 +331,10 @@ class Int4Linear(nn.Module):
 
     def direct(self, x: torch.Tensor) -> Linear2D | None:
         """The kernel call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to
-        this layer's weights: the FMA kernel of kernels/cpu/linear.py for 1..DEQUANT_ROWS-1
+        this layer's weights: the FMA kernel of kernels/cpu/linear.py for 1..F32_DEQUANT_ROWS-1
         float32 rows of an "fma" layer where it is available; None where `forward` runs torch's
         kernel or the float GEMM."""
-        if self.layout != "fma" or not 0 < x.shape[0] < DEQUANT_ROWS:
+        if self.layout != "fma" or not 0 < x.shape[0] < F32_DEQUANT_ROWS:
             return None
         kernel = cpu_linear.available_f32(x, self.in_features)
         if kernel is None:

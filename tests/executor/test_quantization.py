@@ -26,6 +26,7 @@ from services.executor.gguf_weights import decode_q4, gguf_name, hf_name, unperm
 from services.executor.model_config import ModelConfig
 from services.executor.quantization import (
     DEQUANT_ROWS,
+    F32_DEQUANT_ROWS,
     INT4_DEQUANT_ROWS,
     Int4Linear,
     Int8Linear,
@@ -43,7 +44,8 @@ from tests.executor.tiny import hf_model
 
 DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(16, 32), (48, 96), (64, 1536), (1728, 576)]  # (N, K); the last: SmolLM2's qkv-sized
-ROWS = [1, 3, 17, 64, DEQUANT_ROWS, INT4_DEQUANT_ROWS + 44]  # odd sizes, and both float paths
+# odd sizes, and every kernel and float path
+ROWS = [1, 3, 17, 64, DEQUANT_ROWS, F32_DEQUANT_ROWS + 3, INT4_DEQUANT_ROWS + 44]
 
 
 def weight(n: int, k: int, seed: int = 0) -> torch.Tensor:

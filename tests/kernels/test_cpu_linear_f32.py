@@ -16,14 +16,20 @@ from services.executor.packed_linear import (
     can_prepack,
     prepack_linears,
 )
-from services.executor.quantization import DEQUANT_ROWS, Int4Linear, Int8Linear, quantize_int4
+from services.executor.quantization import (
+    F32_DEQUANT_ROWS,
+    Int4Linear,
+    Int8Linear,
+    quantize_int4,
+)
 
 KERNEL = cpu_linear._linear_f32.load()
 pytestmark = pytest.mark.skipif(
     KERNEL is None, reason=f"kernel not built: {cpu_linear.f32_load_error()}"
 )
-# 8 rows and fewer expand quantized weights in registers, more through a buffer: both sides
-ROWS = [1, 2, 3, 7, 8, 9, 16, 33]
+# 8 rows and fewer run quantized weights through dot products, more through panel tiles of 16
+# rows (full, partial and one of at most 8 rows): both sides
+ROWS = [1, 2, 3, 7, 8, 9, 16, 33, 41]
 SHAPES = [(32, 13), (64, 100), (576, 962), (1536, 576)]  # (K, N): odd channel counts too
 
 
@@ -114,8 +120,8 @@ def test_int4_packing_is_gguf_block_order() -> None:
 
 @pytest.mark.parametrize("kind", ["f32", "int8", "int4"])
 def test_a_row_does_not_depend_on_its_batch(kind: str) -> None:
-    """Each row's sum runs in the same order whatever else is in the batch, whether the weights
-    are expanded in registers (few rows) or through a buffer (more): bit for bit."""
+    """Each row's sum runs in the same order whatever else is in the batch, whether it goes
+    through the dot products (few rows) or the panel tiles (more): bit for bit."""
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(37, 576, generator=gen)
     w = torch.randn(300, 576, generator=gen)
@@ -131,7 +137,7 @@ def test_a_row_does_not_depend_on_its_batch(kind: str) -> None:
         return cpu_linear.linear_int4_f32(KERNEL, rows, packed, s4, z4, 64, None)
 
     alone = torch.cat([apply(x[i : i + 1]) for i in range(37)])
-    for m in (2, 3, 8, 9, 37):
+    for m in (2, 3, 8, 9, 15, 16, 17, 24, 37):  # tiles of 16 rows, full and partial
         assert torch.equal(apply(x[:m]), alone[:m]), f"{m} rows"
 
 
@@ -249,7 +255,7 @@ def test_a_float32_model_gets_linears_sharing_its_weights() -> None:
         assert dict(model.named_parameters()).keys() == names
 
 
-@pytest.mark.parametrize("rows", [1, 5, DEQUANT_ROWS - 1, DEQUANT_ROWS, 40])
+@pytest.mark.parametrize("rows", [1, 5, 40, F32_DEQUANT_ROWS - 1, F32_DEQUANT_ROWS, 100])
 def test_int4_linear_in_float32_runs_the_kernel_then_the_float_gemm(rows: int) -> None:
     gen = torch.Generator().manual_seed(rows)
     w = torch.randn(208, 576, generator=gen) / 24
@@ -259,14 +265,14 @@ def test_int4_linear_in_float32_runs_the_kernel_then_the_float_gemm(rows: int) -
     out = layer(x)
     ref = nn.functional.linear(x, layer.dequantize(), layer.bias)
     _close(out, ref, x, layer.dequantize())
-    if rows < DEQUANT_ROWS:
+    if rows < F32_DEQUANT_ROWS:
         kernel = cpu_linear.linear_int4_f32(
             KERNEL, x, layer.qweight, layer.scale, layer.zero, 64, layer.bias
         )
         assert torch.equal(out, kernel)
 
 
-@pytest.mark.parametrize("rows", [1, 8, 9, DEQUANT_ROWS - 1])
+@pytest.mark.parametrize("rows", [1, 8, 9, 40, F32_DEQUANT_ROWS - 1])
 def test_int8_linear_in_float32_runs_the_kernel_below_the_float_gemm(rows: int) -> None:
     torch.manual_seed(rows)
     layer = Int8Linear.from_float(torch.randn(962, 576) / 24, torch.randn(962), torch.float32)
