@@ -186,37 +186,81 @@ inline __m256 lane_tree(const __m256 p[8]) {
   return add_as_written(a, b);
 }
 
-// out[c * 16 + r] = sum_k w[c * K + k] * xt[k * 16 + r] for kPanel channels c and V * 8 rows r:
-// w holds kPanel expanded channels of K features, xt one tile of x transposed ([K][16]). Each of
-// the 8 residues j = k mod 8 is summed over k = j, j + 8, ... in ascending order, a broadcast
-// weight times a vector of 8 rows fused into kPanel x V accumulators, then the 8 partial sums are
-// added in the tree of `hsum`, so every sum is bit for bit the one the dot-product tiles compute.
-// K goes in chunks of kChunk features (their slices of w and xt stay in L1 through the 8 passes),
-// each residue's sums carried from chunk to chunk.
+// In place: r[j] lane i = r[i] lane j before (an 8 x 8 transpose of floats).
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// Panel tiles read features by residue: feature k = 8i + j is stored at j * (K / 8) + i, so that
+// each residue's features lie together. out[j * (K / 8) + i] = channel n of `weights` at 8i + j,
+// expanded to float32 (K a multiple of 32: blocks of 64 features, and a last one of 32).
+template <typename W>
+inline void expand_by_residue(const W& weights, int64_t n, int64_t K, float* out) {
+  const int64_t I = K / 8;
+  for (int64_t k = 0; k < K; k += 64) {
+    __m256 r[8];
+    const bool full = k + 64 <= K;
+    weights.load(n, k, r);  // rows i = k / 8 .. k / 8 + 3
+    if (full)
+      weights.load(n, k + 32, r + 4);
+    else
+      for (int i = 4; i < 8; ++i) r[i] = _mm256_setzero_ps();
+    transpose8(r);
+    const int64_t i0 = k / 8;
+    for (int j = 0; j < 8; ++j) {
+      if (full)
+        _mm256_storeu_ps(out + j * I + i0, r[j]);
+      else
+        _mm_storeu_ps(out + j * I + i0, _mm256_castps256_ps128(r[j]));
+    }
+  }
+}
+
+// out[c * 16 + r] = sum_k W[c][k] * x[r][k] for kPanel channels c and V * 8 rows r, from w
+// (kPanel channels expanded by `expand_by_residue`, K apart) and xt (one tile of x, by residue:
+// row r of feature 8i + j at (j * (K / 8) + i) * 16 + r). Each residue j is one pass over
+// i = 0, 1, ... (feature k ascending), a broadcast weight times a vector of 8 rows fused into
+// kPanel x V accumulators; then the 8 residues' sums are added in the tree of `hsum`, so every
+// sum is bit for bit the one the dot-product tiles compute.
 template <int V>
 inline void panel_tile(const float* xt, const float* w, int64_t K, float* out) {
-  constexpr int64_t kChunk = 256;
+  const int64_t I = K / 8;
   __m256 partial[8][kPanel][V];
-  for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < 8; ++j) {
+    __m256 acc[kPanel][V];
     for (int c = 0; c < kPanel; ++c)
-      for (int v = 0; v < V; ++v) partial[j][c][v] = _mm256_setzero_ps();
-  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-    const int64_t k1 = std::min(K, k0 + kChunk);
-    for (int j = 0; j < 8; ++j) {
-      __m256 acc[kPanel][V];
-      for (int c = 0; c < kPanel; ++c)
-        for (int v = 0; v < V; ++v) acc[c][v] = partial[j][c][v];
-      for (int64_t k = k0 + j; k < k1; k += 8) {
-        __m256 xv[V];
-        for (int v = 0; v < V; ++v) xv[v] = _mm256_loadu_ps(xt + k * kTileRows + 8 * v);
-        for (int c = 0; c < kPanel; ++c) {
-          const __m256 wc = _mm256_broadcast_ss(w + c * K + k);
-          for (int v = 0; v < V; ++v) acc[c][v] = _mm256_fmadd_ps(xv[v], wc, acc[c][v]);
-        }
+      for (int v = 0; v < V; ++v) acc[c][v] = _mm256_setzero_ps();
+    const float* xj = xt + j * I * kTileRows;
+    const float* wj = w + j * I;
+    for (int64_t i = 0; i < I; ++i) {
+      __m256 xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = _mm256_loadu_ps(xj + i * kTileRows + 8 * v);
+      for (int c = 0; c < kPanel; ++c) {
+        const __m256 wc = _mm256_broadcast_ss(wj + c * K + i);
+        for (int v = 0; v < V; ++v) acc[c][v] = _mm256_fmadd_ps(xv[v], wc, acc[c][v]);
       }
-      for (int c = 0; c < kPanel; ++c)
-        for (int v = 0; v < V; ++v) partial[j][c][v] = acc[c][v];
     }
+    for (int c = 0; c < kPanel; ++c)
+      for (int v = 0; v < V; ++v) partial[j][c][v] = acc[c][v];
   }
   for (int c = 0; c < kPanel; ++c)
     for (int v = 0; v < V; ++v) {
@@ -226,10 +270,9 @@ inline void panel_tile(const float* xt, const float* w, int64_t K, float* out) {
     }
 }
 
-// x [M, K] → tiles of 16 rows, each [K][16] (row r of tile t at xt[(t * K + k) * 16 + r]), rows
-// past M zero.
+// x [M, K] → tiles of 16 rows by residue (see panel_tile), rows past M zero.
 std::vector<float> transpose_tiles(const float* x, int64_t M, int64_t K) {
-  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows, I = K / 8;
   std::vector<float> xt(tiles * K * kTileRows, 0.0f);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -237,16 +280,17 @@ std::vector<float> transpose_tiles(const float* x, int64_t M, int64_t K) {
       const int64_t rows = std::min<int64_t>(kTileRows, M - t * kTileRows);
       for (int64_t r = 0; r < rows; ++r) {
         const float* src = x + (t * kTileRows + r) * K;
-        for (int64_t k = 0; k < K; ++k) dst[k * kTileRows + r] = src[k];
+        for (int64_t k = 0; k < K; ++k) dst[((k & 7) * I + (k >> 3)) * kTileRows + r] = src[k];
       }
     }
   });
   return xt;
 }
 
-// Like `run`, through panel tiles (quantized weights, more than kDirectRows rows): each thread takes a range of
-// panels (kPanel channels), and for each block of tiles (kBlockBytes of transposed x, kept in L2)
-// expands each of its panels once into a buffer and runs every tile of the block over it.
+// Like `run`, through panel tiles (quantized weights, more than kDirectRows rows): each thread
+// takes a range of panels (kPanel channels), and for each block of tiles (kBlockBytes of
+// transposed x, kept in L2) expands each of its panels once into a buffer and runs every tile of
+// the block over it.
 template <typename W, typename Finish>
 void run_panels(const float* x, int64_t M, int64_t K, int64_t N, const W& weights,
                 const Finish& finish) {
@@ -262,7 +306,8 @@ void run_panels(const float* x, int64_t M, int64_t K, int64_t N, const W& weight
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = p * kPanel;
         const int64_t channels = std::min<int64_t>(kPanel, N - n0);
-        for (int64_t c = 0; c < channels; ++c) expand_channel(weights, n0 + c, K, w.data() + c * K);
+        for (int64_t c = 0; c < channels; ++c)
+          expand_by_residue(weights, n0 + c, K, w.data() + c * K);
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t m0 = t * kTileRows;
           const int64_t rows = std::min<int64_t>(kTileRows, M - m0);

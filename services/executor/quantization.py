@@ -60,10 +60,10 @@ DEQUANT_ROWS = 32
 # here, the kernel at 256 rows takes about as long as expanding the weight, and 3x longer at 512).
 INT4_DEQUANT_ROWS = 256
 # Int8Linear and Int4Linear on our float32 kernel: the same from this many rows (measured on a
-# 2-core AVX2 host over the model's 120 decoder linears: int8 80-89 ms against 140-170 ms at 32
-# rows, 157 against 227 ms at 64, 222 against 219 ms at 96; int4 105 against 126 ms at 48 and
-# 178 against 193 ms at 96).
-F32_DEQUANT_ROWS = 96
+# 2-core AVX2 host over the model's 120 decoder linears: int8 61 against 118 ms at 32 rows,
+# 519 against 587 ms at 256, 985 against 838 ms at 512; int4 542 against 709 ms at 256 and 1,254
+# against 938 ms at 512).
+F32_DEQUANT_ROWS = 384
 DEQUANT_CHUNK = 1 << 22  # weights expanded at once on those paths (4 Mi elements)
 
 

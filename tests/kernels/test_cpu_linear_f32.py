@@ -30,7 +30,8 @@ pytestmark = pytest.mark.skipif(
 # 8 rows and fewer run quantized weights through dot products, more through panel tiles of 16
 # rows (full, partial and one of at most 8 rows): both sides
 ROWS = [1, 2, 3, 7, 8, 9, 16, 33, 41]
-SHAPES = [(32, 13), (64, 100), (576, 962), (1536, 576)]  # (K, N): odd channel counts too
+# (K, N): odd channel counts too, and K of 64s plus a last 32 (how panel tiles expand weights)
+SHAPES = [(32, 13), (64, 100), (160, 7), (576, 962), (1536, 576)]
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -75,7 +76,7 @@ def test_int8_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
 
 
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize(("k", "n"), [(256, 13), (576, 962), (1536, 576)])
+@pytest.mark.parametrize(("k", "n"), [(96, 20), (256, 13), (576, 962), (1536, 576)])
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 def test_int4_matches_reference(rows: int, k: int, n: int, group: int) -> None:
     """Every group size, each group with its own scale and zero (so a group boundary read from
@@ -255,7 +256,9 @@ def test_a_float32_model_gets_linears_sharing_its_weights() -> None:
         assert dict(model.named_parameters()).keys() == names
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40, F32_DEQUANT_ROWS - 1, F32_DEQUANT_ROWS, 100])
+@pytest.mark.parametrize(
+    "rows", [1, 5, 40, F32_DEQUANT_ROWS - 1, F32_DEQUANT_ROWS, F32_DEQUANT_ROWS + 7]
+)
 def test_int4_linear_in_float32_runs_the_kernel_then_the_float_gemm(rows: int) -> None:
     gen = torch.Generator().manual_seed(rows)
     w = torch.randn(208, 576, generator=gen) / 24
