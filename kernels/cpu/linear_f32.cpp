@@ -14,13 +14,12 @@
 // kDirectRows rows, quantized weights run a register-blocked outer product instead (panel_tile):
 // 6 channels expanded once into a buffer, x transposed into tiles of 16 rows, 12 accumulators of
 // 8 rows each, so a broadcast weight serves 16 rows and a vector of x 6 channels (measured on a
-// 2-core AVX2 host over SmolLM2-135M's 120 decoder linears in int8: 40 ms at 9 rows through the
-// dot products, 47 ms at 16 and 80-89 ms at 32 through panels, against 140-170 ms for expanding
-// the weight and multiplying with torch at 32). Sums are float32 in a fixed order (k ascending
-// within each of the 8 residues k mod 8, then the 8 partial sums as a tree), the same on both
-// paths, so a row's result never depends on how many rows came with it. K must be a multiple of
-// 32 (of the group size for int4); the Python side (kernels/cpu/linear.py) checks and falls back
-// to PyTorch otherwise.
+// 2-core AVX2 host over SmolLM2-135M's 120 decoder linears in int8: 61 ms at 32 rows, against
+// 118 ms for expanding the weight and multiplying with torch). Sums are float32 in a fixed order
+// (k ascending within each of the 8 residues k mod 8, then the 8 partial sums as a tree), the
+// same on both paths, so a row's result never depends on how many rows came with it. K must be a
+// multiple of 32 (of the group size for int4); the Python side (kernels/cpu/linear.py) checks and
+// falls back to PyTorch otherwise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
