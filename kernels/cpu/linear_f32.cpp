@@ -298,7 +298,8 @@ void run_panels(const float* x, int64_t M, int64_t K, int64_t N, const W& weight
   const int64_t block = std::max<int64_t>(1, kBlockBytes / (K * kTileRows * 4));
   const int64_t panels = (N + kPanel - 1) / kPanel;
   at::parallel_for(0, panels, 4, [&](int64_t p0, int64_t p1) {
-    std::vector<float> w(kPanel * K, 0.0f);  // a partial last panel keeps zero channels
+    // channels past N (a partial last panel) hold zero or stale weights; their sums are discarded
+    std::vector<float> w(kPanel * K, 0.0f);
     alignas(32) float out[kPanel * kTileRows];
     for (int64_t t0 = 0; t0 < tiles; t0 += block) {
       const int64_t t1 = std::min(tiles, t0 + block);

@@ -120,22 +120,23 @@ def test_int4_packing_is_gguf_block_order() -> None:
 
 
 @pytest.mark.parametrize("kind", ["f32", "int8", "int4"])
-def test_a_row_does_not_depend_on_its_batch(kind: str) -> None:
+@pytest.mark.parametrize(("k", "n"), [(576, 300), (160, 301)])  # and a partial block and panel
+def test_a_row_does_not_depend_on_its_batch(kind: str, k: int, n: int) -> None:
     """Each row's sum runs in the same order whatever else is in the batch, whether it goes
     through the dot products (few rows) or the panel tiles (more): bit for bit."""
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(37, 576, generator=gen)
-    w = torch.randn(300, 576, generator=gen)
-    q = torch.randint(-127, 128, (300, 576), generator=gen, dtype=torch.int8)
-    scale = torch.rand(300, generator=gen) / 100
-    packed, s4, z4 = _int4(300, 576, 64, 3)
+    x = torch.randn(37, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) / 100
+    packed, s4, z4 = _int4(n, k, 32, 3)
 
     def apply(rows: torch.Tensor) -> torch.Tensor:
         if kind == "f32":
             return cpu_linear.linear_f32(KERNEL, rows, w, None)
         if kind == "int8":
             return cpu_linear.linear_int8_f32(KERNEL, rows, q, scale, None)
-        return cpu_linear.linear_int4_f32(KERNEL, rows, packed, s4, z4, 64, None)
+        return cpu_linear.linear_int4_f32(KERNEL, rows, packed, s4, z4, 32, None)
 
     alone = torch.cat([apply(x[i : i + 1]) for i in range(37)])
     for m in (2, 3, 8, 9, 15, 16, 17, 24, 37):  # tiles of 16 rows, full and partial
