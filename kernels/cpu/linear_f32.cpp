@@ -324,6 +324,16 @@ void run_panels(const float* x, int64_t M, int64_t K, int64_t N, const W& weight
   });
 }
 
+// Quantized weights: the dot-product tiles up to kDirectRows rows, panel tiles above.
+template <typename W, typename Finish>
+void run_quantized(const float* x, int64_t M, int64_t K, int64_t N, const W& weights,
+                   const Finish& finish) {
+  if (M > kDirectRows)
+    run_panels(x, M, K, N, weights, finish);
+  else
+    run(x, M, K, N, weights, finish);
+}
+
 void check_input(const torch::Tensor& x, int64_t K, int64_t multiple) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "x must be a contiguous [M, K] float32 tensor");
@@ -372,10 +382,7 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
     const float y = v * s[n];
     o[m * N + n] = b ? y + b[n] : y;
   };
-  if (M > kDirectRows)
-    run_panels(x.data_ptr<float>(), M, K, N, weights, finish);
-  else
-    run(x.data_ptr<float>(), M, K, N, weights, finish);
+  run_quantized(x.data_ptr<float>(), M, K, N, weights, finish);
   return out;
 }
 
@@ -396,10 +403,7 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   float* o = out.data_ptr<float>();
   const float* b = bias_ptr(bias, N);
   const auto finish = [&](int64_t m, int64_t n, float v) { o[m * N + n] = b ? v + b[n] : v; };
-  if (M > kDirectRows)
-    run_panels(x.data_ptr<float>(), M, K, N, weights, finish);
-  else
-    run(x.data_ptr<float>(), M, K, N, weights, finish);
+  run_quantized(x.data_ptr<float>(), M, K, N, weights, finish);
   return out;
 }
 
