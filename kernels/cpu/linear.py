@@ -131,20 +131,71 @@ def linear_f32_ref(
 def linear_int8_f32(
     module: ModuleType,
     x: torch.Tensor,
-    qweight: torch.Tensor,
+    blocks: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x [M, K] float32 @ (qweight [N, K] int8 * scale [N] float32)^T + bias [N] → [M, N]
-    float32, summed as (x · q) * scale (`module` from `available_f32`; the formula is
-    `linear_int8_ref`). Raises RuntimeError on a shape or dtype the kernel does not take."""
-    return module.linear_int8(x.contiguous(), qweight, scale, bias)
+    """x [M, K] float32 @ (q [N, K] int8 * scale [N] float32)^T + bias [N] → [M, N] float32,
+    summed as (x · q) * scale, q given as `block_int8(q)` (`module` from `available_f32`; the
+    formula is `linear_int8_ref`). Raises RuntimeError on a shape or dtype the kernel does not
+    take."""
+    return module.linear_int8(x.contiguous(), blocks, scale, bias)
+
+
+def block_int8(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] int8 → the float32 kernel's blocks [ceil(N / 4), K / 32, 4, 32]: block (b, j)
+    holds features 32j..32j+31 of channels 4b..4b+3, one after another (channels past N zero).
+    A dot-product tile of 4 channels then reads one sequential stream. K must be a multiple of
+    32."""
+    return _blocks(q, 32)
+
+
+def unblock_int8(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `block_int8`: q [n, K] int8 (a view where it can be)."""
+    return _unblock(blocks, n)
+
+
+def block_int4(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pack_int4`'s bytes [N, K/2] and scale, zero [N, K/g] → the float32 kernel's blocks:
+    bytes [ceil(N / 4), K / 32, 4, 16] (see `block_int8`), scale and zero [ceil(N / 4), K/g, 4]
+    float32 (channels past N zero)."""
+    return _blocks(packed, 16), _blocks(scale.float(), 1), _blocks(zero.float(), 1)
+
+
+def unblock_int4(
+    blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `block_int4`: (bytes [n, K/2], scale [n, K/g], zero [n, K/g])."""
+    return _unblock(blocks, n), _unblock(scale, n), _unblock(zero, n)
+
+
+def _blocks(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t [N, C] → [ceil(N / 4), C / width, 4, width] (dropping the last dimension for width 1),
+    4 channels' runs of `width` columns together, channels padded to a multiple of 4 with 0."""
+    n, c = t.shape
+    if c % width:
+        raise ValueError(f"{c} columns are not a multiple of {width}")
+    padded = -(-n // 4) * 4
+    if padded != n:
+        t = torch.cat([t, t.new_zeros(padded - n, c)])
+    out = t.reshape(padded // 4, 4, c // width, width).permute(0, 2, 1, 3).contiguous()
+    return out.squeeze(3) if width == 1 else out
+
+
+def _unblock(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `_blocks`: [n, C]."""
+    b = blocks.unsqueeze(3) if blocks.dim() == 3 else blocks
+    rows, runs, _, width = b.shape
+    return b.permute(0, 2, 1, 3).reshape(rows * 4, runs * width)[:n]
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """q [N, K] integers in [0, 15] → [N, K/2] uint8 in the float32 kernel's order: in each block
     of 32 features, byte i holds feature i in its low nibble and feature i + 16 in its high one
-    (the order of GGUF's Q4_0/Q4_1 blocks). K must be a multiple of 32."""
+    (the order of GGUF's Q4_0/Q4_1 blocks). K must be a multiple of 32. `block_int4` then groups
+    the bytes of 4 channels as the kernel reads them."""
     n, k = q.shape
     blocks = q.to(torch.uint8).reshape(n, k // INT4_BLOCK, 2, INT4_BLOCK // 2)
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
@@ -160,35 +211,37 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 def linear_int4_f32(
     module: ModuleType,
     x: torch.Tensor,
-    packed: torch.Tensor,
+    blocks: torch.Tensor,
     scale: torch.Tensor,
     zero: torch.Tensor,
     group_size: int,
+    out_features: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x [M, K] float32 @ W^T + bias [N] → [M, N] float32, W[n, k] = q[n, k] * scale[n, k // g]
-    + zero[n, k // g] expanded in float32 (one fused multiply-add), q from `packed` [N, K/2]
-    (see `pack_int4`), scale and zero [N, K/g] float32, g = `group_size` (a power of 2, at least
-    32). `module` from `available_f32`; the formula is `linear_int4_f32_ref`. Raises
+    """x [M, K] float32 @ W^T + bias [N] → [M, N] float32, N = `out_features`, W[n, k] =
+    q[n, k] * scale[n, k // g] + zero[n, k // g] expanded in float32 (one fused multiply-add),
+    `blocks`, `scale` and `zero` as `block_int4` gives them for `pack_int4(q)` and scale, zero
+    [N, K/g] float32; g = `group_size` (a power of 2, at least 32). `module` from
+    `available_f32`; the formula is `linear_int4_f32_ref` (over the unblocked bytes). Raises
     RuntimeError on a shape, dtype or group size the kernel does not take."""
-    return module.linear_int4(x.contiguous(), packed, scale, zero, group_size, bias)
+    return module.linear_int4(x.contiguous(), blocks, scale, zero, group_size, out_features, bias)
 
 
 def int4_weight(
-    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+    blocks: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    out_features: int,
 ) -> torch.Tensor:
-    """W [N, K] float32 = q * scale + zero per group, from `pack_int4`'s bytes (the weight
-    `linear_int4_f32` multiplies by): expanded by the kernel where it is built (bit for bit what
-    it multiplies by), else by `int4_weight_ref`."""
-    if (
-        packed.device.type == "cpu"
-        and group_size % INT4_BLOCK == 0
-        and (module := f32_module()) is not None
-    ):
+    """W [N, K] float32 = q * scale + zero per group, N = `out_features`, from `block_int4`'s
+    blocks (the weight `linear_int4_f32` multiplies by): expanded by the kernel where it is built
+    (bit for bit what it multiplies by), else by `int4_weight_ref`."""
+    if blocks.device.type == "cpu" and (module := f32_module()) is not None:
         return module.dequantize_int4(
-            packed.contiguous(), scale.float().contiguous(), zero.float().contiguous(), group_size
+            blocks.contiguous(), scale.contiguous(), zero.contiguous(), group_size, out_features
         )
-    return int4_weight_ref(packed, scale, zero, group_size)
+    return int4_weight_ref(*unblock_int4(blocks, scale, zero, out_features), group_size)
 
 
 def int4_weight_ref(

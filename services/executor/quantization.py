@@ -8,13 +8,15 @@ in fewer bits and expanded inside the CPU kernels (ours, or torch's where ours a
 
 - int8: one symmetric scale per output channel; our AVX-512 BF16 kernel (kernels/cpu/linear.py)
   for bfloat16 activations (measured on an AVX-512 host over this model's layers at one row:
-  8.9 ms against 13.1 ms for torch's), our AVX2 FMA kernel for float32 ones, and
+  8.9 ms against 13.1 ms for torch's), our AVX2 FMA kernel for float32 ones (the weight stored
+  in its blocks of 4 channels x 32 features, `cpu_linear.block_int8`), and
   `torch._weight_int8pack_mm` where neither is built.
 - int4: an asymmetric scale and zero per group of `group_size` input features. For float32
   activations on a CPU with AVX2 and FMA, our kernel over our own packing
-  (`cpu_linear.pack_int4`); otherwise `aten._weight_int4pack_mm_for_cpu`, the weight in the
-  layout of `aten._convert_weight_to_int4pack_for_cpu` (which depends on the CPU's vector width,
-  so it is packed where it runs).
+  (`cpu_linear.pack_int4`, in the kernel's blocks: `block_int4`); otherwise
+  `aten._weight_int4pack_mm_for_cpu`, the weight in the layout of
+  `aten._convert_weight_to_int4pack_for_cpu` (which depends on the CPU's vector width, so it is
+  packed where it runs).
 
 On a CPU without AVX-512, torch's int8 and int4 kernels run scalar code: measured on an AVX2 host
 over this model's 210 linear layers, 65 ms at one row and 3.7 s at 32 for int8, against 7 ms and
@@ -115,16 +117,32 @@ def int4_fallback_reason(out_features: int, in_features: int, group_size: int) -
     return None
 
 
+def f32_kernel(dtype: torch.dtype, in_features: int) -> bool:
+    """True when a quantized layer for activations of `dtype` stores its weight in our float32
+    kernel's blocks (`cpu_linear.block_int8`, `block_int4`): float32, K a multiple of 32, the
+    kernel built on this CPU (AVX2 and FMA) and not disabled by RADIXSERVE_DISABLE_CPU_KERNELS."""
+    return (
+        dtype == torch.float32
+        and in_features % cpu_linear.K_MULTIPLE == 0
+        and cpu_linear.f32_module() is not None
+    )
+
+
 class Int8Linear(nn.Module):
     """y = (x q^T) * scale + bias, q int8 per output channel.
 
     x: [..., K] in the scale's dtype (bfloat16, float16 or float32) → y: [..., N] in that dtype.
-    Buffers: `qweight` [N, K] int8, `scale` [N], `bias` [N] or None. The kernels of
-    kernels/cpu/linear.py where they are built and K is a multiple of 32: AVX-512 BF16 for
-    bfloat16 inputs of fewer than DEQUANT_ROWS rows, AVX2 FMA for float32 ones of fewer than
-    F32_DEQUANT_ROWS. Otherwise torch._weight_int8pack_mm below DEQUANT_ROWS rows (all with
-    float32 accumulation), and from there a float GEMM over q converted to the activation dtype
-    (exact: |q| ≤ 127) and scaled per output channel afterwards.
+    Buffers: `qweight` (q [N, K] int8, in one of two layouts), `scale` [N], `bias` [N] or None.
+    The layout (`layout`) is chosen at construction:
+
+    - "blocks" (float32 activations where `f32_kernel`): q in our float32 kernel's blocks
+      (`cpu_linear.block_int8`); that kernel below F32_DEQUANT_ROWS rows.
+    - "rows": q [N, K]; our AVX-512 BF16 kernel (kernels/cpu/linear.py) for bfloat16 inputs of
+      fewer than DEQUANT_ROWS rows where it is built and K is a multiple of 32, otherwise
+      torch._weight_int8pack_mm below DEQUANT_ROWS rows (all with float32 accumulation).
+
+    From there, and where a kernel is disabled after construction, a float GEMM over q converted
+    to the activation dtype (exact: |q| ≤ 127), scaled per output channel afterwards.
     """
 
     def __init__(
@@ -138,6 +156,9 @@ class Int8Linear(nn.Module):
         reason = int8_fallback_reason(self.out_features, self.in_features)
         if reason:
             raise ValueError(f"int8 kernel cannot run this weight: {reason}")
+        self.layout = "blocks" if f32_kernel(scale.dtype, self.in_features) else "rows"
+        if self.layout == "blocks":
+            qweight = cpu_linear.block_int8(qweight)
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(scale.dtype))
@@ -157,7 +178,7 @@ class Int8Linear(nn.Module):
             return call(flat).view(*shape[:-1], self.out_features)
         if flat.shape[0] == 0:
             y = flat.new_zeros(0, self.out_features)
-        elif flat.shape[0] >= DEQUANT_ROWS:
+        elif flat.shape[0] >= DEQUANT_ROWS or self.layout == "blocks":
             y = self._float_gemm(flat)
         else:
             y = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scale)
@@ -168,36 +189,52 @@ class Int8Linear(nn.Module):
     def direct(self, x: torch.Tensor) -> Linear2D | None:
         """The kernel call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to
         this layer's weights: one of kernels/cpu/linear.py's where it is available, for
-        1..F32_DEQUANT_ROWS-1 float32 rows or 1..DEQUANT_ROWS-1 rows of the scale's dtype with
-        AVX-512 BF16; None where `forward` runs torch's kernel or the float GEMM."""
+        1..F32_DEQUANT_ROWS-1 float32 rows of a "blocks" layer or 1..DEQUANT_ROWS-1 rows of the
+        scale's dtype with AVX-512 BF16; None where `forward` runs torch's kernel or the float
+        GEMM."""
         rows = x.shape[0]
         if rows == 0:
             return None
         q, scale, bias = self.qweight, self.scale, self.bias
-        f32 = scale.dtype == torch.float32 and rows < F32_DEQUANT_ROWS
-        if f32 and (kernel := cpu_linear.available_f32(x, self.in_features)) is not None:
-            return lambda flat: cpu_linear.linear_int8_f32(kernel, flat, q, scale, bias)
+        if self.layout == "blocks":
+            if rows < F32_DEQUANT_ROWS and (
+                kernel := cpu_linear.available_f32(x, self.in_features)
+            ):
+                return lambda flat: cpu_linear.linear_int8_f32(kernel, flat, q, scale, bias)
+            return None
         if rows >= DEQUANT_ROWS:
             return None
         if scale.dtype == x.dtype and (kernel := cpu_linear.available(x, self.in_features)):
             return lambda flat: cpu_linear.linear_int8(kernel, flat, q, scale, bias)
         return None
 
+    def _rows(self, start: int, end: int) -> torch.Tensor:
+        """q[start:end] [end - start, K] int8, whatever the layout."""
+        if self.layout == "rows":
+            return self.qweight[start:end]
+        first = start // 4
+        blocks = self.qweight[first : -(-end // 4)]
+        return cpu_linear.unblock_int8(blocks, end - first * 4)[start - first * 4 :]
+
     def _float_gemm(self, x: torch.Tensor) -> torch.Tensor:
         # a chunk of output channels at a time, so the converted weight stays small
-        step = max(1, DEQUANT_CHUNK // self.in_features)
+        step = max(4, DEQUANT_CHUNK // self.in_features // 4 * 4)
         parts = [
-            F.linear(x, self.qweight[a : a + step].to(x.dtype)) * self.scale[a : a + step]
+            F.linear(x, self._rows(a, min(a + step, self.out_features)).to(x.dtype))
+            * self.scale[a : a + step]
             for a in range(0, self.out_features, step)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def dequantize(self) -> torch.Tensor:
         """The weight this layer applies: q * scale, [N, K] float32 (exact)."""
-        return self.qweight.float() * self.scale.float()[:, None]
+        return self._rows(0, self.out_features).float() * self.scale.float()[:, None]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int8, "
+            f"layout={self.layout}"
+        )
 
 
 # Candidate layouts of _convert_weight_to_int4pack_for_cpu: (block rows, split). The output
@@ -240,27 +277,16 @@ def int4_layout() -> tuple[int, bool] | None:
     return None
 
 
-def fma_int4(dtype: torch.dtype, in_features: int) -> bool:
-    """True when an int4 layer for activations of `dtype` takes our float32 kernel's packing:
-    float32, K a multiple of 32, the kernel built on this CPU (AVX2 and FMA) and not disabled by
-    RADIXSERVE_DISABLE_CPU_KERNELS."""
-    return (
-        dtype == torch.float32
-        and in_features % cpu_linear.INT4_BLOCK == 0
-        and cpu_linear.f32_module() is not None
-    )
-
-
 class Int4Linear(nn.Module):
     """y = x W^T + bias with W[n, k] = (q[n, k] - 8) * scale[n, k // g] + zero[n, k // g].
 
     x: [..., K] in the scales' dtype (bfloat16, float16 or float32) → y: [..., N] in that dtype.
     Two layouts, chosen at construction (`layout`):
 
-    - "fma" (float32 activations where `fma_int4`): `qweight` [N, K/2] uint8 packed by
-      `cpu_linear.pack_int4`, `scale` [N, K/g] and `zero` [N, K/g] float32 with the 8 folded into
-      the zero (W = q * scale + (zero - 8 * scale)). Below F32_DEQUANT_ROWS rows, our AVX2 FMA
-      kernel.
+    - "fma" (float32 activations where `f32_kernel`): `qweight`, `scale` and `zero` in our
+      float32 kernel's blocks (`cpu_linear.block_int4` of `pack_int4(q)`, the scale and the zero
+      float32 with the 8 folded into the zero: W = q * scale + (zero - 8 * scale)). Below
+      F32_DEQUANT_ROWS rows, our AVX2 FMA kernel.
     - "torch": `qweight` [N, K/2] uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`
       (machine-specific), `scales_and_zeros` [K/g, N, 2] (scale, zero). Below INT4_DEQUANT_ROWS
       rows, torch's kernel.
@@ -289,12 +315,14 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 kernel cannot run this weight: {reason}")
         assert scale.shape == zero.shape == (self.out_features, self.in_features // group_size)
         self.group_size = group_size
-        self.layout = "fma" if fma_int4(scale.dtype, self.in_features) else "torch"
+        self.layout = "fma" if f32_kernel(scale.dtype, self.in_features) else "torch"
         if self.layout == "fma":
             scale32 = scale.float()
-            self.register_buffer("qweight", cpu_linear.pack_int4(q))
-            self.register_buffer("scale", scale32.contiguous())
-            self.register_buffer("zero", (zero.float() - 8 * scale32).contiguous())
+            blocks = cpu_linear.block_int4(
+                cpu_linear.pack_int4(q), scale32, zero.float() - 8 * scale32
+            )
+            for name, value in zip(("qweight", "scale", "zero"), blocks, strict=True):
+                self.register_buffer(name, value)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             self.register_buffer("qweight", packed)
@@ -339,17 +367,18 @@ class Int4Linear(nn.Module):
         kernel = cpu_linear.available_f32(x, self.in_features)
         if kernel is None:
             return None
-        q, scale, zero, group, bias = (
+        q, scale, zero, group, n, bias = (
             self.qweight,
             self.scale,
             self.zero,
             self.group_size,
+            self.out_features,
             self.bias,
         )
-        return lambda flat: cpu_linear.linear_int4_f32(kernel, flat, q, scale, zero, group, bias)
+        return lambda flat: cpu_linear.linear_int4_f32(kernel, flat, q, scale, zero, group, n, bias)
 
     def _float_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        block = 1 if self.layout == "fma" else int4_layout()[0]  # type: ignore[index]
+        block = 4 if self.layout == "fma" else int4_layout()[0]  # type: ignore[index]
         step = max(block, DEQUANT_CHUNK // self.in_features // block * block)
         parts = [
             F.linear(x, self._expand(a, min(a + step, self.out_features)).to(x.dtype))
@@ -359,12 +388,10 @@ class Int4Linear(nn.Module):
 
     def _expand(self, start: int, end: int) -> torch.Tensor:
         """W[start:end] in float32 (start a multiple of the layout's block)."""
-        if self.layout == "fma":
+        if self.layout == "fma":  # blocks of 4 channels (N is a multiple of 16)
+            part = slice(start // 4, end // 4)
             return cpu_linear.int4_weight(
-                self.qweight[start:end],
-                self.scale[start:end],
-                self.zero[start:end],
-                self.group_size,
+                self.qweight[part], self.scale[part], self.zero[part], self.group_size, end - start
             )
         n, k, g = end - start, self.in_features, self.group_size
         q = _unpack(self.qweight[start:end], n, k, int4_layout())  # type: ignore[arg-type]

@@ -70,7 +70,7 @@ def test_int8_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
     q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     scale = torch.rand(n, generator=gen) / 127 / k**0.5
     b = torch.randn(n, generator=gen) if bias else None
-    out = cpu_linear.linear_int8_f32(KERNEL, x, q, scale, b)
+    out = cpu_linear.linear_int8_f32(KERNEL, x, cpu_linear.block_int8(q), scale, b)
     ref = cpu_linear.linear_int8_ref(x, q, scale, b)
     _close(out, ref, x, q.float() * scale[:, None])
 
@@ -86,23 +86,25 @@ def test_int4_matches_reference(rows: int, k: int, n: int, group: int) -> None:
     packed, scale, zero = _int4(n, k, group, rows + k + group)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     b = torch.randn(n) if rows % 2 else None
-    out = cpu_linear.linear_int4_f32(KERNEL, x, packed, scale, zero, group, b)
+    blocks = cpu_linear.block_int4(packed, scale, zero)
+    out = cpu_linear.linear_int4_f32(KERNEL, x, *blocks, group, n, b)
     ref = cpu_linear.linear_int4_f32_ref(x, packed, scale, zero, group, b)
-    _close(out, ref, x, cpu_linear.int4_weight(packed, scale, zero, group))
+    _close(out, ref, x, cpu_linear.int4_weight(*blocks, group, n))
 
 
 @pytest.mark.parametrize("group", [32, 64, 256])
 def test_int4_weight_expands_as_the_reference(group: int) -> None:
     """The kernel's expansion (one fused multiply-add) within a rounding of q * scale + zero."""
     packed, scale, zero = _int4(48, 512, group, group)
-    got = cpu_linear.int4_weight(packed, scale, zero, group)
+    blocks = cpu_linear.block_int4(packed, scale, zero)
+    got = cpu_linear.int4_weight(*blocks, group, 48)
     ref = cpu_linear.int4_weight_ref(packed, scale, zero, group)
     q = cpu_linear.unpack_int4(packed).float().view(48, -1, group)
     terms = (q * scale[..., None]).abs() + zero.abs()[..., None]
     assert got.shape == (48, 512) and ((got - ref).abs() <= 2.0**-23 * terms.view(48, 512)).all()
     eye = torch.eye(512)  # a product with unit rows reads the multiplied weights back exactly
     for rows in (eye[:3], eye[100:116]):  # in registers, and through the buffer
-        cols = cpu_linear.linear_int4_f32(KERNEL, rows, packed, scale, zero, group, None)
+        cols = cpu_linear.linear_int4_f32(KERNEL, rows, *blocks, group, 48, None)
         assert torch.equal(cols, (rows @ got.t()))
 
 
@@ -119,6 +121,28 @@ def test_int4_packing_is_gguf_block_order() -> None:
     assert torch.equal(cpu_linear.unpack_int4(packed), q)
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 962])
+def test_blocks_hold_four_channels_of_32_features_in_a_row(n: int) -> None:
+    """Block (b, j) is features 32j..32j+31 of channels 4b..4b+3 (past N: zero), for int8 and
+    for int4's bytes, scales and zeros; unblocking gives the rows back."""
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randint(-127, 128, (n, 96), generator=gen, dtype=torch.int8)
+    blocks = cpu_linear.block_int8(q)
+    assert blocks.shape == (-(-n // 4), 3, 4, 32) and blocks.is_contiguous()
+    for c in range(blocks.shape[0] * 4):
+        for j in range(3):
+            want = q[c, 32 * j : 32 * j + 32] if c < n else torch.zeros(32, dtype=torch.int8)
+            assert torch.equal(blocks[c // 4, j, c % 4], want)
+    assert torch.equal(cpu_linear.unblock_int8(blocks, n), q)
+    packed, scale, zero = _int4(n, 128, 64, n)
+    qb, sb, zb = cpu_linear.block_int4(packed, scale, zero)
+    assert qb.shape == (-(-n // 4), 4, 4, 16) and sb.shape == zb.shape == (-(-n // 4), 2, 4)
+    assert torch.equal(qb[(n - 1) // 4, 3, (n - 1) % 4], packed[n - 1, 48:64])
+    assert torch.equal(sb[(n - 1) // 4, 1, (n - 1) % 4], scale[n - 1, 1])
+    back = cpu_linear.unblock_int4(qb, sb, zb, n)
+    assert all(torch.equal(a, b) for a, b in zip(back, (packed, scale, zero), strict=True))
+
+
 @pytest.mark.parametrize("kind", ["f32", "int8", "int4"])
 @pytest.mark.parametrize(("k", "n"), [(576, 300), (160, 301)])  # and a partial block and panel
 def test_a_row_does_not_depend_on_its_batch(kind: str, k: int, n: int) -> None:
@@ -127,16 +151,16 @@ def test_a_row_does_not_depend_on_its_batch(kind: str, k: int, n: int) -> None:
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(37, k, generator=gen)
     w = torch.randn(n, k, generator=gen)
-    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    q = cpu_linear.block_int8(torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8))
     scale = torch.rand(n, generator=gen) / 100
-    packed, s4, z4 = _int4(n, k, 32, 3)
+    int4 = cpu_linear.block_int4(*_int4(n, k, 32, 3))
 
     def apply(rows: torch.Tensor) -> torch.Tensor:
         if kind == "f32":
             return cpu_linear.linear_f32(KERNEL, rows, w, None)
         if kind == "int8":
             return cpu_linear.linear_int8_f32(KERNEL, rows, q, scale, None)
-        return cpu_linear.linear_int4_f32(KERNEL, rows, packed, s4, z4, 32, None)
+        return cpu_linear.linear_int4_f32(KERNEL, rows, *int4, 32, n, None)
 
     alone = torch.cat([apply(x[i : i + 1]) for i in range(37)])
     for m in (2, 3, 8, 9, 15, 16, 17, 24, 37):  # tiles of 16 rows, full and partial
@@ -150,16 +174,22 @@ def test_shapes_dtypes_and_groups_it_cannot_take_are_refused() -> None:
         cpu_linear.linear_f32(KERNEL, torch.randn(2, 64).bfloat16(), torch.randn(8, 64), None)
     with pytest.raises(RuntimeError, match="features"):
         cpu_linear.linear_f32(KERNEL, torch.randn(2, 64), torch.randn(8, 32), None)
+    q = torch.zeros(8, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="blocks"):  # rows of q, or blocks of 8 for 3 scales
+        cpu_linear.linear_int8_f32(KERNEL, torch.randn(2, 64), q, torch.ones(8), None)
+    with pytest.raises(RuntimeError, match="blocks"):
+        blocks = cpu_linear.block_int8(q)
+        cpu_linear.linear_int8_f32(KERNEL, torch.randn(2, 64), blocks, torch.ones(3), None)
     with pytest.raises(RuntimeError, match="scale"):
-        q = torch.zeros(8, 64, dtype=torch.int8)
-        cpu_linear.linear_int8_f32(KERNEL, torch.randn(2, 64), q, torch.ones(7), None)
+        cpu_linear.linear_int8_f32(KERNEL, torch.randn(2, 64), blocks, torch.ones(16)[::2], None)
     packed, scale, zero = _int4(8, 96, 32, 0)
+    blocks = cpu_linear.block_int4(packed, scale, zero)
     with pytest.raises(RuntimeError, match="power of 2"):
-        cpu_linear.linear_int4_f32(KERNEL, torch.randn(2, 96), packed, scale, zero, 48, None)
+        cpu_linear.linear_int4_f32(KERNEL, torch.randn(2, 96), *blocks, 48, 8, None)
+    with pytest.raises(RuntimeError, match="blocks"):
+        cpu_linear.linear_int4_f32(KERNEL, torch.randn(2, 96), packed, *blocks[1:], 32, 8, None)
     with pytest.raises(RuntimeError, match="bias"):
-        cpu_linear.linear_int4_f32(
-            KERNEL, torch.randn(2, 96), packed, scale, zero, 32, torch.ones(3)
-        )
+        cpu_linear.linear_int4_f32(KERNEL, torch.randn(2, 96), *blocks, 32, 8, torch.ones(3))
     assert cpu_linear.available_f32(torch.randn(2, 48), 48) is None  # the layers fall back
     assert cpu_linear.available_f32(torch.randn(2, 64).bfloat16(), 64) is None
 
@@ -264,14 +294,14 @@ def test_int4_linear_in_float32_runs_the_kernel_then_the_float_gemm(rows: int) -
     gen = torch.Generator().manual_seed(rows)
     w = torch.randn(208, 576, generator=gen) / 24
     layer = Int4Linear(*quantize_int4(w, 64, torch.float32), 64, torch.randn(208))
-    assert layer.layout == "fma" and layer.qweight.shape == (208, 288)
+    assert layer.layout == "fma" and layer.qweight.shape == (52, 18, 4, 16)
     x = torch.randn(rows, 576, generator=gen)
     out = layer(x)
     ref = nn.functional.linear(x, layer.dequantize(), layer.bias)
     _close(out, ref, x, layer.dequantize())
     if rows < F32_DEQUANT_ROWS:
         kernel = cpu_linear.linear_int4_f32(
-            KERNEL, x, layer.qweight, layer.scale, layer.zero, 64, layer.bias
+            KERNEL, x, layer.qweight, layer.scale, layer.zero, 64, 208, layer.bias
         )
         assert torch.equal(out, kernel)
 
@@ -282,14 +312,31 @@ def test_int8_linear_in_float32_runs_the_kernel_below_the_float_gemm(rows: int) 
     layer = Int8Linear.from_float(torch.randn(962, 576) / 24, torch.randn(962), torch.float32)
     x = torch.randn(rows, 576)
     out = layer(x)
+    assert layer.layout == "blocks" and layer.qweight.shape == (241, 18, 4, 32)
     expect = cpu_linear.linear_int8_f32(KERNEL, x, layer.qweight, layer.scale, layer.bias)
     assert torch.equal(out, expect)
-    _close(
-        out,
-        cpu_linear.linear_int8_ref(x, layer.qweight, layer.scale, layer.bias),
-        x,
-        layer.dequantize(),
-    )
+    q = cpu_linear.unblock_int8(layer.qweight, 962)
+    _close(out, cpu_linear.linear_int8_ref(x, q, layer.scale, layer.bias), x, layer.dequantize())
+
+
+@pytest.mark.parametrize("rows", [1, F32_DEQUANT_ROWS + 3])
+def test_int8_blocks_run_the_float_gemm_when_the_kernels_are_disabled(rows: int, monkeypatch):
+    """A layer built in blocks still answers (through the float GEMM) after
+    RADIXSERVE_DISABLE_CPU_KERNELS=1, with the weight it was built with."""
+    torch.manual_seed(rows)
+    w = torch.randn(201, 576) / 24
+    layer = Int8Linear.from_float(w, torch.randn(201), torch.float32)
+    assert layer.layout == "blocks"
+    x = torch.randn(rows, 576)
+    with_kernel = layer(x)
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    assert layer.direct(x) is None
+    out = layer(x)
+    ref = nn.functional.linear(x, layer.dequantize(), layer.bias)
+    _close(out, ref, x, layer.dequantize())
+    _close(out, with_kernel, x, layer.dequantize())
+    assert Int8Linear.from_float(w, None, torch.float32).layout == "rows"
+    assert Int8Linear.from_float(w, None, torch.bfloat16).layout == "rows"
 
 
 def test_int4_layers_keep_torchs_packing_where_the_kernel_may_not_run(monkeypatch) -> None:
