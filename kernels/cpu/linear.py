@@ -151,7 +151,7 @@ def block_int8(q: torch.Tensor) -> torch.Tensor:
 
 
 def unblock_int8(blocks: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of `block_int8`: q [n, K] int8 (a view where it can be)."""
+    """The inverse of `block_int8`: q [n, K] int8."""
     return _unblock(blocks, n)
 
 
@@ -185,10 +185,10 @@ def _blocks(t: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _unblock(blocks: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of `_blocks`: [n, C]."""
+    """The inverse of `_blocks`: [n, C], contiguous."""
     b = blocks.unsqueeze(3) if blocks.dim() == 3 else blocks
     rows, runs, _, width = b.shape
-    return b.permute(0, 2, 1, 3).reshape(rows * 4, runs * width)[:n]
+    return b.permute(0, 2, 1, 3).reshape(rows * 4, runs * width)[:n].contiguous()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -236,7 +236,8 @@ def int4_weight(
 ) -> torch.Tensor:
     """W [N, K] float32 = q * scale + zero per group, N = `out_features`, from `block_int4`'s
     blocks (the weight `linear_int4_f32` multiplies by): expanded by the kernel where it is built
-    (bit for bit what it multiplies by), else by `int4_weight_ref`."""
+    (bit for bit what it multiplies by; it raises RuntimeError for a group size it does not take),
+    else by `int4_weight_ref`."""
     if blocks.device.type == "cpu" and (module := f32_module()) is not None:
         return module.dequantize_int4(
             blocks.contiguous(), scale.contiguous(), zero.contiguous(), group_size, out_features

@@ -8,14 +8,15 @@
 //     expanded in float32 as one fused multiply-add, then multiplied like a float32 weight.
 //
 // Quantized weights are stored in blocks of 4 output channels x 32 features, in the order the
-// dot-product tiles read them: q[N / 4][K / 32][4][32] for int8 (32 bytes per channel) and
-// [N / 4][K / 32][4][16] for int4 (16), scale and zero [N / 4][K / g][4] (kernels/cpu/linear.py
-// makes them: block_int8, block_int4). A tile then reads one sequential stream where rows of
-// [N, K] gave it 4 (and 8 more for int4's scales and zeros). Measured on a 2-core AVX2 host over
-// SmolLM2-135M's 120 decoder linears at one row, with int4 nibbles also widened as 32-bit lanes
-// (and, shift) instead of as bytes: int8 6.6-7.4 -> 5.9-6.4 ms, int4 10.5-11.4 -> 7.7-8.1 ms.
-// Panel tiles read a channel's blocks 128 bytes apart, and prefetch the next panel as they
-// expand one: at 16 and 32 rows within 4% of rows of [N, K].
+// dot-product tiles read them: q[N4][K / 32][4][32] for int8 (32 bytes per channel) and
+// [N4][K / 32][4][16] for int4 (16), scale and zero [N4][K / g][4], N4 = ceil(N / 4), channels
+// past N zero (kernels/cpu/linear.py makes them: block_int8, block_int4). A tile then reads one
+// sequential stream where rows of [N, K] gave it 4 (and 8 more for int4's scales and zeros).
+// Measured on a 2-core AVX2 host over SmolLM2-135M's 120 decoder linears at one row, with int4
+// nibbles also widened as 32-bit lanes (and, shift) instead of as bytes: int8 6.6-7.4 -> 5.9-6.4
+// ms, int4 10.5-11.4 -> 7.7-8.1 ms. Panel tiles read a channel's blocks 128 (int8) or 64 (int4)
+// bytes apart, and prefetch the next panel as they expand one: at 16 and 32 rows within 4% of
+// rows of [N, K].
 //
 // At decode batch sizes a linear layer's time is reading its weights, and torch's own kernels do
 // that slowly on CPUs without AVX-512 (its int8 and int4 kernels fall back to scalar code there).
@@ -93,9 +94,9 @@ struct Int8Weights {
 // int4 weights expanded to q * scale + zero in float32 (one fused multiply-add each); q, scale
 // and zero in blocks (see the header).
 struct Int4Weights {
-  const uint8_t* q;     // [N / 4, K / 32, 4, 16]
-  const float* scale;   // [N / 4, K / g, 4]
-  const float* zero;    // [N / 4, K / g, 4]
+  const uint8_t* q;     // [ceil(N / 4), K / 32, 4, 16]
+  const float* scale;   // [ceil(N / 4), K / g, 4]
+  const float* zero;    // [ceil(N / 4), K / g, 4]
   int64_t K, groups, group_shift;  // groups per channel, log2 of the group size
   inline const uint8_t* at(int64_t n, int64_t k) const { return q + block_offset(n, k, K, 16); }
   inline int64_t group(int64_t n, int64_t k) const {

@@ -347,3 +347,20 @@ def test_int4_layers_keep_torchs_packing_where_the_kernel_may_not_run(monkeypatc
     assert layer.layout == "torch" and hasattr(layer, "scales_and_zeros")
     x = torch.randn(3, 128)
     _close(layer(x), nn.functional.linear(x, layer.dequantize()), x, layer.dequantize())
+
+
+@pytest.mark.parametrize("n", [4, 48])  # one block of 4 channels (a last chunk can be one), more
+def test_int4_blocks_expand_the_same_when_the_kernels_are_disabled(n: int, monkeypatch) -> None:
+    """`int4_weight` without the kernel (PyTorch over the unblocked bytes) gives the weight the
+    kernel gives, within one rounding; an "fma" layer then answers through its float GEMM."""
+    blocks = cpu_linear.block_int4(*_int4(n, 256, 32, n))
+    with_kernel = cpu_linear.int4_weight(*blocks, 32, n)
+    layer = Int4Linear.from_float(torch.randn(208, 576) / 24, torch.randn(208), 64, torch.float32)
+    x = torch.randn(3, 576)
+    before = layer(x)
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    without = cpu_linear.int4_weight(*blocks, 32, n)
+    assert without.shape == (n, 256)
+    assert ((without - with_kernel).abs() <= 2.0**-22 * with_kernel.abs() + 1e-7).all()
+    assert layer.layout == "fma" and layer.direct(x) is None
+    _close(layer(x), before, x, layer.dequantize())
