@@ -464,7 +464,7 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
 // weight expanded as in linear_int4 (bit for bit the weight that kernel multiplies by).
 torch::Tensor dequantize_int4(torch::Tensor q, torch::Tensor scale, torch::Tensor zero,
                               int64_t group, int64_t N) {
-  TORCH_CHECK(q.dim() == 4, "q must be int4 blocks [N / 4, K / 32, 4, 16]");
+  TORCH_CHECK(q.dim() == 4, "q must be int4 blocks [ceil(N / 4), K / 32, 4, 16]");
   const int64_t K = q.size(1) * 32;
   const Int4Weights weights = int4_weights(q, scale, zero, group, N, K);
   auto out = torch::empty({N, K}, scale.options());
