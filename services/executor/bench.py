@@ -37,6 +37,7 @@ from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.engine import Engine, EngineLimits
 from services.executor.factory import set_threads
 from services.executor.kv_pool import KVPool
+from services.executor.malloc import tune_malloc
 from services.executor.model_config import ModelConfig
 from services.executor.quantization import INT4_GROUP_SIZES, QUANTIZATION_METHODS, Quantization
 from services.executor.sampling_params import SamplingParams
@@ -307,6 +308,7 @@ def max_positions(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     threads = set_threads(args.num_threads)
+    tune_malloc()
     path = resolve_model_path(args.model_path)
     cfg = ModelConfig.from_dir(path)
     static = None

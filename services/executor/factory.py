@@ -23,6 +23,7 @@ from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.engine import Engine, EngineLimits
 from services.executor.grammar import GrammarRuntime, hf_tokenizer_info
 from services.executor.kv_pool import KVPool
+from services.executor.malloc import tune_malloc
 from services.executor.mirror import Follower, LeaderEngine
 from services.executor.model_config import ModelConfig
 from services.executor.parallel import Rank, head_shard, kv_heads_per_rank, rank_config
@@ -177,7 +178,10 @@ def _create_leader(
 ) -> LoadedModel:
     rank = Rank(0, cfg.tp) if ranks is not None else None
     dtype = pick_dtype(cfg.dtype, device)
-    threads = set_threads(cfg.num_threads, cfg.tp) if device.type == "cpu" else 0
+    threads = 0
+    if device.type == "cpu":
+        threads = set_threads(cfg.num_threads, cfg.tp)
+        tune_malloc()
     context = cfg.context_length or model_cfg.max_position_embeddings
     if model_cfg.sliding_window is None and context > model_cfg.max_position_embeddings:
         log.warning(
@@ -275,6 +279,7 @@ def follower_main(rank: Rank, port: int, conn: Connection, cfg: ExecutorConfig, 
         dtype = pick_dtype(cfg.dtype, device)
         if device.type == "cpu":
             set_threads(cfg.num_threads, cfg.tp)
+            tune_malloc()
         init_process_group(rank, port, device, COLLECTIVE_TIMEOUT_S)
         model_cfg = ModelConfig.from_dir(path)
         context = cfg.context_length or model_cfg.max_position_embeddings
