@@ -164,6 +164,33 @@ inline void prefetch_row(const float* p) {
   for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * i), _MM_HINT_T0);
 }
 
+// out[g][0 .. 64) = sum over l of p[g * len + l] * v[slots[l] * stride + 0 .. 64), for g < G: the
+// output rows are held in registers (G x 4 vectors), half a row at a time. G is a template
+// argument so that they stay there: with a run-time head count the compiler kept them on the
+// stack, and decode attention took 5-15 % longer. With `prefetch`, the rows 8 keys ahead are
+// fetched during the first half.
+template <int G>
+inline void weigh_values(const float* p, int64_t len, const float* v, int64_t stride,
+                         const int64_t* slots, bool prefetch, float* out) {
+  for (int64_t half = 0; half < kDimF32; half += 32) {
+    __m256 o[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) o[g][c] = _mm256_setzero_ps();
+    for (int64_t l = 0; l < len; ++l) {
+      if (prefetch && half == 0 && l + 8 < len) prefetch_row(v + slots[l + 8] * stride);
+      const float* vl = v + slots[l] * stride + half;
+      __m256 w[G];
+      for (int g = 0; g < G; ++g) w[g] = _mm256_broadcast_ss(p + g * len + l);
+      for (int c = 0; c < 4; ++c) {
+        const __m256 vc = _mm256_loadu_ps(vl + 8 * c);
+        for (int g = 0; g < G; ++g) o[g][c] = _mm256_fmadd_ps(w[g], vc, o[g][c]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + g * kDimF32 + half + 8 * c, o[g][c]);
+  }
+}
+
 // q: [group, 64] of this kv head; pools [slots, kv_heads, 64]; keys slots[0 .. len); scores:
 // [group, len] scratch; out: [group, 64] float32; lse: [group] or null.
 inline void attend_head_f32(const float* q, const float* k_pool, const float* v_pool,
@@ -203,24 +230,14 @@ inline void attend_head_f32(const float* q, const float* k_pool, const float* v_
   }
   for (int64_t l = 0; l < std::min<int64_t>(8, len); ++l) prefetch_row(row(v_pool, l));
   for (int64_t g0 = 0; g0 < group; g0 += 3) {
-    const int64_t gn = std::min<int64_t>(3, group - g0);
-    for (int64_t half = 0; half < kDimF32; half += 32) {
-      __m256 o[3][4];
-      for (int g = 0; g < 3; ++g)
-        for (int c = 0; c < 4; ++c) o[g][c] = _mm256_setzero_ps();
-      for (int64_t l = 0; l < len; ++l) {
-        if (g0 == 0 && half == 0 && l + 8 < len) prefetch_row(row(v_pool, l + 8));
-        const float* v = row(v_pool, l) + half;
-        __m256 p[3];
-        for (int64_t g = 0; g < gn; ++g) p[g] = _mm256_set1_ps(scores[(g0 + g) * len + l]);
-        for (int c = 0; c < 4; ++c) {
-          const __m256 vc = _mm256_loadu_ps(v + 8 * c);
-          for (int64_t g = 0; g < gn; ++g) o[g][c] = _mm256_fmadd_ps(p[g], vc, o[g][c]);
-        }
-      }
-      for (int64_t g = 0; g < gn; ++g)
-        for (int c = 0; c < 4; ++c)
-          _mm256_storeu_ps(out + (g0 + g) * kDimF32 + half + 8 * c, o[g][c]);
+    const float* p = scores + g0 * len;
+    const float* v = v_pool + hk * kDimF32;
+    const int64_t stride = kv_heads * kDimF32;
+    float* o = out + g0 * kDimF32;
+    switch (std::min<int64_t>(3, group - g0)) {
+      case 3: weigh_values<3>(p, len, v, stride, slots, g0 == 0, o); break;
+      case 2: weigh_values<2>(p, len, v, stride, slots, g0 == 0, o); break;
+      default: weigh_values<1>(p, len, v, stride, slots, g0 == 0, o); break;
     }
   }
 }
