@@ -2,20 +2,24 @@
 
 Every step allocates and frees buffers of the same sizes: the logits, [rows, vocab] float32 (6.3 MB
 at 32 rows of SmolLM2's 49,152-token vocabulary), their copy for the sampler, and a prefill's
-activations. glibc serves a request at or above its mmap threshold with a new mmap, which the
-kernel backs page by page on first write, and unmaps it again on free. The threshold starts at
-128 KiB and rises to the size of the largest mmapped block freed so far (at most 32 MiB), but a
-block exactly at the threshold is still mmapped: the logits of every decode step at one batch size
-are. Measured on a 2-core AVX2 host, float32, `radixserve bench-executor`-shaped steps: 3,040 page
-faults per decode step at 32 rows (a median step of 160-200 ms against 142 ms without them), and
-40,000-100,000 per 2,048-token prefill chunk.
+activations. With glibc's defaults, the memory such a step frees at the top of a heap is given
+back to the system and faulted in again, page by page, by the next step: glibc raises its mmap
+threshold to the largest mmapped block freed so far and its trim threshold to twice that (about
+12.6 MB here), below the 19 MB a 32-row step frees; and in a thread's own arena (the executor's
+forward thread has one) a heap left empty is unmapped whatever the trim threshold, unless the top
+pad covers it. Measured on a 2-core AVX2 host, float32, the engine's decode steps in process:
+3,040 page faults per step at 32 rows (a median step of 160-200 ms against 142 ms without them),
+and 40,000-100,000 per 2,048-token prefill chunk.
 
-`tune_malloc` fixes the mmap threshold at glibc's largest (32 MiB) and raises the trim threshold, so
-freed blocks stay in the process's heaps and the next step reuses them: the effect of the TCMalloc
+`tune_malloc` fixes the mmap threshold at 32 MiB (the most the dynamic threshold reaches), raises
+the trim threshold to 512 MiB and keeps a 64 MiB top pad (a thread arena's whole heap), so freed
+blocks stay in the process's heaps and the next step reuses them: the effect of the TCMalloc
 preload vLLM's CPU backend recommends, without a library to install. The cost is that up to
-`TRIM_THRESHOLD` of memory freed after a peak (a long prefill) stays mapped to the process for the
-next one. Setting glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment variables
-(or its glibc.malloc tunables) leaves glibc as they say; other C libraries are left alone.
+`TRIM_THRESHOLD` of memory freed after a peak (a long prefill) stays with the process for the next
+one. Setting glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_
+environment variables (or its glibc.malloc tunables) leaves glibc as they say. A C library without
+mallopt (musl) is left alone; a malloc preloaded in glibc's place (TCMalloc, jemalloc) does not
+read these settings.
 """
 
 from __future__ import annotations
@@ -29,20 +33,30 @@ log = logging.getLogger("radixserve.executor")
 
 # mallopt(3) parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 
-# Bytes. glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2: 32 MiB on 64-bit systems.
+# Bytes. Blocks at least this large get an mmap of their own: DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+# systems, the most the dynamic threshold reaches (and the most glibc before 2.35 accepts).
 MMAP_THRESHOLD = 32 << 20
 # Free memory at the top of a heap beyond this is returned to the system.
 TRIM_THRESHOLD = 512 << 20
+# Extra memory a heap keeps when it grows or trims: HEAP_MAX_SIZE on 64-bit systems, so a thread
+# arena's heap that empties is kept rather than unmapped.
+TOP_PAD = 64 << 20
 
-_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+SETTINGS = (
+    (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+    (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+    (M_TOP_PAD, TOP_PAD),
+)
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def tune_malloc() -> bool:
-    """Sets glibc's mmap threshold to MMAP_THRESHOLD and its trim threshold to TRIM_THRESHOLD for
-    this process (the module doc says why). True when both were set; False off Linux, where the C
-    library has no mallopt or refuses a value (musl's does nothing and answers 0), or when the
+    """Sets glibc's mmap threshold, trim threshold and top pad to MMAP_THRESHOLD, TRIM_THRESHOLD
+    and TOP_PAD for this process (the module doc says why). True when all three were accepted;
+    False off Linux, where the C library has no mallopt or refuses a value, or when the
     environment already configures glibc's malloc (then nothing is changed)."""
     if not sys.platform.startswith("linux"):
         return False
@@ -56,8 +70,7 @@ def tune_malloc() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    tuned = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
-    log.debug("malloc thresholds %s", "set" if tuned else "left as they were")
-    return tuned
+    refused = [param for param, value in SETTINGS if not mallopt(param, value)]
+    if refused:
+        log.warning("the C library refused mallopt parameters %s", refused)
+    return not refused
