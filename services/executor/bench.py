@@ -35,9 +35,8 @@ from services.executor.bench_floors import (
 )
 from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.engine import Engine, EngineLimits
-from services.executor.factory import set_threads
+from services.executor.factory import setup_cpu_process
 from services.executor.kv_pool import KVPool
-from services.executor.malloc import tune_malloc
 from services.executor.model_config import ModelConfig
 from services.executor.quantization import INT4_GROUP_SIZES, QUANTIZATION_METHODS, Quantization
 from services.executor.sampling_params import SamplingParams
@@ -307,8 +306,7 @@ def max_positions(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    threads = set_threads(args.num_threads)
-    tune_malloc()
+    threads = setup_cpu_process(args.num_threads)
     path = resolve_model_path(args.model_path)
     cfg = ModelConfig.from_dir(path)
     static = None

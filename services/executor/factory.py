@@ -91,11 +91,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def set_threads(num_threads: int | None, ranks: int = 1) -> int:
-    """`num_threads` torch threads, by default this process's share of the cores it may use
-    (the ranks of a tensor-parallel executor share them)."""
+def setup_cpu_process(num_threads: int | None, ranks: int = 1) -> int:
+    """Sets up a process that runs the model on the CPU: `num_threads` torch threads, by default
+    this process's share of the cores it may use (the ranks of a tensor-parallel executor share
+    them), and glibc's malloc settings (`tune_malloc`). Returns the threads."""
     n = num_threads or max(1, len(os.sched_getaffinity(0)) // ranks)
     torch.set_num_threads(n)
+    tune_malloc()
     return n
 
 
@@ -178,10 +180,7 @@ def _create_leader(
 ) -> LoadedModel:
     rank = Rank(0, cfg.tp) if ranks is not None else None
     dtype = pick_dtype(cfg.dtype, device)
-    threads = 0
-    if device.type == "cpu":
-        threads = set_threads(cfg.num_threads, cfg.tp)
-        tune_malloc()
+    threads = setup_cpu_process(cfg.num_threads, cfg.tp) if device.type == "cpu" else 0
     context = cfg.context_length or model_cfg.max_position_embeddings
     if model_cfg.sliding_window is None and context > model_cfg.max_position_embeddings:
         log.warning(
@@ -278,8 +277,7 @@ def follower_main(rank: Rank, port: int, conn: Connection, cfg: ExecutorConfig, 
         device = pick_device(cfg.device, rank, cfg.base_gpu_id)
         dtype = pick_dtype(cfg.dtype, device)
         if device.type == "cpu":
-            set_threads(cfg.num_threads, cfg.tp)
-            tune_malloc()
+            setup_cpu_process(cfg.num_threads, cfg.tp)
         init_process_group(rank, port, device, COLLECTIVE_TIMEOUT_S)
         model_cfg = ModelConfig.from_dir(path)
         context = cfg.context_length or model_cfg.max_position_embeddings

@@ -50,7 +50,8 @@ SETTINGS = (
     (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
     (M_TOP_PAD, TOP_PAD),
 )
-_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+# glibc's own environment settings, which tune_malloc leaves in place.
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def tune_malloc() -> bool:
@@ -60,7 +61,7 @@ def tune_malloc() -> bool:
     environment already configures glibc's malloc (then nothing is changed)."""
     if not sys.platform.startswith("linux"):
         return False
-    if any(name in os.environ for name in _USER_SETTINGS):
+    if any(name in os.environ for name in USER_SETTINGS):
         return False
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False

@@ -25,8 +25,7 @@ from torch import nn
 from services.common.model_store import gguf_file, resolve_model_path
 from services.executor.config import DTYPES
 from services.executor.engine import Engine, EngineLimits
-from services.executor.factory import pick_dtype, set_threads
-from services.executor.malloc import tune_malloc
+from services.executor.factory import pick_dtype, setup_cpu_process
 from services.executor.model_config import ModelConfig
 from services.executor.quantization import INT4_GROUP_SIZES, QUANTIZATION_METHODS, Quantization
 from services.executor.sampling_params import SamplingParams
@@ -113,8 +112,7 @@ def text_ids(path: Path, model_dir: Path, max_tokens: int | None) -> list[int]:
 
 def run(args: argparse.Namespace) -> list[Result]:
     """One Result per --quantization mode, printed as it comes."""
-    threads = set_threads(args.num_threads)
-    tune_malloc()
+    threads = setup_cpu_process(args.num_threads)
     path = resolve_model_path(args.model_path)
     cfg = ModelConfig.from_dir(path)
     dtype = pick_dtype(args.dtype, torch.device("cpu"))

@@ -45,15 +45,12 @@ else:
 print(json.dumps({"tuned": tuned, "faults": counts}))
 """
 
-# glibc's own malloc settings, which tune_malloc leaves in place.
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-
 
 def _steps(where: str) -> dict:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in (*USER_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD")
+        if k not in (*malloc.USER_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD")
     }
     out = subprocess.run(
         [sys.executable, "-c", STEPS, where], capture_output=True, text=True, timeout=120, env=env
