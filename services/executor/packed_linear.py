@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
+from kernels.cpu.build import cpu_flags
 
 log = logging.getLogger("radixserve.executor")
 
@@ -47,10 +48,14 @@ Linear2D = Callable[[torch.Tensor], torch.Tensor]
 # the best at 1 and at 512 rows.
 PACK_BATCH_HINT = 64
 
-# Rows up to which the small-batch kernel runs instead of oneDNN. Measured here over this model's
-# 121 linear layers (distinct weights, so each is read from memory): 12.6 against 19.8 ms at one
-# row, 15.9 against 18.8 ms at 4; oneDNN (with AMX) is ahead from 6 rows on.
-SMALL_BATCH_ROWS = 4
+# Rows up to which the bfloat16 small-batch kernel runs instead of oneDNN, over this model's 121
+# linear layers (distinct weights, so each is read from memory):
+# - with AMX (Intel Xeon): 12.6 against 19.8 ms at one row, 15.9 against 18.8 ms at 4; oneDNN,
+#   on AMX tiles, is ahead from 6 rows on;
+# - AVX-512 BF16 without AMX (AMD EPYC), oneDNN on the same dot products as the kernel: the 120
+#   decoder layers take 8.1 against 12.8 ms at one row, 8.1 against 12.6 at 8, 14.6 against 16.6
+#   at 16, and oneDNN is ahead from about 24 (22.3 against 21.6 ms).
+SMALL_BATCH_ROWS = 4 if "amx_bf16" in cpu_flags().split() else 16
 
 # Rows up to which float32 `PackedLinear`s run the FMA kernel instead of oneDNN's packed GEMM.
 # Measured on an AVX2 host over this model's 120 decoder linear layers (distinct weights, read
