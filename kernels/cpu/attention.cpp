@@ -87,6 +87,43 @@ inline __m512 widen_bf16(const at::BFloat16* p) {  // 16 bf16 → 16 float
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// Keys' and values' loops fetch the slot kAhead keys ahead of the one they read (a slot's
+// bfloat16 row, 128 bytes, lies anywhere in the pool) into L2, leaving L1's few outstanding
+// misses to the loads. Measured on a 2-core AMD EPYC (AVX-512 BF16, no AMX) over 30 layers of
+// SmolLM2-135M's pools, batch 16 at context 1,000, slots scattered: 65 ms with no prefetch, 40 ms
+// 16 keys ahead into L1, 21 ms 16 ahead into L2, 15-18 ms 32 ahead, no better at 48 or 64.
+constexpr int64_t kAhead = 32;
+
+inline void prefetch_bf16_row(const at::BFloat16* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(p + 32), _MM_HINT_T1);
+}
+
+// out[g][0 .. 64) = sum over l of p[g * len + l] * v[slots[l] * stride + 0 .. 64), for g < G, in
+// float32: the output rows are held in registers (G x 4 vectors); G is a template argument so
+// that they stay there (see weigh_values, 5-15 % on the float32 kernel; here the same sums run in
+// the same order as with a run-time head count). With `prefetch`, the row kAhead keys ahead is
+// fetched.
+template <int G>
+inline void weigh_values_bf16(const float* p, int64_t len, const at::BFloat16* v, int64_t stride,
+                              const int64_t* slots, bool prefetch, float* out) {
+  __m512 o[G][4];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < 4; ++c) o[g][c] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < len; ++l) {
+    if (prefetch && l + kAhead < len) prefetch_bf16_row(v + slots[l + kAhead] * stride);
+    const at::BFloat16* vl = v + slots[l] * stride;
+    const __m512 vc[4] = {widen_bf16(vl), widen_bf16(vl + 16), widen_bf16(vl + 32),
+                          widen_bf16(vl + 48)};
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g * len + l]);
+      for (int c = 0; c < 4; ++c) o[g][c] = _mm512_fmadd_ps(w, vc[c], o[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + g * kDim + c * 16, o[g][c]);
+}
+
 // q: [group, 64] of this kv head; pools [slots, kv_heads, 64]; keys slots[0 .. len); scores:
 // [group, len] scratch; out: [group, 64] float32; lse: [group] or null. group <= 8.
 inline void attend_head_bf16(const at::BFloat16* q, const at::BFloat16* k_pool,
@@ -99,11 +136,14 @@ inline void attend_head_bf16(const at::BFloat16* q, const at::BFloat16* k_pool,
     qv[g][1] = (__m512bh)_mm512_loadu_si512(q + g * kDim + 32);
   }
   const __m512 vscale = _mm512_set1_ps(scale);
+  auto key_row = [&](int64_t l) { return k_pool + (slots[l] * kv_heads + hk) * kDim; };
+  for (int64_t l = 0; l < std::min(kAhead, len); ++l) prefetch_bf16_row(key_row(l));
   for (int64_t l0 = 0; l0 < len; l0 += 16) {
     const int64_t n = std::min<int64_t>(16, len - l0);
     const at::BFloat16* rows[16];
-    for (int64_t j = 0; j < 16; ++j) {
-      rows[j] = k_pool + (slots[l0 + std::min(j, n - 1)] * kv_heads + hk) * kDim;
+    for (int64_t j = 0; j < 16; ++j) rows[j] = key_row(l0 + std::min(j, n - 1));
+    for (int64_t j = l0 + kAhead; j < std::min(l0 + kAhead + 16, len); ++j) {
+      prefetch_bf16_row(key_row(j));
     }
     for (int64_t g = 0; g < group; ++g) {
       __m512 acc[16];
@@ -121,24 +161,18 @@ inline void attend_head_bf16(const at::BFloat16* q, const at::BFloat16* k_pool,
     const float l = softmax_in_place(scores + g * len, len);
     if (lse != nullptr) lse[g] = l;
   }
-  __m512 o[8][4];
-  for (int64_t g = 0; g < group; ++g) {
-    for (int c = 0; c < 4; ++c) o[g][c] = _mm512_setzero_ps();
-  }
-  for (int64_t l = 0; l < len; ++l) {
-    const at::BFloat16* v = v_pool + (slots[l] * kv_heads + hk) * kDim;
-    const __m512 v0 = widen_bf16(v), v1 = widen_bf16(v + 16), v2 = widen_bf16(v + 32),
-                 v3 = widen_bf16(v + 48);
-    for (int64_t g = 0; g < group; ++g) {
-      const __m512 p = _mm512_set1_ps(scores[g * len + l]);
-      o[g][0] = _mm512_fmadd_ps(p, v0, o[g][0]);
-      o[g][1] = _mm512_fmadd_ps(p, v1, o[g][1]);
-      o[g][2] = _mm512_fmadd_ps(p, v2, o[g][2]);
-      o[g][3] = _mm512_fmadd_ps(p, v3, o[g][3]);
+  const at::BFloat16* v = v_pool + hk * kDim;
+  const int64_t stride = kv_heads * kDim;
+  for (int64_t l = 0; l < std::min(kAhead, len); ++l) prefetch_bf16_row(v + slots[l] * stride);
+  for (int64_t g0 = 0; g0 < group; g0 += 4) {
+    const float* p = scores + g0 * len;
+    float* o = out + g0 * kDim;
+    switch (std::min<int64_t>(4, group - g0)) {
+      case 4: weigh_values_bf16<4>(p, len, v, stride, slots, g0 == 0, o); break;
+      case 3: weigh_values_bf16<3>(p, len, v, stride, slots, g0 == 0, o); break;
+      case 2: weigh_values_bf16<2>(p, len, v, stride, slots, g0 == 0, o); break;
+      default: weigh_values_bf16<1>(p, len, v, stride, slots, g0 == 0, o); break;
     }
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + g * kDim + c * 16, o[g][c]);
   }
 }
 #endif
