@@ -58,8 +58,11 @@ def test_non_streaming_client_that_drops_aborts_at_once(stack: Stack) -> None:
     before = stack.get_load()
     aborted = scrape(stack).get(ABORTED, 0.0)
     url = f"{stack.base_url}/v1/chat/completions"
+    # long enough to outlast the 1 s read timeout on any CPU (one float32 stream of the default
+    # model decodes 32 tokens within it on an AVX-512 host); the abort ends it at once
+    body = {**LONG, "max_tokens": 1024}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url, json=LONG, headers=headers(stack), timeout=httpx.Timeout(60, read=1.0))
+        httpx.post(url, json=body, headers=headers(stack), timeout=httpx.Timeout(60, read=1.0))
     wait_freed(stack, before.kv_slots_used)
     assert stack.get_load().requests_finished_total == before.requests_finished_total + 1
     assert scrape(stack)[ABORTED] == aborted + 1  # the disconnect is counted in /metrics
