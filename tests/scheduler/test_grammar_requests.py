@@ -116,6 +116,11 @@ async def _jump_forward_run(
         "schedule_conservativeness": bet,
     }
     specs = [GrammarSpec("regex", JUMPY), GrammarSpec.json_schema(SCHEMA)]
+    # Compiled ahead, so all six requests are admitted together: with a slow compile (a busy
+    # machine), the regex answers could finish before the JSON ones start, and the tight runs
+    # would not run out of slots.
+    for spec in specs:
+        engine.grammar.compile(spec)
     async with running_scheduler(link, **cfg) as sched:
         streams = [
             sched.submit(constrained(f"r{i}", [i + 1, 7, 9], specs[i % 2], n=1, max_tokens=80))
