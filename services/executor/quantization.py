@@ -26,9 +26,9 @@ The kernels (no AMX tiles) beat the float GEMMs at decode batch sizes, where rea
 is the cost, and fall behind them on prefill-sized inputs. So inputs of many rows run as a float
 GEMM over the weight expanded on the fly, a chunk of output channels at a time: from
 F32_DEQUANT_ROWS rows on our float32 kernels (dot products up to 8 rows, register tiles of 6
-channels x 16 rows above), from DEQUANT_ROWS for int8 on the bfloat16 kernel or torch's, from
-INT4_DEQUANT_ROWS for torch's int4. For torch's int4 that needs its packed layout, which is
-private to torch: `int4_layout` finds it by unpacking a probe that torch packed, and where no
+channels x 16 rows above), from KERNEL_DEQUANT_ROWS for int8 on the bfloat16 kernel, from
+DEQUANT_ROWS on torch's, from INT4_DEQUANT_ROWS for torch's int4. For torch's int4 that needs its
+packed layout, which is private to torch: `int4_layout` finds it by unpacking a probe that torch packed, and where no
 known layout matches, int4 layers always run the kernel.
 
 GGUF files bring their own quantized weights; gguf_weights.py maps them onto these modules.
@@ -55,9 +55,15 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accept
 INT8_K_ALIGN = 16  # _weight_int8pack_mm reads the input dimension 16 lanes at a time
 INT4_N_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu packs output channels in 16s
 QUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Int8Linear: inputs with at least this many rows run as a float GEMM (measured here: the int8
-# kernel's time grows linearly with rows and crosses the convert-then-GEMM time near 32 rows).
+# Int8Linear: inputs with at least this many rows run as a float GEMM. On torch's int8 kernel
+# (measured on an AVX-512 host: its time grows linearly with rows and crosses the
+# convert-then-GEMM time near 32 rows):
 DEQUANT_ROWS = 32
+# On our AVX-512 BF16 int8 kernel, which converts each block of weights to bfloat16 once per call
+# (not once per 4-row tile, which crossed the GEMM near 32 rows too). Measured on a 2-core AMD
+# EPYC (no AMX) over the model's 120 decoder linears, kernel against float GEMM: 18-22 against
+# 25-30 ms at 32 rows, 33-40 against 37-45 ms at 64, 58 against 43 ms at 96.
+KERNEL_DEQUANT_ROWS = 80
 # Int4Linear on torch's kernel: the same from this many rows (expanding int4 costs more: measured
 # here, the kernel at 256 rows takes about as long as expanding the weight, and 3x longer at 512).
 INT4_DEQUANT_ROWS = 256
@@ -138,8 +144,9 @@ class Int8Linear(nn.Module):
     - "blocks" (float32 activations where `f32_kernel`): q in our float32 kernel's blocks
       (`cpu_linear.block_int8`); that kernel below F32_DEQUANT_ROWS rows.
     - "rows": q [N, K]; our AVX-512 BF16 kernel (kernels/cpu/linear.py) for bfloat16 inputs of
-      fewer than DEQUANT_ROWS rows where it is built and K is a multiple of 32, otherwise
-      torch._weight_int8pack_mm below DEQUANT_ROWS rows (all with float32 accumulation).
+      fewer than KERNEL_DEQUANT_ROWS rows where it is built and K is a multiple of 32,
+      otherwise torch._weight_int8pack_mm below DEQUANT_ROWS rows (all with float32
+      accumulation).
 
     From there, and where a kernel is disabled after construction, a float GEMM over q converted
     to the activation dtype (exact: |q| ≤ 127), scaled per output channel afterwards.
@@ -189,7 +196,7 @@ class Int8Linear(nn.Module):
     def direct(self, x: torch.Tensor) -> Linear2D | None:
         """The kernel call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to
         this layer's weights: one of kernels/cpu/linear.py's where it is available, for
-        1..F32_DEQUANT_ROWS-1 float32 rows of a "blocks" layer or 1..DEQUANT_ROWS-1 rows of the
+        1..F32_DEQUANT_ROWS-1 float32 rows of a "blocks" layer or 1..KERNEL_DEQUANT_ROWS-1 rows of the
         scale's dtype with AVX-512 BF16; None where `forward` runs torch's kernel or the float
         GEMM."""
         rows = x.shape[0]
@@ -202,7 +209,7 @@ class Int8Linear(nn.Module):
             ):
                 return lambda flat: cpu_linear.linear_int8_f32(kernel, flat, q, scale, bias)
             return None
-        if rows >= DEQUANT_ROWS:
+        if rows >= KERNEL_DEQUANT_ROWS:
             return None
         if scale.dtype == x.dtype and (kernel := cpu_linear.available(x, self.in_features)):
             return lambda flat: cpu_linear.linear_int8(kernel, flat, q, scale, bias)
@@ -219,9 +226,14 @@ class Int8Linear(nn.Module):
     def _float_gemm(self, x: torch.Tensor) -> torch.Tensor:
         # a chunk of output channels at a time, so the converted weight stays small
         step = max(4, DEQUANT_CHUNK // self.in_features // 4 * 4)
+        kernel = cpu_linear.available(x, self.in_features) if self.layout == "rows" else None
+
+        def expand(start: int, end: int) -> torch.Tensor:
+            q = self._rows(start, end)
+            return cpu_linear.int8_to_bf16(kernel, q) if kernel is not None else q.to(x.dtype)
+
         parts = [
-            F.linear(x, self._rows(a, min(a + step, self.out_features)).to(x.dtype))
-            * self.scale[a : a + step]
+            F.linear(x, expand(a, min(a + step, self.out_features))) * self.scale[a : a + step]
             for a in range(0, self.out_features, step)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)

@@ -28,6 +28,7 @@ from services.executor.quantization import (
     DEQUANT_ROWS,
     F32_DEQUANT_ROWS,
     INT4_DEQUANT_ROWS,
+    KERNEL_DEQUANT_ROWS,
     Int4Linear,
     Int8Linear,
     Quantization,
@@ -45,7 +46,10 @@ from tests.executor.tiny import hf_model
 DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(16, 32), (48, 96), (64, 1536), (1728, 576)]  # (N, K); the last: SmolLM2's qkv-sized
 # odd sizes, and every kernel and float path
-ROWS = [1, 3, 17, 64, DEQUANT_ROWS, F32_DEQUANT_ROWS + 3, INT4_DEQUANT_ROWS + 44]
+ROWS = [
+    1, 3, 17, 64, DEQUANT_ROWS, KERNEL_DEQUANT_ROWS - 1, KERNEL_DEQUANT_ROWS,
+    F32_DEQUANT_ROWS + 3, INT4_DEQUANT_ROWS + 44,
+]  # fmt: skip
 
 
 def weight(n: int, k: int, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torch import nn
 
 from kernels.cpu import linear as cpu_linear
 from services.executor.packed_linear import SMALL_BATCH_ROWS, PackedLinear, can_prepack
-from services.executor.quantization import Int8Linear
+from services.executor.quantization import KERNEL_DEQUANT_ROWS, Int8Linear
 
 KERNEL = cpu_linear._linear.load()
 pytestmark = pytest.mark.skipif(
@@ -105,7 +105,7 @@ def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(bias: bool
     assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
 
 
-@pytest.mark.parametrize("rows", [1, 4, 31])
+@pytest.mark.parametrize("rows", [1, 4, 31, KERNEL_DEQUANT_ROWS - 1])
 def test_int8_linear_runs_the_kernel_below_the_float_gemm(rows: int) -> None:
     torch.manual_seed(rows)
     weight = torch.randn(962, 576) / 24
@@ -116,3 +116,12 @@ def test_int8_linear_runs_the_kernel_below_the_float_gemm(rows: int) -> None:
         out, cpu_linear.linear_int8(KERNEL, x, layer.qweight, layer.scale, layer.bias)
     )
     _ulp_close(out, cpu_linear.linear_int8_ref(x, layer.qweight, layer.scale, layer.bias))
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 32), (13, 64), (962, 576), (576, 1536)])
+def test_int8_to_bf16_is_exact(n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(n + k)
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    assert torch.equal(cpu_linear.int8_to_bf16(KERNEL, q), q.to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu_linear.int8_to_bf16(KERNEL, q[:, :-1].contiguous())
