@@ -567,6 +567,16 @@ void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat
 }
 #endif
 
+// Whether extend_block runs extend_block_bf16 (which keeps its own buffers) for pools of T.
+template <typename T>
+constexpr bool bf16_extend(int64_t dim) {
+#if defined(__AVX512BF16__)
+  return std::is_same_v<T, at::BFloat16> && dim == kDim;
+#else
+  return false;
+#endif
+}
+
 // Converts keys [l0, l0 + n) of kv head hk into kt[d * kKeyBlock + j] (zero past n).
 template <typename T>
 void load_keys_transposed(const T* pool, const int64_t* slots, int64_t l0, int64_t n,
@@ -594,7 +604,7 @@ void extend_block(const T* q, int64_t q_stride, const T* k_pool, const T* v_pool
                   float* out, int64_t out_stride, float* lse, int64_t lse_stride) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (dim == kDim) {
+    if (bf16_extend<T>(dim)) {
       extend_block_bf16(q, q_stride, k_pool, v_pool, slots, prefix, causal, i0, nq, hk, kv_heads,
                         group, scale, out, out_stride, lse, lse_stride);
       return;
@@ -692,9 +702,14 @@ void for_each_task(int64_t n, const MakeBuffers& make_buffers, const Body& body)
   });
 }
 
-// One thread's scratch for extend_block: rows_max query rows, up to max_keys keys.
+// One thread's scratch for extend_block over pools of T: rows_max query rows, up to max_keys
+// keys; empty where extend_block_bf16 runs instead (it keeps its own).
 struct Scratch {
   std::vector<float> qf, scores, kt, vb, row, acc;
+  template <typename T>
+  static Scratch For(int64_t rows_max, int64_t max_keys, int64_t dim) {
+    return bf16_extend<T>(dim) ? Scratch(0, 0, 0) : Scratch(rows_max, max_keys, dim);
+  }
   Scratch(int64_t rows_max, int64_t max_keys, int64_t dim)
       : qf(rows_max * dim), scores(rows_max * max_keys), kt(dim * kKeyBlock),
         vb(kKeyBlock * dim), row(dim), acc(rows_max * dim) {}
@@ -737,7 +752,7 @@ void run_extend(const torch::Tensor& q, const torch::Tensor& k_pool, const torch
   const int64_t rows_max = kQueryBlock * group;
   for_each_task(
       static_cast<int64_t>(tasks.size()),
-      [&] { return Scratch(rows_max, max_keys, dim); },
+      [&] { return Scratch::For<T>(rows_max, max_keys, dim); },
       [&](int64_t t, Scratch& w) {
         const Task& task = tasks[t];
         const int64_t nq = std::min(kQueryBlock, ep[task.b] - task.i0);
@@ -786,7 +801,7 @@ void run_shared(const torch::Tensor& q, const torch::Tensor& k_pool, const torch
   const int64_t rows_max = kQueryBlock * group;
   for_each_task(
       static_cast<int64_t>(tasks.size()),
-      [&] { return Scratch(rows_max, max_keys, dim); },
+      [&] { return Scratch::For<T>(rows_max, max_keys, dim); },
       [&](int64_t t, Scratch& w) {
         const Task& task = tasks[t];
         const int64_t first = op_[task.g];

@@ -28,8 +28,8 @@ GEMM over the weight expanded on the fly, a chunk of output channels at a time: 
 F32_DEQUANT_ROWS rows on our float32 kernels (dot products up to 8 rows, register tiles of 6
 channels x 16 rows above), from KERNEL_DEQUANT_ROWS for int8 on the bfloat16 kernel, from
 DEQUANT_ROWS on torch's, from INT4_DEQUANT_ROWS for torch's int4. For torch's int4 that needs its
-packed layout, which is private to torch: `int4_layout` finds it by unpacking a probe that torch packed, and where no
-known layout matches, int4 layers always run the kernel.
+packed layout, which is private to torch: `int4_layout` finds it by unpacking a probe that torch
+packed, and where no known layout matches, int4 layers always run the kernel.
 
 GGUF files bring their own quantized weights; gguf_weights.py maps them onto these modules.
 """
@@ -196,8 +196,8 @@ class Int8Linear(nn.Module):
     def direct(self, x: torch.Tensor) -> Linear2D | None:
         """The kernel call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to
         this layer's weights: one of kernels/cpu/linear.py's where it is available, for
-        1..F32_DEQUANT_ROWS-1 float32 rows of a "blocks" layer or 1..KERNEL_DEQUANT_ROWS-1 rows of the
-        scale's dtype with AVX-512 BF16; None where `forward` runs torch's kernel or the float
+        1..F32_DEQUANT_ROWS-1 float32 rows of a "blocks" layer or 1..KERNEL_DEQUANT_ROWS-1 rows of
+        the scale's dtype with AVX-512 BF16; None where `forward` runs torch's kernel or the float
         GEMM."""
         rows = x.shape[0]
         if rows == 0:
