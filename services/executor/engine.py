@@ -228,8 +228,8 @@ class Engine:
                 raise StepRejected(f"request {req.request_id!r}: invalid grammar: {exc}") from None
 
     def _spans(self, step: StepInput) -> list[SharedPrefix]:
-        """The Step's shared spans where the attention backend reads them, else none."""
-        return step.shared_prefixes if self.attn.supports_shared_prefixes else []
+        """The Step's shared spans the attention backend attends once per group."""
+        return self.attn.select_shared_prefixes(step.shared_prefixes, step.slices)
 
     def execute(self, prepared: PreparedStep) -> StepOutput:
         """Applies and computes a prepared Step, the next one in prepare order."""

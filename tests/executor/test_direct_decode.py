@@ -128,10 +128,14 @@ def test_mixed_batches_run_the_modules() -> None:
     assert runs == [2]
 
 
-def test_shared_prefix_spans_run_the_modules() -> None:
+@pytest.mark.parametrize("spans_mode", ["always", "auto"])
+def test_shared_prefix_spans_run_the_modules(
+    spans_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Rows sent with a shared-prefix span run the modules (cascade attention) where the engine
-    keeps the spans, and the direct loop where it drops them (SDPA extends); the same logits as
-    the module path either way."""
+    keeps the spans, and the direct loop where it drops them (SDPA extends; by default, spans
+    of fewer rows and positions than pay); the same logits as the module path either way."""
+    monkeypatch.setenv("RADIXSERVE_CPU_SHARED_PREFIX", spans_mode)
     direct, modules = engine("gqa3-hd64", "int8"), engine("gqa3-hd64", "int8")
     modules.direct_decode = None
     runs = count_direct(direct)
@@ -165,7 +169,8 @@ def test_shared_prefix_spans_run_the_modules() -> None:
             shared_prefixes=spans,
         )
         assert torch.equal(direct.logits(step), modules.logits(step))
-    assert runs == ([] if direct.attn.supports_shared_prefixes else [4, 4])
+    kept = direct.attn.supports_shared_prefixes and spans_mode == "always"
+    assert runs == ([] if kept else [4, 4])
 
 
 def test_unsampled_rows_take_the_lm_head_of_the_sampled_ones() -> None:

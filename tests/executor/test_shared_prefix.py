@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from services.executor.attention import torch_backend
 from services.executor.engine import Engine
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, SharedPrefix, Slice, SlotWrite, StepInput
@@ -109,8 +110,10 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_without_shared_prefixes(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The C++ extend kernel (where AMX is present, bfloat16 extends default to SDPA, without spans).
+    # The C++ extend kernel (where AMX is present, bfloat16 extends default to SDPA, without spans),
+    # attending every span the Step names.
     monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")
+    monkeypatch.setenv("RADIXSERVE_CPU_SHARED_PREFIX", "always")
     variant, dtype, tol = CASES[case]
     cascade, reference = engines(variant, dtype)
     assert cascade.attn.supports_shared_prefixes
@@ -139,6 +142,7 @@ def test_sdpa_extends_run_the_spans_as_plain_attention(monkeypatch: pytest.Monke
 
 def test_greedy_tokens_identical_in_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")  # the spans run, on any CPU
+    monkeypatch.setenv("RADIXSERVE_CPU_SHARED_PREFIX", "always")
     cascade, reference = engines("gqa3-hd64", torch.float32)
     assert cascade.attn.supports_shared_prefixes
     for step in scenario(seed=2):
@@ -161,3 +165,56 @@ def test_greedy_tokens_identical_in_fp32(monkeypatch: pytest.MonkeyPatch) -> Non
 def _length(engine: Engine, row: int) -> int:
     """Positions row holds: the nonzero prefix of its table row."""
     return int((engine.table.table[row] != 0).sum())
+
+
+def _decodes(rows: list[int]) -> list[Slice]:
+    return [Slice(r, 3000, [], use_last_sampled=True) for r in rows]
+
+
+def test_cpu_kernels_keep_the_spans_that_pay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default the C++ kernels attend a span once per group only for its decode rows, when
+    there are SPAN_MIN_ROWS of them over SPAN_MIN_LENGTH positions (the measured break-even)."""
+    monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")
+    attn = engine_for(hf_model("gqa3-hd64")).attn
+    rows, length = torch_backend.SPAN_MIN_ROWS, torch_backend.SPAN_MIN_LENGTH
+    slices = [*_decodes(list(range(rows + 1))), Slice(20, 2100, [1, 2, 3])]  # row 20 extends
+    select = attn.select_shared_prefixes
+    assert select([SharedPrefix(length, [*range(rows), 20])], slices) == [
+        SharedPrefix(length, list(range(rows)))
+    ]
+    assert select([SharedPrefix(length - 1, list(range(rows)))], slices) == []
+    assert select([SharedPrefix(length, [*range(rows - 1), 20])], slices) == []
+    both = [SharedPrefix(length, list(range(rows))), SharedPrefix(length + 5, [rows, 20])]
+    assert select(both, slices) == both[:1]
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_shared_prefix_mode_overrides_the_rule(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")
+    monkeypatch.setenv("RADIXSERVE_CPU_SHARED_PREFIX", mode)
+    attn = engine_for(hf_model("gqa3-hd64")).attn
+    spans = [SharedPrefix(40, [0, 1]), SharedPrefix(9, [2, 3])]
+    assert attn.select_shared_prefixes(spans, _decodes([0, 1, 2, 3])) == (
+        spans if mode == "always" else []
+    )
+
+
+def test_shared_prefix_mode_must_be_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADIXSERVE_CPU_SHARED_PREFIX", "sometimes")
+    with pytest.raises(ValueError, match="RADIXSERVE_CPU_SHARED_PREFIX='sometimes'"):
+        engine_for(hf_model("gqa3-hd64"))
+
+
+def test_logits_match_with_the_default_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the break-even lowered to this scenario's sizes, the default rule keeps some spans'
+    decode rows and drops the rest, and the logits stay those of the plain Steps."""
+    monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")
+    monkeypatch.setattr(torch_backend, "SPAN_MIN_ROWS", 2)
+    monkeypatch.setattr(torch_backend, "SPAN_MIN_LENGTH", P - 8)
+    cascade, reference = engines("gqa3-hd64", torch.float32)
+    kept = 0
+    for step in scenario(seed=4):
+        kept += len(cascade.attn.select_shared_prefixes(step.shared_prefixes, step.slices))
+        delta = (cascade.logits(step) - reference.logits(plain(step))).abs().max().item()
+        assert delta < 1e-4, f"step {step.step_id}: max |Δ| {delta:.2e}"
+    assert kept >= 3

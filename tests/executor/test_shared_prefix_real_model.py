@@ -82,6 +82,7 @@ def test_greedy_outputs_unchanged_with_shared_prefixes(
     default_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")  # the spans run, on any CPU
+    monkeypatch.setenv("RADIXSERVE_CPU_SHARED_PREFIX", "always")
     ps = prompts(default_model_dir)
     assert common_prefix(ps) >= 40, "the prompts should share the system prompt"
     cfg = ModelConfig.from_dir(default_model_dir)

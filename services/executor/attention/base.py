@@ -12,6 +12,7 @@ import torch
 
 from services.executor.forward_batch import ForwardBatch
 from services.executor.kv_pool import KVPool, RequestToTokenTable
+from services.executor.step import SharedPrefix, Slice
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {}
 
@@ -56,6 +57,14 @@ class AttentionBackend:
         only on its own query and keys (--enable-deterministic-inference). Raises ValueError where
         the backend cannot."""
         raise ValueError(f"the {self.name} attention backend has no batch-invariant mode")
+
+    def select_shared_prefixes(
+        self, spans: list[SharedPrefix], slices: list[Slice]
+    ) -> list[SharedPrefix]:
+        """The spans of a Step (over its `slices`) this backend attends once per group: all of
+        them where it supports shared prefixes, none otherwise. Rows left out of every span
+        attend their whole prefix as their own keys, with the same result."""
+        return spans if self.supports_shared_prefixes else []
 
     def init_metadata(self, batch: ForwardBatch) -> None:
         """Builds per-step metadata shared by all layers into `batch.attn_metadata`."""
