@@ -10,7 +10,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 from services.bench.client import BenchClient, ClientConfig, first_model, make_http
 from services.bench.config import BenchConfig
@@ -48,9 +48,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model, result = asyncio.run(_run(config, counter, workload, meter))
     summary = summarize(result.records, result.duration_s)
     cpu = meter.report(summary.total_output_tokens) if meter else []
-    print(format_table(config, model, summary, cpu))
+    client = meter.client(summary.total_output_tokens) if meter else None
+    print(format_table(config, model, summary, cpu, client))
     path = output_path(config)
-    write_json(path, result_json(config, model, summary, result, cpu))
+    write_json(path, result_json(config, model, summary, result, cpu, client))
     print(f"results written to {path}")
     return asdict(summary)
 
@@ -93,12 +94,12 @@ async def _run(
         return model, result
 
 
-async def _model(config: BenchConfig, http: httpx.AsyncClient) -> str:
+async def _model(config: BenchConfig, http: aiohttp.ClientSession) -> str:
     if config.model:
         return config.model
     try:
         return await first_model(http, config.base_url, config.api_key)
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         raise ValueError(f"cannot list the models of {config.base_url}: {exc!r}") from exc
 
 

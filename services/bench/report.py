@@ -37,17 +37,24 @@ def _stats_rows(title: str, short: str, stats: Stats) -> list[str]:
     ]
 
 
-def _cpu_rows(cpu: list[ServiceCpu]) -> list[str]:
+def _cpu_rows(cpu: list[ServiceCpu], client: ServiceCpu | None) -> list[str]:
     if not cpu:
         return []
     rows = [_title("Service CPU (s per 1k output tokens)", "-")]
     rows += [_row(f"{c.name} (pid {c.pid})", c.per_1k_output_tokens) for c in cpu]
     total = sum(c.per_1k_output_tokens for c in cpu)
-    return [*rows, _row("All listed services", total)]
+    rows.append(_row("All listed services", total))
+    if client is not None:
+        rows.append(_row("bench client (this process)", client.per_1k_output_tokens))
+    return rows
 
 
 def format_table(
-    config: BenchConfig, model: str, summary: Summary, cpu: list[ServiceCpu] | None = None
+    config: BenchConfig,
+    model: str,
+    summary: Summary,
+    cpu: list[ServiceCpu] | None = None,
+    client: ServiceCpu | None = None,
 ) -> str:
     cap = config.max_concurrency if config.max_concurrency is not None else "not set"
     lines = [
@@ -79,7 +86,7 @@ def format_table(
         *_stats_rows("Time to First Token", "TTFT", summary.ttft_ms),
         *_stats_rows("Time per Output Token (excl. 1st token)", "TPOT", summary.tpot_ms),
         *_stats_rows("Inter-Chunk Latency", "ITL", summary.itl_ms),
-        *_cpu_rows(cpu or []),
+        *_cpu_rows(cpu or [], client),
         _title("", "="),
     ]
     return "\n".join(lines)
@@ -91,6 +98,7 @@ def result_json(
     summary: Summary,
     run: RunResult,
     cpu: list[ServiceCpu] | None = None,
+    client: ServiceCpu | None = None,
 ) -> dict[str, Any]:
     settings = asdict(config)
     settings["api_key"] = "***" if config.api_key else None
@@ -100,6 +108,7 @@ def result_json(
         "model": model,
         "summary": asdict(summary),
         "service_cpu": [asdict(c) for c in cpu or []],
+        "client_cpu": asdict(client) if client is not None else None,
         "requests": [r.to_json(run.start_s) for r in run.records],
     }
 

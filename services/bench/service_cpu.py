@@ -8,6 +8,8 @@ parallel ranks, compile workers), read before and after the timed run.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 
 SERVICE_NAMES = ("gateway", "tokenizer", "scheduler", "executor")
@@ -73,18 +75,29 @@ def discover(serve_pid: int) -> dict[str, int]:
 
 
 class CpuMeter:
-    """Reads the CPU seconds of named processes at `start` and `stop`."""
+    """Reads the CPU seconds of named processes, and of this one (the benchmark's client), at
+    `start` and `stop`."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.before: dict[str, float] = {}
         self.after: dict[str, float] = {}
+        self.client_s = (0.0, 0.0)  # this process's CPU seconds at start, at stop
 
     def start(self) -> None:
         self.before = self._read()
+        self.client_s = (time.process_time(), 0.0)
 
     def stop(self) -> None:
         self.after = self._read()
+        self.client_s = (self.client_s[0], time.process_time())
+
+    def client(self, output_tokens: int) -> ServiceCpu:
+        """The CPU this process (sending and reading the requests) spent over the run; on a
+        machine the server shares, it is CPU the server did not get."""
+        used = self.client_s[1] - self.client_s[0]
+        per_1k = used / output_tokens * 1000 if output_tokens else float("nan")
+        return ServiceCpu("bench client", os.getpid(), used, per_1k)
 
     def report(self, output_tokens: int) -> list[ServiceCpu]:
         """Per service, in the order of `pids`; call after `start` and `stop`."""

@@ -99,3 +99,10 @@ def test_bench_reports_cpu_per_1k_output_tokens(
     assert row["name"] == "gateway" and row["pid"] == os.getpid() and row["cpu_s"] >= 0
     expected = row["cpu_s"] / summary["total_output_tokens"] * 1000
     assert row["per_1k_output_tokens"] == pytest.approx(expected)
+    # The client's own CPU is reported beside the services, not summed with them.
+    assert "bench client (this process)" in printed
+    client = json.loads(out.read_text())["client_cpu"]
+    assert client["name"] == "bench client" and client["pid"] == os.getpid()
+    assert client["cpu_s"] > 0
+    expected = client["cpu_s"] / summary["total_output_tokens"] * 1000
+    assert client["per_1k_output_tokens"] == pytest.approx(expected)
