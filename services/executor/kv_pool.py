@@ -85,14 +85,17 @@ class TableWrites:
     def concat(cls, writes: list[tuple[int, int, list[int]]]) -> TableWrites:
         """From (row, start, kv_indices) triples, in order; where two writes of one Step name the
         same entry the later one wins, as if they were applied one by one."""
-        lens = torch.tensor([len(kv) for _, _, kv in writes], dtype=torch.int64)
-        offsets = torch.cumsum(lens, 0) - lens
-        which = torch.repeat_interleave(torch.arange(len(writes)), lens)
-        rows = torch.tensor([r for r, _, _ in writes], dtype=torch.int64)[which]
-        starts = torch.tensor([s for _, s, _ in writes], dtype=torch.int64)[which]
-        cols = starts + torch.arange(int(lens.sum())) - offsets[which]
-        slots = torch.tensor([k for _, _, kv in writes for k in kv], dtype=torch.int64)
-        return cls(rows, cols, slots)._last_wins()
+        rows: list[int] = []
+        cols: list[int] = []
+        slots: list[int] = []
+        for row, start, kv in writes:
+            rows += [row] * len(kv)
+            cols += range(start, start + len(kv))
+            slots += kv
+        out = cls(*(torch.tensor(v, dtype=torch.int64) for v in (rows, cols, slots)))
+        # Writes to distinct rows cannot name one entry twice (a write's columns are distinct).
+        distinct = len({row for row, _, _ in writes}) == len(writes)
+        return out if distinct else out._last_wins()
 
     def _last_wins(self) -> TableWrites:
         # index_put with repeated indices leaves any one of the values, so drop earlier repeats
