@@ -24,6 +24,12 @@ class ServiceCpu:
     cpu_s: float
     per_1k_output_tokens: float
 
+    @classmethod
+    def over(cls, name: str, pid: int, cpu_s: float, output_tokens: int) -> ServiceCpu:
+        """`cpu_s` seconds spent while `output_tokens` tokens were generated (NaN per 1k if 0)."""
+        per_1k = cpu_s / output_tokens * 1000 if output_tokens else float("nan")
+        return cls(name, pid, cpu_s, per_1k)
+
 
 def parse_server_pids(specs: list[str]) -> dict[str, int]:
     """`["gateway=101", …]` → {"gateway": 101, …}; raises ValueError on a malformed entry."""
@@ -82,31 +88,28 @@ class CpuMeter:
         self.pids = pids
         self.before: dict[str, float] = {}
         self.after: dict[str, float] = {}
-        self.client_s = (0.0, 0.0)  # this process's CPU seconds at start, at stop
+        self.client_before = self.client_after = 0.0  # this process's CPU seconds
 
     def start(self) -> None:
         self.before = self._read()
-        self.client_s = (time.process_time(), 0.0)
+        self.client_before = time.process_time()
 
     def stop(self) -> None:
         self.after = self._read()
-        self.client_s = (self.client_s[0], time.process_time())
+        self.client_after = time.process_time()
 
     def client(self, output_tokens: int) -> ServiceCpu:
         """The CPU this process (sending and reading the requests) spent over the run; on a
         machine the server shares, it is CPU the server did not get."""
-        used = self.client_s[1] - self.client_s[0]
-        per_1k = used / output_tokens * 1000 if output_tokens else float("nan")
-        return ServiceCpu("bench client", os.getpid(), used, per_1k)
+        used = self.client_after - self.client_before
+        return ServiceCpu.over("bench client", os.getpid(), used, output_tokens)
 
     def report(self, output_tokens: int) -> list[ServiceCpu]:
         """Per service, in the order of `pids`; call after `start` and `stop`."""
-        rows = []
-        for name, pid in self.pids.items():
-            used = self.after[name] - self.before[name]
-            per_1k = used / output_tokens * 1000 if output_tokens else float("nan")
-            rows.append(ServiceCpu(name, pid, used, per_1k))
-        return rows
+        return [
+            ServiceCpu.over(name, pid, self.after[name] - self.before[name], output_tokens)
+            for name, pid in self.pids.items()
+        ]
 
     def _read(self) -> dict[str, float]:
         return {name: process_tree_cpu_s(pid) for name, pid in self.pids.items()}

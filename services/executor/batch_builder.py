@@ -46,6 +46,11 @@ def order_slices(slices: list[Slice]) -> list[int]:
     return extend + decode
 
 
+def _int64(values: list[int]) -> torch.Tensor:
+    """A host tensor [len(values)] int64."""
+    return torch.tensor(values, dtype=torch.int64)
+
+
 def plan_batch(slices: list[Slice], shared_prefixes: list[SharedPrefix] | None = None) -> BatchPlan:
     """`slices` must already be ordered by `order_slices` and non-empty; `shared_prefixes`
     already validated against them."""
@@ -59,10 +64,7 @@ def plan_batch(slices: list[Slice], shared_prefixes: list[SharedPrefix] | None =
     ids = [t for s in slices for t in (s.input_ids if not s.use_last_sampled else [0])]
     reuse = [i for i, s in enumerate(slices) if s.use_last_sampled]
     seq_lens_cpu = [a + n for a, n in zip(starts_cpu, lens, strict=True)]
-
-    def t(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64)
-
+    t = _int64
     return BatchPlan(
         input_ids=t(ids),
         positions=t([p for s in slices for p in range(s.start, s.start + s.length)]),
@@ -97,10 +99,7 @@ def plan_shared(
             key_starts[i] = span.length
             tok_idx += range(ends[i] - slices[i].length, ends[i])
         offsets.append(len(tok_idx))
-
-    def t(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64)
-
+    t = _int64
     return SharedSpans(
         tok_idx=t(tok_idx),
         tok_offsets=t(offsets),
