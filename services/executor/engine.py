@@ -10,6 +10,11 @@ host-side tensors; `execute` applies it and computes, reading only at that point
 step produced (its sampled tokens, for `use_last_sampled` slices). Steps must be executed in the
 order they were prepared; `prepare` may run on another thread than `execute`.
 
+A Step of decodes only may run several iterations (`StepInput.decode_steps`, sent under the
+scheduler's --num-continuous-decode-steps): iteration 0 runs as any Step, and each later one
+computes the same rows one position further from the tokens the one before sampled, exactly as
+that many one-iteration Steps would; the output holds one token per row per iteration.
+
 Rows with a grammar (`AddRequest.grammar`) sample under its token mask: the grammar is compiled
 when the Step is prepared (usually a cache hit: the scheduler compiles it ahead with
 CompileGrammar), its matcher is built when the row joins, and a row whose grammar ends is reported
@@ -51,6 +56,7 @@ from services.executor.step import (
 from services.executor.validation import (
     StepRejected,
     advance_plan,
+    check_decode_rows,
     check_shared_slots,
     validate_step,
 )
@@ -83,6 +89,8 @@ class PreparedStep:
     order: list[int]  # slice indices, extends first
     writes: TableWrites | None
     batch: BatchPlan | None
+    # Multi-step decode (`StepInput.decode_steps`): the plans of iterations 1, 2, ... (all rows).
+    iterations: list[BatchPlan] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -213,8 +221,17 @@ class Engine:
             epoch,
             order,
             TableWrites.concat(writes) if writes else None,
-            plan_batch([step.slices[i] for i in order], self._spans(step)) if step.slices else None,
+            self._plan(step, order) if step.slices else None,
+            [
+                self._plan(step.iteration(i))
+                for i in range(1, step.decode_steps if step.slices else 1)
+            ],
         )
+
+    def _plan(self, step: StepInput, order: list[int] | None = None) -> BatchPlan:
+        """The batch plan of `step`'s slices (non-empty) in `order` (default: as they are)."""
+        slices = step.slices if order is None else [step.slices[i] for i in order]
+        return plan_batch(slices, self._spans(step))
 
     def _compile_grammars(self, step: StepInput) -> None:
         for req in step.add:
@@ -243,6 +260,8 @@ class Engine:
                     prepared, out.unwritten, out.prompt_logprobs
                 )
                 out.num_tokens = sum(s.length for s in prepared.step.slices)
+                if prepared.iterations:
+                    self._decode_on(prepared, out)
         except Exception:
             with self.plan_lock:
                 self.epoch += 1  # the plan may be ahead of what was applied
@@ -262,6 +281,7 @@ class Engine:
         ahead cannot see yet, so they are checked here)."""
         step = prepared.step
         check_shared_slots(step, self)
+        check_decode_rows(step, self)
         matchers = [self._matcher(req) for req in step.add]
         for row in step.release_rows:
             rid = self.rows.pop(row).request_id
@@ -278,6 +298,42 @@ class Engine:
             log.debug("added at row %d", req.row, extra={"request_id": req.request_id})
         if prepared.writes is not None:
             self.table.write_many(prepared.writes)
+
+    def _decode_on(self, prepared: PreparedStep, out: StepOutput) -> None:
+        """Iterations 1, 2, ... of a multi-step decode whose iteration 0 is in `out`: each
+        computes every row one position further from the token the iteration before sampled,
+        and appends one token per slice to `out.tokens` (slice order). A row that failed (its
+        forward or its sampling) leaves the later iterations: it gets placeholder tokens, listed
+        in `out.failed`, and every other row carries on. Iterations run on the same rows, in
+        the same order, as that many one-step Steps would: the same tokens, seeds included."""
+        step = prepared.step
+        rows = [s.row for s in step.slices]
+        failed_rows = {out.tokens[i].row: cause for i, cause in out.failed.items()}
+        for i, plan in enumerate(prepared.iterations, start=1):
+            part = step.iteration(i)
+            if failed_rows:
+                part = step.iteration(i, set(rows) - set(failed_rows))
+                plan = self._plan(part) if part.slices else None
+            tokens: dict[int, SampledToken] = {}
+            if plan is not None:
+                order = list(range(len(part.slices)))
+                sub = PreparedStep(part, prepared.epoch, order, None, plan)
+                unwritten: dict[int, str] = {}
+                got, _, failed = self._compute(sub, unwritten, [])
+                tokens = {t.row: t for t in got}
+                out.unwritten.update(unwritten)
+                out.num_tokens += len(part.slices)
+                failed_now = {got[j].row: cause for j, cause in failed.items()}
+            else:
+                failed_now = {}
+            for row in rows:
+                if row in tokens and row not in failed_now:
+                    out.tokens.append(tokens[row])
+                    continue
+                cause = failed_now.get(row) or failed_rows[row]
+                out.failed[len(out.tokens)] = cause
+                out.tokens.append(SampledToken(row, 0))
+            failed_rows.update(failed_now)
 
     def _matcher(self, req: NewRequest) -> Any:
         """The grammar matcher of a joining row (None when free), past its output so far."""

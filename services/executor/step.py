@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from radixserve.v1 import executor_pb2 as pb
@@ -71,6 +71,21 @@ class StepInput:
     writes: list[SlotWrite] = field(default_factory=list)
     slices: list[Slice] = field(default_factory=list)
     shared_prefixes: list[SharedPrefix] = field(default_factory=list)
+    # Decode iterations (`Step.decode_steps` in the proto): iteration i computes every slice at
+    # start + i from the token iteration i - 1 sampled; only for use_last_sampled decodes.
+    decode_steps: int = 1
+
+    def iteration(self, i: int, rows: set[int] | None = None) -> StepInput:
+        """Iteration `i` >= 1 of a multi-step decode as a Step of its own: the slices (of `rows`
+        only, when given) one position further per iteration, the shared spans whose rows all
+        remain, nothing else."""
+        keep = [s for s in self.slices if rows is None or s.row in rows]
+        spans = [p for p in self.shared_prefixes if rows is None or rows.issuperset(p.rows)]
+        return StepInput(
+            self.step_id,
+            slices=[replace(s, start=s.start + i) for s in keep],
+            shared_prefixes=spans,
+        )
 
 
 @dataclass
@@ -171,6 +186,7 @@ def step_from_pb(msg: pb.Step) -> StepInput:
             for s in msg.slices
         ],
         shared_prefixes=[SharedPrefix(p.length, list(p.rows)) for p in msg.shared_prefixes],
+        decode_steps=max(1, msg.decode_steps),
     )
 
 
@@ -209,6 +225,7 @@ def step_to_pb(step: StepInput) -> pb.Step:
         shared_prefixes=[
             pb.SharedPrefix(length=p.length, rows=p.rows) for p in step.shared_prefixes
         ],
+        decode_steps=step.decode_steps,
     )
 
 

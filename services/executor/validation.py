@@ -26,6 +26,7 @@ def validate_step(step: StepInput, engine: Engine) -> None:
     active |= {a.row for a in step.add}
     _check_writes(step, active, engine)
     _check_slices(step, active, engine)
+    _check_decode_steps(step, engine)
     _check_shared_prefixes(step, engine)
 
 
@@ -106,6 +107,34 @@ def _check_slices(step: StepInput, active: set[int], engine: Engine) -> None:
         if s.input_ids and (min(s.input_ids) < 0 or max(s.input_ids) >= vocab):
             _fail(f"token id out of vocabulary ({vocab}) in the slice of row {s.row}")
         _check_prompt_logprobs(s, vocab)
+
+
+def _check_decode_steps(step: StepInput, engine: Engine) -> None:
+    k, ctx = step.decode_steps, engine.limits.context_length
+    if k == 1:
+        return
+    if k < 1:
+        _fail(f"decode_steps {k} is not positive")
+    for s in step.slices:
+        if not (s.use_last_sampled and s.sample):
+            _fail(f"decode_steps {k}: the slice of row {s.row} is not a sampled decode")
+        if s.start + k > ctx:
+            _fail(
+                f"decode_steps {k}: row {s.row} would decode past the context length {ctx} "
+                f"(from position {s.start})"
+            )
+
+
+def check_decode_rows(step: StepInput, engine: Engine) -> None:
+    """Raises StepRejected when a multi-step decode names a row with a grammar (its mask and
+    forced tokens need the scheduler between tokens). Reads the rows as the Steps before this one
+    left them (its slices' rows all sampled before, so none joins in it); changes nothing."""
+    if step.decode_steps == 1:
+        return
+    for s in step.slices:
+        state = engine.rows.get(s.row)
+        if state is not None and state.matcher is not None:
+            _fail(f"decode_steps {step.decode_steps}: row {s.row} has a grammar")
 
 
 def _check_prompt_logprobs(s: Slice, vocab: int) -> None:

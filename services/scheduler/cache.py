@@ -163,7 +163,9 @@ class KVCache:
         assert len(req.kv) == req.num_computed, (
             f"{req.rid}: {len(req.kv)} slots, {req.num_computed} computed"
         )
-        assert req.num_cached <= req.num_computed <= len(req.prompt) + len(req.output) + 1
+        # Positions past the known tokens: those of steps in flight (one per decode iteration).
+        in_flight = max(1, req.num_scheduled_outputs - len(req.output))
+        assert req.num_cached <= req.num_computed <= len(req.fill_ids) + in_flight
         path = _path_slots(req.node) if req.node is not None else []
         assert path == req.kv[: req.num_cached], (
             f"{req.rid}: cached prefix differs from its tree path"

@@ -42,6 +42,12 @@ class SchedulerConfig(ServiceConfig):
     disable_overlap_schedule: bool = option(
         False, "wait for each step's result before sending the next"
     )
+    num_continuous_decode_steps: int = option(
+        1,
+        "decode iterations per Step while the running requests only decode (nothing waits to be "
+        "admitted, no grammar, no min_tokens ban): fewer messages per token, while a request "
+        "that arrives waits up to that many iterations to be admitted",
+    )
     disable_jump_forward: bool = option(
         False, "with a grammar, decode every token, also those the grammar forces"
     )
@@ -69,5 +75,7 @@ class SchedulerConfig(ServiceConfig):
             raise ValueError("--schedule-conservativeness must be > 0")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError("--context-length must be at least 2")
+        if self.num_continuous_decode_steps < 1:
+            raise ValueError("--num-continuous-decode-steps must be at least 1")
         if self.step_timeout_s < 0:
             raise ValueError("--step-timeout-s must be >= 0 (0 disables it)")

@@ -24,9 +24,29 @@ from services.scheduler.request import Req
 from services.scheduler.step import Step
 
 
-def slots_needed(req: Req) -> int:
-    """KV slots req's next decode slice takes: its uncomputed tokens after jump-forward, else 1."""
-    return len(req.fill_ids) - req.num_computed if req.explicit_next else 1
+def slots_needed(req: Req, steps: int = 1) -> int:
+    """KV slots req's next decode slice takes: its uncomputed tokens after jump-forward, else one
+    per decode iteration."""
+    return len(req.fill_ids) - req.num_computed if req.explicit_next else steps
+
+
+def continuous_steps(running: Sequence[Req], most: int, free_slots: int, context: int) -> int:
+    """Decode iterations the next Step may run for `running` (up to `most`; the caller checks
+    that nothing waits and no prefill is chunked): 1 unless every decoding request just decodes
+    (no grammar, no min_tokens ban, no forced tokens to compute); never past `context` positions
+    nor past `free_slots` (free and evictable KV slots) shared by the decoding requests.
+
+    A request may reach max_tokens (or a stop token) before the last iteration: the tokens
+    after it are dropped and their slots freed with the request's, as an overlapped step's are.
+    Capping the iterations at the nearest max_tokens instead would cut them to one or two
+    whenever many requests run, as one of them nearly always is about to finish."""
+    decoding = [r for r in running if r.wants_decode()]
+    if most == 1 or not decoding:
+        return 1
+    if any(r.grammar is not None or r.banned or r.explicit_next for r in decoding):
+        return 1
+    room = min(context - r.num_computed for r in decoding)
+    return max(1, min(most, room, free_slots // len(decoding)))
 
 
 def victim_order(req: Req) -> tuple[int, int]:
@@ -38,10 +58,15 @@ class DecodeManager:
         self.cache = cache
         self.retract = retract  # releases req and queues it again (the scheduler's bookkeeping)
 
-    def schedule(self, step: Step, running: Sequence[Req]) -> int:
-        """Adds a decode slice for every request that can take one; returns how many decoded."""
+    def schedule(self, step: Step, running: Sequence[Req], steps: int = 1) -> int:
+        """Adds a decode slice for every request that can take one; returns how many decoded.
+        With `steps` > 1 (from `continuous_steps`) each slice runs that many iterations, unless
+        a request had to be retracted for room, which makes it one."""
         ready = [r for r in running if r.wants_decode() and not self._awaits_last_token(r)]
-        ready = self._make_room(ready, running)
+        retracting = len(ready)
+        ready = self._make_room(ready, running, steps)
+        if steps > 1 and len(ready) < retracting:
+            steps = 1
         decoded = 0
         for req in ready:
             if req.explicit_next:
@@ -49,11 +74,13 @@ class DecodeManager:
                     break
                 decoded += 1
                 continue
-            slots = self.cache.allocate(1)
+            slots = self.cache.allocate(steps)
             if slots is None:
                 break  # requests finishing this step still hold slots; the rest wait a step
-            self._decode(step, req, slots[0])
+            self._decode(step, req, slots)
             decoded += 1
+        if steps > 1 and decoded:
+            step.repeat_decodes(steps)
         return decoded
 
     def _extend(self, step: Step, req: Req) -> bool:
@@ -78,30 +105,35 @@ class DecodeManager:
     def _awaits_last_token(self, req: Req) -> bool:
         return req.needs_unban() and len(req.output) < req.num_scheduled_outputs
 
-    def _make_room(self, ready: list[Req], running: Sequence[Req]) -> list[Req]:
+    def _make_room(self, ready: list[Req], running: Sequence[Req], steps: int) -> list[Req]:
         """Retracts until every remaining ready request gets its slots (always keeping one): one
-        each, or after jump-forward one per token still to compute."""
+        per decode iteration each, or after jump-forward one per token still to compute."""
         candidates = sorted(
             (r for r in running if r in ready or r.prefilling), key=victim_order, reverse=True
         )
-        while self.cache.available() < sum(map(slots_needed, ready)) and len(candidates) > 1:
+
+        def needed() -> int:
+            return sum(slots_needed(r, steps) for r in ready)
+
+        while self.cache.available() < needed() and len(candidates) > 1:
             victim = candidates.pop()
             if victim in ready:
                 ready.remove(victim)
             self.retract(victim)
         return ready
 
-    def _decode(self, step: Step, req: Req, slot: int) -> None:
+    def _decode(self, step: Step, req: Req, slots: list[int]) -> None:
+        """A decode slice of req over len(slots) iterations (one unless `continuous_steps`)."""
         assert req.row is not None
         start = req.num_computed  # position of the newest token, whose KV this step writes
         unban = req.needs_unban()
-        req.kv.append(slot)
-        req.num_computed += 1
-        req.num_scheduled_outputs += 1
+        req.kv += slots
+        req.num_computed += len(slots)
+        req.num_scheduled_outputs += len(slots)
         if unban:
             self._readd_unbanned(step, req, start)
             return
-        step.writes.append((req.row, start, [slot]))
+        step.writes.append((req.row, start, slots))
         step.decode(req, start)
 
     def _readd_unbanned(self, step: Step, req: Req, start: int) -> None:

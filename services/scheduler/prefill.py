@@ -36,8 +36,9 @@ class NewTokenRatio:
         self.step = (self.initial - self.floor) / 600
         self.value = self.initial
 
-    def decay(self) -> None:
-        self.value = max(self.floor, self.value - self.step)
+    def decay(self, steps: int = 1) -> None:
+        """After `steps` decode iterations."""
+        self.value = max(self.floor, self.value - self.step * steps)
 
     def on_retract(self) -> None:
         self.value = 1.0
@@ -46,7 +47,7 @@ class NewTokenRatio:
 def future_tokens(req: Req, ratio: float) -> float:
     """Slots req may still need: its remaining prefill and its expected remaining outputs."""
     outputs = max(req.num_scheduled_outputs, len(req.output))
-    remaining = min(req.stop.max_tokens - outputs, CLIP_MAX_NEW_TOKENS)
+    remaining = max(0, min(req.stop.max_tokens - outputs, CLIP_MAX_NEW_TOKENS))
     prefill = (
         max(0, len(req.fill_ids) - req.num_computed) if req.row is None or req.prefilling else 0
     )

@@ -11,6 +11,9 @@ grammar that does not compile fails the request with INVALID_ARGUMENT before it 
 The loop (overlap on): build step N+1 and send it, then wait for N's result and process it — the
 executor computes N+1 while the scheduler processes N. A request that finishes at N already has a
 slice in N+1; its epoch has moved on, so that token is dropped, and its row is released in N+2.
+With --num-continuous-decode-steps K, a step of only decodes may run K iterations (decode.py's
+`continuous_steps`); once such a step is sent, the loop waits for every result before it builds
+the next, so nothing queues behind the K iterations.
 
 Failure: whatever stops `_serve` — the step stream broke, a step unanswered past --step-timeout-s,
 a rejected step, a bug — fails the requests the loop holds, reports not ready, and connects again;
@@ -37,7 +40,7 @@ from services.common.grammar import GrammarSpec
 from services.common.tracing import tracer
 from services.scheduler.cache import KVCache
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.decode import DecodeManager
+from services.scheduler.decode import DecodeManager, continuous_steps
 from services.scheduler.errors import (
     Busy,
     DuplicateRequest,
@@ -314,7 +317,9 @@ class Scheduler:
                 self.counters.steps += 1
                 sent_at = asyncio.get_running_loop().time()
                 self._inflight.append((step, self.link.send(step.to_pb()), sent_at))
-            keep = 1 if self.overlap and step else 0
+            # A multi-iteration step is never queued behind: a request that arrives meanwhile
+            # waits for its iterations only, not for a second such step sent ahead.
+            keep = 1 if self.overlap and step and step.decode_steps == 1 else 0
             processed = len(self._inflight) > keep  # results may free memory or rows: build again
             while len(self._inflight) > keep:
                 result = await self._oldest_result()
@@ -348,8 +353,14 @@ class Scheduler:
     def _build_step(self) -> Step:
         step = Step(next(self._step_ids))
         retractions = self.counters.retractions
-        if self.decode.schedule(step, self.running):
-            self.ratio.decay()
+        steps = 1
+        if not self.waiting and self.prefill.chunked is None:
+            most = self.cfg.num_continuous_decode_steps
+            steps = continuous_steps(
+                self.running, most, self.cache.available(), self.limits.context_length
+            )
+        if self.decode.schedule(step, self.running, steps):
+            self.ratio.decay(step.decode_steps)
         for req in self.running:
             if req.pending_write is not None:
                 start, kv = req.pending_write
@@ -367,7 +378,7 @@ class Scheduler:
         step.shared_prefixes = shared_prefixes(computed)
         for s in step.slices:
             req = by_row[s.row]
-            step.writers[s.row] = (req, req.epoch, req.kv[s.start : s.start + s.length])
+            step.writers[s.row] = (req, req.epoch, req.kv[s.start : s.start + step.positions(s)])
         return step
 
     def _start(self, admitted: list[Req]) -> None:

@@ -45,6 +45,9 @@ class Step:
     # row -> (req, epoch, KV slots its slice writes): whose prompt logprobs or failed forward
     # a result reports
     writers: dict[int, tuple[Req, int, list[int]]] = field(default_factory=dict)
+    # Decode iterations: each decode slice computes this many positions, one per iteration, and
+    # `samplers` lists the decode slices once per iteration (the result's order).
+    decode_steps: int = 1
 
     def __bool__(self) -> bool:
         return bool(self.release_rows or self.add or self.writes or self.slices)
@@ -80,6 +83,17 @@ class Step:
         self.slices.append(Slice(req.row, start, [], use_last_sampled=True))
         self.samplers.append((req, req.epoch))
 
+    def repeat_decodes(self, k: int) -> None:
+        """Makes every slice (all decodes) run `k` iterations: the executor samples each k times,
+        iteration-major."""
+        assert all(s.use_last_sampled for s in self.slices), "only decodes run several iterations"
+        self.decode_steps = k
+        self.samplers *= k
+
+    def positions(self, s: Slice) -> int:
+        """Positions slice `s` computes: its length, times the iterations for a decode."""
+        return s.length * (self.decode_steps if s.use_last_sampled else 1)
+
     def to_pb(self) -> pb.Step:
         return pb.Step(
             step_id=self.step_id,
@@ -101,6 +115,7 @@ class Step:
             shared_prefixes=[
                 pb.SharedPrefix(length=n, rows=rows) for n, rows in self.shared_prefixes
             ],
+            decode_steps=self.decode_steps,
         )
 
 

@@ -169,20 +169,22 @@ class SharedPrefix(_message.Message):
     def __init__(self, length: _Optional[int] = ..., rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "release_rows", "add", "writes", "slices", "shared_prefixes")
+    __slots__ = ("step_id", "release_rows", "add", "writes", "slices", "shared_prefixes", "decode_steps")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     RELEASE_ROWS_FIELD_NUMBER: _ClassVar[int]
     ADD_FIELD_NUMBER: _ClassVar[int]
     WRITES_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     SHARED_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     release_rows: _containers.RepeatedScalarFieldContainer[int]
     add: _containers.RepeatedCompositeFieldContainer[AddRequest]
     writes: _containers.RepeatedCompositeFieldContainer[SlotWrite]
     slices: _containers.RepeatedCompositeFieldContainer[Slice]
     shared_prefixes: _containers.RepeatedCompositeFieldContainer[SharedPrefix]
-    def __init__(self, step_id: _Optional[int] = ..., release_rows: _Optional[_Iterable[int]] = ..., add: _Optional[_Iterable[_Union[AddRequest, _Mapping]]] = ..., writes: _Optional[_Iterable[_Union[SlotWrite, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., shared_prefixes: _Optional[_Iterable[_Union[SharedPrefix, _Mapping]]] = ...) -> None: ...
+    decode_steps: int
+    def __init__(self, step_id: _Optional[int] = ..., release_rows: _Optional[_Iterable[int]] = ..., add: _Optional[_Iterable[_Union[AddRequest, _Mapping]]] = ..., writes: _Optional[_Iterable[_Union[SlotWrite, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., shared_prefixes: _Optional[_Iterable[_Union[SharedPrefix, _Mapping]]] = ..., decode_steps: _Optional[int] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("code", "message")

@@ -1,0 +1,170 @@
+"""--num-continuous-decode-steps over a real in-process Engine (tiny random Llama): the same
+tokens as one decode per Step, stop tokens and max_tokens honoured mid-Step, every slot given
+back, and single steps whenever a request waits or needs the scheduler between tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+
+from radixserve.v1 import executor_pb2 as pb
+from services.common.grammar import GrammarSpec
+from services.scheduler.decode import continuous_steps
+from services.scheduler.request import FinishReason, GenerateParams, Req
+from services.scheduler.streams import OutputStream
+from tests.executor.tiny import engine_for
+from tests.scheduler.harness import Result, generate, params, running_scheduler, wait_idle
+from tests.scheduler.local_executor import EOS, LocalExecutor, link_for, rand_prompt
+
+K = 4
+
+
+def ok(result) -> Result:
+    assert isinstance(result, dict), result
+    return result[0]
+
+
+def multi_steps(steps: list[pb.Step]) -> list[pb.Step]:
+    return [s for s in steps if s.decode_steps > 1]
+
+
+class NothingBehindMulti(LocalExecutor):
+    """Fails a Step sent while a multi-iteration Step is still unanswered."""
+
+    def __init__(self, hf) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(engine_for(hf, num_slots=2048, max_rows=16))
+        self.pending: list[pb.Step] = []
+
+    def send(self, step: pb.Step):  # type: ignore[no-untyped-def]
+        assert not multi_steps(self.pending), "a Step was queued behind a multi-iteration Step"
+        self.pending.append(step)
+        fut = super().send(step)
+        fut.add_done_callback(lambda _: self.pending.remove(step))
+        return fut
+
+
+def test_continuous_decode_gives_the_tokens_of_one_decode_per_step(hf, alone) -> None:
+    """Greedy requests (half end on a stop token, mid-Step) and seeded sampled ones with
+    penalties and logprobs, with overlap on and off: the tokens of single steps, finish reasons
+    included, and every KV slot back once they end."""
+    rng = random.Random(21)
+    prompts = [rand_prompt(rng, rng.randint(5, 60)) for _ in range(10)]
+    lengths = [rng.randint(3, 30) for _ in prompts]
+    stops = [
+        frozenset({alone(p, n)[n // 2]}) if k % 2 else frozenset()
+        for k, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+    ]
+    sampled = [
+        dict(temperature=1.0, top_p=0.9, seed=100 + i, frequency_penalty=0.4, logprobs=True)
+        for i in range(4)
+    ]
+
+    async def run(steps: int, overlap: bool) -> tuple[list[Result], list[pb.Step]]:
+        link = NothingBehindMulti(hf)
+        async with running_scheduler(
+            link, num_continuous_decode_steps=steps, disable_overlap_schedule=not overlap
+        ) as sched:
+            greedy = [
+                generate(sched, params(f"g{i}", p, n, stop_token_ids=s))
+                for i, (p, n, s) in enumerate(zip(prompts, lengths, stops, strict=True))
+            ]
+            drawn = [
+                generate(sched, params(f"s{i}", prompts[i], 25, ignore_eos=True, **kw))
+                for i, kw in enumerate(sampled)
+            ]
+            results = [ok(r) for r in await asyncio.gather(*greedy, *drawn)]
+            await wait_idle(sched)
+            stats = sched.cache.stats()
+            assert stats.used == 0 and stats.free + stats.evictable == stats.total
+        return results, link.steps
+
+    async def main() -> None:
+        single, single_steps = await run(1, overlap=True)
+        assert not multi_steps(single_steps)
+        for overlap in (True, False):
+            results, steps = await run(K, overlap)
+            assert multi_steps(steps), "no Step ran several decode iterations"
+            for step in multi_steps(steps):
+                assert not step.add and all(s.use_last_sampled for s in step.slices)
+            for res, ref in zip(results, single, strict=True):
+                assert res.tokens == ref.tokens
+                assert res.complete.reason is ref.complete.reason
+                assert res.complete.completion_tokens == ref.complete.completion_tokens
+                assert all(
+                    math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5)
+                    for a, b in zip(res.logprobs, ref.logprobs, strict=True)
+                )
+        for p, n, s, res in zip(prompts, lengths, stops, single[: len(prompts)], strict=True):
+            expected = alone(p, n)
+            cut = next((k for k, t in enumerate(expected) if t in s | {EOS}), None)
+            assert res.tokens == (expected if cut is None else expected[:cut])
+            assert res.complete.reason is (
+                FinishReason.LENGTH if cut is None else FinishReason.STOP
+            )
+
+    asyncio.run(main())
+
+
+def test_a_waiting_request_is_admitted_by_a_single_step(hf, alone) -> None:
+    """A request arriving while others decode several tokens a Step joins in a Step of one
+    iteration, and gets its own tokens."""
+    rng = random.Random(22)
+    first = [rand_prompt(rng, 20) for _ in range(3)]
+    late = rand_prompt(rng, 30)
+
+    async def main() -> None:
+        link = link_for(hf)
+        async with running_scheduler(link, num_continuous_decode_steps=K) as sched:
+            tasks = [
+                asyncio.create_task(generate(sched, params(f"f{i}", p, 40, ignore_eos=True)))
+                for i, p in enumerate(first)
+            ]
+            while len(multi_steps(link.steps)) < 2:
+                await asyncio.sleep(0.001)
+            joined = ok(await generate(sched, params("late", late, 6, ignore_eos=True)))
+            results = [ok(r) for r in await asyncio.gather(*tasks)]
+        assert joined.tokens == alone(late, 6)
+        assert [r.tokens for r in results] == [alone(p, 40) for p in first]
+        adds = [s for s in link.steps if any(a.request_id == "late" for a in s.add)]
+        assert len(adds) == 1 and adds[0].decode_steps <= 1
+        # It decoded in multi-step Steps too, once nothing waited.
+        late_row = adds[0].add[0].row
+        after = link.steps[link.steps.index(adds[0]) :]
+        assert any(s.decode_steps > 1 and late_row in [x.row for x in s.slices] for s in after)
+
+    asyncio.run(main())
+
+
+def req(prompt_len: int = 10, **kw: object) -> Req:
+    p = params("r", list(range(prompt_len)), 100)
+    r = Req.create(
+        GenerateParams(**{**p.__dict__, **kw}),
+        0,
+        OutputStream(1, prompt_len, False),
+        frozenset(),
+        0,
+    )
+    r.row, r.num_computed, r.prefill_len = 0, prompt_len, prompt_len
+    return r
+
+
+def test_continuous_steps_only_when_every_decoding_request_just_decodes() -> None:
+    plain = [req(), req(30)]
+    assert continuous_steps(plain, 8, free_slots=1000, context=512) == 8
+    assert continuous_steps(plain, 1, free_slots=1000, context=512) == 1
+    # Bounded by the context left to the longest request, and by the free slots shared.
+    assert continuous_steps(plain, 8, free_slots=1000, context=35) == 5
+    assert continuous_steps(plain, 8, free_slots=7, context=512) == 3
+    grammar = req(grammar=GrammarSpec("regex", "[0-9]+"))
+    assert continuous_steps([*plain, grammar], 8, 1000, 512) == 1
+    banned = req()
+    banned.banned = True
+    assert continuous_steps([*plain, banned], 8, 1000, 512) == 1
+    forced = req()
+    forced.explicit_next = True
+    assert continuous_steps([*plain, forced], 8, 1000, 512) == 1
+    # A request that decodes no more (its last token is in flight) does not hold the others back.
+    done = req()
+    done.num_scheduled_outputs = done.stop.max_tokens
+    assert continuous_steps([*plain, done], 8, 1000, 512) == 8
