@@ -47,5 +47,8 @@ class ExecutorMetrics:
         self._forward.labels(self.model_name).observe(result.forward_ns / 1e9)
         if result.unwritten_rows:
             self._failures.labels(self.model_name, "forward").inc(len(result.unwritten_rows))
-        if result.failed:
-            self._failures.labels(self.model_name, "sample").inc(len(result.failed))
+        # Rows, not entries: a failed row has an entry per decode iteration, and a row whose
+        # forward failed is listed in `failed` too.
+        sampling = {result.rows[i] for i in result.failed} - set(result.unwritten_rows)
+        if sampling:
+            self._failures.labels(self.model_name, "sample").inc(len(sampling))

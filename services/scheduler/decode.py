@@ -1,4 +1,5 @@
-"""Decode: one new position per running request per step, and retraction when slots run out.
+"""Decode: one new position per running request per step (or per iteration, for a step of several
+decode iterations; see `continuous_steps`), and retraction when slots run out.
 
 Each decoding request needs one KV slot per step, for its newest token. When free + evictable slots
 cannot cover that, requests are retracted (fewest generated tokens first, longest prompt breaking
@@ -60,13 +61,10 @@ class DecodeManager:
 
     def schedule(self, step: Step, running: Sequence[Req], steps: int = 1) -> int:
         """Adds a decode slice for every request that can take one; returns how many decoded.
-        With `steps` > 1 (from `continuous_steps`) each slice runs that many iterations, unless
-        a request had to be retracted for room, which makes it one."""
+        With `steps` > 1 (from `continuous_steps`, which leaves room for them all) each slice runs
+        that many iterations."""
         ready = [r for r in running if r.wants_decode() and not self._awaits_last_token(r)]
-        retracting = len(ready)
         ready = self._make_room(ready, running, steps)
-        if steps > 1 and len(ready) < retracting:
-            steps = 1
         decoded = 0
         for req in ready:
             if req.explicit_next:

@@ -58,7 +58,7 @@ from services.scheduler.request import FinishReason, GenerateParams, Limits, Pro
 from services.scheduler.request_table import RequestTable
 from services.scheduler.shared_prefix import shared_prefixes
 from services.scheduler.spans import SampleSpan
-from services.scheduler.step import Step, result_from_pb
+from services.scheduler.step import Step, StepResult, result_from_pb
 from services.scheduler.streams import Complete, OutputStream, Token
 
 log = logging.getLogger("radixserve.scheduler")
@@ -401,14 +401,22 @@ class Scheduler:
             raise StepFailed(f"step {step.step_id} rejected: {result.error[1]}")
         self.counters.computed_tokens += result.num_tokens
         self.metrics.iteration.observe(result.num_tokens)
-        if result.unwritten:
+        # Rows whose forward failed: at once, or, over several decode iterations, at the
+        # iteration where each failed, since its request may have ended before it.
+        failed_at: dict[int, int] = {}  # index into the tokens -> unwritten row
+        if result.unwritten and step.decode_steps == 1:
             self._drop_unwritten(step, result.unwritten)
+        elif result.unwritten:
+            failed_at = _first_failures(step, result)
         for row, piece in result.prompt.items():  # before the tokens: they ride in the first chunk
             req, epoch, _ = step.writers[row]
             if req.epoch == epoch and req.finished is None:
                 self._on_prompt_logprobs(req, piece)
         for i, ((req, epoch), token) in enumerate(zip(step.samplers, result.tokens, strict=True)):
-            if req.epoch == epoch and req.finished is None and i in result.failed:
+            if i in failed_at:
+                row = failed_at[i]
+                self._drop_unwritten(step, {row: result.unwritten[row]})
+            elif req.epoch == epoch and req.finished is None and i in result.failed:
                 self._fail_group(
                     self.groups[req.rid], INTERNAL, f"sampling failed: {result.failed[i]}"
                 )
@@ -554,6 +562,18 @@ class Scheduler:
                 _log_failed(rid, code, message)
         self.waiting = [r for r in self.waiting if r.finished is None]
         self.running = []
+
+
+def _first_failures(step: Step, result: StepResult) -> dict[int, int]:
+    """For a Step of several decode iterations: index of each unwritten row's first failed
+    entry in the result's tokens -> the row (the entries are iteration-major, one per slice)."""
+    width = len(step.slices)
+    first: dict[int, int] = {}
+    for i in sorted(result.failed):
+        row = step.slices[i % width].row
+        if row in result.unwritten and row not in first.values():
+            first[i] = row
+    return first
 
 
 def _debug(request_id: str, msg: str, *args: object) -> None:

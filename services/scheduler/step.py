@@ -172,7 +172,8 @@ def result_from_pb(
     top_counts: list[int],
     prompt_slices: dict[int, tuple[int, int]] | None = None,
 ) -> StepResult:
-    """`top_counts[i]`: top_logprobs of the i-th sampling request (the flattened top_ids stride);
+    """`top_counts[i]`: top_logprobs of the i-th sampling request (the flattened top_ids stride,
+    none for an entry in `failed`);
     `prompt_slices[row]`: (position of the first value, top_logprobs) of each slice with prompt
     logprobs (`Step.prompt_slices`)."""
     if msg.HasField("error"):
@@ -181,7 +182,9 @@ def result_from_pb(
         f"step {msg.step_id}: {len(msg.token_ids)} tokens for {len(top_counts)} sampled slices"
     )
     tokens, offset = [], 0
+    failed = set(msg.failed)
     for i, k in enumerate(top_counts):
+        k = 0 if i in failed else k  # a failed entry is a placeholder without alternatives
         tokens.append(
             Token(
                 msg.token_ids[i],

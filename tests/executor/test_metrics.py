@@ -25,9 +25,11 @@ def test_step_results_are_timed_and_failures_counted_by_kind() -> None:
         pb.StepResult(
             step_id=3,
             forward_ns=10_000_000,
+            rows=[5, 1, 2],
+            token_ids=[7, 0, 0],
             unwritten_rows=[1, 2],
-            failed=[0],
-            failed_reasons=["x"],
+            failed=[0, 1, 2],
+            failed_reasons=["x", "y", "z"],
         )
     )
     metrics.step(pb.StepResult(step_id=4, error=pb.StepError(code=3, message="bad row")))
@@ -37,3 +39,15 @@ def test_step_results_are_timed_and_failures_counted_by_kind() -> None:
         abs(registry.get_sample_value("radixserve:forward_time_seconds_sum", forward) - 0.03) < 1e-9
     )
     assert [failures(registry, k) for k in ("step", "forward", "sample")] == [1, 2, 1]
+    # Two decode iterations: each failed row has an entry per iteration, counted once.
+    metrics.step(
+        pb.StepResult(
+            step_id=5,
+            rows=[5, 1, 5, 1],
+            token_ids=[0, 0, 0, 0],
+            unwritten_rows=[1],
+            failed=[0, 1, 2, 3],
+            failed_reasons=["x", "y", "x", "y"],
+        )
+    )
+    assert [failures(registry, k) for k in ("step", "forward", "sample")] == [1, 3, 2]

@@ -8,11 +8,14 @@ import asyncio
 import math
 import random
 
+import pytest
+
 from radixserve.v1 import executor_pb2 as pb
 from services.common.grammar import GrammarSpec
 from services.scheduler.decode import continuous_steps
 from services.scheduler.request import FinishReason, GenerateParams, Req
-from services.scheduler.streams import OutputStream
+from services.scheduler.step import result_from_pb
+from services.scheduler.streams import Failure, OutputStream
 from tests.executor.tiny import engine_for
 from tests.scheduler.harness import Result, generate, params, running_scheduler, wait_idle
 from tests.scheduler.local_executor import EOS, LocalExecutor, link_for, rand_prompt
@@ -136,6 +139,74 @@ def test_a_waiting_request_is_admitted_by_a_single_step(hf, alone) -> None:
     asyncio.run(main())
 
 
+class FailsLate(LocalExecutor):
+    """Reports the forward of request `target`'s row as failed at the last iteration of a
+    multi-iteration Step: of the Step that reaches its max_tokens (`at_end`), else of the first,
+    as an executor does when that iteration's forward fails for that row alone."""
+
+    def __init__(self, hf, target: str, max_tokens: int, at_end: bool) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(engine_for(hf, num_slots=2048, max_rows=16))
+        self.target, self.max_tokens, self.at_end = target, max_tokens, at_end
+        self.row: int | None = None
+        self.sampled = 0  # the target's tokens so far
+        self.injected = False
+
+    def _run(self, data: bytes) -> pb.StepResult:
+        step = pb.Step.FromString(data)
+        self.row = next((a.row for a in step.add if a.request_id == self.target), self.row)
+        result = super()._run(data)
+        rows = [s.row for s in step.slices]
+        late = step.decode_steps > 1 and self.row in rows and not self.injected
+        if late and (not self.at_end or self.sampled + step.decode_steps > self.max_tokens):
+            self._fail_last_iteration(result, rows.index(self.row), len(rows), step.decode_steps)
+        self.sampled += sum(1 for r in result.rows if r == self.row)
+        return result
+
+    def _fail_last_iteration(self, result: pb.StepResult, slot: int, width: int, k: int) -> None:
+        self.injected = True
+        index = (k - 1) * width + slot
+        result.token_ids[index] = 0
+        failed = dict(zip(result.failed, result.failed_reasons, strict=True))
+        failed[index] = "RuntimeError: injected"
+        del result.failed[:], result.failed_reasons[:]
+        result.failed.extend(sorted(failed))
+        result.failed_reasons.extend(failed[i] for i in sorted(failed))
+        result.unwritten_rows.append(result.rows[index])
+        result.unwritten_reasons.append("RuntimeError: injected")
+
+
+@pytest.mark.parametrize("at_end", [True, False])
+def test_a_row_failing_at_a_later_iteration_fails_only_if_still_running(
+    hf, alone, at_end: bool
+) -> None:
+    """A row whose forward fails at an iteration after its request reached max_tokens leaves
+    the request complete; failing before, only that request fails. Either way the other
+    request gets its tokens and every slot comes back."""
+    rng = random.Random(23)
+    prompts = [rand_prompt(rng, 20) for _ in range(2)]
+    n = 7  # 1 from the prefill, then 4 + 2 of the second multi-iteration step (2 computed after)
+
+    async def main() -> None:
+        link = FailsLate(hf, "victim", n, at_end)
+        async with running_scheduler(link, num_continuous_decode_steps=K) as sched:
+            victim, other = await asyncio.gather(
+                generate(sched, params("victim", prompts[0], n, ignore_eos=True)),
+                generate(sched, params("other", prompts[1], 20, ignore_eos=True)),
+            )
+            await wait_idle(sched)
+            stats = sched.cache.stats()
+            assert stats.used == 0 and stats.free + stats.evictable == stats.total
+        assert link.injected
+        assert ok(other).tokens == alone(prompts[1], 20)
+        if at_end:
+            assert ok(victim).tokens == alone(prompts[0], n)
+            assert ok(victim).complete.reason is FinishReason.LENGTH
+        else:
+            assert isinstance(victim, Failure) and "the forward pass failed" in victim.message
+
+    asyncio.run(main())
+
+
 def req(prompt_len: int = 10, **kw: object) -> Req:
     p = params("r", list(range(prompt_len)), 100)
     r = Req.create(
@@ -168,3 +239,21 @@ def test_continuous_steps_only_when_every_decoding_request_just_decodes() -> Non
     done = req()
     done.num_scheduled_outputs = done.stop.max_tokens
     assert continuous_steps([*plain, done], 8, 1000, 512) == 8
+
+
+def test_failed_entries_carry_no_top_alternatives() -> None:
+    """A failed row's placeholder entries (one per later iteration) hold no top alternatives,
+    so the entries after them keep their own."""
+    msg = pb.StepResult(
+        step_id=1,
+        rows=[0, 1, 0, 1],
+        token_ids=[5, 0, 6, 0],
+        logprobs=[-0.1, 0.0, -0.2, 0.0],
+        top_ids=[5, 9, 6, 8],
+        top_logprobs=[-0.5, -2.0, -0.25, -3.0],
+        failed=[1, 3],
+        failed_reasons=["x", "x"],
+    )
+    tokens = result_from_pb(msg, [2, 2, 2, 2]).tokens
+    assert [t.top_ids for t in tokens] == [[5, 9], [], [6, 8], []]
+    assert [t.top_logprobs for t in tokens] == [[-0.5, -2.0], [], [-0.25, -3.0], []]
