@@ -89,8 +89,8 @@ class PreparedStep:
     order: list[int]  # slice indices, extends first
     writes: TableWrites | None
     batch: BatchPlan | None
-    # Multi-step decode (`StepInput.decode_steps`): the plans of iterations 1, 2, ... (all rows).
-    iterations: list[BatchPlan] = field(default_factory=list)
+    # Multi-step decode (`StepInput.decode_steps`): iterations 1, 2, ... prepared (all rows).
+    iterations: list[PreparedStep] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -223,10 +223,15 @@ class Engine:
             TableWrites.concat(writes) if writes else None,
             self._plan(step, order) if step.slices else None,
             [
-                self._plan(step.iteration(i))
+                self._prepared_iteration(step.iteration(i), epoch)
                 for i in range(1, step.decode_steps if step.slices else 1)
             ],
         )
+
+    def _prepared_iteration(self, part: StepInput, epoch: int) -> PreparedStep:
+        """A later iteration of a multi-step decode (`StepInput.iteration`, non-empty), prepared:
+        decodes only, so its slices stay in their order."""
+        return PreparedStep(part, epoch, list(range(len(part.slices))), None, self._plan(part))
 
     def _plan(self, step: StepInput, order: list[int] | None = None) -> BatchPlan:
         """The batch plan of `step`'s slices (non-empty) in `order` (default: as they are)."""
@@ -309,23 +314,19 @@ class Engine:
         step = prepared.step
         rows = [s.row for s in step.slices]
         failed_rows = {out.tokens[i].row: cause for i, cause in out.failed.items()}
-        for i, plan in enumerate(prepared.iterations, start=1):
-            part = step.iteration(i)
+        for i, sub in enumerate(prepared.iterations, start=1):
             if failed_rows:
                 part = step.iteration(i, set(rows) - set(failed_rows))
-                plan = self._plan(part) if part.slices else None
+                sub = self._prepared_iteration(part, prepared.epoch) if part.slices else None
             tokens: dict[int, SampledToken] = {}
-            if plan is not None:
-                order = list(range(len(part.slices)))
-                sub = PreparedStep(part, prepared.epoch, order, None, plan)
+            failed_now: dict[int, str] = {}
+            if sub is not None:
                 unwritten: dict[int, str] = {}
                 got, _, failed = self._compute(sub, unwritten, [])
                 tokens = {t.row: t for t in got}
                 out.unwritten.update(unwritten)
-                out.num_tokens += len(part.slices)
+                out.num_tokens += len(sub.step.slices)
                 failed_now = {got[j].row: cause for j, cause in failed.items()}
-            else:
-                failed_now = {}
             for row in rows:
                 if row in tokens and row not in failed_now:
                     out.tokens.append(tokens[row])

@@ -109,11 +109,10 @@ class DecodeManager:
         candidates = sorted(
             (r for r in running if r in ready or r.prefilling), key=victim_order, reverse=True
         )
-
-        def needed() -> int:
-            return sum(slots_needed(r, steps) for r in ready)
-
-        while self.cache.available() < needed() and len(candidates) > 1:
+        while (
+            self.cache.available() < sum(slots_needed(r, steps) for r in ready)
+            and len(candidates) > 1
+        ):
             victim = candidates.pop()
             if victim in ready:
                 ready.remove(victim)
