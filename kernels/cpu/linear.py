@@ -8,7 +8,9 @@ weights into vector dot products instead, for inputs of a few rows (the callers 
 from measurements, see packed_linear.py and quantization.py):
 
 - bfloat16 activations (linear.cpp): AVX-512 BF16 dot products over bfloat16 or int8 weights;
-  built on CPUs with AVX-512 BF16.
+  built on CPUs with AVX-512 BF16. Bfloat16 weights are packed once into panels whose vector
+  lanes are output channels (`pack_panels`, `linear_bf16_panels`): the layers' kernel up to
+  tens of rows; `linear_bf16` reads the plain row-major weight.
 - float32 activations (linear_f32.cpp): AVX2 FMAs over float32, int8 or int4 weights; built on
   CPUs with AVX2 and FMA.
 
@@ -82,6 +84,44 @@ def linear_bf16(
     """x [M, K] @ weight [N, K]^T + bias [N], all bfloat16 → [M, N] bfloat16 (`module` from
     `available`). Raises RuntimeError on a shape or dtype the kernel does not take."""
     return module.linear_bf16(x.contiguous(), weight, bias)
+
+
+def pack_panels(module: ModuleType, weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] bfloat16 or int8 (K even) → the panels `linear_bf16_panels` or
+    `linear_int8_panels` reads: [ceil(N / 16), K * 16] of the weight's dtype,
+    panels[b, (k // 2) * 32 + 2 * c + k % 2] = weight[16 b + c, k] (pairs of input features of 16
+    output channels, vdpbf16ps's operand layout), channels past N zero. A copy: the weight itself
+    is not kept. Raises RuntimeError on another dtype or odd K."""
+    return module.pack_panels(weight.contiguous())
+
+
+def linear_bf16_panels(
+    module: ModuleType,
+    x: torch.Tensor,
+    panels: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] bfloat16 @ weight [N = out_features, K]^T + bias [N] → [M, N] bfloat16, with the
+    weight as `pack_panels` packed it; the same formula as `linear_bf16_ref`. Each output is a
+    float32 sum over input features in ascending order (so a row does not depend on the others in
+    its batch), rounded to bfloat16 once. Raises RuntimeError on a shape or dtype it does not
+    take."""
+    return module.linear_bf16_panels(x.contiguous(), panels, out_features, bias)
+
+
+def linear_int8_panels(
+    module: ModuleType,
+    x: torch.Tensor,
+    panels: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] bfloat16 @ (q [N, K] int8 * scale [N] bfloat16)^T + bias [N] → [M, N] bfloat16,
+    with q as `pack_panels` packed it and N = scale's length; the formula of `linear_int8_ref`,
+    each output's float32 sum over input features in ascending order, scaled, rounded once.
+    Raises RuntimeError on a shape or dtype it does not take (K must be a multiple of 32)."""
+    return module.linear_int8_panels(x.contiguous(), panels, scale, scale.numel(), bias)
 
 
 def linear_bf16_ref(

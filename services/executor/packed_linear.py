@@ -12,12 +12,14 @@ oneDNN's packed float32 GEMM takes 84 against 144 ms at 32 rows and 19 against 4
 head (see F32_SMALL_BATCH_ROWS). Its sums run in another order than MKL's, so float32 rows from
 oneDNN can differ from `F.linear` by float32 rounding.
 
-Small inputs skip oneDNN and run a kernel of kernels/cpu/linear.py over the plain weight, which
-the layer keeps beside the packed one: the AVX-512 BF16 kernel for up to SMALL_BATCH_ROWS
-bfloat16 rows, the AVX2 FMA kernel for up to F32_SMALL_BATCH_ROWS float32 rows. oneDNN's fixed
-cost per call is most of a small layer's time at one row. Those kernels sum in another order too.
-Keeping both copies doubles the memory of the linear weights (not of a tied embedding, whose
-plain weight the LM head shares).
+Small inputs skip oneDNN and run a kernel of kernels/cpu/linear.py: bfloat16 ones the AVX-512 BF16
+kernel over the plain weight up to PLAIN_ROWS rows and, from there to SMALL_BATCH_ROWS, the panel
+kernel over a copy packed once into panels of 16 output channels; float32 ones the AVX2 FMA kernel
+over the plain weight up to F32_SMALL_BATCH_ROWS rows. oneDNN's fixed cost per call is most of a
+small layer's time at one row, and at decode batch sizes its blocking leaves the dot-product units
+idle. Those kernels sum in another order too. The layer keeps the plain weight beside the packed
+one, which doubles the memory of the linear weights, and bfloat16 layers the panels too where they
+run (three times; a tied LM head's plain weight is the embedding's own).
 
 Where torch has no oneDNN, float32 models get `SmallBatchLinear`: the FMA kernel up to
 F32_FALLBACK_ROWS rows and `F.linear` above, over the loaded weight alone.
@@ -48,14 +50,22 @@ Linear2D = Callable[[torch.Tensor], torch.Tensor]
 # the best at 1 and at 512 rows.
 PACK_BATCH_HINT = 64
 
-# Rows up to which the bfloat16 small-batch kernel runs instead of oneDNN, over this model's 121
-# linear layers (distinct weights, so each is read from memory):
-# - with AMX (Intel Xeon): 12.6 against 19.8 ms at one row, 15.9 against 18.8 ms at 4; oneDNN,
-#   on AMX tiles, is ahead from 6 rows on;
-# - AVX-512 BF16 without AMX (AMD EPYC), oneDNN on the same dot products as the kernel: the 120
-#   decoder layers take 8.1 against 12.8 ms at one row, 8.1 against 12.6 at 8, 14.6 against 16.6
-#   at 16, and oneDNN is ahead from about 24 (22.3 against 21.6 ms).
-SMALL_BATCH_ROWS = 4 if "amx_bf16" in cpu_flags().split() else 16
+# Rows up to which bfloat16 layers run a kernel of ours instead of oneDNN, over this model's 120
+# decoder linear layers (distinct weights, so each is read from memory):
+# - with AMX (Intel Xeon), the plain-weight kernel: 12.6 against 19.8 ms at one row, 15.9 against
+#   18.8 ms at 4; oneDNN, on AMX tiles, is ahead from 6 rows on;
+# - AVX-512 BF16 without AMX (a 2-core AMD EPYC), oneDNN on the same dot products as our kernels:
+#   the plain-weight kernel 8.1 against 12.8 ms at one row and 8.1 against 12.6 at 8; from there
+#   the panel kernel, 12.1-13.1 ms at 16 rows against 14.5-19.5 for the plain-weight kernel,
+#   16.7-18.0 at 32 and 25.6-27.2 at 64 against oneDNN's 19.3-23.8 and 30.0-31.7, behind oneDNN
+#   at 128 (47.5 against 42.2 ms).
+SMALL_BATCH_ROWS = 4 if "amx_bf16" in cpu_flags().split() else 64
+
+# Rows up to which the plain-weight kernel runs rather than the panel kernel. At 8 rows the two
+# were even over the decoder layers (9.6-10.3 against 8.2-10.3 ms), but `radixserve serve` at
+# concurrency 8 gave 290.5 output tok/s (median of five runs) with the plain-weight kernel and
+# 258.2 with the panels, rounds alternating.
+PLAIN_ROWS = 8
 
 # Rows up to which float32 `PackedLinear`s run the FMA kernel instead of oneDNN's packed GEMM.
 # Measured on an AVX2 host over this model's 120 decoder linear layers (distinct weights, read
@@ -90,24 +100,31 @@ class PackedLinear(nn.Module):
     """y = x W^T + b with W in oneDNN's blocked layout.
 
     x: [..., in_features] on the CPU, in the weight's dtype (bfloat16 or float32) →
-    [..., out_features] in that dtype. `weight` is an opaque
-    mkldnn tensor: it cannot be sliced, copied into or read as a plain tensor. `plain` is the
-    row-major weight [out_features, in_features] the small-batch kernel reads (not a buffer: it is
-    the loaded tensor itself, shared with a tied embedding), or None for a float32 layer the FMA
-    kernel cannot take (not built, disabled at load time, or in_features not a multiple of 32).
+    [..., out_features] in that dtype. `weight` is an opaque mkldnn tensor: it cannot be sliced,
+    copied into or read as a plain tensor. The small-batch kernels read `plain`, the row-major
+    weight [out_features, in_features] (the loaded tensor itself, shared with a tied embedding),
+    and, for a bfloat16 layer on a CPU where they run past PLAIN_ROWS, `panels`
+    ([ceil(out_features / 16), in_features * 16] bfloat16, `cpu_linear.pack_panels`, a copy);
+    each is None where no kernel can take the layer (not built, disabled at load time, or
+    in_features not a multiple of 32).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        # the small-batch kernel's weight; a float32 layer the FMA kernel cannot take keeps none
-        # (the loaded tensor is then left to be freed). `available_f32` checks the weight as it
-        # would an input: float32 on the CPU, in_features a multiple of 32, kernel built.
-        unusable = weight.dtype == torch.float32 and not cpu_linear.available_f32(
-            weight, self.in_features
+        # The small-batch kernels' weights: the plain weight, and a bfloat16 layer's panels (a
+        # copy) where the panel kernel runs; None where no kernel can take the layer (the loaded
+        # tensor is then left to be freed). `available*` check the weight as they would an input:
+        # its dtype on the CPU, in_features a multiple of 32, kernel built and enabled.
+        kernel = cpu_linear.available(weight, self.in_features)
+        self.panels: torch.Tensor | None = (
+            cpu_linear.pack_panels(kernel, weight)
+            if kernel is not None and SMALL_BATCH_ROWS > PLAIN_ROWS
+            else None
         )
-        self.plain: torch.Tensor | None = None if unusable else weight.contiguous()
+        usable = kernel is not None or cpu_linear.available_f32(weight, self.in_features)
+        self.plain: torch.Tensor | None = weight.contiguous() if usable else None
         self.register_buffer(
             "weight", torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
         )
@@ -121,10 +138,11 @@ class PackedLinear(nn.Module):
 
     def direct(self, x: torch.Tensor) -> Linear2D:
         """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
-        layer's weights: the small-batch kernel (bfloat16 up to SMALL_BATCH_ROWS rows, float32 up
-        to F32_SMALL_BATCH_ROWS) where it is available, oneDNN otherwise."""
-        plain, packed, bias = self.plain, self.weight, self.bias
-        rows = x.shape[0]
+        layer's weights: a small-batch kernel (bfloat16 up to SMALL_BATCH_ROWS rows, the plain
+        weight's up to PLAIN_ROWS and the panels' above; float32 up to F32_SMALL_BATCH_ROWS) where
+        it is available, oneDNN otherwise."""
+        plain, panels, packed, bias = self.plain, self.panels, self.weight, self.bias
+        rows, out_features = x.shape[0], self.out_features
         f32 = plain is not None and plain.dtype == torch.float32
         if f32 and 0 < rows <= F32_SMALL_BATCH_ROWS:
             kernel = cpu_linear.available_f32(x, self.in_features)
@@ -132,8 +150,12 @@ class PackedLinear(nn.Module):
                 return lambda flat: cpu_linear.linear_f32(kernel, flat, plain, bias)
         elif plain is not None and not f32 and 0 < rows <= SMALL_BATCH_ROWS:
             kernel = cpu_linear.available(x, self.in_features)
-            if kernel is not None:
+            if kernel is not None and (panels is None or rows <= PLAIN_ROWS):
                 return lambda flat: cpu_linear.linear_bf16(kernel, flat, plain, bias)
+            if kernel is not None:
+                return lambda flat: cpu_linear.linear_bf16_panels(
+                    kernel, flat, panels, out_features, bias
+                )
         return lambda flat: torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
 
     def extra_repr(self) -> str:

@@ -64,6 +64,13 @@ DEQUANT_ROWS = 32
 # EPYC (no AMX) over the model's 120 decoder linears, kernel against float GEMM: 18-22 against
 # 25-30 ms at 32 rows, 33-40 against 37-45 ms at 64, 58 against 43 ms at 96.
 KERNEL_DEQUANT_ROWS = 80
+# From this many rows the int8 kernel reads q as panels of 16 output channels, each converted to
+# bfloat16 once per call (see kernels/cpu/linear.cpp), and below it the rows layout. Measured on
+# that EPYC over the 120 decoder linears (layouts alternating, two runs each): 10.3-12.9 against
+# 5.2-5.6 ms at one row and 12.8-13.7 against 10.3 at 8 (the conversion's extra pass over the
+# weights costs more than the few rows gain), 14.7-18.5 against 15.1-17.2 at 16, 18.8-20.6
+# against 26.3-31.9 at 32, 29.5 against 43.2-45.8 at 64.
+INT8_PANEL_ROWS = 16
 # Int4Linear on torch's kernel: the same from this many rows (expanding int4 costs more: measured
 # here, the kernel at 256 rows takes about as long as expanding the weight, and 3x longer at 512).
 INT4_DEQUANT_ROWS = 256
@@ -166,6 +173,14 @@ class Int8Linear(nn.Module):
         self.layout = "blocks" if f32_kernel(scale.dtype, self.in_features) else "rows"
         if self.layout == "blocks":
             qweight = cpu_linear.block_int8(qweight)
+        # Bfloat16 activations with the AVX-512 BF16 kernel: q also packed into panels of 16
+        # output channels (`cpu_linear.pack_panels`), which that kernel reads from
+        # INT8_PANEL_ROWS to KERNEL_DEQUANT_ROWS - 1 rows; `qweight` stays for fewer rows and for
+        # the float GEMM above.
+        kernel = None
+        if self.layout == "rows" and scale.dtype == torch.bfloat16:
+            kernel = cpu_linear.available(scale.new_empty(0), self.in_features)
+        self.panels = None if kernel is None else cpu_linear.pack_panels(kernel, qweight)
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(scale.dtype))
@@ -212,6 +227,8 @@ class Int8Linear(nn.Module):
         if rows >= KERNEL_DEQUANT_ROWS:
             return None
         if scale.dtype == x.dtype and (kernel := cpu_linear.available(x, self.in_features)):
+            if (panels := self.panels) is not None and rows >= INT8_PANEL_ROWS:
+                return lambda flat: cpu_linear.linear_int8_panels(kernel, flat, panels, scale, bias)
             return lambda flat: cpu_linear.linear_int8(kernel, flat, q, scale, bias)
         return None
 

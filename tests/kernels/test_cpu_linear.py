@@ -7,8 +7,13 @@ import torch
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
-from services.executor.packed_linear import SMALL_BATCH_ROWS, PackedLinear, can_prepack
-from services.executor.quantization import KERNEL_DEQUANT_ROWS, Int8Linear
+from services.executor.packed_linear import (
+    PLAIN_ROWS,
+    SMALL_BATCH_ROWS,
+    PackedLinear,
+    can_prepack,
+)
+from services.executor.quantization import INT8_PANEL_ROWS, KERNEL_DEQUANT_ROWS, Int8Linear
 
 KERNEL = cpu_linear._linear.load()
 pytestmark = pytest.mark.skipif(
@@ -36,6 +41,50 @@ def test_bf16_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
     _ulp_close(cpu_linear.linear_bf16(KERNEL, x, w, b), cpu_linear.linear_bf16_ref(x, w, b))
 
 
+@pytest.mark.parametrize("rows", [*ROWS, 6, 8, 13, 65])
+@pytest.mark.parametrize(("k", "n"), SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_panels_match_reference(rows: int, k: int, n: int, bias: bool) -> None:
+    """Row tiles of 1-8 rows, channel blocks of 1-4 and a last block of 1-16 lanes."""
+    gen = torch.Generator().manual_seed(rows * n + k + 2)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    panels = cpu_linear.pack_panels(KERNEL, w)
+    out = cpu_linear.linear_bf16_panels(KERNEL, x, panels, n, b)
+    _ulp_close(out, cpu_linear.linear_bf16_ref(x, w, b))
+
+
+@pytest.mark.parametrize("rows", [*ROWS, 6, 8, 13, 65])
+@pytest.mark.parametrize(("k", "n"), SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_panels_match_reference(rows: int, k: int, n: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows * n + k + 3)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(n, generator=gen) / 127 / k**0.5).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    out = cpu_linear.linear_int8_panels(KERNEL, x, cpu_linear.pack_panels(KERNEL, q), scale, b)
+    _ulp_close(out, cpu_linear.linear_int8_ref(x, q, scale, b))
+
+
+def test_panels_hold_pairs_of_features_of_16_channels() -> None:
+    w = torch.arange(19 * 6, dtype=torch.float32).view(19, 6).bfloat16()
+    panels = cpu_linear.pack_panels(KERNEL, w)
+    assert panels.shape == (2, 6 * 16)
+    for n in range(32):
+        for k in range(6):
+            expected = w[n, k] if n < 19 else 0.0  # channels past N are zero
+            assert panels[n // 16, (k // 2) * 32 + 2 * (n % 16) + k % 2] == expected
+    q = torch.arange(-57, 57, dtype=torch.int8).view(19, 6)
+    q_panels = cpu_linear.pack_panels(KERNEL, q)
+    assert q_panels.dtype == torch.int8 and q_panels.shape == (2, 6 * 16)
+    for n in range(32):
+        for k in range(6):
+            expected = q[n, k] if n < 19 else 0
+            assert q_panels[n // 16, (k // 2) * 32 + 2 * (n % 16) + k % 2] == expected
+
+
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize(("k", "n"), SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
@@ -49,7 +98,7 @@ def test_int8_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
     _ulp_close(out, cpu_linear.linear_int8_ref(x, q, scale, b))
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("kind", ["bf16", "panels", "int8", "int8 panels"])
 def test_a_row_does_not_depend_on_its_batch(kind: str) -> None:
     """Each row's sum runs in the same order whatever else is in the batch: bit for bit."""
     gen = torch.Generator().manual_seed(7)
@@ -57,14 +106,19 @@ def test_a_row_does_not_depend_on_its_batch(kind: str) -> None:
     w = torch.randn(300, 576, generator=gen).bfloat16()
     q = torch.randint(-127, 128, (300, 576), generator=gen, dtype=torch.int8)
     scale = torch.rand(300, generator=gen).bfloat16() / 100
+    panels, q_panels = cpu_linear.pack_panels(KERNEL, w), cpu_linear.pack_panels(KERNEL, q)
 
     def apply(rows: torch.Tensor) -> torch.Tensor:
         if kind == "bf16":
             return cpu_linear.linear_bf16(KERNEL, rows, w, None)
+        if kind == "panels":
+            return cpu_linear.linear_bf16_panels(KERNEL, rows, panels, 300, None)
+        if kind == "int8 panels":
+            return cpu_linear.linear_int8_panels(KERNEL, rows, q_panels, scale, None)
         return cpu_linear.linear_int8(KERNEL, rows, q, scale, None)
 
     alone = torch.cat([apply(x[i : i + 1]) for i in range(37)])
-    for m in (2, 3, 4, 5, 9, 37):
+    for m in (2, 3, 4, 5, 7, 8, 9, 16, 37):
         assert torch.equal(apply(x[:m]), alone[:m]), f"{m} rows"
 
 
@@ -79,6 +133,19 @@ def test_shapes_and_dtypes_it_cannot_take_are_refused() -> None:
             KERNEL, torch.randn(2, 64).bfloat16(), torch.randn(8, 32).bfloat16(), None
         )
     assert cpu_linear.available(x, 48) is None  # the layers fall back instead
+    with pytest.raises(RuntimeError, match="even"):
+        cpu_linear.pack_panels(KERNEL, torch.randn(8, 33).bfloat16())
+    panels = cpu_linear.pack_panels(KERNEL, torch.randn(20, 64).bfloat16())
+    with pytest.raises(RuntimeError, match="blocks"):
+        cpu_linear.linear_bf16_panels(KERNEL, torch.randn(2, 64).bfloat16(), panels, 33, None)
+    with pytest.raises(RuntimeError, match="features"):
+        cpu_linear.linear_bf16_panels(KERNEL, torch.randn(2, 32).bfloat16(), panels, 20, None)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        cpu_linear.linear_bf16_panels(KERNEL, torch.randn(2, 64), panels, 20, None)
+    with pytest.raises(RuntimeError, match="Char"):  # bfloat16 panels for the int8 kernel
+        cpu_linear.linear_int8_panels(
+            KERNEL, torch.randn(2, 64).bfloat16(), panels, torch.ones(20).bfloat16(), None
+        )
     assert cpu_linear.available(torch.randn(2, 64), 64) is None
 
 
@@ -96,25 +163,39 @@ def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(bias: bool
     linear = nn.Linear(576, 962, bias=bias).bfloat16()
     layer = PackedLinear(linear)
     x = torch.randn(3, SMALL_BATCH_ROWS + 3, 576).bfloat16()  # leading dims are flattened
-    for rows in (1, SMALL_BATCH_ROWS):
+    panels = cpu_linear.pack_panels(KERNEL, linear.weight)
+    for rows in [
+        r for r in (1, PLAIN_ROWS, PLAIN_ROWS + 1, SMALL_BATCH_ROWS) if r <= SMALL_BATCH_ROWS
+    ]:
         part = x[0, :rows]
         out = layer(part)
-        assert torch.equal(out, cpu_linear.linear_bf16(KERNEL, part, linear.weight, linear.bias))
+        if rows <= PLAIN_ROWS:  # the plain weight's kernel, then the panels'
+            expected = cpu_linear.linear_bf16(KERNEL, part, linear.weight, linear.bias)
+        else:
+            expected = cpu_linear.linear_bf16_panels(KERNEL, part, panels, 962, linear.bias)
+        assert torch.equal(out, expected), rows
         _ulp_close(out, nn.functional.linear(part, linear.weight, linear.bias))
     # from SMALL_BATCH_ROWS + 1 rows: oneDNN, bit for bit F.linear
     assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
 
 
-@pytest.mark.parametrize("rows", [1, 4, 31, KERNEL_DEQUANT_ROWS - 1])
+@pytest.mark.parametrize(
+    "rows", [1, 4, INT8_PANEL_ROWS - 1, INT8_PANEL_ROWS, 31, KERNEL_DEQUANT_ROWS - 1]
+)
 def test_int8_linear_runs_the_kernel_below_the_float_gemm(rows: int) -> None:
+    """Rows layout below INT8_PANEL_ROWS, panels from there to the float GEMM."""
     torch.manual_seed(rows)
     weight = torch.randn(962, 576) / 24
     layer = Int8Linear.from_float(weight, torch.randn(962), torch.bfloat16)
     x = torch.randn(rows, 576).bfloat16()
     out = layer(x)
-    assert torch.equal(
-        out, cpu_linear.linear_int8(KERNEL, x, layer.qweight, layer.scale, layer.bias)
-    )
+    panels = cpu_linear.pack_panels(KERNEL, layer.qweight)
+    assert torch.equal(layer.panels, panels)
+    if rows >= INT8_PANEL_ROWS:
+        expected = cpu_linear.linear_int8_panels(KERNEL, x, panels, layer.scale, layer.bias)
+    else:
+        expected = cpu_linear.linear_int8(KERNEL, x, layer.qweight, layer.scale, layer.bias)
+    assert torch.equal(out, expected)
     _ulp_close(out, cpu_linear.linear_int8_ref(x, layer.qweight, layer.scale, layer.bias))
 
 
