@@ -244,16 +244,13 @@ torch::Tensor int8_to_bf16(torch::Tensor q) {
 // products and no sum is reduced across lanes. Output (m, n) is the float32 sum over pairs of
 // features in ascending order, in lane n % 16 of one accumulator, whatever the rows, tiles or
 // threads; it is rounded to bfloat16 once (round to nearest even, as static_cast does).
-// Measured on a 2-core AMD EPYC (AVX-512 BF16, no AMX) over SmolLM2-135M's 120 decoder linear
-// layers (distinct weights, read from memory): 8.3-8.8 against 9.5-12.5 ms (linear_bf16) and
+// Measured on a 2-core AMD EPYC (AVX-512 BF16, no AMX) over 120 layers of the shapes of
+// SmolLM2-135M's decoder linears (random distinct weights, read from memory): 8.3-8.8 against 9.5-12.5 ms (linear_bf16) and
 // 10.1-11.8 ms (oneDNN, packed) at 16 rows; 13.9-15.5 against 17.8-22.6 and 14.4-17.2 ms at 32;
 // 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead at 128 (42.2 against 47.5 ms). One layer
 // whose weights stay in cache runs at 820-870 GFLOP/s from 16 rows (oneDNN 680-710).
 constexpr int kPanelRows = 6;    // rows per tile
 constexpr int kPanelBlocks = 4;  // blocks of 16 output channels per tile
-// 7 or 8 rows run as one tile of 3 blocks (24 sums still), so that the panel is read once.
-constexpr int kWideRows = 8;
-constexpr int kWideBlocks = 3;
 constexpr int64_t kLanes = 16;
 
 // w [N, K] bf16 or int8 (K even) -> [ceil(N / 16), K * 16] of its dtype, channels past N zero.
@@ -312,16 +309,6 @@ inline void panel_rows(int64_t rows, const bf16* x, int64_t K, const bf16* panel
                        const bf16* scale, const bf16* bias, bf16* out, int64_t N, int64_t n0,
                        int64_t last_lanes) {
   switch (rows) {
-    case 8:
-      if constexpr (NT <= kWideBlocks) {
-        panel_tile<8, NT>(x, K, panel, scale, bias, out, N, n0, last_lanes);
-      }
-      break;
-    case 7:
-      if constexpr (NT <= kWideBlocks) {
-        panel_tile<7, NT>(x, K, panel, scale, bias, out, N, n0, last_lanes);
-      }
-      break;
     case 6: panel_tile<6, NT>(x, K, panel, scale, bias, out, N, n0, last_lanes); break;
     case 5: panel_tile<5, NT>(x, K, panel, scale, bias, out, N, n0, last_lanes); break;
     case 4: panel_tile<4, NT>(x, K, panel, scale, bias, out, N, n0, last_lanes); break;
@@ -333,21 +320,18 @@ inline void panel_rows(int64_t rows, const bf16* x, int64_t K, const bf16* panel
 
 // Runs the tiles of x [M, K] over blocks of 16 channels, each thread an equal run of blocks,
 // kPanelBlocks at a time, the rows in tiles of at most kPanelRows (as even as they go: 16 rows
-// are 5 + 5 + 6), or, for 7 or 8 rows, kWideBlocks blocks at a time in one tile. panel_of(p, nb)
-// gives the bfloat16 panel of blocks p .. p + nb - 1 (block stride K * 16) and is called once
-// per panel on the thread that runs it.
+// are 5 + 5 + 6). panel_of(p, nb) gives the bfloat16 panel of blocks p .. p + nb - 1 (block
+// stride K * 16) and is called once per panel on the thread that runs it.
 template <typename PanelOf>
 void run_panels(const bf16* x, int64_t M, int64_t K, int64_t N, int64_t blocks, const bf16* scale,
                 const bf16* bias, bf16* out, const PanelOf& panel_of) {
-  const bool wide = M > kPanelRows && M <= kWideRows;
-  const int64_t per_panel = wide ? kWideBlocks : kPanelBlocks;
-  const int64_t tiles = wide ? 1 : (M + kPanelRows - 1) / kPanelRows;
+  const int64_t tiles = (M + kPanelRows - 1) / kPanelRows;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
-      for (int64_t p = b0; p < b1; p += per_panel) {
-        const int64_t nb = std::min<int64_t>(per_panel, b1 - p);
+      for (int64_t p = b0; p < b1; p += kPanelBlocks) {
+        const int64_t nb = std::min<int64_t>(kPanelBlocks, b1 - p);
         const int64_t n0 = p * kLanes;
         const int64_t last_lanes = std::min<int64_t>(kLanes, N - (p + nb - 1) * kLanes);
         const bf16* panel = panel_of(p, nb);
@@ -414,7 +398,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x [M, K] bf16 @ w [N, K] bf16 ^T (+ bias)");
   m.def("linear_int8", &linear_int8, "x [M, K] bf16 @ (q [N, K] int8 * scale [N])^T (+ bias)");
   m.def("int8_to_bf16", &int8_to_bf16, "q [N, K] int8 -> bf16, exact");
-  m.def("pack_panels", &pack_panels, "w [N, K] bf16 -> [ceil(N / 16), K * 16] bf16 panels");
+  m.def("pack_panels", &pack_panels, "w [N, K] bf16 or int8 -> [ceil(N / 16), K * 16] panels");
   m.def("linear_bf16_panels", &linear_bf16_panels,
         "x [M, K] bf16 @ (panels of W [N, K])^T (+ bias) -> [M, N] bf16");
   m.def("linear_int8_panels", &linear_int8_panels,

@@ -8,9 +8,10 @@ weights into vector dot products instead, for inputs of a few rows (the callers 
 from measurements, see packed_linear.py and quantization.py):
 
 - bfloat16 activations (linear.cpp): AVX-512 BF16 dot products over bfloat16 or int8 weights;
-  built on CPUs with AVX-512 BF16. Bfloat16 weights are packed once into panels whose vector
-  lanes are output channels (`pack_panels`, `linear_bf16_panels`): the layers' kernel up to
-  tens of rows; `linear_bf16` reads the plain row-major weight.
+  built on CPUs with AVX-512 BF16. `linear_bf16` and `linear_int8` read the plain row-major
+  weight (the layers' kernels at the fewest rows); `linear_bf16_panels` and `linear_int8_panels`
+  read weights packed once into panels whose vector lanes are output channels (`pack_panels`),
+  the layers' kernels from there up to tens of rows.
 - float32 activations (linear_f32.cpp): AVX2 FMAs over float32, int8 or int4 weights; built on
   CPUs with AVX2 and FMA.
 
