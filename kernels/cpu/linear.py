@@ -13,7 +13,10 @@ from measurements, see packed_linear.py and quantization.py):
   read weights packed once into panels whose vector lanes are output channels (`pack_panels`),
   the layers' kernels from there up to tens of rows.
 - float32 activations (linear_f32.cpp): AVX2 FMAs over float32, int8 or int4 weights; built on
-  CPUs with AVX2 and FMA.
+  CPUs with AVX2 and FMA. `linear_f32` reads the plain weight; `linear_f32_panels` and
+  `linear_int8_f32_panels` read a float32 or int8 weight packed once into panels of 16 output
+  channels (`pack_panels16`); on CPUs without AVX-512 the float32 layers run them at every row
+  count.
 
 Each `*_ref` is the PyTorch formula the kernel computes; results agree with it to float32
 summation order (rounded to bfloat16 once for bfloat16 activations). Inputs need a width that is a
@@ -59,6 +62,14 @@ def available_f32(x: torch.Tensor, in_features: int) -> ModuleType | None:
     """The compiled float32 module when an input like `x` ([M, in_features]) can use it: float32
     on the CPU, `in_features` a multiple of 32, kernels enabled (see `available`); else None."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or in_features % K_MULTIPLE:
+        return None
+    return f32_module()
+
+
+def available_f32_panels(x: torch.Tensor) -> ModuleType | None:
+    """The compiled float32 module when an input like `x` can run `linear_f32_panels` (any
+    width): float32 on the CPU, kernels enabled (see `available`); else None."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     return f32_module()
 
@@ -168,6 +179,84 @@ def linear_f32(
     `available_f32`); `linear_f32_ref` is the formula. Raises RuntimeError on a shape or dtype
     the kernel does not take."""
     return module.linear_f32(x.contiguous(), weight, bias)
+
+
+def pack_panels16(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] (float32 or int8) → the panels `linear_f32_panels` and
+    `linear_int8_f32_panels` read: [ceil(N / 16), K * 16] of the weight's dtype,
+    panels[p, k * 16 + c] = weight[16 p + c, k] (16 output channels side by side, the lanes of two
+    AVX2 vectors), channels past N zero. A copy."""
+    n, k = weight.shape
+    padded = torch.cat([weight, weight.new_zeros((-n) % 16, k)]) if n % 16 else weight
+    return padded.reshape(-1, 16, k).transpose(1, 2).contiguous().view(-1, k * 16)
+
+
+def pack_int4_panels16(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [N, K] integers in [0, 15] (K even), scale and zero [N, K / g] → what
+    `linear_int4_f32_panels` reads: q as panels [ceil(N / 16), K * 8] uint8 (byte (p, i * 16 + c)
+    holds channel 16 p + c's feature 2i in its low nibble and 2i + 1 in its high one), scale and
+    zero as `pack_panels16` packs them, float32 [ceil(N / 16), K / g * 16]. Copies."""
+    k = q.shape[1]
+    lanes = pack_panels16(q.to(torch.uint8)).view(-1, k // 2, 2, 16)
+    nibbles = lanes[:, :, 0] | (lanes[:, :, 1] << 4)
+    return (
+        nibbles.reshape(-1, k * 8),
+        pack_panels16(scale.float().contiguous()),
+        pack_panels16(zero.float().contiguous()),
+    )
+
+
+def linear_int4_f32_panels(
+    module: ModuleType,
+    x: torch.Tensor,
+    panels: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    group: int,
+    out_features: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] float32 @ W^T + bias [N = out_features] → [M, N] float32, W[n, k] = q[n, k] *
+    scale[n, k // group] + zero[n, k // group] from `panels` = `pack_int4_panels16(q, scale,
+    zero)`, each weight expanded in one float32 fused multiply-add (as `linear_int4_f32` does), each
+    output one float32 sum over input features in ascending order. Raises RuntimeError on a shape
+    or dtype it does not take (K a multiple of the group size, a power of 2)."""
+    q, scale, zero = panels
+    return module.linear_int4_f32_panels(x.contiguous(), q, scale, zero, group, out_features, bias)
+
+
+def unpack_panels16(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """The weight [n, K] that `pack_panels16` packed into `panels` (a copy)."""
+    blocks, k = panels.shape[0], panels.shape[1] // 16
+    return panels.view(blocks, k, 16).transpose(1, 2).reshape(blocks * 16, k)[:n]
+
+
+def linear_f32_panels(
+    module: ModuleType,
+    x: torch.Tensor,
+    panels: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] float32 @ weight [N = out_features, K]^T + bias [N] → [M, N] float32, with the
+    weight as `pack_panels16` packed it (any K); the formula of `linear_f32_ref`. Each output is
+    one float32 sum over input features in ascending order, so a row does not depend on the
+    others in its batch. Raises RuntimeError on a shape or dtype it does not take."""
+    return module.linear_f32_panels(x.contiguous(), panels, out_features, bias)
+
+
+def linear_int8_f32_panels(
+    module: ModuleType,
+    x: torch.Tensor,
+    panels: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] float32 @ (q [N, K] int8 * scale [N] float32)^T + bias [N] → [M, N] float32,
+    with q as `pack_panels16` packed it and N = scale's length (any K); the formula of
+    `linear_int8_ref` in float32: each output one float32 sum over input features in ascending
+    order, then scaled. Raises RuntimeError on a shape or dtype it does not take."""
+    return module.linear_int8_f32_panels(x.contiguous(), panels, scale, bias)
 
 
 def linear_f32_ref(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.executor.packed_linear import PackedLinear, SmallBatchLinear, children_of_type
+from services.executor.packed_linear import FLOAT_LINEARS, children_of_type
 from services.executor.quantization import QUANTIZED_LINEARS
 
 log = logging.getLogger("radixserve.executor")
@@ -66,9 +66,9 @@ class BatchInvariantLinear(nn.Module):
 
 
 def make_batch_invariant(model: nn.Module) -> int:
-    """Wraps every linear layer of `model` (`nn.Linear`, `PackedLinear`, the quantized ones) in a
+    """Wraps every linear layer of `model` (`nn.Linear`, `PackedLinear`, `F32PanelLinear`, the quantized ones) in a
     `BatchInvariantLinear`, in place; returns how many were wrapped (0 when they all are)."""
-    linears = (nn.Linear, PackedLinear, SmallBatchLinear, *QUANTIZED_LINEARS)
+    linears = (*FLOAT_LINEARS, *QUANTIZED_LINEARS)
     targets = children_of_type(model, linears, skip=BatchInvariantLinear)
     if not targets:
         return 0

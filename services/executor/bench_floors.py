@@ -13,14 +13,14 @@ import time
 import torch
 from torch import nn
 
-from services.executor.packed_linear import PackedLinear, SmallBatchLinear
+from services.executor.packed_linear import FLOAT_LINEARS
 from services.executor.quantization import QUANTIZED_LINEARS, quantized_bytes
 
 
 def _linears(model: nn.Module) -> list[nn.Module]:
     """Every weight matmul as the engine runs it: `nn.Linear`, its oneDNN-packed twin or a
     quantized one."""
-    kinds = (nn.Linear, PackedLinear, SmallBatchLinear, *QUANTIZED_LINEARS)
+    kinds = (*FLOAT_LINEARS, *QUANTIZED_LINEARS)
     return [m for m in model.modules() if isinstance(m, kinds)]
 
 

@@ -43,11 +43,11 @@ from services.executor.models.llama import (
     LlamaMLP,
     LlamaModel,
 )
-from services.executor.packed_linear import Linear2D, PackedLinear, SmallBatchLinear
+from services.executor.packed_linear import FLOAT_LINEARS, Linear2D
 from services.executor.quantization import Int4Linear, Int8Linear
 
 # Linear layers whose forward is a pure function of a 2-D input (`direct()` where they have it).
-KNOWN_LINEARS = (nn.Linear, MergedLinear, PackedLinear, SmallBatchLinear, Int8Linear, Int4Linear)
+KNOWN_LINEARS = (*FLOAT_LINEARS, MergedLinear, Int8Linear, Int4Linear)
 
 
 def linear_call(module: nn.Module, x: torch.Tensor) -> Linear2D:

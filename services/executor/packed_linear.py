@@ -21,7 +21,13 @@ idle. Those kernels sum in another order too. The layer keeps the plain weight b
 one, which doubles the memory of the linear weights, and bfloat16 layers the panels too where they
 run (three times; a tied LM head's plain weight is the embedding's own).
 
-Where torch has no oneDNN, float32 models get `SmallBatchLinear`: the FMA kernel up to
+On CPUs without AVX-512, float32 layers get `F32PanelLinear` instead of either: the weight packed
+once into panels of 16 output channels and multiplied by `linear_f32_panels` at every row count.
+Measured on a 2-core AVX2 host over this model's 120 decoder linear layers, it ran ahead of both
+the FMA kernel and oneDNN's packed GEMM from one row to 1,024 (see F32PanelLinear), and the layer
+holds one copy of its weight instead of two.
+
+Where torch has no oneDNN, other float32 models get `SmallBatchLinear`: the FMA kernel up to
 F32_FALLBACK_ROWS rows and `F.linear` above, over the loaded weight alone.
 
 Like quantization, this is applied to a built model from outside the model files: `prepack_linears`
@@ -208,6 +214,73 @@ class SmallBatchLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, small-batch"
 
 
+class F32PanelLinear(nn.Module):
+    """y = x W^T + b for float32 on a CPU without AVX-512 (AVX2 and FMA): x [..., in_features] →
+    [..., out_features] float32, W packed once into `panels` ([ceil(out_features / 16),
+    in_features * 16] float32, `cpu_linear.pack_panels16`) and multiplied by
+    `cpu_linear.linear_f32_panels` at every row count. Each output is one float32 sum over input
+    features in ascending order, so a row never depends on the rest of its batch; the order
+    differs from `F.linear`'s, so rows can differ from it by float32 rounding.
+
+    The panels are the layer's only copy of the weight (the loaded tensor is released, except a
+    tied LM head's, which is the embedding's). Where the kernels are disabled at run time
+    (RADIXSERVE_DISABLE_CPU_KERNELS) or under torch.compile, `forward` multiplies by the weight
+    unpacked from the panels with `F.linear`.
+
+    Over this model's 120 decoder linear layers on a 2-core AVX2 host (distinct weights, read from
+    memory; the FMA kernel / oneDNN's packed GEMM / these panels): one row 18.8 / 30.9 / 17.8 ms,
+    8 rows 42.5 / 40.9 / 29.1, 16 rows 67.1 / 51.3 / 36.9, 32 rows - / 73.9 / 60.2, 64 rows
+    - / 132.6 / 111.0, 512 rows - / 808 / 806, 1,024 rows - / 1,540 / 1,484. The LM head
+    ([49,152, 576]) was even with oneDNN up to 256 rows and 4-8 % behind at 512-1,024.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("panels", cpu_linear.pack_panels16(linear.weight.detach()))
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features)
+        return self.direct(flat)(flat).view(*shape[:-1], self.out_features)
+
+    def direct(self, x: torch.Tensor) -> Linear2D:
+        """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
+        layer's panels: the panel kernel, or `F.linear` over the unpacked weight where the
+        kernels are disabled or x is not float32 on the CPU."""
+        panels, bias, out_features = self.panels, self.bias, self.out_features
+        kernel = cpu_linear.available_f32_panels(x)
+        if kernel is not None:
+            return lambda flat: cpu_linear.linear_f32_panels(
+                kernel, flat, panels, out_features, bias
+            )
+        return lambda flat: F.linear(flat, self.unpacked_weight(), bias)
+
+    def unpacked_weight(self) -> torch.Tensor:
+        """The weight [out_features, in_features] float32, rebuilt from the panels (a copy)."""
+        return cpu_linear.unpack_panels16(self.panels, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, panels=16"
+
+
+def can_use_f32_panels(dtype: torch.dtype, device: torch.device) -> bool:
+    """True where float32 layers become `F32PanelLinear`s: float32 on a CPU with AVX2 and FMA but
+    without AVX-512 (where the panel kernel was measured ahead of oneDNN at every row count),
+    the kernel built (which this may do) and not disabled by RADIXSERVE_DISABLE_CPU_KERNELS."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and "avx512f" not in cpu_flags().split()
+        and cpu_linear.f32_module() is not None
+    )
+
+
+FLOAT_LINEARS = (nn.Linear, PackedLinear, SmallBatchLinear, F32PanelLinear)
+
+
 def can_use_small_batch_f32(dtype: torch.dtype, device: torch.device) -> bool:
     """True where `SmallBatchLinear` runs its kernel: float32 on a CPU with AVX2 and FMA (the
     kernel built, which this may do), kernels not disabled by RADIXSERVE_DISABLE_CPU_KERNELS."""
@@ -230,12 +303,16 @@ def children_of_type(
 
 def prepack_linears(model: nn.Module) -> int:
     """Replaces every `nn.Linear` of `model` (lm_head included, even when it is tied to the
-    embedding: the embedding keeps its plain weight) by a `PackedLinear` where `can_prepack`
-    (bfloat16 or float32 with oneDNN), or else by a `SmallBatchLinear` where
+    embedding: the embedding keeps its plain weight) by an `F32PanelLinear` where
+    `can_use_f32_panels` (float32 on a CPU without AVX-512), else by a `PackedLinear` where
+    `can_prepack` (bfloat16 or float32 with oneDNN), or else by a `SmallBatchLinear` where
     `can_use_small_batch_f32` (float32 without oneDNN), in place.
     Returns how many were replaced; 0 when neither holds for the model's weights."""
     first = next(model.parameters())
-    if can_prepack(first.dtype, first.device):
+    kind: type[nn.Module]
+    if can_use_f32_panels(first.dtype, first.device):
+        kind, what = F32PanelLinear, "packed %d float32 linear layers into panels of 16 channels"
+    elif can_prepack(first.dtype, first.device):
         kind, what = PackedLinear, "packed %d linear layers for oneDNN"
     elif can_use_small_batch_f32(first.dtype, first.device):
         kind, what = SmallBatchLinear, "%d float32 linear layers run the FMA kernel at small batch"

@@ -25,8 +25,8 @@ over this model's 210 linear layers, 65 ms at one row and 3.7 s at 32 for int8, 
 The kernels (no AMX tiles) beat the float GEMMs at decode batch sizes, where reading the weights
 is the cost, and fall behind them on prefill-sized inputs. So inputs of many rows run as a float
 GEMM over the weight expanded on the fly, a chunk of output channels at a time: from
-F32_DEQUANT_ROWS rows on our float32 kernels (dot products up to 8 rows, register tiles of 6
-channels x 16 rows above), from KERNEL_DEQUANT_ROWS for int8 on the bfloat16 kernel, from
+F32_DEQUANT_ROWS rows on our float32 kernels (dot products over blocks of 4 channels up to 2
+rows, tiles of up to 6 rows over panels of 16 channels above), from KERNEL_DEQUANT_ROWS for int8 on the bfloat16 kernel, from
 DEQUANT_ROWS on torch's, from INT4_DEQUANT_ROWS for torch's int4. For torch's int4 that needs its
 packed layout, which is private to torch: `int4_layout` finds it by unpacking a probe that torch
 packed, and where no known layout matches, int4 layers always run the kernel.
@@ -74,11 +74,18 @@ INT8_PANEL_ROWS = 16
 # Int4Linear on torch's kernel: the same from this many rows (expanding int4 costs more: measured
 # here, the kernel at 256 rows takes about as long as expanding the weight, and 3x longer at 512).
 INT4_DEQUANT_ROWS = 256
-# Int8Linear and Int4Linear on our float32 kernel: the same from this many rows (measured on a
-# 2-core AVX2 host over the model's 120 decoder linears: int8 61 against 118 ms at 32 rows,
-# 519 against 587 ms at 256, 985 against 838 ms at 512; int4 542 against 709 ms at 256 and 1,254
-# against 938 ms at 512).
-F32_DEQUANT_ROWS = 384
+# Int8Linear and Int4Linear on our float32 kernel: the same from this many rows. Measured on a
+# 2-core AVX2 host over the model's 120 decoder linears, the panels (below) against the float
+# GEMM: int8 357 against 520 ms at 256 rows, 854 against 903 at 512, 1,630 against 2,124 at
+# 1,024; int4 363 against 477, 806 against 867, and 1,681 against 1,519 at 1,024.
+F32_DEQUANT_ROWS = 1024
+# From this many rows, below F32_DEQUANT_ROWS, those layers read their weight from panels of 16
+# output channels (kernels/cpu/linear_f32.cpp), a second copy, rather than from the blocks. The
+# same host and layers, blocks against panels: int8 8.5 against 9.2 ms at 2 rows, 12.5 against
+# 10.8 at 3, 27.5 against 22.8 at 8, 76.8 against 67.7 at 32 and 130.9 against 112.9 at 64; int4
+# 10.1 against 9.9 at 2, 16.9 against 11.6 at 3, 38.8 against 27.4 at 8 and 76.3 against 66.0 at
+# 32. At one row the blocks lead (int8 8.6 against 10.6, int4 10.4 against 11.4).
+F32_PANEL_ROWS = 3
 DEQUANT_CHUNK = 1 << 22  # weights expanded at once on those paths (4 Mi elements)
 
 
@@ -149,7 +156,9 @@ class Int8Linear(nn.Module):
     The layout (`layout`) is chosen at construction:
 
     - "blocks" (float32 activations where `f32_kernel`): q in our float32 kernel's blocks
-      (`cpu_linear.block_int8`); that kernel below F32_DEQUANT_ROWS rows.
+      (`cpu_linear.block_int8`) and, as `panels`, in panels of 16 output channels
+      (`cpu_linear.pack_panels16`); that kernel below F32_DEQUANT_ROWS rows, over the panels
+      from F32_PANEL_ROWS.
     - "rows": q [N, K]; our AVX-512 BF16 kernel (kernels/cpu/linear.py) for bfloat16 inputs of
       fewer than KERNEL_DEQUANT_ROWS rows where it is built and K is a multiple of 32,
       otherwise torch._weight_int8pack_mm below DEQUANT_ROWS rows (all with float32
@@ -171,16 +180,18 @@ class Int8Linear(nn.Module):
         if reason:
             raise ValueError(f"int8 kernel cannot run this weight: {reason}")
         self.layout = "blocks" if f32_kernel(scale.dtype, self.in_features) else "rows"
+        # q also packed into panels of 16 output channels, which the kernels read for more rows
+        # while `qweight` stays for fewer rows and for the float GEMM: for float32 activations
+        # (`cpu_linear.pack_panels16`) from F32_PANEL_ROWS rows; for bfloat16 ones with the
+        # AVX-512 BF16 kernel (`cpu_linear.pack_panels`) from INT8_PANEL_ROWS to
+        # KERNEL_DEQUANT_ROWS - 1 rows.
+        self.panels: torch.Tensor | None = None
         if self.layout == "blocks":
+            self.panels = cpu_linear.pack_panels16(qweight)
             qweight = cpu_linear.block_int8(qweight)
-        # Bfloat16 activations with the AVX-512 BF16 kernel: q also packed into panels of 16
-        # output channels (`cpu_linear.pack_panels`), which that kernel reads from
-        # INT8_PANEL_ROWS to KERNEL_DEQUANT_ROWS - 1 rows; `qweight` stays for fewer rows and for
-        # the float GEMM above.
-        kernel = None
-        if self.layout == "rows" and scale.dtype == torch.bfloat16:
+        elif scale.dtype == torch.bfloat16:
             kernel = cpu_linear.available(scale.new_empty(0), self.in_features)
-        self.panels = None if kernel is None else cpu_linear.pack_panels(kernel, qweight)
+            self.panels = None if kernel is None else cpu_linear.pack_panels(kernel, qweight)
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(scale.dtype))
@@ -217,17 +228,21 @@ class Int8Linear(nn.Module):
         rows = x.shape[0]
         if rows == 0:
             return None
-        q, scale, bias = self.qweight, self.scale, self.bias
+        q, scale, bias, panels = self.qweight, self.scale, self.bias, self.panels
         if self.layout == "blocks":
             if rows < F32_DEQUANT_ROWS and (
                 kernel := cpu_linear.available_f32(x, self.in_features)
             ):
+                if panels is not None and rows >= F32_PANEL_ROWS:
+                    return lambda flat: cpu_linear.linear_int8_f32_panels(
+                        kernel, flat, panels, scale, bias
+                    )
                 return lambda flat: cpu_linear.linear_int8_f32(kernel, flat, q, scale, bias)
             return None
         if rows >= KERNEL_DEQUANT_ROWS:
             return None
         if scale.dtype == x.dtype and (kernel := cpu_linear.available(x, self.in_features)):
-            if (panels := self.panels) is not None and rows >= INT8_PANEL_ROWS:
+            if panels is not None and rows >= INT8_PANEL_ROWS:
                 return lambda flat: cpu_linear.linear_int8_panels(kernel, flat, panels, scale, bias)
             return lambda flat: cpu_linear.linear_int8(kernel, flat, q, scale, bias)
         return None
@@ -314,8 +329,9 @@ class Int4Linear(nn.Module):
 
     - "fma" (float32 activations where `f32_kernel`): `qweight`, `scale` and `zero` in our
       float32 kernel's blocks (`cpu_linear.block_int4` of `pack_int4(q)`, the scale and the zero
-      float32 with the 8 folded into the zero: W = q * scale + (zero - 8 * scale)). Below
-      F32_DEQUANT_ROWS rows, our AVX2 FMA kernel.
+      float32 with the 8 folded into the zero: W = q * scale + (zero - 8 * scale)), and the
+      same in panels of 16 output channels as `panels` (`cpu_linear.pack_int4_panels16`). Below
+      F32_DEQUANT_ROWS rows, our AVX2 FMA kernel, over the panels from F32_PANEL_ROWS.
     - "torch": `qweight` [N, K/2] uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`
       (machine-specific), `scales_and_zeros` [K/g, N, 2] (scale, zero). Below INT4_DEQUANT_ROWS
       rows, torch's kernel.
@@ -345,13 +361,15 @@ class Int4Linear(nn.Module):
         assert scale.shape == zero.shape == (self.out_features, self.in_features // group_size)
         self.group_size = group_size
         self.layout = "fma" if f32_kernel(scale.dtype, self.in_features) else "torch"
+        self.panels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         if self.layout == "fma":
             scale32 = scale.float()
-            blocks = cpu_linear.block_int4(
-                cpu_linear.pack_int4(q), scale32, zero.float() - 8 * scale32
-            )
+            zero32 = zero.float() - 8 * scale32
+            blocks = cpu_linear.block_int4(cpu_linear.pack_int4(q), scale32, zero32)
             for name, value in zip(("qweight", "scale", "zero"), blocks, strict=True):
                 self.register_buffer(name, value)
+            # and in panels of 16 output channels, which the kernel reads from F32_PANEL_ROWS rows
+            self.panels = cpu_linear.pack_int4_panels16(q, scale32, zero32)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             self.register_buffer("qweight", packed)
@@ -408,6 +426,10 @@ class Int4Linear(nn.Module):
             self.out_features,
             self.bias,
         )
+        if (panels := self.panels) is not None and x.shape[0] >= F32_PANEL_ROWS:
+            return lambda flat: cpu_linear.linear_int4_f32_panels(
+                kernel, flat, panels, group, n, bias
+            )
         return lambda flat: cpu_linear.linear_int4_f32(kernel, flat, q, scale, zero, group, n, bias)
 
     def _direct_torch(self, x: torch.Tensor) -> Linear2D | None:

@@ -8,16 +8,20 @@ import torch
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
+from kernels.cpu.build import cpu_flags
 from services.executor.packed_linear import (
     F32_FALLBACK_ROWS,
     F32_SMALL_BATCH_ROWS,
+    F32PanelLinear,
     PackedLinear,
     SmallBatchLinear,
     can_prepack,
+    can_use_f32_panels,
     prepack_linears,
 )
 from services.executor.quantization import (
     F32_DEQUANT_ROWS,
+    F32_PANEL_ROWS,
     Int4Linear,
     Int8Linear,
     quantize_int4,
@@ -59,6 +63,97 @@ def test_f32_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
     b = torch.randn(n, generator=gen) if bias else None
     out = cpu_linear.linear_f32(KERNEL, x, w, b)
     _close(out, cpu_linear.linear_f32_ref(x, w, b), x, w)
+
+
+# Panel tiles are up to 6 rows, balanced (8 rows as 4 + 4): 1-6, 7-8 as two, 13 as three, more
+PANEL_ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 16, 33, 64, 65]
+# (K, N): any K (odd ones too), partial last panels of 13 and 962 % 16 = 2 channels
+PANEL_SHAPES = [(7, 13), (64, 16), (100, 33), (576, 962), (1536, 576)]
+
+
+@pytest.mark.parametrize("rows", PANEL_ROWS)
+@pytest.mark.parametrize(("k", "n"), PANEL_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_f32_panels_match_reference(rows: int, k: int, n: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows * n + k + 1)
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    b = torch.randn(n, generator=gen) if bias else None
+    panels = cpu_linear.pack_panels16(w)
+    out = cpu_linear.linear_f32_panels(KERNEL, x, panels, n, b)
+    _close(out, cpu_linear.linear_f32_ref(x, w, b), x, w)
+
+
+@pytest.mark.parametrize("rows", PANEL_ROWS)
+@pytest.mark.parametrize(("k", "n"), PANEL_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_panels_match_reference(rows: int, k: int, n: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows * n + k + 2)
+    x = torch.randn(rows, k, generator=gen)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) / 100
+    b = torch.randn(n, generator=gen) if bias else None
+    out = cpu_linear.linear_int8_f32_panels(KERNEL, x, cpu_linear.pack_panels16(q), scale, b)
+    _close(out, cpu_linear.linear_int8_ref(x, q, scale, b), x, q.float() * scale[:, None])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, 33, 65])
+@pytest.mark.parametrize(("k", "n"), [(96, 20), (256, 13), (576, 962), (1536, 576)])
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_panels_match_reference(rows: int, k: int, n: int, group: int) -> None:
+    """Every group size, each group with its own scale and zero, with and without bias."""
+    if k % group:
+        pytest.skip("K not a multiple of the group")
+    packed, scale, zero = _int4(n, k, group, rows + k + group + 1)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + 1))
+    b = torch.randn(n) if rows % 2 else None
+    panels = cpu_linear.pack_int4_panels16(cpu_linear.unpack_int4(packed), scale, zero)
+    out = cpu_linear.linear_int4_f32_panels(KERNEL, x, panels, group, n, b)
+    ref = cpu_linear.linear_int4_f32_ref(x, packed, scale, zero, group, b)
+    weight = cpu_linear.int4_weight(*cpu_linear.block_int4(packed, scale, zero), group, n)
+    _close(out, ref, x, weight)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_panels_expand_each_weight_as_the_blocks_kernel(group: int) -> None:
+    """One-hot rows read back every weight the panels multiply by: bit for bit the weight
+    the blocks' kernel expands (q * scale + zero in one fused multiply-add)."""
+    packed, scale, zero = _int4(37, 128, group, group)
+    panels = cpu_linear.pack_int4_panels16(cpu_linear.unpack_int4(packed), scale, zero)
+    weight = cpu_linear.int4_weight(*cpu_linear.block_int4(packed, scale, zero), group, 37)
+    out = cpu_linear.linear_int4_f32_panels(KERNEL, torch.eye(128), panels, group, 37, None)
+    assert torch.equal(out, weight.t())
+
+
+@pytest.mark.parametrize("n", [1, 16, 17, 962])
+def test_f32_panels_hold_16_channels_per_feature(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    w = torch.randn(n, 40, generator=gen)
+    panels = cpu_linear.pack_panels16(w)
+    blocks = (n + 15) // 16
+    assert panels.shape == (blocks, 40 * 16) and panels.dtype == torch.float32
+    view = panels.view(blocks, 40, 16)
+    for c in {0, n // 2, n - 1}:
+        assert torch.equal(view[c // 16, :, c % 16], w[c])  # channel c's features in its lane
+    assert not view.transpose(1, 2).reshape(blocks * 16, 40)[n:].any()  # channels past N zero
+    assert torch.equal(cpu_linear.unpack_panels16(panels, n), w)
+    q = torch.randint(-127, 128, (n, 40), generator=gen, dtype=torch.int8)
+    assert torch.equal(cpu_linear.unpack_panels16(cpu_linear.pack_panels16(q), n), q)
+
+
+def test_f32_panels_rows_over_several_row_blocks() -> None:
+    """Wide inputs sweep the rows in blocks (x of a block kept in L2: 12 rows at 4,096
+    features): every row of a 37-row batch is bit for bit the row alone, and close to the
+    reference."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(37, 4096, generator=gen)
+    w = torch.randn(40, 4096, generator=gen) / 64
+    b = torch.randn(40, generator=gen)
+    panels = cpu_linear.pack_panels16(w)
+    out = cpu_linear.linear_f32_panels(KERNEL, x, panels, 40, b)
+    _close(out, cpu_linear.linear_f32_ref(x, w, b), x, w)
+    alone = torch.cat([cpu_linear.linear_f32_panels(KERNEL, r, panels, 40, b) for r in x.split(1)])
+    assert torch.equal(out, alone)
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -143,11 +238,14 @@ def test_blocks_hold_four_channels_of_32_features_in_a_row(n: int) -> None:
     assert all(torch.equal(a, b) for a, b in zip(back, (packed, scale, zero), strict=True))
 
 
-@pytest.mark.parametrize("kind", ["f32", "int8", "int4"])
+@pytest.mark.parametrize(
+    "kind", ["f32", "f32 panels", "int8", "int8 panels", "int4", "int4 panels"]
+)
 @pytest.mark.parametrize(("k", "n"), [(576, 300), (160, 301)])  # and a partial block and panel
 def test_a_row_does_not_depend_on_its_batch(kind: str, k: int, n: int) -> None:
     """Each row's sum runs in the same order whatever else is in the batch, whether it goes
-    through the dot products (few rows) or the panel tiles (more): bit for bit."""
+    through the dot products (few rows) or the panel tiles (more), or through packed panels in
+    tiles of up to 6 rows: bit for bit."""
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(37, k, generator=gen)
     w = torch.randn(n, k, generator=gen)
@@ -155,9 +253,20 @@ def test_a_row_does_not_depend_on_its_batch(kind: str, k: int, n: int) -> None:
     scale = torch.rand(n, generator=gen) / 100
     int4 = cpu_linear.block_int4(*_int4(n, k, 32, 3))
 
+    panels = cpu_linear.pack_panels16(w)
+    q_panels = cpu_linear.pack_panels16(cpu_linear.unblock_int8(q, n))
+    packed, s4, z4 = _int4(n, k, 32, 3)
+    int4_panels = cpu_linear.pack_int4_panels16(cpu_linear.unpack_int4(packed), s4, z4)
+
     def apply(rows: torch.Tensor) -> torch.Tensor:
         if kind == "f32":
             return cpu_linear.linear_f32(KERNEL, rows, w, None)
+        if kind == "f32 panels":
+            return cpu_linear.linear_f32_panels(KERNEL, rows, panels, n, None)
+        if kind == "int8 panels":
+            return cpu_linear.linear_int8_f32_panels(KERNEL, rows, q_panels, scale, None)
+        if kind == "int4 panels":
+            return cpu_linear.linear_int4_f32_panels(KERNEL, rows, int4_panels, 32, n, None)
         if kind == "int8":
             return cpu_linear.linear_int8_f32(KERNEL, rows, q, scale, None)
         return cpu_linear.linear_int4_f32(KERNEL, rows, *int4, 32, n, None)
@@ -190,6 +299,31 @@ def test_shapes_dtypes_and_groups_it_cannot_take_are_refused() -> None:
         cpu_linear.linear_int4_f32(KERNEL, torch.randn(2, 96), packed, *blocks[1:], 32, 8, None)
     with pytest.raises(RuntimeError, match="bias"):
         cpu_linear.linear_int4_f32(KERNEL, torch.randn(2, 96), *blocks, 32, 8, torch.ones(3))
+    panels = cpu_linear.pack_panels16(torch.randn(20, 48))
+    with pytest.raises(RuntimeError, match="panels must be"):  # 20 channels, not 40
+        cpu_linear.linear_f32_panels(KERNEL, torch.randn(2, 48), panels, 40, None)
+    with pytest.raises(RuntimeError, match="panels must be"):  # 48 features, not 64
+        cpu_linear.linear_f32_panels(KERNEL, torch.randn(2, 64), panels, 20, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_linear.linear_f32_panels(KERNEL, torch.randn(2, 48).double(), panels, 20, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        cpu_linear.linear_f32_panels(KERNEL, torch.randn(2, 48), panels, 20, torch.ones(19))
+    q_panels = cpu_linear.pack_panels16(torch.ones(20, 48, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="panels must be"):  # int8 panels for float32 weights
+        cpu_linear.linear_f32_panels(KERNEL, torch.randn(2, 48), q_panels, 20, None)
+    p4 = cpu_linear.pack_int4_panels16(
+        torch.zeros(20, 64, dtype=torch.uint8), *[torch.ones(20, 2)] * 2
+    )
+    with pytest.raises(RuntimeError, match="group size"):  # 64 features in groups of 48
+        cpu_linear.linear_int4_f32_panels(KERNEL, torch.randn(2, 64), p4, 48, 20, None)
+    with pytest.raises(RuntimeError, match="scale must be"):  # 2 groups of 32, not 4 of 16
+        cpu_linear.linear_int4_f32_panels(KERNEL, torch.randn(2, 64), p4, 16, 20, None)
+    with pytest.raises(RuntimeError, match="panels must be"):  # 64 features, not 128
+        cpu_linear.linear_int4_f32_panels(KERNEL, torch.randn(2, 128), p4, 32, 20, None)
+    with pytest.raises(RuntimeError, match="panels must be"):  # 20 scales for 20 channels, not 40
+        cpu_linear.linear_int8_f32_panels(
+            KERNEL, torch.randn(2, 48), q_panels, torch.ones(40), None
+        )
     assert cpu_linear.available_f32(torch.randn(2, 48), 48) is None  # the layers fall back
     assert cpu_linear.available_f32(torch.randn(2, 64).bfloat16(), 64) is None
 
@@ -270,15 +404,56 @@ def test_packed_float32_linears_the_kernel_cannot_take_keep_no_plain_weight() ->
         _close(layer(x), nn.functional.linear(x, linear.weight, linear.bias), x, linear.weight)
 
 
+F32_PANELS = can_use_f32_panels(torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_f32_panel_linear_runs_the_panels_at_every_row_count(bias: bool) -> None:
+    torch.manual_seed(3)
+    linear = nn.Linear(576, 962, bias=bias)
+    layer = F32PanelLinear(linear)
+    assert layer.panels.shape == (61, 576 * 16)
+    assert torch.equal(layer.unpacked_weight(), linear.weight)  # the panels are the weight
+    x = torch.randn(3, 70, 576)  # leading dims are flattened
+    for part in (x[0, :1], x[0, :8], x[0, :65], x):
+        flat = part.reshape(-1, 576)
+        out = layer(part)
+        panels = cpu_linear.linear_f32_panels(KERNEL, flat, layer.panels, 962, linear.bias)
+        assert torch.equal(out.reshape(-1, 962), panels)
+        with torch.no_grad():
+            _close(
+                out.reshape(-1, 962),
+                nn.functional.linear(flat, linear.weight, linear.bias),
+                flat,
+                linear.weight,
+            )
+
+
+def test_f32_panel_linears_multiply_the_unpacked_weight_when_the_kernels_are_disabled(
+    monkeypatch,
+) -> None:
+    torch.manual_seed(4)
+    linear = nn.Linear(100, 40)  # any width
+    layer = F32PanelLinear(linear)
+    x = torch.randn(3, 100)
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    with torch.no_grad():
+        assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
+
+
 def test_a_float32_model_gets_linears_sharing_its_weights() -> None:
     model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 32), nn.Linear(32, 10, bias=False))
     model[2].weight = nn.Parameter(torch.randn(10, 32))
     head = model[2].weight
     assert prepack_linears(model) == 2
-    kind = PackedLinear if ONEDNN_F32 else SmallBatchLinear
+    assert ("avx512f" not in cpu_flags().split()) == F32_PANELS  # the kernel is built here
+    kind = F32PanelLinear if F32_PANELS else PackedLinear if ONEDNN_F32 else SmallBatchLinear
     assert [type(m) for m in model] == [nn.Embedding, kind, kind]
     # not copied: a tied embedding keeps sharing the weight the small-batch kernel reads
-    if ONEDNN_F32:
+    if F32_PANELS:  # the panels are the layers' only weights; the embedding keeps its own
+        assert torch.equal(model[2].unpacked_weight(), head)
+        assert dict(model.named_parameters()).keys() == {"0.weight"}
+    elif ONEDNN_F32:
         assert model[2].plain.data_ptr() == head.data_ptr()
         assert dict(model.named_parameters()).keys() == {"0.weight"}
     else:
@@ -288,7 +463,8 @@ def test_a_float32_model_gets_linears_sharing_its_weights() -> None:
 
 
 @pytest.mark.parametrize(
-    "rows", [1, 5, 40, F32_DEQUANT_ROWS - 1, F32_DEQUANT_ROWS, F32_DEQUANT_ROWS + 7]
+    "rows",
+    [1, F32_PANEL_ROWS - 1, F32_PANEL_ROWS, 40, F32_DEQUANT_ROWS - 1, F32_DEQUANT_ROWS + 7],
 )
 def test_int4_linear_in_float32_runs_the_kernel_then_the_float_gemm(rows: int) -> None:
     gen = torch.Generator().manual_seed(rows)
@@ -299,21 +475,27 @@ def test_int4_linear_in_float32_runs_the_kernel_then_the_float_gemm(rows: int) -
     out = layer(x)
     ref = nn.functional.linear(x, layer.dequantize(), layer.bias)
     _close(out, ref, x, layer.dequantize())
-    if rows < F32_DEQUANT_ROWS:
+    if rows < F32_PANEL_ROWS:  # the blocks' dot products
         kernel = cpu_linear.linear_int4_f32(
             KERNEL, x, layer.qweight, layer.scale, layer.zero, 64, 208, layer.bias
         )
         assert torch.equal(out, kernel)
+    elif rows < F32_DEQUANT_ROWS:  # the panels, expanding the same weights
+        panels = cpu_linear.linear_int4_f32_panels(KERNEL, x, layer.panels, 64, 208, layer.bias)
+        assert torch.equal(out, panels)
 
 
-@pytest.mark.parametrize("rows", [1, 8, 9, 40, F32_DEQUANT_ROWS - 1])
+@pytest.mark.parametrize("rows", [1, F32_PANEL_ROWS - 1, F32_PANEL_ROWS, 40, F32_DEQUANT_ROWS - 1])
 def test_int8_linear_in_float32_runs_the_kernel_below_the_float_gemm(rows: int) -> None:
     torch.manual_seed(rows)
     layer = Int8Linear.from_float(torch.randn(962, 576) / 24, torch.randn(962), torch.float32)
     x = torch.randn(rows, 576)
     out = layer(x)
     assert layer.layout == "blocks" and layer.qweight.shape == (241, 18, 4, 32)
-    expect = cpu_linear.linear_int8_f32(KERNEL, x, layer.qweight, layer.scale, layer.bias)
+    if rows < F32_PANEL_ROWS:  # the blocks' dot products
+        expect = cpu_linear.linear_int8_f32(KERNEL, x, layer.qweight, layer.scale, layer.bias)
+    else:  # the panels
+        expect = cpu_linear.linear_int8_f32_panels(KERNEL, x, layer.panels, layer.scale, layer.bias)
     assert torch.equal(out, expect)
     q = cpu_linear.unblock_int8(layer.qweight, 962)
     _close(out, cpu_linear.linear_int8_ref(x, q, layer.scale, layer.bias), x, layer.dequantize())
