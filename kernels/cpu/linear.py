@@ -66,10 +66,11 @@ def available_f32(x: torch.Tensor, in_features: int) -> ModuleType | None:
     return f32_module()
 
 
-def available_f32_panels(x: torch.Tensor) -> ModuleType | None:
-    """The compiled float32 module when an input like `x` can run `linear_f32_panels` (any
-    width): float32 on the CPU, kernels enabled (see `available`); else None."""
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+def available_panels16(x: torch.Tensor) -> ModuleType | None:
+    """The compiled float32 module when an input like `x` can run the panels of 16 channels
+    (`linear_f32_panels` for float32, `linear_bf16_f32_panels` for bfloat16; any width): float32
+    or bfloat16 on the CPU, kernels enabled (see `available`); else None."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
         return None
     return f32_module()
 
@@ -182,8 +183,9 @@ def linear_f32(
 
 
 def pack_panels16(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] (float32 or int8) → the panels `linear_f32_panels` and
-    `linear_int8_f32_panels` read: [ceil(N / 16), K * 16] of the weight's dtype,
+    """weight [N, K] (float32, bfloat16 or int8) → the panels `linear_f32_panels`,
+    `linear_bf16_f32_panels` and `linear_int8_f32_panels` read: [ceil(N / 16), K * 16] of the
+    weight's dtype,
     panels[p, k * 16 + c] = weight[16 p + c, k] (16 output channels side by side, the lanes of two
     AVX2 vectors), channels past N zero. A copy."""
     n, k = weight.shape
@@ -243,6 +245,22 @@ def linear_f32_panels(
     one float32 sum over input features in ascending order, so a row does not depend on the
     others in its batch. Raises RuntimeError on a shape or dtype it does not take."""
     return module.linear_f32_panels(x.contiguous(), panels, out_features, bias)
+
+
+def linear_bf16_f32_panels(
+    module: ModuleType,
+    x: torch.Tensor,
+    panels: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] bfloat16 @ weight [N = out_features, K]^T + bias [N] → [M, N] bfloat16 on AVX2
+    and FMA, with the weight bfloat16 as `pack_panels16` packed it (any K): x, the weight and the
+    bias widened to float32 (exact), each output one float32 sum over input features in
+    ascending order plus the bias, rounded to bfloat16 once; the formula of `linear_bf16_ref`,
+    and a row does not depend on the others in its batch. Raises RuntimeError on a shape or dtype
+    it does not take."""
+    return module.linear_bf16_f32_panels(x.contiguous(), panels, out_features, bias)
 
 
 def linear_int8_f32_panels(

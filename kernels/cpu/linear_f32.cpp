@@ -423,6 +423,7 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::
 // One packed panel of 16 output channels: load(k, w) gives the 16 weights of features k .. k +
 // kStep - 1 as w[step][0 .. 2), two vectors of 8 float32 each, from
 // - float32, [K][16];
+// - bfloat16, [K][16], widened to float32 (exact);
 // - int8, [K][16], converted exactly (the scale is applied after the sum);
 // - int4, [K / 2][16] bytes (feature 2i in the low nibble of byte (i, c), 2i + 1 in the high),
 //   expanded as q * scale + zero in one fused multiply-add like Int4Weights, with scale and
@@ -433,6 +434,17 @@ struct F32Lanes {
   inline void load(int64_t k, __m256 w[1][2]) const {
     w[0][0] = _mm256_loadu_ps(p + k * kPanelLanes);
     w[0][1] = _mm256_loadu_ps(p + k * kPanelLanes + 8);
+  }
+};
+struct Bf16Lanes {
+  static constexpr int kStep = 1;
+  const uint16_t* p;
+  inline void load(int64_t k, __m256 w[1][2]) const {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * kPanelLanes));
+    w[0][0] = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(b)), 16));
+    w[0][1] = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(b, 1)), 16));
   }
 };
 struct Int8Lanes {
@@ -534,7 +546,7 @@ void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
 }
 
 // out [M, N] = x [M, K] through the packed panels lanes(p) of N channels (see the header). A
-// quantized panel that serves more than kExpandRows rows (three tiles or more) is expanded to
+// bfloat16 or quantized panel that serves more than kExpandRows rows (three tiles or more) is expanded to
 // float32 once, into a buffer of the thread, and the tiles read that: over the 120 decoder
 // linears at 32 rows, converting in every tile took int8 72.7 and int4 89.4 ms, expanding once
 // 64.4 and 65.8 (float32 weights 60.2); at 8 rows (two tiles) expanding was slower, 33.8
@@ -544,12 +556,12 @@ template <typename MakeLanes>
 void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes& lanes,
                 const float* scale, const float* bias, float* out) {
   using Lanes = decltype(lanes(0));
-  constexpr bool kQuantized = !std::is_same_v<Lanes, F32Lanes>;
+  constexpr bool kConverted = !std::is_same_v<Lanes, F32Lanes>;  // not float32 as stored
   const int64_t P = (N + kPanelLanes - 1) / kPanelLanes;
   const int64_t block =
       std::max<int64_t>(kPackedRows, kPackedBlockBytes / (K * 4) / kPackedRows * kPackedRows);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> expanded(kQuantized && M > kExpandRows ? K * kPanelLanes : 0);
+    std::vector<float> expanded(kConverted && M > kExpandRows ? K * kPanelLanes : 0);
     for (int64_t mb = 0; mb < M; mb += block) {
       const int64_t m_end = std::min(M, mb + block);
       for (int64_t p = p0; p < p1; ++p) {
@@ -557,7 +569,7 @@ void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes
         const float* ps = scale != nullptr ? scale + n0 : nullptr;
         const float* pb = bias != nullptr ? bias + n0 : nullptr;
         const Lanes panel = lanes(p);
-        if (kQuantized && m_end - mb > kExpandRows) {
+        if (kConverted && m_end - mb > kExpandRows) {
           for (int64_t k = 0; k < K; k += Lanes::kStep) {
             __m256 w[Lanes::kStep][2];
             panel.load(k, w);
@@ -588,6 +600,27 @@ torch::Tensor linear_f32_panels(torch::Tensor x, torch::Tensor panels, int64_t N
       x.data_ptr<float>(), M, K, N, [&](int64_t b) { return F32Lanes{p + b * K * kPanelLanes}; },
       nullptr, bias_ptr(bias, N), out.data_ptr<float>());
   return out;
+}
+
+// x [M, K] bf16, panels [ceil(N / 16), K * 16] bf16 (packed, see the header), bias [N] bf16 or
+// None -> [M, N] bf16: x and the bias widened to float32, each output one float32 sum rounded to
+// bfloat16 once (products of bfloat16 values are exact in float32).
+torch::Tensor linear_bf16_f32_panels(torch::Tensor x, torch::Tensor panels, int64_t N,
+                                     c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16,
+              "x must be a bfloat16 CPU tensor");
+  const torch::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t K = features_of(xf), M = xf.size(0);
+  check_input(xf, K, 1);
+  check_panels(panels, at::kBFloat16, N, K * kPanelLanes);
+  c10::optional<torch::Tensor> bf;
+  if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+  auto out = torch::empty({M, N}, xf.options());
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>());
+  run_packed(
+      xf.data_ptr<float>(), M, K, N, [&](int64_t b) { return Bf16Lanes{p + b * K * kPanelLanes}; },
+      nullptr, bias_ptr(bf, N), out.data_ptr<float>());
+  return out.to(at::kBFloat16);
 }
 
 // x [M, K] f32, panels [ceil(N / 16), K * 16] int8 (packed q), scale [N] f32, bias [N] f32 or
@@ -713,6 +746,8 @@ torch::Tensor dequantize_int4(torch::Tensor q, torch::Tensor scale, torch::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_f32", &linear_f32, "x [M, K] f32 @ w [N, K] f32 ^T (+ bias)");
   m.def("linear_f32_panels", &linear_f32_panels, "x [M, K] f32 @ panels^T (+ bias) -> [M, N]");
+  m.def("linear_bf16_f32_panels", &linear_bf16_f32_panels,
+        "x [M, K] bf16 @ bf16 panels^T (+ bias), float32 sums -> [M, N] bf16");
   m.def("linear_int8_f32_panels", &linear_int8_f32_panels,
         "x [M, K] f32 @ (int8 panels * scale [N])^T (+ bias) -> [M, N]");
   m.def("linear_int4_f32_panels", &linear_int4_f32_panels,

@@ -21,11 +21,12 @@ idle. Those kernels sum in another order too. The layer keeps the plain weight b
 one, which doubles the memory of the linear weights, and bfloat16 layers the panels too where they
 run (three times; a tied LM head's plain weight is the embedding's own).
 
-On CPUs without AVX-512, float32 layers get `F32PanelLinear` instead of either: the weight packed
-once into panels of 16 output channels and multiplied by `linear_f32_panels` at every row count.
-Measured on a 2-core AVX2 host over this model's 120 decoder linear layers, it ran ahead of both
-the FMA kernel and oneDNN's packed GEMM from one row to 1,024 (see F32PanelLinear), and the layer
-holds one copy of its weight instead of two.
+On CPUs without AVX-512, float32 and bfloat16 layers get `PanelLinear` instead of either: the
+weight packed once into panels of 16 output channels and multiplied by a panel kernel at every row
+count (bfloat16 widened to float32 as it is read). Measured on a 2-core AVX2 host over this
+model's 120 decoder linear layers, float32 ran ahead of both the FMA kernel and oneDNN's packed
+GEMM from one row to 1,024 (see PanelLinear), and the layer holds one copy of its weight instead of
+two; bfloat16 there has no oneDNN GEMM at all, and torch's own ran many times slower.
 
 Where torch has no oneDNN, other float32 models get `SmallBatchLinear`: the FMA kernel up to
 F32_FALLBACK_ROWS rows and `F.linear` above, over the loaded weight alone.
@@ -214,13 +215,15 @@ class SmallBatchLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, small-batch"
 
 
-class F32PanelLinear(nn.Module):
-    """y = x W^T + b for float32 on a CPU without AVX-512 (AVX2 and FMA): x [..., in_features] →
-    [..., out_features] float32, W packed once into `panels` ([ceil(out_features / 16),
-    in_features * 16] float32, `cpu_linear.pack_panels16`) and multiplied by
-    `cpu_linear.linear_f32_panels` at every row count. Each output is one float32 sum over input
-    features in ascending order, so a row never depends on the rest of its batch; the order
-    differs from `F.linear`'s, so rows can differ from it by float32 rounding.
+class PanelLinear(nn.Module):
+    """y = x W^T + b for float32 or bfloat16 on a CPU without AVX-512 (AVX2 and FMA):
+    x [..., in_features] → [..., out_features] in the weight's dtype, W packed once into `panels`
+    ([ceil(out_features / 16), in_features * 16] of that dtype, `cpu_linear.pack_panels16`) and
+    multiplied at every row count by `cpu_linear.linear_f32_panels` (float32) or
+    `cpu_linear.linear_bf16_f32_panels` (bfloat16: x and W widened to float32, which is exact,
+    each output rounded to bfloat16 once). Each output is one float32 sum over input features in
+    ascending order, so a row never depends on the rest of its batch; the order differs from
+    `F.linear`'s, so rows can differ from it by float32 rounding.
 
     The panels are the layer's only copy of the weight (the loaded tensor is released, except a
     tied LM head's, which is the embedding's). Where the kernels are disabled at run time
@@ -228,10 +231,11 @@ class F32PanelLinear(nn.Module):
     unpacked from the panels with `F.linear`.
 
     Over this model's 120 decoder linear layers on a 2-core AVX2 host (distinct weights, read from
-    memory; the FMA kernel / oneDNN's packed GEMM / these panels): one row 18.8 / 30.9 / 17.8 ms,
-    8 rows 42.5 / 40.9 / 29.1, 16 rows 67.1 / 51.3 / 36.9, 32 rows - / 73.9 / 60.2, 64 rows
-    - / 132.6 / 111.0, 512 rows - / 808 / 806, 1,024 rows - / 1,540 / 1,484. The LM head
-    ([49,152, 576]) was even with oneDNN up to 256 rows and 4-8 % behind at 512-1,024.
+    memory; float32: the FMA kernel / oneDNN's packed GEMM / these panels): one row 18.8 / 30.9 /
+    17.8 ms, 8 rows 42.5 / 40.9 / 29.1, 16 rows 67.1 / 51.3 / 36.9, 32 rows - / 73.9 / 60.2, 64
+    rows - / 132.6 / 111.0, 512 rows - / 808 / 806, 1,024 rows - / 1,540 / 1,484. The LM head
+    ([49,152, 576]) was even with oneDNN up to 256 rows and 4-8 % behind at 512-1,024. Bfloat16
+    there has no oneDNN GEMM (torch's `F.linear` ran a whole decode step of 32 rows in 676 ms).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -248,37 +252,42 @@ class F32PanelLinear(nn.Module):
 
     def direct(self, x: torch.Tensor) -> Linear2D:
         """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
-        layer's panels: the panel kernel, or `F.linear` over the unpacked weight where the
-        kernels are disabled or x is not float32 on the CPU."""
+        layer's panels: the panel kernel for x in the panels' dtype on the CPU, `F.linear` over
+        the unpacked weight where the kernels are disabled (or for another input)."""
         panels, bias, out_features = self.panels, self.bias, self.out_features
-        kernel = cpu_linear.available_f32_panels(x)
-        if kernel is not None:
-            return lambda flat: cpu_linear.linear_f32_panels(
-                kernel, flat, panels, out_features, bias
+        kernel = cpu_linear.available_panels16(x)
+        if kernel is not None and x.dtype == panels.dtype:
+            run = (
+                cpu_linear.linear_f32_panels
+                if panels.dtype == torch.float32
+                else cpu_linear.linear_bf16_f32_panels
             )
+            return lambda flat: run(kernel, flat, panels, out_features, bias)
         return lambda flat: F.linear(flat, self.unpacked_weight(), bias)
 
     def unpacked_weight(self) -> torch.Tensor:
-        """The weight [out_features, in_features] float32, rebuilt from the panels (a copy)."""
+        """The weight [out_features, in_features] in the panels' dtype, rebuilt from the panels
+        (a copy)."""
         return cpu_linear.unpack_panels16(self.panels, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, panels=16"
 
 
-def can_use_f32_panels(dtype: torch.dtype, device: torch.device) -> bool:
-    """True where float32 layers become `F32PanelLinear`s: float32 on a CPU with AVX2 and FMA but
-    without AVX-512 (where the panel kernel was measured ahead of oneDNN at every row count),
-    the kernel built (which this may do) and not disabled by RADIXSERVE_DISABLE_CPU_KERNELS."""
+def can_use_panels16(dtype: torch.dtype, device: torch.device) -> bool:
+    """True where linear layers become `PanelLinear`s: float32 or bfloat16 on a CPU with AVX2 and
+    FMA but without AVX-512 (float32: the panel kernel was measured ahead of oneDNN at every row
+    count; bfloat16: torch has no oneDNN bfloat16 GEMM there), the kernel built (which this may
+    do) and not disabled by RADIXSERVE_DISABLE_CPU_KERNELS."""
     return (
         device.type == "cpu"
-        and dtype == torch.float32
+        and dtype in (torch.float32, torch.bfloat16)
         and "avx512f" not in cpu_flags().split()
         and cpu_linear.f32_module() is not None
     )
 
 
-FLOAT_LINEARS = (nn.Linear, PackedLinear, SmallBatchLinear, F32PanelLinear)
+FLOAT_LINEARS = (nn.Linear, PackedLinear, SmallBatchLinear, PanelLinear)
 
 
 def can_use_small_batch_f32(dtype: torch.dtype, device: torch.device) -> bool:
@@ -303,15 +312,15 @@ def children_of_type(
 
 def prepack_linears(model: nn.Module) -> int:
     """Replaces every `nn.Linear` of `model` (lm_head included, even when it is tied to the
-    embedding: the embedding keeps its plain weight) by an `F32PanelLinear` where
-    `can_use_f32_panels` (float32 on a CPU without AVX-512), else by a `PackedLinear` where
+    embedding: the embedding keeps its plain weight) by a `PanelLinear` where
+    `can_use_panels16` (float32 or bfloat16 on a CPU without AVX-512), else by a `PackedLinear` where
     `can_prepack` (bfloat16 or float32 with oneDNN), or else by a `SmallBatchLinear` where
     `can_use_small_batch_f32` (float32 without oneDNN), in place.
     Returns how many were replaced; 0 when neither holds for the model's weights."""
     first = next(model.parameters())
     kind: type[nn.Module]
-    if can_use_f32_panels(first.dtype, first.device):
-        kind, what = F32PanelLinear, "packed %d float32 linear layers into panels of 16 channels"
+    if can_use_panels16(first.dtype, first.device):
+        kind, what = PanelLinear, "packed %d linear layers into panels of 16 channels"
     elif can_prepack(first.dtype, first.device):
         kind, what = PackedLinear, "packed %d linear layers for oneDNN"
     elif can_use_small_batch_f32(first.dtype, first.device):

@@ -24,7 +24,7 @@ from services.executor.config import ExecutorConfig
 from services.executor.engine import Engine, EngineLimits
 from services.executor.factory import pick_dtype
 from services.executor.model_config import ModelConfig
-from services.executor.packed_linear import PackedLinear, can_prepack
+from services.executor.packed_linear import PackedLinear, PanelLinear, can_prepack, can_use_panels16
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
 from services.executor.weights import build_model, load_model
@@ -180,12 +180,14 @@ def test_batch_invariant_linear_rows_do_not_depend_on_the_batch(
     dtype: torch.dtype, k: int, n: int
 ) -> None:
     """Each row of any batch size (1 .. 3 tiles and odd sizes), at any position, equals the same
-    row computed alone, bit for bit; packed oneDNN weights too."""
+    row computed alone, bit for bit; packed oneDNN weights and panels too."""
     torch.manual_seed(0)
     linear = nn.Linear(k, n, bias=False).to(dtype)
     layers = [BatchInvariantLinear(linear)]
     if can_prepack(dtype, torch.device("cpu")):
         layers.append(BatchInvariantLinear(PackedLinear(linear)))
+    if can_use_panels16(dtype, torch.device("cpu")):
+        layers.append(BatchInvariantLinear(PanelLinear(linear)))
     x = torch.randn(200, k).to(dtype)
     rng = random.Random(1)
     for layer in layers:

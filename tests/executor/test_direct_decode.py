@@ -14,7 +14,7 @@ from kernels.cpu import fused
 from services.executor.direct_decode import DirectDecode
 from services.executor.engine import Engine, EngineLimits
 from services.executor.model_config import ModelConfig
-from services.executor.packed_linear import can_prepack, prepack_linears
+from services.executor.packed_linear import can_prepack, can_use_panels16, prepack_linears
 from services.executor.quantization import quantize_linears
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, SharedPrefix, Slice, SlotWrite, StepInput
@@ -74,12 +74,19 @@ BF16 = pytest.mark.skipif(
     not can_prepack(torch.bfloat16, torch.device("cpu")),
     reason="bfloat16 linears need oneDNN's bfloat16 GEMM (AVX-512)",
 )
+BF16_LINEARS = pytest.mark.skipif(
+    not (
+        can_prepack(torch.bfloat16, torch.device("cpu"))
+        or can_use_panels16(torch.bfloat16, torch.device("cpu"))
+    ),
+    reason="bfloat16 linears need oneDNN's bfloat16 GEMM (AVX-512) or the AVX2 panels",
+)
 MODES = [
     ("none", torch.float32),
     ("int8", torch.float32),
     ("int4", torch.float32),
     ("plain", torch.float32),
-    pytest.param("none", torch.bfloat16, marks=BF16),
+    pytest.param("none", torch.bfloat16, marks=BF16_LINEARS),
     pytest.param("int8", torch.bfloat16, marks=BF16),
     pytest.param("int4", torch.bfloat16, marks=BF16),  # torch's int4 kernel and packing
 ]

@@ -12,11 +12,11 @@ from kernels.cpu.build import cpu_flags
 from services.executor.packed_linear import (
     F32_FALLBACK_ROWS,
     F32_SMALL_BATCH_ROWS,
-    F32PanelLinear,
     PackedLinear,
+    PanelLinear,
     SmallBatchLinear,
     can_prepack,
-    can_use_f32_panels,
+    can_use_panels16,
     prepack_linears,
 )
 from services.executor.quantization import (
@@ -82,6 +82,32 @@ def test_f32_panels_match_reference(rows: int, k: int, n: int, bias: bool) -> No
     panels = cpu_linear.pack_panels16(w)
     out = cpu_linear.linear_f32_panels(KERNEL, x, panels, n, b)
     _close(out, cpu_linear.linear_f32_ref(x, w, b), x, w)
+
+
+@pytest.mark.parametrize("rows", PANEL_ROWS)
+@pytest.mark.parametrize(("k", "n"), PANEL_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_panels_are_the_float32_panels_rounded_once(
+    rows: int, k: int, n: int, bias: bool
+) -> None:
+    """Bfloat16 weights widened as they are read (exact), over x and bias widened too: bit for
+    bit the float32 panels over the widened values, rounded to bfloat16 once, and within a
+    bfloat16 rounding of the reference."""
+    gen = torch.Generator().manual_seed(rows * n + k + 3)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    panels = cpu_linear.pack_panels16(w)
+    assert panels.dtype == torch.bfloat16
+    out = cpu_linear.linear_bf16_f32_panels(KERNEL, x, panels, n, b)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+    wide = cpu_linear.linear_f32_panels(
+        KERNEL, x.float(), cpu_linear.pack_panels16(w.float()), n, None if b is None else b.float()
+    )
+    assert torch.equal(out, wide.bfloat16())
+    ref = cpu_linear.linear_bf16_ref(x, w, b).float()
+    bound = x.float().abs() @ w.float().abs().t()
+    assert ((out.float() - ref).abs() <= ref.abs() / 128 + 1e-5 * bound + 1e-6).all()
 
 
 @pytest.mark.parametrize("rows", PANEL_ROWS)
@@ -239,7 +265,7 @@ def test_blocks_hold_four_channels_of_32_features_in_a_row(n: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind", ["f32", "f32 panels", "int8", "int8 panels", "int4", "int4 panels"]
+    "kind", ["f32", "f32 panels", "bf16 panels", "int8", "int8 panels", "int4", "int4 panels"]
 )
 @pytest.mark.parametrize(("k", "n"), [(576, 300), (160, 301)])  # and a partial block and panel
 def test_a_row_does_not_depend_on_its_batch(kind: str, k: int, n: int) -> None:
@@ -254,6 +280,7 @@ def test_a_row_does_not_depend_on_its_batch(kind: str, k: int, n: int) -> None:
     int4 = cpu_linear.block_int4(*_int4(n, k, 32, 3))
 
     panels = cpu_linear.pack_panels16(w)
+    bf16_panels = cpu_linear.pack_panels16(w.bfloat16())
     q_panels = cpu_linear.pack_panels16(cpu_linear.unblock_int8(q, n))
     packed, s4, z4 = _int4(n, k, 32, 3)
     int4_panels = cpu_linear.pack_int4_panels16(cpu_linear.unpack_int4(packed), s4, z4)
@@ -263,6 +290,8 @@ def test_a_row_does_not_depend_on_its_batch(kind: str, k: int, n: int) -> None:
             return cpu_linear.linear_f32(KERNEL, rows, w, None)
         if kind == "f32 panels":
             return cpu_linear.linear_f32_panels(KERNEL, rows, panels, n, None)
+        if kind == "bf16 panels":
+            return cpu_linear.linear_bf16_f32_panels(KERNEL, rows.bfloat16(), bf16_panels, n, None)
         if kind == "int8 panels":
             return cpu_linear.linear_int8_f32_panels(KERNEL, rows, q_panels, scale, None)
         if kind == "int4 panels":
@@ -324,6 +353,13 @@ def test_shapes_dtypes_and_groups_it_cannot_take_are_refused() -> None:
         cpu_linear.linear_int8_f32_panels(
             KERNEL, torch.randn(2, 48), q_panels, torch.ones(40), None
         )
+    bf16_panels = cpu_linear.pack_panels16(torch.randn(20, 48).bfloat16())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        cpu_linear.linear_bf16_f32_panels(KERNEL, torch.randn(2, 48), bf16_panels, 20, None)
+    with pytest.raises(RuntimeError, match="panels must be"):  # float32 panels, bfloat16 x
+        cpu_linear.linear_bf16_f32_panels(KERNEL, torch.randn(2, 48).bfloat16(), panels, 20, None)
+    with pytest.raises(RuntimeError, match="panels must be"):  # bfloat16 panels, float32 x
+        cpu_linear.linear_f32_panels(KERNEL, torch.randn(2, 48), bf16_panels, 20, None)
     assert cpu_linear.available_f32(torch.randn(2, 48), 48) is None  # the layers fall back
     assert cpu_linear.available_f32(torch.randn(2, 64).bfloat16(), 64) is None
 
@@ -404,14 +440,14 @@ def test_packed_float32_linears_the_kernel_cannot_take_keep_no_plain_weight() ->
         _close(layer(x), nn.functional.linear(x, linear.weight, linear.bias), x, linear.weight)
 
 
-F32_PANELS = can_use_f32_panels(torch.float32, torch.device("cpu"))
+F32_PANELS = can_use_panels16(torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_f32_panel_linear_runs_the_panels_at_every_row_count(bias: bool) -> None:
     torch.manual_seed(3)
     linear = nn.Linear(576, 962, bias=bias)
-    layer = F32PanelLinear(linear)
+    layer = PanelLinear(linear)
     assert layer.panels.shape == (61, 576 * 16)
     assert torch.equal(layer.unpacked_weight(), linear.weight)  # the panels are the weight
     x = torch.randn(3, 70, 576)  # leading dims are flattened
@@ -434,11 +470,53 @@ def test_f32_panel_linears_multiply_the_unpacked_weight_when_the_kernels_are_dis
 ) -> None:
     torch.manual_seed(4)
     linear = nn.Linear(100, 40)  # any width
-    layer = F32PanelLinear(linear)
+    layer = PanelLinear(linear)
     x = torch.randn(3, 100)
     monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
     with torch.no_grad():
         assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_panel_linear_runs_the_bf16_panels_at_every_row_count(bias: bool, monkeypatch) -> None:
+    torch.manual_seed(5)
+    linear = nn.Linear(576, 962, bias=bias).bfloat16()
+    layer = PanelLinear(linear)
+    assert layer.panels.dtype == torch.bfloat16 and layer.panels.shape == (61, 576 * 16)
+    assert torch.equal(layer.unpacked_weight(), linear.weight)
+    x = torch.randn(2, 70, 576).bfloat16()
+    for part in (x[0, :1], x[0, :8], x[0, :65], x):
+        flat = part.reshape(-1, 576)
+        out = layer(part)
+        assert out.dtype == torch.bfloat16 and out.shape == (*part.shape[:-1], 962)
+        panels = cpu_linear.linear_bf16_f32_panels(KERNEL, flat, layer.panels, 962, linear.bias)
+        assert torch.equal(out.reshape(-1, 962), panels)
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")  # F.linear over the unpacked weight
+    with torch.no_grad():
+        flat = x[0, :3]
+        assert torch.equal(layer(flat), nn.functional.linear(flat, linear.weight, linear.bias))
+
+
+@pytest.mark.skipif("avx512f" in cpu_flags().split(), reason="AVX-512 CPUs keep oneDNN")
+def test_a_bfloat16_model_without_avx512_gets_panel_linears() -> None:
+    """Where torch has no bfloat16 GEMM of oneDNN's, every bfloat16 linear (a tied head too)
+    becomes a PanelLinear over bfloat16 panels; the embedding keeps its own weight."""
+    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 32), nn.Linear(32, 10, bias=False))
+    model = model.bfloat16()
+    head = model[2].weight.detach().clone()
+    assert can_use_panels16(torch.bfloat16, torch.device("cpu"))
+    assert prepack_linears(model) == 2
+    assert [type(m) for m in model] == [nn.Embedding, PanelLinear, PanelLinear]
+    assert model[2].panels.dtype == torch.bfloat16
+    assert torch.equal(model[2].unpacked_weight(), head)
+    assert dict(model.named_parameters()).keys() == {"0.weight"}
+    x = torch.randint(0, 10, (3,))
+    with torch.no_grad():
+        hidden = model[0](x)
+        ref = cpu_linear.linear_bf16_ref(hidden, model[1].unpacked_weight(), model[1].bias)
+        out = model[1](hidden)
+        assert out.dtype == torch.bfloat16
+        assert ((out.float() - ref.float()).abs() <= ref.float().abs() / 128 + 1e-3).all()
 
 
 def test_a_float32_model_gets_linears_sharing_its_weights() -> None:
@@ -447,7 +525,7 @@ def test_a_float32_model_gets_linears_sharing_its_weights() -> None:
     head = model[2].weight
     assert prepack_linears(model) == 2
     assert ("avx512f" not in cpu_flags().split()) == F32_PANELS  # the kernel is built here
-    kind = F32PanelLinear if F32_PANELS else PackedLinear if ONEDNN_F32 else SmallBatchLinear
+    kind = PanelLinear if F32_PANELS else PackedLinear if ONEDNN_F32 else SmallBatchLinear
     assert [type(m) for m in model] == [nn.Embedding, kind, kind]
     # not copied: a tied embedding keeps sharing the weight the small-batch kernel reads
     if F32_PANELS:  # the panels are the layers' only weights; the embedding keeps its own
