@@ -5,7 +5,8 @@
 // row is read as one contiguous run) or, when there are too few requests to keep every thread
 // busy, one (request, kv head) pair. The G query heads that share a kv head are computed together,
 // so each K/V row is read once. At head dim 64 the inner loops are vector code: AVX-512 BF16 for
-// bfloat16 pools, AVX2 + FMA for float32 ones (attend_head_bf16, attend_head_f32).
+// bfloat16 pools, AVX2 + FMA for float32 ones and for bfloat16 ones on CPUs without AVX-512 BF16
+// (attend_head_bf16, attend_head_f32).
 //
 // Extend (a request's new tokens after its cached prefix, causal): a task is one (request, kv head,
 // block of up to 16 new tokens). Its G x 16 query rows are multiplied against blocks of 16 keys
@@ -179,12 +180,20 @@ inline void attend_head_bf16(const at::BFloat16* q, const at::BFloat16* k_pool,
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
-// Decode attention of one request's G query heads over one kv head's keys, float32 with AVX2 and
-// FMA: q . k for 8 keys at a time (8 vector sums reduced together by horizontal adds), then p . v
-// with the output rows held in registers, 3 heads and half a row at a time. The keys' and
-// values' slots are fetched one block ahead (a slot's row is 256 bytes; rows of a request are
-// scattered over the pool). head_dim must be 64.
+// Decode attention of one request's G query heads over one kv head's keys, with AVX2 and FMA in
+// float32, for float32 pools and (on CPUs without AVX-512 BF16) bfloat16 ones, whose values are
+// widened to float32 as they are loaded (exact): q . k for 8 keys at a time (8 vector sums
+// reduced together by horizontal adds), then p . v with the output rows held in registers, 3
+// heads and half a row at a time. The keys' and values' slots are fetched one block ahead (a
+// slot's row is 256 bytes in float32; rows of a request are scattered over the pool). head_dim
+// must be 64.
 constexpr int64_t kDimF32 = 64;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 
 // r[j] = sum of the 8 lanes of a[j], for j < 8.
 inline __m256 reduce8(const __m256* a) {
@@ -195,8 +204,11 @@ inline __m256 reduce8(const __m256* a) {
                        _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-inline void prefetch_row(const float* p) {
-  for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * i), _MM_HINT_T0);
+// Fetches the 64 values of one K/V row (4 cache lines in float32, 2 in bfloat16).
+template <typename T>
+inline void prefetch_row(const T* p) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (size_t i = 0; i < kDimF32 * sizeof(T); i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
 }
 
 // out[g][0 .. 64) = sum over l of p[g * len + l] * v[slots[l] * stride + 0 .. 64), for g < G: the
@@ -204,8 +216,8 @@ inline void prefetch_row(const float* p) {
 // argument so that they stay there: with a run-time head count the compiler kept them on the
 // stack, and decode attention took 5-15 % longer. With `prefetch`, the rows 8 keys ahead are
 // fetched during the first half.
-template <int G>
-inline void weigh_values(const float* p, int64_t len, const float* v, int64_t stride,
+template <int G, typename T>
+inline void weigh_values(const float* p, int64_t len, const T* v, int64_t stride,
                          const int64_t* slots, bool prefetch, float* out) {
   for (int64_t half = 0; half < kDimF32; half += 32) {
     __m256 o[G][4];
@@ -213,11 +225,11 @@ inline void weigh_values(const float* p, int64_t len, const float* v, int64_t st
       for (int c = 0; c < 4; ++c) o[g][c] = _mm256_setzero_ps();
     for (int64_t l = 0; l < len; ++l) {
       if (prefetch && half == 0 && l + 8 < len) prefetch_row(v + slots[l + 8] * stride);
-      const float* vl = v + slots[l] * stride + half;
+      const T* vl = v + slots[l] * stride + half;
       __m256 w[G];
       for (int g = 0; g < G; ++g) w[g] = _mm256_broadcast_ss(p + g * len + l);
       for (int c = 0; c < 4; ++c) {
-        const __m256 vc = _mm256_loadu_ps(vl + 8 * c);
+        const __m256 vc = load8(vl + 8 * c);
         for (int g = 0; g < G; ++g) o[g][c] = _mm256_fmadd_ps(w[g], vc, o[g][c]);
       }
     }
@@ -226,28 +238,35 @@ inline void weigh_values(const float* p, int64_t len, const float* v, int64_t st
   }
 }
 
-// q: [group, 64] of this kv head; pools [slots, kv_heads, 64]; keys slots[0 .. len); scores:
-// [group, len] scratch; out: [group, 64] float32; lse: [group] or null.
-inline void attend_head_f32(const float* q, const float* k_pool, const float* v_pool,
-                            const int64_t* slots, int64_t len, int64_t kv_heads, int64_t hk,
-                            int64_t group, float scale, float* scores, float* out, float* lse) {
+// q: [group, 64] of this kv head, widened into qw ([group, 64] float32 scratch) for bfloat16;
+// pools [slots, kv_heads, 64]; keys slots[0 .. len); scores: [group, len] scratch; out:
+// [group, 64] float32; lse: [group] or null.
+template <typename T>
+inline void attend_head_f32(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots,
+                            int64_t len, int64_t kv_heads, int64_t hk, int64_t group, float scale,
+                            float* qw, float* scores, float* out, float* lse) {
   const __m256 vscale = _mm256_set1_ps(scale);
-  auto row = [&](const float* pool, int64_t l) {
-    return pool + (slots[l] * kv_heads + hk) * kDimF32;
-  };
+  auto row = [&](const T* pool, int64_t l) { return pool + (slots[l] * kv_heads + hk) * kDimF32; };
+  const float* qf;
+  if constexpr (std::is_same_v<T, float>) {
+    qf = q;
+  } else {
+    load_row(q, qw, group * kDimF32);
+    qf = qw;
+  }
   for (int64_t l0 = 0; l0 < len; l0 += 8) {
     const int64_t n = std::min<int64_t>(8, len - l0);
-    const float* rows[8];
+    const T* rows[8];
     for (int64_t j = 0; j < 8; ++j) rows[j] = row(k_pool, l0 + std::min(j, n - 1));
     for (int64_t j = l0 + 8; j < std::min(l0 + 16, len); ++j) prefetch_row(row(k_pool, j));
     for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q + g * kDimF32;
+      const float* qg = qf + g * kDimF32;
       __m256 acc[8];
       for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
       for (int64_t c = 0; c < kDimF32; c += 8) {
         const __m256 qc = _mm256_loadu_ps(qg + c);
         for (int j = 0; j < 8; ++j)
-          acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(rows[j] + c), acc[j]);
+          acc[j] = _mm256_fmadd_ps(qc, load8(rows[j] + c), acc[j]);
       }
       const __m256 sv = _mm256_mul_ps(reduce8(acc), vscale);
       if (n == 8) {
@@ -266,7 +285,7 @@ inline void attend_head_f32(const float* q, const float* k_pool, const float* v_
   for (int64_t l = 0; l < std::min<int64_t>(8, len); ++l) prefetch_row(row(v_pool, l));
   for (int64_t g0 = 0; g0 < group; g0 += 3) {
     const float* p = scores + g0 * len;
-    const float* v = v_pool + hk * kDimF32;
+    const T* v = v_pool + hk * kDimF32;
     const int64_t stride = kv_heads * kDimF32;
     float* o = out + g0 * kDimF32;
     switch (std::min<int64_t>(3, group - g0)) {
@@ -297,15 +316,13 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, 
   }
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (dim == kDimF32) {
-      for (int64_t hk = h0; hk < h1; ++hk) {
-        const int64_t first = (hk - h0) * group;  // this kv head's query heads within the task
-        attend_head_f32(q + hk * group * dim, k_pool, v_pool, slots, len, kv_heads, hk, group,
-                        scale, scores, out + first * dim, lse != nullptr ? lse + first : nullptr);
-      }
-      return;
+  if (dim == kDimF32) {  // qf holds the task's query heads, so one kv head's fit
+    for (int64_t hk = h0; hk < h1; ++hk) {
+      const int64_t first = (hk - h0) * group;  // this kv head's query heads within the task
+      attend_head_f32(q + hk * group * dim, k_pool, v_pool, slots, len, kv_heads, hk, group,
+                      scale, qf, scores, out + first * dim, lse != nullptr ? lse + first : nullptr);
     }
+    return;
   }
 #endif
   const int64_t nh = (h1 - h0) * group;  // query heads handled

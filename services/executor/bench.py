@@ -33,9 +33,10 @@ from services.executor.bench_floors import (
     memory_bandwidth,
     weight_bytes,
 )
+from services.executor.config import DTYPES
 from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.engine import Engine, EngineLimits
-from services.executor.factory import setup_cpu_process
+from services.executor.factory import pick_dtype, setup_cpu_process
 from services.executor.kv_pool import KVPool
 from services.executor.model_config import ModelConfig
 from services.executor.quantization import INT4_GROUP_SIZES, QUANTIZATION_METHODS, Quantization
@@ -104,9 +105,23 @@ class PrefillRow:
     matmul_floor_ms: float
 
 
+def dtype_names(names: list[str]) -> list[str]:
+    """`--dtypes` values as torch dtype names, "auto" as the dtype `--dtype auto` serves on this
+    CPU (`pick_dtype`), each once in the order given: ["auto", "float32"] → ["float32"] on a CPU
+    without AVX-512 BF16."""
+    picked = [str(pick_dtype(n, torch.device("cpu"))).removeprefix("torch.") for n in names]
+    return list(dict.fromkeys(picked))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default="default")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=DTYPES,
+        help="dtypes to time; auto is what `--dtype auto` serves on this CPU",
+    )
     p.add_argument(
         "--quantization",
         nargs="+",
@@ -329,7 +344,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         flush=True,
     )
     decode, prefill = [], []
-    for dtype_name in args.dtypes:
+    for dtype_name in dtype_names(args.dtypes):
         for mode in args.quantization:
             rows = _bench_model(args, path, cfg, static, bandwidth, dtype_name, mode)
             decode += rows[0]

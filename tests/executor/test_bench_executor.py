@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 
 from services.executor.batch_invariant import BatchInvariantLinear
@@ -15,6 +16,7 @@ from services.executor.bench import (
     bench_decode,
     bench_prefill,
     decode_cases,
+    dtype_names,
     max_positions,
     shared_spans,
     slot_writes,
@@ -25,6 +27,7 @@ from services.executor.bench_floors import (
     memory_bandwidth,
     weight_bytes,
 )
+from services.executor.factory import pick_dtype
 from services.executor.model_config import ModelConfig
 from services.executor.quantization import (
     QUANTIZED_LINEARS,
@@ -48,6 +51,17 @@ def test_context_is_an_alias_of_one_context_and_positions_cover_every_span() -> 
     assert args.contexts == [256, 1000, 4000]
     assert max_positions(args) >= 4000 + WARMUP_STEPS + 7 + 2
     assert max_positions(parse("--context", "8", "--prefill-len", "512")) == 513
+
+
+def test_auto_times_the_dtype_the_server_picks_and_unknown_dtypes_are_refused(capsys) -> None:
+    auto = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    assert auto in ("float32", "bfloat16")
+    assert dtype_names(parse("--dtypes", "auto").dtypes) == [auto]
+    assert dtype_names(["bfloat16", "auto", "float32"]) == ["bfloat16", "float32"]
+    assert dtype_names(parse().dtypes) == ["float32", "bfloat16"]
+    with pytest.raises(SystemExit):
+        parse("--dtypes", "fp8")
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
 def test_cases_follow_the_flags() -> None:
