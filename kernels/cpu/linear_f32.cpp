@@ -18,11 +18,13 @@
 // bytes apart, and prefetch the next panel as they expand one: at 16 and 32 rows within 4% of
 // rows of [N, K].
 //
-// Float32, int8 and int4 weights can also be packed once into panels of 16 output channels
-// (kernels/cpu/linear.py's pack_panels16 and pack_int4_panels16; channels past N zero), for
-// linear_f32_panels, linear_int8_f32_panels and linear_int4_f32_panels: a tile of up to 6 rows x
-// 16 channels keeps its 12 sums in registers, and each step over k expands the panel's 16 weights
-// once for all its rows (int8 converted exactly, int4 as above) and broadcasts one value of each
+// Float32, bfloat16, int8 and int4 weights can also be packed once into panels of 16 output
+// channels (kernels/cpu/linear.py's pack_panels16 and pack_int4_panels16; channels past N zero),
+// for linear_f32_panels, linear_bf16_f32_panels (x and outputs bfloat16: x widened to float32
+// once, each output rounded once), linear_int8_f32_panels and linear_int4_f32_panels: a tile of
+// up to 6 rows x 16 channels keeps its 12 sums in registers, and each step over k expands the
+// panel's 16 weights once for all its rows (bfloat16 widened and int8 converted exactly, int4 as
+// above) and broadcasts one value of each
 // row (2 + 6 loads for 12 FMAs with float32 weights, nothing reduced across lanes); a quantized
 // panel serving more than kExpandRows rows is expanded once into a float32 buffer instead. Every
 // output is one float32 sum over k ascending (int8: scaled after), so a row's result does not
