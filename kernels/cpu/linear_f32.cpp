@@ -24,9 +24,9 @@
 // once, each output rounded once), linear_int8_f32_panels and linear_int4_f32_panels: a tile of
 // up to 6 rows x 16 channels keeps its 12 sums in registers, and each step over k expands the
 // panel's 16 weights once for all its rows (bfloat16 widened and int8 converted exactly, int4 as
-// above) and broadcasts one value of each
-// row (2 + 6 loads for 12 FMAs with float32 weights, nothing reduced across lanes); a quantized
-// panel serving more than kExpandRows rows is expanded once into a float32 buffer instead. Every
+// above) and broadcasts one value of each row (2 + 6 loads for 12 FMAs with float32 weights,
+// nothing reduced across lanes); a bfloat16 or quantized panel serving more than kExpandRows rows
+// is expanded once into a float32 buffer instead. Every
 // output is one float32 sum over k ascending (int8: scaled after), so a row's result does not
 // depend on the rest of its batch. Threads take equal runs of panels and sweep the rows in blocks
 // whose x stays in L2 (kPackedBlockBytes). Measured on a 2-core AVX2 host over SmolLM2-135M's 120
@@ -549,10 +549,10 @@ void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
 }
 
 // out [M, N] = x [M, K] through the packed panels lanes(p) of N channels (see the header). A
-// bfloat16 or quantized panel that serves more than kExpandRows rows (three tiles or more) is expanded to
-// float32 once, into a buffer of the thread, and the tiles read that: over the 120 decoder
-// linears at 32 rows, converting in every tile took int8 72.7 and int4 89.4 ms, expanding once
-// 64.4 and 65.8 (float32 weights 60.2); at 8 rows (two tiles) expanding was slower, 33.8
+// bfloat16 or quantized panel that serves more than kExpandRows rows (three tiles or more) is
+// expanded to float32 once, into a buffer of the thread, and the tiles read that: over the 120
+// decoder linears at 32 rows, converting in every tile took int8 72.7 and int4 89.4 ms, expanding
+// once 64.4 and 65.8 (float32 weights 60.2); at 8 rows (two tiles) expanding was slower, 33.8
 // against 22.3 ms for int8.
 // The expanded weights are the ones the tiles would compute, so the sums do not change.
 template <typename MakeLanes>

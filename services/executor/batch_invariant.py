@@ -67,7 +67,8 @@ class BatchInvariantLinear(nn.Module):
 
 def make_batch_invariant(model: nn.Module) -> int:
     """Wraps every linear layer of `model` (`nn.Linear`, `PackedLinear`, `PanelLinear`, the
-    quantized ones) in a `BatchInvariantLinear`, in place; returns how many were wrapped (0 when they all are)."""
+    quantized ones) in a `BatchInvariantLinear`, in place; returns how many were wrapped (0 when
+    they all are)."""
     linears = (*FLOAT_LINEARS, *QUANTIZED_LINEARS)
     targets = children_of_type(model, linears, skip=BatchInvariantLinear)
     if not targets:

@@ -312,9 +312,9 @@ def children_of_type(
 
 def prepack_linears(model: nn.Module) -> int:
     """Replaces every `nn.Linear` of `model` (lm_head included, even when it is tied to the
-    embedding: the embedding keeps its plain weight) by a `PanelLinear` where
-    `can_use_panels16` (float32 or bfloat16 on a CPU without AVX-512), else by a `PackedLinear` where
-    `can_prepack` (bfloat16 or float32 with oneDNN), or else by a `SmallBatchLinear` where
+    embedding: the embedding keeps its plain weight) by a `PanelLinear` where `can_use_panels16`
+    (float32 or bfloat16 on a CPU without AVX-512), else by a `PackedLinear` where `can_prepack`
+    (bfloat16 or float32 with oneDNN), or else by a `SmallBatchLinear` where
     `can_use_small_batch_f32` (float32 without oneDNN), in place.
     Returns how many were replaced; 0 when neither holds for the model's weights."""
     first = next(model.parameters())
