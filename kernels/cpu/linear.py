@@ -58,10 +58,12 @@ def available(x: torch.Tensor, in_features: int) -> ModuleType | None:
     return _linear.load() if kernels_enabled() else None
 
 
-def available_f32(x: torch.Tensor, in_features: int) -> ModuleType | None:
+def available_f32(x: torch.Tensor, in_features: int, bfloat16: bool = False) -> ModuleType | None:
     """The compiled float32 module when an input like `x` ([M, in_features]) can use it: float32
-    on the CPU, `in_features` a multiple of 32, kernels enabled (see `available`); else None."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or in_features % K_MULTIPLE:
+    (or, with `bfloat16`, bfloat16: what the int8 and int4 kernels also take) on the CPU,
+    `in_features` a multiple of 32, kernels enabled (see `available`); else None."""
+    dtypes = (torch.float32, torch.bfloat16) if bfloat16 else (torch.float32,)
+    if x.dtype not in dtypes or x.device.type != "cpu" or in_features % K_MULTIPLE:
         return None
     return f32_module()
 
@@ -218,10 +220,11 @@ def linear_int4_f32_panels(
     out_features: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x [M, K] float32 @ W^T + bias [N = out_features] → [M, N] float32, W[n, k] = q[n, k] *
-    scale[n, k // group] + zero[n, k // group] from `panels` = `pack_int4_panels16(q, scale,
-    zero)`, each weight expanded in one float32 fused multiply-add (as `linear_int4_f32` does), each
-    output one float32 sum over input features in ascending order. Raises RuntimeError on a shape
+    """x [M, K] float32 or bfloat16 @ W^T + bias [N = out_features] float32 → [M, N] in x's
+    dtype, W[n, k] = q[n, k] * scale[n, k // group] + zero[n, k // group] from `panels` =
+    `pack_int4_panels16(q, scale, zero)`, each weight expanded in one float32 fused multiply-add
+    (as `linear_int4_f32` does), each output one float32 sum over input features in ascending
+    order (bfloat16 x widened exactly, each output rounded once). Raises RuntimeError on a shape
     or dtype it does not take (K a multiple of the group size, a power of 2)."""
     q, scale, zero = panels
     return module.linear_int4_f32_panels(x.contiguous(), q, scale, zero, group, out_features, bias)
@@ -270,10 +273,11 @@ def linear_int8_f32_panels(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x [M, K] float32 @ (q [N, K] int8 * scale [N] float32)^T + bias [N] → [M, N] float32,
-    with q as `pack_panels16` packed it and N = scale's length (any K); the formula of
-    `linear_int8_ref` in float32: each output one float32 sum over input features in ascending
-    order, then scaled. Raises RuntimeError on a shape or dtype it does not take."""
+    """x [M, K] float32 or bfloat16 @ (q [N, K] int8 * scale [N] float32)^T + bias [N] float32
+    → [M, N] in x's dtype, with q as `pack_panels16` packed it and N = scale's length (any K);
+    the formula of `linear_int8_ref` in float32: each output one float32 sum over input features
+    in ascending order, then scaled (bfloat16 x widened exactly, each output rounded once).
+    Raises RuntimeError on a shape or dtype it does not take."""
     return module.linear_int8_f32_panels(x.contiguous(), panels, scale, bias)
 
 
@@ -291,8 +295,9 @@ def linear_int8_f32(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x [M, K] float32 @ (q [N, K] int8 * scale [N] float32)^T + bias [N] → [M, N] float32,
-    summed as (x · q) * scale, q given as `block_int8(q)` (`module` from `available_f32`; the
+    """x [M, K] float32 or bfloat16 @ (q [N, K] int8 * scale [N] float32)^T + bias [N] float32
+    → [M, N] in x's dtype, summed in float32 as (x · q) * scale (bfloat16 x widened exactly,
+    each output rounded once), q given as `block_int8(q)` (`module` from `available_f32`; the
     formula is `linear_int8_ref`). Raises RuntimeError on a shape or dtype the kernel does not
     take."""
     return module.linear_int8(x.contiguous(), blocks, scale, bias)
@@ -374,7 +379,8 @@ def linear_int4_f32(
     out_features: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x [M, K] float32 @ W^T + bias [N] → [M, N] float32, N = `out_features`, W[n, k] =
+    """x [M, K] float32 or bfloat16 @ W^T + bias [N] float32 → [M, N] in x's dtype (bfloat16 x
+    widened exactly, each output rounded once), N = `out_features`, W[n, k] =
     q[n, k] * scale[n, k // g] + zero[n, k // g] expanded in float32 (one fused multiply-add),
     `blocks`, `scale` and `zero` as `block_int4` gives them for `pack_int4(q)` and scale, zero
     [N, K/g] float32; g = `group_size` (a power of 2, at least 32). `module` from

@@ -47,6 +47,11 @@
 // same on both paths, so a row's result never depends on how many rows came with it. K must be a
 // multiple of 32 (of the group size for int4); the Python side (kernels/cpu/linear.py) checks and
 // falls back to PyTorch otherwise.
+//
+// The int8 and int4 kernels (blocks and panels) also take bfloat16 x, for bfloat16 models on CPUs
+// without AVX-512, where torch's bfloat16 GEMM and its int8 and int4 kernels run scalar code: x is
+// widened to float32 (exact), the sums are the same float32 sums, and each output is rounded to
+// bfloat16 once (in_float32).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -388,7 +393,7 @@ void run_quantized(const float* x, int64_t M, int64_t K, int64_t N, const W& wei
 
 // K of an input x [M, K] (any shape other than 2-D refused).
 int64_t features_of(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2, "x must be a contiguous [M, K] float32 tensor");
+  TORCH_CHECK(x.dim() == 2, "x must be a contiguous [M, K] tensor");
   return x.size(1);
 }
 
@@ -407,6 +412,60 @@ const float* f32_ptr(const torch::Tensor& t, int64_t numel, const char* what) {
 
 const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
   return bias.has_value() ? f32_ptr(*bias, N, "bias") : nullptr;
+}
+
+// bfloat16 <-> float32 for small calls (up to kScalarConvert elements) of the kernels that take
+// bfloat16 x, without a dispatched torch op (at one row two of those cost a fifth of a small
+// layer's time); larger ones convert with torch's vectorized, threaded copies. Widening is exact;
+// narrowing rounds to nearest even and keeps NaN a quiet NaN, bit for bit as c10::BFloat16 does.
+constexpr int64_t kScalarConvert = 1 << 16;
+inline float widen(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline uint16_t narrow(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN (this file builds -ffast-math)
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// Checks x is a contiguous [M, K] float32 or bfloat16 tensor, K a multiple of `multiple`.
+void check_activations(const torch::Tensor& x, int64_t K, int64_t multiple) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be a contiguous [M, K] float32 or bfloat16 tensor");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weight ", K);
+  TORCH_CHECK(K % multiple == 0, "K = ", K, " must be a multiple of ", multiple);
+}
+
+// y [M, N] in x's dtype from compute(xf, yf), which fills yf [M, N] float32 from xf [M, K]
+// float32: x as it is for float32; for bfloat16, x widened (exact) and each output rounded to
+// bfloat16 once.
+template <typename Compute>
+torch::Tensor in_float32(const torch::Tensor& x, int64_t N, const Compute& compute) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if (x.scalar_type() == at::kFloat) {
+    auto out = torch::empty({M, N}, x.options());
+    compute(x.data_ptr<float>(), out.data_ptr<float>());
+    return out;
+  }
+  if (M * std::max(K, N) > kScalarConvert) {
+    const torch::Tensor xf = x.to(at::kFloat);
+    auto out = torch::empty({M, N}, xf.options());
+    compute(xf.data_ptr<float>(), out.data_ptr<float>());
+    return out.to(at::kBFloat16);
+  }
+  std::vector<float> xf(M * K), sums(M * N);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = widen(xp[i]);
+  compute(xf.data(), sums.data());
+  auto out = torch::empty({M, N}, x.options());
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < M * N; ++i) o[i] = narrow(sums[i]);
+  return out;
 }
 
 // x [M, K] f32, w [N, K] f32, bias [N] f32 or None -> [M, N] f32.
@@ -605,24 +664,6 @@ torch::Tensor linear_f32_panels(torch::Tensor x, torch::Tensor panels, int64_t N
   return out;
 }
 
-// bfloat16 <-> float32 for small calls of linear_bf16_f32_panels (up to kScalarConvert elements),
-// without a dispatched torch op (at one row two of those cost a fifth of a small layer's time);
-// larger ones convert with torch's vectorized, threaded copies. Widening is exact; narrowing rounds
-// to nearest even and keeps NaN a quiet NaN, bit for bit as c10::BFloat16 does.
-constexpr int64_t kScalarConvert = 1 << 16;
-inline float widen(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-inline uint16_t narrow(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN (this file builds -ffast-math)
-  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
 // x [M, K] bf16, panels [ceil(N / 16), K * 16] bf16 (packed, see the header), bias [N] bf16 or
 // None -> [M, N] bf16: x and the bias widened to float32, each output one float32 sum (plus the
 // bias) rounded to bfloat16 once (products of bfloat16 values are exact in float32).
@@ -642,66 +683,59 @@ torch::Tensor linear_bf16_f32_panels(torch::Tensor x, torch::Tensor panels, int6
     for (int64_t n = 0; n < N; ++n) bf[n] = widen(bp[n]);
   }
   const uint16_t* p = reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>());
-  auto lanes = [&](int64_t b) { return Bf16Lanes{p + b * K * kPanelLanes}; };
   const float* b = bf.empty() ? nullptr : bf.data();
-  if (M * std::max(K, N) > kScalarConvert) {
-    const torch::Tensor xf = x.to(at::kFloat);
-    auto out = torch::empty({M, N}, xf.options());
-    run_packed(xf.data_ptr<float>(), M, K, N, lanes, nullptr, b, out.data_ptr<float>());
-    return out.to(at::kBFloat16);
-  }
-  std::vector<float> xf(M * K), sums(M * N);
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = widen(xp[i]);
-  run_packed(xf.data(), M, K, N, lanes, nullptr, b, sums.data());
-  auto out = torch::empty({M, N}, x.options());
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  for (int64_t i = 0; i < M * N; ++i) o[i] = narrow(sums[i]);
-  return out;
+  return in_float32(x, N, [&](const float* xf, float* out) {
+    run_packed(
+        xf, M, K, N, [&](int64_t i) { return Bf16Lanes{p + i * K * kPanelLanes}; }, nullptr, b,
+        out);
+  });
 }
 
-// x [M, K] f32, panels [ceil(N / 16), K * 16] int8 (packed q), scale [N] f32, bias [N] f32 or
-// None -> [M, N] f32; y = (sum_k x q) * scale (+ bias).
+// x [M, K] f32 or bf16, panels [ceil(N / 16), K * 16] int8 (packed q), scale [N] f32, bias [N]
+// f32 or None -> [M, N] in x's dtype; y = (sum_k x q) * scale (+ bias) in float32 (see
+// in_float32).
 torch::Tensor linear_int8_f32_panels(torch::Tensor x, torch::Tensor panels, torch::Tensor scale,
                                      c10::optional<torch::Tensor> bias) {
   const int64_t K = features_of(x), M = x.size(0), N = scale.numel();
-  check_input(x, K, 1);
+  check_activations(x, K, 1);
   check_panels(panels, at::kChar, N, K * kPanelLanes);
   const float* s = f32_ptr(scale, N, "scale");
-  auto out = torch::empty({M, N}, x.options());
+  const float* b = bias_ptr(bias, N);
   const int8_t* p = panels.data_ptr<int8_t>();
-  run_packed(
-      x.data_ptr<float>(), M, K, N, [&](int64_t b) { return Int8Lanes{p + b * K * kPanelLanes}; },
-      s, bias_ptr(bias, N), out.data_ptr<float>());
-  return out;
+  return in_float32(x, N, [&](const float* xf, float* out) {
+    run_packed(
+        xf, M, K, N, [&](int64_t i) { return Int8Lanes{p + i * K * kPanelLanes}; }, s, b, out);
+  });
 }
 
-// x [M, K] f32, q int4 panels [ceil(N / 16), K * 8] uint8, scale and zero panels [ceil(N / 16),
-// K / group * 16] f32 (W = q * scale + zero), bias [N] f32 or None -> [M, N] f32.
+// x [M, K] f32 or bf16, q int4 panels [ceil(N / 16), K * 8] uint8, scale and zero panels
+// [ceil(N / 16), K / group * 16] f32 (W = q * scale + zero), bias [N] f32 or None -> [M, N] in
+// x's dtype (see in_float32).
 torch::Tensor linear_int4_f32_panels(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
                                      torch::Tensor zero, int64_t group, int64_t N,
                                      c10::optional<torch::Tensor> bias) {
   const int64_t K = features_of(x), M = x.size(0);
-  check_input(x, K, 1);
+  check_activations(x, K, 1);
   TORCH_CHECK(group >= 2 && (group & (group - 1)) == 0,
               "the group size must be a power of 2, at least 2");
   TORCH_CHECK(K % group == 0, "K = ", K, " must be a multiple of the group size ", group);
   check_panels(q, at::kByte, N, K * kPanelLanes / 2);
   check_panels(scale, at::kFloat, N, K / group * kPanelLanes, "scale");
   check_panels(zero, at::kFloat, N, K / group * kPanelLanes, "zero");
-  auto out = torch::empty({M, N}, x.options());
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* zp = zero.data_ptr<float>();
+  const float* b = bias_ptr(bias, N);
   const int64_t gw = K / group * kPanelLanes;
   const int shift = __builtin_ctzll(group);
-  run_packed(
-      x.data_ptr<float>(), M, K, N,
-      [&](int64_t b) {
-        return Int4Lanes{qp + b * K * kPanelLanes / 2, sp + b * gw, zp + b * gw, shift};
-      },
-      nullptr, bias_ptr(bias, N), out.data_ptr<float>());
-  return out;
+  return in_float32(x, N, [&](const float* xf, float* out) {
+    run_packed(
+        xf, M, K, N,
+        [&](int64_t i) {
+          return Int4Lanes{qp + i * K * kPanelLanes / 2, sp + i * gw, zp + i * gw, shift};
+        },
+        nullptr, b, out);
+  });
 }
 
 // Checks q is a contiguous tensor [ceil(N / 4), K / 32, 4, bytes] of `type` (int8 or int4 blocks
@@ -727,40 +761,38 @@ Int4Weights int4_weights(const torch::Tensor& q, const torch::Tensor& scale,
                      f32_ptr(zero, padded * groups, "zero"), K, groups, __builtin_ctzll(group)};
 }
 
-// x [M, K] f32, q int8 blocks [ceil(N / 4), K / 32, 4, 32], scale [N] f32, bias [N] f32 or None
-// -> [M, N] f32; y = (sum_k x q) * scale (+ bias).
+// x [M, K] f32 or bf16, q int8 blocks [ceil(N / 4), K / 32, 4, 32], scale [N] f32, bias [N] f32
+// or None -> [M, N] in x's dtype; y = (sum_k x q) * scale (+ bias) in float32 (see in_float32).
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
                           c10::optional<torch::Tensor> bias) {
   const int64_t K = features_of(x), M = x.size(0), N = scale.numel();
-  check_input(x, K, 32);
+  check_activations(x, K, 32);
   check_blocks(q, at::kChar, N, K, 32);
   const float* s = f32_ptr(scale, N, "scale");
-  auto out = torch::empty({M, N}, x.options());
-  float* o = out.data_ptr<float>();
   const float* b = bias_ptr(bias, N);
   const Int8Weights weights{q.data_ptr<int8_t>(), K};
-  const auto finish = [&](int64_t m, int64_t n, float v) {
-    const float y = v * s[n];
-    o[m * N + n] = b ? y + b[n] : y;
-  };
-  run_quantized(x.data_ptr<float>(), M, K, N, weights, finish);
-  return out;
+  return in_float32(x, N, [&](const float* xf, float* o) {
+    run_quantized(xf, M, K, N, weights, [&](int64_t m, int64_t n, float v) {
+      const float y = v * s[n];
+      o[m * N + n] = b ? y + b[n] : y;
+    });
+  });
 }
 
-// x [M, K] f32, q int4 blocks [ceil(N / 4), K / 32, 4, 16] uint8 (see the header), scale and
-// zero [ceil(N / 4), K / group, 4] f32, bias [N] f32 or None -> [M, N] f32.
+// x [M, K] f32 or bf16, q int4 blocks [ceil(N / 4), K / 32, 4, 16] uint8 (see the header),
+// scale and zero [ceil(N / 4), K / group, 4] f32, bias [N] f32 or None -> [M, N] in x's dtype
+// (see in_float32).
 torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
                           torch::Tensor zero, int64_t group, int64_t N,
                           c10::optional<torch::Tensor> bias) {
   const int64_t K = features_of(x), M = x.size(0);
-  check_input(x, K, 32);
+  check_activations(x, K, 32);
   const Int4Weights weights = int4_weights(q, scale, zero, group, N, K);
-  auto out = torch::empty({M, N}, x.options());
-  float* o = out.data_ptr<float>();
   const float* b = bias_ptr(bias, N);
-  const auto finish = [&](int64_t m, int64_t n, float v) { o[m * N + n] = b ? v + b[n] : v; };
-  run_quantized(x.data_ptr<float>(), M, K, N, weights, finish);
-  return out;
+  return in_float32(x, N, [&](const float* xf, float* o) {
+    run_quantized(xf, M, K, N, weights,
+                  [&](int64_t m, int64_t n, float v) { o[m * N + n] = b ? v + b[n] : v; });
+  });
 }
 
 // int4 blocks of N channels x K features (as linear_int4 takes them) -> W [N, K] f32, each
@@ -786,10 +818,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16_f32_panels", &linear_bf16_f32_panels,
         "x [M, K] bf16 @ bf16 panels^T (+ bias), float32 sums -> [M, N] bf16");
   m.def("linear_int8_f32_panels", &linear_int8_f32_panels,
-        "x [M, K] f32 @ (int8 panels * scale [N])^T (+ bias) -> [M, N]");
+        "x [M, K] f32/bf16 @ (int8 panels * scale [N])^T (+ bias) -> [M, N] in x's dtype");
   m.def("linear_int4_f32_panels", &linear_int4_f32_panels,
-        "x [M, K] f32 @ (int4 panels * scale + zero)^T (+ bias) -> [M, N]");
-  m.def("linear_int8", &linear_int8, "x [M, K] f32 @ (q int8 blocks * scale [N])^T (+ bias)");
-  m.def("linear_int4", &linear_int4, "x [M, K] f32 @ (q int4 blocks * scale + zero)^T (+ bias)");
+        "x [M, K] f32/bf16 @ (int4 panels * scale + zero)^T (+ bias) -> [M, N] in x's dtype");
+  m.def("linear_int8", &linear_int8,
+        "x [M, K] f32/bf16 @ (q int8 blocks * scale [N])^T (+ bias) -> [M, N] in x's dtype");
+  m.def("linear_int4", &linear_int4,
+        "x [M, K] f32/bf16 @ (q int4 blocks * scale + zero)^T (+ bias) -> [M, N] in x's dtype");
   m.def("dequantize_int4", &dequantize_int4, "int4 blocks -> q * scale + zero, [N, K] f32");
 }

@@ -8,19 +8,23 @@ in fewer bits and expanded inside the CPU kernels (ours, or torch's where ours a
 
 - int8: one symmetric scale per output channel; our AVX-512 BF16 kernel (kernels/cpu/linear.py)
   for bfloat16 activations (measured on an AVX-512 host over this model's layers at one row:
-  8.9 ms against 13.1 ms for torch's), our AVX2 FMA kernel for float32 ones (the weight stored
-  in its blocks of 4 channels x 32 features, `cpu_linear.block_int8`), and
-  `torch._weight_int8pack_mm` where neither is built.
+  8.9 ms against 13.1 ms for torch's), our AVX2 FMA kernel for float32 ones and for bfloat16
+  ones on CPUs without AVX-512 (the weight stored in its blocks of 4 channels x 32 features,
+  `cpu_linear.block_int8`), and `torch._weight_int8pack_mm` where neither is built.
 - int4: an asymmetric scale and zero per group of `group_size` input features. For float32
-  activations on a CPU with AVX2 and FMA, our kernel over our own packing
-  (`cpu_linear.pack_int4`, in the kernel's blocks: `block_int4`); otherwise
+  activations on a CPU with AVX2 and FMA, and bfloat16 ones on such a CPU without AVX-512, our
+  kernel over our own packing (`cpu_linear.pack_int4`, in the kernel's blocks: `block_int4`);
+  otherwise
   `aten._weight_int4pack_mm_for_cpu`, the weight in the layout of
   `aten._convert_weight_to_int4pack_for_cpu` (which depends on the CPU's vector width, so it is
   packed where it runs).
 
 On a CPU without AVX-512, torch's int8 and int4 kernels run scalar code: measured on an AVX2 host
 over this model's 210 linear layers, 65 ms at one row and 3.7 s at 32 for int8, against 7 ms and
-98 ms for the FMA kernel; torch's int4 decoded 6 tokens a second.
+98 ms for the FMA kernel; torch's int4 decoded 6 tokens a second. In bfloat16 there (measured
+with `bench-executor`, `gguf`), a 32-row decode step took 287 ms and a 512-token prefill 7.4 s
+through torch's kernels and its bfloat16 GEMM, against 126 ms and 1.25 s through the FMA kernel
+(bfloat16 inputs widened, each output rounded once).
 
 The kernels (no AMX tiles) beat the float GEMMs at decode batch sizes, where reading the weights
 is the cost, and fall behind them on prefill-sized inputs. So inputs of many rows run as a float
@@ -46,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
+from kernels.cpu.build import cpu_flags
 from services.executor.packed_linear import Linear2D, children_of_type
 
 log = logging.getLogger("radixserve.executor")
@@ -139,13 +144,15 @@ def int4_fallback_reason(out_features: int, in_features: int, group_size: int) -
 
 def f32_kernel(dtype: torch.dtype, in_features: int) -> bool:
     """True when a quantized layer for activations of `dtype` stores its weight in our float32
-    kernel's blocks (`cpu_linear.block_int8`, `block_int4`): float32, K a multiple of 32, the
-    kernel built on this CPU (AVX2 and FMA) and not disabled by RADIXSERVE_DISABLE_CPU_KERNELS."""
-    return (
-        dtype == torch.float32
-        and in_features % cpu_linear.K_MULTIPLE == 0
-        and cpu_linear.f32_module() is not None
+    kernel's blocks (`cpu_linear.block_int8`, `block_int4`), with float32 scales, zeros and bias:
+    float32, or bfloat16 on a CPU without AVX-512 (where torch has no oneDNN bfloat16 GEMM and
+    its int8 and int4 kernels run scalar code; the kernel widens bfloat16 inputs and rounds each
+    output once), K a multiple of 32, the kernel built on this CPU (AVX2 and FMA) and not
+    disabled by RADIXSERVE_DISABLE_CPU_KERNELS."""
+    wide = dtype == torch.float32 or (
+        dtype == torch.bfloat16 and "avx512f" not in cpu_flags().split()
     )
+    return wide and in_features % cpu_linear.K_MULTIPLE == 0 and cpu_linear.f32_module() is not None
 
 
 class Int8Linear(nn.Module):
@@ -155,10 +162,11 @@ class Int8Linear(nn.Module):
     Buffers: `qweight` (q [N, K] int8, in one of two layouts), `scale` [N], `bias` [N] or None.
     The layout (`layout`) is chosen at construction:
 
-    - "blocks" (float32 activations where `f32_kernel`): q in our float32 kernel's blocks
-      (`cpu_linear.block_int8`) and, as `panels`, in panels of 16 output channels
-      (`cpu_linear.pack_panels16`); that kernel below F32_DEQUANT_ROWS rows, over the panels
-      from F32_PANEL_ROWS.
+    - "blocks" (float32 activations, or bfloat16 without AVX-512, where `f32_kernel`): q in our
+      float32 kernel's blocks (`cpu_linear.block_int8`) and, as `panels`, in panels of 16 output
+      channels (`cpu_linear.pack_panels16`), the scale and bias float32; that kernel below
+      F32_DEQUANT_ROWS rows, over the panels from F32_PANEL_ROWS. Other rows, and bfloat16
+      inputs, compute in float32 and round the output to the input's dtype once.
     - "rows": q [N, K]; our AVX-512 BF16 kernel (kernels/cpu/linear.py) for bfloat16 inputs of
       fewer than KERNEL_DEQUANT_ROWS rows where it is built and K is a multiple of 32,
       otherwise torch._weight_int8pack_mm below DEQUANT_ROWS rows (all with float32
@@ -180,6 +188,7 @@ class Int8Linear(nn.Module):
         if reason:
             raise ValueError(f"int8 kernel cannot run this weight: {reason}")
         self.layout = "blocks" if f32_kernel(scale.dtype, self.in_features) else "rows"
+        wide = torch.float32 if self.layout == "blocks" else scale.dtype
         # q also packed into panels of 16 output channels, which the kernels read for more rows
         # while `qweight` stays for fewer rows and for the float GEMM: for float32 activations
         # (`cpu_linear.pack_panels16`) from F32_PANEL_ROWS rows; for bfloat16 ones with the
@@ -193,8 +202,8 @@ class Int8Linear(nn.Module):
             kernel = cpu_linear.available(scale.new_empty(0), self.in_features)
             self.panels = None if kernel is None else cpu_linear.pack_panels(kernel, qweight)
         self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scale", scale.contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(scale.dtype))
+        self.register_buffer("scale", scale.to(wide).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(wide))
 
     @classmethod
     def from_float(
@@ -209,6 +218,8 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if (call := self.direct(flat)) is not None:
             return call(flat).view(*shape[:-1], self.out_features)
+        if self.layout == "blocks" and flat.dtype != torch.float32:
+            return self(flat.float()).to(x.dtype).view(*shape[:-1], self.out_features)
         if flat.shape[0] == 0:
             y = flat.new_zeros(0, self.out_features)
         elif flat.shape[0] >= DEQUANT_ROWS or self.layout == "blocks":
@@ -222,16 +233,16 @@ class Int8Linear(nn.Module):
     def direct(self, x: torch.Tensor) -> Linear2D | None:
         """The kernel call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to
         this layer's weights: one of kernels/cpu/linear.py's where it is available, for
-        1..F32_DEQUANT_ROWS-1 float32 rows of a "blocks" layer or 1..KERNEL_DEQUANT_ROWS-1 rows of
-        the scale's dtype with AVX-512 BF16; None where `forward` runs torch's kernel or the float
-        GEMM."""
+        1..F32_DEQUANT_ROWS-1 float32 or bfloat16 rows of a "blocks" layer or
+        1..KERNEL_DEQUANT_ROWS-1 rows of the scale's dtype with AVX-512 BF16; None where `forward`
+        runs torch's kernel or the float GEMM."""
         rows = x.shape[0]
         if rows == 0:
             return None
         q, scale, bias, panels = self.qweight, self.scale, self.bias, self.panels
         if self.layout == "blocks":
             if rows < F32_DEQUANT_ROWS and (
-                kernel := cpu_linear.available_f32(x, self.in_features)
+                kernel := cpu_linear.available_f32(x, self.in_features, bfloat16=True)
             ):
                 if panels is not None and rows >= F32_PANEL_ROWS:
                     return lambda flat: cpu_linear.linear_int8_f32_panels(
@@ -327,11 +338,13 @@ class Int4Linear(nn.Module):
     x: [..., K] in the scales' dtype (bfloat16, float16 or float32) → y: [..., N] in that dtype.
     Two layouts, chosen at construction (`layout`):
 
-    - "fma" (float32 activations where `f32_kernel`): `qweight`, `scale` and `zero` in our
-      float32 kernel's blocks (`cpu_linear.block_int4` of `pack_int4(q)`, the scale and the zero
-      float32 with the 8 folded into the zero: W = q * scale + (zero - 8 * scale)), and the
-      same in panels of 16 output channels as `panels` (`cpu_linear.pack_int4_panels16`). Below
-      F32_DEQUANT_ROWS rows, our AVX2 FMA kernel, over the panels from F32_PANEL_ROWS.
+    - "fma" (float32 activations, or bfloat16 without AVX-512, where `f32_kernel`): `qweight`,
+      `scale` and `zero` in our float32 kernel's blocks (`cpu_linear.block_int4` of
+      `pack_int4(q)`, the scale and the zero float32 with the 8 folded into the zero: W = q *
+      scale + (zero - 8 * scale)), and the same in panels of 16 output channels as `panels`
+      (`cpu_linear.pack_int4_panels16`); the bias float32. Below F32_DEQUANT_ROWS rows, our AVX2
+      FMA kernel, over the panels from F32_PANEL_ROWS. bfloat16 inputs compute in float32 and
+      round the output once.
     - "torch": `qweight` [N, K/2] uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`
       (machine-specific), `scales_and_zeros` [K/g, N, 2] (scale, zero). Below INT4_DEQUANT_ROWS
       rows, torch's kernel.
@@ -375,7 +388,8 @@ class Int4Linear(nn.Module):
             self.register_buffer("qweight", packed)
             pairs = torch.stack([scale, zero.to(scale.dtype)], dim=-1)  # [N, K/g, 2]
             self.register_buffer("scales_and_zeros", pairs.transpose(0, 1).contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(scale.dtype))
+        wide = torch.float32 if self.layout == "fma" else scale.dtype
+        self.register_buffer("bias", None if bias is None else bias.detach().to(wide))
 
     @classmethod
     def from_float(
@@ -390,6 +404,8 @@ class Int4Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if (call := self.direct(flat)) is not None:
             return call(flat).view(*shape[:-1], self.out_features)
+        if self.layout == "fma" and flat.dtype != torch.float32:
+            return self(flat.float()).to(x.dtype).view(*shape[:-1], self.out_features)
         if flat.shape[0] == 0:
             y = flat.new_zeros(0, self.out_features)
         elif self.layout == "fma" or (
@@ -407,7 +423,7 @@ class Int4Linear(nn.Module):
     def direct(self, x: torch.Tensor) -> Linear2D | None:
         """The kernel call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to
         this layer's weights: the FMA kernel of kernels/cpu/linear.py for 1..F32_DEQUANT_ROWS-1
-        float32 rows of an "fma" layer where it is available; torch's kernel for 1..
+        float32 or bfloat16 rows of an "fma" layer where it is available; torch's kernel for 1..
         INT4_DEQUANT_ROWS-1 rows of a "torch" layer without a bias (a bound call saves the
         module's checks, about 8 us of a 20-45 us call at one row); None where `forward` runs
         the float GEMM or adds a bias."""
@@ -415,7 +431,7 @@ class Int4Linear(nn.Module):
             return self._direct_torch(x)
         if not 0 < x.shape[0] < F32_DEQUANT_ROWS:
             return None
-        kernel = cpu_linear.available_f32(x, self.in_features)
+        kernel = cpu_linear.available_f32(x, self.in_features, bfloat16=True)
         if kernel is None:
             return None
         q, scale, zero, group, n, bias = (

@@ -94,24 +94,25 @@ def test_int4_matches_reference(shape: tuple[int, int], dtype: torch.dtype) -> N
 
 
 def test_int4_torch_layout_binds_torchs_kernel_below_its_row_limit() -> None:
-    """A bfloat16 int4 layer (torch's packing) hands the direct decode loop torch's kernel bound
-    to its weights: the same output as the module, bit for bit; none from the float-GEMM row
-    limit on, nor for a layer with a bias (the module adds it)."""
-    layer = Int4Linear.from_float(weight(64, 128), None, 32, torch.bfloat16)
+    """A float16 int4 layer (torch's packing on every CPU, as bfloat16 on AVX-512 ones) hands the
+    direct decode loop torch's kernel bound to its weights: the same output as the module, bit
+    for bit; none from the float-GEMM row limit on, nor for a layer with a bias (the module adds
+    it)."""
+    layer = Int4Linear.from_float(weight(64, 128), None, 32, torch.float16)
     assert layer.layout == "torch"
     gen = torch.Generator().manual_seed(3)
     for rows in (1, 5, INT4_DEQUANT_ROWS - 1):
-        x = torch.randn(rows, 128, generator=gen).to(torch.bfloat16)
+        x = torch.randn(rows, 128, generator=gen).to(torch.float16)
         call = layer.direct(x)
         assert call is not None
         expected = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, layer.qweight, 32, layer.scales_and_zeros
         )
         assert torch.equal(call(x), expected) and torch.equal(layer(x), expected)
-    many = torch.randn(INT4_DEQUANT_ROWS, 128, generator=gen).to(torch.bfloat16)
+    many = torch.randn(INT4_DEQUANT_ROWS, 128, generator=gen).to(torch.float16)
     assert layer.direct(many) is None
-    biased = Int4Linear.from_float(weight(64, 128), torch.ones(64), 32, torch.bfloat16)
-    x = torch.randn(3, 128, generator=gen).to(torch.bfloat16)
+    biased = Int4Linear.from_float(weight(64, 128), torch.ones(64), 32, torch.float16)
+    x = torch.randn(3, 128, generator=gen).to(torch.float16)
     assert biased.direct(x) is None
     assert torch.equal(biased(x), layer(x) + biased.bias)
 
@@ -270,11 +271,13 @@ def test_quantized_model_equals_its_dequantized_twin(variant: str, method: str) 
 
 
 def test_quantized_bytes_count_the_buffers() -> None:
+    """Quantized values, scales and zeros, not the bias: float16 layers keep torch's layouts
+    (2-byte scales and zeros)."""
     w = weight(64, 256)
-    assert quantized_bytes(Int8Linear.from_float(w, torch.zeros(64), torch.bfloat16)) == (
+    assert quantized_bytes(Int8Linear.from_float(w, torch.zeros(64), torch.float16)) == (
         64 * 256 + 64 * 2
     )
-    assert quantized_bytes(Int4Linear.from_float(w, None, 32, torch.bfloat16)) == (
+    assert quantized_bytes(Int4Linear.from_float(w, None, 32, torch.float16)) == (
         64 * 256 // 2 + 64 * 8 * 2 * 2
     )
 

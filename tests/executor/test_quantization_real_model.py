@@ -1,6 +1,7 @@
-"""Quantization on the real SmolLM2-135M-Instruct (float32 activations throughout, so only the
-weights differ): int8 greedy outputs against the float model, the GGUF's Q4_1 blocks loaded as
-int4 against the float directory transformers converted from the same file, and perplexity."""
+"""Quantization on the real SmolLM2-135M-Instruct (float32 activations, so only the weights
+differ): int8 greedy outputs against the float model, the GGUF's Q4_1 blocks loaded as int4
+against the float directory transformers converted from the same file, and perplexity; and the
+GGUF's blocks with bfloat16 activations against float32 ones."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from kernels.cpu.build import cpu_flags
 from services.common.model_store import default_gguf_path
 from services.executor.engine import Engine, EngineLimits
 from services.executor.model_config import ModelConfig
@@ -202,3 +204,28 @@ def test_perplexity_on_a_short_slice(default_model_dir: Path) -> None:
         assert (count, windows) == (299, 4)
     assert all(math.isfinite(v) and v > 1 for v in values.values())
     assert abs(values["int8"] / values["none"] - 1) < 0.03, values
+
+
+def test_bfloat16_gguf_scores_as_the_float32_one(default_model_dir: Path) -> None:
+    """`--dtype bfloat16 --quantization gguf` (on CPUs without AVX-512 our float32 kernels over
+    bfloat16 inputs, rounded once per layer) scores the shipped text within 2% of the same
+    blocks with float32 activations, and runs the same layouts as float32 there."""
+    from services.executor.weights import load_model
+
+    cfg = ModelConfig.from_dir(default_model_dir)
+    ids = text_ids(DEFAULT_TEXT, default_model_dir, 300)
+    values = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(
+            default_model_dir, cfg, 128, dtype, torch.device("cpu"),
+            quantization=Quantization("gguf", 32, default_gguf_path()),
+        )  # fmt: skip
+        layers = [m for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+        assert len(layers) == 4 * cfg.num_layers + 1
+        if dtype == torch.bfloat16 and "avx512f" not in cpu_flags().split():
+            assert {m.layout for m in layers} == {"fma", "blocks"}
+        values[dtype], count, _ = perplexity(model, cfg, ids, 128, 64)
+        assert count == 299
+    assert all(math.isfinite(v) and v > 1 for v in values.values())
+    print(f"perplexity gguf, float32 and bfloat16 activations: {values}")
+    assert abs(values[torch.bfloat16] / values[torch.float32] - 1) < 0.02, values

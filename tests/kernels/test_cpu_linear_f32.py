@@ -25,9 +25,11 @@ from services.executor.quantization import (
     Int4Linear,
     Int8Linear,
     quantize_int4,
+    quantize_int8,
 )
 
 KERNEL = cpu_linear._linear_f32.load()
+AVX512 = "avx512f" in cpu_flags().split()
 pytestmark = pytest.mark.skipif(
     KERNEL is None, reason=f"kernel not built: {cpu_linear.f32_load_error()}"
 )
@@ -305,6 +307,49 @@ def test_a_row_does_not_depend_on_its_batch(kind: str, k: int, n: int) -> None:
         assert torch.equal(apply(x[:m]), alone[:m]), f"{m} rows"
 
 
+@pytest.mark.parametrize("kind", ["int8", "int8 panels", "int4", "int4 panels"])
+@pytest.mark.parametrize(
+    ("rows", "k", "n"),
+    # 300 rows, and 2 of a head's 49,152 channels: converted by torch, not in the kernel
+    [(r, k, n) for r in (1, 2, 3, 8, 9, 40, 300) for k, n in ((576, 962), (1536, 576))]
+    + [(1, 64, 49152), (2, 64, 49152)],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_quantized_kernels_take_bfloat16_and_round_the_float32_sums_once(
+    kind: str, rows: int, k: int, n: int, bias: bool
+) -> None:
+    """bfloat16 x gives, bit for bit, the float32 result over x widened, rounded to bfloat16 once:
+    small calls convert in the kernel, large ones (rows x max(K, N) above 65,536) with torch."""
+    gen = torch.Generator().manual_seed(rows * 7 + k)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) / 100
+    b = torch.randn(n, generator=gen) if bias else None
+    packed, s4, z4 = _int4(n, k, 32, rows)
+    if kind == "int8":
+        blocks = cpu_linear.block_int8(q)
+        out, wide = (
+            cpu_linear.linear_int8_f32(KERNEL, v, blocks, scale, b) for v in (x, x.float())
+        )
+    elif kind == "int8 panels":
+        panels = cpu_linear.pack_panels16(q)
+        out, wide = (
+            cpu_linear.linear_int8_f32_panels(KERNEL, v, panels, scale, b) for v in (x, x.float())
+        )
+    elif kind == "int4":
+        blocks4 = cpu_linear.block_int4(packed, s4, z4)
+        out, wide = (
+            cpu_linear.linear_int4_f32(KERNEL, v, *blocks4, 32, n, b) for v in (x, x.float())
+        )
+    else:
+        panels4 = cpu_linear.pack_int4_panels16(cpu_linear.unpack_int4(packed), s4, z4)
+        out, wide = (
+            cpu_linear.linear_int4_f32_panels(KERNEL, v, panels4, 32, n, b) for v in (x, x.float())
+        )
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+    assert torch.equal(out, wide.bfloat16())
+
+
 def test_shapes_dtypes_and_groups_it_cannot_take_are_refused() -> None:
     with pytest.raises(RuntimeError, match="multiple of 32"):
         cpu_linear.linear_f32(KERNEL, torch.randn(2, 48), torch.randn(8, 48), None)
@@ -313,6 +358,7 @@ def test_shapes_dtypes_and_groups_it_cannot_take_are_refused() -> None:
     with pytest.raises(RuntimeError, match="features"):
         cpu_linear.linear_f32(KERNEL, torch.randn(2, 64), torch.randn(8, 32), None)
     q = torch.zeros(8, 64, dtype=torch.int8)
+    blocks8 = cpu_linear.block_int8(q)
     with pytest.raises(RuntimeError, match="blocks"):  # rows of q, or blocks of 8 for 3 scales
         cpu_linear.linear_int8_f32(KERNEL, torch.randn(2, 64), q, torch.ones(8), None)
     with pytest.raises(RuntimeError, match="blocks"):
@@ -360,8 +406,14 @@ def test_shapes_dtypes_and_groups_it_cannot_take_are_refused() -> None:
         cpu_linear.linear_bf16_f32_panels(KERNEL, torch.randn(2, 48).bfloat16(), panels, 20, None)
     with pytest.raises(RuntimeError, match="panels must be"):  # bfloat16 panels, float32 x
         cpu_linear.linear_f32_panels(KERNEL, torch.randn(2, 48), bf16_panels, 20, None)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):  # the quantized kernels
+        cpu_linear.linear_int8_f32(KERNEL, torch.randn(2, 64).half(), blocks8, torch.ones(8), None)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cpu_linear.linear_int4_f32_panels(KERNEL, torch.randn(2, 64).double(), p4, 32, 20, None)
     assert cpu_linear.available_f32(torch.randn(2, 48), 48) is None  # the layers fall back
     assert cpu_linear.available_f32(torch.randn(2, 64).bfloat16(), 64) is None
+    assert cpu_linear.available_f32(torch.randn(2, 64).bfloat16(), 64, bfloat16=True) is KERNEL
+    assert cpu_linear.available_f32(torch.randn(2, 64).half(), 64, bfloat16=True) is None
 
 
 def test_disabled_kernels_are_not_offered(monkeypatch) -> None:
@@ -601,12 +653,51 @@ def test_int8_blocks_run_the_float_gemm_when_the_kernels_are_disabled(rows: int,
 
 def test_int4_layers_keep_torchs_packing_where_the_kernel_may_not_run(monkeypatch) -> None:
     w = torch.randn(64, 128)
-    assert Int4Linear.from_float(w, None, 32, torch.bfloat16).layout == "torch"
+    bf16 = "torch" if AVX512 else "fma"  # bfloat16 runs the float32 kernel without AVX-512
+    assert Int4Linear.from_float(w, None, 32, torch.bfloat16).layout == bf16
+    assert Int4Linear.from_float(w, None, 32, torch.float16).layout == "torch"
     monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
     layer = Int4Linear.from_float(w, None, 32, torch.float32)
     assert layer.layout == "torch" and hasattr(layer, "scales_and_zeros")
     x = torch.randn(3, 128)
     _close(layer(x), nn.functional.linear(x, layer.dequantize()), x, layer.dequantize())
+
+
+@pytest.mark.skipif(AVX512, reason="AVX-512 CPUs keep torch's bfloat16 kernels")
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, F32_PANEL_ROWS, 40, F32_DEQUANT_ROWS + 7])
+def test_bfloat16_quantized_layers_without_avx512_compute_in_float32(
+    method: str, rows: int, monkeypatch
+) -> None:
+    """Without AVX-512 a bfloat16 layer stores what a float32 one stores (blocks, panels, float32
+    scales, zeros and bias) and gives the float32 layer's output over its widened input, rounded
+    to bfloat16 once: through the kernels, the float GEMM (F32_DEQUANT_ROWS rows and more), and
+    the float GEMM again when the kernels are disabled after it is built."""
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(208, 576, generator=gen) / 24
+    bias = torch.randn(208, generator=gen).bfloat16()
+    if method == "int8":
+        q, scale = quantize_int8(w, torch.bfloat16)
+        layer, wide = Int8Linear(q, scale, bias), Int8Linear(q, scale.float(), bias.float())
+        assert layer.layout == "blocks" and layer.panels is not None
+    else:
+        q, scale, zero = quantize_int4(w, 32, torch.bfloat16)
+        layer = Int4Linear(q, scale, zero, 32, bias)
+        wide = Int4Linear(q, scale.float(), zero.float(), 32, bias.float())
+        assert layer.layout == "fma" and layer.zero.dtype == torch.float32
+    assert layer.scale.dtype == layer.bias.dtype == torch.float32
+    x = torch.randn(2, rows, 576, generator=gen).bfloat16()
+    expect = wide(x.float()).bfloat16()
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, rows, 208)
+    assert torch.equal(out, expect)
+    assert (layer.direct(x[0]) is None) == (rows >= F32_DEQUANT_ROWS)
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    assert layer.direct(x[0]) is None
+    slow = layer(x)
+    assert slow.dtype == torch.bfloat16
+    ref = nn.functional.linear(x.float(), layer.dequantize(), layer.bias)
+    assert ((slow.float() - ref).abs() <= ref.abs() / 128 + 1e-3).all()  # one bfloat16 rounding
 
 
 @pytest.mark.parametrize("n", [4, 48])  # one block of 4 channels (a last chunk can be one), more
