@@ -158,8 +158,9 @@ def f32_kernel(dtype: torch.dtype, in_features: int) -> bool:
 class Int8Linear(nn.Module):
     """y = (x q^T) * scale + bias, q int8 per output channel.
 
-    x: [..., K] in the scale's dtype (bfloat16, float16 or float32) → y: [..., N] in that dtype.
-    Buffers: `qweight` (q [N, K] int8, in one of two layouts), `scale` [N], `bias` [N] or None.
+    x: [..., K] in the activation dtype the layer was built for (bfloat16, float16 or float32;
+    the dtype of the scale given) → y: [..., N] in that dtype. Buffers: `qweight` (q [N, K] int8,
+    in one of two layouts), `scale` [N], `bias` [N] or None.
     The layout (`layout`) is chosen at construction:
 
     - "blocks" (float32 activations, or bfloat16 without AVX-512, where `f32_kernel`): q in our
@@ -173,7 +174,8 @@ class Int8Linear(nn.Module):
       accumulation).
 
     From there, and where a kernel is disabled after construction, a float GEMM over q converted
-    to the activation dtype (exact: |q| ≤ 127), scaled per output channel afterwards.
+    to the activation dtype (float32 for "blocks"; exact: |q| ≤ 127), scaled per output channel
+    afterwards.
     """
 
     def __init__(
@@ -190,8 +192,9 @@ class Int8Linear(nn.Module):
         self.layout = "blocks" if f32_kernel(scale.dtype, self.in_features) else "rows"
         wide = torch.float32 if self.layout == "blocks" else scale.dtype
         # q also packed into panels of 16 output channels, which the kernels read for more rows
-        # while `qweight` stays for fewer rows and for the float GEMM: for float32 activations
-        # (`cpu_linear.pack_panels16`) from F32_PANEL_ROWS rows; for bfloat16 ones with the
+        # while `qweight` stays for fewer rows and for the float GEMM: for "blocks" (float32
+        # activations, or bfloat16 without AVX-512; `cpu_linear.pack_panels16`) from
+        # F32_PANEL_ROWS rows; for bfloat16 ones with the
         # AVX-512 BF16 kernel (`cpu_linear.pack_panels`) from INT8_PANEL_ROWS to
         # KERNEL_DEQUANT_ROWS - 1 rows.
         self.panels: torch.Tensor | None = None
@@ -219,7 +222,7 @@ class Int8Linear(nn.Module):
         if (call := self.direct(flat)) is not None:
             return call(flat).view(*shape[:-1], self.out_features)
         if self.layout == "blocks" and flat.dtype != torch.float32:
-            return self(flat.float()).to(x.dtype).view(*shape[:-1], self.out_features)
+            return self.forward(flat.float()).to(x.dtype).view(*shape[:-1], self.out_features)
         if flat.shape[0] == 0:
             y = flat.new_zeros(0, self.out_features)
         elif flat.shape[0] >= DEQUANT_ROWS or self.layout == "blocks":
@@ -335,8 +338,9 @@ def int4_layout() -> tuple[int, bool] | None:
 class Int4Linear(nn.Module):
     """y = x W^T + bias with W[n, k] = (q[n, k] - 8) * scale[n, k // g] + zero[n, k // g].
 
-    x: [..., K] in the scales' dtype (bfloat16, float16 or float32) → y: [..., N] in that dtype.
-    Two layouts, chosen at construction (`layout`):
+    x: [..., K] in the activation dtype the layer was built for (bfloat16, float16 or float32;
+    the dtype of the scales given) → y: [..., N] in that dtype. Two layouts, chosen at
+    construction (`layout`):
 
     - "fma" (float32 activations, or bfloat16 without AVX-512, where `f32_kernel`): `qweight`,
       `scale` and `zero` in our float32 kernel's blocks (`cpu_linear.block_int4` of
@@ -350,8 +354,8 @@ class Int4Linear(nn.Module):
       rows, torch's kernel.
 
     Both kernels expand each weight in float32 and accumulate in float32; from their row limit a
-    float GEMM runs over W expanded in float32 and rounded to the activation dtype. `bias` [N] or
-    None. Needs N % 16 == 0 and K % g == 0, g in INT4_GROUP_SIZES.
+    float GEMM runs over W expanded in float32 and rounded to the activation dtype ("fma": kept
+    float32, over x widened). `bias` [N] or None. Needs N % 16 == 0 and K % g == 0, g in INT4_GROUP_SIZES.
     """
 
     def __init__(
@@ -405,7 +409,7 @@ class Int4Linear(nn.Module):
         if (call := self.direct(flat)) is not None:
             return call(flat).view(*shape[:-1], self.out_features)
         if self.layout == "fma" and flat.dtype != torch.float32:
-            return self(flat.float()).to(x.dtype).view(*shape[:-1], self.out_features)
+            return self.forward(flat.float()).to(x.dtype).view(*shape[:-1], self.out_features)
         if flat.shape[0] == 0:
             y = flat.new_zeros(0, self.out_features)
         elif self.layout == "fma" or (
