@@ -397,9 +397,13 @@ int64_t features_of(const torch::Tensor& x) {
   return x.size(1);
 }
 
-void check_input(const torch::Tensor& x, int64_t K, int64_t multiple) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "x must be a contiguous [M, K] float32 tensor");
+// Checks x is a contiguous [M, K] float32 (or, with `bfloat16`, bfloat16) tensor, K a multiple
+// of `multiple`.
+void check_input(const torch::Tensor& x, int64_t K, int64_t multiple, bool bfloat16 = false) {
+  const bool dtype_ok =
+      x.scalar_type() == at::kFloat || (bfloat16 && x.scalar_type() == at::kBFloat16);
+  TORCH_CHECK(x.dim() == 2 && dtype_ok && x.is_contiguous(), "x must be a contiguous [M, K] ",
+              bfloat16 ? "float32 or bfloat16" : "float32", " tensor");
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weight ", K);
   TORCH_CHECK(K % multiple == 0, "K = ", K, " must be a multiple of ", multiple);
 }
@@ -430,15 +434,6 @@ inline uint16_t narrow(float f) {
   std::memcpy(&bits, &f, sizeof(bits));
   if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN (this file builds -ffast-math)
   return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
-// Checks x is a contiguous [M, K] float32 or bfloat16 tensor, K a multiple of `multiple`.
-void check_activations(const torch::Tensor& x, int64_t K, int64_t multiple) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "x must be a contiguous [M, K] float32 or bfloat16 tensor");
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weight ", K);
-  TORCH_CHECK(K % multiple == 0, "K = ", K, " must be a multiple of ", multiple);
 }
 
 // y [M, N] in x's dtype from compute(xf, yf), which fills yf [M, N] float32 from xf [M, K]
@@ -697,7 +692,7 @@ torch::Tensor linear_bf16_f32_panels(torch::Tensor x, torch::Tensor panels, int6
 torch::Tensor linear_int8_f32_panels(torch::Tensor x, torch::Tensor panels, torch::Tensor scale,
                                      c10::optional<torch::Tensor> bias) {
   const int64_t K = features_of(x), M = x.size(0), N = scale.numel();
-  check_activations(x, K, 1);
+  check_input(x, K, 1, true);
   check_panels(panels, at::kChar, N, K * kPanelLanes);
   const float* s = f32_ptr(scale, N, "scale");
   const float* b = bias_ptr(bias, N);
@@ -715,7 +710,7 @@ torch::Tensor linear_int4_f32_panels(torch::Tensor x, torch::Tensor q, torch::Te
                                      torch::Tensor zero, int64_t group, int64_t N,
                                      c10::optional<torch::Tensor> bias) {
   const int64_t K = features_of(x), M = x.size(0);
-  check_activations(x, K, 1);
+  check_input(x, K, 1, true);
   TORCH_CHECK(group >= 2 && (group & (group - 1)) == 0,
               "the group size must be a power of 2, at least 2");
   TORCH_CHECK(K % group == 0, "K = ", K, " must be a multiple of the group size ", group);
@@ -766,7 +761,7 @@ Int4Weights int4_weights(const torch::Tensor& q, const torch::Tensor& scale,
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
                           c10::optional<torch::Tensor> bias) {
   const int64_t K = features_of(x), M = x.size(0), N = scale.numel();
-  check_activations(x, K, 32);
+  check_input(x, K, 32, true);
   check_blocks(q, at::kChar, N, K, 32);
   const float* s = f32_ptr(scale, N, "scale");
   const float* b = bias_ptr(bias, N);
@@ -786,7 +781,7 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
                           torch::Tensor zero, int64_t group, int64_t N,
                           c10::optional<torch::Tensor> bias) {
   const int64_t K = features_of(x), M = x.size(0);
-  check_activations(x, K, 32);
+  check_input(x, K, 32, true);
   const Int4Weights weights = int4_weights(q, scale, zero, group, N, K);
   const float* b = bias_ptr(bias, N);
   return in_float32(x, N, [&](const float* xf, float* o) {

@@ -50,8 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
-from kernels.cpu.build import cpu_flags
-from services.executor.packed_linear import Linear2D, children_of_type
+from services.executor.packed_linear import Linear2D, can_use_panels16, children_of_type
 
 log = logging.getLogger("radixserve.executor")
 
@@ -145,13 +144,12 @@ def int4_fallback_reason(out_features: int, in_features: int, group_size: int) -
 def f32_kernel(dtype: torch.dtype, in_features: int) -> bool:
     """True when a quantized layer for activations of `dtype` stores its weight in our float32
     kernel's blocks (`cpu_linear.block_int8`, `block_int4`), with float32 scales, zeros and bias:
-    float32, or bfloat16 on a CPU without AVX-512 (where torch has no oneDNN bfloat16 GEMM and
-    its int8 and int4 kernels run scalar code; the kernel widens bfloat16 inputs and rounds each
-    output once), K a multiple of 32, the kernel built on this CPU (AVX2 and FMA) and not
+    float32, or bfloat16 where unquantized bfloat16 linears become panels (`can_use_panels16`: a
+    CPU without AVX-512, where torch has no oneDNN bfloat16 GEMM and its int8 and int4 kernels
+    run scalar code; the kernel widens bfloat16 inputs and rounds each output once), K a
+    multiple of 32, the kernel built on this CPU (AVX2 and FMA) and not
     disabled by RADIXSERVE_DISABLE_CPU_KERNELS."""
-    wide = dtype == torch.float32 or (
-        dtype == torch.bfloat16 and "avx512f" not in cpu_flags().split()
-    )
+    wide = dtype == torch.float32 or can_use_panels16(dtype, torch.device("cpu"))
     return wide and in_features % cpu_linear.K_MULTIPLE == 0 and cpu_linear.f32_module() is not None
 
 
@@ -194,9 +192,8 @@ class Int8Linear(nn.Module):
         # q also packed into panels of 16 output channels, which the kernels read for more rows
         # while `qweight` stays for fewer rows and for the float GEMM: for "blocks" (float32
         # activations, or bfloat16 without AVX-512; `cpu_linear.pack_panels16`) from
-        # F32_PANEL_ROWS rows; for bfloat16 ones with the
-        # AVX-512 BF16 kernel (`cpu_linear.pack_panels`) from INT8_PANEL_ROWS to
-        # KERNEL_DEQUANT_ROWS - 1 rows.
+        # F32_PANEL_ROWS rows; for bfloat16 ones with the AVX-512 BF16 kernel
+        # (`cpu_linear.pack_panels`) from INT8_PANEL_ROWS to KERNEL_DEQUANT_ROWS - 1 rows.
         self.panels: torch.Tensor | None = None
         if self.layout == "blocks":
             self.panels = cpu_linear.pack_panels16(qweight)
@@ -355,7 +352,8 @@ class Int4Linear(nn.Module):
 
     Both kernels expand each weight in float32 and accumulate in float32; from their row limit a
     float GEMM runs over W expanded in float32 and rounded to the activation dtype ("fma": kept
-    float32, over x widened). `bias` [N] or None. Needs N % 16 == 0 and K % g == 0, g in INT4_GROUP_SIZES.
+    float32, over x widened). `bias` [N] or None. Needs N % 16 == 0 and K % g == 0, g in
+    INT4_GROUP_SIZES.
     """
 
     def __init__(
