@@ -106,15 +106,48 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_gateway)
 
 
+class _LazyParser(argparse.ArgumentParser):
+    """An argument parser that adds its arguments on first use, by calling `fill(parser)` before
+    it parses or prints its help. The tools' parsers are these, so that building the whole
+    command line imports no tool module: those import torch, which the gateway, tokenizer and
+    scheduler processes (and `radixserve serve` itself) would otherwise load at start-up, about
+    2 s of CPU and 150 MB of memory each."""
+
+    def __init__(
+        self, *args: object, fill: Callable[[argparse.ArgumentParser], None] | None = None, **kw
+    ) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self._fill = fill
+
+    def _filled(self) -> None:
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            fill(self)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        self._filled()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._filled()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._filled()
+        return super().format_help()
+
+
 def _tool(name: str, module: str, help: str) -> Callable[[argparse._SubParsersAction], None]:
     """The adder of a tool subcommand whose `module` has `add_arguments(parser)` and
-    `main(args)`; the module is imported when the parser is built."""
+    `main(args)`; the module is imported when that subcommand is parsed (or its help printed)."""
 
-    def add(sub: argparse._SubParsersAction) -> None:
+    def fill(p: argparse.ArgumentParser) -> None:
         tool = importlib.import_module(module)
-        p = sub.add_parser(name, help=help)
         tool.add_arguments(p)
         p.set_defaults(func=tool.main)
+
+    def add(sub: argparse._SubParsersAction) -> None:
+        sub.add_parser(name, help=help, fill=fill)
 
     return add
 
@@ -184,7 +217,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radixserve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
     for add in SUBCOMMANDS:
         add(sub)
     return parser

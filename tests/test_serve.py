@@ -124,6 +124,26 @@ def test_bench_runs_every_dataset_against_serve(serve: tuple[Serve, int], tmp_pa
     assert (turns["completed"], turns["errors"]) == (6, 0), turns["errors_by_kind"]
     assert turns["total_input_tokens"] > 6 * 24  # later turns carry the conversation so far
 
+    # Having served all that, only the executor and the tokenizer (transformers) hold torch.
+    holding = {name: maps_torch(process) for name, process in services(server).items()}
+    assert holding == {"executor": True, "tokenizer": True, "scheduler": False, "gateway": False}
+    assert not maps_torch(psutil.Process(server.proc.pid))  # `radixserve serve` itself
+
+
+def services(server: Serve) -> dict[str, psutil.Process]:
+    """The service processes of a `radixserve serve`, by service name."""
+    found = {}
+    for child in server.children():
+        argv = child.cmdline()
+        if "services.cli" in argv:
+            found[argv[argv.index("services.cli") + 1]] = child
+    return found
+
+
+def maps_torch(process: psutil.Process) -> bool:
+    """Whether the process has torch's shared library mapped (Linux)."""
+    return "libtorch" in Path(f"/proc/{process.pid}/maps").read_text()
+
 
 def test_serve_logs_a_request_as_json_under_its_id_in_every_service(
     tmp_path: Path, default_model_dir: Path

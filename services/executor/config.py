@@ -1,4 +1,10 @@
-"""Executor configuration: flags, their RADIXSERVE_* twins, and validation."""
+"""Executor configuration: flags, their RADIXSERVE_* twins, and validation.
+
+Every service's command line is built from these flags (`radixserve serve` passes each child its
+share), so this module imports no torch: the gateway, tokenizer and scheduler processes never
+load it. The choices that the executor's own modules implement are named here and checked
+against them there (the attention backend registry, quantization.py).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,11 @@ from dataclasses import dataclass
 
 from services.common.config import option
 from services.common.metrics import ServiceConfig
-from services.executor.attention import ATTENTION_BACKENDS
-from services.executor.quantization import INT4_GROUP_SIZES, QUANTIZATION_METHODS
 
+# `--attention-backend` choices; services/executor/attention registers one class under each.
+ATTENTION_BACKEND_NAMES = ("torch", "triton")
+QUANTIZATION_METHODS = ("none", "int8", "int4", "gguf")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -51,7 +59,7 @@ class ExecutorConfig(ServiceConfig):
     attention_backend: str | None = option(
         None,
         "attention implementation (default: triton on CUDA, torch on CPU)",
-        sorted(ATTENTION_BACKENDS),
+        ATTENTION_BACKEND_NAMES,
     )
     cuda_graph_max_bs: int = option(
         32, "largest decode batch run on static shapes (CUDA graphs, --enable-torch-compile)"

@@ -50,12 +50,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
+from services.executor.config import INT4_GROUP_SIZES, QUANTIZATION_METHODS
 from services.executor.packed_linear import Linear2D, can_use_panels16, children_of_type
 
 log = logging.getLogger("radixserve.executor")
 
-QUANTIZATION_METHODS = ("none", "int8", "int4", "gguf")
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 INT8_K_ALIGN = 16  # _weight_int8pack_mm reads the input dimension 16 lanes at a time
 INT4_N_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu packs output channels in 16s
 QUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

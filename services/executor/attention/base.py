@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from services.executor.config import ATTENTION_BACKEND_NAMES
 from services.executor.forward_batch import ForwardBatch
 from services.executor.kv_pool import KVPool, RequestToTokenTable
 from services.executor.step import SharedPrefix, Slice
@@ -18,6 +19,11 @@ ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {}
 
 
 def register(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
+    """Class decorator: the backend `--attention-backend name` selects (one of the config's
+    ATTENTION_BACKEND_NAMES, so the flag offers exactly what is registered)."""
+    if name not in ATTENTION_BACKEND_NAMES:
+        raise ValueError(f"attention backend {name!r} is not in {ATTENTION_BACKEND_NAMES}")
+
     def wrap(cls: type[AttentionBackend]) -> type[AttentionBackend]:
         cls.name = name
         ATTENTION_BACKENDS[name] = cls
