@@ -109,9 +109,10 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
 class _LazyParser(argparse.ArgumentParser):
     """An argument parser that adds its arguments on first use, by calling `fill(parser)` before
     it parses or prints its help. The tools' parsers are these, so that building the whole
-    command line imports no tool module: those import torch, which the gateway, tokenizer and
-    scheduler processes (and `radixserve serve` itself) would otherwise load at start-up, about
-    2 s of CPU and 150 MB of memory each."""
+    command line imports no tool module: `bench-executor` and `perplexity` import torch (and the
+    others HTTP clients), which the gateway, tokenizer and scheduler processes (and `radixserve
+    serve` itself) would otherwise load at start-up, about 2 s of CPU and 200 MB of memory
+    each."""
 
     def __init__(
         self, *args: object, fill: Callable[[argparse.ArgumentParser], None] | None = None, **kw

@@ -66,7 +66,8 @@ def service_config(argv: list[str], env: dict[str, str], where: str) -> Any:
 
 def _check_exact_flags(parser: argparse.ArgumentParser, argv: list[str], where: str) -> None:
     """argparse takes unambiguous prefixes (`--max-total` for `--max-total-tokens`); a deploy file
-    must spell flags out, or a new flag sharing the prefix would break it."""
+    must spell flags out, or a new flag sharing the prefix would break it. Service commands only:
+    a tool's sub-parser holds its flags once it has parsed (services/cli.py's _LazyParser)."""
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     known = sub.choices[argv[0]]._option_string_actions
     for arg in argv[1:]:

@@ -19,8 +19,9 @@ ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {}
 
 
 def register(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
-    """Class decorator: the backend `--attention-backend name` selects (one of the config's
-    ATTENTION_BACKEND_NAMES, so the flag offers exactly what is registered)."""
+    """Class decorator: the backend `--attention-backend name` selects. Raises ValueError for a
+    name not in the config's ATTENTION_BACKEND_NAMES (the flag's choices), so every registered
+    backend can be chosen; tests/common/test_cli.py checks that every choice is registered."""
     if name not in ATTENTION_BACKEND_NAMES:
         raise ValueError(f"attention backend {name!r} is not in {ATTENTION_BACKEND_NAMES}")
 
