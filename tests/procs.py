@@ -186,6 +186,15 @@ class Serve:
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
 
+    def services(self) -> dict[str, psutil.Process]:
+        """The service processes serve started (`python -m services.cli NAME ...`), by NAME."""
+        found = {}
+        for child in self.children():
+            argv = child.cmdline()
+            if "services.cli" in argv:
+                found[argv[argv.index("services.cli") + 1]] = child
+        return found
+
     def kill_all(self) -> None:
         for child in self.children() if self.proc.poll() is None else []:
             child.kill()

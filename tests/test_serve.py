@@ -60,7 +60,7 @@ def test_serve_reports_a_dead_service_and_stops_the_others(serve: tuple[Serve, i
     server, _ = serve
     server.wait_ready()
     children = server.children()
-    executor = next(p for p in children if "executor" in " ".join(p.cmdline()))
+    executor = server.services()["executor"]
     os.kill(executor.pid, signal.SIGKILL)
     assert server.proc.wait(90) != 0
     assert "executor service exited" in server.stderr()
@@ -125,21 +125,11 @@ def test_bench_runs_every_dataset_against_serve(serve: tuple[Serve, int], tmp_pa
     assert turns["total_input_tokens"] > 6 * 24  # later turns carry the conversation so far
 
     # Having served all that, the gateway and the scheduler still hold no torch.
-    processes = services(server)
+    processes = server.services()
     assert set(processes) == {"executor", "tokenizer", "scheduler", "gateway"}
     assert maps_torch(processes["executor"])  # the check sees torch where it is
     assert not maps_torch(processes["gateway"]) and not maps_torch(processes["scheduler"])
     assert not maps_torch(psutil.Process(server.proc.pid))  # `radixserve serve` itself
-
-
-def services(server: Serve) -> dict[str, psutil.Process]:
-    """The service processes of a `radixserve serve`, by service name."""
-    found = {}
-    for child in server.children():
-        argv = child.cmdline()
-        if "services.cli" in argv:
-            found[argv[argv.index("services.cli") + 1]] = child
-    return found
 
 
 def maps_torch(process: psutil.Process) -> bool:

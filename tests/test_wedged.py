@@ -97,7 +97,7 @@ def test_a_stopped_executor_fails_the_streams_and_serve_recovers(
     executor: psutil.Process | None = None
     try:
         server.wait_ready()
-        executor = next(p for p in server.children() if "executor" in " ".join(p.cmdline()))
+        executor = server.services()["executor"]
         model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
         watches = [StreamWatch(base, model, i) for i in range(STREAMS)]
         for w in watches:
