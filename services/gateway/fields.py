@@ -144,6 +144,9 @@ _SAMPLING: dict[str, Rule] = {
     "guided_regex": Rule("the output matches this regular expression"),
     "guided_choice": Rule("the output is one of these strings"),
     "guided_grammar": Rule("the output follows this EBNF grammar"),
+    "json_schema": Rule("SGLang's name: the output follows this JSON schema"),
+    "regex": Rule("SGLang's name: the output matches this regular expression"),
+    "ebnf": Rule("SGLang's name: the output follows this EBNF grammar"),
     # SGLang's stopping extensions.
     "stop_regex": Rule(
         "Python regular expressions; a sample ends where its text first matches one"

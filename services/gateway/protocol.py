@@ -120,6 +120,9 @@ class SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
+    regex: str | None = None  # SGLang's names on its OpenAI routes
+    ebnf: str | None = None
+    json_schema: dict[str, Any] | str | None = None
     # Stopping and prompts (SGLang: stop_regex, no_stop_trim; vLLM: the rest).
     stop_regex: NonEmptyText | list[NonEmptyText] | None = None
     no_stop_trim: StrictBool = False

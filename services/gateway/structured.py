@@ -8,6 +8,8 @@ Accepted, at most one per request (a second one is a 400 naming it):
 - vLLM `structured_outputs`: one of `json` (a schema), `regex`, `choice`, `grammar` (EBNF),
   `json_object`, `structural_tag`; and the older `guided_json`, `guided_regex`, `guided_choice`,
   `guided_grammar`.
+- SGLang's top-level `json_schema` (a schema, as a string or an object), `regex` and `ebnf` on
+  chat and completions.
 - SGLang `/generate` sampling params: `json_schema` (a schema as a string), `regex`, `ebnf`,
   `structural_tag`.
 
@@ -34,15 +36,19 @@ def request_grammar(req: SamplingFields) -> tuple[GrammarSpec, str] | None:
             found.append((spec, "response_format"))
     if req.structured_outputs is not None:
         found += _structured_outputs(req.structured_outputs.model_dump(by_alias=True))
-    legacy: list[tuple[str, Any]] = [
-        ("guided_json", req.guided_json),
-        ("guided_regex", req.guided_regex),
-        ("guided_choice", req.guided_choice),
-        ("guided_grammar", req.guided_grammar),
+    # (field, its vLLM-style kind, value): vLLM's older names, then SGLang's.
+    flat: list[tuple[str, str, Any]] = [
+        ("guided_json", "json", req.guided_json),
+        ("guided_regex", "regex", req.guided_regex),
+        ("guided_choice", "choice", req.guided_choice),
+        ("guided_grammar", "grammar", req.guided_grammar),
+        ("json_schema", "json", req.json_schema),
+        ("regex", "regex", req.regex),
+        ("ebnf", "grammar", req.ebnf),
     ]
-    for name, value in legacy:
+    for name, kind, value in flat:
         if value is not None:
-            found.append((_spec(name.removeprefix("guided_"), value, name), name))
+            found.append((_spec(kind, value, name), name))
     return _at_most_one(found)
 
 

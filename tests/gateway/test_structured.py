@@ -80,6 +80,15 @@ def chat(**fields: object) -> ChatCompletionRequest:
         ({"guided_regex": r"\d+"}, GrammarSpec("regex", r"\d+"), "guided_regex"),
         ({"guided_choice": ["a", "b"]}, GrammarSpec.choice(["a", "b"]), "guided_choice"),
         ({"guided_grammar": 'root ::= "a"'}, GrammarSpec("ebnf", 'root ::= "a"'), "guided_grammar"),
+        # SGLang's names on its OpenAI routes.
+        (
+            {"json_schema": json.dumps(SCHEMA)},
+            GrammarSpec("json_schema", json.dumps(SCHEMA)),
+            "json_schema",
+        ),
+        ({"json_schema": SCHEMA}, GrammarSpec.json_schema(SCHEMA), "json_schema"),
+        ({"regex": r"\d+"}, GrammarSpec("regex", r"\d+"), "regex"),
+        ({"ebnf": 'root ::= "a"'}, GrammarSpec("ebnf", 'root ::= "a"'), "ebnf"),
     ],
 )
 def test_each_field_maps_to_its_grammar(fields: dict, expected: GrammarSpec, param: str) -> None:
@@ -100,11 +109,12 @@ def test_text_format_and_no_field_mean_free_text() -> None:
     )
 
 
-def test_completions_take_the_same_fields() -> None:
-    body = json.dumps({"prompt": "x", "guided_regex": "[0-9]"}).encode()
+@pytest.mark.parametrize(("name", "kind"), [("guided_regex", "regex"), ("regex", "regex")])
+def test_completions_take_the_same_fields(name: str, kind: str) -> None:
+    body = json.dumps({"prompt": "x", name: "[0-9]"}).encode()
     assert request_grammar(parse_body(CompletionRequest, body)) == (
-        GrammarSpec("regex", "[0-9]"),
-        "guided_regex",
+        GrammarSpec(kind, "[0-9]"),
+        name,
     )
 
 
@@ -129,6 +139,9 @@ def test_two_constraints_are_a_400_naming_the_second() -> None:
     with pytest.raises(InvalidRequest) as err:
         request_grammar(chat(structured_outputs={"regex": "a", "choice": ["b"]}))
     assert err.value.param == "structured_outputs.choice"
+    with pytest.raises(InvalidRequest) as err:
+        request_grammar(chat(guided_regex="a", ebnf='root ::= "a"'))
+    assert err.value.param == "ebnf"
 
 
 def test_misshapen_fields_are_400s_naming_them() -> None:

@@ -147,6 +147,37 @@ def test_json_object_and_choice_and_completions(client: openai.OpenAI, model: st
     jsonschema.validate(json.loads(done.choices[0].text), schema)
 
 
+def test_sglang_top_level_names_constrain_chat_and_completions(
+    client: openai.OpenAI, model: str
+) -> None:
+    """SGLang's OpenAI routes take `regex`, `ebnf` and `json_schema` beside the messages."""
+    pattern = r"(red|green|blue) (car|bike)"
+    reply = client.chat.completions.create(
+        model=model, messages=ask("What do you ride?"), temperature=0.7, seed=2, n=2,
+        max_tokens=32, extra_body={"regex": pattern},
+    )  # fmt: skip
+    for choice in reply.choices:
+        assert re.fullmatch(pattern, choice.message.content), choice.message.content
+    stream = client.chat.completions.create(
+        model=model, messages=ask("Describe a server as key=value settings."), temperature=0.8,
+        seed=4, max_tokens=128, stream=True, extra_body={"ebnf": EBNF},
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert re.fullmatch(f"{PAIR}(; {PAIR}){{0,3}}", text), text
+    schema = SCHEMAS[0][1]
+    done = client.completions.create(
+        model=model, prompt="Alice, 30, as JSON:", max_tokens=64, temperature=0,
+        extra_body={"json_schema": json.dumps(schema)},
+    )  # fmt: skip
+    assert done.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(done.choices[0].text), schema)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=model, messages=ask("x"), max_tokens=8, extra_body={"regex": "a(b"}
+        )
+    assert err.value.body["param"] == "regex"
+
+
 def test_generate_takes_sglang_constraints(server: str) -> None:
     body = {
         "text": "The answer is",
