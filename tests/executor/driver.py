@@ -104,6 +104,27 @@ def hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+def hf_greedy_batch(model, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """`hf_greedy` of every prompt, from one left-padded HF `generate` call.
+
+    HF reads the padding off the attention mask (positions count from each prompt's first token),
+    so each row is the same computation as its prompt alone, up to the float rounding of a matmul
+    over more rows: it can differ only at a near-tie, which tests measure with `top2_gap` on the
+    prompt alone. One call decodes 16 prompts about 8x faster than 16 calls on a 2-core CPU.
+    """
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = []
+    config.pad_token_id = 0
+    config.do_sample = False
+    config.max_new_tokens = max_new
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, generation_config=config)
+    return out[:, width:].tolist()
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:

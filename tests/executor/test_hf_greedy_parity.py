@@ -20,7 +20,7 @@ from services.executor.engine import Engine, EngineLimits
 from services.executor.factory import cpu_has_bf16
 from services.executor.model_config import ModelConfig
 from services.executor.weights import load_model
-from tests.executor.driver import Driver, first_divergence, hf_greedy, top2_gap
+from tests.executor.driver import Driver, first_divergence, hf_greedy_batch, top2_gap
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def setup(request, default_model_dir: Path):
     ctx = 1024
     model = load_model(default_model_dir, cfg, ctx, dtype, torch.device("cpu"))
     engine = Engine(model, cfg, EngineLimits(40_000, 32, ctx), torch.device("cpu"))
-    reference = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
+    reference = hf_greedy_batch(hf, prompts, NEW_TOKENS)
     return hf, Driver(engine), prompts, reference
 
 
