@@ -54,7 +54,8 @@ def engines(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         t = procs.enter_context(
             ServiceProcess(["tokenizer", "--model-path", model, "--port", str(tok)], logs / "t.log")
         )
-        schedulers = []
+        schedulers: list[str] = []
+        started: list[tuple[ServiceProcess, int, ServiceProcess, str]] = []
         sch = free_port()  # both schedulers' port, one on each loopback address
         for i in range(2):
             exe, host = free_port(), f"127.0.0.{i + 1}"
@@ -68,6 +69,8 @@ def engines(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
                 "scheduler", "--executor", f"127.0.0.1:{exe}", "--host", host, "--port", str(sch),
             ]  # fmt: skip
             s = procs.enter_context(ServiceProcess(scheduler, logs / f"s{i}.log"))
+            started.append((e, exe, s, host))
+        for e, exe, s, host in started:  # both engines load at once
             e.wait_grpc_serving(exe)
             s.wait_grpc_serving(sch, host=host)
             schedulers.append(f"{host}:{sch}")
