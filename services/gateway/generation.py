@@ -87,7 +87,10 @@ class Sample:
         if end is not None and not cut:
             shown = 0 if self.hide_output else end.completion_tokens
             self.usage = Usage(end.prompt_tokens, shown, end.cached_tokens)
-        if delta.matched_stop is not None:
+        if self.hide_output and end is not None:
+            # The prompt alone: the one token computed past it is not shown, whatever it was.
+            self.finish_reason = "length" if end.reason in ("stop", "length") else end.reason
+        elif delta.matched_stop is not None:
             self.finish_reason, out.matched_stop = "stop", delta.matched_stop
         else:
             assert end is not None, "only a stop string finishes a sample before its end"

@@ -381,7 +381,8 @@ class CompletionFormat:
 class NativeFormat:
     """/generate, in SGLang's shape. Streamed events are cumulative, as SGLang's are: each
     carries the sample's whole `text` and `output_ids` so far, and meta_info with the token
-    counts so far. With `logprobs` (return_logprob), meta_info carries SGLang's logprob lists:
+    counts so far. As in SGLang, `output_ids` ends with the stop token that ended a sample, and
+    each sample's `completion_tokens` is its own: the length of its `output_ids`. With `logprobs` (return_logprob), meta_info carries SGLang's logprob lists:
     each entry `[logprob, token_id, text]` (text null unless `text_in_logprobs`),
     `output_token_logprobs` and `output_top_logprobs` for the generated tokens,
     `input_token_logprobs` and `input_top_logprobs` for the prompt from logprob_start_len (a null
@@ -405,15 +406,10 @@ class NativeFormat:
         sofar.token_ids.extend(out.token_ids)
         sofar.logprobs.extend(out.logprobs)
         sofar.prompt_logprobs = out.prompt_logprobs or sofar.prompt_logprobs
-        counts = Usage(usage.prompt_tokens, len(sofar.token_ids), usage.cached_tokens)
-        info = self._meta_info(out.finish_reason, out.matched_stop, counts)
+        ids = _with_stop_token(sofar.token_ids, out.matched_stop)
+        info = self._meta_info(out.finish_reason, out.matched_stop, _own(usage, ids))
         info.update(self._logprobs(sofar.logprobs, sofar.prompt_logprobs))
-        return {
-            "index": out.index,
-            "text": sofar.text,
-            "output_ids": sofar.token_ids,
-            "meta_info": info,
-        }
+        return {"index": out.index, "text": sofar.text, "output_ids": ids, "meta_info": info}
 
     def closing(self, usage: Usage) -> list[dict[str, Any]]:
         return []
@@ -422,9 +418,10 @@ class NativeFormat:
         prompt = next((c.prompt_logprobs for c in choices if c.prompt_logprobs), None)
         bodies = []
         for c in choices:
-            info = self._meta_info(c.finish_reason, c.matched_stop, usage)
+            ids = _with_stop_token(c.token_ids, c.matched_stop)
+            info = self._meta_info(c.finish_reason, c.matched_stop, _own(usage, ids))
             info.update(self._logprobs(c.logprobs, prompt))
-            bodies.append({"text": c.text, "output_ids": c.token_ids, "meta_info": info})
+            bodies.append({"text": c.text, "output_ids": ids, "meta_info": info})
         return bodies[0] if self.n == 1 else bodies
 
     def _entry(self, lp: TokenLogprob | None, token_id: int, piece: str) -> list[Any]:
@@ -471,6 +468,19 @@ class NativeFormat:
                 cached_tokens=usage.cached_tokens,
             )
         return info
+
+
+def _with_stop_token(ids: list[int], matched_stop: str | int | None) -> list[int]:
+    """A sample's ids ending with the stop token that ended it (SGLang's `output_ids`); `ids`
+    itself (a list that grows as the stream goes) while none did."""
+    if not isinstance(matched_stop, int) or (ids and ids[-1] == matched_stop):
+        return ids
+    return [*ids, matched_stop]
+
+
+def _own(usage: Usage, ids: list[int]) -> Usage:
+    """The request's prompt counts with one sample's completion tokens."""
+    return Usage(usage.prompt_tokens, len(ids), usage.cached_tokens)
 
 
 def model_card(name: str, created: int, context_length: int, root: str = "") -> dict[str, Any]:

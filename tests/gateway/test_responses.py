@@ -133,6 +133,26 @@ def test_native_response() -> None:
     assert body["meta_info"]["cached_tokens"] == 4
 
 
+def test_native_samples_count_their_own_tokens_and_end_with_the_stop_token() -> None:
+    """SGLang: each sample's completion_tokens is its own, and output_ids ends with the EOS or
+    stop token that ended it (the stop token counts); a stop string adds no id."""
+    outs = [
+        Output(0, "a", [7], [], "stop", matched_stop=2),
+        Output(1, "cc", [8, 8], [], "stop", matched_stop="\n"),
+        Output(2, "dddd", [9, 9, 9, 9], [], "length"),
+    ]
+    body = NativeFormat(META, n=3).response(join_outputs(outs, 3), USAGE)
+    assert [b["output_ids"] for b in body] == [[7, 2], [8, 8], [9, 9, 9, 9]]
+    assert [b["meta_info"]["completion_tokens"] for b in body] == [2, 2, 4]
+    assert all(b["meta_info"]["prompt_tokens"] == USAGE.prompt_tokens for b in body)
+    fmt = NativeFormat(META, n=1)
+    first = fmt.chunk(Output(0, "a", [7], []), USAGE)
+    assert (first["output_ids"], first["meta_info"]["completion_tokens"]) == ([7], 1)
+    last = fmt.chunk(Output(0, "", [], [], "stop", matched_stop=2), USAGE)
+    assert (last["output_ids"], last["meta_info"]["completion_tokens"]) == ([7, 2], 2)
+    assert last["meta_info"]["finish_reason"] == {"type": "stop", "matched": 2}
+
+
 def test_sse_stream_ends_with_done_and_reports_errors() -> None:
     import asyncio
 
