@@ -241,10 +241,9 @@ class Answer:
             reasoning, content = self.reasoning.parse(text)
         content = content or ""
         calls: list[ToolCall] = []
-        if self.mode == "named":
+        if self.mode == "named":  # as streamed: the call, with the arguments generated so far
             assert self.plan is not None and self.plan.name is not None
-            if _json_object(content) is not None:
-                calls = [ToolCall(new_call_id(), self.plan.name, content)]
+            calls = [ToolCall(new_call_id(), self.plan.name, content)]
         elif self.mode == "required":
             calls = self._required_calls(content) or []
         elif self._calls is not None and self.plan is not None:
@@ -265,12 +264,13 @@ class Answer:
 
     @staticmethod
     def _required_calls(text: str) -> list[ToolCall] | None:
-        """The calls of a `required` answer (a JSON array), None when it is not one (cut short)."""
+        """The calls of a `required` answer (a JSON array); cut short (by max_tokens), the calls
+        it completed; None when it completed none."""
         try:
             value = json.loads(text)
         except ValueError:
-            return None
-        if not isinstance(value, list):
+            value = _complete_items(text)
+        if not isinstance(value, list) or not value:
             return None
         calls = []
         for item in value:
@@ -281,12 +281,23 @@ class Answer:
         return calls
 
 
-def _json_object(text: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+def _complete_items(text: str) -> list[Any]:
+    """The complete items at the start of a JSON array cut short: `[{...}, {...}, {"na` gives
+    the first two."""
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        return []
+    items: list[Any] = []
+    pos += 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\n\r,":
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            return items
+        items.append(item)
 
 
 def _merged(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:

@@ -89,12 +89,28 @@ def test_required_and_named_answers_are_calls(step: int) -> None:
     ]
 
 
-def test_a_forced_answer_cut_short_is_content_not_a_call() -> None:
-    required = plan_tools([WEATHER], "required", None, None)
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_a_forced_answer_cut_short_is_the_same_whole_and_streamed(step: int) -> None:
+    """Cut short by max_tokens: a named function's call carries the arguments so far; a required
+    answer keeps the calls it completed, and with none its text is content."""
+    required = plan_tools([WEATHER, TIME], "required", None, None)
+    none_done = '[{"name": "get_weather", "argu'
     answer = Answer(required, None)
-    whole = answer.message('[{"name": "get_weather", "argu')
-    assert whole["content"] == '[{"name": "get_weather", "argu' and "tool_calls" not in whole
-    assert not answer.called
+    whole = answer.message(none_done)
+    assert whole["content"] == none_done and "tool_calls" not in whole and not answer.called
+    assert streamed(Answer(required, None), none_done, step) == {"content": none_done}
+    one_done = '[{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_t'
+    whole = Answer(required, None).message(one_done)
+    assert whole["content"] is None and calls_of(whole) == [("get_weather", {"city": "Oslo"})]
+    assert calls_of(streamed(Answer(required, None), one_done, step)) == calls_of(whole)
+    named = plan_tools(
+        [WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None, None
+    )
+    cut = '{"city": "Ro'
+    for fields in (Answer(named, None).message(cut), streamed(Answer(named, None), cut, step)):
+        (call,) = fields["tool_calls"]
+        assert (call["function"]["name"], call["function"]["arguments"]) == ("get_weather", cut)
+        assert not fields.get("content")
 
 
 def test_reasoning_goes_to_its_own_fields_and_calls_are_parsed_after_it() -> None:

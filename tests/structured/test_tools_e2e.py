@@ -80,6 +80,24 @@ def test_required_and_named_give_valid_calls_twenty_of_twenty(
         assert not content
 
 
+def test_a_named_call_cut_short_is_the_same_call_streamed_or_not(
+    client: openai.OpenAI, model: str
+) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kw = {"model": model, "messages": [{"role": "user", "content": "Weather in Paris?"}],
+          "tools": TOOLS, "tool_choice": named, "temperature": 0, "max_tokens": 5}  # fmt: skip
+    whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "length" and not whole.message.content
+    (call,) = whole.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments.startswith("{")
+    deltas = [c.choices[0] for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    assert deltas[-1].finish_reason == "length"
+    assert not "".join(d.delta.content or "" for d in deltas)
+    pieces = [t for d in deltas for t in d.delta.tool_calls or []]
+    assert {t.index for t in pieces} == {0} and pieces[0].function.name == "get_weather"
+    assert "".join(t.function.arguments or "" for t in pieces) == call.function.arguments
+
+
 def test_parallel_tool_calls_false_gives_one_call(client: openai.OpenAI, model: str) -> None:
     reply = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Weather in Paris and in Rome?"}],
