@@ -132,7 +132,8 @@ def error_payload(exc: BaseException) -> tuple[int, dict]:
         return exc.status, error_body(exc.message, exc.type, exc.param, exc.code)
     if isinstance(exc, HTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return exc.status_code, error_body(str(exc.detail), kind, None, None)
+        code = "unknown_url" if exc.status_code == 404 else None  # OpenAI's code for a bad route
+        return exc.status_code, error_body(str(exc.detail), kind, None, code)
     log.error("unexpected error", exc_info=exc)
     return 500, error_body("internal server error", "server_error", None, "internal_error")
 

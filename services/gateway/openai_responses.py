@@ -302,10 +302,12 @@ class ResponsesFormat:
         self._sequence += 1
         return event
 
-    def _item(self, text: str | None) -> dict[str, Any]:
+    def _item(self, text: str | None, cut: bool = False) -> dict[str, Any]:
+        """The message item: in progress (no text yet), completed, or incomplete when `cut` by
+        the length limit (as OpenAI marks it)."""
         done = text is not None
         content = [_text_part(text)] if done else []
-        status = "completed" if done else "in_progress"
+        status = ("incomplete" if cut else "completed") if done else "in_progress"
         return {
             "type": "message",
             "id": self._item_id,
@@ -354,7 +356,7 @@ class ResponsesFormat:
         self, text: str, calls: list[dict[str, Any]], reason: str | None, usage: Usage
     ) -> dict[str, Any]:
         status = "incomplete" if reason == "length" and not calls else "completed"
-        output = [self._item(text)] if text or not calls else []
+        output = [self._item(text, status == "incomplete")] if text or not calls else []
         output += [_call_item(c) for c in calls]
         body = self._body(status, output, usage)
         if self.req.store:
@@ -426,7 +428,9 @@ class ResponsesFormat:
                 self._event("response.output_text.done", **where, text=self._text, logprobs=[]),
                 self._event("response.content_part.done", **where, part=_text_part(self._text)),
                 self._event(
-                    "response.output_item.done", output_index=0, item=self._item(self._text)
+                    "response.output_item.done",
+                    output_index=0,
+                    item=self._item(self._text, body["status"] == "incomplete"),
                 ),
             ]
         first = len(body["output"]) - len(calls)

@@ -177,8 +177,17 @@ def check_stop_regexes(value: str | list[str] | None) -> None:
 
 
 class ContentPart(BaseModel):
+    """One part of a message's content: text only (images and audio are refused by type)."""
+
     type: str
     text: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"content part of type {value!r} is not supported (only 'text')")
+        return value
 
 
 class ChatMessage(BaseModel):

@@ -163,7 +163,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
         ),
         ("POST", "/v1/chat/completions", {"json": CHAT, "headers": AUTH}, 500, "internal_error"),
         ("GET", "/v1/chat/completions", {"headers": AUTH}, 405, None),
-        ("GET", "/v1/nothing", {"headers": AUTH}, 404, None),
+        ("GET", "/v1/nothing", {"headers": AUTH}, 404, "unknown_url"),
         ("GET", "/ready", {}, 503, "service_unavailable"),
     ],
 )

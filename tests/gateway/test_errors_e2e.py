@@ -35,7 +35,7 @@ CASES = [
     ("rejected-field", "/v1/chat/completions", {**CHAT, "audio": {"voice": "alloy", "format": "wav"}}, KEY, 400, None, "audio", "audio output is not supported"),
     ("tool-choice-without-tools", "/v1/chat/completions", {**CHAT, "tool_choice": "required"}, KEY, 400, None, "tool_choice", "needs 'tools'"),
     ("queue-full", "/v1/chat/completions", {**CHAT, "n": MAX_QUEUED + 1}, KEY, 503, "queue_full", None, "overloaded"),
-    ("unknown-route", "/v1/embeddings", {"input": "x"}, KEY, 404, None, None, "Not Found"),
+    ("unknown-route", "/v1/embeddings", {"input": "x"}, KEY, 404, "unknown_url", None, "Not Found"),
     ("wrong-method", "/v1/completions", None, KEY, 405, None, None, "Method Not Allowed"),
 ]
 # fmt: on

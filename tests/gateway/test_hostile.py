@@ -77,7 +77,8 @@ class CharTokenizer(FakeTokenizer):
 
 class EncodingScheduler(FakeScheduler):
     """Answers "ok" to every sample once the request has been encoded as the scheduler would
-    receive it, with as many logprobs and top logprobs per token as the request asked for."""
+    receive it, with as many logprobs and top logprobs per token as the request asked for; the
+    sample ends on the length limit where max_tokens is 2 ("ok"'s length), else on a stop."""
 
     def __init__(self) -> None:
         super().__init__([])
@@ -91,7 +92,7 @@ class EncodingScheduler(FakeScheduler):
         events: list[TokenChunk | SampleEnd | Exception] = []
         for i in range(s.n):
             events.append(TokenChunk(i, ids, lps, tops, [-0.5] * len(tops), 3, len(ids), 1))
-            events.append(end_of("ok", "stop", index=i))
+            events.append(end_of("ok", "length" if s.max_tokens == len(ids) else "stop", index=i))
         self.stream = FakeStream(events)
         return self.stream
 

@@ -78,6 +78,23 @@ def test_a_response_has_openai_shape(sdk: OpenAI, http: TestClient) -> None:
     assert prompts(http) == ["be briefhi"]  # instructions first, then the input
 
 
+def test_a_response_cut_by_the_length_limit_is_incomplete_with_its_message(
+    sdk: OpenAI,
+) -> None:
+    resp = sdk.responses.create(model=MODEL.name, input="hi", max_output_tokens=2)
+    assert resp.status == "incomplete" and resp.incomplete_details is not None
+    assert resp.incomplete_details.reason == "max_output_tokens"
+    (item,) = resp.output
+    assert item.status == "incomplete" and resp.output_text == "ok"
+    events = list(
+        sdk.responses.create(model=MODEL.name, input="hi", max_output_tokens=2, stream=True)
+    )
+    done = next(e for e in events if e.type == "response.output_item.done")
+    assert done.item.status == "incomplete"
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.output[0].status == "incomplete"
+
+
 def test_a_streamed_response_is_openai_event_sequence(sdk: OpenAI) -> None:
     events = list(sdk.responses.create(model=MODEL.name, input="hi", stream=True))
     kinds = [e.type for e in events]

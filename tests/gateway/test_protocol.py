@@ -31,6 +31,10 @@ def chat(**fields) -> bytes:
     return json.dumps({"messages": HI, **fields}).encode()
 
 
+TEXT_PART = {"type": "text", "text": "a"}
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "x"}}
+
+
 @pytest.mark.parametrize(
     ("body", "param", "message"),
     [
@@ -44,6 +48,11 @@ def chat(**fields) -> bytes:
             json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(),
             "messages[0].content",
             "valid string",
+        ),
+        (
+            chat(messages=[{"role": "user", "content": [TEXT_PART, IMAGE_PART]}]),
+            "messages[0].content[1].type",
+            "'image_url' is not supported (only 'text')",
         ),
         (chat(temperature=2.5), "temperature", "less than or equal to 2"),
         (chat(top_p=0), "top_p", "greater than 0"),
