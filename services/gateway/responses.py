@@ -99,7 +99,8 @@ def _prompt_only(usage: Usage) -> Usage:
 
 
 def _token_ids(ids: list[int], matched_stop: str | int | None) -> list[int]:
-    """The ids a choice generated, with the stop token that ended it (vLLM's `token_ids`)."""
+    """The ids a choice generated, with the stop token that ended it (vLLM's `token_ids`,
+    SGLang's `output_ids`): the scheduler's chunks leave that token out of their ids."""
     return [*ids, matched_stop] if isinstance(matched_stop, int) else ids
 
 
@@ -382,8 +383,9 @@ class NativeFormat:
     """/generate, in SGLang's shape. Streamed events are cumulative, as SGLang's are: each
     carries the sample's whole `text` and `output_ids` so far, and meta_info with the token
     counts so far. As in SGLang, `output_ids` ends with the stop token that ended a sample, and
-    each sample's `completion_tokens` is its own: the length of its `output_ids`. With `logprobs` (return_logprob), meta_info carries SGLang's logprob lists:
-    each entry `[logprob, token_id, text]` (text null unless `text_in_logprobs`),
+    each sample's `completion_tokens` is its own: the length of its `output_ids`. With
+    `logprobs` (return_logprob), meta_info carries SGLang's logprob lists: each entry
+    `[logprob, token_id, text]` (text null unless `text_in_logprobs`),
     `output_token_logprobs` and `output_top_logprobs` for the generated tokens,
     `input_token_logprobs` and `input_top_logprobs` for the prompt from logprob_start_len (a null
     logprob for the first token)."""
@@ -406,7 +408,7 @@ class NativeFormat:
         sofar.token_ids.extend(out.token_ids)
         sofar.logprobs.extend(out.logprobs)
         sofar.prompt_logprobs = out.prompt_logprobs or sofar.prompt_logprobs
-        ids = _with_stop_token(sofar.token_ids, out.matched_stop)
+        ids = _token_ids(sofar.token_ids, out.matched_stop)
         info = self._meta_info(out.finish_reason, out.matched_stop, _own(usage, ids))
         info.update(self._logprobs(sofar.logprobs, sofar.prompt_logprobs))
         return {"index": out.index, "text": sofar.text, "output_ids": ids, "meta_info": info}
@@ -418,7 +420,7 @@ class NativeFormat:
         prompt = next((c.prompt_logprobs for c in choices if c.prompt_logprobs), None)
         bodies = []
         for c in choices:
-            ids = _with_stop_token(c.token_ids, c.matched_stop)
+            ids = _token_ids(c.token_ids, c.matched_stop)
             info = self._meta_info(c.finish_reason, c.matched_stop, _own(usage, ids))
             info.update(self._logprobs(c.logprobs, prompt))
             bodies.append({"text": c.text, "output_ids": ids, "meta_info": info})
@@ -468,14 +470,6 @@ class NativeFormat:
                 cached_tokens=usage.cached_tokens,
             )
         return info
-
-
-def _with_stop_token(ids: list[int], matched_stop: str | int | None) -> list[int]:
-    """A sample's ids ending with the stop token that ended it (SGLang's `output_ids`); `ids`
-    itself (a list that grows as the stream goes) while none did."""
-    if not isinstance(matched_stop, int) or (ids and ids[-1] == matched_stop):
-        return ids
-    return [*ids, matched_stop]
 
 
 def _own(usage: Usage, ids: list[int]) -> Usage:

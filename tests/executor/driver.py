@@ -90,18 +90,7 @@ class Driver:
 
 def hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
     """Exactly `max_new` greedy tokens from HF, running on past EOS like the driver does."""
-    config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = []  # None falls back to the model config's EOS
-    config.pad_token_id = 0
-    config.do_sample = False
-    config.max_new_tokens = max_new
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            generation_config=config,
-        )
-    return out[0, len(prompt) :].tolist()
+    return hf_greedy_batch(model, [prompt], max_new)[0]  # one prompt: no padding
 
 
 def hf_greedy_batch(model, prompts: list[list[int]], max_new: int) -> list[list[int]]:
@@ -113,7 +102,7 @@ def hf_greedy_batch(model, prompts: list[list[int]], max_new: int) -> list[list[
     prompt alone. One call decodes 16 prompts about 8x faster than 16 calls on a 2-core CPU.
     """
     config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = []
+    config.eos_token_id = []  # None falls back to the model config's EOS
     config.pad_token_id = 0
     config.do_sample = False
     config.max_new_tokens = max_new
