@@ -250,14 +250,23 @@ def _check_pool(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor)
     )
     _require(q.shape[1] % k_buffer.shape[1] == 0, f"num_heads % num_kv_heads != 0: {shapes}")
     _require(
-        q.dtype in _FLOAT_DTYPES and k_buffer.dtype == q.dtype and v_buffer.dtype == q.dtype,
-        f"q, k_buffer, v_buffer must share a float16/bfloat16/float32 dtype; got "
-        f"{q.dtype}, {k_buffer.dtype}, {v_buffer.dtype}",
+        kv_dtypes_supported(q.dtype, k_buffer.dtype, v_buffer.dtype),
+        f"k_buffer and v_buffer must have q's float16/bfloat16/float32 dtype, or bfloat16 under "
+        f"float32 q; got {q.dtype}, {k_buffer.dtype}, {v_buffer.dtype}",
     )
     _require(
         q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1,
         "q, k_buffer and v_buffer must be contiguous along head_dim",
     )
+
+
+def kv_dtypes_supported(q: torch.dtype, k: torch.dtype, v: torch.dtype) -> bool:
+    """Whether the kernels take queries of dtype `q` over K/V buffers of `k` and `v`: one float
+    dtype throughout, or float32 queries over bfloat16 buffers (--kv-cache-dtype bfloat16; the
+    kernels widen each key to the queries' dtype and round p to the values' before p . v)."""
+    if q not in _FLOAT_DTYPES or k != v:
+        return False
+    return k == q or (q == torch.float32 and k == torch.bfloat16)
 
 
 def _require(ok: bool, message: str) -> None:

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from kernels.decode_attention import kv_dtypes_supported
+
 
 @triton.jit
 def _extend_kernel(
@@ -216,9 +218,9 @@ def _check_pool(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor)
     )
     _require(q.shape[1] % k_buffer.shape[1] == 0, f"num_heads % num_kv_heads != 0: {shapes}")
     _require(
-        q.dtype in _FLOAT_DTYPES and k_buffer.dtype == q.dtype and v_buffer.dtype == q.dtype,
-        f"q, k_buffer, v_buffer must share a float16/bfloat16/float32 dtype; got "
-        f"{q.dtype}, {k_buffer.dtype}, {v_buffer.dtype}",
+        kv_dtypes_supported(q.dtype, k_buffer.dtype, v_buffer.dtype),
+        f"k_buffer and v_buffer must have q's float16/bfloat16/float32 dtype, or bfloat16 under "
+        f"float32 q; got {q.dtype}, {k_buffer.dtype}, {v_buffer.dtype}",
     )
     _require(
         q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1,

@@ -33,8 +33,10 @@ def _store_kv_kernel(
     dims = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < num_kv_heads) & (dims < head_dim)  # [BLOCK_H, BLOCK_D]
     k = tl.load(k_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
+    k = k.to(k_buffer_ptr.dtype.element_ty)  # rounded where the pool is narrower
     tl.store(k_buffer_ptr + slot * stride_kbs + heads * stride_kbh + dims, k, mask=mask)
     v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+    v = v.to(v_buffer_ptr.dtype.element_ty)
     tl.store(v_buffer_ptr + slot * stride_vbs + heads * stride_vbh + dims, v, mask=mask)
 
 
@@ -48,7 +50,8 @@ def store_kv(
     """In place: k_buffer[out_cache_loc[i]] = k[i] and v_buffer[out_cache_loc[i]] = v[i].
 
     k, v: [num_tokens, num_kv_heads, head_dim]; k_buffer, v_buffer: [num_slots, num_kv_heads,
-    head_dim]; out_cache_loc: [num_tokens] int32/int64, distinct slots.
+    head_dim]; out_cache_loc: [num_tokens] int32/int64, distinct slots. The buffers may be of
+    another float dtype than k and v (--kv-cache-dtype): each value is converted as it is stored.
     """
     _check_inputs(k, v, k_buffer, v_buffer, out_cache_loc)
     num_tokens, num_kv_heads, head_dim = k.shape
@@ -99,8 +102,11 @@ def _check_inputs(
         f"out_cache_loc must be int32/int64 [num_tokens={k.shape[0]}]; got "
         f"{out_cache_loc.shape} {out_cache_loc.dtype}",
     )
-    dtypes = {t.dtype for t in tensors[:4]}
-    _require(len(dtypes) == 1, f"k, v, k_buffer, v_buffer must share a dtype; got {dtypes}")
+    _require(
+        k.dtype == v.dtype and k_buffer.dtype == v_buffer.dtype,
+        f"k and v, k_buffer and v_buffer must share a dtype; got {k.dtype}, {v.dtype}, "
+        f"{k_buffer.dtype}, {v_buffer.dtype}",
+    )
     _require(
         all(t.stride(2) == 1 for t in tensors[:4]),
         "k, v, k_buffer and v_buffer must be contiguous along head_dim",

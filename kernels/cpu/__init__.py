@@ -41,7 +41,8 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q: [B, H, D]; pools: [slots, Hkv, D]; table: [rows, ctx] int64 → out [B, H, D] in q.dtype.
+    """q: [B, H, D]; pools: [slots, Hkv, D] (q's dtype, or bfloat16 under float32 q; see
+    KERNEL_DTYPES); table: [rows, ctx] int64 → out [B, H, D] in q.dtype.
 
     Registered as the custom op `radixserve::paged_decode_attention`, so `torch.compile` keeps it
     as one opaque call inside a compiled step; eager callers skip the op dispatch (it costs about
@@ -93,15 +94,28 @@ def check_decode_args(q, k_pool, v_pool, table, rows, seq_lens) -> None:
         raise ValueError("rows and seq_lens need one entry per query")
 
 
+# (query dtype, KV pool dtype) pairs the kernels take: the model's own dtype, or a float32 model
+# over a bfloat16 pool (--kv-cache-dtype bfloat16), its keys and values widened as they are read.
+KERNEL_DTYPES = (
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16),
+)
+
+
+def supports_dtypes(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+    """Whether the attention kernels take queries of `q_dtype` over pools of `kv_dtype`."""
+    return (q_dtype, kv_dtype) in KERNEL_DTYPES
+
+
 def _check_pools(q, k_pool, v_pool, table) -> None:
     if q.device.type != "cpu":
         raise ValueError("the CPU attention kernels run on CPU tensors")
-    if (
-        q.dtype not in (torch.float32, torch.bfloat16)
-        or k_pool.dtype != q.dtype
-        or v_pool.dtype != q.dtype
-    ):
-        raise ValueError(f"dtypes must match and be float32 or bfloat16: {q.dtype}, {k_pool.dtype}")
+    if k_pool.dtype != v_pool.dtype or not supports_dtypes(q.dtype, k_pool.dtype):
+        raise ValueError(
+            f"dtypes: q {q.dtype}, k_pool {k_pool.dtype}, v_pool {v_pool.dtype}; the kernels take "
+            "float32 or bfloat16 queries over pools of their dtype, or float32 over bfloat16"
+        )
     if (
         q.dim() != 3
         or k_pool.dim() != 3

@@ -241,14 +241,14 @@ inline void weigh_values(const float* p, int64_t len, const T* v, int64_t stride
 // q: [group, 64] of this kv head, widened into qw ([group, 64] float32 scratch) for bfloat16;
 // pools [slots, kv_heads, 64]; keys slots[0 .. len); scores: [group, len] scratch; out:
 // [group, 64] float32; lse: [group] or null.
-template <typename T>
-inline void attend_head_f32(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots,
+template <typename TQ, typename T>
+inline void attend_head_f32(const TQ* q, const T* k_pool, const T* v_pool, const int64_t* slots,
                             int64_t len, int64_t kv_heads, int64_t hk, int64_t group, float scale,
                             float* qw, float* scores, float* out, float* lse) {
   const __m256 vscale = _mm256_set1_ps(scale);
   auto row = [&](const T* pool, int64_t l) { return pool + (slots[l] * kv_heads + hk) * kDimF32; };
   const float* qf;
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<TQ, float>) {
     qf = q;
   } else {
     load_row(q, qw, group * kDimF32);
@@ -298,12 +298,12 @@ inline void attend_head_f32(const T* q, const T* k_pool, const T* v_pool, const 
 #endif
 
 // Attends the query heads of kv heads [h0, h1) of one request.
-template <typename T>
-void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, int64_t len,
+template <typename TQ, typename T>
+void attend(const TQ* q, const T* k_pool, const T* v_pool, const int64_t* slots, int64_t len,
             int64_t h0, int64_t h1, int64_t kv_heads, int64_t group, int64_t dim, float scale,
             float* qf, float* row, float* scores, float* out, float* lse) {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
+  if constexpr (std::is_same_v<TQ, at::BFloat16> && std::is_same_v<T, at::BFloat16>) {
     if (dim == kDim && group <= 8) {
       for (int64_t hk = h0; hk < h1; ++hk) {
         const int64_t first = (hk - h0) * group;  // this kv head's query heads within the task
@@ -358,15 +358,15 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* slots, 
 }
 
 // Request b attends keys key_starts[b] .. seq_lens[b] - 1 (from 0 when key_starts is null);
-// lse ([B, H], nullable) receives each head's log-sum-exp.
-template <typename T>
+// lse ([B, H], nullable) receives each head's log-sum-exp. Queries are TQ, pools T.
+template <typename TQ, typename T>
 void run(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
          const torch::Tensor& table, const torch::Tensor& rows, const int64_t* key_starts,
          const torch::Tensor& seq_lens, double scale, torch::Tensor& out, float* lse) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_pool.size(1), group = heads / kv_heads;
   const int64_t table_stride = table.stride(0);
-  const T* qp = q.data_ptr<T>();
+  const TQ* qp = q.data_ptr<TQ>();
   const T* kp = k_pool.data_ptr<T>();
   const T* vp = v_pool.data_ptr<T>();
   const int64_t* tp = table.data_ptr<int64_t>();
@@ -387,7 +387,7 @@ void run(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tenso
       const int64_t* slots = tp + rp[b] * table_stride + first;
       const int64_t offset = (b * heads + h0 * group) * dim;
       float* lse_b = lse != nullptr ? lse + b * heads + h0 * group : nullptr;
-      attend<T>(qp + (b * heads) * dim, kp, vp, slots, lp[b] - first, h0, h0 + span, kv_heads,
+      attend<TQ, T>(qp + (b * heads) * dim, kp, vp, slots, lp[b] - first, h0, h0 + span, kv_heads,
                 group, dim, static_cast<float>(scale), qf.data(), row.data(), scores.data(),
                 op + offset, lse_b);
     }
@@ -584,11 +584,12 @@ void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat
 }
 #endif
 
-// Whether extend_block runs extend_block_bf16 (which keeps its own buffers) for pools of T.
-template <typename T>
+// Whether extend_block runs extend_block_bf16 (which keeps its own buffers) for queries of TQ
+// over pools of T.
+template <typename TQ, typename T>
 constexpr bool bf16_extend(int64_t dim) {
 #if defined(__AVX512BF16__)
-  return std::is_same_v<T, at::BFloat16> && dim == kDim;
+  return std::is_same_v<TQ, at::BFloat16> && std::is_same_v<T, at::BFloat16> && dim == kDim;
 #else
   return false;
 #endif
@@ -613,15 +614,15 @@ void load_keys_transposed(const T* pool, const int64_t* slots, int64_t l0, int64
 // 0 .. prefix + i; otherwise every query sees keys 0 .. prefix - 1 (a shared span).
 // Row r = j * G + g of qf / out is query i0 + j, head hk * G + g; lse (nullable) gets
 // lse[(i0 + j) * lse_stride + hk * G + g].
-template <typename T>
-void extend_block(const T* q, int64_t q_stride, const T* k_pool, const T* v_pool,
+template <typename TQ, typename T>
+void extend_block(const TQ* q, int64_t q_stride, const T* k_pool, const T* v_pool,
                   const int64_t* slots, int64_t prefix, bool causal, int64_t i0, int64_t nq,
                   int64_t hk, int64_t kv_heads, int64_t group, int64_t dim, float scale,
                   float* qf, float* scores, float* kt, float* vb, float* row, float* acc,
                   float* out, int64_t out_stride, float* lse, int64_t lse_stride) {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (bf16_extend<T>(dim)) {
+  if constexpr (std::is_same_v<TQ, at::BFloat16> && std::is_same_v<T, at::BFloat16>) {
+    if (bf16_extend<TQ, T>(dim)) {
       extend_block_bf16(q, q_stride, k_pool, v_pool, slots, prefix, causal, i0, nq, hk, kv_heads,
                         group, scale, out, out_stride, lse, lse_stride);
       return;
@@ -719,13 +720,13 @@ void for_each_task(int64_t n, const MakeBuffers& make_buffers, const Body& body)
   });
 }
 
-// One thread's scratch for extend_block over pools of T: rows_max query rows, up to max_keys
+// One thread's scratch for extend_block of TQ queries over pools of T: rows_max query rows, up to max_keys
 // keys; empty where extend_block_bf16 runs instead (it keeps its own).
 struct Scratch {
   std::vector<float> qf, scores, kt, vb, row, acc;
-  template <typename T>
+  template <typename TQ, typename T>
   static Scratch For(int64_t rows_max, int64_t max_keys, int64_t dim) {
-    return bf16_extend<T>(dim) ? Scratch(0, 0, 0) : Scratch(rows_max, max_keys, dim);
+    return bf16_extend<TQ, T>(dim) ? Scratch(0, 0, 0) : Scratch(rows_max, max_keys, dim);
   }
   Scratch(int64_t rows_max, int64_t max_keys, int64_t dim)
       : qf(rows_max * dim), scores(rows_max * max_keys), kt(dim * kKeyBlock),
@@ -734,7 +735,7 @@ struct Scratch {
 
 // Request b's new tokens see keys key_starts[b] .. their own position (from 0 when key_starts
 // is null); lse ([T, H], nullable) receives each query head's log-sum-exp.
-template <typename T>
+template <typename TQ, typename T>
 void run_extend(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
                 const torch::Tensor& table, const torch::Tensor& rows, const int64_t* key_starts,
                 const torch::Tensor& prefix_lens, const torch::Tensor& extend_lens,
@@ -742,7 +743,7 @@ void run_extend(const torch::Tensor& q, const torch::Tensor& k_pool, const torch
   const int64_t heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_pool.size(1), group = heads / kv_heads;
   const int64_t batch = rows.size(0), table_stride = table.stride(0);
-  const T* qp = q.data_ptr<T>();
+  const TQ* qp = q.data_ptr<TQ>();
   const T* kp = k_pool.data_ptr<T>();
   const T* vp = v_pool.data_ptr<T>();
   const int64_t* tp = table.data_ptr<int64_t>();
@@ -769,12 +770,12 @@ void run_extend(const torch::Tensor& q, const torch::Tensor& k_pool, const torch
   const int64_t rows_max = kQueryBlock * group;
   for_each_task(
       static_cast<int64_t>(tasks.size()),
-      [&] { return Scratch::For<T>(rows_max, max_keys, dim); },
+      [&] { return Scratch::For<TQ, T>(rows_max, max_keys, dim); },
       [&](int64_t t, Scratch& w) {
         const Task& task = tasks[t];
         const int64_t nq = std::min(kQueryBlock, ep[task.b] - task.i0);
         const int64_t first = key_starts != nullptr ? key_starts[task.b] : 0;
-        extend_block<T>(qp + task.first_token * heads * dim, heads * dim, kp, vp,
+        extend_block<TQ, T>(qp + task.first_token * heads * dim, heads * dim, kp, vp,
                         tp + rp[task.b] * table_stride + first, pp[task.b] - first, true, task.i0,
                         nq, task.hk, kv_heads, group, dim, static_cast<float>(scale), w.qf.data(),
                         w.scores.data(), w.kt.data(), w.vb.data(), w.row.data(), w.acc.data(),
@@ -786,7 +787,7 @@ void run_extend(const torch::Tensor& q, const torch::Tensor& k_pool, const torch
 // Group g's query tokens tok_offsets[g] .. tok_offsets[g + 1] - 1 of q (all heads) attend keys
 // 0 .. prefix_lens[g] - 1 of table row group_rows[g]; each span is read once per (kv head, block
 // of 16 tokens), whichever rows the tokens belong to.
-template <typename T>
+template <typename TQ, typename T>
 void run_shared(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
                 const torch::Tensor& table, const torch::Tensor& group_rows,
                 const torch::Tensor& tok_offsets, const torch::Tensor& prefix_lens, double scale,
@@ -794,7 +795,7 @@ void run_shared(const torch::Tensor& q, const torch::Tensor& k_pool, const torch
   const int64_t heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_pool.size(1), group = heads / kv_heads;
   const int64_t groups = group_rows.size(0), table_stride = table.stride(0);
-  const T* qp = q.data_ptr<T>();
+  const TQ* qp = q.data_ptr<TQ>();
   const T* kp = k_pool.data_ptr<T>();
   const T* vp = v_pool.data_ptr<T>();
   const int64_t* tp = table.data_ptr<int64_t>();
@@ -818,12 +819,12 @@ void run_shared(const torch::Tensor& q, const torch::Tensor& k_pool, const torch
   const int64_t rows_max = kQueryBlock * group;
   for_each_task(
       static_cast<int64_t>(tasks.size()),
-      [&] { return Scratch::For<T>(rows_max, max_keys, dim); },
+      [&] { return Scratch::For<TQ, T>(rows_max, max_keys, dim); },
       [&](int64_t t, Scratch& w) {
         const Task& task = tasks[t];
         const int64_t first = op_[task.g];
         const int64_t nq = std::min(kQueryBlock, op_[task.g + 1] - first - task.i0);
-        extend_block<T>(qp + first * heads * dim, heads * dim, kp, vp,
+        extend_block<TQ, T>(qp + first * heads * dim, heads * dim, kp, vp,
                         tp + rp[task.g] * table_stride, pp[task.g], false, task.i0, nq, task.hk,
                         kv_heads, group, dim, static_cast<float>(scale), w.qf.data(),
                         w.scores.data(), w.kt.data(), w.vb.data(), w.row.data(), w.acc.data(),
@@ -831,19 +832,36 @@ void run_shared(const torch::Tensor& q, const torch::Tensor& k_pool, const torch
       });
 }
 
+// Calls fn(TQ(), T()) for queries q and pools `pool` of the supported dtypes: both float32, both
+// bfloat16, or float32 queries over bfloat16 pools (a float32 model's --kv-cache-dtype
+// bfloat16: each key and value is widened to float32 as it is read, which is exact).
+template <typename Fn>
+void dispatch_dtypes(const torch::Tensor& q, const torch::Tensor& pool, const Fn& fn) {
+  const auto qt = q.scalar_type(), kt = pool.scalar_type();
+  if (qt == torch::kBFloat16 && kt == torch::kBFloat16) {
+    fn(at::BFloat16(), at::BFloat16());
+  } else if (qt == torch::kFloat32 && kt == torch::kBFloat16) {
+    fn(float(), at::BFloat16());
+  } else {
+    TORCH_CHECK(qt == torch::kFloat32 && kt == torch::kFloat32,
+                "queries and pools must be float32 or bfloat16, the queries not narrower");
+    fn(float(), float());
+  }
+}
+
 }  // namespace
 
-// q: [B, H, D]; k_pool, v_pool: [num_slots, Hkv, D] (same dtype as q); table: [rows, context]
-// int64; rows, seq_lens: [B] int64 (keys are positions 0 .. seq_len-1). Returns [B, H, D] float32.
+// q: [B, H, D]; k_pool, v_pool: [num_slots, Hkv, D] (q's dtype, or bfloat16 under float32 q);
+// table: [rows, context] int64; rows, seq_lens: [B] int64 (keys are positions 0 .. seq_len-1).
+// Returns [B, H, D] float32.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor table, torch::Tensor rows,
                                      torch::Tensor seq_lens, double scale) {
   auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
-  if (q.scalar_type() == torch::kBFloat16) {
-    run<at::BFloat16>(q, k_pool, v_pool, table, rows, nullptr, seq_lens, scale, out, nullptr);
-  } else {
-    run<float>(q, k_pool, v_pool, table, rows, nullptr, seq_lens, scale, out, nullptr);
-  }
+  dispatch_dtypes(q, k_pool, [&](auto tq, auto tk) {
+    run<decltype(tq), decltype(tk)>(q, k_pool, v_pool, table, rows, nullptr, seq_lens, scale, out,
+                                    nullptr);
+  });
   return out;
 }
 
@@ -856,29 +874,24 @@ std::vector<torch::Tensor> paged_decode_attention_lse(torch::Tensor q, torch::Te
   auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
   auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
   const int64_t* ks = key_starts.data_ptr<int64_t>();
-  if (q.scalar_type() == torch::kBFloat16) {
-    run<at::BFloat16>(q, k_pool, v_pool, table, rows, ks, seq_lens, scale, out,
-                      lse.data_ptr<float>());
-  } else {
-    run<float>(q, k_pool, v_pool, table, rows, ks, seq_lens, scale, out, lse.data_ptr<float>());
-  }
+  dispatch_dtypes(q, k_pool, [&](auto tq, auto tk) {
+    run<decltype(tq), decltype(tk)>(q, k_pool, v_pool, table, rows, ks, seq_lens, scale, out,
+                                    lse.data_ptr<float>());
+  });
   return {out, lse};
 }
 
 // q: [T, H, D], the new tokens of every request back to back; k_pool, v_pool: [num_slots, Hkv, D]
-// (same dtype as q, already holding the new tokens' K/V); table: [rows, context] int64; rows,
-// prefix_lens, extend_lens: [B] int64. Returns [T, H, D] float32.
+// (as for paged_decode_attention, already holding the new tokens' K/V); table: [rows, context]
+// int64; rows, prefix_lens, extend_lens: [B] int64. Returns [T, H, D] float32.
 torch::Tensor extend_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                torch::Tensor table, torch::Tensor rows, torch::Tensor prefix_lens,
                                torch::Tensor extend_lens, double scale) {
   auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
-  if (q.scalar_type() == torch::kBFloat16) {
-    run_extend<at::BFloat16>(q, k_pool, v_pool, table, rows, nullptr, prefix_lens, extend_lens,
-                             scale, out, nullptr);
-  } else {
-    run_extend<float>(q, k_pool, v_pool, table, rows, nullptr, prefix_lens, extend_lens, scale,
-                      out, nullptr);
-  }
+  dispatch_dtypes(q, k_pool, [&](auto tq, auto tk) {
+    run_extend<decltype(tq), decltype(tk)>(q, k_pool, v_pool, table, rows, nullptr, prefix_lens,
+                                           extend_lens, scale, out, nullptr);
+  });
   return out;
 }
 
@@ -892,13 +905,10 @@ std::vector<torch::Tensor> extend_attention_lse(torch::Tensor q, torch::Tensor k
   auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
   auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
   const int64_t* ks = key_starts.data_ptr<int64_t>();
-  if (q.scalar_type() == torch::kBFloat16) {
-    run_extend<at::BFloat16>(q, k_pool, v_pool, table, rows, ks, prefix_lens, extend_lens, scale,
-                             out, lse.data_ptr<float>());
-  } else {
-    run_extend<float>(q, k_pool, v_pool, table, rows, ks, prefix_lens, extend_lens, scale, out,
-                      lse.data_ptr<float>());
-  }
+  dispatch_dtypes(q, k_pool, [&](auto tq, auto tk) {
+    run_extend<decltype(tq), decltype(tk)>(q, k_pool, v_pool, table, rows, ks, prefix_lens,
+                                           extend_lens, scale, out, lse.data_ptr<float>());
+  });
   return {out, lse};
 }
 
@@ -912,13 +922,10 @@ std::vector<torch::Tensor> shared_prefix_attention(torch::Tensor q, torch::Tenso
                                                    torch::Tensor prefix_lens, double scale) {
   auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
   auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
-  if (q.scalar_type() == torch::kBFloat16) {
-    run_shared<at::BFloat16>(q, k_pool, v_pool, table, group_rows, tok_offsets, prefix_lens,
-                             scale, out, lse);
-  } else {
-    run_shared<float>(q, k_pool, v_pool, table, group_rows, tok_offsets, prefix_lens, scale, out,
-                      lse);
-  }
+  dispatch_dtypes(q, k_pool, [&](auto tq, auto tk) {
+    run_shared<decltype(tq), decltype(tk)>(q, k_pool, v_pool, table, group_rows, tok_offsets,
+                                           prefix_lens, scale, out, lse);
+  });
   return {out, lse};
 }
 

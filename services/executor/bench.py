@@ -33,10 +33,10 @@ from services.executor.bench_floors import (
     memory_bandwidth,
     weight_bytes,
 )
-from services.executor.config import DTYPES
+from services.executor.config import DTYPES, KV_CACHE_DTYPES
 from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.engine import Engine, EngineLimits
-from services.executor.factory import pick_dtype, setup_cpu_process
+from services.executor.factory import pick_dtype, pick_kv_dtype, setup_cpu_process
 from services.executor.kv_pool import KVPool
 from services.executor.model_config import ModelConfig
 from services.executor.quantization import INT4_GROUP_SIZES, QUANTIZATION_METHODS, Quantization
@@ -84,6 +84,7 @@ class DecodeRow:
     case: str
     dtype: str
     quantization: str
+    kv_cache_dtype: str
     batch: int
     context: int
     step_ms: float
@@ -98,6 +99,7 @@ class DecodeRow:
 class PrefillRow:
     dtype: str
     quantization: str
+    kv_cache_dtype: str
     prompts: int
     prompt_len: int
     step_ms: float
@@ -131,6 +133,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "flag; gguf needs --model-path default or a .gguf file)",
     )
     p.add_argument("--quantization-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
+    p.add_argument(
+        "--kv-cache-dtypes",
+        nargs="+",
+        default=["auto"],
+        choices=KV_CACHE_DTYPES,
+        help="KV cache dtypes to time, each with every --dtypes (see the executor's "
+        "--kv-cache-dtype; auto: the model's dtype)",
+    )
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32, 64])
     p.add_argument(
         "--contexts",
@@ -192,8 +202,9 @@ def _engine(
     ctx: int,
     static: StaticDecodeConfig | None = None,
     deterministic: bool = False,
+    kv_dtype: torch.dtype | None = None,
 ) -> Engine:
-    limits = EngineLimits(slots, rows, ctx)
+    limits = EngineLimits(slots, rows, ctx, kv_dtype=kv_dtype)
     return Engine(
         model, cfg, limits, torch.device("cpu"), static_decode=static, deterministic=deterministic
     )
@@ -234,12 +245,14 @@ def bench_decode(
     static: StaticDecodeConfig | None = None,
     case: DecodeCase = DecodeCase("greedy", GREEDY),
     deterministic: bool = False,
+    kv_dtype: torch.dtype | None = None,
 ) -> float:
     """Median decode step time (ms) with `batch` requests at `context` tokens each, after
-    WARMUP_STEPS untimed steps (which compile the static step when there is one)."""
+    WARMUP_STEPS untimed steps (which compile the static step when there is one); the KV pool in
+    `kv_dtype` (None: the model's)."""
     span = context + WARMUP_STEPS + steps + 2
     writes, num_slots = slot_writes(case, batch, span)
-    engine = _engine(model, cfg, num_slots, batch, span, static, deterministic)
+    engine = _engine(model, cfg, num_slots, batch, span, static, deterministic, kv_dtype)
     spans = shared_spans(case, batch)
     first = StepInput(
         1,
@@ -263,9 +276,16 @@ def bench_decode(
 
 
 def bench_prefill(
-    model: nn.Module, cfg: ModelConfig, prompts: int, length: int, deterministic: bool = False
+    model: nn.Module,
+    cfg: ModelConfig,
+    prompts: int,
+    length: int,
+    deterministic: bool = False,
+    kv_dtype: torch.dtype | None = None,
 ) -> float:
-    engine = _engine(model, cfg, prompts * length + 1, prompts, length + 1, None, deterministic)
+    """Time (ms) of the faster of two prefills of `prompts` random prompts of `length` tokens."""
+    slots = prompts * length + 1
+    engine = _engine(model, cfg, slots, prompts, length + 1, None, deterministic, kv_dtype)
     greedy = SamplingParams(temperature=0.0)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (prompts, length), generator=gen).tolist()
@@ -374,22 +394,40 @@ def _bench_model(
     model = load_model(
         path, cfg, max_positions(args), dtype, torch.device("cpu"), prepack, quantization=quant
     )
-    kv_bytes = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
-    floors = Floors(weight_bytes(model), kv_bytes, bandwidth)
-    megabytes = floors.weight_bytes / 1e6
+    megabytes = weight_bytes(model) / 1e6
     print(f"{dtype_name}, {quant.label} weights: {megabytes:.1f} MB read per step", flush=True)
     bench_decode(model, cfg, 1, 16, 2, deterministic=args.enable_deterministic_inference)
     decode, prefill = [], []
-    for context in args.contexts:
-        for case in decode_cases(args, context):
-            for bs in args.batch_sizes:
-                row = _decode_row(model, cfg, args, static, floors, case, bs, context, dtype_name)
-                decode.append(replace(row, quantization=mode))
-                print(_fmt_decode(decode[-1]), flush=True)
-    for n in args.prefill_prompts:
-        prefill.append(_prefill_row(model, cfg, args, n, dtype_name, mode))
-        print(_fmt_prefill(prefill[-1]), flush=True)
+    for kv_dtype in kv_dtypes(args.kv_cache_dtypes, dtype):
+        kv_bytes = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+        floors = Floors(weight_bytes(model), kv_bytes, bandwidth)
+        kv_name = str(kv_dtype).removeprefix("torch.")
+        for context in args.contexts:
+            for case in decode_cases(args, context):
+                for bs in args.batch_sizes:
+                    row = _decode_row(
+                        model, cfg, args, static, floors, case, bs, context, dtype_name, kv_dtype
+                    )
+                    decode.append(replace(row, quantization=mode, kv_cache_dtype=kv_name))
+                    print(_fmt_decode(decode[-1]), flush=True)
+        for n in args.prefill_prompts:
+            prefill.append(_prefill_row(model, cfg, args, n, dtype_name, mode, kv_dtype))
+            print(_fmt_prefill(prefill[-1]), flush=True)
     return decode, prefill
+
+
+def kv_dtypes(names: list[str], dtype: torch.dtype) -> list[torch.dtype]:
+    """`--kv-cache-dtypes` as the KV pool dtypes of a model of `dtype` (`pick_kv_dtype`), each
+    once in the order given. Raises SystemExit where the model's dtype cannot take one."""
+    picked: list[torch.dtype] = []
+    for name in names:
+        try:
+            kv = pick_kv_dtype(name, dtype)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        if kv not in picked:
+            picked.append(kv)
+    return picked
 
 
 def _decode_row(
@@ -402,16 +440,17 @@ def _decode_row(
     bs: int,
     context: int,
     dtype_name: str,
+    kv_dtype: torch.dtype,
 ) -> DecodeRow:
-    ms = bench_decode(
-        model, cfg, bs, context, args.steps, static, case, args.enable_deterministic_inference
-    )
+    deterministic = args.enable_deterministic_inference
+    ms = bench_decode(model, cfg, bs, context, args.steps, static, case, deterministic, kv_dtype)
     floor = linear_floor_ms(model, bs) + head_floor_ms(model, bs)
     bw_floor = floors.bandwidth_ms(case.kv_tokens(bs, context))
     return DecodeRow(
         case.label,
         dtype_name,
         "none",
+        dtype_name,
         bs,
         context,
         ms,
@@ -429,12 +468,14 @@ def _prefill_row(
     args: argparse.Namespace,
     n: int,
     dtype_name: str,
-    mode: str = "none",
+    mode: str,
+    kv_dtype: torch.dtype,
 ) -> PrefillRow:
     length = args.prefill_len
-    ms = bench_prefill(model, cfg, n, length, args.enable_deterministic_inference)
+    ms = bench_prefill(model, cfg, n, length, args.enable_deterministic_inference, kv_dtype)
     floor = linear_floor_ms(model, n * length, repeats=2) + head_floor_ms(model, n)
-    return PrefillRow(dtype_name, mode, n, length, ms, n * length / ms * 1e3, floor)
+    kv_name = str(kv_dtype).removeprefix("torch.")
+    return PrefillRow(dtype_name, mode, kv_name, n, length, ms, n * length / ms * 1e3, floor)
 
 
 def _mode(static: StaticDecodeConfig | None, batch_sizes: list[int]) -> str:
@@ -449,9 +490,13 @@ def _quant(mode: str) -> str:
     return "" if mode == "none" else f"{mode:5s} "
 
 
+def _kv(row: DecodeRow | PrefillRow) -> str:
+    return "" if row.kv_cache_dtype == row.dtype else f"kv {row.kv_cache_dtype:9s} "
+
+
 def _fmt_decode(r: DecodeRow) -> str:
     return (
-        f"decode  {r.dtype:9s} {_quant(r.quantization)}{r.case:22s} ctx {r.context:5d} batch {r.batch:3d}: "
+        f"decode  {r.dtype:9s} {_quant(r.quantization)}{_kv(r)}{r.case:22s} ctx {r.context:5d} batch {r.batch:3d}: "
         f"{r.step_ms:8.1f} ms/step {r.tokens_per_s:8.1f} tok/s"
         f"   matmul floor {r.matmul_floor_ms:7.1f} ms ({r.ratio_to_floor:.2f}x)"
         f"   bandwidth floor {r.bandwidth_floor_ms:7.2f} ms ({r.ratio_to_bandwidth_floor:.2f}x)"
@@ -460,7 +505,7 @@ def _fmt_decode(r: DecodeRow) -> str:
 
 def _fmt_prefill(r: PrefillRow) -> str:
     return (
-        f"prefill {r.dtype:9s} {_quant(r.quantization)}{r.prompts} x {r.prompt_len}: {r.step_ms:8.1f} ms "
+        f"prefill {r.dtype:9s} {_quant(r.quantization)}{_kv(r)}{r.prompts} x {r.prompt_len}: {r.step_ms:8.1f} ms "
         f"{r.tokens_per_s:8.1f} tok/s   matmul floor {r.matmul_floor_ms:7.1f} ms"
     )
 

@@ -18,6 +18,8 @@ ATTENTION_BACKEND_NAMES = ("torch", "triton")
 QUANTIZATION_METHODS = ("none", "int8", "int4", "gguf")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# `--kv-cache-dtype` choices, SGLang's spelling (bf16 and bfloat16 are the same)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -31,6 +33,13 @@ class ExecutorConfig(ServiceConfig):
     )
     dtype: str = option(
         "auto", "weight and KV dtype; auto = bfloat16 where the CPU/GPU has it", DTYPES
+    )
+    kv_cache_dtype: str = option(
+        "auto",
+        "KV cache dtype; auto = --dtype; bfloat16 (or bf16) under a float32 model halves the KV "
+        "bytes per token (twice the tokens in the same memory, half the reads of a decode step's "
+        "attention), its keys and values rounded to bfloat16 as they are stored",
+        KV_CACHE_DTYPES,
     )
     device: str = option("auto", "cpu or cuda; auto = cuda when available", DEVICES)
     quantization: str = option(

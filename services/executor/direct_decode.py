@@ -18,7 +18,8 @@ It runs a batch when all of these hold, and the engine runs the modules otherwis
   it knows (plain, packed, small-batch, int8 and int4 linears; `nn.Embedding`; `RMSNorm`);
 - every slice of the batch is a decode and no shared-prefix spans are attached;
 - the attention backend is "torch" with its C++ decode kernel in use (not batch-invariant, no
-  sliding window), and the KV pool holds the activation dtype;
+  sliding window), and the attention kernels take the KV pool's dtype under the activation
+  dtype (the same, or bfloat16 under float32: `--kv-cache-dtype bfloat16`);
 - the C++ kernels are enabled (RADIXSERVE_DISABLE_CPU_KERNELS unset) and built.
 """
 
@@ -118,7 +119,7 @@ class DirectDecode:
         ):
             return False
         dtype = inner.embed_tokens.weight.dtype
-        if attn.pool.k[0].dtype != dtype:
+        if not cpu_kernels.supports_dtypes(dtype, attn.pool.k[0].dtype):
             return False
         norms = [inner.norm]
         linears: list[nn.Module] = [model.lm_head]
@@ -179,6 +180,7 @@ class DirectDecode:
         layers, lm_head = self._calls_for(rows)
         part: KernelDecode = batch.attn_metadata.decode  # type: ignore[union-attr]
         k_pools, v_pools, table = self.attn.pool.k, self.attn.pool.v, self.attn.table.table
+        kv_dtype = k_pools[0].dtype
         positions, loc = batch.positions, batch.out_cache_loc
         cos, sin = self.rope.cos, self.rope.sin
         heads, kv_heads, dim, v_start = (
@@ -197,8 +199,8 @@ class DirectDecode:
             qkv = calls.qkv(x)
             q, k = kernel.rope(qkv, positions, cos, sin, heads, kv_heads, dim)
             v = qkv[:, v_start:].view(-1, kv_heads, dim)
-            k_pools[i].index_copy_(0, loc, k)
-            v_pools[i].index_copy_(0, loc, v)
+            k_pools[i].index_copy_(0, loc, k.to(kv_dtype))  # no copy unless --kv-cache-dtype
+            v_pools[i].index_copy_(0, loc, v.to(kv_dtype))
             if i == 0:
                 cpu_kernels.check_decode_args(
                     q, k_pools[0], v_pools[0], table, part.rows, part.seq_lens

@@ -95,10 +95,15 @@ class PreparedStep:
 
 @dataclass(frozen=True)
 class EngineLimits:
+    """What the engine holds: KV slots, request-table rows, positions per request, the most
+    top-logprob alternatives a row may ask for, and the KV pool's dtype (`--kv-cache-dtype`;
+    None: the model's)."""
+
     num_slots: int
     max_rows: int
     context_length: int
     max_top_logprobs: int = 20
+    kv_dtype: torch.dtype | None = None
 
 
 class Engine:
@@ -125,7 +130,12 @@ class Engine:
         self.fault_stage = "sample"
         self.dtype = next(model.parameters()).dtype
         self.pool = KVPool(
-            cfg.num_layers, limits.num_slots, cfg.num_kv_heads, cfg.head_dim, self.dtype, device
+            cfg.num_layers,
+            limits.num_slots,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            limits.kv_dtype or self.dtype,
+            device,
         )
         # One row more than steps may use: row `pad_row` stays all slot 0, so padded entries of a
         # static-shape decode batch read and write only the padding slot.

@@ -91,6 +91,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def pick_kv_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's dtype for `--kv-cache-dtype name` under a model of `dtype`: auto keeps the
+    model's; bfloat16 (bf16) needs a float32 or bfloat16 model. Raises ValueError otherwise."""
+    if name == "auto":
+        return dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"--kv-cache-dtype {name} needs a float32 or bfloat16 model (--dtype is "
+            f"{str(dtype).removeprefix('torch.')}); "
+            "use --kv-cache-dtype auto"
+        )
+    return torch.bfloat16
+
+
 def setup_cpu_process(num_threads: int | None, ranks: int = 1) -> int:
     """Sets up a process that runs the model on the CPU: `num_threads` torch threads, by default
     this process's share of the cores it may use (the ranks of a tensor-parallel executor share
@@ -213,7 +227,7 @@ def _create_leader(
         )
     runner = engine.decode_runner
     log.info(
-        "engine ready: %s, %s%s on %s (%d threads), %d KV slots, context %d, backend %s, "
+        "engine ready: %s, %s%s on %s (%d threads), %d KV slots%s, context %d, backend %s, "
         "decode %s%s%s",
         model_cfg.architecture,
         dtype,
@@ -221,6 +235,7 @@ def _create_leader(
         device,
         threads,
         limits.num_slots,
+        f" ({limits.kv_dtype})" if limits.kv_dtype not in (None, dtype) else "",
         context,
         backend,
         runner.mode if runner else "eager",
@@ -228,7 +243,8 @@ def _create_leader(
         ", deterministic inference" if cfg.enable_deterministic_inference else "",
     )
     kv_heads = sum(kv_heads_per_rank(model_cfg.num_heads, model_cfg.num_kv_heads, cfg.tp))
-    kv_bytes = KVPool.bytes_per_token(model_cfg.num_layers, kv_heads, model_cfg.head_dim, dtype)
+    kv_dtype = limits.kv_dtype or dtype
+    kv_bytes = KVPool.bytes_per_token(model_cfg.num_layers, kv_heads, model_cfg.head_dim, kv_dtype)
     name = cfg.served_model_name or served_name(cfg.model_path, path)
     return LoadedModel(engine, path, name, backend, cfg.tp, kv_bytes, ranks)
 
@@ -247,18 +263,16 @@ def _load(
     # torch.compile cannot trace oneDNN's opaque packed weights.
     prepack = not cfg.enable_torch_compile
     quant = quantization(cfg)
+    kv_dtype = pick_kv_dtype(cfg.kv_cache_dtype, dtype)  # before the load: a bad pair fails fast
     model = load_model(path, model_cfg, context, dtype, device, prepack, rank, quant)
     rank_cfg = model_cfg if rank is None else rank_config(model_cfg, rank)
     # The CPU's ranks take their pools out of the same RAM; GPUs each have their own.
     sharing = rank.size if rank is not None and device.type == "cpu" else 1
-    slots = size_kv_pool(cfg, rank_cfg, dtype, device, context, sharing)
+    slots = size_kv_pool(cfg, rank_cfg, kv_dtype, device, context, sharing)
     if rank is not None:
         slots = all_ranks_min(slots)
-    return (
-        model,
-        rank_cfg,
-        EngineLimits(slots, cfg.max_running_requests, context, cfg.max_top_logprobs),
-    )
+    limits = EngineLimits(slots, cfg.max_running_requests, context, cfg.max_top_logprobs, kv_dtype)
+    return model, rank_cfg, limits
 
 
 def quantization(cfg: ExecutorConfig) -> Quantization:

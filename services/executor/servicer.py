@@ -141,6 +141,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             max_top_logprobs=eng.limits.max_top_logprobs,
             tp_size=loaded.tp_size,
             kv_bytes_per_token=loaded.kv_bytes_per_token,
+            kv_cache_dtype=str(eng.pool.k[0].dtype).removeprefix("torch."),
         )
 
     async def Warmup(

@@ -155,4 +155,5 @@ def model_info_to_pb(
         overlap_schedule_enabled=not cfg.disable_overlap_schedule,
         dtype=info.dtype,
         device=info.device,
+        kv_cache_dtype=info.kv_cache_dtype,
     )

@@ -40,6 +40,7 @@ class ExecutorInfo:
     max_top_logprobs: int
     dtype: str = ""
     device: str = ""
+    kv_cache_dtype: str = ""
 
     @classmethod
     def from_pb(cls, msg: pb.InfoResponse) -> ExecutorInfo:
@@ -55,6 +56,7 @@ class ExecutorInfo:
             max_top_logprobs=msg.max_top_logprobs,
             dtype=msg.dtype,
             device=msg.device,
+            kv_cache_dtype=msg.kv_cache_dtype,
         )
 
 

@@ -7,6 +7,7 @@ import argparse
 import pytest
 import torch
 
+import services.executor.bench as bench_module
 from services.executor.batch_invariant import BatchInvariantLinear
 from services.executor.bench import (
     GREEDY,
@@ -17,6 +18,7 @@ from services.executor.bench import (
     bench_prefill,
     decode_cases,
     dtype_names,
+    kv_dtypes,
     max_positions,
     shared_spans,
     slot_writes,
@@ -62,6 +64,40 @@ def test_auto_times_the_dtype_the_server_picks_and_unknown_dtypes_are_refused(ca
     with pytest.raises(SystemExit):
         parse("--dtypes", "fp8")
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_kv_cache_dtypes_are_timed_once_each_and_refused_where_the_model_cannot_take_them(
+    capsys,
+) -> None:
+    assert parse().kv_cache_dtypes == ["auto"]
+    names = parse("--kv-cache-dtypes", "auto", "bf16", "bfloat16").kv_cache_dtypes
+    assert kv_dtypes(names, torch.float32) == [torch.float32, torch.bfloat16]
+    assert kv_dtypes(names, torch.bfloat16) == [torch.bfloat16]
+    with pytest.raises(SystemExit, match="needs a float32 or bfloat16 model"):
+        kv_dtypes(["bf16"], torch.float16)
+    with pytest.raises(SystemExit):
+        parse("--kv-cache-dtypes", "fp8_e4m3")
+    assert "invalid choice: 'fp8_e4m3'" in capsys.readouterr().err
+
+
+def test_a_bfloat16_kv_cache_is_timed_over_a_bfloat16_pool(monkeypatch) -> None:
+    hf = hf_model("llama")
+    cfg = ModelConfig.from_dict(hf.config.to_dict())
+    model = build_model(cfg, 128, torch.float32, torch.device("cpu"))
+    load_weights(model, hf.state_dict().items())
+    pools = []
+    real = bench_module._engine
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        engine = real(*args, **kwargs)
+        pools.append(engine.pool.k[0].dtype)
+        return engine
+
+    monkeypatch.setattr(bench_module, "_engine", spy)
+    assert bench_decode(model, cfg, 3, 40, 2, kv_dtype=torch.bfloat16) > 0
+    assert bench_prefill(model, cfg, 2, 24, kv_dtype=torch.bfloat16) > 0
+    assert bench_decode(model, cfg, 3, 40, 2) > 0
+    assert pools == [torch.bfloat16, torch.bfloat16, torch.float32]
 
 
 def test_cases_follow_the_flags() -> None:

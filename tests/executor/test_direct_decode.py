@@ -31,10 +31,15 @@ pytestmark = pytest.mark.skipif(
 
 
 def engine(
-    variant: str, mode: str, dtype: torch.dtype = torch.float32, deterministic: bool = False
+    variant: str,
+    mode: str,
+    dtype: torch.dtype = torch.float32,
+    deterministic: bool = False,
+    kv_dtype: torch.dtype | None = None,
 ) -> Engine:
     """A tiny model loaded as `radixserve serve` loads one: quantized (int8, int4) or prepacked
-    (none), in `dtype`; "plain" keeps torch's linears (as `--enable-torch-compile` does)."""
+    (none), in `dtype`; "plain" keeps torch's linears (as `--enable-torch-compile` does); the KV
+    pool in `kv_dtype` (None: `dtype`)."""
     hf = hf_model(variant)
     cfg = ModelConfig.from_dict(hf.config.to_dict())
     model = build_model(cfg, cfg.max_position_embeddings, dtype, torch.device("cpu"))
@@ -43,7 +48,7 @@ def engine(
         prepack_linears(model)
     elif mode != "plain":
         assert quantize_linears(model, mode, 32) == []
-    limits = EngineLimits(4096, 64, cfg.max_position_embeddings)
+    limits = EngineLimits(4096, 64, cfg.max_position_embeddings, kv_dtype=kv_dtype)
     return Engine(model, cfg, limits, torch.device("cpu"), deterministic=deterministic)
 
 
@@ -112,6 +117,25 @@ def test_direct_decode_logits_equal_the_modules(
         step = decode(2 + i, [n + i for n in lens])
         a, b = direct.logits(step), modules.logits(step)
         assert a.dtype == torch.float32 and a.shape == (batch, 256)
+        assert torch.equal(a, b), f"step {i}: max diff {(a - b).abs().max()}"
+    assert runs == [batch] * 3
+
+
+@pytest.mark.parametrize("variant", ["llama", "gqa3-hd64"])
+@pytest.mark.parametrize("batch", [1, 9, 17])
+def test_bfloat16_kv_cache_direct_decode_equals_the_modules(variant: str, batch: int) -> None:
+    """A float32 model over a bfloat16 KV pool (--kv-cache-dtype bfloat16): the direct loop
+    stores K/V rounded and runs the mixed-dtype kernel, with the module path's logits."""
+    kv = torch.bfloat16
+    direct, modules = engine(variant, "none", kv_dtype=kv), engine(variant, "none", kv_dtype=kv)
+    assert direct.pool.k[0].dtype == torch.bfloat16 and direct.direct_decode is not None
+    modules.direct_decode = None
+    runs = count_direct(direct)
+    first, lens = prefill(batch, seed=batch)
+    assert torch.equal(direct.logits(first), modules.logits(first))
+    for i in range(3):
+        step = decode(2 + i, [n + i for n in lens])
+        a, b = direct.logits(step), modules.logits(step)
         assert torch.equal(a, b), f"step {i}: max diff {(a - b).abs().max()}"
     assert runs == [batch] * 3
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from radixserve.v1 import executor_pb2 as pb
 from radixserve.v1 import executor_pb2_grpc as pb_grpc
@@ -90,6 +91,7 @@ def test_info_and_health(executor: str) -> None:
         assert (info.vocab_size, info.num_kv_slots, info.max_running_requests) == (256, 2048, 8)
         assert info.context_length == 256 and info.dtype == "float32" and info.device == "cpu"
         assert list(info.eos_token_ids) == [255] and info.attention_backend == "torch"
+        assert info.kv_cache_dtype == "float32"
         assert stub.Health(pb.HealthRequest()).ready
 
 
@@ -169,6 +171,54 @@ def test_unknown_model_path_exits_with_a_clear_error(tmp_path: Path) -> None:
         code = proc.proc.wait(60)
     assert code == 2
     assert "nope.gguf" in proc.output() and "Traceback" not in proc.output()
+
+
+def test_bfloat16_kv_cache_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`--kv-cache-dtype bf16` under a float32 model: Info reports the cache's dtype and half the
+    bytes per token, and the process generates what an in-process engine with a bfloat16 pool
+    does; under a float16 model the flag stops the process with a clear error."""
+    port = free_port()
+    args = ["executor", "--model-path", str(tiny_model_dir), "--port", str(port)]
+    args += ["--metrics-port", "0", "--dtype", "float32", "--kv-cache-dtype", "bf16"]
+    args += ["--max-total-tokens", "1024", "--max-running-requests", "4", "--context-length", "64"]
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 3, 3, 3]]
+    engine = engine_for(hf_model("llama"), kv_dtype=torch.bfloat16)
+    reference = [j.output for j in Driver(engine).generate(prompts, 6)]
+    steps = [
+        StepInput(
+            1,
+            add=[NewRequest(r, f"r{r}", GREEDY, p) for r, p in enumerate(prompts)],
+            writes=[SlotWrite(0, 0, list(range(1, 20))), SlotWrite(1, 0, list(range(40, 60)))],
+            slices=[Slice(r, 0, p) for r, p in enumerate(prompts)],
+        )
+    ]
+    for i in range(1, 6):
+        decode = [Slice(r, len(p) + i - 1, [], True) for r, p in enumerate(prompts)]
+        steps.append(StepInput(1 + i, slices=decode))
+    with ServiceProcess(args, tmp_path / "bf16.log") as proc:
+        proc.wait_grpc_serving(port)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ExecutorStub(channel)
+            info = stub.Info(pb.InfoRequest())
+            results = run_all(stub, steps)
+    assert (info.dtype, info.kv_cache_dtype) == ("float32", "bfloat16")
+    # 2 layers x (K + V) x 2 KV heads x head dim 16 x 2 bytes
+    assert info.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2
+    got: dict[int, list[int]] = {0: [], 1: []}
+    for res in results:
+        assert not res.HasField("error"), res.error.message
+        for row, tok in zip(res.rows, res.token_ids, strict=True):
+            got[row].append(tok)
+    assert [got[0], got[1]] == reference
+
+    args[args.index("float32")] = "float16"
+    with ServiceProcess(args, tmp_path / "f16.log") as proc:
+        assert proc.proc is not None
+        code = proc.proc.wait(60)
+    assert code == 2 and "Traceback" not in proc.output()
+    assert "--kv-cache-dtype bf16 needs a float32 or bfloat16 model (--dtype is float16)" in (
+        proc.output()
+    )
 
 
 def test_steps_sent_ahead_run_in_order_and_a_rejected_one_changes_nothing(executor: str) -> None:

@@ -72,9 +72,11 @@ def engine_for(
     num_slots: int = 4096,
     max_rows: int = 64,
     dtype: torch.dtype = torch.float32,
+    kv_dtype: torch.dtype | None = None,
 ) -> Engine:
     cfg = ModelConfig.from_dict(hf.config.to_dict())
     ctx = cfg.max_position_embeddings
     model = build_model(cfg, ctx, dtype, torch.device("cpu"))
     load_weights(model, hf.state_dict().items())
-    return Engine(model, cfg, EngineLimits(num_slots, max_rows, ctx), torch.device("cpu"))
+    limits = EngineLimits(num_slots, max_rows, ctx, kv_dtype=kv_dtype)
+    return Engine(model, cfg, limits, torch.device("cpu"))

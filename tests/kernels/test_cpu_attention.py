@@ -12,13 +12,19 @@ from tests.executor.driver import Driver
 from tests.executor.tiny import engine_for, hf_model
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# (query dtype, pool dtype): the model's own, and a float32 model over a bfloat16 KV cache
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16),
+]
 
 pytestmark = pytest.mark.skipif(
     cpu_kernels.load() is None, reason=f"kernel not built: {cpu_kernels.load_error()}"
 )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "kv_dtype"), DTYPE_PAIRS)
 # float32 at head_dim 64 (and bfloat16 without AVX-512 BF16) runs the AVX2 kernel in chunks of 3
 # query heads: groups of 1, 3, 4 and 8
 @pytest.mark.parametrize(
@@ -26,12 +32,12 @@ pytestmark = pytest.mark.skipif(
 )
 @pytest.mark.parametrize("batch", [6, 40])  # split by kv head / one task per request
 def test_kernel_matches_reference(
-    dtype: torch.dtype, heads: int, kv_heads: int, dim: int, batch: int
+    dtype: torch.dtype, kv_dtype: torch.dtype, heads: int, kv_heads: int, dim: int, batch: int
 ) -> None:
     gen = torch.Generator().manual_seed(heads * dim)
     slots = 3000
-    k_pool = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
-    v_pool = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
+    k_pool = torch.randn(slots, kv_heads, dim, generator=gen).to(kv_dtype)
+    v_pool = torch.randn(slots, kv_heads, dim, generator=gen).to(kv_dtype)
     k_pool[0] = float("nan")  # the padding slot must never be read
     table = torch.randint(1, slots, (10, 300), generator=gen)
     rows = torch.tensor([7, 0, 3, 9, 1, 5] * (batch // 6) + [2] * (batch % 6))
@@ -45,7 +51,7 @@ def test_kernel_matches_reference(
     assert (out.float() - ref.float()).abs().max().item() < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "kv_dtype"), DTYPE_PAIRS)
 # bfloat16 at head_dim 64 runs the AVX-512 BF16 kernel over the query rows in chunks of 16 to 64:
 # groups of 1, 3, 4, 5 (80 rows) and 8 (128 rows)
 @pytest.mark.parametrize(
@@ -53,12 +59,12 @@ def test_kernel_matches_reference(
     [(4, 4, 64), (9, 3, 64), (8, 2, 64), (10, 2, 64), (16, 2, 64), (8, 1, 128)],
 )
 def test_extend_kernel_matches_reference(
-    dtype: torch.dtype, heads: int, kv_heads: int, dim: int
+    dtype: torch.dtype, kv_dtype: torch.dtype, heads: int, kv_heads: int, dim: int
 ) -> None:
     gen = torch.Generator().manual_seed(heads + dim)
     slots = 3000
-    k_pool = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
-    v_pool = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
+    k_pool = torch.randn(slots, kv_heads, dim, generator=gen).to(kv_dtype)
+    v_pool = torch.randn(slots, kv_heads, dim, generator=gen).to(kv_dtype)
     k_pool[0] = v_pool[0] = float("nan")  # the padding slot must never be read
     table = torch.randint(1, slots, (10, 400), generator=gen)
     # One new token with no prefix, a block and a bit, exactly one block after a prefix, a long
@@ -95,8 +101,10 @@ def test_launcher_rejects_bad_inputs() -> None:
     pool = torch.randn(10, 2, 64)
     table = torch.zeros(4, 8, dtype=torch.int64)
     idx = torch.tensor([0, 1])
-    with pytest.raises(ValueError, match="dtypes"):
+    with pytest.raises(ValueError, match="dtypes"):  # K and V of different dtypes
         cpu_kernels.paged_decode_attention(q, pool.bfloat16(), pool, table, idx, idx, 0.1)
+    with pytest.raises(ValueError, match="dtypes"):  # bfloat16 queries over a float32 pool
+        cpu_kernels.paged_decode_attention(q.bfloat16(), pool, pool, table, idx, idx, 0.1)
     with pytest.raises(ValueError, match="int64"):
         cpu_kernels.paged_decode_attention(q, pool, pool, table.int(), idx, idx, 0.1)
     with pytest.raises(ValueError, match="multiple"):

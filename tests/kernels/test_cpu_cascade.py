@@ -10,6 +10,12 @@ import kernels.cpu as cpu_kernels
 from kernels.cpu import cascade
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# (query dtype, pool dtype): the model's own, and a float32 model over a bfloat16 KV cache
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16),
+]
 
 pytestmark = pytest.mark.skipif(
     cpu_kernels.load() is None, reason=f"kernel not built: {cpu_kernels.load_error()}"
@@ -34,10 +40,10 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
 SHAPES = [(4, 4, 64), (9, 3, 64), (8, 1, 128)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "kv_dtype"), DTYPE_PAIRS)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), SHAPES)
-def test_shared_prefix_attention(dtype, heads, kv_heads, dim) -> None:
-    k, v, table, gen = pool(dtype, heads, kv_heads, dim)
+def test_shared_prefix_attention(dtype, kv_dtype, heads, kv_heads, dim) -> None:
+    k, v, table, gen = pool(kv_dtype, heads, kv_heads, dim)
     offsets = torch.tensor([0, 1, 5, 40])  # groups of 1, 4 and 35 tokens (blocks of 16)
     rows, lens = torch.tensor([0, 3, 7]), torch.tensor([120, 1, 299])
     q = torch.randn(40, heads, dim, generator=gen).to(dtype)
@@ -50,11 +56,11 @@ def test_shared_prefix_attention(dtype, heads, kv_heads, dim) -> None:
         close(a, b, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "kv_dtype"), DTYPE_PAIRS)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), SHAPES)
 @pytest.mark.parametrize("batch", [6, 40])  # split by kv head / one task per request
-def test_decode_tail(dtype, heads, kv_heads, dim, batch) -> None:
-    k, v, table, gen = pool(dtype, heads, kv_heads, dim)
+def test_decode_tail(dtype, kv_dtype, heads, kv_heads, dim, batch) -> None:
+    k, v, table, gen = pool(kv_dtype, heads, kv_heads, dim)
     rows = torch.arange(batch) % 10
     seq_lens = torch.randint(1, 300, (batch,), generator=gen)
     starts = (seq_lens - 1) * torch.rand(batch, generator=gen)
@@ -68,10 +74,10 @@ def test_decode_tail(dtype, heads, kv_heads, dim, batch) -> None:
         close(a, b, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "kv_dtype"), DTYPE_PAIRS)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), SHAPES)
-def test_extend_tail(dtype, heads, kv_heads, dim) -> None:
-    k, v, table, gen = pool(dtype, heads, kv_heads, dim)
+def test_extend_tail(dtype, kv_dtype, heads, kv_heads, dim) -> None:
+    k, v, table, gen = pool(kv_dtype, heads, kv_heads, dim)
     rows, prefix = torch.tensor([0, 2, 4]), torch.tensor([120, 0, 64])
     extend, starts = torch.tensor([1, 37, 16]), torch.tensor([120, 0, 10])
     q = torch.randn(int(extend.sum()), heads, dim, generator=gen).to(dtype)

@@ -10,6 +10,12 @@ from kernels.decode_attention import decode_attention, decode_attention_ref
 # bf16: the kernel rounds the softmax weights to bf16 before P·V (as tensor cores need), and the
 # interpreter truncates float32 -> bf16 where a GPU rounds to nearest, so allow a few bf16 ulps.
 TOLERANCES = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+# (q dtype, K/V buffer dtype): one dtype, or a float32 model over a bfloat16 KV cache
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16),
+]
 
 CASES = [
     # seq_lens, num_kv_heads, gqa ratio, head_dim, num_kv_splits, req_to_token dtype
@@ -20,15 +26,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("dtype", "kv_dtype"), DTYPE_PAIRS, ids=str)
 @pytest.mark.parametrize(
     ("seq_lens", "num_kv_heads", "group", "head_dim", "splits", "index"), CASES
 )
 def test_matches_reference(
-    make_kv_pool, device, dtype, seq_lens, num_kv_heads, group, head_dim, splits, index
+    make_kv_pool, device, dtype, kv_dtype, seq_lens, num_kv_heads, group, head_dim, splits, index
 ):
     k_buffer, v_buffer, req_to_token, req_rows = make_kv_pool(
-        seq_lens, num_kv_heads, head_dim, dtype, index
+        seq_lens, num_kv_heads, head_dim, kv_dtype, index
     )
     # q: [batch, num_heads, head_dim]
     q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim).to(dtype).to(device)
@@ -38,7 +44,7 @@ def test_matches_reference(
     out = decode_attention(*args, num_kv_splits=splits)
 
     assert out.shape == q.shape and out.dtype == dtype
-    torch.testing.assert_close(out, decode_attention_ref(*args), **TOLERANCES[dtype])
+    torch.testing.assert_close(out, decode_attention_ref(*args), **TOLERANCES[kv_dtype])
 
 
 def test_split_count_does_not_change_the_result(make_kv_pool, device):
@@ -77,6 +83,7 @@ BAD_INPUTS = {
     "heads-not-multiple-of-kv-heads": lambda a: a.update(q=a["q"][:, :3].contiguous()),
     "k-v-shape-mismatch": lambda a: a.update(v_buffer=a["v_buffer"][:8]),
     "dtype-mismatch": lambda a: a.update(k_buffer=a["k_buffer"].bfloat16()),
+    "bf16-q-over-f32-buffers": lambda a: a.update(q=a["q"].bfloat16()),
     "integer-q": lambda a: a.update(q=a["q"].long()),
     "float-table": lambda a: a.update(req_to_token=a["req_to_token"].float()),
     "strided-head-dim": lambda a: a.update(q=a["q"].transpose(1, 2).contiguous().transpose(1, 2)),

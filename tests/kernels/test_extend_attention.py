@@ -11,6 +11,12 @@ from kernels.extend_attention import extend_attention, extend_attention_ref
 # bf16: the kernel rounds the softmax weights to bf16 before P·V (as tensor cores need), and the
 # interpreter truncates float32 -> bf16 where a GPU rounds to nearest, so allow a few bf16 ulps.
 TOLERANCES = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+# (q dtype, K/V buffer dtype): one dtype, or a float32 model over a bfloat16 KV cache
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16),
+]
 
 CASES = [
     # prefix_lens, extend_lens, num_kv_heads, gqa ratio, head_dim, req_to_token dtype
@@ -37,16 +43,25 @@ def _ragged_batch(prefix_lens, extend_lens, num_heads, head_dim, dtype, index, d
     return q, *lens
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("dtype", "kv_dtype"), DTYPE_PAIRS, ids=str)
 @pytest.mark.parametrize(
     ("prefix_lens", "extend_lens", "num_kv_heads", "group", "head_dim", "index"), CASES
 )
 def test_matches_reference(
-    make_kv_pool, device, dtype, prefix_lens, extend_lens, num_kv_heads, group, head_dim, index
+    make_kv_pool,
+    device,
+    dtype,
+    kv_dtype,
+    prefix_lens,
+    extend_lens,
+    num_kv_heads,
+    group,
+    head_dim,
+    index,
 ):
     seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens, strict=True)]
     k_buffer, v_buffer, req_to_token, req_rows = make_kv_pool(
-        seq_lens, num_kv_heads, head_dim, dtype, index
+        seq_lens, num_kv_heads, head_dim, kv_dtype, index
     )
     q, prefix, extend, qo_start = _ragged_batch(
         prefix_lens, extend_lens, num_kv_heads * group, head_dim, dtype, index, device
@@ -57,7 +72,7 @@ def test_matches_reference(
     out = extend_attention(*args, sm_scale)
 
     assert out.shape == q.shape and out.dtype == dtype
-    torch.testing.assert_close(out, extend_attention_ref(*args, sm_scale), **TOLERANCES[dtype])
+    torch.testing.assert_close(out, extend_attention_ref(*args, sm_scale), **TOLERANCES[kv_dtype])
 
 
 def test_one_new_token_matches_decode(make_kv_pool, device):
@@ -101,6 +116,7 @@ BAD_INPUTS = {
     "head-dim-mismatch": lambda a: a.update(q=a["q"][..., :32].contiguous()),
     "heads-not-multiple-of-kv-heads": lambda a: a.update(q=a["q"][:, :3].contiguous()),
     "dtype-mismatch": lambda a: a.update(v_buffer=a["v_buffer"].half()),
+    "bf16-q-over-f32-buffers": lambda a: a.update(q=a["q"].bfloat16()),
     "float-table": lambda a: a.update(req_to_token=a["req_to_token"].float()),
     "1d-table": lambda a: a.update(req_to_token=a["req_to_token"][0]),
     "strided-pool": lambda a: a.update(

@@ -30,6 +30,22 @@ def test_matches_reference(device, dtype, num_tokens, num_kv_heads, head_dim, in
     torch.testing.assert_close(pool, expected, **TOLERANCES[dtype])
 
 
+def test_narrower_buffers_get_the_values_rounded(device):
+    """float32 K/V into bfloat16 buffers (--kv-cache-dtype bfloat16): each stored value is the
+    float32 one in bfloat16, within one bfloat16 ulp (the interpreter truncates, a GPU rounds)."""
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(6, 2, 64, generator=gen).to(device) for _ in range(2))
+    loc = torch.tensor([9, 2, 4, 11, 1, 7], device=device)
+    buffers = torch.zeros(2, 12, 2, 64, dtype=torch.bfloat16, device=device)
+    store_kv(k, v, buffers[0], buffers[1], loc)
+    for stored, value in ((buffers[0][loc], k), (buffers[1][loc], v)):
+        assert stored.dtype == torch.bfloat16
+        torch.testing.assert_close(stored.float(), value, atol=0, rtol=2**-7)
+    untouched = torch.ones(12, dtype=torch.bool, device=device)
+    untouched[loc] = False
+    assert (buffers[:, untouched] == 0).all()
+
+
 def _valid_inputs(device: str) -> dict:
     return dict(
         k=torch.randn(3, 2, 64, device=device),

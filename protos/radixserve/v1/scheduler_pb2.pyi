@@ -243,7 +243,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("served_model_name", "model_path", "architecture", "context_length", "vocab_size", "eos_token_ids", "max_running_requests", "num_kv_slots", "max_top_logprobs", "max_queued_requests", "chunked_prefill_size", "schedule_policy", "radix_cache_enabled", "overlap_schedule_enabled", "dtype", "device")
+    __slots__ = ("served_model_name", "model_path", "architecture", "context_length", "vocab_size", "eos_token_ids", "max_running_requests", "num_kv_slots", "max_top_logprobs", "max_queued_requests", "chunked_prefill_size", "schedule_policy", "radix_cache_enabled", "overlap_schedule_enabled", "dtype", "device", "kv_cache_dtype")
     SERVED_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,7 @@ class GetModelInfoResponse(_message.Message):
     OVERLAP_SCHEDULE_ENABLED_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     served_model_name: str
     model_path: str
     architecture: str
@@ -276,4 +277,5 @@ class GetModelInfoResponse(_message.Message):
     overlap_schedule_enabled: bool
     dtype: str
     device: str
-    def __init__(self, served_model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_running_requests: _Optional[int] = ..., num_kv_slots: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., chunked_prefill_size: _Optional[int] = ..., schedule_policy: _Optional[str] = ..., radix_cache_enabled: _Optional[bool] = ..., overlap_schedule_enabled: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, served_model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_running_requests: _Optional[int] = ..., num_kv_slots: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., chunked_prefill_size: _Optional[int] = ..., schedule_policy: _Optional[str] = ..., radix_cache_enabled: _Optional[bool] = ..., overlap_schedule_enabled: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,135 @@
+"""`--kv-cache-dtype bfloat16` under a float32 model: the pool holds bfloat16 K/V (half the bytes,
+twice the slots in the same memory), every attention path reads it, and the logits stay those of
+the float32 cache to bfloat16 rounding of K and V."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+import kernels.cpu as cpu_kernels
+from services.common.config import add_arguments, from_args
+from services.executor.config import ExecutorConfig
+from services.executor.factory import pick_kv_dtype, size_kv_pool
+from services.executor.kv_pool import KVPool
+from services.executor.model_config import ModelConfig
+from services.executor.sampling_params import SamplingParams
+from services.executor.step import NewRequest, SharedPrefix, Slice, SlotWrite, StepInput
+from tests.executor.tiny import engine_for, hf_model
+
+GREEDY = SamplingParams(temperature=0)
+KERNELS = pytest.mark.skipif(
+    cpu_kernels.load() is None, reason=f"kernel not built: {cpu_kernels.load_error()}"
+)
+
+
+def test_pick_kv_dtype() -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert pick_kv_dtype("auto", dtype) == dtype
+    for name in ("bfloat16", "bf16"):
+        assert pick_kv_dtype(name, torch.float32) == torch.bfloat16
+        assert pick_kv_dtype(name, torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ValueError, match="--kv-cache-dtype bf16 needs a float32 or bfloat16"):
+        pick_kv_dtype("bf16", torch.float16)
+
+
+def test_flag_and_pool_sizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flag parses in SGLang's spellings, rejects others, and a bfloat16 cache fits twice
+    the tokens of a float32 one in the same --mem-fraction-static."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, ExecutorConfig)
+
+    def parse(*argv: str) -> ExecutorConfig:
+        return from_args(ExecutorConfig, parser.parse_args(argv))
+
+    assert parse("--kv-cache-dtype", "bf16").kv_cache_dtype == "bf16"
+    assert parse().kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit):  # argparse names the flag and its choices
+        parse("--kv-cache-dtype", "fp8_e5m2")
+    cfg = ModelConfig.from_dict(hf_model("gqa3-hd64").config.to_dict())
+    monkeypatch.setattr("services.executor.factory.available_memory", lambda device: 1 << 30)
+    exe = ExecutorConfig(max_running_requests=10_000)
+    cpu = torch.device("cpu")
+    f32, bf16 = (size_kv_pool(exe, cfg, d, cpu, 4096) for d in (torch.float32, torch.bfloat16))
+    assert bf16 - 2 * f32 in (0, 1)  # budget // bytes per token
+    per_token = KVPool.bytes_per_token(
+        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16
+    )
+    assert per_token * 2 == KVPool.bytes_per_token(
+        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32
+    )
+
+
+def steps(spans: bool) -> list[StepInput]:
+    """A prefill of 80 tokens; three requests reusing 50, 33 and 0 of its slots (cached-prefix
+    extends); then decode steps of all four, with the 33 shared positions of rows 0-2 sent as a
+    shared-prefix span when `spans`."""
+    prompt = list(range(3, 83))
+    shared = [SharedPrefix(33, [0, 1, 2])] if spans else []
+    out = [
+        StepInput(
+            1,
+            add=[NewRequest(0, "a", GREEDY)],
+            writes=[SlotWrite(0, 0, list(range(1, 101)))],
+            slices=[Slice(0, 0, prompt)],
+        ),
+        StepInput(
+            2,
+            add=[NewRequest(r, f"r{r}", GREEDY) for r in (1, 2, 3)],
+            writes=[
+                SlotWrite(1, 0, list(range(1, 51)) + list(range(200, 250))),
+                SlotWrite(2, 0, [*range(1, 34), *range(300, 320)]),
+                SlotWrite(3, 0, list(range(400, 440))),
+            ],
+            slices=[
+                Slice(1, 50, list(range(90, 120))),
+                Slice(2, 33, [7]),
+                Slice(3, 0, list(range(23))),
+            ],
+        ),
+    ]
+    lens = [80, 80, 34, 23]
+    for i in range(3):
+        slices = [Slice(r, n + i, [], True) for r, n in enumerate(lens)]
+        out.append(StepInput(3 + i, slices=slices, shared_prefixes=shared))
+    return out
+
+
+def logits(engine, spans: bool = False) -> torch.Tensor:
+    return torch.cat([engine.logits(s) for s in steps(spans)])
+
+
+@pytest.mark.parametrize("variant", ["llama", "gqa3-hd64"])
+def test_logits_stay_close_to_the_float32_cache(variant: str) -> None:
+    hf = hf_model(variant)
+    full, half = engine_for(hf), engine_for(hf, kv_dtype=torch.bfloat16)
+    assert full.pool.k[0].dtype == torch.float32 and half.pool.k[0].dtype == torch.bfloat16
+    a, b = logits(full), logits(half)
+    assert a.shape == b.shape and torch.isfinite(b).all()
+    # K and V rounded to 8 significant bits move the logits by a few parts in a thousand
+    scale = a.abs().max().item()
+    diff = (a - b).abs().max().item()
+    assert 0 < diff < 2e-2 * scale, (diff, scale)
+
+
+@KERNELS
+@pytest.mark.parametrize("spans", [False, True])
+@pytest.mark.parametrize("extend", ["kernel", "sdpa"])
+def test_kernels_give_the_pytorch_paths_logits(
+    spans: bool, extend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a bfloat16 pool under float32 queries: the C++ decode, extend and shared-prefix
+    kernels (or SDPA for extends) against the PyTorch paths over the same bfloat16 K/V."""
+    monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", extend)
+    monkeypatch.setenv("RADIXSERVE_CPU_SHARED_PREFIX", "always")
+    hf = hf_model("gqa3-hd64")
+    kernel = engine_for(hf, kv_dtype=torch.bfloat16)
+    assert kernel.attn.use_cpu_kernel
+    assert kernel.attn.use_cpu_extend_kernel == (extend == "kernel")
+    reference = engine_for(hf, kv_dtype=torch.bfloat16)
+    reference.attn.use_cpu_kernel = reference.attn.use_cpu_extend_kernel = False
+    reference.direct_decode = None
+    a, b = logits(kernel, spans), logits(reference, spans)
+    assert (a - b).abs().max().item() < 1e-4
