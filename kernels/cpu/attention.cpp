@@ -8,6 +8,12 @@
 // bfloat16 pools, AVX2 + FMA for float32 ones and for bfloat16 ones on CPUs without AVX-512 BF16
 // (attend_head_bf16, attend_head_f32).
 //
+// Queries and pools share a dtype, or float32 queries read bfloat16 pools (--kv-cache-dtype
+// bfloat16 under a float32 model; dispatch_dtypes): every kernel is a template over the query
+// type TQ and the pool type T, and widens bfloat16 keys and values as it loads them (exact). The
+// AVX-512 BF16 pair dot products need bfloat16 on both sides, so mixed pools take the float32
+// paths.
+//
 // Extend (a request's new tokens after its cached prefix, causal): a task is one (request, kv head,
 // block of up to 16 new tokens). Its G x 16 query rows are multiplied against blocks of 16 keys
 // converted to float and transposed, so the inner loops are plain vector FMAs with no horizontal

@@ -62,6 +62,7 @@ from services.gateway.responses import (
     CompletionFormat,
     Meta,
     NativeFormat,
+    NativePrompt,
     ResponseOptions,
     model_card,
     model_list,
@@ -152,22 +153,27 @@ async def _completions(request: Request) -> Response:
 async def generate(request: Request) -> Response:
     backend = _backend(request)
     req = parse_body(GenerateRequest, await request.body(), GENERATE)
-    rid = request_id(request, req.rid)
-    inp = await backend.native_input(req, rid)
-    n = req.sampling_params.n
-    pieces = []
-    if inp.logprob_start_len is not None and req.return_text_in_logprobs:
-        pieces = await backend.prompt_pieces(inp.input_ids)
+    # A batch's own ids (`rid` as a list) stay per prompt; the request keeps its header id.
+    rid = request_id(request, req.rid if isinstance(req.rid, str) else None)
+    inputs = await backend.native_inputs(req, rid)
+    n = inputs[0].sampling.n
+    pieces: list[list[str]] = [[] for _ in inputs]
+    if inputs[0].logprob_start_len is not None and req.return_text_in_logprobs:
+        pieces = list(await asyncio.gather(*(backend.prompt_pieces(i.input_ids) for i in inputs)))
+    run = Run([backend.generation(inp) for inp in inputs], n)
     fmt = NativeFormat(
         Meta(rid, backend.model.name),
         n,
         logprobs=req.return_logprob,
         text_in_logprobs=req.return_text_in_logprobs,
         logprob_start=max(req.logprob_start_len, 0),
-        prompt_ids=inp.input_ids,
-        prompt_pieces=pieces,
+        prompts=[
+            NativePrompt(i.request_id, i.input_ids, p, g)
+            for i, p, g in zip(inputs, pieces, run.generations, strict=True)
+        ],
+        batched=req.batched,
     )
-    return await respond(request, Run([backend.generation(inp)], n), fmt, req.stream)
+    return await respond(request, run, fmt, req.stream)
 
 
 @authenticated

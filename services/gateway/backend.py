@@ -28,6 +28,7 @@ from services.gateway.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     GenerateRequest,
+    NativeSamplingParams,
     TokenizeRequest,
 )
 from services.gateway.request_log import new_request_id
@@ -187,16 +188,32 @@ class Backend:
             for k, ids in enumerate(prompts)
         ]
 
-    async def native_input(self, req: GenerateRequest, request_id: str) -> GenerationInput:
-        if (req.text is None) == (req.input_ids is None):
-            raise InvalidRequest("set exactly one of 'text' and 'input_ids'", param="text")
+    async def native_inputs(self, req: GenerateRequest, request_id: str) -> list[GenerationInput]:
+        """The generation of each prompt of a /generate request (one unless a batch was sent),
+        with the request ids of `req.request_ids(request_id, ...)`. Raises InvalidRequest for a
+        bad prompt, sampling parameters or rid."""
         model = self.model
-        check_prompt_chars([req.text or ""], model, "text")
-        p = req.sampling_params
+        prompts = req.prompts()
+        params = req.params_per_prompt(len(prompts))
+        rids = req.request_ids(request_id, len(prompts))
+        for p in prompts:
+            if isinstance(p, str):
+                check_prompt_chars([p], model, "text")
+            else:
+                check_token_ids(p, model, "input_ids")
+        encoded = await asyncio.gather(
+            *(self._ids(p) if isinstance(p, str) else _ready(p) for p in prompts)
+        )
+        return [
+            self._native_input(req, rid, ids, p)
+            for rid, ids, p in zip(rids, encoded, params, strict=True)
+        ]
+
+    def _native_input(
+        self, req: GenerateRequest, request_id: str, ids: list[int], p: NativeSamplingParams
+    ) -> GenerationInput:
+        model = self.model
         sampling = replace(native_sampling(p, model), priority=req.priority)
-        if req.input_ids is not None:
-            check_token_ids(req.input_ids, model, "input_ids")
-        ids = req.input_ids if req.input_ids is not None else await self._ids(req.text or "")
         sampling = fit_context(sampling, len(ids), model, "input_ids")
         start = None
         if req.return_logprob:
@@ -383,3 +400,8 @@ def _with_tools(
             param=sampling.grammar_param,
         )
     return replace(sampling, grammar=grammar, grammar_param="tools"), plan
+
+
+async def _ready(ids: list[int]) -> list[int]:
+    """Token ids as an awaitable, beside prompts still being tokenized."""
+    return ids

@@ -177,7 +177,12 @@ CHAT = FieldTable(
     endpoint="/v1/chat/completions",
     honoured={
         **_SAMPLING,
-        "messages": Rule("the conversation, rendered by the model's chat template"),
+        "messages": Rule(
+            "the conversation, rendered by the model's chat template; as on OpenAI, a `system`, "
+            "`developer`, `user` or `tool` message needs `content` (a string or text parts; "
+            'missing or null is a 400 with `param: "messages[i].content"`), an `assistant` one '
+            "may carry only `tool_calls`"
+        ),
         "max_completion_tokens": Rule("output limit; wins over `max_tokens`"),
         "max_tokens": Rule("output limit; default: what the context leaves after the prompt"),
         "logprobs": Rule("returns the sampled tokens' logprobs"),
@@ -285,11 +290,17 @@ SAMPLING_PARAMS = FieldTable(
 GENERATE = FieldTable(
     endpoint="/generate",
     honoured={
-        "text": Rule("the prompt as text (or `input_ids`)"),
-        "input_ids": Rule("the prompt as token ids (or `text`)"),
-        "sampling_params": Rule("how to sample, with SGLang's names"),
+        "text": Rule("the prompt as text (or `input_ids`); a list of texts is a batch"),
+        "input_ids": Rule("the prompt as token ids (or `text`); a list of id lists is a batch"),
+        "sampling_params": Rule(
+            "how to sample, with SGLang's names; in a batch, one object for every prompt or a "
+            "list of one per prompt (all with the same n)"
+        ),
         "stream": Rule("answers as server-sent events"),
-        "rid": Rule("the request id (a duplicate in flight is a 400)"),
+        "rid": Rule(
+            "the request id (a duplicate in flight is a 400); in a batch, a list of one distinct "
+            "id per prompt"
+        ),
         "priority": Rule("admission order under --schedule-policy priority, lowest first"),
         "return_logprob": Rule("meta_info carries the output tokens' logprobs"),
         "logprob_start_len": Rule(

@@ -12,7 +12,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from services.common.stop_regex import compile_stop_regex
 from services.gateway.errors import InvalidRequest
@@ -190,13 +198,28 @@ class ContentPart(BaseModel):
         return value
 
 
+# Roles whose messages OpenAI refuses without `content` (an assistant's may carry tool calls only).
+CONTENT_REQUIRED_ROLES = frozenset({"system", "developer", "user", "tool"})
+
+
 class ChatMessage(BaseModel):
     # OpenAI's roles, or any other the chat template renders (the tokenizer checks).
     role: NonEmptyText
-    content: str | list[ContentPart] | None = None
+    # Required (a string or parts, not null) for the CONTENT_REQUIRED_ROLES, as OpenAI requires it.
+    content: str | list[ContentPart] | None = Field(None, validate_default=True)
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _required_for_role(
+        cls, value: str | list[ContentPart] | None, info: ValidationInfo
+    ) -> str | list[ContentPart] | None:
+        role = info.data.get("role")  # absent when the role itself was invalid
+        if value is None and role in CONTENT_REQUIRED_ROLES:
+            raise ValueError(f"a {role} message needs content (a string or an array of parts)")
+        return value
 
 
 class FunctionDef(BaseModel):
@@ -330,19 +353,81 @@ class NativeSamplingParams(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    """The native /generate: a prompt as text or ids; answers with output ids and text."""
+    """The native /generate: a prompt as text or ids, or a batch of them as SGLang takes one
+    (`text: [...]`, `input_ids: [[...], ...]`, with one `sampling_params` for all or a list of
+    one per prompt, and `rid` a list of one id per prompt); answers with output ids and text."""
 
-    text: NonEmptyText | None = None
-    input_ids: PromptIds | None = None
-    sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
+    text: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | None = None
+    input_ids: PromptIds | Annotated[list[PromptIds], Field(min_length=1)] | None = None
+    sampling_params: (
+        NativeSamplingParams | Annotated[list[NativeSamplingParams], Field(min_length=1)]
+    ) = Field(default_factory=NativeSamplingParams)
     stream: StrictBool = False
-    rid: RequestId | None = None
+    rid: RequestId | Annotated[list[RequestId], Field(min_length=1)] | None = None
     priority: Priority = 0  # SGLang: lower first, with --schedule-policy priority
     # SGLang's logprob options: output tokens' logprobs, and the prompt's from logprob_start_len.
     return_logprob: StrictBool = False
     logprob_start_len: LogprobStartLen = -1  # -1: no prompt logprobs
     top_logprobs_num: TopLogprobs = 0
     return_text_in_logprobs: StrictBool = False
+
+    @property
+    def batched(self) -> bool:
+        """Whether the prompts came as a batch (a list of texts or of id lists)."""
+        ids = self.input_ids
+        return isinstance(self.text, list) or (bool(ids) and isinstance(ids[0], list))
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts, a batch of one unless a batch was sent. Raises InvalidRequest unless
+        exactly one of `text` and `input_ids` is set."""
+        if (self.text is None) == (self.input_ids is None):
+            raise InvalidRequest("set exactly one of 'text' and 'input_ids'", param="text")
+        if self.text is not None:
+            return self.text if isinstance(self.text, list) else [self.text]
+        ids = self.input_ids or []
+        return ids if self.batched else [ids]  # type: ignore[list-item,return-value]
+
+    def params_per_prompt(self, count: int) -> list[NativeSamplingParams]:
+        """`sampling_params` of each of `count` prompts: the one object for all, or the list's
+        entry of each. A list must hold one entry per prompt of a batch, all with the same `n`
+        (SGLang's rule); raises InvalidRequest otherwise."""
+        p = self.sampling_params
+        if not isinstance(p, list):
+            return [p] * count
+        if not self.batched or len(p) != count:
+            raise InvalidRequest(
+                f"'sampling_params' holds {len(p)} entries for "
+                f"{count if self.batched else 'one prompt, not a batch'}"
+                + (" prompts" if self.batched else "")
+                + "; send one object for all prompts or one per prompt",
+                param="sampling_params",
+            )
+        for i, entry in enumerate(p):
+            if entry.n != p[0].n:
+                raise InvalidRequest(
+                    f"every prompt of a batch must ask for the same n: {entry.n} against {p[0].n}",
+                    param=f"sampling_params[{i}].n",
+                )
+        return list(p)
+
+    def request_ids(self, base: str, count: int) -> list[str]:
+        """The request id of each of `count` prompts: `rid` (a list of distinct ids, one per
+        prompt of a batch; one id for a single prompt), else `base`, or `base-k` in a batch.
+        Raises InvalidRequest where `rid` does not fit the prompts."""
+        rid = self.rid
+        if not self.batched:
+            if isinstance(rid, list):
+                raise InvalidRequest("'rid' is a list but the prompt is not a batch", param="rid")
+            return [base]
+        if rid is None:
+            return [f"{base}-{k}" for k in range(count)]
+        if not isinstance(rid, list) or len(rid) != count:
+            raise InvalidRequest(
+                f"'rid' must be a list of one id per prompt of the batch ({count})", param="rid"
+            )
+        if len(set(rid)) != len(rid):
+            raise InvalidRequest("'rid' names one id twice", param="rid")
+        return list(rid)
 
 
 class TokenizeRequest(BaseModel):
@@ -412,16 +497,24 @@ def parse_body(model: type[M], body: bytes, fields: FieldTable | None = None) ->
 
 
 def _invalid(exc: ValidationError) -> InvalidRequest:
-    # For a union, the branch the input matched best: the deepest error, not a type mismatch.
-    first = max(
-        exc.errors(include_url=False),
-        key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")),
-    )
+    first = _best_error(exc.errors(include_url=False))
     param = param_name(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         return InvalidRequest(f"'{param}' is a required property", param=param)
     return InvalidRequest(f"invalid '{param}': {message}", param=param)
+
+
+def _best_error(errors: list[Any]) -> Any:
+    """For a union, the error of the branch the input matched best: the deepest error, not a
+    type mismatch; between branches tied so, the one that failed furthest along its list
+    (`[[1], 2]` is a batch failing at [1]); within a branch, its first error."""
+    rank = max((len(e["loc"]), not e["type"].endswith("_type")) for e in errors)
+    firsts: dict[tuple[Any, ...], Any] = {}
+    for e in errors:
+        if (len(e["loc"]), not e["type"].endswith("_type")) == rank:
+            firsts.setdefault(tuple(p for p in e["loc"] if not isinstance(p, int)), e)
+    return max(firsts.values(), key=lambda e: [p for p in e["loc"] if isinstance(p, int)])
 
 
 def param_name(loc: tuple[int | str, ...]) -> str:

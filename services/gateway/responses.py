@@ -378,6 +378,25 @@ class CompletionFormat:
         return _choice(c.index, c.finish_reason, **fields)
 
 
+class UsageSource(Protocol):
+    """What counts one prompt's tokens (its Generation)."""
+
+    @property
+    def usage(self) -> Usage: ...
+
+
+@dataclass(frozen=True)
+class NativePrompt:
+    """One prompt of a /generate request: its request id (its samples' `meta_info.id`), its
+    token ids, their texts (with `return_text_in_logprobs`), and what counts its tokens (None:
+    the request's usage)."""
+
+    id: str
+    ids: list[int]
+    pieces: list[str] = field(default_factory=list)
+    counts: UsageSource | None = None
+
+
 @dataclass
 class NativeFormat:
     """/generate, in SGLang's shape. Streamed events are cumulative, as SGLang's are: each
@@ -388,15 +407,19 @@ class NativeFormat:
     `[logprob, token_id, text]` (text null unless `text_in_logprobs`),
     `output_token_logprobs` and `output_top_logprobs` for the generated tokens,
     `input_token_logprobs` and `input_top_logprobs` for the prompt from logprob_start_len (a null
-    logprob for the first token)."""
+    logprob for the first token).
+
+    A batch (`batched`: several prompts, or one sent as a list) answers a list of every prompt's
+    samples in order (prompt k's at k * n .. k * n + n - 1, the `index` of their stream events),
+    each with its prompt's `meta_info.id` and `prompt_tokens`; so does one prompt with n > 1."""
 
     meta: Meta
     n: int
     logprobs: bool = False
     text_in_logprobs: bool = False
     logprob_start: int = 0  # the first prompt position listed (logprob_start_len)
-    prompt_ids: list[int] = field(default_factory=list)
-    prompt_pieces: list[str] = field(default_factory=list)  # with text_in_logprobs
+    prompts: list[NativePrompt] = field(default_factory=list)  # empty: one prompt, meta.id
+    batched: bool = False
     _sofar: dict[int, Output] = field(default_factory=dict, init=False)  # streamed, per sample
 
     def opening(self, usage: Usage) -> list[dict[str, Any]]:
@@ -408,23 +431,43 @@ class NativeFormat:
         sofar.token_ids.extend(out.token_ids)
         sofar.logprobs.extend(out.logprobs)
         sofar.prompt_logprobs = out.prompt_logprobs or sofar.prompt_logprobs
+        prompt = self._prompt(out.index)
         ids = _token_ids(sofar.token_ids, out.matched_stop)
-        info = self._meta_info(out.finish_reason, out.matched_stop, _own(usage, ids))
-        info.update(self._logprobs(sofar.logprobs, sofar.prompt_logprobs))
+        info = self._meta_info(
+            prompt, out.finish_reason, out.matched_stop, self._own(prompt, usage, ids)
+        )
+        info.update(self._logprobs(prompt, sofar.logprobs, sofar.prompt_logprobs))
         return {"index": out.index, "text": sofar.text, "output_ids": ids, "meta_info": info}
 
     def closing(self, usage: Usage) -> list[dict[str, Any]]:
         return []
 
     def response(self, choices: list[Choice], usage: Usage) -> Any:
-        prompt = next((c.prompt_logprobs for c in choices if c.prompt_logprobs), None)
+        # One prompt's logprobs come with each of its samples; take them from any.
+        prompts: dict[int, list[TokenLogprob | None]] = {}
+        for c in choices:
+            if c.prompt_logprobs:
+                prompts.setdefault(c.index // self.n, c.prompt_logprobs)
         bodies = []
         for c in choices:
+            prompt = self._prompt(c.index)
             ids = _token_ids(c.token_ids, c.matched_stop)
-            info = self._meta_info(c.finish_reason, c.matched_stop, _own(usage, ids))
-            info.update(self._logprobs(c.logprobs, prompt))
+            info = self._meta_info(
+                prompt, c.finish_reason, c.matched_stop, self._own(prompt, usage, ids)
+            )
+            info.update(self._logprobs(prompt, c.logprobs, prompts.get(c.index // self.n)))
             bodies.append({"text": c.text, "output_ids": ids, "meta_info": info})
-        return bodies[0] if self.n == 1 else bodies
+        return bodies if self.batched or self.n > 1 else bodies[0]
+
+    def _prompt(self, index: int) -> NativePrompt:
+        """The prompt of sample `index` (without `prompts`: one, known by the request's id)."""
+        return self.prompts[index // self.n] if self.prompts else NativePrompt(self.meta.id, [])
+
+    @staticmethod
+    def _own(prompt: NativePrompt, usage: Usage, ids: list[int]) -> Usage:
+        """The sample's prompt counts (its prompt's, where they are kept) with its own
+        completion tokens."""
+        return _own(prompt.counts.usage if prompt.counts is not None else usage, ids)
 
     def _entry(self, lp: TokenLogprob | None, token_id: int, piece: str) -> list[Any]:
         value = None if lp is None else _logprob(lp.logprob)
@@ -439,7 +482,10 @@ class NativeFormat:
         ]
 
     def _logprobs(
-        self, output: list[TokenLogprob], prompt: list[TokenLogprob | None] | None
+        self,
+        source: NativePrompt,
+        output: list[TokenLogprob],
+        prompt: list[TokenLogprob | None] | None,
     ) -> dict[str, Any]:
         if not self.logprobs:
             return {}
@@ -449,20 +495,24 @@ class NativeFormat:
         }
         if prompt is not None:
             positions = range(self.logprob_start, len(prompt))
-            pieces = self.prompt_pieces or [""] * len(prompt)
+            pieces = source.pieces or [""] * len(prompt)
             fields["input_token_logprobs"] = [
-                self._entry(prompt[i], self.prompt_ids[i], pieces[i]) for i in positions
+                self._entry(prompt[i], source.ids[i], pieces[i]) for i in positions
             ]
             fields["input_top_logprobs"] = [self._tops(prompt[i]) for i in positions]
         return fields
 
     def _meta_info(
-        self, reason: str | None, matched: str | int | None, usage: Usage | None
+        self,
+        source: NativePrompt,
+        reason: str | None,
+        matched: str | int | None,
+        usage: Usage | None,
     ) -> dict[str, Any]:
         finish: dict[str, Any] | None = {"type": reason} if reason else None
         if finish is not None and matched is not None:
             finish["matched"] = matched  # SGLang: the stop string or token id
-        info: dict[str, Any] = {"id": self.meta.id, "finish_reason": finish}
+        info: dict[str, Any] = {"id": source.id, "finish_reason": finish}
         if usage is not None:
             info.update(
                 prompt_tokens=usage.prompt_tokens,

@@ -166,7 +166,20 @@ def token_id_cases() -> Iterator[Case]:
         yield Case(f"prompt-id-{tag}", COMPLETIONS, dumps({"prompt": [1, value]}))
         yield Case(f"input-ids-{tag}", GENERATE, dumps({"input_ids": [value]}), 400, "input_ids[0]")
     yield Case("input-ids-empty", GENERATE, dumps({"input_ids": []}), 400, "input_ids")
-    yield Case("input-ids-nested", GENERATE, dumps({"input_ids": [[1]]}), 400, "input_ids[0]")
+    # a batch (SGLang's list of id lists) with an empty, a non-list or a bad entry
+    yield Case(
+        "input-ids-batch-empty-entry",
+        GENERATE,
+        dumps({"input_ids": [[1], []]}),
+        400,
+        "input_ids[1]",
+    )
+    yield Case(
+        "input-ids-batch-mixed", GENERATE, dumps({"input_ids": [[1], 2]}), 400, "input_ids[1]"
+    )
+    yield Case(
+        "input-ids-batch-neg", GENERATE, dumps({"input_ids": [[1], [-1]]}), 400, "input_ids[1][0]"
+    )
     yield Case("prompt-ids-too-long", COMPLETIONS, dumps({"prompt": [1] * 5000}), 400, "prompt")
     yield Case("input-ids-too-long", GENERATE, dumps({"input_ids": [1] * 5000}), 400, "input_ids")
 
@@ -387,6 +400,22 @@ def value_cases() -> Iterator[Case]:
     yield Case(
         "chat-no-role", CHAT, dumps({"messages": [{"content": "hi"}]}), 400, "messages[0].role"
     )
+    for role in ("user", "system", "tool"):  # OpenAI: content is required for these roles
+        missing = {"role": role} if role != "tool" else {"role": role, "tool_call_id": "c1"}
+        yield Case(
+            f"chat-{role}-without-content",
+            CHAT,
+            dumps({"messages": [missing]}),
+            400,
+            "messages[0].content",
+        )
+    yield Case(
+        "chat-user-content-null",
+        CHAT,
+        dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": None}]}),
+        400,
+        "messages[1].content",
+    )
     yield Case(
         "chat-content-object",
         CHAT,
@@ -511,6 +540,31 @@ def value_cases() -> Iterator[Case]:
         "sampling_params",
     )
     yield Case("generate-rid-number", GENERATE, dumps({"text": "a", "rid": 5}), 400, "rid")
+    batch = {"text": ["a", "b"]}
+    for tag, extra, param in [
+        ("empty-text-list", {"text": []}, "text"),
+        ("empty-text-entry", {"text": ["a", ""]}, "text[1]"),
+        ("params-list-short", {"sampling_params": [{}]}, "sampling_params"),
+        (
+            "params-list-n-differs",
+            {"sampling_params": [{"n": 1}, {"n": 2}]},
+            "sampling_params[1].n",
+        ),
+        ("rid-one-string", {"rid": "x"}, "rid"),
+        ("rid-list-short", {"rid": ["x"]}, "rid"),
+        ("rid-list-repeats", {"rid": ["x", "x"]}, "rid"),
+    ]:
+        yield Case(f"generate-batch-{tag}", GENERATE, dumps({**batch, **extra}), 400, param)
+    yield Case(
+        "generate-rid-list-one-prompt", GENERATE, dumps({"text": "a", "rid": ["x"]}), 400, "rid"
+    )
+    yield Case(
+        "generate-params-list-one-prompt",
+        GENERATE,
+        dumps({"text": "a", "sampling_params": [{}]}),
+        400,
+        "sampling_params",
+    )
     yield Case(
         "generate-rid-null-byte", GENERATE, dumps({"text": "a", "rid": "a\u0000b"}), 400, "rid"
     )

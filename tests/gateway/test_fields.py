@@ -132,9 +132,12 @@ class OkBackend:
     async def prompt_texts(self, req: CompletionRequest) -> list[str]:
         return [str(p) for p in req.prompts()]
 
-    async def native_input(self, req: GenerateRequest, rid: str) -> GenerationInput:
-        p = req.sampling_params
-        return self._input(rid, native_sampling(p, MODEL), text_options(p))
+    async def native_inputs(self, req: GenerateRequest, rid: str) -> list[GenerationInput]:
+        count = len(req.prompts())
+        return [
+            self._input(k, native_sampling(p, MODEL), text_options(p))
+            for k, p in zip(req.request_ids(rid, count), req.params_per_prompt(count), strict=True)
+        ]
 
     def _input(self, rid: str, sampling: SamplingParams, text: TextOptions) -> GenerationInput:
         sampling = fit_context(sampling, 3, MODEL, "prompt")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -167,6 +169,47 @@ def test_native_generate(stack: Stack) -> None:
         timeout=60,
     ).json()
     assert len(ids["output_ids"]) == 4 and ids["meta_info"]["prompt_tokens"] == 3
+
+
+def test_native_generate_batch(stack: Stack) -> None:
+    """SGLang's batch forms of /generate: a list of texts or of id lists, `n` samples each, the
+    answers prompt-major with each prompt's own id and counts, the greedy tokens of each prompt
+    sent alone; streamed, every event's `index` names its sample and the last ones agree."""
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    params = {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True, "n": 2}
+    texts = [PROMPT, "Once upon a time"]
+
+    def post(body: dict) -> httpx.Response:
+        return httpx.post(f"{stack.base_url}/generate", json=body, headers=headers, timeout=60)
+
+    alone = [post({"text": t, "sampling_params": {**params, "n": 1}}).json() for t in texts]
+    batch = post({"text": texts, "sampling_params": params, "rid": ["b-a", "b-b"]}).json()
+    assert [b["meta_info"]["id"] for b in batch] == ["b-a", "b-a", "b-b", "b-b"]
+    assert [b["output_ids"] for b in batch] == [a["output_ids"] for a in alone for _ in (0, 1)]
+    counts = [b["meta_info"]["prompt_tokens"] for b in batch]
+    assert counts == [a["meta_info"]["prompt_tokens"] for a in alone for _ in (0, 1)]
+    assert counts[0] != counts[2]  # each prompt's own count, not the request's total
+
+    ids = [[1, 504, 3575], [1, 2, 3, 4, 5]]
+    one_each = [{"max_new_tokens": m, "temperature": 0, "ignore_eos": True} for m in (3, 6)]
+    by_ids = post({"input_ids": ids, "sampling_params": one_each}).json()
+    assert [len(b["output_ids"]) for b in by_ids] == [3, 6]  # each prompt its own parameters
+    assert [b["meta_info"]["prompt_tokens"] for b in by_ids] == [3, 5]
+
+    last: dict[int, dict] = {}
+    body = {"text": texts, "sampling_params": params, "stream": True}
+    with httpx.stream(
+        "POST", f"{stack.base_url}/generate", json=body, headers=headers, timeout=60
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line.removeprefix("data: "))
+                last[event["index"]] = event
+    assert sorted(last) == [0, 1, 2, 3]
+    assert [last[i]["output_ids"] for i in range(4)] == [b["output_ids"] for b in batch]
+
+    bad = post({"text": texts, "rid": "one-id"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "rid"
 
 
 def test_no_effect_fields_change_nothing_and_rejected_ones_are_a_400(

@@ -167,7 +167,12 @@ def bad(case_id: str, path: str, body: object, param: str | None = ANY, **kw: ob
 LONGEST = MODEL.context_length * MAX_CHARS_PER_TOKEN
 BAD_INPUT = [
     bad("tok-neither", TOKENIZE, {}, "prompt"),
-    bad("tok-both", TOKENIZE, {"prompt": "a", "messages": [{"role": "user"}]}, "prompt"),
+    bad(
+        "tok-both",
+        TOKENIZE,
+        {"prompt": "a", "messages": [{"role": "user", "content": "b"}]},
+        "prompt",
+    ),
     bad("tok-prompt-int", TOKENIZE, {"prompt": 1}, "prompt"),
     bad("tok-prompt-ids", TOKENIZE, {"prompt": [1, 2]}, "prompt[0]"),
     bad("tok-prompt-empty-list", TOKENIZE, {"prompt": []}, "prompt"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from services.gateway.events import Output, TokenLogprob, TokenPiece, Usage
 from services.gateway.responses import (
@@ -10,6 +11,7 @@ from services.gateway.responses import (
     CompletionFormat,
     Meta,
     NativeFormat,
+    NativePrompt,
     ResponseOptions,
     chat_logprobs,
     completion_logprobs,
@@ -151,6 +153,48 @@ def test_native_samples_count_their_own_tokens_and_end_with_the_stop_token() -> 
     last = fmt.chunk(Output(0, "", [], [], "stop", matched_stop=2), USAGE)
     assert (last["output_ids"], last["meta_info"]["completion_tokens"]) == ([7, 2], 2)
     assert last["meta_info"]["finish_reason"] == {"type": "stop", "matched": 2}
+
+
+def test_native_batch_gives_each_prompt_its_id_counts_and_prompt_logprobs() -> None:
+    """A /generate batch of two prompts with n=2: a list of four bodies, prompt-major; each
+    sample names its prompt's request id and prompt_tokens; prompt logprobs are its own
+    prompt's; stream events carry the flat index."""
+
+    @dataclass
+    class Counted:
+        usage: Usage
+
+    prompts = [
+        NativePrompt("r-0", [11, 12], ["x", "y"], Counted(Usage(2, 3, 0))),
+        NativePrompt("r-1", [21, 22, 23], ["p", "q", "r"], Counted(Usage(3, 1, 1))),
+    ]
+    fmt = NativeFormat(META, 2, logprobs=True, text_in_logprobs=True, prompts=prompts)
+    fmt.batched = True
+    first_prompt = [None, TokenLogprob(TokenPiece("y", b"y"), -0.5, [], 12)]
+    second_prompt = [None, TokenLogprob(TokenPiece("q", b"q"), -1.5, [], 22), None]
+    outs = [
+        Output(0, "a", [1], [lp("a", -0.1)], "length", prompt_logprobs=first_prompt),
+        Output(1, "bb", [2, 3], [lp("b", -0.2), lp("b", -0.3)], "length"),
+        Output(2, "c", [4], [lp("c", -0.4)], "length", prompt_logprobs=second_prompt),
+        Output(3, "", [], [], "stop", matched_stop=2),
+    ]
+    body = fmt.response(join_outputs(outs, 4), USAGE)
+    assert isinstance(body, list) and [b["text"] for b in body] == ["a", "bb", "c", ""]
+    assert [b["meta_info"]["id"] for b in body] == ["r-0", "r-0", "r-1", "r-1"]
+    assert [b["meta_info"]["prompt_tokens"] for b in body] == [2, 2, 3, 3]
+    assert [b["meta_info"]["completion_tokens"] for b in body] == [1, 2, 1, 1]
+    assert [b["meta_info"]["cached_tokens"] for b in body] == [0, 0, 1, 1]
+    assert body[1]["meta_info"]["input_token_logprobs"] == [[None, 11, "x"], [-0.5, 12, "y"]]
+    assert body[3]["meta_info"]["input_token_logprobs"] == [
+        [None, 21, "p"],
+        [-1.5, 22, "q"],
+        [None, 23, "r"],
+    ]
+    event = fmt.chunk(outs[2], USAGE)
+    assert event["index"] == 2 and event["meta_info"]["id"] == "r-1"
+    assert event["meta_info"]["prompt_tokens"] == 3
+    single = NativeFormat(META, 1, prompts=prompts[:1], batched=True)
+    assert isinstance(single.response(join_outputs(outs[:1], 1), USAGE), list)  # a batch of one
 
 
 def test_sse_stream_ends_with_done_and_reports_errors() -> None:
