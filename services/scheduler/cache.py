@@ -146,6 +146,17 @@ class KVCache:
         self.tree.reset()
         self.allocator.reset()
 
+    def check_counts(self, running: Iterable[Req]) -> None:
+        """Assert that every slot is free, held by the tree or owned by a running request, by
+        counts alone (O(running requests); SGLang's idle memory check): a leaked or twice-freed
+        slot breaks the sum. `check_integrity` checks the slots themselves."""
+        owned = sum(len(req.kv) - req.num_cached for req in running)
+        stats = self.stats()
+        assert stats.free + stats.evictable + stats.protected + owned == stats.total, (
+            f"KV slots leaked: {stats.free} free + {stats.evictable + stats.protected} cached "
+            f"+ {owned} owned != {stats.total}"
+        )
+
     def check_integrity(self, running: Iterable[Req]) -> None:
         """Assert the ownership invariant and each request's view of its slots. O(pool)."""
         self.tree.check_integrity()
