@@ -166,11 +166,7 @@ class Backend:
         self, req: CompletionRequest, request_id: str
     ) -> list[GenerationInput]:
         model = self.check_model(req.model)
-        for prompt in req.prompts():
-            if isinstance(prompt, str):
-                check_prompt_chars([prompt], model, "prompt")
-            else:
-                check_token_ids(prompt, model, "prompt")
+        _check_prompts(req.prompts(), model, "prompt", "prompt")
         sampling = completion_sampling(req, model)
         encoded = await asyncio.gather(*(self._ids(p) for p in req.prompts()))
         prompts = [truncate_prompt(ids, req, model) for ids in encoded]
@@ -196,14 +192,8 @@ class Backend:
         prompts = req.prompts()
         params = req.params_per_prompt(len(prompts))
         rids = req.request_ids(request_id, len(prompts))
-        for p in prompts:
-            if isinstance(p, str):
-                check_prompt_chars([p], model, "text")
-            else:
-                check_token_ids(p, model, "input_ids")
-        encoded = await asyncio.gather(
-            *(self._ids(p) if isinstance(p, str) else _ready(p) for p in prompts)
-        )
+        _check_prompts(prompts, model, "text", "input_ids")
+        encoded = await asyncio.gather(*(self._ids(p) for p in prompts))
         return [
             self._native_input(req, rid, ids, p)
             for rid, ids, p in zip(rids, encoded, params, strict=True)
@@ -402,6 +392,13 @@ def _with_tools(
     return replace(sampling, grammar=grammar, grammar_param="tools"), plan
 
 
-async def _ready(ids: list[int]) -> list[int]:
-    """Token ids as an awaitable, beside prompts still being tokenized."""
-    return ids
+def _check_prompts(
+    prompts: list[str] | list[list[int]], model: ModelInfo, text_param: str, ids_param: str
+) -> None:
+    """Checks each prompt, text (as `text_param`) or token ids (as `ids_param`), against the
+    model's limits; raises InvalidRequest naming the parameter."""
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            check_prompt_chars([prompt], model, text_param)
+        else:
+            check_token_ids(prompt, model, ids_param)

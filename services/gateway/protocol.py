@@ -509,10 +509,14 @@ def _best_error(errors: list[Any]) -> Any:
     """For a union, the error of the branch the input matched best: the deepest error, not a
     type mismatch; between branches tied so, the one that failed furthest along its list
     (`[[1], 2]` is a batch failing at [1]); within a branch, its first error."""
-    rank = max((len(e["loc"]), not e["type"].endswith("_type")) for e in errors)
+
+    def depth(e: Any) -> tuple[int, bool]:
+        return len(e["loc"]), not e["type"].endswith("_type")
+
+    deepest = max(depth(e) for e in errors)
     firsts: dict[tuple[Any, ...], Any] = {}
     for e in errors:
-        if (len(e["loc"]), not e["type"].endswith("_type")) == rank:
+        if depth(e) == deepest:
             firsts.setdefault(tuple(p for p in e["loc"] if not isinstance(p, int)), e)
     return max(firsts.values(), key=lambda e: [p for p in e["loc"] if isinstance(p, int)])
 

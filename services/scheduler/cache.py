@@ -150,7 +150,10 @@ class KVCache:
         """Assert that every slot is free, held by the tree or owned by a running request, by
         counts alone (O(running requests); SGLang's idle memory check): a leaked or twice-freed
         slot breaks the sum. `check_integrity` checks the slots themselves."""
-        owned = sum(len(req.kv) - req.num_cached for req in running)
+        self._check_sum(sum(len(req.kv) - req.num_cached for req in running))
+
+    def _check_sum(self, owned: int) -> None:
+        """Assert free + cached + `owned` slots = the pool."""
         stats = self.stats()
         assert stats.free + stats.evictable + stats.protected + owned == stats.total, (
             f"KV slots leaked: {stats.free} free + {stats.evictable + stats.protected} cached "
@@ -168,7 +171,7 @@ class KVCache:
         self.allocator.check_integrity(cached + owned)
         stats = self.stats()
         assert stats.evictable + stats.protected == len(cached)
-        assert stats.free + len(cached) + len(owned) == stats.total
+        self._check_sum(len(owned))
 
     def _check_request(self, req: Req) -> None:
         assert len(req.kv) == req.num_computed, (
