@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from kernels.kv_cache_dtype import FLOAT8_DTYPES
+
 
 @triton.jit
 def _decode_stage1_kernel(
@@ -38,6 +40,7 @@ def _decode_stage1_kernel(
     BLOCK_H: tl.constexpr,  # >= GROUP and >= 16, the smallest M of tl.dot
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # see _dot_dtype
+    P_DTYPE: tl.constexpr,  # see _p_dtype
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -85,8 +88,8 @@ def _decode_stage1_kernel(
             mask=pos_mask[:, None],
             other=0.0,
         )  # [BLOCK_N, HEAD_DIM]
-        # p is rounded to v's dtype as on a GPU, then widened to DOT_DTYPE (a no-op there)
-        pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
+        # p is rounded to P_DTYPE as on a GPU, then widened to DOT_DTYPE (a no-op there)
+        pv = tl.dot(p.to(P_DTYPE).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -182,6 +185,7 @@ def decode_attention(
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=64 if head_dim <= 128 else 32,
         DOT_DTYPE=_dot_dtype(_decode_stage1_kernel, q.dtype),
+        P_DTYPE=_p_dtype(q.dtype, v_buffer.dtype),
         num_warps=4,
     )
     _decode_stage2_kernel[(batch, num_heads)](
@@ -206,6 +210,13 @@ def _dot_dtype(kernel: object, dtype: torch.dtype) -> tl.dtype:
     so interpreted operands are widened to float32 (exact for bf16 and fp16 values).
     """
     return tl.float32 if isinstance(kernel, InterpretedFunction) else _FLOAT_DTYPES[dtype]
+
+
+def _p_dtype(q: torch.dtype, v: torch.dtype) -> tl.dtype:
+    """The dtype the probabilities are rounded to before p . v: the values' for 16- and 32-bit
+    pools (as a GPU's tensor cores take them), the queries' for float8 ones (whose values are
+    widened to it; probabilities in float8 would keep two bits of mantissa)."""
+    return _FLOAT_DTYPES[q if v in FLOAT8_DTYPES else v]
 
 
 def _check_inputs(
@@ -251,8 +262,8 @@ def _check_pool(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor)
     _require(q.shape[1] % k_buffer.shape[1] == 0, f"num_heads % num_kv_heads != 0: {shapes}")
     _require(
         kv_dtypes_supported(q.dtype, k_buffer.dtype, v_buffer.dtype),
-        f"k_buffer and v_buffer must have q's float16/bfloat16/float32 dtype, or bfloat16 under "
-        f"float32 q; got {q.dtype}, {k_buffer.dtype}, {v_buffer.dtype}",
+        f"k_buffer and v_buffer must have q's float16/bfloat16/float32 dtype, bfloat16 under "
+        f"float32 q, or float8_e5m2; got {q.dtype}, {k_buffer.dtype}, {v_buffer.dtype}",
     )
     _require(
         q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1,
@@ -262,11 +273,12 @@ def _check_pool(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor)
 
 def kv_dtypes_supported(q: torch.dtype, k: torch.dtype, v: torch.dtype) -> bool:
     """Whether the kernels take queries of dtype `q` over K/V buffers of `k` and `v`: one float
-    dtype throughout, or float32 queries over bfloat16 buffers (--kv-cache-dtype bfloat16; the
-    kernels widen each key to the queries' dtype and round p to the values' before p . v)."""
+    dtype throughout, float32 queries over bfloat16 buffers (--kv-cache-dtype bfloat16), or any
+    over float8 e5m2 ones (--kv-cache-dtype fp8_e5m2). The kernels widen each key to the
+    queries' dtype and round p to `_p_dtype` before p . v."""
     if q not in _FLOAT_DTYPES or k != v:
         return False
-    return k == q or (q == torch.float32 and k == torch.bfloat16)
+    return k == q or k in FLOAT8_DTYPES or (q == torch.float32 and k == torch.bfloat16)
 
 
 def _require(ok: bool, message: str) -> None:

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.decode_attention import kv_dtypes_supported
+from kernels.decode_attention import _p_dtype, kv_dtypes_supported
 
 
 @triton.jit
@@ -42,6 +42,7 @@ def _extend_kernel(
     BLOCK_M: tl.constexpr,  # query tokens per program
     BLOCK_N: tl.constexpr,  # keys per iteration
     DOT_DTYPE: tl.constexpr,  # see _dot_dtype
+    P_DTYPE: tl.constexpr,  # see _p_dtype
 ):
     req = tl.program_id(0)
     block_m = tl.program_id(1)
@@ -93,8 +94,8 @@ def _extend_kernel(
             mask=pos_mask[:, None],
             other=0.0,
         )  # [BLOCK_N, HEAD_DIM]
-        # p is rounded to v's dtype as on a GPU, then widened to DOT_DTYPE (a no-op there)
-        pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
+        # p is rounded to P_DTYPE as on a GPU, then widened to DOT_DTYPE (a no-op there)
+        pv = tl.dot(p.to(P_DTYPE).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -161,6 +162,7 @@ def extend_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_m,
         DOT_DTYPE=_dot_dtype(_extend_kernel, q.dtype),
+        P_DTYPE=_p_dtype(q.dtype, v_buffer.dtype),
         num_warps=4 if head_dim <= 64 else 8,
     )
     return o
@@ -219,8 +221,8 @@ def _check_pool(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor)
     _require(q.shape[1] % k_buffer.shape[1] == 0, f"num_heads % num_kv_heads != 0: {shapes}")
     _require(
         kv_dtypes_supported(q.dtype, k_buffer.dtype, v_buffer.dtype),
-        f"k_buffer and v_buffer must have q's float16/bfloat16/float32 dtype, or bfloat16 under "
-        f"float32 q; got {q.dtype}, {k_buffer.dtype}, {v_buffer.dtype}",
+        f"k_buffer and v_buffer must have q's float16/bfloat16/float32 dtype, bfloat16 under "
+        f"float32 q, or float8_e5m2; got {q.dtype}, {k_buffer.dtype}, {v_buffer.dtype}",
     )
     _require(
         q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1,

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kv_cache_dtype import FLOAT8_DTYPES, to_kv_dtype
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -52,11 +54,17 @@ def store_kv(
     k, v: [num_tokens, num_kv_heads, head_dim]; k_buffer, v_buffer: [num_slots, num_kv_heads,
     head_dim]; out_cache_loc: [num_tokens] int32/int64, distinct slots. The buffers may be of
     another float dtype than k and v (--kv-cache-dtype): each value is converted as it is stored.
+    Float8 buffers get values rounded in torch (`to_kv_dtype`: to nearest even, saturating), which
+    the kernel scatters as bytes.
     """
     _check_inputs(k, v, k_buffer, v_buffer, out_cache_loc)
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
+    if k_buffer.dtype in FLOAT8_DTYPES:
+        k = to_kv_dtype(k, k_buffer.dtype).view(torch.uint8)
+        v = to_kv_dtype(v, v_buffer.dtype).view(torch.uint8)
+        k_buffer, v_buffer = k_buffer.view(torch.uint8), v_buffer.view(torch.uint8)
     _store_kv_kernel[(num_tokens,)](
         k,
         v,
@@ -126,5 +134,5 @@ def store_kv_ref(
     out_cache_loc: torch.Tensor,
 ) -> None:
     """Reference of `store_kv`, in place."""
-    k_buffer[out_cache_loc.long()] = k
-    v_buffer[out_cache_loc.long()] = v
+    k_buffer[out_cache_loc.long()] = to_kv_dtype(k, k_buffer.dtype)
+    v_buffer[out_cache_loc.long()] = to_kv_dtype(v, v_buffer.dtype)

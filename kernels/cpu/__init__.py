@@ -94,12 +94,15 @@ def check_decode_args(q, k_pool, v_pool, table, rows, seq_lens) -> None:
         raise ValueError("rows and seq_lens need one entry per query")
 
 
-# (query dtype, KV pool dtype) pairs the kernels take: the model's own dtype, or a float32 model
-# over a bfloat16 pool (--kv-cache-dtype bfloat16), its keys and values widened as they are read.
+# (query dtype, KV pool dtype) pairs the kernels take: the model's own dtype, a float32 model over
+# a bfloat16 pool (--kv-cache-dtype bfloat16), or a float32 or bfloat16 model over a float8 e5m2
+# pool (--kv-cache-dtype fp8_e5m2), its keys and values widened to float32 as they are read.
 KERNEL_DTYPES = (
     (torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16),
     (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float8_e5m2),
+    (torch.bfloat16, torch.float8_e5m2),
 )
 
 
@@ -114,7 +117,8 @@ def _check_pools(q, k_pool, v_pool, table) -> None:
     if k_pool.dtype != v_pool.dtype or not supports_dtypes(q.dtype, k_pool.dtype):
         raise ValueError(
             f"dtypes: q {q.dtype}, k_pool {k_pool.dtype}, v_pool {v_pool.dtype}; the kernels take "
-            "float32 or bfloat16 queries over pools of their dtype, or float32 over bfloat16"
+            "float32 or bfloat16 queries over pools of their dtype or of float8_e5m2, or float32 "
+            "over bfloat16"
         )
     if (
         q.dim() != 3

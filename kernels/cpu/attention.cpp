@@ -4,15 +4,17 @@
 // Decode (one query token per request): a task is one request (all its heads, so each slot's K/V
 // row is read as one contiguous run) or, when there are too few requests to keep every thread
 // busy, one (request, kv head) pair. The G query heads that share a kv head are computed together,
-// so each K/V row is read once. At head dim 64 the inner loops are vector code: AVX-512 BF16 for
-// bfloat16 pools, AVX2 + FMA for float32 ones and for bfloat16 ones on CPUs without AVX-512 BF16
-// (attend_head_bf16, attend_head_f32).
+// so each K/V row is read once. At head dim 64 the inner loops are vector code: AVX-512 BF16 pair
+// dot products for bfloat16 queries over bfloat16 pools (attend_head_bf16), AVX-512 float32 for
+// every other pair of dtypes (attend_head_x16), AVX2 + FMA float32 on CPUs without AVX-512
+// (attend_head_f32).
 //
-// Queries and pools share a dtype, or float32 queries read bfloat16 pools (--kv-cache-dtype
-// bfloat16 under a float32 model; dispatch_dtypes): every kernel is a template over the query
-// type TQ and the pool type T, and widens bfloat16 keys and values as it loads them (exact). The
-// AVX-512 BF16 pair dot products need bfloat16 on both sides, so mixed pools take the float32
-// paths.
+// Queries and pools share a dtype, float32 queries read bfloat16 pools (--kv-cache-dtype
+// bfloat16 under a float32 model), or float32 or bfloat16 queries read float8 e5m2 pools
+// (--kv-cache-dtype fp8_e5m2; dispatch_dtypes): every kernel is a template over the query type TQ
+// and the pool type T, and widens narrower keys and values to float32 as it loads them (exact).
+// The AVX-512 BF16 pair dot products need bfloat16 on both sides, so other pools take the
+// float32 paths.
 //
 // Extend (a request's new tokens after its cached prefix, causal): a task is one (request, kv head,
 // block of up to 16 new tokens). Its G x 16 query rows are multiplied against blocks of 16 keys
@@ -26,7 +28,7 @@
 // also return log-sum-exps, and `merge_attention_states_` combines the two parts of every token.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#if defined(__AVX512BF16__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <atomic>
@@ -46,6 +48,19 @@ inline void load_row(const at::BFloat16* src, float* dst, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
 }
+// float8 e5m2 (OCP FP8; --kv-cache-dtype fp8_e5m2) is the top byte of the IEEE half of the same
+// value, so a byte shifted left by 8 is a half, which F16C widens to float32 exactly.
+inline void load_row(const at::Float8_e5m2* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX2__)
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(src);
+  for (; i + 8 <= n; i += 8) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(b), 8)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
 
 // s[0 .. n) ← softmax(s[0 .. n)), with exp vectorized (libmvec) through the simd reduction.
 // Returns the log-sum-exp of the input (n >= 1).
@@ -63,12 +78,24 @@ inline float softmax_in_place(float* s, int64_t n) {
   return m + std::log(sum);
 }
 
-#if defined(__AVX512BF16__)
-// Decode attention of one request's G query heads over one kv head's keys, with AVX-512 BF16:
-// q . k as bf16 pair dot products into float32 (the products of two bf16 values are exact in
-// float32, as when both are widened first), 16 keys at a time, their 16 horizontal sums reduced
-// together; then p . v in float32 with the output rows held in registers. head_dim must be 64.
-constexpr int64_t kDim = 64;
+#if defined(__AVX2__) || defined(__AVX512F__)
+constexpr int64_t kDim = 64;  // the head dim of the vector decode kernels
+
+// Fetches the 64 values of one K/V row (4 cache lines in float32, 2 in bfloat16, 1 in float8)
+// into L2.
+template <typename T>
+inline void prefetch_row(const T* p) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (size_t i = 0; i < kDim * sizeof(T); i += 64) _mm_prefetch(c + i, _MM_HINT_T1);
+}
+#endif
+
+#if defined(__AVX512F__)
+// Decode attention with AVX-512. attend_head_bf16 (bfloat16 queries over bfloat16 pools, on CPUs
+// with AVX-512 BF16) computes q . k as bf16 pair dot products; attend_head_x16 (every other pair
+// of dtypes) in float32, 16 lanes, each key widened once per block of 16 keys. Both reduce 16
+// keys' vector sums together and then compute p . v in float32 with the output rows held in
+// registers. head_dim must be 64.
 
 // r[j] = sum of the 16 lanes of a[j], for j < 16 (a transposing reduction: 45 vector ops).
 inline __m512 reduce16(const __m512* a) {
@@ -90,39 +117,39 @@ inline __m512 reduce16(const __m512* a) {
                        _mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-inline __m512 widen_bf16(const at::BFloat16* p) {  // 16 bf16 → 16 float
+// 16 values → 16 float32, exactly (see load_row).
+inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 widen16(const at::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+inline __m512 widen16(const at::Float8_e5m2* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(raw), 8));
+}
 
 // Keys' and values' loops fetch the slot kAhead keys ahead of the one they read (a slot's
-// bfloat16 row, 128 bytes, lies anywhere in the pool) into L2, leaving L1's few outstanding
-// misses to the loads. Measured on a 2-core AMD EPYC (AVX-512 BF16, no AMX) over 30 layers of
-// SmolLM2-135M's pools, batch 16 at context 1,000, slots scattered: 65 ms with no prefetch, 40 ms
-// 16 keys ahead into L1, 21 ms 16 ahead into L2, 15-18 ms 32 ahead, no better at 48 or 64.
+// row lies anywhere in the pool) into L2, leaving L1's few outstanding misses to the loads.
+// Measured on a 2-core AMD EPYC (AVX-512 BF16, no AMX) over 30 layers of SmolLM2-135M's bfloat16
+// pools, batch 16 at context 1,000, slots scattered: 65 ms with no prefetch, 40 ms 16 keys ahead
+// into L1, 21 ms 16 ahead into L2, 15-18 ms 32 ahead, no better at 48 or 64.
 constexpr int64_t kAhead = 32;
-
-inline void prefetch_bf16_row(const at::BFloat16* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
-  _mm_prefetch(reinterpret_cast<const char*>(p + 32), _MM_HINT_T1);
-}
 
 // out[g][0 .. 64) = sum over l of p[g * len + l] * v[slots[l] * stride + 0 .. 64), for g < G, in
 // float32: the output rows are held in registers (G x 4 vectors); G is a template argument so
-// that they stay there (see weigh_values, 5-15 % on the float32 kernel; here the same sums run in
+// that they stay there (see weigh_values, 5-15 % on the AVX2 kernel; here the same sums run in
 // the same order as with a run-time head count). With `prefetch`, the row kAhead keys ahead is
 // fetched.
-template <int G>
-inline void weigh_values_bf16(const float* p, int64_t len, const at::BFloat16* v, int64_t stride,
-                              const int64_t* slots, bool prefetch, float* out) {
+template <int G, typename T>
+inline void weigh_values16(const float* p, int64_t len, const T* v, int64_t stride,
+                           const int64_t* slots, bool prefetch, float* out) {
   __m512 o[G][4];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < 4; ++c) o[g][c] = _mm512_setzero_ps();
   for (int64_t l = 0; l < len; ++l) {
-    if (prefetch && l + kAhead < len) prefetch_bf16_row(v + slots[l + kAhead] * stride);
-    const at::BFloat16* vl = v + slots[l] * stride;
-    const __m512 vc[4] = {widen_bf16(vl), widen_bf16(vl + 16), widen_bf16(vl + 32),
-                          widen_bf16(vl + 48)};
+    if (prefetch && l + kAhead < len) prefetch_row(v + slots[l + kAhead] * stride);
+    const T* vl = v + slots[l] * stride;
+    const __m512 vc[4] = {widen16(vl), widen16(vl + 16), widen16(vl + 32), widen16(vl + 48)};
     for (int g = 0; g < G; ++g) {
       const __m512 w = _mm512_set1_ps(p[g * len + l]);
       for (int c = 0; c < 4; ++c) o[g][c] = _mm512_fmadd_ps(w, vc[c], o[g][c]);
@@ -132,6 +159,85 @@ inline void weigh_values_bf16(const float* p, int64_t len, const at::BFloat16* v
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + g * kDim + c * 16, o[g][c]);
 }
 
+// Softmax of the group's score rows (lse, nullable, gets their log-sum-exps), then out[g] = p_g . v
+// for the group's query heads, four at a time.
+template <typename T>
+inline void weigh_group16(float* scores, int64_t len, const T* v_pool, const int64_t* slots,
+                          int64_t kv_heads, int64_t hk, int64_t group, float* out, float* lse) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float l = softmax_in_place(scores + g * len, len);
+    if (lse != nullptr) lse[g] = l;
+  }
+  const T* v = v_pool + hk * kDim;
+  const int64_t stride = kv_heads * kDim;
+  for (int64_t l = 0; l < std::min(kAhead, len); ++l) prefetch_row(v + slots[l] * stride);
+  for (int64_t g0 = 0; g0 < group; g0 += 4) {
+    const float* p = scores + g0 * len;
+    float* o = out + g0 * kDim;
+    switch (std::min<int64_t>(4, group - g0)) {
+      case 4: weigh_values16<4>(p, len, v, stride, slots, g0 == 0, o); break;
+      case 3: weigh_values16<3>(p, len, v, stride, slots, g0 == 0, o); break;
+      case 2: weigh_values16<2>(p, len, v, stride, slots, g0 == 0, o); break;
+      default: weigh_values16<1>(p, len, v, stride, slots, g0 == 0, o); break;
+    }
+  }
+}
+
+// q: [group, 64] of this kv head; pools [slots, kv_heads, 64]; keys slots[0 .. len); scores:
+// [group, len] scratch; out: [group, 64] float32; lse: [group] or null. Float32 arithmetic:
+// each block of 16 keys is widened once into a float32 scratch (4 KB, in L1), which every query
+// head of the group then reads.
+template <typename TQ, typename T>
+inline void attend_head_x16(const TQ* q, const T* k_pool, const T* v_pool, const int64_t* slots,
+                            int64_t len, int64_t kv_heads, int64_t hk, int64_t group,
+                            float scale, float* scores, float* out, float* lse) {
+  alignas(64) float kf[16 * kDim];
+  const __m512 vscale = _mm512_set1_ps(scale);
+  auto key_row = [&](int64_t l) { return k_pool + (slots[l] * kv_heads + hk) * kDim; };
+  for (int64_t l = 0; l < std::min(kAhead, len); ++l) prefetch_row(key_row(l));
+  for (int64_t l0 = 0; l0 < len; l0 += 16) {
+    const int64_t n = std::min<int64_t>(16, len - l0);
+    for (int64_t j = l0 + kAhead; j < std::min(l0 + kAhead + 16, len); ++j) {
+      prefetch_row(key_row(j));
+    }
+    const float* rows[16];
+    for (int64_t j = 0; j < 16; ++j) {
+      if (j >= n) {
+        rows[j] = rows[n - 1];  // lanes past n repeat the last key; their scores are not stored
+      } else if constexpr (std::is_same_v<T, float>) {
+        rows[j] = key_row(l0 + j);
+      } else {
+        const T* r = key_row(l0 + j);
+        for (int c = 0; c < 4; ++c) _mm512_store_ps(kf + j * kDim + 16 * c, widen16(r + 16 * c));
+        rows[j] = kf + j * kDim;
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      const TQ* qg = q + g * kDim;
+      const __m512 q0 = widen16(qg), q1 = widen16(qg + 16), q2 = widen16(qg + 32),
+                   q3 = widen16(qg + 48);
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) {
+        const float* k = rows[j];
+        acc[j] = _mm512_fmadd_ps(
+            q3, _mm512_loadu_ps(k + 48),
+            _mm512_fmadd_ps(q2, _mm512_loadu_ps(k + 32),
+                            _mm512_fmadd_ps(q1, _mm512_loadu_ps(k + 16),
+                                            _mm512_mul_ps(q0, _mm512_loadu_ps(k)))));
+      }
+      const __m512 s = _mm512_mul_ps(reduce16(acc), vscale);
+      _mm512_mask_storeu_ps(scores + g * len + l0, (__mmask16)((1u << n) - 1), s);
+    }
+  }
+  weigh_group16(scores, len, v_pool, slots, kv_heads, hk, group, out, lse);
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// Decode attention of one request's G query heads over one kv head's bfloat16 keys, with
+// AVX-512 BF16: q . k as bf16 pair dot products into float32 (the products of two bf16 values are
+// exact in float32, as when both are widened first), 16 keys at a time.
+//
 // q: [group, 64] of this kv head; pools [slots, kv_heads, 64]; keys slots[0 .. len); scores:
 // [group, len] scratch; out: [group, 64] float32; lse: [group] or null. group <= 8.
 inline void attend_head_bf16(const at::BFloat16* q, const at::BFloat16* k_pool,
@@ -145,13 +251,13 @@ inline void attend_head_bf16(const at::BFloat16* q, const at::BFloat16* k_pool,
   }
   const __m512 vscale = _mm512_set1_ps(scale);
   auto key_row = [&](int64_t l) { return k_pool + (slots[l] * kv_heads + hk) * kDim; };
-  for (int64_t l = 0; l < std::min(kAhead, len); ++l) prefetch_bf16_row(key_row(l));
+  for (int64_t l = 0; l < std::min(kAhead, len); ++l) prefetch_row(key_row(l));
   for (int64_t l0 = 0; l0 < len; l0 += 16) {
     const int64_t n = std::min<int64_t>(16, len - l0);
     const at::BFloat16* rows[16];
     for (int64_t j = 0; j < 16; ++j) rows[j] = key_row(l0 + std::min(j, n - 1));
     for (int64_t j = l0 + kAhead; j < std::min(l0 + kAhead + 16, len); ++j) {
-      prefetch_bf16_row(key_row(j));
+      prefetch_row(key_row(j));
     }
     for (int64_t g = 0; g < group; ++g) {
       __m512 acc[16];
@@ -165,40 +271,25 @@ inline void attend_head_bf16(const at::BFloat16* q, const at::BFloat16* k_pool,
       _mm512_mask_storeu_ps(scores + g * len + l0, (__mmask16)((1u << n) - 1), s);
     }
   }
-  for (int64_t g = 0; g < group; ++g) {
-    const float l = softmax_in_place(scores + g * len, len);
-    if (lse != nullptr) lse[g] = l;
-  }
-  const at::BFloat16* v = v_pool + hk * kDim;
-  const int64_t stride = kv_heads * kDim;
-  for (int64_t l = 0; l < std::min(kAhead, len); ++l) prefetch_bf16_row(v + slots[l] * stride);
-  for (int64_t g0 = 0; g0 < group; g0 += 4) {
-    const float* p = scores + g0 * len;
-    float* o = out + g0 * kDim;
-    switch (std::min<int64_t>(4, group - g0)) {
-      case 4: weigh_values_bf16<4>(p, len, v, stride, slots, g0 == 0, o); break;
-      case 3: weigh_values_bf16<3>(p, len, v, stride, slots, g0 == 0, o); break;
-      case 2: weigh_values_bf16<2>(p, len, v, stride, slots, g0 == 0, o); break;
-      default: weigh_values_bf16<1>(p, len, v, stride, slots, g0 == 0, o); break;
-    }
-  }
+  weigh_group16(scores, len, v_pool, slots, kv_heads, hk, group, out, lse);
 }
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // Decode attention of one request's G query heads over one kv head's keys, with AVX2 and FMA in
-// float32, for float32 pools and (on CPUs without AVX-512 BF16) bfloat16 ones, whose values are
-// widened to float32 as they are loaded (exact): q . k for 8 keys at a time (8 vector sums
-// reduced together by horizontal adds), then p . v with the output rows held in registers, 3
-// heads and half a row at a time. The keys' and values' slots are fetched one block ahead (a
-// slot's row is 256 bytes in float32; rows of a request are scattered over the pool). head_dim
-// must be 64.
-constexpr int64_t kDimF32 = 64;
-
+// float32, for CPUs without AVX-512: values of every pool dtype are widened to float32 as they
+// are loaded (exact): q . k for 8 keys at a time (8 vector sums reduced together by horizontal
+// adds), then p . v with the output rows held in registers, 3 heads and half a row at a time.
+// The keys' and values' slots are fetched ahead (rows of a request are scattered over the pool).
+// head_dim must be 64.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const at::Float8_e5m2* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(b), 8));
 }
 
 // r[j] = sum of the 8 lanes of a[j], for j < 8.
@@ -208,13 +299,6 @@ inline __m256 reduce8(const __m256* a) {
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
                        _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-// Fetches the 64 values of one K/V row (4 cache lines in float32, 2 in bfloat16) into L2.
-template <typename T>
-inline void prefetch_row(const T* p) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (size_t i = 0; i < kDimF32 * sizeof(T); i += 64) _mm_prefetch(c + i, _MM_HINT_T1);
 }
 
 // Keys ahead of the one read whose rows are fetched, as kAhead for the bfloat16 kernel: into L2,
@@ -232,7 +316,7 @@ constexpr int64_t kAheadF32 = 32;
 template <int G, typename T>
 inline void weigh_values(const float* p, int64_t len, const T* v, int64_t stride,
                          const int64_t* slots, bool prefetch, float* out) {
-  for (int64_t half = 0; half < kDimF32; half += 32) {
+  for (int64_t half = 0; half < kDim; half += 32) {
     __m256 o[G][4];
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < 4; ++c) o[g][c] = _mm256_setzero_ps();
@@ -249,7 +333,7 @@ inline void weigh_values(const float* p, int64_t len, const T* v, int64_t stride
       }
     }
     for (int g = 0; g < G; ++g)
-      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + g * kDimF32 + half + 8 * c, o[g][c]);
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + g * kDim + half + 8 * c, o[g][c]);
   }
 }
 
@@ -261,12 +345,12 @@ inline void attend_head_f32(const TQ* q, const T* k_pool, const T* v_pool, const
                             int64_t len, int64_t kv_heads, int64_t hk, int64_t group, float scale,
                             float* qw, float* scores, float* out, float* lse) {
   const __m256 vscale = _mm256_set1_ps(scale);
-  auto row = [&](const T* pool, int64_t l) { return pool + (slots[l] * kv_heads + hk) * kDimF32; };
+  auto row = [&](const T* pool, int64_t l) { return pool + (slots[l] * kv_heads + hk) * kDim; };
   const float* qf;
   if constexpr (std::is_same_v<TQ, float>) {
     qf = q;
   } else {
-    load_row(q, qw, group * kDimF32);
+    load_row(q, qw, group * kDim);
     qf = qw;
   }
   for (int64_t l = 0; l < std::min<int64_t>(kAheadF32, len); ++l) prefetch_row(row(k_pool, l));
@@ -278,10 +362,10 @@ inline void attend_head_f32(const TQ* q, const T* k_pool, const T* v_pool, const
       prefetch_row(row(k_pool, j));
     }
     for (int64_t g = 0; g < group; ++g) {
-      const float* qg = qf + g * kDimF32;
+      const float* qg = qf + g * kDim;
       __m256 acc[8];
       for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-      for (int64_t c = 0; c < kDimF32; c += 8) {
+      for (int64_t c = 0; c < kDim; c += 8) {
         const __m256 qc = _mm256_loadu_ps(qg + c);
         for (int j = 0; j < 8; ++j)
           acc[j] = _mm256_fmadd_ps(qc, load8(rows[j] + c), acc[j]);
@@ -303,9 +387,9 @@ inline void attend_head_f32(const TQ* q, const T* k_pool, const T* v_pool, const
   for (int64_t l = 0; l < std::min<int64_t>(kAheadF32, len); ++l) prefetch_row(row(v_pool, l));
   for (int64_t g0 = 0; g0 < group; g0 += 3) {
     const float* p = scores + g0 * len;
-    const T* v = v_pool + hk * kDimF32;
-    const int64_t stride = kv_heads * kDimF32;
-    float* o = out + g0 * kDimF32;
+    const T* v = v_pool + hk * kDim;
+    const int64_t stride = kv_heads * kDim;
+    float* o = out + g0 * kDim;
     switch (std::min<int64_t>(3, group - g0)) {
       case 3: weigh_values<3>(p, len, v, stride, slots, g0 == 0, o); break;
       case 2: weigh_values<2>(p, len, v, stride, slots, g0 == 0, o); break;
@@ -333,8 +417,17 @@ void attend(const TQ* q, const T* k_pool, const T* v_pool, const int64_t* slots,
     }
   }
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
-  if (dim == kDimF32) {  // qf holds the task's query heads, so one kv head's fit
+#if defined(__AVX512F__)
+  if (dim == kDim) {
+    for (int64_t hk = h0; hk < h1; ++hk) {
+      const int64_t first = (hk - h0) * group;  // this kv head's query heads within the task
+      attend_head_x16(q + hk * group * dim, k_pool, v_pool, slots, len, kv_heads, hk, group,
+                      scale, scores, out + first * dim, lse != nullptr ? lse + first : nullptr);
+    }
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  if (dim == kDim) {  // qf holds the task's query heads, so one kv head's fit
     for (int64_t hk = h0; hk < h1; ++hk) {
       const int64_t first = (hk - h0) * group;  // this kv head's query heads within the task
       attend_head_f32(q + hk * group * dim, k_pool, v_pool, slots, len, kv_heads, hk, group,
@@ -450,7 +543,7 @@ void extend_scores_bf16(const PairRow* qT, int64_t R, int64_t r0, const at::BFlo
                         float* sT) {
   constexpr int KB = RG <= 3 ? 8 : 4;  // keys per block: RG x KB accumulators, 24 at most
   auto key_row = [&](int64_t l) { return k_pool + (slots[l] * kv_heads + hk) * kDim; };
-  for (int64_t l = 0; l < std::min(kAhead, n_keys); ++l) prefetch_bf16_row(key_row(l));
+  for (int64_t l = 0; l < std::min(kAhead, n_keys); ++l) prefetch_row(key_row(l));
   for (int64_t l0 = 0; l0 < n_keys; l0 += KB) {
     const int64_t n = std::min<int64_t>(KB, n_keys - l0);
     const PairRow* kr[KB];
@@ -458,7 +551,7 @@ void extend_scores_bf16(const PairRow* qT, int64_t R, int64_t r0, const at::BFlo
       kr[j] = reinterpret_cast<const PairRow*>(key_row(l0 + std::min<int64_t>(j, n - 1)));
     }
     for (int64_t l = l0 + kAhead; l < std::min(l0 + kAhead + KB, n_keys); ++l) {
-      prefetch_bf16_row(key_row(l));
+      prefetch_row(key_row(l));
     }
     __m512 acc[RG][KB];
     for (int rg = 0; rg < RG; ++rg)
@@ -583,9 +676,9 @@ void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat
   vf.resize(n_keys * kDim);
   const int64_t stride = kv_heads * kDim;
   const at::BFloat16* v = v_pool + hk * kDim;
-  for (int64_t l = 0; l < std::min(kAhead, n_keys); ++l) prefetch_bf16_row(v + slots[l] * stride);
+  for (int64_t l = 0; l < std::min(kAhead, n_keys); ++l) prefetch_row(v + slots[l] * stride);
   for (int64_t l = 0; l < n_keys; ++l) {
-    if (l + kAhead < n_keys) prefetch_bf16_row(v + slots[l + kAhead] * stride);
+    if (l + kAhead < n_keys) prefetch_row(v + slots[l + kAhead] * stride);
     load_row(v + slots[l] * stride, vf.data() + l * kDim, kDim);
   }
   oT.resize(kDim * R);
@@ -851,8 +944,9 @@ void run_shared(const torch::Tensor& q, const torch::Tensor& k_pool, const torch
 }
 
 // Calls fn(TQ(), T()) for queries q and pools `pool` of the supported dtypes: both float32, both
-// bfloat16, or float32 queries over bfloat16 pools (a float32 model's --kv-cache-dtype
-// bfloat16: each key and value is widened to float32 as it is read, which is exact).
+// bfloat16, float32 queries over bfloat16 pools (a float32 model's --kv-cache-dtype bfloat16), or
+// float32 or bfloat16 queries over float8 e5m2 pools (--kv-cache-dtype fp8_e5m2); each narrower
+// key and value is widened to float32 as it is read, which is exact.
 template <typename Fn>
 void dispatch_dtypes(const torch::Tensor& q, const torch::Tensor& pool, const Fn& fn) {
   const auto qt = q.scalar_type(), kt = pool.scalar_type();
@@ -860,9 +954,14 @@ void dispatch_dtypes(const torch::Tensor& q, const torch::Tensor& pool, const Fn
     fn(at::BFloat16(), at::BFloat16());
   } else if (qt == torch::kFloat32 && kt == torch::kBFloat16) {
     fn(float(), at::BFloat16());
+  } else if (qt == torch::kBFloat16 && kt == torch::kFloat8_e5m2) {
+    fn(at::BFloat16(), at::Float8_e5m2());
+  } else if (qt == torch::kFloat32 && kt == torch::kFloat8_e5m2) {
+    fn(float(), at::Float8_e5m2());
   } else {
     TORCH_CHECK(qt == torch::kFloat32 && kt == torch::kFloat32,
-                "queries and pools must be float32 or bfloat16, the queries not narrower");
+                "queries and pools must be float32 or bfloat16, or the pools float8_e5m2; the queries "
+                "not narrower");
     fn(float(), float());
   }
 }

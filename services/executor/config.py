@@ -19,7 +19,7 @@ QUANTIZATION_METHODS = ("none", "int8", "int4", "gguf")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # `--kv-cache-dtype` choices, SGLang's spelling (bf16 and bfloat16 are the same)
-KV_CACHE_DTYPES = ("auto", "bfloat16", "bf16")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "bf16", "fp8_e5m2")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -38,7 +38,9 @@ class ExecutorConfig(ServiceConfig):
         "auto",
         "KV cache dtype; auto = --dtype; bfloat16 (or bf16) under a float32 model halves the KV "
         "bytes per token (twice the tokens in the same memory, half the reads of a decode step's "
-        "attention), its keys and values rounded to bfloat16 as they are stored",
+        "attention), its keys and values rounded to bfloat16 as they are stored; fp8_e5m2 "
+        "(float32 or bfloat16 models) stores them as 8-bit floats (E5M2: 2 mantissa bits, "
+        "saturating at 57344), a quarter of float32's bytes and half of bfloat16's",
         KV_CACHE_DTYPES,
     )
     device: str = option("auto", "cpu or cuda; auto = cuda when available", DEVICES)

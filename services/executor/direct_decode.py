@@ -33,6 +33,7 @@ from torch import nn
 
 import kernels.cpu as cpu_kernels
 from kernels.cpu import fused
+from kernels.kv_cache_dtype import store_rows
 from services.executor.attention import AttentionBackend
 from services.executor.attention.torch_backend import KernelDecode, TorchAttention
 from services.executor.forward_batch import ForwardBatch
@@ -180,7 +181,6 @@ class DirectDecode:
         layers, lm_head = self._calls_for(rows)
         part: KernelDecode = batch.attn_metadata.decode  # type: ignore[union-attr]
         k_pools, v_pools, table = self.attn.pool.k, self.attn.pool.v, self.attn.table.table
-        kv_dtype = k_pools[0].dtype
         positions, loc = batch.positions, batch.out_cache_loc
         cos, sin = self.rope.cos, self.rope.sin
         heads, kv_heads, dim, v_start = (
@@ -199,8 +199,8 @@ class DirectDecode:
             qkv = calls.qkv(x)
             q, k = kernel.rope(qkv, positions, cos, sin, heads, kv_heads, dim)
             v = qkv[:, v_start:].view(-1, kv_heads, dim)
-            k_pools[i].index_copy_(0, loc, k.to(kv_dtype))  # no copy unless --kv-cache-dtype
-            v_pools[i].index_copy_(0, loc, v.to(kv_dtype))
+            store_rows(k_pools[i], loc, k)  # no conversion unless --kv-cache-dtype
+            store_rows(v_pools[i], loc, v)
             if i == 0:
                 cpu_kernels.check_decode_args(
                     q, k_pools[0], v_pools[0], table, part.rows, part.seq_lens

@@ -93,7 +93,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def pick_kv_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     """The KV pool's dtype for `--kv-cache-dtype name` under a model of `dtype`: auto keeps the
-    model's; bfloat16 (bf16) needs a float32 or bfloat16 model. Raises ValueError otherwise."""
+    model's; bfloat16 (bf16) and fp8_e5m2 need a float32 or bfloat16 model. Raises ValueError
+    otherwise."""
     if name == "auto":
         return dtype
     if dtype not in (torch.float32, torch.bfloat16):
@@ -102,7 +103,7 @@ def pick_kv_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
             f"{str(dtype).removeprefix('torch.')}); "
             "use --kv-cache-dtype auto"
         )
-    return torch.bfloat16
+    return torch.float8_e5m2 if name == "fp8_e5m2" else torch.bfloat16
 
 
 def setup_cpu_process(num_threads: int | None, ranks: int = 1) -> int:

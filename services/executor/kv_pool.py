@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.kv_cache_dtype import store_rows
+
 
 class KVPool:
     """Per layer a K and a V buffer of shape [num_slots + 1, num_kv_heads, head_dim]."""
@@ -30,8 +32,8 @@ class KVPool:
 
     def store(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # loc: [T]; k, v: [T, num_kv_heads, head_dim]
-        self.k[layer].index_copy_(0, loc, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(0, loc, v.to(self.v[layer].dtype))
+        store_rows(self.k[layer], loc, k)
+        store_rows(self.v[layer], loc, v)
 
     def zero_slot(self, slot: int) -> None:
         for k, v in zip(self.k, self.v, strict=True):

@@ -6,8 +6,10 @@ tokens for SmolLM2) is tokenized whole, without special tokens, and scored in wi
 prefill through the engine, with prompt logprobs, and scores only the tokens no earlier window
 scored, so every token after the first window is predicted from at least window - stride tokens
 before it. Perplexity = exp(mean negative log-likelihood) over every token but the first.
-With several `--quantization` modes the model is loaded once per mode and each line also gives
-the change relative to `none` (or to the first mode when `none` is not among them).
+With several `--quantization` modes the model is loaded once per mode, and each mode is scored
+over each `--kv-cache-dtypes` pool (the K/V of a window stored in that dtype and read back by its
+attention); each line also gives the change relative to `none` over the model's own KV dtype (or
+to the first line when that is not among them).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 from torch import nn
 
 from services.common.model_store import gguf_file, resolve_model_path
-from services.executor.config import DTYPES
+from services.executor.bench import kv_dtypes
+from services.executor.config import DTYPES, KV_CACHE_DTYPES
 from services.executor.engine import Engine, EngineLimits
 from services.executor.factory import pick_dtype, setup_cpu_process
 from services.executor.model_config import ModelConfig
@@ -49,6 +52,7 @@ class Window:
 class Result:
     quantization: str
     dtype: str
+    kv_cache_dtype: str
     perplexity: float
     tokens: int  # targets scored
     windows: int
@@ -93,11 +97,18 @@ def nll(engine: Engine, ids: list[int], spans: list[Window]) -> tuple[float, int
 
 
 def perplexity(
-    model: nn.Module, cfg: ModelConfig, ids: list[int], window: int, stride: int
+    model: nn.Module,
+    cfg: ModelConfig,
+    ids: list[int],
+    window: int,
+    stride: int,
+    kv_dtype: torch.dtype | None = None,
 ) -> tuple[float, int, int]:
-    """(perplexity, targets scored, windows) of `model` over the token ids `ids`."""
+    """(perplexity, targets scored, windows) of `model` over the token ids `ids`, its KV pool
+    in `kv_dtype` (None: the model's dtype)."""
     spans = windows(len(ids), window, stride)
-    engine = Engine(model, cfg, EngineLimits(window + 1, 1, window), torch.device("cpu"))
+    limits = EngineLimits(window + 1, 1, window, kv_dtype=kv_dtype)
+    engine = Engine(model, cfg, limits, torch.device("cpu"))
     total, count = nll(engine, ids, spans)
     return math.exp(total / count), count, len(spans)
 
@@ -122,17 +133,18 @@ def run(args: argparse.Namespace) -> list[Result]:
         f"windows of {args.window} every {args.stride}",
         flush=True,
     )
+    pools = kv_dtypes(args.kv_cache_dtypes, dtype)
     results = []
     for mode in args.quantization:
         gguf = gguf_file(args.model_path) if mode == "gguf" else None
         quant = Quantization(mode, args.quantization_group_size, gguf)
         model = load_model(path, cfg, args.window, dtype, torch.device("cpu"), quantization=quant)
-        started = time.perf_counter()
-        ppl, count, n_windows = perplexity(model, cfg, ids, args.window, args.stride)
-        seconds = time.perf_counter() - started
-        results.append(
-            Result(quant.label, str(dtype).removeprefix("torch."), ppl, count, n_windows, seconds)
-        )
+        for kv in pools:
+            started = time.perf_counter()
+            ppl, count, n_windows = perplexity(model, cfg, ids, args.window, args.stride, kv)
+            seconds = time.perf_counter() - started
+            names = (str(d).removeprefix("torch.") for d in (dtype, kv))
+            results.append(Result(quant.label, *names, ppl, count, n_windows, seconds))
         del model
     _relative(results)
     for r in results:
@@ -143,15 +155,17 @@ def run(args: argparse.Namespace) -> list[Result]:
 def _relative(results: list[Result]) -> None:
     if len(results) < 2:
         return
-    ref = next((r for r in results if r.quantization == "none"), results[0])
+    own = (r for r in results if r.quantization == "none" and r.kv_cache_dtype == r.dtype)
+    ref = next(own, results[0])
     for r in results:
         r.relative_change = r.perplexity / ref.perplexity - 1
 
 
 def _fmt(r: Result) -> str:
     change = "" if r.relative_change is None else f"  {r.relative_change * 100:+6.2f}% vs reference"
+    kv = "" if r.kv_cache_dtype == r.dtype else f" kv {r.kv_cache_dtype}"
     return (
-        f"perplexity {r.quantization:22s} {r.dtype:9s} {r.perplexity:9.4f}"
+        f"perplexity {r.quantization:22s} {r.dtype:9s}{kv} {r.perplexity:9.4f}"
         f"  ({r.tokens} tokens, {r.windows} windows, {r.seconds:.1f} s){change}"
     )
 
@@ -167,6 +181,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quantization-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="activation (and float) dtype")
+    p.add_argument(
+        "--kv-cache-dtypes",
+        nargs="+",
+        default=["auto"],
+        choices=KV_CACHE_DTYPES,
+        help="KV cache dtypes to score each mode over (see the executor's --kv-cache-dtype)",
+    )
     p.add_argument("--text", default=str(DEFAULT_TEXT), help="plain text file to score")
     p.add_argument("--window", type=int, default=512, help="tokens per window (the context)")
     p.add_argument("--stride", type=int, default=256, help="tokens between window starts")

@@ -70,9 +70,9 @@ def test_kv_cache_dtypes_are_timed_once_each_and_refused_where_the_model_cannot_
     capsys,
 ) -> None:
     assert parse().kv_cache_dtypes == ["auto"]
-    names = parse("--kv-cache-dtypes", "auto", "bf16", "bfloat16").kv_cache_dtypes
-    assert kv_dtypes(names, torch.float32) == [torch.float32, torch.bfloat16]
-    assert kv_dtypes(names, torch.bfloat16) == [torch.bfloat16]
+    names = parse("--kv-cache-dtypes", "auto", "bf16", "bfloat16", "fp8_e5m2").kv_cache_dtypes
+    assert kv_dtypes(names, torch.float32) == [torch.float32, torch.bfloat16, torch.float8_e5m2]
+    assert kv_dtypes(names, torch.bfloat16) == [torch.bfloat16, torch.float8_e5m2]
     with pytest.raises(SystemExit, match="needs a float32 or bfloat16 model"):
         kv_dtypes(["bf16"], torch.float16)
     with pytest.raises(SystemExit):
@@ -80,7 +80,7 @@ def test_kv_cache_dtypes_are_timed_once_each_and_refused_where_the_model_cannot_
     assert "invalid choice: 'fp8_e4m3'" in capsys.readouterr().err
 
 
-def test_a_bfloat16_kv_cache_is_timed_over_a_bfloat16_pool(monkeypatch) -> None:
+def test_a_narrow_kv_cache_is_timed_over_a_pool_of_its_dtype(monkeypatch) -> None:
     hf = hf_model("llama")
     cfg = ModelConfig.from_dict(hf.config.to_dict())
     model = build_model(cfg, 128, torch.float32, torch.device("cpu"))
@@ -97,7 +97,8 @@ def test_a_bfloat16_kv_cache_is_timed_over_a_bfloat16_pool(monkeypatch) -> None:
     assert bench_decode(model, cfg, 3, 40, 2, kv_dtype=torch.bfloat16) > 0
     assert bench_prefill(model, cfg, 2, 24, kv_dtype=torch.bfloat16) > 0
     assert bench_decode(model, cfg, 3, 40, 2) > 0
-    assert pools == [torch.bfloat16, torch.bfloat16, torch.float32]
+    assert bench_decode(model, cfg, 3, 40, 2, kv_dtype=torch.float8_e5m2) > 0
+    assert pools == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float8_e5m2]
 
 
 def test_cases_follow_the_flags() -> None:

@@ -121,14 +121,17 @@ def test_direct_decode_logits_equal_the_modules(
     assert runs == [batch] * 3
 
 
+@pytest.mark.parametrize("kv", [torch.bfloat16, torch.float8_e5m2], ids=str)
 @pytest.mark.parametrize("variant", ["llama", "gqa3-hd64"])
 @pytest.mark.parametrize("batch", [1, 9, 17])
-def test_bfloat16_kv_cache_direct_decode_equals_the_modules(variant: str, batch: int) -> None:
-    """A float32 model over a bfloat16 KV pool (--kv-cache-dtype bfloat16): the direct loop
-    stores K/V rounded and runs the mixed-dtype kernel, with the module path's logits."""
-    kv = torch.bfloat16
+def test_narrow_kv_cache_direct_decode_equals_the_modules(
+    variant: str, batch: int, kv: torch.dtype
+) -> None:
+    """A float32 model over a bfloat16 or float8 KV pool (--kv-cache-dtype bfloat16, fp8_e5m2):
+    the direct loop stores K/V rounded and runs the mixed-dtype kernel, with the module path's
+    logits."""
     direct, modules = engine(variant, "none", kv_dtype=kv), engine(variant, "none", kv_dtype=kv)
-    assert direct.pool.k[0].dtype == torch.bfloat16 and direct.direct_decode is not None
+    assert direct.pool.k[0].dtype == kv and direct.direct_decode is not None
     modules.direct_decode = None
     runs = count_direct(direct)
     first, lens = prefill(batch, seed=batch)

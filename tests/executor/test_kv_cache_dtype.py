@@ -1,6 +1,6 @@
-"""`--kv-cache-dtype bfloat16` under a float32 model: the pool holds bfloat16 K/V (half the bytes,
-twice the slots in the same memory), every attention path reads it, and the logits stay those of
-the float32 cache to bfloat16 rounding of K and V."""
+"""`--kv-cache-dtype bfloat16` under a float32 model and `fp8_e5m2` under either: the pool holds
+narrower K/V (half or a quarter of the bytes, more slots in the same memory), every attention path
+reads it, and the logits stay those of the model's own cache to the rounding of K and V."""
 
 from __future__ import annotations
 
@@ -31,13 +31,17 @@ def test_pick_kv_dtype() -> None:
     for name in ("bfloat16", "bf16"):
         assert pick_kv_dtype(name, torch.float32) == torch.bfloat16
         assert pick_kv_dtype(name, torch.bfloat16) == torch.bfloat16
+        assert pick_kv_dtype("fp8_e5m2", torch.float32) == torch.float8_e5m2
+        assert pick_kv_dtype("fp8_e5m2", torch.bfloat16) == torch.float8_e5m2
     with pytest.raises(ValueError, match="--kv-cache-dtype bf16 needs a float32 or bfloat16"):
         pick_kv_dtype("bf16", torch.float16)
+    with pytest.raises(ValueError, match="--kv-cache-dtype fp8_e5m2 needs a float32 or"):
+        pick_kv_dtype("fp8_e5m2", torch.float16)
 
 
 def test_flag_and_pool_sizing(monkeypatch: pytest.MonkeyPatch) -> None:
     """The flag parses in SGLang's spellings, rejects others, and a bfloat16 cache fits twice
-    the tokens of a float32 one in the same --mem-fraction-static."""
+    the tokens of a float32 one in the same --mem-fraction-static, a float8 one four times."""
     parser = argparse.ArgumentParser()
     add_arguments(parser, ExecutorConfig)
 
@@ -45,15 +49,19 @@ def test_flag_and_pool_sizing(monkeypatch: pytest.MonkeyPatch) -> None:
         return from_args(ExecutorConfig, parser.parse_args(argv))
 
     assert parse("--kv-cache-dtype", "bf16").kv_cache_dtype == "bf16"
+    assert parse("--kv-cache-dtype", "fp8_e5m2").kv_cache_dtype == "fp8_e5m2"
     assert parse().kv_cache_dtype == "auto"
     with pytest.raises(SystemExit):  # argparse names the flag and its choices
-        parse("--kv-cache-dtype", "fp8_e5m2")
+        parse("--kv-cache-dtype", "fp8_e4m3")
     cfg = ModelConfig.from_dict(hf_model("gqa3-hd64").config.to_dict())
     monkeypatch.setattr("services.executor.factory.available_memory", lambda device: 1 << 30)
     exe = ExecutorConfig(max_running_requests=10_000)
     cpu = torch.device("cpu")
-    f32, bf16 = (size_kv_pool(exe, cfg, d, cpu, 4096) for d in (torch.float32, torch.bfloat16))
-    assert bf16 - 2 * f32 in (0, 1)  # budget // bytes per token
+    f32, bf16, fp8 = (
+        size_kv_pool(exe, cfg, d, cpu, 4096)
+        for d in (torch.float32, torch.bfloat16, torch.float8_e5m2)
+    )
+    assert bf16 - 2 * f32 in (0, 1) and fp8 - 4 * f32 in (0, 1, 2, 3)  # budget // bytes per token
     per_token = KVPool.bytes_per_token(
         cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16
     )
@@ -101,34 +109,48 @@ def logits(engine, spans: bool = False) -> torch.Tensor:
     return torch.cat([engine.logits(s) for s in steps(spans)])
 
 
+# (model dtype, KV cache dtype, bound on the largest logit change relative to the largest logit):
+# K and V rounded to 8 significant bits move the logits by a few parts in a thousand (measured:
+# up to 1e-3), to 3 bits by a few parts in a hundred (up to 2.6e-2)
+NARROW_CACHES = [
+    (torch.float32, torch.bfloat16, 2e-2),
+    (torch.float32, torch.float8_e5m2, 8e-2),
+    (torch.bfloat16, torch.float8_e5m2, 8e-2),
+]
+
+
+@pytest.mark.parametrize(("dtype", "kv_dtype", "bound"), NARROW_CACHES, ids=str)
 @pytest.mark.parametrize("variant", ["llama", "gqa3-hd64"])
-def test_logits_stay_close_to_the_float32_cache(variant: str) -> None:
+def test_logits_stay_close_to_the_models_own_cache(
+    variant: str, dtype: torch.dtype, kv_dtype: torch.dtype, bound: float
+) -> None:
     hf = hf_model(variant)
-    full, half = engine_for(hf), engine_for(hf, kv_dtype=torch.bfloat16)
-    assert full.pool.k[0].dtype == torch.float32 and half.pool.k[0].dtype == torch.bfloat16
-    a, b = logits(full), logits(half)
+    full, narrow = engine_for(hf, dtype=dtype), engine_for(hf, dtype=dtype, kv_dtype=kv_dtype)
+    assert full.pool.k[0].dtype == dtype and narrow.pool.k[0].dtype == kv_dtype
+    a, b = logits(full), logits(narrow)
     assert a.shape == b.shape and torch.isfinite(b).all()
-    # K and V rounded to 8 significant bits move the logits by a few parts in a thousand
     scale = a.abs().max().item()
     diff = (a - b).abs().max().item()
-    assert 0 < diff < 2e-2 * scale, (diff, scale)
+    assert 0 < diff < bound * scale, (diff, scale)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 @KERNELS
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e5m2], ids=str)
 @pytest.mark.parametrize("spans", [False, True])
 @pytest.mark.parametrize("extend", ["kernel", "sdpa"])
 def test_kernels_give_the_pytorch_paths_logits(
-    spans: bool, extend: str, monkeypatch: pytest.MonkeyPatch
+    spans: bool, extend: str, kv_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a bfloat16 pool under float32 queries: the C++ decode, extend and shared-prefix
-    kernels (or SDPA for extends) against the PyTorch paths over the same bfloat16 K/V."""
+    """With a narrower pool under float32 queries: the C++ decode, extend and shared-prefix
+    kernels (or SDPA for extends) against the PyTorch paths over the same stored K/V."""
     monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", extend)
     monkeypatch.setenv("RADIXSERVE_CPU_SHARED_PREFIX", "always")
     hf = hf_model("gqa3-hd64")
-    kernel = engine_for(hf, kv_dtype=torch.bfloat16)
+    kernel = engine_for(hf, kv_dtype=kv_dtype)
     assert kernel.attn.use_cpu_kernel
     assert kernel.attn.use_cpu_extend_kernel == (extend == "kernel")
-    reference = engine_for(hf, kv_dtype=torch.bfloat16)
+    reference = engine_for(hf, kv_dtype=kv_dtype)
     reference.attn.use_cpu_kernel = reference.attn.use_cpu_extend_kernel = False
     reference.direct_decode = None
     a, b = logits(kernel, spans), logits(reference, spans)

@@ -173,16 +173,21 @@ def test_unknown_model_path_exits_with_a_clear_error(tmp_path: Path) -> None:
     assert "nope.gguf" in proc.output() and "Traceback" not in proc.output()
 
 
-def test_bfloat16_kv_cache_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """`--kv-cache-dtype bf16` under a float32 model: Info reports the cache's dtype and half the
-    bytes per token, and the process generates what an in-process engine with a bfloat16 pool
-    does; under a float16 model the flag stops the process with a clear error."""
+@pytest.mark.parametrize(
+    ("flag", "kv_dtype"), [("bf16", torch.bfloat16), ("fp8_e5m2", torch.float8_e5m2)]
+)
+def test_narrow_kv_cache_flag(
+    tiny_model_dir: Path, tmp_path: Path, flag: str, kv_dtype: torch.dtype
+) -> None:
+    """`--kv-cache-dtype bf16` or `fp8_e5m2` under a float32 model: Info reports the cache's dtype
+    and its bytes per token, and the process generates what an in-process engine with a pool of
+    that dtype does; under a float16 model the flag stops the process with a clear error."""
     port = free_port()
     args = ["executor", "--model-path", str(tiny_model_dir), "--port", str(port)]
-    args += ["--metrics-port", "0", "--dtype", "float32", "--kv-cache-dtype", "bf16"]
+    args += ["--metrics-port", "0", "--dtype", "float32", "--kv-cache-dtype", flag]
     args += ["--max-total-tokens", "1024", "--max-running-requests", "4", "--context-length", "64"]
     prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 3, 3, 3]]
-    engine = engine_for(hf_model("llama"), kv_dtype=torch.bfloat16)
+    engine = engine_for(hf_model("llama"), kv_dtype=kv_dtype)
     reference = [j.output for j in Driver(engine).generate(prompts, 6)]
     steps = [
         StepInput(
@@ -195,15 +200,15 @@ def test_bfloat16_kv_cache_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
     for i in range(1, 6):
         decode = [Slice(r, len(p) + i - 1, [], True) for r, p in enumerate(prompts)]
         steps.append(StepInput(1 + i, slices=decode))
-    with ServiceProcess(args, tmp_path / "bf16.log") as proc:
+    with ServiceProcess(args, tmp_path / "narrow.log") as proc:
         proc.wait_grpc_serving(port)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.ExecutorStub(channel)
             info = stub.Info(pb.InfoRequest())
             results = run_all(stub, steps)
-    assert (info.dtype, info.kv_cache_dtype) == ("float32", "bfloat16")
-    # 2 layers x (K + V) x 2 KV heads x head dim 16 x 2 bytes
-    assert info.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2
+    assert (info.dtype, info.kv_cache_dtype) == ("float32", str(kv_dtype).removeprefix("torch."))
+    # 2 layers x (K + V) x 2 KV heads x head dim 16 x 2 bytes (bfloat16) or 1 (float8)
+    assert info.kv_bytes_per_token == 2 * 2 * 2 * 16 * kv_dtype.itemsize
     got: dict[int, list[int]] = {0: [], 1: []}
     for res in results:
         assert not res.HasField("error"), res.error.message
@@ -216,7 +221,7 @@ def test_bfloat16_kv_cache_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert proc.proc is not None
         code = proc.proc.wait(60)
     assert code == 2 and "Traceback" not in proc.output()
-    assert "--kv-cache-dtype bf16 needs a float32 or bfloat16 model (--dtype is float16)" in (
+    assert f"--kv-cache-dtype {flag} needs a float32 or bfloat16 model (--dtype is float16)" in (
         proc.output()
     )
 

@@ -11,11 +11,15 @@ from kernels.extend_attention import extend_attention, extend_attention_ref
 # bf16: the kernel rounds the softmax weights to bf16 before P·V (as tensor cores need), and the
 # interpreter truncates float32 -> bf16 where a GPU rounds to nearest, so allow a few bf16 ulps.
 TOLERANCES = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
-# (q dtype, K/V buffer dtype): one dtype, or a float32 model over a bfloat16 KV cache
+# (q dtype, K/V buffer dtype): one dtype, a float32 model over a bfloat16 KV cache, or either
+# over a float8 one; the tolerance is that of the dtype P is rounded to (the values' dtype, the
+# queries' over float8 values)
 DTYPE_PAIRS = [
     (torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16),
     (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float8_e5m2),
+    (torch.bfloat16, torch.float8_e5m2),
 ]
 
 CASES = [
@@ -72,7 +76,11 @@ def test_matches_reference(
     out = extend_attention(*args, sm_scale)
 
     assert out.shape == q.shape and out.dtype == dtype
-    torch.testing.assert_close(out, extend_attention_ref(*args, sm_scale), **TOLERANCES[kv_dtype])
+    torch.testing.assert_close(
+        out,
+        extend_attention_ref(*args, sm_scale),
+        **TOLERANCES[dtype if kv_dtype == torch.float8_e5m2 else kv_dtype],
+    )
 
 
 def test_one_new_token_matches_decode(make_kv_pool, device):

@@ -46,6 +46,27 @@ def test_narrower_buffers_get_the_values_rounded(device):
     assert (buffers[:, untouched] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_float8_buffers_get_torch_rounding_saturated(device, dtype):
+    """K/V into float8 e5m2 buffers (--kv-cache-dtype fp8_e5m2): each stored byte is torch's own
+    rounding of the value (to nearest even), values past the largest finite one (57,344)
+    saturate to it instead of becoming infinite, and slots not written stay as they were."""
+    gen = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(6, 2, 64, generator=gen).mul(4).to(dtype).to(device) for _ in range(2))
+    k[0, 0, :3] = torch.tensor([1e5, -7e4, 60000.0])
+    loc = torch.tensor([9, 2, 4, 11, 1, 7], device=device)
+    buffers = torch.zeros(2, 12, 2, 64, dtype=torch.float8_e5m2, device=device)
+    expected = buffers.clone()
+    store_kv(k, v, buffers[0], buffers[1], loc)
+    store_kv_ref(k, v, expected[0], expected[1], loc)
+    assert torch.equal(buffers.view(torch.uint8), expected.view(torch.uint8))
+    assert buffers[0][9, 0, :3].float().tolist() == [57344.0, -57344.0, 57344.0]
+    assert torch.equal(buffers[1][loc].float(), v.float().to(torch.float8_e5m2).float())
+    untouched = torch.ones(12, dtype=torch.bool, device=device)
+    untouched[loc] = False
+    assert (buffers[:, untouched].float() == 0).all()
+
+
 def _valid_inputs(device: str) -> dict:
     return dict(
         k=torch.randn(3, 2, 64, device=device),

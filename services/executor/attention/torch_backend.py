@@ -148,7 +148,7 @@ class TorchAttention(AttentionBackend):
         pool = self.pool.k[0] if self.pool.k else None
         if pool is None or pool.device.type != "cpu" or self.sliding_window:
             return False
-        if pool.dtype not in (torch.float32, torch.bfloat16):
+        if pool.dtype not in {kv for _, kv in cpu_kernels.KERNEL_DTYPES}:
             return False
         if disabled_by_env():
             return False
