@@ -5,16 +5,16 @@
 // row is read as one contiguous run) or, when there are too few requests to keep every thread
 // busy, one (request, kv head) pair. The G query heads that share a kv head are computed together,
 // so each K/V row is read once. At head dim 64 the inner loops are vector code: AVX-512 BF16 pair
-// dot products for bfloat16 queries over bfloat16 pools (attend_head_bf16), AVX-512 float32 for
-// every other pair of dtypes (attend_head_x16), AVX2 + FMA float32 on CPUs without AVX-512
+// dot products for bfloat16 queries over bfloat16 or float8 pools (attend_head_bf16), AVX-512
+// float32 for float32 queries (attend_head_x16), AVX2 + FMA float32 on CPUs without AVX-512
 // (attend_head_f32).
 //
 // Queries and pools share a dtype, float32 queries read bfloat16 pools (--kv-cache-dtype
 // bfloat16 under a float32 model), or float32 or bfloat16 queries read float8 e5m2 pools
 // (--kv-cache-dtype fp8_e5m2; dispatch_dtypes): every kernel is a template over the query type TQ
 // and the pool type T, and widens narrower keys and values to float32 as it loads them (exact).
-// The AVX-512 BF16 pair dot products need bfloat16 on both sides, so other pools take the
-// float32 paths.
+// The AVX-512 BF16 pair dot products need bfloat16 on both sides: float8 keys are converted to
+// bfloat16 for them (exact too), float32 queries take the float32 paths.
 //
 // Extend (a request's new tokens after its cached prefix, causal): a task is one (request, kv head,
 // block of up to 16 new tokens). Its G x 16 query rows are multiplied against blocks of 16 keys
@@ -91,11 +91,11 @@ inline void prefetch_row(const T* p) {
 #endif
 
 #if defined(__AVX512F__)
-// Decode attention with AVX-512. attend_head_bf16 (bfloat16 queries over bfloat16 pools, on CPUs
-// with AVX-512 BF16) computes q . k as bf16 pair dot products; attend_head_x16 (every other pair
-// of dtypes) in float32, 16 lanes, each key widened once per block of 16 keys. Both reduce 16
-// keys' vector sums together and then compute p . v in float32 with the output rows held in
-// registers. head_dim must be 64.
+// Decode attention with AVX-512. attend_head_bf16 (bfloat16 queries over bfloat16 or float8
+// pools, on CPUs with AVX-512 BF16) computes q . k as bf16 pair dot products; attend_head_x16
+// (float32 queries, and bfloat16 ones elsewhere) in float32, 16 lanes, each key widened once per
+// block of 16 keys. Both reduce 16 keys' vector sums together and then compute p . v in float32
+// with the output rows held in registers. head_dim must be 64.
 
 // r[j] = sum of the 16 lanes of a[j], for j < 16 (a transposing reduction: 45 vector ops).
 inline __m512 reduce16(const __m512* a) {
@@ -134,6 +134,62 @@ inline __m512 widen16(const at::Float8_e5m2* p) {
 // pools, batch 16 at context 1,000, slots scattered: 65 ms with no prefetch, 40 ms 16 keys ahead
 // into L1, 21 ms 16 ahead into L2, 15-18 ms 32 ahead, no better at 48 or 64.
 constexpr int64_t kAhead = 32;
+
+#if defined(__AVX512BW__)
+// 32 float8 e5m2 values → 32 bfloat16 ones, exactly (every float8 value is a bfloat16 one): a
+// normal value keeps its sign, mantissa and unbiased exponent (the exponent field + 112, the
+// difference of the two biases); zero and the subnormals m x 2^-16 (exponent field 0) come from a
+// table of four; infinities and NaNs keep their mantissa under bfloat16's all-ones exponent.
+inline __m512i fp8_to_bf16(const at::Float8_e5m2* p) {
+  alignas(64) static const uint16_t kSubnormal[32] = {0, 0x3780, 0x3800, 0x3840};
+  const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi16(0x7f));
+  const __m512i exponent = _mm512_and_si512(b, _mm512_set1_epi16(0x7c));
+  __m512i out = _mm512_add_epi16(_mm512_slli_epi16(mag, 5), _mm512_set1_epi16(0x3800));
+  out = _mm512_mask_permutexvar_epi16(out, _mm512_testn_epi16_mask(exponent, exponent), mag,
+                                      _mm512_load_si512(kSubnormal));
+  const __mmask32 special = _mm512_cmpeq_epi16_mask(exponent, _mm512_set1_epi16(0x7c));
+  const __m512i mantissa = _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(3)), 5);
+  out = _mm512_mask_mov_epi16(out, special, _mm512_or_si512(mantissa, _mm512_set1_epi16(0x7f80)));
+  const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x80)), 8);
+  return _mm512_or_si512(out, sign);
+}
+#endif
+
+// Key rows in the dtype a kernel computes with: float32 (widened, exact) or bfloat16 (from
+// float8, exact).
+template <typename T>
+inline void convert_row(const T* src, float* dst) {
+  for (int c = 0; c < 4; ++c) _mm512_storeu_ps(dst + 16 * c, widen16(src + 16 * c));
+}
+#if defined(__AVX512BW__)
+inline void convert_row(const at::Float8_e5m2* src, at::BFloat16* dst) {
+  _mm512_storeu_si512(dst, fp8_to_bf16(src));
+  _mm512_storeu_si512(dst + 32, fp8_to_bf16(src + 32));
+}
+#endif
+
+// rows[0 .. 16) ← keys l0 .. l0 + 15 (< len; past it the last one is repeated) as values of Out:
+// the pool's own rows where it holds Out, else rows of `scratch` ([16, 64]) converted from them;
+// the keys kAhead further on are fetched into L2.
+template <typename Out, typename T, typename KeyRow>
+inline void key_block(const KeyRow& key_row, int64_t l0, int64_t len, Out* scratch,
+                      const Out** rows) {
+  const int64_t n = std::min<int64_t>(16, len - l0);
+  for (int64_t j = l0 + kAhead; j < std::min(l0 + kAhead + 16, len); ++j) {
+    prefetch_row(key_row(j));
+  }
+  for (int64_t j = 0; j < 16; ++j) {
+    if (j >= n) {
+      rows[j] = rows[n - 1];  // lanes past n: their scores are not stored
+    } else if constexpr (std::is_same_v<T, Out>) {
+      rows[j] = key_row(l0 + j);
+    } else {
+      convert_row(key_row(l0 + j), scratch + j * kDim);
+      rows[j] = scratch + j * kDim;
+    }
+  }
+}
 
 // out[g][0 .. 64) = sum over l of p[g * len + l] * v[slots[l] * stride + 0 .. 64), for g < G, in
 // float32: the output rows are held in registers (G x 4 vectors); G is a template argument so
@@ -197,21 +253,8 @@ inline void attend_head_x16(const TQ* q, const T* k_pool, const T* v_pool, const
   for (int64_t l = 0; l < std::min(kAhead, len); ++l) prefetch_row(key_row(l));
   for (int64_t l0 = 0; l0 < len; l0 += 16) {
     const int64_t n = std::min<int64_t>(16, len - l0);
-    for (int64_t j = l0 + kAhead; j < std::min(l0 + kAhead + 16, len); ++j) {
-      prefetch_row(key_row(j));
-    }
     const float* rows[16];
-    for (int64_t j = 0; j < 16; ++j) {
-      if (j >= n) {
-        rows[j] = rows[n - 1];  // lanes past n repeat the last key; their scores are not stored
-      } else if constexpr (std::is_same_v<T, float>) {
-        rows[j] = key_row(l0 + j);
-      } else {
-        const T* r = key_row(l0 + j);
-        for (int c = 0; c < 4; ++c) _mm512_store_ps(kf + j * kDim + 16 * c, widen16(r + 16 * c));
-        rows[j] = kf + j * kDim;
-      }
-    }
+    key_block<float, T>(key_row, l0, len, kf, rows);
     for (int64_t g = 0; g < group; ++g) {
       const TQ* qg = q + g * kDim;
       const __m512 q0 = widen16(qg), q1 = widen16(qg + 16), q2 = widen16(qg + 32),
@@ -234,16 +277,18 @@ inline void attend_head_x16(const TQ* q, const T* k_pool, const T* v_pool, const
 #endif
 
 #if defined(__AVX512BF16__)
-// Decode attention of one request's G query heads over one kv head's bfloat16 keys, with
-// AVX-512 BF16: q . k as bf16 pair dot products into float32 (the products of two bf16 values are
-// exact in float32, as when both are widened first), 16 keys at a time.
+// Decode attention of one request's G query heads over one kv head's bfloat16 or float8 keys,
+// with AVX-512 BF16: q . k as bf16 pair dot products into float32 (the products of two bf16
+// values are exact in float32, as when both are widened first), 16 keys at a time. Float8 keys
+// are converted to bfloat16 (exactly, fp8_to_bf16) a block of 16 at a time into a 2 KB scratch.
 //
 // q: [group, 64] of this kv head; pools [slots, kv_heads, 64]; keys slots[0 .. len); scores:
 // [group, len] scratch; out: [group, 64] float32; lse: [group] or null. group <= 8.
-inline void attend_head_bf16(const at::BFloat16* q, const at::BFloat16* k_pool,
-                             const at::BFloat16* v_pool, const int64_t* slots, int64_t len,
-                             int64_t kv_heads, int64_t hk, int64_t group, float scale,
-                             float* scores, float* out, float* lse) {
+template <typename T>
+inline void attend_head_bf16(const at::BFloat16* q, const T* k_pool, const T* v_pool,
+                             const int64_t* slots, int64_t len, int64_t kv_heads, int64_t hk,
+                             int64_t group, float scale, float* scores, float* out, float* lse) {
+  alignas(64) at::BFloat16 kb[16 * kDim];
   __m512bh qv[8][2];
   for (int64_t g = 0; g < group; ++g) {
     qv[g][0] = (__m512bh)_mm512_loadu_si512(q + g * kDim);
@@ -255,10 +300,7 @@ inline void attend_head_bf16(const at::BFloat16* q, const at::BFloat16* k_pool,
   for (int64_t l0 = 0; l0 < len; l0 += 16) {
     const int64_t n = std::min<int64_t>(16, len - l0);
     const at::BFloat16* rows[16];
-    for (int64_t j = 0; j < 16; ++j) rows[j] = key_row(l0 + std::min(j, n - 1));
-    for (int64_t j = l0 + kAhead; j < std::min(l0 + kAhead + 16, len); ++j) {
-      prefetch_row(key_row(j));
-    }
+    key_block<at::BFloat16, T>(key_row, l0, len, kb, rows);
     for (int64_t g = 0; g < group; ++g) {
       __m512 acc[16];
       for (int64_t j = 0; j < 16; ++j) {
@@ -405,7 +447,7 @@ void attend(const TQ* q, const T* k_pool, const T* v_pool, const int64_t* slots,
             int64_t h0, int64_t h1, int64_t kv_heads, int64_t group, int64_t dim, float scale,
             float* qf, float* row, float* scores, float* out, float* lse) {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<TQ, at::BFloat16> && std::is_same_v<T, at::BFloat16>) {
+  if constexpr (std::is_same_v<TQ, at::BFloat16> && !std::is_same_v<T, float>) {
     if (dim == kDim && group <= 8) {
       for (int64_t hk = h0; hk < h1; ++hk) {
         const int64_t first = (hk - h0) * group;  // this kv head's query heads within the task
@@ -536,13 +578,12 @@ inline void store_scores(float* dst, vfloat v, int64_t n) {
 // it is not done.
 using PairRow = uint32_t;  // two bfloat16 values, the first in the low half
 
-// Rows r0 .. r0 + 16 * RG of sT[l * R + r] = q_r . k_l for the keys l < n_keys of kv head hk.
-template <int RG>
-void extend_scores_bf16(const PairRow* qT, int64_t R, int64_t r0, const at::BFloat16* k_pool,
-                        const int64_t* slots, int64_t n_keys, int64_t kv_heads, int64_t hk,
-                        float* sT) {
+// Rows r0 .. r0 + 16 * RG of sT[l * R + r] = q_r . k_l for the keys l < n_keys, key_row(l)
+// being key l's 64 bfloat16 values.
+template <int RG, typename KeyRow>
+void extend_scores_bf16(const PairRow* qT, int64_t R, int64_t r0, const KeyRow& key_row,
+                        int64_t n_keys, float* sT) {
   constexpr int KB = RG <= 3 ? 8 : 4;  // keys per block: RG x KB accumulators, 24 at most
-  auto key_row = [&](int64_t l) { return k_pool + (slots[l] * kv_heads + hk) * kDim; };
   for (int64_t l = 0; l < std::min(kAhead, n_keys); ++l) prefetch_row(key_row(l));
   for (int64_t l0 = 0; l0 < n_keys; l0 += KB) {
     const int64_t n = std::min<int64_t>(KB, n_keys - l0);
@@ -613,17 +654,35 @@ void for_row_chunks(int64_t R, const Fn& fn) {
   }
 }
 
-// extend_block (below) for bfloat16 pools at head dim 64.
-void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* k_pool,
-                       const at::BFloat16* v_pool, const int64_t* slots, int64_t prefix,
-                       bool causal, int64_t i0, int64_t nq, int64_t hk, int64_t kv_heads,
-                       int64_t group, float scale, float* out, int64_t out_stride, float* lse,
-                       int64_t lse_stride) {
+// extend_block (below) for bfloat16 queries over bfloat16 or float8 pools at head dim 64. Float8
+// keys are converted to bfloat16 first (exactly, fp8_to_bf16), all the task's keys into one
+// scratch, as its values are widened to float32.
+template <typename T>
+void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const T* k_pool, const T* v_pool,
+                       const int64_t* slots, int64_t prefix, bool causal, int64_t i0, int64_t nq,
+                       int64_t hk, int64_t kv_heads, int64_t group, float scale, float* out,
+                       int64_t out_stride, float* lse, int64_t lse_stride) {
   const int64_t nr = nq * group, R = (nr + 15) / 16 * 16;
   const int64_t n_keys = causal ? prefix + i0 + nq : prefix;
   thread_local std::vector<PairRow> qT;
   thread_local std::vector<float> sT, oT, vf, mx, sum;
   thread_local std::vector<int64_t> visible;
+  thread_local std::vector<at::BFloat16> kb;
+  auto pool_key = [&](int64_t l) { return k_pool + (slots[l] * kv_heads + hk) * kDim; };
+  if constexpr (!std::is_same_v<T, at::BFloat16>) {
+    kb.resize(n_keys * kDim);
+    for (int64_t l = 0; l < n_keys; ++l) {
+      if (l + kAhead < n_keys) prefetch_row(pool_key(l + kAhead));
+      convert_row(pool_key(l), kb.data() + l * kDim);
+    }
+  }
+  auto key_row = [&](int64_t l) -> const at::BFloat16* {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      return pool_key(l);
+    } else {
+      return kb.data() + l * kDim;
+    }
+  };
   qT.assign(kDim / 2 * R, 0);
   for (int64_t r = 0; r < nr; ++r) {
     const PairRow* qr = reinterpret_cast<const PairRow*>(q + (i0 + r / group) * q_stride +
@@ -632,8 +691,7 @@ void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat
   }
   sT.resize(n_keys * R);
   for_row_chunks(R, [&](auto rg, int64_t r0) {  // chunks of up to 4 x 16 rows
-    extend_scores_bf16<decltype(rg)::value>(qT.data(), R, r0, k_pool, slots, n_keys, kv_heads,
-                                            hk, sT.data());
+    extend_scores_bf16<decltype(rg)::value>(qT.data(), R, r0, key_row, n_keys, sT.data());
   });
   // Softmax down the key axis. Every row sees keys 0 .. common - 1; row r also sees keys up to
   // visible[r] - 1 (its own position, when causal). Padding rows see every key.
@@ -675,7 +733,7 @@ void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat
   // Values widened to float32.
   vf.resize(n_keys * kDim);
   const int64_t stride = kv_heads * kDim;
-  const at::BFloat16* v = v_pool + hk * kDim;
+  const T* v = v_pool + hk * kDim;
   for (int64_t l = 0; l < std::min(kAhead, n_keys); ++l) prefetch_row(v + slots[l] * stride);
   for (int64_t l = 0; l < n_keys; ++l) {
     if (l + kAhead < n_keys) prefetch_row(v + slots[l + kAhead] * stride);
@@ -700,7 +758,7 @@ void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const at::BFloat
 template <typename TQ, typename T>
 constexpr bool bf16_extend(int64_t dim) {
 #if defined(__AVX512BF16__)
-  return std::is_same_v<TQ, at::BFloat16> && std::is_same_v<T, at::BFloat16> && dim == kDim;
+  return std::is_same_v<TQ, at::BFloat16> && !std::is_same_v<T, float> && dim == kDim;
 #else
   return false;
 #endif
@@ -732,7 +790,7 @@ void extend_block(const TQ* q, int64_t q_stride, const T* k_pool, const T* v_poo
                   float* qf, float* scores, float* kt, float* vb, float* row, float* acc,
                   float* out, int64_t out_stride, float* lse, int64_t lse_stride) {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<TQ, at::BFloat16> && std::is_same_v<T, at::BFloat16>) {
+  if constexpr (std::is_same_v<TQ, at::BFloat16> && !std::is_same_v<T, float>) {
     if (bf16_extend<TQ, T>(dim)) {
       extend_block_bf16(q, q_stride, k_pool, v_pool, slots, prefix, causal, i0, nq, hk, kv_heads,
                         group, scale, out, out_stride, lse, lse_stride);

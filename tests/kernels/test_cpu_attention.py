@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kernels.cpu as cpu_kernels
+from kernels.cpu import cascade
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
 from tests.executor.driver import Driver
@@ -77,6 +78,24 @@ def test_extend_kernel_matches_reference(
     ref = cpu_kernels.extend_attention_ref(*args)
     assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
     assert (out.float() - ref.float()).abs().max().item() < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_finite_float8_value_is_read_exactly(dtype: torch.dtype) -> None:
+    """Each finite float8 e5m2 value (zeros, subnormals, normals: 248 of the 256 bytes), read as a
+    key by the decode kernel (float32 queries: widened to float32; bfloat16 ones: converted to
+    bfloat16 for the pair dot products), scores exactly that value: one key per request, so the
+    log-sum-exp is q . k, with q one-hot."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[~codes.view(torch.float8_e5m2).float().isfinite()] = 0  # 0 x inf in a dot is NaN
+    values = codes.view(torch.float8_e5m2)
+    pool = torch.cat([torch.zeros(64, dtype=torch.float8_e5m2), values]).view(5, 1, 64)
+    table = torch.arange(1, 5).view(4, 1)  # row i holds slot i + 1, whose 64 values ...
+    rows = torch.arange(4).repeat_interleave(64)
+    q = torch.eye(64)[torch.arange(256) % 64].view(256, 1, 64).to(dtype)  # ... b reads at b % 64
+    starts, lens = torch.zeros(256, dtype=torch.int64), torch.ones(256, dtype=torch.int64)
+    _, lse = cascade.paged_decode_attention_lse(q, pool, pool, table, rows, starts, lens, 1.0)
+    assert torch.equal(lse[:, 0], values.float())
 
 
 def test_extend_launcher_rejects_bad_inputs() -> None:
