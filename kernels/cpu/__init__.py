@@ -41,8 +41,8 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q: [B, H, D]; pools: [slots, Hkv, D] (q's dtype, or bfloat16 under float32 q; see
-    KERNEL_DTYPES); table: [rows, ctx] int64 → out [B, H, D] in q.dtype.
+    """q: [B, H, D]; pools: [slots, Hkv, D] (q's dtype, bfloat16 under float32 q, or float8 e5m2;
+    see KERNEL_DTYPES); table: [rows, ctx] int64 → out [B, H, D] in q.dtype.
 
     Registered as the custom op `radixserve::paged_decode_attention`, so `torch.compile` keeps it
     as one opaque call inside a compiled step; eager callers skip the op dispatch (it costs about
@@ -96,7 +96,8 @@ def check_decode_args(q, k_pool, v_pool, table, rows, seq_lens) -> None:
 
 # (query dtype, KV pool dtype) pairs the kernels take: the model's own dtype, a float32 model over
 # a bfloat16 pool (--kv-cache-dtype bfloat16), or a float32 or bfloat16 model over a float8 e5m2
-# pool (--kv-cache-dtype fp8_e5m2), its keys and values widened to float32 as they are read.
+# pool (--kv-cache-dtype fp8_e5m2): keys and values widened to float32 as they are read, or float8
+# keys converted to bfloat16 for bfloat16 queries (both exact).
 KERNEL_DTYPES = (
     (torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16),

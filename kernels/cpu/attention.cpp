@@ -345,9 +345,10 @@ inline __m256 reduce8(const __m256* a) {
 
 // Keys ahead of the one read whose rows are fetched, as kAhead for the bfloat16 kernel: into L2,
 // leaving L1's few outstanding misses to the loads. Measured with float32 queries on a 2-core
-// AMD EPYC (AVX-512 BF16, no AMX; these kernels are the AVX2 ones), `bench-executor --dtypes
-// float32` at batch 16, medians of three runs, against 8 keys ahead into L1: 280.8 -> 173.2 ms a
-// step at context 4,000, 97.7 -> 90.2 at 1,000; over a bfloat16 pool 159.5 -> 126.1 at 4,000.
+// AMD EPYC (AVX-512 BF16, no AMX; float32 queries then ran these AVX2 kernels), `bench-executor
+// --dtypes float32` at batch 16, medians of three runs, against 8 keys ahead into L1: 280.8 ->
+// 173.2 ms a step at context 4,000, 97.7 -> 90.2 at 1,000; over a bfloat16 pool 159.5 -> 126.1 at
+// 4,000.
 constexpr int64_t kAheadF32 = 32;
 
 // out[g][0 .. 64) = sum over l of p[g * len + l] * v[slots[l] * stride + 0 .. 64), for g < G: the
@@ -1026,7 +1027,7 @@ void dispatch_dtypes(const torch::Tensor& q, const torch::Tensor& pool, const Fn
 
 }  // namespace
 
-// q: [B, H, D]; k_pool, v_pool: [num_slots, Hkv, D] (q's dtype, or bfloat16 under float32 q);
+// q: [B, H, D]; k_pool, v_pool: [num_slots, Hkv, D] (see dispatch_dtypes);
 // table: [rows, context] int64; rows, seq_lens: [B] int64 (keys are positions 0 .. seq_len-1).
 // Returns [B, H, D] float32.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,

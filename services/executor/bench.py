@@ -491,7 +491,7 @@ def _quant(mode: str) -> str:
 
 
 def _kv(row: DecodeRow | PrefillRow) -> str:
-    return "" if row.kv_cache_dtype == row.dtype else f"kv {row.kv_cache_dtype:9s} "
+    return "" if row.kv_cache_dtype == row.dtype else f"kv {row.kv_cache_dtype:11s} "
 
 
 def _fmt_decode(r: DecodeRow) -> str:

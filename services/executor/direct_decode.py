@@ -19,7 +19,7 @@ It runs a batch when all of these hold, and the engine runs the modules otherwis
 - every slice of the batch is a decode and no shared-prefix spans are attached;
 - the attention backend is "torch" with its C++ decode kernel in use (not batch-invariant, no
   sliding window), and the attention kernels take the KV pool's dtype under the activation
-  dtype (the same, or bfloat16 under float32: `--kv-cache-dtype bfloat16`);
+  dtype (the same, bfloat16 under float32 or float8 e5m2 under either: `--kv-cache-dtype`);
 - the C++ kernels are enabled (RADIXSERVE_DISABLE_CPU_KERNELS unset) and built.
 """
 

@@ -31,8 +31,8 @@ def test_pick_kv_dtype() -> None:
     for name in ("bfloat16", "bf16"):
         assert pick_kv_dtype(name, torch.float32) == torch.bfloat16
         assert pick_kv_dtype(name, torch.bfloat16) == torch.bfloat16
-        assert pick_kv_dtype("fp8_e5m2", torch.float32) == torch.float8_e5m2
-        assert pick_kv_dtype("fp8_e5m2", torch.bfloat16) == torch.float8_e5m2
+    assert pick_kv_dtype("fp8_e5m2", torch.float32) == torch.float8_e5m2
+    assert pick_kv_dtype("fp8_e5m2", torch.bfloat16) == torch.float8_e5m2
     with pytest.raises(ValueError, match="--kv-cache-dtype bf16 needs a float32 or bfloat16"):
         pick_kv_dtype("bf16", torch.float16)
     with pytest.raises(ValueError, match="--kv-cache-dtype fp8_e5m2 needs a float32 or"):
