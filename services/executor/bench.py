@@ -36,7 +36,7 @@ from services.executor.bench_floors import (
 from services.executor.config import DTYPES, KV_CACHE_DTYPES
 from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.engine import Engine, EngineLimits
-from services.executor.factory import pick_dtype, pick_kv_dtype, setup_cpu_process
+from services.executor.factory import kv_dtypes, pick_dtype, setup_cpu_process
 from services.executor.kv_pool import KVPool
 from services.executor.model_config import ModelConfig
 from services.executor.quantization import INT4_GROUP_SIZES, QUANTIZATION_METHODS, Quantization
@@ -414,20 +414,6 @@ def _bench_model(
             prefill.append(_prefill_row(model, cfg, args, n, dtype_name, mode, kv_dtype))
             print(_fmt_prefill(prefill[-1]), flush=True)
     return decode, prefill
-
-
-def kv_dtypes(names: list[str], dtype: torch.dtype) -> list[torch.dtype]:
-    """`--kv-cache-dtypes` as the KV pool dtypes of a model of `dtype` (`pick_kv_dtype`), each
-    once in the order given. Raises SystemExit where the model's dtype cannot take one."""
-    picked: list[torch.dtype] = []
-    for name in names:
-        try:
-            kv = pick_kv_dtype(name, dtype)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        if kv not in picked:
-            picked.append(kv)
-    return picked
 
 
 def _decode_row(

@@ -106,6 +106,21 @@ def pick_kv_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float8_e5m2 if name == "fp8_e5m2" else torch.bfloat16
 
 
+def kv_dtypes(names: list[str], dtype: torch.dtype) -> list[torch.dtype]:
+    """A command-line tool's `--kv-cache-dtypes` (bench-executor, perplexity) as the KV pool
+    dtypes of a model of `dtype` (`pick_kv_dtype`), each once in the order given. Raises
+    SystemExit where the model's dtype cannot take one."""
+    picked: list[torch.dtype] = []
+    for name in names:
+        try:
+            kv = pick_kv_dtype(name, dtype)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        if kv not in picked:
+            picked.append(kv)
+    return picked
+
+
 def setup_cpu_process(num_threads: int | None, ranks: int = 1) -> int:
     """Sets up a process that runs the model on the CPU: `num_threads` torch threads, by default
     this process's share of the cores it may use (the ranks of a tensor-parallel executor share

@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from services.common.model_store import gguf_file, resolve_model_path
-from services.executor.bench import kv_dtypes
 from services.executor.config import DTYPES, KV_CACHE_DTYPES
 from services.executor.engine import Engine, EngineLimits
-from services.executor.factory import pick_dtype, setup_cpu_process
+from services.executor.factory import kv_dtypes, pick_dtype, setup_cpu_process
 from services.executor.model_config import ModelConfig
 from services.executor.quantization import INT4_GROUP_SIZES, QUANTIZATION_METHODS, Quantization
 from services.executor.sampling_params import SamplingParams

@@ -18,7 +18,6 @@ from services.executor.bench import (
     bench_prefill,
     decode_cases,
     dtype_names,
-    kv_dtypes,
     max_positions,
     shared_spans,
     slot_writes,
@@ -29,7 +28,7 @@ from services.executor.bench_floors import (
     memory_bandwidth,
     weight_bytes,
 )
-from services.executor.factory import pick_dtype
+from services.executor.factory import kv_dtypes, pick_dtype
 from services.executor.model_config import ModelConfig
 from services.executor.quantization import (
     QUANTIZED_LINEARS,
