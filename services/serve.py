@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from services.common.config import add_arguments, from_args, to_argv
 from services.common.log import LogConfig, setup_logging
+from services.common.ports import free_port
 from services.common.tracing import TracingConfig
 
 # (service, config class) in start order; the gateway is the one users talk to.
@@ -100,14 +101,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value else None
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics_ports(base: int | None, dp_size: int) -> dict[str, int | None]:

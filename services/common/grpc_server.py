@@ -29,8 +29,11 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+# Without SO_REUSEPORT a second server on a taken port fails to bind, instead of sharing the port
+# and answering half of its connections with another service's methods.
 SERVER_OPTIONS = [
     *_SIZES,
+    ("grpc.so_reuseport", 0),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -78,7 +81,12 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def start(self) -> int:
-        bound = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        """Binds host:port (port 0: one the kernel picks) and starts serving; returns the port.
+        Raises OSError when the port cannot be bound (taken by another process, say)."""
+        try:
+            bound = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        except RuntimeError as e:  # grpcio raises where older versions returned 0
+            raise OSError(f"cannot bind gRPC server to {self.host}:{self.port}: {e}") from e
         if bound == 0:
             raise OSError(f"cannot bind gRPC server to {self.host}:{self.port}")
         self.port = bound

@@ -17,7 +17,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
-import socket
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -27,18 +26,13 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
+from services.common.ports import free_port
 from services.executor.parallel import Rank
 
 log = logging.getLogger("radixserve.executor")
 RANK_EXIT_CODE = 4  # rank 0's exit status when another rank died or a collective failed
 COLLECTIVE_TIMEOUT_S = 600.0  # a collective waiting this long fails (a rank alive but stuck)
 JOIN_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_process_group(rank: Rank, port: int, device: torch.device, timeout_s: float) -> None:

@@ -1,0 +1,70 @@
+"""Ports for the services a process starts: never the same one twice, and a taken port fails to
+bind instead of being shared by two gRPC servers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from services.cli import build_parser
+from services.common import ports
+from services.common.grpc_server import GrpcServer
+from services.serve import wiring
+
+
+class _Kernel:
+    """A stand-in for socket.socket whose bind to port 0 yields the given ports in turn, as the
+    kernel may: a port closed a moment ago can come back at once."""
+
+    def __init__(self, picks: list[int]) -> None:
+        self.picks = picks
+
+    def __call__(self) -> _Kernel:
+        return self
+
+    def __enter__(self) -> _Kernel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def bind(self, address: tuple[str, int]) -> None:
+        assert address[1] == 0
+        self.port = self.picks.pop(0)
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+
+def test_free_port_skips_a_port_it_already_gave(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ports, "_given", set())
+    monkeypatch.setattr(ports.socket, "socket", _Kernel([41001, 41001, 41001, 41002]))
+    assert ports.free_port() == 41001
+    assert ports.free_port() == 41002
+
+
+def test_serve_wires_every_service_to_a_port_of_its_own() -> None:
+    args = build_parser().parse_args(["serve", "--dp-size", "3"])
+    hosts = [f"{wires['host']}:{wires['port']}" for _, _, wires in wiring(args) if "port" in wires]
+    internal = [h for h in hosts if h.startswith("127.0.0.1:") and not h.endswith(":8000")]
+    assert len(internal) == 1 + 2 * 3  # a tokenizer, and an executor and a scheduler per engine
+    assert len(set(internal)) == len(internal)
+
+
+def test_a_taken_port_fails_to_bind() -> None:
+    async def main() -> str:
+        first = GrpcServer("127.0.0.1", ports.free_port(), ["radixserve.Tokenizer"])
+        port = await first.start()
+        second = GrpcServer("127.0.0.1", port, ["radixserve.Scheduler"])
+        try:
+            with pytest.raises(OSError) as raised:
+                await second.start()
+            return str(raised.value)
+        finally:
+            await first.server.stop(None)
+            await second.server.stop(None)
+
+    message = asyncio.run(main())
+    assert re.search(r"cannot bind gRPC server to 127\.0\.0\.1:\d+", message)
