@@ -36,6 +36,7 @@ constexpr int kRowsPerTile = 4;    // rows of x computed together
 constexpr int kChannels = 4;       // output channels per block
 constexpr int64_t kGrain = 16;     // blocks per thread task at least
 constexpr int64_t kPrefetchChannels = 8;  // weights fetched ahead, in output channels
+constexpr int64_t kInt4DirectRows = 4;    // int4: rows computed from the nibbles; more: expanded
 
 inline float bf16_to_float(bf16 v) { return static_cast<float>(v); }
 
@@ -392,6 +393,202 @@ torch::Tensor linear_int8_panels(torch::Tensor x, torch::Tensor panels, torch::T
              });
   return out;
 }
+
+// ---- int4: pairs of 32-feature chunks, a scale and a zero per chunk ----------------------------
+//
+// W[n, k] = (q[n, k] - 8) * scale[n, k / 32] + zero[n, k / 32], q in [0, 15] (torch's int4
+// convention; GGUF's Q4_0 / Q4_1 blocks are the same with 32 features a group). The nibbles are
+// packed once, at load time (`pack_int4_pairs`): byte (n, 32 p + b) holds q[n, 64 p + b] in its low
+// half and q[n, 64 p + 32 + b] in its high half, so one 32-byte load widened to 16-bit lanes
+// (vpmovzxbw) gives both chunks of a pair, low nibbles as they are and high ones after a shift;
+// one vpermw per chunk maps them through a table to bfloat16 q - 8 (exact, -8 .. 7), which the
+// vdpbf16ps dot products take as they come. Each chunk's 16-lane float32 sum is multiplied by its
+// scale into the accumulator; the zeros come last, as sum over chunks of zero * (sum of x over
+// the chunk): y = sum_j scale_j sum_k x (q - 8) + sum_j zero_j sum_k x. The sum of x per chunk is
+// computed once per call, in float32. Per output the order is fixed (chunks ascending, each
+// chunk's lanes, then the lanes as a tree, then the zeros), the same for every row whatever the
+// batch size. The packing reads 0.5 bytes a weight and 4 bytes of scale and zero per 32, as
+// torch's int4 layout does.
+struct Int4Pairs {
+  const uint8_t* q;    // [N, K / 2]
+  const bf16* scale;   // [N, K / 32]
+  const bf16* zero;    // [N, K / 32]
+  int64_t K;
+};
+
+// bfloat16 (i & 15) - 8 at word i: vpermw reads the low 5 bits of each index, so the high
+// nibble's lowest bit, still in a widened low nibble's lane, selects the same value.
+inline __m512i int4_table() {
+  alignas(64) static const uint16_t table[32] = {
+      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
+  return _mm512_load_si512(table);
+}
+
+// out[m * C + c] = x[m] . W[n0 + c] in float32, for M rows and C channels; xsum [M, K / 32].
+template <int M, int C>
+inline void int4_tile(const bf16* x, const float* xsum, const Int4Pairs& w, int64_t n0,
+                      const __m512i table, float* out) {
+  const int64_t K = w.K, half = K / 2, chunks = K / 32;
+  __m512 acc[M][C];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < K / 64; ++p) {
+    __m512i lo[C], hi[C];
+    __m512 s0[C], s1[C];
+    for (int c = 0; c < C; ++c) {
+      const int64_t n = n0 + c;
+      const __m512i b = _mm512_cvtepu8_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + n * half + 32 * p)));
+      lo[c] = _mm512_permutexvar_epi16(b, table);
+      hi[c] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
+      s0[c] = _mm512_set1_ps(bf16_to_float(w.scale[n * chunks + 2 * p]));
+      s1[c] = _mm512_set1_ps(bf16_to_float(w.scale[n * chunks + 2 * p + 1]));
+      _mm_prefetch(reinterpret_cast<const char*>(w.q + (n + kPrefetchChannels) * half + 32 * p),
+                   _MM_HINT_T1);
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + m * K + 64 * p);
+      const __m512bh x1 = (__m512bh)_mm512_loadu_si512(x + m * K + 64 * p + 32);
+      for (int c = 0; c < C; ++c) {
+        const __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), x0, (__m512bh)lo[c]);
+        const __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), x1, (__m512bh)hi[c]);
+        acc[m][c] = _mm512_fmadd_ps(d1, s1[c], _mm512_fmadd_ps(d0, s0[c], acc[m][c]));
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const bf16* z = w.zero + (n0 + c) * chunks;
+    for (int m = 0; m < M; ++m) {
+      __m512 zs = _mm512_setzero_ps();
+      for (int64_t j = 0; j < chunks; j += 16) {
+        const __mmask16 mask = chunks - j >= 16 ? (__mmask16)0xFFFF
+                                                : (__mmask16)((1u << (chunks - j)) - 1);
+        const __m512 zv = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(mask, z + j));
+        zs = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(mask, xsum + m * chunks + j), zs);
+      }
+      out[m * C + c] = _mm512_reduce_add_ps(acc[m][c]) + _mm512_reduce_add_ps(zs);
+    }
+  }
+}
+
+template <int C>
+inline void int4_rows(int64_t rows, const bf16* x, const float* xsum, const Int4Pairs& w,
+                      int64_t n0, const __m512i table, float* out) {
+  switch (rows) {
+    case 4: int4_tile<4, C>(x, xsum, w, n0, table, out); break;
+    case 3: int4_tile<3, C>(x, xsum, w, n0, table, out); break;
+    case 2: int4_tile<2, C>(x, xsum, w, n0, table, out); break;
+    default: int4_tile<1, C>(x, xsum, w, n0, table, out); break;
+  }
+}
+
+// Channels n0 .. n0 + channels - 1 of W expanded once and rounded to bfloat16,
+// dst[c * K + k] = bf16((q - 8) * scale + zero), for batches past kInt4DirectRows rows: their
+// row tiles then share one expansion and run one dot product per 32 weights and row.
+inline void expand_int4_block(const Int4Pairs& w, int64_t n0, int64_t channels,
+                              const __m512i table, bf16* dst) {
+  const int64_t K = w.K, half = K / 2, chunks = K / 32;
+  for (int64_t c = 0; c < channels; ++c) {
+    const int64_t n = n0 + c;
+    for (int64_t p = 0; p < K / 64; ++p) {
+      const __m512i b = _mm512_cvtepu8_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + n * half + 32 * p)));
+      const __m512i halves[2] = {_mm512_permutexvar_epi16(b, table),
+                                 _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table)};
+      for (int h = 0; h < 2; ++h) {
+        const int64_t j = 2 * p + h;
+        const __m512 s = _mm512_set1_ps(bf16_to_float(w.scale[n * chunks + j]));
+        const __m512 z = _mm512_set1_ps(bf16_to_float(w.zero[n * chunks + j]));
+        const __m512 a = _mm512_fmadd_ps(
+            _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256(halves[h])), s, z);
+        const __m512 e = _mm512_fmadd_ps(
+            _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64(halves[h], 1)), s, z);
+        _mm512_storeu_si512(dst + c * K + 32 * j, (__m512i)_mm512_cvtne2ps_pbh(e, a));
+      }
+    }
+  }
+}
+
+// A block expanded by expand_int4_block; prefetches go to the packed nibbles ahead.
+struct ExpandedInt4Block {
+  const bf16* w;  // [C, K]
+  int64_t n0, K;
+  const Int4Pairs& source;
+  inline __m512i load(int64_t n, int64_t k) const {
+    return _mm512_loadu_si512(w + (n - n0) * K + k);
+  }
+  inline void prefetch(int64_t n, int64_t k) const {
+    if (k % 64 == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(source.q + n * (K / 2) + k / 2), _MM_HINT_T1);
+  }
+};
+
+// x [M, K] bf16, q [N, K / 2] uint8 (pack_int4_pairs), scale and zero [N, K / 32] bf16, bias [N]
+// bf16 or None -> [M, N] bf16; K a multiple of 64.
+torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
+                          torch::Tensor zero, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(),
+              "q must be a contiguous [N, K / 2] uint8 tensor");
+  const int64_t M = x.size(0), K = 2 * q.size(1), N = q.size(0), chunks = K / 32;
+  check_input(x, K, 64);
+  for (const auto* t : {&scale, &zero})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(0) == N && t->size(1) == chunks,
+                "scale and zero must be contiguous [N, K / 32] bfloat16 tensors");
+  const bf16* xp = x.data_ptr<bf16>();
+  std::vector<float> xsum(M * chunks);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < chunks; ++j) {
+      const __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(xp + m * K + 32 * j)));
+      const __m512 u = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(xp + m * K + 32 * j + 16)));
+      xsum[m * chunks + j] = _mm512_reduce_add_ps(_mm512_add_ps(v, u));
+    }
+  auto out = torch::empty({M, N}, x.options());
+  bf16* o = out.data_ptr<bf16>();
+  const bf16* b = bias_ptr(bias, N);
+  const Int4Pairs w{q.data_ptr<uint8_t>(), scale.data_ptr<bf16>(), zero.data_ptr<bf16>(), K};
+  const int64_t blocks = (N + kChannels - 1) / kChannels;
+  at::parallel_for(0, blocks, kGrain, [&](int64_t b0, int64_t b1) {
+    const __m512i table = int4_table();
+    float sums[kRowsPerTile * kChannels];
+    std::vector<bf16> expanded;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * kChannels, channels = std::min<int64_t>(kChannels, N - n0);
+      if (M > kInt4DirectRows) {
+        expanded.resize(kChannels * K);
+        expand_int4_block(w, n0, channels, table, expanded.data());
+        const ExpandedInt4Block block{expanded.data(), n0, K, w};
+        run_block(xp, M, K, block, n0, channels, [&](int64_t m, int64_t n, float v) {
+          o[m * N + n] = static_cast<bf16>(b ? v + bf16_to_float(b[n]) : v);
+        });
+        continue;
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += kRowsPerTile) {
+        const int64_t rows = std::min<int64_t>(kRowsPerTile, M - m0);
+        const float* xs = xsum.data() + m0 * chunks;
+        auto finish = [&](int64_t m, int64_t n, float v) {
+          o[(m0 + m) * N + n] = static_cast<bf16>(b ? v + bf16_to_float(b[n]) : v);
+        };
+        if (channels == kChannels) {
+          int4_rows<kChannels>(rows, xp + m0 * K, xs, w, n0, table, sums);
+          for (int64_t m = 0; m < rows; ++m)
+            for (int64_t c = 0; c < kChannels; ++c) finish(m, n0 + c, sums[m * kChannels + c]);
+        } else {
+          for (int64_t c = 0; c < channels; ++c) {
+            int4_rows<1>(rows, xp + m0 * K, xs, w, n0 + c, table, sums);
+            for (int64_t m = 0; m < rows; ++m) finish(m, n0 + c, sums[m]);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -403,4 +600,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M, K] bf16 @ (panels of W [N, K])^T (+ bias) -> [M, N] bf16");
   m.def("linear_int8_panels", &linear_int8_panels,
         "x [M, K] bf16 @ (panels of q [N, K] int8 * scale [N])^T (+ bias) -> [M, N] bf16");
+  m.def("linear_int4", &linear_int4,
+        "x [M, K] bf16 @ ((q - 8) * scale + zero per 32 features)^T (+ bias) -> [M, N] bf16");
 }

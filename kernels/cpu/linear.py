@@ -11,7 +11,8 @@ from measurements, see packed_linear.py and quantization.py):
   built on CPUs with AVX-512 BF16. `linear_bf16` and `linear_int8` read the plain row-major
   weight (the layers' kernels at the fewest rows); `linear_bf16_panels` and `linear_int8_panels`
   read weights packed once into panels whose vector lanes are output channels (`pack_panels`),
-  the layers' kernels from there up to tens of rows.
+  the layers' kernels from there up to tens of rows. `linear_int4` reads int4 weights with a
+  scale and a zero per 32 input features, packed once by `pack_int4_pairs`.
 - float32 activations (linear_f32.cpp): AVX2 FMAs over float32, int8 or int4 weights; built on
   CPUs with AVX2 and FMA. `linear_f32` reads the plain weight; `linear_f32_panels` and
   `linear_int8_f32_panels` read a float32 or int8 weight packed once into panels of 16 output
@@ -165,6 +166,80 @@ def linear_int8_ref(
     """(x · q) * scale (+ bias) in float32, rounded to bfloat16 once."""
     y = F.linear(x.float(), qweight.float()) * scale.float()
     return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+INT4_PAIR = 64  # input features per pair of 32-feature chunks (pack_int4_pairs)
+
+
+def pack_int4_pairs(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] integers in [0, 15] → [N, K/2] uint8 for `linear_int4`: byte (n, 32 p + b) holds
+    q[n, 64 p + b] in its low nibble and q[n, 64 p + 32 + b] in its high one (two 32-feature
+    chunks a 32-byte load). Raises ValueError unless K is a multiple of 64."""
+    n, k = q.shape
+    if k % INT4_PAIR:
+        raise ValueError(f"input features {k} are not a multiple of {INT4_PAIR}")
+    pairs = q.to(torch.uint8).reshape(n, k // INT4_PAIR, 2, 32)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4_pairs(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4_pairs`: [N, K/2] uint8 → q [N, K] uint8 in [0, 15]."""
+    n = packed.shape[0]
+    pairs = packed.reshape(n, -1, 1, 32)
+    return torch.cat([pairs & 15, pairs >> 4], dim=2).reshape(n, -1)
+
+
+def linear_int4(
+    module: ModuleType,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] bfloat16 @ W^T + bias [N] → [M, N] bfloat16, W[n, k] = (q[n, k] - 8) *
+    scale[n, k // 32] + zero[n, k // 32], with qweight [N, K/2] = `pack_int4_pairs(q)` and scale,
+    zero [N, K/32] bfloat16 (`module` from `available`; K a multiple of 64). Up to 4 rows, each
+    output is the float32 sum over 32-feature chunks of scale times the chunk's x · (q - 8),
+    plus the zeros times the chunk sums of x (`linear_int4_ref`); from 5 rows W is expanded once
+    per call, rounded to bfloat16, and dotted with x in float32 (`linear_int4_expanded_ref`).
+    Either way the output is rounded to bfloat16 once. Raises RuntimeError on a shape or dtype
+    the kernel does not take."""
+    return module.linear_int4(x.contiguous(), qweight, scale, zero, bias)
+
+
+def int4_pairs_weight(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
+    """W [N, K] float32 from `linear_int4`'s operands: (q - 8) * scale + zero per 32 features."""
+    q = unpack_int4_pairs(qweight).float()
+    n, k = q.shape
+    w = (q.view(n, k // 32, 32) - 8) * scale.float()[..., None] + zero.float()[..., None]
+    return w.view(n, k)
+
+
+def linear_int4_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x · W^T (+ bias) with W in float32 (`int4_pairs_weight`), rounded to bfloat16 once."""
+    w = int4_pairs_weight(qweight, scale, zero)
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def linear_int4_expanded_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """`linear_int4_ref` with W rounded to bfloat16 first (the kernel from 5 rows)."""
+    w = int4_pairs_weight(qweight, scale, zero).to(torch.bfloat16).float()
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
 def int8_to_bf16(module: ModuleType, q: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from torch import nn
 
+from kernels.cpu import linear as cpu_linear
 from services.common.model_store import ModelNotFoundError, gguf_file
 from services.executor.batch_invariant import BatchInvariantLinear
 from services.executor.config import ExecutorConfig
@@ -33,6 +34,7 @@ from services.executor.quantization import (
     Int8Linear,
     Quantization,
     int4_layout,
+    pairs_kernel,
     quantize_int4,
     quantize_int8,
     quantize_linears,
@@ -115,6 +117,39 @@ def test_int4_torch_layout_binds_torchs_kernel_below_its_row_limit() -> None:
     x = torch.randn(3, 128, generator=gen).to(torch.float16)
     assert biased.direct(x) is None
     assert torch.equal(biased(x), layer(x) + biased.bias)
+
+
+@pytest.mark.skipif(
+    not pairs_kernel(torch.bfloat16, 128), reason="no AVX-512 BF16 int4 kernel on this CPU"
+)
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_pairs_layout_binds_our_kernel_below_its_row_limit(group: int) -> None:
+    """On AVX-512 BF16 CPUs a bfloat16 int4 layer holds our kernel's packing, a scale and a zero
+    per 32 features whatever its group, and hands the direct decode loop that kernel bound to
+    its weights (the bias too): the module's output bit for bit; the float GEMM from
+    INT4_DEQUANT_ROWS rows, over the same W."""
+    w, bias = weight(64, 256), torch.randn(64) / 10
+    layer = Int4Linear.from_float(w, bias, group, torch.bfloat16)
+    assert layer.layout == "pairs"
+    q, scale, zero = quantize_int4(w, group, torch.bfloat16)
+    chunks = group // 32
+    assert torch.equal(cpu_linear.unpack_int4_pairs(layer.qweight), q)
+    assert torch.equal(layer.scale, scale.repeat_interleave(chunks, dim=1))
+    assert torch.equal(layer.zero, zero.repeat_interleave(chunks, dim=1))
+    gen = torch.Generator().manual_seed(4)
+    for rows in (1, 4, 5, INT4_DEQUANT_ROWS - 1):
+        x = torch.randn(rows, 256, generator=gen).bfloat16()
+        call = layer.direct(x)
+        assert call is not None
+        kernel = cpu_linear.available(x, 256)
+        expected = cpu_linear.linear_int4(
+            kernel, x, layer.qweight, layer.scale, layer.zero, layer.bias
+        )
+        assert torch.equal(call(x), expected) and torch.equal(layer(x), expected)
+    many = torch.randn(INT4_DEQUANT_ROWS, 256, generator=gen).bfloat16()
+    assert layer.direct(many) is None
+    ref = torch.nn.functional.linear(many, layer.dequantize().bfloat16()) + layer.bias
+    assert torch.equal(layer(many), ref)
 
 
 def test_int4_packed_layout_is_recognised() -> None:

@@ -206,3 +206,99 @@ def test_int8_to_bf16_is_exact(n: int, k: int) -> None:
     assert torch.equal(cpu_linear.int8_to_bf16(KERNEL, q), q.to(torch.bfloat16))
     with pytest.raises(RuntimeError, match="multiple of 32"):
         cpu_linear.int8_to_bf16(KERNEL, q[:, :-1].contiguous())
+
+
+INT4_SHAPES = [(64, 13), (128, 100), (576, 962), (1536, 576)]  # (K, N)
+INT4_DIRECT_ROWS = 4  # the kernel scales each chunk up to this many rows, then expands W
+
+
+def _int4_operands(rows: int, k: int, n: int, bias: bool, seed: int) -> tuple[torch.Tensor, ...]:
+    """x, q [N, K] in [0, 15], packed q, scale and zero [N, K/32] (magnitudes and offsets of a
+    real layer's groups), bias or None."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scale = ((torch.rand(n, k // 32, generator=gen) + 0.1) / 15 / k**0.5).bfloat16()
+    zero = (torch.randn(n, k // 32, generator=gen) * 0.3 / k**0.5).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    return x, q, cpu_linear.pack_int4_pairs(q), scale, zero, b
+
+
+@pytest.mark.parametrize("rows", [*ROWS, 6, 8, 13])
+@pytest.mark.parametrize(("k", "n"), INT4_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
+    """Up to 4 rows: within one bfloat16 rounding of the float32 product over W in float32;
+    from 5 rows, of the same over W rounded to bfloat16 (expanded once per call)."""
+    x, _, packed, scale, zero, b = _int4_operands(rows, k, n, bias, rows * n + k + 4)
+    out = cpu_linear.linear_int4(KERNEL, x, packed, scale, zero, b)
+    ref = (
+        cpu_linear.linear_int4_ref
+        if rows <= INT4_DIRECT_ROWS
+        else cpu_linear.linear_int4_expanded_ref
+    )
+    _ulp_close(out, ref(x, packed, scale, zero, b))
+
+
+def test_int4_pairs_hold_two_chunks_a_byte() -> None:
+    q = torch.arange(2 * 128).remainder(16).view(2, 128).to(torch.uint8)
+    packed = cpu_linear.pack_int4_pairs(q)
+    assert packed.shape == (2, 64) and packed.dtype == torch.uint8
+    for n in range(2):
+        for p in range(2):
+            for b in range(32):
+                byte = int(packed[n, 32 * p + b])
+                assert byte & 15 == q[n, 64 * p + b] and byte >> 4 == q[n, 64 * p + 32 + b]
+    assert torch.equal(cpu_linear.unpack_int4_pairs(packed), q)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        cpu_linear.pack_int4_pairs(q[:, :96])
+
+
+def test_int4_every_nibble_and_a_row_alone_or_in_any_batch() -> None:
+    """Each of the 16 values at every position of a chunk is read as q - 8 (one-hot x picks
+    single weights), and a row's output does not depend on the batch within each regime."""
+    k, n = 128, 16
+    q = (torch.arange(n * k).view(n, k) * 7 + torch.arange(n)[:, None]).remainder(16)
+    q = q.to(torch.uint8)
+    scale = torch.full((n, k // 32), 0.5).bfloat16()
+    zero = torch.full((n, k // 32), 0.25).bfloat16()
+    packed = cpu_linear.pack_int4_pairs(q)
+    eye = torch.eye(k).bfloat16()
+    for rows in (1, 3, INT4_DIRECT_ROWS, 5, 64):  # one-hot rows, in batches of each size
+        for start in range(0, k, rows):
+            x = eye[start : start + rows]
+            out = cpu_linear.linear_int4(KERNEL, x, packed, scale, zero, None).float()
+            expected = (q[:, start : start + rows].t().float() - 8) * 0.5 + 0.25
+            assert torch.equal(out, expected), f"{rows} rows from feature {start}"
+    x, _, packed, scale, zero, _ = _int4_operands(37, 576, 300, False, 9)
+    alone = torch.cat(
+        [cpu_linear.linear_int4(KERNEL, x[i : i + 1], packed, scale, zero, None) for i in range(37)]
+    )
+    for m in (2, 3, INT4_DIRECT_ROWS):
+        assert torch.equal(
+            cpu_linear.linear_int4(KERNEL, x[:m], packed, scale, zero, None), alone[:m]
+        )
+    many = cpu_linear.linear_int4(KERNEL, x, packed, scale, zero, None)
+    for m in (5, 8, 16, 33):
+        assert torch.equal(
+            cpu_linear.linear_int4(KERNEL, x[:m], packed, scale, zero, None), many[:m]
+        )
+
+
+def test_int4_refuses_what_it_cannot_take() -> None:
+    x, _, packed, scale, zero, _ = _int4_operands(2, 128, 16, False, 10)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        cpu_linear.linear_int4(
+            KERNEL,
+            x[:, :96].contiguous(),
+            packed[:, :48].contiguous(),
+            scale[:, :3].contiguous(),
+            zero[:, :3].contiguous(),
+            None,
+        )
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        cpu_linear.linear_int4(KERNEL, x.float(), packed, scale, zero, None)
+    with pytest.raises(RuntimeError, match="scale and zero"):
+        cpu_linear.linear_int4(KERNEL, x, packed, scale.float(), zero, None)
+    with pytest.raises(RuntimeError, match="scale and zero"):
+        cpu_linear.linear_int4(KERNEL, x, packed, scale, zero[:, :2].contiguous(), None)
