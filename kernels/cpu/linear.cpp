@@ -589,6 +589,27 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   });
   return out;
 }
+
+// q [N, K / 2] uint8 (pack_int4_pairs), scale and zero [N, K / 32] bf16 -> W [N, K] bf16,
+// bf16((q - 8) * scale + zero) with one float32 fused multiply-add per weight (what linear_int4
+// computes with from 5 rows), the channels spread over the threads.
+torch::Tensor int4_pairs_to_bf16(torch::Tensor q, torch::Tensor scale, torch::Tensor zero) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(),
+              "q must be a contiguous [N, K / 2] uint8 tensor");
+  const int64_t N = q.size(0), K = 2 * q.size(1);
+  TORCH_CHECK(K % 64 == 0, "K = ", K, " must be a multiple of 64");
+  for (const auto* t : {&scale, &zero})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(0) == N && t->size(1) == K / 32,
+                "scale and zero must be contiguous [N, K / 32] bfloat16 tensors");
+  auto out = torch::empty({N, K}, scale.options());
+  const Int4Pairs w{q.data_ptr<uint8_t>(), scale.data_ptr<bf16>(), zero.data_ptr<bf16>(), K};
+  bf16* o = out.data_ptr<bf16>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
+    expand_int4_block(w, n0, n1 - n0, int4_table(), o + n0 * K);
+  });
+  return out;
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -602,4 +623,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M, K] bf16 @ (panels of q [N, K] int8 * scale [N])^T (+ bias) -> [M, N] bf16");
   m.def("linear_int4", &linear_int4,
         "x [M, K] bf16 @ ((q - 8) * scale + zero per 32 features)^T (+ bias) -> [M, N] bf16");
+  m.def("int4_pairs_to_bf16", &int4_pairs_to_bf16,
+        "packed int4 pairs, scale, zero -> W [N, K] bf16 = bf16((q - 8) * scale + zero)");
 }

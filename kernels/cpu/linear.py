@@ -211,11 +211,22 @@ def linear_int4(
 def int4_pairs_weight(
     qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 ) -> torch.Tensor:
-    """W [N, K] float32 from `linear_int4`'s operands: (q - 8) * scale + zero per 32 features."""
-    q = unpack_int4_pairs(qweight).float()
+    """W [N, K] float32 from `linear_int4`'s operands: (q - 8) * scale + zero per 32 features,
+    rounded to float32 once (exact in float64 first: a fused multiply-add's result)."""
+    q = unpack_int4_pairs(qweight).double()
     n, k = q.shape
-    w = (q.view(n, k // 32, 32) - 8) * scale.float()[..., None] + zero.float()[..., None]
-    return w.view(n, k)
+    w = (q.view(n, k // 32, 32) - 8) * scale.double()[..., None] + zero.double()[..., None]
+    return w.view(n, k).float()
+
+
+def int4_pairs_to_bf16(
+    module: ModuleType, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
+    """`linear_int4`'s operands → W [N, K] bfloat16, each weight bf16((q - 8) * scale + zero)
+    from one float32 fused multiply-add (as the kernel expands W from 5 rows), in AVX-512 code
+    over all threads (`module` from `available`). Raises RuntimeError on a shape or dtype it does
+    not take."""
+    return module.int4_pairs_to_bf16(qweight, scale, zero)
 
 
 def linear_int4_ref(

@@ -362,7 +362,9 @@ class Int4Linear(nn.Module):
       Measured on a 2-core AMD EPYC (AVX-512 BF16, no AMX) over the 120 decoder linears of
       SmolLM2-135M against torch's kernel: 3.1-3.4 against 3.9-4.0 ms at one row, 4.1-4.6
       against 4.6-5.2 at 2, 6.9 against 6.2-6.9 at 4, 17-18 against 22-25 at 16, 27 against
-      43-45 at 32, 49 against 85-89 at 64.
+      43-45 at 32, 49 against 85-89 at 64. From INT4_DEQUANT_ROWS, the float GEMM over W
+      expanded to bfloat16 by `cpu_linear.int4_pairs_to_bf16` (the same host: 176 against 203
+      ms at 256 rows, 275-297 against 230 at 384, 350 against 330 at 512).
     - "torch": `qweight` [N, K/2] uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`
       (machine-specific), `scales_and_zeros` [K/g, N, 2] (scale, zero). Below INT4_DEQUANT_ROWS
       rows, torch's kernel.
@@ -502,8 +504,18 @@ class Int4Linear(nn.Module):
     def _float_gemm(self, x: torch.Tensor) -> torch.Tensor:
         block = {"fma": 4, "pairs": 1}.get(self.layout) or int4_layout()[0]  # type: ignore[index]
         step = max(block, DEQUANT_CHUNK // self.in_features // block * block)
+        kernel = cpu_linear.available(x, self.in_features) if self.layout == "pairs" else None
+
+        def expand(start: int, end: int) -> torch.Tensor:
+            if kernel is None:
+                return self._expand(start, end).to(x.dtype)
+            rows = slice(start, end)
+            return cpu_linear.int4_pairs_to_bf16(
+                kernel, self.qweight[rows], self.scale[rows], self.zero[rows]
+            )
+
         parts = [
-            F.linear(x, self._expand(a, min(a + step, self.out_features)).to(x.dtype))
+            F.linear(x, expand(a, min(a + step, self.out_features)))
             for a in range(0, self.out_features, step)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)

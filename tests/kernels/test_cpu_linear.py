@@ -302,3 +302,12 @@ def test_int4_refuses_what_it_cannot_take() -> None:
         cpu_linear.linear_int4(KERNEL, x, packed, scale.float(), zero, None)
     with pytest.raises(RuntimeError, match="scale and zero"):
         cpu_linear.linear_int4(KERNEL, x, packed, scale, zero[:, :2].contiguous(), None)
+
+
+@pytest.mark.parametrize(("k", "n"), INT4_SHAPES)
+def test_int4_pairs_to_bf16_is_the_weight_rounded_once(k: int, n: int) -> None:
+    _, _, packed, scale, zero, _ = _int4_operands(1, k, n, False, k + n)
+    w = cpu_linear.int4_pairs_to_bf16(KERNEL, packed, scale, zero)
+    assert torch.equal(w, cpu_linear.int4_pairs_weight(packed, scale, zero).bfloat16())
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        cpu_linear.int4_pairs_to_bf16(KERNEL, packed[:, :16].contiguous(), scale, zero)
