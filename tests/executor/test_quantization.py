@@ -39,6 +39,7 @@ from services.executor.quantization import (
     quantize_int8,
     quantize_linears,
     quantized_bytes,
+    traceable_int4,
 )
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
@@ -406,3 +407,24 @@ def test_quantization_refuses_cuda_and_tensor_parallel_loads() -> None:
             None, None, 8, torch.float32, torch.device("cpu"),  # type: ignore[arg-type]
             rank=Rank(0, 2), quantization=Quantization("int8"),
         )  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not pairs_kernel(torch.bfloat16, 128), reason="no AVX-512 BF16 int4 kernel on this CPU"
+)
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_layers_for_torch_compile_take_torchs_layout(group: int) -> None:
+    """torch.compile cannot trace our int4 kernel: `traceable_int4` re-packs those layers in
+    torch's layout, with the same q, scales and zeros, so they compute the same weight."""
+    model = nn.Sequential(nn.Linear(128, 64, bias=False), nn.Linear(64, 32))
+    model[0] = Int4Linear.from_float(weight(64, 128), None, group, torch.bfloat16)
+    model[1] = Int4Linear.from_float(weight(32, 64), torch.randn(32), group, torch.bfloat16)
+    assert [layer.layout for layer in model] == ["pairs", "pairs"]
+    before = [layer.dequantize() for layer in model]
+    bias = model[1].bias.clone()
+    assert traceable_int4(model) == 2
+    assert [layer.layout for layer in model] == ["torch", "torch"]
+    for layer, w in zip(model, before, strict=True):
+        assert torch.equal(layer.dequantize(), w)
+    assert torch.equal(model[1].bias, bias)
+    assert traceable_int4(model) == 0
