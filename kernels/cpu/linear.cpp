@@ -68,13 +68,14 @@ struct Int8Weights {
   }
 };
 
-// A block of int8 channels n0 .. n0 + C - 1 already converted to bfloat16 (by `convert_block`),
-// so that a batch's row tiles share one conversion instead of each repeating it; prefetches still
-// go to the int8 rows ahead.
+// A block of int8 or int4 channels n0 .. n0 + C - 1 already converted to bfloat16 (by
+// `convert_block`, `expand_int4_block`), so that a batch's row tiles share one conversion instead
+// of each repeating it; prefetches still go to the source's rows ahead.
+template <typename Source>
 struct ConvertedBlock {
   const bf16* w;  // [C, K]
   int64_t n0, K;
-  const Int8Weights& source;
+  const Source& source;
   inline __m512i load(int64_t n, int64_t k) const {
     return _mm512_loadu_si512(w + (n - n0) * K + k);
   }
@@ -155,7 +156,7 @@ void run(const bf16* x, int64_t M, int64_t K, int64_t N, const W& weights, const
         if (M > kRowsPerTile) {
           converted.resize(kChannels * K);
           convert_block(weights, n0, channels, converted.data());
-          const ConvertedBlock block{converted.data(), n0, K, weights};
+          const ConvertedBlock<Int8Weights> block{converted.data(), n0, K, weights};
           run_block(x, M, K, block, n0, channels, finish);
           continue;
         }
@@ -414,6 +415,11 @@ struct Int4Pairs {
   const bf16* scale;   // [N, K / 32]
   const bf16* zero;    // [N, K / 32]
   int64_t K;
+  // the nibbles of features k .. k + 63 (one line in two: k runs in steps of 32)
+  inline void prefetch(int64_t n, int64_t k) const {
+    if (k % 64 == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(q + n * (K / 2) + k / 2), _MM_HINT_T1);
+  }
 };
 
 // bfloat16 (i & 15) - 8 at word i: vpermw reads the low 5 bits of each index, so the high
@@ -512,20 +518,6 @@ inline void expand_int4_block(const Int4Pairs& w, int64_t n0, int64_t channels,
   }
 }
 
-// A block expanded by expand_int4_block; prefetches go to the packed nibbles ahead.
-struct ExpandedInt4Block {
-  const bf16* w;  // [C, K]
-  int64_t n0, K;
-  const Int4Pairs& source;
-  inline __m512i load(int64_t n, int64_t k) const {
-    return _mm512_loadu_si512(w + (n - n0) * K + k);
-  }
-  inline void prefetch(int64_t n, int64_t k) const {
-    if (k % 64 == 0)
-      _mm_prefetch(reinterpret_cast<const char*>(source.q + n * (K / 2) + k / 2), _MM_HINT_T1);
-  }
-};
-
 // x [M, K] bf16, q [N, K / 2] uint8 (pack_int4_pairs), scale and zero [N, K / 32] bf16, bias [N]
 // bf16 or None -> [M, N] bf16; K a multiple of 64.
 torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
@@ -562,7 +554,7 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
       if (M > kInt4DirectRows) {
         expanded.resize(kChannels * K);
         expand_int4_block(w, n0, channels, table, expanded.data());
-        const ExpandedInt4Block block{expanded.data(), n0, K, w};
+        const ConvertedBlock<Int4Pairs> block{expanded.data(), n0, K, w};
         run_block(xp, M, K, block, n0, channels, [&](int64_t m, int64_t n, float v) {
           o[m * N + n] = static_cast<bf16>(b ? v + bf16_to_float(b[n]) : v);
         });

@@ -202,7 +202,8 @@ def linear_int4(
     zero [N, K/32] bfloat16 (`module` from `available`; K a multiple of 64). Up to 4 rows, each
     output is the float32 sum over 32-feature chunks of scale times the chunk's x · (q - 8),
     plus the zeros times the chunk sums of x (`linear_int4_ref`); from 5 rows W is expanded once
-    per call, rounded to bfloat16, and dotted with x in float32 (`linear_int4_expanded_ref`).
+    per call, rounded to bfloat16, and dotted with x in float32 (`linear_int4_ref(...,
+    expanded=True)`).
     Either way the output is rounded to bfloat16 once. Raises RuntimeError on a shape or dtype
     the kernel does not take."""
     return module.linear_int4(x.contiguous(), qweight, scale, zero, bias)
@@ -235,21 +236,12 @@ def linear_int4_ref(
     scale: torch.Tensor,
     zero: torch.Tensor,
     bias: torch.Tensor | None,
+    expanded: bool = False,
 ) -> torch.Tensor:
-    """x · W^T (+ bias) with W in float32 (`int4_pairs_weight`), rounded to bfloat16 once."""
+    """x · W^T (+ bias) with W in float32 (`int4_pairs_weight`; with `expanded`, rounded to
+    bfloat16 first, as the kernel does from 5 rows), rounded to bfloat16 once."""
     w = int4_pairs_weight(qweight, scale, zero)
-    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
-
-
-def linear_int4_expanded_ref(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """`linear_int4_ref` with W rounded to bfloat16 first (the kernel from 5 rows)."""
-    w = int4_pairs_weight(qweight, scale, zero).to(torch.bfloat16).float()
+    w = w.to(torch.bfloat16).float() if expanded else w
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 

@@ -232,12 +232,8 @@ def test_int4_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
     from 5 rows, of the same over W rounded to bfloat16 (expanded once per call)."""
     x, _, packed, scale, zero, b = _int4_operands(rows, k, n, bias, rows * n + k + 4)
     out = cpu_linear.linear_int4(KERNEL, x, packed, scale, zero, b)
-    ref = (
-        cpu_linear.linear_int4_ref
-        if rows <= INT4_DIRECT_ROWS
-        else cpu_linear.linear_int4_expanded_ref
-    )
-    _ulp_close(out, ref(x, packed, scale, zero, b))
+    expanded = rows > INT4_DIRECT_ROWS
+    _ulp_close(out, cpu_linear.linear_int4_ref(x, packed, scale, zero, b, expanded))
 
 
 def test_int4_pairs_hold_two_chunks_a_byte() -> None:
