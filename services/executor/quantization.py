@@ -360,7 +360,7 @@ class Int4Linear(nn.Module):
       INT4_DEQUANT_ROWS rows, our kernel (`cpu_linear.linear_int4`): up to 4 rows it scales each
       32-feature chunk's float32 dot product, from 5 it expands W to bfloat16 once per call.
       Measured on a 2-core AMD EPYC (AVX-512 BF16, no AMX) over the 120 decoder linears of
-      SmolLM2-135M against torch's kernel: 3.1-3.4 against 3.9-4.0 ms at one row, 4.1-4.6
+      SmolLM2-135M against torch's kernel: 3.1-4.0 against 3.9-4.1 ms at one row, 4.1-4.6
       against 4.6-5.2 at 2, 6.9 against 6.2-6.9 at 4, 17-18 against 22-25 at 16, 27 against
       43-45 at 32, 49 against 85-89 at 64. From INT4_DEQUANT_ROWS, the float GEMM over W
       expanded to bfloat16 by `cpu_linear.int4_pairs_to_bf16` (the same host: 176 against 203
