@@ -1,5 +1,6 @@
 // Small-batch linear layers for the CPU, y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), with W
-// stored as bfloat16 or as int8 with one scale per output channel; x is bfloat16.
+// stored as bfloat16, as int8 with one scale per output channel, or as int4 with a scale and a
+// zero per 32 input features (below, "int4"); x is bfloat16.
 //
 // At decode batch sizes (a few rows) a linear layer reads every weight once per step, so its time
 // is the weight bytes over memory bandwidth plus a fixed cost per call. Here oneDNN's bfloat16 GEMM
@@ -13,13 +14,15 @@
 //   - int8: q converted to bfloat16 (exact: |q| <= 127 fits bfloat16's 8-bit significand), the
 //     float32 sum scaled by the channel's scale at the end: y = scale[n] * sum_k x q.
 // Sums are float32 in a fixed order (k ascending within each of 16 lanes, the lanes then added as
-// a tree), the same for every row whatever the batch size; the result is rounded to bfloat16 once.
+// a tree), the same for every row whatever the batch size (int4: whatever the batch size up to 4
+// rows, and from 5); the result is rounded to bfloat16 once.
 // Blocks of 4 output channels are spread over the threads; rows of x go 4 at a time through each
 // block while its weights are in L1. With int8 weights and more than 4 rows, a block is converted
 // to bfloat16 once, into a scratch the row tiles share (converting per tile made the kernel
 // compute-bound: over SmolLM2-135M's 120 decoder linears on that EPYC, 26.5 against 18.0 ms at
-// 32 rows, 56 against 33 ms at 64). K must be a multiple of 32; the Python side
-// (kernels/cpu/linear.py) checks and falls back to PyTorch otherwise.
+// 32 rows, 56 against 33 ms at 64). K must be a multiple of 32 (int4: 64); the Python side
+// (kernels/cpu/linear.py, and the layers' construction for int4) checks and falls back to
+// PyTorch otherwise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -408,16 +411,17 @@ torch::Tensor linear_int8_panels(torch::Tensor x, torch::Tensor panels, torch::T
 // the chunk): y = sum_j scale_j sum_k x (q - 8) + sum_j zero_j sum_k x. The sum of x per chunk is
 // computed once per call, in float32. Per output the order is fixed (chunks ascending, each
 // chunk's lanes, then the lanes as a tree, then the zeros), the same for every row whatever the
-// batch size. The packing reads 0.5 bytes a weight and 4 bytes of scale and zero per 32, as
-// torch's int4 layout does.
+// batch size up to kInt4DirectRows rows; from there W is expanded (below) and a row's sum runs in
+// the bfloat16 kernel's order, again whatever the batch size. The packing reads 0.5 bytes a
+// weight and 4 bytes of scale and zero per 32, as torch's int4 layout does in groups of 32.
 struct Int4Pairs {
   const uint8_t* q;    // [N, K / 2]
   const bf16* scale;   // [N, K / 32]
   const bf16* zero;    // [N, K / 32]
   int64_t K;
-  // the nibbles of features k .. k + 63 (one line in two: k runs in steps of 32)
+  // the nibbles of features k .. k + 127, once per 64 bytes (k runs in steps of 32)
   inline void prefetch(int64_t n, int64_t k) const {
-    if (k % 64 == 0)
+    if (k % 128 == 0)
       _mm_prefetch(reinterpret_cast<const char*>(q + n * (K / 2) + k / 2), _MM_HINT_T1);
   }
 };

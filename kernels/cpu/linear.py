@@ -21,7 +21,8 @@ from measurements, see packed_linear.py and quantization.py):
 
 Each `*_ref` is the PyTorch formula the kernel computes; results agree with it to float32
 summation order (rounded to bfloat16 once for bfloat16 activations). Inputs need a width that is a
-multiple of 32. Where a kernel is not built, `available*` returns None and callers use PyTorch.
+multiple of 32 (64 for `linear_int4`, which the int4 layers check when they pick their layout).
+Where a kernel is not built, `available*` returns None and callers use PyTorch.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ in fewer bits and expanded inside the CPU kernels (ours, or torch's where ours a
 - int4: an asymmetric scale and zero per group of `group_size` input features. For float32
   activations on a CPU with AVX2 and FMA, and bfloat16 ones on such a CPU without AVX-512, our
   kernel over our own packing (`cpu_linear.pack_int4`, in the kernel's blocks: `block_int4`);
-  otherwise
+  for bfloat16 ones on a CPU with AVX-512 BF16 (input features a multiple of 64), our AVX-512
+  BF16 kernel over pairs of 32-feature chunks (`cpu_linear.pack_int4_pairs`); otherwise
   `aten._weight_int4pack_mm_for_cpu`, the weight in the layout of
   `aten._convert_weight_to_int4pack_for_cpu` (which depends on the CPU's vector width, so it is
   packed where it runs).
@@ -77,6 +78,11 @@ INT8_PANEL_ROWS = 16
 # Int4Linear on torch's kernel: the same from this many rows (expanding int4 costs more: measured
 # here, the kernel at 256 rows takes about as long as expanding the weight, and 3x longer at 512).
 INT4_DEQUANT_ROWS = 256
+# Int4Linear on our AVX-512 BF16 kernel ("pairs"): the same from this many rows. Measured on a
+# 2-core AMD EPYC (no AMX) over the model's 120 decoder linears, the kernel against the float
+# GEMM over the weight expanded in AVX-512 code: 176 against 203 ms at 256 rows, 217-220 against
+# 227-232 at 320, 275-297 against 230 at 384, 350 against 330 at 512.
+INT4_PAIRS_DEQUANT_ROWS = 384
 # Int8Linear and Int4Linear on our float32 kernel: the same from this many rows. Measured on a
 # 2-core AVX2 host over the model's 120 decoder linears, the panels (below) against the float
 # GEMM: int8 357 against 520 ms at 256 rows, 854 against 903 at 512, 1,630 against 2,124 at
@@ -344,7 +350,7 @@ class Int4Linear(nn.Module):
     """y = x W^T + bias with W[n, k] = (q[n, k] - 8) * scale[n, k // g] + zero[n, k // g].
 
     x: [..., K] in the activation dtype the layer was built for (bfloat16, float16 or float32;
-    the dtype of the scales given) → y: [..., N] in that dtype. Two layouts, chosen at
+    the dtype of the scales given) → y: [..., N] in that dtype. Three layouts, chosen at
     construction (`layout`):
 
     - "fma" (float32 activations, or bfloat16 without AVX-512, where `f32_kernel`): `qweight`,
@@ -356,15 +362,17 @@ class Int4Linear(nn.Module):
       round the output once.
     - "pairs" (bfloat16 activations where `pairs_kernel`: AVX-512 BF16, K a multiple of 64):
       `qweight` [N, K/2] uint8 as `cpu_linear.pack_int4_pairs(q)`, `scale` and `zero` [N, K/32]
-      bfloat16 (a group wider than 32 repeats its scale and zero); the bias bfloat16. Below
-      INT4_DEQUANT_ROWS rows, our kernel (`cpu_linear.linear_int4`): up to 4 rows it scales each
+      bfloat16 (a group wider than 32 repeats its scale and zero, so groups of 64-256 store more
+      scale and zero bytes than torch's layout); the bias bfloat16. Below
+      INT4_PAIRS_DEQUANT_ROWS rows, our kernel (`cpu_linear.linear_int4`): up to 4 rows it scales each
       32-feature chunk's float32 dot product, from 5 it expands W to bfloat16 once per call.
       Measured on a 2-core AMD EPYC (AVX-512 BF16, no AMX) over the 120 decoder linears of
       SmolLM2-135M against torch's kernel: 3.1-4.0 against 3.9-4.1 ms at one row, 4.1-4.6
       against 4.6-5.2 at 2, 6.9 against 6.2-6.9 at 4, 17-18 against 22-25 at 16, 27 against
-      43-45 at 32, 49 against 85-89 at 64. From INT4_DEQUANT_ROWS, the float GEMM over W
-      expanded to bfloat16 by `cpu_linear.int4_pairs_to_bf16` (the same host: 176 against 203
-      ms at 256 rows, 275-297 against 230 at 384, 350 against 330 at 512).
+      43-45 at 32, 49 against 85-89 at 64. From INT4_PAIRS_DEQUANT_ROWS, the float GEMM over W
+      expanded to bfloat16 by `cpu_linear.int4_pairs_to_bf16`; where the kernel is disabled
+      after construction (RADIXSERVE_DISABLE_CPU_KERNELS), that GEMM at every row count, over
+      W expanded by PyTorch (correct, but slow: it expands the whole weight every call).
     - "torch": `qweight` [N, K/2] uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`
       (machine-specific), `scales_and_zeros` [K/g, N, 2] (scale, zero). Below INT4_DEQUANT_ROWS
       rows, torch's kernel.
@@ -457,7 +465,9 @@ class Int4Linear(nn.Module):
     def direct(self, x: torch.Tensor) -> Linear2D | None:
         """The kernel call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to
         this layer's weights: the FMA kernel of kernels/cpu/linear.py for 1..F32_DEQUANT_ROWS-1
-        float32 or bfloat16 rows of an "fma" layer where it is available; torch's kernel for 1..
+        float32 or bfloat16 rows of an "fma" layer where it is available; our AVX-512 BF16
+        kernel (`cpu_linear.linear_int4`, the bias included) for 1..INT4_PAIRS_DEQUANT_ROWS-1
+        bfloat16 rows of a "pairs" layer where it is available; torch's kernel for 1..
         INT4_DEQUANT_ROWS-1 rows of a "torch" layer without a bias (a bound call saves the
         module's checks, about 8 us of a 20-45 us call at one row); None where `forward` runs
         the float GEMM or adds a bias."""
@@ -485,7 +495,7 @@ class Int4Linear(nn.Module):
         return lambda flat: cpu_linear.linear_int4_f32(kernel, flat, q, scale, zero, group, n, bias)
 
     def _direct_pairs(self, x: torch.Tensor) -> Linear2D | None:
-        if not 0 < x.shape[0] < INT4_DEQUANT_ROWS:
+        if not 0 < x.shape[0] < INT4_PAIRS_DEQUANT_ROWS:
             return None
         kernel = cpu_linear.available(x, self.in_features)
         if kernel is None:
@@ -566,7 +576,8 @@ def traceable_int4(model: nn.Module) -> int:
     """Re-packs every int4 layer of `model` on our AVX-512 BF16 kernel (layout "pairs") in
     torch's layout, in place, for torch.compile: it cannot trace our kernel, so those layers
     would run their PyTorch path, expanding the weight on every call (measured: a one-row
-    bfloat16 `gguf` decode step took 190 ms instead of 10.5), while it traces torch's int4 kernel.
+    bfloat16 `gguf` decode step took 190 ms instead of 9.6-10.5), while it traces torch's int4
+    kernel.
     The same q, scales and zeros; returns how many layers were re-packed."""
     count = 0
     for parent, name, _, child in children_of_type(model, Int4Linear):

@@ -29,6 +29,7 @@ from services.executor.quantization import (
     DEQUANT_ROWS,
     F32_DEQUANT_ROWS,
     INT4_DEQUANT_ROWS,
+    INT4_PAIRS_DEQUANT_ROWS,
     KERNEL_DEQUANT_ROWS,
     Int4Linear,
     Int8Linear,
@@ -51,7 +52,7 @@ SHAPES = [(16, 32), (48, 96), (64, 1536), (1728, 576)]  # (N, K); the last: Smol
 # odd sizes, and every kernel and float path
 ROWS = [
     1, 3, 17, 64, DEQUANT_ROWS, KERNEL_DEQUANT_ROWS - 1, KERNEL_DEQUANT_ROWS,
-    F32_DEQUANT_ROWS + 3, INT4_DEQUANT_ROWS + 44,
+    F32_DEQUANT_ROWS + 3, INT4_DEQUANT_ROWS + 44, INT4_PAIRS_DEQUANT_ROWS + 5,
 ]  # fmt: skip
 
 
@@ -97,7 +98,7 @@ def test_int4_matches_reference(shape: tuple[int, int], dtype: torch.dtype) -> N
 
 
 def test_int4_torch_layout_binds_torchs_kernel_below_its_row_limit() -> None:
-    """A float16 int4 layer (torch's packing on every CPU, as bfloat16 on AVX-512 ones) hands the
+    """A float16 int4 layer (torch's packing on every CPU) hands the
     direct decode loop torch's kernel bound to its weights: the same output as the module, bit
     for bit; none from the float-GEMM row limit on, nor for a layer with a bias (the module adds
     it)."""
@@ -128,7 +129,8 @@ def test_int4_pairs_layout_binds_our_kernel_below_its_row_limit(group: int) -> N
     """On AVX-512 BF16 CPUs a bfloat16 int4 layer holds our kernel's packing, a scale and a zero
     per 32 features whatever its group, and hands the direct decode loop that kernel bound to
     its weights (the bias too): the module's output bit for bit; the float GEMM from
-    INT4_DEQUANT_ROWS rows, over the same W."""
+    INT4_PAIRS_DEQUANT_ROWS rows, over the same W, and at every row count once the kernels are
+    disabled."""
     w, bias = weight(64, 256), torch.randn(64) / 10
     layer = Int4Linear.from_float(w, bias, group, torch.bfloat16)
     assert layer.layout == "pairs"
@@ -138,7 +140,7 @@ def test_int4_pairs_layout_binds_our_kernel_below_its_row_limit(group: int) -> N
     assert torch.equal(layer.scale, scale.repeat_interleave(chunks, dim=1))
     assert torch.equal(layer.zero, zero.repeat_interleave(chunks, dim=1))
     gen = torch.Generator().manual_seed(4)
-    for rows in (1, 4, 5, INT4_DEQUANT_ROWS - 1):
+    for rows in (1, 4, 5, INT4_PAIRS_DEQUANT_ROWS - 1):
         x = torch.randn(rows, 256, generator=gen).bfloat16()
         call = layer.direct(x)
         assert call is not None
@@ -147,10 +149,16 @@ def test_int4_pairs_layout_binds_our_kernel_below_its_row_limit(group: int) -> N
             kernel, x, layer.qweight, layer.scale, layer.zero, layer.bias
         )
         assert torch.equal(call(x), expected) and torch.equal(layer(x), expected)
-    many = torch.randn(INT4_DEQUANT_ROWS, 256, generator=gen).bfloat16()
+    many = torch.randn(INT4_PAIRS_DEQUANT_ROWS, 256, generator=gen).bfloat16()
     assert layer.direct(many) is None
     ref = torch.nn.functional.linear(many, layer.dequantize().bfloat16()) + layer.bias
     assert torch.equal(layer(many), ref)
+    few = many[:3]
+    expected = torch.nn.functional.linear(few, layer.dequantize().bfloat16()) + layer.bias
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+        assert layer.direct(few) is None
+        assert torch.equal(layer(few), expected)
 
 
 def test_int4_packed_layout_is_recognised() -> None:

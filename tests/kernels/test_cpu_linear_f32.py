@@ -24,6 +24,7 @@ from services.executor.quantization import (
     F32_PANEL_ROWS,
     Int4Linear,
     Int8Linear,
+    pairs_kernel,
     quantize_int4,
     quantize_int8,
 )
@@ -652,18 +653,24 @@ def test_int8_blocks_run_the_float_gemm_when_the_kernels_are_disabled(rows: int,
 
 
 def test_int4_layers_keep_torchs_packing_where_the_kernel_may_not_run(monkeypatch) -> None:
+    """bfloat16 runs the float32 kernel without AVX-512 and our AVX-512 BF16 kernel where the
+    CPU has it; torch's kernel otherwise, for float16, and wherever the kernels are disabled."""
     w = torch.randn(64, 128)
-    bf16 = "torch" if AVX512 else "fma"  # bfloat16 runs the float32 kernel without AVX-512
+    if not AVX512:
+        bf16 = "fma"
+    else:
+        bf16 = "pairs" if pairs_kernel(torch.bfloat16, 128) else "torch"
     assert Int4Linear.from_float(w, None, 32, torch.bfloat16).layout == bf16
     assert Int4Linear.from_float(w, None, 32, torch.float16).layout == "torch"
     monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    assert Int4Linear.from_float(w, None, 32, torch.bfloat16).layout == "torch"
     layer = Int4Linear.from_float(w, None, 32, torch.float32)
     assert layer.layout == "torch" and hasattr(layer, "scales_and_zeros")
     x = torch.randn(3, 128)
     _close(layer(x), nn.functional.linear(x, layer.dequantize()), x, layer.dequantize())
 
 
-@pytest.mark.skipif(AVX512, reason="AVX-512 CPUs keep torch's bfloat16 kernels")
+@pytest.mark.skipif(AVX512, reason="AVX-512 CPUs run the AVX-512 bfloat16 kernels")
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, F32_PANEL_ROWS, 40, F32_DEQUANT_ROWS + 7])
 def test_bfloat16_quantized_layers_without_avx512_compute_in_float32(
