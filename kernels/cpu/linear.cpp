@@ -522,18 +522,27 @@ inline void expand_int4_block(const Int4Pairs& w, int64_t n0, int64_t channels,
   }
 }
 
-// x [M, K] bf16, q [N, K / 2] uint8 (pack_int4_pairs), scale and zero [N, K / 32] bf16, bias [N]
-// bf16 or None -> [M, N] bf16; K a multiple of 64.
-torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
-                          torch::Tensor zero, c10::optional<torch::Tensor> bias) {
+// The packed weight q [N, K / 2] uint8 (pack_int4_pairs), scale and zero [N, K / 32] bf16, checked
+// (K a multiple of 64).
+Int4Pairs int4_pairs(const torch::Tensor& q, const torch::Tensor& scale,
+                     const torch::Tensor& zero) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(),
               "q must be a contiguous [N, K / 2] uint8 tensor");
-  const int64_t M = x.size(0), K = 2 * q.size(1), N = q.size(0), chunks = K / 32;
-  check_input(x, K, 64);
+  const int64_t N = q.size(0), K = 2 * q.size(1);
+  TORCH_CHECK(K % 64 == 0, "K = ", K, " must be a multiple of 64");
   for (const auto* t : {&scale, &zero})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 2 &&
-                    t->size(0) == N && t->size(1) == chunks,
+                    t->size(0) == N && t->size(1) == K / 32,
                 "scale and zero must be contiguous [N, K / 32] bfloat16 tensors");
+  return {q.data_ptr<uint8_t>(), scale.data_ptr<bf16>(), zero.data_ptr<bf16>(), K};
+}
+
+// x [M, K] bf16, the packed weight (int4_pairs), bias [N] bf16 or None -> [M, N] bf16.
+torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
+                          torch::Tensor zero, c10::optional<torch::Tensor> bias) {
+  const Int4Pairs w = int4_pairs(q, scale, zero);
+  const int64_t M = x.size(0), K = w.K, N = q.size(0), chunks = K / 32;
+  check_input(x, K, 64);
   const bf16* xp = x.data_ptr<bf16>();
   std::vector<float> xsum(M * chunks);
   for (int64_t m = 0; m < M; ++m)
@@ -547,7 +556,9 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   auto out = torch::empty({M, N}, x.options());
   bf16* o = out.data_ptr<bf16>();
   const bf16* b = bias_ptr(bias, N);
-  const Int4Pairs w{q.data_ptr<uint8_t>(), scale.data_ptr<bf16>(), zero.data_ptr<bf16>(), K};
+  auto store = [&](int64_t m, int64_t n, float v) {
+    o[m * N + n] = static_cast<bf16>(b ? v + bf16_to_float(b[n]) : v);
+  };
   const int64_t blocks = (N + kChannels - 1) / kChannels;
   at::parallel_for(0, blocks, kGrain, [&](int64_t b0, int64_t b1) {
     const __m512i table = int4_table();
@@ -559,25 +570,20 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
         expanded.resize(kChannels * K);
         expand_int4_block(w, n0, channels, table, expanded.data());
         const ConvertedBlock<Int4Pairs> block{expanded.data(), n0, K, w};
-        run_block(xp, M, K, block, n0, channels, [&](int64_t m, int64_t n, float v) {
-          o[m * N + n] = static_cast<bf16>(b ? v + bf16_to_float(b[n]) : v);
-        });
+        run_block(xp, M, K, block, n0, channels, store);
         continue;
       }
       for (int64_t m0 = 0; m0 < M; m0 += kRowsPerTile) {
         const int64_t rows = std::min<int64_t>(kRowsPerTile, M - m0);
         const float* xs = xsum.data() + m0 * chunks;
-        auto finish = [&](int64_t m, int64_t n, float v) {
-          o[(m0 + m) * N + n] = static_cast<bf16>(b ? v + bf16_to_float(b[n]) : v);
-        };
         if (channels == kChannels) {
           int4_rows<kChannels>(rows, xp + m0 * K, xs, w, n0, table, sums);
           for (int64_t m = 0; m < rows; ++m)
-            for (int64_t c = 0; c < kChannels; ++c) finish(m, n0 + c, sums[m * kChannels + c]);
+            for (int64_t c = 0; c < kChannels; ++c) store(m0 + m, n0 + c, sums[m * kChannels + c]);
         } else {
           for (int64_t c = 0; c < channels; ++c) {
             int4_rows<1>(rows, xp + m0 * K, xs, w, n0 + c, table, sums);
-            for (int64_t m = 0; m < rows; ++m) finish(m, n0 + c, sums[m]);
+            for (int64_t m = 0; m < rows; ++m) store(m0 + m, n0 + c, sums[m]);
           }
         }
       }
@@ -590,16 +596,9 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
 // bf16((q - 8) * scale + zero) with one float32 fused multiply-add per weight (what linear_int4
 // computes with from 5 rows), the channels spread over the threads.
 torch::Tensor int4_pairs_to_bf16(torch::Tensor q, torch::Tensor scale, torch::Tensor zero) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(),
-              "q must be a contiguous [N, K / 2] uint8 tensor");
-  const int64_t N = q.size(0), K = 2 * q.size(1);
-  TORCH_CHECK(K % 64 == 0, "K = ", K, " must be a multiple of 64");
-  for (const auto* t : {&scale, &zero})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 2 &&
-                    t->size(0) == N && t->size(1) == K / 32,
-                "scale and zero must be contiguous [N, K / 32] bfloat16 tensors");
+  const Int4Pairs w = int4_pairs(q, scale, zero);
+  const int64_t N = q.size(0), K = w.K;
   auto out = torch::empty({N, K}, scale.options());
-  const Int4Pairs w{q.data_ptr<uint8_t>(), scale.data_ptr<bf16>(), zero.data_ptr<bf16>(), K};
   bf16* o = out.data_ptr<bf16>();
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
     expand_int4_block(w, n0, n1 - n0, int4_table(), o + n0 * K);

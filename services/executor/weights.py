@@ -156,7 +156,7 @@ def load_model(
         quantize_linears(model, quant.method, quant.group_size)
     if prepack:
         prepack_linears(model)
-    elif quant.method in ("int4", "gguf"):  # torch.compile: int4 layers on torch's kernel
+    else:  # torch.compile: int4 layers on torch's kernel
         traceable_int4(model)
     source = quant.gguf_path if quant.method == "gguf" else path
     log.info("loaded %s (%s, %s, quantization %s)", source, cfg.architecture, dtype, quant.label)
