@@ -1029,7 +1029,8 @@ void dispatch_dtypes(const torch::Tensor& q, const torch::Tensor& pool, const Fn
 
 // q: [B, H, D]; k_pool, v_pool: [num_slots, Hkv, D] (see dispatch_dtypes);
 // table: [rows, context] int64; rows, seq_lens: [B] int64 (keys are positions 0 .. seq_len-1).
-// Returns [B, H, D] float32.
+// Returns [B, H, D] in q's dtype: the float32 sums rounded to nearest even for bfloat16 q, as
+// Tensor.to rounds them.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor table, torch::Tensor rows,
                                      torch::Tensor seq_lens, double scale) {
@@ -1038,7 +1039,20 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
     run<decltype(tq), decltype(tk)>(q, k_pool, v_pool, table, rows, nullptr, seq_lens, scale, out,
                                     nullptr);
   });
-  return out;
+  if (q.scalar_type() != torch::kBFloat16) return out;
+  auto rounded = torch::empty(q.sizes(), q.options().dtype(torch::kBFloat16));
+  const float* src = out.data_ptr<float>();
+  at::BFloat16* dst = rounded.data_ptr<at::BFloat16>();
+  const int64_t n = out.numel();
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 16 <= n; i += 16) {  // vcvtneps2bf16 rounds to nearest even, as the scalar cast
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);
+  return rounded;
 }
 
 // As paged_decode_attention over keys key_starts[b] .. seq_lens[b] - 1 only (key_starts: [B]

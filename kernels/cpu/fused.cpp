@@ -7,11 +7,15 @@
 //   add_rmsnorm:  s = x + r (rounded); y = w * round(s * rsqrt(mean(s^2) + eps))
 //   silu_and_mul: y = round(silu(g)) * u, with g | u the two halves of each row
 //   rope:         q, k = rotate-half RoPE in the activation dtype with cos/sin rounded to it (HF)
+//   rope_store:   q as rope, k (rotated) and v written straight into their KV pool rows
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -81,10 +85,12 @@ inline void rotate(const T* src, T* dst, int64_t heads, int64_t dim, const float
   }
 }
 
-template <typename T>
+// Rotates token t's q heads into q_out row t and its k heads into k_row(t); with v_row, also
+// copies its v heads (after the k heads in qkv) to v_row(t).
+template <typename T, typename KRow, typename VRow>
 void rope_rows(const T* qkv, int64_t qkv_stride, const int64_t* pos, const float* cos,
-               const float* sin, T* q_out, T* k_out, int64_t tokens, int64_t heads,
-               int64_t kv_heads, int64_t dim) {
+               const float* sin, T* q_out, const KRow& k_row, const VRow& v_row, int64_t tokens,
+               int64_t heads, int64_t kv_heads, int64_t dim) {
   const int64_t half = dim / 2;
   at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> c(half), s(half);
@@ -97,7 +103,10 @@ void rope_rows(const T* qkv, int64_t qkv_stride, const int64_t* pos, const float
       }
       const T* row = qkv + t * qkv_stride;
       rotate<T>(row, q_out + t * heads * dim, heads, dim, c.data(), s.data());
-      rotate<T>(row + heads * dim, k_out + t * kv_heads * dim, kv_heads, dim, c.data(), s.data());
+      rotate<T>(row + heads * dim, k_row(t), kv_heads, dim, c.data(), s.data());
+      if constexpr (!std::is_same_v<VRow, std::nullptr_t>) {
+        std::memcpy(v_row(t), row + (heads + kv_heads) * dim, sizeof(T) * kv_heads * dim);
+      }
     }
   });
 }
@@ -156,11 +165,10 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
   return out;
 }
 
-// qkv: [T, >= (heads + kv_heads) * dim] rows (q heads then k heads first; any row stride);
-// positions: [T] int64; cos, sin: [max_positions, dim / 2] float32. Returns (q [T, heads, dim],
-// k [T, kv_heads, dim]) rotated, in qkv's dtype.
-std::vector<torch::Tensor> rope(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos,
-                                torch::Tensor sin, int64_t heads, int64_t kv_heads, int64_t dim) {
+// The checks of rope's arguments (see rope); returns the positions.
+const int64_t* check_rope_args(const torch::Tensor& qkv, const torch::Tensor& positions,
+                               const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads,
+                               int64_t kv_heads, int64_t dim) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 2 && qkv.stride(1) == 1, "qkv rows");
   TORCH_CHECK(qkv.size(1) >= (heads + kv_heads) * dim && dim % 2 == 0, "qkv width / head_dim");
   check_cpu_contiguous(positions, "positions");
@@ -170,30 +178,89 @@ std::vector<torch::Tensor> rope(torch::Tensor qkv, torch::Tensor positions, torc
               "positions must be int64 [T]");
   TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.sizes() == cos.sizes() &&
                   cos.size(1) == dim / 2, "cos/sin must be float32 [max_positions, dim / 2]");
-  const int64_t tokens = qkv.size(0);
   const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t t = 0; t < tokens; ++t) {
+  for (int64_t t = 0; t < qkv.size(0); ++t) {
     TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "position ", pos[t],
                 " is outside the rotary table (", cos.size(0), " positions)");
   }
+  return pos;
+}
+
+// Calls fn(T()) with T the element type of x: bfloat16 or float32 (else raises).
+template <typename Fn>
+void dispatch_float(const torch::Tensor& x, const Fn& fn) {
+  if (x.scalar_type() == torch::kBFloat16) {
+    fn(at::BFloat16());
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "dtype must be float32 or bfloat16");
+    fn(float());
+  }
+}
+
+// qkv: [T, >= (heads + kv_heads) * dim] rows (q heads then k heads first; any row stride);
+// positions: [T] int64; cos, sin: [max_positions, dim / 2] float32. Returns (q [T, heads, dim],
+// k [T, kv_heads, dim]) rotated, in qkv's dtype.
+std::vector<torch::Tensor> rope(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos,
+                                torch::Tensor sin, int64_t heads, int64_t kv_heads, int64_t dim) {
+  const int64_t* pos = check_rope_args(qkv, positions, cos, sin, heads, kv_heads, dim);
+  const int64_t tokens = qkv.size(0);
   auto q = torch::empty({tokens, heads, dim}, qkv.options());
   auto k = torch::empty({tokens, kv_heads, dim}, qkv.options());
-  if (qkv.scalar_type() == torch::kBFloat16) {
-    using T = at::BFloat16;
+  dispatch_float(qkv, [&](auto zero) {
+    using T = decltype(zero);
+    T* kp = k.data_ptr<T>();
     rope_rows<T>(qkv.data_ptr<T>(), qkv.stride(0), pos, cos.data_ptr<float>(),
-                 sin.data_ptr<float>(), q.data_ptr<T>(), k.data_ptr<T>(), tokens, heads,
+                 sin.data_ptr<float>(), q.data_ptr<T>(),
+                 [&](int64_t t) { return kp + t * kv_heads * dim; }, nullptr, tokens, heads,
                  kv_heads, dim);
-  } else {
-    TORCH_CHECK(qkv.scalar_type() == torch::kFloat32, "dtype must be float32 or bfloat16");
-    rope_rows<float>(qkv.data_ptr<float>(), qkv.stride(0), pos, cos.data_ptr<float>(),
-                     sin.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), tokens,
-                     heads, kv_heads, dim);
-  }
+  });
   return {q, k};
+}
+
+// As rope, with the rotated k heads and the v heads (those after the k heads in qkv, which must
+// be (heads + 2 * kv_heads) * dim wide) of token t stored straight into row loc[t] of k_pool and
+// v_pool ([slots, kv_heads, dim], contiguous, qkv's dtype) instead of returned; loc: [T] int64,
+// distinct slots. Returns q [T, heads, dim]. What `rope` and an index_copy_ of k and v into the
+// pools do, in one call.
+torch::Tensor rope_store(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos,
+                         torch::Tensor sin, int64_t heads, int64_t kv_heads, int64_t dim,
+                         torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor loc) {
+  const int64_t* pos = check_rope_args(qkv, positions, cos, sin, heads, kv_heads, dim);
+  TORCH_CHECK(qkv.size(1) >= (heads + 2 * kv_heads) * dim, "qkv has no v heads after the k heads");
+  check_cpu_contiguous(loc, "loc");
+  TORCH_CHECK(loc.scalar_type() == torch::kInt64 && loc.dim() == 1 && loc.size(0) == qkv.size(0),
+              "loc must be int64 [T]");
+  for (const auto* pool : {&k_pool, &v_pool}) {
+    check_cpu_contiguous(*pool, "pools");
+    TORCH_CHECK(pool->scalar_type() == qkv.scalar_type(), "pools must have qkv's dtype");
+    TORCH_CHECK(pool->dim() == 3 && pool->size(1) == kv_heads && pool->size(2) == dim &&
+                    pool->size(0) == k_pool.size(0),
+                "pools must be [slots, kv_heads, head_dim], both the same size");
+  }
+  const int64_t tokens = qkv.size(0), slots = k_pool.size(0);
+  const int64_t* lp = loc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(lp[t] >= 0 && lp[t] < slots, "slot ", lp[t], " is outside the pool (", slots,
+                " slots)");
+  }
+  auto q = torch::empty({tokens, heads, dim}, qkv.options());
+  dispatch_float(qkv, [&](auto zero) {
+    using T = decltype(zero);
+    T* kp = k_pool.data_ptr<T>();
+    T* vp = v_pool.data_ptr<T>();
+    const int64_t row = kv_heads * dim;
+    rope_rows<T>(qkv.data_ptr<T>(), qkv.stride(0), pos, cos.data_ptr<float>(),
+                 sin.data_ptr<float>(), q.data_ptr<T>(),
+                 [&](int64_t t) { return kp + lp[t] * row; },
+                 [&](int64_t t) { return vp + lp[t] * row; }, tokens, heads, kv_heads, dim);
+  });
+  return q;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rmsnorm", &add_rmsnorm, "residual add + RMSNorm (HF Llama semantics)");
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");
   m.def("rope", &rope, "rotate-half RoPE of the q and k heads of a fused qkv projection");
+  m.def("rope_store", &rope_store,
+        "rope, with k rotated and v stored into the KV pools' rows loc instead of returned");
 }

@@ -190,6 +190,7 @@ class DirectDecode:
             self.v_start,
         )
         scale = self.attn.scale
+        fused_store = k_pools[0].dtype == self.dtype
         x, residual = F.embedding(batch.input_ids, self.embed.weight), None
         for i, calls in enumerate(layers):
             if residual is None:
@@ -197,10 +198,15 @@ class DirectDecode:
             else:
                 x, residual = kernel.add_rmsnorm(x, residual, calls.input_norm, calls.input_eps)
             qkv = calls.qkv(x)
-            q, k = kernel.rope(qkv, positions, cos, sin, heads, kv_heads, dim)
-            v = qkv[:, v_start:].view(-1, kv_heads, dim)
-            store_rows(k_pools[i], loc, k)  # no conversion unless --kv-cache-dtype
-            store_rows(v_pools[i], loc, v)
+            if fused_store:
+                q = kernel.rope_store(
+                    qkv, positions, cos, sin, heads, kv_heads, dim, k_pools[i], v_pools[i], loc
+                )
+            else:  # --kv-cache-dtype narrower than the model: rounded as they are stored
+                q, k = kernel.rope(qkv, positions, cos, sin, heads, kv_heads, dim)
+                v = qkv[:, v_start:].view(-1, kv_heads, dim)
+                store_rows(k_pools[i], loc, k)
+                store_rows(v_pools[i], loc, v)
             if i == 0:
                 cpu_kernels.check_decode_args(
                     q, k_pools[0], v_pools[0], table, part.rows, part.seq_lens
@@ -208,7 +214,7 @@ class DirectDecode:
             out = attention.paged_decode_attention(
                 q, k_pools[i], v_pools[i], table, part.rows, part.seq_lens, scale
             )
-            x = calls.o_proj(out.to(self.dtype).view(rows, heads * dim))
+            x = calls.o_proj(out.view(rows, heads * dim))
             x, residual = kernel.add_rmsnorm(x, residual, calls.post_norm, calls.post_eps)
             x = calls.down(kernel.silu_and_mul(calls.gate_up(x)))
         x = kernel.add_rmsnorm(x, residual, self.norm.weight.detach(), self.norm.eps)[0]

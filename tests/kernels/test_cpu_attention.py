@@ -51,6 +51,30 @@ def test_kernel_matches_reference(
     assert (out.float() - ref.float()).abs().max().item() < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e5m2])
+def test_bfloat16_output_is_the_float32_sums_rounded_once(kv_dtype: torch.dtype) -> None:
+    # The module returns bfloat16 queries' output in bfloat16, rounded in C++ (vectorised, with a
+    # scalar tail: 9 heads x 64 = 576 values per row, 7 rows end mid-vector); the float32 sums it
+    # rounds are those of the lse variant, which returns them as they are.
+    gen = torch.Generator().manual_seed(5)
+    k_pool = torch.randn(500, 3, 64, generator=gen).to(kv_dtype)
+    v_pool = torch.randn(500, 3, 64, generator=gen).to(kv_dtype)
+    table = torch.randint(1, 500, (8, 200), generator=gen)
+    rows, seq_lens = torch.arange(7), torch.tensor([1, 2, 17, 64, 199, 100, 33])
+    q = torch.randn(7, 9, 64, generator=gen).bfloat16()
+    module = cpu_kernels.load()
+    out = module.paged_decode_attention(q, k_pool, v_pool, table, rows, seq_lens, 0.125)
+    sums, _ = module.paged_decode_attention_lse(
+        q, k_pool, v_pool, table, rows, torch.zeros_like(rows), seq_lens, 0.125
+    )
+    assert out.dtype == torch.bfloat16 and sums.dtype == torch.float32
+    assert torch.equal(out, sums.bfloat16())
+    assert (
+        module.paged_decode_attention(q.float(), k_pool, v_pool, table, rows, seq_lens, 0.125).dtype
+        == torch.float32
+    )
+
+
 @pytest.mark.parametrize(("dtype", "kv_dtype"), DTYPE_PAIRS)
 # bfloat16 at head_dim 64 runs the AVX-512 BF16 kernel over the query rows in chunks of 16 to 64:
 # groups of 1, 3, 4, 5 (80 rows) and 8 (128 rows)

@@ -68,6 +68,65 @@ def test_rope_matches_reference(dtype, heads, kv_heads):
         torch.testing.assert_close(k, ref_k, atol=1e-6, rtol=1e-6)
 
 
+def _rope_tables(dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    angles = torch.outer(torch.arange(max_pos).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "tokens"), [(9, 3, 1), (9, 3, 16), (4, 4, 5)])
+def test_rope_store_writes_what_rope_and_two_stores_write(dtype, heads, kv_heads, tokens):
+    dim, slots = 64, 40
+    cos, sin = _rope_tables(dim, 512)
+    gen = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    positions = torch.randint(0, 512, (tokens,), generator=gen)
+    loc = torch.randperm(slots, generator=gen)[:tokens]
+    pools = [torch.randn(slots, kv_heads, dim, generator=gen).to(dtype) for _ in range(2)]
+    k_pool, v_pool = (p.clone() for p in pools)
+    ref_k, ref_v = (p.clone() for p in pools)
+    q = fused.rope_store(qkv, positions, cos, sin, heads, kv_heads, dim, k_pool, v_pool, loc)
+    ref_q = fused.rope_store_ref(qkv, positions, cos, sin, heads, kv_heads, dim, ref_k, ref_v, loc)
+    _, k = fused.rope_ref(qkv, positions, cos, sin, heads, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    if dtype == torch.bfloat16:  # bit for bit, as rope
+        assert torch.equal(q, ref_q) and torch.equal(k_pool, ref_k)
+        assert torch.equal(k_pool[loc], k)
+    else:
+        torch.testing.assert_close(q, ref_q, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(k_pool, ref_k, atol=1e-6, rtol=1e-6)
+    assert torch.equal(v_pool, ref_v) and torch.equal(v_pool[loc], v)
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[loc] = False
+    for pool, before in zip((k_pool, v_pool), pools, strict=True):
+        assert torch.equal(pool[untouched], before[untouched])  # no other slot changes
+
+
+def test_rope_store_under_a_narrower_pool_rounds_as_store_rows():
+    heads, kv_heads, dim, slots = 2, 1, 64, 8
+    cos, sin = _rope_tables(dim, 16)
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, generator=torch.Generator().manual_seed(3))
+    positions, loc = torch.tensor([0, 5, 15]), torch.tensor([7, 0, 3])
+    k_pool, v_pool = (torch.zeros(slots, kv_heads, dim, dtype=torch.bfloat16) for _ in range(2))
+    q = fused.rope_store(qkv, positions, cos, sin, heads, kv_heads, dim, k_pool, v_pool, loc)
+    ref_q, ref_k = fused.rope(qkv, positions, cos, sin, heads, kv_heads, dim)
+    assert torch.equal(q, ref_q)
+    assert torch.equal(k_pool[loc], ref_k.bfloat16())
+    assert torch.equal(v_pool[loc], qkv[:, 3 * dim :].view(3, 1, dim).bfloat16())
+
+
+def test_rope_store_rejects_a_slot_outside_the_pools():
+    cos = sin = torch.zeros(8, 32)
+    qkv = torch.zeros(2, 3 * 64)
+    k_pool, v_pool = torch.zeros(4, 1, 64), torch.zeros(4, 1, 64)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        fused.rope_store(
+            qkv, torch.tensor([0, 1]), cos, sin, 1, 1, 64, k_pool, v_pool, torch.tensor([0, 4])
+        )
+    assert not k_pool.any() and not v_pool.any()
+
+
 def test_rope_rejects_a_position_outside_the_table():
     cos = sin = torch.zeros(8, 32)
     qkv = torch.zeros(2, 3 * 64)
