@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from services.common.config import add_arguments, from_args, to_argv
 from services.common.log import LogConfig, setup_logging
-from services.common.ports import free_port
+from services.common.ports import free_port, reserve
 from services.common.tracing import TracingConfig
 
 # (service, config class) in start order; the gateway is the one users talk to.
@@ -121,6 +121,8 @@ def wiring(args: argparse.Namespace) -> list[tuple[str, str, dict[str, object]]]
     """(child name, service, its wiring flags) of every child, in start order."""
     dp = args.dp_size
     metrics = metrics_ports(args.metrics_port, dp)
+    # The fixed ports first, so no internal port is picked among them.
+    reserve([args.port, *(port for port in metrics.values() if port is not None)])
     tokenizer = f"127.0.0.1:{(tokenizer_port := free_port())}"
     children: list[tuple[str, str, dict[str, object]]] = [
         ("tokenizer", "tokenizer", {"host": "127.0.0.1", "port": tokenizer_port}),

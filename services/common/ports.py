@@ -10,6 +10,14 @@ _given: set[int] = set()
 _lock = threading.Lock()
 
 
+def reserve(ports: list[int]) -> None:
+    """Marks `ports` (fixed ones a caller has promised to a service: `serve --port`, the
+    `--metrics-port` range) as handed out, so `free_port` never picks one of them for another
+    service of this process."""
+    with _lock:
+        _given.update(ports)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on `host` now that this process has not handed out before.
 

@@ -57,6 +57,23 @@ def test_serve_wires_every_service_to_a_port_of_its_own(monkeypatch: pytest.Monk
     )  # a tokenizer; an executor, a scheduler each
 
 
+def test_serve_never_picks_its_fixed_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel offers the gateway's and the metrics ports first: serve skips them."""
+    monkeypatch.setattr(ports, "_given", set())
+    fixed = [43000, 43100, 43101, 43102]  # --port, then the tokenizer's, executor's, scheduler's
+    monkeypatch.setattr(ports.socket, "socket", _Kernel([*fixed, 43001, 43002, 43003]))
+    args = build_parser().parse_args(["serve", "--port", "43000", "--metrics-port", "43100"])
+    children = wiring(args)
+    internal = sorted(wires["port"] for name, _, wires in children if name != "gateway")
+    assert internal == [43001, 43002, 43003]
+    assert {name: wires.get("metrics_port") for name, _, wires in children} == {
+        "tokenizer": 43100,
+        "executor": 43101,
+        "scheduler": 43102,
+        "gateway": None,
+    }
+
+
 def test_a_taken_port_fails_to_bind() -> None:
     async def main() -> str:
         first = GrpcServer("127.0.0.1", ports.free_port(), ["radixserve.Tokenizer"])
