@@ -1030,7 +1030,8 @@ void dispatch_dtypes(const torch::Tensor& q, const torch::Tensor& pool, const Fn
 // q: [B, H, D]; k_pool, v_pool: [num_slots, Hkv, D] (see dispatch_dtypes);
 // table: [rows, context] int64; rows, seq_lens: [B] int64 (keys are positions 0 .. seq_len-1).
 // Returns [B, H, D] in q's dtype: the float32 sums rounded to nearest even for bfloat16 q, as
-// Tensor.to rounds them.
+// Tensor.to rounds them (but for denormal values, below 1.2e-38, which vcvtneps2bf16 takes as
+// zero).
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor table, torch::Tensor rows,
                                      torch::Tensor seq_lens, double scale) {

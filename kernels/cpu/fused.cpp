@@ -8,6 +8,9 @@
 //   silu_and_mul: y = round(silu(g)) * u, with g | u the two halves of each row
 //   rope:         q, k = rotate-half RoPE in the activation dtype with cos/sin rounded to it (HF)
 //   rope_store:   q as rope, k (rotated) and v written straight into their KV pool rows
+// On CPUs with AVX-512 BF16 the bfloat16 rows of add_rmsnorm and silu_and_mul run 16 values a
+// vector (7x and 3x faster at 16 rows of SmolLM2-135M; a scalar bfloat16 conversion costs more
+// than the arithmetic around it).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -16,17 +19,89 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 // Rounds a float to the storage type and back, as a PyTorch op producing that dtype does.
 template <typename T> inline float rnd(float v) { return static_cast<float>(static_cast<T>(v)); }
 
+#if defined(__AVX512BF16__)
+// bfloat16 rows in AVX-512, 16 values a vector, the last vector of a row masked: widening is
+// exact, and vcvtneps2bf16 rounds to nearest even as the scalar cast does, except that it takes
+// denormal inputs (below 1.2e-38) as zero, which the scalar cast keeps.
+using bf16 = at::BFloat16;
+
+inline __mmask16 tail_mask(int64_t d, int64_t n) {
+  return n - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - d)) - 1);
+}
+inline __m512 load_bf16(const bf16* p, __mmask16 m) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+inline __m512 round_bf16(__m512 v) {  // rnd<bf16> of 16 values
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
+inline void store_bf16(bf16* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, to_bf16(v)); }
+
+// add_rmsnorm_rows's row for bfloat16: the same roundings, the sum of squares in 16 lanes.
+void add_rmsnorm_row_bf16(const bf16* x, const bf16* r, const bf16* w, bf16* out, bf16* sum_out,
+                          float* s, int64_t dim, float eps) {
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 m = tail_mask(d, dim);
+    __m512 v = load_bf16(x + d, m);
+    if (r != nullptr) {
+      v = round_bf16(_mm512_add_ps(v, load_bf16(r + d, m)));
+      store_bf16(sum_out + d, m, v);
+    }
+    _mm512_mask_storeu_ps(s + d, m, v);
+    squares = _mm512_fmadd_ps(v, v, squares);  // masked lanes are zero
+  }
+  const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(dim) + eps);
+  const __m512 scale = _mm512_set1_ps(inv);
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 m = tail_mask(d, dim);
+    const __m512 y = round_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + d), scale));
+    store_bf16(out + d, m, _mm512_mul_ps(load_bf16(w + d, m), y));
+  }
+}
+
+// silu_and_mul_rows's row for bfloat16: silu in float32 over the whole row first (exp vectorized
+// through libmvec), then the roundings.
+void silu_and_mul_row_bf16(const bf16* g, const bf16* u, bf16* o, float* s, int64_t inter) {
+  for (int64_t d = 0; d < inter; d += 16) {
+    const __mmask16 m = tail_mask(d, inter);
+    _mm512_mask_storeu_ps(s + d, m, load_bf16(g + d, m));
+  }
+#pragma omp simd
+  for (int64_t d = 0; d < inter; ++d) s[d] = s[d] / (1.f + std::exp(-s[d]));
+  for (int64_t d = 0; d < inter; d += 16) {
+    const __mmask16 m = tail_mask(d, inter);
+    const __m512 silu = round_bf16(_mm512_maskz_loadu_ps(m, s + d));
+    store_bf16(o + d, m, _mm512_mul_ps(silu, load_bf16(u + d, m)));
+  }
+}
+#endif
+
 template <typename T>
 void add_rmsnorm_rows(const T* x, const T* r, const T* w, T* out, T* sum_out, int64_t rows,
                       int64_t dim, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> s(dim);
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      for (int64_t i = begin; i < end; ++i) {
+        add_rmsnorm_row_bf16(x + i * dim, r == nullptr ? nullptr : r + i * dim, w, out + i * dim,
+                             sum_out == nullptr ? nullptr : sum_out + i * dim, s.data(), dim,
+                             eps);
+      }
+      return;
+    }
+#endif
     for (int64_t i = begin; i < end; ++i) {
       const T* xi = x + i * dim;
       float ss = 0.f;
@@ -55,6 +130,16 @@ void add_rmsnorm_rows(const T* x, const T* r, const T* w, T* out, T* sum_out, in
 template <typename T>
 void silu_and_mul_rows(const T* x, T* out, int64_t rows, int64_t inter) {
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      std::vector<float> s(inter);
+      for (int64_t i = begin; i < end; ++i) {
+        silu_and_mul_row_bf16(x + i * 2 * inter, x + i * 2 * inter + inter, out + i * inter,
+                              s.data(), inter);
+      }
+      return;
+    }
+#endif
     for (int64_t i = begin; i < end; ++i) {
       const T* g = x + i * 2 * inter;
       const T* u = g + inter;

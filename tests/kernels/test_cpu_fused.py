@@ -14,13 +14,14 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 7, 64])
+@pytest.mark.parametrize(("tokens", "dim"), [(1, 576), (7, 576), (64, 576), (3, 100), (2, 7)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_add_rmsnorm_matches_reference(dtype, tokens, with_residual):
+def test_add_rmsnorm_matches_reference(dtype, tokens, dim, with_residual):
+    # 576 is SmolLM2-135M's hidden size; 100 and 7 end mid-vector (16 values a vector)
     gen = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, 576, generator=gen).to(dtype)
-    res = torch.randn(tokens, 576, generator=gen).to(dtype) if with_residual else None
-    w = (1 + 0.1 * torch.randn(576, generator=gen)).to(dtype)
+    x = torch.randn(tokens, dim, generator=gen).to(dtype)
+    res = torch.randn(tokens, dim, generator=gen).to(dtype) if with_residual else None
+    w = (1 + 0.1 * torch.randn(dim, generator=gen)).to(dtype)
     out, total = fused.add_rmsnorm(x, res, w, 1e-5)
     ref_out, ref_total = fused.add_rmsnorm_ref(x, res, w, 1e-5)
     if with_residual:
@@ -31,16 +32,17 @@ def test_add_rmsnorm_matches_reference(dtype, tokens, with_residual):
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     else:  # at most one bf16 ulp, where the float32 mean of squares adds in another order
         torch.testing.assert_close(out, ref_out, atol=0.0, rtol=2**-7)
-        assert (out == ref_out).float().mean() > 0.99
+        assert (out == ref_out).float().mean() > (0.99 if dim > 64 else 0.8)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 5, 33])
-def test_silu_and_mul_matches_reference(dtype, tokens):
-    x = (3 * torch.randn(tokens, 2 * 1536, generator=torch.Generator().manual_seed(1))).to(dtype)
+@pytest.mark.parametrize(("tokens", "inter"), [(1, 1536), (5, 1536), (33, 1536), (4, 37)])
+def test_silu_and_mul_matches_reference(dtype, tokens, inter):
+    gen = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(tokens, 2 * inter, generator=gen)).to(dtype)
     out = fused.silu_and_mul(x)
     ref = fused.silu_and_mul_ref(x)
-    assert out.shape == (tokens, 1536)
+    assert out.shape == (tokens, inter)
     if dtype == torch.float32:
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
     else:  # exp may differ from PyTorch's in the last float bit, rarely visible in bfloat16
