@@ -9,8 +9,8 @@
 //   rope:         q, k = rotate-half RoPE in the activation dtype with cos/sin rounded to it (HF)
 //   rope_store:   q as rope, k (rotated) and v written straight into their KV pool rows
 // On CPUs with AVX-512 BF16 the bfloat16 rows of add_rmsnorm and silu_and_mul run 16 values a
-// vector (7x and 3x faster at 16 rows of SmolLM2-135M; a scalar bfloat16 conversion costs more
-// than the arithmetic around it).
+// vector (4x and 2x faster a call at 16 rows of SmolLM2-135M: a scalar bfloat16 conversion
+// costs more than the arithmetic around it).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
