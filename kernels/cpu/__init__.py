@@ -58,10 +58,10 @@ def _module_or_raise() -> ModuleType:
 
 
 def _run_decode(q, k_pool, v_pool, table, rows, seq_lens, scale) -> torch.Tensor:
-    out = _module_or_raise().paged_decode_attention(
+    # The module returns q's dtype (bfloat16 rounded once in C++, float32 as it is).
+    return _module_or_raise().paged_decode_attention(
         q.contiguous(), k_pool, v_pool, table, rows, seq_lens, scale
     )
-    return out.to(q.dtype)
 
 
 @torch.library.custom_op("radixserve::paged_decode_attention", mutates_args=())
