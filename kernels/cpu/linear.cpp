@@ -1,6 +1,6 @@
 // Small-batch linear layers for the CPU, y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), with W
-// stored as bfloat16, as int8 with one scale per output channel, or as int4 with a scale and a
-// zero per 32 input features (below, "int4"); x is bfloat16.
+// stored as bfloat16, as int8 with one scale per output channel (in panels, below), or as int4
+// with a scale and a zero per 32 input features (below, "int4"); x is bfloat16.
 //
 // At decode batch sizes (a few rows) a linear layer reads every weight once per step, so its time
 // is the weight bytes over memory bandwidth plus a fixed cost per call. Here oneDNN's bfloat16 GEMM
@@ -9,18 +9,12 @@
 // dot products (vdpbf16ps: 32 bfloat16 products per instruction, summed in pairs into 16 float32
 // lanes). Fetching into L2 rather than L1 leaves L1's few outstanding misses to the loads: on a
 // 2-core AMD EPYC (no AMX) the 120 decoder layers of SmolLM2-135M at one row took 10 against
-// 15 ms that way, int8 5.3 against 6.8 ms.
-//   - bfloat16: the weight row as it is;
-//   - int8: q converted to bfloat16 (exact: |q| <= 127 fits bfloat16's 8-bit significand), the
-//     float32 sum scaled by the channel's scale at the end: y = scale[n] * sum_k x q.
+// 15 ms that way.
 // Sums are float32 in a fixed order (k ascending within each of 16 lanes, the lanes then added as
 // a tree), the same for every row whatever the batch size (int4: whatever the batch size up to 4
 // rows, and from 5); the result is rounded to bfloat16 once.
 // Blocks of 4 output channels are spread over the threads; rows of x go 4 at a time through each
-// block while its weights are in L1. With int8 weights and more than 4 rows, a block is converted
-// to bfloat16 once, into a scratch the row tiles share (converting per tile made the kernel
-// compute-bound: over SmolLM2-135M's 120 decoder linears on that EPYC, 26.5 against 18.0 ms at
-// 32 rows, 56 against 33 ms at 64). K must be a multiple of 32 (int4: 64); the Python side
+// block while its weights are in L1. K must be a multiple of 32 (int4: 64); the Python side
 // (kernels/cpu/linear.py, and the layers' construction for int4) checks and falls back to
 // PyTorch otherwise.
 #include <torch/extension.h>
@@ -29,7 +23,6 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -55,24 +48,24 @@ struct Bf16Weights {
   }
 };
 
-// 32 int8 weights at element k, converted to bfloat16 (exact).
-struct Int8Weights {
-  const int8_t* q;
-  int64_t K;
-  inline __m512i load(int64_t n, int64_t k) const {
-    const __m512i q16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(q + n * K + k)));
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(q16)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(q16, 1)));
-    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-  }
-  inline void prefetch(int64_t n, int64_t k) const {
-    _mm_prefetch(reinterpret_cast<const char*>(q + n * K + k), _MM_HINT_T1);
-  }
-};
+// 32 int8 values at p converted to bfloat16 (exact: |q| <= 128 fits bfloat16's 8-bit
+// significand). Such an integer converts to a float32 whose low 16 bits are zero, so its bfloat16
+// is the high half, which one word permute gathers from both float32 vectors: about half the time
+// per weight of widening to 16 bits first and rounding with vcvtne2ps2bf16 (30 against 58 ps on
+// one core of the EPYC described above).
+inline __m512i int8_to_bf16x32(const int8_t* p) {
+  const __m512 lo = _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  const __m512 hi = _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+  const __m512i high_words =
+      _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
+                       27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return _mm512_permutex2var_epi16(_mm512_castps_si512(lo), high_words, _mm512_castps_si512(hi));
+}
 
-// A block of int8 or int4 channels n0 .. n0 + C - 1 already converted to bfloat16 (by
-// `convert_block`, `expand_int4_block`), so that a batch's row tiles share one conversion instead
+// A block of int4 channels n0 .. n0 + C - 1 already converted to bfloat16 (by
+// `expand_int4_block`), so that a batch's row tiles share one conversion instead
 // of each repeating it; prefetches still go to the source's rows ahead.
 template <typename Source>
 struct ConvertedBlock {
@@ -84,14 +77,6 @@ struct ConvertedBlock {
   }
   inline void prefetch(int64_t n, int64_t k) const { source.prefetch(n, k); }
 };
-
-// dst[c * K + k] = bfloat16(q[n0 + c, k]) for c < channels.
-inline void convert_block(const Int8Weights& weights, int64_t n0, int64_t channels, bf16* dst) {
-  const int64_t K = weights.K;
-  for (int64_t c = 0; c < channels; ++c)
-    for (int64_t k = 0; k < K; k += 32)
-      _mm512_storeu_si512(dst + c * K + k, weights.load(n0 + c, k));
-}
 
 // out[m * C + c] = x[m] . W[n0 + c] in float32, for M rows and C channels.
 template <int M, int C, typename W>
@@ -145,26 +130,14 @@ inline void run_block(const bf16* x, int64_t M, int64_t K, const W& weights, int
   }
 }
 
-// Runs the tiles over all rows and channels; finish(m, n, sum) stores the output value. With
-// int8 weights and more rows than one tile, each block is converted to bfloat16 once first.
+// Runs the tiles over all rows and channels; finish(m, n, sum) stores the output value.
 template <typename W, typename Finish>
 void run(const bf16* x, int64_t M, int64_t K, int64_t N, const W& weights, const Finish& finish) {
   const int64_t blocks = (N + kChannels - 1) / kChannels;
   at::parallel_for(0, blocks, kGrain, [&](int64_t b0, int64_t b1) {
-    std::vector<bf16> converted;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kChannels;
-      const int64_t channels = std::min<int64_t>(kChannels, N - n0);
-      if constexpr (std::is_same_v<W, Int8Weights>) {
-        if (M > kRowsPerTile) {
-          converted.resize(kChannels * K);
-          convert_block(weights, n0, channels, converted.data());
-          const ConvertedBlock<Int8Weights> block{converted.data(), n0, K, weights};
-          run_block(x, M, K, block, n0, channels, finish);
-          continue;
-        }
-      }
-      run_block(x, M, K, weights, n0, channels, finish);
+      run_block(x, M, K, weights, n0, std::min<int64_t>(kChannels, N - n0), finish);
     }
   });
 }
@@ -199,44 +172,6 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   return out;
 }
 
-// x [M, K] bf16, q [N, K] int8, scale [N] bf16, bias [N] bf16 or None -> [M, N] bf16;
-// y = (sum_k x q) * scale (+ bias), rounded once.
-torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
-                          c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(),
-              "q must be a contiguous [N, K] int8 tensor");
-  const int64_t M = x.size(0), K = q.size(1), N = q.size(0);
-  check_input(x, K, 32);
-  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.numel() == N && scale.is_contiguous(),
-              "scale must be a contiguous [N] bfloat16 tensor");
-  auto out = torch::empty({M, N}, x.options());
-  bf16* o = out.data_ptr<bf16>();
-  const bf16* s = scale.data_ptr<bf16>();
-  const bf16* b = bias_ptr(bias, N);
-  const Int8Weights weights{q.data_ptr<int8_t>(), K};
-  run(x.data_ptr<bf16>(), M, K, N, weights, [&](int64_t m, int64_t n, float v) {
-    const float y = v * bf16_to_float(s[n]);
-    o[m * N + n] = static_cast<bf16>(b ? y + bf16_to_float(b[n]) : y);
-  });
-  return out;
-}
-
-// q [N, K] int8 -> [N, K] bf16, exact (what q.to(torch::kBFloat16) gives), the rows spread over
-// the threads; K a multiple of 32.
-torch::Tensor int8_to_bf16(torch::Tensor q) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(),
-              "q must be a contiguous [N, K] int8 tensor");
-  const int64_t N = q.size(0), K = q.size(1);
-  TORCH_CHECK(K % 32 == 0, "K = ", K, " must be a multiple of 32");
-  auto out = torch::empty({N, K}, q.options().dtype(at::kBFloat16));
-  const Int8Weights weights{q.data_ptr<int8_t>(), K};
-  bf16* o = out.data_ptr<bf16>();
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
-    convert_block(weights, n0, n1 - n0, o + n0 * K);
-  });
-  return out;
-}
-
 // ---- Panels: bfloat16 weights packed for the vector lanes to be output channels ----------------
 //
 // linear_bf16 above puts 32 input features in a vector and sums each (row, channel) pair's lanes at
@@ -254,6 +189,17 @@ torch::Tensor int8_to_bf16(torch::Tensor q) {
 // 10.1-11.8 ms (oneDNN, packed) at 16 rows; 13.9-15.5 against 17.8-22.6 and 14.4-17.2 ms at 32;
 // 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead at 128 (42.2 against 47.5 ms). One layer
 // whose weights stay in cache runs at 820-870 GFLOP/s from 16 rows (oneDNN 680-710).
+// int8 weights (one scale per channel) are packed the same way, a byte each, and converted to
+// bfloat16 (exact) by the first row tile as it computes, into a scratch the later tiles read;
+// meanwhile the next panel is fetched into L2. Converting in a pass of its own before the tiles
+// left the memory idle while the tiles computed and the cores idle while it converted: over the
+// 120 decoder linears and the 49,152 x 576 LM head on a day that EPYC ran at half its usual rate,
+// 27.7 against 24.2 ms for bfloat16 at 32 rows; converting in the first tile and fetching ahead,
+// 22.6-23.2 against 24.5-24.8 ms (8 rows: 8.2 against 11.1; 16: 12.7-12.9 against 15.0-15.3).
+// With one tile (up to 6 rows) nothing is stored. That layout then led the rows one at every
+// row count (one row: 4.1 against 4.2 ms, 3: 4.6 against 5.4, 6: 5.4 against 10.8) and the float
+// GEMM over the converted weight up to 512 rows at least (64: 42.6 against 64; 512: 341 against
+// 380 ms), so int8 layers keep only this copy.
 constexpr int kPanelRows = 6;    // rows per tile
 constexpr int kPanelBlocks = 4;  // blocks of 16 output channels per tile
 constexpr int64_t kLanes = 16;
@@ -270,11 +216,34 @@ torch::Tensor pack_panels(torch::Tensor w) {
       {blocks, K * kLanes});
 }
 
+// A panel of bfloat16 weights: load(o) gives the 32 values at element o (block j's pair i is at
+// o = j * K * 16 + i * 32).
+struct Bf16Panel {
+  const bf16* w;
+  inline __m512i load(int64_t o) const { return _mm512_loadu_si512(w + o); }
+};
+
+// A panel of int8 weights (pack_panels' layout) converted to bfloat16 as it is read, each value
+// also stored into `dst` (unless null) at the same place for the row tiles after this one; the
+// panel `ahead` elements on is fetched into L2 meanwhile, so that it streams in while this one
+// computes (past the last panel too: a prefetch does not fault).
+struct Int8PanelConverting {
+  const int8_t* q;
+  bf16* dst;
+  int64_t ahead;
+  inline __m512i load(int64_t o) const {
+    if (o % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(q + o + ahead), _MM_HINT_T1);
+    const __m512i v = int8_to_bf16x32(q + o);
+    if (dst != nullptr) _mm512_storeu_si512(dst + o, v);
+    return v;
+  }
+};
+
 // Rows [0, MT) of x (row stride K) against blocks [0, NT) of `panel` (block stride K * 16);
 // writes out[m * N + n0 + ...], the first `last_lanes` channels of the last block only.
 // With `scale` (int8 weights), the sums are multiplied by scale[n] before the bias is added.
-template <int MT, int NT>
-inline void panel_tile(const bf16* x, int64_t K, const bf16* panel, const bf16* scale,
+template <int MT, int NT, typename Panel>
+inline void panel_tile(const bf16* x, int64_t K, const Panel& panel, const bf16* scale,
                        const bf16* bias, bf16* out, int64_t N, int64_t n0, int64_t last_lanes) {
   const int64_t pairs = K / 2, block_stride = K * kLanes;
   const int32_t* xp = reinterpret_cast<const int32_t*>(x);
@@ -283,9 +252,7 @@ inline void panel_tile(const bf16* x, int64_t K, const bf16* panel, const bf16* 
     for (int j = 0; j < NT; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t i = 0; i < pairs; ++i) {
     __m512bh w[NT];
-    for (int j = 0; j < NT; ++j) {
-      w[j] = (__m512bh)_mm512_loadu_si512(panel + j * block_stride + i * 2 * kLanes);
-    }
+    for (int j = 0; j < NT; ++j) w[j] = (__m512bh)panel.load(j * block_stride + i * 2 * kLanes);
     for (int m = 0; m < MT; ++m) {
       const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[m * pairs + i]);
       for (int j = 0; j < NT; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, w[j]);
@@ -309,8 +276,8 @@ inline void panel_tile(const bf16* x, int64_t K, const bf16* panel, const bf16* 
   }
 }
 
-template <int NT>
-inline void panel_rows(int64_t rows, const bf16* x, int64_t K, const bf16* panel,
+template <int NT, typename Panel>
+inline void panel_rows(int64_t rows, const bf16* x, int64_t K, const Panel& panel,
                        const bf16* scale, const bf16* bias, bf16* out, int64_t N, int64_t n0,
                        int64_t last_lanes) {
   switch (rows) {
@@ -323,13 +290,26 @@ inline void panel_rows(int64_t rows, const bf16* x, int64_t K, const bf16* panel
   }
 }
 
+template <typename Panel>
+inline void panel_blocks(int64_t nb, int64_t rows, const bf16* x, int64_t K, const Panel& panel,
+                         const bf16* scale, const bf16* bias, bf16* out, int64_t N, int64_t n0,
+                         int64_t last_lanes) {
+  switch (nb) {
+    case 4: panel_rows<4>(rows, x, K, panel, scale, bias, out, N, n0, last_lanes); break;
+    case 3: panel_rows<3>(rows, x, K, panel, scale, bias, out, N, n0, last_lanes); break;
+    case 2: panel_rows<2>(rows, x, K, panel, scale, bias, out, N, n0, last_lanes); break;
+    default: panel_rows<1>(rows, x, K, panel, scale, bias, out, N, n0, last_lanes); break;
+  }
+}
+
 // Runs the tiles of x [M, K] over blocks of 16 channels, each thread an equal run of blocks,
 // kPanelBlocks at a time, the rows in tiles of at most kPanelRows (as even as they go: 16 rows
-// are 5 + 5 + 6). panel_of(p, nb) gives the bfloat16 panel of blocks p .. p + nb - 1 (block
-// stride K * 16) and is called once per panel on the thread that runs it.
-template <typename PanelOf>
+// are 5 + 5 + 6). panels.first(p, nb) gives the panel of blocks p .. p + nb - 1 (block stride
+// K * 16) for the first row tile and panels.rest(p, nb) for the others; both are called on the
+// thread that runs the tiles, first before rest.
+template <typename Panels>
 void run_panels(const bf16* x, int64_t M, int64_t K, int64_t N, int64_t blocks, const bf16* scale,
-                const bf16* bias, bf16* out, const PanelOf& panel_of) {
+                const bf16* bias, bf16* out, const Panels& panels) {
   const int64_t tiles = (M + kPanelRows - 1) / kPanelRows;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
@@ -339,16 +319,16 @@ void run_panels(const bf16* x, int64_t M, int64_t K, int64_t N, int64_t blocks, 
         const int64_t nb = std::min<int64_t>(kPanelBlocks, b1 - p);
         const int64_t n0 = p * kLanes;
         const int64_t last_lanes = std::min<int64_t>(kLanes, N - (p + nb - 1) * kLanes);
-        const bf16* panel = panel_of(p, nb);
         for (int64_t tile = 0, m0 = 0; tile < tiles; ++tile) {
           const int64_t m1 = M * (tile + 1) / tiles, rows = m1 - m0;
           const bf16* xm = x + m0 * K;
           bf16* om = out + m0 * N;
-          switch (nb) {
-            case 4: panel_rows<4>(rows, xm, K, panel, scale, bias, om, N, n0, last_lanes); break;
-            case 3: panel_rows<3>(rows, xm, K, panel, scale, bias, om, N, n0, last_lanes); break;
-            case 2: panel_rows<2>(rows, xm, K, panel, scale, bias, om, N, n0, last_lanes); break;
-            default: panel_rows<1>(rows, xm, K, panel, scale, bias, om, N, n0, last_lanes); break;
+          if (tile == 0) {
+            panel_blocks(nb, rows, xm, K, panels.first(p, nb, tiles > 1), scale, bias, om, N, n0,
+                         last_lanes);
+          } else {
+            panel_blocks(nb, rows, xm, K, panels.rest(p, nb), scale, bias, om, N, n0,
+                         last_lanes);
           }
           m0 = m1;
         }
@@ -356,6 +336,30 @@ void run_panels(const bf16* x, int64_t M, int64_t K, int64_t N, int64_t blocks, 
     }
   });
 }
+
+// bfloat16 panels, read as they are by every row tile.
+struct Bf16Panels {
+  const bf16* w;
+  int64_t K;
+  inline Bf16Panel first(int64_t p, int64_t, bool) const { return {w + p * K * kLanes}; }
+  inline Bf16Panel rest(int64_t p, int64_t) const { return {w + p * K * kLanes}; }
+};
+
+// int8 panels: the first row tile converts a panel to bfloat16 (exact) into the thread's scratch
+// as it computes, and the other tiles read that.
+struct Int8Panels {
+  const int8_t* q;
+  int64_t K;
+  static bf16* scratch(int64_t K) {
+    thread_local std::vector<bf16> converted;
+    converted.resize(kPanelBlocks * K * kLanes);
+    return converted.data();
+  }
+  inline Int8PanelConverting first(int64_t p, int64_t nb, bool keep) const {
+    return {q + p * K * kLanes, keep ? scratch(K) : nullptr, nb * K * kLanes};
+  }
+  inline Bf16Panel rest(int64_t, int64_t) const { return {scratch(K)}; }
+};
 
 int64_t check_panels(const torch::Tensor& panels, at::ScalarType dtype, int64_t N) {
   TORCH_CHECK(panels.dim() == 2 && panels.scalar_type() == dtype && panels.is_contiguous(),
@@ -371,15 +375,14 @@ torch::Tensor linear_bf16_panels(torch::Tensor x, torch::Tensor panels, int64_t 
   const int64_t K = check_panels(panels, at::kBFloat16, N), M = x.size(0);
   check_input(x, K, 2);
   auto out = torch::empty({M, N}, x.options());
-  const bf16* wp = panels.data_ptr<bf16>();
   run_panels(x.data_ptr<bf16>(), M, K, N, panels.size(0), nullptr, bias_ptr(bias, N),
-             out.data_ptr<bf16>(), [&](int64_t p, int64_t) { return wp + p * K * kLanes; });
+             out.data_ptr<bf16>(), Bf16Panels{panels.data_ptr<bf16>(), K});
   return out;
 }
 
 // x [M, K] bf16 @ (q [N, K] int8 as pack_panels packed it * scale [N])^T (+ bias [N]) -> [M, N]
-// bf16: y = (sum_k x q) * scale (+ bias), rounded once, as linear_int8. Each panel is converted
-// to bfloat16 (exact) once, into the thread's scratch, and every row tile reads that.
+// bf16: y = (sum_k x q) * scale (+ bias), rounded once. Each panel is converted to bfloat16
+// (exact) once, by its first row tile (Int8Panels).
 torch::Tensor linear_int8_panels(torch::Tensor x, torch::Tensor panels, torch::Tensor scale,
                                  int64_t N, c10::optional<torch::Tensor> bias) {
   const int64_t K = check_panels(panels, at::kChar, N), M = x.size(0);
@@ -387,14 +390,8 @@ torch::Tensor linear_int8_panels(torch::Tensor x, torch::Tensor panels, torch::T
   TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.numel() == N && scale.is_contiguous(),
               "scale must be a contiguous [N] bfloat16 tensor");
   auto out = torch::empty({M, N}, x.options());
-  const Int8Weights q{panels.data_ptr<int8_t>(), K * kLanes};  // one "row" per block
   run_panels(x.data_ptr<bf16>(), M, K, N, panels.size(0), scale.data_ptr<bf16>(),
-             bias_ptr(bias, N), out.data_ptr<bf16>(), [&](int64_t p, int64_t nb) {
-               thread_local std::vector<bf16> converted;
-               converted.resize(kPanelBlocks * K * kLanes);
-               convert_block(q, p, nb, converted.data());
-               return static_cast<const bf16*>(converted.data());
-             });
+             bias_ptr(bias, N), out.data_ptr<bf16>(), Int8Panels{panels.data_ptr<int8_t>(), K});
   return out;
 }
 
@@ -609,8 +606,6 @@ torch::Tensor int4_pairs_to_bf16(torch::Tensor q, torch::Tensor scale, torch::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x [M, K] bf16 @ w [N, K] bf16 ^T (+ bias)");
-  m.def("linear_int8", &linear_int8, "x [M, K] bf16 @ (q [N, K] int8 * scale [N])^T (+ bias)");
-  m.def("int8_to_bf16", &int8_to_bf16, "q [N, K] int8 -> bf16, exact");
   m.def("pack_panels", &pack_panels, "w [N, K] bf16 or int8 -> [ceil(N / 16), K * 16] panels");
   m.def("linear_bf16_panels", &linear_bf16_panels,
         "x [M, K] bf16 @ (panels of W [N, K])^T (+ bias) -> [M, N] bf16");

@@ -8,11 +8,11 @@ weights into vector dot products instead, for inputs of a few rows (the callers 
 from measurements, see packed_linear.py and quantization.py):
 
 - bfloat16 activations (linear.cpp): AVX-512 BF16 dot products over bfloat16 or int8 weights;
-  built on CPUs with AVX-512 BF16. `linear_bf16` and `linear_int8` read the plain row-major
-  weight (the layers' kernels at the fewest rows); `linear_bf16_panels` and `linear_int8_panels`
-  read weights packed once into panels whose vector lanes are output channels (`pack_panels`),
-  the layers' kernels from there up to tens of rows. `linear_int4` reads int4 weights with a
-  scale and a zero per 32 input features, packed once by `pack_int4_pairs`.
+  built on CPUs with AVX-512 BF16. `linear_bf16` reads the plain row-major weight (the bfloat16
+  layers' kernel at the fewest rows); `linear_bf16_panels` and `linear_int8_panels` read weights
+  packed once into panels whose vector lanes are output channels (`pack_panels`): bfloat16
+  layers from a few rows up to tens, int8 layers at every row count. `linear_int4` reads int4
+  weights with a scale and a zero per 32 input features, packed once by `pack_int4_pairs`.
 - float32 activations (linear_f32.cpp): AVX2 FMAs over float32, int8 or int4 weights; built on
   CPUs with AVX2 and FMA. `linear_f32` reads the plain weight; `linear_f32_panels` and
   `linear_int8_f32_panels` read a float32 or int8 weight packed once into panels of 16 output
@@ -48,6 +48,7 @@ _linear_f32 = Extension(
     requires=("avx2", "fma"),
 )
 K_MULTIPLE = 32  # input features per AVX-512 BF16 dot product, and per step of the FMA kernels
+PANEL_CHANNELS = 16  # output channels per panel (pack_panels, pack_panels16)
 INT4_BLOCK = 32  # features per block of the float32 kernel's int4 packing (pack_int4)
 
 
@@ -112,6 +113,16 @@ def pack_panels(module: ModuleType, weight: torch.Tensor) -> torch.Tensor:
     return module.pack_panels(weight.contiguous())
 
 
+def unpack_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n rows of the weight [N, K] that `pack_panels` packed into `panels`
+    ([blocks, K * 16]; blocks may be a slice, then row 0 is its first block's first channel),
+    as a new contiguous tensor of the panels' dtype."""
+    blocks, width = panels.shape
+    k = width // PANEL_CHANNELS
+    rows = panels.view(blocks, k // 2, PANEL_CHANNELS, 2).permute(0, 2, 1, 3)
+    return rows.reshape(blocks * PANEL_CHANNELS, k)[:n].contiguous()
+
+
 def linear_bf16_panels(
     module: ModuleType,
     x: torch.Tensor,
@@ -146,19 +157,6 @@ def linear_bf16_ref(
 ) -> torch.Tensor:
     """The float32 product rounded to bfloat16 once."""
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-
-
-def linear_int8(
-    module: ModuleType,
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """x [M, K] bfloat16 @ (qweight [N, K] int8 * scale [N] bfloat16)^T + bias [N] → [M, N]
-    bfloat16, summed as (x · q) * scale in float32 (`module` from `available`). Raises
-    RuntimeError on a shape or dtype the kernel does not take."""
-    return module.linear_int8(x.contiguous(), qweight, scale, bias)
 
 
 def linear_int8_ref(
@@ -244,14 +242,6 @@ def linear_int4_ref(
     w = int4_pairs_weight(qweight, scale, zero)
     w = w.to(torch.bfloat16).float() if expanded else w
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
-
-
-def int8_to_bf16(module: ModuleType, q: torch.Tensor) -> torch.Tensor:
-    """q [N, K] int8 (contiguous, K a multiple of 32) → [N, K] bfloat16, exactly
-    `q.to(torch.bfloat16)`, in AVX-512 code over all threads (`module` from `available`; torch's
-    own conversion took 80 ms for SmolLM2-135M's decoder weights on a 2-core AMD EPYC). Raises
-    RuntimeError on a shape or dtype it does not take."""
-    return module.int8_to_bf16(q)
 
 
 def linear_f32(

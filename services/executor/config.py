@@ -46,7 +46,8 @@ class ExecutorConfig(ServiceConfig):
     device: str = option("auto", "cpu or cuda; auto = cuda when available", DEVICES)
     quantization: str = option(
         "none",
-        "weight-only quantization of the linear layers (CPU): int8 (per output channel) or int4 "
+        "weight-only quantization of the linear layers (CPU, or CUDA through Triton): int8 (per "
+        "output channel) or int4 "
         "(groups of --quantization-group-size inputs; the LM head int8) quantize the float "
         "checkpoint at load; "
         "gguf loads the GGUF file's own quantized blocks (Q4_0/Q4_1 as int4, other types as "

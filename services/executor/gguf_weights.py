@@ -163,7 +163,7 @@ def load_gguf(model: nn.Module, path: Path) -> list[str]:
     check_quantizable(first.dtype, first.device)
     cfg = model.config
     gguf = GGUFTensors(path, cfg.num_heads, cfg.num_kv_heads)
-    kept = _install_quantized(model, gguf, first.dtype)
+    kept = _install_quantized(model, gguf, first.dtype, first.device)
     load_weights(model, _float_tensors(model, gguf))
     return kept
 
@@ -177,7 +177,9 @@ def _linear_slots(model: nn.Module) -> Iterator[tuple[nn.Module, str, str, list[
         yield parent, name, full, parts
 
 
-def _install_quantized(model: nn.Module, gguf: GGUFTensors, dtype: torch.dtype) -> list[str]:
+def _install_quantized(
+    model: nn.Module, gguf: GGUFTensors, dtype: torch.dtype, device: torch.device
+) -> list[str]:
     kept, counts = [], {"int4": 0, "int8": 0}
     tied_head = gguf.get("output.weight") is None
     for parent, attr, full, parts in _linear_slots(model):
@@ -185,7 +187,7 @@ def _install_quantized(model: nn.Module, gguf: GGUFTensors, dtype: torch.dtype) 
         if full == "lm_head" and tied_head:
             names = ["token_embd.weight"]
         linear = getattr(parent, attr)
-        twin = _quantized(gguf, names, _bias(gguf, parts, linear), dtype)
+        twin = _quantized(gguf, names, _bias(gguf, parts, linear), dtype, device)
         if isinstance(twin, str):
             log.warning("%s stays %s: %s", full, dtype, twin)
             kept.append(full)
@@ -213,9 +215,14 @@ def _bias(gguf: GGUFTensors, parts: list[str], linear: nn.Linear) -> torch.Tenso
 
 
 def _quantized(
-    gguf: GGUFTensors, names: list[str], bias: torch.Tensor | None, dtype: torch.dtype
+    gguf: GGUFTensors,
+    names: list[str],
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> nn.Module | str:
-    """The quantized layer of the GGUF tensors `names` stacked by rows, or why it stays float."""
+    """The quantized layer of the GGUF tensors `names` stacked by rows, built on `device`, or
+    why it stays float."""
     tensors = [gguf.get(n) for n in names]
     missing = [n for n, t in zip(names, tensors, strict=True) if t is None]
     if missing:
@@ -225,12 +232,13 @@ def _quantized(
         return f"float tensor in the GGUF ({', '.join(sorted(t.name for t in types))})"
     if types <= set(Q4_TYPES):
         blocks = [gguf.int4(n) for n in names]  # (q, scale, zero) per part, stacked by rows
-        q, scale, zero = (torch.cat([b[i] for b in blocks]) for i in range(3))
+        q, scale, zero = (torch.cat([b[i] for b in blocks]).to(device) for i in range(3))
         if int4_fallback_reason(q.shape[0], q.shape[1], Q4_BLOCK) is None:
+            bias = None if bias is None else bias.to(device)
             return Int4Linear(q, scale.to(dtype), zero.to(dtype), Q4_BLOCK, bias)
-    weight = torch.cat([gguf.float(n) for n in names])
+    weight = torch.cat([gguf.float(n) for n in names]).to(device)
     reason = int8_fallback_reason(*weight.shape)
-    return reason or Int8Linear.from_float(weight, bias, dtype)
+    return reason or Int8Linear.from_float(weight, None if bias is None else bias.to(device), dtype)
 
 
 def _float_tensors(model: nn.Module, gguf: GGUFTensors) -> Iterator[tuple[str, torch.Tensor]]:

@@ -7,8 +7,9 @@ Activations stay in the model dtype (bfloat16, float16 or float32); only the wei
 in fewer bits and expanded inside the CPU kernels (ours, or torch's where ours are not built):
 
 - int8: one symmetric scale per output channel; our AVX-512 BF16 kernel (kernels/cpu/linear.py)
-  for bfloat16 activations (measured on an AVX-512 host over this model's layers at one row:
-  8.9 ms against 13.1 ms for torch's), our AVX2 FMA kernel for float32 ones and for bfloat16
+  for bfloat16 activations over q packed in panels of 16 output channels (measured on a 2-core
+  AMD EPYC over this model's layers at one row: 4.1 ms on a day it ran at half speed; torch's
+  kernel took 13.1 ms there on an earlier day), our AVX2 FMA kernel for float32 ones and for bfloat16
   ones on CPUs without AVX-512 (the weight stored in its blocks of 4 channels x 32 features,
   `cpu_linear.block_int8`), and `torch._weight_int8pack_mm` where neither is built.
 - int4: an asymmetric scale and zero per group of `group_size` input features. For float32
@@ -31,8 +32,9 @@ The kernels (no AMX tiles) beat the float GEMMs at decode batch sizes, where rea
 is the cost, and fall behind them on prefill-sized inputs. So inputs of many rows run as a float
 GEMM over the weight expanded on the fly, a chunk of output channels at a time: from
 F32_DEQUANT_ROWS rows on our float32 kernels (dot products over blocks of 4 channels up to 2
-rows, tiles of up to 6 rows over panels of 16 channels above), from KERNEL_DEQUANT_ROWS for int8 on the bfloat16 kernel, from
-DEQUANT_ROWS on torch's, from INT4_DEQUANT_ROWS for torch's int4. For torch's int4 that needs its
+rows, tiles of up to 6 rows over panels of 16 channels above), from DEQUANT_ROWS on torch's int8
+kernel, from INT4_DEQUANT_ROWS for torch's int4. Our AVX-512 BF16 int8 kernel is the exception:
+it stays ahead of the GEMM at every row count measured (up to 512), so it runs them all. For torch's int4 that needs its
 packed layout, which is private to torch: `int4_layout` finds it by unpacking a probe that torch
 packed, and where no known layout matches, int4 layers always run the kernel.
 
@@ -45,6 +47,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -63,18 +66,6 @@ QUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (measured on an AVX-512 host: its time grows linearly with rows and crosses the
 # convert-then-GEMM time near 32 rows):
 DEQUANT_ROWS = 32
-# On our AVX-512 BF16 int8 kernel, which converts each block of weights to bfloat16 once per call
-# (not once per 4-row tile, which crossed the GEMM near 32 rows too). Measured on a 2-core AMD
-# EPYC (no AMX) over the model's 120 decoder linears, kernel against float GEMM: 18-22 against
-# 25-30 ms at 32 rows, 33-40 against 37-45 ms at 64, 58 against 43 ms at 96.
-KERNEL_DEQUANT_ROWS = 80
-# From this many rows the int8 kernel reads q as panels of 16 output channels, each converted to
-# bfloat16 once per call (see kernels/cpu/linear.cpp), and below it the rows layout. Measured on
-# that EPYC over the 120 decoder linears (layouts alternating, two runs each): 10.3-12.9 against
-# 5.2-5.6 ms at one row and 12.8-13.7 against 10.3 at 8 (the conversion's extra pass over the
-# weights costs more than the few rows gain), 14.7-18.5 against 15.1-17.2 at 16, 18.8-20.6
-# against 26.3-31.9 at 32, 29.5 against 43.2-45.8 at 64.
-INT8_PANEL_ROWS = 16
 # Int4Linear on torch's kernel: the same from this many rows (expanding int4 costs more: measured
 # here, the kernel at 256 rows takes about as long as expanding the weight, and 3x longer at 512).
 INT4_DEQUANT_ROWS = 256
@@ -158,6 +149,19 @@ def f32_kernel(dtype: torch.dtype, in_features: int) -> bool:
     return wide and in_features % cpu_linear.K_MULTIPLE == 0 and cpu_linear.f32_module() is not None
 
 
+def triton_device(t: torch.Tensor) -> bool:
+    """True where quantized layers holding `t` run the Triton kernels: on a CUDA device."""
+    return t.is_cuda
+
+
+def _triton() -> ModuleType:
+    """kernels/quant_matmul.py, the "triton" layouts' kernels (imported on first use: it loads
+    Triton, which CPU-only runs never need)."""
+    from kernels import quant_matmul
+
+    return quant_matmul
+
+
 def pairs_kernel(dtype: torch.dtype, in_features: int) -> bool:
     """True when an int4 layer for activations of `dtype` stores its weight for our AVX-512 BF16
     int4 kernel (`cpu_linear.linear_int4`): bfloat16 activations, K a multiple of 64, the kernel
@@ -171,50 +175,62 @@ class Int8Linear(nn.Module):
     """y = (x q^T) * scale + bias, q int8 per output channel.
 
     x: [..., K] in the activation dtype the layer was built for (bfloat16, float16 or float32;
-    the dtype of the scale given) → y: [..., N] in that dtype. Buffers: `qweight` (q [N, K] int8,
-    in one of two layouts), `scale` [N], `bias` [N] or None.
+    the dtype of the scale given) → y: [..., N] in that dtype. Buffers: `qweight` (q int8, in one
+    of three layouts), `scale` [N], `bias` [N] or None.
     The layout (`layout`) is chosen at construction:
 
+    - "panels" (bfloat16 activations on a CPU with AVX-512 BF16, K a multiple of 32): q only as
+      panels of 16 output channels, [ceil(N / 16), K * 16] (`cpu_linear.pack_panels`), which our
+      AVX-512 BF16 kernel (`cpu_linear.linear_int8_panels`) reads at every row count.
     - "blocks" (float32 activations, or bfloat16 without AVX-512, where `f32_kernel`): q in our
       float32 kernel's blocks (`cpu_linear.block_int8`) and, as `panels`, in panels of 16 output
       channels (`cpu_linear.pack_panels16`), the scale and bias float32; that kernel below
       F32_DEQUANT_ROWS rows, over the panels from F32_PANEL_ROWS. Other rows, and bfloat16
       inputs, compute in float32 and round the output to the input's dtype once.
-    - "rows": q [N, K]; our AVX-512 BF16 kernel (kernels/cpu/linear.py) for bfloat16 inputs of
-      fewer than KERNEL_DEQUANT_ROWS rows where it is built and K is a multiple of 32,
-      otherwise torch._weight_int8pack_mm below DEQUANT_ROWS rows (all with float32
+    - "rows": q [N, K]; torch._weight_int8pack_mm below DEQUANT_ROWS rows (float32
       accumulation).
+    - "triton" (on a CUDA device): q [N, K]; the Triton kernel `kernels.quant_matmul.int8_linear`
+      at every row count.
 
-    From there, and where a kernel is disabled after construction, a float GEMM over q converted
-    to the activation dtype (float32 for "blocks"; exact: |q| ≤ 127), scaled per output channel
-    afterwards.
+    From there, and where a kernel is disabled after construction (RADIXSERVE_DISABLE_CPU_KERNELS,
+    torch.compile), a float GEMM over q converted to the activation dtype (float32 for "blocks";
+    exact: |q| ≤ 127), scaled per output channel afterwards.
     """
 
     def __init__(
-        self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+        self,
+        qweight: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        traceable: bool = False,
     ) -> None:
-        """qweight [N, K] int8, scale [N] in the activation dtype; raises ValueError for a K the
-        kernel cannot run."""
+        """qweight [N, K] int8, scale [N] in the activation dtype; with `traceable`, never the
+        "panels" layout (torch.compile traces torch's kernel, not ours). Raises ValueError for a
+        K the kernel cannot run."""
         super().__init__()
         assert qweight.dtype == torch.int8 and qweight.dim() == 2, qweight.dtype
         self.out_features, self.in_features = qweight.shape
         reason = int8_fallback_reason(self.out_features, self.in_features)
         if reason:
             raise ValueError(f"int8 kernel cannot run this weight: {reason}")
-        self.layout = "blocks" if f32_kernel(scale.dtype, self.in_features) else "rows"
+        kernel = None
+        if scale.dtype == torch.bfloat16 and not traceable and not triton_device(qweight):
+            kernel = cpu_linear.available(scale.new_empty(0), self.in_features)
+        if triton_device(qweight):
+            self.layout = "triton"
+        elif kernel is not None:
+            self.layout = "panels"
+        else:
+            self.layout = "blocks" if f32_kernel(scale.dtype, self.in_features) else "rows"
         wide = torch.float32 if self.layout == "blocks" else scale.dtype
-        # q also packed into panels of 16 output channels, which the kernels read for more rows
-        # while `qweight` stays for fewer rows and for the float GEMM: for "blocks" (float32
-        # activations, or bfloat16 without AVX-512; `cpu_linear.pack_panels16`) from
-        # F32_PANEL_ROWS rows; for bfloat16 ones with the AVX-512 BF16 kernel
-        # (`cpu_linear.pack_panels`) from INT8_PANEL_ROWS to KERNEL_DEQUANT_ROWS - 1 rows.
+        # "blocks" also keeps q packed into panels of 16 output channels for its kernel's larger
+        # row counts (`cpu_linear.pack_panels16`), beside the blocks for fewer rows
         self.panels: torch.Tensor | None = None
-        if self.layout == "blocks":
+        if self.layout == "panels":
+            qweight = cpu_linear.pack_panels(kernel, qweight)
+        elif self.layout == "blocks":
             self.panels = cpu_linear.pack_panels16(qweight)
             qweight = cpu_linear.block_int8(qweight)
-        elif scale.dtype == torch.bfloat16:
-            kernel = cpu_linear.available(scale.new_empty(0), self.in_features)
-            self.panels = None if kernel is None else cpu_linear.pack_panels(kernel, qweight)
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scale", scale.to(wide).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(wide))
@@ -230,13 +246,16 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
+        if self.layout == "triton":
+            y = _triton().int8_linear(flat.contiguous(), self.qweight, self.scale, self.bias)
+            return y.view(*shape[:-1], self.out_features)
         if (call := self.direct(flat)) is not None:
             return call(flat).view(*shape[:-1], self.out_features)
         if self.layout == "blocks" and flat.dtype != torch.float32:
             return self.forward(flat.float()).to(x.dtype).view(*shape[:-1], self.out_features)
         if flat.shape[0] == 0:
             y = flat.new_zeros(0, self.out_features)
-        elif flat.shape[0] >= DEQUANT_ROWS or self.layout == "blocks":
+        elif flat.shape[0] >= DEQUANT_ROWS or self.layout != "rows":
             y = self._float_gemm(flat)
         else:
             y = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scale)
@@ -246,51 +265,49 @@ class Int8Linear(nn.Module):
 
     def direct(self, x: torch.Tensor) -> Linear2D | None:
         """The kernel call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to
-        this layer's weights: one of kernels/cpu/linear.py's where it is available, for
-        1..F32_DEQUANT_ROWS-1 float32 or bfloat16 rows of a "blocks" layer or
-        1..KERNEL_DEQUANT_ROWS-1 rows of the scale's dtype with AVX-512 BF16; None where `forward`
-        runs torch's kernel or the float GEMM."""
+        this layer's weights: one of kernels/cpu/linear.py's where it is available, for any
+        number of rows of the scale's dtype on a "panels" layer and 1..F32_DEQUANT_ROWS-1 float32
+        or bfloat16 rows of a "blocks" layer; None where `forward` runs torch's kernel or the
+        float GEMM."""
         rows = x.shape[0]
         if rows == 0:
             return None
         q, scale, bias, panels = self.qweight, self.scale, self.bias, self.panels
-        if self.layout == "blocks":
-            if rows < F32_DEQUANT_ROWS and (
-                kernel := cpu_linear.available_f32(x, self.in_features, bfloat16=True)
-            ):
-                if panels is not None and rows >= F32_PANEL_ROWS:
-                    return lambda flat: cpu_linear.linear_int8_f32_panels(
-                        kernel, flat, panels, scale, bias
-                    )
-                return lambda flat: cpu_linear.linear_int8_f32(kernel, flat, q, scale, bias)
+        if self.layout == "panels":
+            if scale.dtype == x.dtype and (kernel := cpu_linear.available(x, self.in_features)):
+                return lambda flat: cpu_linear.linear_int8_panels(kernel, flat, q, scale, bias)
             return None
-        if rows >= KERNEL_DEQUANT_ROWS:
-            return None
-        if scale.dtype == x.dtype and (kernel := cpu_linear.available(x, self.in_features)):
-            if panels is not None and rows >= INT8_PANEL_ROWS:
-                return lambda flat: cpu_linear.linear_int8_panels(kernel, flat, panels, scale, bias)
-            return lambda flat: cpu_linear.linear_int8(kernel, flat, q, scale, bias)
+        if (
+            self.layout == "blocks"
+            and rows < F32_DEQUANT_ROWS
+            and (kernel := cpu_linear.available_f32(x, self.in_features, bfloat16=True))
+        ):
+            if panels is not None and rows >= F32_PANEL_ROWS:
+                return lambda flat: cpu_linear.linear_int8_f32_panels(
+                    kernel, flat, panels, scale, bias
+                )
+            return lambda flat: cpu_linear.linear_int8_f32(kernel, flat, q, scale, bias)
         return None
 
     def _rows(self, start: int, end: int) -> torch.Tensor:
         """q[start:end] [end - start, K] int8, whatever the layout."""
-        if self.layout == "rows":
+        if self.layout in ("rows", "triton"):
             return self.qweight[start:end]
-        first = start // 4
-        blocks = self.qweight[first : -(-end // 4)]
-        return cpu_linear.unblock_int8(blocks, end - first * 4)[start - first * 4 :]
+        width = cpu_linear.PANEL_CHANNELS if self.layout == "panels" else 4
+        first = start // width
+        packed = self.qweight[first : -(-end // width)]
+        if self.layout == "panels":
+            unpacked = cpu_linear.unpack_panels(packed, end - first * width)
+        else:
+            unpacked = cpu_linear.unblock_int8(packed, end - first * width)
+        return unpacked[start - first * width :]
 
     def _float_gemm(self, x: torch.Tensor) -> torch.Tensor:
         # a chunk of output channels at a time, so the converted weight stays small
-        step = max(4, DEQUANT_CHUNK // self.in_features // 4 * 4)
-        kernel = cpu_linear.available(x, self.in_features) if self.layout == "rows" else None
-
-        def expand(start: int, end: int) -> torch.Tensor:
-            q = self._rows(start, end)
-            return cpu_linear.int8_to_bf16(kernel, q) if kernel is not None else q.to(x.dtype)
-
+        step = max(16, DEQUANT_CHUNK // self.in_features // 16 * 16)
         parts = [
-            F.linear(x, expand(a, min(a + step, self.out_features))) * self.scale[a : a + step]
+            F.linear(x, self._rows(a, min(a + step, self.out_features)).to(x.dtype))
+            * self.scale[a : a + step]
             for a in range(0, self.out_features, step)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -376,6 +393,9 @@ class Int4Linear(nn.Module):
     - "torch": `qweight` [N, K/2] uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`
       (machine-specific), `scales_and_zeros` [K/g, N, 2] (scale, zero). Below INT4_DEQUANT_ROWS
       rows, torch's kernel.
+    - "triton" (on a CUDA device): `qweight` [N, K/2] uint8 as `kernels.quant_matmul.pack_int4`,
+      `scale` and `zero` [N, K/g] in the activation dtype; the Triton kernel
+      `kernels.quant_matmul.int4_linear` at every row count.
 
     The kernels expand each weight in float32 and accumulate in float32 (the "pairs" kernel from
     5 rows rounds the expanded weight to bfloat16); from their row limit a float GEMM runs over
@@ -404,7 +424,9 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 kernel cannot run this weight: {reason}")
         assert scale.shape == zero.shape == (self.out_features, self.in_features // group_size)
         self.group_size = group_size
-        if f32_kernel(scale.dtype, self.in_features):
+        if triton_device(q):
+            self.layout = "triton"
+        elif f32_kernel(scale.dtype, self.in_features):
             self.layout = "fma"
         elif not traceable and pairs_kernel(scale.dtype, self.in_features):
             self.layout = "pairs"
@@ -417,6 +439,10 @@ class Int4Linear(nn.Module):
             self.register_buffer("scale", scale.repeat_interleave(chunks, dim=1).contiguous())
             zero = zero.to(scale.dtype).repeat_interleave(chunks, dim=1).contiguous()
             self.register_buffer("zero", zero)
+        elif self.layout == "triton":
+            self.register_buffer("qweight", _triton().pack_int4(q))
+            self.register_buffer("scale", scale.contiguous())
+            self.register_buffer("zero", zero.to(scale.dtype).contiguous())
         elif self.layout == "fma":
             scale32 = scale.float()
             zero32 = zero.float() - 8 * scale32
@@ -444,6 +470,11 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
+        if self.layout == "triton":
+            y = _triton().int4_linear(
+                flat.contiguous(), self.qweight, self.scale, self.zero, self.group_size, self.bias
+            )
+            return y.view(*shape[:-1], self.out_features)
         if (call := self.direct(flat)) is not None:
             return call(flat).view(*shape[:-1], self.out_features)
         if self.layout == "fma" and flat.dtype != torch.float32:
@@ -475,6 +506,8 @@ class Int4Linear(nn.Module):
             return self._direct_torch(x)
         if self.layout == "pairs":
             return self._direct_pairs(x)
+        if self.layout == "triton":
+            return None
         if not 0 < x.shape[0] < F32_DEQUANT_ROWS:
             return None
         kernel = cpu_linear.available_f32(x, self.in_features, bfloat16=True)
@@ -534,6 +567,11 @@ class Int4Linear(nn.Module):
 
     def _expand(self, start: int, end: int) -> torch.Tensor:
         """W[start:end] in float32 (start a multiple of the layout's block)."""
+        if self.layout == "triton":
+            rows = slice(start, end)
+            return _triton().int4_weight(
+                self.qweight[rows], self.scale[rows], self.zero[rows], self.group_size
+            )
         if self.layout == "pairs":
             rows = slice(start, end)
             return cpu_linear.int4_pairs_weight(
@@ -555,7 +593,7 @@ class Int4Linear(nn.Module):
         """The weight this layer applies, [N, K] float32: (q - 8) * scale + zero (where the
         packed layout is unknown, the kernel run in float32 on the identity, which expands
         each weight exactly as it does in a product)."""
-        if self.layout in ("fma", "pairs") or int4_layout() is not None:
+        if self.layout in ("fma", "pairs", "triton") or int4_layout() is not None:
             return self._expand(0, self.out_features)
         eye = torch.eye(self.in_features, dtype=torch.float32)
         sz = self.scales_and_zeros.float()
@@ -572,13 +610,13 @@ class Int4Linear(nn.Module):
 QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
 
 
-def traceable_int4(model: nn.Module) -> int:
-    """Re-packs every int4 layer of `model` on our AVX-512 BF16 kernel (layout "pairs") in
-    torch's layout, in place, for torch.compile: it cannot trace our kernel, so those layers
+def traceable_quantized(model: nn.Module) -> int:
+    """Re-packs, in place, every quantized layer of `model` laid out for our AVX-512 BF16
+    kernels in torch's layout, for torch.compile: it cannot trace our kernels, so those layers
     would run their PyTorch path, expanding the weight on every call (measured: a one-row
     bfloat16 `gguf` decode step took 190 ms instead of 9.6-10.5), while it traces torch's int4
-    kernel.
-    The same q, scales and zeros; returns how many layers were re-packed."""
+    and int8 kernels. int4 layers ("pairs") go to torch's int4 layout, int8 ones ("panels") to
+    plain rows. The same weights; returns how many layers were re-packed."""
     count = 0
     for parent, name, _, child in children_of_type(model, Int4Linear):
         if child.layout != "pairs":
@@ -588,6 +626,12 @@ def traceable_int4(model: nn.Module) -> int:
         q = cpu_linear.unpack_int4_pairs(child.qweight)
         twin = Int4Linear(q, scale, zero, child.group_size, child.bias, traceable=True)
         setattr(parent, name, twin)
+        count += 1
+    for parent, name, _, child in children_of_type(model, Int8Linear):
+        if child.layout != "panels":
+            continue
+        q = cpu_linear.unpack_panels(child.qweight, child.out_features)
+        setattr(parent, name, Int8Linear(q, child.scale, child.bias, traceable=True))
         count += 1
     return count
 
@@ -621,10 +665,11 @@ def quantized_bytes(module: nn.Module) -> int:
 
 
 def check_quantizable(dtype: torch.dtype, device: torch.device) -> None:
-    """Raises ValueError where the quantized kernels cannot run: off the CPU or in a dtype other
-    than bfloat16, float16 or float32."""
-    if device.type != "cpu":
-        raise ValueError(f"--quantization runs on the CPU only (torch's kernels), not {device}")
+    """Raises ValueError where the quantized kernels cannot run: off the CPU and CUDA (the
+    Triton kernels of kernels/quant_matmul.py) or in a dtype other than bfloat16, float16 or
+    float32."""
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--quantization runs on the CPU or CUDA, not {device}")
     if dtype not in QUANT_DTYPES:
         raise ValueError(f"--quantization needs a bfloat16, float16 or float32 model, not {dtype}")
 
@@ -653,8 +698,8 @@ def quantize_linears(
     mixes keep it at 6 or 8 bits. A head tied to the embedding gets a quantized copy and the
     embedding keeps its float table. Layers whose shape the kernel cannot run stay float (one
     warning per reason). Returns the names of the layers left float. Raises ValueError for an
-    unknown method, a group size the int4 kernel lacks, or a model off the CPU or in a dtype
-    other than bfloat16, float16 or float32."""
+    unknown method, a group size the int4 kernel lacks, or a model off the CPU and CUDA or in
+    a dtype other than bfloat16, float16 or float32."""
     if method == "int4" and group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, not {group_size}")
     first = next(model.parameters())

@@ -24,7 +24,7 @@ from services.executor.model_config import ModelConfig
 from services.executor.models import model_class
 from services.executor.packed_linear import prepack_linears
 from services.executor.parallel import Rank, shard_model
-from services.executor.quantization import Quantization, quantize_linears, traceable_int4
+from services.executor.quantization import Quantization, quantize_linears, traceable_quantized
 
 log = logging.getLogger("radixserve.executor")
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -138,8 +138,8 @@ def load_model(
     with `quantization`, its linear layers are quantized (int8, int4) or read quantized from a
     GGUF file (gguf; see quantization.py, gguf_weights.py); with `prepack`, the linear weights
     left float are packed for oneDNN where that is faster (bfloat16 and float32 on a CPU whose
-    torch has oneDNN, see packed_linear.py); without it (torch.compile), int4 layers take
-    torch's layout (`traceable_int4`). Raises ValueError for quantization under tensor
+    torch has oneDNN, see packed_linear.py); without it (torch.compile), quantized layers take
+    torch's layouts (`traceable_quantized`). Raises ValueError for quantization under tensor
     parallelism."""
     quant = quantization or Quantization()
     if quant.method != "none" and rank is not None:
@@ -156,8 +156,8 @@ def load_model(
         quantize_linears(model, quant.method, quant.group_size)
     if prepack:
         prepack_linears(model)
-    else:  # torch.compile: int4 layers on torch's kernel
-        traceable_int4(model)
+    else:  # torch.compile: quantized layers on torch's kernels
+        traceable_quantized(model)
     source = quant.gguf_path if quant.method == "gguf" else path
     log.info("loaded %s (%s, %s, quantization %s)", source, cfg.architecture, dtype, quant.label)
     return model

@@ -30,7 +30,6 @@ from services.executor.quantization import (
     F32_DEQUANT_ROWS,
     INT4_DEQUANT_ROWS,
     INT4_PAIRS_DEQUANT_ROWS,
-    KERNEL_DEQUANT_ROWS,
     Int4Linear,
     Int8Linear,
     Quantization,
@@ -40,7 +39,7 @@ from services.executor.quantization import (
     quantize_int8,
     quantize_linears,
     quantized_bytes,
-    traceable_int4,
+    traceable_quantized,
 )
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
@@ -51,7 +50,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(16, 32), (48, 96), (64, 1536), (1728, 576)]  # (N, K); the last: SmolLM2's qkv-sized
 # odd sizes, and every kernel and float path
 ROWS = [
-    1, 3, 17, 64, DEQUANT_ROWS, KERNEL_DEQUANT_ROWS - 1, KERNEL_DEQUANT_ROWS,
+    1, 3, 17, 64, DEQUANT_ROWS, 79, 300,
     F32_DEQUANT_ROWS + 3, INT4_DEQUANT_ROWS + 44, INT4_PAIRS_DEQUANT_ROWS + 5,
 ]  # fmt: skip
 
@@ -403,13 +402,14 @@ def test_flags_are_validated(tmp_path) -> None:
     assert (quant.method, quant.gguf_path) == ("gguf", tmp_path / "model.gguf")
 
 
-def test_quantization_refuses_cuda_and_tensor_parallel_loads() -> None:
+def test_quantization_refuses_other_devices_and_tensor_parallel_loads() -> None:
     from services.executor.parallel import Rank
     from services.executor.quantization import check_quantizable
     from services.executor.weights import load_model
 
-    with pytest.raises(ValueError, match="CPU"):
-        check_quantizable(torch.float32, torch.device("cuda"))
+    check_quantizable(torch.bfloat16, torch.device("cuda"))  # the Triton kernels
+    with pytest.raises(ValueError, match="CPU or CUDA"):
+        check_quantizable(torch.float32, torch.device("mps"))
     with pytest.raises(ValueError, match="--tp"):
         load_model(
             None, None, 8, torch.float32, torch.device("cpu"),  # type: ignore[arg-type]
@@ -421,18 +421,19 @@ def test_quantization_refuses_cuda_and_tensor_parallel_loads() -> None:
     not pairs_kernel(torch.bfloat16, 128), reason="no AVX-512 BF16 int4 kernel on this CPU"
 )
 @pytest.mark.parametrize("group", [32, 64])
-def test_int4_layers_for_torch_compile_take_torchs_layout(group: int) -> None:
-    """torch.compile cannot trace our int4 kernel: `traceable_int4` re-packs those layers in
-    torch's layout, with the same q, scales and zeros, so they compute the same weight."""
-    model = nn.Sequential(nn.Linear(128, 64, bias=False), nn.Linear(64, 32))
+def test_quantized_layers_for_torch_compile_take_torchs_layout(group: int) -> None:
+    """torch.compile cannot trace our kernels: `traceable_quantized` re-packs those layers in
+    torch's layouts, with the same q, scales and zeros, so they compute the same weight."""
+    model = nn.Sequential(nn.Linear(128, 64, bias=False), nn.Linear(64, 32), nn.Linear(32, 48))
     model[0] = Int4Linear.from_float(weight(64, 128), None, group, torch.bfloat16)
     model[1] = Int4Linear.from_float(weight(32, 64), torch.randn(32), group, torch.bfloat16)
-    assert [layer.layout for layer in model] == ["pairs", "pairs"]
+    model[2] = Int8Linear.from_float(weight(48, 32), torch.randn(48), torch.bfloat16)
+    assert [layer.layout for layer in model] == ["pairs", "pairs", "panels"]
     before = [layer.dequantize() for layer in model]
-    bias = model[1].bias.clone()
-    assert traceable_int4(model) == 2
-    assert [layer.layout for layer in model] == ["torch", "torch"]
+    biases = [model[1].bias.clone(), model[2].bias.clone()]
+    assert traceable_quantized(model) == 3
+    assert [layer.layout for layer in model] == ["torch", "torch", "rows"]
     for layer, w in zip(model, before, strict=True):
         assert torch.equal(layer.dequantize(), w)
-    assert torch.equal(model[1].bias, bias)
-    assert traceable_int4(model) == 0
+    assert torch.equal(model[1].bias, biases[0]) and torch.equal(model[2].bias, biases[1])
+    assert traceable_quantized(model) == 0

@@ -7,13 +7,14 @@ import torch
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
+from services.executor import quantization
 from services.executor.packed_linear import (
     PLAIN_ROWS,
     SMALL_BATCH_ROWS,
     PackedLinear,
     can_prepack,
 )
-from services.executor.quantization import INT8_PANEL_ROWS, KERNEL_DEQUANT_ROWS, Int8Linear
+from services.executor.quantization import Int8Linear, quantize_int8, quantized_bytes
 
 KERNEL = cpu_linear._linear.load()
 pytestmark = pytest.mark.skipif(
@@ -85,20 +86,22 @@ def test_panels_hold_pairs_of_features_of_16_channels() -> None:
             assert q_panels[n // 16, (k // 2) * 32 + 2 * (n % 16) + k % 2] == expected
 
 
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize(("k", "n"), SHAPES)
-@pytest.mark.parametrize("bias", [False, True])
-def test_int8_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
-    gen = torch.Generator().manual_seed(rows * n + k + 1)
-    x = torch.randn(rows, k, generator=gen).bfloat16()
-    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
-    scale = (torch.rand(n, generator=gen) / 127 / k**0.5).bfloat16()
-    b = torch.randn(n, generator=gen).bfloat16() if bias else None
-    out = cpu_linear.linear_int8(KERNEL, x, q, scale, b)
-    _ulp_close(out, cpu_linear.linear_int8_ref(x, q, scale, b))
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13])
+def test_int8_panels_convert_every_value_exactly(rows: int) -> None:
+    """Unit rows pick single weights: with a scale of 1 the output is q itself, for every int8
+    value, whether the first row tile alone reads the panel (up to 6 rows) or the later tiles
+    read its converted copy."""
+    k = 64
+    q = torch.arange(-128, 128, dtype=torch.int8).repeat(19 * k // 256 + 1)[: 19 * k]
+    q = q.view(19, k)[:, torch.randperm(k, generator=torch.Generator().manual_seed(rows))]
+    panels = cpu_linear.pack_panels(KERNEL, q.contiguous())
+    for start in range(0, k, rows):
+        x = torch.eye(k)[start : start + rows].bfloat16()
+        out = cpu_linear.linear_int8_panels(KERNEL, x, panels, torch.ones(19).bfloat16(), None)
+        assert torch.equal(out, q[:, start : start + rows].t().bfloat16()), start
 
 
-@pytest.mark.parametrize("kind", ["bf16", "panels", "int8", "int8 panels"])
+@pytest.mark.parametrize("kind", ["bf16", "panels", "int8 panels"])
 def test_a_row_does_not_depend_on_its_batch(kind: str) -> None:
     """Each row's sum runs in the same order whatever else is in the batch: bit for bit."""
     gen = torch.Generator().manual_seed(7)
@@ -113,9 +116,7 @@ def test_a_row_does_not_depend_on_its_batch(kind: str) -> None:
             return cpu_linear.linear_bf16(KERNEL, rows, w, None)
         if kind == "panels":
             return cpu_linear.linear_bf16_panels(KERNEL, rows, panels, 300, None)
-        if kind == "int8 panels":
-            return cpu_linear.linear_int8_panels(KERNEL, rows, q_panels, scale, None)
-        return cpu_linear.linear_int8(KERNEL, rows, q, scale, None)
+        return cpu_linear.linear_int8_panels(KERNEL, rows, q_panels, scale, None)
 
     alone = torch.cat([apply(x[i : i + 1]) for i in range(37)])
     for m in (2, 3, 4, 5, 7, 8, 9, 16, 37):
@@ -179,33 +180,32 @@ def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(bias: bool
     assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
 
 
-@pytest.mark.parametrize(
-    "rows", [1, 4, INT8_PANEL_ROWS - 1, INT8_PANEL_ROWS, 31, KERNEL_DEQUANT_ROWS - 1]
-)
-def test_int8_linear_runs_the_kernel_below_the_float_gemm(rows: int) -> None:
-    """Rows layout below INT8_PANEL_ROWS, panels from there to the float GEMM."""
+@pytest.mark.parametrize("rows", [1, 4, 16, 31, 80, 300])
+def test_int8_linear_keeps_only_panels_and_runs_them_at_every_row_count(rows: int) -> None:
     torch.manual_seed(rows)
     weight = torch.randn(962, 576) / 24
-    layer = Int8Linear.from_float(weight, torch.randn(962), torch.bfloat16)
+    q, scale = quantize_int8(weight, torch.bfloat16)
+    layer = Int8Linear(q, scale, torch.randn(962))
+    assert layer.layout == "panels"
+    assert torch.equal(layer.qweight, cpu_linear.pack_panels(KERNEL, q))  # the only int8 copy
+    assert layer.panels is None and quantized_bytes(layer) == 61 * 16 * 576 + 962 * 2
+    assert torch.equal(layer.dequantize(), q.float() * scale.float()[:, None])
     x = torch.randn(rows, 576).bfloat16()
     out = layer(x)
-    panels = cpu_linear.pack_panels(KERNEL, layer.qweight)
-    assert torch.equal(layer.panels, panels)
-    if rows >= INT8_PANEL_ROWS:
-        expected = cpu_linear.linear_int8_panels(KERNEL, x, panels, layer.scale, layer.bias)
-    else:
-        expected = cpu_linear.linear_int8(KERNEL, x, layer.qweight, layer.scale, layer.bias)
-    assert torch.equal(out, expected)
-    _ulp_close(out, cpu_linear.linear_int8_ref(x, layer.qweight, layer.scale, layer.bias))
+    assert torch.equal(
+        out, cpu_linear.linear_int8_panels(KERNEL, x, layer.qweight, scale, layer.bias)
+    )
+    _ulp_close(out, cpu_linear.linear_int8_ref(x, q, scale, layer.bias))
 
 
-@pytest.mark.parametrize(("n", "k"), [(1, 32), (13, 64), (962, 576), (576, 1536)])
-def test_int8_to_bf16_is_exact(n: int, k: int) -> None:
-    gen = torch.Generator().manual_seed(n + k)
-    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-    assert torch.equal(cpu_linear.int8_to_bf16(KERNEL, q), q.to(torch.bfloat16))
-    with pytest.raises(RuntimeError, match="multiple of 32"):
-        cpu_linear.int8_to_bf16(KERNEL, q[:, :-1].contiguous())
+def test_int8_linear_with_kernels_disabled_multiplies_the_unpacked_weight(monkeypatch) -> None:
+    torch.manual_seed(0)
+    q, scale = quantize_int8(torch.randn(962, 576) / 24, torch.bfloat16)
+    layer = Int8Linear(q, scale, None)
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    monkeypatch.setattr(quantization, "DEQUANT_CHUNK", 576 * 40)  # 31 chunks of 32 channels
+    x = torch.randn(3, 576).bfloat16()
+    _ulp_close(layer(x), nn.functional.linear(x, q.bfloat16()) * scale)
 
 
 INT4_SHAPES = [(64, 13), (128, 100), (576, 962), (1536, 576)]  # (K, N)
