@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.cpu import fused
 from services.executor.penalties import PenaltyState, Touched, needs_penalty, touched_from_lists
 from services.executor.sampling_params import SamplingParams
 
@@ -141,7 +142,7 @@ class Sampler:
         self._apply_penalties(logits, rows)
         drawn = [i for i, p in enumerate(params) if not p.greedy]
         if len(drawn) < len(rows):
-            token_ids = logits.argmax(-1)
+            token_ids = fused.argmax(logits)
         if drawn:
             temps = [p.temperature if not p.greedy else 1.0 for p in params]
             logits.div_(self._tensor(temps, logits.dtype)[:, None])

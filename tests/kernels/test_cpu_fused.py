@@ -136,6 +136,28 @@ def test_rope_rejects_a_position_outside_the_table():
         fused.rope(qkv, torch.tensor([0, 8]), cos, sin, 1, 1, 64)
 
 
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 49152), (16, 49152), (33, 1000), (3, 17), (2, 5)])
+def test_argmax_is_torchs_on_random_rows(rows, vocab):
+    # 49,152 is SmolLM2's vocabulary; 1,000, 17 and 5 end mid-vector (16 values a vector)
+    x = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows))
+    assert torch.equal(fused.argmax(x), x.argmax(-1))
+
+
+def test_argmax_takes_the_first_of_equal_maxima_and_the_first_nan():
+    x = torch.full((8, 100), -float("inf"))  # row 0: all -inf, index 0
+    x[1, [40, 7, 99, 23]] = 5.0  # ties in different lanes and vectors: the first
+    x[2, [3, 19, 35]] = 2.0  # ties in one lane
+    x[3, 98] = 1.0  # in the tail
+    x[4, [10, 60]] = float("nan")  # NaN wins, the first one
+    x[4, 5] = 1e30
+    x[5, 97] = float("nan")  # a NaN in the tail
+    x[6, 0] = float("nan")
+    x[7] = torch.arange(100.0).flip(0)  # the largest at 0
+    assert fused.argmax(x).tolist() == [0, 7, 3, 98, 10, 97, 0, 0]
+    assert torch.equal(fused.argmax(x), x.argmax(-1))
+    assert torch.equal(fused.argmax(x[:, :12].contiguous()), x[:, :12].argmax(-1))
+
+
 def test_disabled_kernels_use_the_reference(monkeypatch):
     monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
     assert fused.available(torch.zeros(1)) is None
