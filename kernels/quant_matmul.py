@@ -65,11 +65,15 @@ def _quant_matmul_kernel(
         )
         w_mask = n_ok[:, None] & k_ok[None, :]
         if GROUP == 0:
-            q = tl.load(q_ptr + rn[:, None].to(tl.int64) * stride_qn + kk[None, :], mask=w_mask)
+            q = tl.load(
+                q_ptr + rn[:, None].to(tl.int64) * stride_qn + kk[None, :], mask=w_mask, other=0
+            )
             w = q.to(tl.float32)
         else:
             packed = tl.load(
-                q_ptr + rn[:, None].to(tl.int64) * stride_qn + kk[None, :] // 2, mask=w_mask
+                q_ptr + rn[:, None].to(tl.int64) * stride_qn + kk[None, :] // 2,
+                mask=w_mask,
+                other=0,
             )
             nibble = (packed.to(tl.int32) >> ((kk[None, :] % 2) * 4)) & 15
             group = k0 // GROUP  # a block of BLOCK_K inputs lies in one group
@@ -115,7 +119,12 @@ def int4_linear(
     k = q.shape[1] * 2
     groups = (q.shape[0], k // group_size)
     _check_inputs(x, q, torch.uint8, k, scale, groups, bias)
-    if zero.shape != groups or zero.dtype != scale.dtype or zero.stride() != scale.stride():
+    if (
+        zero.shape != groups
+        or zero.dtype != scale.dtype
+        or zero.stride() != scale.stride()
+        or zero.device != scale.device
+    ):
         raise ValueError(f"zero must be like scale {tuple(groups)}; got {tuple(zero.shape)}")
     return _launch(x, q, scale, zero, bias, group=group_size)
 
@@ -181,11 +190,11 @@ def _check_inputs(
         )
     if tuple(scale.shape) != scale_shape or scale.dtype != x.dtype or scale.stride(-1) != 1:
         raise ValueError(f"scale must be {scale_shape} {x.dtype}; got {tuple(scale.shape)}")
-    if bias is not None and (bias.shape != (q.shape[0],) or bias.dtype != x.dtype):
+    if bias is not None and (
+        bias.shape != (q.shape[0],) or bias.dtype != x.dtype or bias.stride(-1) != 1
+    ):
         raise ValueError(f"bias must be [{q.shape[0]}] {x.dtype}; got {tuple(bias.shape)}")
-    devices = {t.device for t in (x, q, scale) if t is not None}
-    if bias is not None:
-        devices.add(bias.device)
+    devices = {t.device for t in (x, q, scale, bias) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"x, q, scale and bias must be on one device; got {devices}")
 

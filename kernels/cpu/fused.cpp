@@ -212,9 +212,9 @@ inline bool is_nan_bits(float v) {
 }
 
 int64_t argmax_row(const float* x, int64_t n) {
-  int64_t start = 0, best_index = 0;
-  float best = -INFINITY;
-  bool nan = false;
+  int64_t start = 1, best_index = 0;
+  float best = x[0];
+  bool nan = is_nan_bits(x[0]);
 #if defined(__AVX512F__)
   if (n >= 16) {
     __m512 lane_best = _mm512_loadu_ps(x);
@@ -242,7 +242,7 @@ int64_t argmax_row(const float* x, int64_t n) {
   }
 #endif
   for (int64_t i = start; i < n; ++i) {  // the tail, or the whole row without AVX-512
-    if (x[i] > best || (i == 0 && !(x[i] < best))) {
+    if (x[i] > best) {
       best = x[i];
       best_index = i;
     }
@@ -419,6 +419,11 @@ torch::Tensor argmax(torch::Tensor x) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax", &argmax, "torch.argmax(x, -1) of float32 rows");
+#if defined(__AVX512F__)
+  m.attr("argmax_vectorized") = true;
+#else
+  m.attr("argmax_vectorized") = false;
+#endif
   m.def("add_rmsnorm", &add_rmsnorm, "residual add + RMSNorm (HF Llama semantics)");
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");
   m.def("rope", &rope, "rotate-half RoPE of the q and k heads of a fused qkv projection");

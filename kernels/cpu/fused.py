@@ -75,11 +75,17 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """torch.argmax(x, -1) of x [S, V]: [S] int64, the first index of each row's largest value
-    (or of its first NaN), as torch gives it. The kernel takes float32 CPU rows (about 20x
-    faster than torch's scalar loop over a row of 49,152 logits with AVX-512); anything else
-    runs torch's."""
+    (or of its first NaN), as torch gives it. The kernel takes float32 CPU rows where it is
+    built with AVX-512 (a row of 49,152 logits: 9 against torch's 42 us on a 2-core AMD EPYC;
+    16 rows 54 against 328 us); anything else runs torch's."""
     module = available(x)
-    if module is None or x.dim() != 2 or x.dtype != torch.float32 or x.shape[1] == 0:
+    if (
+        module is None
+        or not module.argmax_vectorized
+        or x.dim() != 2
+        or x.dtype != torch.float32
+        or x.shape[1] == 0
+    ):
         return x.argmax(-1)
     return module.argmax(x.contiguous())
 

@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -304,9 +305,10 @@ inline void panel_blocks(int64_t nb, int64_t rows, const bf16* x, int64_t K, con
 
 // Runs the tiles of x [M, K] over blocks of 16 channels, each thread an equal run of blocks,
 // kPanelBlocks at a time, the rows in tiles of at most kPanelRows (as even as they go: 16 rows
-// are 5 + 5 + 6). panels.first(p, nb) gives the panel of blocks p .. p + nb - 1 (block stride
-// K * 16) for the first row tile and panels.rest(p, nb) for the others; both are called on the
-// thread that runs the tiles, first before rest.
+// are 5 + 5 + 6). panels.first(p, nb, keep) gives the panel of blocks p .. p + nb - 1 (block
+// stride K * 16) for the first row tile, keep saying whether other tiles follow (an int8 panel
+// then keeps its converted copy), and panels.rest(p, nb) for the others; both are called on
+// the thread that runs the tiles, first before rest.
 template <typename Panels>
 void run_panels(const bf16* x, int64_t M, int64_t K, int64_t N, int64_t blocks, const bf16* scale,
                 const bf16* bias, bf16* out, const Panels& panels) {
@@ -392,6 +394,37 @@ torch::Tensor linear_int8_panels(torch::Tensor x, torch::Tensor panels, torch::T
   auto out = torch::empty({M, N}, x.options());
   run_panels(x.data_ptr<bf16>(), M, K, N, panels.size(0), scale.data_ptr<bf16>(),
              bias_ptr(bias, N), out.data_ptr<bf16>(), Int8Panels{panels.data_ptr<int8_t>(), K});
+  return out;
+}
+
+// panels [B, K * 16] int8 as pack_panels packed them (B blocks, possibly a slice of a layer's)
+// -> W [n, K] bf16, the first n channels of those blocks, exact; for the float GEMM of many rows.
+// Each value's bfloat16 is the high half of its float32 (an integer of at most 8 significant
+// bits); the blocks are spread over the threads.
+torch::Tensor int8_panels_to_bf16(torch::Tensor panels, int64_t n) {
+  TORCH_CHECK(panels.dim() == 2 && panels.scalar_type() == at::kChar && panels.is_contiguous() &&
+                  panels.size(1) % (2 * kLanes) == 0,
+              "panels must be a contiguous [blocks, K * 16] int8 tensor (pack_panels)");
+  const int64_t blocks = panels.size(0), K = panels.size(1) / kLanes;
+  TORCH_CHECK(n >= 0 && n <= blocks * kLanes, "n = ", n, " channels do not fit ", blocks,
+              " blocks of 16");
+  auto out = torch::empty({n, K}, panels.options().dtype(at::kBFloat16));
+  const int8_t* q = panels.data_ptr<int8_t>();
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<bf16>());
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t c = 0; c < kLanes && b * kLanes + c < n; ++c) {
+        const int8_t* src = q + b * K * kLanes + 2 * c;  // pair i of channel c at src + 32 i
+        uint16_t* dst = o + (b * kLanes + c) * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = static_cast<float>(src[(k / 2) * 2 * kLanes + k % 2]);
+          uint32_t bits;
+          std::memcpy(&bits, &v, sizeof bits);
+          dst[k] = static_cast<uint16_t>(bits >> 16);
+        }
+      }
+    }
+  });
   return out;
 }
 
@@ -607,6 +640,8 @@ torch::Tensor int4_pairs_to_bf16(torch::Tensor q, torch::Tensor scale, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x [M, K] bf16 @ w [N, K] bf16 ^T (+ bias)");
   m.def("pack_panels", &pack_panels, "w [N, K] bf16 or int8 -> [ceil(N / 16), K * 16] panels");
+  m.def("int8_panels_to_bf16", &int8_panels_to_bf16,
+        "int8 panels [B, K * 16] -> the first n channels' weights [n, K] bf16, exact");
   m.def("linear_bf16_panels", &linear_bf16_panels,
         "x [M, K] bf16 @ (panels of W [N, K])^T (+ bias) -> [M, N] bf16");
   m.def("linear_int8_panels", &linear_int8_panels,

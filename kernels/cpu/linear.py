@@ -123,6 +123,14 @@ def unpack_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
     return rows.reshape(blocks * PANEL_CHANNELS, k)[:n].contiguous()
 
 
+def int8_panels_to_bf16(module: ModuleType, panels: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n rows of the int8 weight that `pack_panels` packed into `panels` ([blocks,
+    K * 16] int8, possibly a slice of blocks), converted to bfloat16 (exact): [n, K], what
+    `unpack_panels(panels, n).to(torch.bfloat16)` gives, in one pass over all threads. Raises
+    RuntimeError on another dtype or an n the blocks do not hold."""
+    return module.int8_panels_to_bf16(panels.contiguous(), n)
+
+
 def linear_bf16_panels(
     module: ModuleType,
     x: torch.Tensor,

@@ -4,7 +4,8 @@ Like packing (packed_linear.py), this is applied to a built, loaded model from o
 files: `quantize_linears` swaps every `nn.Linear` for an `Int8Linear` or `Int4Linear` holding
 the quantized weight (the LM head at int8 under int4 too: it is the most sensitive layer).
 Activations stay in the model dtype (bfloat16, float16 or float32); only the weights are stored
-in fewer bits and expanded inside the CPU kernels (ours, or torch's where ours are not built):
+in fewer bits and expanded inside the kernels (on the CPU ours, or torch's where ours are not
+built; on CUDA the Triton kernels of kernels/quant_matmul.py):
 
 - int8: one symmetric scale per output channel; our AVX-512 BF16 kernel (kernels/cpu/linear.py)
   for bfloat16 activations over q packed in panels of 16 output channels (measured on a 2-core
@@ -34,7 +35,8 @@ GEMM over the weight expanded on the fly, a chunk of output channels at a time: 
 F32_DEQUANT_ROWS rows on our float32 kernels (dot products over blocks of 4 channels up to 2
 rows, tiles of up to 6 rows over panels of 16 channels above), from DEQUANT_ROWS on torch's int8
 kernel, from INT4_DEQUANT_ROWS for torch's int4. Our AVX-512 BF16 int8 kernel is the exception:
-it stays ahead of the GEMM at every row count measured (up to 512), so it runs them all. For torch's int4 that needs its
+without AMX it stays ahead of the GEMM at every row count measured (up to 512), so it runs them
+all (with AMX, below INT8_PANEL_MAX_ROWS). For torch's int4 that needs its
 packed layout, which is private to torch: `int4_layout` finds it by unpacking a probe that torch
 packed, and where no known layout matches, int4 layers always run the kernel.
 
@@ -54,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
+from kernels.cpu.build import cpu_flags
 from services.executor.config import INT4_GROUP_SIZES, QUANTIZATION_METHODS
 from services.executor.packed_linear import Linear2D, can_use_panels16, children_of_type
 
@@ -66,6 +69,11 @@ QUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (measured on an AVX-512 host: its time grows linearly with rows and crosses the
 # convert-then-GEMM time near 32 rows):
 DEQUANT_ROWS = 32
+# Int8Linear on our AVX-512 BF16 kernel ("panels"): inputs of at least this many rows run the
+# float GEMM instead on CPUs with AMX tiles, where oneDNN's bfloat16 GEMM runs on them (the
+# bfloat16 layers hand over from 6 rows there, see packed_linear.py); without AMX the kernel led
+# that GEMM at every row count measured (up to 512, see kernels/cpu/linear.cpp), so None.
+INT8_PANEL_MAX_ROWS = 80 if "amx_bf16" in cpu_flags().split() else None
 # Int4Linear on torch's kernel: the same from this many rows (expanding int4 costs more: measured
 # here, the kernel at 256 rows takes about as long as expanding the weight, and 3x longer at 512).
 INT4_DEQUANT_ROWS = 256
@@ -181,7 +189,9 @@ class Int8Linear(nn.Module):
 
     - "panels" (bfloat16 activations on a CPU with AVX-512 BF16, K a multiple of 32): q only as
       panels of 16 output channels, [ceil(N / 16), K * 16] (`cpu_linear.pack_panels`), which our
-      AVX-512 BF16 kernel (`cpu_linear.linear_int8_panels`) reads at every row count.
+      AVX-512 BF16 kernel (`cpu_linear.linear_int8_panels`) reads at every row count (on CPUs
+      with AMX, below INT8_PANEL_MAX_ROWS; from there the float GEMM over the panels converted
+      by `cpu_linear.int8_panels_to_bf16`).
     - "blocks" (float32 activations, or bfloat16 without AVX-512, where `f32_kernel`): q in our
       float32 kernel's blocks (`cpu_linear.block_int8`) and, as `panels`, in panels of 16 output
       channels (`cpu_linear.pack_panels16`), the scale and bias float32; that kernel below
@@ -266,7 +276,8 @@ class Int8Linear(nn.Module):
     def direct(self, x: torch.Tensor) -> Linear2D | None:
         """The kernel call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to
         this layer's weights: one of kernels/cpu/linear.py's where it is available, for any
-        number of rows of the scale's dtype on a "panels" layer and 1..F32_DEQUANT_ROWS-1 float32
+        number of rows of the scale's dtype on a "panels" layer (with AMX, fewer than
+        INT8_PANEL_MAX_ROWS) and 1..F32_DEQUANT_ROWS-1 float32
         or bfloat16 rows of a "blocks" layer; None where `forward` runs torch's kernel or the
         float GEMM."""
         rows = x.shape[0]
@@ -274,6 +285,8 @@ class Int8Linear(nn.Module):
             return None
         q, scale, bias, panels = self.qweight, self.scale, self.bias, self.panels
         if self.layout == "panels":
+            if INT8_PANEL_MAX_ROWS is not None and rows >= INT8_PANEL_MAX_ROWS:
+                return None
             if scale.dtype == x.dtype and (kernel := cpu_linear.available(x, self.in_features)):
                 return lambda flat: cpu_linear.linear_int8_panels(kernel, flat, q, scale, bias)
             return None
@@ -303,11 +316,21 @@ class Int8Linear(nn.Module):
         return unpacked[start - first * width :]
 
     def _float_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        # a chunk of output channels at a time, so the converted weight stays small
+        # a chunk of output channels at a time (a multiple of 16: whole panels), so the
+        # converted weight stays small
         step = max(16, DEQUANT_CHUNK // self.in_features // 16 * 16)
+        kernel = None
+        if self.layout == "panels" and x.dtype == torch.bfloat16:
+            kernel = cpu_linear.available(x, self.in_features)
+
+        def expand(start: int, end: int) -> torch.Tensor:
+            if kernel is None:
+                return self._rows(start, end).to(x.dtype)
+            blocks = self.qweight[start // 16 : -(-end // 16)]
+            return cpu_linear.int8_panels_to_bf16(kernel, blocks, end - start)
+
         parts = [
-            F.linear(x, self._rows(a, min(a + step, self.out_features)).to(x.dtype))
-            * self.scale[a : a + step]
+            F.linear(x, expand(a, min(a + step, self.out_features))) * self.scale[a : a + step]
             for a in range(0, self.out_features, step)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)

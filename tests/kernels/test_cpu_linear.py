@@ -198,6 +198,41 @@ def test_int8_linear_keeps_only_panels_and_runs_them_at_every_row_count(rows: in
     _ulp_close(out, cpu_linear.linear_int8_ref(x, q, scale, layer.bias))
 
 
+@pytest.mark.parametrize(("blocks", "n"), [(1, 16), (1, 5), (3, 40), (61, 962)])
+def test_int8_panels_convert_back_to_the_weight_exactly(blocks: int, n: int) -> None:
+    q = torch.randint(-128, 128, (blocks * 16, 96), dtype=torch.int8)
+    q[n:] = 0  # channels past N
+    panels = cpu_linear.pack_panels(KERNEL, q[:n].contiguous())
+    assert torch.equal(cpu_linear.unpack_panels(panels, n), q[:n])
+    assert torch.equal(cpu_linear.int8_panels_to_bf16(KERNEL, panels, n), q[:n].bfloat16())
+    if blocks > 1:  # a slice of blocks, as the float GEMM's chunks take them
+        part = panels[1:3]
+        assert torch.equal(cpu_linear.int8_panels_to_bf16(KERNEL, part, 20), q[16:36].bfloat16())
+    with pytest.raises(RuntimeError, match="do not fit"):
+        cpu_linear.int8_panels_to_bf16(KERNEL, panels, blocks * 16 + 1)
+
+
+def test_int8_linear_reads_any_rows_of_its_panels() -> None:
+    q, scale = quantize_int8(torch.randn(70, 64), torch.bfloat16)
+    layer = Int8Linear(q, scale)
+    assert layer.layout == "panels"
+    for start, end in [(0, 70), (5, 40), (16, 17), (33, 70)]:
+        assert torch.equal(layer._rows(start, end), q[start:end])
+
+
+def test_int8_linear_with_amx_runs_the_float_gemm_from_its_row_limit(monkeypatch) -> None:
+    """On CPUs with AMX, from INT8_PANEL_MAX_ROWS rows: oneDNN's GEMM over the converted panels."""
+    monkeypatch.setattr(quantization, "INT8_PANEL_MAX_ROWS", 8)
+    monkeypatch.setattr(quantization, "DEQUANT_CHUNK", 576 * 40)  # 31 chunks of 32 channels
+    torch.manual_seed(1)
+    q, scale = quantize_int8(torch.randn(962, 576) / 24, torch.bfloat16)
+    layer = Int8Linear(q, scale, torch.randn(962))
+    x = torch.randn(8, 576).bfloat16()
+    assert layer.direct(x[:7]) is not None and layer.direct(x) is None
+    expected = nn.functional.linear(x, q.bfloat16()) * scale + layer.bias
+    _ulp_close(layer(x), expected)
+
+
 def test_int8_linear_with_kernels_disabled_multiplies_the_unpacked_weight(monkeypatch) -> None:
     torch.manual_seed(0)
     q, scale = quantize_int8(torch.randn(962, 576) / 24, torch.bfloat16)

@@ -18,7 +18,9 @@ TOLERANCES = {
     torch.bfloat16: dict(atol=2e-2, rtol=2**-6),
     torch.float16: dict(atol=2e-3, rtol=2**-9),
 }
-SHAPES = [(1, 19, 64), (5, 70, 96), (16, 64, 128), (17, 130, 256), (64, 33, 64)]  # (M, N, K)
+# (M, N, K): K = 48 and 80 end mid-block (32 inputs a step; int8 takes any multiple of 16)
+SHAPES = [(1, 19, 64), (5, 70, 96), (16, 64, 128), (17, 130, 256), (64, 33, 64)]
+INT8_SHAPES = [*SHAPES, (3, 19, 48), (9, 40, 80)]
 
 
 def _rand(*shape: int, gen: torch.Generator) -> torch.Tensor:
@@ -26,7 +28,7 @@ def _rand(*shape: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+@pytest.mark.parametrize(("m", "n", "k"), INT8_SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_matches_reference(device, dtype, m, n, k, bias):
     gen = torch.Generator().manual_seed(m * n + k)
@@ -103,6 +105,8 @@ def test_bad_inputs_are_refused(device):
         qm.int4_linear(x, packed, sz, sz, 48, None)
     with pytest.raises(ValueError, match="zero must be"):
         qm.int4_linear(x, packed, sz, sz[:, :1], 32, None)
+    with pytest.raises(ValueError, match="bias must be"):
+        qm.int8_linear(x, q, s, torch.ones(8, 2, device=device)[:, 0])
 
 
 @pytest.fixture
@@ -144,3 +148,27 @@ def test_int4_layer_on_cuda_runs_the_triton_kernel(triton_layers, device, group)
 
     ref = qm.int4_linear_ref(x, layer.qweight, layer.scale, layer.zero, group, None)
     torch.testing.assert_close(out.float(), ref.float(), **TOLERANCES[torch.bfloat16])
+
+
+def test_gguf_layers_on_cuda_take_the_triton_layout(triton_layers, device):
+    """The bundled Q4_1 file's blocks become a "triton" int4 layer holding the file's weight
+    (what the CPU's layouts apply too)."""
+    from services.common.model_store import default_gguf_path
+    from services.executor.gguf_weights import GGUFTensors, _quantized
+
+    gguf = GGUFTensors(default_gguf_path(), num_heads=9, num_kv_heads=3)
+    names = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"]
+    layer = _quantized(gguf, names, None, torch.bfloat16, torch.device(device))
+    assert isinstance(layer, Int4Linear) and layer.layout == "triton"
+    q, scale, zero = (torch.cat(p) for p in zip(*(gguf.int4(n) for n in names), strict=True))
+    # W = (q - 8) * scale + zero per 32 inputs, scale and zero rounded to bfloat16
+    expected = (q.float() - 8) * scale.bfloat16().float().repeat_interleave(32, 1)
+    expected += zero.bfloat16().float().repeat_interleave(32, 1)
+    assert torch.equal(layer.dequantize().cpu(), expected)
+    x = torch.randn(3, 576).bfloat16().to(device)
+    out = layer(x).float().cpu()
+    ref = qm.int4_linear_ref(x, layer.qweight, layer.scale, layer.zero, 32, None).float().cpu()
+    # real weights cancel: within a few bfloat16 roundings of the terms' magnitudes (W rounded
+    # to bfloat16, the output rounded; the interpreter truncates where a GPU rounds)
+    bound = x.float().abs().cpu() @ expected.abs().t()
+    assert ((out - ref).abs() <= 2**-6 * bound).all()
