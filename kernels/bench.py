@@ -23,6 +23,13 @@ import triton
 from kernels.decode_attention import decode_attention, decode_attention_ref
 from kernels.extend_attention import extend_attention, extend_attention_ref
 from kernels.kv_store import store_kv, store_kv_ref
+from kernels.quant_matmul import (
+    int4_linear,
+    int4_linear_ref,
+    int8_linear,
+    int8_linear_ref,
+    pack_int4,
+)
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin
 from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
@@ -148,6 +155,32 @@ def bench_extend_attention(extend_len: int, provider: str) -> tuple[float, float
     return _time(lambda: fn(*args), lambda ms: flops * 1e-12 / (ms * 1e-3))
 
 
+ROWS = [2**i for i in range(0, 11)]  # 1 .. 1024 rows of a weight-only quantized linear layer
+
+
+@triton.testing.perf_report(_benchmark("rows", ROWS, "GB/s", "int8-linear-down-proj"))
+def bench_int8_linear(rows: int, provider: str) -> tuple[float, float, float]:
+    n, k = HIDDEN, INTERMEDIATE  # down_proj
+    x = torch.randn(rows, k, device=DEVICE, dtype=DTYPE)
+    q = torch.randint(-127, 128, (n, k), device=DEVICE, dtype=torch.int8)
+    scale = torch.rand(n, device=DEVICE, dtype=DTYPE) / 1000
+    fn = int8_linear if provider == "triton" else int8_linear_ref
+    nbytes = q.numel() + (x.numel() + rows * n) * x.element_size()  # q, x read; out written
+    return _time(lambda: fn(x, q, scale, None), _gbps(nbytes))
+
+
+@triton.testing.perf_report(_benchmark("rows", ROWS, "GB/s", "int4-linear-g128-down-proj"))
+def bench_int4_linear(rows: int, provider: str) -> tuple[float, float, float]:
+    n, k, group = HIDDEN, INTERMEDIATE, 128
+    x = torch.randn(rows, k, device=DEVICE, dtype=DTYPE)
+    q = pack_int4(torch.randint(0, 16, (n, k), device=DEVICE))
+    scale = torch.rand(n, k // group, device=DEVICE, dtype=DTYPE) / 1000
+    zero = torch.randn(n, k // group, device=DEVICE, dtype=DTYPE) / 1000
+    fn = int4_linear if provider == "triton" else int4_linear_ref
+    nbytes = q.numel() + 2 * scale.numel() * 2 + (x.numel() + rows * n) * x.element_size()
+    return _time(lambda: fn(x, q, scale, zero, group, None), _gbps(nbytes))
+
+
 BENCHMARKS = {
     "rmsnorm": bench_rmsnorm,
     "silu_and_mul": bench_silu_and_mul,
@@ -155,6 +188,8 @@ BENCHMARKS = {
     "kv_store": bench_kv_store,
     "decode_attention": bench_decode_attention,
     "extend_attention": bench_extend_attention,
+    "int8_linear": bench_int8_linear,
+    "int4_linear": bench_int4_linear,
 }
 
 
