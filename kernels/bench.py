@@ -20,16 +20,11 @@ from collections.abc import Callable
 import torch
 import triton
 
+from kernels.cpu.linear import pack_int4
 from kernels.decode_attention import decode_attention, decode_attention_ref
 from kernels.extend_attention import extend_attention, extend_attention_ref
 from kernels.kv_store import store_kv, store_kv_ref
-from kernels.quant_matmul import (
-    int4_linear,
-    int4_linear_ref,
-    int8_linear,
-    int8_linear_ref,
-    pack_int4,
-)
+from kernels.quant_matmul import int4_linear, int4_linear_ref, int8_linear, int8_linear_ref
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin
 from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref

@@ -6,10 +6,10 @@ tile by tile in registers, never in memory: a decode step reads 1 or 0.5 bytes p
   activation dtype (exact: |q| <= 128 fits bfloat16's and float16's significands), multiplied
   by x in `tl.dot` with float32 accumulation, and the sums are scaled per channel at the end.
 - int4: W[n, k] = (q[n, k] - 8) * scale[n, k // group] + zero[n, k // group], q in [0, 15]
-  packed two to a byte ([N, K / 2] uint8, `pack_int4`: byte j holds q[2j] in its low half and
-  q[2j + 1] in its high one), scale and zero [N, K / group]. Each tile of W is expanded in
-  float32, rounded to the activation dtype, and multiplied in `tl.dot` with float32
-  accumulation.
+  packed two to a byte by `kernels.cpu.linear.pack_int4` ([N, K / 2] uint8, GGUF's order: in
+  each block of 32 inputs, byte i holds input i in its low half and input i + 16 in its high
+  one), scale and zero [N, K / group]. Each tile of W is expanded in float32, rounded to the
+  activation dtype, and multiplied in `tl.dot` with float32 accumulation.
 
 float32 activations multiply in full float32 (no TF32). Each `*_ref` is the PyTorch formula,
 rounded where the kernel rounds. The executor's `Int8Linear` and `Int4Linear` run these on CUDA
@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.cpu.linear import unpack_int4
 from kernels.decode_attention import _dot_dtype
 
 BLOCK_K = 32  # input features per step; divides every int4 group size (32 .. 256)
@@ -70,12 +71,13 @@ def _quant_matmul_kernel(
             )
             w = q.to(tl.float32)
         else:
+            byte = (kk // 32) * 16 + kk % 16  # pack_int4's order: i and i + 16 share a byte
             packed = tl.load(
-                q_ptr + rn[:, None].to(tl.int64) * stride_qn + kk[None, :] // 2,
+                q_ptr + rn[:, None].to(tl.int64) * stride_qn + byte[None, :],
                 mask=w_mask,
                 other=0,
             )
-            nibble = (packed.to(tl.int32) >> ((kk[None, :] % 2) * 4)) & 15
+            nibble = (packed.to(tl.int32) >> (((kk[None, :] % 32) // 16) * 4)) & 15
             group = k0 // GROUP  # a block of BLOCK_K inputs lies in one group
             scale = tl.load(scale_ptr + rn * stride_sn + group, mask=n_ok, other=0.0)
             zero = tl.load(zero_ptr + rn * stride_sn + group, mask=n_ok, other=0.0)
@@ -110,7 +112,8 @@ def int4_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """x [M, K] @ W^T + bias [N] → [M, N] in x's dtype, with W [N, K] = (q - 8) * scale + zero
-    per group of `group_size` inputs (a multiple of 32 that divides K), q packed by `pack_int4`
+    per group of `group_size` inputs (a multiple of 32 that divides K), q packed by
+    `kernels.cpu.linear.pack_int4`
     ([N, K / 2] uint8) and scale, zero [N, K / group_size]; W is rounded to x's dtype and the
     products summed in float32. Raises ValueError on shapes, dtypes or devices that do not
     match."""
@@ -199,22 +202,11 @@ def _check_inputs(
         raise ValueError(f"x, q, scale and bias must be on one device; got {devices}")
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q [N, K] integers in [0, 15] (K even) → [N, K / 2] uint8, byte j = q[2j] | q[2j + 1] << 4
-    (what `int4_linear` reads)."""
-    q = q.to(torch.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_int4`: [N, K / 2] uint8 → q [N, K] uint8 in [0, 15]."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
-
-
 def int4_weight(
     q_packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    """W [N, K] float32 = (q - 8) * scale + zero per group, from `pack_int4`'s bytes."""
+    """W [N, K] float32 = (q - 8) * scale + zero per group, from the bytes of
+    `kernels.cpu.linear.pack_int4`."""
     q = unpack_int4(q_packed).float()
     expand = lambda t: t.float().repeat_interleave(group_size, dim=1)  # noqa: E731
     return (q - 8) * expand(scale) + expand(zero)

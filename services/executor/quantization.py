@@ -318,7 +318,8 @@ class Int8Linear(nn.Module):
     def _float_gemm(self, x: torch.Tensor) -> torch.Tensor:
         # a chunk of output channels at a time (a multiple of 16: whole panels), so the
         # converted weight stays small
-        step = max(16, DEQUANT_CHUNK // self.in_features // 16 * 16)
+        width = cpu_linear.PANEL_CHANNELS
+        step = max(width, DEQUANT_CHUNK // self.in_features // width * width)
         kernel = None
         if self.layout == "panels" and x.dtype == torch.bfloat16:
             kernel = cpu_linear.available(x, self.in_features)
@@ -326,7 +327,7 @@ class Int8Linear(nn.Module):
         def expand(start: int, end: int) -> torch.Tensor:
             if kernel is None:
                 return self._rows(start, end).to(x.dtype)
-            blocks = self.qweight[start // 16 : -(-end // 16)]
+            blocks = self.qweight[start // width : -(-end // width)]
             return cpu_linear.int8_panels_to_bf16(kernel, blocks, end - start)
 
         parts = [
@@ -416,7 +417,7 @@ class Int4Linear(nn.Module):
     - "torch": `qweight` [N, K/2] uint8 in the layout of `_convert_weight_to_int4pack_for_cpu`
       (machine-specific), `scales_and_zeros` [K/g, N, 2] (scale, zero). Below INT4_DEQUANT_ROWS
       rows, torch's kernel.
-    - "triton" (on a CUDA device): `qweight` [N, K/2] uint8 as `kernels.quant_matmul.pack_int4`,
+    - "triton" (on a CUDA device): `qweight` [N, K/2] uint8 as `cpu_linear.pack_int4(q)`,
       `scale` and `zero` [N, K/g] in the activation dtype; the Triton kernel
       `kernels.quant_matmul.int4_linear` at every row count.
 
@@ -463,7 +464,7 @@ class Int4Linear(nn.Module):
             zero = zero.to(scale.dtype).repeat_interleave(chunks, dim=1).contiguous()
             self.register_buffer("zero", zero)
         elif self.layout == "triton":
-            self.register_buffer("qweight", _triton().pack_int4(q))
+            self.register_buffer("qweight", cpu_linear.pack_int4(q))
             self.register_buffer("scale", scale.contiguous())
             self.register_buffer("zero", zero.to(scale.dtype).contiguous())
         elif self.layout == "fma":
