@@ -573,10 +573,17 @@ inline void store_scores(float* dst, vfloat v, int64_t n) {
 // are the vector lanes. q . k is the pair dot product of 16 rows' (q[2i], q[2i + 1]) with one
 // key's (k[2i], k[2i + 1]) broadcast straight from the pool, so keys are never transposed (the
 // products of two bfloat16 values are exact in float32, the sums float32); the softmax runs down
-// the key axis on whole vectors of rows; p . v is float32, each value widened once and broadcast
-// against 16 rows' probabilities. Rounding the probabilities to bfloat16 for a pair dot product
-// there too was 15 % faster and 1,000 times less accurate (errors up to 7e-3 against 8e-6), so
-// it is not done.
+// the key axis on whole vectors of rows. p . v is a pair dot product too: each row's
+// probabilities of two keys, (p[l], p[l + 1]) relative to the row's maximum and rounded to
+// bfloat16, against the two keys' values (v_l[d], v_{l+1}[d]) broadcast; the sums are float32 and
+// divided by the float32 sum of the unrounded probabilities at the end. This is how torch's
+// scaled_dot_product_attention computes bfloat16 attention on the CPU (its flash kernel rounds
+// the unnormalised probabilities to the query dtype for the p . v GEMM), so outputs differ from a
+// float32 p . v by about one bfloat16 rounding of the output. It halves the p . v instructions;
+// with the one-pass softmax below (exp16), `radixserve bench-executor` prefill steps of
+// SmolLM2-135M on a 2-core AMD EPYC (AVX-512 BF16, no AMX), medians of three, went from 4,999
+// to 4,122 ms for 4,096 tokens, 756 to 684 ms for 1,024, and 411 to 369 ms for 7 x 64 after a
+// shared 1,000-token cached prefix (docs/benchmarks.md).
 using PairRow = uint32_t;  // two bfloat16 values, the first in the low half
 
 // Rows r0 .. r0 + 16 * RG of sT[l * R + r] = q_r . k_l for the keys l < n_keys, key_row(l)
@@ -615,23 +622,46 @@ void extend_scores_bf16(const PairRow* qT, int64_t R, int64_t r0, const KeyRow& 
   }
 }
 
-// Rows r0 .. r0 + 16 * RG of oT[d * R + r] = the sum over keys l < n_keys of sT[l * R + r] *
-// vf[l * 64 + d], in float32.
+// exp(x) of 16 floats: x = n ln 2 + t with |t| <= ln 2 / 2 (ln 2 split in two, Cody and Waite),
+// e^t by Cephes' expf polynomial, then scaled by 2^n (vscalefps). Within 1 ulp of the correctly
+// rounded value wherever that is a normal float (checked at 13.5 million points of [-104, 88.5]);
+// exp(0) is 1; x <= -104 gives 0, x >= 88.8 infinity.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  t = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), t);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(t, t), _mm512_add_ps(t, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Rows r0 .. r0 + 16 * RG of oT[d * R + r] = the sum over key pairs i < n_pairs of the pair dot
+// product of pT[i * R + r] (row r's probabilities of keys 2i, 2i + 1, bfloat16) and vT[i * 64 + d]
+// (the two keys' values at dim d, bfloat16), in float32.
 template <int RG>
-void extend_values_f32(const float* sT, int64_t R, int64_t r0, const float* vf, int64_t n_keys,
-                       float* oT) {
+void extend_values_bf16(const PairRow* pT, int64_t R, int64_t r0, const PairRow* vT,
+                        int64_t n_pairs, float* oT) {
   constexpr int DB = RG == 1 ? 16 : (RG <= 3 ? 8 : 4);  // RG x DB accumulators, 24 at most
   for (int64_t d0 = 0; d0 < kDim; d0 += DB) {
     __m512 acc[RG][DB];
     for (int rg = 0; rg < RG; ++rg)
       for (int d = 0; d < DB; ++d) acc[rg][d] = _mm512_setzero_ps();
-    for (int64_t l = 0; l < n_keys; ++l) {
-      __m512 pv[RG];
-      for (int rg = 0; rg < RG; ++rg) pv[rg] = _mm512_loadu_ps(sT + l * R + r0 + 16 * rg);
-      const float* vd = vf + l * kDim + d0;
+    for (int64_t i = 0; i < n_pairs; ++i) {
+      __m512bh pv[RG];
+      for (int rg = 0; rg < RG; ++rg) {
+        pv[rg] = (__m512bh)_mm512_loadu_si512(pT + i * R + r0 + 16 * rg);
+      }
+      const PairRow* vd = vT + i * kDim + d0;
       for (int d = 0; d < DB; ++d) {
-        const __m512 vb = _mm512_set1_ps(vd[d]);
-        for (int rg = 0; rg < RG; ++rg) acc[rg][d] = _mm512_fmadd_ps(pv[rg], vb, acc[rg][d]);
+        const __m512bh vb = (__m512bh)_mm512_set1_epi32(static_cast<int>(vd[d]));
+        for (int rg = 0; rg < RG; ++rg) acc[rg][d] = _mm512_dpbf16_ps(acc[rg][d], pv[rg], vb);
       }
     }
     for (int d = 0; d < DB; ++d)
@@ -639,6 +669,13 @@ void extend_values_f32(const float* sT, int64_t R, int64_t r0, const float* vf, 
         _mm512_storeu_ps(oT + (d0 + d) * R + r0 + 16 * rg, acc[rg][d]);
       }
   }
+}
+
+// dst[0 .. 16) = the pairs (a[i], b[i]) of two rows of 16 bfloat16 values, a[i] in the low half.
+inline void pair_rows16(const at::BFloat16* a, const at::BFloat16* b, PairRow* dst) {
+  const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+  const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  _mm512_storeu_si512(dst, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
 }
 
 // Calls fn(std::integral_constant<int, RG>(), r0) over R rows (a multiple of 16) in chunks of
@@ -665,10 +702,10 @@ void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const T* k_pool,
                        int64_t out_stride, float* lse, int64_t lse_stride) {
   const int64_t nr = nq * group, R = (nr + 15) / 16 * 16;
   const int64_t n_keys = causal ? prefix + i0 + nq : prefix;
-  thread_local std::vector<PairRow> qT;
-  thread_local std::vector<float> sT, oT, vf, mx, sum;
+  thread_local std::vector<PairRow> qT, pT, vT;
+  thread_local std::vector<float> sT, oT, mx, sum;
   thread_local std::vector<int64_t> visible;
-  thread_local std::vector<at::BFloat16> kb;
+  thread_local std::vector<at::BFloat16> kb, vb;
   auto pool_key = [&](int64_t l) { return k_pool + (slots[l] * kv_heads + hk) * kDim; };
   if constexpr (!std::is_same_v<T, at::BFloat16>) {
     kb.resize(n_keys * kDim);
@@ -715,34 +752,67 @@ void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const T* k_pool,
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) m[r] = l < vis[r] ? std::max(m[r], s[l * R + r]) : m[r];
   }
-  for (int64_t l = 0; l < common; ++l) {
-#pragma omp simd
-    for (int64_t r = 0; r < R; ++r) {
-      const float p = std::exp((s[l * R + r] - m[r]) * scale);
-      s[l * R + r] = p;
-      z[r] += p;
+  // p = exp((s - max) * scale) of keys 2i and 2i + 1 (0 where a row does not see the key, and
+  // for a last odd key's partner), summed in float32 and stored as bfloat16 pairs: one pass,
+  // 16 rows at a time.
+  const int64_t n_pairs = (n_keys + 1) / 2;
+  pT.resize(n_pairs * R);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < R; r += 16) {
+    const __m512 vm = _mm512_loadu_ps(m + r);
+    __m512i seen_lo, seen_hi;  // keys visible to the 16 rows, as two vectors of 8 int64
+    std::memcpy(&seen_lo, vis + r, sizeof(seen_lo));
+    std::memcpy(&seen_hi, vis + r + 8, sizeof(seen_hi));
+    __m512 vz = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n_pairs; ++i) {
+      const int64_t l = 2 * i;
+      const __m512i key = _mm512_set1_epi64(l);
+      const __m512i next = _mm512_set1_epi64(l + 1);
+      const __mmask16 sees_a = (__mmask16)(_mm512_cmplt_epi64_mask(key, seen_lo) |
+                                           (_mm512_cmplt_epi64_mask(key, seen_hi) << 8));
+      const __mmask16 sees_b = (__mmask16)(_mm512_cmplt_epi64_mask(next, seen_lo) |
+                                           (_mm512_cmplt_epi64_mask(next, seen_hi) << 8));
+      const float* a = s + l * R + r;
+      const __m512 pa = _mm512_maskz_mov_ps(
+          sees_a, exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(a), vm), vscale)));
+      __m512 pb = _mm512_setzero_ps();
+      if (l + 1 < n_keys) {
+        pb = _mm512_maskz_mov_ps(
+            sees_b, exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(a + R), vm), vscale)));
+      }
+      vz = _mm512_add_ps(vz, _mm512_add_ps(pa, pb));
+      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(pa));
+      const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(pb));
+      _mm512_storeu_si512(pT.data() + i * R + r, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
+    _mm512_storeu_ps(z + r, vz);
   }
-  for (int64_t l = common; l < n_keys; ++l) {
-#pragma omp simd
-    for (int64_t r = 0; r < R; ++r) {
-      const float p = l < vis[r] ? std::exp((s[l * R + r] - m[r]) * scale) : 0.f;
-      s[l * R + r] = p;
-      z[r] += p;
-    }
-  }
-  // Values widened to float32.
-  vf.resize(n_keys * kDim);
+  // The values of keys 2i and 2i + 1 as bfloat16 pairs, dim by dim (float8 ones converted to
+  // bfloat16 first, exactly; a last odd key paired with zeros).
+  vT.resize(n_pairs * kDim);
   const int64_t stride = kv_heads * kDim;
   const T* v = v_pool + hk * kDim;
+  auto value_row = [&](int64_t l) -> const at::BFloat16* {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      return v + slots[l] * stride;
+    } else {
+      convert_row(v + slots[l] * stride, vb.data() + (l & 1) * kDim);
+      return vb.data() + (l & 1) * kDim;
+    }
+  };
+  vb.assign(3 * kDim, at::BFloat16(0.f));  // two converted rows, then a row of zeros
   for (int64_t l = 0; l < std::min(kAhead, n_keys); ++l) prefetch_row(v + slots[l] * stride);
-  for (int64_t l = 0; l < n_keys; ++l) {
-    if (l + kAhead < n_keys) prefetch_row(v + slots[l + kAhead] * stride);
-    load_row(v + slots[l] * stride, vf.data() + l * kDim, kDim);
+  for (int64_t i = 0; i < n_pairs; ++i) {
+    for (int64_t l = 2 * i + kAhead; l < std::min(2 * i + kAhead + 2, n_keys); ++l) {
+      prefetch_row(v + slots[l] * stride);
+    }
+    const at::BFloat16* a = value_row(2 * i);
+    const at::BFloat16* b = 2 * i + 1 < n_keys ? value_row(2 * i + 1) : vb.data() + 2 * kDim;
+    for (int64_t d = 0; d < kDim; d += 16) pair_rows16(a + d, b + d, vT.data() + i * kDim + d);
   }
   oT.resize(kDim * R);
   for_row_chunks(R, [&](auto rg, int64_t r0) {
-    extend_values_f32<decltype(rg)::value>(s, R, r0, vf.data(), n_keys, oT.data());
+    extend_values_bf16<decltype(rg)::value>(pT.data(), R, r0, vT.data(), n_pairs, oT.data());
   });
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t j = i0 + r / group, h = hk * group + r % group;

@@ -105,6 +105,7 @@ class PrefillRow:
     step_ms: float
     tokens_per_s: float
     matmul_floor_ms: float
+    cached_len: int = 0
 
 
 def dtype_names(names: list[str]) -> list[str]:
@@ -171,6 +172,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="positions shared within a group (default: 3/4 of the context)",
     )
     p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument(
+        "--prefill-cached-len",
+        type=int,
+        default=0,
+        help="tokens of a prefix that every prefill prompt shares and whose KV is already "
+        "computed, as after a radix-cache hit: the timed step computes only the --prefill-len "
+        "tokens after it (0: none)",
+    )
     p.add_argument("--prefill-prompts", nargs="+", type=int, default=[1, 4])
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument(
@@ -282,24 +291,40 @@ def bench_prefill(
     length: int,
     deterministic: bool = False,
     kv_dtype: torch.dtype | None = None,
+    cached: int = 0,
 ) -> float:
-    """Time (ms) of the faster of two prefills of `prompts` random prompts of `length` tokens."""
-    slots = prompts * length + 1
-    engine = _engine(model, cfg, slots, prompts, length + 1, None, deterministic, kv_dtype)
+    """Time (ms) of the faster of two prefills of `prompts` random prompts of `length` tokens.
+
+    With `cached` > 0 the prompts first share a prefix of that many tokens, computed once by an
+    untimed step (row 0's) and pointed at by every row's table, as the scheduler does after a
+    radix-cache hit; the timed step computes each prompt's `length` tokens after it."""
+    slots = cached + prompts * length + 1
+    engine = _engine(model, cfg, slots, prompts, cached + length + 1, None, deterministic, kv_dtype)
     greedy = SamplingParams(temperature=0.0)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (prompts, length), generator=gen).tolist()
+    prefix = torch.randint(0, cfg.vocab_size, (cached,), generator=gen).tolist()
+    shared = list(range(1, 1 + cached))
     times = []
+    step_id = 0
     for rep in range(2):
+        first = 1 + cached
+        writes = [
+            SlotWrite(r, 0, shared + list(range(first + r * length, first + (r + 1) * length)))
+            for r in range(prompts)
+        ]
+        membership = {
+            "release_rows": list(range(prompts)) if rep else [],
+            "add": [NewRequest(r, f"p{r}", greedy) for r in range(prompts)],
+            "writes": writes,
+        }
+        if cached:
+            step_id += 1
+            engine.run_step(StepInput(step_id, **membership, slices=[Slice(0, 0, prefix)]))
+            membership = {}
+        step_id += 1
         step = StepInput(
-            rep + 1,
-            release_rows=list(range(prompts)) if rep else [],
-            add=[NewRequest(r, f"p{r}", greedy) for r in range(prompts)],
-            writes=[
-                SlotWrite(r, 0, list(range(1 + r * length, 1 + (r + 1) * length)))
-                for r in range(prompts)
-            ],
-            slices=[Slice(r, 0, ids[r]) for r in range(prompts)],
+            step_id, **membership, slices=[Slice(r, cached, ids[r]) for r in range(prompts)]
         )
         start = time.perf_counter()
         engine.run_step(step)
@@ -337,7 +362,8 @@ def decode_cases(args: argparse.Namespace, context: int) -> list[DecodeCase]:
 
 def max_positions(args: argparse.Namespace) -> int:
     """Positions the model (RoPE tables) must cover: the longest decode span and the prefill."""
-    return max(max(args.contexts) + WARMUP_STEPS + args.steps + 2, args.prefill_len + 1)
+    prefill = args.prefill_cached_len + args.prefill_len + 1
+    return max(max(args.contexts) + WARMUP_STEPS + args.steps + 2, prefill)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -457,11 +483,13 @@ def _prefill_row(
     mode: str,
     kv_dtype: torch.dtype,
 ) -> PrefillRow:
-    length = args.prefill_len
-    ms = bench_prefill(model, cfg, n, length, args.enable_deterministic_inference, kv_dtype)
+    length, cached = args.prefill_len, args.prefill_cached_len
+    ms = bench_prefill(model, cfg, n, length, args.enable_deterministic_inference, kv_dtype, cached)
     floor = linear_floor_ms(model, n * length, repeats=2) + head_floor_ms(model, n)
     kv_name = str(kv_dtype).removeprefix("torch.")
-    return PrefillRow(dtype_name, mode, kv_name, n, length, ms, n * length / ms * 1e3, floor)
+    return PrefillRow(
+        dtype_name, mode, kv_name, n, length, ms, n * length / ms * 1e3, floor, cached
+    )
 
 
 def _mode(static: StaticDecodeConfig | None, batch_sizes: list[int]) -> str:
@@ -491,7 +519,8 @@ def _fmt_decode(r: DecodeRow) -> str:
 
 def _fmt_prefill(r: PrefillRow) -> str:
     return (
-        f"prefill {r.dtype:9s} {_quant(r.quantization)}{_kv(r)}{r.prompts} x {r.prompt_len}: {r.step_ms:8.1f} ms "
+        f"prefill {r.dtype:9s} {_quant(r.quantization)}{_kv(r)}{r.prompts} x {r.prompt_len}"
+        f"{f' after {r.cached_len} cached' if r.cached_len else ''}: {r.step_ms:8.1f} ms "
         f"{r.tokens_per_s:8.1f} tok/s   matmul floor {r.matmul_floor_ms:7.1f} ms"
     )
 

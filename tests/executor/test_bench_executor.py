@@ -144,6 +144,36 @@ def test_decode_runs_at_a_context_past_the_prefill_length() -> None:
     assert memory_bandwidth(gib=1 / 64, repeats=2) > 0
 
 
+def test_a_cached_prefix_prefill_computes_only_the_tokens_after_the_shared_prefix(
+    monkeypatch,
+) -> None:
+    args = parse("--context", "8", "--prefill-len", "24", "--prefill-cached-len", "40")
+    assert max_positions(args) == 40 + 24 + 1
+    hf = hf_model("llama")
+    cfg = ModelConfig.from_dict(hf.config.to_dict())
+    model = build_model(cfg, max_positions(args), torch.float32, torch.device("cpu"))
+    load_weights(model, hf.state_dict().items())
+    steps = []
+    real = bench_module.Engine.run_step
+
+    def spy(self, step):  # type: ignore[no-untyped-def]
+        steps.append(step)
+        return real(self, step)
+
+    monkeypatch.setattr(bench_module.Engine, "run_step", spy)
+    assert bench_prefill(model, cfg, 3, 24, cached=40) > 0
+    # Per repetition: row 0 computes the prefix (untimed), then every row its own 24 tokens.
+    assert [[(s.row, s.start, len(s.input_ids)) for s in step.slices] for step in steps] == [
+        [(0, 0, 40)],
+        [(0, 40, 24), (1, 40, 24), (2, 40, 24)],
+    ] * 2
+    tables = [w.kv_indices for w in steps[0].writes]
+    assert tables[0][:40] == tables[1][:40] == tables[2][:40] == list(range(1, 41))
+    tails = [k for t in tables for k in t[40:]]
+    assert len(tails) == 3 * 24 and len(set(tails)) == len(tails) and min(tails) == 41
+    assert steps[2].release_rows == [0, 1, 2] and not steps[1].add
+
+
 def test_deterministic_mode_times_the_batch_invariant_engine() -> None:
     hf = hf_model("llama")
     cfg = ModelConfig.from_dict(hf.config.to_dict())
