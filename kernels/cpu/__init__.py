@@ -97,7 +97,7 @@ def check_decode_args(q, k_pool, v_pool, table, rows, seq_lens) -> None:
 # (query dtype, KV pool dtype) pairs the kernels take: the model's own dtype, a float32 model over
 # a bfloat16 pool (--kv-cache-dtype bfloat16), or a float32 or bfloat16 model over a float8 e5m2
 # pool (--kv-cache-dtype fp8_e5m2): keys and values widened to float32 as they are read, or float8
-# keys converted to bfloat16 for bfloat16 queries (both exact).
+# keys (and, in extend, values) converted to bfloat16 for bfloat16 queries (both exact).
 KERNEL_DTYPES = (
     (torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16),

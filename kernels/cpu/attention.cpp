@@ -13,13 +13,15 @@
 // bfloat16 under a float32 model), or float32 or bfloat16 queries read float8 e5m2 pools
 // (--kv-cache-dtype fp8_e5m2; dispatch_dtypes): every kernel is a template over the query type TQ
 // and the pool type T, and widens narrower keys and values to float32 as it loads them (exact).
-// The AVX-512 BF16 pair dot products need bfloat16 on both sides: float8 keys are converted to
-// bfloat16 for them (exact too), float32 queries take the float32 paths.
+// The AVX-512 BF16 pair dot products need bfloat16 on both sides: float8 keys (and, in extend,
+// values) are converted to bfloat16 for them (exact too), float32 queries take the float32 paths.
 //
 // Extend (a request's new tokens after its cached prefix, causal): a task is one (request, kv head,
-// block of up to 16 new tokens). Its G x 16 query rows are multiplied against blocks of 16 keys
-// converted to float and transposed, so the inner loops are plain vector FMAs with no horizontal
-// sums; query j of the request sees keys 0 .. prefix + j.
+// block of up to 16 new tokens); query j of the request sees keys 0 .. prefix + j. In bfloat16
+// with AVX-512 BF16 (extend_block_bf16) its G x 16 query rows are the vector lanes of pair dot
+// products for q . k and p . v, the probabilities rounded to bfloat16; otherwise they are
+// multiplied against blocks of 16 keys converted to float and transposed, so the inner loops are
+// plain vector FMAs with no horizontal sums.
 //
 // Shared prefixes (cascade): rows whose first `length` table entries are the same slots attend
 // that span once for all their query tokens (a task is one (group, kv head, block of 16 tokens),
@@ -625,9 +627,10 @@ void extend_scores_bf16(const PairRow* qT, int64_t R, int64_t r0, const KeyRow& 
 // exp(x) of 16 floats: x = n ln 2 + t with |t| <= ln 2 / 2 (ln 2 split in two, Cody and Waite),
 // e^t by Cephes' expf polynomial, then scaled by 2^n (vscalefps). Within 1 ulp of the correctly
 // rounded value wherever that is a normal float (checked at 13.5 million points of [-104, 88.5]);
-// exp(0) is 1; x <= -104 gives 0, x >= 88.8 infinity.
+// exp(0) is 1; x <= -104 gives 0, x >= 88.8 infinity, NaN stays NaN (vmaxps returns its second
+// operand when either is NaN).
 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -694,7 +697,7 @@ void for_row_chunks(int64_t R, const Fn& fn) {
 
 // extend_block (below) for bfloat16 queries over bfloat16 or float8 pools at head dim 64. Float8
 // keys are converted to bfloat16 first (exactly, fp8_to_bf16), all the task's keys into one
-// scratch, as its values are widened to float32.
+// scratch; float8 values two at a time, as they are interleaved into pairs.
 template <typename T>
 void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const T* k_pool, const T* v_pool,
                        const int64_t* slots, int64_t prefix, bool causal, int64_t i0, int64_t nq,
@@ -1075,7 +1078,8 @@ void run_shared(const torch::Tensor& q, const torch::Tensor& k_pool, const torch
 // Calls fn(TQ(), T()) for queries q and pools `pool` of the supported dtypes: both float32, both
 // bfloat16, float32 queries over bfloat16 pools (a float32 model's --kv-cache-dtype bfloat16), or
 // float32 or bfloat16 queries over float8 e5m2 pools (--kv-cache-dtype fp8_e5m2); each narrower
-// key and value is widened to float32 as it is read, which is exact.
+// key and value is widened to float32 as it is read, or converted to bfloat16 for the pair dot
+// products of bfloat16 queries, both exact.
 template <typename Fn>
 void dispatch_dtypes(const torch::Tensor& q, const torch::Tensor& pool, const Fn& fn) {
   const auto qt = q.scalar_type(), kt = pool.scalar_type();

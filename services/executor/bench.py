@@ -116,6 +116,14 @@ def dtype_names(names: list[str]) -> list[str]:
     return list(dict.fromkeys(picked))
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0; raises argparse.ArgumentTypeError otherwise."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default="default")
     p.add_argument(
@@ -174,7 +182,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument(
         "--prefill-cached-len",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="tokens of a prefix that every prefill prompt shares and whose KV is already "
         "computed, as after a radix-cache hit: the timed step computes only the --prefill-len "
@@ -295,9 +303,9 @@ def bench_prefill(
 ) -> float:
     """Time (ms) of the faster of two prefills of `prompts` random prompts of `length` tokens.
 
-    With `cached` > 0 the prompts first share a prefix of that many tokens, computed once by an
-    untimed step (row 0's) and pointed at by every row's table, as the scheduler does after a
-    radix-cache hit; the timed step computes each prompt's `length` tokens after it."""
+    With `cached` > 0 the prompts share a prefix of that many tokens, pointed at by every row's
+    table as the scheduler does after a radix-cache hit and computed (row 0's) by an untimed step
+    before each timed one, which computes each prompt's `length` tokens after it."""
     slots = cached + prompts * length + 1
     engine = _engine(model, cfg, slots, prompts, cached + length + 1, None, deterministic, kv_dtype)
     greedy = SamplingParams(temperature=0.0)

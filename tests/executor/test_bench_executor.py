@@ -145,10 +145,13 @@ def test_decode_runs_at_a_context_past_the_prefill_length() -> None:
 
 
 def test_a_cached_prefix_prefill_computes_only_the_tokens_after_the_shared_prefix(
-    monkeypatch,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = parse("--context", "8", "--prefill-len", "24", "--prefill-cached-len", "40")
     assert max_positions(args) == 40 + 24 + 1
+    with pytest.raises(SystemExit):
+        parse("--prefill-cached-len", "-1")
+    assert "must be 0 or more, not -1" in capsys.readouterr().err
     hf = hf_model("llama")
     cfg = ModelConfig.from_dict(hf.config.to_dict())
     model = build_model(cfg, max_positions(args), torch.float32, torch.device("cpu"))
@@ -156,7 +159,7 @@ def test_a_cached_prefix_prefill_computes_only_the_tokens_after_the_shared_prefi
     steps = []
     real = bench_module.Engine.run_step
 
-    def spy(self, step):  # type: ignore[no-untyped-def]
+    def spy(self: bench_module.Engine, step: bench_module.StepInput) -> object:
         steps.append(step)
         return real(self, step)
 

@@ -8,6 +8,7 @@ import torch
 
 import kernels.cpu as cpu_kernels
 from kernels.cpu import cascade
+from kernels.cpu.build import cpu_flags
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # (query dtype, pool dtype): every pair the kernels take (the model's own dtype, a float32 model
@@ -84,6 +85,40 @@ def test_extend_tail(dtype, kv_dtype, heads, kv_heads, dim) -> None:
         cascade.extend_attention_lse(*args), cascade.extend_attention_lse_ref(*args), strict=True
     ):
         close(a, b, dtype)
+
+
+@pytest.mark.skipif("avx512_bf16" not in cpu_flags().split(), reason="needs AVX-512 BF16")
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e5m2])
+def test_bfloat16_extend_rounds_probabilities_to_bfloat16_for_p_v(kv_dtype: torch.dtype) -> None:
+    """bfloat16 extends (AVX-512 BF16) compute p . v with p = exp(s - max) rounded to bfloat16,
+    divided by the float32 sum of the unrounded p, as torch's SDPA does: to float32 rounding of
+    that, and further from the float32 p . v. The log-sum-exp uses the unrounded p."""
+    k, v, table, gen = pool(kv_dtype, 9, 3, 64)
+    rows, prefix = torch.tensor([0, 2, 4]), torch.tensor([120, 0, 64])
+    extend, starts = torch.tensor([1, 37, 16]), torch.tensor([120, 0, 10])  # odd and even keys
+    q = torch.randn(int(extend.sum()), 9, 64, generator=gen).bfloat16()
+    args = (q, k, v, table, rows, starts, prefix, extend, 0.125)
+    out, lse = cascade.extend_attention_lse(*args)
+    want, want_lse = torch.empty(out.shape), torch.empty(lse.shape)
+    first = 0
+    for b in range(3):
+        ks, p0, n = int(starts[b]), int(prefix[b]), int(extend[b])
+        slots = table[rows[b], ks : p0 + n]
+        keys = k[slots].float().repeat_interleave(3, 1)
+        values = v[slots].float().repeat_interleave(3, 1)
+        s = torch.einsum("qhd,lhd->qhl", q[first : first + n].float(), keys) * 0.125
+        seen = torch.arange(ks, p0 + n)[None, :] <= (p0 + torch.arange(n))[:, None]
+        s = s.masked_fill(~seen[:, None, :], float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        p = (s - m).exp()
+        z = p.sum(-1, keepdim=True)
+        want[first : first + n] = torch.einsum("qhl,lhd->qhd", p.bfloat16().float(), values) / z
+        want_lse[first : first + n] = (m + z.log())[..., 0]
+        first += n
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    float32_pv, _ = cascade.extend_attention_lse_ref(*args)
+    assert (out - float32_pv).abs().max().item() > 1e-4  # the rounding is really there
 
 
 @pytest.mark.parametrize("span", [1, 64, 119, 120])

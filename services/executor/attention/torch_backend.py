@@ -129,7 +129,8 @@ class TorchAttention(AttentionBackend):
 
         - CPUs with AMX, in bfloat16: SDPA (4 x 512 tokens in 706 ms against 979 ms);
         - CPUs with AVX-512 but no AMX: the kernel (464 against 703 ms for 7 x 80 tokens over a
-          cached 1,000-token prefix, bfloat16, `--prefill-len 80 --prefill-cached-len 1000`);
+          cached 1,000-token prefix, bfloat16, `radixserve bench-executor --prefill-len 80
+          --prefill-cached-len 1000 --prefill-prompts 7`);
         - CPUs without AVX-512: SDPA (float32 on an AVX2 host: 1 x 512 tokens in 946 ms against
           2,202 ms, 4 x 512 in 4.1 s against 7.2 s).
 
