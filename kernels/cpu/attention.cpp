@@ -589,11 +589,14 @@ inline void store_scores(float* dst, vfloat v, int64_t n) {
 using PairRow = uint32_t;  // two bfloat16 values, the first in the low half
 
 // Rows r0 .. r0 + 16 * RG of sT[l * R + r] = q_r . k_l for the keys l < n_keys, key_row(l)
-// being key l's 64 bfloat16 values.
+// being key l's 64 bfloat16 values; mx[r] becomes the max of itself and the row's scores of keys
+// l < common (NaN scores ignored).
 template <int RG, typename KeyRow>
 void extend_scores_bf16(const PairRow* qT, int64_t R, int64_t r0, const KeyRow& key_row,
-                        int64_t n_keys, float* sT) {
+                        int64_t n_keys, int64_t common, float* sT, float* mx) {
   constexpr int KB = RG <= 3 ? 8 : 4;  // keys per block: RG x KB accumulators, 24 at most
+  __m512 top[RG];
+  for (int rg = 0; rg < RG; ++rg) top[rg] = _mm512_loadu_ps(mx + r0 + 16 * rg);
   for (int64_t l = 0; l < std::min(kAhead, n_keys); ++l) prefetch_row(key_row(l));
   for (int64_t l0 = 0; l0 < n_keys; l0 += KB) {
     const int64_t n = std::min<int64_t>(KB, n_keys - l0);
@@ -620,8 +623,10 @@ void extend_scores_bf16(const PairRow* qT, int64_t R, int64_t r0, const KeyRow& 
     for (int j = 0; j < n; ++j)
       for (int rg = 0; rg < RG; ++rg) {
         _mm512_storeu_ps(sT + (l0 + j) * R + r0 + 16 * rg, acc[rg][j]);
+        if (l0 + j < common) top[rg] = _mm512_max_ps(acc[rg][j], top[rg]);  // NaN: ignored
       }
   }
+  for (int rg = 0; rg < RG; ++rg) _mm512_storeu_ps(mx + r0 + 16 * rg, top[rg]);
 }
 
 // exp(x) of 16 floats: x = n ln 2 + t with |t| <= ln 2 / 2 (ln 2 split in two, Cody and Waite),
@@ -730,27 +735,25 @@ void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const T* k_pool,
                                                          (hk * group + r % group) * kDim);
     for (int64_t i = 0; i < kDim / 2; ++i) qT[i * R + r] = qr[i];
   }
-  sT.resize(n_keys * R);
-  for_row_chunks(R, [&](auto rg, int64_t r0) {  // chunks of up to 4 x 16 rows
-    extend_scores_bf16<decltype(rg)::value>(qT.data(), R, r0, key_row, n_keys, sT.data());
-  });
   // Softmax down the key axis. Every row sees keys 0 .. common - 1; row r also sees keys up to
-  // visible[r] - 1 (its own position, when causal). Padding rows see every key.
-  visible.resize(R);
+  // visible[r] - 1 (its own position, when causal). Padding rows see every key. The rows'
+  // maxima over the common keys are taken as their scores are stored, the rest after.
+  const int64_t common = causal ? prefix + i0 + 1 : n_keys;
+  sT.resize(n_keys * R);
   mx.assign(R, -std::numeric_limits<float>::infinity());
+  for_row_chunks(R, [&](auto rg, int64_t r0) {  // chunks of up to 4 x 16 rows
+    extend_scores_bf16<decltype(rg)::value>(qT.data(), R, r0, key_row, n_keys, common,
+                                            sT.data(), mx.data());
+  });
+  visible.resize(R);
   sum.assign(R, 0.f);
   for (int64_t r = 0; r < R; ++r) {
     visible[r] = causal && r < nr ? prefix + i0 + r / group + 1 : n_keys;
   }
-  const int64_t common = causal ? prefix + i0 + 1 : n_keys;
   float* s = sT.data();
   float* m = mx.data();
   float* z = sum.data();
   const int64_t* vis = visible.data();
-  for (int64_t l = 0; l < common; ++l) {
-#pragma omp simd
-    for (int64_t r = 0; r < R; ++r) m[r] = std::max(m[r], s[l * R + r]);
-  }
   for (int64_t l = common; l < n_keys; ++l) {
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) m[r] = l < vis[r] ? std::max(m[r], s[l * R + r]) : m[r];
