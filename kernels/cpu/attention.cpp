@@ -746,7 +746,7 @@ void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const T* k_pool,
                                             sT.data(), mx.data());
   });
   visible.resize(R);
-  sum.assign(R, 0.f);
+  sum.resize(R);  // every entry is stored by the pass below
   for (int64_t r = 0; r < R; ++r) {
     visible[r] = causal && r < nr ? prefix + i0 + r / group + 1 : n_keys;
   }
@@ -806,7 +806,9 @@ void extend_block_bf16(const at::BFloat16* q, int64_t q_stride, const T* k_pool,
       return vb.data() + (l & 1) * kDim;
     }
   };
-  vb.assign(3 * kDim, at::BFloat16(0.f));  // two converted rows, then a row of zeros
+  if (vb.size() != 3 * kDim) {  // two converted rows, then a row of zeros (never written)
+    vb.assign(3 * kDim, at::BFloat16(0.f));
+  }
   for (int64_t l = 0; l < std::min(kAhead, n_keys); ++l) prefetch_row(v + slots[l] * stride);
   for (int64_t i = 0; i < n_pairs; ++i) {
     for (int64_t l = 2 * i + kAhead; l < std::min(2 * i + kAhead + 2, n_keys); ++l) {

@@ -312,15 +312,14 @@ def bench_prefill(
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (prompts, length), generator=gen).tolist()
     prefix = torch.randint(0, cfg.vocab_size, (cached,), generator=gen).tolist()
-    shared = list(range(1, 1 + cached))
+    shared, first = list(range(1, 1 + cached)), 1 + cached
+    writes = [
+        SlotWrite(r, 0, shared + list(range(first + r * length, first + (r + 1) * length)))
+        for r in range(prompts)
+    ]
     times = []
     step_id = 0
     for rep in range(2):
-        first = 1 + cached
-        writes = [
-            SlotWrite(r, 0, shared + list(range(first + r * length, first + (r + 1) * length)))
-            for r in range(prompts)
-        ]
         membership = {
             "release_rows": list(range(prompts)) if rep else [],
             "add": [NewRequest(r, f"p{r}", greedy) for r in range(prompts)],
