@@ -190,6 +190,11 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
 // 10.1-11.8 ms (oneDNN, packed) at 16 rows; 13.9-15.5 against 17.8-22.6 and 14.4-17.2 ms at 32;
 // 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead at 128 (42.2 against 47.5 ms). One layer
 // whose weights stay in cache runs at 820-870 GFLOP/s from 16 rows (oneDNN 680-710).
+// From two row tiles on, the later tiles compute from L2 while the memory would idle, so each
+// tile also fetches its share of the next panel into L2 (Bf16PanelFetchingAhead). Over the same
+// 120 layers on a day that EPYC ran at half its usual rate, medians of three runs alternating
+// with the code before: 16 rows 10.5 against 12.6 ms, 32 rows 18.1 against 20.3, 64 rows 34.6
+// against 37.2; a fetch distance of two or three panels, or into L1, was slower.
 // int8 weights (one scale per channel) are packed the same way, a byte each, and converted to
 // bfloat16 (exact) by the first row tile as it computes, into a scratch the later tiles read;
 // meanwhile the next panel is fetched into L2. Converting in a pass of its own before the tiles
@@ -220,7 +225,20 @@ torch::Tensor pack_panels(torch::Tensor w) {
 // A panel of bfloat16 weights: load(o) gives the 32 values at element o (block j's pair i is at
 // o = j * K * 16 + i * 32).
 struct Bf16Panel {
+  static constexpr bool kFetchesAhead = false;
   const bf16* w;
+  inline __m512i load(int64_t o) const { return _mm512_loadu_si512(w + o); }
+};
+
+// A bfloat16 panel read from memory by row tile `tile` of `tiles`, which meanwhile fetches into
+// L2 its share of the panel `ahead` elements on: pair steps tile, tile + tiles, ... of each block
+// (panel_tile issues them), so that the fetches of the next panel are spread over all the tiles
+// of this one. Without them the memory idled while the later tiles computed from L2, and the
+// first tile of the next panel waited on it.
+struct Bf16PanelFetchingAhead {
+  static constexpr bool kFetchesAhead = true;
+  const bf16* w;
+  int64_t ahead, tile, tiles;
   inline __m512i load(int64_t o) const { return _mm512_loadu_si512(w + o); }
 };
 
@@ -229,6 +247,7 @@ struct Bf16Panel {
 // panel `ahead` elements on is fetched into L2 meanwhile, so that it streams in while this one
 // computes (past the last panel too: a prefetch does not fault).
 struct Int8PanelConverting {
+  static constexpr bool kFetchesAhead = false;  // load() fetches ahead itself
   const int8_t* q;
   bf16* dst;
   int64_t ahead;
@@ -251,7 +270,17 @@ inline void panel_tile(const bf16* x, int64_t K, const Panel& panel, const bf16*
   __m512 acc[MT][NT];
   for (int m = 0; m < MT; ++m)
     for (int j = 0; j < NT; ++j) acc[m][j] = _mm512_setzero_ps();
+  int64_t next_fetch = 0;
+  if constexpr (Panel::kFetchesAhead) next_fetch = panel.tile;
   for (int64_t i = 0; i < pairs; ++i) {
+    if constexpr (Panel::kFetchesAhead) {
+      if (i == next_fetch) {
+        const bf16* ahead = panel.w + panel.ahead + i * 2 * kLanes;
+        for (int j = 0; j < NT; ++j)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + j * block_stride), _MM_HINT_T1);
+        next_fetch += panel.tiles;
+      }
+    }
     __m512bh w[NT];
     for (int j = 0; j < NT; ++j) w[j] = (__m512bh)panel.load(j * block_stride + i * 2 * kLanes);
     for (int m = 0; m < MT; ++m) {
@@ -305,9 +334,9 @@ inline void panel_blocks(int64_t nb, int64_t rows, const bf16* x, int64_t K, con
 
 // Runs the tiles of x [M, K] over blocks of 16 channels, each thread an equal run of blocks,
 // kPanelBlocks at a time, the rows in tiles of at most kPanelRows (as even as they go: 16 rows
-// are 5 + 5 + 6). panels.first(p, nb, keep) gives the panel of blocks p .. p + nb - 1 (block
-// stride K * 16) for the first row tile, keep saying whether other tiles follow (an int8 panel
-// then keeps its converted copy), and panels.rest(p, nb) for the others; both are called on
+// are 5 + 5 + 6). panels.first(p, nb, tiles) gives the panel of blocks p .. p + nb - 1 (block
+// stride K * 16) for the first of `tiles` row tiles (an int8 panel keeps its converted copy
+// when others follow), and panels.rest(p, nb, tile, tiles) for the others; both are called on
 // the thread that runs the tiles, first before rest.
 template <typename Panels>
 void run_panels(const bf16* x, int64_t M, int64_t K, int64_t N, int64_t blocks, const bf16* scale,
@@ -326,11 +355,11 @@ void run_panels(const bf16* x, int64_t M, int64_t K, int64_t N, int64_t blocks, 
           const bf16* xm = x + m0 * K;
           bf16* om = out + m0 * N;
           if (tile == 0) {
-            panel_blocks(nb, rows, xm, K, panels.first(p, nb, tiles > 1), scale, bias, om, N, n0,
+            panel_blocks(nb, rows, xm, K, panels.first(p, nb, tiles), scale, bias, om, N, n0,
                          last_lanes);
           } else {
-            panel_blocks(nb, rows, xm, K, panels.rest(p, nb), scale, bias, om, N, n0,
-                         last_lanes);
+            panel_blocks(nb, rows, xm, K, panels.rest(p, nb, tile, tiles), scale, bias, om, N,
+                         n0, last_lanes);
           }
           m0 = m1;
         }
@@ -343,8 +372,12 @@ void run_panels(const bf16* x, int64_t M, int64_t K, int64_t N, int64_t blocks, 
 struct Bf16Panels {
   const bf16* w;
   int64_t K;
-  inline Bf16Panel first(int64_t p, int64_t, bool) const { return {w + p * K * kLanes}; }
-  inline Bf16Panel rest(int64_t p, int64_t) const { return {w + p * K * kLanes}; }
+  inline Bf16PanelFetchingAhead first(int64_t p, int64_t nb, int64_t tiles) const {
+    return rest(p, nb, 0, tiles);
+  }
+  inline Bf16PanelFetchingAhead rest(int64_t p, int64_t nb, int64_t tile, int64_t tiles) const {
+    return {w + p * K * kLanes, nb * K * kLanes, tile, tiles};
+  }
 };
 
 // int8 panels: the first row tile converts a panel to bfloat16 (exact) into the thread's scratch
@@ -357,10 +390,10 @@ struct Int8Panels {
     converted.resize(kPanelBlocks * K * kLanes);
     return converted.data();
   }
-  inline Int8PanelConverting first(int64_t p, int64_t nb, bool keep) const {
-    return {q + p * K * kLanes, keep ? scratch(K) : nullptr, nb * K * kLanes};
+  inline Int8PanelConverting first(int64_t p, int64_t nb, int64_t tiles) const {
+    return {q + p * K * kLanes, tiles > 1 ? scratch(K) : nullptr, nb * K * kLanes};
   }
-  inline Bf16Panel rest(int64_t, int64_t) const { return {scratch(K)}; }
+  inline Bf16Panel rest(int64_t, int64_t, int64_t, int64_t) const { return {scratch(K)}; }
 };
 
 int64_t check_panels(const torch::Tensor& panels, at::ScalarType dtype, int64_t N) {

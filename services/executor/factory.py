@@ -23,7 +23,7 @@ from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.engine import Engine, EngineLimits
 from services.executor.grammar import GrammarRuntime, hf_tokenizer_info
 from services.executor.kv_pool import KVPool
-from services.executor.malloc import tune_malloc
+from services.executor.malloc import release_free_memory, tune_malloc
 from services.executor.mirror import Follower, LeaderEngine
 from services.executor.model_config import ModelConfig
 from services.executor.parallel import Rank, head_shard, kv_heads_per_rank, rank_config
@@ -281,6 +281,8 @@ def _load(
     quant = quantization(cfg)
     kv_dtype = pick_kv_dtype(cfg.kv_cache_dtype, dtype)  # before the load: a bad pair fails fast
     model = load_model(path, model_cfg, context, dtype, device, prepack, rank, quant)
+    if device.type == "cpu":
+        release_free_memory()  # before the KV pool is sized from the memory available
     rank_cfg = model_cfg if rank is None else rank_config(model_cfg, rank)
     # The CPU's ranks take their pools out of the same RAM; GPUs each have their own.
     sharing = rank.size if rank is not None and device.type == "cpu" else 1

@@ -13,13 +13,13 @@ head (see F32_SMALL_BATCH_ROWS). Its sums run in another order than MKL's, so fl
 oneDNN can differ from `F.linear` by float32 rounding.
 
 Small inputs skip oneDNN and run a kernel of kernels/cpu/linear.py: bfloat16 ones the AVX-512 BF16
-kernel over the plain weight up to PLAIN_ROWS rows and, from there to SMALL_BATCH_ROWS, the panel
-kernel over a copy packed once into panels of 16 output channels; float32 ones the AVX2 FMA kernel
-over the plain weight up to F32_SMALL_BATCH_ROWS rows. oneDNN's fixed cost per call is most of a
-small layer's time at one row, and at decode batch sizes its blocking leaves the dot-product units
-idle. Those kernels sum in another order too. The layer keeps the plain weight beside the packed
-one, which doubles the memory of the linear weights, and bfloat16 layers the panels too where they
-run (three times; a tied LM head's plain weight is the embedding's own).
+panel kernel up to SMALL_BATCH_ROWS rows, over a copy of the weight packed once into panels of 16
+output channels (on CPUs with AMX, the kernel over the plain weight, up to PLAIN_ROWS rows);
+float32 ones the AVX2 FMA kernel over the plain weight up to F32_SMALL_BATCH_ROWS rows. oneDNN's
+fixed cost per call is most of a small layer's time at one row, and at decode batch sizes its
+blocking leaves the dot-product units idle. Those kernels sum in another order too. The layer
+keeps the panels or the plain weight beside the packed one, which doubles the memory of the
+linear weights (a tied LM head's plain weight is the embedding's own).
 
 On CPUs without AVX-512, float32 and bfloat16 layers get `PanelLinear` instead of either: the
 weight packed once into panels of 16 output channels and multiplied by a panel kernel at every row
@@ -68,11 +68,15 @@ PACK_BATCH_HINT = 64
 #   at 128 (47.5 against 42.2 ms).
 SMALL_BATCH_ROWS = 4 if "amx_bf16" in cpu_flags().split() else 64
 
-# Rows up to which the plain-weight kernel runs rather than the panel kernel. At 8 rows the two
-# were even over the decoder layers (9.6-10.3 against 8.2-10.3 ms), but `radixserve serve` at
-# concurrency 8 gave 290.5 output tok/s (median of five runs) with the plain-weight kernel and
-# 258.2 with the panels, rounds alternating.
-PLAIN_ROWS = 8
+# Rows up to which the plain-weight kernel runs rather than the panel kernel: every small batch on
+# CPUs with AMX (which have no panels), none elsewhere. Once each panel tile fetched its share of
+# the next panel into L2, the panels led the plain weight from one row on the 2-core EPYC above
+# (over the 120 decoder layers, 5.2-7.0 against 7.7-7.9 ms at one row, 6.5-7.1 against 7.5-8.2
+# at 8), and `radixserve serve` gave 69.5 against 64.0 output tok/s one request at a time (TPOT
+# p50 12.1 against 14.2 ms) and 279.6 against 266.8 at concurrency 8 (medians of three rounds,
+# alternating). Before that fetch the two were even at 8 rows over the layers, and serving at
+# concurrency 8 was slower with the panels (258.2 against 290.5), so they ran from 9 rows.
+PLAIN_ROWS = SMALL_BATCH_ROWS if "amx_bf16" in cpu_flags().split() else 0
 
 # Rows up to which float32 `PackedLinear`s run the FMA kernel instead of oneDNN's packed GEMM.
 # Measured on an AVX2 host over this model's 120 decoder linear layers (distinct weights, read
@@ -112,8 +116,8 @@ class PackedLinear(nn.Module):
     weight [out_features, in_features] (the loaded tensor itself, shared with a tied embedding),
     and, for a bfloat16 layer on a CPU where they run past PLAIN_ROWS, `panels`
     ([ceil(out_features / 16), in_features * 16] bfloat16, `cpu_linear.pack_panels`, a copy);
-    each is None where no kernel can take the layer (not built, disabled at load time, or
-    in_features not a multiple of 32).
+    each is None where no kernel reads it (not built, disabled at load time, in_features not a
+    multiple of 32, or, for `plain` in bfloat16, the panels run every small batch).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -130,7 +134,9 @@ class PackedLinear(nn.Module):
             if kernel is not None and SMALL_BATCH_ROWS > PLAIN_ROWS
             else None
         )
-        usable = kernel is not None or cpu_linear.available_f32(weight, self.in_features)
+        usable = (kernel is not None and (self.panels is None or PLAIN_ROWS > 0)) or (
+            cpu_linear.available_f32(weight, self.in_features) is not None
+        )
         self.plain: torch.Tensor | None = weight.contiguous() if usable else None
         self.register_buffer(
             "weight", torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
@@ -146,7 +152,7 @@ class PackedLinear(nn.Module):
     def direct(self, x: torch.Tensor) -> Linear2D:
         """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
         layer's weights: a small-batch kernel (bfloat16 up to SMALL_BATCH_ROWS rows, the plain
-        weight's up to PLAIN_ROWS and the panels' above; float32 up to F32_SMALL_BATCH_ROWS) where
+        weight's up to PLAIN_ROWS and the panels' above it; float32 up to F32_SMALL_BATCH_ROWS) where
         it is available, oneDNN otherwise."""
         plain, panels, packed, bias = self.plain, self.panels, self.weight, self.bias
         rows, out_features = x.shape[0], self.out_features
@@ -155,7 +161,7 @@ class PackedLinear(nn.Module):
             kernel = cpu_linear.available_f32(x, self.in_features)
             if kernel is not None:
                 return lambda flat: cpu_linear.linear_f32(kernel, flat, plain, bias)
-        elif plain is not None and not f32 and 0 < rows <= SMALL_BATCH_ROWS:
+        elif (plain is not None or panels is not None) and not f32 and 0 < rows <= SMALL_BATCH_ROWS:
             kernel = cpu_linear.available(x, self.in_features)
             if kernel is not None and (panels is None or rows <= PLAIN_ROWS):
                 return lambda flat: cpu_linear.linear_bf16(kernel, flat, plain, bias)

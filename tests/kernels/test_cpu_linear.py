@@ -165,9 +165,12 @@ def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(bias: bool
     layer = PackedLinear(linear)
     x = torch.randn(3, SMALL_BATCH_ROWS + 3, 576).bfloat16()  # leading dims are flattened
     panels = cpu_linear.pack_panels(KERNEL, linear.weight)
-    for rows in [
-        r for r in (1, PLAIN_ROWS, PLAIN_ROWS + 1, SMALL_BATCH_ROWS) if r <= SMALL_BATCH_ROWS
-    ]:
+    # Where the panels run every small batch (CPUs without AMX), the layer keeps no plain weight.
+    assert (layer.plain is None) == (PLAIN_ROWS == 0)
+    assert (layer.panels is None) == (PLAIN_ROWS == SMALL_BATCH_ROWS)
+    for rows in sorted(
+        {r for r in (1, PLAIN_ROWS, PLAIN_ROWS + 1, SMALL_BATCH_ROWS) if 1 <= r <= SMALL_BATCH_ROWS}
+    ):
         part = x[0, :rows]
         out = layer(part)
         if rows <= PLAIN_ROWS:  # the plain weight's kernel, then the panels'
