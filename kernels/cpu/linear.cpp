@@ -190,8 +190,9 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
 // 10.1-11.8 ms (oneDNN, packed) at 16 rows; 13.9-15.5 against 17.8-22.6 and 14.4-17.2 ms at 32;
 // 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead at 128 (42.2 against 47.5 ms). One layer
 // whose weights stay in cache runs at 820-870 GFLOP/s from 16 rows (oneDNN 680-710).
-// From two row tiles on, the later tiles compute from L2 while the memory would idle, so each
-// tile also fetches its share of the next panel into L2 (Bf16PanelFetchingAhead). Over the same
+// Every tile, a lone one too, also fetches its share of the next panel into L2
+// (Bf16PanelFetchingAhead): from two tiles on, the later ones computed from L2 while the memory
+// idled, and the next panel's first tile then waited on it. Over the same
 // 120 layers on a day that EPYC ran at half its usual rate, medians of three runs alternating
 // with the code before: 16 rows 10.5 against 12.6 ms, 32 rows 18.1 against 20.3, 64 rows 34.6
 // against 37.2; a fetch distance of two or three panels, or into L1, was slower.
@@ -270,7 +271,7 @@ inline void panel_tile(const bf16* x, int64_t K, const Panel& panel, const bf16*
   __m512 acc[MT][NT];
   for (int m = 0; m < MT; ++m)
     for (int j = 0; j < NT; ++j) acc[m][j] = _mm512_setzero_ps();
-  int64_t next_fetch = 0;
+  [[maybe_unused]] int64_t next_fetch = 0;
   if constexpr (Panel::kFetchesAhead) next_fetch = panel.tile;
   for (int64_t i = 0; i < pairs; ++i) {
     if constexpr (Panel::kFetchesAhead) {

@@ -9,9 +9,10 @@ from measurements, see packed_linear.py and quantization.py):
 
 - bfloat16 activations (linear.cpp): AVX-512 BF16 dot products over bfloat16 or int8 weights;
   built on CPUs with AVX-512 BF16. `linear_bf16` reads the plain row-major weight (the bfloat16
-  layers' kernel at the fewest rows); `linear_bf16_panels` and `linear_int8_panels` read weights
-  packed once into panels whose vector lanes are output channels (`pack_panels`): bfloat16
-  layers from a few rows up to tens, int8 layers at every row count. `linear_int4` reads int4
+  layers' kernel on CPUs with AMX, up to a few rows); `linear_bf16_panels` and
+  `linear_int8_panels` read weights packed once into panels whose vector lanes are output
+  channels (`pack_panels`): bfloat16 layers from one row up to tens on CPUs without AMX, int8
+  layers at every row count. `linear_int4` reads int4
   weights with a scale and a zero per 32 input features, packed once by `pack_int4_pairs`.
 - float32 activations (linear_f32.cpp): AVX2 FMAs over float32, int8 or int4 weights; built on
   CPUs with AVX2 and FMA. `linear_f32` reads the plain weight; `linear_f32_panels` and

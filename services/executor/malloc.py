@@ -17,7 +17,9 @@ blocks stay in the process's heaps and the next step reuses them: the effect of 
 preload vLLM's CPU backend recommends, without a library to install. The cost is that up to
 `TRIM_THRESHOLD` of memory freed after a peak (a long prefill) stays with the process for the next
 one. Setting glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_
-environment variables (or its glibc.malloc tunables) leaves glibc as they say. A C library without
+environment variables (or its glibc.malloc tunables) leaves glibc as they say.
+`release_free_memory` gives the heaps' free pages back once, after the model is loaded (the
+load-time tensors the layers let go would otherwise stay in them). A C library without
 mallopt (musl) is left alone; a malloc preloaded in glibc's place (TCMalloc, jemalloc) does not
 read these settings.
 """

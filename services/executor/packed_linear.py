@@ -61,9 +61,9 @@ PACK_BATCH_HINT = 64
 # decoder linear layers (distinct weights, so each is read from memory):
 # - with AMX (Intel Xeon), the plain-weight kernel: 12.6 against 19.8 ms at one row, 15.9 against
 #   18.8 ms at 4; oneDNN, on AMX tiles, is ahead from 6 rows on;
-# - AVX-512 BF16 without AMX (a 2-core AMD EPYC), oneDNN on the same dot products as our kernels:
-#   the plain-weight kernel 8.1 against 12.8 ms at one row and 8.1 against 12.6 at 8; from there
-#   the panel kernel, 12.1-13.1 ms at 16 rows against 14.5-19.5 for the plain-weight kernel,
+# - AVX-512 BF16 without AMX (a 2-core AMD EPYC), oneDNN on the same dot products as our kernels
+#   (before the panels fetched ahead, PLAIN_ROWS): the plain-weight kernel 8.1 against 12.8 ms at
+#   one row and 8.1 against 12.6 at 8; from there the panel kernel, 12.1-13.1 ms at 16 rows against 14.5-19.5 for the plain-weight kernel,
 #   16.7-18.0 at 32 and 25.6-27.2 at 64 against oneDNN's 19.3-23.8 and 30.0-31.7, behind oneDNN
 #   at 128 (47.5 against 42.2 ms).
 SMALL_BATCH_ROWS = 4 if "amx_bf16" in cpu_flags().split() else 64
@@ -124,9 +124,10 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        # The small-batch kernels' weights: the plain weight, and a bfloat16 layer's panels (a
-        # copy) where the panel kernel runs; None where no kernel can take the layer (the loaded
-        # tensor is then left to be freed). `available*` check the weight as they would an input:
+        # The small-batch kernels' weights: a bfloat16 layer's panels (a copy) where the panel
+        # kernel runs, and the plain weight where a kernel reads it (not for a bfloat16 layer
+        # whose panels run every small batch); None where no kernel takes it (the loaded tensor
+        # is then left to be freed). `available*` check the weight as they would an input:
         # its dtype on the CPU, in_features a multiple of 32, kernel built and enabled.
         kernel = cpu_linear.available(weight, self.in_features)
         self.panels: torch.Tensor | None = (

@@ -183,6 +183,18 @@ def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(bias: bool
     assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
 
 
+@pytest.mark.skipif(not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
+def test_packed_bfloat16_linears_fall_back_to_onednn_when_the_kernels_are_disabled(
+    monkeypatch,
+) -> None:
+    torch.manual_seed(1)
+    layer = PackedLinear(nn.Linear(576, 100).bfloat16())
+    x = torch.randn(2, 576).bfloat16()
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")  # after the layer was built
+    packed = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    assert torch.equal(layer(x), packed)
+
+
 @pytest.mark.parametrize("rows", [1, 4, 16, 31, 80, 300])
 def test_int8_linear_keeps_only_panels_and_runs_them_at_every_row_count(rows: int) -> None:
     torch.manual_seed(rows)
