@@ -8,6 +8,23 @@ from services.common.config import option
 from services.common.metrics import ServiceConfig
 from services.scheduler.policy import POLICIES
 
+# --chunked-prefill-size when it is not given: prefill tokens per step on an executor of that kind.
+# On the CPU a step's time grows with its tokens from a few hundred on (the GEMMs are already at
+# the cores' peak), and requests arriving meanwhile wait for the whole step, whose new requests'
+# first tokens all come at its end. On the 2-core EPYC of docs/benchmarks.md ("Smaller prefill
+# chunks on the CPU"), the shared-prefix workload at concurrency 16 had a TTFT p50 of 499-587 ms
+# with 512 against 504-776 ms with 2048 over three alternating rounds, at the same output tok/s
+# (270.9 against 269.8), and concurrency 8 and 32 the same throughput too; 256 cut the TTFT to
+# 343-429 ms but the throughput to 246-253. GPUs keep SGLang's smallest default.
+CPU_CHUNKED_PREFILL_SIZE = 512
+CHUNKED_PREFILL_SIZE = 2048
+
+
+def default_chunked_prefill_size(device: str) -> int:
+    """--chunked-prefill-size's default for an executor on `device` (its Info's device type:
+    "cpu", "cuda", ...): CPU_CHUNKED_PREFILL_SIZE on the CPU, else CHUNKED_PREFILL_SIZE."""
+    return CPU_CHUNKED_PREFILL_SIZE if device == "cpu" else CHUNKED_PREFILL_SIZE
+
 
 @dataclass(frozen=True)
 class SchedulerConfig(ServiceConfig):
@@ -20,8 +37,10 @@ class SchedulerConfig(ServiceConfig):
     max_queued_requests: int = option(
         4096, "most samples waiting; past it Generate fails with RESOURCE_EXHAUSTED"
     )
-    chunked_prefill_size: int = option(
-        2048, "most prefill tokens per step; longer prompts are chunked"
+    chunked_prefill_size: int | None = option(
+        None,
+        "most prefill tokens per step; longer prompts are chunked (default: "
+        f"{CPU_CHUNKED_PREFILL_SIZE} on a CPU executor, {CHUNKED_PREFILL_SIZE} on others)",
     )
     schedule_policy: str = option(
         "lpm",
@@ -67,7 +86,7 @@ class SchedulerConfig(ServiceConfig):
             raise ValueError("--max-running-requests must be at least 1")
         if self.max_queued_requests < 0:
             raise ValueError("--max-queued-requests must be >= 0")
-        if self.chunked_prefill_size < 1:
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size < 1:
             raise ValueError("--chunked-prefill-size must be at least 1")
         if self.schedule_policy not in POLICIES:
             raise ValueError(f"--schedule-policy must be one of {sorted(POLICIES)}")

@@ -136,7 +136,11 @@ def load_to_pb(load: Load) -> pb.GetLoadResponse:
 
 
 def model_info_to_pb(
-    info: ExecutorInfo, limits: Limits, cfg: SchedulerConfig, max_running: int
+    info: ExecutorInfo,
+    limits: Limits,
+    cfg: SchedulerConfig,
+    max_running: int,
+    chunked_prefill_size: int,
 ) -> pb.GetModelInfoResponse:
     return pb.GetModelInfoResponse(
         served_model_name=info.model_name,
@@ -149,7 +153,7 @@ def model_info_to_pb(
         num_kv_slots=limits.num_kv_slots,
         max_top_logprobs=limits.max_top_logprobs,
         max_queued_requests=cfg.max_queued_requests,
-        chunked_prefill_size=cfg.chunked_prefill_size,
+        chunked_prefill_size=chunked_prefill_size,
         schedule_policy=cfg.schedule_policy,
         radix_cache_enabled=not cfg.disable_radix_cache,
         overlap_schedule_enabled=not cfg.disable_overlap_schedule,

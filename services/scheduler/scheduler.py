@@ -39,7 +39,7 @@ from radixserve.v1 import executor_pb2 as pb
 from services.common.grammar import GrammarSpec
 from services.common.tracing import tracer
 from services.scheduler.cache import KVCache
-from services.scheduler.config import SchedulerConfig
+from services.scheduler.config import SchedulerConfig, default_chunked_prefill_size
 from services.scheduler.decode import DecodeManager, continuous_steps
 from services.scheduler.errors import (
     Busy,
@@ -117,8 +117,11 @@ class Scheduler:
         self.table = RequestTable(info.max_running_requests)
         self.ratio = NewTokenRatio(cfg.schedule_conservativeness)
         policy = Policy(cfg.schedule_policy, self.cache)
+        self.chunked_prefill_size = cfg.chunked_prefill_size or default_chunked_prefill_size(
+            info.device
+        )
         self.prefill = PrefillManager(
-            self.cache, self.table, policy, cfg.chunked_prefill_size, self.max_running, self.ratio
+            self.cache, self.table, policy, self.chunked_prefill_size, self.max_running, self.ratio
         )
         self.decode = DecodeManager(self.cache, self._retract)
         self.running: list[Req] = []

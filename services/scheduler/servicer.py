@@ -84,7 +84,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         async with rpc_errors(context):
             s = self.scheduler
             s.require_ready()
-            return convert.model_info_to_pb(s.info, s.limits, s.cfg, s.max_running)
+            return convert.model_info_to_pb(
+                s.info, s.limits, s.cfg, s.max_running, s.chunked_prefill_size
+            )
 
 
 async def _read_requests(requests: AsyncIterator[pb.StreamRequest], conn: StreamConnection) -> None:

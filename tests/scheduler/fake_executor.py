@@ -82,6 +82,7 @@ class FakeExecutor:
         self.reject_at_step: int | None = None  # this step gets StepResult.error
         self._fresh: dict[int, int] = {}
         self.shared_prefix_rows = 0  # rows sent in shared prefixes, over all steps
+        self.device = ""  # the device type its Info reports
 
     async def connect(self, timeout: float) -> ExecutorInfo:
         self.rows.clear()
@@ -96,6 +97,7 @@ class FakeExecutor:
             max_running_requests=self.max_rows,
             eos_token_ids=frozenset({EOS}),
             max_top_logprobs=5,
+            device=self.device,
         )
 
     def send(self, step: pb.Step) -> asyncio.Future[pb.StepResult]:

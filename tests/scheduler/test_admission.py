@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from radixserve.v1 import executor_pb2 as pb
 from services.scheduler.prefill import NewTokenRatio
 from tests.scheduler.fake_executor import FakeExecutor, reference
@@ -35,6 +37,26 @@ def test_token_budget_chunks_the_request_that_does_not_fit() -> None:
             await finish(submit_all(sched, prompts, 4), prompts, 4)
         assert prefill_lengths(fake.steps[0]) == [30, 30, 30, 10]
         assert sum(prefill_lengths(fake.steps[1])) == 20 + 30  # the chunk's rest, then the 5th
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "device, flag, budget", [("cpu", None, 512), ("cuda", None, 2048), ("cpu", 100, 100)]
+)
+def test_the_prefill_budget_defaults_by_the_executor_s_device(
+    device: str, flag: int | None, budget: int
+) -> None:
+    prompts = [[i + 1] * 1000 for i in range(3)]
+
+    async def main() -> None:
+        fake = FakeExecutor(8192, 16)
+        fake.device = device
+        cfg = {} if flag is None else {"chunked_prefill_size": flag}
+        async with running_scheduler(fake, **cfg) as sched:
+            assert sched.chunked_prefill_size == budget
+            await finish(submit_all(sched, prompts, 2), prompts, 2)
+        assert sum(prefill_lengths(fake.steps[0])) == budget
 
     asyncio.run(main())
 

@@ -163,6 +163,7 @@ def test_batched_greedy_matches_alone(executor_port: int, model, tmp_path: Path)
         results, load, info = asyncio.run(main(port))
     assert (info.vocab_size, info.context_length, list(info.eos_token_ids)) == (256, 512, [EOS])
     assert (info.num_kv_slots, info.max_running_requests) == (6000, 64)
+    assert (info.device, info.chunked_prefill_size) == ("cpu", 512)  # the CPU's default
     near_ties = 0
     for prompt, n, (tokens, complete) in zip(prompts, lengths, results, strict=True):
         driver.next_slot = 1
