@@ -12,7 +12,7 @@ from services.scheduler.policy import POLICIES
 # On the CPU a step's time grows with its tokens from a few hundred on (the GEMMs are already at
 # the cores' peak), and requests arriving meanwhile wait for the whole step, whose new requests'
 # first tokens all come at its end. On the 2-core EPYC of docs/benchmarks.md ("Smaller prefill
-# chunks on the CPU"), the shared-prefix workload at concurrency 16 had a TTFT p50 of 499-587 ms
+# chunks on the CPU"), the shared-prefix workload at concurrency 16 had a TTFT p50 of 487-587 ms
 # with 512 against 504-776 ms with 2048 over three alternating rounds, at the same output tok/s
 # (270.9 against 269.8), and concurrency 8 and 32 the same throughput too; 256 cut the TTFT to
 # 343-429 ms but the throughput to 246-253. GPUs keep SGLang's smallest default.

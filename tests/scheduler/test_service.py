@@ -27,6 +27,7 @@ def executor_args(model_dir: Path, port: int) -> list[str]:
     return [
         "executor", "--model-path", str(model_dir), "--port", str(port), "--dtype", "float32",
         "--max-total-tokens", "6000", "--max-running-requests", "64", "--context-length", "512",
+        "--device", "cpu",
     ]  # fmt: skip
 
 
