@@ -30,6 +30,7 @@ import ctypes
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 log = logging.getLogger("radixserve.executor")
 
@@ -56,23 +57,31 @@ SETTINGS = (
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
+def _libc_function(name: str, argtypes: tuple, restype: type) -> Callable[..., int] | None:
+    """The C library's function `name` with its signature set, for the C library this process
+    runs on; None off Linux or where that library has no such function."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
 def tune_malloc() -> bool:
     """Sets glibc's mmap threshold, trim threshold and top pad to MMAP_THRESHOLD, TRIM_THRESHOLD
     and TOP_PAD for this process (the module doc says why). True when all three were accepted;
     False off Linux, where the C library has no mallopt or refuses a value, or when the
     environment already configures glibc's malloc (then nothing is changed)."""
-    if not sys.platform.startswith("linux"):
-        return False
     if any(name in os.environ for name in USER_SETTINGS):
         return False
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
+    if mallopt is None:
         return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
     refused = [param for param, value in SETTINGS if not mallopt(param, value)]
     if refused:
         log.warning("the C library refused mallopt parameters %s", refused)
@@ -86,12 +95,5 @@ def release_free_memory() -> bool:
     layer's float weight) stay in the heaps and in the process's RSS, and the KV pool, sized from
     the memory still available, would be that much smaller. True when glibc released something;
     False otherwise, off Linux, or where the C library has no malloc_trim."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes = (ctypes.c_size_t,)
-    malloc_trim.restype = ctypes.c_int
-    return bool(malloc_trim(0))
+    malloc_trim = _libc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
+    return malloc_trim is not None and bool(malloc_trim(0))

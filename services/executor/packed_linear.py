@@ -63,10 +63,11 @@ PACK_BATCH_HINT = 64
 #   18.8 ms at 4; oneDNN, on AMX tiles, is ahead from 6 rows on;
 # - AVX-512 BF16 without AMX (a 2-core AMD EPYC), oneDNN on the same dot products as our kernels
 #   (before the panels fetched ahead, PLAIN_ROWS): the plain-weight kernel 8.1 against 12.8 ms at
-#   one row and 8.1 against 12.6 at 8; from there the panel kernel, 12.1-13.1 ms at 16 rows against 14.5-19.5 for the plain-weight kernel,
-#   16.7-18.0 at 32 and 25.6-27.2 at 64 against oneDNN's 19.3-23.8 and 30.0-31.7, behind oneDNN
+#   one row and 8.1 against 12.6 at 8; from there the panel kernel, 12.1-13.1 ms at 16 rows
+#   against 14.5-19.5 for the plain-weight kernel, 16.7-18.0 at 32 and 25.6-27.2 at 64 against oneDNN's 19.3-23.8 and 30.0-31.7, behind oneDNN
 #   at 128 (47.5 against 42.2 ms).
-SMALL_BATCH_ROWS = 4 if "amx_bf16" in cpu_flags().split() else 64
+HAS_AMX = "amx_bf16" in cpu_flags().split()
+SMALL_BATCH_ROWS = 4 if HAS_AMX else 64
 
 # Rows up to which the plain-weight kernel runs rather than the panel kernel: every small batch on
 # CPUs with AMX (which have no panels), none elsewhere. Once each panel tile fetched its share of
@@ -76,7 +77,7 @@ SMALL_BATCH_ROWS = 4 if "amx_bf16" in cpu_flags().split() else 64
 # p50 12.1 against 14.2 ms) and 279.6 against 266.8 at concurrency 8 (medians of three rounds,
 # alternating). Before that fetch the two were even at 8 rows over the layers, and serving at
 # concurrency 8 was slower with the panels (258.2 against 290.5), so they ran from 9 rows.
-PLAIN_ROWS = SMALL_BATCH_ROWS if "amx_bf16" in cpu_flags().split() else 0
+PLAIN_ROWS = SMALL_BATCH_ROWS if HAS_AMX else 0
 
 # Rows up to which float32 `PackedLinear`s run the FMA kernel instead of oneDNN's packed GEMM.
 # Measured on an AVX2 host over this model's 120 decoder linear layers (distinct weights, read
@@ -153,8 +154,8 @@ class PackedLinear(nn.Module):
     def direct(self, x: torch.Tensor) -> Linear2D:
         """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
         layer's weights: a small-batch kernel (bfloat16 up to SMALL_BATCH_ROWS rows, the plain
-        weight's up to PLAIN_ROWS and the panels' above it; float32 up to F32_SMALL_BATCH_ROWS) where
-        it is available, oneDNN otherwise."""
+        weight's up to PLAIN_ROWS and the panels' above it; float32 up to F32_SMALL_BATCH_ROWS)
+        where it is available, oneDNN otherwise."""
         plain, panels, packed, bias = self.plain, self.panels, self.weight, self.bias
         rows, out_features = x.shape[0], self.out_features
         f32 = plain is not None and plain.dtype == torch.float32

@@ -56,9 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
-from kernels.cpu.build import cpu_flags
 from services.executor.config import INT4_GROUP_SIZES, QUANTIZATION_METHODS
-from services.executor.packed_linear import Linear2D, can_use_panels16, children_of_type
+from services.executor.packed_linear import HAS_AMX, Linear2D, can_use_panels16, children_of_type
 
 log = logging.getLogger("radixserve.executor")
 
@@ -73,7 +72,7 @@ DEQUANT_ROWS = 32
 # float GEMM instead on CPUs with AMX tiles, where oneDNN's bfloat16 GEMM runs on them (the
 # bfloat16 layers hand over from 6 rows there, see packed_linear.py); without AMX the kernel led
 # that GEMM at every row count measured (up to 512, see kernels/cpu/linear.cpp), so None.
-INT8_PANEL_MAX_ROWS = 80 if "amx_bf16" in cpu_flags().split() else None
+INT8_PANEL_MAX_ROWS = 80 if HAS_AMX else None
 # Int4Linear on torch's kernel: the same from this many rows (expanding int4 costs more: measured
 # here, the kernel at 256 rows takes about as long as expanding the weight, and 3x longer at 512).
 INT4_DEQUANT_ROWS = 256

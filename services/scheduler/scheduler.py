@@ -117,13 +117,13 @@ class Scheduler:
         self.table = RequestTable(info.max_running_requests)
         self.ratio = NewTokenRatio(cfg.schedule_conservativeness)
         policy = Policy(cfg.schedule_policy, self.cache)
-        self.chunked_prefill_size = (
+        chunk = (
             default_chunked_prefill_size(info.device)
             if cfg.chunked_prefill_size is None
             else cfg.chunked_prefill_size
         )
         self.prefill = PrefillManager(
-            self.cache, self.table, policy, self.chunked_prefill_size, self.max_running, self.ratio
+            self.cache, self.table, policy, chunk, self.max_running, self.ratio
         )
         self.decode = DecodeManager(self.cache, self._retract)
         self.running: list[Req] = []

@@ -85,7 +85,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             s = self.scheduler
             s.require_ready()
             return convert.model_info_to_pb(
-                s.info, s.limits, s.cfg, s.max_running, s.chunked_prefill_size
+                s.info, s.limits, s.cfg, s.max_running, s.prefill.chunk_size
             )
 
 

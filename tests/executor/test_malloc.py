@@ -60,13 +60,9 @@ def _run(script: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _steps(where: str) -> dict:
-    return _run(STEPS, where)
-
-
 @pytest.mark.parametrize("where", ["thread", "main"])
 def test_tuned_steps_reuse_their_buffers(where):
-    result = _steps(where)
+    result = _run(STEPS, where)
     assert result["tuned"] is True
     # The heap grows over the first steps; after that each step's 3 x 1,536 pages are reused.
     assert sum(result["faults"][8:]) < 100, result["faults"]

@@ -54,7 +54,7 @@ def test_the_prefill_budget_defaults_by_the_executor_s_device(
         fake.device = device
         cfg = {} if flag is None else {"chunked_prefill_size": flag}
         async with running_scheduler(fake, **cfg) as sched:
-            assert sched.chunked_prefill_size == budget
+            assert sched.prefill.chunk_size == budget
             await finish(submit_all(sched, prompts, 2), prompts, 2)
         assert sum(prefill_lengths(fake.steps[0])) == budget
 
