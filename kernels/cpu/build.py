@@ -87,11 +87,20 @@ class Extension:
 
     `requires`: the /proc/cpuinfo flags the source cannot be compiled without (e.g.
     "avx512_bf16"); on a CPU lacking one, `load()` returns None at once, without running the
-    compiler, and `error` names the missing flags."""
+    compiler, and `error` names the missing flags. `cflags`: compiler flags added to those (e.g.
+    "-mamx-tile", for a compiler whose -march=native does not enable an extension the CPU
+    has)."""
 
-    def __init__(self, name: str, source: Path, what: str, requires: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        source: Path,
+        what: str,
+        requires: tuple[str, ...] = (),
+        cflags: tuple[str, ...] = (),
+    ) -> None:
         self.name, self.source, self.what = name, source, what
-        self.requires = requires
+        self.requires, self.cflags = requires, cflags
         self.error: str | None = None
         self._module: ModuleType | None = None
         self._lock = threading.Lock()
@@ -125,7 +134,13 @@ class Extension:
                     self._module = load_extension(
                         name=name,
                         sources=[str(self.source)],
-                        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                        extra_cflags=[
+                            "-O3",
+                            "-march=native",
+                            "-ffast-math",
+                            "-fopenmp",
+                            *self.cflags,
+                        ],
                         extra_ldflags=["-fopenmp"],
                         build_directory=str(directory),
                         verbose=False,

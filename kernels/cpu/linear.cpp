@@ -1,22 +1,21 @@
 // Small-batch linear layers for the CPU, y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), with W
-// stored as bfloat16, as int8 with one scale per output channel (in panels, below), or as int4
+// stored as bfloat16 or as int8 with one scale per output channel (in panels, below), or as int4
 // with a scale and a zero per 32 input features (below, "int4"); x is bfloat16.
 //
 // At decode batch sizes (a few rows) a linear layer reads every weight once per step, so its time
 // is the weight bytes over memory bandwidth plus a fixed cost per call. Here oneDNN's bfloat16 GEMM
 // pays 20-30 us per call on top of that and torch's int8 kernel reads at about 10 GB/s; these
-// kernels stream the weight rows, fetched 8 channels ahead into L2, straight into AVX-512 BF16
-// dot products (vdpbf16ps: 32 bfloat16 products per instruction, summed in pairs into 16 float32
-// lanes). Fetching into L2 rather than L1 leaves L1's few outstanding misses to the loads: on a
-// 2-core AMD EPYC (no AMX) the 120 decoder layers of SmolLM2-135M at one row took 10 against
-// 15 ms that way.
-// Sums are float32 in a fixed order (k ascending within each of 16 lanes, the lanes then added as
-// a tree), the same for every row whatever the batch size (int4: whatever the batch size up to 4
-// rows, and from 5); the result is rounded to bfloat16 once.
-// Blocks of 4 output channels are spread over the threads; rows of x go 4 at a time through each
-// block while its weights are in L1. K must be a multiple of 32 (int4: 64); the Python side
-// (kernels/cpu/linear.py, and the layers' construction for int4) checks and falls back to
-// PyTorch otherwise.
+// kernels stream the weights, fetched ahead into L2, straight into AVX-512 BF16 dot products
+// (vdpbf16ps: 32 bfloat16 products per instruction, summed in pairs into 16 float32 lanes).
+// Fetching into L2 rather than L1 leaves L1's few outstanding misses to the loads: on a 2-core
+// AMD EPYC (no AMX) the 120 decoder layers of SmolLM2-135M at one row took 10 against 15 ms that
+// way (a kernel over the row-major weight, which the panels below have since replaced).
+// The int4 kernel reads the weight rows (blocks of 4 output channels spread over the threads,
+// rows of x 4 at a time through each block while its weights are in L1); its sums are float32 in
+// a fixed order (k ascending within each of 16 lanes, the lanes then added as a tree), the same
+// for every row whatever the batch size up to 4 rows, and from 5; the result is rounded to
+// bfloat16 once. K must be a multiple of 32 (int4: 64); the Python side (kernels/cpu/linear.py,
+// and the layers' construction for int4) checks and falls back to PyTorch otherwise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -36,18 +35,6 @@ constexpr int64_t kPrefetchChannels = 8;  // weights fetched ahead, in output ch
 constexpr int64_t kInt4DirectRows = 4;    // int4: rows computed from the nibbles; more: expanded
 
 inline float bf16_to_float(bf16 v) { return static_cast<float>(v); }
-
-// 32 bfloat16 weights of a bfloat16 row at element k.
-struct Bf16Weights {
-  const bf16* w;
-  int64_t K;
-  inline __m512i load(int64_t n, int64_t k) const {
-    return _mm512_loadu_si512(w + n * K + k);
-  }
-  inline void prefetch(int64_t n, int64_t k) const {
-    _mm_prefetch(reinterpret_cast<const char*>(w + n * K + k), _MM_HINT_T1);
-  }
-};
 
 // 32 int8 values at p converted to bfloat16 (exact: |q| <= 128 fits bfloat16's 8-bit
 // significand). Such an integer converts to a float32 whose low 16 bits are zero, so its bfloat16
@@ -157,27 +144,12 @@ const bf16* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
   return bias->data_ptr<bf16>();
 }
 
-// x [M, K] bf16, w [N, K] bf16, bias [N] bf16 or None -> [M, N] bf16.
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
-              "w must be a contiguous [N, K] bfloat16 tensor");
-  const int64_t M = x.size(0), K = w.size(1), N = w.size(0);
-  check_input(x, K, 32);
-  auto out = torch::empty({M, N}, x.options());
-  bf16* o = out.data_ptr<bf16>();
-  const bf16* b = bias_ptr(bias, N);
-  const Bf16Weights weights{w.data_ptr<bf16>(), K};
-  run(x.data_ptr<bf16>(), M, K, N, weights, [&](int64_t m, int64_t n, float s) {
-    o[m * N + n] = static_cast<bf16>(b ? s + bf16_to_float(b[n]) : s);
-  });
-  return out;
-}
-
 // ---- Panels: bfloat16 weights packed for the vector lanes to be output channels ----------------
 //
-// linear_bf16 above puts 32 input features in a vector and sums each (row, channel) pair's lanes at
-// the end; at 16 rows and more that horizontal sum, the finish per value and 4 x 4 tiles made it
-// compute-bound well below the machine's dot-product rate. Here the weight is packed once, at load
+// A kernel over the row-major weight puts 32 input features in a vector and sums each (row,
+// channel) pair's lanes at the end; at 16 rows and more that horizontal sum, the finish per value
+// and 4 x 4 tiles made it compute-bound well below the machine's dot-product rate (see the int4
+// kernel, which still reads rows). Here the weight is packed once, at load
 // time, as panels[b][k / 2][c][2] = W[16 b + c][k] (pairs of input features of 16 output channels,
 // the operand layout of vdpbf16ps), and a tile of up to kPanelRows rows x kPanelBlocks blocks of
 // 16 channels keeps its 24 float32 sums in registers: each step loads one 64-byte pair vector per
@@ -186,8 +158,8 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
 // features in ascending order, in lane n % 16 of one accumulator, whatever the rows, tiles or
 // threads; it is rounded to bfloat16 once (round to nearest even, as static_cast does).
 // Measured on a 2-core AMD EPYC (AVX-512 BF16, no AMX) over 120 layers of the shapes of
-// SmolLM2-135M's decoder linears (random distinct weights, read from memory): 8.3-8.8 against 9.5-12.5 ms (linear_bf16) and
-// 10.1-11.8 ms (oneDNN, packed) at 16 rows; 13.9-15.5 against 17.8-22.6 and 14.4-17.2 ms at 32;
+// SmolLM2-135M's decoder linears (random distinct weights, read from memory): 8.3-8.8 against
+// 9.5-12.5 ms (the row-major kernel) and 10.1-11.8 ms (oneDNN, packed) at 16 rows; 13.9-15.5 against 17.8-22.6 and 14.4-17.2 ms at 32;
 // 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead at 128 (42.2 against 47.5 ms). One layer
 // whose weights stay in cache runs at 820-870 GFLOP/s from 16 rows (oneDNN 680-710).
 // Every tile, a lone one too, also fetches its share of the next panel into L2
@@ -207,6 +179,7 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
 // row count (one row: 4.1 against 4.2 ms, 3: 4.6 against 5.4, 6: 5.4 against 10.8) and the float
 // GEMM over the converted weight up to 512 rows at least (64: 42.6 against 64; 512: 341 against
 // 380 ms), so int8 layers keep only this copy.
+// On CPUs with AMX, bfloat16 panels run on the tiles instead (linear_amx.cpp, same layout).
 constexpr int kPanelRows = 6;    // rows per tile
 constexpr int kPanelBlocks = 4;  // blocks of 16 output channels per tile
 constexpr int64_t kLanes = 16;
@@ -672,7 +645,6 @@ torch::Tensor int4_pairs_to_bf16(torch::Tensor q, torch::Tensor scale, torch::Te
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16", &linear_bf16, "x [M, K] bf16 @ w [N, K] bf16 ^T (+ bias)");
   m.def("pack_panels", &pack_panels, "w [N, K] bf16 or int8 -> [ceil(N / 16), K * 16] panels");
   m.def("int8_panels_to_bf16", &int8_panels_to_bf16,
         "int8 panels [B, K * 16] -> the first n channels' weights [n, K] bf16, exact");

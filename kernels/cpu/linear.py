@@ -8,12 +8,14 @@ weights into vector dot products instead, for inputs of a few rows (the callers 
 from measurements, see packed_linear.py and quantization.py):
 
 - bfloat16 activations (linear.cpp): AVX-512 BF16 dot products over bfloat16 or int8 weights;
-  built on CPUs with AVX-512 BF16. `linear_bf16` reads the plain row-major weight (the bfloat16
-  layers' kernel on CPUs with AMX, up to a few rows); `linear_bf16_panels` and
-  `linear_int8_panels` read weights packed once into panels whose vector lanes are output
-  channels (`pack_panels`): bfloat16 layers from one row up to tens on CPUs without AMX, int8
-  layers at every row count. `linear_int4` reads int4
-  weights with a scale and a zero per 32 input features, packed once by `pack_int4_pairs`.
+  built on CPUs with AVX-512 BF16. `linear_bf16_panels` and `linear_int8_panels` read weights
+  packed once into panels whose vector lanes are output channels (`pack_panels`): bfloat16
+  layers from one row up to tens on CPUs without AMX, int8 layers at every row count.
+  `linear_int4` reads int4 weights with a scale and a zero per 32 input features, packed once by
+  `pack_int4_pairs`.
+- bfloat16 activations on AMX tiles (linear_amx.cpp): `linear_bf16_amx` reads the same bfloat16
+  panels, which are also the tiles' weight layout; built on CPUs with AMX, where it runs the
+  bfloat16 layers from one row up to tens.
 - float32 activations (linear_f32.cpp): AVX2 FMAs over float32, int8 or int4 weights; built on
   CPUs with AVX2 and FMA. `linear_f32` reads the plain weight; `linear_f32_panels` and
   `linear_int8_f32_panels` read a float32 or int8 weight packed once into panels of 16 output
@@ -42,6 +44,13 @@ _linear = Extension(
     "CPU small-batch linear kernels",
     requires=("avx512f", "avx512bw", "avx512_bf16"),
 )
+_linear_amx = Extension(
+    "radixserve_cpu_linear_amx",
+    Path(__file__).with_name("linear_amx.cpp"),
+    "CPU AMX linear kernel",
+    requires=("avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16"),
+    cflags=("-mamx-tile", "-mamx-bf16"),
+)
 _linear_f32 = Extension(
     "radixserve_cpu_linear_f32",
     Path(__file__).with_name("linear_f32.cpp"),
@@ -60,6 +69,16 @@ def available(x: torch.Tensor, in_features: int) -> ModuleType | None:
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or in_features % K_MULTIPLE:
         return None
     return _linear.load() if kernels_enabled() else None
+
+
+def available_amx(x: torch.Tensor, in_features: int) -> ModuleType | None:
+    """The compiled AMX module when an input like `x` ([M, in_features]) can use it: what
+    `available` requires, on a CPU with AMX whose tiles Linux lets this process use; else
+    None."""
+    if available(x, in_features) is None:
+        return None
+    module = _linear_amx.load()
+    return module if module is not None and module.tiles_available() else None
 
 
 def available_f32(x: torch.Tensor, in_features: int, bfloat16: bool = False) -> ModuleType | None:
@@ -95,14 +114,6 @@ def load_error() -> str | None:
 def f32_load_error() -> str | None:
     """Why the float32 kernels could not be built (None: built, or not tried yet)."""
     return _linear_f32.error
-
-
-def linear_bf16(
-    module: ModuleType, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T + bias [N], all bfloat16 → [M, N] bfloat16 (`module` from
-    `available`). Raises RuntimeError on a shape or dtype the kernel does not take."""
-    return module.linear_bf16(x.contiguous(), weight, bias)
 
 
 def pack_panels(module: ModuleType, weight: torch.Tensor) -> torch.Tensor:
@@ -145,6 +156,22 @@ def linear_bf16_panels(
     its batch), rounded to bfloat16 once. Raises RuntimeError on a shape or dtype it does not
     take."""
     return module.linear_bf16_panels(x.contiguous(), panels, out_features, bias)
+
+
+def linear_bf16_amx(
+    module: ModuleType,
+    x: torch.Tensor,
+    panels: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """`linear_bf16_panels` on AMX tiles (`module` from `available_amx`): x [M, K] bfloat16 @
+    weight [N = out_features, K]^T + bias [N] → [M, N] bfloat16, the weight as `pack_panels`
+    packed it. Each output is the tile unit's float32 sum over input features, 32 at a time in
+    ascending order (so a row does not depend on the others in its batch), rounded to bfloat16
+    once; it can differ from `linear_bf16_panels` by float32 rounding. Raises RuntimeError on a
+    shape or dtype it does not take."""
+    return module.linear_bf16_amx(x.contiguous(), panels, out_features, bias)
 
 
 def linear_int8_panels(

@@ -91,7 +91,7 @@ def tune_malloc() -> bool:
 def release_free_memory() -> bool:
     """Gives the C library's free heap pages back to the system (glibc's `malloc_trim(0)`), for
     once a model is loaded: under `tune_malloc`'s thresholds the load-time tensors the layers let
-    go (a bfloat16 layer's plain weight once its panels run every small batch, a quantized
+    go (a bfloat16 layer's loaded weight once packed into its panels, a quantized
     layer's float weight) stay in the heaps and in the process's RSS, and the KV pool, sized from
     the memory still available, would be that much smaller. True when glibc released something;
     False otherwise, off Linux, or where the C library has no malloc_trim."""

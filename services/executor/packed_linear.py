@@ -12,14 +12,14 @@ oneDNN's packed float32 GEMM takes 84 against 144 ms at 32 rows and 19 against 4
 head (see F32_SMALL_BATCH_ROWS). Its sums run in another order than MKL's, so float32 rows from
 oneDNN can differ from `F.linear` by float32 rounding.
 
-Small inputs skip oneDNN and run a kernel of kernels/cpu/linear.py: bfloat16 ones the AVX-512 BF16
-panel kernel up to SMALL_BATCH_ROWS rows, over a copy of the weight packed once into panels of 16
-output channels (on CPUs with AMX, the kernel over the plain weight, up to PLAIN_ROWS rows);
-float32 ones the AVX2 FMA kernel over the plain weight up to F32_SMALL_BATCH_ROWS rows. oneDNN's
-fixed cost per call is most of a small layer's time at one row, and at decode batch sizes its
-blocking leaves the dot-product units idle. Those kernels sum in another order too. The layer
-keeps the panels or the plain weight beside the packed one, which doubles the memory of the
-linear weights (a tied LM head's plain weight is the embedding's own).
+Small inputs skip oneDNN and run a kernel of kernels/cpu/linear.py: bfloat16 ones up to
+SMALL_BATCH_ROWS rows over a copy of the weight packed once into panels of 16 output channels, on
+AMX tiles where the CPU has them and with AVX-512 BF16 dot products elsewhere; float32 ones the
+AVX2 FMA kernel over the plain weight up to F32_SMALL_BATCH_ROWS rows. oneDNN's fixed cost per
+call is most of a small layer's time at one row, and at decode batch sizes its blocking leaves
+the dot-product units idle. Those kernels sum in another order too. The layer keeps the panels or
+the plain weight beside the packed one, which doubles the memory of the linear weights (a tied LM
+head's plain weight is the embedding's own).
 
 On CPUs without AVX-512, float32 and bfloat16 layers get `PanelLinear` instead of either: the
 weight packed once into panels of 16 output channels and multiplied by a panel kernel at every row
@@ -57,27 +57,36 @@ Linear2D = Callable[[torch.Tensor], torch.Tensor]
 # the best at 1 and at 512 rows.
 PACK_BATCH_HINT = 64
 
-# Rows up to which bfloat16 layers run a kernel of ours instead of oneDNN, over this model's 120
-# decoder linear layers (distinct weights, so each is read from memory):
-# - with AMX (Intel Xeon), the plain-weight kernel: 12.6 against 19.8 ms at one row, 15.9 against
-#   18.8 ms at 4; oneDNN, on AMX tiles, is ahead from 6 rows on;
-# - AVX-512 BF16 without AMX (a 2-core AMD EPYC), oneDNN on the same dot products as our kernels
-#   (before the panels fetched ahead, PLAIN_ROWS): the plain-weight kernel 8.1 against 12.8 ms at
-#   one row and 8.1 against 12.6 at 8; from there the panel kernel, 12.1-13.1 ms at 16 rows
-#   against 14.5-19.5 for the plain-weight kernel, 16.7-18.0 at 32 and 25.6-27.2 at 64 against oneDNN's 19.3-23.8 and 30.0-31.7, behind oneDNN
-#   at 128 (47.5 against 42.2 ms).
 HAS_AMX = "amx_bf16" in cpu_flags().split()
-SMALL_BATCH_ROWS = 4 if HAS_AMX else 64
 
-# Rows up to which the plain-weight kernel runs rather than the panel kernel: every small batch on
-# CPUs with AMX (which have no panels), none elsewhere. Once each panel tile fetched its share of
-# the next panel into L2, the panels led the plain weight from one row on the 2-core EPYC above
-# (over the 120 decoder layers, 5.2-7.0 against 7.7-7.9 ms at one row, 6.5-7.1 against 7.5-8.2
-# at 8), and `radixserve serve` gave 69.5 against 64.0 output tok/s one request at a time (TPOT
-# p50 12.1 against 14.2 ms) and 279.6 against 266.8 at concurrency 8 (medians of three rounds,
-# alternating). Before that fetch the two were even at 8 rows over the layers, and serving at
-# concurrency 8 was slower with the panels (258.2 against 290.5), so they ran from 9 rows.
-PLAIN_ROWS = SMALL_BATCH_ROWS if HAS_AMX else 0
+# Rows up to which bfloat16 layers run a kernel of ours over their panels instead of oneDNN: on
+# AMX tiles (`linear_bf16_amx`) where the CPU has AMX, with AVX-512 BF16 dot products
+# (`linear_bf16_panels`) elsewhere. Over this model's 120 decoder linear layers (distinct
+# weights, so each is read from memory):
+# - a 2-vCPU Intel Xeon with AMX, the tiles against oneDNN (also on AMX tiles) and the AVX-512
+#   panels, medians of three runs: 7.2 / 13.1 / 7.4 ms at one row, 7.1 / 12.1 / 8.2 at 4, 7.4 /
+#   12.2 / 13.5 at 8, 7.7 / 12.3 / 19.3 at 16, 9.5 / 14.7 / 34.2 at 32, 14.5 / 16.6 / 64.3 at
+#   64, 19.3 / 23.7 / 125 at 128, behind oneDNN at 256 (32.1 against 30.4);
+# - a 2-core AMD EPYC (AVX-512 BF16, no AMX), the panels against oneDNN on the same dot products:
+#   12.1-13.1 ms at 16 rows against 14.5-19.5, 16.7-18.0 at 32 and 25.6-27.2 at 64 against
+#   19.3-23.8 and 30.0-31.7, behind at 128 (47.5 against 42.2 ms). Once each panel tile fetched
+#   its share of the next panel into L2, the panels also led the kernel over the plain row-major
+#   weight from one row on (5.2-7.0 against 7.7-7.9 ms at one row), and `radixserve serve` gave
+#   69.5 against 64.0 output tok/s one request at a time (TPOT p50 12.1 against 14.2 ms) and
+#   279.6 against 266.8 at concurrency 8 (medians of three rounds, alternating).
+SMALL_BATCH_ROWS = 64
+
+# Rows from which a CPU with AMX runs the tile kernel; one row runs the AVX-512 panels there.
+# Measured on that Xeon: the two were even over the decoder linears at one row (above), but with
+# the LM head 9.1-9.8 ms for the panels against 9.7-10.1 (three runs, alternating), and
+# `radixserve serve` one request at a time gave 67.2 output tok/s (TPOT p50 13.8 ms) against
+# 62.1 (15.5 ms) with the tiles from one row (medians of three runs).
+AMX_MIN_ROWS = 2
+
+# Rows up to which a CPU with AMX runs the AVX-512 panels where the tile kernel cannot run (not
+# built, or Linux refused this process the tiles); oneDNN above (on that Xeon: 8.8 against 12.1
+# ms at 6 rows, 13.5 against 12.2 at 8).
+AMX_PANEL_ROWS = 6
 
 # Rows up to which float32 `PackedLinear`s run the FMA kernel instead of oneDNN's packed GEMM.
 # Measured on an AVX2 host over this model's 120 decoder linear layers (distinct weights, read
@@ -113,33 +122,26 @@ class PackedLinear(nn.Module):
 
     x: [..., in_features] on the CPU, in the weight's dtype (bfloat16 or float32) →
     [..., out_features] in that dtype. `weight` is an opaque mkldnn tensor: it cannot be sliced,
-    copied into or read as a plain tensor. The small-batch kernels read `plain`, the row-major
-    weight [out_features, in_features] (the loaded tensor itself, shared with a tied embedding),
-    and, for a bfloat16 layer on a CPU where they run past PLAIN_ROWS, `panels`
-    ([ceil(out_features / 16), in_features * 16] bfloat16, `cpu_linear.pack_panels`, a copy);
-    each is None where no kernel reads it (not built, disabled at load time, in_features not a
-    multiple of 32, or, for `plain` in bfloat16, the panels run every small batch).
+    copied into or read as a plain tensor. The small-batch kernels of a bfloat16 layer read
+    `panels` ([ceil(out_features / 16), in_features * 16] bfloat16, `cpu_linear.pack_panels`, a
+    copy), those of a float32 layer `plain`, the row-major weight [out_features, in_features]
+    (the loaded tensor itself, shared with a tied embedding); each is None where no kernel reads
+    it (not built, disabled at load time, in_features not a multiple of 32, or the other dtype).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        # The small-batch kernels' weights: a bfloat16 layer's panels (a copy) where the panel
-        # kernel runs, and the plain weight where a kernel reads it (not for a bfloat16 layer
-        # whose panels run every small batch); None where no kernel takes it (the loaded tensor
-        # is then left to be freed). `available*` check the weight as they would an input:
-        # its dtype on the CPU, in_features a multiple of 32, kernel built and enabled.
+        # The small-batch kernels' weight, None where no kernel takes it (the loaded tensor is
+        # then left to be freed). `available*` check the weight as they would an input: its
+        # dtype on the CPU, in_features a multiple of 32, kernel built and enabled.
         kernel = cpu_linear.available(weight, self.in_features)
         self.panels: torch.Tensor | None = (
-            cpu_linear.pack_panels(kernel, weight)
-            if kernel is not None and SMALL_BATCH_ROWS > PLAIN_ROWS
-            else None
+            cpu_linear.pack_panels(kernel, weight) if kernel is not None else None
         )
-        usable = (kernel is not None and (self.panels is None or PLAIN_ROWS > 0)) or (
-            cpu_linear.available_f32(weight, self.in_features) is not None
-        )
-        self.plain: torch.Tensor | None = weight.contiguous() if usable else None
+        f32 = cpu_linear.available_f32(weight, self.in_features) is not None
+        self.plain: torch.Tensor | None = weight.contiguous() if f32 else None
         self.register_buffer(
             "weight", torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
         )
@@ -153,21 +155,25 @@ class PackedLinear(nn.Module):
 
     def direct(self, x: torch.Tensor) -> Linear2D:
         """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
-        layer's weights: a small-batch kernel (bfloat16 up to SMALL_BATCH_ROWS rows, the plain
-        weight's up to PLAIN_ROWS and the panels' above it; float32 up to F32_SMALL_BATCH_ROWS)
-        where it is available, oneDNN otherwise."""
+        layer's weights: a small-batch kernel where it is available (bfloat16 up to
+        SMALL_BATCH_ROWS rows: the AMX tiles' from AMX_MIN_ROWS where the CPU has them, else the
+        AVX-512 panels', up to AMX_PANEL_ROWS on a CPU with AMX; float32 up to
+        F32_SMALL_BATCH_ROWS), oneDNN otherwise."""
         plain, panels, packed, bias = self.plain, self.panels, self.weight, self.bias
         rows, out_features = x.shape[0], self.out_features
-        f32 = plain is not None and plain.dtype == torch.float32
-        if f32 and 0 < rows <= F32_SMALL_BATCH_ROWS:
+        if plain is not None and 0 < rows <= F32_SMALL_BATCH_ROWS:
             kernel = cpu_linear.available_f32(x, self.in_features)
             if kernel is not None:
                 return lambda flat: cpu_linear.linear_f32(kernel, flat, plain, bias)
-        elif (plain is not None or panels is not None) and not f32 and 0 < rows <= SMALL_BATCH_ROWS:
+        elif panels is not None and 0 < rows <= SMALL_BATCH_ROWS:
+            amx = HAS_AMX and rows >= AMX_MIN_ROWS
+            tiles = cpu_linear.available_amx(x, self.in_features) if amx else None
+            if tiles is not None:
+                return lambda flat: cpu_linear.linear_bf16_amx(
+                    tiles, flat, panels, out_features, bias
+                )
             kernel = cpu_linear.available(x, self.in_features)
-            if kernel is not None and (panels is None or rows <= PLAIN_ROWS):
-                return lambda flat: cpu_linear.linear_bf16(kernel, flat, plain, bias)
-            if kernel is not None:
+            if kernel is not None and (not HAS_AMX or rows <= AMX_PANEL_ROWS):
                 return lambda flat: cpu_linear.linear_bf16_panels(
                     kernel, flat, panels, out_features, bias
                 )

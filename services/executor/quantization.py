@@ -69,9 +69,9 @@ QUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # convert-then-GEMM time near 32 rows):
 DEQUANT_ROWS = 32
 # Int8Linear on our AVX-512 BF16 kernel ("panels"): inputs of at least this many rows run the
-# float GEMM instead on CPUs with AMX tiles, where oneDNN's bfloat16 GEMM runs on them (the
-# bfloat16 layers hand over from 6 rows there, see packed_linear.py); without AMX the kernel led
-# that GEMM at every row count measured (up to 512, see kernels/cpu/linear.cpp), so None.
+# float GEMM instead on CPUs with AMX tiles, where oneDNN's bfloat16 GEMM runs on them; without
+# AMX the kernel led that GEMM at every row count measured (up to 512, see
+# kernels/cpu/linear.cpp), so None.
 INT8_PANEL_MAX_ROWS = 80 if HAS_AMX else None
 # Int4Linear on torch's kernel: the same from this many rows (expanding int4 costs more: measured
 # here, the kernel at 256 rows takes about as long as expanding the weight, and 3x longer at 512).

@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 from kernels.cpu import linear as cpu_linear
-from services.executor import quantization
+from services.executor import packed_linear, quantization
 from services.executor.packed_linear import (
-    PLAIN_ROWS,
+    AMX_MIN_ROWS,
+    AMX_PANEL_ROWS,
+    HAS_AMX,
     SMALL_BATCH_ROWS,
     PackedLinear,
     can_prepack,
@@ -20,6 +22,8 @@ KERNEL = cpu_linear._linear.load()
 pytestmark = pytest.mark.skipif(
     KERNEL is None, reason=f"kernel not built: {cpu_linear.load_error()}"
 )
+AMX = cpu_linear.available_amx(torch.zeros(1, 32, dtype=torch.bfloat16), 32)
+needs_amx = pytest.mark.skipif(AMX is None, reason="no AMX tiles here")
 ROWS = [1, 2, 3, 4, 5, 7, 16, 33, 64]
 SHAPES = [(32, 13), (64, 100), (576, 962), (1536, 576)]  # (K, N): odd channel counts too
 
@@ -31,15 +35,20 @@ def _ulp_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert (out == ref).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("rows", ROWS)
+@needs_amx
+@pytest.mark.parametrize("rows", [*ROWS, 6, 17, 24, 32, 48, 65, 100])
 @pytest.mark.parametrize(("k", "n"), SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
-    gen = torch.Generator().manual_seed(rows * n + k)
+def test_bf16_amx_matches_reference(rows: int, k: int, n: int, bias: bool) -> None:
+    """One x tile (up to 16 rows) or pairs of them, padded rows, blocks of 1-4 and a last block of
+    1-16 lanes, over the panels the AVX-512 kernel reads."""
+    gen = torch.Generator().manual_seed(rows * n + k + 5)
     x = torch.randn(rows, k, generator=gen).bfloat16()
     w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
     b = torch.randn(n, generator=gen).bfloat16() if bias else None
-    _ulp_close(cpu_linear.linear_bf16(KERNEL, x, w, b), cpu_linear.linear_bf16_ref(x, w, b))
+    panels = cpu_linear.pack_panels(KERNEL, w)
+    out = cpu_linear.linear_bf16_amx(AMX, x, panels, n, b)
+    _ulp_close(out, cpu_linear.linear_bf16_ref(x, w, b))
 
 
 @pytest.mark.parametrize("rows", [*ROWS, 6, 8, 13, 65])
@@ -101,7 +110,7 @@ def test_int8_panels_convert_every_value_exactly(rows: int) -> None:
         assert torch.equal(out, q[:, start : start + rows].t().bfloat16()), start
 
 
-@pytest.mark.parametrize("kind", ["bf16", "panels", "int8 panels"])
+@pytest.mark.parametrize("kind", [pytest.param("amx", marks=needs_amx), "panels", "int8 panels"])
 def test_a_row_does_not_depend_on_its_batch(kind: str) -> None:
     """Each row's sum runs in the same order whatever else is in the batch: bit for bit."""
     gen = torch.Generator().manual_seed(7)
@@ -112,28 +121,21 @@ def test_a_row_does_not_depend_on_its_batch(kind: str) -> None:
     panels, q_panels = cpu_linear.pack_panels(KERNEL, w), cpu_linear.pack_panels(KERNEL, q)
 
     def apply(rows: torch.Tensor) -> torch.Tensor:
-        if kind == "bf16":
-            return cpu_linear.linear_bf16(KERNEL, rows, w, None)
+        if kind == "amx":
+            return cpu_linear.linear_bf16_amx(AMX, rows, panels, 300, None)
         if kind == "panels":
             return cpu_linear.linear_bf16_panels(KERNEL, rows, panels, 300, None)
         return cpu_linear.linear_int8_panels(KERNEL, rows, q_panels, scale, None)
 
     alone = torch.cat([apply(x[i : i + 1]) for i in range(37)])
-    for m in (2, 3, 4, 5, 7, 8, 9, 16, 37):
+    for m in (2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 37):
         assert torch.equal(apply(x[:m]), alone[:m]), f"{m} rows"
 
 
 def test_shapes_and_dtypes_it_cannot_take_are_refused() -> None:
     x = torch.randn(2, 48).bfloat16()
-    with pytest.raises(RuntimeError, match="multiple of 32"):
-        cpu_linear.linear_bf16(KERNEL, x, torch.randn(8, 48).bfloat16(), None)
-    with pytest.raises(RuntimeError, match="bfloat16"):
-        cpu_linear.linear_bf16(KERNEL, torch.randn(2, 64), torch.randn(8, 64), None)
-    with pytest.raises(RuntimeError, match="features"):
-        cpu_linear.linear_bf16(
-            KERNEL, torch.randn(2, 64).bfloat16(), torch.randn(8, 32).bfloat16(), None
-        )
     assert cpu_linear.available(x, 48) is None  # the layers fall back instead
+    assert cpu_linear.available_amx(x, 48) is None
     with pytest.raises(RuntimeError, match="even"):
         cpu_linear.pack_panels(KERNEL, torch.randn(8, 33).bfloat16())
     panels = cpu_linear.pack_panels(KERNEL, torch.randn(20, 64).bfloat16())
@@ -150,36 +152,73 @@ def test_shapes_and_dtypes_it_cannot_take_are_refused() -> None:
     assert cpu_linear.available(torch.randn(2, 64), 64) is None
 
 
+@needs_amx
+def test_the_amx_kernel_refuses_shapes_and_dtypes_it_cannot_take() -> None:
+    panels = cpu_linear.pack_panels(KERNEL, torch.randn(20, 64).bfloat16())
+    with pytest.raises(RuntimeError, match="blocks"):
+        cpu_linear.linear_bf16_amx(AMX, torch.randn(2, 64).bfloat16(), panels, 33, None)
+    with pytest.raises(RuntimeError, match="features"):
+        cpu_linear.linear_bf16_amx(AMX, torch.randn(2, 32).bfloat16(), panels, 20, None)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        cpu_linear.linear_bf16_amx(AMX, torch.randn(2, 64), panels, 20, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        cpu_linear.linear_bf16_amx(
+            AMX, torch.randn(2, 64).bfloat16(), panels, 20, torch.zeros(19).bfloat16()
+        )
+    odd = cpu_linear.pack_panels(KERNEL, torch.randn(20, 48).bfloat16())
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu_linear.linear_bf16_amx(AMX, torch.randn(2, 48).bfloat16(), odd, 20, None)
+
+
 def test_disabled_kernels_are_not_offered(monkeypatch) -> None:
     x = torch.randn(1, 64).bfloat16()
     assert cpu_linear.available(x, 64) is KERNEL
+    assert cpu_linear.available_amx(x, 64) is AMX
     monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
     assert cpu_linear.available(x, 64) is None
+    assert cpu_linear.available_amx(x, 64) is None
 
 
 @pytest.mark.skipif(not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(bias: bool) -> None:
+    """The AMX tiles from AMX_MIN_ROWS where the CPU has them, else the AVX-512 panels, up to
+    SMALL_BATCH_ROWS."""
     torch.manual_seed(0)
     linear = nn.Linear(576, 962, bias=bias).bfloat16()
     layer = PackedLinear(linear)
     x = torch.randn(3, SMALL_BATCH_ROWS + 3, 576).bfloat16()  # leading dims are flattened
     panels = cpu_linear.pack_panels(KERNEL, linear.weight)
-    # Where the panels run every small batch (CPUs without AMX), the layer keeps no plain weight.
-    assert (layer.plain is None) == (PLAIN_ROWS == 0)
-    assert (layer.panels is None) == (PLAIN_ROWS == SMALL_BATCH_ROWS)
-    for rows in sorted(
-        {r for r in (1, PLAIN_ROWS, PLAIN_ROWS + 1, SMALL_BATCH_ROWS) if 1 <= r <= SMALL_BATCH_ROWS}
-    ):
+    assert layer.plain is None and torch.equal(layer.panels, panels)  # the only other copy
+    assert (AMX is not None) == HAS_AMX  # where a test host has AMX, the tiles must run
+    for rows in (1, 2, 5, 16, 17, SMALL_BATCH_ROWS):
         part = x[0, :rows]
         out = layer(part)
-        if rows <= PLAIN_ROWS:  # the plain weight's kernel, then the panels'
-            expected = cpu_linear.linear_bf16(KERNEL, part, linear.weight, linear.bias)
+        if AMX is not None and rows >= AMX_MIN_ROWS:
+            expected = cpu_linear.linear_bf16_amx(AMX, part, panels, 962, linear.bias)
         else:
             expected = cpu_linear.linear_bf16_panels(KERNEL, part, panels, 962, linear.bias)
         assert torch.equal(out, expected), rows
         _ulp_close(out, nn.functional.linear(part, linear.weight, linear.bias))
     # from SMALL_BATCH_ROWS + 1 rows: oneDNN, bit for bit F.linear
+    assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
+
+
+@pytest.mark.skipif(not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
+def test_packed_linear_on_amx_without_the_tiles_runs_the_panels_on_a_few_rows(
+    monkeypatch,
+) -> None:
+    """A CPU with AMX whose tile kernel cannot run: the AVX-512 panels up to AMX_PANEL_ROWS,
+    oneDNN (on its own AMX kernels) above."""
+    monkeypatch.setattr(packed_linear, "HAS_AMX", True)
+    monkeypatch.setattr(cpu_linear, "available_amx", lambda x, in_features: None)
+    torch.manual_seed(2)
+    linear = nn.Linear(576, 100).bfloat16()
+    layer = PackedLinear(linear)
+    x = torch.randn(AMX_PANEL_ROWS + 1, 576).bfloat16()
+    few = x[:AMX_PANEL_ROWS]
+    expected = cpu_linear.linear_bf16_panels(KERNEL, few, layer.panels, 100, linear.bias)
+    assert torch.equal(layer(few), expected)
     assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
 
 
@@ -196,7 +235,11 @@ def test_packed_bfloat16_linears_fall_back_to_onednn_when_the_kernels_are_disabl
 
 
 @pytest.mark.parametrize("rows", [1, 4, 16, 31, 80, 300])
-def test_int8_linear_keeps_only_panels_and_runs_them_at_every_row_count(rows: int) -> None:
+def test_int8_linear_keeps_only_panels_and_runs_them_at_every_row_count(
+    rows: int, monkeypatch
+) -> None:
+    """Without a row limit (CPUs without AMX; with AMX see the test below)."""
+    monkeypatch.setattr(quantization, "INT8_PANEL_MAX_ROWS", None)
     torch.manual_seed(rows)
     weight = torch.randn(962, 576) / 24
     q, scale = quantize_int8(weight, torch.bfloat16)
