@@ -106,9 +106,10 @@ class Extension:
         self._lock = threading.Lock()
 
     def key(self) -> str:
-        """12 hex digits of sha256(CPU flags + Python and torch versions + source text)."""
+        """12 hex digits of sha256(CPU flags + Python and torch versions + extra compiler flags
+        + source text)."""
         versions = f"{sys.version_info[:2]} {torch.__version__}"
-        text = cpu_flags() + versions + self.source.read_text()
+        text = cpu_flags() + versions + " ".join(self.cflags) + self.source.read_text()
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def load(self) -> ModuleType | None:

@@ -15,7 +15,7 @@ from measurements, see packed_linear.py and quantization.py):
   `pack_int4_pairs`.
 - bfloat16 activations on AMX tiles (linear_amx.cpp): `linear_bf16_amx` reads the same bfloat16
   panels, which are also the tiles' weight layout; built on CPUs with AMX, where it runs the
-  bfloat16 layers from one row up to tens.
+  bfloat16 layers from two rows up to tens.
 - float32 activations (linear_f32.cpp): AVX2 FMAs over float32, int8 or int4 weights; built on
   CPUs with AVX2 and FMA. `linear_f32` reads the plain weight; `linear_f32_panels` and
   `linear_int8_f32_panels` read a float32 or int8 weight packed once into panels of 16 output
@@ -79,6 +79,13 @@ def available_amx(x: torch.Tensor, in_features: int) -> ModuleType | None:
         return None
     module = _linear_amx.load()
     return module if module is not None and module.tiles_available() else None
+
+
+def amx_refused() -> bool:
+    """True where the AMX module is built but Linux refused this process the tiles (oneDNN then
+    runs without them too); False where they are granted or the module is not built."""
+    module = _linear_amx.load() if kernels_enabled() else None
+    return module is not None and not module.tiles_available()
 
 
 def available_f32(x: torch.Tensor, in_features: int, bfloat16: bool = False) -> ModuleType | None:

@@ -83,10 +83,18 @@ SMALL_BATCH_ROWS = 64
 # 62.1 (15.5 ms) with the tiles from one row (medians of three runs).
 AMX_MIN_ROWS = 2
 
-# Rows up to which a CPU with AMX runs the AVX-512 panels where the tile kernel cannot run (not
-# built, or Linux refused this process the tiles); oneDNN above (on that Xeon: 8.8 against 12.1
-# ms at 6 rows, 13.5 against 12.2 at 8).
+# Rows up to which a CPU with AMX runs the AVX-512 panels where the tile kernel is not built;
+# oneDNN above, on its own AMX kernels (on that Xeon: 8.8 against 12.1 ms at 6 rows, 13.5 against
+# 12.2 at 8). Where Linux refused this process the tiles, oneDNN runs without them too, and the
+# panels run up to SMALL_BATCH_ROWS as on CPUs without AMX.
 AMX_PANEL_ROWS = 6
+
+
+def amx_gemm() -> bool:
+    """Whether oneDNN's bfloat16 GEMM runs on AMX tiles here: the CPU has them and Linux did not
+    refuse this process the tiles."""
+    return HAS_AMX and not cpu_linear.amx_refused()
+
 
 # Rows up to which float32 `PackedLinear`s run the FMA kernel instead of oneDNN's packed GEMM.
 # Measured on an AVX2 host over this model's 120 decoder linear layers (distinct weights, read
@@ -157,8 +165,8 @@ class PackedLinear(nn.Module):
         """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
         layer's weights: a small-batch kernel where it is available (bfloat16 up to
         SMALL_BATCH_ROWS rows: the AMX tiles' from AMX_MIN_ROWS where the CPU has them, else the
-        AVX-512 panels', up to AMX_PANEL_ROWS on a CPU with AMX; float32 up to
-        F32_SMALL_BATCH_ROWS), oneDNN otherwise."""
+        AVX-512 panels', up to AMX_PANEL_ROWS where oneDNN runs on AMX tiles (`amx_gemm`);
+        float32 up to F32_SMALL_BATCH_ROWS), oneDNN otherwise."""
         plain, panels, packed, bias = self.plain, self.panels, self.weight, self.bias
         rows, out_features = x.shape[0], self.out_features
         if plain is not None and 0 < rows <= F32_SMALL_BATCH_ROWS:
@@ -173,7 +181,7 @@ class PackedLinear(nn.Module):
                     tiles, flat, panels, out_features, bias
                 )
             kernel = cpu_linear.available(x, self.in_features)
-            if kernel is not None and (not HAS_AMX or rows <= AMX_PANEL_ROWS):
+            if kernel is not None and (rows <= AMX_PANEL_ROWS or not amx_gemm()):
                 return lambda flat: cpu_linear.linear_bf16_panels(
                     kernel, flat, panels, out_features, bias
                 )

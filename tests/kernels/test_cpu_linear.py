@@ -14,6 +14,7 @@ from services.executor.packed_linear import (
     HAS_AMX,
     SMALL_BATCH_ROWS,
     PackedLinear,
+    amx_gemm,
     can_prepack,
 )
 from services.executor.quantization import Int8Linear, quantize_int8, quantized_bytes
@@ -174,6 +175,8 @@ def test_disabled_kernels_are_not_offered(monkeypatch) -> None:
     x = torch.randn(1, 64).bfloat16()
     assert cpu_linear.available(x, 64) is KERNEL
     assert cpu_linear.available_amx(x, 64) is AMX
+    # refused: built, but the tiles not granted (the module is not offered then)
+    assert cpu_linear.amx_refused() == (cpu_linear._linear_amx.load() is not None and AMX is None)
     monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
     assert cpu_linear.available(x, 64) is None
     assert cpu_linear.available_amx(x, 64) is None
@@ -190,36 +193,52 @@ def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(bias: bool
     x = torch.randn(3, SMALL_BATCH_ROWS + 3, 576).bfloat16()  # leading dims are flattened
     panels = cpu_linear.pack_panels(KERNEL, linear.weight)
     assert layer.plain is None and torch.equal(layer.panels, panels)  # the only other copy
-    assert (AMX is not None) == HAS_AMX  # where a test host has AMX, the tiles must run
     for rows in (1, 2, 5, 16, 17, SMALL_BATCH_ROWS):
         part = x[0, :rows]
         out = layer(part)
         if AMX is not None and rows >= AMX_MIN_ROWS:
             expected = cpu_linear.linear_bf16_amx(AMX, part, panels, 962, linear.bias)
-        else:
+        elif rows <= AMX_PANEL_ROWS or not amx_gemm():
             expected = cpu_linear.linear_bf16_panels(KERNEL, part, panels, 962, linear.bias)
+        else:  # an AMX CPU without the tile kernel: oneDNN on its own AMX kernels
+            expected = torch.ops.mkldnn._linear_pointwise(
+                part, layer.weight, layer.bias, "none", [], ""
+            )
         assert torch.equal(out, expected), rows
         _ulp_close(out, nn.functional.linear(part, linear.weight, linear.bias))
     # from SMALL_BATCH_ROWS + 1 rows: oneDNN, bit for bit F.linear
     assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
 
 
+@pytest.mark.skipif(not HAS_AMX, reason="no AMX on this CPU")
+def test_the_amx_kernel_builds_where_the_cpu_has_amx() -> None:
+    assert cpu_linear._linear_amx.load() is not None, cpu_linear._linear_amx.error
+
+
 @pytest.mark.skipif(not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
-def test_packed_linear_on_amx_without_the_tiles_runs_the_panels_on_a_few_rows(
-    monkeypatch,
+@pytest.mark.parametrize("refused", [False, True])
+def test_packed_linear_on_amx_without_the_tile_kernel_runs_the_panels(
+    monkeypatch, refused: bool
 ) -> None:
-    """A CPU with AMX whose tile kernel cannot run: the AVX-512 panels up to AMX_PANEL_ROWS,
-    oneDNN (on its own AMX kernels) above."""
+    """A CPU with AMX whose tile kernel is not built: the AVX-512 panels up to AMX_PANEL_ROWS,
+    oneDNN (on its own AMX kernels) above. Where Linux refused the process the tiles, oneDNN runs
+    without them as well, and the panels run every small batch."""
     monkeypatch.setattr(packed_linear, "HAS_AMX", True)
     monkeypatch.setattr(cpu_linear, "available_amx", lambda x, in_features: None)
+    monkeypatch.setattr(cpu_linear, "amx_refused", lambda: refused)
     torch.manual_seed(2)
     linear = nn.Linear(576, 100).bfloat16()
     layer = PackedLinear(linear)
-    x = torch.randn(AMX_PANEL_ROWS + 1, 576).bfloat16()
-    few = x[:AMX_PANEL_ROWS]
-    expected = cpu_linear.linear_bf16_panels(KERNEL, few, layer.panels, 100, linear.bias)
-    assert torch.equal(layer(few), expected)
-    assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
+    x = torch.randn(SMALL_BATCH_ROWS, 576).bfloat16()
+    for rows in (1, AMX_PANEL_ROWS, AMX_PANEL_ROWS + 1, SMALL_BATCH_ROWS):
+        part = x[:rows]
+        if refused or rows <= AMX_PANEL_ROWS:
+            expected = cpu_linear.linear_bf16_panels(KERNEL, part, layer.panels, 100, linear.bias)
+        else:
+            expected = torch.ops.mkldnn._linear_pointwise(
+                part, layer.weight, layer.bias, "none", [], ""
+            )
+        assert torch.equal(layer(part), expected), rows
 
 
 @pytest.mark.skipif(not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
