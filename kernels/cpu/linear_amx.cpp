@@ -42,7 +42,8 @@ constexpr int64_t kBlocks = 4;     // blocks of 16 channels per row tile
 constexpr int kArchReqXcompPerm = 0x1023;
 constexpr int kXfeatureXtiledata = 18;
 
-bool request_tiles() {
+// True where this process may use the tile data (asked once); the kernel raises otherwise.
+bool tiles_available() {
   static const bool granted =
       syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   return granted;
@@ -227,14 +228,11 @@ void run(const bf16* x, int64_t M, int64_t tile_rows, int x_tiles, int64_t tiles
   });
 }
 
-// True where this process may use the tile data (asked once); the kernel raises otherwise.
-bool tiles_available() { return request_tiles(); }
-
 // x [M, K] bf16 @ W^T (+ bias [N] bf16) with W as linear.cpp's pack_panels packed it
 // ([ceil(N / 16), K * 16] bf16) -> [M, N] bf16.
 torch::Tensor linear_bf16_amx(torch::Tensor x, torch::Tensor panels, int64_t N,
                               c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(request_tiles(), "this process may not use AMX tiles (arch_prctl refused)");
+  TORCH_CHECK(tiles_available(), "this process may not use AMX tiles (arch_prctl refused)");
   TORCH_CHECK(panels.dim() == 2 && panels.scalar_type() == at::kBFloat16 &&
                   panels.is_contiguous(),
               "panels must be a contiguous [blocks, K * 16] bfloat16 tensor (pack_panels)");
