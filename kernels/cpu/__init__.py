@@ -16,11 +16,21 @@ from types import ModuleType
 
 import torch
 
-from kernels.cpu.build import Extension
+from kernels.cpu.build import Extension, kernels_enabled
 
 log = logging.getLogger("radixserve.kernels")
 SOURCE = Path(__file__).with_name("attention.cpp")
 _attention = Extension("radixserve_cpu_attention", SOURCE, "CPU attention kernel")
+# Extend and shared-prefix attention on AMX tiles (attention_amx.cpp): bfloat16 queries over
+# bfloat16 pools, on CPUs with AMX; its own extension, so a compiler without AMX support loses
+# only these kernels.
+_attention_amx = Extension(
+    "radixserve_cpu_attention_amx",
+    SOURCE.with_name("attention_amx.cpp"),
+    "CPU AMX attention kernel",
+    requires=("avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16"),
+    cflags=("-mamx-tile", "-mamx-bf16"),
+)
 
 
 def load() -> ModuleType | None:
@@ -51,6 +61,26 @@ def paged_decode_attention(
         return _paged_decode_attention_op(q, k_pool, v_pool, table, rows, seq_lens, scale)
     check_decode_args(q, k_pool, v_pool, table, rows, seq_lens)
     return _run_decode(q, k_pool, v_pool, table, rows, seq_lens, scale)
+
+
+def amx_module(q: torch.Tensor, k_pool: torch.Tensor) -> ModuleType | None:
+    """The AMX attention module where it takes queries like `q` ([T, H, D]) over pools like
+    `k_pool`: both bfloat16 on the CPU, D a multiple of 64, on a CPU with AMX whose tiles Linux
+    lets this process use, kernels not disabled (RADIXSERVE_DISABLE_CPU_KERNELS=1); else None.
+    Its `extend_attention`, `extend_attention_lse` and `shared_prefix_attention` take the
+    arguments of the attention module's functions of the same names."""
+    if q.dtype != torch.bfloat16 or k_pool.dtype != torch.bfloat16 or q.device.type != "cpu":
+        return None
+    if q.shape[-1] % 64 or not kernels_enabled():
+        return None
+    module = _attention_amx.load()
+    return module if module is not None and module.tiles_available() else None
+
+
+def extend_module(q: torch.Tensor, k_pool: torch.Tensor) -> ModuleType:
+    """The module that runs extend and shared-prefix attention of `q` over `k_pool`: the AMX
+    one where `amx_module` gives it, else the attention module (RuntimeError if unbuilt)."""
+    return amx_module(q, k_pool) or _module_or_raise()
 
 
 def _module_or_raise() -> ModuleType:
@@ -170,8 +200,8 @@ def extend_attention(
     """q: [T, H, D], the new tokens of every request back to back; request b's tokens sit at
     positions prefix_lens[b] .. + extend_lens[b] - 1 of its table row, whose K/V the pool already
     holds. Each sees keys 0 .. its own position. → out [T, H, D] in q.dtype."""
-    module = _module_or_raise()
     _check_pools(q, k_pool, v_pool, table)
+    module = extend_module(q, k_pool)
     if q.shape[2] % 64:
         raise ValueError(f"head_dim must be a multiple of 64, not {q.shape[2]}")
     for name, t in (("rows", rows), ("prefix_lens", prefix_lens), ("extend_lens", extend_lens)):

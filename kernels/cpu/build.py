@@ -1,8 +1,8 @@
 """Building one C++ source into a Python extension on first use, once per machine.
 
 The build is cached under torch's extension directory ($TORCH_EXTENSIONS_DIR, else
-~/.cache/torch_extensions), keyed by the source, by this CPU's instruction-set flags and by the
-Python and torch versions, so a binary built for one CPU or torch is never loaded with another.
+~/.cache/torch_extensions), keyed by the source and the headers it includes from its directory,
+by this CPU's instruction-set flags and by the Python and torch versions, so a binary built for one CPU or torch is never loaded with another.
 A failed build (no compiler, no headers) is remembered: `load()` then returns None and `error`
 says why, so callers can fall back to PyTorch.
 
@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -55,6 +56,24 @@ def cpu_flags() -> str:
         )
     except (OSError, StopIteration):
         return "unknown"
+
+
+INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def local_headers(source: Path) -> list[Path]:
+    """The headers `source` includes with `#include "name"` from its own directory, and those
+    they include in turn, each once, in the order first met (a quoted include that is not a file
+    there is skipped: the compiler reports it)."""
+    found: list[Path] = []
+    pending = [source]
+    while pending:
+        for name in INCLUDE.findall(pending.pop(0).read_text()):
+            header = source.parent / name
+            if header.is_file() and header not in found:
+                found.append(header)
+                pending.append(header)
+    return found
 
 
 def build_root() -> Path:
@@ -107,9 +126,11 @@ class Extension:
 
     def key(self) -> str:
         """12 hex digits of sha256(CPU flags + Python and torch versions + extra compiler flags
-        + source text)."""
+        + source text + the text of the headers it includes from its own directory)."""
         versions = f"{sys.version_info[:2]} {torch.__version__}"
         text = cpu_flags() + versions + " ".join(self.cflags) + self.source.read_text()
+        for header in local_headers(self.source):
+            text += header.read_text()
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def load(self) -> ModuleType | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu import _check_pools, _module_or_raise
+from kernels.cpu import _check_pools, _module_or_raise, extend_module
 
 
 def _check_index(**tensors: torch.Tensor) -> None:
@@ -98,7 +98,7 @@ def extend_attention_lse(
     _check_index(rows=rows, key_starts=key_starts, prefix_lens=prefix_lens, extend_lens=extend_lens)
     if not rows.shape == key_starts.shape == prefix_lens.shape == extend_lens.shape:
         raise ValueError("rows, key_starts, prefix_lens and extend_lens need one entry each")
-    out, lse = _module_or_raise().extend_attention_lse(
+    out, lse = extend_module(q, k_pool).extend_attention_lse(
         q.contiguous(), k_pool, v_pool, table, rows, key_starts, prefix_lens, extend_lens, scale
     )
     return out, lse
@@ -149,7 +149,7 @@ def shared_prefix_attention(
     _check_index(group_rows=group_rows, tok_offsets=tok_offsets, prefix_lens=prefix_lens)
     if group_rows.shape != prefix_lens.shape or tok_offsets.shape[0] != group_rows.shape[0] + 1:
         raise ValueError("group_rows and prefix_lens: [G]; tok_offsets: [G + 1]")
-    out, lse = _module_or_raise().shared_prefix_attention(
+    out, lse = extend_module(q, k_pool).shared_prefix_attention(
         q.contiguous(), k_pool, v_pool, table, group_rows, tok_offsets, prefix_lens, scale
     )
     return out, lse

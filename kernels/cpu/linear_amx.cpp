@@ -23,11 +23,11 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+#include "amx_tiles.h"
 
 namespace {
 
@@ -37,26 +37,8 @@ constexpr int64_t kTileRows = 16;  // rows of x per row tile at most
 constexpr int64_t kTileK = 32;     // input features per tdpbf16ps
 constexpr int64_t kBlocks = 4;     // blocks of 16 channels per row tile
 
-// Linux lets a process use the AMX tile data only after it asks (arch_prctl ARCH_REQ_XCOMP_PERM
-// for XFEATURE_XTILEDATA); the permission is the whole process's.
-constexpr int kArchReqXcompPerm = 0x1023;
-constexpr int kXfeatureXtiledata = 18;
-
-// True where this process may use the tile data (asked once); the kernel raises otherwise.
-bool tiles_available() {
-  static const bool granted =
-      syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  return granted;
-}
-
-// The 64-byte operand of ldtilecfg (palette 1).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+using radixserve_amx::tiles_available;  // amx_tiles.h
+using radixserve_amx::TileConfig;
 
 // Up to 16 rows (one x tile): tiles 0-3 hold the sums of 4 blocks, `rows` x 16 float32; tile 4
 // x, `rows` x 32 bfloat16; tiles 5 and 6 the weights, 16 pairs x 16 channels. More rows (two x

@@ -16,7 +16,8 @@ arguments the module path gives it, so the logits are bit for bit the same (test
 It runs a batch when all of these hold, and the engine runs the modules otherwise:
 - the model is a `LlamaForCausalLM` (or a subclass: Qwen2, Mistral) on the CPU, made of the layers
   it knows (plain, packed, small-batch, int8 and int4 linears; `nn.Embedding`; `RMSNorm`);
-- every slice of the batch is a decode and no shared-prefix spans are attached;
+- every slice of the batch is a decode, and no shared-prefix spans are attached or they run as
+  decode groups on the AMX attention kernel (`KernelCascadeDecode`, one call per layer);
 - the attention backend is "torch" with its C++ decode kernel in use (not batch-invariant, no
   sliding window), and the attention kernels take the KV pool's dtype under the activation
   dtype (the same, bfloat16 under float32 or float8 e5m2 under either: `--kv-cache-dtype`);
@@ -35,7 +36,11 @@ import kernels.cpu as cpu_kernels
 from kernels.cpu import fused
 from kernels.kv_cache_dtype import store_rows
 from services.executor.attention import AttentionBackend
-from services.executor.attention.torch_backend import KernelDecode, TorchAttention
+from services.executor.attention.torch_backend import (
+    KernelCascadeDecode,
+    KernelDecode,
+    TorchAttention,
+)
 from services.executor.forward_batch import ForwardBatch
 from services.executor.layers import MergedLinear, RMSNorm, RotaryEmbedding
 from services.executor.models.llama import (
@@ -135,13 +140,14 @@ class DirectDecode:
         )
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        """A pure-decode batch without shared spans, whose attention metadata is the C++
-        kernel's, with the C++ kernels enabled and built."""
+        """A pure-decode batch without shared spans (or with them as AMX decode groups), whose
+        attention metadata is the C++ kernels', with the C++ kernels enabled and built."""
+        decode = getattr(batch.attn_metadata, "decode", None)
         return (
             batch.num_extend == 0
-            and batch.shared is None
+            and (batch.shared is None or isinstance(decode, KernelCascadeDecode))
             and not self.attn.batch_invariant  # type: ignore[attr-defined]
-            and isinstance(getattr(batch.attn_metadata, "decode", None), KernelDecode)
+            and isinstance(decode, KernelDecode)
             and fused.available(self._probe) is not None  # None when the kernels are disabled
         )
 
@@ -191,6 +197,7 @@ class DirectDecode:
         )
         scale = self.attn.scale
         fused_store = k_pools[0].dtype == self.dtype
+        cascade = isinstance(part, KernelCascadeDecode)  # groups sharing prefixes (AMX)
         x, residual = F.embedding(batch.input_ids, self.embed.weight), None
         for i, calls in enumerate(layers):
             if residual is None:
@@ -211,9 +218,14 @@ class DirectDecode:
                 cpu_kernels.check_decode_args(
                     q, k_pools[0], v_pools[0], table, part.rows, part.seq_lens
                 )
-            out = attention.paged_decode_attention(
-                q, k_pools[i], v_pools[i], table, part.rows, part.seq_lens, scale
-            )
+            if cascade:
+                out = self.attn.cascade_decode(  # type: ignore[attr-defined]
+                    q, k_pools[i], v_pools[i], part
+                )
+            else:
+                out = attention.paged_decode_attention(
+                    q, k_pools[i], v_pools[i], table, part.rows, part.seq_lens, scale
+                )
             x = calls.o_proj(out.view(rows, heads * dim))
             x, residual = kernel.add_rmsnorm(x, residual, calls.post_norm, calls.post_eps)
             x = calls.down(kernel.silu_and_mul(calls.gate_up(x)))

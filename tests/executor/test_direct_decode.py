@@ -4,6 +4,7 @@ engine takes that path exactly for the batches it can run."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 import kernels.cpu as cpu_kernels
 from kernels.cpu import fused
+from services.executor.attention import torch_backend
 from services.executor.direct_decode import DirectDecode
 from services.executor.engine import Engine, EngineLimits
 from services.executor.model_config import ModelConfig
@@ -249,3 +251,41 @@ def test_unknown_models_and_modes_are_declined() -> None:
     handle.remove()
     e.model.model.layers[1].mlp.down_proj = nn.Sequential(e.model.model.layers[1].mlp.down_proj)
     assert not DirectDecode.supports(e.model, e.attn, torch.device("cpu"))
+
+
+@BF16_LINEARS
+def test_amx_decode_groups_run_the_direct_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the AMX attention kernel runs, decode rows grouped under shared spans run the direct
+    loop too (one cascade call per layer): the same logits, bit for bit, as the module path,
+    and those of the plain Steps up to bfloat16 rounding."""
+    monkeypatch.setattr(torch_backend, "AMX_SPAN_MIN_ROWS", 2)
+    monkeypatch.setattr(torch_backend, "AMX_SPAN_MIN_LENGTH", 64)
+    direct, modules, plain = (engine("gqa3-hd64", "none", torch.bfloat16) for _ in range(3))
+    if not direct.attn.amx_cascade:  # type: ignore[attr-defined]
+        pytest.skip("the AMX attention kernel does not run here")
+    modules.direct_decode = None
+    runs = count_direct(direct)
+    rng = random.Random(5)
+    shared = [rng.randrange(256) for _ in range(70)]
+    prompts = [shared + [rng.randrange(256) for _ in range(3 + r)] for r in range(5)]
+    head = list(range(1, 71))
+    first = StepInput(
+        1,
+        add=[NewRequest(r, f"r{r}", GREEDY) for r in range(5)],
+        writes=[SlotWrite(r, 0, [*head, *range(100 + 50 * r, 150 + 50 * r)]) for r in range(5)],
+        slices=[Slice(0, 0, prompts[0])],
+    )
+    rest = StepInput(2, slices=[Slice(r, 70, prompts[r][70:]) for r in range(1, 5)])
+    for step in (first, rest):
+        for e in (direct, modules, plain):
+            e.run_step(step)
+    # rows 0-1 share 70 positions, rows 2-3 64 of them; row 4 is in no group
+    spans = [SharedPrefix(70, [0, 1]), SharedPrefix(64, [2, 3])]
+    for i in range(3):
+        slices = [Slice(r, len(p) + i, [], True) for r, p in enumerate(prompts)]
+        step = StepInput(3 + i, slices=slices, shared_prefixes=spans)
+        a, b = direct.logits(step), modules.logits(step)
+        assert torch.equal(a, b)
+        c = plain.logits(replace(step, shared_prefixes=[]))
+        assert (a - c).abs().max().item() < 2e-2
+    assert runs == [5, 5, 5]

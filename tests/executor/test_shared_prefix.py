@@ -218,3 +218,27 @@ def test_logits_match_with_the_default_selection(monkeypatch: pytest.MonkeyPatch
         delta = (cascade.logits(step) - reference.logits(plain(step))).abs().max().item()
         assert delta < 1e-4, f"step {step.step_id}: max |Δ| {delta:.2e}"
     assert kept >= 3
+
+
+def test_amx_decode_groups_match_without_shared_prefixes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the AMX attention kernel runs (bfloat16), the default rule keeps the spans' decode
+    rows (its break-even lowered to this scenario's sizes) and runs them as decode groups in one
+    call per layer, beside extends without spans; the logits stay those of the plain Steps."""
+    monkeypatch.setattr(torch_backend, "AMX_SPAN_MIN_ROWS", 2)
+    monkeypatch.setattr(torch_backend, "AMX_SPAN_MIN_LENGTH", P - 10)
+    cascade, reference = engines("gqa3-hd64", torch.bfloat16)
+    if not cascade.attn.amx_cascade:  # type: ignore[attr-defined]
+        pytest.skip("the AMX attention kernel does not run here")
+    grouped = 0
+    original = cascade.attn.init_metadata
+
+    def init_metadata(batch):  # type: ignore[no-untyped-def]
+        nonlocal grouped
+        original(batch)
+        grouped += isinstance(batch.attn_metadata.decode, torch_backend.KernelCascadeDecode)
+
+    monkeypatch.setattr(cascade.attn, "init_metadata", init_metadata)
+    for step in scenario(seed=5):
+        delta = (cascade.logits(step) - reference.logits(plain(step))).abs().max().item()
+        assert delta < 2e-2, f"step {step.step_id}: max |Δ| {delta:.2e}"
+    assert grouped >= 3

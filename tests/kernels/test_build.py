@@ -73,3 +73,17 @@ def test_a_cpu_without_the_required_flags_skips_the_compiler(
     assert ext.load() is None
     assert ext.error == "this CPU lacks avx512f"
     assert not any(build.build_root().glob("radixserve_test_x_*"))
+
+
+def test_the_build_key_covers_the_headers_a_source_includes(tmp_path: Path) -> None:
+    """A kernel rebuilds when a header it includes from its own directory changes (those the
+    headers include too); system headers and names that are not files there are left out."""
+    source = tmp_path / "kernel.cpp"
+    source.write_text('#include <vector>\n#include "a.h"\n#include "missing.h"\nint f();\n')
+    (tmp_path / "a.h").write_text('#pragma once\n#include "b.h"\n')
+    (tmp_path / "b.h").write_text("inline int g() { return 1; }\n")
+    assert build.local_headers(source) == [tmp_path / "a.h", tmp_path / "b.h"]
+    extension = build.Extension("kernel", source, "test kernel")
+    before = extension.key()
+    (tmp_path / "b.h").write_text("inline int g() { return 2; }\n")
+    assert extension.key() != before

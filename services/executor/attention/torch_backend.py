@@ -6,7 +6,8 @@ boolean mask hides positions past each request's length (and outside a sliding w
 
 Shared prefixes (`batch.shared`): the C++ kernels of kernels/cpu/cascade.py, or, without a
 compiler, the same padded layout with masks that also hide each slice's shared positions and a
-log-sum-exp kept for the merge.
+log-sum-exp kept for the merge. Where the AMX attention kernel runs, groups of decode rows attend
+their span and their own keys in one call (`KernelCascadeDecode`, `cascade_decode`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from services.executor.step import SharedPrefix, Slice
 # attended once per group (see TorchAttention.select_shared_prefixes).
 SPAN_MIN_ROWS = 8
 SPAN_MIN_LENGTH = 2048
+# The same where the AMX kernel runs decode groups in one call (TorchAttention.amx_cascade; see
+# TorchAttention.select_shared_prefixes for the measurements).
+AMX_SPAN_MIN_ROWS = 3
+AMX_SPAN_MIN_LENGTH = 768
 
 
 @dataclass
@@ -64,6 +69,21 @@ class KernelDecode:
     key_starts: torch.Tensor | None = None  # [B] first key position read (shared prefixes)
 
 
+@dataclass
+class KernelCascadeDecode(KernelDecode):
+    """Decode rows with shared prefixes, for the AMX kernel (`cascade_decode_attention`): the
+    rows order[offsets[g] : offsets[g + 1]] (indices into the decode rows) share their first
+    spans[g] positions and read them once per group; `single` ([n] or None) the rows in no group,
+    which run the decode kernel (single_rows, single_lens: theirs)."""
+
+    order: torch.Tensor | None = None  # [N] int64
+    offsets: torch.Tensor | None = None  # [G + 1] int64
+    spans: torch.Tensor | None = None  # [G] int64
+    single: torch.Tensor | None = None  # [B - N] int64
+    single_rows: torch.Tensor | None = None
+    single_lens: torch.Tensor | None = None
+
+
 @register("torch")
 class TorchAttention(AttentionBackend):
     batch_invariant = False  # --enable-deterministic-inference: see make_batch_invariant
@@ -79,6 +99,14 @@ class TorchAttention(AttentionBackend):
         # Where torch's SDPA runs the extend part (AMX), each row's plain attention is faster
         # than splitting off the shared span and merging, so the engine drops the spans.
         self.supports_shared_prefixes = not self.sliding_window and not sdpa_extend
+        # bfloat16 pools on CPUs whose AMX attention kernel runs: pure-decode groups attend their
+        # spans and their own keys in one call (cascade_decode_attention).
+        # (Queries of the pool's dtype: under a float32 model, cascade_decode runs each row's plain
+        # attention instead.)
+        self.amx_cascade = False
+        if self.use_cpu_extend_kernel and self.supports_shared_prefixes:
+            probe = torch.empty(0, self.num_heads, self.head_dim, dtype=self.pool.k[0].dtype)
+            self.amx_cascade = cpu_kernels.amx_module(probe, self.pool.k[0]) is not None
         self.cpu_shared_prefix = os.environ.get("RADIXSERVE_CPU_SHARED_PREFIX", "auto")
         if self.cpu_shared_prefix not in ("auto", "always", "never"):
             raise ValueError(
@@ -108,6 +136,14 @@ class TorchAttention(AttentionBackend):
         Serving the shared-prefix workload of docs/benchmarks.md (1,000-token system prompts,
         about 4 rows per group), every span kept gave 264 output tok/s, none 302.
 
+        Where the AMX kernel runs the decode groups (`amx_cascade`: each group's span and its
+        members' own keys in one call per layer), the rule is AMX_SPAN_MIN_ROWS rows over
+        AMX_SPAN_MIN_LENGTH positions. Measured the same way on a 2-vCPU Xeon with AMX: over
+        1,000 positions, groups of 4 rows 26.0 ms against 27.9 (16 rows), of 3 rows 39.3 against
+        42.0 (24 rows), of 4 rows at 32 rows 41.6 against 46.0, but of 2 rows 34.9 against 31.6
+        (16 rows); groups of 4 rows over 500 positions 22.8 against 22.7, over 200 positions
+        20.3 against 18.2.
+
         RADIXSERVE_CPU_SHARED_PREFIX=always keeps every span as the scheduler sent it (all rows,
         any length), =never drops them all; the default, auto, is the rule above."""
         mode = self.cpu_shared_prefix
@@ -116,18 +152,27 @@ class TorchAttention(AttentionBackend):
         if mode == "never":
             return []
         decoding = {s.row for s in slices if s.length == 1}
+        min_rows, min_length = (
+            (AMX_SPAN_MIN_ROWS, AMX_SPAN_MIN_LENGTH)
+            if self.amx_cascade
+            else (SPAN_MIN_ROWS, SPAN_MIN_LENGTH)
+        )
         kept = []
         for span in spans:
             rows = [r for r in span.rows if r in decoding]
-            if len(rows) >= SPAN_MIN_ROWS and span.length >= SPAN_MIN_LENGTH:
+            if len(rows) >= min_rows and span.length >= min_length:
                 kept.append(SharedPrefix(span.length, rows))
         return kept
 
     def _sdpa_extend_faster(self) -> bool:
-        """Whether extend attention runs faster in torch's SDPA than in the C++ extend kernel
+        """Whether extend attention runs faster in torch's SDPA than in the C++ extend kernels
         (`radixserve bench-executor` prefill steps):
 
-        - CPUs with AMX, in bfloat16: SDPA (4 x 512 tokens in 706 ms against 979 ms);
+        - CPUs with AMX, in bfloat16, where the AMX kernel (attention_amx.cpp) runs: the kernel
+          (on a 2-vCPU Xeon, medians of three: 1 x 64 tokens after a cached 1,000-token prefix
+          in 41.3 ms against 49.4, 16 x 64 in 360 against 471, 4 x 512 in 417 against 460);
+        - CPUs with AMX, in bfloat16, without it (not built, or tiles refused): SDPA (4 x 512
+          tokens in 706 ms against 979 ms for the AVX-512 kernel);
         - CPUs with AVX-512 but no AMX: the kernel (464 against 703 ms for 7 x 80 tokens over a
           cached 1,000-token prefix, bfloat16, `radixserve bench-executor --prefill-len 80
           --prefill-cached-len 1000 --prefill-prompts 7`);
@@ -143,7 +188,13 @@ class TorchAttention(AttentionBackend):
         flags = cpu_flags().split()
         if "avx512f" not in flags:
             return True
-        return self.pool.k[0].dtype == torch.bfloat16 and "amx_bf16" in flags
+        pool = self.pool.k[0]
+        if pool.dtype != torch.bfloat16 or "amx_bf16" not in flags:
+            return False
+        # Queries of the pool's dtype: a float32 model over a bfloat16 pool (rare) also runs the
+        # AVX-512 kernel here.
+        query = torch.empty(0, self.num_heads, self.head_dim, dtype=pool.dtype)
+        return cpu_kernels.amx_module(query, pool) is None
 
     def _cpu_kernel_usable(self) -> bool:
         pool = self.pool.k[0] if self.pool.k else None
@@ -174,7 +225,10 @@ class TorchAttention(AttentionBackend):
             batch.attn_metadata = TorchMetadata(None, self._per_token_part(batch))
             return
         if batch.shared is not None:
-            batch.attn_metadata = self._shared_metadata(batch, batch.shared)
+            if self.amx_cascade and int(batch.shared.tok_idx.min()) >= batch.num_extend_tokens:
+                batch.attn_metadata = self._cascade_metadata(batch, batch.shared)
+            else:
+                batch.attn_metadata = self._shared_metadata(batch, batch.shared)
             return
         ne = batch.num_extend
         extend: PaddedPart | KernelExtend | None = None
@@ -204,6 +258,59 @@ class TorchAttention(AttentionBackend):
         spans = shared if self.use_cpu_extend_kernel else self._shared_part(shared)
         return TorchMetadata(extend, decode, spans)
 
+    def _cascade_metadata(self, batch: ForwardBatch, shared: SharedSpans) -> TorchMetadata:
+        """Spans of decode rows only (the AMX rule keeps no others): extends as without spans,
+        the decode rows by groups (KernelCascadeDecode)."""
+        first, device = batch.num_extend_tokens, batch.rows.device
+        tokens, offsets = shared.tok_idx.tolist(), shared.tok_offsets.tolist()
+        order = [t - first for t in tokens]
+        grouped = set(order)
+        single = [b for b in range(batch.num_decode) if b not in grouped]
+        plain = self._kernel_part(batch)
+        decode = KernelCascadeDecode(
+            plain.rows,
+            plain.seq_lens,
+            order=torch.tensor(order, dtype=torch.int64, device=device),
+            offsets=torch.tensor(offsets, dtype=torch.int64, device=device),
+            spans=shared.lens.contiguous(),
+        )
+        if single:
+            idx = torch.tensor(single, dtype=torch.int64, device=device)
+            decode.single = idx
+            decode.single_rows = plain.rows[idx].contiguous()
+            decode.single_lens = plain.seq_lens[idx].contiguous()
+        extend = self._kernel_extend(batch) if batch.num_extend else None
+        return TorchMetadata(extend, decode)
+
+    def cascade_decode(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, part: KernelCascadeDecode
+    ) -> torch.Tensor:
+        """q: [B, H, D], the decode rows → [B, H, D] in q's dtype: the groups through the AMX
+        kernel, each span read once per group (16 members at a time), and the rows in no group
+        through the decode kernel. Queries the AMX kernel does not take (a float32 model over a
+        bfloat16 pool) run every row through the decode kernel, over all its keys."""
+        module = cpu_kernels.amx_module(q, k_pool)
+        table = self.table.table
+        if module is None:
+            return cpu_kernels.paged_decode_attention(
+                q, k_pool, v_pool, table, part.rows, part.seq_lens, self.scale
+            )
+        out = module.cascade_decode_attention(
+            q.contiguous(), k_pool, v_pool, table, part.rows, part.seq_lens, part.order,
+            part.offsets, part.spans, self.scale,
+        ).to(q.dtype)  # fmt: skip
+        if part.single is not None:
+            out[part.single] = cpu_kernels.paged_decode_attention(
+                q[part.single],
+                k_pool,
+                v_pool,
+                table,
+                part.single_rows,
+                part.single_lens,
+                self.scale,
+            )
+        return out
+
     def _shared_part(self, shared: SharedSpans) -> PaddedPart:
         # Group g's tokens fill row g of a [G, max_n] query grid; all see keys 0 .. lens[g]-1.
         counts = shared.tok_offsets.diff()
@@ -227,6 +334,12 @@ class TorchAttention(AttentionBackend):
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
+        part = getattr(batch.attn_metadata, "decode", None)
+        if isinstance(part, KernelCascadeDecode):
+            self.pool.store(layer, batch.out_cache_loc, k, v)
+            n = batch.num_extend_tokens
+            out = self.cascade_decode(q[n:], self.pool.k[layer], self.pool.v[layer], part)
+            return torch.cat([self.extend(layer, q[:n], batch), out]) if n else out
         if not self.batch_invariant:
             return super().forward(layer, q, k, v, batch)
         self.pool.store(layer, batch.out_cache_loc, k, v)

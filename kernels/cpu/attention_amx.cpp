@@ -1,0 +1,693 @@
+// Attention on AMX tiles, for bfloat16 queries over bfloat16 KV pools: the extend attention of
+// attention.cpp (a request's new tokens over its cached prefix and themselves, causal) and its
+// shared-prefix spans (a group's query tokens over one span of keys), with the same entry points
+// and results up to float32 summation order (the running maximum, below); and decode rows grouped
+// by shared prefix in one pass (cascade_decode_attention).
+//
+// A task is one KV head and up to 16 query tokens (kQueryBlock) of one request or group: its
+// query rows r = i * G + g (token i, query head hk * G + g) in tiles of 16, padded with zero
+// queries. It reads one or more segments of keys, each seen by some of its rows (a decode group:
+// the span by all, then each member's own keys by that member's rows). Keys go by in blocks of 64
+// (kKeys), each gathered once per task from the pool and used by every query tile of the task
+// that has rows seeing it:
+//
+// - keys, as rows: tile A of K (16 keys x 32 dims) times tile B of the queries (16 pairs of dims
+//   x 16 query rows, built once per task) gives the scores transposed, sT[key][row], in float32;
+// - so the online softmax runs down the key axis on whole vectors of 16 query rows, as the extend
+//   kernel of attention.cpp does: max, exp (exp16) and sums are vertical;
+// - each row's probabilities of two keys, rounded to bfloat16, pair up into one 32-bit lane; 16
+//   such vectors (32 keys) transposed are tile A of P (16 query rows x 32 keys);
+// - values are re-laid as pairs of keys (16 pairs x 16 dims: tile B), so p . v is a tile product
+//   into 16 query rows x 16 dims, added to the row's float32 sums after the rescale of its
+//   running maximum.
+//
+// As in attention.cpp (and torch's scaled_dot_product_attention on the CPU), the unnormalised
+// probabilities are rounded to bfloat16 for p . v and divided at the end by the float32 sum of
+// the unrounded ones.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "amx_tiles.h"
+#include "exp16.h"
+
+namespace {
+
+using bf16 = at::BFloat16;
+constexpr int64_t kQueryBlock = 16;  // query tokens per task
+constexpr int64_t kLanes = 16;       // query rows per tile (float32 lanes of a score vector)
+constexpr int64_t kKeys = 64;        // keys per block: four score tiles of 16 keys
+constexpr int64_t kPair = 32;        // bfloat16 values (16 pairs) per tile row
+constexpr int64_t kTile = 16 * 16;   // 32-bit elements per tile
+constexpr float kMasked = -1e30f;    // score of a key a row may not see (finite: -ffast-math)
+constexpr float kNone = -1e29f;      // a row's maximum before it sees a key: masked keys get 0
+constexpr int64_t kAhead = 2;        // blocks of keys fetched ahead
+constexpr unsigned int kFlushDenormals = 0x8040;  // MXCSR: flush-to-zero and denormals-are-zero
+
+using radixserve_amx::tiles_available;  // amx_tiles.h
+using radixserve_amx::TileConfig;
+
+// All eight tiles 16 rows of 64 bytes: tiles 0-3 hold sums (scores of four key tiles, or p . v
+// of four 16-dim chunks), 4 and 6 the A operands, 5 and 7 the B operands.
+void configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+using radixserve_simd::exp16;  // exp16.h
+
+// Writes the transpose of the 16 x 16 matrix of 32-bit elements whose rows are r[0..15] to
+// dst (16 rows of 64 bytes): dst[j][i] = r[i][j]. Four rounds of 16 shuffles: 32-bit and 64-bit
+// interleaves within 128-bit lanes, then two rounds of 128-bit lane shuffles.
+inline void transpose16(const __m512i* r, uint32_t* dst) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + c], 128-bit lane k: column 4k + c of rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    _mm512_storeu_si512(dst + (c + 0) * 16, _mm512_shuffle_i32x4(v0, w0, 0x88));
+    _mm512_storeu_si512(dst + (c + 4) * 16, _mm512_shuffle_i32x4(v1, w1, 0x88));
+    _mm512_storeu_si512(dst + (c + 8) * 16, _mm512_shuffle_i32x4(v0, w0, 0xdd));
+    _mm512_storeu_si512(dst + (c + 12) * 16, _mm512_shuffle_i32x4(v1, w1, 0xdd));
+  }
+}
+
+// Two probability vectors (16 rows each, keys 2j and 2j + 1) rounded to bfloat16 (nearest even)
+// and paired into 32-bit lanes, key 2j in the low half.
+inline __m512i pair16(__m512 a, __m512 b) {
+  const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(a));
+  const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(b));
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+// Keys slots[0 .. n) that the query rows lanes [lane_lo, lane_hi) of a task see.
+struct Segment {
+  const int64_t* slots;
+  int64_t n;
+  int64_t lane_lo, lane_hi;
+};
+
+// One task: nq query tokens of KV head hk (query row r = i * G + g: token i, head hk * G + g),
+// token i being q's token tokens[i] (tokens null: token0 + i), over one or more segments of keys.
+// With `causal`, its one segment is prefix + nq keys and token i sees the first prefix + i + 1.
+struct Task {
+  int64_t token0;
+  const int64_t* tokens;
+  int64_t nq;
+  int64_t hk;
+  bool causal;
+  int64_t prefix;
+  int64_t segment0, n_segments;  // its segments in the call's list
+  int64_t keys;                  // keys it reads: the order the tasks run in
+};
+struct Shape {
+  int64_t heads, kv_heads, group, dim, q_stride, out_stride, lse_stride;
+  float scale;
+  const bf16* q;  // [T, H, D]
+  float* out;     // [T, H, D]
+  float* lse;     // [T, H]; null: not wanted
+};
+
+inline int64_t token_of(const Task& task, int64_t i) {
+  return task.tokens != nullptr ? task.tokens[i] : task.token0 + i;
+}
+
+// One thread's scratch, sized for the largest task.
+struct Scratch {
+  std::vector<uint32_t> qT;   // [tiles][dim / 32][16 pairs][16 rows]
+  std::vector<bf16> kb;       // [64 keys][dim]
+  std::vector<bf16> vb;       // [2 halves][dim / 16 chunks][16 key pairs][16 dims x 2]
+  std::vector<uint32_t> pb;   // [2 halves][16 rows][16 key pairs]
+  std::vector<float> sT;      // [64 keys][16 rows]
+  std::vector<float> ob;      // [16 rows][64 dims]
+  std::vector<float> mx, sum, acc;  // [tiles * 16], [tiles * 16], [tiles * 16][dim]
+  std::vector<int32_t> lim;   // [tiles * 16] keys each row sees
+  Scratch(int64_t tiles, int64_t dim)
+      : qT(tiles * (dim / kPair) * kTile), kb(kKeys * dim), vb(2 * (dim / 16) * kTile * 2),
+        pb(2 * kTile), sT(kKeys * kLanes), ob(kLanes * 64), mx(tiles * kLanes),
+        sum(tiles * kLanes), acc(tiles * kLanes * dim), lim(tiles * kLanes) {}
+};
+
+// The tiles B of the queries: qT[tile][c][j][m] = (q[d], q[d + 1]) of row 16 tile + m, d = 32 c
+// + 2 j; zero for rows past nr.
+void load_queries(const Task& task, const Shape& s, int64_t nr, int64_t tiles, uint32_t* qT) {
+  const int64_t chunks = s.dim / kPair;
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512i rows[16];
+      for (int64_t m = 0; m < kLanes; ++m) {
+        const int64_t r = tile * kLanes + m;
+        if (r >= nr) {
+          rows[m] = _mm512_setzero_si512();
+          continue;
+        }
+        const bf16* q = s.q + token_of(task, r / s.group) * s.q_stride +
+                        (task.hk * s.group + r % s.group) * s.dim + c * kPair;
+        rows[m] = _mm512_loadu_si512(q);
+      }
+      transpose16(rows, qT + (tile * chunks + c) * kTile);
+    }
+  }
+}
+
+// Tile A of keys l0 + 16 t .. of the block: where their 16 slots follow one another, the pool
+// itself (rows row_stride elements apart); else their rows copied into kb (zero rows past n).
+struct KeyTiles {
+  const bf16* base[4];
+  int64_t stride[4];  // bytes
+};
+
+// Gathers keys slots[0 .. n) of KV head hk: K as tiles (KeyTiles), values as pairs of keys into
+// vb (zero past n up to the end of the last half used); meanwhile fetches the slots later[0 ..
+// fetch) into L2.
+void load_keys(const bf16* k_pool, const bf16* v_pool, const int64_t* slots, int64_t hk,
+               const Shape& s, int64_t n, bf16* kb, bf16* vb, KeyTiles& keys,
+               const int64_t* later, int64_t fetch) {
+  const int64_t dim = s.dim, row_stride = s.kv_heads * dim;
+  for (int64_t t = 0; t * 16 < n; ++t) {
+    const int64_t first = t * 16, count = std::min<int64_t>(16, n - first);
+    bool runs = count == 16;
+    for (int64_t l = first + 1; runs && l < first + 16; ++l) runs = slots[l] == slots[l - 1] + 1;
+    if (runs) {
+      keys.base[t] = k_pool + slots[first] * row_stride + hk * dim;
+      keys.stride[t] = row_stride * static_cast<int64_t>(sizeof(bf16));
+      continue;
+    }
+    bf16* dst = kb + first * dim;
+    for (int64_t l = 0; l < 16; ++l) {
+      const bf16* src = k_pool + slots[first + std::min(l, count - 1)] * row_stride + hk * dim;
+      for (int64_t d = 0; d < dim; d += kPair) {
+        _mm512_storeu_si512(dst + l * dim + d,
+                            l < count ? _mm512_loadu_si512(src + d) : _mm512_setzero_si512());
+      }
+    }
+    keys.base[t] = dst;
+    keys.stride[t] = dim * static_cast<int64_t>(sizeof(bf16));
+  }
+  // Element e of a pair row: value e / 2 of key 2j (e even) or of key 2j + 1 (e odd).
+  alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38,
+                                               7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13,
+                                               45, 14, 46, 15, 47};
+  const __m512i lo_idx = _mm512_load_si512(kLo);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  const int64_t chunks = dim / 16, pairs = n > 32 ? 32 : 16;
+  for (int64_t j = 0; j < pairs; ++j) {
+    const int64_t a = 2 * j, b = 2 * j + 1;
+    for (int64_t l = a; l < std::min(b + 1, fetch); ++l) {
+      const char* k = reinterpret_cast<const char*>(k_pool + later[l] * row_stride + hk * dim);
+      const char* v = reinterpret_cast<const char*>(v_pool + later[l] * row_stride + hk * dim);
+      for (int64_t byte = 0; byte < dim * 2; byte += 64) {
+        _mm_prefetch(k + byte, _MM_HINT_T1);
+        _mm_prefetch(v + byte, _MM_HINT_T1);
+      }
+    }
+    bf16* dst = vb + ((j / 16) * chunks * kTile + (j % 16) * 16) * 2;
+    for (int64_t h = 0; h < dim / kPair; ++h) {
+      const __m512i va = a < n ? _mm512_loadu_si512(v_pool + slots[a] * row_stride +
+                                                    hk * dim + h * kPair)
+                               : _mm512_setzero_si512();
+      const __m512i vv = b < n ? _mm512_loadu_si512(v_pool + slots[b] * row_stride +
+                                                    hk * dim + h * kPair)
+                               : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + (2 * h) * kTile * 2, _mm512_permutex2var_epi16(va, lo_idx, vv));
+      _mm512_storeu_si512(dst + (2 * h + 1) * kTile * 2,
+                          _mm512_permutex2var_epi16(va, hi_idx, vv));
+    }
+  }
+}
+
+// The keys of a task's segments one after another, from a position on: where the keys kAhead
+// blocks past the ones loading are, to fetch them into L2 meanwhile, across segments.
+struct KeyCursor {
+  const Segment* segment;
+  const Segment* end;
+  int64_t l = 0;
+  // Up to n slots from here into out; advances past them. Returns how many.
+  int64_t take(int64_t n, int64_t* out) {
+    int64_t got = 0;
+    while (got < n && segment != end) {
+      const int64_t k = std::min(n - got, segment->n - l);
+      std::memcpy(out + got, segment->slots + l, k * sizeof(int64_t));
+      got += k;
+      l += k;
+      if (l == segment->n) {
+        ++segment;
+        l = 0;
+      }
+    }
+    return got;
+  }
+};
+
+// Fetches the K and V rows of KV head hk of slots[0 .. n) into L2.
+void fetch_keys(const bf16* k_pool, const bf16* v_pool, const int64_t* slots, int64_t hk,
+                const Shape& s, int64_t n) {
+  const int64_t row_stride = s.kv_heads * s.dim, bytes = s.dim * sizeof(bf16);
+  for (int64_t l = 0; l < n; ++l) {
+    const char* k = reinterpret_cast<const char*>(k_pool + slots[l] * row_stride + hk * s.dim);
+    const char* v = reinterpret_cast<const char*>(v_pool + slots[l] * row_stride + hk * s.dim);
+    for (int64_t b = 0; b < bytes; b += 64) {
+      _mm_prefetch(k + b, _MM_HINT_T1);
+      _mm_prefetch(v + b, _MM_HINT_T1);
+    }
+  }
+}
+
+// Scores of the block's n keys for one query tile: sT[key][row], float32.
+void block_scores(const uint32_t* qT, int64_t chunks, const KeyTiles& k, int64_t n, float* sT) {
+  const int64_t key_tiles = (n + 15) / 16;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t d = c * kPair;
+    _tile_loadd(5, qT + c * kTile, 64);
+    _tile_loadd(4, k.base[0] + d, k.stride[0]);
+    _tile_dpbf16ps(0, 4, 5);
+    if (key_tiles > 1) {
+      _tile_loadd(6, k.base[1] + d, k.stride[1]);
+      _tile_dpbf16ps(1, 6, 5);
+    }
+    if (key_tiles > 2) {
+      _tile_loadd(4, k.base[2] + d, k.stride[2]);
+      _tile_dpbf16ps(2, 4, 5);
+    }
+    if (key_tiles > 3) {
+      _tile_loadd(6, k.base[3] + d, k.stride[3]);
+      _tile_dpbf16ps(3, 6, 5);
+    }
+  }
+  _tile_stored(0, sT, 64);
+  if (key_tiles > 1) _tile_stored(1, sT + kTile, 64);
+  if (key_tiles > 2) _tile_stored(2, sT + 2 * kTile, 64);
+  if (key_tiles > 3) _tile_stored(3, sT + 3 * kTile, 64);
+}
+
+// p . v of the block for one query tile: ob[row][d] for dims d0 .. d0 + 63 (pb: the tiles A of
+// the probabilities, `halves` of them; vb: the value tiles).
+void block_values(const uint32_t* pb, int64_t halves, const bf16* vb, int64_t chunks,
+                  int64_t c0, float* ob) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t h = 0; h < halves; ++h) {
+    const bf16* v = vb + (h * chunks + c0) * kTile * 2;
+    _tile_loadd(4, pb + h * kTile, 64);
+    _tile_loadd(5, v, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(7, v + kTile * 2, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, v + 2 * kTile * 2, 64);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_loadd(7, v + 3 * kTile * 2, 64);
+    _tile_dpbf16ps(3, 4, 7);
+  }
+  _tile_stored(0, ob, 256);
+  _tile_stored(1, ob + 16, 256);
+  _tile_stored(2, ob + 32, 256);
+  _tile_stored(3, ob + 48, 256);
+}
+
+// One block of n keys (loaded: keys, w.vb) for query tile `tile` of a task: the scores, the online
+// softmax down the key axis (16 rows per vector; rows outside `lanes`, or with `lim`, whose key
+// count lim[m] <= l0 + l, do not see key l) and p . v into the rows' float32 sums.
+void attend_block(const Shape& s, const KeyTiles& keys, int64_t n, int64_t tile, __mmask16 lanes,
+                  const int32_t* lim, int64_t l0, Scratch& w) {
+  const int64_t chunks = s.dim / kPair, dim = s.dim;
+  const __m512 scale = _mm512_set1_ps(s.scale);
+  block_scores(w.qT.data() + tile * chunks * kTile, chunks, keys, n, w.sT.data());
+  float* sT = w.sT.data();
+  bool masked = lanes != 0xffff;
+  __m512i limits = _mm512_setzero_si512();
+  if (lim != nullptr) {
+    limits = _mm512_loadu_si512(lim);
+    masked = masked || l0 + n > *std::min_element(lim, lim + kLanes);
+  }
+  __m512 top = _mm512_set1_ps(kMasked);
+  for (int64_t l = 0; l < n; ++l) {
+    __m512 x = _mm512_loadu_ps(sT + l * kLanes);
+    if (masked) {
+      __mmask16 seen = lanes;
+      if (lim != nullptr) {
+        seen &= _mm512_cmpgt_epi32_mask(limits, _mm512_set1_epi32(static_cast<int>(l0 + l)));
+      }
+      x = _mm512_mask_mov_ps(_mm512_set1_ps(kMasked), seen, x);
+      _mm512_storeu_ps(sT + l * kLanes, x);
+    }
+    top = _mm512_max_ps(top, x);
+  }
+  float* mx = w.mx.data() + tile * kLanes;
+  float* sum = w.sum.data() + tile * kLanes;
+  const __m512 old = _mm512_loadu_ps(mx);
+  const __m512 now = _mm512_max_ps(old, top);
+  const __m512 alpha = exp16(_mm512_mul_ps(_mm512_sub_ps(old, now), scale));
+  const __m512 shift = _mm512_mul_ps(now, scale);
+  const int64_t halves = n > 32 ? 2 : 1;
+  __m512 total = _mm512_setzero_ps();
+  __m512i pairs[16];
+  for (int64_t h = 0; h < halves; ++h) {
+    for (int64_t j = 0; j < 16; ++j) {
+      const int64_t l = h * 32 + 2 * j;
+      __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+      if (l < n) p0 = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(sT + l * kLanes), scale, shift));
+      if (l + 1 < n) {
+        p1 = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(sT + (l + 1) * kLanes), scale, shift));
+      }
+      total = _mm512_add_ps(total, _mm512_add_ps(p0, p1));
+      pairs[j] = pair16(p0, p1);
+    }
+    transpose16(pairs, w.pb.data() + h * kTile);
+  }
+  _mm512_storeu_ps(sum, _mm512_fmadd_ps(_mm512_loadu_ps(sum), alpha, total));
+  _mm512_storeu_ps(mx, now);
+  alignas(64) float alphas[kLanes];
+  _mm512_store_ps(alphas, alpha);
+  float* acc = w.acc.data() + tile * kLanes * dim;
+  for (int64_t c0 = 0; c0 < dim / 16; c0 += 4) {
+    block_values(w.pb.data(), halves, w.vb.data(), dim / 16, c0, w.ob.data());
+    for (int64_t m = 0; m < kLanes; ++m) {
+      const __m512 a = _mm512_set1_ps(alphas[m]);
+      float* o = acc + m * dim + c0 * 16;
+      const float* b = w.ob.data() + m * 64;
+      for (int64_t d = 0; d < 64; d += 16) {
+        _mm512_storeu_ps(o + d,
+                         _mm512_fmadd_ps(_mm512_loadu_ps(o + d), a, _mm512_loadu_ps(b + d)));
+      }
+    }
+  }
+}
+
+// The lanes of query tile `tile` within [lo, hi), as a mask.
+inline __mmask16 tile_lanes(int64_t tile, int64_t lo, int64_t hi) {
+  const int64_t a = std::max<int64_t>(lo - tile * kLanes, 0);
+  const int64_t b = std::min<int64_t>(hi - tile * kLanes, kLanes);
+  if (a >= b) return 0;
+  return static_cast<__mmask16>(((1u << b) - 1) & ~((1u << a) - 1));
+}
+
+void run_task(const Task& task, const Segment* segments, const Shape& s, const bf16* k_pool,
+              const bf16* v_pool, Scratch& w) {
+  const int64_t nr = task.nq * s.group, tiles = (nr + kLanes - 1) / kLanes;
+  const int64_t dim = s.dim;
+  load_queries(task, s, nr, tiles, w.qT.data());
+  for (int64_t r = 0; r < tiles * kLanes; ++r) {
+    // Padded rows (zero queries, never read) see the keys of the last row.
+    const int64_t i = std::min(r, nr - 1) / s.group;
+    w.lim[r] = static_cast<int32_t>(task.prefix + i + 1);
+    w.mx[r] = kNone;
+    w.sum[r] = 0.f;
+  }
+  std::fill(w.acc.begin(), w.acc.begin() + tiles * kLanes * dim, 0.f);
+  KeyTiles keys;
+  const Segment* first = segments + task.segment0;
+  KeyCursor ahead{first, first + task.n_segments};
+  int64_t later[kKeys];
+  for (int64_t b = 0; b < kAhead; ++b) {
+    fetch_keys(k_pool, v_pool, later, task.hk, s, ahead.take(kKeys, later));
+  }
+  for (int64_t sg = 0; sg < task.n_segments; ++sg) {
+    const Segment& seg = segments[task.segment0 + sg];
+    const bool causal = task.causal && sg == 0;
+    // The padded rows of the last tile go with the segment's last lanes.
+    const int64_t lane_hi = seg.lane_hi >= nr ? tiles * kLanes : seg.lane_hi;
+    for (int64_t l0 = 0; l0 < seg.n; l0 += kKeys) {
+      const int64_t n = std::min(kKeys, seg.n - l0);
+      const int64_t fetch = ahead.take(n, later);
+      load_keys(k_pool, v_pool, seg.slots + l0, task.hk, s, n, w.kb.data(), w.vb.data(), keys,
+                later, fetch);
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const __mmask16 lanes = tile_lanes(tile, seg.lane_lo, lane_hi);
+        if (lanes == 0) continue;
+        const int32_t* lim = causal ? w.lim.data() + tile * kLanes : nullptr;
+        // causal: no row of this tile sees these keys
+        if (causal && l0 >= *std::max_element(lim, lim + kLanes)) continue;
+        attend_block(s, keys, n, tile, lanes, lim, l0, w);
+      }
+    }
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t token = token_of(task, r / s.group), head = task.hk * s.group + r % s.group;
+    const float inv = 1.f / w.sum[r];
+    const float* a = w.acc.data() + r * dim;
+    float* o = s.out + token * s.out_stride + head * dim;
+    for (int64_t d = 0; d < dim; d += 16) {
+      _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), _mm512_set1_ps(inv)));
+    }
+    if (s.lse != nullptr) s.lse[token * s.lse_stride + head] = w.mx[r] * s.scale + std::log(w.sum[r]);
+  }
+}
+
+// Runs the tasks on the intra-op threads, those seeing the most keys first, each thread taking
+// the next task as it finishes one; every task writes only its own outputs.
+void run_tasks(std::vector<Task>& tasks, const std::vector<Segment>& segments, const Shape& s,
+               const torch::Tensor& k_pool, const torch::Tensor& v_pool) {
+  TORCH_CHECK(tiles_available(), "this process may not use AMX tiles (arch_prctl refused)");
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Task& a, const Task& b) { return a.keys > b.keys; });
+  const bf16* kp = k_pool.data_ptr<bf16>();
+  const bf16* vp = v_pool.data_ptr<bf16>();
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  const int64_t tiles = (kQueryBlock * s.group + kLanes - 1) / kLanes;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    configure();
+    // Denormal results (a masked row's exp, e^-104) flush to zero: as denormals they take
+    // microcode assists on every instruction that meets them. Restored after.
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | kFlushDenormals);
+    Scratch w(tiles, s.dim);
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) {
+      run_task(tasks[t], segments.data(), s, kp, vp, w);
+    }
+    _mm_setcsr(csr);
+    _tile_release();
+  });
+}
+
+void check(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
+           const torch::Tensor& table) {
+  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && k_pool.scalar_type() == torch::kBFloat16 &&
+                  v_pool.scalar_type() == torch::kBFloat16,
+              "the AMX attention kernel takes bfloat16 queries and pools");
+  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() &&
+                  q.size(2) == k_pool.size(2) && q.size(1) % k_pool.size(1) == 0,
+              "q: [T, H, D]; pools: [slots, Hkv, D] with Hkv dividing H");
+  TORCH_CHECK(q.size(2) % 64 == 0, "head_dim must be a multiple of 64");
+  TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  table.stride(1) == 1 && table.scalar_type() == torch::kInt64,
+              "q and the pools contiguous, the table int64 with contiguous rows");
+}
+
+Shape shape_of(const torch::Tensor& q, const torch::Tensor& k_pool, double scale,
+               torch::Tensor& out, float* lse) {
+  const int64_t heads = q.size(1), kv_heads = k_pool.size(1), dim = q.size(2);
+  return {heads, kv_heads, heads / kv_heads, dim, heads * dim, heads * dim, heads,
+          static_cast<float>(scale), q.data_ptr<bf16>(), out.data_ptr<float>(), lse};
+}
+
+// Tasks and the segments of keys they read.
+struct Plan {
+  std::vector<Task> tasks;
+  std::vector<Segment> segments;
+  // A task of nq consecutive tokens from token0 over one segment of keys all its rows see.
+  void span_task(int64_t token0, int64_t nq, int64_t hk, const int64_t* slots, int64_t n,
+                 bool causal, int64_t prefix, int64_t group) {
+    tasks.push_back({token0, nullptr, nq, hk, causal, prefix,
+                     static_cast<int64_t>(segments.size()), 1, n});
+    segments.push_back({slots, n, 0, nq * group});
+  }
+};
+
+// The extend tasks: request b's tokens in blocks of kQueryBlock, each with every KV head; token
+// i0 + i sees keys key_starts[b] (0 when null) .. prefix_lens[b] + i0 + i.
+Plan extend_tasks(const torch::Tensor& q, const torch::Tensor& table, const torch::Tensor& rows,
+                  const int64_t* key_starts, const torch::Tensor& prefix_lens,
+                  const torch::Tensor& extend_lens, const Shape& s) {
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = prefix_lens.data_ptr<int64_t>();
+  const int64_t* ep = extend_lens.data_ptr<int64_t>();
+  Plan plan;
+  int64_t first = 0;
+  for (int64_t b = 0; b < rows.size(0); ++b) {
+    const int64_t start = key_starts != nullptr ? key_starts[b] : 0;
+    for (int64_t i0 = 0; i0 < ep[b]; i0 += kQueryBlock) {
+      const int64_t nq = std::min(kQueryBlock, ep[b] - i0), prefix = pp[b] + i0 - start;
+      for (int64_t hk = 0; hk < s.kv_heads; ++hk) {
+        plan.span_task(first + i0, nq, hk, tp + rp[b] * table.stride(0) + start, prefix + nq,
+                       true, prefix, s.group);
+      }
+    }
+    first += ep[b];
+  }
+  TORCH_CHECK(first == q.size(0), "extend lengths must add up to the query tokens");
+  return plan;
+}
+
+}  // namespace
+
+// As attention.cpp's extend_attention (bfloat16 q and pools, head_dim a multiple of 64).
+// Returns [T, H, D] float32.
+torch::Tensor extend_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
+                               torch::Tensor table, torch::Tensor rows, torch::Tensor prefix_lens,
+                               torch::Tensor extend_lens, double scale) {
+  check(q, k_pool, v_pool, table);
+  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
+  const Shape s = shape_of(q, k_pool, scale, out, nullptr);
+  auto plan = extend_tasks(q, table, rows, nullptr, prefix_lens, extend_lens, s);
+  run_tasks(plan.tasks, plan.segments, s, k_pool, v_pool);
+  return out;
+}
+
+// As attention.cpp's extend_attention_lse. Returns out [T, H, D] and lse [T, H], float32.
+std::vector<torch::Tensor> extend_attention_lse(torch::Tensor q, torch::Tensor k_pool,
+                                                torch::Tensor v_pool, torch::Tensor table,
+                                                torch::Tensor rows, torch::Tensor key_starts,
+                                                torch::Tensor prefix_lens,
+                                                torch::Tensor extend_lens, double scale) {
+  check(q, k_pool, v_pool, table);
+  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
+  auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
+  const Shape s = shape_of(q, k_pool, scale, out, lse.data_ptr<float>());
+  auto plan =
+      extend_tasks(q, table, rows, key_starts.data_ptr<int64_t>(), prefix_lens, extend_lens, s);
+  run_tasks(plan.tasks, plan.segments, s, k_pool, v_pool);
+  return {out, lse};
+}
+
+// As attention.cpp's shared_prefix_attention: group g's query tokens tok_offsets[g] ..
+// tok_offsets[g + 1] - 1 see keys 0 .. prefix_lens[g] - 1 of table row group_rows[g], each span
+// gathered once per (KV head, block of 16 tokens). Returns out [N, H, D] and lse [N, H], float32.
+std::vector<torch::Tensor> shared_prefix_attention(torch::Tensor q, torch::Tensor k_pool,
+                                                   torch::Tensor v_pool, torch::Tensor table,
+                                                   torch::Tensor group_rows,
+                                                   torch::Tensor tok_offsets,
+                                                   torch::Tensor prefix_lens, double scale) {
+  check(q, k_pool, v_pool, table);
+  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
+  auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
+  const Shape s = shape_of(q, k_pool, scale, out, lse.data_ptr<float>());
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* rp = group_rows.data_ptr<int64_t>();
+  const int64_t* op = tok_offsets.data_ptr<int64_t>();
+  const int64_t* pp = prefix_lens.data_ptr<int64_t>();
+  Plan plan;
+  const int64_t groups = group_rows.size(0);
+  TORCH_CHECK(op[groups] == q.size(0), "group offsets must end at the query tokens");
+  for (int64_t g = 0; g < groups; ++g) {
+    TORCH_CHECK(pp[g] >= 1, "every group's span needs at least one key");
+    for (int64_t i0 = 0; i0 < op[g + 1] - op[g]; i0 += kQueryBlock) {
+      const int64_t nq = std::min(kQueryBlock, op[g + 1] - op[g] - i0);
+      for (int64_t hk = 0; hk < s.kv_heads; ++hk) {
+        plan.span_task(op[g] + i0, nq, hk, tp + rp[g] * table.stride(0), pp[g], false, 0,
+                       s.group);
+      }
+    }
+  }
+  run_tasks(plan.tasks, plan.segments, s, k_pool, v_pool);
+  return {out, lse};
+}
+
+// Decode attention with shared prefixes, in one pass: q [B, H, D], one token per request b, which
+// sees positions 0 .. seq_lens[b] - 1 of table row rows[b]. The tokens order[offsets[g] ..
+// offsets[g + 1]) form group g, whose first spans[g] positions are the same slots in every
+// member's row (0: none); each group's span is read once per (KV head, 16 members) for all their
+// queries, then each member's own keys for its own rows, all in one online softmax per row.
+// Returns [B, H, D] float32; rows not in `order` ([N], N <= B) are left unwritten.
+torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_pool,
+                                       torch::Tensor v_pool, torch::Tensor table,
+                                       torch::Tensor rows, torch::Tensor seq_lens,
+                                       torch::Tensor order, torch::Tensor offsets,
+                                       torch::Tensor spans, double scale) {
+  check(q, k_pool, v_pool, table);
+  const int64_t batch = q.size(0), groups = spans.size(0);
+  for (const auto* t : {&rows, &seq_lens, &order, &offsets, &spans}) {
+    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->dim() == 1 && t->is_contiguous(),
+                "rows, seq_lens, order, offsets and spans: contiguous 1-D int64");
+  }
+  TORCH_CHECK(rows.size(0) == batch && seq_lens.size(0) == batch && offsets.size(0) == groups + 1,
+              "rows, seq_lens: [B]; offsets: [G + 1]; spans: [G]");
+  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
+  const Shape s = shape_of(q, k_pool, scale, out, nullptr);
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* lp = seq_lens.data_ptr<int64_t>();
+  const int64_t* order_p = order.data_ptr<int64_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  const int64_t* sp = spans.data_ptr<int64_t>();
+  const int64_t stride = table.stride(0);
+  TORCH_CHECK(op[0] == 0 && op[groups] == order.size(0) && order.size(0) <= batch,
+              "offsets must run from 0 to the length of order (at most the batch size)");
+  Plan plan;
+  for (int64_t g = 0; g < groups; ++g) {
+    TORCH_CHECK(op[g + 1] > op[g] && sp[g] >= 0, "groups need members and spans >= 0");
+    for (int64_t i0 = op[g]; i0 < op[g + 1]; i0 += kQueryBlock) {
+      const int64_t nq = std::min(kQueryBlock, op[g + 1] - i0);
+      const int64_t* members = order_p + i0;
+      int64_t own = 0;
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t b = members[i];
+        TORCH_CHECK(b >= 0 && b < batch && lp[b] > sp[g] && lp[b] <= table.size(1),
+                    "every member sees at least one key past its group's span, within its row");
+        own += lp[b] - sp[g];
+      }
+      for (int64_t hk = 0; hk < s.kv_heads; ++hk) {
+        // The span (if any), read once for every member's rows, then each member's own keys for
+        // its rows only.
+        plan.tasks.push_back({0, members, nq, hk, false, 0,
+                              static_cast<int64_t>(plan.segments.size()), 0, sp[g] + own});
+        Task& task = plan.tasks.back();
+        if (sp[g] > 0) plan.segments.push_back({tp + rp[members[0]] * stride, sp[g], 0, nq * s.group});
+        for (int64_t i = 0; i < nq; ++i) {
+          plan.segments.push_back({tp + rp[members[i]] * stride + sp[g], lp[members[i]] - sp[g],
+                                   i * s.group, (i + 1) * s.group});
+        }
+        task.n_segments = static_cast<int64_t>(plan.segments.size()) - task.segment0;
+      }
+    }
+  }
+  run_tasks(plan.tasks, plan.segments, s, k_pool, v_pool);
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("tiles_available", &tiles_available,
+        "whether Linux lets this process use the AMX tiles (asks once)");
+  m.def("extend_attention", &extend_attention,
+        "causal attention of new tokens over their cached prefix, on AMX tiles (CPU)");
+  m.def("extend_attention_lse", &extend_attention_lse,
+        "extend attention over each request's keys from a start position, with log-sum-exp, on "
+        "AMX tiles");
+  m.def("cascade_decode_attention", &cascade_decode_attention,
+        "decode attention with each group's shared prefix read once for all its members, on AMX "
+        "tiles");
+  m.def("shared_prefix_attention", &shared_prefix_attention,
+        "attention of groups of query tokens to one shared KV span per group, with log-sum-exp, "
+        "on AMX tiles");
+}
