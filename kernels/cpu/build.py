@@ -2,7 +2,8 @@
 
 The build is cached under torch's extension directory ($TORCH_EXTENSIONS_DIR, else
 ~/.cache/torch_extensions), keyed by the source and the headers it includes from its directory,
-by this CPU's instruction-set flags and by the Python and torch versions, so a binary built for one CPU or torch is never loaded with another.
+by this CPU's instruction-set flags and by the Python and torch versions, so a binary built for
+one CPU or torch is never loaded with another.
 A failed build (no compiler, no headers) is remembered: `load()` then returns None and `error`
 says why, so callers can fall back to PyTorch.
 

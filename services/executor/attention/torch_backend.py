@@ -101,12 +101,9 @@ class TorchAttention(AttentionBackend):
         self.supports_shared_prefixes = not self.sliding_window and not sdpa_extend
         # bfloat16 pools on CPUs whose AMX attention kernel runs: pure-decode groups attend their
         # spans and their own keys in one call (cascade_decode_attention).
-        # (Queries of the pool's dtype: under a float32 model, cascade_decode runs each row's plain
-        # attention instead.)
-        self.amx_cascade = False
-        if self.use_cpu_extend_kernel and self.supports_shared_prefixes:
-            probe = torch.empty(0, self.num_heads, self.head_dim, dtype=self.pool.k[0].dtype)
-            self.amx_cascade = cpu_kernels.amx_module(probe, self.pool.k[0]) is not None
+        self.amx_cascade = (
+            self.use_cpu_extend_kernel and self.supports_shared_prefixes and self._amx_attention()
+        )
         self.cpu_shared_prefix = os.environ.get("RADIXSERVE_CPU_SHARED_PREFIX", "auto")
         if self.cpu_shared_prefix not in ("auto", "always", "never"):
             raise ValueError(
@@ -188,13 +185,17 @@ class TorchAttention(AttentionBackend):
         flags = cpu_flags().split()
         if "avx512f" not in flags:
             return True
-        pool = self.pool.k[0]
-        if pool.dtype != torch.bfloat16 or "amx_bf16" not in flags:
+        if self.pool.k[0].dtype != torch.bfloat16 or "amx_bf16" not in flags:
             return False
-        # Queries of the pool's dtype: a float32 model over a bfloat16 pool (rare) also runs the
-        # AVX-512 kernel here.
-        query = torch.empty(0, self.num_heads, self.head_dim, dtype=pool.dtype)
-        return cpu_kernels.amx_module(query, pool) is None
+        return not self._amx_attention()
+
+    def _amx_attention(self) -> bool:
+        """Whether the AMX attention kernel takes queries of the pool's dtype over the pool. (A
+        float32 model over a bfloat16 pool, which is rare, runs the AVX-512 extend kernel and
+        each row's plain decode attention instead.)"""
+        pool = self.pool.k[0]
+        probe = torch.empty(0, self.num_heads, self.head_dim, dtype=pool.dtype)
+        return cpu_kernels.amx_module(probe, pool) is not None
 
     def _cpu_kernel_usable(self) -> bool:
         pool = self.pool.k[0] if self.pool.k else None
