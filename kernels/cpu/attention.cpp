@@ -101,25 +101,7 @@ inline void prefetch_row(const T* p) {
 // block of 16 keys. Both reduce 16 keys' vector sums together and then compute p . v in float32
 // with the output rows held in registers. head_dim must be 64.
 
-// r[j] = sum of the 16 lanes of a[j], for j < 16 (a transposing reduction: 45 vector ops).
-inline __m512 reduce16(const __m512* a) {
-  __m512 b[8], c[4];
-  for (int i = 0; i < 8; ++i) {
-    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  }
-  for (int i = 0; i < 4; ++i) {  // each 128-bit lane: partial sums of keys 4i .. 4i+3
-    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
-    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(3, 1, 3, 1)));
-}
+using radixserve_simd::reduce16;  // exp16.h
 
 // 16 values → 16 float32, exactly (see load_row).
 inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }

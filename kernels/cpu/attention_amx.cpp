@@ -24,6 +24,11 @@
 // As in attention.cpp (and torch's scaled_dot_product_attention on the CPU), the unnormalised
 // probabilities are rounded to bfloat16 for p . v and divided at the end by the float32 sum of
 // the unrounded ones.
+//
+// A decode member's own keys are seen by its G query rows only, G of a tile's 16 lanes, while
+// each key would still be gathered, re-laid and transposed as for 16: those rows attend them with
+// AVX-512 BF16 vector code instead (own_keys, as attention.cpp's decode kernel), folded into the
+// same running maximum, sum and output sums, their probabilities unrounded for p . v.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -65,7 +70,8 @@ void configure() {
   _tile_loadconfig(&cfg);
 }
 
-using radixserve_simd::exp16;  // exp16.h
+using radixserve_simd::exp16;     // exp16.h
+using radixserve_simd::reduce16;  // exp16.h
 
 // Writes the transpose of the 16 x 16 matrix of 32-bit elements whose rows are r[0..15] to
 // dst (16 rows of 64 bytes): dst[j][i] = r[i][j]. Four rounds of 16 shuffles: 32-bit and 64-bit
@@ -103,11 +109,13 @@ inline __m512i pair16(__m512 a, __m512 b) {
   return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
 }
 
-// Keys slots[0 .. n) that the query rows lanes [lane_lo, lane_hi) of a task see.
+// Keys slots[0 .. n) that the query rows lanes [lane_lo, lane_hi) of a task see; `vector`: one
+// decode member's own keys, which its rows attend with vector code (own_keys), not tiles.
 struct Segment {
   const int64_t* slots;
   int64_t n;
   int64_t lane_lo, lane_hi;
+  bool vector = false;
 };
 
 // One task: nq query tokens of KV head hk (query row r = i * G + g: token i, head hk * G + g),
@@ -127,8 +135,9 @@ struct Shape {
   int64_t heads, kv_heads, group, dim, q_stride, out_stride, lse_stride;
   float scale;
   const bf16* q;  // [T, H, D]
-  float* out;     // [T, H, D]
+  float* out;     // [T, H, D] float32, or null when out16 is set
   float* lse;     // [T, H]; null: not wanted
+  bf16* out16;    // [T, H, D] bfloat16 (rounded to nearest even), or null
 };
 
 inline int64_t token_of(const Task& task, int64_t i) {
@@ -145,6 +154,7 @@ struct Scratch {
   std::vector<float> ob;      // [16 rows][64 dims]
   std::vector<float> mx, sum, acc;  // [tiles * 16], [tiles * 16], [tiles * 16][dim]
   std::vector<int32_t> lim;   // [tiles * 16] keys each row sees
+  std::vector<float> own;     // [group][n]: one member's scores, then probabilities (own_keys)
   Scratch(int64_t tiles, int64_t dim)
       : qT(tiles * (dim / kPair) * kTile), kb(kKeys * dim), vb(2 * (dim / 16) * kTile * 2),
         pb(2 * kTile), sT(kKeys * kLanes), ob(kLanes * 64), mx(tiles * kLanes),
@@ -402,6 +412,126 @@ void attend_block(const Shape& s, const KeyTiles& keys, int64_t n, int64_t tile,
   }
 }
 
+// Keys ahead of the one read whose K or V rows own_keys fetches into L2 (as attention.cpp's
+// decode kernel).
+constexpr int64_t kOwnAhead = 32;
+
+inline void prefetch_row(const bf16* p, int64_t dim) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(bf16)); b += 64) {
+    _mm_prefetch(c + b, _MM_HINT_T1);
+  }
+}
+
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= kLanes ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// acc[g][d0 .. d0 + 64) += sum over l of p[g * n + l] * v_l[d0 .. d0 + 64), for g < G, v_l the
+// value row of key l (v_rows(l)), in float32 with the rows' sums held in registers (G x 4
+// vectors); with `prefetch`, the row kOwnAhead keys ahead is fetched.
+template <int G, typename VRows>
+void own_values(const float* p, int64_t n, const VRows& v_rows, int64_t d0, bool prefetch,
+                int64_t dim, float* acc) {
+  __m512 o[G][4];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < 4; ++c) o[g][c] = _mm512_loadu_ps(acc + g * dim + d0 + 16 * c);
+  for (int64_t l = 0; l < n; ++l) {
+    if (prefetch && l + kOwnAhead < n) prefetch_row(v_rows(l + kOwnAhead), dim);
+    const bf16* v = v_rows(l) + d0;
+    __m512 vc[4];
+    for (int c = 0; c < 4; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * c));
+      vc[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g * n + l]);
+      for (int c = 0; c < 4; ++c) o[g][c] = _mm512_fmadd_ps(w, vc[c], o[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + g * dim + d0 + 16 * c, o[g][c]);
+}
+
+// One decode member's own keys (segment `seg`: n >= 1 keys seen by its G rows from lane_lo) with
+// AVX-512 BF16 vector code: in tiles these rows would fill G of the 16 lanes while every key was
+// still gathered, re-laid and transposed as for 16. As attention.cpp's decode kernel does, q . k
+// as bfloat16 pair dot products for 16 keys at a time, reduced together (reduce16); then each
+// row's running maximum, sum and float32 output sums take all n at once (one rescale); then p . v
+// in float32, the probabilities unrounded. q: the member's G query rows [G, dim].
+void own_keys(const bf16* q, const Segment& seg, int64_t hk, const Shape& s, const bf16* k_pool,
+              const bf16* v_pool, Scratch& w) {
+  const int64_t group = s.group, dim = s.dim, n = seg.n, r0 = seg.lane_lo;
+  const int64_t row_stride = s.kv_heads * dim, chunks = dim / kPair;
+  if (static_cast<int64_t>(w.own.size()) < group * n) w.own.resize(group * n);
+  float* sc = w.own.data();
+  auto k_rows = [&](int64_t l) { return k_pool + seg.slots[l] * row_stride + hk * dim; };
+  auto v_rows = [&](int64_t l) { return v_pool + seg.slots[l] * row_stride + hk * dim; };
+  for (int64_t l = 0; l < std::min(kOwnAhead, n); ++l) prefetch_row(k_rows(l), dim);
+  for (int64_t l0 = 0; l0 < n; l0 += kLanes) {
+    const int64_t m = std::min(kLanes, n - l0);
+    const bf16* rows[kLanes];
+    for (int64_t j = 0; j < kLanes; ++j) rows[j] = k_rows(l0 + std::min(j, m - 1));
+    for (int64_t l = l0 + kOwnAhead; l < std::min(l0 + kOwnAhead + kLanes, n); ++l) {
+      prefetch_row(k_rows(l), dim);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      const bf16* qg = q + g * dim;
+      __m512 acc[kLanes];
+      for (int j = 0; j < kLanes; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __m512bh qc = (__m512bh)_mm512_loadu_si512(qg + c * kPair);
+        for (int j = 0; j < kLanes; ++j) {
+          const __m512bh kc = (__m512bh)_mm512_loadu_si512(rows[j] + c * kPair);
+          acc[j] = _mm512_dpbf16_ps(acc[j], qc, kc);
+        }
+      }
+      _mm512_mask_storeu_ps(sc + g * n + l0, first_lanes(m), reduce16(acc));
+    }
+  }
+  const __m512 vscale = _mm512_set1_ps(s.scale);
+  for (int64_t g = 0; g < group; ++g) {
+    float* p = sc + g * n;
+    __m512 top = _mm512_set1_ps(kNone);
+    for (int64_t l = 0; l < n; l += kLanes) {
+      const __mmask16 mask = first_lanes(n - l);
+      top = _mm512_mask_max_ps(top, mask, top, _mm512_maskz_loadu_ps(mask, p + l));
+    }
+    const int64_t r = r0 + g;
+    const float old = w.mx[r], now = std::max(old, _mm512_reduce_max_ps(top));
+    const __m512 shift = _mm512_set1_ps(now * s.scale);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t l = 0; l < n; l += kLanes) {
+      const __mmask16 mask = first_lanes(n - l);
+      const __m512 e = _mm512_maskz_mov_ps(
+          mask, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mask, p + l), vscale, shift)));
+      _mm512_mask_storeu_ps(p + l, mask, e);
+      total = _mm512_add_ps(total, e);
+    }
+    const __m512 alpha = exp16(_mm512_set1_ps((old - now) * s.scale));
+    w.sum[r] = w.sum[r] * _mm512_cvtss_f32(alpha) + _mm512_reduce_add_ps(total);
+    w.mx[r] = now;
+    float* a = w.acc.data() + r * dim;
+    for (int64_t d = 0; d < dim; d += 16) {
+      _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), alpha));
+    }
+  }
+  for (int64_t l = 0; l < std::min(kOwnAhead, n); ++l) prefetch_row(v_rows(l), dim);
+  for (int64_t g0 = 0; g0 < group; g0 += 4) {
+    const float* p = sc + g0 * n;
+    float* acc = w.acc.data() + (r0 + g0) * dim;
+    for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+      const bool first = g0 == 0 && d0 == 0;
+      switch (std::min<int64_t>(4, group - g0)) {
+        case 4: own_values<4>(p, n, v_rows, d0, first, dim, acc); break;
+        case 3: own_values<3>(p, n, v_rows, d0, first, dim, acc); break;
+        case 2: own_values<2>(p, n, v_rows, d0, first, dim, acc); break;
+        default: own_values<1>(p, n, v_rows, d0, first, dim, acc); break;
+      }
+    }
+  }
+}
+
 // The lanes of query tile `tile` within [lo, hi), as a mask.
 inline __mmask16 tile_lanes(int64_t tile, int64_t lo, int64_t hi) {
   const int64_t a = std::max<int64_t>(lo - tile * kLanes, 0);
@@ -432,6 +562,12 @@ void run_task(const Task& task, const Segment* segments, const Shape& s, const b
   }
   for (int64_t sg = 0; sg < task.n_segments; ++sg) {
     const Segment& seg = segments[task.segment0 + sg];
+    if (seg.vector) {
+      const int64_t token = token_of(task, seg.lane_lo / s.group);
+      own_keys(s.q + token * s.q_stride + task.hk * s.group * dim, seg, task.hk, s, k_pool,
+               v_pool, w);
+      continue;
+    }
     const bool causal = task.causal && sg == 0;
     // The padded rows of the last tile go with the segment's last lanes.
     const int64_t lane_hi = seg.lane_hi >= nr ? tiles * kLanes : seg.lane_hi;
@@ -452,11 +588,19 @@ void run_task(const Task& task, const Segment* segments, const Shape& s, const b
   }
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t token = token_of(task, r / s.group), head = task.hk * s.group + r % s.group;
-    const float inv = 1.f / w.sum[r];
+    const __m512 inv = _mm512_set1_ps(1.f / w.sum[r]);
     const float* a = w.acc.data() + r * dim;
-    float* o = s.out + token * s.out_stride + head * dim;
-    for (int64_t d = 0; d < dim; d += 16) {
-      _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), _mm512_set1_ps(inv)));
+    if (s.out16 != nullptr) {
+      bf16* o = s.out16 + token * s.out_stride + head * dim;
+      for (int64_t d = 0; d < dim; d += 16) {
+        const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(a + d), inv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), (__m256i)y);
+      }
+    } else {
+      float* o = s.out + token * s.out_stride + head * dim;
+      for (int64_t d = 0; d < dim; d += 16) {
+        _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), inv));
+      }
     }
     if (s.lse != nullptr) s.lse[token * s.lse_stride + head] = w.mx[r] * s.scale + std::log(w.sum[r]);
   }
@@ -504,11 +648,15 @@ void check(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Ten
               "q and the pools contiguous, the table int64 with contiguous rows");
 }
 
+// out: [T, H, D] float32 or bfloat16.
 Shape shape_of(const torch::Tensor& q, const torch::Tensor& k_pool, double scale,
                torch::Tensor& out, float* lse) {
   const int64_t heads = q.size(1), kv_heads = k_pool.size(1), dim = q.size(2);
+  const bool narrow = out.scalar_type() == torch::kBFloat16;
   return {heads, kv_heads, heads / kv_heads, dim, heads * dim, heads * dim, heads,
-          static_cast<float>(scale), q.data_ptr<bf16>(), out.data_ptr<float>(), lse};
+          static_cast<float>(scale), q.data_ptr<bf16>(),
+          narrow ? nullptr : out.data_ptr<float>(), lse,
+          narrow ? out.data_ptr<bf16>() : nullptr};
 }
 
 // Tasks and the segments of keys they read.
@@ -618,8 +766,9 @@ std::vector<torch::Tensor> shared_prefix_attention(torch::Tensor q, torch::Tenso
 // sees positions 0 .. seq_lens[b] - 1 of table row rows[b]. The tokens order[offsets[g] ..
 // offsets[g + 1]) form group g, whose first spans[g] positions are the same slots in every
 // member's row (0: none); each group's span is read once per (KV head, 16 members) for all their
-// queries, then each member's own keys for its own rows, all in one online softmax per row.
-// Returns [B, H, D] float32; rows not in `order` ([N], N <= B) are left unwritten.
+// queries, then each member's own keys for its own rows (with vector code, own_keys), all in one
+// online softmax per row. Returns [B, H, D] bfloat16 (each output rounded once, to nearest even);
+// rows not in `order` ([N], N <= B) are left unwritten.
 torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_pool,
                                        torch::Tensor v_pool, torch::Tensor table,
                                        torch::Tensor rows, torch::Tensor seq_lens,
@@ -633,7 +782,7 @@ torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_pool,
   }
   TORCH_CHECK(rows.size(0) == batch && seq_lens.size(0) == batch && offsets.size(0) == groups + 1,
               "rows, seq_lens: [B]; offsets: [G + 1]; spans: [G]");
-  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
+  auto out = torch::empty(q.sizes(), q.options());
   const Shape s = shape_of(q, k_pool, scale, out, nullptr);
   const int64_t* tp = table.data_ptr<int64_t>();
   const int64_t* rp = rows.data_ptr<int64_t>();
@@ -666,7 +815,7 @@ torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_pool,
         if (sp[g] > 0) plan.segments.push_back({tp + rp[members[0]] * stride, sp[g], 0, nq * s.group});
         for (int64_t i = 0; i < nq; ++i) {
           plan.segments.push_back({tp + rp[members[i]] * stride + sp[g], lp[members[i]] - sp[g],
-                                   i * s.group, (i + 1) * s.group});
+                                   i * s.group, (i + 1) * s.group, true});
         }
         task.n_segments = static_cast<int64_t>(plan.segments.size()) - task.segment0;
       }

@@ -139,7 +139,10 @@ class TorchAttention(AttentionBackend):
         1,000 positions, groups of 4 rows 26.0 ms against 27.9 (16 rows), of 3 rows 39.3 against
         42.0 (24 rows), of 4 rows at 32 rows 41.6 against 46.0, but of 2 rows 34.9 against 31.6
         (16 rows); groups of 4 rows over 500 positions 22.8 against 22.7, over 200 positions
-        20.3 against 18.2.
+        20.3 against 18.2. With the members' own keys on vector code (batch 16, two runs each):
+        4 rows over 1,000 positions 27.5 / 28.1 against 30.8 / 30.9, 2 rows 36.4 / 34.2 against
+        35.5 / 33.5, 4 rows over 500 positions 23.8 / 22.5 against 23.9 / 23.9, over 200
+        positions 22.0 / 20.8 against 20.0 / 19.5.
 
         RADIXSERVE_CPU_SHARED_PREFIX=always keeps every span as the scheduler sent it (all rows,
         any length), =never drops them all; the default, auto, is the rule above."""
@@ -287,9 +290,9 @@ class TorchAttention(AttentionBackend):
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, part: KernelCascadeDecode
     ) -> torch.Tensor:
         """q: [B, H, D], the decode rows → [B, H, D] in q's dtype: the groups through the AMX
-        kernel, each span read once per group (16 members at a time), and the rows in no group
-        through the decode kernel. Queries the AMX kernel does not take (a float32 model over a
-        bfloat16 pool) run every row through the decode kernel, over all its keys."""
+        kernel (bfloat16 out), each span read once per group (16 members at a time), and the rows
+        in no group through the decode kernel. Queries the AMX kernel does not take (a float32
+        model over a bfloat16 pool) run every row through the decode kernel, over all its keys."""
         module = cpu_kernels.amx_module(q, k_pool)
         table = self.table.table
         if module is None:
@@ -299,7 +302,7 @@ class TorchAttention(AttentionBackend):
         out = module.cascade_decode_attention(
             q.contiguous(), k_pool, v_pool, table, part.rows, part.seq_lens, part.order,
             part.offsets, part.spans, self.scale,
-        ).to(q.dtype)  # fmt: skip
+        )  # fmt: skip
         if part.single is not None:
             out[part.single] = cpu_kernels.paged_decode_attention(
                 q[part.single],
