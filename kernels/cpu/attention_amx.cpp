@@ -110,7 +110,8 @@ inline __m512i pair16(__m512 a, __m512 b) {
 }
 
 // Keys slots[0 .. n) that the query rows lanes [lane_lo, lane_hi) of a task see; `vector`: one
-// decode member's own keys, which its rows attend with vector code (own_keys), not tiles.
+// decode member's own keys, which its rows (lane_lo .. lane_lo + G - 1, G the query heads per KV
+// head: exactly the lanes) attend with vector code (own_keys), not tiles.
 struct Segment {
   const int64_t* slots;
   int64_t n;

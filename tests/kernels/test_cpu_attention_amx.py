@@ -191,7 +191,9 @@ def test_bfloat16_extends_run_the_kernel_where_the_amx_kernel_runs(monkeypatch) 
 
 
 @needs_amx
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), SHAPES)
+# Also 2 query heads per KV head at head dim 192: the own keys' p . v for 2 rows at a time, in
+# three 64-dim chunks.
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [*SHAPES, (6, 3, 192)])
 @pytest.mark.parametrize("scattered", [False, True], ids=["runs", "scattered"])
 def test_cascade_decode_is_each_rows_full_attention(heads, kv_heads, dim, scattered) -> None:
     """Groups read their span once and each member its own keys after it; every row's output is
