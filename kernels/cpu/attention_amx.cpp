@@ -194,6 +194,14 @@ struct KeyTiles {
 // Gathers keys slots[0 .. n) of KV head hk: K as tiles (KeyTiles), values as pairs of keys into
 // vb (zero past n up to the end of the last half used); meanwhile fetches the slots later[0 ..
 // fetch) into L2.
+// Fetches one K or V row (dim bfloat16 values) into L2.
+inline void prefetch_row(const bf16* p, int64_t dim) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(bf16)); b += 64) {
+    _mm_prefetch(c + b, _MM_HINT_T1);
+  }
+}
+
 void load_keys(const bf16* k_pool, const bf16* v_pool, const int64_t* slots, int64_t hk,
                const Shape& s, int64_t n, bf16* kb, bf16* vb, KeyTiles& keys,
                const int64_t* later, int64_t fetch) {
@@ -228,12 +236,8 @@ void load_keys(const bf16* k_pool, const bf16* v_pool, const int64_t* slots, int
   for (int64_t j = 0; j < pairs; ++j) {
     const int64_t a = 2 * j, b = 2 * j + 1;
     for (int64_t l = a; l < std::min(b + 1, fetch); ++l) {
-      const char* k = reinterpret_cast<const char*>(k_pool + later[l] * row_stride + hk * dim);
-      const char* v = reinterpret_cast<const char*>(v_pool + later[l] * row_stride + hk * dim);
-      for (int64_t byte = 0; byte < dim * 2; byte += 64) {
-        _mm_prefetch(k + byte, _MM_HINT_T1);
-        _mm_prefetch(v + byte, _MM_HINT_T1);
-      }
+      prefetch_row(k_pool + later[l] * row_stride + hk * dim, dim);
+      prefetch_row(v_pool + later[l] * row_stride + hk * dim, dim);
     }
     bf16* dst = vb + ((j / 16) * chunks * kTile + (j % 16) * 16) * 2;
     for (int64_t h = 0; h < dim / kPair; ++h) {
@@ -276,14 +280,10 @@ struct KeyCursor {
 // Fetches the K and V rows of KV head hk of slots[0 .. n) into L2.
 void fetch_keys(const bf16* k_pool, const bf16* v_pool, const int64_t* slots, int64_t hk,
                 const Shape& s, int64_t n) {
-  const int64_t row_stride = s.kv_heads * s.dim, bytes = s.dim * sizeof(bf16);
+  const int64_t row_stride = s.kv_heads * s.dim;
   for (int64_t l = 0; l < n; ++l) {
-    const char* k = reinterpret_cast<const char*>(k_pool + slots[l] * row_stride + hk * s.dim);
-    const char* v = reinterpret_cast<const char*>(v_pool + slots[l] * row_stride + hk * s.dim);
-    for (int64_t b = 0; b < bytes; b += 64) {
-      _mm_prefetch(k + b, _MM_HINT_T1);
-      _mm_prefetch(v + b, _MM_HINT_T1);
-    }
+    prefetch_row(k_pool + slots[l] * row_stride + hk * s.dim, s.dim);
+    prefetch_row(v_pool + slots[l] * row_stride + hk * s.dim, s.dim);
   }
 }
 
@@ -416,13 +416,6 @@ void attend_block(const Shape& s, const KeyTiles& keys, int64_t n, int64_t tile,
 // Keys ahead of the one read whose K or V rows own_keys fetches into L2 (as attention.cpp's
 // decode kernel).
 constexpr int64_t kOwnAhead = 32;
-
-inline void prefetch_row(const bf16* p, int64_t dim) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(bf16)); b += 64) {
-    _mm_prefetch(c + b, _MM_HINT_T1);
-  }
-}
 
 inline __mmask16 first_lanes(int64_t n) {
   return n >= kLanes ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
@@ -660,6 +653,23 @@ Shape shape_of(const torch::Tensor& q, const torch::Tensor& k_pool, double scale
           narrow ? out.data_ptr<bf16>() : nullptr};
 }
 
+// An entry point's inputs checked and its float32 outputs: out [T, H, D] and, with `with_lse`,
+// lse [T, H] (else undefined), with the Shape that writes them.
+struct Outputs {
+  torch::Tensor out, lse;
+  Shape shape;
+};
+Outputs float_outputs(const torch::Tensor& q, const torch::Tensor& k_pool,
+                      const torch::Tensor& v_pool, const torch::Tensor& table, double scale,
+                      bool with_lse) {
+  check(q, k_pool, v_pool, table);
+  Outputs o;
+  o.out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
+  if (with_lse) o.lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
+  o.shape = shape_of(q, k_pool, scale, o.out, with_lse ? o.lse.data_ptr<float>() : nullptr);
+  return o;
+}
+
 // Tasks and the segments of keys they read.
 struct Plan {
   std::vector<Task> tasks;
@@ -706,12 +716,10 @@ Plan extend_tasks(const torch::Tensor& q, const torch::Tensor& table, const torc
 torch::Tensor extend_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                torch::Tensor table, torch::Tensor rows, torch::Tensor prefix_lens,
                                torch::Tensor extend_lens, double scale) {
-  check(q, k_pool, v_pool, table);
-  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
-  const Shape s = shape_of(q, k_pool, scale, out, nullptr);
-  auto plan = extend_tasks(q, table, rows, nullptr, prefix_lens, extend_lens, s);
-  run_tasks(plan.tasks, plan.segments, s, k_pool, v_pool);
-  return out;
+  const Outputs o = float_outputs(q, k_pool, v_pool, table, scale, false);
+  auto plan = extend_tasks(q, table, rows, nullptr, prefix_lens, extend_lens, o.shape);
+  run_tasks(plan.tasks, plan.segments, o.shape, k_pool, v_pool);
+  return o.out;
 }
 
 // As attention.cpp's extend_attention_lse. Returns out [T, H, D] and lse [T, H], float32.
@@ -720,14 +728,11 @@ std::vector<torch::Tensor> extend_attention_lse(torch::Tensor q, torch::Tensor k
                                                 torch::Tensor rows, torch::Tensor key_starts,
                                                 torch::Tensor prefix_lens,
                                                 torch::Tensor extend_lens, double scale) {
-  check(q, k_pool, v_pool, table);
-  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
-  auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
-  const Shape s = shape_of(q, k_pool, scale, out, lse.data_ptr<float>());
-  auto plan =
-      extend_tasks(q, table, rows, key_starts.data_ptr<int64_t>(), prefix_lens, extend_lens, s);
-  run_tasks(plan.tasks, plan.segments, s, k_pool, v_pool);
-  return {out, lse};
+  const Outputs o = float_outputs(q, k_pool, v_pool, table, scale, true);
+  auto plan = extend_tasks(q, table, rows, key_starts.data_ptr<int64_t>(), prefix_lens,
+                           extend_lens, o.shape);
+  run_tasks(plan.tasks, plan.segments, o.shape, k_pool, v_pool);
+  return {o.out, o.lse};
 }
 
 // As attention.cpp's shared_prefix_attention: group g's query tokens tok_offsets[g] ..
@@ -738,10 +743,8 @@ std::vector<torch::Tensor> shared_prefix_attention(torch::Tensor q, torch::Tenso
                                                    torch::Tensor group_rows,
                                                    torch::Tensor tok_offsets,
                                                    torch::Tensor prefix_lens, double scale) {
-  check(q, k_pool, v_pool, table);
-  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
-  auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
-  const Shape s = shape_of(q, k_pool, scale, out, lse.data_ptr<float>());
+  const Outputs o = float_outputs(q, k_pool, v_pool, table, scale, true);
+  const Shape& s = o.shape;
   const int64_t* tp = table.data_ptr<int64_t>();
   const int64_t* rp = group_rows.data_ptr<int64_t>();
   const int64_t* op = tok_offsets.data_ptr<int64_t>();
@@ -760,7 +763,7 @@ std::vector<torch::Tensor> shared_prefix_attention(torch::Tensor q, torch::Tenso
     }
   }
   run_tasks(plan.tasks, plan.segments, s, k_pool, v_pool);
-  return {out, lse};
+  return {o.out, o.lse};
 }
 
 // Decode attention with shared prefixes, in one pass: q [B, H, D], one token per request b, which
