@@ -2,10 +2,19 @@
 
 A running request locks the tree node where its cached prefix ends (`req.node`), and its KV slots
 for positions 0 .. depth(n)-1 are the path of any ancestor n: every request below n shares them.
-Each request joins the group of its deepest ancestor that is at least `MIN_SHARED_PREFIX` deep,
-no deeper than the start of its slice (a prefix the step itself computes is not shared), and
-reached by another request of the step; groups of one are dropped. Cost: O(requests x tree depth
-in edges), a few microseconds per request.
+A request's candidates are its ancestors (itself included) at least `MIN_SHARED_PREFIX` deep and
+no deeper than the start of its slice (a prefix the step itself computes is not shared).
+
+Each request joins at most one group, and the groups are chosen for the KV reads they save: a
+group of m rows over L positions reads the span once instead of m times, saving (m - 1) x L
+position reads. Grouping by the deepest node with company alone splits rows that share a long
+system prompt by the first tokens of their questions (3 rows at 1,001 positions and 2 at 1,002
+instead of 5 at 1,000: 3,004 positions saved instead of 4,000), and attention backends keep
+spans of too few rows off their span kernels (torch_backend's SPAN_MIN_ROWS). So, from the
+deepest candidate nodes up, a node either keeps the groups found below it (plus one of the rows
+that reach it without one) or gathers every row below it into one group, whichever saves more.
+Groups of one are dropped. Cost: O(requests x tree depth in edges), a few microseconds per
+request.
 """
 
 from __future__ import annotations
@@ -23,25 +32,55 @@ MIN_SHARED_PREFIX = 64
 def shared_prefixes(
     computed: Sequence[tuple[Req, int]], min_len: int = MIN_SHARED_PREFIX
 ) -> list[tuple[int, list[int]]]:
-    """(length, rows) per group of the requests computed in a step, given as (req, slice start).
+    """(length, rows) per group of the requests computed in a step, given as (req, slice start),
+    chosen to save the most position reads (module docstring).
 
     A request whose table row is repointed next step (`pending_write`) is left out: its row does
     not hold the tree's slots yet."""
     depth: dict[TreeNode, int] = {}
-    paths: list[list[TreeNode]] = []
-    count: dict[TreeNode, int] = {}
+    ends: dict[TreeNode, list[int]] = {}  # rows whose deepest candidate is the node
+    above: dict[TreeNode, TreeNode | None] = {}  # the next candidate up (None: the top one)
     for req, start in computed:
         path = _candidates(req, start, min_len, depth)
-        for node in path:
-            count[node] = count.get(node, 0) + 1
-        paths.append(path)
-    groups: dict[TreeNode, list[int]] = {}
-    for (req, _), path in zip(computed, paths, strict=True):
-        node = next((n for n in path if count[n] > 1), None)
-        if node is not None:
-            assert req.row is not None
-            groups.setdefault(node, []).append(req.row)
-    return [(depth[node], rows) for node, rows in groups.items() if len(rows) > 1]
+        if not path:
+            continue
+        assert req.row is not None
+        ends.setdefault(path[0], []).append(req.row)
+        # Every ancestor of a candidate that is at least min_len deep is a candidate too (it is
+        # shallower than the slice start), so `above` is the same whichever request sets it.
+        for node, parent in zip(path, [*path[1:], None], strict=True):
+            above[node] = parent
+    below: dict[TreeNode, list[TreeNode]] = {}
+    for node, parent in above.items():
+        if parent is not None:
+            below.setdefault(parent, []).append(node)
+    # Per node, deepest first: its groups (depth, rows), the position reads they save, the rows
+    # below it in none of them (at most one: two such rows would group at this node) and all
+    # rows below it.
+    groups: dict[TreeNode, list[tuple[int, list[int]]]] = {}
+    saved: dict[TreeNode, int] = {}
+    loose: dict[TreeNode, list[int]] = {}
+    rows: dict[TreeNode, list[int]] = {}
+    for node in sorted(above, key=depth.__getitem__, reverse=True):
+        kids = below.get(node, [])
+        rows[node] = ends.get(node, []) + [r for k in kids for r in rows[k]]
+        reaching = ends.get(node, []) + [r for k in kids for r in loose[k]]
+        kept = [g for k in kids for g in groups[k]]
+        kept_saved = sum(saved[k] for k in kids)
+        if len(reaching) > 1:
+            kept.append((depth[node], sorted(reaching)))
+            kept_saved += (len(reaching) - 1) * depth[node]
+            reaching = []
+        gathered = (len(rows[node]) - 1) * depth[node]
+        if gathered > kept_saved:
+            groups[node], saved[node], loose[node] = (
+                [(depth[node], sorted(rows[node]))],
+                gathered,
+                [],
+            )
+        else:
+            groups[node], saved[node], loose[node] = kept, kept_saved, reaching
+    return [g for node, parent in above.items() if parent is None for g in groups[node]]
 
 
 def _candidates(req: Req, start: int, min_len: int, depth: dict[TreeNode, int]) -> list[TreeNode]:

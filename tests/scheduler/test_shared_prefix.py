@@ -22,7 +22,7 @@ def attached(tree: RadixCache, row: int, ids: list[int], pending: bool = False) 
     return SimpleNamespace(row=row, node=node, num_cached=len(kv), pending_write=pending or None)
 
 
-def test_groups_under_the_deepest_shared_node() -> None:
+def test_groups_save_the_most_position_reads() -> None:
     tree = RadixCache()
     system, other = list(range(1000, 1100)), list(range(2000, 2080))
     tree.insert(system + [1] * 50, list(range(1, 151)))
@@ -33,16 +33,44 @@ def test_groups_under_the_deepest_shared_node() -> None:
     c = attached(tree, 2, system + [2] * 50 + [9])  # 100 + 50 cached, a different branch
     d = attached(tree, 3, [*system[:30], 5])  # 30 cached: below the minimum
     e = attached(tree, 4, [*other, 6])  # alone under its branch
-    spans = shared_prefixes([(a, 150), (b, 141), (c, 160), (d, 31), (e, 80)])
-    # a and b share 140 (their deepest common node); c shares only the system prompt with them,
-    # but each request joins one group: its deepest one with company.
-    assert spans == [(140, [0, 1])]
+    # a and b share 140 positions, c only the 100 of the system prompt: one group of three over
+    # 100 saves 200 position reads, a and b alone over 140 would save 140.
+    assert shared_prefixes([(a, 150), (b, 141), (c, 160), (d, 31), (e, 80)]) == [(100, [0, 1, 2])]
+    assert shared_prefixes([(a, 150), (b, 141)]) == [(140, [0, 1])]
     # Capped by the slice start: a prefix the step itself computes is not shared.
-    assert shared_prefixes([(a, 120), (b, 141), (c, 160)]) == [(100, [0, 1, 2])]
+    assert shared_prefixes([(a, 120), (b, 141)]) == [(100, [0, 1])]
     assert shared_prefixes([(a, 150), (b, 141)], min_len=200) == []
     # A request whose row is repointed next step stays out.
     f = attached(tree, 5, system + [1] * 50 + [3], pending=True)
     assert shared_prefixes([(a, 150), (f, 150)]) == []
+
+
+def test_questions_that_begin_alike_stay_in_their_system_prompts_group() -> None:
+    """Rows under one 1,000-token system prompt whose questions share a first token or two form
+    one group over the system prompt, not several small ones over a token or two more."""
+    tree = RadixCache()
+    system = list(range(10_000, 11_000))
+    questions = [[1, 2, 30 + i] for i in range(3)] + [[1, 3, 40 + i] for i in range(2)] + [[5, 6]]
+    reqs = []
+    for row, question in enumerate(questions):
+        ids = system + question
+        tree.insert(ids, list(range(1 + row * 2000, 1 + row * 2000 + len(ids))))
+        reqs.append((attached(tree, row, [*ids, 99]), len(ids) + 1))
+    assert shared_prefixes(reqs) == [(1000, [0, 1, 2, 3, 4, 5])]
+
+
+def test_documents_under_a_common_header_keep_groups_of_their_own() -> None:
+    """Two 900-token documents after a 100-token header, three rows on each: two groups over
+    1,000 positions save 4,000 reads, one over the header 500."""
+    tree = RadixCache()
+    header = list(range(10_000, 10_100))
+    docs = [list(range(20_000, 20_900)), list(range(30_000, 30_900))]
+    reqs = []
+    for row in range(6):
+        ids = header + docs[row % 2] + [row]
+        tree.insert(ids, list(range(1 + row * 2000, 1 + row * 2000 + len(ids))))
+        reqs.append((attached(tree, row, [*ids, 99]), len(ids) + 1))
+    assert sorted(shared_prefixes(reqs)) == [(1000, [0, 2, 4]), (1000, [1, 3, 5])]
 
 
 def test_grouping_64_rows_costs_well_under_a_millisecond() -> None:
