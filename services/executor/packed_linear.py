@@ -76,6 +76,17 @@ HAS_AMX = "amx_bf16" in cpu_flags().split()
 #   279.6 against 266.8 at concurrency 8 (medians of three rounds, alternating).
 SMALL_BATCH_ROWS = 64
 
+# Where the CPU has AMX, the tile kernel also runs every layer up to AMX_TILE_ROWS rows, and at
+# any row count the layers that narrow their input at least twofold (in_features >= 2 x
+# out_features: the MLP's down projection), for which oneDNN's GEMM kept to one of the two
+# threads at 256 rows and more. On that 2-vCPU Xeon, 30 layers of each shape of SmolLM2-135M
+# (distinct weights), oneDNN against the tiles, ms: at 76 rows 15.5 against 15.1 over the four
+# shapes; at 128, 20.7 against 17.5; at 256, 38.2 against 31.7, of which the down projection
+# (1,536 -> 576) 11.4 against 6.3 (one thread of oneDNN took 0.30 ms a layer, two 0.31); at 512
+# the down projection 22.7 against 13.0 and at 1,024 51.8 against 28.3, while the other shapes
+# were even or behind on the tiles (at 512: 45.9 against 49.0).
+AMX_TILE_ROWS = 128
+
 # Rows from which a CPU with AMX runs the tile kernel; one row runs the AVX-512 panels there.
 # Measured on that Xeon: the two were even over the decoder linears at one row (above), but with
 # the LM head 9.1-9.8 ms for the panels against 9.7-10.1 (three runs, alternating), and
@@ -163,24 +174,27 @@ class PackedLinear(nn.Module):
 
     def direct(self, x: torch.Tensor) -> Linear2D:
         """The call `forward` makes for a 2-D input like `x` ([M, in_features]), bound to this
-        layer's weights: a small-batch kernel where it is available (bfloat16 up to
-        SMALL_BATCH_ROWS rows: the AMX tiles' from AMX_MIN_ROWS where the CPU has them, else the
-        AVX-512 panels', up to AMX_PANEL_ROWS where oneDNN runs on AMX tiles (`amx_gemm`);
-        float32 up to F32_SMALL_BATCH_ROWS), oneDNN otherwise."""
+        layer's weights: a kernel of ours where it is available (bfloat16: the AMX tiles' from
+        AMX_MIN_ROWS where the CPU has them, up to AMX_TILE_ROWS rows or at any count for a layer
+        that narrows twofold; else the AVX-512 panels' up to SMALL_BATCH_ROWS, and only up to
+        AMX_PANEL_ROWS where oneDNN runs on AMX tiles (`amx_gemm`); float32 up to
+        F32_SMALL_BATCH_ROWS), oneDNN otherwise."""
         plain, panels, packed, bias = self.plain, self.panels, self.weight, self.bias
         rows, out_features = x.shape[0], self.out_features
         if plain is not None and 0 < rows <= F32_SMALL_BATCH_ROWS:
             kernel = cpu_linear.available_f32(x, self.in_features)
             if kernel is not None:
                 return lambda flat: cpu_linear.linear_f32(kernel, flat, plain, bias)
-        elif panels is not None and 0 < rows <= SMALL_BATCH_ROWS:
+        elif panels is not None and rows > 0:
             amx = HAS_AMX and rows >= AMX_MIN_ROWS
-            tiles = cpu_linear.available_amx(x, self.in_features) if amx else None
-            if tiles is not None:
-                return lambda flat: cpu_linear.linear_bf16_amx(
-                    tiles, flat, panels, out_features, bias
-                )
-            kernel = cpu_linear.available(x, self.in_features)
+            narrowing = self.in_features >= 2 * out_features
+            if amx and (rows <= AMX_TILE_ROWS or narrowing):
+                tiles = cpu_linear.available_amx(x, self.in_features)
+                if tiles is not None:
+                    return lambda flat: cpu_linear.linear_bf16_amx(
+                        tiles, flat, panels, out_features, bias
+                    )
+            kernel = cpu_linear.available(x, self.in_features) if rows <= SMALL_BATCH_ROWS else None
             if kernel is not None and (rows <= AMX_PANEL_ROWS or not amx_gemm()):
                 return lambda flat: cpu_linear.linear_bf16_panels(
                     kernel, flat, panels, out_features, bias

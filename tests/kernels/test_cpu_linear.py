@@ -11,6 +11,7 @@ from services.executor import packed_linear, quantization
 from services.executor.packed_linear import (
     AMX_MIN_ROWS,
     AMX_PANEL_ROWS,
+    AMX_TILE_ROWS,
     HAS_AMX,
     SMALL_BATCH_ROWS,
     PackedLinear,
@@ -37,7 +38,7 @@ def _ulp_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("kernel", ["panels", pytest.param("amx", marks=needs_amx)])
-@pytest.mark.parametrize("rows", [*ROWS, 6, 8, 13, 17, 24, 32, 48, 65, 100])
+@pytest.mark.parametrize("rows", [*ROWS, 6, 8, 13, 17, 24, 32, 48, 65, 100, 130, 530])
 @pytest.mark.parametrize(("k", "n"), SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_panels_match_reference(kernel: str, rows: int, k: int, n: int, bias: bool) -> None:
@@ -175,29 +176,49 @@ def test_disabled_kernels_are_not_offered(monkeypatch) -> None:
 @pytest.mark.skipif(not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(bias: bool) -> None:
-    """The AMX tiles from AMX_MIN_ROWS where the CPU has them, else the AVX-512 panels, up to
-    SMALL_BATCH_ROWS."""
+    """The AMX tiles from AMX_MIN_ROWS up to AMX_TILE_ROWS where the CPU has them, else the
+    AVX-512 panels up to SMALL_BATCH_ROWS; oneDNN above."""
     torch.manual_seed(0)
     linear = nn.Linear(576, 962, bias=bias).bfloat16()
     layer = PackedLinear(linear)
-    x = torch.randn(3, SMALL_BATCH_ROWS + 3, 576).bfloat16()  # leading dims are flattened
+    x = torch.randn(3, AMX_TILE_ROWS + 3, 576).bfloat16()  # leading dims are flattened
     panels = cpu_linear.pack_panels(KERNEL, linear.weight)
     assert layer.plain is None and torch.equal(layer.panels, panels)  # the only other copy
-    for rows in (1, 2, 5, 16, 17, SMALL_BATCH_ROWS):
+    for rows in (1, 2, 5, 16, 17, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, AMX_TILE_ROWS):
         part = x[0, :rows]
         out = layer(part)
         if AMX is not None and rows >= AMX_MIN_ROWS:
             expected = cpu_linear.linear_bf16_amx(AMX, part, panels, 962, linear.bias)
-        elif rows <= AMX_PANEL_ROWS or not amx_gemm():
+        elif rows <= SMALL_BATCH_ROWS and (rows <= AMX_PANEL_ROWS or not amx_gemm()):
             expected = cpu_linear.linear_bf16_panels(KERNEL, part, panels, 962, linear.bias)
-        else:  # an AMX CPU without the tile kernel: oneDNN on its own AMX kernels
+        else:  # oneDNN: above the panels' rows, or on its own AMX kernels without the tiles
             expected = torch.ops.mkldnn._linear_pointwise(
                 part, layer.weight, layer.bias, "none", [], ""
             )
         assert torch.equal(out, expected), rows
         _ulp_close(out, nn.functional.linear(part, linear.weight, linear.bias))
-    # from SMALL_BATCH_ROWS + 1 rows: oneDNN, bit for bit F.linear
+    # above AMX_TILE_ROWS rows: oneDNN, bit for bit F.linear
     assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
+
+
+@pytest.mark.skipif(not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
+def test_a_narrowing_layer_stays_on_the_amx_tiles_at_any_row_count() -> None:
+    """in_features >= 2 x out_features (the MLP's down projection): the tiles at every row count
+    where the CPU has them (oneDNN kept to one thread there), oneDNN above the small batches
+    elsewhere; a layer that does not narrow twofold goes to oneDNN above AMX_TILE_ROWS."""
+    torch.manual_seed(4)
+    down = PackedLinear(nn.Linear(1536, 576, bias=False).bfloat16())
+    square = PackedLinear(nn.Linear(1024, 576, bias=False).bfloat16())
+    rows = AMX_TILE_ROWS + 70
+    for layer in (down, square):
+        x = torch.randn(rows, layer.in_features).bfloat16()
+        onednn = torch.ops.mkldnn._linear_pointwise(x, layer.weight, None, "none", [], "")
+        if AMX is not None and layer is down:
+            expected = cpu_linear.linear_bf16_amx(AMX, x, layer.panels, 576, None)
+        else:
+            expected = onednn
+        assert torch.equal(layer(x), expected)
+        _ulp_close(layer(x), onednn)
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="no AMX on this CPU")
