@@ -13,8 +13,9 @@
 //
 // oneDNN's bfloat16 GEMM also runs on AMX tiles, but adds 30-50 us per call at decode batch sizes.
 // Measured on a 2-vCPU Intel Xeon (AMX) over the 120 decoder linears of SmolLM2-135M (distinct
-// random weights): see SMALL_BATCH_ROWS, AMX_MIN_ROWS and AMX_PANEL_ROWS in
-// services/executor/packed_linear.py.
+// random weights): see SMALL_BATCH_ROWS, AMX_TILE_ROWS, AMX_MIN_ROWS and AMX_PANEL_ROWS in
+// services/executor/packed_linear.py (which also runs this kernel on prefill batches of the
+// layers where oneDNN keeps to one thread).
 //
 // Output (m, n) is the tile unit's float32 sum over pairs of features for k ascending in steps of
 // 32, the same for every row whatever the batch size, the row tiles or the threads; it is rounded

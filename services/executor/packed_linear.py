@@ -12,9 +12,11 @@ oneDNN's packed float32 GEMM takes 84 against 144 ms at 32 rows and 19 against 4
 head (see F32_SMALL_BATCH_ROWS). Its sums run in another order than MKL's, so float32 rows from
 oneDNN can differ from `F.linear` by float32 rounding.
 
-Small inputs skip oneDNN and run a kernel of kernels/cpu/linear.py: bfloat16 ones up to
-SMALL_BATCH_ROWS rows over a copy of the weight packed once into panels of 16 output channels, on
-AMX tiles where the CPU has them and with AVX-512 BF16 dot products elsewhere; float32 ones the
+Small inputs skip oneDNN and run a kernel of kernels/cpu/linear.py: bfloat16 ones over a copy of
+the weight packed once into panels of 16 output channels, on AMX tiles where the CPU has them (up
+to AMX_TILE_ROWS rows, and at any row count for a layer that narrows its input twofold, which
+oneDNN runs on one thread) and with AVX-512 BF16 dot products up to SMALL_BATCH_ROWS rows
+elsewhere; float32 ones the
 AVX2 FMA kernel over the plain weight up to F32_SMALL_BATCH_ROWS rows. oneDNN's fixed cost per
 call is most of a small layer's time at one row, and at decode batch sizes its blocking leaves
 the dot-product units idle. Those kernels sum in another order too. The layer keeps the panels or
@@ -59,9 +61,9 @@ PACK_BATCH_HINT = 64
 
 HAS_AMX = "amx_bf16" in cpu_flags().split()
 
-# Rows up to which bfloat16 layers run a kernel of ours over their panels instead of oneDNN: on
-# AMX tiles (`linear_bf16_amx`) where the CPU has AMX, with AVX-512 BF16 dot products
-# (`linear_bf16_panels`) elsewhere. Over this model's 120 decoder linear layers (distinct
+# Rows up to which bfloat16 layers run a kernel of ours over their panels instead of oneDNN: with
+# AVX-512 BF16 dot products (`linear_bf16_panels`) on CPUs without AMX; where the CPU has AMX the
+# tiles (`linear_bf16_amx`) were measured here first, and run up to AMX_TILE_ROWS now (below). Over this model's 120 decoder linear layers (distinct
 # weights, so each is read from memory):
 # - a 2-vCPU Intel Xeon with AMX, the tiles against oneDNN (also on AMX tiles) and the AVX-512
 #   panels, medians of three runs: 7.2 / 13.1 / 7.4 ms at one row, 7.1 / 12.1 / 8.2 at 4, 7.4 /

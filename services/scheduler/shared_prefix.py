@@ -13,7 +13,8 @@ instead of 5 at 1,000: 3,004 positions saved instead of 4,000), and attention ba
 spans of too few rows off their span kernels (torch_backend's SPAN_MIN_ROWS). So, from the
 deepest candidate nodes up, a node either keeps the groups found below it (plus one of the rows
 that reach it without one) or gathers every row below it into one group, whichever saves more.
-Groups of one are dropped. Cost: O(requests x tree depth in edges), a few microseconds per
+Groups of one are dropped. Extend rows count here as decode rows do, though the CPU backends keep
+only a span's decode rows (torch_backend's select_shared_prefixes). Cost: O(requests x tree depth in edges), a few microseconds per
 request.
 """
 
@@ -33,7 +34,8 @@ def shared_prefixes(
     computed: Sequence[tuple[Req, int]], min_len: int = MIN_SHARED_PREFIX
 ) -> list[tuple[int, list[int]]]:
     """(length, rows) per group of the requests computed in a step, given as (req, slice start),
-    chosen to save the most position reads (module docstring).
+    chosen node by node from the deepest for the position reads they save (module docstring: a
+    greedy choice, not a search over every partition).
 
     A request whose table row is repointed next step (`pending_write`) is left out: its row does
     not hold the tree's slots yet."""

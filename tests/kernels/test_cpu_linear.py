@@ -175,7 +175,9 @@ def test_disabled_kernels_are_not_offered(monkeypatch) -> None:
 
 @pytest.mark.skipif(not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(bias: bool) -> None:
+def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(
+    monkeypatch, bias: bool
+) -> None:
     """The AMX tiles from AMX_MIN_ROWS up to AMX_TILE_ROWS where the CPU has them, else the
     AVX-512 panels up to SMALL_BATCH_ROWS; oneDNN above."""
     torch.manual_seed(0)
@@ -184,11 +186,24 @@ def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(bias: bool
     x = torch.randn(3, AMX_TILE_ROWS + 3, 576).bfloat16()  # leading dims are flattened
     panels = cpu_linear.pack_panels(KERNEL, linear.weight)
     assert layer.plain is None and torch.equal(layer.panels, panels)  # the only other copy
+    calls: list[int] = []
+    tiles = cpu_linear.linear_bf16_amx
+
+    def spy(
+        kernel: object, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return tiles(kernel, x, panels, n, bias)
+
+    monkeypatch.setattr(cpu_linear, "linear_bf16_amx", spy)
     for rows in (1, 2, 5, 16, 17, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, AMX_TILE_ROWS):
         part = x[0, :rows]
+        calls.clear()
         out = layer(part)
-        if AMX is not None and rows >= AMX_MIN_ROWS:
-            expected = cpu_linear.linear_bf16_amx(AMX, part, panels, 962, linear.bias)
+        on_tiles = AMX is not None and rows >= AMX_MIN_ROWS
+        assert calls == ([rows] if on_tiles else []), rows
+        if on_tiles:
+            expected = tiles(AMX, part, panels, 962, linear.bias)
         elif rows <= SMALL_BATCH_ROWS and (rows <= AMX_PANEL_ROWS or not amx_gemm()):
             expected = cpu_linear.linear_bf16_panels(KERNEL, part, panels, 962, linear.bias)
         else:  # oneDNN: above the panels' rows, or on its own AMX kernels without the tiles
@@ -198,27 +213,43 @@ def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(bias: bool
         assert torch.equal(out, expected), rows
         _ulp_close(out, nn.functional.linear(part, linear.weight, linear.bias))
     # above AMX_TILE_ROWS rows: oneDNN, bit for bit F.linear
+    calls.clear()
     assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
+    assert calls == []
 
 
 @pytest.mark.skipif(not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
-def test_a_narrowing_layer_stays_on_the_amx_tiles_at_any_row_count() -> None:
+def test_a_narrowing_layer_stays_on_the_amx_tiles_at_any_row_count(monkeypatch) -> None:
     """in_features >= 2 x out_features (the MLP's down projection): the tiles at every row count
     where the CPU has them (oneDNN kept to one thread there), oneDNN above the small batches
-    elsewhere; a layer that does not narrow twofold goes to oneDNN above AMX_TILE_ROWS."""
+    elsewhere; a layer that does not narrow twofold goes to oneDNN above AMX_TILE_ROWS. A spy on
+    the tile kernel tells the paths apart (oneDNN runs on the same tiles and may round alike)."""
+    calls: list[tuple[int, int]] = []
+    tiles = cpu_linear.linear_bf16_amx
+
+    def spy(
+        kernel: object, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        calls.append((x.shape[0], n))
+        return tiles(kernel, x, panels, n, bias)
+
+    monkeypatch.setattr(cpu_linear, "linear_bf16_amx", spy)
     torch.manual_seed(4)
     down = PackedLinear(nn.Linear(1536, 576, bias=False).bfloat16())
-    square = PackedLinear(nn.Linear(1024, 576, bias=False).bfloat16())
+    wide = PackedLinear(nn.Linear(1024, 576, bias=False).bfloat16())
     rows = AMX_TILE_ROWS + 70
-    for layer in (down, square):
+    for layer in (down, wide):
+        calls.clear()
         x = torch.randn(rows, layer.in_features).bfloat16()
         onednn = torch.ops.mkldnn._linear_pointwise(x, layer.weight, None, "none", [], "")
+        out = layer(x)
         if AMX is not None and layer is down:
-            expected = cpu_linear.linear_bf16_amx(AMX, x, layer.panels, 576, None)
+            assert calls == [(rows, 576)]
+            assert torch.equal(out, tiles(AMX, x, layer.panels, 576, None))
         else:
-            expected = onednn
-        assert torch.equal(layer(x), expected)
-        _ulp_close(layer(x), onednn)
+            assert calls == []
+            assert torch.equal(out, onednn)
+        _ulp_close(out, onednn)
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="no AMX on this CPU")
@@ -240,10 +271,10 @@ def test_packed_linear_on_amx_without_the_tile_kernel_runs_the_panels(
     torch.manual_seed(2)
     linear = nn.Linear(576, 100).bfloat16()
     layer = PackedLinear(linear)
-    x = torch.randn(SMALL_BATCH_ROWS, 576).bfloat16()
-    for rows in (1, AMX_PANEL_ROWS, AMX_PANEL_ROWS + 1, SMALL_BATCH_ROWS):
+    x = torch.randn(AMX_TILE_ROWS, 576).bfloat16()
+    for rows in (1, AMX_PANEL_ROWS, AMX_PANEL_ROWS + 1, SMALL_BATCH_ROWS, AMX_TILE_ROWS):
         part = x[:rows]
-        if refused or rows <= AMX_PANEL_ROWS:
+        if rows <= SMALL_BATCH_ROWS and (refused or rows <= AMX_PANEL_ROWS):
             expected = cpu_linear.linear_bf16_panels(KERNEL, part, layer.panels, 100, linear.bias)
         else:
             expected = torch.ops.mkldnn._linear_pointwise(
