@@ -63,8 +63,8 @@ HAS_AMX = "amx_bf16" in cpu_flags().split()
 
 # Rows up to which bfloat16 layers run a kernel of ours over their panels instead of oneDNN: with
 # AVX-512 BF16 dot products (`linear_bf16_panels`) on CPUs without AMX; where the CPU has AMX the
-# tiles (`linear_bf16_amx`) were measured here first, and run up to AMX_TILE_ROWS now (below). Over this model's 120 decoder linear layers (distinct
-# weights, so each is read from memory):
+# tiles (`linear_bf16_amx`) were measured here first, and run up to AMX_TILE_ROWS now (below).
+# Over this model's 120 decoder linear layers (distinct weights, so each is read from memory):
 # - a 2-vCPU Intel Xeon with AMX, the tiles against oneDNN (also on AMX tiles) and the AVX-512
 #   panels, medians of three runs: 7.2 / 13.1 / 7.4 ms at one row, 7.1 / 12.1 / 8.2 at 4, 7.4 /
 #   12.2 / 13.5 at 8, 7.7 / 12.3 / 19.3 at 16, 9.5 / 14.7 / 34.2 at 32, 14.5 / 16.6 / 64.3 at
