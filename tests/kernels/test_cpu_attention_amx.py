@@ -119,6 +119,42 @@ def test_each_request_gets_the_same_bits_alone_or_batched() -> None:
 
 
 @needs_amx
+def test_tasks_of_every_kv_head_and_of_one_give_the_same_bits() -> None:
+    """A call's tasks take every KV head (whole slot rows), or one head each where the threads
+    would otherwise wait on each other: one task on two threads is split into three, on one thread
+    it is not. Each row's sums run in the same order either way, so the outputs are the same bits,
+    for extends, shared-prefix spans and decode groups."""
+    k, v, table, gen = pool(3, 64, scattered=False)
+    q = torch.randn(20, 9, 64, generator=gen).bfloat16()
+    one = (torch.tensor([2]), torch.tensor([700]), torch.tensor([20]))  # one 20-token block
+    span_args = (q, k, v, table, torch.tensor([0]), torch.tensor([0, 20]), torch.tensor([300]))
+    members = torch.arange(1, 6)  # rows 1-5 share row 0's first 300 positions
+    decode_args = (
+        q[:6], k, v, table, torch.arange(6), torch.tensor([350, 301, 420, 999, 310, 600]),
+        members, torch.tensor([0, 5]), torch.tensor([300]),
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+
+    def run():
+        return (
+            cpu_kernels.extend_attention(q, k, v, table, *one, 0.125),
+            *cascade.shared_prefix_attention(*span_args, 0.125),
+            AMX.cascade_decode_attention(*decode_args, 0.125)[members],
+        )
+
+    try:
+        torch.set_num_threads(1)
+        whole = run()
+        torch.set_num_threads(2)
+        split = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(whole, split, strict=True):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b)
+
+
+@needs_amx
 def test_probabilities_are_rounded_to_bfloat16_for_p_v() -> None:
     """The rounding that makes p . v a bfloat16 tile product is really there (the output is off the
     float32 p . v by more than float32 rounding) and within the tolerance of one bfloat16

@@ -119,7 +119,7 @@ class TorchAttention(AttentionBackend):
 
         The kernels compute the same products either way: the span kernel's gain is reading the
         span once for many rows' queries where the decode kernel reads it once per row. An
-        extend's 16-token blocks already read each key once for 16 tokens, so its rows gain
+        extend's blocks already read each key once for 16 tokens (32 on AMX), so its rows gain
         nothing and pay the merge. `radixserve bench-executor` decode steps, bfloat16, AVX-512
         EPYC, with spans against without (`shared-prefix` against `shared-prefix-plain`):
 
