@@ -122,9 +122,10 @@ struct Segment {
   bool vector = false;
 };
 
-// One task: nq query tokens of KV head hk (query row r = i * G + g: token i, head hk * G + g),
-// token i being q's token tokens[i] (tokens null: token0 + i), over one or more segments of keys.
-// With `causal`, its one segment is prefix + nq keys and token i sees the first prefix + i + 1.
+// One task: nq query tokens of KV heads hk .. hk + heads - 1 (for each head, query row
+// r = i * G + g: token i, query head hk * G + g), token i being q's token tokens[i] (tokens null:
+// token0 + i), over one or more segments of keys. With `causal`, its one segment is prefix + nq
+// keys and token i sees the first prefix + i + 1.
 struct Task {
   int64_t token0;
   const int64_t* tokens;
@@ -134,7 +135,7 @@ struct Task {
   int64_t prefix;
   int64_t segment0, n_segments;  // its segments in the call's list
   int64_t keys;                  // keys it reads times its heads: its order and cost estimate
-  int64_t heads = 1;             // KV heads hk .. hk + heads - 1, one after another per block
+  int64_t heads = 1;             // KV heads it takes: per block of keys, or per own-key segment
 };
 struct Shape {
   int64_t heads, kv_heads, group, dim, q_stride, out_stride, lse_stride;
@@ -636,17 +637,19 @@ int64_t makespan(std::vector<int64_t> costs, int64_t threads) {
 
 // Tasks come planned with every KV head (Task::heads): they then read whole slot rows, one after
 // another, where a task of one head reads 128 of every 384 bytes. Measured on a 2-core Xeon with
-// AMX over SmolLM2-135M's 30 layers: decode groups 12-20 % faster (4 groups of 4 rows over 1,000
-// shared positions: 11.19 -> 9.84 ms), a 512-token extend after 1,000 cached ones 13 %. But they
-// are a third as many: where the threads would then wait on one another longer than that gains
-// (three tasks on two threads; one), each task becomes one task per head (same segments).
+// AMX over SmolLM2-135M's 30 layers: decode groups 11-15 % faster (4 groups of 4 rows over 1,000
+// shared positions: 11.84 -> 10.54 ms), 2 x 512 extend tokens after 1,000 cached ones 13 %. But
+// they are a third as many: where the threads would then wait on one another longer than that
+// gains (three tasks on two threads; one), each task becomes one task per head (same segments).
+// The estimate counts a task's keys times its heads, not its query rows.
 void split_heads(std::vector<Task>& tasks, int64_t kv_heads, int64_t threads) {
   std::vector<int64_t> whole, per_head;
   for (const Task& t : tasks) {
     whole.push_back(t.keys);
     for (int64_t j = 0; j < t.heads; ++j) per_head.push_back(t.keys / t.heads);
   }
-  // Whole-row tasks take about 85 % of the time of their heads apart (the gains above).
+  // Whole-row tasks take about 85 % of the time of their heads apart (the gains above): split
+  // only where they would finish later even so.
   if (makespan(whole, threads) * 85 <= makespan(per_head, threads) * 100) return;
   std::vector<Task> split;
   split.reserve(tasks.size() * kv_heads);
@@ -802,7 +805,7 @@ std::vector<torch::Tensor> extend_attention_lse(torch::Tensor q, torch::Tensor k
 
 // As attention.cpp's shared_prefix_attention: group g's query tokens tok_offsets[g] ..
 // tok_offsets[g + 1] - 1 see keys 0 .. prefix_lens[g] - 1 of table row group_rows[g], each span
-// gathered once per (KV head, block of 16 tokens). Returns out [N, H, D] and lse [N, H], float32.
+// gathered once per (KV head, block of 32 tokens). Returns out [N, H, D] and lse [N, H], float32.
 std::vector<torch::Tensor> shared_prefix_attention(torch::Tensor q, torch::Tensor k_pool,
                                                    torch::Tensor v_pool, torch::Tensor table,
                                                    torch::Tensor group_rows,
@@ -832,9 +835,10 @@ std::vector<torch::Tensor> shared_prefix_attention(torch::Tensor q, torch::Tenso
 // sees positions 0 .. seq_lens[b] - 1 of table row rows[b]. The tokens order[offsets[g] ..
 // offsets[g + 1]) form group g, whose first spans[g] positions are the same slots in every
 // member's row (0: none); each group's span is read once per (KV head, 16 members) for all their
-// queries, then each member's own keys for its own rows (with vector code, own_keys), all in one
-// online softmax per row. Returns [B, H, D] bfloat16 (each output rounded once, to nearest even);
-// rows not in `order` ([N], N <= B) are left unwritten.
+// queries (one task takes every KV head, split_heads), then each member's own keys for its own
+// rows (with vector code, own_keys), all in one online softmax per row. Returns [B, H, D]
+// bfloat16 (each output rounded once, to nearest even); rows not in `order` ([N], N <= B) are
+// left unwritten.
 torch::Tensor cascade_decode_attention(torch::Tensor q, torch::Tensor k_pool,
                                        torch::Tensor v_pool, torch::Tensor table,
                                        torch::Tensor rows, torch::Tensor seq_lens,

@@ -54,7 +54,7 @@ def test_extend_matches_reference(heads, kv_heads, dim, scattered) -> None:
     k, v, table, gen = pool(kv_heads, dim, scattered)
     rows = torch.tensor([0, 2, 4, 7, 9])
     prefix = torch.tensor([0, 1000, 63, 5, 64])
-    extend = torch.tensor([130, 1, 17, 64, 65])  # tokens: 16-token blocks and a remainder
+    extend = torch.tensor([130, 1, 17, 64, 65])  # tokens: 32-token blocks and a remainder
     q = torch.randn(int(extend.sum()), heads, dim, generator=gen).bfloat16()
     args = (q, k, v, table, rows, prefix, extend, dim**-0.5)
     out = cpu_kernels.extend_attention(*args)
@@ -82,10 +82,11 @@ def test_extend_from_a_start_key_gives_log_sum_exps(heads, kv_heads, dim, scatte
 @pytest.mark.parametrize("scattered", [False, True], ids=["runs", "scattered"])
 def test_shared_prefix_matches_reference(heads, kv_heads, dim, scattered) -> None:
     k, v, table, gen = pool(kv_heads, dim, scattered)
-    # groups of 1, 4, 16, 17 and 2 tokens over spans of 1, 300, 64, 65 and 1,000 keys
-    offsets = torch.tensor([0, 1, 5, 21, 38, 40])
+    # groups of 1, 4, 16, 37 (two tasks of up to 32) and 2 tokens over spans of 1, 300, 64, 65
+    # and 1,000 keys
+    offsets = torch.tensor([0, 1, 5, 21, 58, 60])
     rows, lens = torch.tensor([0, 3, 7, 8, 9]), torch.tensor([1, 300, 64, 65, 1000])
-    q = torch.randn(40, heads, dim, generator=gen).bfloat16()
+    q = torch.randn(60, heads, dim, generator=gen).bfloat16()
     args = (q, k, v, table, rows, offsets, lens, dim**-0.5)
     for a, b in zip(
         cascade.shared_prefix_attention(*args),
