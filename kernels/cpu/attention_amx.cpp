@@ -779,15 +779,18 @@ Plan extend_tasks(const torch::Tensor& q, const torch::Tensor& table, const torc
 
 }  // namespace
 
-// As attention.cpp's extend_attention (bfloat16 q and pools, head_dim a multiple of 64).
-// Returns [T, H, D] float32.
+// As attention.cpp's extend_attention (bfloat16 q and pools, head_dim a multiple of 64), but
+// returns [T, H, D] bfloat16: each output rounded once, to nearest even, as Tensor.to rounds the
+// float32 one (written by the tasks, not converted after them).
 torch::Tensor extend_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                torch::Tensor table, torch::Tensor rows, torch::Tensor prefix_lens,
                                torch::Tensor extend_lens, double scale) {
-  const Outputs o = float_outputs(q, k_pool, v_pool, table, scale, false);
-  auto plan = extend_tasks(q, table, rows, nullptr, prefix_lens, extend_lens, o.shape);
-  run_tasks(plan.tasks, plan.segments, o.shape, k_pool, v_pool);
-  return o.out;
+  check(q, k_pool, v_pool, table);
+  auto out = torch::empty(q.sizes(), q.options());
+  const Shape s = shape_of(q, k_pool, scale, out, nullptr);
+  auto plan = extend_tasks(q, table, rows, nullptr, prefix_lens, extend_lens, s);
+  run_tasks(plan.tasks, plan.segments, s, k_pool, v_pool);
+  return out;
 }
 
 // As attention.cpp's extend_attention_lse. Returns out [T, H, D] and lse [T, H], float32.

@@ -78,6 +78,25 @@ def test_extend_from_a_start_key_gives_log_sum_exps(heads, kv_heads, dim, scatte
 
 
 @needs_amx
+def test_extend_writes_bfloat16_rounded_once() -> None:
+    """The extend kernel writes bfloat16 itself: the same bits as its float32 sums (the kernel with
+    log-sum-exps, from key 0) rounded by `Tensor.to`."""
+    k, v, table, gen = pool(3, 64, scattered=True)
+    rows, prefix, extend = (
+        torch.tensor([0, 2, 4]),
+        torch.tensor([300, 0, 130]),
+        torch.tensor([1, 37, 70]),
+    )
+    q = torch.randn(int(extend.sum()), 9, 64, generator=gen).bfloat16()
+    out = AMX.extend_attention(q, k, v, table, rows, prefix, extend, 0.125)
+    wide, _ = AMX.extend_attention_lse(
+        q, k, v, table, rows, torch.zeros(3, dtype=torch.int64), prefix, extend, 0.125
+    )
+    assert out.dtype == torch.bfloat16 and wide.dtype == torch.float32
+    assert torch.equal(out, wide.to(torch.bfloat16))
+
+
+@needs_amx
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), SHAPES)
 @pytest.mark.parametrize("scattered", [False, True], ids=["runs", "scattered"])
 def test_shared_prefix_matches_reference(heads, kv_heads, dim, scattered) -> None:
