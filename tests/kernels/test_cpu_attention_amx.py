@@ -42,6 +42,16 @@ def pool(kv_heads: int, dim: int, scattered: bool, seed: int = 0):
     return k, v, table, gen
 
 
+def three_extends(prefix: list[int], extend: list[int]):
+    """Pools with scattered slots and three requests (table rows 0, 2 and 4) extending by `extend`
+    tokens after `prefix` cached ones: (k, v, table, rows, prefix, extend, q), q [T, 9, 64]
+    bfloat16 over 3 KV heads."""
+    k, v, table, gen = pool(3, 64, scattered=True)
+    extend_t = torch.tensor(extend)
+    q = torch.randn(int(extend_t.sum()), 9, 64, generator=gen).bfloat16()
+    return k, v, table, torch.tensor([0, 2, 4]), torch.tensor(prefix), extend_t, q
+
+
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=TOLERANCE)
@@ -81,13 +91,7 @@ def test_extend_from_a_start_key_gives_log_sum_exps(heads, kv_heads, dim, scatte
 def test_extend_writes_bfloat16_rounded_once() -> None:
     """The extend kernel writes bfloat16 itself: the same bits as its float32 sums (the kernel with
     log-sum-exps, from key 0) rounded by `Tensor.to`."""
-    k, v, table, gen = pool(3, 64, scattered=True)
-    rows, prefix, extend = (
-        torch.tensor([0, 2, 4]),
-        torch.tensor([300, 0, 130]),
-        torch.tensor([1, 37, 70]),
-    )
-    q = torch.randn(int(extend.sum()), 9, 64, generator=gen).bfloat16()
+    k, v, table, rows, prefix, extend, q = three_extends([300, 0, 130], [1, 37, 70])
     out = AMX.extend_attention(q, k, v, table, rows, prefix, extend, 0.125)
     wide, _ = AMX.extend_attention_lse(
         q, k, v, table, rows, torch.zeros(3, dtype=torch.int64), prefix, extend, 0.125
@@ -119,13 +123,7 @@ def test_shared_prefix_matches_reference(heads, kv_heads, dim, scattered) -> Non
 def test_each_request_gets_the_same_bits_alone_or_batched() -> None:
     """A task reads one request's queries and keys only, so a request's output does not depend on
     what else the call holds."""
-    k, v, table, gen = pool(3, 64, scattered=True)
-    rows, prefix, extend = (
-        torch.tensor([0, 2, 4]),
-        torch.tensor([100, 0, 7]),
-        torch.tensor([5, 40, 70]),
-    )
-    q = torch.randn(int(extend.sum()), 9, 64, generator=gen).bfloat16()
+    k, v, table, rows, prefix, extend, q = three_extends([100, 0, 7], [5, 40, 70])
     both = cpu_kernels.extend_attention(q, k, v, table, rows, prefix, extend, 0.125)
     first = 0
     for b in range(3):
