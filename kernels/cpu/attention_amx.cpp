@@ -550,8 +550,6 @@ void run_task(const Task& task, const Segment* segments, const Shape& s, const b
   const int64_t dim = s.dim, chunks = dim / kPair, heads = task.heads, per_head = tiles * kLanes;
   for (int64_t j = 0; j < heads; ++j) {
     load_queries(task, task.hk + j, s, nr, tiles, w.qT.data() + j * tiles * chunks * kTile);
-  }
-  for (int64_t j = 0; j < heads; ++j) {
     for (int64_t r = 0; r < per_head; ++r) {
       // Padded rows (zero queries, never read) see the keys of the last row.
       const int64_t i = std::min(r, nr - 1) / s.group;
