@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -24,6 +25,8 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+#include "exp16.h"
 
 namespace {
 
@@ -72,18 +75,27 @@ void add_rmsnorm_row_bf16(const bf16* x, const bf16* r, const bf16* w, bf16* out
   }
 }
 
-// silu_and_mul_rows's row for bfloat16: silu in float32 over the whole row first (exp vectorized
-// through libmvec), then the roundings.
-void silu_and_mul_row_bf16(const bf16* g, const bf16* u, bf16* o, float* s, int64_t inter) {
+// silu_and_mul_rows's row for bfloat16, 16 values a vector, all in registers: silu(g) = g / (1 +
+// e^-g) in float32, with exp16 and the reciprocal as a 14-bit estimate refined by one Newton
+// step, then the roundings. A gate below -88.7 (e^-g past the float range) gives a signed zero,
+// as PyTorch's silu does. The earlier row, a libmvec expf loop over a float32 copy of the row,
+// gave NaN there; against it, on a 2-core Xeon with both builds in one process (medians of nine
+// alternating rounds of 100 calls), 16 rows of 1,536 took 9.2 against 10.9 us a call, 64 rows
+// 28.0 against 38.3 and 512 rows 227 against 317. Both differ from PyTorch's result by one
+// bfloat16 step in about 0.05% of the outputs (|g| up to 10), and from each other in 1 of 10^5.
+void silu_and_mul_row_bf16(const bf16* g, const bf16* u, bf16* o, int64_t inter) {
+  const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t d = 0; d < inter; d += 16) {
     const __mmask16 m = tail_mask(d, inter);
-    _mm512_mask_storeu_ps(s + d, m, load_bf16(g + d, m));
-  }
-#pragma omp simd
-  for (int64_t d = 0; d < inter; ++d) s[d] = s[d] / (1.f + std::exp(-s[d]));
-  for (int64_t d = 0; d < inter; d += 16) {
-    const __mmask16 m = tail_mask(d, inter);
-    const __m512 silu = round_bf16(_mm512_maskz_loadu_ps(m, s + d));
+    const __m512 x = load_bf16(g + d, m);
+    const __m512 e = radixserve_simd::exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m512 y = _mm512_add_ps(one, e);
+    // 1 / y: the 14-bit estimate and one Newton step; 0 where y is infinite (x below -88.7),
+    // where the step would give NaN and x / y is a signed zero.
+    __m512 r = _mm512_rcp14_ps(y);
+    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(y, r, _mm512_set1_ps(2.f)));
+    r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, _mm512_set1_ps(INFINITY), _CMP_LT_OQ), r);
+    const __m512 silu = round_bf16(_mm512_mul_ps(x, r));
     store_bf16(o + d, m, _mm512_mul_ps(silu, load_bf16(u + d, m)));
   }
 }
@@ -134,10 +146,9 @@ void silu_and_mul_rows(const T* x, T* out, int64_t rows, int64_t inter) {
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      std::vector<float> s(inter);
       for (int64_t i = begin; i < end; ++i) {
         silu_and_mul_row_bf16(x + i * 2 * inter, x + i * 2 * inter + inter, out + i * inter,
-                              s.data(), inter);
+                              inter);
       }
       return;
     }
@@ -148,7 +159,9 @@ void silu_and_mul_rows(const T* x, T* out, int64_t rows, int64_t inter) {
       T* o = out + i * inter;
       for (int64_t d = 0; d < inter; ++d) {
         const float gv = static_cast<float>(g[d]);
-        const float silu = rnd<T>(gv / (1.f + std::exp(-gv)));
+        // e^-g overflows below g = -88.72, where PyTorch's silu gives a signed zero; under
+        // -ffast-math g / inf is NaN, so e^-g stops short of the overflow there (|silu| < 3e-36).
+        const float silu = rnd<T>(gv / (1.f + std::exp(std::min(-gv, 88.72f))));
         o[d] = static_cast<T>(silu * static_cast<float>(u[d]));
       }
     }
