@@ -11,8 +11,7 @@
 //   argmax:       torch.argmax(x, -1) of float32 rows (greedy sampling): the first index of the
 //                 row's largest value, or of its first NaN
 // On CPUs with AVX-512 BF16 the bfloat16 rows of add_rmsnorm and silu_and_mul run 16 values a
-// vector (4x and 2x faster a call at 16 rows of SmolLM2-135M: a scalar bfloat16 conversion
-// costs more than the arithmetic around it).
+// vector: a scalar bfloat16 conversion costs more than the arithmetic around it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -29,6 +28,9 @@
 #include "exp16.h"
 
 namespace {
+
+// silu(g) for g below this is zero: e^-g overflows float32 there (e^88.72 = 3.39e38 does not).
+constexpr float kSiluZeroBelow = -88.72f;
 
 // Rounds a float to the storage type and back, as a PyTorch op producing that dtype does.
 template <typename T> inline float rnd(float v) { return static_cast<float>(static_cast<T>(v)); }
@@ -77,12 +79,9 @@ void add_rmsnorm_row_bf16(const bf16* x, const bf16* r, const bf16* w, bf16* out
 
 // silu_and_mul_rows's row for bfloat16, 16 values a vector, all in registers: silu(g) = g / (1 +
 // e^-g) in float32, with exp16 and the reciprocal as a 14-bit estimate refined by one Newton
-// step, then the roundings. A gate below -88.7 (e^-g past the float range) gives a signed zero,
-// as PyTorch's silu does. The earlier row, a libmvec expf loop over a float32 copy of the row,
-// gave NaN there; against it, on a 2-core Xeon with both builds in one process (medians of nine
-// alternating rounds of 100 calls), 16 rows of 1,536 took 9.2 against 10.9 us a call, 64 rows
-// 28.0 against 38.3 and 512 rows 227 against 317. Both differ from PyTorch's result by one
-// bfloat16 step in about 0.05% of the outputs (|g| up to 10), and from each other in 1 of 10^5.
+// step, then the roundings. A gate below -88.72 (where e^-g overflows float32) gives zero, as
+// PyTorch's silu gives -0; a NaN gate gives NaN. The result differs from PyTorch's by one
+// bfloat16 step in about 0.05% of the outputs (|g| up to 10).
 void silu_and_mul_row_bf16(const bf16* g, const bf16* u, bf16* o, int64_t inter) {
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t d = 0; d < inter; d += 16) {
@@ -90,11 +89,11 @@ void silu_and_mul_row_bf16(const bf16* g, const bf16* u, bf16* o, int64_t inter)
     const __m512 x = load_bf16(g + d, m);
     const __m512 e = radixserve_simd::exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
     const __m512 y = _mm512_add_ps(one, e);
-    // 1 / y: the 14-bit estimate and one Newton step; 0 where y is infinite (x below -88.7),
-    // where the step would give NaN and x / y is a signed zero.
+    // 1 / y: the 14-bit estimate and one Newton step; 0 unless x > -88.72 (NaN and -inf
+    // included), where e^-x may be infinite (or, far out, no longer exp16's) and x / y is zero.
     __m512 r = _mm512_rcp14_ps(y);
     r = _mm512_mul_ps(r, _mm512_fnmadd_ps(y, r, _mm512_set1_ps(2.f)));
-    r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, _mm512_set1_ps(INFINITY), _CMP_LT_OQ), r);
+    r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(kSiluZeroBelow), _CMP_GT_OQ), r);
     const __m512 silu = round_bf16(_mm512_mul_ps(x, r));
     store_bf16(o + d, m, _mm512_mul_ps(silu, load_bf16(u + d, m)));
   }
@@ -159,9 +158,10 @@ void silu_and_mul_rows(const T* x, T* out, int64_t rows, int64_t inter) {
       T* o = out + i * inter;
       for (int64_t d = 0; d < inter; ++d) {
         const float gv = static_cast<float>(g[d]);
-        // e^-g overflows below g = -88.72, where PyTorch's silu gives a signed zero; under
-        // -ffast-math g / inf is NaN, so e^-g stops short of the overflow there (|silu| < 3e-36).
-        const float silu = rnd<T>(gv / (1.f + std::exp(std::min(-gv, 88.72f))));
+        // e^-g overflows below g = -88.72, where PyTorch's silu gives -0; under -ffast-math
+        // g / inf is NaN, so those gates give zero (and e^-g stops short of the overflow).
+        const float e = std::exp(std::min(-gv, -kSiluZeroBelow));
+        const float silu = gv < kSiluZeroBelow ? 0.f : rnd<T>(gv / (1.f + e));
         o[d] = static_cast<T>(silu * static_cast<float>(u[d]));
       }
     }

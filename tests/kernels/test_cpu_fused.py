@@ -52,13 +52,19 @@ def test_silu_and_mul_matches_reference(dtype, tokens, inter):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul_of_very_negative_gates_is_zero_not_nan(dtype):
-    # e^-g overflows float32 below g = -88.72: PyTorch's silu gives -0 there, and g / inf under
-    # -ffast-math gave NaN. 24 values: the vector rows end in a masked tail.
-    gate = torch.tensor([-88.8, -89.0, -100.0, -1e4, -3e38, 0.5, -0.5, 30.0] * 3)
-    x = torch.cat([gate, torch.full_like(gate, 2.0)])[None].to(dtype)
-    out = fused.silu_and_mul(x)
-    assert not out.isnan().any(), out
-    torch.testing.assert_close(out, fused.silu_and_mul_ref(x), atol=1e-30, rtol=2**-7)
+    # e^-g overflows float32 below g = -88.72: PyTorch's silu gives -0 there, where g / inf under
+    # -ffast-math gave NaN. A NaN gate gives NaN and +inf gives inf, as in PyTorch. 26 and 22
+    # values: the vector rows end in a masked tail.
+    nan, inf = float("nan"), float("inf")
+    gate = torch.tensor(
+        [-88.8, -89.0, -100.0, -1e4, -1e8, -1e10, -1e38, -3e38, 0.5, -0.5, 30.0, 1e10, -88.0] * 2
+    )
+    special = torch.tensor([nan, inf])
+    for g in (gate, torch.cat([gate[:20], special])):
+        x = torch.cat([g, torch.full_like(g, 2.0)])[None].to(dtype)
+        out, ref = fused.silu_and_mul(x), fused.silu_and_mul_ref(x)
+        assert torch.equal(out.isnan(), ref.isnan()), (out, ref)
+        torch.testing.assert_close(out, ref, atol=1e-30, rtol=2**-7, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
