@@ -206,11 +206,9 @@ inline void prefetch_row(const bf16* p, int64_t dim) {
 }
 
 // Gathers keys slots[0 .. n) of KV head hk: K as tiles (KeyTiles), values as pairs of keys into
-// vb (zero past n up to the end of the last half used); meanwhile fetches the rows of the slots
-// later[0 .. fetch) into L2, fetch_heads heads of each from hk.
+// vb (zero past n up to the end of the last half used).
 void load_keys(const bf16* k_pool, const bf16* v_pool, const int64_t* slots, int64_t hk,
-               const Shape& s, int64_t n, bf16* kb, bf16* vb, KeyTiles& keys,
-               const int64_t* later, int64_t fetch, int64_t fetch_heads) {
+               const Shape& s, int64_t n, bf16* kb, bf16* vb, KeyTiles& keys) {
   const int64_t dim = s.dim, row_stride = s.kv_heads * dim;
   for (int64_t t = 0; t * 16 < n; ++t) {
     const int64_t first = t * 16, count = std::min<int64_t>(16, n - first);
@@ -241,10 +239,6 @@ void load_keys(const bf16* k_pool, const bf16* v_pool, const int64_t* slots, int
   const int64_t chunks = dim / 16, pairs = n > 32 ? 32 : 16;
   for (int64_t j = 0; j < pairs; ++j) {
     const int64_t a = 2 * j, b = 2 * j + 1;
-    for (int64_t l = a; l < std::min(b + 1, fetch); ++l) {
-      prefetch_row(k_pool + later[l] * row_stride + hk * dim, fetch_heads * dim);
-      prefetch_row(v_pool + later[l] * row_stride + hk * dim, fetch_heads * dim);
-    }
     bf16* dst = vb + ((j / 16) * chunks * kTile + (j % 16) * 16) * 2;
     for (int64_t h = 0; h < dim / kPair; ++h) {
       const __m512i va = a < n ? _mm512_loadu_si512(v_pool + slots[a] * row_stride +
@@ -292,6 +286,24 @@ void fetch_keys(const bf16* k_pool, const bf16* v_pool, const int64_t* slots, in
     prefetch_row(v_pool + slots[l] * row_stride + hk * s.dim, heads * s.dim);
   }
 }
+
+// The K and V rows of `heads` KV heads from hk of slots later[0 .. n), fetched into L2 a few at
+// a time while a block computes (`upto`), so that the fetches leave the fill buffers free for the
+// block's own loads instead of queueing behind one another at its start.
+struct Fetch {
+  const bf16* k_pool;
+  const bf16* v_pool;
+  const int64_t* later;
+  int64_t n, hk, heads, row_stride, dim;
+  int64_t done = 0;
+  // Fetches the rows of slots done .. target - 1 (at most n).
+  void upto(int64_t target) {
+    for (const int64_t end = std::min(target, n); done < end; ++done) {
+      prefetch_row(k_pool + later[done] * row_stride + hk * dim, heads * dim);
+      prefetch_row(v_pool + later[done] * row_stride + hk * dim, heads * dim);
+    }
+  }
+};
 
 // Scores of the block's n keys for one query tile: sT[key][row], float32.
 void block_scores(const uint32_t* qT, int64_t chunks, const KeyTiles& k, int64_t n, float* sT) {
@@ -352,9 +364,10 @@ void block_values(const uint32_t* pb, int64_t halves, const bf16* vb, int64_t ch
 
 // One block of n keys (loaded: keys, w.vb) for query tile `tile` of a task: the scores, the online
 // softmax down the key axis (16 rows per vector; rows outside `lanes`, or with `lim`, whose key
-// count lim[m] <= l0 + l, do not see key l) and p . v into the rows' float32 sums.
+// count lim[m] <= l0 + l, do not see key l) and p . v into the rows' float32 sums. Meanwhile
+// `fetch` advances to `goal` (keys kAhead blocks on) in even steps through the softmax.
 void attend_block(const Shape& s, const KeyTiles& keys, int64_t n, int64_t tile, __mmask16 lanes,
-                  const int32_t* lim, int64_t l0, Scratch& w) {
+                  const int32_t* lim, int64_t l0, Scratch& w, Fetch& fetch, int64_t goal) {
   const int64_t chunks = s.dim / kPair, dim = s.dim;
   const __m512 scale = _mm512_set1_ps(s.scale);
   block_scores(w.qT.data() + tile * chunks * kTile, chunks, keys, n, w.sT.data());
@@ -387,8 +400,10 @@ void attend_block(const Shape& s, const KeyTiles& keys, int64_t n, int64_t tile,
   const int64_t halves = n > 32 ? 2 : 1;
   __m512 total = _mm512_setzero_ps();
   __m512i pairs[16];
+  const int64_t start = fetch.done, steps = halves * 16;
   for (int64_t h = 0; h < halves; ++h) {
     for (int64_t j = 0; j < 16; ++j) {
+      fetch.upto(start + (goal - start) * (h * 16 + j + 1) / steps);
       const int64_t l = h * 32 + 2 * j;
       __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
       if (l < n) p0 = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(sT + l * kLanes), scale, shift));
@@ -583,10 +598,12 @@ void run_task(const Task& task, const Segment* segments, const Shape& s, const b
     const int64_t lane_hi = seg.lane_hi >= nr ? per_head : seg.lane_hi;
     for (int64_t l0 = 0; l0 < seg.n; l0 += kKeys) {
       const int64_t n = std::min(kKeys, seg.n - l0);
-      const int64_t fetch = ahead.take(n, later);
+      Fetch fetch{k_pool, v_pool, later, ahead.take(n, later), task.hk, heads,
+                  s.kv_heads * dim, dim};
       for (int64_t j = 0; j < heads; ++j) {
         load_keys(k_pool, v_pool, seg.slots + l0, task.hk + j, s, n, w.kb.data(), w.vb.data(),
-                  keys, later, j == 0 ? fetch : 0, heads);
+                  keys);
+        const int64_t goal = fetch.n * (j + 1) / heads;
         for (int64_t tile = 0; tile < tiles; ++tile) {
           const __mmask16 lanes = tile_lanes(tile, seg.lane_lo, lane_hi);
           if (lanes == 0) continue;
@@ -594,8 +611,9 @@ void run_task(const Task& task, const Segment* segments, const Shape& s, const b
           const int32_t* lim = causal ? w.lim.data() + t * kLanes : nullptr;
           // causal: no row of this tile sees these keys
           if (causal && l0 >= *std::max_element(lim, lim + kLanes)) continue;
-          attend_block(s, keys, n, t, lanes, lim, l0, w);
+          attend_block(s, keys, n, t, lanes, lim, l0, w, fetch, goal);
         }
+        fetch.upto(goal);
       }
     }
   }

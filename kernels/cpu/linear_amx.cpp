@@ -5,11 +5,12 @@
 // input features (16 pairs) of 16 output channels, and in the panels those 1,024 bytes are
 // contiguous. So a tile of up to 16 rows of x (32 features each) times one block of 16 channels
 // is one tileloadd of x, one of the panel and one tdpbf16ps into a 16 x 16 float32 tile.
-// A row tile runs kBlocks blocks (64 channels) at a time, their sums in tiles 0-3, x in tile 4
-// and the weights alternating between tiles 5 and 6; rows past 16 go in further row tiles, as
-// even as they go, over the same panel (then in L2). Each row tile also fetches into L2 its share
-// of the next panel (as the panels of linear.cpp do), so the memory streams while the tiles
-// compute.
+// Up to 16 rows, one x tile runs kBlocks blocks (64 channels) at a time, their sums in tiles 0-3,
+// x in tile 4 and the weights alternating between tiles 5 and 6. More rows go in row tiles of two
+// x tiles, as even as they go, each weight tile feeding both, over the same panel (then in L2);
+// where the tiles hold more rows than x, the last row tile starts early, so that no tile reads
+// past x. Each row tile also fetches into L2 its share of the next panel (as the panels of
+// linear.cpp do), so the memory streams while the tiles compute.
 //
 // oneDNN's bfloat16 GEMM also runs on AMX tiles, but adds 30-50 us per call at decode batch sizes.
 // Measured on a 2-vCPU Intel Xeon (AMX) over the 120 decoder linears of SmolLM2-135M (distinct
@@ -102,14 +103,13 @@ inline void one_x_tile(const bf16* x, int64_t K, const bf16* panel, int64_t ahea
   if constexpr (NB > 3) _tile_stored(3, sums + 3 * kSums, 64);
 }
 
-// Two x tiles of `rows` rows each (at x and x + rows * K) against NB (1 or 2) blocks, so that
-// every weight tile loaded feeds two products: sums of block j, x tile i in tile 2 j + i, stored
-// into `sums` at (2 j + i) * 256. Fetches ahead as one_x_tile does.
+// Two x tiles of the configured rows (at x and x1, which may overlap) against NB (1 or 2)
+// blocks, so that every weight tile loaded feeds two products: sums of block j, x tile i in tile
+// 2 j + i, stored into `sums` at (2 j + i) * 256. Fetches ahead as one_x_tile does.
 template <int NB>
-inline void two_x_tiles(const bf16* x, int64_t rows, int64_t K, const bf16* panel, int64_t ahead,
-                        int64_t tile, int64_t tiles, float* sums) {
+inline void two_x_tiles(const bf16* x, const bf16* x1, int64_t K, const bf16* panel,
+                        int64_t ahead, int64_t tile, int64_t tiles, float* sums) {
   const int64_t block_stride = K * kLanes, x_stride = K * 2;
-  const bf16* x1 = x + rows * K;
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (NB > 1) {
@@ -156,9 +156,18 @@ inline void finish(const float* sums, int64_t rows, const bf16* bias, bf16* out,
   }
 }
 
-// x [tiles * x_tiles * tile_rows, K] (zero rows past M), panels [blocks, K * 16] -> out [M, N]:
-// each thread an equal run of blocks, kBlocks at a time (a panel), every row tile of x_tiles x
-// tiles (1 or 2) of tile_rows rows over each panel.
+// The first rows a and b of the two x tiles (`rows` rows each) of row tile `tile` of x [M, K],
+// so that every row of x is in some tile and none reads past its end: where the row tiles hold
+// more than M rows, the last one starts early, and its second x tile may overlap its first. Rows
+// in two tiles are computed twice, to the same values (see the top).
+inline void pair_rows(int64_t tile, int64_t rows, int64_t M, int64_t& a, int64_t& b) {
+  a = std::min<int64_t>(tile * 2 * rows, std::max<int64_t>(M - 2 * rows, 0));
+  b = std::min<int64_t>(a + rows, M - rows);
+}
+
+// x [M, K], panels [blocks, K * 16] -> out [M, N]: each thread an equal run of blocks, kBlocks at
+// a time (a panel), every row tile over each panel: one x tile of all M rows (M <= 16, tiles 1)
+// or `tiles` pairs of x tiles of tile_rows rows (pair_rows).
 void run(const bf16* x, int64_t M, int64_t tile_rows, int x_tiles, int64_t tiles, int64_t K,
          int64_t N, int64_t blocks, const bf16* w, const bf16* bias, bf16* out) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
@@ -173,34 +182,30 @@ void run(const bf16* x, int64_t M, int64_t tile_rows, int x_tiles, int64_t tiles
         const bf16* panel = w + p * K * kLanes;
         const int64_t ahead = nb * K * kLanes;
         for (int64_t tile = 0; tile < tiles; ++tile) {
-          const int64_t m0 = tile * x_tiles * tile_rows;
-          const bf16* xt = x + m0 * K;
           if (x_tiles == 1) {
             switch (nb) {
-              case 4: one_x_tile<4>(xt, K, panel, ahead, tile, tiles, sums); break;
-              case 3: one_x_tile<3>(xt, K, panel, ahead, tile, tiles, sums); break;
-              case 2: one_x_tile<2>(xt, K, panel, ahead, tile, tiles, sums); break;
-              default: one_x_tile<1>(xt, K, panel, ahead, tile, tiles, sums); break;
+              case 4: one_x_tile<4>(x, K, panel, ahead, tile, tiles, sums); break;
+              case 3: one_x_tile<3>(x, K, panel, ahead, tile, tiles, sums); break;
+              case 2: one_x_tile<2>(x, K, panel, ahead, tile, tiles, sums); break;
+              default: one_x_tile<1>(x, K, panel, ahead, tile, tiles, sums); break;
             }
-            const int64_t rows = std::min(tile_rows, M - m0);
             for (int64_t j = 0; j < nb; ++j)
-              finish(sums + j * kSums, rows, bias, out, N, m0, (p + j) * kLanes);
+              finish(sums + j * kSums, M, bias, out, N, 0, (p + j) * kLanes);
             continue;
           }
+          int64_t r0[2];
+          pair_rows(tile, tile_rows, M, r0[0], r0[1]);
           for (int64_t j = 0; j < nb; j += 2) {
             const bf16* pair = panel + j * K * kLanes;
             if (nb - j >= 2) {
-              two_x_tiles<2>(xt, tile_rows, K, pair, ahead, tile, tiles, sums);
+              two_x_tiles<2>(x + r0[0] * K, x + r0[1] * K, K, pair, ahead, tile, tiles, sums);
             } else {
-              two_x_tiles<1>(xt, tile_rows, K, pair, ahead, tile, tiles, sums);
+              two_x_tiles<1>(x + r0[0] * K, x + r0[1] * K, K, pair, ahead, tile, tiles, sums);
             }
             for (int64_t jj = j; jj < std::min<int64_t>(j + 2, nb); ++jj) {
               for (int i = 0; i < 2; ++i) {
-                const int64_t r0 = m0 + i * tile_rows;
-                const int64_t rows = std::min(tile_rows, M - r0);
-                if (rows > 0)
-                  finish(sums + (2 * (jj - j) + i) * kSums, rows, bias, out, N, r0,
-                         (p + jj) * kLanes);
+                finish(sums + (2 * (jj - j) + i) * kSums, tile_rows, bias, out, N, r0[i],
+                       (p + jj) * kLanes);
               }
             }
           }
@@ -235,19 +240,13 @@ torch::Tensor linear_bf16_amx(torch::Tensor x, torch::Tensor panels, int64_t N,
   }
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
-  // Up to 16 rows: one x tile; more: row tiles of two x tiles, up to 32 rows each, as even as
-  // they go.
+  // Up to 16 rows: one x tile of M rows; more: row tiles of two x tiles, up to 32 rows each, as
+  // even as they go, read from x itself (pair_rows). (A copy of x padded with zero rows to whole
+  // tiles cost a zeroed tensor and a copy, 15-40 us a call from 17 to 127 rows.)
   const int x_tiles = M <= kTileRows ? 1 : 2;
   const int64_t tiles = (M + x_tiles * kTileRows - 1) / (x_tiles * kTileRows);
   const int64_t tile_rows = (M + tiles * x_tiles - 1) / (tiles * x_tiles);
-  // Every x tile has tile_rows rows: pad x with zero rows where M falls short.
-  const int64_t padded = tiles * x_tiles * tile_rows;
-  torch::Tensor xs = x;
-  if (padded != M) {
-    xs = torch::zeros({padded, K}, x.options());
-    xs.narrow(0, 0, M).copy_(x);
-  }
-  run(xs.data_ptr<bf16>(), M, tile_rows, x_tiles, tiles, K, N, panels.size(0),
+  run(x.data_ptr<bf16>(), M, tile_rows, x_tiles, tiles, K, N, panels.size(0),
       panels.data_ptr<bf16>(), b, out.data_ptr<bf16>());
   return out;
 }
