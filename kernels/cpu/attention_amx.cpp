@@ -365,7 +365,8 @@ void block_values(const uint32_t* pb, int64_t halves, const bf16* vb, int64_t ch
 // One block of n keys (loaded: keys, w.vb) for query tile `tile` of a task: the scores, the online
 // softmax down the key axis (16 rows per vector; rows outside `lanes`, or with `lim`, whose key
 // count lim[m] <= l0 + l, do not see key l) and p . v into the rows' float32 sums. Meanwhile
-// `fetch` advances to `goal` (keys kAhead blocks on) in even steps through the softmax.
+// `fetch` advances to `goal` (keys kAhead blocks on) in even steps through the softmax: the first
+// query tile of a head that attends the block takes the head's share, later tiles none.
 void attend_block(const Shape& s, const KeyTiles& keys, int64_t n, int64_t tile, __mmask16 lanes,
                   const int32_t* lim, int64_t l0, Scratch& w, Fetch& fetch, int64_t goal) {
   const int64_t chunks = s.dim / kPair, dim = s.dim;

@@ -8,8 +8,8 @@
 // Up to 16 rows, one x tile runs kBlocks blocks (64 channels) at a time, their sums in tiles 0-3,
 // x in tile 4 and the weights alternating between tiles 5 and 6. More rows go in row tiles of two
 // x tiles, as even as they go, each weight tile feeding both, over the same panel (then in L2);
-// where the tiles hold more rows than x, the last row tile starts early, so that no tile reads
-// past x. Each row tile also fetches into L2 its share of the next panel (as the panels of
+// where the tiles hold more rows than x, the last x tiles start early, so that none reads past
+// x. Each row tile also fetches into L2 its share of the next panel (as the panels of
 // linear.cpp do), so the memory streams while the tiles compute.
 //
 // oneDNN's bfloat16 GEMM also runs on AMX tiles, but adds 30-50 us per call at decode batch sizes.
@@ -157,9 +157,10 @@ inline void finish(const float* sums, int64_t rows, const bf16* bias, bf16* out,
 }
 
 // The first rows a and b of the two x tiles (`rows` rows each) of row tile `tile` of x [M, K],
-// so that every row of x is in some tile and none reads past its end: where the row tiles hold
-// more than M rows, the last one starts early, and its second x tile may overlap its first. Rows
-// in two tiles are computed twice, to the same values (see the top).
+// so that every row of x is in some tile and none reads past its end: where the tiles hold more
+// than M rows, the last row tile starts early (with one row tile, its second x tile does), and
+// its x tiles may overlap the ones before. Rows in two tiles are computed twice, to the same
+// values (see the top).
 inline void pair_rows(int64_t tile, int64_t rows, int64_t M, int64_t& a, int64_t& b) {
   a = std::min<int64_t>(tile * 2 * rows, std::max<int64_t>(M - 2 * rows, 0));
   b = std::min<int64_t>(a + rows, M - rows);

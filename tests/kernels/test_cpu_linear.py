@@ -44,7 +44,8 @@ def _ulp_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 def test_bf16_panels_match_reference(kernel: str, rows: int, k: int, n: int, bias: bool) -> None:
     """The AVX-512 kernel: row tiles of 1-6 rows, channel blocks of 1-4 and a last block of 1-16
     lanes. The AMX kernel over the same panels: one x tile (up to 16 rows) or pairs of them,
-    padded rows, blocks of 1-4 and a last block of 1-16 lanes."""
+    the last ones starting early where the tiles hold more rows than x, blocks of 1-4 and a last
+    block of 1-16 lanes."""
     gen = torch.Generator().manual_seed(rows * n + k + (2 if kernel == "panels" else 5))
     x = torch.randn(rows, k, generator=gen).bfloat16()
     w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
