@@ -365,8 +365,9 @@ void block_values(const uint32_t* pb, int64_t halves, const bf16* vb, int64_t ch
 // One block of n keys (loaded: keys, w.vb) for query tile `tile` of a task: the scores, the online
 // softmax down the key axis (16 rows per vector; rows outside `lanes`, or with `lim`, whose key
 // count lim[m] <= l0 + l, do not see key l) and p . v into the rows' float32 sums. Meanwhile
-// `fetch` advances to `goal` (keys kAhead blocks on) in even steps through the softmax: the first
-// query tile of a head that attends the block takes the head's share, later tiles none.
+// `fetch` advances to `goal` (keys kAhead blocks on) in even steps through the softmax: each query
+// tile of a head takes an equal part of the head's share (a skipped tile's part goes with the
+// next one, and what is left after the head's last tile goes at once).
 void attend_block(const Shape& s, const KeyTiles& keys, int64_t n, int64_t tile, __mmask16 lanes,
                   const int32_t* lim, int64_t l0, Scratch& w, Fetch& fetch, int64_t goal) {
   const int64_t chunks = s.dim / kPair, dim = s.dim;
@@ -612,7 +613,8 @@ void run_task(const Task& task, const Segment* segments, const Shape& s, const b
           const int32_t* lim = causal ? w.lim.data() + t * kLanes : nullptr;
           // causal: no row of this tile sees these keys
           if (causal && l0 >= *std::max_element(lim, lim + kLanes)) continue;
-          attend_block(s, keys, n, t, lanes, lim, l0, w, fetch, goal);
+          attend_block(s, keys, n, t, lanes, lim, l0, w, fetch,
+                       fetch.n * (j * tiles + tile + 1) / (heads * tiles));
         }
         fetch.upto(goal);
       }
