@@ -289,7 +289,9 @@ void fetch_keys(const bf16* k_pool, const bf16* v_pool, const int64_t* slots, in
 
 // The K and V rows of `heads` KV heads from hk of slots later[0 .. n), fetched into L2 a few at
 // a time while a block computes (`upto`), so that the fetches leave the fill buffers free for the
-// block's own loads instead of queueing behind one another at its start.
+// block's own loads instead of queueing behind one another at its start. `upto` keeps its own
+// loop rather than calling fetch_keys over the range: called about 32 times a tile for one or two
+// rows each, that was 8-11 % slower over 30 layers of the decode groups (three A/B runs).
 struct Fetch {
   const bf16* k_pool;
   const bf16* v_pool;
