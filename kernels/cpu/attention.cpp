@@ -96,12 +96,14 @@ inline void prefetch_row(const T* p) {
 
 #if defined(__AVX512F__)
 // Decode attention with AVX-512. attend_head_bf16 (bfloat16 queries over bfloat16 or float8
-// pools, on CPUs with AVX-512 BF16) computes q . k as bf16 pair dot products; attend_head_x16
-// (float32 queries, and bfloat16 ones elsewhere) in float32, 16 lanes, each key widened once per
-// block of 16 keys. Both reduce 16 keys' vector sums together and then compute p . v in float32
-// with the output rows held in registers. head_dim must be 64.
+// pools, on CPUs with AVX-512 BF16) computes q . k and p . v as bf16 pair dot products (p
+// rounded to bfloat16, weigh_group_bf16); attend_head_x16 (float32 queries, and bfloat16 ones
+// elsewhere) q . k in float32, 16 lanes, each key widened once per block of 16 keys, and p . v
+// in float32. Both reduce 16 keys' vector sums together, and hold the output rows in registers
+// for p . v. head_dim must be 64.
 
-using radixserve_simd::reduce16;  // exp16.h
+using radixserve_simd::exp16;  // exp16.h
+using radixserve_simd::reduce16;
 
 // 16 values → 16 float32, exactly (see load_row).
 inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
@@ -263,10 +265,123 @@ inline void attend_head_x16(const TQ* q, const T* k_pool, const T* v_pool, const
 #endif
 
 #if defined(__AVX512BF16__)
+// 32 values of a K/V row as bfloat16 (float8 ones converted, exactly).
+inline __m512i load_bf16x32(const at::BFloat16* p) { return _mm512_loadu_si512(p); }
+inline __m512i load_bf16x32(const at::Float8_e5m2* p) { return fp8_to_bf16(p); }
+
+// The softmax numerators of one row of n >= 1 scores for the pair dot products of p . v:
+// p[l] = exp(s[l] - max) rounded to bfloat16, written as a bfloat16 row over the start of s
+// (each block of 16 is read before it is overwritten), then p[n] = 0 when n is odd (the last
+// key's partner). Returns the max; *sum gets the float32 sum of the unrounded p.
+inline float exp_row_bf16(float* s, int64_t n, float* sum) {
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t l = 0; l < n; l += 16) {
+    const __mmask16 k = n - l >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - l)) - 1);
+    vmax = _mm512_mask_max_ps(vmax, k, vmax, _mm512_maskz_loadu_ps(k, s + l));
+  }
+  const float m = _mm512_reduce_max_ps(vmax);
+  const __m512 vm = _mm512_set1_ps(m);
+  at::BFloat16* p = reinterpret_cast<at::BFloat16*>(s);
+  __m512 vz = _mm512_setzero_ps();
+  for (int64_t l = 0; l < n; l += 16) {
+    const __mmask16 k = n - l >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - l)) - 1);
+    const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + l), vm);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp16(x));
+    vz = _mm512_add_ps(vz, e);
+    _mm256_mask_storeu_epi16(p + l, k, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  if (n & 1) p[n] = at::BFloat16(0.f);
+  *sum = _mm512_reduce_add_ps(vz);
+  return m;
+}
+
+// out[g][0 .. 64) = inv[g] x the sum over keys l < len of p_g[l] v_l, for g < G: p_g the
+// bfloat16 numerators of exp_row_bf16 (pr[g], read as pairs of keys), each pair of keys' value
+// rows interleaved dim by dim (vpunpck{l,h}wd: the four vectors hold dims 8k + 0..3, 8k + 4..7,
+// and those + 32) for pair dot products; the float32 sums are put back in dim order at the end.
+// With `prefetch`, the rows kAhead keys ahead are fetched.
+template <int G, typename T>
+inline void weigh_pairs(const uint32_t* const* pr, int64_t len, const T* v, int64_t stride,
+                        const int64_t* slots, bool prefetch, const float* inv, float* out) {
+  __m512 o[G][4];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < 4; ++c) o[g][c] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < len; l += 2) {
+    if (prefetch) {
+      if (l + kAhead < len) prefetch_row(v + slots[l + kAhead] * stride);
+      if (l + kAhead + 1 < len) prefetch_row(v + slots[l + kAhead + 1] * stride);
+    }
+    const T* va = v + slots[l] * stride;
+    const T* vb = l + 1 < len ? v + slots[l + 1] * stride : va;  // its p is 0
+    const __m512i a0 = load_bf16x32(va), a1 = load_bf16x32(va + 32);
+    const __m512i b0 = load_bf16x32(vb), b1 = load_bf16x32(vb + 32);
+    const __m512bh x[4] = {(__m512bh)_mm512_unpacklo_epi16(a0, b0),
+                           (__m512bh)_mm512_unpackhi_epi16(a0, b0),
+                           (__m512bh)_mm512_unpacklo_epi16(a1, b1),
+                           (__m512bh)_mm512_unpackhi_epi16(a1, b1)};
+    for (int g = 0; g < G; ++g) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(pr[g][l / 2]));
+      for (int c = 0; c < 4; ++c) o[g][c] = _mm512_dpbf16_ps(o[g][c], w, x[c]);
+    }
+  }
+  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int g = 0; g < G; ++g) {
+    const __m512 s = _mm512_set1_ps(inv[g]);
+    float* og = out + g * kDim;
+    for (int h = 0; h < 2; ++h) {
+      const __m512 e = o[g][2 * h], f = o[g][2 * h + 1];
+      _mm512_storeu_ps(og + 32 * h, _mm512_mul_ps(_mm512_permutex2var_ps(e, lo, f), s));
+      _mm512_storeu_ps(og + 32 * h + 16, _mm512_mul_ps(_mm512_permutex2var_ps(e, hi, f), s));
+    }
+  }
+}
+
+// The softmax of the group's score rows (lse, nullable, gets their log-sum-exps) and
+// out[g] = p_g . v, four query heads at a time. p = exp(s - max) is rounded to bfloat16 for the
+// pair dot products and the float32 sums divided by the float32 sum of the unrounded p at the
+// end, as the extend kernel (extend_block_bf16) and torch's scaled_dot_product_attention on the
+// CPU compute bfloat16 attention; outputs differ from a float32 p . v by about one bfloat16
+// rounding of the output. Against the float32 p . v (a value row widened and multiplied by each
+// head's p, 20 vector instructions a key for 3 heads; here 8), over 30 layers of SmolLM2-135M's
+// pools on a 2-core AMD EPYC (AVX-512 BF16, no AMX), batch 16 at context 1,000, in-process A/B
+// (medians of 7-30 rounds): 259 -> 198 us a layer with the pools in cache (as the rows of a
+// shared prefix find them), 457-486 -> 438-472 from memory, where a loop that only reads the
+// same rows takes 446-457.
+template <typename T>
+inline void weigh_group_bf16(float* scores, int64_t len, const T* v_pool, const int64_t* slots,
+                             int64_t kv_heads, int64_t hk, int64_t group, float* out, float* lse) {
+  const uint32_t* pr[8];
+  float inv[8];
+  for (int64_t g = 0; g < group; ++g) {
+    float z;
+    const float m = exp_row_bf16(scores + g * len, len, &z);
+    inv[g] = 1.f / z;
+    if (lse != nullptr) lse[g] = m + std::log(z);
+    pr[g] = reinterpret_cast<const uint32_t*>(scores + g * len);
+  }
+  const T* v = v_pool + hk * kDim;
+  const int64_t stride = kv_heads * kDim;
+  for (int64_t l = 0; l < std::min(kAhead, len); ++l) prefetch_row(v + slots[l] * stride);
+  for (int64_t g0 = 0; g0 < group; g0 += 4) {
+    float* o = out + g0 * kDim;
+    switch (std::min<int64_t>(4, group - g0)) {
+      case 4: weigh_pairs<4>(pr + g0, len, v, stride, slots, g0 == 0, inv + g0, o); break;
+      case 3: weigh_pairs<3>(pr + g0, len, v, stride, slots, g0 == 0, inv + g0, o); break;
+      case 2: weigh_pairs<2>(pr + g0, len, v, stride, slots, g0 == 0, inv + g0, o); break;
+      default: weigh_pairs<1>(pr + g0, len, v, stride, slots, g0 == 0, inv + g0, o); break;
+    }
+  }
+}
+#endif
+
+#if defined(__AVX512BF16__)
 // Decode attention of one request's G query heads over one kv head's bfloat16 or float8 keys,
 // with AVX-512 BF16: q . k as bf16 pair dot products into float32 (the products of two bf16
-// values are exact in float32, as when both are widened first), 16 keys at a time. Float8 keys
-// are converted to bfloat16 (exactly, fp8_to_bf16) a block of 16 at a time into a 2 KB scratch.
+// values are exact in float32, as when both are widened first), 16 keys at a time, then p . v
+// as pair dot products too (weigh_group_bf16). Float8 keys are converted to bfloat16 (exactly,
+// fp8_to_bf16) a block of 16 at a time into a 2 KB scratch, float8 values as they are read.
 //
 // q: [group, 64] of this kv head; pools [slots, kv_heads, 64]; keys slots[0 .. len); scores:
 // [group, len] scratch; out: [group, 64] float32; lse: [group] or null. group <= 8.
@@ -299,7 +414,7 @@ inline void attend_head_bf16(const at::BFloat16* q, const T* k_pool, const T* v_
       _mm512_mask_storeu_ps(scores + g * len + l0, (__mmask16)((1u << n) - 1), s);
     }
   }
-  weigh_group16(scores, len, v_pool, slots, kv_heads, hk, group, out, lse);
+  weigh_group_bf16(scores, len, v_pool, slots, kv_heads, hk, group, out, lse);
 }
 #endif
 
@@ -613,7 +728,6 @@ void extend_scores_bf16(const PairRow* qT, int64_t R, int64_t r0, const KeyRow& 
   for (int rg = 0; rg < RG; ++rg) _mm512_storeu_ps(mx + r0 + 16 * rg, top[rg]);
 }
 
-using radixserve_simd::exp16;  // exp16.h
 
 // Rows r0 .. r0 + 16 * RG of oT[d * R + r] = the sum over key pairs i < n_pairs of the pair dot
 // product of pT[i * R + r] (row r's probabilities of keys 2i, 2i + 1, bfloat16) and vT[i * 64 + d]
