@@ -265,14 +265,15 @@ inline void attend_head_x16(const TQ* q, const T* k_pool, const T* v_pool, const
 #endif
 
 #if defined(__AVX512BF16__)
-// 32 values of a K/V row as bfloat16 (float8 ones converted, exactly).
-inline __m512i load_bf16x32(const at::BFloat16* p) { return _mm512_loadu_si512(p); }
-inline __m512i load_bf16x32(const at::Float8_e5m2* p) { return fp8_to_bf16(p); }
+// Two bfloat16 probabilities, the first in the low half, read from a row that exp_row_bf16 wrote
+// over float32 scores (may_alias: the memory was declared float).
+typedef uint32_t __attribute__((may_alias)) ProbPair;
 
-// The softmax numerators of one row of n >= 1 scores for the pair dot products of p . v:
+// The softmax numerators of one row of n >= 0 scores for the pair dot products of p . v:
 // p[l] = exp(s[l] - max) rounded to bfloat16, written as a bfloat16 row over the start of s
-// (each block of 16 is read before it is overwritten), then p[n] = 0 when n is odd (the last
-// key's partner). Returns the max; *sum gets the float32 sum of the unrounded p.
+// (each block of 16 is read before it is overwritten), with p[n] = 0 when n is odd (the last
+// key's partner, one more lane of the last store). Returns the max; *sum gets the float32 sum of
+// the unrounded p (0 and -inf for n = 0).
 inline float exp_row_bf16(float* s, int64_t n, float* sum) {
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t l = 0; l < n; l += 16) {
@@ -288,9 +289,9 @@ inline float exp_row_bf16(float* s, int64_t n, float* sum) {
     const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + l), vm);
     const __m512 e = _mm512_maskz_mov_ps(k, exp16(x));
     vz = _mm512_add_ps(vz, e);
-    _mm256_mask_storeu_epi16(p + l, k, (__m256i)_mm512_cvtneps_pbh(e));
+    const __mmask16 w = n - l >= 16 ? k : (__mmask16)((1u << (n - l + (n & 1))) - 1);
+    _mm256_mask_storeu_epi16(p + l, w, (__m256i)_mm512_cvtneps_pbh(e));  // lanes >= n - l: 0
   }
-  if (n & 1) p[n] = at::BFloat16(0.f);
   *sum = _mm512_reduce_add_ps(vz);
   return m;
 }
@@ -300,8 +301,9 @@ inline float exp_row_bf16(float* s, int64_t n, float* sum) {
 // rows interleaved dim by dim (vpunpck{l,h}wd: the four vectors hold dims 8k + 0..3, 8k + 4..7,
 // and those + 32) for pair dot products; the float32 sums are put back in dim order at the end.
 // With `prefetch`, the rows kAhead keys ahead are fetched.
-template <int G, typename T>
-inline void weigh_pairs(const uint32_t* const* pr, int64_t len, const T* v, int64_t stride,
+template <int G>
+inline void weigh_pairs(const ProbPair* const* pr, int64_t len, const at::BFloat16* v,
+                        int64_t stride,
                         const int64_t* slots, bool prefetch, const float* inv, float* out) {
   __m512 o[G][4];
   for (int g = 0; g < G; ++g)
@@ -311,10 +313,10 @@ inline void weigh_pairs(const uint32_t* const* pr, int64_t len, const T* v, int6
       if (l + kAhead < len) prefetch_row(v + slots[l + kAhead] * stride);
       if (l + kAhead + 1 < len) prefetch_row(v + slots[l + kAhead + 1] * stride);
     }
-    const T* va = v + slots[l] * stride;
-    const T* vb = l + 1 < len ? v + slots[l + 1] * stride : va;  // its p is 0
-    const __m512i a0 = load_bf16x32(va), a1 = load_bf16x32(va + 32);
-    const __m512i b0 = load_bf16x32(vb), b1 = load_bf16x32(vb + 32);
+    const at::BFloat16* va = v + slots[l] * stride;
+    const at::BFloat16* vb = l + 1 < len ? v + slots[l + 1] * stride : va;  // its p is 0
+    const __m512i a0 = _mm512_loadu_si512(va), a1 = _mm512_loadu_si512(va + 32);
+    const __m512i b0 = _mm512_loadu_si512(vb), b1 = _mm512_loadu_si512(vb + 32);
     const __m512bh x[4] = {(__m512bh)_mm512_unpacklo_epi16(a0, b0),
                            (__m512bh)_mm512_unpackhi_epi16(a0, b0),
                            (__m512bh)_mm512_unpacklo_epi16(a1, b1),
@@ -343,25 +345,27 @@ inline void weigh_pairs(const uint32_t* const* pr, int64_t len, const T* v, int6
 // pair dot products and the float32 sums divided by the float32 sum of the unrounded p at the
 // end, as the extend kernel (extend_block_bf16) and torch's scaled_dot_product_attention on the
 // CPU compute bfloat16 attention; outputs differ from a float32 p . v by about one bfloat16
-// rounding of the output. Against the float32 p . v (a value row widened and multiplied by each
-// head's p, 20 vector instructions a key for 3 heads; here 8), over 30 layers of SmolLM2-135M's
-// pools on a 2-core AMD EPYC (AVX-512 BF16, no AMX), batch 16 at context 1,000, in-process A/B
-// (medians of 7-30 rounds): 259 -> 198 us a layer with the pools in cache (as the rows of a
-// shared prefix find them), 457-486 -> 438-472 from memory, where a loop that only reads the
-// same rows takes 446-457.
-template <typename T>
-inline void weigh_group_bf16(float* scores, int64_t len, const T* v_pool, const int64_t* slots,
-                             int64_t kv_heads, int64_t hk, int64_t group, float* out, float* lse) {
-  const uint32_t* pr[8];
+// rounding of the output. Against the float32 p . v (weigh_group16: a value row widened and
+// multiplied by each head's p, 23 vector instructions a key for 3 heads, broadcasts included;
+// here 11.5), over 30 layers of SmolLM2-135M's bfloat16 pools on a 2-core AMD EPYC (AVX-512
+// BF16, no AMX), batch 16 at context 1,000, in-process A/B (medians of 7-30 rounds): 259 -> 198
+// us a layer with the pools in cache (as the rows of a shared prefix find them), 457-486 ->
+// 438-472 from memory, where a loop that only reads the same rows takes 446-457. Float8 values
+// keep weigh_group16: converting each to bfloat16 (fp8_to_bf16) made the kernel slower (466
+// against 449 us a layer from memory, 411 against 389 in cache).
+inline void weigh_group_bf16(float* scores, int64_t len, const at::BFloat16* v_pool,
+                             const int64_t* slots, int64_t kv_heads, int64_t hk, int64_t group,
+                             float* out, float* lse) {
+  const ProbPair* pr[8];
   float inv[8];
   for (int64_t g = 0; g < group; ++g) {
     float z;
     const float m = exp_row_bf16(scores + g * len, len, &z);
-    inv[g] = 1.f / z;
+    inv[g] = z > 0.f ? 1.f / z : 0.f;  // no keys: zeros, as weigh_group16
     if (lse != nullptr) lse[g] = m + std::log(z);
-    pr[g] = reinterpret_cast<const uint32_t*>(scores + g * len);
+    pr[g] = reinterpret_cast<const ProbPair*>(scores + g * len);
   }
-  const T* v = v_pool + hk * kDim;
+  const at::BFloat16* v = v_pool + hk * kDim;
   const int64_t stride = kv_heads * kDim;
   for (int64_t l = 0; l < std::min(kAhead, len); ++l) prefetch_row(v + slots[l] * stride);
   for (int64_t g0 = 0; g0 < group; g0 += 4) {
@@ -414,7 +418,11 @@ inline void attend_head_bf16(const at::BFloat16* q, const T* k_pool, const T* v_
       _mm512_mask_storeu_ps(scores + g * len + l0, (__mmask16)((1u << n) - 1), s);
     }
   }
-  weigh_group_bf16(scores, len, v_pool, slots, kv_heads, hk, group, out, lse);
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    weigh_group_bf16(scores, len, v_pool, slots, kv_heads, hk, group, out, lse);
+  } else {  // float8 values: widened to float32 as they are read (see weigh_group_bf16)
+    weigh_group16(scores, len, v_pool, slots, kv_heads, hk, group, out, lse);
+  }
 }
 #endif
 
@@ -727,7 +735,6 @@ void extend_scores_bf16(const PairRow* qT, int64_t R, int64_t r0, const KeyRow& 
   }
   for (int rg = 0; rg < RG; ++rg) _mm512_storeu_ps(mx + r0 + 16 * rg, top[rg]);
 }
-
 
 // Rows r0 .. r0 + 16 * RG of oT[d * R + r] = the sum over key pairs i < n_pairs of the pair dot
 // product of pT[i * R + r] (row r's probabilities of keys 2i, 2i + 1, bfloat16) and vT[i * 64 + d]

@@ -28,8 +28,9 @@
 //
 // A decode member's own keys are seen by its G query rows only, G of a tile's 16 lanes, while
 // each key would still be gathered, re-laid and transposed as for 16: those rows attend them with
-// AVX-512 BF16 vector code instead (own_keys, as attention.cpp's decode kernel), folded into the
-// same running maximum, sum and output sums, their probabilities unrounded for p . v.
+// AVX-512 BF16 vector code instead (own_keys: q . k as attention.cpp's decode kernel computes
+// it), folded into the same running maximum, sum and output sums, their probabilities unrounded
+// for p . v (where that kernel rounds them to bfloat16 over bfloat16 pools).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -477,7 +478,8 @@ void own_values(const float* p, int64_t n, const VRows& v_rows, int64_t d0, int6
 // still gathered, re-laid and transposed as for 16. As attention.cpp's decode kernel does, q . k
 // as bfloat16 pair dot products for 16 keys at a time, reduced together (reduce16); then each
 // row's running maximum, sum and float32 output sums take all n at once (one rescale); then p . v
-// in float32, the probabilities unrounded. q: the member's G query rows [G, dim]; their rows in
+// in float32, the probabilities unrounded (that kernel now rounds them, see its
+// weigh_group_bf16). q: the member's G query rows [G, dim]; their rows in
 // the scratch from row0 + seg.lane_lo; the pass fetches fetch_heads heads of each key's rows
 // from hk (0: none, the first head's pass of a task of several fetched them).
 void own_keys(const bf16* q, const Segment& seg, int64_t hk, int64_t row0, int64_t fetch_heads,
