@@ -75,8 +75,12 @@ HAS_AMX = "amx_bf16" in cpu_flags().split()
 #   its share of the next panel into L2, the panels also led the kernel over the plain row-major
 #   weight from one row on (5.2-7.0 against 7.7-7.9 ms at one row), and `radixserve serve` gave
 #   69.5 against 64.0 output tok/s one request at a time (TPOT p50 12.1 against 14.2 ms) and
-#   279.6 against 266.8 at concurrency 8 (medians of three rounds, alternating).
-SMALL_BATCH_ROWS = 64
+#   279.6 against 266.8 at concurrency 8 (medians of three rounds, alternating). With the fetch
+#   ahead, on a later (slower) day, both in one process, medians of seven alternating rounds:
+#   10.5 against 15.5 ms at 16 rows, 34.1 against 43.6 at 64, 43.9 against 56.8 at 79 (15 decode
+#   rows and a 64-token question), 52.0 against 66.2 at 96, 71.7 against 79.8 at 128, 133.6
+#   against 141.1 at 256, within 2% from 288 to 448 and even at 512 (261.3 against 259.5).
+SMALL_BATCH_ROWS = 256
 
 # Where the CPU has AMX, the tile kernel also runs every layer up to AMX_TILE_ROWS rows, and at
 # any row count the layers that narrow their input at least twofold (in_features >= 2 x

@@ -184,7 +184,8 @@ def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(
     torch.manual_seed(0)
     linear = nn.Linear(576, 962, bias=bias).bfloat16()
     layer = PackedLinear(linear)
-    x = torch.randn(3, AMX_TILE_ROWS + 3, 576).bfloat16()  # leading dims are flattened
+    # leading dims are flattened
+    x = torch.randn(3, max(AMX_TILE_ROWS, SMALL_BATCH_ROWS) + 3, 576).bfloat16()
     panels = cpu_linear.pack_panels(KERNEL, linear.weight)
     assert layer.plain is None and torch.equal(layer.panels, panels)  # the only other copy
     calls: list[int] = []
@@ -213,7 +214,7 @@ def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(
             )
         assert torch.equal(out, expected), rows
         _ulp_close(out, nn.functional.linear(part, linear.weight, linear.bias))
-    # above AMX_TILE_ROWS rows: oneDNN, bit for bit F.linear
+    # above AMX_TILE_ROWS and SMALL_BATCH_ROWS rows: oneDNN, bit for bit F.linear
     calls.clear()
     assert torch.equal(layer(x), nn.functional.linear(x, linear.weight, linear.bias))
     assert calls == []
@@ -238,7 +239,7 @@ def test_a_narrowing_layer_stays_on_the_amx_tiles_at_any_row_count(monkeypatch) 
     torch.manual_seed(4)
     down = PackedLinear(nn.Linear(1536, 576, bias=False).bfloat16())
     wide = PackedLinear(nn.Linear(1024, 576, bias=False).bfloat16())
-    rows = AMX_TILE_ROWS + 70
+    rows = max(AMX_TILE_ROWS, SMALL_BATCH_ROWS) + 70
     for layer in (down, wide):
         calls.clear()
         x = torch.randn(rows, layer.in_features).bfloat16()
@@ -272,8 +273,8 @@ def test_packed_linear_on_amx_without_the_tile_kernel_runs_the_panels(
     torch.manual_seed(2)
     linear = nn.Linear(576, 100).bfloat16()
     layer = PackedLinear(linear)
-    x = torch.randn(AMX_TILE_ROWS, 576).bfloat16()
-    for rows in (1, AMX_PANEL_ROWS, AMX_PANEL_ROWS + 1, SMALL_BATCH_ROWS, AMX_TILE_ROWS):
+    x = torch.randn(max(AMX_TILE_ROWS, SMALL_BATCH_ROWS) + 1, 576).bfloat16()
+    for rows in (1, AMX_PANEL_ROWS, AMX_PANEL_ROWS + 1, AMX_TILE_ROWS, SMALL_BATCH_ROWS + 1):
         part = x[:rows]
         if rows <= SMALL_BATCH_ROWS and (refused or rows <= AMX_PANEL_ROWS):
             expected = cpu_linear.linear_bf16_panels(KERNEL, part, layer.panels, 100, linear.bias)
