@@ -160,7 +160,8 @@ const bf16* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 // Measured on a 2-core AMD EPYC (AVX-512 BF16, no AMX) over 120 layers of the shapes of
 // SmolLM2-135M's decoder linears (random distinct weights, read from memory): 8.3-8.8 against
 // 9.5-12.5 ms (the row-major kernel) and 10.1-11.8 ms (oneDNN, packed) at 16 rows; 13.9-15.5 against 17.8-22.6 and 14.4-17.2 ms at 32;
-// 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead at 128 (42.2 against 47.5 ms). One layer
+// 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead at 128 (42.2 against 47.5 ms; with the fetch
+// ahead below, the panels lead up to 256 rows, see services/executor/packed_linear.py). One layer
 // whose weights stay in cache runs at 820-870 GFLOP/s from 16 rows (oneDNN 680-710).
 // Every tile, a lone one too, also fetches its share of the next panel into L2
 // (Bf16PanelFetchingAhead): from two tiles on, the later ones computed from L2 while the memory

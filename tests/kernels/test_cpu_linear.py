@@ -198,11 +198,22 @@ def test_packed_linear_runs_the_kernel_on_few_rows_and_onednn_on_more(
         return tiles(kernel, x, panels, n, bias)
 
     monkeypatch.setattr(cpu_linear, "linear_bf16_amx", spy)
-    for rows in (1, 2, 5, 16, 17, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, AMX_TILE_ROWS):
+    for rows in (
+        1,
+        2,
+        5,
+        16,
+        17,
+        64,
+        AMX_TILE_ROWS,
+        AMX_TILE_ROWS + 1,
+        SMALL_BATCH_ROWS,
+        SMALL_BATCH_ROWS + 1,
+    ):
         part = x[0, :rows]
         calls.clear()
         out = layer(part)
-        on_tiles = AMX is not None and rows >= AMX_MIN_ROWS
+        on_tiles = AMX is not None and AMX_MIN_ROWS <= rows <= AMX_TILE_ROWS
         assert calls == ([rows] if on_tiles else []), rows
         if on_tiles:
             expected = tiles(AMX, part, panels, 962, linear.bias)
@@ -274,7 +285,14 @@ def test_packed_linear_on_amx_without_the_tile_kernel_runs_the_panels(
     linear = nn.Linear(576, 100).bfloat16()
     layer = PackedLinear(linear)
     x = torch.randn(max(AMX_TILE_ROWS, SMALL_BATCH_ROWS) + 1, 576).bfloat16()
-    for rows in (1, AMX_PANEL_ROWS, AMX_PANEL_ROWS + 1, AMX_TILE_ROWS, SMALL_BATCH_ROWS + 1):
+    for rows in (
+        1,
+        AMX_PANEL_ROWS,
+        AMX_PANEL_ROWS + 1,
+        AMX_TILE_ROWS,
+        SMALL_BATCH_ROWS,
+        SMALL_BATCH_ROWS + 1,
+    ):
         part = x[:rows]
         if rows <= SMALL_BATCH_ROWS and (refused or rows <= AMX_PANEL_ROWS):
             expected = cpu_linear.linear_bf16_panels(KERNEL, part, layer.panels, 100, linear.bias)
