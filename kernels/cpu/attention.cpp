@@ -265,9 +265,16 @@ inline void attend_head_x16(const TQ* q, const T* k_pool, const T* v_pool, const
 #endif
 
 #if defined(__AVX512BF16__)
-// Two bfloat16 probabilities, the first in the low half, read from a row that exp_row_bf16 wrote
-// over float32 scores (may_alias: the memory was declared float).
-typedef uint32_t __attribute__((may_alias)) ProbPair;
+using PairRow = uint32_t;  // two bfloat16 values, the first in the low half
+
+// A PairRow of bfloat16 probabilities read from a row that exp_row_bf16 wrote over float32
+// scores (may_alias: the memory was declared float).
+typedef PairRow __attribute__((may_alias)) ProbPair;
+
+// The first n lanes of a 16-lane mask (all 16 for n >= 16).
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+}
 
 // The softmax numerators of one row of n >= 0 scores for the pair dot products of p . v:
 // p[l] = exp(s[l] - max) rounded to bfloat16, written as a bfloat16 row over the start of s
@@ -277,7 +284,7 @@ typedef uint32_t __attribute__((may_alias)) ProbPair;
 inline float exp_row_bf16(float* s, int64_t n, float* sum) {
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t l = 0; l < n; l += 16) {
-    const __mmask16 k = n - l >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - l)) - 1);
+    const __mmask16 k = first_lanes(n - l);
     vmax = _mm512_mask_max_ps(vmax, k, vmax, _mm512_maskz_loadu_ps(k, s + l));
   }
   const float m = _mm512_reduce_max_ps(vmax);
@@ -285,11 +292,11 @@ inline float exp_row_bf16(float* s, int64_t n, float* sum) {
   at::BFloat16* p = reinterpret_cast<at::BFloat16*>(s);
   __m512 vz = _mm512_setzero_ps();
   for (int64_t l = 0; l < n; l += 16) {
-    const __mmask16 k = n - l >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - l)) - 1);
+    const __mmask16 k = first_lanes(n - l);
     const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + l), vm);
     const __m512 e = _mm512_maskz_mov_ps(k, exp16(x));
     vz = _mm512_add_ps(vz, e);
-    const __mmask16 w = n - l >= 16 ? k : (__mmask16)((1u << (n - l + (n & 1))) - 1);
+    const __mmask16 w = first_lanes(n - l + (n & 1));
     _mm256_mask_storeu_epi16(p + l, w, (__m256i)_mm512_cvtneps_pbh(e));  // lanes >= n - l: 0
   }
   *sum = _mm512_reduce_add_ps(vz);
@@ -303,8 +310,8 @@ inline float exp_row_bf16(float* s, int64_t n, float* sum) {
 // With `prefetch`, the rows kAhead keys ahead are fetched.
 template <int G>
 inline void weigh_pairs(const ProbPair* const* pr, int64_t len, const at::BFloat16* v,
-                        int64_t stride,
-                        const int64_t* slots, bool prefetch, const float* inv, float* out) {
+                        int64_t stride, const int64_t* slots, bool prefetch, const float* inv,
+                        float* out) {
   __m512 o[G][4];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < 4; ++c) o[g][c] = _mm512_setzero_ps();
@@ -693,8 +700,6 @@ inline void store_scores(float* dst, vfloat v, int64_t n) {
 // SmolLM2-135M on a 2-core AMD EPYC (AVX-512 BF16, no AMX), medians of three, went from 4,999
 // to 4,122 ms for 4,096 tokens, 756 to 684 ms for 1,024, and 411 to 369 ms for 7 x 64 after a
 // shared 1,000-token cached prefix (docs/benchmarks.md).
-using PairRow = uint32_t;  // two bfloat16 values, the first in the low half
-
 // Rows r0 .. r0 + 16 * RG of sT[l * R + r] = q_r . k_l for the keys l < n_keys, key_row(l)
 // being key l's 64 bfloat16 values; mx[r] becomes the max of itself and the row's scores of keys
 // l < common (NaN scores ignored).
