@@ -21,6 +21,7 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -162,7 +163,9 @@ const bf16* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 // 9.5-12.5 ms (the row-major kernel) and 10.1-11.8 ms (oneDNN, packed) at 16 rows; 13.9-15.5 against 17.8-22.6 and 14.4-17.2 ms at 32;
 // 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead at 128 (42.2 against 47.5 ms; with the fetch
 // ahead below, the panels lead up to 256 rows, see services/executor/packed_linear.py). One layer
-// whose weights stay in cache runs at 820-870 GFLOP/s from 16 rows (oneDNN 680-710).
+// whose weights stay in cache ran at 820-870 GFLOP/s from 16 rows (oneDNN 680-710) on that host;
+// on hosts of half its dot-product rate (bf16_dot_peak below: 453 GFLOP/s on a 2-vCPU EPYC of
+// family 25, model 17) the model's linears run at about 80% of the peak (docs/benchmarks.md).
 // Every tile, a lone one too, also fetches its share of the next panel into L2
 // (Bf16PanelFetchingAhead): from two tiles on, the later ones computed from L2 while the memory
 // idled, and the next panel's first tile then waited on it. Over the same
@@ -643,6 +646,42 @@ torch::Tensor int4_pairs_to_bf16(torch::Tensor q, torch::Tensor scale, torch::Te
   });
   return out;
 }
+
+// `rounds` x 12 vdpbf16ps on one thread; the sum of its accumulators.
+__attribute__((noinline)) float dot_rounds(int64_t rounds) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_setzero_ps();
+  __m512i a = _mm512_set1_epi16(0x3f80);  // bfloat16 1.0
+  __m512i b = _mm512_set1_epi16(0x3c00);  // bfloat16 2^-7
+  for (int64_t r = 0; r < rounds; ++r) {
+    asm volatile("" : "+v"(a), "+v"(b));  // opaque operands: every product is computed
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)a, (__m512bh)b);
+  }
+  float s = 0.f;
+  for (int i = 0; i < 12; ++i) s += _mm512_reduce_add_ps(acc[i]);
+  return s;
+}
+
+// The bfloat16 dot-product rate of this CPU, in GFLOP/s over every intra-op thread: each thread
+// runs `rounds` x 12 vdpbf16ps into 12 independent sums (so that the instruction's latency does
+// not limit it), 64 floating-point operations each (16 lanes x 2 products x multiply and add),
+// and the rate is their total over the wall time of the parallel region.
+// It is the ceiling the panels above run against: a layer of M rows, K inputs and N outputs is
+// 2 M K N operations. The operands pass through an empty asm statement each round, so the loop
+// cannot be folded or dropped.
+double bf16_dot_peak(int64_t rounds) {
+  TORCH_CHECK(rounds > 0, "rounds = ", rounds, " must be positive");
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> sums(threads);
+  const auto start = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) sums[t] = dot_rounds(rounds);
+  });
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return static_cast<double>(threads) * rounds * 12 * 64 / seconds / 1e9;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -657,4 +696,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M, K] bf16 @ ((q - 8) * scale + zero per 32 features)^T (+ bias) -> [M, N] bf16");
   m.def("int4_pairs_to_bf16", &int4_pairs_to_bf16,
         "packed int4 pairs, scale, zero -> W [N, K] bf16 = bf16((q - 8) * scale + zero)");
+  m.def("bf16_dot_peak", &bf16_dot_peak,
+        "GFLOP/s of vdpbf16ps over every intra-op thread, `rounds` x 12 instructions each");
 }

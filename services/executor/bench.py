@@ -28,6 +28,7 @@ from torch import nn
 from services.common.model_store import gguf_file, resolve_model_path
 from services.executor.bench_floors import (
     bandwidth_floor_ms,
+    dot_product_peak,
     head_floor_ms,
     linear_floor_ms,
     memory_bandwidth,
@@ -396,6 +397,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (sum over {args.bandwidth_gib:g} GiB, median of 5)",
         flush=True,
     )
+    peak = dot_product_peak()
+    if peak is not None:
+        print(
+            f"bfloat16 dot-product peak {peak:.0f} GFLOP/s ({threads} threads, vdpbf16ps)",
+            flush=True,
+        )
     decode, prefill = [], []
     for dtype_name in dtype_names(args.dtypes):
         for mode in args.quantization:
@@ -404,6 +411,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             prefill += rows[1]
     return {
         "memory_bandwidth_bytes_per_s": bandwidth,
+        "bf16_dot_peak_gflops": peak,
         "decode": [asdict(r) for r in decode],
         "prefill": [asdict(r) for r in prefill],
     }

@@ -3,6 +3,10 @@
 - matmul floor: the model's weight matmuls alone at the step's shapes, timed.
 - bandwidth floor: the bytes a step must read (every weight once, plus the KV cache it attends
   over) divided by the memory bandwidth measured at start by reading one large tensor.
+
+Beside them, the machine's bfloat16 dot-product rate (`dot_product_peak`), the ceiling of the
+matmul floor on CPUs with AVX-512 BF16: where the matmul floor's operations over its time come
+near it, the linears are compute-bound.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from kernels.cpu import linear as cpu_linear
 from services.executor.packed_linear import FLOAT_LINEARS
 from services.executor.quantization import QUANTIZED_LINEARS, quantized_bytes
 
@@ -74,6 +79,12 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
         x.sum()
         times.append(time.perf_counter() - start)
     return x.numel() * 4 / statistics.median(times)
+
+
+def dot_product_peak() -> float | None:
+    """GFLOP/s of AVX-512 BF16 dot products on every intra-op thread (kernels/cpu/linear.py,
+    `bf16_dot_peak`); None on CPUs without them or with the C++ kernels disabled."""
+    return cpu_linear.bf16_dot_peak()
 
 
 def weight_bytes(model: nn.Module) -> int:

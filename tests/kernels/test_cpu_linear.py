@@ -481,3 +481,14 @@ def test_int4_pairs_to_bf16_is_the_weight_rounded_once(k: int, n: int) -> None:
     assert torch.equal(w, cpu_linear.int4_pairs_weight(packed, scale, zero).bfloat16())
     with pytest.raises(RuntimeError, match="multiple of 64"):
         cpu_linear.int4_pairs_to_bf16(KERNEL, packed[:, :16].contiguous(), scale, zero)
+
+
+def test_the_dot_product_peak_is_a_positive_rate_or_none_without_the_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    peak = cpu_linear.bf16_dot_peak(rounds=20_000, repeats=1)
+    assert peak is not None and 0 < peak < float("inf")
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        cpu_linear.bf16_dot_peak(rounds=0)
+    monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+    assert cpu_linear.bf16_dot_peak() is None
