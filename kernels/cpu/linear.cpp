@@ -164,8 +164,9 @@ const bf16* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 // 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead at 128 (42.2 against 47.5 ms; with the fetch
 // ahead below, the panels lead up to 256 rows, see services/executor/packed_linear.py). One layer
 // whose weights stay in cache ran at 820-870 GFLOP/s from 16 rows (oneDNN 680-710) on that host;
-// on hosts of half its dot-product rate (bf16_dot_peak below: 453 GFLOP/s on a 2-vCPU EPYC of
-// family 25, model 17) the model's linears run at about 80% of the peak (docs/benchmarks.md).
+// on a host of about half its dot-product rate (bf16_dot_peak below: 453 GFLOP/s on a 2-vCPU
+// EPYC of family 25, model 17) the model's linears run at about 80% of the peak from 64 rows
+// (docs/benchmarks.md).
 // Every tile, a lone one too, also fetches its share of the next panel into L2
 // (Bf16PanelFetchingAhead): from two tiles on, the later ones computed from L2 while the memory
 // idled, and the next panel's first tile then waited on it. Over the same
@@ -649,8 +650,8 @@ torch::Tensor int4_pairs_to_bf16(torch::Tensor q, torch::Tensor scale, torch::Te
 
 // `rounds` x 12 vdpbf16ps on one thread; the sum of its accumulators.
 __attribute__((noinline)) float dot_rounds(int64_t rounds) {
-  __m512 acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm512_setzero_ps();
+  __m512 acc[12];  // distinct starting values: no two sums can be merged into one
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
   __m512i a = _mm512_set1_epi16(0x3f80);  // bfloat16 1.0
   __m512i b = _mm512_set1_epi16(0x3c00);  // bfloat16 2^-7
   for (int64_t r = 0; r < rounds; ++r) {
@@ -667,8 +668,9 @@ __attribute__((noinline)) float dot_rounds(int64_t rounds) {
 // not limit it), 64 floating-point operations each (16 lanes x 2 products x multiply and add),
 // and the rate is their total over the wall time of the parallel region.
 // It is the ceiling the panels above run against: a layer of M rows, K inputs and N outputs is
-// 2 M K N operations. The operands pass through an empty asm statement each round, so the loop
-// cannot be folded or dropped.
+// 2 M K N operations. The operands pass through an empty asm statement each round, so the
+// products cannot be computed ahead of the loop, and the sums start apart, so none can stand in
+// for another.
 double bf16_dot_peak(int64_t rounds) {
   TORCH_CHECK(rounds > 0, "rounds = ", rounds, " must be positive");
   const int64_t threads = at::get_num_threads();

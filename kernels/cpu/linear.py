@@ -113,13 +113,14 @@ def f32_module() -> ModuleType | None:
     return _linear_f32.load() if kernels_enabled() else None
 
 
-def bf16_dot_peak(rounds: int = 2_000_000, repeats: int = 3) -> float | None:
+def bf16_dot_peak(rounds: int = 10_000_000, repeats: int = 3) -> float | None:
     """The bfloat16 dot-product rate of this CPU in GFLOP/s (`vdpbf16ps`, 64 operations each, on
     every intra-op thread at once; best of `repeats` runs of `rounds` x 12 instructions a
     thread): the ceiling of the AVX-512 BF16 panels. None where the bfloat16 kernels are not
-    built (no AVX-512 BF16) or are disabled. Raises ValueError for rounds < 1."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be at least 1, not {rounds}")
+    built (no AVX-512 BF16, or the build failed) or are disabled. Raises ValueError for rounds or
+    repeats < 1."""
+    if rounds < 1 or repeats < 1:
+        raise ValueError(f"rounds and repeats must be at least 1, not {rounds} and {repeats}")
     module = _linear.load() if kernels_enabled() else None
     if module is None:
         return None

@@ -486,9 +486,11 @@ def test_int4_pairs_to_bf16_is_the_weight_rounded_once(k: int, n: int) -> None:
 def test_the_dot_product_peak_is_a_positive_rate_or_none_without_the_kernels(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("RADIXSERVE_DISABLE_CPU_KERNELS", raising=False)
     peak = cpu_linear.bf16_dot_peak(rounds=20_000, repeats=1)
     assert peak is not None and 0 < peak < float("inf")
-    with pytest.raises(ValueError, match="rounds must be at least 1"):
-        cpu_linear.bf16_dot_peak(rounds=0)
+    for bad in ({"rounds": 0}, {"repeats": 0}):
+        with pytest.raises(ValueError, match="rounds and repeats must be at least 1"):
+            cpu_linear.bf16_dot_peak(**bad)
     monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
     assert cpu_linear.bf16_dot_peak() is None
