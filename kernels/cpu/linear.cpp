@@ -164,8 +164,8 @@ const bf16* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 // 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead at 128 (42.2 against 47.5 ms; with the fetch
 // ahead below, the panels lead up to 256 rows, see services/executor/packed_linear.py). One layer
 // whose weights stay in cache ran at 820-870 GFLOP/s from 16 rows (oneDNN 680-710) on that host;
-// on a host of about half its dot-product rate (bf16_dot_peak below: 453 GFLOP/s on a 2-vCPU
-// EPYC of family 25, model 17) the model's linears run at about 80% of the peak from 64 rows
+// on a host of about half its dot-product rate (bf16_dot_peak below: 463 GFLOP/s on a 2-vCPU
+// EPYC of family 25, model 17) the model's linears run at about 85% of the peak from 64 rows
 // (docs/benchmarks.md).
 // Every tile, a lone one too, also fetches its share of the next panel into L2
 // (Bf16PanelFetchingAhead): from two tiles on, the later ones computed from L2 while the memory
