@@ -31,6 +31,7 @@ from services.executor.bench_floors import (
     dot_product_peak,
     head_floor_ms,
     linear_floor_ms,
+    matmul_gflop,
     memory_bandwidth,
     weight_bytes,
 )
@@ -94,6 +95,7 @@ class DecodeRow:
     ratio_to_floor: float
     bandwidth_floor_ms: float
     ratio_to_bandwidth_floor: float
+    matmul_floor_gflops: float  # the floor's operations (matmul_gflop) per second
 
 
 @dataclass
@@ -107,6 +109,7 @@ class PrefillRow:
     tokens_per_s: float
     matmul_floor_ms: float
     cached_len: int = 0
+    matmul_floor_gflops: float = 0.0  # the floor's operations (matmul_gflop) per second
 
 
 def dtype_names(names: list[str]) -> list[str]:
@@ -486,6 +489,7 @@ def _decode_row(
         ms / floor,
         bw_floor,
         ms / bw_floor,
+        matmul_gflop(model, bs, bs) / floor * 1e3,
     )
 
 
@@ -502,8 +506,9 @@ def _prefill_row(
     ms = bench_prefill(model, cfg, n, length, args.enable_deterministic_inference, kv_dtype, cached)
     floor = linear_floor_ms(model, n * length, repeats=2) + head_floor_ms(model, n)
     kv_name = str(kv_dtype).removeprefix("torch.")
+    gflops = matmul_gflop(model, n * length, n) / floor * 1e3
     return PrefillRow(
-        dtype_name, mode, kv_name, n, length, ms, n * length / ms * 1e3, floor, cached
+        dtype_name, mode, kv_name, n, length, ms, n * length / ms * 1e3, floor, cached, gflops
     )
 
 
@@ -527,7 +532,8 @@ def _fmt_decode(r: DecodeRow) -> str:
     return (
         f"decode  {r.dtype:9s} {_quant(r.quantization)}{_kv(r)}{r.case:22s} ctx {r.context:5d} batch {r.batch:3d}: "
         f"{r.step_ms:8.1f} ms/step {r.tokens_per_s:8.1f} tok/s"
-        f"   matmul floor {r.matmul_floor_ms:7.1f} ms ({r.ratio_to_floor:.2f}x)"
+        f"   matmul floor {r.matmul_floor_ms:7.1f} ms ({r.ratio_to_floor:.2f}x,"
+        f" {r.matmul_floor_gflops:4.0f} GFLOP/s)"
         f"   bandwidth floor {r.bandwidth_floor_ms:7.2f} ms ({r.ratio_to_bandwidth_floor:.2f}x)"
     )
 
@@ -537,6 +543,7 @@ def _fmt_prefill(r: PrefillRow) -> str:
         f"prefill {r.dtype:9s} {_quant(r.quantization)}{_kv(r)}{r.prompts} x {r.prompt_len}"
         f"{f' after {r.cached_len} cached' if r.cached_len else ''}: {r.step_ms:8.1f} ms "
         f"{r.tokens_per_s:8.1f} tok/s   matmul floor {r.matmul_floor_ms:7.1f} ms"
+        f" ({r.matmul_floor_gflops:4.0f} GFLOP/s)"
     )
 
 

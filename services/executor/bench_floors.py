@@ -5,8 +5,8 @@
   over) divided by the memory bandwidth measured at start by reading one large tensor.
 
 Beside them, the machine's bfloat16 dot-product rate (`dot_product_peak`), the ceiling of the
-matmul floor on CPUs with AVX-512 BF16: where the matmul floor's operations over its time come
-near it, the linears are compute-bound.
+matmul floor on CPUs with AVX-512 BF16: where the matmul floor's rate (`matmul_gflop` over its
+time) comes near it, the linears are compute-bound.
 """
 
 from __future__ import annotations
@@ -58,6 +58,16 @@ def linear_floor_ms(model: nn.Module, tokens: int, repeats: int = 5) -> float:
 
     run()  # untimed: oneDNN builds its kernels for a new shape on the first call
     return _time_ms(run, repeats)
+
+
+def matmul_gflop(model: nn.Module, tokens: int, head_rows: int) -> float:
+    """GFLOP of the matmuls `linear_floor_ms(model, tokens)` + `head_floor_ms(model, head_rows)`
+    time: 2 x rows x in_features x out_features for each layer (a multiply and an add per
+    weight and row), whatever the weights' storage."""
+    head = set(model.lm_head.modules())
+    per_row = sum(m.in_features * m.out_features for m in _linears(model) if m not in head)
+    inner = getattr(model.lm_head, "inner", model.lm_head)
+    return 2 * (tokens * per_row + head_rows * inner.in_features * inner.out_features) / 1e9
 
 
 def head_floor_ms(model: nn.Module, rows: int, repeats: int = 5) -> float:

@@ -25,6 +25,7 @@ from services.executor.bench import (
 from services.executor.bench_floors import (
     head_floor_ms,
     linear_floor_ms,
+    matmul_gflop,
     memory_bandwidth,
     weight_bytes,
 )
@@ -205,3 +206,17 @@ def test_quantized_weights_count_as_stored_and_time_under_tiles() -> None:
     assert head_floor_ms(model, 2, repeats=1) > 0  # the head now wrapped in tiles
     args = parse("--quantization", "none", "int8", "--quantization-group-size", "64")
     assert (args.quantization, args.quantization_group_size) == (["none", "int8"], 64)
+
+
+def test_the_matmul_floors_operations_count_every_projection_and_the_head_rows() -> None:
+    hf = hf_model("llama")
+    cfg = ModelConfig.from_dict(hf.config.to_dict())
+    model = build_model(cfg, 64, torch.float32, torch.device("cpu"))
+    load_weights(model, hf.state_dict().items())
+    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    q, kv = cfg.q_size, cfg.kv_size
+    # per layer and row: QKV, output, gate-up and down projections; the head per sampled row
+    per_row = layers * (h * (q + 2 * kv) + q * h + h * 2 * inter + inter * h)
+    head = h * cfg.vocab_size
+    assert matmul_gflop(model, 7, 3) * 1e9 == pytest.approx(2 * (7 * per_row + 3 * head))
+    assert matmul_gflop(model, 5, 0) * 1e9 == pytest.approx(2 * 5 * per_row)
