@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kernels.cpu import linear as cpu_linear
 from services.common.model_store import gguf_file, resolve_model_path
 from services.executor.bench_floors import (
     bandwidth_floor_ms,
-    dot_product_peak,
     head_floor_ms,
     linear_floor_ms,
     matmul_gflop,
@@ -108,8 +108,8 @@ class PrefillRow:
     step_ms: float
     tokens_per_s: float
     matmul_floor_ms: float
+    matmul_floor_gflops: float  # the floor's operations (matmul_gflop) per second
     cached_len: int = 0
-    matmul_floor_gflops: float = 0.0  # the floor's operations (matmul_gflop) per second
 
 
 def dtype_names(names: list[str]) -> list[str]:
@@ -400,7 +400,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (sum over {args.bandwidth_gib:g} GiB, median of 5)",
         flush=True,
     )
-    peak = dot_product_peak()
+    peak = cpu_linear.bf16_dot_peak()
     if peak is not None:
         print(
             f"bfloat16 dot-product peak {peak:.0f} GFLOP/s ({threads} threads, vdpbf16ps)",
@@ -508,7 +508,7 @@ def _prefill_row(
     kv_name = str(kv_dtype).removeprefix("torch.")
     gflops = matmul_gflop(model, n * length, n) / floor * 1e3
     return PrefillRow(
-        dtype_name, mode, kv_name, n, length, ms, n * length / ms * 1e3, floor, cached, gflops
+        dtype_name, mode, kv_name, n, length, ms, n * length / ms * 1e3, floor, gflops, cached
     )
 
 

@@ -4,9 +4,10 @@
 - bandwidth floor: the bytes a step must read (every weight once, plus the KV cache it attends
   over) divided by the memory bandwidth measured at start by reading one large tensor.
 
-Beside them, the machine's bfloat16 dot-product rate (`dot_product_peak`), the ceiling of the
-matmul floor on CPUs with AVX-512 BF16: where the matmul floor's rate (`matmul_gflop` over its
-time) comes near it, the linears are compute-bound.
+Beside them, `radixserve bench-executor` prints the machine's bfloat16 dot-product rate
+(`kernels/cpu/linear.bf16_dot_peak`), the ceiling of the matmul floor on CPUs with AVX-512 BF16:
+where the matmul floor's rate (`matmul_gflop` over its time) comes near it, the linears are
+compute-bound.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 import torch
 from torch import nn
 
-from kernels.cpu import linear as cpu_linear
 from services.executor.packed_linear import FLOAT_LINEARS
 from services.executor.quantization import QUANTIZED_LINEARS, quantized_bytes
 
@@ -27,6 +27,17 @@ def _linears(model: nn.Module) -> list[nn.Module]:
     quantized one."""
     kinds = (*FLOAT_LINEARS, *QUANTIZED_LINEARS)
     return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def _body_linears(model: nn.Module) -> list[nn.Module]:
+    """`_linears` without the LM head (nor its inner layer, when wrapped)."""
+    head = set(model.lm_head.modules())
+    return [m for m in _linears(model) if m not in head]
+
+
+def _head_layer(model: nn.Module) -> nn.Module:
+    """The LM head's layer: its inner one when wrapped under deterministic inference."""
+    return getattr(model.lm_head, "inner", model.lm_head)
 
 
 def _dtype(model: nn.Module) -> torch.dtype:
@@ -48,8 +59,7 @@ def linear_floor_ms(model: nn.Module, tokens: int, repeats: int = 5) -> float:
     (the caller adds `head_floor_ms` for the rows that reach the head). Each layer is called as
     the model calls it, so packed weights are timed packed and quantized ones quantized."""
     dtype = _dtype(model)
-    head = set(model.lm_head.modules())  # the head, and its inner layer when wrapped
-    linears = [m for m in _linears(model) if m not in head]
+    linears = _body_linears(model)
     inputs = {m.in_features: torch.randn(tokens, m.in_features, dtype=dtype) for m in linears}
 
     def run() -> None:
@@ -64,15 +74,14 @@ def matmul_gflop(model: nn.Module, tokens: int, head_rows: int) -> float:
     """GFLOP of the matmuls `linear_floor_ms(model, tokens)` + `head_floor_ms(model, head_rows)`
     time: 2 x rows x in_features x out_features for each layer (a multiply and an add per
     weight and row), whatever the weights' storage."""
-    head = set(model.lm_head.modules())
-    per_row = sum(m.in_features * m.out_features for m in _linears(model) if m not in head)
-    inner = getattr(model.lm_head, "inner", model.lm_head)
-    return 2 * (tokens * per_row + head_rows * inner.in_features * inner.out_features) / 1e9
+    per_row = sum(m.in_features * m.out_features for m in _body_linears(model))
+    head = _head_layer(model)
+    return 2 * (tokens * per_row + head_rows * head.in_features * head.out_features) / 1e9
 
 
 def head_floor_ms(model: nn.Module, rows: int, repeats: int = 5) -> float:
     head = model.lm_head
-    features = getattr(head, "inner", head).in_features  # wrapped under deterministic inference
+    features = _head_layer(model).in_features
     x = torch.randn(rows, features, dtype=_dtype(model))
     head(x)
     return _time_ms(lambda: head(x), repeats)
@@ -89,12 +98,6 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
         x.sum()
         times.append(time.perf_counter() - start)
     return x.numel() * 4 / statistics.median(times)
-
-
-def dot_product_peak() -> float | None:
-    """GFLOP/s of AVX-512 BF16 dot products on every intra-op thread (kernels/cpu/linear.py,
-    `bf16_dot_peak`); None on CPUs without them or with the C++ kernels disabled."""
-    return cpu_linear.bf16_dot_peak()
 
 
 def weight_bytes(model: nn.Module) -> int:
