@@ -153,17 +153,19 @@ const bf16* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 // kernel, which still reads rows). Here the weight is packed once, at load
 // time, as panels[b][k / 2][c][2] = W[16 b + c][k] (pairs of input features of 16 output channels,
 // the operand layout of vdpbf16ps), and a tile of up to kPanelRows rows x kPanelBlocks blocks of
-// 16 channels keeps its 24 float32 sums in registers: each step loads one 64-byte pair vector per
-// block and broadcasts one (x[2i], x[2i + 1]) pair per row, so every load feeds several dot
-// products and no sum is reduced across lanes. Output (m, n) is the float32 sum over pairs of
+// 16 channels keeps its 24 float32 sums in registers (with 3 weight vectors and a broadcast, 28
+// of the 32): each step loads one 64-byte pair vector per block and broadcasts one (x[2i],
+// x[2i + 1]) pair per row, so every load feeds several dot products and no sum is reduced across
+// lanes. Output (m, n) is the float32 sum over pairs of
 // features in ascending order, in lane n % 16 of one accumulator, whatever the rows, tiles or
 // threads; it is rounded to bfloat16 once (round to nearest even, as static_cast does).
 // Measured on a 2-core AMD EPYC (AVX-512 BF16, no AMX) over 120 layers of the shapes of
 // SmolLM2-135M's decoder linears (random distinct weights, read from memory): 8.3-8.8 against
-// 9.5-12.5 ms (the row-major kernel) and 10.1-11.8 ms (oneDNN, packed) at 16 rows; 13.9-15.5 against 17.8-22.6 and 14.4-17.2 ms at 32;
-// 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead at 128 (42.2 against 47.5 ms; with the fetch
-// ahead below, the panels lead up to 256 rows, see services/executor/packed_linear.py). One layer
-// whose weights stay in cache ran at 820-870 GFLOP/s from 16 rows (oneDNN 680-710) on that host;
+// 9.5-12.5 ms (the row-major kernel) and 10.1-11.8 ms (oneDNN, packed) at 16 rows; 13.9-15.5
+// against 17.8-22.6 and 14.4-17.2 ms at 32; 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead
+// at 128 (42.2 against 47.5 ms; with the fetch ahead below, the panels lead up to 256 rows, see
+// services/executor/packed_linear.py). One layer whose weights stay in cache ran at 820-870
+// GFLOP/s from 16 rows (oneDNN 680-710) on that host;
 // on a host of about half its dot-product rate (bf16_dot_peak below: 463 GFLOP/s on a 2-vCPU
 // EPYC of family 25, model 17) the model's linears run at about 85% of the peak from 64 rows
 // (docs/benchmarks.md).
@@ -180,13 +182,23 @@ const bf16* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 // 120 decoder linears and the 49,152 x 576 LM head on a day that EPYC ran at half its usual rate,
 // 27.7 against 24.2 ms for bfloat16 at 32 rows; converting in the first tile and fetching ahead,
 // 22.6-23.2 against 24.5-24.8 ms (8 rows: 8.2 against 11.1; 16: 12.7-12.9 against 15.0-15.3).
-// With one tile (up to 6 rows) nothing is stored. That layout then led the rows one at every
+// With one tile (then up to 6 rows) nothing is stored. That layout then led the rows one at every
 // row count (one row: 4.1 against 4.2 ms, 3: 4.6 against 5.4, 6: 5.4 against 10.8) and the float
 // GEMM over the converted weight up to 512 rows at least (64: 42.6 against 64; 512: 341 against
 // 380 ms), so int8 layers keep only this copy.
 // On CPUs with AMX, bfloat16 panels run on the tiles instead (linear_amx.cpp, same layout).
-constexpr int kPanelRows = 6;    // rows per tile
-constexpr int kPanelBlocks = 4;  // blocks of 16 output channels per tile
+// Tiles of 8 rows x 3 blocks replaced 6 x 4: 8 rows in one tile read each panel once, and
+// SmolLM2-135M's layers give each thread 18, 30 or 96 blocks, whole panels of 3, where panels of
+// 4 left one of 2 in two of the three. The 120 decoder linears of its shapes (random distinct
+// weights, from memory; nine alternating rounds, medians, a 2-vCPU EPYC of family 25, model 17)
+// at 1, 8, 12, 16 and 32 rows: 6.75 against 6.89, 7.22 against 7.60, 7.85 against 8.23, 9.54
+// against 10.08 and 16.95 against 17.42 ms; a second run 7.13 against 7.12 ms at one row, 7.02
+// against 7.38 at 8, 9.66 against 10.12 at 16, 17.87 against 18.67 at 32 and 33.65 against 34.39
+// at 64; int8 weights at 1, 8, 16 and 32 rows: 3.69 against 4.04, 5.30 against 7.16 (one tile
+// now, no converted copy), 9.70 against 10.51 and 18.11 against 19.04 ms. Tiles of 12 x 2 led at
+// 8 and 12 rows only.
+constexpr int kPanelRows = 8;    // rows per tile
+constexpr int kPanelBlocks = 3;  // blocks of 16 output channels per tile
 constexpr int64_t kLanes = 16;
 
 // w [N, K] bf16 or int8 (K even) -> [ceil(N / 16), K * 16] of its dtype, channels past N zero.
@@ -290,6 +302,8 @@ inline void panel_rows(int64_t rows, const bf16* x, int64_t K, const Panel& pane
                        const bf16* scale, const bf16* bias, bf16* out, int64_t N, int64_t n0,
                        int64_t last_lanes) {
   switch (rows) {
+    case 8: panel_tile<8, NT>(x, K, panel, scale, bias, out, N, n0, last_lanes); break;
+    case 7: panel_tile<7, NT>(x, K, panel, scale, bias, out, N, n0, last_lanes); break;
     case 6: panel_tile<6, NT>(x, K, panel, scale, bias, out, N, n0, last_lanes); break;
     case 5: panel_tile<5, NT>(x, K, panel, scale, bias, out, N, n0, last_lanes); break;
     case 4: panel_tile<4, NT>(x, K, panel, scale, bias, out, N, n0, last_lanes); break;
@@ -304,7 +318,6 @@ inline void panel_blocks(int64_t nb, int64_t rows, const bf16* x, int64_t K, con
                          const bf16* scale, const bf16* bias, bf16* out, int64_t N, int64_t n0,
                          int64_t last_lanes) {
   switch (nb) {
-    case 4: panel_rows<4>(rows, x, K, panel, scale, bias, out, N, n0, last_lanes); break;
     case 3: panel_rows<3>(rows, x, K, panel, scale, bias, out, N, n0, last_lanes); break;
     case 2: panel_rows<2>(rows, x, K, panel, scale, bias, out, N, n0, last_lanes); break;
     default: panel_rows<1>(rows, x, K, panel, scale, bias, out, N, n0, last_lanes); break;
@@ -312,8 +325,8 @@ inline void panel_blocks(int64_t nb, int64_t rows, const bf16* x, int64_t K, con
 }
 
 // Runs the tiles of x [M, K] over blocks of 16 channels, each thread an equal run of blocks,
-// kPanelBlocks at a time, the rows in tiles of at most kPanelRows (as even as they go: 16 rows
-// are 5 + 5 + 6). panels.first(p, nb, tiles) gives the panel of blocks p .. p + nb - 1 (block
+// kPanelBlocks at a time, the rows in tiles of at most kPanelRows (as even as they go: 20 rows
+// are 6 + 7 + 7). panels.first(p, nb, tiles) gives the panel of blocks p .. p + nb - 1 (block
 // stride K * 16) for the first of `tiles` row tiles (an int8 panel keeps its converted copy
 // when others follow), and panels.rest(p, nb, tile, tiles) for the others; both are called on
 // the thread that runs the tiles, first before rest.

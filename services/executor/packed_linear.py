@@ -80,7 +80,13 @@ HAS_AMX = "amx_bf16" in cpu_flags().split()
 #   10.5 against 15.5 ms at 16 rows, 34.1 against 43.6 at 64, 43.9 against 56.8 at 79 (15 decode
 #   rows and a 64-token question), 52.0 against 66.2 at 96, 71.7 against 79.8 at 128, 133.6
 #   against 141.1 at 256, within 2% from 288 to 448 and even at 512 (261.3 against 259.5).
-SMALL_BATCH_ROWS = 256
+#   With tiles of 8 rows x 3 blocks (kernels/cpu/linear.cpp), the same comparison on a host of
+#   half that dot-product rate (seven alternating rounds, medians; two runs): 133.8 against
+#   142.4 ms at 256, 148.6 against 162.7 at 288, 167.1-168.3 against 179.8-182.8 at 320, 179.8
+#   against 191.0 at 352, 199.5-209.9 against 202.9-205.1 at 384 and even from 448 (251.3 against
+#   251.1; 262.5 against 264.0 at 512). The rows past 256 are prefill steps with decode rows
+#   beside a 256-token prompt.
+SMALL_BATCH_ROWS = 352
 
 # Where the CPU has AMX, the tile kernel also runs every layer up to AMX_TILE_ROWS rows, and at
 # any row count the layers that narrow their input at least twofold (in_features >= 2 x
