@@ -163,7 +163,7 @@ const bf16* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 // SmolLM2-135M's decoder linears (random distinct weights, read from memory): 8.3-8.8 against
 // 9.5-12.5 ms (the row-major kernel) and 10.1-11.8 ms (oneDNN, packed) at 16 rows; 13.9-15.5
 // against 17.8-22.6 and 14.4-17.2 ms at 32; 21.2 against 37.0 and 26.5 ms at 64; oneDNN ahead
-// at 128 (42.2 against 47.5 ms; with the fetch ahead below, the panels lead up to 256 rows, see
+// at 128 (42.2 against 47.5 ms; with the fetch ahead below, the panels then led up to 256, see
 // services/executor/packed_linear.py). One layer whose weights stay in cache ran at 820-870
 // GFLOP/s from 16 rows (oneDNN 680-710) on that host;
 // on a host of about half its dot-product rate (bf16_dot_peak below: 463 GFLOP/s on a 2-vCPU

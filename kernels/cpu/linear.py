@@ -10,7 +10,7 @@ from measurements, see packed_linear.py and quantization.py):
 - bfloat16 activations (linear.cpp): AVX-512 BF16 dot products over bfloat16 or int8 weights;
   built on CPUs with AVX-512 BF16. `linear_bf16_panels` and `linear_int8_panels` read weights
   packed once into panels whose vector lanes are output channels (`pack_panels`): bfloat16
-  layers from one row up to 256 on CPUs without AMX, int8 layers at every row count.
+  layers from one row up to 352 on CPUs without AMX, int8 layers at every row count.
   `linear_int4` reads int4 weights with a scale and a zero per 32 input features, packed once by
   `pack_int4_pairs`.
 - bfloat16 activations on AMX tiles (linear_amx.cpp): `linear_bf16_amx` reads the same bfloat16

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 AMX = cpu_linear.available_amx(torch.zeros(1, 32, dtype=torch.bfloat16), 32)
 needs_amx = pytest.mark.skipif(AMX is None, reason="no AMX tiles here")
 ROWS = [1, 2, 3, 4, 5, 7, 16, 33, 64]
-SHAPES = [(32, 13), (64, 100), (576, 962), (1536, 576)]  # (K, N): odd channel counts too
+SHAPES = [(32, 13), (32, 80), (64, 100), (576, 962), (1536, 576)]  # (K, N): odd channel counts too
 
 
 def _ulp_close(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -42,10 +42,10 @@ def _ulp_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize(("k", "n"), SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_panels_match_reference(kernel: str, rows: int, k: int, n: int, bias: bool) -> None:
-    """The AVX-512 kernel: row tiles of 1-6 rows, channel blocks of 1-4 and a last block of 1-16
-    lanes. The AMX kernel over the same panels: one x tile (up to 16 rows) or pairs of them,
-    the last ones starting early where the tiles hold more rows than x, blocks of 1-4 and a last
-    block of 1-16 lanes."""
+    """The AVX-512 kernel: row tiles of 1-8 rows, panels of 1-3 channel blocks (80 channels are
+    2 + 3 blocks on two threads) and a last block of 1-16 lanes. The AMX kernel over the same
+    panels: one x tile (up to 16 rows) or pairs of them, the last ones starting early where the
+    tiles hold more rows than x, blocks of 1-4 and a last block of 1-16 lanes."""
     gen = torch.Generator().manual_seed(rows * n + k + (2 if kernel == "panels" else 5))
     x = torch.randn(rows, k, generator=gen).bfloat16()
     w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
@@ -88,10 +88,10 @@ def test_panels_hold_pairs_of_features_of_16_channels() -> None:
             assert q_panels[n // 16, (k // 2) * 32 + 2 * (n % 16) + k % 2] == expected
 
 
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13])
+@pytest.mark.parametrize("rows", [1, 5, 7, 8, 13])
 def test_int8_panels_convert_every_value_exactly(rows: int) -> None:
     """Unit rows pick single weights: with a scale of 1 the output is q itself, for every int8
-    value, whether the first row tile alone reads the panel (up to 6 rows) or the later tiles
+    value, whether the first row tile alone reads the panel (up to 8 rows) or the later tiles
     read its converted copy."""
     k = 64
     q = torch.arange(-128, 128, dtype=torch.int8).repeat(19 * k // 256 + 1)[: 19 * k]
