@@ -11,14 +11,23 @@ over the memory bandwidth measured at start. With --enable-torch-compile decode 
 static-shape runner, its bucketed step compiled; untimed warm-up steps come first, so compilation
 is not timed. With --quantization, each dtype is timed once per mode (int8, int4, gguf as the
 executor's flag), the bandwidth floor counting the quantized weights' bytes as stored.
+With --cpu-load BUSY_MS PERIOD_MS, another process spends BUSY_MS of CPU every PERIOD_MS on one
+thread while the steps are timed: a stand-in for the gateway, tokenizer and scheduler that
+`radixserve serve` runs on the same cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -209,6 +218,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="time the batch-invariant engine (tiled matmuls, per-token attention, row-by-row "
         "sampling) that the executor's flag of the same name runs",
     )
+    p.add_argument(
+        "--cpu-load",
+        type=float,
+        nargs=2,
+        metavar=("BUSY_MS", "PERIOD_MS"),
+        default=None,
+        help="while the model loads and its steps are timed, another process spends BUSY_MS of CPU "
+        "every PERIOD_MS on one thread (what the other services of `radixserve serve` take from "
+        "the cores)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this file")
 
 
@@ -377,6 +396,54 @@ def max_positions(args: argparse.Namespace) -> int:
     return max(max(args.contexts) + WARMUP_STEPS + args.steps + 2, prefill)
 
 
+# The --cpu-load process: spends `busy` seconds of its thread's CPU time, sleeps out the rest of
+# each `period`, until it is stopped.
+_LOAD_LOOP = """
+import sys, time
+busy, period = float(sys.argv[1]), float(sys.argv[2])
+while True:
+    start, cpu = time.monotonic(), time.thread_time()
+    while time.thread_time() - cpu < busy:
+        pass
+    time.sleep(max(0.0, period - (time.monotonic() - start)))
+"""
+
+
+@dataclass
+class CpuLoad:
+    """A process started by `cpu_load` (`pid`); `cpu_s` is the CPU time it used (seconds), once
+    stopped and reaped."""
+
+    busy_ms: float
+    period_ms: float
+    pid: int
+    cpu_s: float = 0.0
+
+
+def check_cpu_load(busy_ms: float, period_ms: float) -> None:
+    """Raises ValueError unless 0 < busy_ms < period_ms (milliseconds)."""
+    if not 0 < busy_ms < period_ms:
+        raise ValueError(f"--cpu-load needs 0 < BUSY_MS < PERIOD_MS, got {busy_ms:g} {period_ms:g}")
+
+
+@contextlib.contextmanager
+def cpu_load(busy_ms: float, period_ms: float) -> Iterator[CpuLoad]:
+    """Runs a process that spends `busy_ms` of CPU every `period_ms` (one thread) while the block
+    runs, then stops and reaps it, recording its CPU time (user + system, from wait4) in the
+    yielded CpuLoad. Raises ValueError unless 0 < busy_ms < period_ms."""
+    check_cpu_load(busy_ms, period_ms)
+    argv = [sys.executable, "-c", _LOAD_LOOP, str(busy_ms / 1e3), str(period_ms / 1e3)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    load = CpuLoad(busy_ms, period_ms, proc.pid)
+    try:
+        yield load
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        _, _, usage = os.wait4(proc.pid, 0)
+        proc.returncode = -signal.SIGKILL  # reaped here: Popen must not wait for it again
+        load.cpu_s = usage.ru_utime + usage.ru_stime
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     threads = setup_cpu_process(args.num_threads)
     path = resolve_model_path(args.model_path)
@@ -386,6 +453,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         raise SystemExit(
             "--enable-deterministic-inference runs decode eagerly: drop --enable-torch-compile"
         )
+    if args.cpu_load is not None:
+        try:
+            check_cpu_load(*args.cpu_load)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     if args.enable_torch_compile:
         static = StaticDecodeConfig(args.cuda_graph_max_bs, cuda_graph=False, torch_compile=True)
     contexts = ", ".join(str(c) for c in args.contexts)
@@ -407,14 +479,28 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             flush=True,
         )
     decode, prefill = [], []
-    for dtype_name in dtype_names(args.dtypes):
-        for mode in args.quantization:
-            rows = _bench_model(args, path, cfg, static, bandwidth, dtype_name, mode)
-            decode += rows[0]
-            prefill += rows[1]
+    load = None
+    with contextlib.ExitStack() as stack:
+        if args.cpu_load is not None:
+            load = stack.enter_context(cpu_load(*args.cpu_load))
+            print(
+                f"background load: {load.busy_ms:g} ms of CPU every {load.period_ms:g} ms "
+                f"on one thread of another process",
+                flush=True,
+            )
+        started = time.monotonic()
+        for dtype_name in dtype_names(args.dtypes):
+            for mode in args.quantization:
+                rows = _bench_model(args, path, cfg, static, bandwidth, dtype_name, mode)
+                decode += rows[0]
+                prefill += rows[1]
+    if load is not None:
+        wall = time.monotonic() - started
+        print(f"background load used {load.cpu_s:.1f} s of CPU in {wall:.1f} s", flush=True)
     return {
         "memory_bandwidth_bytes_per_s": bandwidth,
         "bf16_dot_peak_gflops": peak,
+        "cpu_load_ms": args.cpu_load,
         "decode": [asdict(r) for r in decode],
         "prefill": [asdict(r) for r in prefill],
     }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from services.executor.bench import (
     add_arguments,
     bench_decode,
     bench_prefill,
+    cpu_load,
     decode_cases,
     dtype_names,
     max_positions,
@@ -220,3 +223,16 @@ def test_the_matmul_floors_operations_count_every_projection_and_the_head_rows()
     head = h * cfg.vocab_size
     assert matmul_gflop(model, 7, 3) * 1e9 == pytest.approx(2 * (7 * per_row + 3 * head))
     assert matmul_gflop(model, 5, 0) * 1e9 == pytest.approx(2 * 5 * per_row)
+
+
+def test_the_cpu_load_spends_its_share_of_a_core_and_is_reaped() -> None:
+    """--cpu-load 2 4 for half a second: the other process uses about half a core (it sleeps out
+    each period, so never more than that plus scheduling slack) and is gone afterwards."""
+    assert parse("--cpu-load", "2", "4").cpu_load == [2.0, 4.0]
+    with cpu_load(2.0, 4.0) as load:
+        time.sleep(0.5)
+    assert load.cpu_s == pytest.approx(0.25, abs=0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(load.pid, 0)
+    with pytest.raises(ValueError, match="BUSY_MS < PERIOD_MS"), cpu_load(4.0, 4.0):
+        pass
