@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import statistics
@@ -397,11 +398,12 @@ def max_positions(args: argparse.Namespace) -> int:
 
 
 # The --cpu-load process: spends `busy` seconds of its thread's CPU time, sleeps out the rest of
-# each `period`, until it is stopped.
+# each `period`, until it is stopped or its parent is gone.
 _LOAD_LOOP = """
-import sys, time
+import os, sys, time
 busy, period = float(sys.argv[1]), float(sys.argv[2])
-while True:
+parent = os.getppid()
+while os.getppid() == parent:
     start, cpu = time.monotonic(), time.thread_time()
     while time.thread_time() - cpu < busy:
         pass
@@ -421,8 +423,8 @@ class CpuLoad:
 
 
 def check_cpu_load(busy_ms: float, period_ms: float) -> None:
-    """Raises ValueError unless 0 < busy_ms < period_ms (milliseconds)."""
-    if not 0 < busy_ms < period_ms:
+    """Raises ValueError unless 0 < busy_ms < period_ms (milliseconds), both finite."""
+    if not (0 < busy_ms < period_ms and math.isfinite(period_ms)):
         raise ValueError(f"--cpu-load needs 0 < BUSY_MS < PERIOD_MS, got {busy_ms:g} {period_ms:g}")
 
 
@@ -430,21 +432,27 @@ def check_cpu_load(busy_ms: float, period_ms: float) -> None:
 def cpu_load(busy_ms: float, period_ms: float) -> Iterator[CpuLoad]:
     """Runs a process that spends `busy_ms` of CPU every `period_ms` (one thread) while the block
     runs, then stops and reaps it, recording its CPU time (user + system, from wait4) in the
-    yielded CpuLoad. Raises ValueError unless 0 < busy_ms < period_ms."""
+    yielded CpuLoad. The process runs in a session of its own, so a Ctrl-C reaches only this
+    one. Raises ValueError unless 0 < busy_ms < period_ms (finite), OSError if the process
+    cannot start."""
     check_cpu_load(busy_ms, period_ms)
     argv = [sys.executable, "-c", _LOAD_LOOP, str(busy_ms / 1e3), str(period_ms / 1e3)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
     load = CpuLoad(busy_ms, period_ms, proc.pid)
     try:
         yield load
     finally:
-        proc.send_signal(signal.SIGKILL)
+        # Unreaped until wait4 below, so the pid is still this child's even if it has exited.
+        os.kill(proc.pid, signal.SIGKILL)
         _, _, usage = os.wait4(proc.pid, 0)
         proc.returncode = -signal.SIGKILL  # reaped here: Popen must not wait for it again
         load.cpu_s = usage.ru_utime + usage.ru_stime
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
+    """Runs the bench of `args` (add_arguments' flags), printing each row as it is timed; the
+    results as the JSON of --json. Raises SystemExit on flags that do not go together or a
+    --cpu-load out of range."""
     threads = setup_cpu_process(args.num_threads)
     path = resolve_model_path(args.model_path)
     cfg = ModelConfig.from_dir(path)
@@ -480,6 +488,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         )
     decode, prefill = [], []
     load = None
+    started = time.monotonic()
     with contextlib.ExitStack() as stack:
         if args.cpu_load is not None:
             load = stack.enter_context(cpu_load(*args.cpu_load))
@@ -488,7 +497,6 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 f"on one thread of another process",
                 flush=True,
             )
-        started = time.monotonic()
         for dtype_name in dtype_names(args.dtypes):
             for mode in args.quantization:
                 rows = _bench_model(args, path, cfg, static, bandwidth, dtype_name, mode)
@@ -501,6 +509,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "memory_bandwidth_bytes_per_s": bandwidth,
         "bf16_dot_peak_gflops": peak,
         "cpu_load_ms": args.cpu_load,
+        "cpu_load_cpu_s": None if load is None else load.cpu_s,
         "decode": [asdict(r) for r in decode],
         "prefill": [asdict(r) for r in prefill],
     }
