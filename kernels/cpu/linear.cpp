@@ -156,9 +156,9 @@ const bf16* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 // 16 channels keeps its 24 float32 sums in registers (with 3 weight vectors and a broadcast, 28
 // of the 32): each step loads one 64-byte pair vector per block and broadcasts one (x[2i],
 // x[2i + 1]) pair per row, so every load feeds several dot products and no sum is reduced across
-// lanes. Output (m, n) is the float32 sum over pairs of
-// features in ascending order, in lane n % 16 of one accumulator, whatever the rows, tiles or
-// threads; it is rounded to bfloat16 once (round to nearest even, as static_cast does).
+// lanes. Output (m, n) is the float32 sum over pairs of features in ascending order, in lane
+// n % 16 of one accumulator, whatever the rows, tiles or threads; it is rounded to bfloat16 once
+// (round to nearest even, as static_cast does).
 // Measured on a 2-core AMD EPYC (AVX-512 BF16, no AMX) over 120 layers of the shapes of
 // SmolLM2-135M's decoder linears (random distinct weights, read from memory): 8.3-8.8 against
 // 9.5-12.5 ms (the row-major kernel) and 10.1-11.8 ms (oneDNN, packed) at 16 rows; 13.9-15.5

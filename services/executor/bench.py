@@ -487,11 +487,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             flush=True,
         )
     decode, prefill = [], []
-    load = None
     started = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        if args.cpu_load is not None:
-            load = stack.enter_context(cpu_load(*args.cpu_load))
+    loaded = contextlib.nullcontext() if args.cpu_load is None else cpu_load(*args.cpu_load)
+    with loaded as load:
+        if load is not None:
             print(
                 f"background load: {load.busy_ms:g} ms of CPU every {load.period_ms:g} ms "
                 f"on one thread of another process",
