@@ -4,6 +4,11 @@ Request b's keys are positions 0..seq_lens[b]-1 of row req_rows[b] of the reques
 sequence is cut into `num_kv_splits` chunks; stage 1 runs one program per (request, kv head,
 chunk) and writes the chunk's softmax-normalised partial output and its log-sum-exp; stage 2
 merges the chunks of each (request, head). Short batches of long sequences thus still fill the GPU.
+
+`decode_attention_lse` is the same over keys key_starts[b]..seq_lens[b]-1, returning the float32
+output with its log-sum-exp: a row's own keys after a shared prefix, which
+`kernels.merge_attention_states` combines with the prefix's part (the cascade of
+`kernels.shared_prefix_attention`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ def _decode_stage1_kernel(
     v_ptr,  # [num_slots, num_kv_heads, head_dim]
     req_to_token_ptr,  # [max_rows, context_len]
     req_rows_ptr,  # [batch]
+    key_starts_ptr,  # [batch], read where HAS_KEY_STARTS (else keys start at position 0)
     seq_lens_ptr,  # [batch]
     mid_o_ptr,  # [batch, num_heads, num_kv_splits, head_dim] float32
     mid_lse_ptr,  # [batch, num_heads, num_kv_splits] float32
@@ -41,13 +47,17 @@ def _decode_stage1_kernel(
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # see _dot_dtype
     P_DTYPE: tl.constexpr,  # see _p_dtype
+    HAS_KEY_STARTS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(seq_len, num_kv_splits)
-    start = split * split_len
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int64)
+    first = seq_len * 0
+    if HAS_KEY_STARTS:
+        first = tl.load(key_starts_ptr + b).to(tl.int64)
+    split_len = tl.cdiv(seq_len - first, num_kv_splits)
+    start = first + split * split_len
     end = tl.minimum(start + split_len, seq_len)
     if start >= end:  # more splits than keys: stage 2 skips this one
         return
@@ -106,29 +116,41 @@ def _decode_stage1_kernel(
 def _decode_stage2_kernel(
     mid_o_ptr,  # [batch, num_heads, num_kv_splits, head_dim] float32
     mid_lse_ptr,  # [batch, num_heads, num_kv_splits] float32
+    key_starts_ptr,  # [batch], read where HAS_KEY_STARTS
     seq_lens_ptr,  # [batch]
     o_ptr,  # [batch, num_heads, head_dim]
+    lse_ptr,  # [batch, num_heads] float32, written where WRITE_LSE
     stride_ob,
     stride_oh,
     num_kv_splits,
     HEAD_DIM: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,  # a power of two >= num_kv_splits
+    HAS_KEY_STARTS: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(seq_len, num_kv_splits)
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int64)
+    first = seq_len * 0
+    if HAS_KEY_STARTS:
+        first = tl.load(key_starts_ptr + b).to(tl.int64)
+    split_len = tl.cdiv(seq_len - first, num_kv_splits)
     splits = tl.arange(0, BLOCK_SPLITS)
-    used = (splits < num_kv_splits) & (splits * split_len < seq_len)  # the splits stage 1 wrote
+    # the splits stage 1 wrote
+    used = (splits < num_kv_splits) & (first + splits * split_len < seq_len)
     mid = (b * tl.num_programs(1) + head) * num_kv_splits + splits  # [BLOCK_SPLITS]
     lse = tl.load(mid_lse_ptr + mid, mask=used, other=float("-inf"))
-    weight = tl.exp(lse - tl.max(lse, 0))  # 0 for unused splits
+    lse_max = tl.max(lse, 0)
+    weight = tl.exp(lse - lse_max)  # 0 for unused splits
     offs_d = tl.arange(0, HEAD_DIM)
     part = tl.load(
         mid_o_ptr + mid[:, None] * HEAD_DIM + offs_d[None, :], mask=used[:, None], other=0.0
     )  # [BLOCK_SPLITS, HEAD_DIM]
-    out = tl.sum(weight[:, None] * part, 0) / tl.sum(weight, 0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(weight[:, None] * part, 0) / total
     tl.store(o_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+    if WRITE_LSE:
+        tl.store(lse_ptr + b * tl.num_programs(1) + head, lse_max + tl.log(total))
 
 
 _FLOAT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -149,25 +171,80 @@ def decode_attention(
 
     q: [batch, num_heads, head_dim]; k_buffer, v_buffer: [num_slots, num_kv_heads, head_dim];
     req_to_token: [max_rows, context_len]; req_rows, seq_lens: [batch], every seq_len >= 1.
-    Returns o: [batch, num_heads, head_dim] in q's dtype.
+    Returns o: [batch, num_heads, head_dim] in q's dtype. Raises ValueError on mismatched
+    shapes, dtypes, strides or devices.
     """
     _check_inputs(q, k_buffer, v_buffer, req_to_token, req_rows, seq_lens, num_kv_splits)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _launch(q, k_buffer, v_buffer, req_to_token, req_rows, None, seq_lens, sm_scale, o, None,
+            num_kv_splits)  # fmt: skip
+    return o
+
+
+def decode_attention_lse(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_rows: torch.Tensor,
+    key_starts: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    num_kv_splits: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_attention` over keys key_starts[b]..seq_lens[b]-1 (key_starts[b] < seq_lens[b];
+    key_starts: [batch] int32/int64), for the cascade over a shared prefix.
+
+    Returns (o [batch, num_heads, head_dim], lse [batch, num_heads]), both float32: the
+    softmax-normalised output and the log-sum-exp of the scaled scores (natural log), which
+    `merge_attention_states_` takes. Raises ValueError as `decode_attention` does.
+    """
+    _check_inputs(q, k_buffer, v_buffer, req_to_token, req_rows, seq_lens, num_kv_splits)
+    _require(
+        key_starts.shape == q.shape[:1] and key_starts.dtype in _INDEX_DTYPES
+        and key_starts.device == q.device,
+        f"key_starts must be int32/int64 [batch={q.shape[0]}] on {q.device}; got "
+        f"{tuple(key_starts.shape)} {key_starts.dtype} on {key_starts.device}",
+    )  # fmt: skip
     batch, num_heads, head_dim = q.shape
+    o = torch.empty(batch, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
+    _launch(q, k_buffer, v_buffer, req_to_token, req_rows, key_starts, seq_lens, sm_scale, o, lse,
+            num_kv_splits)  # fmt: skip
+    return o, lse
+
+
+def _launch(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_rows: torch.Tensor,
+    key_starts: torch.Tensor | None,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    o: torch.Tensor,
+    lse: torch.Tensor | None,
+    num_kv_splits: int,
+) -> None:
+    """Both stages into o (and lse where given); key_starts None: keys from position 0."""
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return
     num_kv_heads = k_buffer.shape[1]
     group = num_heads // num_kv_heads
     mid_o = torch.empty(
         batch, num_heads, num_kv_splits, head_dim, dtype=torch.float32, device=q.device
     )
     mid_lse = torch.empty(batch, num_heads, num_kv_splits, dtype=torch.float32, device=q.device)
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if batch == 0:
-        return o
+    starts = key_starts if key_starts is not None else seq_lens  # not read without key starts
     _decode_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
         q,
         k_buffer,
         v_buffer,
         req_to_token,
         req_rows,
+        starts,
         seq_lens,
         mid_o,
         mid_lse,
@@ -186,21 +263,25 @@ def decode_attention(
         BLOCK_N=64 if head_dim <= 128 else 32,
         DOT_DTYPE=_dot_dtype(_decode_stage1_kernel, q.dtype),
         P_DTYPE=_p_dtype(q.dtype, v_buffer.dtype),
+        HAS_KEY_STARTS=key_starts is not None,
         num_warps=4,
     )
     _decode_stage2_kernel[(batch, num_heads)](
         mid_o,
         mid_lse,
+        starts,
         seq_lens,
         o,
+        lse if lse is not None else mid_lse,  # not written without WRITE_LSE
         o.stride(0),
         o.stride(1),
         num_kv_splits,
         HEAD_DIM=head_dim,
         BLOCK_SPLITS=max(2, triton.next_power_of_2(num_kv_splits)),
+        HAS_KEY_STARTS=key_starts is not None,
+        WRITE_LSE=lse is not None,
         num_warps=4,
     )
-    return o
 
 
 def _dot_dtype(kernel: object, dtype: torch.dtype) -> tl.dtype:

@@ -4,6 +4,10 @@ Request i has prefix_lens[i] cached tokens and extend_lens[i] new ones, whose qu
 qo_start[i] : qo_start[i] + extend_lens[i] of q. The K/V of every position, cached and new, are
 already in the pool behind req_to_token[req_rows[i]], so one loop over the pool serves both: the
 new token at position p sees positions 0..p. One launch covers all requests.
+
+`extend_attention_lse` is the same over positions key_starts[i]..p, returning the float32 output
+with its log-sum-exp: a request's own keys after a shared prefix, which
+`kernels.merge_attention_states` combines with the prefix's part.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ def _extend_kernel(
     k_ptr,  # [num_slots, num_kv_heads, head_dim]
     v_ptr,  # [num_slots, num_kv_heads, head_dim]
     o_ptr,  # [total_new_tokens, num_heads, head_dim]
+    lse_ptr,  # [total_new_tokens, num_heads] float32, written where WRITE_LSE
     req_to_token_ptr,  # [max_rows, context_len]
     req_rows_ptr,  # [num_reqs]
+    key_starts_ptr,  # [num_reqs], read where HAS_KEY_STARTS (else keys start at position 0)
     prefix_lens_ptr,  # [num_reqs]
     extend_lens_ptr,  # [num_reqs]
     qo_start_ptr,  # [num_reqs]
@@ -43,6 +49,8 @@ def _extend_kernel(
     BLOCK_N: tl.constexpr,  # keys per iteration
     DOT_DTYPE: tl.constexpr,  # see _dot_dtype
     P_DTYPE: tl.constexpr,  # see _p_dtype
+    HAS_KEY_STARTS: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
     req = tl.program_id(0)
     block_m = tl.program_id(1)
@@ -65,12 +73,16 @@ def _extend_kernel(
         other=0.0,
     ).to(DOT_DTYPE)  # [BLOCK_M, HEAD_DIM]
 
-    # Rows past extend_len still see key 0, so no row of the softmax is empty (no NaN).
+    # Every row, those past extend_len too, sees its first key (key_start <= prefix_len <= q_pos),
+    # so no row of the softmax is empty (no NaN).
     kv_end = prefix_len + tl.minimum((block_m + 1) * BLOCK_M, extend_len)  # exclusive
+    key_start = prefix_len * 0
+    if HAS_KEY_STARTS:
+        key_start = tl.load(key_starts_ptr + req).to(prefix_len.dtype)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for block_start in range(0, kv_end, BLOCK_N):
+    for block_start in range(key_start, kv_end, BLOCK_N):
         pos = block_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         pos_mask = pos < kv_end
         # int64: slot * stride overflows int32 in pools of a few million tokens
@@ -102,6 +114,9 @@ def _extend_kernel(
     out = acc / l_i[:, None]
     o_offs = (qo_start + offs_m[:, None]) * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
+    if WRITE_LSE:
+        lse_offs = (qo_start + offs_m) * tl.num_programs(2) + head
+        tl.store(lse_ptr + lse_offs, m_i + tl.log(l_i), mask=m_mask)
 
 
 _FLOAT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -126,24 +141,82 @@ def extend_attention(
     head_dim]; req_to_token: [max_rows, context_len]; req_rows, prefix_lens, extend_lens,
     qo_start: [num_reqs]. `max_extend_len` (>= every extend_len) sizes the grid; without it the
     launcher reads extend_lens.max(), a device sync. Returns o: [total_new_tokens, num_heads,
-    head_dim] in q's dtype.
+    head_dim] in q's dtype. Raises ValueError on mismatched shapes, dtypes, strides or devices.
     """
     _check_inputs(q, k_buffer, v_buffer, req_to_token, req_rows, prefix_lens, extend_lens, qo_start)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _launch(q, k_buffer, v_buffer, req_to_token, req_rows, None, prefix_lens, extend_lens,
+            qo_start, sm_scale, max_extend_len, o, None)  # fmt: skip
+    return o
+
+
+def extend_attention_lse(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_rows: torch.Tensor,
+    key_starts: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    qo_start: torch.Tensor,
+    sm_scale: float,
+    max_extend_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`extend_attention` with each new token seeing positions key_starts[i]..its own
+    (key_starts[i] <= prefix_lens[i]; key_starts: [num_reqs] int32/int64), for the cascade over
+    a shared prefix.
+
+    Returns (o [total_new_tokens, num_heads, head_dim], lse [total_new_tokens, num_heads]), both
+    float32: the softmax-normalised output and the log-sum-exp of the scaled scores (natural
+    log), which `merge_attention_states_` takes. Raises ValueError as `extend_attention` does.
+    """
+    _check_inputs(q, k_buffer, v_buffer, req_to_token, req_rows, prefix_lens, extend_lens, qo_start)
+    _require(
+        key_starts.shape == req_rows.shape and key_starts.dtype in _INDEX_DTYPES
+        and key_starts.device == q.device,
+        f"key_starts must be int32/int64 [num_reqs={req_rows.shape[0]}] on {q.device}; got "
+        f"{tuple(key_starts.shape)} {key_starts.dtype} on {key_starts.device}",
+    )  # fmt: skip
+    o = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    _launch(q, k_buffer, v_buffer, req_to_token, req_rows, key_starts, prefix_lens, extend_lens,
+            qo_start, sm_scale, max_extend_len, o, lse)  # fmt: skip
+    return o, lse
+
+
+def _launch(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_rows: torch.Tensor,
+    key_starts: torch.Tensor | None,
+    prefix_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    qo_start: torch.Tensor,
+    sm_scale: float,
+    max_extend_len: int | None,
+    o: torch.Tensor,
+    lse: torch.Tensor | None,
+) -> None:
+    """The kernel into o (and lse where given); key_starts None: keys from position 0."""
     num_heads, head_dim = q.shape[1:]
     if max_extend_len is None:
         max_extend_len = int(extend_lens.max()) if len(extend_lens) else 0
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
     block_m = 64 if head_dim <= 128 else 32
     grid = (len(req_rows), triton.cdiv(max_extend_len, block_m), num_heads)
     if 0 in grid:
-        return o
+        return
     _extend_kernel[grid](
         q,
         k_buffer,
         v_buffer,
         o,
+        lse if lse is not None else o,  # not written without WRITE_LSE
         req_to_token,
         req_rows,
+        key_starts if key_starts is not None else prefix_lens,  # not read without key starts
         prefix_lens,
         extend_lens,
         qo_start,
@@ -163,9 +236,10 @@ def extend_attention(
         BLOCK_N=block_m,
         DOT_DTYPE=_dot_dtype(_extend_kernel, q.dtype),
         P_DTYPE=_p_dtype(q.dtype, v_buffer.dtype),
+        HAS_KEY_STARTS=key_starts is not None,
+        WRITE_LSE=lse is not None,
         num_warps=4 if head_dim <= 64 else 8,
     )
-    return o
 
 
 def _dot_dtype(kernel: object, dtype: torch.dtype) -> tl.dtype:

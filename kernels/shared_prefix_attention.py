@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import _dot_dtype
+from kernels.decode_attention import _dot_dtype, _p_dtype, kv_dtypes_supported
 
 
 @triton.jit
@@ -40,7 +40,8 @@ def _shared_prefix_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,  # query rows (token, head) per program, a power of two >= 16
     BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,  # see decode_attention._dot_dtype
+    P_DTYPE: tl.constexpr,  # see decode_attention._p_dtype
 ):
     g = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -88,8 +89,9 @@ def _shared_prefix_kernel(
             mask=pos_mask[:, None],
             other=0.0,
         )  # [BLOCK_N, HEAD_DIM]
+        # p is rounded to P_DTYPE as on a GPU, then widened to DOT_DTYPE (a no-op there)
         acc = acc * alpha[:, None] + tl.dot(
-            p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee"
+            p.to(P_DTYPE).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee"
         )
         m_i = m_new
     num_heads = tl.num_programs(1) * GROUP  # o and lse are contiguous
@@ -112,11 +114,12 @@ def shared_prefix_attention(
     sm_scale: float,
     max_tokens_per_group: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [N, H, D] (tokens of G groups back to back); k/v_buffer: [slots, Hkv, D], q's dtype;
-    req_to_token: [rows, context] int32/int64; group_rows, prefix_lens: [G]; tok_offsets: [G + 1]
-    (int32/int64, on q's device). Every span is at least one key. `max_tokens_per_group` sizes the
-    grid without a device sync when given. → out [N, H, D] and lse [N, H], float32.
-    Raises ValueError on mismatched shapes, dtypes or devices."""
+    """q: [N, H, D] (tokens of G groups back to back); k/v_buffer: [slots, Hkv, D], q's dtype,
+    bfloat16 under float32 q or float8_e5m2 (as `decode_attention` takes them); req_to_token:
+    [rows, context] int32/int64; group_rows, prefix_lens: [G]; tok_offsets: [G + 1] (int32/int64,
+    on q's device). Every span is at least one key. `max_tokens_per_group` (>= the tokens of any
+    group) sizes the grid without a device sync when given. → out [N, H, D] and lse [N, H],
+    float32. Raises ValueError on mismatched shapes, dtypes or devices."""
     _check(q, k_buffer, v_buffer, req_to_token, group_rows, tok_offsets, prefix_lens)
     n, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -136,7 +139,8 @@ def shared_prefix_attention(
         sm_scale, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), req_to_token.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_N=64 if head_dim <= 128 else 32,
-        DOT_DTYPE=_dot_dtype(_shared_prefix_kernel, q.dtype), num_warps=4,
+        DOT_DTYPE=_dot_dtype(_shared_prefix_kernel, q.dtype),
+        P_DTYPE=_p_dtype(q.dtype, v_buffer.dtype), num_warps=4,
     )  # fmt: skip
     return o, lse
 
@@ -151,7 +155,11 @@ def _check(q, k_buffer, v_buffer, req_to_token, group_rows, tok_offsets, prefix_
     require(q.shape[2] == k_buffer.shape[2], "head_dim of q and the KV buffers differ")
     require(q.shape[1] % k_buffer.shape[1] == 0, "query heads must be a multiple of KV heads")
     require(q.shape[2] & (q.shape[2] - 1) == 0, "head_dim must be a power of two")
-    require(q.dtype == k_buffer.dtype == v_buffer.dtype, "q and the KV buffers' dtypes differ")
+    require(
+        kv_dtypes_supported(q.dtype, k_buffer.dtype, v_buffer.dtype),
+        "the KV buffers' dtypes must be q's, bfloat16 under float32 q, or float8_e5m2 (as for "
+        f"decode_attention); got {q.dtype}, {k_buffer.dtype}, {v_buffer.dtype}",
+    )
     require(q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1,
             "the head_dim axis must be contiguous")  # fmt: skip
     require(req_to_token.stride(1) == 1, "req_to_token rows must be contiguous")

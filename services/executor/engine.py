@@ -172,6 +172,8 @@ class Engine:
             self.decode_runner = StaticDecodeRunner(
                 model, self.attn, self.pad_row, replace(static_decode, max_bs=max_bs), device
             )
+            if self.decode_runner.use_cuda_graph:
+                self.attn.graph_decode_rows = max_bs
 
     def _make_deterministic(self, static_decode: StaticDecodeConfig | None) -> None:
         self.attn.make_batch_invariant()

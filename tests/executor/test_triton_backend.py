@@ -18,8 +18,9 @@ from services.executor.attention import ATTENTION_BACKENDS, create_backend, defa
 from services.executor.decode_runner import StaticDecodeConfig
 from services.executor.kv_pool import KVPool, RequestToTokenTable
 from services.executor.sampling_params import SamplingParams
-from services.executor.step import NewRequest, Slice, SlotWrite, StepInput
+from services.executor.step import NewRequest, SharedPrefix, Slice, SlotWrite, StepInput
 from tests.executor.test_decode_runner import lockstep_logits, make_engine, prompts
+from tests.executor.test_shared_prefix import plain, scenario
 from tests.executor.tiny import hf_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,3 +134,50 @@ def test_registry_defaults_and_sliding_window() -> None:
         create_backend("triton", pool=pool, table=table, sliding_window=32, **dims)
     within = create_backend("triton", pool=pool, table=table, sliding_window=64, **dims)
     assert within.name == "triton"
+
+
+def test_triton_shared_prefixes_change_no_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans of 1 to 48 positions over decodes, extends and chunked prefills, rows joining and
+    leaving, every span kept: each Step with its spans gives the logits of the same Step
+    without them."""
+    monkeypatch.setenv("RADIXSERVE_TRITON_SHARED_PREFIX", "always")
+    hf = hf_model("llama")
+    cascade = make_engine(hf, device=DEVICE, backend="triton")
+    reference = make_engine(hf, device=DEVICE, backend="triton")
+    grouped = 0
+    for step in scenario():
+        grouped += sum(len(span.rows) for span in cascade._spans(step))
+        got, want = cascade.logits(step), reference.logits(plain(step))
+        torch.testing.assert_close(
+            got, want, rtol=TOLERANCE, atol=TOLERANCE, msg=f"step {step.step_id}"
+        )
+        assert torch.equal(got.argmax(-1), want.argmax(-1)), f"step {step.step_id}"
+    assert grouped == 23  # the scenario's spans name 23 rows over its Steps, all kept
+
+
+def test_triton_auto_keeps_decode_groups_outside_captured_graphs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RADIXSERVE_TRITON_SHARED_PREFIX", raising=False)
+    pool = KVPool(1, 16, 2, 16, torch.float32, torch.device("cpu"))
+    table = RequestToTokenTable(8, 512, torch.device("cpu"))
+    attn = create_backend(
+        "triton", pool=pool, table=table, num_heads=4, num_kv_heads=2, head_dim=16
+    )
+    decodes = [Slice(r, 100, [1]) for r in (0, 1, 2)]
+    extend = Slice(3, 64, [1] * 8)
+    spans = [SharedPrefix(64, [0, 1, 3]), SharedPrefix(100, [2]), SharedPrefix(63, [0, 1])]
+    # The extend row leaves its span; a lone row or a span under 64 positions is not grouped.
+    assert attn.select_shared_prefixes(spans, [extend, *decodes]) == [SharedPrefix(64, [0, 1])]
+    assert attn.select_shared_prefixes(spans[:1], decodes) == [SharedPrefix(64, [0, 1])]
+    attn.graph_decode_rows = 3  # a graph replays pure-decode steps of up to 3 rows
+    assert attn.select_shared_prefixes(spans[:1], decodes) == []
+    assert attn.select_shared_prefixes(spans[:1], [extend, *decodes]) == [SharedPrefix(64, [0, 1])]
+    monkeypatch.setenv("RADIXSERVE_TRITON_SHARED_PREFIX", "never")
+    never = create_backend(
+        "triton", pool=pool, table=table, num_heads=4, num_kv_heads=2, head_dim=16
+    )
+    assert never.select_shared_prefixes(spans, decodes) == []
+    monkeypatch.setenv("RADIXSERVE_TRITON_SHARED_PREFIX", "sometimes")
+    with pytest.raises(ValueError, match="RADIXSERVE_TRITON_SHARED_PREFIX"):
+        create_backend("triton", pool=pool, table=table, num_heads=4, num_kv_heads=2, head_dim=16)

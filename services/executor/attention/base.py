@@ -44,6 +44,10 @@ class AttentionBackend:
 
     name = "base"
     supports_shared_prefixes = False
+    # Pure-decode batches of up to this many rows replay a captured CUDA graph of the plain decode
+    # path (set by the engine when it captures them; 0: none). A backend may leave such steps'
+    # spans out, as the graph cannot take them.
+    graph_decode_rows = 0
 
     def __init__(
         self,

@@ -5,6 +5,11 @@ causal) and the decode part `decode_attention` (flash-decoding over the table). 
 each request's lengths from device tensors, so the decode part has no shape that depends on the
 lengths: the static-shape decode runner captures it once per batch size.
 
+Rows that share a cached prefix (`batch.shared`, the spans `select_shared_prefixes` keeps) attend
+it once per group: `shared_prefix_attention` reads each group's span for all its tokens, the
+`*_lse` kernels each row's own keys after it, and `merge_attention_states_` combines the two by
+log-sum-exp (the cascade of `AttentionBackend._forward_shared`).
+
 Importing this module does not import Triton: the kernels are imported when a backend is built.
 Triton fixes, per kernel, whether it is compiled or interpreted (TRITON_INTERPRET) when the
 kernel's module is imported; importing the executor must not make that choice for its caller.
@@ -12,13 +17,22 @@ kernel's module is imported; importing the executor must not make that choice fo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from services.executor.attention.base import AttentionBackend, register
-from services.executor.forward_batch import ForwardBatch
+from services.executor.forward_batch import ForwardBatch, SharedSpans
 from services.executor.kv_pool import KVPool, RequestToTokenTable
+from services.executor.step import SharedPrefix, Slice
+
+SHARED_PREFIX_ENV = "RADIXSERVE_TRITON_SHARED_PREFIX"
+# The auto rule keeps a span's decode rows when at least this many share at least this many
+# positions (one key block of the span kernel): fewer rows or positions save little reading and
+# add the span and merge launches.
+SPAN_MIN_ROWS = 2
+SPAN_MIN_LENGTH = 64
 
 
 @dataclass
@@ -28,24 +42,28 @@ class ExtendPart:
     extend_lens: torch.Tensor  # [E] new tokens per request
     qo_start: torch.Tensor  # [E] first row of each request in the extend part of q
     max_extend_len: int
+    key_starts: torch.Tensor | None = None  # [E] first own key after a shared span (cascade)
 
 
 @dataclass
 class DecodePart:
     rows: torch.Tensor  # [B] table rows
     seq_lens: torch.Tensor  # [B] keys per request, the new token included
+    key_starts: torch.Tensor | None = None  # [B] first own key after a shared span (cascade)
 
 
 @dataclass
 class TritonMetadata:
     extend: ExtendPart | None
     decode: DecodePart | None
+    shared: SharedSpans | None = None
 
 
 @register("triton")
 class TritonAttention(AttentionBackend):
     # Split-K chunks of the decode kernel: enough programs for a small batch of long sequences.
     num_kv_splits = 8
+    supports_shared_prefixes = True
 
     def __init__(
         self,
@@ -63,17 +81,61 @@ class TritonAttention(AttentionBackend):
                 "--context-length within the window"
             )
         super().__init__(pool, table, num_heads, num_kv_heads, head_dim, sliding_window=None)
-        from kernels import decode_attention, extend_attention, kv_store  # see the module doc
+        # see the module doc
+        from kernels import (
+            decode_attention,
+            extend_attention,
+            kv_store,
+            merge_attention_states,
+            shared_prefix_attention,
+        )
 
         self._store_kv = kv_store.store_kv
         self._extend_attention = extend_attention.extend_attention
+        self._extend_attention_lse = extend_attention.extend_attention_lse
         self._decode_attention = decode_attention.decode_attention
+        self._decode_attention_lse = decode_attention.decode_attention_lse
+        self._shared_prefix_attention = shared_prefix_attention.shared_prefix_attention
+        self._merge = merge_attention_states.merge_attention_states_
+        self.shared_prefix_mode = os.environ.get(SHARED_PREFIX_ENV, "auto")
+        if self.shared_prefix_mode not in ("auto", "always", "never"):
+            raise ValueError(
+                f"{SHARED_PREFIX_ENV}={self.shared_prefix_mode!r}: use auto, always, never"
+            )
+
+    def select_shared_prefixes(
+        self, spans: list[SharedPrefix], slices: list[Slice]
+    ) -> list[SharedPrefix]:
+        """The spans attended once per group. The default (auto) keeps, per span, its rows that
+        decode one token, where at least SPAN_MIN_ROWS of them share at least SPAN_MIN_LENGTH
+        positions, and none in a pure-decode step that a captured CUDA graph replays (the graph
+        holds the plain decode kernel). An extend's blocks already read each key once for 64
+        tokens, so its rows gain nothing from a span. RADIXSERVE_TRITON_SHARED_PREFIX=always
+        keeps every span as the scheduler sent it, =never none."""
+        if self.shared_prefix_mode == "always":
+            return spans
+        if self.shared_prefix_mode == "never":
+            return []
+        decoding = {s.row for s in slices if s.length == 1}
+        if len(decoding) == len(slices) <= self.graph_decode_rows:
+            return []
+        kept = []
+        for span in spans:
+            rows = [r for r in span.rows if r in decoding]
+            if len(rows) >= SPAN_MIN_ROWS and span.length >= SPAN_MIN_LENGTH:
+                kept.append(SharedPrefix(span.length, rows))
+        return kept
 
     def init_metadata(self, batch: ForwardBatch) -> None:
-        ne = batch.num_extend
+        ne, shared = batch.num_extend, batch.shared
         extend = self._extend_part(batch) if ne else None
         decode = DecodePart(batch.rows[ne:], batch.seq_lens[ne:]) if batch.num_decode else None
-        batch.attn_metadata = TritonMetadata(extend, decode)
+        if shared is not None:
+            if extend is not None:
+                extend.key_starts = shared.key_starts[:ne]
+            if decode is not None:
+                decode.key_starts = shared.key_starts[ne:]
+        batch.attn_metadata = TritonMetadata(extend, decode, shared)
 
     def _extend_part(self, batch: ForwardBatch) -> ExtendPart:
         ne = batch.num_extend
@@ -88,6 +150,8 @@ class TritonAttention(AttentionBackend):
     ) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D] → out: [T, H, D]
         self._store_kv(k, v, self.pool.k[layer], self.pool.v[layer], batch.out_cache_loc)
+        if batch.shared is not None:
+            return self._forward_shared(layer, q, batch)
         n_ext = batch.num_extend_tokens
         if batch.num_decode == 0:
             return self.extend(layer, q, batch)
@@ -124,6 +188,51 @@ class TritonAttention(AttentionBackend):
             self.scale,
             num_kv_splits=self.num_kv_splits,
         )
+
+    # --- Shared prefixes (batch.shared) -----------------------------------------------------------
+
+    def extend_tail(
+        self, layer: int, q: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        part = batch.attn_metadata.extend  # type: ignore[union-attr]
+        assert part.key_starts is not None
+        return self._extend_attention_lse(
+            q, *self._pools(layer), part.rows, part.key_starts, part.prefix_lens,
+            part.extend_lens, part.qo_start, self.scale, max_extend_len=part.max_extend_len,
+        )  # fmt: skip
+
+    def decode_tail(
+        self, layer: int, q: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        part = batch.attn_metadata.decode  # type: ignore[union-attr]
+        assert part.key_starts is not None
+        return self._decode_attention_lse(
+            q, *self._pools(layer), part.rows, part.key_starts, part.seq_lens, self.scale,
+            num_kv_splits=self.num_kv_splits,
+        )  # fmt: skip
+
+    def shared_prefix(
+        self, layer: int, q: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        spans = batch.attn_metadata.shared  # type: ignore[union-attr]
+        # The grouped tokens in all bound the tokens of any one group, without a device sync.
+        return self._shared_prefix_attention(
+            q, *self._pools(layer), spans.rows, spans.tok_offsets, spans.lens, self.scale,
+            max_tokens_per_group=int(spans.tok_idx.shape[0]),
+        )  # fmt: skip
+
+    def merge(
+        self,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        part_out: torch.Tensor,
+        part_lse: torch.Tensor,
+        idx: torch.Tensor,
+    ) -> torch.Tensor:
+        return self._merge(out, lse, part_out, part_lse, idx)
+
+    def _pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.pool.k[layer], self.pool.v[layer], self.table.table
 
     # --- Static-shape decode (services/executor/decode_runner.py) ---------------------------------
 
