@@ -200,12 +200,7 @@ def decode_attention_lse(
     `merge_attention_states_` takes. Raises ValueError as `decode_attention` does.
     """
     _check_inputs(q, k_buffer, v_buffer, req_to_token, req_rows, seq_lens, num_kv_splits)
-    _require(
-        key_starts.shape == q.shape[:1] and key_starts.dtype in _INDEX_DTYPES
-        and key_starts.device == q.device,
-        f"key_starts must be int32/int64 [batch={q.shape[0]}] on {q.device}; got "
-        f"{tuple(key_starts.shape)} {key_starts.dtype} on {key_starts.device}",
-    )  # fmt: skip
+    check_key_starts(key_starts, q.shape[0], q.device)
     batch, num_heads, head_dim = q.shape
     o = torch.empty(batch, num_heads, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
@@ -324,6 +319,16 @@ def _check_inputs(
             f"{name} must be int32/int64 [batch={q.shape[0]}]; got {tuple(t.shape)} {t.dtype}",
         )
     _require(num_kv_splits >= 1, f"num_kv_splits must be >= 1; got {num_kv_splits}")
+
+
+def check_key_starts(key_starts: torch.Tensor, n: int, device: torch.device) -> None:
+    """Raises ValueError unless key_starts is int32/int64 [n] on `device`."""
+    _require(
+        key_starts.shape == (n,) and key_starts.dtype in _INDEX_DTYPES
+        and key_starts.device == device,
+        f"key_starts must be int32/int64 [{n}] on {device}; got {tuple(key_starts.shape)} "
+        f"{key_starts.dtype} on {key_starts.device}",
+    )  # fmt: skip
 
 
 def _check_pool(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.decode_attention import _p_dtype, kv_dtypes_supported
+from kernels.decode_attention import _p_dtype, check_key_starts, kv_dtypes_supported
 
 
 @triton.jit
@@ -172,12 +172,7 @@ def extend_attention_lse(
     log), which `merge_attention_states_` takes. Raises ValueError as `extend_attention` does.
     """
     _check_inputs(q, k_buffer, v_buffer, req_to_token, req_rows, prefix_lens, extend_lens, qo_start)
-    _require(
-        key_starts.shape == req_rows.shape and key_starts.dtype in _INDEX_DTYPES
-        and key_starts.device == q.device,
-        f"key_starts must be int32/int64 [num_reqs={req_rows.shape[0]}] on {q.device}; got "
-        f"{tuple(key_starts.shape)} {key_starts.dtype} on {key_starts.device}",
-    )  # fmt: skip
+    check_key_starts(key_starts, req_rows.shape[0], q.device)
     o = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     _launch(q, k_buffer, v_buffer, req_to_token, req_rows, key_starts, prefix_lens, extend_lens,

@@ -6,6 +6,7 @@ request's cached prefix and its new tokens are one uniform sequence of slots.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -31,6 +32,29 @@ def register(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBack
         return cls
 
     return wrap
+
+
+def shared_prefix_mode(env: str) -> str:
+    """The value of the environment variable `env` that picks a backend's shared-prefix spans:
+    auto (the backend's rule, the default), always or never. Raises ValueError for another."""
+    mode = os.environ.get(env, "auto")
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"{env}={mode!r}: use auto, always, never")
+    return mode
+
+
+def decode_groups(
+    spans: list[SharedPrefix], slices: list[Slice], min_rows: int, min_length: int
+) -> list[SharedPrefix]:
+    """Each span cut down to its rows that decode one token in `slices`, kept where at least
+    `min_rows` of them share at least `min_length` positions."""
+    decoding = {s.row for s in slices if s.length == 1}
+    kept = []
+    for span in spans:
+        rows = [r for r in span.rows if r in decoding]
+        if len(rows) >= min_rows and span.length >= min_length:
+            kept.append(SharedPrefix(span.length, rows))
+    return kept
 
 
 class AttentionBackend:

@@ -21,7 +21,12 @@ import torch.nn.functional as F
 import kernels.cpu as cpu_kernels
 from kernels.cpu import cascade
 from kernels.cpu.build import cpu_flags, disabled_by_env
-from services.executor.attention.base import AttentionBackend, register
+from services.executor.attention.base import (
+    AttentionBackend,
+    decode_groups,
+    register,
+    shared_prefix_mode,
+)
 from services.executor.forward_batch import ForwardBatch, SharedSpans
 from services.executor.step import SharedPrefix, Slice
 
@@ -104,11 +109,7 @@ class TorchAttention(AttentionBackend):
         self.amx_cascade = (
             self.use_cpu_extend_kernel and self.supports_shared_prefixes and self._amx_attention()
         )
-        self.cpu_shared_prefix = os.environ.get("RADIXSERVE_CPU_SHARED_PREFIX", "auto")
-        if self.cpu_shared_prefix not in ("auto", "always", "never"):
-            raise ValueError(
-                f"RADIXSERVE_CPU_SHARED_PREFIX={self.cpu_shared_prefix!r}: use auto, always, never"
-            )
+        self.cpu_shared_prefix = shared_prefix_mode("RADIXSERVE_CPU_SHARED_PREFIX")
 
     def select_shared_prefixes(
         self, spans: list[SharedPrefix], slices: list[Slice]
@@ -151,18 +152,12 @@ class TorchAttention(AttentionBackend):
             return super().select_shared_prefixes(spans, slices)
         if mode == "never":
             return []
-        decoding = {s.row for s in slices if s.length == 1}
         min_rows, min_length = (
             (AMX_SPAN_MIN_ROWS, AMX_SPAN_MIN_LENGTH)
             if self.amx_cascade
             else (SPAN_MIN_ROWS, SPAN_MIN_LENGTH)
         )
-        kept = []
-        for span in spans:
-            rows = [r for r in span.rows if r in decoding]
-            if len(rows) >= min_rows and span.length >= min_length:
-                kept.append(SharedPrefix(span.length, rows))
-        return kept
+        return decode_groups(spans, slices, min_rows, min_length)
 
     def _sdpa_extend_faster(self) -> bool:
         """Whether extend attention runs faster in torch's SDPA than in the C++ extend kernels

@@ -17,12 +17,16 @@ kernel's module is imported; importing the executor must not make that choice fo
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from services.executor.attention.base import AttentionBackend, register
+from services.executor.attention.base import (
+    AttentionBackend,
+    decode_groups,
+    register,
+    shared_prefix_mode,
+)
 from services.executor.forward_batch import ForwardBatch, SharedSpans
 from services.executor.kv_pool import KVPool, RequestToTokenTable
 from services.executor.step import SharedPrefix, Slice
@@ -97,11 +101,7 @@ class TritonAttention(AttentionBackend):
         self._decode_attention_lse = decode_attention.decode_attention_lse
         self._shared_prefix_attention = shared_prefix_attention.shared_prefix_attention
         self._merge = merge_attention_states.merge_attention_states_
-        self.shared_prefix_mode = os.environ.get(SHARED_PREFIX_ENV, "auto")
-        if self.shared_prefix_mode not in ("auto", "always", "never"):
-            raise ValueError(
-                f"{SHARED_PREFIX_ENV}={self.shared_prefix_mode!r}: use auto, always, never"
-            )
+        self.shared_prefix_mode = shared_prefix_mode(SHARED_PREFIX_ENV)
 
     def select_shared_prefixes(
         self, spans: list[SharedPrefix], slices: list[Slice]
@@ -116,15 +116,9 @@ class TritonAttention(AttentionBackend):
             return spans
         if self.shared_prefix_mode == "never":
             return []
-        decoding = {s.row for s in slices if s.length == 1}
-        if len(decoding) == len(slices) <= self.graph_decode_rows:
+        if all(s.length == 1 for s in slices) and len(slices) <= self.graph_decode_rows:
             return []
-        kept = []
-        for span in spans:
-            rows = [r for r in span.rows if r in decoding]
-            if len(rows) >= SPAN_MIN_ROWS and span.length >= SPAN_MIN_LENGTH:
-                kept.append(SharedPrefix(span.length, rows))
-        return kept
+        return decode_groups(spans, slices, SPAN_MIN_ROWS, SPAN_MIN_LENGTH)
 
     def init_metadata(self, batch: ForwardBatch) -> None:
         ne, shared = batch.num_extend, batch.shared
