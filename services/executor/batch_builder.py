@@ -106,13 +106,17 @@ def plan_shared(
         rows=t([span.rows[0] for span in spans]),
         lens=t([span.length for span in spans]),
         key_starts=t(key_starts),
+        max_group_tokens=max(b - a for a, b in itertools.pairwise(offsets)),
     )
 
 
 def _to_device(shared: SharedSpans | None, device: torch.device) -> SharedSpans | None:
     if shared is None:
         return None
-    return SharedSpans(**{f.name: getattr(shared, f.name).to(device) for f in fields(shared)})
+    moved = {f.name: getattr(shared, f.name) for f in fields(shared)}
+    return SharedSpans(
+        **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()}
+    )
 
 
 def materialize(

@@ -82,14 +82,6 @@ class DecodeCase:
     def label(self) -> str:
         return f"{self.name} {self.groups}x{self.prefix_len}" if self.groups else self.name
 
-    def kv_tokens(self, batch: int, context: int) -> int:
-        """KV positions a step over `batch` rows at `context` must read: a shared span once
-        when the case sends it as a span, once per row otherwise."""
-        if not self.cascade:
-            return batch * context
-        groups = min(self.groups, batch)
-        return groups * self.prefix_len + batch * (context - self.prefix_len)
-
 
 @dataclass
 class DecodeRow:
@@ -277,6 +269,18 @@ def shared_spans(case: DecodeCase, batch: int) -> list[SharedPrefix]:
     return [SharedPrefix(case.prefix_len, rows) for rows in members if len(rows) > 1]
 
 
+def kv_positions(batch: int, context: int, spans: list[SharedPrefix]) -> int:
+    """KV positions a decode step over `batch` rows at `context` reads: each of `spans` (those
+    the attention backend attends once per group) once, every other position once per row."""
+    return batch * context - sum((len(s.rows) - 1) * s.length for s in spans)
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    ms: float  # median decode step time
+    kv_positions: int  # KV positions each step read (see kv_positions)
+
+
 def bench_decode(
     model: nn.Module,
     cfg: ModelConfig,
@@ -287,10 +291,11 @@ def bench_decode(
     case: DecodeCase = DecodeCase("greedy", GREEDY),
     deterministic: bool = False,
     kv_dtype: torch.dtype | None = None,
-) -> float:
+) -> DecodeTiming:
     """Median decode step time (ms) with `batch` requests at `context` tokens each, after
     WARMUP_STEPS untimed steps (which compile the static step when there is one); the KV pool in
-    `kv_dtype` (None: the model's)."""
+    `kv_dtype` (None: the model's). The KV positions count the case's spans once only where the
+    attention backend keeps them (`Engine._spans`)."""
     span = context + WARMUP_STEPS + steps + 2
     writes, num_slots = slot_writes(case, batch, span)
     engine = _engine(model, cfg, num_slots, batch, span, static, deterministic, kv_dtype)
@@ -313,7 +318,10 @@ def bench_decode(
         start = time.perf_counter()
         engine.run_step(step)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[WARMUP_STEPS:]) * 1e3
+    kept = engine._spans(step)
+    return DecodeTiming(
+        statistics.median(times[WARMUP_STEPS:]) * 1e3, kv_positions(batch, context, kept)
+    )
 
 
 def bench_prefill(
@@ -567,9 +575,12 @@ def _decode_row(
     kv_dtype: torch.dtype,
 ) -> DecodeRow:
     deterministic = args.enable_deterministic_inference
-    ms = bench_decode(model, cfg, bs, context, args.steps, static, case, deterministic, kv_dtype)
+    timing = bench_decode(
+        model, cfg, bs, context, args.steps, static, case, deterministic, kv_dtype
+    )
+    ms = timing.ms
     floor = linear_floor_ms(model, bs) + head_floor_ms(model, bs)
-    bw_floor = floors.bandwidth_ms(case.kv_tokens(bs, context))
+    bw_floor = floors.bandwidth_ms(timing.kv_positions)
     return DecodeRow(
         case.label,
         dtype_name,

@@ -26,6 +26,7 @@ class SharedSpans:
     rows: torch.Tensor  # [G] int64, a table row holding each group's span
     lens: torch.Tensor  # [G] int64, shared positions per group
     key_starts: torch.Tensor  # [S] int64, per slice: lens of its group, 0 when ungrouped
+    max_group_tokens: int = 0  # the most tokens of any one group (host-side, sizes kernel grids)
 
 
 @dataclass

@@ -13,9 +13,9 @@ instead of 5 at 1,000: 3,004 positions saved instead of 4,000), and attention ba
 spans of too few rows off their span kernels (torch_backend's SPAN_MIN_ROWS). So, from the
 deepest candidate nodes up, a node either keeps the groups found below it (plus one of the rows
 that reach it without one) or gathers every row below it into one group, whichever saves more.
-Groups of one are dropped. Extend rows count here as decode rows do, though the CPU backends keep
-only a span's decode rows (torch_backend's select_shared_prefixes). Cost: O(requests x tree depth
-in edges), a few microseconds per request.
+Groups of one are dropped. Extend rows count here as decode rows do, though by default the
+attention backends keep only a span's decode rows (their select_shared_prefixes). Cost:
+O(requests x tree depth in edges), a few microseconds per request.
 """
 
 from __future__ import annotations

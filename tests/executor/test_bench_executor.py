@@ -21,6 +21,7 @@ from services.executor.bench import (
     cpu_load,
     decode_cases,
     dtype_names,
+    kv_positions,
     max_positions,
     shared_spans,
     slot_writes,
@@ -97,10 +98,10 @@ def test_a_narrow_kv_cache_is_timed_over_a_pool_of_its_dtype(monkeypatch) -> Non
         return engine
 
     monkeypatch.setattr(bench_module, "_engine", spy)
-    assert bench_decode(model, cfg, 3, 40, 2, kv_dtype=torch.bfloat16) > 0
+    assert bench_decode(model, cfg, 3, 40, 2, kv_dtype=torch.bfloat16).ms > 0
     assert bench_prefill(model, cfg, 2, 24, kv_dtype=torch.bfloat16) > 0
-    assert bench_decode(model, cfg, 3, 40, 2) > 0
-    assert bench_decode(model, cfg, 3, 40, 2, kv_dtype=torch.float8_e5m2) > 0
+    assert bench_decode(model, cfg, 3, 40, 2).ms > 0
+    assert bench_decode(model, cfg, 3, 40, 2, kv_dtype=torch.float8_e5m2).ms > 0
     assert pools == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float8_e5m2]
 
 
@@ -119,8 +120,9 @@ def test_shared_spans_name_each_group_of_the_cascade_case_only() -> None:
     spans = shared_spans(case, batch=4)
     assert [(s.length, s.rows) for s in spans] == [(5, [0, 1]), (5, [2, 3])]
     assert shared_spans(DecodeCase("p", GREEDY, 2, 5, cascade=False), batch=4) == []
-    assert case.kv_tokens(4, 8) == 2 * 5 + 4 * 3
-    assert DecodeCase("p", GREEDY, 2, 5, cascade=False).kv_tokens(4, 8) == 4 * 8
+    assert kv_positions(4, 8, spans) == 2 * 5 + 4 * 3
+    assert kv_positions(4, 8, spans[:1]) == 5 + 2 * 3 + 2 * 8
+    assert kv_positions(4, 8, []) == 4 * 8
 
 
 def test_shared_prefix_rows_of_a_group_point_at_the_same_slots() -> None:
@@ -132,7 +134,7 @@ def test_shared_prefix_rows_of_a_group_point_at_the_same_slots() -> None:
     tails = [k for t in tables for k in t[5:]]
     assert len(set(tails)) == len(tails) and not set(tails) & {k for t in tables for k in t[:5]}
     assert {k for t in tables for k in t} == set(range(1, used + 1))
-    assert case.kv_tokens(4, 8) == used
+    assert kv_positions(4, 8, shared_spans(case, batch=4)) == used
 
 
 def test_decode_runs_at_a_context_past_the_prefill_length() -> None:
@@ -142,7 +144,11 @@ def test_decode_runs_at_a_context_past_the_prefill_length() -> None:
     model = build_model(cfg, max_positions(args), torch.float32, torch.device("cpu"))
     load_weights(model, hf.state_dict().items())
     for case in decode_cases(parse("--sampling", "--shared-prefix-groups", "2"), 300):
-        assert bench_decode(model, cfg, 4, 300, 2, case=case) > 0
+        timing = bench_decode(model, cfg, 4, 300, 2, case=case)
+        # Head dim 16 runs the PyTorch attention, which keeps every span: the cascade case
+        # reads each group's 225 shared positions once, the others every position per row.
+        spans_kept = case.cascade and case.groups
+        assert timing.ms > 0 and timing.kv_positions == (750 if spans_kept else 4 * 300)
     # tied embeddings: the head reads the embedding table, so every weight counts once
     assert weight_bytes(model) == sum(p.numel() * 4 for p in model.parameters())
     assert memory_bandwidth(gib=1 / 64, repeats=2) > 0
@@ -186,7 +192,7 @@ def test_deterministic_mode_times_the_batch_invariant_engine() -> None:
     cfg = ModelConfig.from_dict(hf.config.to_dict())
     model = build_model(cfg, 64, torch.float32, torch.device("cpu"))
     load_weights(model, hf.state_dict().items())
-    assert bench_decode(model, cfg, 3, 40, 2, deterministic=True) > 0
+    assert bench_decode(model, cfg, 3, 40, 2, deterministic=True).ms > 0
     assert bench_prefill(model, cfg, 2, 24, deterministic=True) > 0
     wrapped = [m for m in model.modules() if isinstance(m, BatchInvariantLinear)]
     assert len(wrapped) == cfg.num_layers * 4 + 1  # qkv, o, gate_up, down per layer; the head
@@ -205,7 +211,7 @@ def test_quantized_weights_count_as_stored_and_time_under_tiles() -> None:
     assert isinstance(model.lm_head, Int8Linear)  # the head at 8 bits, the rest at 4
     assert weight_bytes(model) < before / 2
     assert linear_floor_ms(model, 4, repeats=1) > 0 and head_floor_ms(model, 4, repeats=1) > 0
-    assert bench_decode(model, cfg, 3, 40, 2, deterministic=True) > 0
+    assert bench_decode(model, cfg, 3, 40, 2, deterministic=True).ms > 0
     assert head_floor_ms(model, 2, repeats=1) > 0  # the head now wrapped in tiles
     args = parse("--quantization", "none", "int8", "--quantization-group-size", "64")
     assert (args.quantization, args.quantization_group_size) == (["none", "int8"], 64)

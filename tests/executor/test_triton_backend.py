@@ -181,3 +181,41 @@ def test_triton_auto_keeps_decode_groups_outside_captured_graphs(
     monkeypatch.setenv("RADIXSERVE_TRITON_SHARED_PREFIX", "sometimes")
     with pytest.raises(ValueError, match="RADIXSERVE_TRITON_SHARED_PREFIX"):
         create_backend("triton", pool=pool, table=table, num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+def test_triton_warmup_compiles_the_span_path_reading_slot_0_only() -> None:
+    hf = hf_model("llama")
+    engine = make_engine(hf, device=DEVICE, backend="triton")
+    engine.pool.k[0][1:].normal_()
+    before = [t.clone() for t in (engine.pool.k[0], engine.pool.v[0])]
+    engine.attn.warmup_shared_prefixes(engine.dtype, engine.pad_row)
+    assert torch.equal(engine.pool.k[0], before[0]) and torch.equal(engine.pool.v[0], before[1])
+
+
+def _graph_rule_steps() -> tuple[StepInput, StepInput, list[SharedPrefix]]:
+    span = [SharedPrefix(64, [0, 1, 2])]
+    decodes = [Slice(r, 100, [1]) for r in range(3)]
+    mixed = StepInput(1, slices=[Slice(3, 64, [1] * 8), *decodes], shared_prefixes=span)
+    return StepInput(1, slices=decodes, shared_prefixes=span), mixed, span
+
+
+def test_triton_spans_without_captured_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RADIXSERVE_TRITON_SHARED_PREFIX", raising=False)
+    config = StaticDecodeConfig(max_bs=4, cuda_graph=False)
+    engine = make_engine(hf_model("llama"), config, device=DEVICE, backend="triton")
+    assert engine.attn.graph_decode_rows == 0
+    decode, mixed, span = _graph_rule_steps()
+    assert engine._spans(decode) == span and engine._spans(mixed) == span
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+def test_triton_captured_graphs_keep_their_decode_steps_plain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RADIXSERVE_TRITON_SHARED_PREFIX", raising=False)
+    config = StaticDecodeConfig(max_bs=4)
+    engine = make_engine(hf_model("llama"), config, device="cuda", backend="triton")
+    assert engine.attn.graph_decode_rows == 4
+    decode, mixed, span = _graph_rule_steps()
+    assert engine._spans(decode) == [] and engine._spans(mixed) == span

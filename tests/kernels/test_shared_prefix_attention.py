@@ -87,7 +87,8 @@ def test_decode_own_keys_match_reference(make_kv_pool, device, dtype, kv_dtype, 
     seq_lens, key_starts = [90, 70, 33, 5], [0, 41, 32, 2]
     k_buffer, v_buffer, table, rows = make_kv_pool(seq_lens, 3, 64, kv_dtype, torch.int64)
     q = torch.randn(len(seq_lens), 9, 64).to(dtype).to(device)
-    starts, lens = (torch.tensor(x, device=device) for x in (key_starts, seq_lens))
+    starts = torch.tensor(key_starts, dtype=torch.int32, device=device)  # int32 beside int64
+    lens = torch.tensor(seq_lens, device=device)
     out, lse = decode_attention_lse(
         q, k_buffer, v_buffer, table, rows, starts, lens, 0.125, num_kv_splits=splits
     )
@@ -185,12 +186,24 @@ def test_own_keys_reject_bad_key_starts(make_kv_pool, device):
         )
 
 
-def test_span_over_a_bfloat16_cache_of_float32_queries(make_kv_pool, device):
-    k_buffer, v_buffer, table, rows = make_kv_pool([70, 9], 3, 64, torch.bfloat16, torch.int64)
-    q = torch.randn(5, 9, 64, device=device)
+@pytest.mark.parametrize(
+    ("dtype", "kv_dtype"),
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float8_e5m2),
+        (torch.bfloat16, torch.float8_e5m2),
+    ],
+    ids=["fp32-over-bf16", "fp32-over-fp8", "bf16-over-fp8"],
+)
+def test_span_over_a_cache_in_another_dtype(make_kv_pool, device, dtype, kv_dtype):
+    """As decode_attention takes them: p is rounded to the values' dtype over a bfloat16 cache,
+    to the queries' over a float8 one."""
+    k_buffer, v_buffer, table, rows = make_kv_pool([70, 9], 3, 64, kv_dtype, torch.int64)
+    q = torch.randn(5, 9, 64).to(dtype).to(device)
     args = (q, k_buffer, v_buffer, table, rows, torch.tensor([0, 3, 5], device=device),
             torch.tensor([70, 9], device=device), 0.125)  # fmt: skip
     out, lse = shared_prefix_attention(*args)
     ref_out, ref_lse = shared_prefix_attention_ref(*args)
-    torch.testing.assert_close(out, ref_out, **TOLERANCES[torch.bfloat16])
-    torch.testing.assert_close(lse, ref_lse, **TOLERANCES[torch.bfloat16])
+    tol = TOLERANCES[torch.bfloat16]  # p in bfloat16, or float8 values
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)

@@ -101,6 +101,11 @@ class AttentionBackend:
         attend their whole prefix as their own keys, with the same result."""
         return spans if self.supports_shared_prefixes else []
 
+    def warmup_shared_prefixes(self, dtype: torch.dtype, pad_row: int) -> None:
+        """Runs once, at the engine's warm-up, whatever the shared-prefix path compiles on first
+        use, for queries of `dtype`, reading only slot 0 through table row `pad_row`. Nothing to
+        do here."""
+
     def init_metadata(self, batch: ForwardBatch) -> None:
         """Builds per-step metadata shared by all layers into `batch.attn_metadata`."""
 

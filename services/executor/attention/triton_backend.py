@@ -109,9 +109,10 @@ class TritonAttention(AttentionBackend):
         """The spans attended once per group. The default (auto) keeps, per span, its rows that
         decode one token, where at least SPAN_MIN_ROWS of them share at least SPAN_MIN_LENGTH
         positions, and none in a pure-decode step that a captured CUDA graph replays (the graph
-        holds the plain decode kernel). An extend's blocks already read each key once for 64
-        tokens, so its rows gain nothing from a span. RADIXSERVE_TRITON_SHARED_PREFIX=always
-        keeps every span as the scheduler sent it, =never none."""
+        holds the plain decode kernel). The extend kernel already reads each key once per block
+        of 64 query rows (32 at head_dim 256), so extend rows gain little from a span.
+        RADIXSERVE_TRITON_SHARED_PREFIX=always keeps every span as the scheduler sent it, =never
+        none."""
         if self.shared_prefix_mode == "always":
             return spans
         if self.shared_prefix_mode == "never":
@@ -209,10 +210,9 @@ class TritonAttention(AttentionBackend):
         self, layer: int, q: torch.Tensor, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         spans = batch.attn_metadata.shared  # type: ignore[union-attr]
-        # The grouped tokens in all bound the tokens of any one group, without a device sync.
         return self._shared_prefix_attention(
             q, *self._pools(layer), spans.rows, spans.tok_offsets, spans.lens, self.scale,
-            max_tokens_per_group=int(spans.tok_idx.shape[0]),
+            max_tokens_per_group=spans.max_group_tokens,
         )  # fmt: skip
 
     def merge(
@@ -227,6 +227,33 @@ class TritonAttention(AttentionBackend):
 
     def _pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.pool.k[layer], self.pool.v[layer], self.table.table
+
+    def warmup_shared_prefixes(self, dtype: torch.dtype, pad_row: int) -> None:
+        """Compiles the span, own-keys and merge kernels for queries of `dtype` (Triton compiles
+        a kernel at its first launch: without this, the first Step with spans would stall every
+        running request for as long). Every key read is slot 0 through the all-zero table row
+        `pad_row`; nothing is written to the pool."""
+        if self.shared_prefix_mode == "never":
+            return
+        device = self.table.table.device
+
+        def index(*values: int) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        q = torch.zeros(2, self.num_heads, self.head_dim, dtype=dtype, device=device)
+        k, v, table = self._pools(0)
+        rows, one, two = index(pad_row, pad_row), index(1, 1), index(2, 2)
+        out, lse = self._decode_attention_lse(
+            q, k, v, table, rows, one, two, self.scale, num_kv_splits=self.num_kv_splits
+        )
+        self._extend_attention_lse(
+            q, k, v, table, rows[:1], one[:1], one[:1], two[:1], index(0), self.scale,
+            max_extend_len=2,
+        )  # fmt: skip
+        part_out, part_lse = self._shared_prefix_attention(
+            q, k, v, table, rows[:1], index(0, 2), one[:1], self.scale, max_tokens_per_group=2
+        )
+        self._merge(out, lse, part_out, part_lse, index(0, 1))
 
     # --- Static-shape decode (services/executor/decode_runner.py) ---------------------------------
 
