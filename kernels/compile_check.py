@@ -10,13 +10,17 @@ between the branches of an `if`). This runs each launcher of kernels/ on CPU ten
 configurations the executor launches (SmolLM2-135M's and a Llama-3-8B's attention shapes, each
 dtype pair the KV cache options allow), records every kernel launch instead of launching it, and
 compiles each distinct one through Triton's compiler and its bundled ptxas to GPU machine code
-(a cubin) for the given compute capability: what the first launch on such a GPU compiles. Pointer
-alignment and integer divisibility hints, which a real launch adds, are left out; they change
-how the code is scheduled, not whether it compiles.
+(a cubin) for the given compute capability: what the first launch on such a GPU compiles. Each
+launch is specialized by Triton's own binder, as a real launch is (16-byte aligned pointers and
+integers divisible by 16 marked so, integers equal to 1 made constants), so the software
+pipeliner's asynchronous copies and the vector loads are compiled too. A kernel whose shared
+memory exceeds the GPU's (a failure Triton itself reports only when it loads the kernel on one)
+counts as failed.
 
 Needs no GPU, only Triton's NVIDIA backend. TRITON_INTERPRET must be unset: with it, Triton builds
 interpreted kernels when kernels/ is imported, which its compiler cannot take (`main` refuses).
-Exit status 1 when any kernel fails to compile.
+Exit status 1 when any kernel fails to compile, or when a kernel (a `@triton.jit` function of
+kernels/ whose name ends in `_kernel`; others are helpers inlined into them) is never launched.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import pkgutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -33,38 +38,29 @@ from dataclasses import dataclass, field
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-KERNEL_MODULES = [
-    "decode_attention",
-    "extend_attention",
-    "kv_store",
-    "merge_attention_states",
-    "quant_matmul",
-    "rmsnorm",
-    "rope",
-    "shared_prefix_attention",
-    "silu_and_mul",
-]
-# Triton's names of the element types a launcher passes pointers to.
-POINTER_TYPES = {
-    torch.float32: "fp32",
-    torch.bfloat16: "bf16",
-    torch.float16: "fp16",
-    torch.float8_e5m2: "fp8e5",
-    torch.int64: "i64",
-    torch.int32: "i32",
-    torch.int8: "i8",
-    torch.uint8: "u8",
-}
+import kernels
+
+# Shared memory per block a kernel may use (bytes), by compute capability (CUDA's tables).
+SHARED_MEMORY = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
+def kernel_modules() -> list[str]:
+    """The Triton modules of kernels/ (not cpu/, nor this one, kernels.bench, kv_cache_dtype)."""
+    skip = {"bench", "compile_check", "kv_cache_dtype"}
+    found = pkgutil.iter_modules(kernels.__path__)
+    return sorted(m.name for m in found if not m.ispkg and m.name not in skip)
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# (query dtype, KV cache dtype) per model dtype: the cache in the model's dtype, a float32 model
-# over a bfloat16 cache, and fp8_e5m2 under 16-bit models (--kv-cache-dtype).
+# KV cache dtypes per model dtype, as --kv-cache-dtype allows them: the model's; bfloat16 and
+# fp8_e5m2 under a float32 or bfloat16 model.
 KV_DTYPES = {
-    "float32": [torch.float32, torch.bfloat16],
+    "float32": [torch.float32, torch.bfloat16, torch.float8_e5m2],
     "bfloat16": [torch.bfloat16, torch.float8_e5m2],
-    "float16": [torch.float16, torch.float8_e5m2],
+    "float16": [torch.float16],
 }
 # (num_heads, num_kv_heads, head_dim, hidden, intermediate): SmolLM2-135M and Llama-3-8B.
 SHAPES = [(9, 3, 64, 576, 1536), (32, 8, 128, 4096, 14336)]
@@ -79,41 +75,21 @@ class Launch:
     kwargs: dict[str, object]
     where: str  # the configuration that launched it
 
-    def parts(self) -> tuple[dict[str, str], dict[str, object], dict[str, object]]:
-        """The kernel's argument types ("*bf16", "i32", "constexpr", ...), its constexpr values
-        and the compile options (num_warps, num_stages) given at the launch. Raises TypeError on
-        an argument whose Triton type is unknown here."""
-        names = self.kernel.arg_names
-        bound = dict(zip(names, self.args, strict=False))
-        bound.update({k: v for k, v in self.kwargs.items() if k in names})
-        options = {k: v for k, v in self.kwargs.items() if k not in names}
-        signature: dict[str, str] = {}
-        constexprs: dict[str, object] = {}
-        for param, name in zip(self.kernel.params, names, strict=True):
-            value = bound[name]
-            if param.is_constexpr:
-                signature[name] = "constexpr"
-                constexprs[name] = value
-            else:
-                signature[name] = _triton_type(name, value)
-        return signature, constexprs, options
+    def pack(self, arch: int) -> tuple[ASTSource, dict[str, object]]:
+        """The kernel specialized as Triton's launcher specializes it for this launch's
+        arguments (types, alignment and divisibility by 16, integers equal to 1), with its
+        compile options (num_warps, num_stages, ...), for compute capability `arch`."""
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        binder = create_function_from_signature(self.kernel.signature, self.kernel.params, backend)
+        bound, specialization, options = binder(*self.args, **self.kwargs)
+        options, signature, constexprs, attrs = self.kernel._pack_args(
+            backend, self.kwargs, bound, specialization, options
+        )
+        return ASTSource(self.kernel, signature, constexprs, attrs), options.__dict__
 
-    def key(self) -> str:
-        signature, constexprs, options = self.parts()
-        values = sorted((k, str(v)) for k, v in constexprs.items())
-        return repr((self.kernel.__name__, sorted(signature.items()), values, sorted(options)))
-
-
-def _triton_type(name: str, value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + POINTER_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"argument {name}: no Triton type for {type(value).__name__}")
+    def key(self, arch: int) -> str:
+        src, options = self.pack(arch)
+        return repr((self.kernel.__name__, src.hash(), sorted(options.items())))
 
 
 @dataclass
@@ -143,7 +119,7 @@ def recording() -> Iterator[Recording]:
     `where` labels them) instead of running."""
     rec = Recording()
     patched: list[tuple[object, str, JITFunction]] = []
-    for name in KERNEL_MODULES:
+    for name in kernel_modules():
         module = importlib.import_module(f"kernels.{name}")
         for attr, value in list(vars(module).items()):
             if isinstance(value, JITFunction) and value.__module__ == module.__name__:
@@ -213,17 +189,22 @@ def _layers(rec: Recording, dtype: torch.dtype, shape: tuple) -> None:
         torch.zeros(4, kv_heads, head_dim, dtype=dtype),
     )
     apply_rope(q, k, torch.zeros(4, dtype=torch.int64), cos, sin)
-    for rows in (1, 64):  # a decode step and a prefill's tile sizes
+    q8 = torch.zeros(intermediate, hidden, dtype=torch.int8)
+    packed = pack_int4(torch.zeros(intermediate, hidden, dtype=torch.uint8))
+    scale = torch.ones(intermediate, dtype=dtype)
+    for rows in (1, 32, 64):  # each row tile: a decode step's rows up to a prefill's
         x = torch.zeros(rows, hidden, dtype=dtype)
-        scale = torch.ones(intermediate, dtype=dtype)
-        int8_linear(x, torch.zeros(intermediate, hidden, dtype=torch.int8), scale, None)
-        groups = torch.ones(intermediate, hidden // 64, dtype=dtype)
-        packed = pack_int4(torch.zeros(intermediate, hidden, dtype=torch.uint8))
-        int4_linear(x, packed, groups, groups, 64, scale)
+        for bias in (None, scale):  # Qwen2's q/k/v projections have biases
+            int8_linear(x, q8, scale, bias)
+        for group, bias in ((32, None), (64, scale)):  # 32: --quantization-group-size's default
+            groups = torch.ones(intermediate, hidden // group, dtype=dtype)
+            int4_linear(x, packed, groups, groups, group, bias)
 
 
-def record_launches(dtype_names: list[str]) -> list[Launch]:
-    """The distinct kernel launches of every configuration of `dtype_names` (model dtypes)."""
+def record_launches(dtype_names: list[str], arch: int) -> tuple[list[Launch], list[str]]:
+    """The distinct kernel launches of every configuration of `dtype_names` (model dtypes), as
+    specialized for compute capability `arch`, and the kernels (names ending in `_kernel`) that
+    none of them launched."""
     with recording() as rec:
         for name in dtype_names:
             dtype = DTYPES[name]
@@ -231,19 +212,31 @@ def record_launches(dtype_names: list[str]) -> list[Launch]:
                 for kv_dtype in KV_DTYPES[name]:
                     _attention(rec, dtype, kv_dtype, shape)
                 _layers(rec, dtype, shape)
+        kernels_seen = {
+            f"{module}.{attr}"
+            for module in kernel_modules()
+            for attr, value in vars(importlib.import_module(f"kernels.{module}")).items()
+            if isinstance(value, _Recorder) and attr.endswith("_kernel")
+        }
     distinct: dict[str, Launch] = {}
     for launch in rec.launches:
-        distinct.setdefault(launch.key(), launch)
-    return list(distinct.values())
+        distinct.setdefault(launch.key(arch), launch)
+    launched = {f"{launch.kernel.__module__.removeprefix('kernels.')}.{launch.kernel.__name__}"
+                for launch in rec.launches}  # fmt: skip
+    return list(distinct.values()), sorted(kernels_seen - launched)
 
 
-def compile_launch(launch: Launch, arch: int) -> int:
-    """Compiles one launch for compute capability `arch` (e.g. 90); returns the cubin's size in
-    bytes. Raises whatever Triton's compiler or ptxas raises."""
-    signature, constexprs, options = launch.parts()
-    src = ASTSource(launch.kernel, signature, constexprs=constexprs)
+def compile_launch(launch: Launch, arch: int) -> tuple[int, int]:
+    """Compiles one launch for compute capability `arch` (e.g. 90); returns the cubin's size and
+    the shared memory a block of it takes, in bytes. Raises whatever Triton's compiler or ptxas
+    raises, and ValueError when that shared memory exceeds the GPU's (SHARED_MEMORY)."""
+    src, options = launch.pack(arch)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    return len(compiled.asm["cubin"])
+    shared = int(compiled.metadata.shared)
+    limit = SHARED_MEMORY.get(arch)
+    if limit is not None and shared > limit:
+        raise ValueError(f"{shared} bytes of shared memory, over sm_{arch}'s {limit}")
+    return len(compiled.asm["cubin"]), shared
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,13 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    launches = record_launches(args.dtypes)
+    launches, never_launched = record_launches(args.dtypes, args.arch)
     print(f"{len(launches)} distinct kernel launches to compile for sm_{args.arch}", flush=True)
     failed = 0
     for i, launch in enumerate(launches, 1):
         started = time.perf_counter()
         try:
-            size = compile_launch(launch, args.arch)
+            size, shared = compile_launch(launch, args.arch)
         except Exception as exc:  # report every kernel, then fail
             failed += 1
             print(f"[{i}/{len(launches)}] FAILED {launch.kernel.__name__} ({launch.where}): {exc}")
@@ -272,11 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - started
         print(
             f"[{i}/{len(launches)}] {launch.kernel.__name__} ({launch.where}): "
-            f"{size / 1024:.0f} KiB cubin in {seconds:.1f} s",
+            f"{size / 1024:.0f} KiB cubin, {shared / 1024:.0f} KiB shared memory, {seconds:.1f} s",
             flush=True,
         )
     print(f"compiled {len(launches) - failed} of {len(launches)} for sm_{args.arch}")
-    return 1 if failed else 0
+    if never_launched:
+        print(f"FAILED: no configuration launches {', '.join(never_launched)}")
+    return 1 if failed or never_launched else 0
 
 
 if __name__ == "__main__":

@@ -199,7 +199,10 @@ def _launch(
     num_heads, head_dim = q.shape[1:]
     if max_extend_len is None:
         max_extend_len = int(extend_lens.max()) if len(extend_lens) else 0
-    block_m = 64 if head_dim <= 128 else 32
+    # 64 query rows while a row of q takes at most 256 bytes (bfloat16 up to head_dim 128):
+    # float32 at 128, or 256 in any dtype, would take more shared memory than sm_86/89 GPUs
+    # have (kernels.compile_check).
+    block_m = 64 if head_dim * q.element_size() <= 256 else 32
     grid = (len(req_rows), triton.cdiv(max_extend_len, block_m), num_heads)
     if 0 in grid:
         return
