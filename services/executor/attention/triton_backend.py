@@ -110,7 +110,7 @@ class TritonAttention(AttentionBackend):
         decode one token, where at least SPAN_MIN_ROWS of them share at least SPAN_MIN_LENGTH
         positions, and none in a pure-decode step that a captured CUDA graph replays (the graph
         holds the plain decode kernel). The extend kernel already reads each key once per block
-        of 64 query rows (32 at head_dim 256), so extend rows gain little from a span.
+        of 64 query rows (32 where a row of q exceeds 256 bytes), so extend rows gain little.
         RADIXSERVE_TRITON_SHARED_PREFIX=always keeps every span as the scheduler sent it, =never
         none."""
         if self.shared_prefix_mode == "always":
