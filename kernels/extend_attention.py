@@ -15,9 +15,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.decode_attention import _p_dtype, check_key_starts, kv_dtypes_supported
+from kernels.decode_attention import (
+    _dot_dtype,
+    _p_dtype,
+    check_key_starts,
+    kv_dtypes_supported,
+)
 
 
 @triton.jit
@@ -47,8 +51,8 @@ def _extend_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query tokens per program
     BLOCK_N: tl.constexpr,  # keys per iteration
-    DOT_DTYPE: tl.constexpr,  # see _dot_dtype
-    P_DTYPE: tl.constexpr,  # see _p_dtype
+    DOT_DTYPE: tl.constexpr,  # see decode_attention._dot_dtype
+    P_DTYPE: tl.constexpr,  # see decode_attention._p_dtype
     HAS_KEY_STARTS: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
@@ -119,7 +123,6 @@ def _extend_kernel(
         tl.store(lse_ptr + lse_offs, m_i + tl.log(l_i), mask=m_mask)
 
 
-_FLOAT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -238,15 +241,6 @@ def _launch(
         WRITE_LSE=lse is not None,
         num_warps=4 if head_dim <= 64 else 8,
     )
-
-
-def _dot_dtype(kernel: object, dtype: torch.dtype) -> tl.dtype:
-    """Operand dtype of the kernel's tl.dot: the storage dtype on a GPU, float32 when interpreted.
-
-    Triton's interpreter keeps bf16 values as raw uint16 bits and tl.dot multiplies those bits,
-    so interpreted operands are widened to float32 (exact for bf16 and fp16 values).
-    """
-    return tl.float32 if isinstance(kernel, InterpretedFunction) else _FLOAT_DTYPES[dtype]
 
 
 def _check_inputs(

@@ -198,9 +198,8 @@ class Engine:
         for bs in batch_sizes:
             decode = [Slice(r, prompt_len, [], use_last_sampled=True) for r in range(min(bs, n))]
             self.run_step(StepInput(0, slices=decode))
-        if self.attn.supports_shared_prefixes:
-            with torch.inference_mode():
-                self.attn.warmup_shared_prefixes(self.dtype, self.pad_row)
+        with torch.inference_mode():
+            self.attn.warmup_shared_prefixes(self.dtype, self.pad_row)
         self.reset()
         self.pool.zero_slot(0)
 

@@ -178,6 +178,10 @@ class AttentionBackend:
     def decode(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         raise NotImplementedError
 
+    def _pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s K and V pools ([slots, Hkv, D]) and the request→slot table."""
+        return self.pool.k[layer], self.pool.v[layer], self.table.table
+
 
 def create_backend(name: str, **kwargs: object) -> AttentionBackend:
     if name not in ATTENTION_BACKENDS:

@@ -506,9 +506,6 @@ class TorchAttention(AttentionBackend):
             return cascade.merge_attention_states_(out, lse, part_out, part_lse, idx)
         return cascade.merge_attention_states_ref(out, lse, part_out, part_lse, idx)
 
-    def _pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.pool.k[layer], self.pool.v[layer], self.table.table
-
     def _attend_lse(
         self, layer: int, q: torch.Tensor, part: PaddedPart
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -225,9 +225,6 @@ class TritonAttention(AttentionBackend):
     ) -> torch.Tensor:
         return self._merge(out, lse, part_out, part_lse, idx)
 
-    def _pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.pool.k[layer], self.pool.v[layer], self.table.table
-
     def warmup_shared_prefixes(self, dtype: torch.dtype, pad_row: int) -> None:
         """Compiles the span, own-keys and merge kernels for queries of `dtype` (Triton compiles
         a kernel at its first launch: without this, the first Step with spans would stall every
