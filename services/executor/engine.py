@@ -14,6 +14,8 @@ A Step of decodes only may run several iterations (`StepInput.decode_steps`, sen
 scheduler's --num-continuous-decode-steps): iteration 0 runs as any Step, and each later one
 computes the same rows one position further from the tokens the one before sampled, exactly as
 that many one-iteration Steps would; the output holds one token per row per iteration.
+`end_decode` ends such a Step after the iteration in progress (the scheduler's EndDecode, when a
+request arrives): the output then holds the iterations run (`StepOutput.decode_iterations`).
 
 Rows with a grammar (`AddRequest.grammar`) sample under its token mask: the grammar is compiled
 when the Step is prepared (usually a cache hit: the scheduler compiles it ahead with
@@ -166,6 +168,9 @@ class Engine:
         self.epoch = 0
         self.plan_lock = threading.Lock()
         self.last_sampled = torch.zeros(limits.max_rows, dtype=torch.int64, device=device)
+        # step_id of the multi-iteration Step to end after its current iteration (`end_decode`);
+        # written by any thread, read by the forward thread between iterations.
+        self._end_decode_of: int | None = None
         self.decode_runner: StaticDecodeRunner | None = None
         if static_decode is not None:
             max_bs = min(static_decode.max_bs, limits.max_rows)
@@ -211,6 +216,13 @@ class Engine:
         self.table.reset()
         self.sampler.reset()
         self.last_sampled.zero_()
+        self._end_decode_of = None  # a scheduler attaching numbers its Steps afresh
+
+    def end_decode(self, step_id: int) -> None:
+        """Ends the Step `step_id`, if it runs several decode iterations, after the iteration it
+        computes now (after its first if it has not started). Safe from any thread; a step_id
+        that is not such a Step, or was executed already, changes nothing."""
+        self._end_decode_of = step_id
 
     def run_step(self, step: StepInput) -> StepOutput:
         """Applies and computes one Step; raises StepRejected (state untouched) if invalid."""
@@ -328,7 +340,12 @@ class Engine:
         step = prepared.step
         rows = [s.row for s in step.slices]
         failed_rows = {out.tokens[i].row: cause for i, cause in out.failed.items()}
+        out.decode_iterations = 1 + len(prepared.iterations)
         for i, sub in enumerate(prepared.iterations, start=1):
+            if self._end_decode_of == step.step_id:
+                out.decode_iterations = i
+                log.debug("step %d ended after %d decode iterations", step.step_id, i)
+                break
             if failed_rows:
                 part = step.iteration(i, set(rows) - set(failed_rows))
                 sub = self._prepared_iteration(part, prepared.epoch) if part.slices else None

@@ -189,6 +189,13 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid grammar: {exc}")
         return pb.CompileGrammarResponse(duration_ns=time.perf_counter_ns() - started)
 
+    async def EndDecode(
+        self, request: pb.EndDecodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EndDecodeResponse:
+        loaded = await self._require_ready(context)
+        loaded.engine.end_decode(request.step_id)  # read between iterations, not on the worker
+        return pb.EndDecodeResponse()
+
     async def Run(
         self, request_iterator: AsyncIterator[pb.Step], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StepResult]:

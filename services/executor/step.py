@@ -121,6 +121,9 @@ class StepOutput:
     unwritten: dict[int, str] = field(default_factory=dict)
     # per slice with logprob_start whose forward succeeded, in the Step's slice order
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    # Decode iterations run by a Step of several (fewer than its decode_steps when ended early
+    # by `Engine.end_decode`); 0 for a Step of one.
+    decode_iterations: int = 0
 
 
 def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
@@ -235,6 +238,7 @@ def output_to_pb(out: StepOutput) -> pb.StepResult:
         num_tokens=out.num_tokens,
         forward_ns=out.forward_ns,
         grammar_ended=out.grammar_ended,
+        decode_iterations=out.decode_iterations,
     )
     for t in out.tokens:
         result.rows.append(t.row)

@@ -61,6 +61,10 @@ class KVCache:
             return None
         return self.allocator.allocate(n)
 
+    def free(self, slots: list[int]) -> None:
+        """Give back slots from `allocate` that no position was computed into."""
+        self.allocator.free(slots)
+
     # ---- a request's slots ----------------------------------------------------------------------
 
     def attach(self, req: Req) -> None:

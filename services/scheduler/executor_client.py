@@ -25,6 +25,7 @@ from services.scheduler.errors import ExecutorLost, InvalidRequest, NotReady
 
 log = logging.getLogger("radixserve.scheduler")
 COMPILE_TIMEOUT_S = 60.0  # a grammar that takes longer to compile fails its request
+END_DECODE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,12 @@ class ExecutorLink(Protocol):
         reason when it cannot be compiled, ExecutorLost when the executor does not answer."""
         ...
 
+    def end_decode(self, step_id: int) -> None:
+        """Asks the executor to end the Step `step_id` of several decode iterations after the
+        iteration it computes (`Executor.EndDecode`); returns at once. Its result, when it comes,
+        says how many ran. A lost request only costs the wait it was to save."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -92,6 +99,7 @@ class ExecutorClient:
         self._reader: asyncio.Task | None = None
         self._broken = True
         self._stub: pb_grpc.ExecutorStub | None = None
+        self._tasks: set[asyncio.Task] = set()  # EndDecode calls in flight
         self.on_lost: Callable[[], None] | None = None
 
     async def connect(self, timeout: float) -> ExecutorInfo:
@@ -149,6 +157,20 @@ class ExecutorClient:
                 raise InvalidRequest(exc.details() or "invalid grammar") from None
             raise ExecutorLost(f"CompileGrammar: {exc.code().name}: {exc.details()}") from None
 
+    def end_decode(self, step_id: int) -> None:
+        stub = self._stub
+        if stub is None or self._broken:
+            return
+        task = asyncio.get_running_loop().create_task(self._end_decode(stub, step_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _end_decode(self, stub: pb_grpc.ExecutorStub, step_id: int) -> None:
+        try:
+            await stub.EndDecode(pb.EndDecodeRequest(step_id=step_id), timeout=END_DECODE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:  # the step's result (or the stream's loss) still comes
+            log.debug("EndDecode(%d): %s: %s", step_id, exc.code().name, exc.details())
+
     async def _requests(self):
         while (step := await self._outbox.get()) is not None:
             yield step
@@ -180,6 +202,8 @@ class ExecutorClient:
         call, self._call = self._call, None  # a deliberate close is not reported as lost
         if call is not None:
             call.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
         if self._channel is not None:

@@ -39,7 +39,11 @@ from radixserve.v1 import executor_pb2 as pb
 from services.common.grammar import GrammarSpec
 from services.common.tracing import tracer
 from services.scheduler.cache import KVCache
-from services.scheduler.config import SchedulerConfig, default_chunked_prefill_size
+from services.scheduler.config import (
+    SchedulerConfig,
+    default_chunked_prefill_size,
+    default_continuous_decode_steps,
+)
 from services.scheduler.decode import DecodeManager, continuous_steps
 from services.scheduler.errors import (
     Busy,
@@ -126,6 +130,9 @@ class Scheduler:
             self.cache, self.table, policy, chunk, self.max_running, self.ratio
         )
         self.decode = DecodeManager(self.cache, self._retract)
+        self.decode_steps = cfg.num_continuous_decode_steps or default_continuous_decode_steps(
+            info.device
+        )
         self.running: list[Req] = []
         self._releases: list[int] = []  # rows to release in the next step
         self._compiled = set()  # a new executor connection has an empty grammar cache
@@ -174,8 +181,20 @@ class Scheduler:
         else:
             for req in reqs:
                 req.grammar_ready = True
+        self._end_decode_early()
         self._wake.set()
         return stream
+
+    def _end_decode_early(self) -> None:
+        """A request arrived: a Step of several decode iterations in flight (sent when nothing
+        waited) is asked to end after its current iteration, so the arrival is admitted in the
+        next Step instead of waiting for every iteration (`ExecutorLink.end_decode`)."""
+        if not self._inflight:
+            return
+        step = self._inflight[-1][0]
+        if step.decode_steps > 1 and not step.end_requested:
+            step.end_requested = True
+            self.link.end_decode(step.step_id)
 
     def abort(self, request_id: str) -> bool:
         """Ends every sample of the request now (slots freed at once, rows at the next step)."""
@@ -366,7 +385,7 @@ class Scheduler:
         retractions = self.counters.retractions
         steps = 1
         if not self.waiting and self.prefill.chunked is None:
-            most = self.cfg.num_continuous_decode_steps
+            most = self.decode_steps
             steps = continuous_steps(
                 self.running, most, self.cache.available(), self.limits.context_length
             )
@@ -406,6 +425,8 @@ class Scheduler:
         self.waiting = [r for r in self.waiting if r.row is None]
 
     def _process(self, step: Step, msg: pb.StepResult) -> None:
+        if 0 < msg.decode_iterations < step.decode_steps and not msg.HasField("error"):
+            self._shorten(step, msg.decode_iterations)
         top_counts = [req.sampling.top_logprobs for req, _ in step.samplers]
         result = result_from_pb(msg, top_counts, step.prompt_slices())
         if result.error is not None:
@@ -437,6 +458,23 @@ class Scheduler:
                     self._on_forced(req, result.forced[i])
         if self.cfg.debug_checks:
             self.check_integrity()
+
+    def _shorten(self, step: Step, ran: int) -> None:
+        """A Step of several decode iterations ended after `ran` (EndDecode): each of its rows
+        still running gives back the slots of the positions not computed, and its next Step
+        decodes from where this one stopped."""
+        cut = step.decode_steps - ran
+        width = len(step.slices)  # all decodes, one sampler each per iteration
+        for req, epoch in step.samplers[:width]:
+            if req.epoch == epoch and req.finished is None:
+                self.cache.free(req.kv[-cut:])
+                del req.kv[-cut:]
+                req.num_computed -= cut
+                req.num_scheduled_outputs -= cut
+        for row, (req, epoch, kv) in step.writers.items():
+            step.writers[row] = (req, epoch, kv[:ran])
+        step.samplers = step.samplers[: ran * width]
+        step.decode_steps = ran
 
     def _drop_unwritten(self, step: Step, unwritten: dict[int, str]) -> None:
         """Some slices' forward failed: their KV is garbage. Their requests fail with the cause;

@@ -48,6 +48,7 @@ class Step:
     # Decode iterations: each decode slice computes this many positions, one per iteration, and
     # `samplers` lists the decode slices once per iteration (the result's order).
     decode_steps: int = 1
+    end_requested: bool = False  # EndDecode was sent for it
 
     def __bool__(self) -> bool:
         return bool(self.release_rows or self.add or self.writes or self.slices)

@@ -83,6 +83,41 @@ def test_k_iterations_give_the_tokens_of_k_single_steps(hf) -> None:
     assert str(got) == str(expected)
 
 
+def test_end_decode_stops_a_step_after_the_iteration_in_progress(hf) -> None:
+    """EndDecode before a Step starts leaves it one iteration; during its second iteration, two.
+    The rows then go on from where it stopped with the tokens of single steps, and ending a Step
+    of one iteration, or one already run, changes nothing."""
+    one, multi = engine_for(hf), engine_for(hf)
+    starts = started(one)
+    started(multi)
+    singles = [one.run_step(decode(2 + i, [s + i for s in starts])) for i in range(8)]
+    multi.end_decode(2)
+    first = multi.run_step(decode(2, starts, k=4))
+    assert first.decode_iterations == 1 and len(first.tokens) == len(PARAMS)
+    assert first.num_tokens == len(PARAMS)
+    computed = multi._compute
+    calls = 0
+
+    def ends_during_the_second(*args):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            multi.end_decode(3)  # as EndDecode arrives while iteration 1 computes
+        return computed(*args)
+
+    multi._compute = ends_during_the_second  # type: ignore[method-assign]
+    second = multi.run_step(decode(3, [s + 1 for s in starts], k=4))
+    multi._compute = computed  # type: ignore[method-assign]
+    assert second.decode_iterations == 2 and len(second.tokens) == 2 * len(PARAMS)
+    multi.end_decode(3)  # answered already: the next Steps run whole
+    third = multi.run_step(decode(4, [s + 3 for s in starts], k=4))
+    assert third.decode_iterations == 4
+    multi.end_decode(5)
+    fourth = multi.run_step(decode(5, [s + 7 for s in starts]))
+    assert fourth.decode_iterations == 0 and len(fourth.tokens) == len(PARAMS)
+    assert str(per_row([first, second, third, fourth])) == str(per_row(singles))
+
+
 def test_a_multi_step_with_a_prefill_or_past_the_context_is_rejected_whole(hf) -> None:
     engine = engine_for(hf)
     starts = started(engine)

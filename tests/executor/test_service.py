@@ -151,6 +151,43 @@ def test_prefill_decode_and_a_rejected_step_over_the_wire(executor: str) -> None
     assert delta(f"grpc_server_started_total{{{run_rpc}}}") == 1
 
 
+def test_end_decode_over_the_wire_ends_a_multi_iteration_step(executor: str) -> None:
+    """EndDecode for a Step not yet sent: that Step of 4 iterations runs one and says so; the
+    next runs all 4; the tokens are those of one decode per Step."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 3, 3, 3]]
+    reference = [j.output for j in Driver(engine_for(hf_model("llama"))).generate(prompts, 6)]
+    with grpc.insecure_channel(executor) as channel:
+        stub = pb_grpc.ExecutorStub(channel)
+        stub.Reset(pb.ResetRequest())
+        run = StepStream(stub)
+        first = run(
+            StepInput(
+                1,
+                add=[NewRequest(r, f"r{r}", GREEDY, p) for r, p in enumerate(prompts)],
+                writes=[SlotWrite(0, 0, list(range(1, 20))), SlotWrite(1, 0, list(range(40, 60)))],
+                slices=[Slice(0, 0, prompts[0]), Slice(1, 0, prompts[1])],
+            )
+        )
+        got = {row: [tok] for row, tok in zip(first.rows, first.token_ids, strict=True)}
+        stub.EndDecode(pb.EndDecodeRequest(step_id=2))
+        starts = [len(p) for p in prompts]
+        ended = run(
+            StepInput(2, slices=[Slice(r, starts[r], [], True) for r in (0, 1)], decode_steps=4)
+        )
+        assert not ended.HasField("error"), ended.error.message
+        assert ended.decode_iterations == 1 and list(ended.rows) == [0, 1]
+        whole = run(
+            StepInput(3, slices=[Slice(r, starts[r] + 1, [], True) for r in (0, 1)], decode_steps=4)
+        )
+        assert whole.decode_iterations == 4 and list(whole.rows) == [0, 1] * 4
+        for res in (ended, whole):
+            for row, tok in zip(res.rows, res.token_ids, strict=True):
+                got[row].append(tok)
+        assert not run(StepInput(4, release_rows=[0, 1])).HasField("error")
+        run.close()
+    assert [got[0], got[1]] == reference
+
+
 def test_a_second_concurrent_stream_is_refused(executor: str) -> None:
     with grpc.insecure_channel(executor) as channel:
         stub = pb_grpc.ExecutorStub(channel)

@@ -119,6 +119,9 @@ class FakeExecutor:
         asyncio.get_running_loop().call_later(self.delay, _resolve, fut, result)
         return fut
 
+    def end_decode(self, step_id: int) -> None:
+        pass  # the fake runs every iteration, as an executor that ignores it may
+
     async def close(self) -> None:
         pass
 
@@ -135,16 +138,30 @@ class FakeExecutor:
             for i, slot in enumerate(w.kv_indices):
                 self.rows[w.row].table[w.start + i] = slot
         result = pb.StepResult(step_id=step.step_id)
-        # A slot written by one row's slice must not be read by another row in the same step.
         self._fresh = {slot: s.row for s in step.slices for slot in self._slots_of(s)}
         self._check_shared_prefixes(step)
-        for s in step.slices:
-            token = self._compute(s)
-            result.num_tokens += 1 if s.use_last_sampled else len(s.input_ids)
-            if s.sample:
-                result.rows.append(s.row)
-                result.token_ids.append(token)
-                result.logprobs.append(-1.0)
+        iterations = max(1, step.decode_steps)
+        if iterations > 1:
+            _require(all(s.use_last_sampled for s in step.slices), "a multi-step with a prefill")
+            result.decode_iterations = iterations
+        for i in range(iterations):
+            # Iteration i of a multi-step decode: every row one position further.
+            slices = [
+                pb.Slice(row=s.row, start=s.start + i, use_last_sampled=True, sample=True)
+                if i
+                else s
+                for s in step.slices
+            ]
+            # A slot written by one row's slice must not be read by another row in the same
+            # forward.
+            self._fresh = {slot: s.row for s in slices for slot in self._slots_of(s)}
+            for s in slices:
+                token = self._compute(s)
+                result.num_tokens += 1 if s.use_last_sampled else len(s.input_ids)
+                if s.sample:
+                    result.rows.append(s.row)
+                    result.token_ids.append(token)
+                    result.logprobs.append(-1.0)
         return result
 
     def _validate(self, step: pb.Step) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from radixserve.v1 import executor_pb2 as pb
@@ -35,6 +36,10 @@ class LocalExecutor:
         self.max_in_flight = 0  # 2 when the scheduler overlaps, 1 when it does not
         self.compile_gate: asyncio.Event | None = None  # when set, compiles wait for it
         self.compiled: list[GrammarSpec] = []
+        self.ended: list[int] = []  # step ids of EndDecode calls
+        # Cleared: Steps wait on the worker until it is set again (a test holds one back).
+        self.gate = threading.Event()
+        self.gate.set()
 
     async def connect(self, timeout: float) -> ExecutorInfo:
         self.engine.reset()
@@ -64,7 +69,12 @@ class LocalExecutor:
     def _done(self, fut: asyncio.Future) -> None:
         self.in_flight -= 1
 
+    def end_decode(self, step_id: int) -> None:
+        self.ended.append(step_id)
+        self.engine.end_decode(step_id)
+
     def _run(self, data: bytes) -> pb.StepResult:
+        self.gate.wait()
         msg = pb.Step.FromString(data)
         try:
             return output_to_pb(self.engine.run_step(step_from_pb(msg)))

@@ -61,6 +61,26 @@ def test_the_prefill_budget_defaults_by_the_executor_s_device(
     asyncio.run(main())
 
 
+@pytest.mark.parametrize(
+    "device, flag, iterations", [("cpu", None, 4), ("cuda", None, 1), ("cpu", 2, 2)]
+)
+def test_continuous_decode_steps_default_by_the_executor_s_device(
+    device: str, flag: int | None, iterations: int
+) -> None:
+    """4 decode iterations per Step on a CPU executor, 1 on others, unless the flag says."""
+    prompts = [[i + 1] * 10 for i in range(3)]
+
+    async def main() -> None:
+        fake = FakeExecutor(4096, 16)
+        fake.device = device
+        cfg = {} if flag is None else {"num_continuous_decode_steps": flag}
+        async with running_scheduler(fake, **cfg) as sched:
+            await finish(submit_all(sched, prompts, 12), prompts, 12)
+        assert max(max(s.decode_steps, 1) for s in fake.steps) == iterations
+
+    asyncio.run(main())
+
+
 def test_max_running_requests_caps_the_rows_in_use() -> None:
     prompts = [[i + 1] * 5 for i in range(9)]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import threading
 
 import pytest
 
@@ -135,6 +136,68 @@ def test_a_waiting_request_is_admitted_by_a_single_step(hf, alone) -> None:
         late_row = adds[0].add[0].row
         after = link.steps[link.steps.index(adds[0]) :]
         assert any(s.decode_steps > 1 and late_row in [x.row for x in s.slices] for s in after)
+
+    asyncio.run(main())
+
+
+class HoldsAMultiStep(LocalExecutor):
+    """Holds the first multi-iteration Step back on the worker until `release` is set, and
+    records every result."""
+
+    def __init__(self, hf) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(engine_for(hf, num_slots=2048, max_rows=16))
+        self.held = threading.Event()  # set once that Step waits
+        self.release = threading.Event()
+        self.results: dict[int, pb.StepResult] = {}
+
+    def _run(self, data: bytes) -> pb.StepResult:
+        step = pb.Step.FromString(data)
+        if step.decode_steps > 1 and not self.held.is_set():
+            self.held.set()
+            assert self.release.wait(30)
+        result = super()._run(data)
+        self.results[step.step_id] = result
+        return result
+
+
+def test_an_arrival_ends_a_multi_iteration_step_after_its_iteration(hf, alone) -> None:
+    """A request arriving while a Step of K iterations is in flight has the scheduler call
+    EndDecode: the Step stops after one iteration, the arrival joins in the very next Step, the
+    decoding requests give back the slots of the iterations not run and keep their tokens
+    (integrity is checked after every Step), and every slot is free at the end."""
+    rng = random.Random(23)
+    first = [rand_prompt(rng, 20) for _ in range(3)]
+    late = rand_prompt(rng, 30)
+
+    async def main() -> None:
+        link = HoldsAMultiStep(hf)
+        async with running_scheduler(link, num_continuous_decode_steps=8) as sched:
+            tasks = [
+                asyncio.create_task(generate(sched, params(f"f{i}", p, 40, ignore_eos=True)))
+                for i, p in enumerate(first)
+            ]
+            while not link.held.is_set():
+                await asyncio.sleep(0.001)
+            arrival = asyncio.create_task(generate(sched, params("late", late, 6, ignore_eos=True)))
+            await asyncio.sleep(0.01)
+            held = multi_steps(link.steps)[0]
+            assert link.ended == [held.step_id]
+            link.release.set()
+            joined = ok(await arrival)
+            results = [ok(r) for r in await asyncio.gather(*tasks)]
+            await wait_idle(sched)
+            stats = sched.cache.stats()
+            assert stats.used == 0 and stats.free + stats.evictable == stats.total
+        assert link.results[held.step_id].decode_iterations == 1
+        assert len(link.results[held.step_id].token_ids) == len(held.slices)
+        after = link.steps[link.steps.index(held) + 1]
+        assert [a.request_id for a in after.add] == ["late"]
+        # The held rows go on from the position after the one iteration run.
+        held_starts = {x.row: x.start for x in held.slices}
+        next_starts = {x.row: x.start for x in after.slices if x.row in held_starts}
+        assert next_starts == {row: start + 1 for row, start in held_starts.items()}
+        assert joined.tokens == alone(late, 6)
+        assert [r.tokens for r in results] == [alone(p, 40) for p in first]
 
     asyncio.run(main())
 

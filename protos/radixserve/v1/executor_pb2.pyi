@@ -7,6 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EndDecodeRequest(_message.Message):
+    __slots__ = ("step_id",)
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    def __init__(self, step_id: _Optional[int] = ...) -> None: ...
+
+class EndDecodeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class CompileGrammarResponse(_message.Message):
     __slots__ = ("duration_ns",)
     DURATION_NS_FIELD_NUMBER: _ClassVar[int]
@@ -197,7 +207,7 @@ class StepError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "error", "rows", "token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens", "forward_ns", "grammar_ended", "forced_counts", "forced_ids", "failed", "failed_reasons", "unwritten_rows", "unwritten_reasons", "prompt_rows", "prompt_counts", "prompt_logprobs", "prompt_top_ids", "prompt_top_logprobs")
+    __slots__ = ("step_id", "error", "rows", "token_ids", "logprobs", "top_ids", "top_logprobs", "num_tokens", "forward_ns", "grammar_ended", "forced_counts", "forced_ids", "failed", "failed_reasons", "unwritten_rows", "unwritten_reasons", "prompt_rows", "prompt_counts", "prompt_logprobs", "prompt_top_ids", "prompt_top_logprobs", "decode_iterations")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +229,7 @@ class StepResult(_message.Message):
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     error: StepError
     rows: _containers.RepeatedScalarFieldContainer[int]
@@ -240,4 +251,5 @@ class StepResult(_message.Message):
     prompt_logprobs: _containers.RepeatedScalarFieldContainer[float]
     prompt_top_ids: _containers.RepeatedScalarFieldContainer[int]
     prompt_top_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., forward_ns: _Optional[int] = ..., grammar_ended: _Optional[_Iterable[int]] = ..., forced_counts: _Optional[_Iterable[int]] = ..., forced_ids: _Optional[_Iterable[int]] = ..., failed: _Optional[_Iterable[int]] = ..., failed_reasons: _Optional[_Iterable[str]] = ..., unwritten_rows: _Optional[_Iterable[int]] = ..., unwritten_reasons: _Optional[_Iterable[str]] = ..., prompt_rows: _Optional[_Iterable[int]] = ..., prompt_counts: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., prompt_top_ids: _Optional[_Iterable[int]] = ..., prompt_top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    decode_iterations: int
+    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., forward_ns: _Optional[int] = ..., grammar_ended: _Optional[_Iterable[int]] = ..., forced_counts: _Optional[_Iterable[int]] = ..., forced_ids: _Optional[_Iterable[int]] = ..., failed: _Optional[_Iterable[int]] = ..., failed_reasons: _Optional[_Iterable[str]] = ..., unwritten_rows: _Optional[_Iterable[int]] = ..., unwritten_reasons: _Optional[_Iterable[str]] = ..., prompt_rows: _Optional[_Iterable[int]] = ..., prompt_counts: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., prompt_top_ids: _Optional[_Iterable[int]] = ..., prompt_top_logprobs: _Optional[_Iterable[float]] = ..., decode_iterations: _Optional[int] = ...) -> None: ...

@@ -65,6 +65,11 @@ class ExecutorStub:
                 request_serializer=radixserve_dot_v1_dot_grammar__pb2.Grammar.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_executor__pb2.CompileGrammarResponse.FromString,
                 _registered_method=True)
+        self.EndDecode = channel.unary_unary(
+                '/radixserve.v1.Executor/EndDecode',
+                request_serializer=radixserve_dot_v1_dot_executor__pb2.EndDecodeRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_executor__pb2.EndDecodeResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -119,6 +124,17 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndDecode(self, request, context):
+        """Ends a Step of several decode iterations early: it stops after the iteration it is computing
+        (after its first when it has not started), and its result carries the iterations run
+        (`StepResult.decode_iterations`). The scheduler calls it when a request arrives, so the
+        request waits for one iteration instead of all of them. A step_id that is not a Step of
+        several iterations, or has already been answered, changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +167,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.CompileGrammar,
                     request_deserializer=radixserve_dot_v1_dot_grammar__pb2.Grammar.FromString,
                     response_serializer=radixserve_dot_v1_dot_executor__pb2.CompileGrammarResponse.SerializeToString,
+            ),
+            'EndDecode': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndDecode,
+                    request_deserializer=radixserve_dot_v1_dot_executor__pb2.EndDecodeRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_executor__pb2.EndDecodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +336,33 @@ class Executor:
             '/radixserve.v1.Executor/CompileGrammar',
             radixserve_dot_v1_dot_grammar__pb2.Grammar.SerializeToString,
             radixserve_dot_v1_dot_executor__pb2.CompileGrammarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndDecode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radixserve.v1.Executor/EndDecode',
+            radixserve_dot_v1_dot_executor__pb2.EndDecodeRequest.SerializeToString,
+            radixserve_dot_v1_dot_executor__pb2.EndDecodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
