@@ -216,7 +216,7 @@ class Engine:
         self.table.reset()
         self.sampler.reset()
         self.last_sampled.zero_()
-        self._end_decode_of = None  # a scheduler attaching numbers its Steps afresh
+        self._end_decode_of = None  # another scheduler's step ids may repeat this one's
 
     def end_decode(self, step_id: int) -> None:
         """Ends the Step `step_id`, if it runs several decode iterations, after the iteration it

@@ -142,6 +142,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             tp_size=loaded.tp_size,
             kv_bytes_per_token=loaded.kv_bytes_per_token,
             kv_cache_dtype=str(eng.pool.k[0].dtype).removeprefix("torch."),
+            end_decode=True,
         )
 
     async def Warmup(

@@ -43,13 +43,14 @@ class StepSpans:
             self._apply_membership(step, started_ns)
         failed = {result.rows[i] for i in result.failed} | set(result.unwritten_rows)
         links = []
+        iterations = max(1, result.decode_iterations)  # a decode slice's positions
         for s in step.slices:
             row = self.rows.get(s.row)
             if row is None:  # added by this rejected Step
                 continue
             if not rejected:
                 row.steps += 1
-                row.tokens += s.length
+                row.tokens += s.length * iterations
             links.append(trace.Link(row.span.get_span_context()))
         span = self.tracer.start_span(
             "executor.step",
@@ -59,6 +60,7 @@ class StepSpans:
                 "radixserve.step.id": step.step_id,
                 "radixserve.step.slices": len(step.slices),
                 "radixserve.step.tokens": result.num_tokens,
+                "radixserve.step.decode_iterations": iterations,
                 "radixserve.step.sampled": len(result.rows),
                 "radixserve.step.adds": len(step.add),
                 "radixserve.step.releases": len(step.release_rows),

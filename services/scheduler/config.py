@@ -26,15 +26,19 @@ CHUNKED_PREFILL_SIZE = 2048
 # 247.0 on the shared prefixes and a TPOT p50 of 12.78 against 14.21 ms one at a time, with the
 # TTFT p50 1,245 against 1,296 ms at concurrency 32, 587 against 552 on the shared prefixes and
 # 907 against 807 at concurrency 8. There the gateway, tokenizer and scheduler share the
-# executor's cores, and 4 halves their CPU per token. GPUs keep SGLang's 1.
+# executor's cores, and 4 halves their CPU per token. GPUs keep SGLang's 1, as does an executor
+# without EndDecode (an arrival would wait out every iteration: twice the TTFT p50 at
+# concurrency 32 there).
 CPU_CONTINUOUS_DECODE_STEPS = 4
 CONTINUOUS_DECODE_STEPS = 1
 
 
-def default_continuous_decode_steps(device: str) -> int:
+def default_continuous_decode_steps(device: str, end_decode: bool) -> int:
     """--num-continuous-decode-steps' default for an executor on `device` (its Info's device
-    type): CPU_CONTINUOUS_DECODE_STEPS on the CPU, else CONTINUOUS_DECODE_STEPS."""
-    return CPU_CONTINUOUS_DECODE_STEPS if device == "cpu" else CONTINUOUS_DECODE_STEPS
+    type) that implements EndDecode or not: CPU_CONTINUOUS_DECODE_STEPS on a CPU executor with
+    EndDecode, else CONTINUOUS_DECODE_STEPS."""
+    cpu = device == "cpu" and end_decode
+    return CPU_CONTINUOUS_DECODE_STEPS if cpu else CONTINUOUS_DECODE_STEPS
 
 
 def default_chunked_prefill_size(device: str) -> int:
@@ -82,8 +86,9 @@ class SchedulerConfig(ServiceConfig):
         None,
         "decode iterations per Step while the running requests only decode (nothing waits to be "
         "admitted, no grammar, no min_tokens ban): fewer messages per token; a request that "
-        "arrives ends the step after the iteration in progress (default: "
-        f"{CPU_CONTINUOUS_DECODE_STEPS} on a CPU executor, {CONTINUOUS_DECODE_STEPS} on others)",
+        "arrives ends the step after the iteration in progress, or after its first if it has not "
+        f"started (default: {CPU_CONTINUOUS_DECODE_STEPS} on a CPU executor, "
+        f"{CONTINUOUS_DECODE_STEPS} on others)",
     )
     disable_jump_forward: bool = option(
         False, "with a grammar, decode every token, also those the grammar forces"

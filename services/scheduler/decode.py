@@ -34,8 +34,9 @@ def slots_needed(req: Req, steps: int = 1) -> int:
 def continuous_steps(running: Sequence[Req], most: int, free_slots: int, context: int) -> int:
     """Decode iterations the next Step may run for `running` (up to `most`; the caller checks
     that nothing waits and no prefill is chunked): 1 unless every decoding request just decodes
-    (no grammar, no min_tokens ban, no forced tokens to compute); never past `context` positions
-    nor past `free_slots` (free and evictable KV slots) shared by the decoding requests.
+    (no grammar, no min_tokens ban, no forced tokens to compute); never past `context` positions,
+    nor past `free_slots` (free and evictable KV slots) shared by the decoding requests, nor past
+    the most tokens any of them may still sample (its max_tokens).
 
     A request may reach max_tokens (or a stop token) before the last iteration: the tokens
     after it are dropped and their slots freed with the request's, as an overlapped step's are.
@@ -47,7 +48,8 @@ def continuous_steps(running: Sequence[Req], most: int, free_slots: int, context
     if any(r.grammar is not None or r.banned or r.explicit_next for r in decoding):
         return 1
     room = min(context - r.num_computed for r in decoding)
-    return max(1, min(most, room, free_slots // len(decoding)))
+    wanted = max(r.stop.max_tokens - r.num_scheduled_outputs for r in decoding)
+    return max(1, min(most, room, wanted, free_slots // len(decoding)))
 
 
 def victim_order(req: Req) -> tuple[int, int]:

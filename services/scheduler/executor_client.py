@@ -42,6 +42,7 @@ class ExecutorInfo:
     dtype: str = ""
     device: str = ""
     kv_cache_dtype: str = ""
+    end_decode: bool = False  # implements EndDecode
 
     @classmethod
     def from_pb(cls, msg: pb.InfoResponse) -> ExecutorInfo:
@@ -58,6 +59,7 @@ class ExecutorInfo:
             dtype=msg.dtype,
             device=msg.device,
             kv_cache_dtype=msg.kv_cache_dtype,
+            end_decode=msg.end_decode,
         )
 
 

@@ -131,7 +131,7 @@ class Scheduler:
         )
         self.decode = DecodeManager(self.cache, self._retract)
         self.decode_steps = cfg.num_continuous_decode_steps or default_continuous_decode_steps(
-            info.device
+            info.device, info.end_decode
         )
         self.running: list[Req] = []
         self._releases: list[int] = []  # rows to release in the next step
@@ -348,7 +348,7 @@ class Scheduler:
                 sent_at = asyncio.get_running_loop().time()
                 self._inflight.append((step, self.link.send(step.to_pb()), sent_at))
             # A multi-iteration step is never queued behind: a request that arrives meanwhile
-            # waits for its iterations only, not for a second such step sent ahead.
+            # waits for the iteration in progress (EndDecode), not for a second such step.
             keep = 1 if self.overlap and step and step.decode_steps == 1 else 0
             processed = len(self._inflight) > keep  # results may free memory or rows: build again
             while len(self._inflight) > keep:
@@ -389,8 +389,8 @@ class Scheduler:
             steps = continuous_steps(
                 self.running, most, self.cache.available(), self.limits.context_length
             )
-        if self.decode.schedule(step, self.running, steps):
-            self.ratio.decay(step.decode_steps)
+        if self.decode.schedule(step, self.running, steps) and step.decode_steps == 1:
+            self.ratio.decay()  # a step of several iterations: by those run, in _process
         for req in self.running:
             if req.pending_write is not None:
                 start, kv = req.pending_write
@@ -431,6 +431,8 @@ class Scheduler:
         result = result_from_pb(msg, top_counts, step.prompt_slices())
         if result.error is not None:
             raise StepFailed(f"step {step.step_id} rejected: {result.error[1]}")
+        if step.decode_steps > 1:
+            self.ratio.decay(step.decode_steps)
         self.counters.computed_tokens += result.num_tokens
         self.metrics.iteration.observe(result.num_tokens)
         # Rows whose forward failed: at once, or, over several decode iterations, at the

@@ -83,6 +83,9 @@ class FakeExecutor:
         self._fresh: dict[int, int] = {}
         self.shared_prefix_rows = 0  # rows sent in shared prefixes, over all steps
         self.device = ""  # the device type its Info reports
+        # Whether its Info claims EndDecode: it computes each Step when sent, so an EndDecode
+        # always comes after the Step has run, which changes nothing.
+        self.end_decode = True
 
     async def connect(self, timeout: float) -> ExecutorInfo:
         self.rows.clear()
@@ -98,6 +101,7 @@ class FakeExecutor:
             eos_token_ids=frozenset({EOS}),
             max_top_logprobs=5,
             device=self.device,
+            end_decode=self.end_decode,
         )
 
     def send(self, step: pb.Step) -> asyncio.Future[pb.StepResult]:

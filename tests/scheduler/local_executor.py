@@ -54,6 +54,7 @@ class LocalExecutor:
             max_running_requests=lim.max_rows,
             eos_token_ids=frozenset({self.eos}),
             max_top_logprobs=lim.max_top_logprobs,
+            end_decode=True,
         )
 
     def send(self, step: pb.Step) -> asyncio.Future[pb.StepResult]:

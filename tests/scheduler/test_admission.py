@@ -62,17 +62,19 @@ def test_the_prefill_budget_defaults_by_the_executor_s_device(
 
 
 @pytest.mark.parametrize(
-    "device, flag, iterations", [("cpu", None, 4), ("cuda", None, 1), ("cpu", 2, 2)]
+    "device, end_decode, flag, iterations",
+    [("cpu", True, None, 4), ("cuda", True, None, 1), ("cpu", False, None, 1), ("cpu", True, 2, 2)],
 )
 def test_continuous_decode_steps_default_by_the_executor_s_device(
-    device: str, flag: int | None, iterations: int
+    device: str, end_decode: bool, flag: int | None, iterations: int
 ) -> None:
-    """4 decode iterations per Step on a CPU executor, 1 on others, unless the flag says."""
+    """4 decode iterations per Step on a CPU executor with EndDecode, 1 on others (and on one
+    without it, where an arrival would wait out every iteration), unless the flag says."""
     prompts = [[i + 1] * 10 for i in range(3)]
 
     async def main() -> None:
         fake = FakeExecutor(4096, 16)
-        fake.device = device
+        fake.device, fake.end_decode = device, end_decode
         cfg = {} if flag is None else {"num_continuous_decode_steps": flag}
         async with running_scheduler(fake, **cfg) as sched:
             await finish(submit_all(sched, prompts, 12), prompts, 12)

@@ -163,21 +163,24 @@ class HoldsAMultiStep(LocalExecutor):
 def test_an_arrival_ends_a_multi_iteration_step_after_its_iteration(hf, alone) -> None:
     """A request arriving while a Step of K iterations is in flight has the scheduler call
     EndDecode: the Step stops after one iteration, the arrival joins in the very next Step, the
-    decoding requests give back the slots of the iterations not run and keep their tokens
-    (integrity is checked after every Step), and every slot is free at the end."""
+    decoding requests give back the slots of the iterations not run and keep their tokens, one
+    aborted meanwhile and one whose last token is that iteration's end cleanly (integrity is
+    checked after every Step), and every slot is free at the end."""
     rng = random.Random(23)
-    first = [rand_prompt(rng, 20) for _ in range(3)]
+    first = [rand_prompt(rng, 20) for _ in range(4)]
+    lengths = [40, 40, 40, 2]  # f3's second token is the held Step's first iteration
     late = rand_prompt(rng, 30)
 
     async def main() -> None:
         link = HoldsAMultiStep(hf)
         async with running_scheduler(link, num_continuous_decode_steps=8) as sched:
             tasks = [
-                asyncio.create_task(generate(sched, params(f"f{i}", p, 40, ignore_eos=True)))
-                for i, p in enumerate(first)
+                asyncio.create_task(generate(sched, params(f"f{i}", p, n, ignore_eos=True)))
+                for i, (p, n) in enumerate(zip(first, lengths, strict=True))
             ]
             while not link.held.is_set():
                 await asyncio.sleep(0.001)
+            assert sched.abort("f2")
             arrival = asyncio.create_task(generate(sched, params("late", late, 6, ignore_eos=True)))
             await asyncio.sleep(0.01)
             held = multi_steps(link.steps)[0]
@@ -185,6 +188,8 @@ def test_an_arrival_ends_a_multi_iteration_step_after_its_iteration(hf, alone) -
             link.release.set()
             joined = ok(await arrival)
             results = [ok(r) for r in await asyncio.gather(*tasks)]
+            assert results[2].complete.reason is FinishReason.ABORT
+            assert results[3].complete.reason is FinishReason.LENGTH
             await wait_idle(sched)
             stats = sched.cache.stats()
             assert stats.used == 0 and stats.free + stats.evictable == stats.total
@@ -192,12 +197,16 @@ def test_an_arrival_ends_a_multi_iteration_step_after_its_iteration(hf, alone) -
         assert len(link.results[held.step_id].token_ids) == len(held.slices)
         after = link.steps[link.steps.index(held) + 1]
         assert [a.request_id for a in after.add] == ["late"]
-        # The held rows go on from the position after the one iteration run.
-        held_starts = {x.row: x.start for x in held.slices}
-        next_starts = {x.row: x.start for x in after.slices if x.row in held_starts}
+        # The held rows still running go on from the position after the one iteration run.
+        row_of = {a.request_id: a.row for s in link.steps[: link.steps.index(held)] for a in s.add}
+        going_on = {row_of["f0"], row_of["f1"]}
+        held_starts = {x.row: x.start for x in held.slices if x.row in going_on}
+        next_starts = {x.row: x.start for x in after.slices if x.row in going_on}
         assert next_starts == {row: start + 1 for row, start in held_starts.items()}
+        assert held.decode_steps == 8 and len(held.slices) == 4
         assert joined.tokens == alone(late, 6)
-        assert [r.tokens for r in results] == [alone(p, 40) for p in first]
+        for i in (0, 1, 3):
+            assert results[i].tokens == alone(first[i], lengths[i])
 
     asyncio.run(main())
 
@@ -302,6 +311,10 @@ def test_continuous_steps_only_when_every_decoding_request_just_decodes() -> Non
     done = req()
     done.num_scheduled_outputs = done.stop.max_tokens
     assert continuous_steps([*plain, done], 8, 1000, 512) == 8
+    # Never past the most tokens any of them may still sample.
+    for r, left in zip(plain, (2, 3), strict=True):
+        r.num_scheduled_outputs = r.stop.max_tokens - left
+    assert continuous_steps(plain, 8, 1000, 512) == 3
 
 
 def test_failed_entries_carry_no_top_alternatives() -> None:

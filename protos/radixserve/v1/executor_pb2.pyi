@@ -28,7 +28,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_path", "architecture", "vocab_size", "context_length", "num_kv_slots", "max_running_requests", "dtype", "device", "attention_backend", "eos_token_ids", "max_top_logprobs", "tp_size", "kv_bytes_per_token", "kv_cache_dtype")
+    __slots__ = ("model_name", "model_path", "architecture", "vocab_size", "context_length", "num_kv_slots", "max_running_requests", "dtype", "device", "attention_backend", "eos_token_ids", "max_top_logprobs", "tp_size", "kv_bytes_per_token", "kv_cache_dtype", "end_decode")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class InfoResponse(_message.Message):
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    END_DECODE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_path: str
     architecture: str
@@ -59,7 +60,8 @@ class InfoResponse(_message.Message):
     tp_size: int
     kv_bytes_per_token: int
     kv_cache_dtype: str
-    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., num_kv_slots: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_top_logprobs: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
+    end_decode: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., num_kv_slots: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_top_logprobs: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., end_decode: _Optional[bool] = ...) -> None: ...
 
 class WarmupRequest(_message.Message):
     __slots__ = ()
