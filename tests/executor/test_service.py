@@ -21,6 +21,22 @@ from tests.executor.tiny import engine_for, hf_model
 from tests.procs import ServiceProcess, free_port, scrape
 
 GREEDY = SamplingParams(temperature=0, logprobs=True, top_logprobs=2)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 3, 3, 3]]
+
+
+def greedy_reference(n: int) -> list[list[int]]:
+    """The tiny model's n greedy tokens after each of PROMPTS, computed in this process."""
+    return [j.output for j in Driver(engine_for(hf_model("llama"))).generate(PROMPTS, n)]
+
+
+def add_both(slices: list[Slice]) -> StepInput:
+    """Step 1: rows 0 and 1 join with PROMPTS (slots 1-19 and 40-59) and compute `slices`."""
+    return StepInput(
+        1,
+        add=[NewRequest(r, f"r{r}", GREEDY, p) for r, p in enumerate(PROMPTS)],
+        writes=[SlotWrite(0, 0, list(range(1, 20))), SlotWrite(1, 0, list(range(40, 60)))],
+        slices=slices,
+    )
 
 
 class StepStream:
@@ -96,22 +112,15 @@ def test_info_and_health(executor: str) -> None:
 
 
 def test_prefill_decode_and_a_rejected_step_over_the_wire(executor: str) -> None:
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 3, 3, 3]]
-    reference = [j.output for j in Driver(engine_for(hf_model("llama"))).generate(prompts, 6)]
+    prompts = PROMPTS
+    reference = greedy_reference(6)
     metrics = f"http://127.0.0.1:{METRICS_PORT}/metrics"
     before = scrape(metrics)
     with grpc.insecure_channel(executor) as channel:
         stub = pb_grpc.ExecutorStub(channel)
         stub.Reset(pb.ResetRequest())
         run = StepStream(stub)
-        first = run(
-            StepInput(
-                1,
-                add=[NewRequest(r, f"r{r}", GREEDY, p) for r, p in enumerate(prompts)],
-                writes=[SlotWrite(0, 0, list(range(1, 20))), SlotWrite(1, 0, list(range(40, 60)))],
-                slices=[Slice(0, 0, prompts[0][:3], sample=False), Slice(1, 0, prompts[1])],
-            )
-        )
+        first = run(add_both([Slice(0, 0, prompts[0][:3], sample=False), Slice(1, 0, prompts[1])]))
         assert not first.HasField("error")
         assert list(first.rows) == [1] and first.num_tokens == 7
         got = {0: [], 1: [first.token_ids[0]]}
@@ -154,23 +163,14 @@ def test_prefill_decode_and_a_rejected_step_over_the_wire(executor: str) -> None
 def test_end_decode_over_the_wire_ends_a_multi_iteration_step(executor: str) -> None:
     """EndDecode for a Step not yet sent: that Step of 4 iterations runs one and says so; the
     next runs all 4; the tokens are those of one decode per Step."""
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 3, 3, 3]]
-    reference = [j.output for j in Driver(engine_for(hf_model("llama"))).generate(prompts, 6)]
     with grpc.insecure_channel(executor) as channel:
         stub = pb_grpc.ExecutorStub(channel)
         stub.Reset(pb.ResetRequest())
         run = StepStream(stub)
-        first = run(
-            StepInput(
-                1,
-                add=[NewRequest(r, f"r{r}", GREEDY, p) for r, p in enumerate(prompts)],
-                writes=[SlotWrite(0, 0, list(range(1, 20))), SlotWrite(1, 0, list(range(40, 60)))],
-                slices=[Slice(0, 0, prompts[0]), Slice(1, 0, prompts[1])],
-            )
-        )
+        first = run(add_both([Slice(0, 0, PROMPTS[0]), Slice(1, 0, PROMPTS[1])]))
         got = {row: [tok] for row, tok in zip(first.rows, first.token_ids, strict=True)}
         stub.EndDecode(pb.EndDecodeRequest(step_id=2))
-        starts = [len(p) for p in prompts]
+        starts = [len(p) for p in PROMPTS]
         ended = run(
             StepInput(2, slices=[Slice(r, starts[r], [], True) for r in (0, 1)], decode_steps=4)
         )
@@ -185,7 +185,7 @@ def test_end_decode_over_the_wire_ends_a_multi_iteration_step(executor: str) -> 
                 got[row].append(tok)
         assert not run(StepInput(4, release_rows=[0, 1])).HasField("error")
         run.close()
-    assert [got[0], got[1]] == reference
+    assert [got[0], got[1]] == greedy_reference(6)
 
 
 def test_a_second_concurrent_stream_is_refused(executor: str) -> None:
