@@ -186,9 +186,11 @@ class Scheduler:
         return stream
 
     def _end_decode_early(self) -> None:
-        """A request arrived: a Step of several decode iterations in flight (sent when nothing
-        waited) is asked to end after its current iteration, so the arrival is admitted in the
-        next Step instead of waiting for every iteration (`ExecutorLink.end_decode`)."""
+        """A request arrived, or every request of the last Step ended: a Step of several decode
+        iterations in flight (sent when nothing waited) is asked to end after its current
+        iteration, so an arrival is admitted in the next Step instead of waiting for every
+        iteration, and no iteration computes only for requests that ended
+        (`ExecutorLink.end_decode`)."""
         if not self._inflight:
             return
         step = self._inflight[-1][0]
@@ -205,6 +207,10 @@ class Scheduler:
         for req in samples:
             if req.finished is None:
                 self._finish(req, FinishReason.ABORT)
+        if self._inflight and all(
+            r.finished is not None for r, _ in self._inflight[-1][0].samplers
+        ):
+            self._end_decode_early()  # a step computing only for ended requests
         self._wake.set()
         return True
 

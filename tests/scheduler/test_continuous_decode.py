@@ -211,6 +211,34 @@ def test_an_arrival_ends_a_multi_iteration_step_after_its_iteration(hf, alone) -
     asyncio.run(main())
 
 
+def test_aborting_every_request_of_a_multi_iteration_step_ends_it(hf) -> None:
+    """Aborting the requests a held Step of K iterations decodes ends it after one iteration
+    (EndDecode), and aborting one of two does not."""
+    rng = random.Random(24)
+    prompts = [rand_prompt(rng, 20) for _ in range(2)]
+
+    async def main() -> None:
+        link = HoldsAMultiStep(hf)
+        async with running_scheduler(link, num_continuous_decode_steps=8) as sched:
+            tasks = [
+                asyncio.create_task(generate(sched, params(f"a{i}", p, 40, ignore_eos=True)))
+                for i, p in enumerate(prompts)
+            ]
+            while not link.held.is_set():
+                await asyncio.sleep(0.001)
+            held = multi_steps(link.steps)[0]
+            assert sched.abort("a0") and link.ended == []
+            assert sched.abort("a1") and link.ended == [held.step_id]
+            link.release.set()
+            results = [ok(r) for r in await asyncio.gather(*tasks)]
+            await wait_idle(sched)
+            assert sched.cache.stats().used == 0
+        assert [r.complete.reason for r in results] == [FinishReason.ABORT] * 2
+        assert link.results[held.step_id].decode_iterations == 1
+
+    asyncio.run(main())
+
+
 class FailsLate(LocalExecutor):
     """Reports the forward of request `target`'s row as failed at the last iteration of a
     multi-iteration Step: of the Step that reaches its max_tokens (`at_end`), else of the first,
