@@ -10,6 +10,7 @@ serve logs there too, all in the one --log-format.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import importlib
 import json
@@ -22,6 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.common.config import add_arguments, from_args, to_argv
@@ -196,9 +198,13 @@ class Supervisor:
         self.stopping = False
 
     def start(self) -> None:
+        """Starts every child, each in its own session; on Linux each gets SIGTERM when this
+        process ends, even by SIGKILL (`_with_parent`), so no service outlives `serve`. Call
+        it from the main thread: the signal follows the thread that forked."""
+        with_parent = _with_parent(os.getpid())
         for child in self.children:
             cmd = [sys.executable, "-m", "services.cli", *child.argv]
-            child.proc = subprocess.Popen(cmd, start_new_session=True)
+            child.proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=with_parent)
 
     def dead_child(self) -> Child | None:
         for child in self.children:
@@ -225,6 +231,25 @@ class Supervisor:
                     )
                     child.proc.kill()
                     child.proc.wait()
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _with_parent(parent: int) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the child receive SIGTERM when `parent` ends (Linux's
+    prctl(PR_SET_PDEATHSIG), kept across exec), or None off Linux. A parent that already ended
+    before the call gets the same signal at once."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls it
+
+    def set_parent_death_signal() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_parent_death_signal
 
 
 def ready(url: str) -> tuple[bool, str]:

@@ -56,6 +56,20 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(serve: tuple[Serve, int]) ->
     assert not alive, f"left running: {[p.pid for p in alive]}"
 
 
+def test_a_killed_serve_takes_its_services_with_it(serve: tuple[Serve, int]) -> None:
+    """SIGKILL gives the supervisor no chance to stop its children: they stop on their own."""
+    server, _ = serve
+    server.wait_ready()
+    children = server.children()
+    assert len(children) >= 4
+    server.proc.kill()
+    server.proc.wait(10)
+    _gone, alive = psutil.wait_procs(children, timeout=30)
+    for p in alive:  # the fixture cannot find them once their parent is gone
+        p.kill()
+    assert not alive, f"left running: {[p.pid for p in alive]}"
+
+
 def test_serve_reports_a_dead_service_and_stops_the_others(serve: tuple[Serve, int]) -> None:
     server, _ = serve
     server.wait_ready()
