@@ -90,6 +90,11 @@ class SchedulerConfig(ServiceConfig):
         f"started (default: {CPU_CONTINUOUS_DECODE_STEPS} on a CPU executor, "
         f"{CONTINUOUS_DECODE_STEPS} on others)",
     )
+    decode_log_interval: int = option(
+        40,
+        "decode iterations between two 'Decode batch.' lines of the log (running requests, KV "
+        "usage, generation throughput), as SGLang's scheduler writes them; 0: none",
+    )
     disable_jump_forward: bool = option(
         False, "with a grammar, decode every token, also those the grammar forces"
     )
@@ -119,5 +124,7 @@ class SchedulerConfig(ServiceConfig):
             raise ValueError("--context-length must be at least 2")
         if self.num_continuous_decode_steps is not None and self.num_continuous_decode_steps < 1:
             raise ValueError("--num-continuous-decode-steps must be at least 1")
+        if self.decode_log_interval < 0:
+            raise ValueError("--decode-log-interval must be >= 0 (0 disables it)")
         if self.step_timeout_s < 0:
             raise ValueError("--step-timeout-s must be >= 0 (0 disables it)")

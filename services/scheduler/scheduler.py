@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 from radixserve.v1 import executor_pb2 as pb
 from services.common.grammar import GrammarSpec
 from services.common.tracing import tracer
+from services.scheduler.batch_log import BatchLog
 from services.scheduler.cache import KVCache
 from services.scheduler.config import (
     SchedulerConfig,
@@ -90,6 +91,7 @@ class Scheduler:
         self.tracer = tracer("radixserve.scheduler")  # None: tracing is off
         self.overlap = not cfg.disable_overlap_schedule
         self.counters = Counters()
+        self.batch_log = BatchLog(cfg.decode_log_interval)
         self.waiting: list[Req] = []
         self.groups: dict[str, list[Req]] = {}  # request_id -> its n samples (one stream)
         self.ready = False
@@ -364,6 +366,7 @@ class Scheduler:
                 assert not self.running, "idle while requests are running"
                 self.check_integrity()
                 await self._wake.wait()
+                self.batch_log.restart()
 
     async def _oldest_result(self) -> pb.StepResult:
         """The oldest in-flight step's result, or StepTimeout past --step-timeout-s.
@@ -406,7 +409,8 @@ class Scheduler:
         admissible = self.waiting
         if any(not r.grammar_ready for r in admissible):
             admissible = [r for r in admissible if r.grammar_ready]
-        self._start(self.prefill.schedule(step, admissible, self.running, admit))
+        admitted = self.prefill.schedule(step, admissible, self.running, admit)
+        self._start(admitted)
         step.release_rows.extend(self._releases)
         self._releases = []
         by_row = {req.row: req for req in self.running}
@@ -415,6 +419,16 @@ class Scheduler:
         for s in step.slices:
             req = by_row[s.row]
             step.writers[s.row] = (req, req.epoch, req.kv[s.start : s.start + step.positions(s)])
+        extends = [s for s in step.slices if not s.use_last_sampled]
+        if extends:
+            self.batch_log.prefill(
+                len(extends),
+                sum(s.length for s in extends),
+                sum(req.cached_tokens or 0 for req in admitted),
+                self.cache.stats(),
+                len(self.running),
+                len(self.waiting),
+            )
         return step
 
     def _start(self, admitted: list[Req]) -> None:
@@ -464,6 +478,11 @@ class Scheduler:
                 self._on_token(req, token, i in result.grammar_ended)
                 if result.forced[i] and req.finished is None:
                     self._on_forced(req, result.forced[i])
+        self.batch_log.sampled(len(result.tokens))
+        if any(s.use_last_sampled for s in step.slices):
+            self.batch_log.decode(
+                step.decode_steps, self.cache.stats(), len(self.running), len(self.waiting)
+            )
         if self.cfg.debug_checks:
             self.check_integrity()
 
