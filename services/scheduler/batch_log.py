@@ -8,12 +8,17 @@
 A "Prefill batch." line for every step that computes prompt tokens: `#new-seq` its extend
 slices (a prompt split by chunked prefill counts once per chunk; a retracted request's
 recomputation and a grammar's forced tokens count too), `#new-token` the tokens they compute,
-`#cached-token` the radix-cache hits of the requests it admits. A "Decode batch." line
-every `--decode-log-interval` decode iterations (a step of several continuous decode iterations
-counts each): `#token` the KV slots held by running requests, and `gen throughput` the tokens
-sampled since the line before over the seconds since it. `token usage` is the held share of the
-KV slots (a cached prefix that nothing holds is reclaimable and not counted), `#running-req` and
-`#queue-req` the scheduler's running and waiting requests. Both lines are at INFO.
+`#cached-token` the radix-cache hits of the requests it admits (the positions before their
+first slice), `#running-req` the requests running besides those (as SGLang counts them).
+
+A "Decode batch." line every `--decode-log-interval` decode iterations (a step of several
+continuous decode iterations counts each): `#token` the KV slots held by running requests,
+`#running-req` the running requests, and `gen throughput` the tokens delivered to running
+requests since the line before over the seconds since it (or since the scheduler last had work
+or an executor).
+
+`token usage` is the held share of the KV slots (a cached prefix that nothing holds is
+reclaimable and not counted), `#queue-req` the waiting requests. Both lines are at INFO.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ class BatchLog:
         self, seqs: int, new_tokens: int, cached: int, cache: CacheStats, running: int, queued: int
     ) -> None:
         """A step that computes `new_tokens` tokens over `seqs` extend slices, admitting requests
-        with `cached` tokens found in the radix cache; `cache`: the KV slots after it was built."""
+        with `cached` tokens found in the radix cache, beside `running` requests running before
+        it; `cache`: the KV slots after it was built."""
         usage = _usage(cache)
         log.info(
             "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
@@ -65,7 +71,8 @@ class BatchLog:
         self._since = self.clock()
 
     def sampled(self, tokens: int) -> None:
-        """Tokens sampled by a step's result (prefill's first tokens too), for the throughput."""
+        """Tokens a step's result delivered to running requests (prefill's first tokens too), for
+        the throughput."""
         self._tokens += tokens
 
     def decode(self, iterations: int, cache: CacheStats, running: int, queued: int) -> None:
@@ -88,7 +95,7 @@ class BatchLog:
             rate,
             queued,
         )
-        self._iterations = 0
+        self._iterations -= self.interval  # a line every `interval` iterations on average
         self._tokens = 0
         self._since = now
 

@@ -346,6 +346,7 @@ class Scheduler:
 
     async def _serve(self) -> None:
         self._link_lost = False
+        self.batch_log.restart()  # after a reconnect: no rate over the time without an executor
         while True:
             if self._link_lost:
                 raise ExecutorLost("the step stream closed")
@@ -421,12 +422,15 @@ class Scheduler:
             step.writers[s.row] = (req, req.epoch, req.kv[s.start : s.start + step.positions(s)])
         extends = [s for s in step.slices if not s.use_last_sampled]
         if extends:
+            # An admitted request's first slice starts where its radix-cache hit ends (also when
+            # a retracted request is admitted again); SGLang's #running-req leaves them out.
+            rows = {req.row for req in admitted}
             self.batch_log.prefill(
                 len(extends),
                 sum(s.length for s in extends),
-                sum(req.cached_tokens or 0 for req in admitted),
+                sum(s.start for s in extends if s.row in rows),
                 self.cache.stats(),
-                len(self.running),
+                len(self.running) - len(admitted),
                 len(self.waiting),
             )
         return step
@@ -466,6 +470,7 @@ class Scheduler:
             req, epoch, _ = step.writers[row]
             if req.epoch == epoch and req.finished is None:
                 self._on_prompt_logprobs(req, piece)
+        delivered = 0  # tokens of requests still running (the decode line's throughput)
         for i, ((req, epoch), token) in enumerate(zip(step.samplers, result.tokens, strict=True)):
             if i in failed_at:
                 row = failed_at[i]
@@ -475,10 +480,11 @@ class Scheduler:
                     self.groups[req.rid], INTERNAL, f"sampling failed: {result.failed[i]}"
                 )
             elif req.epoch == epoch and req.finished is None:
+                delivered += 1
                 self._on_token(req, token, i in result.grammar_ended)
                 if result.forced[i] and req.finished is None:
                     self._on_forced(req, result.forced[i])
-        self.batch_log.sampled(len(result.tokens))
+        self.batch_log.sampled(delivered)
         if any(s.use_last_sampled for s in step.slices):
             self.batch_log.decode(
                 step.decode_steps, self.cache.stats(), len(self.running), len(self.waiting)
