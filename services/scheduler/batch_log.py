@@ -42,7 +42,7 @@ class BatchLog:
         self.interval = interval
         self.clock = clock
         self._iterations = 0  # decode iterations since the last decode line
-        self._tokens = 0  # tokens sampled since the last decode line
+        self._tokens = 0  # tokens delivered since the last decode line
         self._since = clock()
 
     def prefill(
