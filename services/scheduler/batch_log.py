@@ -8,8 +8,10 @@
 A "Prefill batch." line for every step that computes prompt tokens: `#new-seq` its extend
 slices (a prompt split by chunked prefill counts once per chunk; a retracted request's
 recomputation and a grammar's forced tokens count too), `#new-token` the tokens they compute,
-`#cached-token` the radix-cache hits of the requests it admits (the positions before their
-first slice), `#running-req` the requests running besides those (as SGLang counts them).
+`#cached-token` the radix-cache hits of the requests it adds (the positions before their
+first slice; a request that joins again after a retraction, or when its min_tokens ban lifts,
+counts what it has then), `#running-req` the requests running besides those (as SGLang counts
+them).
 
 A "Decode batch." line every `--decode-log-interval` decode iterations (a step of several
 continuous decode iterations counts each): `#token` the KV slots held by running requests,
@@ -48,7 +50,7 @@ class BatchLog:
     def prefill(
         self, seqs: int, new_tokens: int, cached: int, cache: CacheStats, running: int, queued: int
     ) -> None:
-        """A step that computes `new_tokens` tokens over `seqs` extend slices, admitting requests
+        """A step that computes `new_tokens` tokens over `seqs` extend slices, adding requests
         with `cached` tokens found in the radix cache, beside `running` requests running before
         it; `cache`: the KV slots after it was built."""
         usage = _usage(cache)

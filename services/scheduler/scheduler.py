@@ -410,8 +410,7 @@ class Scheduler:
         admissible = self.waiting
         if any(not r.grammar_ready for r in admissible):
             admissible = [r for r in admissible if r.grammar_ready]
-        admitted = self.prefill.schedule(step, admissible, self.running, admit)
-        self._start(admitted)
+        self._start(self.prefill.schedule(step, admissible, self.running, admit))
         step.release_rows.extend(self._releases)
         self._releases = []
         by_row = {req.row: req for req in self.running}
@@ -422,15 +421,15 @@ class Scheduler:
             step.writers[s.row] = (req, req.epoch, req.kv[s.start : s.start + step.positions(s)])
         extends = [s for s in step.slices if not s.use_last_sampled]
         if extends:
-            # An admitted request's first slice starts where its radix-cache hit ends (also when
-            # a retracted request is admitted again); SGLang's #running-req leaves them out.
-            rows = {req.row for req in admitted}
+            # A joining request's first slice starts where its radix-cache hit ends (also when a
+            # retracted request joins again); SGLang's #running-req leaves them out.
+            rows = {req.row for req in step.add}
             self.batch_log.prefill(
                 len(extends),
                 sum(s.length for s in extends),
                 sum(s.start for s in extends if s.row in rows),
                 self.cache.stats(),
-                len(self.running) - len(admitted),
+                len(self.running) - len(rows),
                 len(self.waiting),
             )
         return step

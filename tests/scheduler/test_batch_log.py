@@ -1,11 +1,12 @@
 """The scheduler's SGLang-style batch lines: a "Prefill batch." line per step that computes prompt
-tokens, with the radix-cache hits of the requests it admits, and a "Decode batch." line every
+tokens, with the radix-cache hits of the requests it adds, and a "Decode batch." line every
 --decode-log-interval decode iterations, over the checking fake executor."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 
 import pytest
@@ -15,6 +16,7 @@ from services.scheduler.cache import CacheStats
 from services.scheduler.config import SchedulerConfig
 from tests.scheduler.fake_executor import FakeExecutor
 from tests.scheduler.harness import generate, params, running_scheduler, wait_idle
+from tests.scheduler.workload import Spec, random_specs, run_all
 
 PREFILL = re.compile(
     r"Prefill batch\. #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+), "
@@ -34,7 +36,7 @@ def test_prefill_lines_count_new_and_cached_tokens(caplog) -> None:
     """Two requests with the same 40-token prompt, one after the other: the first computes all
     40 tokens, the second finds 39 in the radix cache and computes one; a chunked 100-token prompt
     logs one line per chunk, its tokens adding up to the prompt, its second chunk with the
-    request running (#running-req leaves out the requests a step admits, as SGLang's)."""
+    request running (#running-req leaves out the requests a step adds, as SGLang's)."""
     prompt = list(range(1, 41))
 
     async def run() -> None:
@@ -52,6 +54,40 @@ def test_prefill_lines_count_new_and_cached_tokens(caplog) -> None:
     assert got == [(1, 40, 0, 0), (1, 1, 39, 0), (1, 64, 0, 0), (1, 36, 0, 1)]
     for _, _, _, usage, _, queued in lines(caplog, PREFILL):
         assert 0.0 < float(usage) <= 1.0 and int(queued) == 0
+
+
+def test_prefill_lines_match_the_steps_sent_under_retractions(caplog) -> None:
+    """A workload that retracts requests and admits them again: each Prefill batch line counts
+    the extend slices of its Step as the executor got it, their tokens, and as cached tokens the
+    positions before the slices of the requests the Step adds (a request admitted again: where
+    it starts then)."""
+    specs = random_specs(random.Random(9), 300, max_prompt=80, max_tokens=40)
+    specs = [Spec(**{**s.__dict__, "delay": s.delay * 20}) for s in specs]
+    fake = FakeExecutor(600, 32, delay=0.0005)
+
+    async def run() -> int:
+        async with running_scheduler(fake, chunked_prefill_size=64) as sched:
+            await run_all(sched, specs, timeout=120)
+            await wait_idle(sched)
+            return sched.counters.retractions
+
+    with caplog.at_level(logging.INFO, logger="radixserve.scheduler"):
+        retractions = asyncio.run(run())
+    assert retractions > 0
+    want = []
+    for step in fake.steps:
+        extends = [s for s in step.slices if not s.use_last_sampled]
+        if extends:
+            added = {a.row for a in step.add}
+            want.append(
+                (
+                    len(extends),
+                    sum(len(s.input_ids) for s in extends),
+                    sum(s.start for s in extends if s.row in added),
+                )
+            )
+    got = [(int(a), int(b), int(c)) for a, b, c, *_ in lines(caplog, PREFILL)]
+    assert got == want
 
 
 def test_decode_lines_every_interval_of_iterations(caplog) -> None:
