@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.common.config import add_arguments, from_args, to_argv
+from services.common.libc import libc_function
 from services.common.log import LogConfig, setup_logging
 from services.common.ports import free_port, reserve
 from services.common.tracing import TracingConfig
@@ -240,12 +241,13 @@ def _with_parent(parent: int) -> Callable[[], None] | None:
     """A `preexec_fn` that has the child receive SIGTERM when `parent` ends (Linux's
     prctl(PR_SET_PDEATHSIG), kept across exec), or None off Linux. A parent that already ended
     before the call gets the same signal at once."""
-    if not sys.platform.startswith("linux"):
+    # Looked up before the fork: the child only calls it.
+    prctl = libc_function("prctl", (ctypes.c_int, ctypes.c_ulong), ctypes.c_int)
+    if prctl is None:
         return None
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls it
 
     def set_parent_death_signal() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:
             os.kill(os.getpid(), signal.SIGTERM)
 

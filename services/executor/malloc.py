@@ -29,8 +29,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import sys
-from collections.abc import Callable
+
+from services.common.libc import libc_function
 
 log = logging.getLogger("radixserve.executor")
 
@@ -57,19 +57,6 @@ SETTINGS = (
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
-def _libc_function(name: str, argtypes: tuple, restype: type) -> Callable[..., int] | None:
-    """The C library's function `name` with its signature set, for the C library this process
-    runs on; None off Linux or where that library has no such function."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):
-        return None
-    function.argtypes, function.restype = argtypes, restype
-    return function
-
-
 def tune_malloc() -> bool:
     """Sets glibc's mmap threshold, trim threshold and top pad to MMAP_THRESHOLD, TRIM_THRESHOLD
     and TOP_PAD for this process (the module doc says why). True when all three were accepted;
@@ -79,7 +66,7 @@ def tune_malloc() -> bool:
         return False
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
-    mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
+    mallopt = libc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
     if mallopt is None:
         return False
     refused = [param for param, value in SETTINGS if not mallopt(param, value)]
@@ -95,5 +82,5 @@ def release_free_memory() -> bool:
     layer's float weight) stay in the heaps and in the process's RSS, and the KV pool, sized from
     the memory still available, would be that much smaller. True when glibc released something;
     False otherwise, off Linux, or where the C library has no malloc_trim."""
-    malloc_trim = _libc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
+    malloc_trim = libc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
     return malloc_trim is not None and bool(malloc_trim(0))

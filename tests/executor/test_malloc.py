@@ -83,7 +83,7 @@ def test_the_environment_s_malloc_settings_win(monkeypatch, name, value):
 
 
 def test_other_platforms_are_left_alone(monkeypatch):
-    monkeypatch.setattr(malloc.sys, "platform", "darwin")
+    monkeypatch.setattr(sys, "platform", "darwin")
     assert malloc.tune_malloc() is False
 
 
@@ -118,5 +118,5 @@ def test_release_gives_freed_heap_memory_back_to_the_system():
 
 
 def test_release_is_a_no_op_on_other_platforms(monkeypatch):
-    monkeypatch.setattr(malloc.sys, "platform", "darwin")
+    monkeypatch.setattr(sys, "platform", "darwin")
     assert malloc.release_free_memory() is False
