@@ -77,14 +77,17 @@ class BatchLog:
         the throughput."""
         self._tokens += tokens
 
-    def decode(self, iterations: int, cache: CacheStats, running: int, queued: int) -> None:
+    def decode(
+        self, iterations: int, stats: Callable[[], CacheStats], running: int, queued: int
+    ) -> None:
         """A step's result that ran `iterations` decode iterations; writes a line when they
-        complete an interval."""
+        complete an interval, with the KV slots `stats()` gives then (read only for a line)."""
         if self.interval == 0 or iterations <= 0:
             return
         self._iterations += iterations
         if self._iterations < self.interval:
             return
+        cache = stats()
         now = self.clock()
         rate = self._tokens / (now - self._since) if now > self._since else 0.0
         usage = _usage(cache)

@@ -486,7 +486,7 @@ class Scheduler:
         self.batch_log.sampled(delivered)
         if any(s.use_last_sampled for s in step.slices):
             self.batch_log.decode(
-                step.decode_steps, self.cache.stats(), len(self.running), len(self.waiting)
+                step.decode_steps, self.cache.stats, len(self.running), len(self.waiting)
             )
         if self.cfg.debug_checks:
             self.check_integrity()

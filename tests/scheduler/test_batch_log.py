@@ -130,16 +130,16 @@ def test_decode_throughput_is_tokens_over_the_seconds_since_the_last_line(caplog
     stats = CacheStats(total=1000, free=700, evictable=100, protected=50)
     with caplog.at_level(logging.INFO, logger="radixserve.scheduler"):
         log.sampled(8)
-        log.decode(2, stats, running=8, queued=1)  # 2 of 4 iterations: no line
+        log.decode(2, lambda: stats, running=8, queued=1)  # 2 of 4 iterations: no line
         now[0] = 102.0
         log.sampled(8)
-        log.decode(3, stats, running=8, queued=1)  # 5: a line, 1 carried
+        log.decode(3, lambda: stats, running=8, queued=1)  # 5: a line, 1 carried
         now[0] = 103.0
         log.sampled(30)
-        log.decode(3, stats, running=8, queued=0)  # 1 + 3: a line
+        log.decode(3, lambda: stats, running=8, queued=0)  # 1 + 3: a line
         now[0] = 104.0
         log.sampled(6)
-        log.decode(3, stats, running=8, queued=0)  # 3: none
+        log.decode(3, lambda: stats, running=8, queued=0)  # 3: none
     assert lines(caplog, DECODE) == [
         ("8", "200", "0.20", "8.00", "1"),  # 16 tokens in 2 s; 200 slots held of 1,000
         ("8", "200", "0.20", "30.00", "0"),
@@ -184,7 +184,7 @@ def test_throughput_after_an_idle_wait_counts_from_the_restart(caplog) -> None:
         log.restart()
         now[0] = 12.0
         log.sampled(20)
-        log.decode(1, stats, running=1, queued=0)
+        log.decode(1, lambda: stats, running=1, queued=0)
     assert lines(caplog, DECODE) == [("1", "0", "0.00", "10.00", "0")]
 
 
