@@ -53,14 +53,13 @@ class BatchLog:
         """A step that computes `new_tokens` tokens over `seqs` extend slices, adding requests
         with `cached` tokens found in the radix cache, beside `running` requests running before
         it; `cache`: the KV slots after it was built."""
-        usage = _usage(cache)
         log.info(
             "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
             "#running-req: %d, #queue-req: %d",
             seqs,
             new_tokens,
             cached,
-            usage,
+            cache.usage,
             running,
             queued,
         )
@@ -90,20 +89,15 @@ class BatchLog:
         cache = stats()
         now = self.clock()
         rate = self._tokens / (now - self._since) if now > self._since else 0.0
-        usage = _usage(cache)
         log.info(
             "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, "
             "gen throughput (token/s): %.2f, #queue-req: %d",
             running,
             cache.used,
-            usage,
+            cache.usage,
             rate,
             queued,
         )
         self._iterations -= self.interval  # a line every `interval` iterations on average
         self._tokens = 0
         self._since = now
-
-
-def _usage(cache: CacheStats) -> float:
-    return cache.used / cache.total if cache.total else 0.0

@@ -30,6 +30,11 @@ class CacheStats:
         """Held by running requests or locked for them (neither free nor reclaimable)."""
         return self.total - self.free - self.evictable
 
+    @property
+    def usage(self) -> float:
+        """`used` over all slots (0 with no slots): the KV usage of the metrics and the log."""
+        return self.used / self.total if self.total else 0.0
+
 
 class KVCache:
     def __init__(self, num_slots: int, disable: bool = False, debug: bool = False) -> None:

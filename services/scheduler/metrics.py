@@ -59,7 +59,7 @@ class Load:
 
     @property
     def kv_usage(self) -> float:
-        return self.kv.used / self.kv.total if self.kv.total else 0.0
+        return self.kv.usage
 
 
 class SchedulerMetrics:
