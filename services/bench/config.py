@@ -57,7 +57,11 @@ class BenchConfig:
     request_rate: float = option(
         math.inf, "arrivals per second, a Poisson process (inf: all at once)"
     )
-    seed: int = option(1, "seed of prompts, lengths and arrival times")
+    seed: int = option(
+        1,
+        "seed of prompts, lengths and arrival times (a seed's first prompts are the same for "
+        "any --num-prompts: give runs against a server that stays up seeds of their own)",
+    )
     warmup_requests: int = option(1, "untimed requests sent first (a failure aborts the run)")
     timeout_s: float = option(
         3600.0, "deadline of the whole run; requests still out are cancelled as errors"

@@ -106,6 +106,23 @@ def test_workloads_are_seeded(counter: TokenCounter) -> None:
     assert other != first
 
 
+def test_a_seeds_first_random_prompts_do_not_depend_on_the_run_length(
+    counter: TokenCounter,
+) -> None:
+    """As `--seed`'s help says: a run of 24 starts with a run of 8's prompts, so runs against a
+    server that stays up need seeds of their own."""
+
+    def workload(num_prompts: int, seed: int = 7) -> list:
+        config = BenchConfig(
+            num_prompts=num_prompts, random_input_len=40, random_output_len=8, seed=seed
+        )
+        return build_workload(config, counter)
+
+    short, long = workload(8), workload(24)
+    assert len(long) == 24 and long[:8] == short
+    assert not {r.prompt() for r in workload(8, seed=8)} & {r.prompt() for r in long}
+
+
 def test_json_schema_requests_split_by_ratio_and_carry_valid_schemas() -> None:
     import json
 
