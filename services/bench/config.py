@@ -59,8 +59,9 @@ class BenchConfig:
     )
     seed: int = option(
         1,
-        "seed of prompts, lengths and arrival times (a seed's first prompts are the same for "
-        "any --num-prompts: give runs against a server that stays up seeds of their own)",
+        "seed of prompts, lengths and arrival times (with --dataset random a seed's first "
+        "prompts are the same for any --num-prompts: use a new seed for each run against a "
+        "server that stays up)",
     )
     warmup_requests: int = option(1, "untimed requests sent first (a failure aborts the run)")
     timeout_s: float = option(

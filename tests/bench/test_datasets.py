@@ -11,6 +11,7 @@ from services.bench.config import BenchConfig
 from services.bench.datasets import (
     Conversation,
     Request,
+    Workload,
     build_workload,
     draw_len,
     multi_turn_conversations,
@@ -106,13 +107,13 @@ def test_workloads_are_seeded(counter: TokenCounter) -> None:
     assert other != first
 
 
-def test_a_seeds_first_random_prompts_do_not_depend_on_the_run_length(
+def test_a_seeds_first_random_prompts_do_not_depend_on_num_prompts(
     counter: TokenCounter,
 ) -> None:
-    """As `--seed`'s help says: a run of 24 starts with a run of 8's prompts, so runs against a
-    server that stays up need seeds of their own."""
+    """As `--seed`'s help says for `--dataset random`: a run of 24 starts with a run of 8's
+    prompts (output lengths included), so runs against a server that stays up need new seeds."""
 
-    def workload(num_prompts: int, seed: int = 7) -> list:
+    def workload(num_prompts: int, seed: int = 7) -> Workload:
         config = BenchConfig(
             num_prompts=num_prompts, random_input_len=40, random_output_len=8, seed=seed
         )
