@@ -28,8 +28,9 @@
 // nothing reduced across lanes); a bfloat16 or quantized panel serving more than kExpandRows rows
 // is expanded once into a float32 buffer instead. Every
 // output is one float32 sum over k ascending (int8: scaled after), so a row's result does not
-// depend on the rest of its batch. Threads take equal runs of panels and sweep the rows in blocks
-// whose x stays in L2 (kPackedBlockBytes). Measured on a 2-core AVX2 host over SmolLM2-135M's 120
+// depend on the rest of its batch. Threads take runs of panels from a shared counter (about
+// kChunksPerThread runs each) and sweep the rows in blocks whose x stays in L2
+// (kPackedBlockBytes). Measured on a 2-core AVX2 host over SmolLM2-135M's 120
 // decoder linears in float32 (distinct weights, read from memory): 17.8 ms at one row (the FMA
 // kernel below 18.8), 29.1 at 8 (oneDNN's packed GEMM 40.9), 60.2 at 32 (73.9), 111 at 64 (133),
 // 806 at 512 (808) and 1,484 at 1,024 (1,540).
@@ -56,6 +57,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <cstdint>
 #include <cstring>
@@ -75,6 +77,13 @@ constexpr int64_t kPanelLanes = 16;  // output channels of a packed panel
 constexpr int kPackedRows = 6;       // rows of a packed-panel tile (12 accumulators)
 constexpr int64_t kExpandRows = 12;  // above this many rows quantized panels are expanded once
 constexpr int64_t kPackedBlockBytes = 256 * 1024;  // rows of x a thread sweeps per panel (in L2)
+// Chunks of panels per thread (about) that run_packed's threads take from a shared counter, so
+// that a thread the OS deschedules (the other services share the cores) or that runs slower does
+// not hold up the others at the end of the call. Over SmolLM2-135M's 120 decoder linears in
+// float32 on a 2-core AVX2 host (9 runs alternating with a static split into equal halves,
+// medians): 60.8 against 64.6 ms at 32 rows and 396 against 454 at 256; with another process
+// taking a quarter of one core 76.7 against 79.8 and 417 against 486; 1 and 8 rows within 3%.
+constexpr int64_t kChunksPerThread = 8;
 
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -535,14 +544,15 @@ struct Int4Lanes {
 };
 
 // Steps over k a float32 panel tile that fetches (kFetch) reads ahead: 32 steps of 64 bytes, 2 KB
-// (16 steps ran 3-6 % slower over the decoder linears at 8 to 256 rows, 64 no faster).
+// (16 steps ran 3-6 % slower over the decoder linears at 8 to 256 rows; 64 even at 8 and 32
+// rows, 6 % slower at 256).
 constexpr int64_t kFetchSteps = 32;
 
 // out[r * N + c] = (x[r] . W[n0 + c]) * scale[c] (+ bias[c]) for R rows of x (K apart) and the
 // `valid` first channels of one packed panel; out, scale (nullable: 1) and bias (nullable) start
 // at channel n0. Each sum runs over k ascending in one FMA chain, unrolled four steps at a time.
 // With kFetch (float32 panels only) each step also fetches the panel's line kFetchSteps steps
-// ahead into L1 (past the panel's end: the next panel's first lines, which the next tile reads).
+// ahead into L1 (near the panel's end, lines past it: a hint only, which never faults).
 template <int R, bool kFetch, typename Lanes>
 inline void packed_tile(const float* x, int64_t K, const Lanes& panel, const float* scale,
                         const float* bias, float* out, int64_t N, int64_t valid) {
@@ -554,8 +564,9 @@ inline void packed_tile(const float* x, int64_t K, const Lanes& panel, const flo
   for (int64_t k = 0; k < K; k += Lanes::kStep) {
     __m256 w[Lanes::kStep][2];
     if constexpr (kFetch) {
-      _mm_prefetch(reinterpret_cast<const char*>(panel.p + (k + kFetchSteps) * kPanelLanes),
-                   _MM_HINT_T0);
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(panel.p) +
+                              (k + kFetchSteps) * kPanelLanes * sizeof(float);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
     }
     panel.load(k, w);
     for (int step = 0; step < Lanes::kStep; ++step) {
@@ -651,28 +662,35 @@ void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes
   const int64_t P = (N + kPanelLanes - 1) / kPanelLanes;
   const int64_t block =
       std::max<int64_t>(kPackedRows, kPackedBlockBytes / (K * 4) / kPackedRows * kPackedRows);
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
+  const int64_t chunk = std::max<int64_t>(1, P / (workers * kChunksPerThread));
+  const int64_t chunks = (P + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> expanded(kConverted && M > kExpandRows ? K * kPanelLanes : 0);
-    for (int64_t mb = 0; mb < M; mb += block) {
-      const int64_t m_end = std::min(M, mb + block);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n0 = p * kPanelLanes, valid = std::min<int64_t>(kPanelLanes, N - n0);
-        const float* ps = scale != nullptr ? scale + n0 : nullptr;
-        const float* pb = bias != nullptr ? bias + n0 : nullptr;
-        const Lanes panel = lanes(p);
-        if (kConverted && m_end - mb > kExpandRows) {
-          for (int64_t k = 0; k < K; k += Lanes::kStep) {
-            __m256 w[Lanes::kStep][2];
-            panel.load(k, w);
-            for (int step = 0; step < Lanes::kStep; ++step) {
-              _mm256_storeu_ps(expanded.data() + (k + step) * kPanelLanes, w[step][0]);
-              _mm256_storeu_ps(expanded.data() + (k + step) * kPanelLanes + 8, w[step][1]);
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+      const int64_t p0 = c * chunk, p1 = std::min(P, p0 + chunk);
+      for (int64_t mb = 0; mb < M; mb += block) {
+        const int64_t m_end = std::min(M, mb + block);
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n0 = p * kPanelLanes, valid = std::min<int64_t>(kPanelLanes, N - n0);
+          const float* ps = scale != nullptr ? scale + n0 : nullptr;
+          const float* pb = bias != nullptr ? bias + n0 : nullptr;
+          const Lanes panel = lanes(p);
+          if (kConverted && m_end - mb > kExpandRows) {
+            for (int64_t k = 0; k < K; k += Lanes::kStep) {
+              __m256 w[Lanes::kStep][2];
+              panel.load(k, w);
+              for (int step = 0; step < Lanes::kStep; ++step) {
+                _mm256_storeu_ps(expanded.data() + (k + step) * kPanelLanes, w[step][0]);
+                _mm256_storeu_ps(expanded.data() + (k + step) * kPanelLanes + 8, w[step][1]);
+              }
             }
+            panel_rows(x, mb, m_end, K, N, F32Lanes{expanded.data()}, ps, pb, out, n0, valid,
+                       false);
+          } else {
+            panel_rows(x, mb, m_end, K, N, panel, ps, pb, out, n0, valid, !kConverted);
           }
-          panel_rows(x, mb, m_end, K, N, F32Lanes{expanded.data()}, ps, pb, out, n0, valid,
-                     false);
-        } else {
-          panel_rows(x, mb, m_end, K, N, panel, ps, pb, out, n0, valid, !kConverted);
         }
       }
     }
