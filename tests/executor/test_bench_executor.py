@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import kernels.cpu as cpu_kernels
 import services.executor.bench as bench_module
 from services.executor.batch_invariant import BatchInvariantLinear
 from services.executor.bench import (
@@ -137,7 +138,14 @@ def test_shared_prefix_rows_of_a_group_point_at_the_same_slots() -> None:
     assert kv_positions(4, 8, shared_spans(case, batch=4)) == used
 
 
-def test_decode_runs_at_a_context_past_the_prefill_length() -> None:
+@pytest.mark.parametrize("extend", ["kernel", "sdpa"])
+def test_decode_runs_at_a_context_past_the_prefill_length(
+    extend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The extend attention is pinned because it decides the spans: where torch's SDPA runs it
+    # (the default on CPUs without AVX-512) and the C++ kernels are built, the engine drops them.
+    monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", extend)
+    drops_spans = extend == "sdpa" and cpu_kernels.load() is not None
     hf = hf_model("llama")
     cfg = ModelConfig.from_dict(hf.config.to_dict())
     args = parse("--context", "300", "--steps", "2", "--prefill-len", "16")
@@ -145,9 +153,10 @@ def test_decode_runs_at_a_context_past_the_prefill_length() -> None:
     load_weights(model, hf.state_dict().items())
     for case in decode_cases(parse("--sampling", "--shared-prefix-groups", "2"), 300):
         timing = bench_decode(model, cfg, 4, 300, 2, case=case)
-        # Head dim 16 runs the PyTorch attention, which keeps every span: the cascade case
-        # reads each group's 225 shared positions once, the others every position per row.
-        spans_kept = case.cascade and case.groups
+        # Head dim 16 runs the PyTorch attention, which keeps every span it is given: the
+        # cascade case reads each group's 225 shared positions once, the others every position
+        # per row.
+        spans_kept = case.cascade and case.groups and not drops_spans
         assert timing.ms > 0 and timing.kv_positions == (750 if spans_kept else 4 * 300)
     # tied embeddings: the head reads the embedding table, so every weight counts once
     assert weight_bytes(model) == sum(p.numel() * 4 for p in model.parameters())

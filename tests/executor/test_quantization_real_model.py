@@ -46,6 +46,9 @@ QUESTIONS = [
     "What is the difference between weather and climate?",
 ]
 NEAR_TIE = 0.5  # logprob gap (= logit gap) under which the float model's top two are a near-tie
+# Alternatives kept per reference token: a divergence's gap is finite wherever the token taken
+# is among them (the engine's --max-top-logprobs default).
+ALTERNATIVES = 20
 
 
 def chat_prompts(model_dir: Path, questions: list[str]) -> list[list[int]]:
@@ -89,7 +92,7 @@ def greedy(
     limits = EngineLimits(len(prompts) * CONTEXT + 1, 16, CONTEXT, kv_dtype=kv_dtype)
     engine = Engine(model, cfg, limits, torch.device("cpu"))
     driver = TopDriver(engine)
-    params = SamplingParams(temperature=0.0, logprobs=True, top_logprobs=5)
+    params = SamplingParams(temperature=0.0, logprobs=True, top_logprobs=ALTERNATIVES)
     jobs = driver.generate(prompts, new, params=params)
     return [j.output for j in jobs], driver
 
@@ -127,9 +130,11 @@ def agreement(
 def test_float8_kv_cache_greedy_agrees_with_the_float32_cache(default_model_dir: Path) -> None:
     """16 chat prompts x 64 greedy tokens over a float8 e5m2 KV cache (--kv-cache-dtype
     fp8_e5m2, keys and values with 3 significant bits) against the float32 cache: at least 10
-    prompts agree token for token or up to a first divergence at a near-tie (measured on an
-    AVX-512 CPU: 1 identical, 11 near-ties, 4 diverging at gaps of 0.5 to 1.4), and the shipped
-    text scores within 5% of the float32 cache's perplexity."""
+    prompts agree token for token or up to a first divergence at a near-tie, the others at
+    gaps under 3, and the shipped text scores within 5% of the float32 cache's perplexity.
+    Measured: on an AVX-512 CPU 1 identical, 11 near-ties, 4 diverging at gaps of 0.5 to 1.4; on
+    an AVX2 CPU (extends through SDPA, the same tokens as the PyTorch path) 1 identical, 11
+    near-ties, 4 diverging at gaps of 0.5 to 1.3."""
     prompts = chat_prompts(default_model_dir, QUESTIONS)
     ref, ref_driver = greedy(default_model_dir, Quantization("none"), prompts, 64)
     got, _ = greedy(default_model_dir, Quantization("none"), prompts, 64, torch.float8_e5m2)
