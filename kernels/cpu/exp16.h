@@ -1,6 +1,40 @@
 // exp of 16 floats and the transposing sum of 16 vectors in AVX-512, shared by the attention
-// kernels (attention.cpp, attention_amx.cpp); part of each one's build key (kernels/cpu/build.py).
+// kernels (attention.cpp, attention_amx.cpp), and exp of 8 floats in AVX2 (attention.cpp, on CPUs
+// without AVX-512); part of each one's build key (kernels/cpu/build.py).
 #pragma once
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+
+namespace radixserve_simd {
+
+// exp(x) of 8 floats: exp16's reduction and polynomial, scaled by 2^n built in the exponent bits
+// (AVX2 has no vscalefps), so x is first raised to -87.33654 (ln of the least normal float): x <=
+// that gives about 1.2e-38 instead of a denormal or 0, which callers that need an exact 0 (masked
+// keys at -inf) zero themselves. x >= 88.38 gives infinity (n reaches 128; x is lowered to 88.8
+// first so that it stays there), a little early: the callers pass x <= 0 (scores less their
+// maximum).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.8f), _mm256_max_ps(_mm256_set1_ps(-87.33654f), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 t = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  t = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), t);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(t, t), _mm256_add_ps(t, _mm256_set1_ps(1.f)));
+  // 2^n for n in [-126, 128]: (n + 127) in the exponent field; 128 gives infinity.
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                       _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+}  // namespace radixserve_simd
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>

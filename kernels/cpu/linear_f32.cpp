@@ -57,11 +57,12 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
-#include <atomic>
 #include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "tasks.h"
 
 namespace {
 
@@ -665,36 +666,35 @@ void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
   const int64_t chunk = std::max<int64_t>(1, P / (workers * kChunksPerThread));
   const int64_t chunks = (P + chunk - 1) / chunk;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> expanded(kConverted && M > kExpandRows ? K * kPanelLanes : 0);
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
-      const int64_t p0 = c * chunk, p1 = std::min(P, p0 + chunk);
-      for (int64_t mb = 0; mb < M; mb += block) {
-        const int64_t m_end = std::min(M, mb + block);
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t n0 = p * kPanelLanes, valid = std::min<int64_t>(kPanelLanes, N - n0);
-          const float* ps = scale != nullptr ? scale + n0 : nullptr;
-          const float* pb = bias != nullptr ? bias + n0 : nullptr;
-          const Lanes panel = lanes(p);
-          if (kConverted && m_end - mb > kExpandRows) {
-            for (int64_t k = 0; k < K; k += Lanes::kStep) {
-              __m256 w[Lanes::kStep][2];
-              panel.load(k, w);
-              for (int step = 0; step < Lanes::kStep; ++step) {
-                _mm256_storeu_ps(expanded.data() + (k + step) * kPanelLanes, w[step][0]);
-                _mm256_storeu_ps(expanded.data() + (k + step) * kPanelLanes + 8, w[step][1]);
+  radixserve_tasks::for_each_task(
+      chunks,
+      [&] { return std::vector<float>(kConverted && M > kExpandRows ? K * kPanelLanes : 0); },
+      [&](int64_t c, std::vector<float>& expanded) {
+        const int64_t p0 = c * chunk, p1 = std::min(P, p0 + chunk);
+        for (int64_t mb = 0; mb < M; mb += block) {
+          const int64_t m_end = std::min(M, mb + block);
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t n0 = p * kPanelLanes, valid = std::min<int64_t>(kPanelLanes, N - n0);
+            const float* ps = scale != nullptr ? scale + n0 : nullptr;
+            const float* pb = bias != nullptr ? bias + n0 : nullptr;
+            const Lanes panel = lanes(p);
+            if (kConverted && m_end - mb > kExpandRows) {
+              for (int64_t k = 0; k < K; k += Lanes::kStep) {
+                __m256 w[Lanes::kStep][2];
+                panel.load(k, w);
+                for (int step = 0; step < Lanes::kStep; ++step) {
+                  _mm256_storeu_ps(expanded.data() + (k + step) * kPanelLanes, w[step][0]);
+                  _mm256_storeu_ps(expanded.data() + (k + step) * kPanelLanes + 8, w[step][1]);
+                }
               }
+              panel_rows(x, mb, m_end, K, N, F32Lanes{expanded.data()}, ps, pb, out, n0, valid,
+                         false);
+            } else {
+              panel_rows(x, mb, m_end, K, N, panel, ps, pb, out, n0, valid, !kConverted);
             }
-            panel_rows(x, mb, m_end, K, N, F32Lanes{expanded.data()}, ps, pb, out, n0, valid,
-                       false);
-          } else {
-            panel_rows(x, mb, m_end, K, N, panel, ps, pb, out, n0, valid, !kConverted);
           }
         }
-      }
-    }
-  });
+      });
 }
 
 // x [M, K] f32, panels [ceil(N / 16), K * 16] f32 (packed, see the header), bias [N] f32 or

@@ -143,7 +143,8 @@ def test_decode_runs_at_a_context_past_the_prefill_length(
     extend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The extend attention is pinned because it decides the spans: where torch's SDPA runs it
-    # (the default on CPUs without AVX-512) and the C++ kernels are built, the engine drops them.
+    # (the default on CPUs without AVX2, and at head dims other than 64 on CPUs without AVX-512)
+    # and the C++ kernels are built, the engine drops them.
     monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", extend)
     drops_spans = extend == "sdpa" and cpu_kernels.load() is not None
     hf = hf_model("llama")

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from kernels.cpu.build import cpu_flags
 from services.executor.attention import torch_backend
 from services.executor.engine import Engine
 from services.executor.sampling_params import SamplingParams
@@ -173,11 +174,17 @@ def _decodes(rows: list[int]) -> list[Slice]:
 
 def test_cpu_kernels_keep_the_spans_that_pay(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default the C++ kernels attend a span once per group only for its decode rows, when
-    there are SPAN_MIN_ROWS of them over SPAN_MIN_LENGTH positions (the measured break-even)."""
+    there are SPAN_MIN_ROWS of them over SPAN_MIN_LENGTH positions (the measured break-even on
+    AVX-512 CPUs); on CPUs without AVX-512 they keep none."""
     monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")
     attn = engine_for(hf_model("gqa3-hd64")).attn
+    assert attn.avx512 == ("avx512f" in cpu_flags().split())
     rows, length = torch_backend.SPAN_MIN_ROWS, torch_backend.SPAN_MIN_LENGTH
     slices = [*_decodes(list(range(rows + 1))), Slice(20, 2100, [1, 2, 3])]  # row 20 extends
+    paying = [SharedPrefix(length, list(range(rows)))]
+    attn.avx512 = False
+    assert attn.select_shared_prefixes(paying, slices) == []
+    attn.avx512 = True
     select = attn.select_shared_prefixes
     assert select([SharedPrefix(length, [*range(rows), 20])], slices) == [
         SharedPrefix(length, list(range(rows)))
@@ -207,11 +214,13 @@ def test_shared_prefix_mode_must_be_known(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_logits_match_with_the_default_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the break-even lowered to this scenario's sizes, the default rule keeps some spans'
-    decode rows and drops the rest, and the logits stay those of the plain Steps."""
+    decode rows and drops the rest, and the logits stay those of the plain Steps (the rule as on
+    AVX-512 CPUs; the kernels are this CPU's own)."""
     monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")
     monkeypatch.setattr(torch_backend, "SPAN_MIN_ROWS", 2)
     monkeypatch.setattr(torch_backend, "SPAN_MIN_LENGTH", P - 8)
     cascade, reference = engines("gqa3-hd64", torch.float32)
+    cascade.attn.avx512 = True  # type: ignore[attr-defined]
     kept = 0
     for step in scenario(seed=4):
         kept += len(cascade.attn.select_shared_prefixes(step.shared_prefixes, step.slices))

@@ -228,7 +228,9 @@ def test_the_amx_kernel_builds_where_the_cpu_has_amx() -> None:
 @pytest.mark.skipif(cpu_kernels.load() is None, reason="kernel not built")
 def test_bfloat16_extends_run_the_kernel_where_the_amx_kernel_runs(monkeypatch) -> None:
     """On AMX CPUs the engine's bfloat16 extends run the AMX kernel (which beats SDPA there), and
-    SDPA only where that kernel cannot run; RADIXSERVE_CPU_EXTEND_ATTENTION still decides."""
+    SDPA only where that kernel cannot run; elsewhere the C++ kernel wherever its vector code
+    (AVX-512, or AVX2 with FMA and F16C) is built; RADIXSERVE_CPU_EXTEND_ATTENTION still
+    decides."""
     monkeypatch.delenv("RADIXSERVE_CPU_EXTEND_ATTENTION", raising=False)
 
     def backend() -> TorchAttention:
@@ -236,10 +238,12 @@ def test_bfloat16_extends_run_the_kernel_where_the_amx_kernel_runs(monkeypatch) 
         table = RequestToTokenTable(4, 64, torch.device("cpu"))
         return TorchAttention(pool=kv, table=table, num_heads=9, num_kv_heads=3, head_dim=64)
 
+    flags = cpu_flags().split()
     if HAS_AMX:
         assert backend().use_cpu_extend_kernel == (AMX is not None)
-    else:
-        assert backend().use_cpu_extend_kernel == ("avx512f" in cpu_flags().split())
+    else:  # the AVX-512 kernel, or the AVX2 one
+        vector = "avx512f" in flags or all(f in flags for f in ("avx2", "fma", "f16c"))
+        assert backend().use_cpu_extend_kernel == vector
     monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "sdpa")
     assert not backend().use_cpu_extend_kernel
 

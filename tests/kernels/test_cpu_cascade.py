@@ -55,6 +55,15 @@ def test_shared_prefix_attention(dtype, kv_dtype, heads, kv_heads, dim) -> None:
         close(a, b, dtype)
 
 
+def test_shared_prefix_attention_rejects_an_empty_span() -> None:
+    k, v, table, gen = pool(torch.float32, 9, 3, 64)
+    q = torch.randn(2, 9, 64, generator=gen)
+    with pytest.raises(RuntimeError, match="shared spans must be 1 or longer"):
+        cascade.shared_prefix_attention(
+            q, k, v, table, torch.tensor([0]), torch.tensor([0, 2]), torch.tensor([0]), 0.125
+        )
+
+
 @pytest.mark.parametrize(("dtype", "kv_dtype"), DTYPE_PAIRS)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), SHAPES)
 @pytest.mark.parametrize("batch", [6, 40])  # split by kv head / one task per request
