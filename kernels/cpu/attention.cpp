@@ -1089,7 +1089,7 @@ void extend_block_avx2(const TQ* q, int64_t q_stride, const T* k_pool, const T* 
   // p = exp(s - max) in place, masked keys exactly 0; stats: the maxima, then the sums.
   float* maxima = stats;
   float* sums = stats + R;
-  const __m256 floor = _mm256_set1_ps(-87.33654f);
+  const __m256 floor = _mm256_set1_ps(radixserve_simd::kExp8Min);  // exp8's clamp
   for (int64_t v = 0; v < vectors; ++v) {
     __m256 m = neg_inf;
     for (int64_t l = 0; l < n_keys; ++l) m = _mm256_max_ps(m, _mm256_loadu_ps(s + l * R + 8 * v));

@@ -13,6 +13,8 @@ constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 constexpr int kExpDegree = sizeof(kExpPoly) / sizeof(kExpPoly[0]);
+// exp8's least input, ln of the least normal float: below it exp8 returns exp8(kExp8Min).
+constexpr float kExp8Min = -87.33654f;
 
 }  // namespace radixserve_simd
 
@@ -22,13 +24,13 @@ constexpr int kExpDegree = sizeof(kExpPoly) / sizeof(kExpPoly[0]);
 namespace radixserve_simd {
 
 // exp(x) of 8 floats: exp16's reduction and polynomial, scaled by 2^n built in the exponent bits
-// (AVX2 has no vscalefps), so x is first raised to -87.33654 (ln of the least normal float): x <=
+// (AVX2 has no vscalefps), so x is first raised to kExp8Min (ln of the least normal float): x <=
 // that gives about 1.2e-38 instead of a denormal or 0, which callers that need an exact 0 (masked
 // keys at -inf) zero themselves. x >= 88.38 gives infinity (n reaches 128; x is lowered to 88.8
 // first so that it stays there), a little early: the callers pass x <= 0 (scores less their
 // maximum).
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.8f), _mm256_max_ps(_mm256_set1_ps(-87.33654f), x));
+  x = _mm256_min_ps(_mm256_set1_ps(88.8f), _mm256_max_ps(_mm256_set1_ps(kExp8Min), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 t = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
