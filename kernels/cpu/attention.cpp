@@ -436,8 +436,8 @@ inline void attend_head_bf16(const at::BFloat16* q, const T* k_pool, const T* v_
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // Decode attention of one request's G query heads over one kv head's keys, with AVX2 and FMA in
 // float32, for CPUs without AVX-512: values of every pool dtype are widened to float32 as they
-// are loaded (exact): q . k for 8 keys at a time (8 vector sums reduced together by horizontal
-// adds), then p . v with the output rows held in registers, 3 heads and half a row at a time.
+// are loaded (exact): q . k for 4 keys and up to 3 query heads at a time (score_keys4), then
+// p . v with the output rows held in registers, 3 heads and half a row at a time.
 // The keys' and values' slots are fetched ahead (rows of a request are scattered over the pool).
 // head_dim must be 64.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -448,15 +448,6 @@ inline __m256 load8(const at::BFloat16* p) {
 inline __m256 load8(const at::Float8_e5m2* p) {
   const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(b), 8));
-}
-
-// r[j] = sum of the 8 lanes of a[j], for j < 8.
-inline __m256 reduce8(const __m256* a) {
-  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                       _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 // Keys ahead of the one read whose rows are fetched, as kAhead for the bfloat16 kernel: into L2,
@@ -496,6 +487,38 @@ inline void weigh_values(const float* p, int64_t len, const T* v, int64_t stride
   }
 }
 
+// s[g * len + j] = scale x (q_g . k_j) for the keys j < n (<= 4) of rows[0 .. 4) and the G query
+// heads of q ([G, 64] float32): each 8 values of a key are loaded (and widened) once for all G
+// heads, whose 4 x G vector sums are held in registers (the queries are read from memory by the
+// FMAs) and reduced 4 keys at a time by horizontal adds.
+template <int G, typename T>
+inline void score_keys4(const float* q, const T* const* rows, __m256 vscale, float* s, int64_t len,
+                        int64_t n) {
+  __m256 acc[G][4];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < kDim; c += 8) {
+    for (int j = 0; j < 4; ++j) {
+      const __m256 k = load8(rows[j] + c);
+      for (int g = 0; g < G; ++g)
+        acc[g][j] = _mm256_fmadd_ps(k, _mm256_loadu_ps(q + g * kDim + c), acc[g][j]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[g][0], acc[g][1]),
+                                    _mm256_hadd_ps(acc[g][2], acc[g][3]));
+    const __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)),
+                                _mm256_castps256_ps128(vscale));
+    if (n == 4) {
+      _mm_storeu_ps(s + g * len, r);
+    } else {
+      alignas(16) float tmp[4];
+      _mm_store_ps(tmp, r);
+      std::memcpy(s + g * len, tmp, sizeof(float) * n);
+    }
+  }
+}
+
 // q: [group, 64] of this kv head, widened into qw ([group, 64] float32 scratch) for bfloat16;
 // pools [slots, kv_heads, 64]; keys slots[0 .. len); scores: [group, len] scratch; out:
 // [group, 64] float32; lse: [group] or null.
@@ -513,29 +536,20 @@ inline void attend_head_f32(const TQ* q, const T* k_pool, const T* v_pool, const
     qf = qw;
   }
   for (int64_t l = 0; l < std::min<int64_t>(kAheadF32, len); ++l) prefetch_row(row(k_pool, l));
-  for (int64_t l0 = 0; l0 < len; l0 += 8) {
-    const int64_t n = std::min<int64_t>(8, len - l0);
-    const T* rows[8];
-    for (int64_t j = 0; j < 8; ++j) rows[j] = row(k_pool, l0 + std::min(j, n - 1));
-    for (int64_t j = l0 + kAheadF32; j < std::min(l0 + kAheadF32 + 8, len); ++j) {
+  for (int64_t l0 = 0; l0 < len; l0 += 4) {
+    const int64_t n = std::min<int64_t>(4, len - l0);
+    const T* rows[4];
+    for (int64_t j = 0; j < 4; ++j) rows[j] = row(k_pool, l0 + std::min(j, n - 1));
+    for (int64_t j = l0 + kAheadF32; j < std::min(l0 + kAheadF32 + 4, len); ++j) {
       prefetch_row(row(k_pool, j));
     }
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = qf + g * kDim;
-      __m256 acc[8];
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-      for (int64_t c = 0; c < kDim; c += 8) {
-        const __m256 qc = _mm256_loadu_ps(qg + c);
-        for (int j = 0; j < 8; ++j)
-          acc[j] = _mm256_fmadd_ps(qc, load8(rows[j] + c), acc[j]);
-      }
-      const __m256 sv = _mm256_mul_ps(reduce8(acc), vscale);
-      if (n == 8) {
-        _mm256_storeu_ps(scores + g * len + l0, sv);
-      } else {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, sv);
-        std::memcpy(scores + g * len + l0, tmp, sizeof(float) * n);
+    for (int64_t g0 = 0; g0 < group; g0 += 3) {
+      const float* qg = qf + g0 * kDim;
+      float* sg = scores + g0 * len + l0;
+      switch (std::min<int64_t>(3, group - g0)) {
+        case 3: score_keys4<3>(qg, rows, vscale, sg, len, n); break;
+        case 2: score_keys4<2>(qg, rows, vscale, sg, len, n); break;
+        default: score_keys4<1>(qg, rows, vscale, sg, len, n); break;
       }
     }
   }

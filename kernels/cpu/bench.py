@@ -1,0 +1,205 @@
+"""Times the CPU attention kernels (kernels/cpu/attention.cpp) alone, optionally against another
+revision of the same source built beside it in the same process.
+
+    python -m kernels.cpu.bench                                  # decode, batch 16, context 1000
+    python -m kernels.cpu.bench --kv-dtype bfloat16 --context 4000 --layers 8
+    python -m kernels.cpu.bench --kernel extend --new-tokens 64 --batch 7
+    python -m kernels.cpu.bench --against HEAD~1                 # this tree against a revision
+
+Each layer has K and V pools of its own (`--layers`, 30 by default as in SmolLM2-135M), so the
+keys and values come from memory as in a decode step, not from the cache a repeated call would
+leave them in. One round calls the kernel once per layer; a build's figure is the median round.
+With `--against REV`, attention.cpp and the headers it includes are taken from git revision REV,
+built as a second extension, and the two builds run in alternating rounds, so a busy neighbour
+slows both alike; the largest difference of their outputs is printed too (0 when a change keeps
+every sum in the same order).
+
+GB/s is the K and V bytes the calls read (each request's positions x kv heads x head dim x the
+pool's element size, twice) over the median time; it is the figure to hold against the machine's
+memory bandwidth (`radixserve bench-executor` measures that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from kernels.cpu.build import INCLUDE, Extension
+
+SOURCE = Path(__file__).with_name("attention.cpp")
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def build_revision(revision: str, directory: Path) -> ModuleType:
+    """attention.cpp and its local headers as of git revision `revision`, written to
+    `directory` and built as an extension of its own. Raises RuntimeError when git cannot show
+    the files or the build fails."""
+    repo = SOURCE.parents[2]
+    pending, seen = [SOURCE.name], set()
+    while pending:  # the source, then the headers it and they include with "name"
+        name = pending.pop(0)
+        seen.add(name)
+        spec = f"{revision}:kernels/cpu/{name}"
+        shown = subprocess.run(
+            ["git", "-C", str(repo), "show", spec], capture_output=True, text=True
+        )
+        if shown.returncode != 0:
+            raise RuntimeError(f"git show {spec}: {shown.stderr.strip()}")
+        (directory / name).write_text(shown.stdout)
+        pending += [h for h in INCLUDE.findall(shown.stdout) if h not in seen and h not in pending]
+    extension = Extension(
+        "radixserve_cpu_attention_against", directory / SOURCE.name, f"attention.cpp at {revision}"
+    )
+    module = extension.load()
+    if module is None:
+        raise RuntimeError(f"building attention.cpp at {revision} failed: {extension.error}")
+    return module
+
+
+def make_case(args: argparse.Namespace) -> tuple[Callable[[ModuleType, int], torch.Tensor], int]:
+    """The call to time, as fn(module, layer) → output, and the K and V bytes one round reads.
+
+    Decode: `--batch` requests of `--context` positions each, one query token each. Extend:
+    `--batch` requests of `--new-tokens` new tokens after `--context` cached ones (causal). Slots
+    are one run per request, or a random permutation of the pool with `--scatter`."""
+    gen = torch.Generator().manual_seed(0)
+    kv_dtype, q_dtype = DTYPES[args.kv_dtype], DTYPES[args.q_dtype]
+    extend = args.kernel == "extend"
+    positions = args.context + (args.new_tokens if extend else 0)
+    slots = args.batch * positions + 1  # slot 0 unused, as in the engine's pool
+    shape = (slots, args.kv_heads, args.head_dim)
+    pools = [
+        tuple(torch.randn(shape, generator=gen).to(kv_dtype) for _ in range(2))
+        for _ in range(args.layers)
+    ]
+    if args.scatter:
+        order = torch.randperm(slots - 1, generator=gen) + 1
+    else:
+        order = torch.arange(1, slots)
+    table = order.view(args.batch, positions).to(torch.int64).contiguous()
+    rows = torch.arange(args.batch, dtype=torch.int64)
+    tokens = args.batch * (args.new_tokens if extend else 1)
+    q = torch.randn(tokens, args.heads, args.head_dim, generator=gen).to(q_dtype)
+    scale = args.head_dim**-0.5
+    if extend:
+        prefix = torch.full((args.batch,), args.context, dtype=torch.int64)
+        new = torch.full((args.batch,), args.new_tokens, dtype=torch.int64)
+
+        def call(module: ModuleType, layer: int) -> torch.Tensor:
+            k, v = pools[layer]
+            return module.extend_attention(q, k, v, table, rows, prefix, new, scale)
+
+    else:
+        lens = torch.full((args.batch,), positions, dtype=torch.int64)
+
+        def call(module: ModuleType, layer: int) -> torch.Tensor:
+            k, v = pools[layer]
+            return module.paged_decode_attention(q, k, v, table, rows, lens, scale)
+
+    per_round = 2 * args.layers * args.batch * positions * args.kv_heads * args.head_dim
+    return call, per_round * kv_dtype.itemsize
+
+
+def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[str, list[float]]:
+    """Times every build for `args.rounds` rounds; returns each build's round times in ms.
+    Raises RuntimeError when a build fails."""
+    from kernels.cpu import load, load_error
+
+    if args.heads % args.kv_heads:
+        raise ValueError(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    current = load()
+    if current is None:
+        raise RuntimeError(f"the attention kernels could not be built: {load_error()}")
+    builds = {"this tree": current}
+    with tempfile.TemporaryDirectory() as directory:
+        if args.against:
+            builds[args.against] = build_revision(args.against, Path(directory))
+        call, bytes_per_round = make_case(args)
+        outputs = {name: call(module, 0) for name, module in builds.items()}  # also warms up
+        times: dict[str, list[float]] = {name: [] for name in builds}
+        order = list(builds)
+        for r in range(args.rounds):
+            for name in order if r % 2 == 0 else order[::-1]:
+                start = time.perf_counter()
+                for layer in range(args.layers):
+                    call(builds[name], layer)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    what = (
+        f"{args.kernel}: {args.batch} requests x "
+        + (f"{args.new_tokens} new tokens after " if args.kernel == "extend" else "")
+        + f"{args.context} positions, {args.heads}/{args.kv_heads} heads x {args.head_dim}, "
+        + f"{args.q_dtype} queries over {args.kv_dtype} pools, {args.layers} layers, "
+        + f"{'scattered' if args.scatter else 'contiguous'} slots, "
+        + f"{torch.get_num_threads()} threads, medians of {args.rounds} rounds"
+    )
+    out(what)
+    for name, ms in times.items():
+        median = statistics.median(ms)
+        out(
+            f"  {name:>12}: {median:8.2f} ms a round ({median / args.layers * 1e3:7.1f} us a "
+            f"layer), {bytes_per_round / median / 1e6:5.1f} GB/s of K and V"
+        )
+    if args.against:
+        first, second = outputs.values()
+        diff = (first.float() - second.float()).abs().max().item()
+        ratio = statistics.median(times[args.against]) / statistics.median(times["this tree"])
+        out(f"  this tree takes {1 / ratio:.3f}x the time of {args.against}; max |diff| {diff:g}")
+    return times
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kernels.cpu.bench", description=__doc__)
+    parser.add_argument("--kernel", choices=("decode", "extend"), default="decode")
+    parser.add_argument("--batch", type=int, default=16, help="requests")
+    parser.add_argument(
+        "--context", type=int, default=1000, help="positions per request (extend: cached ones)"
+    )
+    parser.add_argument("--new-tokens", type=int, default=64, help="extend: new tokens each")
+    parser.add_argument("--heads", type=int, default=9)
+    parser.add_argument("--kv-heads", type=int, default=3)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--kv-dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument("--q-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--layers", type=int, default=30, help="layers, each with its own pools")
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--scatter", action="store_true", help="slots in random order")
+    parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument(
+        "--against", metavar="REV", help="also time attention.cpp at this git revision"
+    )
+    args = parser.parse_args(argv)
+    for name in ("batch", "context", "new_tokens", "heads", "kv_heads", "head_dim", "layers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
