@@ -462,9 +462,11 @@ constexpr int64_t kAheadF32 = 32;
 // output rows are held in registers (G x 4 vectors), half a row at a time. G is a template
 // argument so that they stay there: with a run-time head count the compiler kept them on the
 // stack, and decode attention took 5-15 % longer. With `prefetch`, the rows kAheadF32 keys ahead
-// are fetched during the first half.
+// are fetched during the first half. Not inlined: inlined into the decode task loop, the compiler
+// kept one of the sums on the stack, and over 4 requests x 512 positions of float32 pools in cache
+// (4 query heads, 4 kv heads) decode attention took 21.8 ms against 17.5 for 300 calls.
 template <int G, typename T>
-inline void weigh_values(const float* p, int64_t len, const T* v, int64_t stride,
+__attribute__((noinline)) void weigh_values(const float* p, int64_t len, const T* v, int64_t stride,
                          const int64_t* slots, bool prefetch, float* out) {
   for (int64_t half = 0; half < kDim; half += 32) {
     __m256 o[G][4];

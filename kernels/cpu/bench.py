@@ -6,26 +6,29 @@ revision of the same source built beside it in the same process.
     python -m kernels.cpu.bench --kernel extend --new-tokens 64 --batch 7
     python -m kernels.cpu.bench --against HEAD~1                 # this tree against a revision
 
-Each layer has K and V pools of its own (`--layers`, 30 by default as in SmolLM2-135M), so the
-keys and values come from memory as in a decode step, not from the cache a repeated call would
-leave them in. One round calls the kernel once per layer; a build's figure is the median round.
+Each layer has K and V pools of its own (`--layers`, 30 by default as in SmolLM2-135M), as in a
+decode step, not the one pool a repeated call would leave in the cache. One round calls the kernel once per layer; a build's figure is the median round.
 With `--against REV`, attention.cpp and the headers it includes are taken from git revision REV,
 built as a second extension, and the two builds run in alternating rounds, so a busy neighbour
 slows both alike; the largest difference of their outputs is printed too (0 when a change keeps
 every sum in the same order).
 
 GB/s is the K and V bytes the calls read (each request's positions x kv heads x head dim x the
-pool's element size, twice) over the median time; it is the figure to hold against the machine's
-memory bandwidth (`radixserve bench-executor` measures that).
+pool's element size, twice) over the median time; for decode it is the figure to hold against
+the machine's memory bandwidth (`radixserve bench-executor` measures that). Extend reads a
+request's keys and values again for each block of its new tokens, so its figure counts distinct
+bytes. The pools come from memory only when all layers' pools together outgrow the last-level
+cache (with `--layers 1` and a small batch they stay in it). On CPUs with AMX, the engine runs
+bfloat16 extends on `attention_amx.cpp`, which this tool does not time.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,9 +36,11 @@ from types import ModuleType
 
 import torch
 
-from kernels.cpu.build import INCLUDE, Extension
+from kernels.cpu import load, load_error, supports_dtypes
+from kernels.cpu.build import INCLUDE, Extension, build_root
 
 SOURCE = Path(__file__).with_name("attention.cpp")
+THIS_TREE = "this tree"
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -43,23 +48,36 @@ DTYPES = {
 }
 
 
-def build_revision(revision: str, directory: Path) -> ModuleType:
-    """attention.cpp and its local headers as of git revision `revision`, written to
-    `directory` and built as an extension of its own. Raises RuntimeError when git cannot show
-    the files or the build fails."""
+def build_revision(revision: str) -> ModuleType:
+    """attention.cpp and the headers it includes, as of git revision `revision`, built as an
+    extension of its own. The files are written to a directory under torch's extension root
+    named by a hash of their text, so a second run against the same sources reuses the build.
+    Raises RuntimeError when git cannot show a file or the build fails."""
     repo = SOURCE.parents[2]
-    pending, seen = [SOURCE.name], set()
+    texts: dict[str, str] = {}
+    pending = [SOURCE.name]
     while pending:  # the source, then the headers it and they include with "name"
         name = pending.pop(0)
-        seen.add(name)
         spec = f"{revision}:kernels/cpu/{name}"
-        shown = subprocess.run(
-            ["git", "-C", str(repo), "show", spec], capture_output=True, text=True
-        )
+        try:
+            shown = subprocess.run(
+                ["git", "-C", str(repo), "show", "--end-of-options", spec],
+                capture_output=True,
+                text=True,
+            )
+        except OSError as exc:  # no git
+            raise RuntimeError(f"git show {spec}: {exc}") from exc
         if shown.returncode != 0:
             raise RuntimeError(f"git show {spec}: {shown.stderr.strip()}")
-        (directory / name).write_text(shown.stdout)
-        pending += [h for h in INCLUDE.findall(shown.stdout) if h not in seen and h not in pending]
+        texts[name] = shown.stdout
+        pending += [h for h in INCLUDE.findall(shown.stdout) if h not in texts and h not in pending]
+    digest = hashlib.sha256("".join(texts[n] for n in sorted(texts)).encode()).hexdigest()[:12]
+    directory = build_root() / f"radixserve_cpu_attention_sources_{digest}"
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        path = directory / name
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
     extension = Extension(
         "radixserve_cpu_attention_against", directory / SOURCE.name, f"attention.cpp at {revision}"
     )
@@ -116,29 +134,25 @@ def make_case(args: argparse.Namespace) -> tuple[Callable[[ModuleType, int], tor
 def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[str, list[float]]:
     """Times every build for `args.rounds` rounds; returns each build's round times in ms.
     Raises RuntimeError when a build fails."""
-    from kernels.cpu import load, load_error
 
-    if args.heads % args.kv_heads:
-        raise ValueError(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     current = load()
     if current is None:
         raise RuntimeError(f"the attention kernels could not be built: {load_error()}")
-    builds = {"this tree": current}
-    with tempfile.TemporaryDirectory() as directory:
-        if args.against:
-            builds[args.against] = build_revision(args.against, Path(directory))
-        call, bytes_per_round = make_case(args)
-        outputs = {name: call(module, 0) for name, module in builds.items()}  # also warms up
-        times: dict[str, list[float]] = {name: [] for name in builds}
-        order = list(builds)
-        for r in range(args.rounds):
-            for name in order if r % 2 == 0 else order[::-1]:
-                start = time.perf_counter()
-                for layer in range(args.layers):
-                    call(builds[name], layer)
-                times[name].append((time.perf_counter() - start) * 1e3)
+    builds = {THIS_TREE: current}
+    if args.against:
+        builds[args.against] = build_revision(args.against)
+    call, bytes_per_round = make_case(args)
+    outputs = {name: call(module, 0) for name, module in builds.items()}  # also warms up
+    times: dict[str, list[float]] = {name: [] for name in builds}
+    order = list(builds)
+    for r in range(args.rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            for layer in range(args.layers):
+                call(builds[name], layer)
+            times[name].append((time.perf_counter() - start) * 1e3)
     what = (
         f"{args.kernel}: {args.batch} requests x "
         + (f"{args.new_tokens} new tokens after " if args.kernel == "extend" else "")
@@ -148,16 +162,18 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[st
         + f"{torch.get_num_threads()} threads, medians of {args.rounds} rounds"
     )
     out(what)
+    # extend reads a request's keys and values again for each block of its new tokens
+    read = "distinct K and V" if args.kernel == "extend" else "K and V"
     for name, ms in times.items():
         median = statistics.median(ms)
         out(
             f"  {name:>12}: {median:8.2f} ms a round ({median / args.layers * 1e3:7.1f} us a "
-            f"layer), {bytes_per_round / median / 1e6:5.1f} GB/s of K and V"
+            f"layer), {bytes_per_round / median / 1e6:5.1f} GB/s of {read}"
         )
     if args.against:
         first, second = outputs.values()
         diff = (first.float() - second.float()).abs().max().item()
-        ratio = statistics.median(times[args.against]) / statistics.median(times["this tree"])
+        ratio = statistics.median(times[args.against]) / statistics.median(times[THIS_TREE])
         out(f"  this tree takes {1 / ratio:.3f}x the time of {args.against}; max |diff| {diff:g}")
     return times
 
@@ -186,8 +202,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "context", "new_tokens", "heads", "kv_heads", "head_dim", "layers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+    if args.rounds < 1 or args.threads < 0:
+        parser.error("--rounds must be at least 1 and --threads at least 0")
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
+    if args.kernel == "extend" and args.head_dim % 64:
+        parser.error(
+            f"the extend kernel takes head dims that are multiples of 64, not {args.head_dim}"
+        )
+    if not supports_dtypes(DTYPES[args.q_dtype], DTYPES[args.kv_dtype]):
+        parser.error(f"the kernels do not take {args.q_dtype} queries over {args.kv_dtype} pools")
+    if args.against == THIS_TREE:
+        parser.error(f"--against names a git revision, not {THIS_TREE!r}")
     return args
 
 
@@ -195,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (RuntimeError, ValueError) as exc:
+    except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -35,7 +35,11 @@ def test_times_every_round_and_reports_the_bytes_read(kernel: str) -> None:
     assert all(t > 0 for t in times["this tree"])
     assert lines[0].startswith(f"{kernel}: 3 requests x ")
     assert "bfloat16 pools, 2 layers, scattered slots" in lines[0]
-    assert "GB/s of K and V" in lines[1]
+    assert f"GB/s of {'distinct ' if kernel == 'extend' else ''}K and V" in lines[1]
+    # 3 requests x (45 positions + 64 new in extend) x 3 kv heads x 64 dims x 2 bytes, K and V,
+    # over 2 layers
+    positions = 45 + (64 if kernel == "extend" else 0)
+    assert bench.make_case(args)[1] == 2 * 2 * 3 * positions * 3 * 64 * 2
 
 
 @pytest.mark.slow  # builds attention.cpp a second time
@@ -60,8 +64,20 @@ def test_an_unknown_revision_is_an_error_naming_it() -> None:
     assert "error: git show no-such-revision:kernels/cpu/attention.cpp" in result.stderr
 
 
-def test_bad_shapes_are_refused() -> None:
-    with pytest.raises(ValueError, match="--heads 8 is not a multiple of --kv-heads 3"):
-        bench.run(bench.parse_args([*SMALL, "--heads", "8"]), out=lambda line: None)
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--batch", "0"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--batch", "0"],
+        ["--heads", "8"],  # not a multiple of the 3 kv heads
+        ["--kernel", "extend", "--head-dim", "32"],
+        ["--q-dtype", "bfloat16"],  # over the default float32 pools
+        ["--against", "this tree"],
+    ],
+)
+def test_arguments_the_kernels_cannot_take_are_refused(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
