@@ -466,8 +466,9 @@ constexpr int64_t kAheadF32 = 32;
 // kept one of the sums on the stack, and over 4 requests x 512 positions of float32 pools in cache
 // (4 query heads, 4 kv heads) decode attention took 21.8 ms against 17.5 for 300 calls.
 template <int G, typename T>
-__attribute__((noinline)) void weigh_values(const float* p, int64_t len, const T* v, int64_t stride,
-                         const int64_t* slots, bool prefetch, float* out) {
+__attribute__((noinline)) void weigh_values(const float* p, int64_t len, const T* v,
+                                            int64_t stride, const int64_t* slots, bool prefetch,
+                                            float* out) {
   for (int64_t half = 0; half < kDim; half += 32) {
     __m256 o[G][4];
     for (int g = 0; g < G; ++g)
@@ -492,7 +493,8 @@ __attribute__((noinline)) void weigh_values(const float* p, int64_t len, const T
 // s[g * len + j] = scale x (q_g . k_j) for the keys j < n (<= 4) of rows[0 .. 4) and the G query
 // heads of q ([G, 64] float32): each 8 values of a key are loaded (and widened) once for all G
 // heads, whose 4 x G vector sums are held in registers (the queries are read from memory by the
-// FMAs) and reduced 4 keys at a time by horizontal adds.
+// FMAs) and reduced 4 keys at a time by horizontal adds, pairing the lanes as the 8-key
+// reduction of one head did before (the same sums in the same order, so the same scores).
 template <int G, typename T>
 inline void score_keys4(const float* q, const T* const* rows, __m256 vscale, float* s, int64_t len,
                         int64_t n) {
