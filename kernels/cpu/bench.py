@@ -37,7 +37,7 @@ from types import ModuleType
 import torch
 
 from kernels.cpu import load, load_error, supports_dtypes
-from kernels.cpu.build import INCLUDE, Extension, build_root
+from kernels.cpu.build import Extension, build_root, included_names
 
 SOURCE = Path(__file__).with_name("attention.cpp")
 THIS_TREE = "this tree"
@@ -54,10 +54,9 @@ def build_revision(revision: str) -> ModuleType:
     named by a hash of their text, so a second run against the same sources reuses the build.
     Raises RuntimeError when git cannot show a file or the build fails."""
     repo = SOURCE.parents[2]
-    texts: dict[str, str] = {}
-    pending = [SOURCE.name]
-    while pending:  # the source, then the headers it and they include with "name"
-        name = pending.pop(0)
+    texts: dict[str, str] = {}  # file name -> its text at the revision
+
+    def show(name: str) -> str:
         spec = f"{revision}:kernels/cpu/{name}"
         try:
             shown = subprocess.run(
@@ -70,7 +69,9 @@ def build_revision(revision: str) -> ModuleType:
         if shown.returncode != 0:
             raise RuntimeError(f"git show {spec}: {shown.stderr.strip()}")
         texts[name] = shown.stdout
-        pending += [h for h in INCLUDE.findall(shown.stdout) if h not in texts and h not in pending]
+        return shown.stdout
+
+    included_names(show(SOURCE.name), show)  # fills texts with the source and its headers
     digest = hashlib.sha256("".join(texts[n] for n in sorted(texts)).encode()).hexdigest()[:12]
     directory = build_root() / f"radixserve_cpu_attention_sources_{digest}"
     directory.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,6 @@ def make_case(args: argparse.Namespace) -> tuple[Callable[[ModuleType, int], tor
 def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[str, list[float]]:
     """Times every build for `args.rounds` rounds; returns each build's round times in ms.
     Raises RuntimeError when a build fails."""
-
     if args.threads:
         torch.set_num_threads(args.threads)
     current = load()

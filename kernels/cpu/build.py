@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -62,19 +62,33 @@ def cpu_flags() -> str:
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
+def included_names(text: str, read: Callable[[str], str | None]) -> list[str]:
+    """The names a source of text `text` includes with `#include "name"`, and those they include
+    in turn, each once, in the order first met. `read(name)` gives an included file's text, or
+    None for a name that is not one of the local files (skipped); what it raises propagates."""
+    found: list[str] = []
+    pending = [text]
+    while pending:
+        for name in INCLUDE.findall(pending.pop(0)):
+            if name in found:
+                continue
+            included = read(name)
+            if included is not None:
+                found.append(name)
+                pending.append(included)
+    return found
+
+
 def local_headers(source: Path) -> list[Path]:
     """The headers `source` includes with `#include "name"` from its own directory, and those
     they include in turn, each once, in the order first met (a quoted include that is not a file
     there is skipped: the compiler reports it)."""
-    found: list[Path] = []
-    pending = [source]
-    while pending:
-        for name in INCLUDE.findall(pending.pop(0).read_text()):
-            header = source.parent / name
-            if header.is_file() and header not in found:
-                found.append(header)
-                pending.append(header)
-    return found
+
+    def read(name: str) -> str | None:
+        header = source.parent / name
+        return header.read_text() if header.is_file() else None
+
+    return [source.parent / name for name in included_names(source.read_text(), read)]
 
 
 def build_root() -> Path:
