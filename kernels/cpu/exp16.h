@@ -53,8 +53,8 @@ inline __m256 exp8(__m256 x) {
 namespace radixserve_simd {
 
 // exp(x) of 16 floats: x = n ln 2 + t with |t| <= ln 2 / 2, e^t by the polynomial above, then
-// scaled by 2^n (vscalefps). Within 1 ulp of the correctly
-// rounded value wherever that is a normal float (checked at 13.5 million points of [-104, 88.5]);
+// scaled by 2^n (vscalefps). Within 1 ulp of the correctly rounded value wherever that is a
+// normal float (checked at 13.5 million points of [-104, 88.5]);
 // exp(0) is 1; x <= -104 gives 0 (or a denormal, without flush-to-zero), x >= 88.8 infinity, NaN
 // stays NaN (vmaxps returns its second operand when either is NaN).
 inline __m512 exp16(__m512 x) {
