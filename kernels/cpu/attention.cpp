@@ -33,6 +33,8 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -458,6 +460,10 @@ inline __m256 load8(const at::Float8_e5m2* p) {
 // 4,000.
 constexpr int64_t kAheadF32 = 32;
 
+// The most members of a group that attend_group_f32 takes in one task; larger groups are cut
+// into tasks of this many (each reads the span once).
+constexpr int64_t kGroupMembers = 8;
+
 // out[g][0 .. 64) = sum over l of p[g * len + l] * v[slots[l] * stride + 0 .. 64), for g < G: the
 // output rows are held in registers (G x 4 vectors), half a row at a time. G is a template
 // argument so that they stay there: with a run-time head count the compiler kept them on the
@@ -466,20 +472,21 @@ constexpr int64_t kAheadF32 = 32;
 // kept one of the sums on the stack, and over 4 requests x 512 positions of float32 pools in cache
 // (4 query heads, 4 kv heads) decode attention took 21.8 ms against 17.5 for 300 calls.
 template <int G, typename T>
-__attribute__((noinline)) void weigh_values(const float* p, int64_t len, const T* v,
-                                            int64_t stride, const int64_t* slots, bool prefetch,
-                                            float* out) {
+__attribute__((noinline)) void weigh_values(const float* p, int64_t p_stride, int64_t len,
+                                            const T* v, int64_t stride, const int64_t* slots,
+                                            int64_t ahead, bool accumulate, float* out) {
   for (int64_t half = 0; half < kDim; half += 32) {
     __m256 o[G][4];
     for (int g = 0; g < G; ++g)
-      for (int c = 0; c < 4; ++c) o[g][c] = _mm256_setzero_ps();
-    for (int64_t l = 0; l < len; ++l) {
-      if (prefetch && half == 0 && l + kAheadF32 < len) {
-        prefetch_row(v + slots[l + kAheadF32] * stride);
+      for (int c = 0; c < 4; ++c) {
+        o[g][c] = accumulate ? _mm256_loadu_ps(out + g * kDim + half + 8 * c)
+                             : _mm256_setzero_ps();
       }
+    for (int64_t l = 0; l < len; ++l) {
+      if (half == 0 && l < ahead) prefetch_row(v + slots[l + kAheadF32] * stride);
       const T* vl = v + slots[l] * stride + half;
       __m256 w[G];
-      for (int g = 0; g < G; ++g) w[g] = _mm256_broadcast_ss(p + g * len + l);
+      for (int g = 0; g < G; ++g) w[g] = _mm256_broadcast_ss(p + g * p_stride + l);
       for (int c = 0; c < 4; ++c) {
         const __m256 vc = load8(vl + 8 * c);
         for (int g = 0; g < G; ++g) o[g][c] = _mm256_fmadd_ps(w[g], vc, o[g][c]);
@@ -523,6 +530,29 @@ inline void score_keys4(const float* q, const T* const* rows, __m256 vscale, flo
   }
 }
 
+// weigh_values for n query heads (1 .. 3) of one kv head.
+template <typename T>
+inline void weigh_heads(int64_t n, const float* p, int64_t p_stride, int64_t len, const T* v,
+                        int64_t stride, const int64_t* slots, int64_t ahead, bool accumulate,
+                        float* out) {
+  switch (std::min<int64_t>(3, n)) {
+    case 3: weigh_values<3>(p, p_stride, len, v, stride, slots, ahead, accumulate, out); break;
+    case 2: weigh_values<2>(p, p_stride, len, v, stride, slots, ahead, accumulate, out); break;
+    default: weigh_values<1>(p, p_stride, len, v, stride, slots, ahead, accumulate, out); break;
+  }
+}
+
+// score_keys4 for n query heads (1 .. 3) of one kv head.
+template <typename T>
+inline void score_heads(int64_t n, const float* q, const T* const* rows, __m256 vscale, float* s,
+                        int64_t len, int64_t keys) {
+  switch (std::min<int64_t>(3, n)) {
+    case 3: score_keys4<3>(q, rows, vscale, s, len, keys); break;
+    case 2: score_keys4<2>(q, rows, vscale, s, len, keys); break;
+    default: score_keys4<1>(q, rows, vscale, s, len, keys); break;
+  }
+}
+
 // q: [group, 64] of this kv head, widened into qw ([group, 64] float32 scratch) for bfloat16;
 // pools [slots, kv_heads, 64]; keys slots[0 .. len); scores: [group, len] scratch; out:
 // [group, 64] float32; lse: [group] or null.
@@ -548,13 +578,7 @@ inline void attend_head_f32(const TQ* q, const T* k_pool, const T* v_pool, const
       prefetch_row(row(k_pool, j));
     }
     for (int64_t g0 = 0; g0 < group; g0 += 3) {
-      const float* qg = qf + g0 * kDim;
-      float* sg = scores + g0 * len + l0;
-      switch (std::min<int64_t>(3, group - g0)) {
-        case 3: score_keys4<3>(qg, rows, vscale, sg, len, n); break;
-        case 2: score_keys4<2>(qg, rows, vscale, sg, len, n); break;
-        default: score_keys4<1>(qg, rows, vscale, sg, len, n); break;
-      }
+      score_heads(group - g0, qf + g0 * kDim, rows, vscale, scores + g0 * len + l0, len, n);
     }
   }
   for (int64_t g = 0; g < group; ++g) {
@@ -567,10 +591,100 @@ inline void attend_head_f32(const TQ* q, const T* k_pool, const T* v_pool, const
     const T* v = v_pool + hk * kDim;
     const int64_t stride = kv_heads * kDim;
     float* o = out + g0 * kDim;
-    switch (std::min<int64_t>(3, group - g0)) {
-      case 3: weigh_values<3>(p, len, v, stride, slots, g0 == 0, o); break;
-      case 2: weigh_values<2>(p, len, v, stride, slots, g0 == 0, o); break;
-      default: weigh_values<1>(p, len, v, stride, slots, g0 == 0, o); break;
+    weigh_heads(group - g0, p, len, len, v, stride, slots, g0 == 0 ? len - kAheadF32 : 0, false,
+                o);
+  }
+}
+
+// Values of a shared span weighed kSpanChunk keys at a time for every member of a group in turn,
+// so that the chunk's rows, read from memory for the first member, are in L1 for the others.
+constexpr int64_t kSpanChunk = 64;
+
+// Decode attention of kv head hk for the members of a group of requests whose first `span` keys
+// are the same slots (span_slots[0 .. span)): as attend_head_f32 for each member, with every
+// score and every output sum the same, but each block of 4 shared keys is read once for all
+// members' query heads, and each chunk of shared values once for all. q[m]: member m's [group,
+// 64] query heads of this kv head; slots[m], lens[m]: its keys (lens[m] >= span); out[m]: its
+// [group, 64] float32 output; qw: [members, group, 64] float32 scratch (bfloat16 queries);
+// scores: [members, group, max len] scratch.
+template <typename TQ, typename T>
+void attend_group_f32(const TQ* const* q, const int64_t* const* slots, const int64_t* lens,
+                      int64_t members, int64_t span, const T* k_pool, const T* v_pool,
+                      int64_t kv_heads, int64_t hk, int64_t group, float scale, float* qw,
+                      float* scores, float* const* out) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  const int64_t stride = kv_heads * kDim, max_len = *std::max_element(lens, lens + members);
+  const int64_t* shared = slots[0];
+  auto row = [&](const T* pool, const int64_t* s, int64_t l) {
+    return pool + s[l] * stride + hk * kDim;
+  };
+  const float* qf[kGroupMembers];
+  for (int64_t m = 0; m < members; ++m) {
+    if constexpr (std::is_same_v<TQ, float>) {
+      qf[m] = q[m];
+    } else {
+      load_row(q[m], qw + m * group * kDim, group * kDim);
+      qf[m] = qw + m * group * kDim;
+    }
+  }
+  auto sc = [&](int64_t m) { return scores + m * group * max_len; };
+  // q . k: the shared blocks of 4 keys (those wholly inside the span), then each member's own.
+  const int64_t whole = span / 4 * 4;
+  for (int64_t l = 0; l < std::min(kAheadF32, whole); ++l) prefetch_row(row(k_pool, shared, l));
+  for (int64_t l0 = 0; l0 < whole; l0 += 4) {
+    const T* rows[4];
+    for (int64_t j = 0; j < 4; ++j) rows[j] = row(k_pool, shared, l0 + j);
+    for (int64_t j = l0 + kAheadF32; j < std::min(l0 + kAheadF32 + 4, whole); ++j) {
+      prefetch_row(row(k_pool, shared, j));
+    }
+    for (int64_t m = 0; m < members; ++m) {
+      for (int64_t g0 = 0; g0 < group; g0 += 3) {
+        score_heads(group - g0, qf[m] + g0 * kDim, rows, vscale, sc(m) + g0 * lens[m] + l0,
+                    lens[m], 4);
+      }
+    }
+  }
+  for (int64_t m = 0; m < members; ++m) {
+    const int64_t len = lens[m];
+    for (int64_t l = whole; l < std::min(whole + kAheadF32, len); ++l) {
+      prefetch_row(row(k_pool, slots[m], l));
+    }
+    for (int64_t l0 = whole; l0 < len; l0 += 4) {
+      const int64_t n = std::min<int64_t>(4, len - l0);
+      const T* rows[4];
+      for (int64_t j = 0; j < 4; ++j) rows[j] = row(k_pool, slots[m], l0 + std::min(j, n - 1));
+      for (int64_t j = l0 + kAheadF32; j < std::min(l0 + kAheadF32 + 4, len); ++j) {
+        prefetch_row(row(k_pool, slots[m], j));
+      }
+      for (int64_t g0 = 0; g0 < group; g0 += 3) {
+        score_heads(group - g0, qf[m] + g0 * kDim, rows, vscale, sc(m) + g0 * len + l0, len, n);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) softmax_in_place(sc(m) + g * len, len);
+  }
+  // p . v: the span kSpanChunk keys at a time for every member, then each member's own keys.
+  const T* v = v_pool + hk * kDim;
+  for (int64_t l = 0; l < std::min(kAheadF32, span); ++l) prefetch_row(row(v_pool, shared, l));
+  for (int64_t c0 = 0; c0 < span; c0 += kSpanChunk) {
+    const int64_t n = std::min(kSpanChunk, span - c0);
+    const int64_t ahead = std::clamp<int64_t>(span - kAheadF32 - c0, 0, n);
+    for (int64_t m = 0; m < members; ++m) {
+      for (int64_t g0 = 0; g0 < group; g0 += 3) {
+        weigh_heads(group - g0, sc(m) + g0 * lens[m] + c0, lens[m], n, v, stride, shared + c0,
+                    m == 0 && g0 == 0 ? ahead : 0, c0 > 0, out[m] + g0 * kDim);
+      }
+    }
+  }
+  for (int64_t m = 0; m < members; ++m) {
+    const int64_t own = lens[m] - span;
+    if (own == 0) continue;
+    for (int64_t l = 0; l < std::min(kAheadF32, own); ++l) {
+      prefetch_row(row(v_pool, slots[m] + span, l));
+    }
+    for (int64_t g0 = 0; g0 < group; g0 += 3) {
+      weigh_heads(group - g0, sc(m) + g0 * lens[m] + span, lens[m], own, v, stride,
+                  slots[m] + span, g0 == 0 ? own - kAheadF32 : 0, span > 0,
+                  out[m] + g0 * kDim);
     }
   }
 }
@@ -1376,6 +1490,88 @@ void run_shared(const torch::Tensor& q, const torch::Tensor& k_pool, const torch
       });
 }
 
+// Decode rows in groups that share the first spans[g] slots of their table rows: the rows
+// order[offsets[g] .. offsets[g + 1]) (indices into the batch) form group g. On AVX2 CPUs without
+// AVX-512 (head dim 64) each group's span is read once per kv head for up to kGroupMembers of its
+// rows (attend_group_f32); the rows in no group, and every row elsewhere, attend as in run. Every
+// output is the same as run's.
+template <typename TQ, typename T>
+void run_grouped(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
+                 const torch::Tensor& table, const torch::Tensor& rows,
+                 const torch::Tensor& seq_lens, const torch::Tensor& order,
+                 const torch::Tensor& offsets, const torch::Tensor& spans, double scale,
+                 torch::Tensor& out) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  if (dim != kDim) {
+    run<TQ, T>(q, k_pool, v_pool, table, rows, nullptr, seq_lens, scale, out, nullptr);
+    return;
+  }
+  const int64_t kv_heads = k_pool.size(1), group = heads / kv_heads;
+  const int64_t table_stride = table.stride(0), groups = spans.size(0);
+  const TQ* qp = q.data_ptr<TQ>();
+  const T* kp = k_pool.data_ptr<T>();
+  const T* vp = v_pool.data_ptr<T>();
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* lp = seq_lens.data_ptr<int64_t>();
+  const int64_t* order_p = order.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* sp = spans.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  // Tasks: (members [m0, m1) of order, kv head) for the groups, (row, -1) for the others.
+  struct Task { int64_t g, m0, m1, hk; };
+  std::vector<Task> tasks;
+  std::vector<char> grouped(batch, 0);
+  int64_t max_len = 1;
+  for (int64_t b = 0; b < batch; ++b) max_len = std::max(max_len, lp[b]);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t m0 = off[g]; m0 < off[g + 1]; m0 += kGroupMembers) {
+      const int64_t m1 = std::min(m0 + kGroupMembers, off[g + 1]);
+      for (int64_t hk = 0; hk < kv_heads; ++hk) tasks.push_back({g, m0, m1, hk});
+    }
+    for (int64_t m = off[g]; m < off[g + 1]; ++m) grouped[order_p[m]] = 1;
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    if (!grouped[b]) tasks.push_back({b, 0, 0, -1});
+  }
+  const float fscale = static_cast<float>(scale);
+  for_each_task(
+      static_cast<int64_t>(tasks.size()),
+      [&] {
+        const int64_t n = std::max(kGroupMembers, kv_heads) * group;
+        return std::array<std::vector<float>, 2>{std::vector<float>(n * dim),
+                                                 std::vector<float>(n * max_len)};
+      },
+      [&](int64_t t, std::array<std::vector<float>, 2>& w) {
+        const Task& task = tasks[t];
+        if (task.hk < 0) {  // a row in no group: every kv head, as run does
+          const int64_t b = task.g;
+          attend<TQ, T>(qp + b * heads * dim, kp, vp, tp + rp[b] * table_stride, lp[b], 0,
+                        kv_heads, kv_heads, group, dim, fscale, w[0].data(), nullptr,
+                        w[1].data(), op + b * heads * dim, nullptr);
+          return;
+        }
+        const TQ* qs[kGroupMembers];
+        const int64_t* slots[kGroupMembers];
+        int64_t lens[kGroupMembers];
+        float* outs[kGroupMembers];
+        const int64_t members = task.m1 - task.m0, first = task.hk * group;
+        for (int64_t m = 0; m < members; ++m) {
+          const int64_t b = order_p[task.m0 + m];
+          qs[m] = qp + (b * heads + first) * dim;
+          slots[m] = tp + rp[b] * table_stride;
+          lens[m] = lp[b];
+          outs[m] = op + (b * heads + first) * dim;
+        }
+        attend_group_f32<TQ, T>(qs, slots, lens, members, sp[task.g], kp, vp, kv_heads, task.hk,
+                                group, fscale, w[0].data(), w[1].data(), outs);
+      });
+#else
+  run<TQ, T>(q, k_pool, v_pool, table, rows, nullptr, seq_lens, scale, out, nullptr);
+#endif
+}
+
 // Calls fn(TQ(), T()) for queries q and pools `pool` of the supported dtypes: both float32, both
 // bfloat16, float32 queries over bfloat16 pools (a float32 model's --kv-cache-dtype bfloat16), or
 // float32 or bfloat16 queries over float8 e5m2 pools (--kv-cache-dtype fp8_e5m2); each narrower
@@ -1402,19 +1598,8 @@ void dispatch_dtypes(const torch::Tensor& q, const torch::Tensor& pool, const Fn
 
 }  // namespace
 
-// q: [B, H, D]; k_pool, v_pool: [num_slots, Hkv, D] (see dispatch_dtypes);
-// table: [rows, context] int64; rows, seq_lens: [B] int64 (keys are positions 0 .. seq_len-1).
-// Returns [B, H, D] in q's dtype: the float32 sums rounded to nearest even for bfloat16 q, as
-// Tensor.to rounds them (but for denormal values, below 1.2e-38, which vcvtneps2bf16 takes as
-// zero).
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
-                                     torch::Tensor table, torch::Tensor rows,
-                                     torch::Tensor seq_lens, double scale) {
-  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
-  dispatch_dtypes(q, k_pool, [&](auto tq, auto tk) {
-    run<decltype(tq), decltype(tk)>(q, k_pool, v_pool, table, rows, nullptr, seq_lens, scale, out,
-                                    nullptr);
-  });
+// out (float32) as q's dtype: itself for float32 queries, rounded to nearest even for bfloat16.
+static torch::Tensor in_query_dtype(const torch::Tensor& q, const torch::Tensor& out) {
   if (q.scalar_type() != torch::kBFloat16) return out;
   auto rounded = torch::empty(q.sizes(), q.options().dtype(torch::kBFloat16));
   const float* src = out.data_ptr<float>();
@@ -1429,6 +1614,61 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
 #endif
   for (; i < n; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);
   return rounded;
+}
+
+// q: [B, H, D]; k_pool, v_pool: [num_slots, Hkv, D] (see dispatch_dtypes);
+// table: [rows, context] int64; rows, seq_lens: [B] int64 (keys are positions 0 .. seq_len-1).
+// Returns [B, H, D] in q's dtype: the float32 sums rounded to nearest even for bfloat16 q, as
+// Tensor.to rounds them (but for denormal values, below 1.2e-38, which vcvtneps2bf16 takes as
+// zero).
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
+                                     torch::Tensor table, torch::Tensor rows,
+                                     torch::Tensor seq_lens, double scale) {
+  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
+  dispatch_dtypes(q, k_pool, [&](auto tq, auto tk) {
+    run<decltype(tq), decltype(tk)>(q, k_pool, v_pool, table, rows, nullptr, seq_lens, scale, out,
+                                    nullptr);
+  });
+  return in_query_dtype(q, out);
+}
+
+// As paged_decode_attention, with the rows order[offsets[g] .. offsets[g + 1]) (indices into the
+// batch; order: [N], offsets: [G + 1], spans: [G], int64) in groups whose table rows start with
+// the same spans[g] slots (each <= the members' seq_lens), each span read once for the members of
+// its group where the CPU's kernel does so (run_grouped). The outputs are the same as
+// paged_decode_attention's.
+torch::Tensor grouped_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
+                                       torch::Tensor table, torch::Tensor rows,
+                                       torch::Tensor seq_lens, torch::Tensor order,
+                                       torch::Tensor offsets, torch::Tensor spans, double scale) {
+  for (const torch::Tensor* t : {&order, &offsets, &spans, &seq_lens}) {
+    TORCH_CHECK(t->scalar_type() == torch::kLong && t->dim() == 1 && t->is_contiguous(),
+                "order, offsets, spans and seq_lens must be contiguous 1-D int64 tensors");
+  }
+  const int64_t batch = q.size(0), groups = spans.size(0);
+  TORCH_CHECK(seq_lens.size(0) == batch, "seq_lens needs one entry per query");
+  TORCH_CHECK(offsets.size(0) == groups + 1, "offsets needs one entry more than spans");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* order_p = order.data_ptr<int64_t>();
+  const int64_t* sp = spans.data_ptr<int64_t>();
+  const int64_t* lp = seq_lens.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[groups] == order.size(0), "offsets must run 0 .. len(order)");
+  std::vector<char> seen(batch, 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    TORCH_CHECK(off[g] < off[g + 1], "every group needs a member");
+    for (int64_t m = off[g]; m < off[g + 1]; ++m) {
+      const int64_t b = order_p[m];
+      TORCH_CHECK(b >= 0 && b < batch && !seen[b], "order must name distinct rows of the batch");
+      TORCH_CHECK(sp[g] >= 0 && sp[g] <= lp[b], "a span is longer than a member's keys");
+      seen[b] = 1;
+    }
+  }
+  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
+  dispatch_dtypes(q, k_pool, [&](auto tq, auto tk) {
+    run_grouped<decltype(tq), decltype(tk)>(q, k_pool, v_pool, table, rows, seq_lens, order,
+                                            offsets, spans, scale, out);
+  });
+  return in_query_dtype(q, out);
 }
 
 // As paged_decode_attention over keys key_starts[b] .. seq_lens[b] - 1 only (key_starts: [B]
@@ -1526,6 +1766,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "causal attention of new tokens over their cached prefix in the paged KV pool (CPU)");
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over the paged KV pool (CPU)");
+  m.def("grouped_decode_attention", &grouped_decode_attention,
+        "decode attention over the paged KV pool, rows in groups sharing a prefix (CPU)");
   m.def("paged_decode_attention_lse", &paged_decode_attention_lse,
         "decode attention over each request's keys from a start position, with log-sum-exp");
   m.def("extend_attention_lse", &extend_attention_lse,

@@ -5,6 +5,7 @@ revision of the same source built beside it in the same process.
     python -m kernels.cpu.bench --kv-dtype bfloat16 --context 4000 --layers 8
     python -m kernels.cpu.bench --kernel extend --new-tokens 64 --batch 7
     python -m kernels.cpu.bench --against HEAD~1                 # this tree against a revision
+    python -m kernels.cpu.bench --shared-prefix-groups 4         # decode groups against plain
 
 Each layer has K and V pools of its own (`--layers`, 30 by default as in SmolLM2-135M), as in a
 decode step, not the one pool a repeated call would leave in the cache. One round calls the kernel once per layer; a build's figure is the median round.
@@ -13,13 +14,20 @@ built as a second extension, and the two builds run in alternating rounds, so a 
 slows both alike; the largest difference of their outputs is printed too (0 when a change keeps
 every sum in the same order).
 
+With `--shared-prefix-groups G`, the decode rows are in G groups (row b in group b mod G) whose
+table rows start with the same `--shared-prefix-len` slots, and the rounds alternate
+`grouped_decode_attention` over those groups with the plain decode kernel over the same table
+(kernels/cpu/cascade.py): the same outputs, but on CPUs with AVX2 and no AVX-512 the grouped form
+reads each span once for up to 8 of a group's rows.
+
 GB/s is the K and V bytes the calls read (each request's positions x kv heads x head dim x the
 pool's element size, twice) over the median time; for decode it is the figure to hold against
 the machine's memory bandwidth (`radixserve bench-executor` measures that). Extend reads a
 request's keys and values again for each block of its new tokens, so its figure counts distinct
-bytes. The pools come from memory only when all layers' pools together outgrow the last-level
-cache (with `--layers 1` and a small batch they stay in it). On CPUs with AMX, the engine runs
-bfloat16 extends on `attention_amx.cpp`, which this tool does not time.
+bytes; with groups, a span counts once for each row that attends it. The pools come from memory
+only when all layers' pools together outgrow the last-level cache (with `--layers 1` and a small
+batch they stay in it). On CPUs with AMX, the engine runs bfloat16 extends on
+`attention_amx.cpp`, which this tool does not time.
 """
 
 from __future__ import annotations
@@ -132,6 +140,48 @@ def make_case(args: argparse.Namespace) -> tuple[Callable[[ModuleType, int], tor
     return call, per_round * kv_dtype.itemsize
 
 
+def make_grouped_case(
+    args: argparse.Namespace, module: ModuleType
+) -> tuple[dict[str, Callable[[int], torch.Tensor]], int]:
+    """Decode with the rows in `--shared-prefix-groups` groups sharing their first
+    `--shared-prefix-len` slots: {"grouped": fn(layer), "plain": fn(layer)} over the same table,
+    and the K and V bytes one round's rows attend (each row's positions, shared or not)."""
+    gen = torch.Generator().manual_seed(0)
+    kv_dtype, q_dtype = DTYPES[args.kv_dtype], DTYPES[args.q_dtype]
+    groups, span, own = args.shared_prefix_groups, args.shared_prefix_len, args.context
+    own -= args.shared_prefix_len
+    slots = groups * span + args.batch * own + 1
+    shape = (slots, args.kv_heads, args.head_dim)
+    pools = [
+        tuple(torch.randn(shape, generator=gen).to(kv_dtype) for _ in range(2))
+        for _ in range(args.layers)
+    ]
+    table = torch.empty(args.batch, args.context, dtype=torch.int64)
+    for b in range(args.batch):
+        table[b, :span] = 1 + (b % groups) * span + torch.arange(span)
+        table[b, span:] = 1 + groups * span + b * own + torch.arange(own)
+    rows = torch.arange(args.batch, dtype=torch.int64)
+    lens = torch.full((args.batch,), args.context, dtype=torch.int64)
+    order = torch.tensor([b for g in range(groups) for b in range(g, args.batch, groups)])
+    offsets = torch.tensor([0, *range(args.batch // groups, args.batch + 1, args.batch // groups)])
+    spans = torch.full((groups,), span, dtype=torch.int64)
+    q = torch.randn(args.batch, args.heads, args.head_dim, generator=gen).to(q_dtype)
+    scale = args.head_dim**-0.5
+
+    def grouped(layer: int) -> torch.Tensor:
+        k, v = pools[layer]
+        return module.grouped_decode_attention(
+            q, k, v, table, rows, lens, order, offsets, spans, scale
+        )
+
+    def plain(layer: int) -> torch.Tensor:
+        k, v = pools[layer]
+        return module.paged_decode_attention(q, k, v, table, rows, lens, scale)
+
+    per_round = 2 * args.layers * args.batch * args.context * args.kv_heads * args.head_dim
+    return {"grouped": grouped, "plain": plain}, per_round * kv_dtype.itemsize
+
+
 def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[str, list[float]]:
     """Times every build for `args.rounds` rounds; returns each build's round times in ms.
     Raises RuntimeError when a build fails."""
@@ -140,41 +190,55 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[st
     current = load()
     if current is None:
         raise RuntimeError(f"the attention kernels could not be built: {load_error()}")
-    builds = {THIS_TREE: current}
-    if args.against:
-        builds[args.against] = build_revision(args.against)
-    call, bytes_per_round = make_case(args)
-    outputs = {name: call(module, 0) for name, module in builds.items()}  # also warms up
-    times: dict[str, list[float]] = {name: [] for name in builds}
-    order = list(builds)
+    entries: dict[str, Callable[[int], torch.Tensor]]  # name -> fn(layer)
+    if args.shared_prefix_groups:
+        entries, bytes_per_round = make_grouped_case(args, current)
+    else:
+        builds = {THIS_TREE: current}
+        if args.against:
+            builds[args.against] = build_revision(args.against)
+        call, bytes_per_round = make_case(args)
+        entries = {
+            name: (lambda layer, module=module: call(module, layer))
+            for name, module in builds.items()
+        }
+    outputs = {name: fn(0) for name, fn in entries.items()}  # also warms up
+    times: dict[str, list[float]] = {name: [] for name in entries}
+    order = list(entries)
     for r in range(args.rounds):
         for name in order if r % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             for layer in range(args.layers):
-                call(builds[name], layer)
+                entries[name](layer)
             times[name].append((time.perf_counter() - start) * 1e3)
     what = (
         f"{args.kernel}: {args.batch} requests x "
         + (f"{args.new_tokens} new tokens after " if args.kernel == "extend" else "")
         + f"{args.context} positions, {args.heads}/{args.kv_heads} heads x {args.head_dim}, "
         + f"{args.q_dtype} queries over {args.kv_dtype} pools, {args.layers} layers, "
-        + f"{'scattered' if args.scatter else 'contiguous'} slots, "
+        + (
+            f"{args.shared_prefix_groups} groups sharing {args.shared_prefix_len} positions, "
+            if args.shared_prefix_groups
+            else f"{'scattered' if args.scatter else 'contiguous'} slots, "
+        )
         + f"{torch.get_num_threads()} threads, medians of {args.rounds} rounds"
     )
     out(what)
     # extend reads a request's keys and values again for each block of its new tokens
     read = "distinct K and V" if args.kernel == "extend" else "K and V"
+    if args.shared_prefix_groups:  # a group's span counts once per row that attends it
+        read = "K and V as the rows see them"
     for name, ms in times.items():
         median = statistics.median(ms)
         out(
             f"  {name:>12}: {median:8.2f} ms a round ({median / args.layers * 1e3:7.1f} us a "
             f"layer), {bytes_per_round / median / 1e6:5.1f} GB/s of {read}"
         )
-    if args.against:
-        first, second = outputs.values()
-        diff = (first.float() - second.float()).abs().max().item()
-        ratio = statistics.median(times[args.against]) / statistics.median(times[THIS_TREE])
-        out(f"  this tree takes {1 / ratio:.3f}x the time of {args.against}; max |diff| {diff:g}")
+    if len(entries) == 2:
+        (first, a), (second, b) = outputs.items()
+        diff = (a.float() - b.float()).abs().max().item()
+        ratio = statistics.median(times[first]) / statistics.median(times[second])
+        out(f"  {first} takes {ratio:.3f}x the time of {second}; max |diff| {diff:g}")
     return times
 
 
@@ -198,6 +262,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--against", metavar="REV", help="also time attention.cpp at this git revision"
     )
+    parser.add_argument(
+        "--shared-prefix-groups",
+        type=int,
+        default=0,
+        metavar="G",
+        help="decode: rows in G groups sharing a prefix, grouped kernel against plain",
+    )
+    parser.add_argument(
+        "--shared-prefix-len", type=int, default=1000, help="positions each group shares"
+    )
     args = parser.parse_args(argv)
     for name in ("batch", "context", "new_tokens", "heads", "kv_heads", "head_dim", "layers"):
         if getattr(args, name) < 1:
@@ -214,6 +288,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"the kernels do not take {args.q_dtype} queries over {args.kv_dtype} pools")
     if args.against == THIS_TREE:
         parser.error(f"--against names a git revision, not {THIS_TREE!r}")
+    if args.shared_prefix_groups:
+        groups, span = args.shared_prefix_groups, args.shared_prefix_len
+        if args.kernel != "decode" or args.against or args.scatter:
+            parser.error(
+                "--shared-prefix-groups times decode in this tree, without --against or --scatter"
+            )
+        if groups < 0 or args.batch % groups:
+            parser.error(
+                f"--batch {args.batch} is not a multiple of --shared-prefix-groups {groups}"
+            )
+        if not 1 <= span <= args.context:
+            parser.error(f"--shared-prefix-len must be 1 .. --context ({args.context})")
     return args
 
 

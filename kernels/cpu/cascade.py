@@ -6,13 +6,24 @@ row's own keys (`paged_decode_attention_lse`, `extend_attention_lse`, keys from 
 parts merge exactly by log-sum-exp (`merge_attention_states_`):
     out = (e^{lse_a} out_a + e^{lse_b} out_b) / (e^{lse_a} + e^{lse_b}).
 Every kernel has a one-request-at-a-time `*_ref` in plain PyTorch beside it. Outputs are float32.
+
+`grouped_decode_attention` takes decode rows in groups and returns what `paged_decode_attention`
+returns for them, the same values: on CPUs with AVX2 but no AVX-512 (`reads_spans_once`) each
+group's span is read once for up to 8 of its rows, and no merge is needed.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.cpu import _check_pools, _module_or_raise, extend_module
+from kernels.cpu import (
+    _check_pools,
+    _module_or_raise,
+    check_decode_args,
+    extend_module,
+    paged_decode_attention_ref,
+)
+from kernels.cpu.build import cpu_flags
 
 
 def _check_index(**tensors: torch.Tensor) -> None:
@@ -76,6 +87,63 @@ def paged_decode_attention_lse_ref(
             q[b : b + 1], k_pool[slots], v_pool[slots], scale, None
         )
     return out, lse
+
+
+def reads_spans_once(head_dim: int) -> bool:
+    """Whether `grouped_decode_attention` reads each group's span once for its rows on this CPU
+    (AVX2, FMA and F16C without AVX-512, head_dim 64); elsewhere it attends row by row."""
+    flags = cpu_flags().split()
+    return (
+        head_dim == 64
+        and "avx512f" not in flags
+        and all(f in flags for f in ("avx2", "fma", "f16c"))
+    )
+
+
+def grouped_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    order: torch.Tensor,
+    offsets: torch.Tensor,
+    spans: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention as `paged_decode_attention` (q: [B, H, D]; request b attends positions
+    0 .. seq_lens[b]-1 of table row rows[b]; → [B, H, D] in q's dtype), with the requests
+    order[offsets[g] : offsets[g+1]] (indices into the batch; order [N], offsets [G+1], spans
+    [G], int64) in groups whose table rows start with the same spans[g] slots. Each span must be
+    shared for real and no longer than its members' seq_lens; the caller checks the slots (the
+    executor's span checks), the kernel the indices. The outputs are bit for bit those of
+    `paged_decode_attention`; where `reads_spans_once`, each span is read once per kv head for up
+    to 8 members of its group. Raises ValueError for bad arguments, RuntimeError (from the
+    kernel) for a bad grouping."""
+    check_decode_args(q, k_pool, v_pool, table, rows, seq_lens)
+    _check_index(order=order, offsets=offsets, spans=spans)
+    if offsets.shape[0] != spans.shape[0] + 1:
+        raise ValueError("offsets needs one entry more than spans")
+    return _module_or_raise().grouped_decode_attention(
+        q.contiguous(), k_pool, v_pool, table, rows, seq_lens, order, offsets, spans, scale
+    )
+
+
+def grouped_decode_attention_ref(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    order: torch.Tensor,
+    offsets: torch.Tensor,
+    spans: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    # The groups change which reads are shared, not what is computed.
+    return paged_decode_attention_ref(q, k_pool, v_pool, table, rows, seq_lens, scale)
 
 
 def extend_attention_lse(

@@ -17,7 +17,8 @@ It runs a batch when all of these hold, and the engine runs the modules otherwis
 - the model is a `LlamaForCausalLM` (or a subclass: Qwen2, Mistral) on the CPU, made of the layers
   it knows (plain, packed, small-batch, int8 and int4 linears; `nn.Embedding`; `RMSNorm`);
 - every slice of the batch is a decode, and no shared-prefix spans are attached or they run as
-  decode groups on the AMX attention kernel (`KernelCascadeDecode`, one call per layer);
+  decode groups (`KernelCascadeDecode`, one call per layer: the AMX attention kernel, or the
+  AVX2 decode kernel's grouped form);
 - the attention backend is "torch" with its C++ decode kernel in use (not batch-invariant, no
   sliding window), and the attention kernels take the KV pool's dtype under the activation
   dtype (the same, bfloat16 under float32 or float8 e5m2 under either: `--kv-cache-dtype`);
@@ -140,7 +141,7 @@ class DirectDecode:
         )
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        """A pure-decode batch without shared spans (or with them as AMX decode groups), whose
+        """A pure-decode batch without shared spans (or with them as decode groups), whose
         attention metadata is the C++ kernels', with the C++ kernels enabled and built."""
         decode = getattr(batch.attn_metadata, "decode", None)
         return (
@@ -197,7 +198,7 @@ class DirectDecode:
         )
         scale = self.attn.scale
         fused_store = k_pools[0].dtype == self.dtype
-        cascade = isinstance(part, KernelCascadeDecode)  # groups sharing prefixes (AMX)
+        cascade = isinstance(part, KernelCascadeDecode)  # groups sharing prefixes (AMX, AVX2)
         x, residual = F.embedding(batch.input_ids, self.embed.weight), None
         for i, calls in enumerate(layers):
             if residual is None:

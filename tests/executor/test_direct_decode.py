@@ -170,7 +170,8 @@ def test_shared_prefix_spans_run_the_modules(
 ) -> None:
     """Rows sent with a shared-prefix span run the modules (cascade attention) where the engine
     keeps the spans, and the direct loop where it drops them (SDPA extends; by default, spans
-    of fewer rows and positions than pay); the same logits as the module path either way."""
+    of fewer rows and positions than pay) or runs them as decode groups (the AVX2 decode
+    kernel's grouped form); the same logits as the module path either way."""
     monkeypatch.setenv("RADIXSERVE_CPU_SHARED_PREFIX", spans_mode)
     direct, modules = engine("gqa3-hd64", "int8"), engine("gqa3-hd64", "int8")
     modules.direct_decode = None
@@ -205,7 +206,8 @@ def test_shared_prefix_spans_run_the_modules(
             shared_prefixes=spans,
         )
         assert torch.equal(direct.logits(step), modules.logits(step))
-    kept = direct.attn.supports_shared_prefixes and spans_mode == "always"
+    grouped = direct.attn.grouped_decode  # decode groups run in the direct loop
+    kept = direct.attn.supports_shared_prefixes and spans_mode == "always" and not grouped
     assert runs == ([] if kept else [4, 4])
 
 

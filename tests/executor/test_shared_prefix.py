@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from kernels.cpu import cascade as cascade_kernels
 from kernels.cpu.build import cpu_flags
 from services.executor.attention import torch_backend
 from services.executor.engine import Engine
@@ -175,15 +176,27 @@ def _decodes(rows: list[int]) -> list[Slice]:
 def test_cpu_kernels_keep_the_spans_that_pay(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default the C++ kernels attend a span once per group only for its decode rows, when
     there are SPAN_MIN_ROWS of them over SPAN_MIN_LENGTH positions (the measured break-even on
-    AVX-512 CPUs); on CPUs without AVX-512 they keep none."""
+    AVX-512 CPUs); on CPUs without AVX-512 the AVX2 decode kernel's grouped form takes groups of
+    GROUPED_SPAN_MIN_ROWS over GROUPED_SPAN_MIN_LENGTH, and without it none is kept."""
     monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")
     attn = engine_for(hf_model("gqa3-hd64")).attn
     assert attn.avx512 == ("avx512f" in cpu_flags().split())
+    assert attn.grouped_decode == cascade_kernels.reads_spans_once(64)
     rows, length = torch_backend.SPAN_MIN_ROWS, torch_backend.SPAN_MIN_LENGTH
     slices = [*_decodes(list(range(rows + 1))), Slice(20, 2100, [1, 2, 3])]  # row 20 extends
     paying = [SharedPrefix(length, list(range(rows)))]
-    attn.avx512 = False
+    attn.avx512 = attn.grouped_decode = False
     assert attn.select_shared_prefixes(paying, slices) == []
+    attn.grouped_decode = True
+    select = attn.select_shared_prefixes
+    few = torch_backend.GROUPED_SPAN_MIN_ROWS
+    short = torch_backend.GROUPED_SPAN_MIN_LENGTH
+    assert select([SharedPrefix(short, [*range(few), 20])], slices) == [
+        SharedPrefix(short, list(range(few)))
+    ]
+    assert select([SharedPrefix(short - 1, list(range(few)))], slices) == []
+    assert select([SharedPrefix(short, [*range(few - 1), 20])], slices) == []
+    attn.grouped_decode = False
     attn.avx512 = True
     select = attn.select_shared_prefixes
     assert select([SharedPrefix(length, [*range(rows), 20])], slices) == [
@@ -221,12 +234,27 @@ def test_logits_match_with_the_default_selection(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(torch_backend, "SPAN_MIN_LENGTH", P - 8)
     cascade, reference = engines("gqa3-hd64", torch.float32)
     cascade.attn.avx512 = True  # type: ignore[attr-defined]
+    cascade.attn.grouped_decode = False  # type: ignore[attr-defined]
     kept = 0
     for step in scenario(seed=4):
         kept += len(cascade.attn.select_shared_prefixes(step.shared_prefixes, step.slices))
         delta = (cascade.logits(step) - reference.logits(plain(step))).abs().max().item()
         assert delta < 1e-4, f"step {step.step_id}: max |Δ| {delta:.2e}"
     assert kept >= 3
+
+
+def count_decode_groups(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A one-item list counting the batches of `engine` whose decode rows then run as decode
+    groups (KernelCascadeDecode) in one call per layer."""
+    grouped = [0]
+    original = engine.attn.init_metadata
+
+    def init_metadata(batch):  # type: ignore[no-untyped-def]
+        original(batch)
+        grouped[0] += isinstance(batch.attn_metadata.decode, torch_backend.KernelCascadeDecode)
+
+    monkeypatch.setattr(engine.attn, "init_metadata", init_metadata)
+    return grouped
 
 
 def test_amx_decode_groups_match_without_shared_prefixes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -238,16 +266,28 @@ def test_amx_decode_groups_match_without_shared_prefixes(monkeypatch: pytest.Mon
     cascade, reference = engines("gqa3-hd64", torch.bfloat16)
     if not cascade.attn.amx_cascade:  # type: ignore[attr-defined]
         pytest.skip("the AMX attention kernel does not run here")
-    grouped = 0
-    original = cascade.attn.init_metadata
-
-    def init_metadata(batch):  # type: ignore[no-untyped-def]
-        nonlocal grouped
-        original(batch)
-        grouped += isinstance(batch.attn_metadata.decode, torch_backend.KernelCascadeDecode)
-
-    monkeypatch.setattr(cascade.attn, "init_metadata", init_metadata)
+    grouped = count_decode_groups(cascade, monkeypatch)
     for step in scenario(seed=5):
         delta = (cascade.logits(step) - reference.logits(plain(step))).abs().max().item()
         assert delta < 2e-2, f"step {step.step_id}: max |Δ| {delta:.2e}"
-    assert grouped >= 3
+    assert grouped[0] >= 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx2_decode_groups_give_the_plain_logits(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPUs with AVX2 but no AVX-512, the default rule (its break-even lowered to this
+    scenario's sizes) keeps the spans' decode rows and runs them as decode groups in one call per
+    layer (grouped_decode_attention), beside extends without spans: the logits are bit for bit
+    those of the plain Steps, with rows joining and leaving the groups from step to step."""
+    monkeypatch.setenv("RADIXSERVE_CPU_EXTEND_ATTENTION", "kernel")
+    monkeypatch.setattr(torch_backend, "GROUPED_SPAN_MIN_ROWS", 2)
+    monkeypatch.setattr(torch_backend, "GROUPED_SPAN_MIN_LENGTH", P - 10)
+    cascade, reference = engines("gqa3-hd64", dtype)
+    if not cascade.attn.grouped_decode:  # type: ignore[attr-defined]
+        pytest.skip("the AVX2 decode kernel's grouped form does not run here")
+    grouped = count_decode_groups(cascade, monkeypatch)
+    for step in scenario(seed=6):
+        assert torch.equal(cascade.logits(step), reference.logits(plain(step))), step.step_id
+    assert grouped[0] >= 3

@@ -42,6 +42,17 @@ def test_times_every_round_and_reports_the_bytes_read(kernel: str) -> None:
     assert bench.make_case(args)[1] == 2 * 2 * 3 * positions * 3 * 64 * 2
 
 
+def test_decode_groups_are_timed_against_the_plain_kernel_with_the_same_outputs() -> None:
+    lines: list[str] = []
+    argv = ["--batch", "4", "--context", "45", "--layers", "2", "--rounds", "3"]
+    args = bench.parse_args([*argv, "--shared-prefix-groups", "2", "--shared-prefix-len", "30"])
+    times = bench.run(args, out=lines.append)
+    assert list(times) == ["grouped", "plain"] and all(len(t) == 3 for t in times.values())
+    assert "2 groups sharing 30 positions" in lines[0]
+    assert "GB/s of K and V as the rows see them" in lines[1]
+    assert lines[-1].startswith("  grouped takes ") and lines[-1].endswith("max |diff| 0")
+
+
 @pytest.mark.slow  # builds attention.cpp a second time
 @pytest.mark.skipif(not head_has_this_attention_source(), reason="kernels/cpu differs from HEAD")
 def test_the_same_source_at_head_gives_the_same_outputs() -> None:
@@ -72,6 +83,10 @@ def test_an_unknown_revision_is_an_error_naming_it() -> None:
         ["--kernel", "extend", "--head-dim", "32"],
         ["--q-dtype", "bfloat16"],  # over the default float32 pools
         ["--against", "this tree"],
+        ["--shared-prefix-groups", "3"],  # 16 rows are not 3 groups
+        ["--shared-prefix-groups", "4", "--shared-prefix-len", "1001"],  # past the context
+        ["--shared-prefix-groups", "4", "--kernel", "extend"],
+        ["--shared-prefix-groups", "4", "--against", "HEAD"],
     ],
 )
 def test_arguments_the_kernels_cannot_take_are_refused(
@@ -80,4 +95,7 @@ def test_arguments_the_kernels_cannot_take_are_refused(
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(argv)
     assert exit_info.value.code == 2
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error:" in err
+    if "--shared-prefix-groups" in argv:
+        assert "--shared-prefix" in err.split("error:")[1]

@@ -198,3 +198,71 @@ def test_shared_plus_own_keys_is_full_attention(span: int) -> None:
     ref = cascade.merge_attention_states_ref(*cascade.paged_decode_attention_lse_ref(
         q, k, v, table, rows, starts, seq_lens, scale), *part, torch.arange(4))  # fmt: skip
     torch.testing.assert_close(ref, full, atol=1e-5, rtol=1e-5)
+
+
+def grouped_case(dtype, kv_dtype, heads, kv_heads, dim, seed=0):
+    """24 decode rows over a 4,000-slot pool: a group of 11 rows (more than the 8 members a task
+    takes) sharing 203 slots, one of 3 sharing 64 slots with a member whose keys are all shared,
+    one of 2 sharing 5 (not a multiple of 4), a group of one, and 7 rows in no group."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(4000, kv_heads, dim, generator=gen).to(kv_dtype)
+    v = torch.randn(4000, kv_heads, dim, generator=gen).to(kv_dtype)
+    k[0] = v[0] = float("nan")  # the padding slot must never be read
+    table = torch.randint(1, 4000, (24, 400), generator=gen)
+    groups = [(list(range(0, 22, 2)), 203), ([1, 5, 9], 64), ([3, 7], 5), ([11], 150)]
+    for members, span in groups:
+        table[members[1:], :span] = table[members[0], :span]
+    batch = 24
+    rows = torch.arange(batch)
+    seq_lens = torch.randint(210, 400, (batch,), generator=gen)
+    seq_lens[5] = 64  # every key of this member is the span's
+    order = torch.tensor([r for members, _ in groups for r in members])
+    offsets = torch.tensor([0, 11, 14, 16, 17])
+    spans = torch.tensor([span for _, span in groups])
+    q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
+    return q, k, v, table, rows, seq_lens, order, offsets, spans, dim**-0.5
+
+
+@pytest.mark.parametrize(("dtype", "kv_dtype"), DTYPE_PAIRS)
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [*SHAPES, (8, 2, 64)])
+def test_grouped_decode_is_the_decode_kernel_bit_for_bit(dtype, kv_dtype, heads, kv_heads, dim):
+    """Each row's output from the grouped form is exactly the plain decode kernel's (and close to
+    the PyTorch reference), whether or not this CPU reads the spans once."""
+    q, k, v, table, rows, seq_lens, order, offsets, spans, scale = grouped_case(
+        dtype, kv_dtype, heads, kv_heads, dim
+    )
+    out = cascade.grouped_decode_attention(
+        q, k, v, table, rows, seq_lens, order, offsets, spans, scale
+    )
+    plain = cpu_kernels.paged_decode_attention(q, k, v, table, rows, seq_lens, scale)
+    assert out.dtype == q.dtype
+    assert torch.equal(out, plain)
+    ref = cascade.grouped_decode_attention_ref(
+        q, k, v, table, rows, seq_lens, order, offsets, spans, scale
+    )
+    close(out.float(), ref.float(), dtype)
+
+
+def test_grouped_decode_reads_spans_once_only_on_avx2_without_avx512() -> None:
+    flags = cpu_flags().split()
+    avx2 = all(f in flags for f in ("avx2", "fma", "f16c"))
+    assert cascade.reads_spans_once(64) == (avx2 and "avx512f" not in flags)
+    assert not cascade.reads_spans_once(128)
+
+
+@pytest.mark.parametrize(
+    ("order", "offsets", "spans", "error", "message"),
+    [
+        ([0, 1], [0, 2], [1, 1], ValueError, "offsets needs one entry more than spans"),
+        ([0, 1], [0, 1], [4], RuntimeError, r"offsets must run 0 \.\. len\(order\)"),
+        ([0, 1], [0, 0, 2], [4, 4], RuntimeError, "every group needs a member"),
+        ([0, 0], [0, 2], [4], RuntimeError, "order must name distinct rows of the batch"),
+        ([0, 24], [0, 2], [4], RuntimeError, "order must name distinct rows of the batch"),
+        ([0, 1], [0, 2], [500], RuntimeError, "a span is longer than a member's keys"),
+    ],
+)
+def test_grouped_decode_rejects_a_bad_grouping(order, offsets, spans, error, message) -> None:
+    q, k, v, table, rows, seq_lens, *_, scale = grouped_case(torch.float32, torch.float32, 9, 3, 64)
+    index = [torch.tensor(x, dtype=torch.int64) for x in (order, offsets, spans)]
+    with pytest.raises(error, match=message):
+        cascade.grouped_decode_attention(q, k, v, table, rows, seq_lens, *index, scale)

@@ -7,7 +7,9 @@ boolean mask hides positions past each request's length (and outside a sliding w
 Shared prefixes (`batch.shared`): the C++ kernels of kernels/cpu/cascade.py, or, without a
 compiler, the same padded layout with masks that also hide each slice's shared positions and a
 log-sum-exp kept for the merge. Where the AMX attention kernel runs, groups of decode rows attend
-their span and their own keys in one call (`KernelCascadeDecode`, `cascade_decode`).
+their span and their own keys in one call (`KernelCascadeDecode`, `cascade_decode`); on CPUs with
+AVX2 but no AVX-512, so do they through the decode kernel's grouped form
+(`grouped_decode_attention`), which reads each span once and gives the plain kernel's outputs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ SPAN_MIN_LENGTH = 2048
 # TorchAttention.select_shared_prefixes for the measurements).
 AMX_SPAN_MIN_ROWS = 3
 AMX_SPAN_MIN_LENGTH = 768
+# The same where the AVX2 decode kernel runs decode groups in one call (TorchAttention.
+# grouped_decode; see TorchAttention.select_shared_prefixes).
+GROUPED_SPAN_MIN_ROWS = 2
+GROUPED_SPAN_MIN_LENGTH = 256
 
 
 @dataclass
@@ -76,10 +82,11 @@ class KernelDecode:
 
 @dataclass
 class KernelCascadeDecode(KernelDecode):
-    """Decode rows with shared prefixes, for the AMX kernel (`cascade_decode_attention`): the
-    rows order[offsets[g] : offsets[g + 1]] (indices into the decode rows) share their first
-    spans[g] positions and read them once per group; `single` ([n] or None) the rows in no group,
-    which run the decode kernel (single_rows, single_lens: theirs)."""
+    """Decode rows with shared prefixes, for the AMX kernel (`cascade_decode_attention`) or the
+    AVX2 decode kernel's grouped form (`grouped_decode_attention`): the rows order[offsets[g] :
+    offsets[g + 1]] (indices into the decode rows) share their first spans[g] positions and read
+    them once per group; `single` ([n] or None) the rows in no group, which the AMX path runs
+    through the decode kernel (single_rows, single_lens: theirs)."""
 
     order: torch.Tensor | None = None  # [N] int64
     offsets: torch.Tensor | None = None  # [G + 1] int64
@@ -110,9 +117,17 @@ class TorchAttention(AttentionBackend):
             self.use_cpu_extend_kernel and self.supports_shared_prefixes and self._amx_attention()
         )
         self.cpu_shared_prefix = shared_prefix_mode("RADIXSERVE_CPU_SHARED_PREFIX")
-        # Without AVX-512 a group's span measured slower than each row's own decode (see
-        # select_shared_prefixes), so the default keeps none there.
         self.avx512 = "avx512f" in cpu_flags().split()
+        # Without AVX-512 (the AVX2 kernels), pure-decode groups run in one call per layer that
+        # reads each span once for up to 8 of a group's rows and gives each row the decode
+        # kernel's own outputs (grouped_decode_attention); spans attended apart and merged
+        # measured slower there than each row's own decode (see select_shared_prefixes).
+        self.grouped_decode = (
+            self.use_cpu_extend_kernel
+            and self.supports_shared_prefixes
+            and not self.amx_cascade
+            and cascade.reads_spans_once(self.head_dim)
+        )
 
     def select_shared_prefixes(
         self, spans: list[SharedPrefix], slices: list[Slice]
@@ -148,25 +163,36 @@ class TorchAttention(AttentionBackend):
         35.5 / 33.5, 4 rows over 500 positions 23.8 / 22.5 against 23.9 / 23.9, over 200
         positions 22.0 / 20.8 against 20.0 / 19.5.
 
-        On CPUs without AVX-512 (the AVX2 kernels) no span is kept: measured the same way on a
-        2-vCPU AMD EPYC (Zen 3, AVX2), float32, batch 16, in one process alternating with and
-        without the spans (RADIXSERVE_CPU_SHARED_PREFIX=always), medians of five: 4 groups of 4
-        rows over 1,000 positions 89.2 ms against 78.2, one group of 16 rows 82.0 against 70.9,
-        2 groups of 8 rows over 2,048 positions 110.3 against 101.3. (A group's rows read the
-        same slots, which stay in cache for the plain decode kernel.)
+        On CPUs without AVX-512 (the AVX2 kernels) a span attended apart and merged measured
+        slower than each row's own decode (a 2-vCPU AMD EPYC, Zen 3, float32, batch 16, in one
+        process alternating with and without the spans, medians of five: 4 groups of 4 rows
+        over 1,000 positions 89.2 ms against 78.2, one group of 16 rows 82.0 against 70.9, 2
+        groups of 8 rows over 2,048 positions 110.3 against 101.3), since a group's rows read
+        the same slots, which stay in cache for the plain decode kernel. There the decode rows
+        of a group run in one call instead (`grouped_decode`: grouped_decode_attention, the
+        decode kernel's own outputs, with each span read once from memory and each block of it
+        once from L1 for up to 8 members), under the rule GROUPED_SPAN_MIN_ROWS rows over
+        GROUPED_SPAN_MIN_LENGTH positions. 30 layers of the kernel alone on that host, 16 rows
+        with 96 own positions each after their group's span, float32 (docs/benchmarks.md has
+        the command): 4 groups of 4 over 1,000 positions 25.1 to 30.4 ms against 31.8 to 48.4
+        for the decode kernel, 8 groups of 2 29.0 against 41.3, one group 20.5 against 25.1;
+        4 groups over 256 positions 9.2 against 10.5, over 64 7.6 against 6.9.
 
         RADIXSERVE_CPU_SHARED_PREFIX=always keeps every span as the scheduler sent it (all rows,
         any length), =never drops them all; the default, auto, is the rule above."""
         mode = self.cpu_shared_prefix
         if not self.supports_shared_prefixes or not self.use_cpu_extend_kernel or mode == "always":
             return super().select_shared_prefixes(spans, slices)
-        if mode == "never" or not self.avx512:
+        if mode == "never":
             return []
-        min_rows, min_length = (
-            (AMX_SPAN_MIN_ROWS, AMX_SPAN_MIN_LENGTH)
-            if self.amx_cascade
-            else (SPAN_MIN_ROWS, SPAN_MIN_LENGTH)
-        )
+        if self.amx_cascade:
+            min_rows, min_length = AMX_SPAN_MIN_ROWS, AMX_SPAN_MIN_LENGTH
+        elif self.grouped_decode:
+            min_rows, min_length = GROUPED_SPAN_MIN_ROWS, GROUPED_SPAN_MIN_LENGTH
+        elif self.avx512:
+            min_rows, min_length = SPAN_MIN_ROWS, SPAN_MIN_LENGTH
+        else:
+            return []
         return decode_groups(spans, slices, min_rows, min_length)
 
     def _sdpa_extend_faster(self) -> bool:
@@ -238,7 +264,8 @@ class TorchAttention(AttentionBackend):
             batch.attn_metadata = TorchMetadata(None, self._per_token_part(batch))
             return
         if batch.shared is not None:
-            if self.amx_cascade and int(batch.shared.tok_idx.min()) >= batch.num_extend_tokens:
+            decode_only = int(batch.shared.tok_idx.min()) >= batch.num_extend_tokens
+            if (self.amx_cascade or self.grouped_decode) and decode_only:
                 batch.attn_metadata = self._cascade_metadata(batch, batch.shared)
             else:
                 batch.attn_metadata = self._shared_metadata(batch, batch.shared)
@@ -272,8 +299,8 @@ class TorchAttention(AttentionBackend):
         return TorchMetadata(extend, decode, spans)
 
     def _cascade_metadata(self, batch: ForwardBatch, shared: SharedSpans) -> TorchMetadata:
-        """Spans of decode rows only (the AMX rule keeps no others): extends as without spans,
-        the decode rows by groups (KernelCascadeDecode)."""
+        """Spans of decode rows only (the AMX and AVX2 rules keep no others): extends as without
+        spans, the decode rows by groups (KernelCascadeDecode)."""
         first, device = batch.num_extend_tokens, batch.rows.device
         tokens, offsets = shared.tok_idx.tolist(), shared.tok_offsets.tolist()
         order = [t - first for t in tokens]
@@ -301,9 +328,16 @@ class TorchAttention(AttentionBackend):
         """q: [B, H, D], the decode rows → [B, H, D] in q's dtype: the groups through the AMX
         kernel (bfloat16 out), each span read once per group (16 members at a time), and the rows
         in no group through the decode kernel. Queries the AMX kernel does not take (a float32
-        model over a bfloat16 pool) run every row through the decode kernel, over all its keys."""
-        module = cpu_kernels.amx_module(q, k_pool)
+        model over a bfloat16 pool) run every row through the decode kernel, over all its keys.
+        With `grouped_decode` (AVX2), every row in one call of grouped_decode_attention, whose
+        outputs are the decode kernel's."""
         table = self.table.table
+        if self.grouped_decode:
+            return cpu_kernels.load().grouped_decode_attention(  # type: ignore[union-attr]
+                q.contiguous(), k_pool, v_pool, table, part.rows, part.seq_lens, part.order,
+                part.offsets, part.spans, self.scale,
+            )  # fmt: skip
+        module = cpu_kernels.amx_module(q, k_pool)
         if module is None:
             return cpu_kernels.paged_decode_attention(
                 q, k_pool, v_pool, table, part.rows, part.seq_lens, self.scale
