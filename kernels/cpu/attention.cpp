@@ -7,7 +7,10 @@
 // so each K/V row is read once. At head dim 64 the inner loops are vector code: AVX-512 BF16 pair
 // dot products for bfloat16 queries over bfloat16 or float8 pools (attend_head_bf16), AVX-512
 // float32 for float32 queries (attend_head_x16), AVX2 + FMA float32 on CPUs without AVX-512
-// (attend_head_f32).
+// (attend_head_f32). grouped_decode_attention takes decode requests in groups that share their
+// first slots and gives each the same output; on CPUs without AVX-512 a task is up to 8 members of
+// a group and one kv head, reading each block of the shared keys once for all of them
+// (attend_group_f32).
 //
 // Queries and pools share a dtype, float32 queries read bfloat16 pools (--kv-cache-dtype
 // bfloat16 under a float32 model), or float32 or bfloat16 queries read float8 e5m2 pools
@@ -464,13 +467,15 @@ constexpr int64_t kAheadF32 = 32;
 // into tasks of this many (each reads the span once).
 constexpr int64_t kGroupMembers = 8;
 
-// out[g][0 .. 64) = sum over l of p[g * len + l] * v[slots[l] * stride + 0 .. 64), for g < G: the
-// output rows are held in registers (G x 4 vectors), half a row at a time. G is a template
-// argument so that they stay there: with a run-time head count the compiler kept them on the
-// stack, and decode attention took 5-15 % longer. With `prefetch`, the rows kAheadF32 keys ahead
-// are fetched during the first half. Not inlined: inlined into the decode task loop, the compiler
-// kept one of the sums on the stack, and over 4 requests x 512 positions of float32 pools in cache
-// (4 query heads, 4 kv heads) decode attention took 21.8 ms against 17.5 for 300 calls.
+// out[g][0 .. 64) (+)= sum over l < len of p[g * p_stride + l] * v[slots[l] * stride + 0 .. 64),
+// for g < G, added to out's values with `accumulate`, else from zero, the sums taken in key order
+// either way: the output rows are held in registers (G x 4 vectors), half a row at a time. G is a
+// template argument so that they stay there: with a run-time head count the compiler kept them on
+// the stack, and decode attention took 5-15 % longer. The rows kAheadF32 keys ahead of keys
+// l < ahead are fetched during the first half. Not inlined: inlined into the decode task loop,
+// the compiler kept one of the sums on the stack, and over 4 requests x 512 positions of float32
+// pools in cache (4 query heads, 4 kv heads) decode attention took 21.8 ms against 17.5 for 300
+// calls.
 template <int G, typename T>
 __attribute__((noinline)) void weigh_values(const float* p, int64_t p_stride, int64_t len,
                                             const T* v, int64_t stride, const int64_t* slots,
@@ -601,7 +606,8 @@ inline void attend_head_f32(const TQ* q, const T* k_pool, const T* v_pool, const
 constexpr int64_t kSpanChunk = 64;
 
 // Decode attention of kv head hk for the members of a group of requests whose first `span` keys
-// are the same slots (span_slots[0 .. span)): as attend_head_f32 for each member, with every
+// are the same slots (slots[m][0 .. span), read through slots[0]): as attend_head_f32 for each
+// member, with every
 // score and every output sum the same, but each block of 4 shared keys is read once for all
 // members' query heads, and each chunk of shared values once for all. q[m]: member m's [group,
 // 64] query heads of this kv head; slots[m], lens[m]: its keys (lens[m] >= span); out[m]: its
@@ -1519,37 +1525,53 @@ void run_grouped(const torch::Tensor& q, const torch::Tensor& k_pool, const torc
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* sp = spans.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  // Tasks: (members [m0, m1) of order, kv head) for the groups, (row, -1) for the others.
+  // Tasks: (members [m0, m1) of order, kv head) for the groups, (row, kv heads [m0, m1), -1) for
+  // the others. A group is cut into tasks of `per_task` members: kGroupMembers, or fewer where the
+  // tasks would otherwise be fewer than the threads (down to one member), and then the other rows
+  // by kv head, as run splits them.
   struct Task { int64_t g, m0, m1, hk; };
   std::vector<Task> tasks;
   std::vector<char> grouped(batch, 0);
   int64_t max_len = 1;
   for (int64_t b = 0; b < batch; ++b) max_len = std::max(max_len, lp[b]);
   for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t m0 = off[g]; m0 < off[g + 1]; m0 += kGroupMembers) {
-      const int64_t m1 = std::min(m0 + kGroupMembers, off[g + 1]);
-      for (int64_t hk = 0; hk < kv_heads; ++hk) tasks.push_back({g, m0, m1, hk});
-    }
     for (int64_t m = off[g]; m < off[g + 1]; ++m) grouped[order_p[m]] = 1;
   }
+  const int64_t singles = batch - order.size(0), threads = at::get_num_threads();
+  int64_t per_task = kGroupMembers;
+  auto count = [&](int64_t per) {
+    int64_t n = singles;
+    for (int64_t g = 0; g < groups; ++g) n += (off[g + 1] - off[g] + per - 1) / per * kv_heads;
+    return n;
+  };
+  while (per_task > 1 && count(per_task) < threads) per_task = (per_task + 1) / 2;
+  const int64_t row_heads = count(per_task) < threads ? 1 : kv_heads;  // a lone row's per task
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t m0 = off[g]; m0 < off[g + 1]; m0 += per_task) {
+      const int64_t m1 = std::min(m0 + per_task, off[g + 1]);
+      for (int64_t hk = 0; hk < kv_heads; ++hk) tasks.push_back({g, m0, m1, hk});
+    }
+  }
   for (int64_t b = 0; b < batch; ++b) {
-    if (!grouped[b]) tasks.push_back({b, 0, 0, -1});
+    for (int64_t h0 = 0; h0 < kv_heads && !grouped[b]; h0 += row_heads) {
+      tasks.push_back({b, h0, h0 + row_heads, -1});
+    }
   }
   const float fscale = static_cast<float>(scale);
   for_each_task(
       static_cast<int64_t>(tasks.size()),
-      [&] {
-        const int64_t n = std::max(kGroupMembers, kv_heads) * group;
-        return std::array<std::vector<float>, 2>{std::vector<float>(n * dim),
-                                                 std::vector<float>(n * max_len)};
+      [&] {  // queries: a task's members' or a lone row's; scores: its members' or one head's
+        return std::array<std::vector<float>, 2>{
+            std::vector<float>(std::max(per_task, kv_heads) * group * dim),
+            std::vector<float>(per_task * group * max_len)};
       },
       [&](int64_t t, std::array<std::vector<float>, 2>& w) {
         const Task& task = tasks[t];
-        if (task.hk < 0) {  // a row in no group: every kv head, as run does
+        if (task.hk < 0) {  // a row in no group, kv heads [m0, m1), as run does
           const int64_t b = task.g;
-          attend<TQ, T>(qp + b * heads * dim, kp, vp, tp + rp[b] * table_stride, lp[b], 0,
-                        kv_heads, kv_heads, group, dim, fscale, w[0].data(), nullptr,
-                        w[1].data(), op + b * heads * dim, nullptr);
+          attend<TQ, T>(qp + b * heads * dim, kp, vp, tp + rp[b] * table_stride, lp[b], task.m0,
+                        task.m1, kv_heads, group, dim, fscale, w[0].data(), nullptr,
+                        w[1].data(), op + (b * heads + task.m0 * group) * dim, nullptr);
           return;
         }
         const TQ* qs[kGroupMembers];
@@ -1634,7 +1656,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
 
 // As paged_decode_attention, with the rows order[offsets[g] .. offsets[g + 1]) (indices into the
 // batch; order: [N], offsets: [G + 1], spans: [G], int64) in groups whose table rows start with
-// the same spans[g] slots (each <= the members' seq_lens), each span read once for the members of
+// the same spans[g] slots (1 <= spans[g] <= the members' seq_lens; the slots themselves are the
+// caller's to check, kernels/cpu/cascade.py), each span read once for the members of
 // its group where the CPU's kernel does so (run_grouped). The outputs are the same as
 // paged_decode_attention's.
 torch::Tensor grouped_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
@@ -1653,13 +1676,17 @@ torch::Tensor grouped_decode_attention(torch::Tensor q, torch::Tensor k_pool, to
   const int64_t* sp = spans.data_ptr<int64_t>();
   const int64_t* lp = seq_lens.data_ptr<int64_t>();
   TORCH_CHECK(off[0] == 0 && off[groups] == order.size(0), "offsets must run 0 .. len(order)");
+  for (int64_t g = 0; g < groups; ++g) {
+    TORCH_CHECK(off[g] < off[g + 1] && off[g + 1] <= order.size(0),
+                "offsets must rise from 0 to len(order), a member or more per group");
+    TORCH_CHECK(sp[g] >= 1, "shared spans must be 1 or longer");
+  }
   std::vector<char> seen(batch, 0);
   for (int64_t g = 0; g < groups; ++g) {
-    TORCH_CHECK(off[g] < off[g + 1], "every group needs a member");
     for (int64_t m = off[g]; m < off[g + 1]; ++m) {
       const int64_t b = order_p[m];
       TORCH_CHECK(b >= 0 && b < batch && !seen[b], "order must name distinct rows of the batch");
-      TORCH_CHECK(sp[g] >= 0 && sp[g] <= lp[b], "a span is longer than a member's keys");
+      TORCH_CHECK(sp[g] <= lp[b], "a span is longer than a member's keys");
       seen[b] = 1;
     }
   }

@@ -15,7 +15,7 @@ slows both alike; the largest difference of their outputs is printed too (0 when
 every sum in the same order).
 
 With `--shared-prefix-groups G`, the decode rows are in G groups (row b in group b mod G) whose
-table rows start with the same `--shared-prefix-len` slots, and the rounds alternate
+table rows start with the same `--shared-prefix-len` slots (default: all of `--context`), and the rounds alternate
 `grouped_decode_attention` over those groups with the plain decode kernel over the same table
 (kernels/cpu/cascade.py): the same outputs, but on CPUs with AVX2 and no AVX-512 the grouped form
 reads each span once for up to 8 of a group's rows.
@@ -46,6 +46,7 @@ import torch
 
 from kernels.cpu import load, load_error, supports_dtypes
 from kernels.cpu.build import Extension, build_root, included_names
+from kernels.cpu.cascade import reads_spans_once
 
 SOURCE = Path(__file__).with_name("attention.cpp")
 THIS_TREE = "this tree"
@@ -193,6 +194,8 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[st
     entries: dict[str, Callable[[int], torch.Tensor]]  # name -> fn(layer)
     if args.shared_prefix_groups:
         entries, bytes_per_round = make_grouped_case(args, current)
+        if not reads_spans_once(args.head_dim):
+            out("(on this CPU, or at this head dim, the grouped form attends row by row)")
     else:
         builds = {THIS_TREE: current}
         if args.against:
@@ -270,7 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="decode: rows in G groups sharing a prefix, grouped kernel against plain",
     )
     parser.add_argument(
-        "--shared-prefix-len", type=int, default=1000, help="positions each group shares"
+        "--shared-prefix-len", type=int, help="positions each group shares (default: --context)"
     )
     args = parser.parse_args(argv)
     for name in ("batch", "context", "new_tokens", "heads", "kv_heads", "head_dim", "layers"):
@@ -288,17 +291,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"the kernels do not take {args.q_dtype} queries over {args.kv_dtype} pools")
     if args.against == THIS_TREE:
         parser.error(f"--against names a git revision, not {THIS_TREE!r}")
+    if args.shared_prefix_len is not None and not args.shared_prefix_groups:
+        parser.error("--shared-prefix-len needs --shared-prefix-groups")
     if args.shared_prefix_groups:
-        groups, span = args.shared_prefix_groups, args.shared_prefix_len
+        groups = args.shared_prefix_groups
+        if args.shared_prefix_len is None:
+            args.shared_prefix_len = args.context
         if args.kernel != "decode" or args.against or args.scatter:
             parser.error(
                 "--shared-prefix-groups times decode in this tree, without --against or --scatter"
             )
         if groups < 0 or args.batch % groups:
-            parser.error(
-                f"--batch {args.batch} is not a multiple of --shared-prefix-groups {groups}"
-            )
-        if not 1 <= span <= args.context:
+            parser.error(f"--shared-prefix-groups must divide --batch ({args.batch}), not {groups}")
+        if not 1 <= args.shared_prefix_len <= args.context:
             parser.error(f"--shared-prefix-len must be 1 .. --context ({args.context})")
     return args
 

@@ -115,19 +115,25 @@ def grouped_decode_attention(
     """Decode attention as `paged_decode_attention` (q: [B, H, D]; request b attends positions
     0 .. seq_lens[b]-1 of table row rows[b]; → [B, H, D] in q's dtype), with the requests
     order[offsets[g] : offsets[g+1]] (indices into the batch; order [N], offsets [G+1], spans
-    [G], int64) in groups whose table rows start with the same spans[g] slots. Each span must be
-    shared for real and no longer than its members' seq_lens; the caller checks the slots (the
-    executor's span checks), the kernel the indices. The outputs are bit for bit those of
-    `paged_decode_attention`; where `reads_spans_once`, each span is read once per kv head for up
-    to 8 members of its group. Raises ValueError for bad arguments, RuntimeError (from the
-    kernel) for a bad grouping."""
+    [G], int64) in groups whose table rows start with the same spans[g] slots (1 <= spans[g] <=
+    each member's seq_len). The outputs are bit for bit those of `paged_decode_attention`; where
+    `reads_spans_once`, each span is read once per kv head for up to 8 members of its group.
+    Raises ValueError for bad arguments or members whose span slots differ (this wrapper compares
+    them; the executor, which checks its spans when a Step arrives, calls the kernel directly),
+    RuntimeError (from the kernel) for bad indices or lengths."""
     check_decode_args(q, k_pool, v_pool, table, rows, seq_lens)
     _check_index(order=order, offsets=offsets, spans=spans)
     if offsets.shape[0] != spans.shape[0] + 1:
         raise ValueError("offsets needs one entry more than spans")
-    return _module_or_raise().grouped_decode_attention(
+    out = _module_or_raise().grouped_decode_attention(  # checks the indices the loop uses
         q.contiguous(), k_pool, v_pool, table, rows, seq_lens, order, offsets, spans, scale
     )
+    for g, span in enumerate(spans.tolist()):
+        members = rows[order[int(offsets[g]) : int(offsets[g + 1])]]
+        prefixes = table[members, :span]
+        if not bool((prefixes == prefixes[:1]).all()):
+            raise ValueError(f"group {g}: its rows' first {span} slots differ")
+    return out
 
 
 def grouped_decode_attention_ref(

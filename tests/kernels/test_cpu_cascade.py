@@ -224,7 +224,7 @@ def grouped_case(dtype, kv_dtype, heads, kv_heads, dim, seed=0):
 
 
 @pytest.mark.parametrize(("dtype", "kv_dtype"), DTYPE_PAIRS)
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [*SHAPES, (8, 2, 64)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [*SHAPES, (8, 2, 64), (6, 3, 64)])
 def test_grouped_decode_is_the_decode_kernel_bit_for_bit(dtype, kv_dtype, heads, kv_heads, dim):
     """Each row's output from the grouped form is exactly the plain decode kernel's (and close to
     the PyTorch reference), whether or not this CPU reads the spans once."""
@@ -250,15 +250,41 @@ def test_grouped_decode_reads_spans_once_only_on_avx2_without_avx512() -> None:
     assert not cascade.reads_spans_once(128)
 
 
+@pytest.mark.skipif(not cascade.reads_spans_once(64), reason="spans are not read once here")
+def test_a_group_reads_its_span_through_its_first_member() -> None:
+    """Where the span is read once, every member attends the span through the first member's
+    slots: a member whose own first slots differ gets the first member's span (the kernel takes
+    the caller's word, so this shows the shared reads happen), and the checked wrapper refuses
+    such a group."""
+    q, k, v, table, rows, seq_lens, order, offsets, spans, scale = grouped_case(
+        torch.float32, torch.float32, 9, 3, 64
+    )
+    other = table.clone()
+    # member 2 of the first group (whose span is 203: keys 200 .. 202, in a block of 4 that
+    # straddles the span's end, are scored through each member's own slots)
+    other[2, :200] = torch.randint(1, 4000, (200,))
+    out = cpu_kernels.load().grouped_decode_attention(
+        q, k, v, other, rows, seq_lens, order, offsets, spans, scale
+    )
+    plain = cpu_kernels.paged_decode_attention(q, k, v, table, rows, seq_lens, scale)
+    assert torch.equal(out[2], plain[2])
+    with pytest.raises(ValueError, match="group 0: its rows' first 203 slots differ"):
+        cascade.grouped_decode_attention(
+            q, k, v, other, rows, seq_lens, order, offsets, spans, scale
+        )
+
+
 @pytest.mark.parametrize(
     ("order", "offsets", "spans", "error", "message"),
     [
         ([0, 1], [0, 2], [1, 1], ValueError, "offsets needs one entry more than spans"),
         ([0, 1], [0, 1], [4], RuntimeError, r"offsets must run 0 \.\. len\(order\)"),
-        ([0, 1], [0, 0, 2], [4, 4], RuntimeError, "every group needs a member"),
+        ([0, 1], [0, 0, 2], [4, 4], RuntimeError, "offsets must rise from 0 to len"),
         ([0, 0], [0, 2], [4], RuntimeError, "order must name distinct rows of the batch"),
         ([0, 24], [0, 2], [4], RuntimeError, "order must name distinct rows of the batch"),
         ([0, 1], [0, 2], [500], RuntimeError, "a span is longer than a member's keys"),
+        ([0, 1], [0, 2], [0], RuntimeError, "shared spans must be 1 or longer"),
+        ([0, 1, 2], [0, 4, 3], [4, 4], RuntimeError, "offsets must rise from 0 to len"),
     ],
 )
 def test_grouped_decode_rejects_a_bad_grouping(order, offsets, spans, error, message) -> None:
@@ -266,3 +292,22 @@ def test_grouped_decode_rejects_a_bad_grouping(order, offsets, spans, error, mes
     index = [torch.tensor(x, dtype=torch.int64) for x in (order, offsets, spans)]
     with pytest.raises(error, match=message):
         cascade.grouped_decode_attention(q, k, v, table, rows, seq_lens, *index, scale)
+
+
+@pytest.mark.parametrize("threads", [30, 64])  # groups of 2 members; of 1, rows by head
+def test_grouped_decode_with_more_threads_than_tasks(threads: int) -> None:
+    """With more threads than groups x kv heads, groups are cut into smaller tasks (down to one
+    member) and the other rows by kv head; every output stays the plain kernel's."""
+    q, k, v, table, rows, seq_lens, order, offsets, spans, scale = grouped_case(
+        torch.float32, torch.bfloat16, 9, 3, 64, seed=1
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cascade.grouped_decode_attention(
+            q, k, v, table, rows, seq_lens, order, offsets, spans, scale
+        )
+        plain = cpu_kernels.paged_decode_attention(q, k, v, table, rows, seq_lens, scale)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out, plain)

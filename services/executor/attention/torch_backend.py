@@ -172,11 +172,12 @@ class TorchAttention(AttentionBackend):
         of a group run in one call instead (`grouped_decode`: grouped_decode_attention, the
         decode kernel's own outputs, with each span read once from memory and each block of it
         once from L1 for up to 8 members), under the rule GROUPED_SPAN_MIN_ROWS rows over
-        GROUPED_SPAN_MIN_LENGTH positions. 30 layers of the kernel alone on that host, 16 rows
-        with 96 own positions each after their group's span, float32 (docs/benchmarks.md has
-        the command): 4 groups of 4 over 1,000 positions 25.1 to 30.4 ms against 31.8 to 48.4
-        for the decode kernel, 8 groups of 2 29.0 against 41.3, one group 20.5 against 25.1;
-        4 groups over 256 positions 9.2 against 10.5, over 64 7.6 against 6.9.
+        GROUPED_SPAN_MIN_LENGTH positions. 30 layers of the kernel alone on that host
+        (`python -m kernels.cpu.bench --shared-prefix-groups G --shared-prefix-len P`), 16 rows
+        with 96 own positions each after their group's span, float32, medians of 11 rounds: 4
+        groups of 4 over 1,000 positions 23.8 ms against 37.7 for the decode kernel, 8 groups of
+        2 33.1 against 50.2, one group 17.3 against 22.0; 4 groups over 256 positions 9.8
+        against 11.1, over 64 6.4 against 6.1.
 
         RADIXSERVE_CPU_SHARED_PREFIX=always keeps every span as the scheduler sent it (all rows,
         any length), =never drops them all; the default, auto, is the rule above."""
