@@ -607,12 +607,11 @@ constexpr int64_t kSpanChunk = 64;
 
 // Decode attention of kv head hk for the members of a group of requests whose first `span` keys
 // are the same slots (slots[m][0 .. span), read through slots[0]): as attend_head_f32 for each
-// member, with every
-// score and every output sum the same, but each block of 4 shared keys is read once for all
-// members' query heads, and each chunk of shared values once for all. q[m]: member m's [group,
-// 64] query heads of this kv head; slots[m], lens[m]: its keys (lens[m] >= span); out[m]: its
-// [group, 64] float32 output; qw: [members, group, 64] float32 scratch (bfloat16 queries);
-// scores: [members, group, max len] scratch.
+// member, with every score and every output sum the same, but each block of 4 shared keys is
+// read once for all members' query heads, and each chunk of shared values once for all. q[m]:
+// member m's [group, 64] query heads of this kv head; slots[m], lens[m]: its keys (lens[m] >=
+// span >= 1); out[m]: its [group, 64] float32 output; qw: [members, group, 64] float32 scratch
+// (bfloat16 queries); scores: [members, group, max len] scratch.
 template <typename TQ, typename T>
 void attend_group_f32(const TQ* const* q, const int64_t* const* slots, const int64_t* lens,
                       int64_t members, int64_t span, const T* k_pool, const T* v_pool,
@@ -1657,8 +1656,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
 // As paged_decode_attention, with the rows order[offsets[g] .. offsets[g + 1]) (indices into the
 // batch; order: [N], offsets: [G + 1], spans: [G], int64) in groups whose table rows start with
 // the same spans[g] slots (1 <= spans[g] <= the members' seq_lens; the slots themselves are the
-// caller's to check, kernels/cpu/cascade.py), each span read once for the members of
-// its group where the CPU's kernel does so (run_grouped). The outputs are the same as
+// caller's to check, kernels/cpu/cascade.py), each span read once for the members of its group
+// where the CPU's kernel does so (run_grouped). The outputs are the same as
 // paged_decode_attention's.
 torch::Tensor grouped_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                        torch::Tensor table, torch::Tensor rows,
