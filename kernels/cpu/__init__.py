@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from kernels.cpu.build import Extension, kernels_enabled
+from kernels.cpu.build import Extension, cpu_flags, kernels_enabled
 
 log = logging.getLogger("radixserve.kernels")
 SOURCE = Path(__file__).with_name("attention.cpp")
@@ -135,6 +135,17 @@ KERNEL_DTYPES = (
     (torch.float32, torch.float8_e5m2),
     (torch.bfloat16, torch.float8_e5m2),
 )
+
+
+def avx2_attention(head_dim: int) -> bool:
+    """Whether the attention kernels run their AVX2 code at `head_dim` on this CPU: AVX2, FMA and
+    F16C without AVX-512, head dim 64 (attention.cpp's `__AVX2__ && !__AVX512F__` paths)."""
+    flags = cpu_flags().split()
+    return (
+        head_dim == 64
+        and "avx512f" not in flags
+        and all(f in flags for f in ("avx2", "fma", "f16c"))
+    )
 
 
 def supports_dtypes(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:

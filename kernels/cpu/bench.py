@@ -97,6 +97,17 @@ def build_revision(revision: str) -> ModuleType:
     return module
 
 
+def random_pools(
+    args: argparse.Namespace, slots: int, gen: torch.Generator
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`--layers` (K, V) pairs of [slots, kv heads, head dim] random pools in `--kv-dtype`."""
+    shape = (slots, args.kv_heads, args.head_dim)
+    return [
+        tuple(torch.randn(shape, generator=gen).to(DTYPES[args.kv_dtype]) for _ in range(2))
+        for _ in range(args.layers)
+    ]
+
+
 def make_case(args: argparse.Namespace) -> tuple[Callable[[ModuleType, int], torch.Tensor], int]:
     """The call to time, as fn(module, layer) → output, and the K and V bytes one round reads.
 
@@ -108,11 +119,7 @@ def make_case(args: argparse.Namespace) -> tuple[Callable[[ModuleType, int], tor
     extend = args.kernel == "extend"
     positions = args.context + (args.new_tokens if extend else 0)
     slots = args.batch * positions + 1  # slot 0 unused, as in the engine's pool
-    shape = (slots, args.kv_heads, args.head_dim)
-    pools = [
-        tuple(torch.randn(shape, generator=gen).to(kv_dtype) for _ in range(2))
-        for _ in range(args.layers)
-    ]
+    pools = random_pools(args, slots, gen)
     if args.scatter:
         order = torch.randperm(slots - 1, generator=gen) + 1
     else:
@@ -151,12 +158,7 @@ def make_grouped_case(
     kv_dtype, q_dtype = DTYPES[args.kv_dtype], DTYPES[args.q_dtype]
     groups, span, own = args.shared_prefix_groups, args.shared_prefix_len, args.context
     own -= args.shared_prefix_len
-    slots = groups * span + args.batch * own + 1
-    shape = (slots, args.kv_heads, args.head_dim)
-    pools = [
-        tuple(torch.randn(shape, generator=gen).to(kv_dtype) for _ in range(2))
-        for _ in range(args.layers)
-    ]
+    pools = random_pools(args, groups * span + args.batch * own + 1, gen)
     table = torch.empty(args.batch, args.context, dtype=torch.int64)
     for b in range(args.batch):
         table[b, :span] = 1 + (b % groups) * span + torch.arange(span)

@@ -19,11 +19,11 @@ import torch
 from kernels.cpu import (
     _check_pools,
     _module_or_raise,
+    avx2_attention,
     check_decode_args,
     extend_module,
     paged_decode_attention_ref,
 )
-from kernels.cpu.build import cpu_flags
 
 
 def _check_index(**tensors: torch.Tensor) -> None:
@@ -91,13 +91,8 @@ def paged_decode_attention_lse_ref(
 
 def reads_spans_once(head_dim: int) -> bool:
     """Whether `grouped_decode_attention` reads each group's span once for its rows on this CPU
-    (AVX2, FMA and F16C without AVX-512, head_dim 64); elsewhere it attends row by row."""
-    flags = cpu_flags().split()
-    return (
-        head_dim == 64
-        and "avx512f" not in flags
-        and all(f in flags for f in ("avx2", "fma", "f16c"))
-    )
+    (where the AVX2 kernels run: `avx2_attention`); elsewhere it attends row by row."""
+    return avx2_attention(head_dim)
 
 
 def grouped_decode_attention(

@@ -223,7 +223,7 @@ class TorchAttention(AttentionBackend):
             raise ValueError(f"RADIXSERVE_CPU_EXTEND_ATTENTION={choice!r}: use auto, kernel, sdpa")
         flags = cpu_flags().split()
         if "avx512f" not in flags:  # the AVX2 kernel takes head dim 64 only
-            return self.head_dim != 64 or not all(f in flags for f in ("avx2", "fma", "f16c"))
+            return not cpu_kernels.avx2_attention(self.head_dim)
         if self.pool.k[0].dtype != torch.bfloat16 or "amx_bf16" not in flags:
             return False
         return not self._amx_attention()
