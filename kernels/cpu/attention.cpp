@@ -1091,36 +1091,60 @@ void load_keys_transposed(const T* pool, const int64_t* slots, int64_t l0, int64
 // dim 64 (extend_block's arguments; keys and values of every pool dtype widened exactly). The
 // task's query rows r = j * G + g, padded with zero rows to R (a multiple of 8), are the vector
 // lanes: the queries, scaled, are transposed once into qT[d * R + r], so q . k for 8 rows is a
-// vector of qT times one key's element broadcast, and the keys are never transposed. Scores land
-// key-major, s[l * R + r]; the causal mask, the maximum and the exp (exp8) run down the key axis
-// on whole vectors of rows. p . v gathers 64 value rows into a contiguous block, then holds 6 rows
-// x 16 output floats in registers, each row's probability broadcast and each value vector loaded
-// once per 6 rows; the outputs are divided by the rows' sums at the end. On a 2-vCPU AMD EPYC
+// vector of qT times one key's element broadcast, and the keys are never transposed: each block
+// of 4 keys is scored for every row (score_keys, 4 keys x 24 rows a tile) while it is in L1.
+// Scores land key-major, s[l * R + r]; the causal mask, the maximum and the exp (exp8) run down
+// the key axis on whole vectors of rows. p . v gathers 64 value rows into a contiguous block,
+// then holds 6 rows x 16 output floats in registers, each row's probability broadcast and each
+// value vector loaded once per 6 rows; the outputs are divided by the rows' sums at the end
+// (reading the value rows from the pool instead of gathering them took 1.06-1.11 times as
+// long). On a 2-vCPU AMD EPYC
 // (Zen 3, AVX2), float32, one layer's attention for 7 x 64 tokens after a cached 1,000-token
 // prefix took 12.3 ms against 112 through the portable 16-lane code below; `radixserve
 // bench-executor` prefill steps, medians of three, 928 ms against 1,169 through torch's SDPA,
-// 4 x 256 tokens 1,524 against 1,778 (docs/benchmarks.md).
-constexpr int kRowVectors = 6;       // vectors of 8 rows whose scores stay in registers
+// 4 x 256 tokens 1,524 against 1,778 (docs/benchmarks.md). The 4 x 24 score tile, with the keys
+// the outer loop, replaced one of 2 keys x 48 rows (whose 12 sums left no registers for the 6
+// vectors of qT, loaded twice a step): `python -m kernels.cpu.bench --kernel extend --against`
+// the code before, 11 rounds, outputs bit for bit the same: 7 x 64 tokens after 1,000 positions
+// 0.83 and 0.87 of the time, 2 x 256 new tokens 0.80 and 0.90, bfloat16 pools 0.87, 8 query
+// heads a KV head 0.69, one 0.90.
+constexpr int kRowVectors = 3;  // vectors of 8 rows scored together (4 keys x 3 = 12 sums)
+constexpr int kScoreKeys = 4;   // keys scored together
 
-// s0[8v + i], s1[8v + i] = q_{8v+i} . k0, q_{8v+i} . k1 for v < V (qT's rows, stride R).
+// s_j[8v + i] = q_{8v+i} . k_j for the kScoreKeys keys j and v < V (qT's rows, stride R): 4 x V
+// sums in registers, each 8 rows of qT loaded once a dim for the 4 keys and each key's element
+// broadcast once for the V vectors (with 4 x 3 sums, 7 loads for 12 FMAs, where 2 keys x 6
+// vectors took 14: 16 registers cannot hold 12 sums and 6 vectors of qT, so each was loaded
+// twice). Every score is one FMA chain over d ascending, whatever the tile.
 template <int V>
-inline void score_pair(const float* qT, int64_t R, const float* k0, const float* k1, float* s0,
-                       float* s1) {
-  __m256 a0[V], a1[V];
-  for (int v = 0; v < V; ++v) a0[v] = a1[v] = _mm256_setzero_ps();
+inline void score_keys(const float* qT, int64_t R, const float* const* k, float* const* s) {
+  static_assert(V >= 1 && V <= 3, "up to 3 vectors of rows");
+  __m256 a[kScoreKeys][V];
+  for (int j = 0; j < kScoreKeys; ++j)
+    for (int v = 0; v < V; ++v) a[j][v] = _mm256_setzero_ps();
   for (int64_t d = 0; d < kDim; ++d) {
-    const __m256 b0 = _mm256_broadcast_ss(k0 + d), b1 = _mm256_broadcast_ss(k1 + d);
     const float* qd = qT + d * R;
-    for (int v = 0; v < V; ++v) {
-      const __m256 qv = _mm256_loadu_ps(qd + 8 * v);
-      a0[v] = _mm256_fmadd_ps(qv, b0, a0[v]);
-      a1[v] = _mm256_fmadd_ps(qv, b1, a1[v]);
+    // Named registers, each held by an empty asm: GCC would otherwise fold the loads into every
+    // FMA (an array held this way is stored to the stack every step).
+    __m256 q0 = _mm256_loadu_ps(qd), q1 = q0, q2 = q0;
+    asm("" : "+x"(q0));
+    if constexpr (V > 1) {
+      q1 = _mm256_loadu_ps(qd + 8);
+      asm("" : "+x"(q1));
+    }
+    if constexpr (V > 2) {
+      q2 = _mm256_loadu_ps(qd + 16);
+      asm("" : "+x"(q2));
+    }
+    for (int j = 0; j < kScoreKeys; ++j) {
+      const __m256 b = _mm256_broadcast_ss(k[j] + d);
+      a[j][0] = _mm256_fmadd_ps(q0, b, a[j][0]);
+      if constexpr (V > 1) a[j][1] = _mm256_fmadd_ps(q1, b, a[j][1]);
+      if constexpr (V > 2) a[j][2] = _mm256_fmadd_ps(q2, b, a[j][2]);
     }
   }
-  for (int v = 0; v < V; ++v) {
-    _mm256_storeu_ps(s0 + 8 * v, a0[v]);
-    _mm256_storeu_ps(s1 + 8 * v, a1[v]);
-  }
+  for (int j = 0; j < kScoreKeys; ++j)
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(s[j] + 8 * v, a[j][v]);
 }
 
 // acc[k][0 .. 64) += sum over l < n of p[l * R + k] * vb[l][0 .. 64) for the RT rows k < RT:
@@ -1149,7 +1173,7 @@ inline void weigh_rows(const float* p, int64_t R, int64_t n, const float* vb, fl
   }
 }
 
-// extend_block's task on AVX2 (see above); qT: R x 64, s: n_keys x R, kbuf: 2 x 64, vb:
+// extend_block's task on AVX2 (see above); qT: R x 64, s: n_keys x R, kbuf: 4 x 64, vb:
 // kValueBlock x 64, acc: R x 64, stats: 2 x R floats of scratch.
 template <typename TQ, typename T>
 void extend_block_avx2(const TQ* q, int64_t q_stride, const T* k_pool, const T* v_pool,
@@ -1180,27 +1204,27 @@ void extend_block_avx2(const TQ* q, int64_t q_stride, const T* k_pool, const T* 
       return buf;
     }
   };
-  for (int64_t v0 = 0; v0 < vectors; v0 += kRowVectors) {
-    const int64_t nv = std::min<int64_t>(kRowVectors, vectors - v0);
-    for (int64_t l = 0; l < n_keys; l += 2) {
-      const int64_t l1 = std::min(l + 1, n_keys - 1);  // an odd last key is scored twice
-      if (v0 == 0) {  // the rows kAheadF32 keys ahead, into L2 (the slots are scattered)
-        for (int64_t a = l + kAheadF32; a < std::min(l + kAheadF32 + 2, n_keys); ++a) {
-          prefetch_row(row(k_pool, a));
-        }
-      }
-      const float* k0 = key(l, kbuf);
-      const float* k1 = key(l1, kbuf + kDim);
-      float* s0 = s + l * R + 8 * v0;
-      float* s1 = s + l1 * R + 8 * v0;
+  // Each block of 4 keys is scored for every row while its rows are in L1.
+  for (int64_t l = 0; l < n_keys; l += kScoreKeys) {
+    // the rows kAheadF32 keys ahead, into L2 (the slots are scattered)
+    for (int64_t a = l + kAheadF32; a < std::min(l + kAheadF32 + kScoreKeys, n_keys); ++a) {
+      prefetch_row(row(k_pool, a));
+    }
+    const float* k[kScoreKeys];
+    float* sj[kScoreKeys];
+    for (int64_t j = 0; j < kScoreKeys; ++j) {
+      const int64_t lj = std::min(l + j, n_keys - 1);  // past the last key it is scored again
+      k[j] = key(lj, kbuf + j * kDim);
+      sj[j] = s + lj * R;
+    }
+    for (int64_t v0 = 0; v0 < vectors; v0 += kRowVectors) {
+      float* sv[kScoreKeys];
+      for (int j = 0; j < kScoreKeys; ++j) sv[j] = sj[j] + 8 * v0;
       const float* qv = qT + 8 * v0;
-      switch (nv) {
-        case 6: score_pair<6>(qv, R, k0, k1, s0, s1); break;
-        case 5: score_pair<5>(qv, R, k0, k1, s0, s1); break;
-        case 4: score_pair<4>(qv, R, k0, k1, s0, s1); break;
-        case 3: score_pair<3>(qv, R, k0, k1, s0, s1); break;
-        case 2: score_pair<2>(qv, R, k0, k1, s0, s1); break;
-        default: score_pair<1>(qv, R, k0, k1, s0, s1); break;
+      switch (std::min<int64_t>(kRowVectors, vectors - v0)) {
+        case 3: score_keys<3>(qv, R, k, sv); break;
+        case 2: score_keys<2>(qv, R, k, sv); break;
+        default: score_keys<1>(qv, R, k, sv); break;
       }
     }
   }
@@ -1382,7 +1406,7 @@ using radixserve_tasks::for_each_task;  // tasks.h
 
 // One thread's scratch for extend_block of TQ queries over pools of T: rows_max query rows, up to max_keys
 // keys; empty where extend_block_bf16 runs instead (it keeps its own). extend_block_avx2 uses kt
-// for two key rows, vb for kValueBlock value rows and row for each row's maximum and sum.
+// for four key rows, vb for kValueBlock value rows and row for each row's maximum and sum.
 struct Scratch {
   std::vector<float> qf, scores, kt, vb, row, acc;
   template <typename TQ, typename T>
