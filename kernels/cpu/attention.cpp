@@ -1098,16 +1098,16 @@ void load_keys_transposed(const T* pool, const int64_t* slots, int64_t l0, int64
 // then holds 6 rows x 16 output floats in registers, each row's probability broadcast and each
 // value vector loaded once per 6 rows; the outputs are divided by the rows' sums at the end
 // (reading the value rows from the pool instead of gathering them took 1.06-1.11 times as
-// long). On a 2-vCPU AMD EPYC
-// (Zen 3, AVX2), float32, one layer's attention for 7 x 64 tokens after a cached 1,000-token
-// prefix took 12.3 ms against 112 through the portable 16-lane code below; `radixserve
-// bench-executor` prefill steps, medians of three, 928 ms against 1,169 through torch's SDPA,
-// 4 x 256 tokens 1,524 against 1,778 (docs/benchmarks.md). The 4 x 24 score tile, with the keys
-// the outer loop, replaced one of 2 keys x 48 rows (whose 12 sums left no registers for the 6
-// vectors of qT, loaded twice a step): `python -m kernels.cpu.bench --kernel extend --against`
-// the code before, 11 rounds, outputs bit for bit the same: 7 x 64 tokens after 1,000 positions
-// 0.83 and 0.87 of the time, 2 x 256 new tokens 0.80 and 0.90, bfloat16 pools 0.87, 8 query
-// heads a KV head 0.69, one 0.90.
+// long). On a 2-vCPU AMD EPYC (Zen 3, AVX2), float32, before the 4-key score tiles, one layer's
+// attention for 7 x 64 tokens after a cached 1,000-token prefix took 12.3 ms against 112
+// through the portable 16-lane code below; `radixserve bench-executor` prefill steps, medians
+// of three, 928 ms against 1,169 through torch's SDPA, 4 x 256 tokens 1,524 against 1,778
+// (docs/benchmarks.md). The 4 x 24 score tile, with the keys the outer loop, replaced one of 2
+// keys x 48 rows (whose 12 sums left no registers for the 6 vectors of qT, loaded twice a
+// step): `python -m kernels.cpu.bench --kernel extend --against` the code before, 11 rounds
+// (some 9), outputs bit for bit the same: 7 x 64 tokens after 1,000 positions 0.83 and 0.87 of
+// the time (10.5 against 12.6 ms a layer), 2 x 256 new tokens 0.80 and 0.90, bfloat16 pools
+// 0.87, 8 query heads a KV head 0.69, one 0.90 and 0.99.
 constexpr int kRowVectors = 3;  // vectors of 8 rows scored together (4 keys x 3 = 12 sums)
 constexpr int kScoreKeys = 4;   // keys scored together
 
@@ -1221,6 +1221,7 @@ void extend_block_avx2(const TQ* q, int64_t q_stride, const T* k_pool, const T* 
       float* sv[kScoreKeys];
       for (int j = 0; j < kScoreKeys; ++j) sv[j] = sj[j] + 8 * v0;
       const float* qv = qT + 8 * v0;
+      static_assert(kRowVectors == 3, "the cases below take up to 3 vectors");
       switch (std::min<int64_t>(kRowVectors, vectors - v0)) {
         case 3: score_keys<3>(qv, R, k, sv); break;
         case 2: score_keys<2>(qv, R, k, sv); break;

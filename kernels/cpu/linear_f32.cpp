@@ -651,15 +651,17 @@ inline void packed_rows_next(int64_t every, int64_t rows, const float* x, int64_
 // before, medians), the unrolled loop and this fetch took 36.3 against 42.5 ms at 8 rows, 52.4
 // against 53.9 at 16, 62.6 against 67.4 at 32, 101.9 against 107.5 at 64 and 431 against 499 at
 // 256; one row (one tile, no fetch) stayed within the runs' spread (24.3 against 23.5 ms).
-// With `next` (the next float32 panel, unscaled) and more than one tile, the first tiles also
-// fetch that panel into L2, spread over their loops so that it streams in while this one is
-// computed: 4 tiles a quarter each, one line every 4 steps (2 or 3 tiles: 2 tiles, every 2
-// steps). The first tile of the next panel then reads it from L2 rather than from memory. Over
-// the same 120 linears (as above, 11 runs alternating with the code before, medians, two runs)
-// 0.90 and 0.96 of the time at 8 rows (28.5 against 29.6 ms), 0.94 and 0.95 at 16 (35.1
-// against 37.0) and at 32 (54.6 against 57.7), 1.00 and 1.02 at 64, 1.01 at 256, where the
-// panels are computed long enough for them to stream in anyway. One row is left alone:
-// fetching the next panel there too took 1.14 times as long.
+// With `next` (the next float32 panel, given only when there is no scale) and more than one
+// tile, the first tiles also fetch that panel into L2, spread over their loops so that it
+// streams in while this one is computed: 4 tiles a quarter each, one line every 4 steps (2 or 3
+// tiles: 2 tiles, every 2 steps). The first tile of the next panel then reads it from L2 rather
+// than from memory (the last panel of a thread's chunk fetches the next chunk's first, which
+// the other thread may take: a hint that may go unused). Over the same 120 linears (as above,
+// 11 runs alternating with the code before, medians, two runs): 0.90 and 0.96 of the time at 8
+// rows (28.5 against 29.6 ms), 0.94 and 0.95 at 16 (35.1 against 37.0) and at 32 (54.6 against
+// 57.7), 1.00 and 1.02 at 64, 1.01 at 256, where the panels are computed long enough for them
+// to stream in anyway. One row is left alone: fetching the next panel there too took 1.14
+// times as long.
 template <typename Lanes>
 void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
                 const Lanes& panel, const float* scale, const float* bias, float* out,
@@ -672,8 +674,8 @@ void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
     float* o = out + m0 * N + n0;
     if constexpr (std::is_same_v<Lanes, F32Lanes>) {
       if (next != nullptr && tiles > 1 && scale == nullptr && t < every) {
-        // tile t fetches lines [t / every, (t + 1) / every) of the next panel (a line is one
-        // step's 16 weights)
+        // tile t fetches the next panel's lines [t * K / every, (t + 1) * K / every) (a line is
+        // one step's 16 weights)
         const char* from = reinterpret_cast<const char*>(next + t * K / every * kPanelLanes);
         if (fetch && t == 0) {
           packed_rows_next<true>(every, rows, xr, K, panel, bias, o, N, valid, from);
