@@ -549,24 +549,19 @@ struct Int4Lanes {
 // rows, 6 % slower at 256).
 constexpr int64_t kFetchSteps = 32;
 
-// out[r * N + c] = (x[r] . W[n0 + c]) * scale[c] (+ bias[c]) for R rows of x (K apart) and the
-// `valid` first channels of one packed panel; out, scale (nullable: 1) and bias (nullable) start
-// at channel n0. Each sum runs over k ascending in one FMA chain, unrolled four steps at a time.
-// With kFetch (float32 panels only) each step also fetches the panel's line kFetchSteps steps
-// ahead into L1 (near the panel's end, lines past it: a hint only, which never faults). With
-// kEvery > 0 (float32 panels only) every kEvery-th step also fetches one line from `next` on
-// into L2 (see panel_rows).
-template <int R, bool kFetch, typename Lanes, int kEvery = 0>
-inline void packed_tile(const float* x, int64_t K, const Lanes& panel, const float* scale,
-                        const float* bias, float* out, int64_t N, int64_t valid,
-                        const char* next = nullptr) {
+// Adds to acc[r][0..1] (the sums of row r of x, K apart, over a packed panel's 16 channels) the
+// products of the panel's steps [k0, k1), k ascending, one FMA chain per sum, unrolled four steps
+// at a time. With kFetch (float32 panels only) each step also fetches the panel's line
+// kFetchSteps steps ahead into L1 (near the panel's end, lines past it: a hint only, which never
+// faults). With kEvery > 0 (float32 panels only) every kEvery-th step from k0 also fetches one
+// line into L2, from `far` on (see panel_rows and span_panel).
+template <int R, bool kFetch, int kEvery, typename Lanes>
+inline void accumulate(const float* x, int64_t K, const Lanes& panel, int64_t k0, int64_t k1,
+                       __m256 (&acc)[R][2], const char* far = nullptr) {
   static_assert(!kFetch || std::is_same_v<Lanes, F32Lanes>, "fetches float32 panels only");
   static_assert(kEvery == 0 || std::is_same_v<Lanes, F32Lanes>, "fetches float32 panels only");
-  __m256 acc[R][2];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
 #pragma GCC unroll 4
-  for (int64_t k = 0; k < K; k += Lanes::kStep) {
+  for (int64_t k = k0; k < k1; k += Lanes::kStep) {
     __m256 w[Lanes::kStep][2];
     if constexpr (kFetch) {
       const uintptr_t ahead = reinterpret_cast<uintptr_t>(panel.p) +
@@ -574,7 +569,7 @@ inline void packed_tile(const float* x, int64_t K, const Lanes& panel, const flo
       _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
     }
     if constexpr (kEvery > 0) {
-      if (k % kEvery == 0) _mm_prefetch(next + k / kEvery * 64, _MM_HINT_T1);
+      if ((k - k0) % kEvery == 0) _mm_prefetch(far + (k - k0) / kEvery * 64, _MM_HINT_T1);
     }
     panel.load(k, w);
     for (int step = 0; step < Lanes::kStep; ++step) {
@@ -586,6 +581,44 @@ inline void packed_tile(const float* x, int64_t K, const Lanes& panel, const flo
       }
     }
   }
+}
+
+// out[r * N + c] = sums[r][c] * scale[c] (+ bias[c]) for `rows` rows and the `valid` first
+// channels of a panel; out, scale (nullable: 1) and bias (nullable) start at its first channel.
+inline void store_sums(const float (*sums)[kPanelLanes], int64_t rows, const float* scale,
+                       const float* bias, float* out, int64_t N, int64_t valid) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < valid; ++c) {
+      const float y = scale != nullptr ? sums[r][c] * scale[c] : sums[r][c];
+      out[r * N + c] = bias != nullptr ? y + bias[c] : y;
+    }
+}
+
+// Calls tile(std::integral_constant<int, rows>()) for 1 to kPackedRows rows (a run-time count).
+template <typename Tile>
+inline void with_rows(int64_t rows, const Tile& tile) {
+  switch (rows) {
+    case 1: tile(std::integral_constant<int, 1>()); break;
+    case 2: tile(std::integral_constant<int, 2>()); break;
+    case 3: tile(std::integral_constant<int, 3>()); break;
+    case 4: tile(std::integral_constant<int, 4>()); break;
+    case 5: tile(std::integral_constant<int, 5>()); break;
+    default: tile(std::integral_constant<int, 6>()); break;
+  }
+}
+
+// out[r * N + c] = (x[r] . W[n0 + c]) * scale[c] (+ bias[c]) for R rows of x (K apart) and the
+// `valid` first channels of one packed panel, all its steps in one pass (accumulate, which also
+// says what kFetch and kEvery fetch; `next` is its `far`); out, scale (nullable: 1) and bias
+// (nullable) start at channel n0.
+template <int R, bool kFetch, typename Lanes, int kEvery = 0>
+inline void packed_tile(const float* x, int64_t K, const Lanes& panel, const float* scale,
+                        const float* bias, float* out, int64_t N, int64_t valid,
+                        const char* next = nullptr) {
+  __m256 acc[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  accumulate<R, kFetch, kEvery>(x, K, panel, 0, K, acc, next);
   // Through a buffer rather than stored from `acc` lane by lane: indexing `acc` with a run-time
   // channel count made GCC keep it in memory, storing all 12 sums at every step (half the speed).
   alignas(32) float sums[R][kPanelLanes];
@@ -594,11 +627,7 @@ inline void packed_tile(const float* x, int64_t K, const Lanes& panel, const flo
     _mm256_store_ps(sums[r], acc[r][0]);
     _mm256_store_ps(sums[r] + 8, acc[r][1]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int64_t c = 0; c < valid; ++c) {
-      const float y = scale != nullptr ? sums[r][c] * scale[c] : sums[r][c];
-      out[r * N + c] = bias != nullptr ? y + bias[c] : y;
-    }
+  store_sums(sums, R, scale, bias, out, N, valid);
 }
 
 // Checks panels is a contiguous [ceil(N / 16), width] tensor of `type`, `what` naming it.
@@ -616,18 +645,10 @@ template <bool kFetch, typename Lanes, int kEvery = 0>
 inline void packed_rows(int64_t rows, const float* x, int64_t K, const Lanes& panel,
                         const float* scale, const float* bias, float* out, int64_t N,
                         int64_t valid, const char* next = nullptr) {
-  auto tile = [&](auto r) {
+  with_rows(rows, [&](auto r) {
     packed_tile<decltype(r)::value, kFetch, Lanes, kEvery>(x, K, panel, scale, bias, out, N,
                                                            valid, next);
-  };
-  switch (rows) {
-    case 1: tile(std::integral_constant<int, 1>()); break;
-    case 2: tile(std::integral_constant<int, 2>()); break;
-    case 3: tile(std::integral_constant<int, 3>()); break;
-    case 4: tile(std::integral_constant<int, 4>()); break;
-    case 5: tile(std::integral_constant<int, 5>()); break;
-    default: tile(std::integral_constant<int, 6>()); break;
-  }
+  });
 }
 
 // packed_rows for a float32 tile that also fetches its share of the next panel into L2, one line
@@ -641,6 +662,67 @@ inline void packed_rows_next(int64_t every, int64_t rows, const float* x, int64_
   } else {
     packed_rows<kFetch, F32Lanes, 4>(rows, x, K, panel, nullptr, bias, out, N, valid, next);
   }
+}
+
+// Steps of a span (span_panel): 8 KB of a float32 panel, which every row tile computes in turn.
+constexpr int64_t kSpanSteps = 128;
+// Rows for which panel_rows runs span_panel: 5 to 16 (one to three tiles).
+constexpr int64_t kSpanMinRows = 5;
+constexpr int64_t kSpanMaxRows = 16;
+
+// Rows [m0, m_end) of x (at most kSpanMaxRows), in tiles of balanced sizes, through one float32
+// panel read from memory (out, scale and bias as in panel_rows), a span of kSpanSteps steps at a
+// time: every tile computes a span before any computes the next, its sums kept in a buffer
+// between spans. The span then stays in L1 while the tiles take it, and the panel is read from
+// memory once, in order: the first tile fetches the span's lines kFetchSteps ahead into L1, and
+// each tile fetches its share of the next span into L2 (one line every `tiles` steps), so the
+// next span streams in while this one is computed (after the last span, the next panel's first).
+// Each sum is still one FMA chain over k ascending, so the outputs are those of a tile that runs
+// the whole panel in one pass.
+void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
+                const float* panel, const float* scale, const float* bias, float* out,
+                int64_t n0, int64_t valid) {
+  alignas(32) float sums[kSpanMaxRows][kPanelLanes];
+  const int64_t tiles = (m_end - m0 + kPackedRows - 1) / kPackedRows;
+  const F32Lanes lanes{panel};
+  for (int64_t k0 = 0; k0 < K; k0 += kSpanSteps) {
+    const int64_t k1 = std::min(K, k0 + kSpanSteps), share = (k1 - k0 + tiles - 1) / tiles;
+    int64_t m = m0;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t rows = (m_end - m) / (tiles - t);
+      const float* xr = x + m * K;
+      float(*tile_sums)[kPanelLanes] = sums + (m - m0);
+      // the next span's lines [t * share, (t + 1) * share) (a line is one step's 16 weights)
+      const char* far = reinterpret_cast<const char*>(panel + (k1 + t * share) * kPanelLanes);
+      with_rows(rows, [&](auto r) {
+        constexpr int R = decltype(r)::value;
+        __m256 acc[R][2];
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) {
+          acc[i][0] = k0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(tile_sums[i]);
+          acc[i][1] = k0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(tile_sums[i] + 8);
+        }
+        // each tile fetches one line every `tiles` steps
+        static_assert(kSpanMaxRows <= 3 * kPackedRows, "tiles of a span: 1 to 3");
+        if (tiles == 1) {
+          accumulate<R, true, 1>(xr, K, lanes, k0, k1, acc, far);
+        } else if (t == 0) {
+          tiles == 2 ? accumulate<R, true, 2>(xr, K, lanes, k0, k1, acc, far)
+                     : accumulate<R, true, 3>(xr, K, lanes, k0, k1, acc, far);
+        } else {
+          tiles == 2 ? accumulate<R, false, 2>(xr, K, lanes, k0, k1, acc, far)
+                     : accumulate<R, false, 3>(xr, K, lanes, k0, k1, acc, far);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) {
+          _mm256_store_ps(tile_sums[i], acc[i][0]);
+          _mm256_store_ps(tile_sums[i] + 8, acc[i][1]);
+        }
+      });
+      m += rows;
+    }
+  }
+  store_sums(sums, m_end - m0, scale, bias, out + m0 * N + n0, N, valid);
 }
 
 // Rows [m0, m_end) of x through one panel, in tiles of balanced sizes (8 rows as 4 + 4). With
@@ -662,12 +744,25 @@ inline void packed_rows_next(int64_t every, int64_t rows, const float* x, int64_
 // 57.7), 1.00 and 1.02 at 64, 1.01 at 256, where the panels are computed long enough for them
 // to stream in anyway. One row is left alone: fetching the next panel there too took 1.14
 // times as long.
+//
+// A float32 panel read from memory for kSpanMinRows to kSpanMaxRows rows runs span_panel
+// instead. Over the same 120 linears (31-41 runs alternating with the code before, the median of
+// the runs' ratios, three runs of the script; the ratio of the fastest runs in brackets): 6 rows
+// 0.92-0.94 (0.90-0.99), 8 rows 0.96 (0.91-0.98), 12 rows 0.95-0.98 (0.93-0.97), 16 rows
+// 0.95-0.99 (0.91-0.94), 5 rows 0.97-0.99; 4 rows and fewer took 1.03 times as long with
+// span_panel, and 17 to 32 rows 1.0-1.09, where the compute outlasts the panel's read anyway.
 template <typename Lanes>
 void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
                 const Lanes& panel, const float* scale, const float* bias, float* out,
                 int64_t n0, int64_t valid, bool fetch, const float* next = nullptr) {
   const int64_t tiles = (m_end - m0 + kPackedRows - 1) / kPackedRows;
-  const int64_t every = tiles >= 4 ? 4 : 2;
+  if constexpr (std::is_same_v<Lanes, F32Lanes>) {
+    if (fetch && m_end - m0 >= kSpanMinRows && m_end - m0 <= kSpanMaxRows) {
+      span_panel(x, m0, m_end, K, N, panel.p, scale, bias, out, n0, valid);
+      return;
+    }
+  }
+  const int64_t every = tiles >= 4 ? 4 : 2;  // tiles that fetch the next panel, steps a line
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t rows = (m_end - m0) / (tiles - t);
     const float* xr = x + m0 * K;

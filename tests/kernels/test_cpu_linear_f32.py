@@ -185,6 +185,23 @@ def test_f32_panels_rows_over_several_row_blocks() -> None:
     assert torch.equal(out, alone)
 
 
+@pytest.mark.parametrize("rows", [5, 6, 7, 8, 12, 13, 16])
+@pytest.mark.parametrize("k", [100, 128, 576, 1536])
+def test_f32_panels_in_spans_are_rows_alone(rows: int, k: int) -> None:
+    """5 to 16 rows (one to three row tiles) take a panel 128 features at a time, keeping their
+    sums between spans (a last span shorter when K is not a multiple of 128): every row is bit
+    for bit the row alone, which runs the panel in one pass."""
+    gen = torch.Generator().manual_seed(rows + k)
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(50, k, generator=gen) / k**0.5
+    b = torch.randn(50, generator=gen)
+    panels = cpu_linear.pack_panels16(w)
+    out = cpu_linear.linear_f32_panels(KERNEL, x, panels, 50, b)
+    _close(out, cpu_linear.linear_f32_ref(x, w, b), x, w)
+    alone = torch.cat([cpu_linear.linear_f32_panels(KERNEL, r, panels, 50, b) for r in x.split(1)])
+    assert torch.equal(out, alone)
+
+
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize(("k", "n"), SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
