@@ -26,9 +26,10 @@
 // panel's 16 weights once for all its rows (bfloat16 widened and int8 converted exactly, int4 as
 // above) and broadcasts one value of each row (2 + 6 loads for 12 FMAs with float32 weights,
 // nothing reduced across lanes); a bfloat16 or quantized panel serving more than kExpandRows rows
-// is expanded once into a float32 buffer instead. Every
-// output is one float32 sum over k ascending (int8: scaled after), so a row's result does not
-// depend on the rest of its batch. Threads take runs of panels from a shared counter (about
+// is expanded once into a float32 buffer instead, and a float32 panel for 5 to 16 rows is taken
+// by all its tiles in turn 128 steps at a time (span_panel), so it is read from memory once and
+// in order. Every output is one float32 sum over k ascending (int8: scaled after), so a row's
+// result does not depend on the rest of its batch. Threads take runs of panels from a shared counter (about
 // kChunksPerThread runs each) and sweep the rows in blocks whose x stays in L2
 // (kPackedBlockBytes). Measured on a 2-core AVX2 host over SmolLM2-135M's 120
 // decoder linears in float32 (distinct weights, read from memory): 17.8 ms at one row (the FMA
@@ -749,8 +750,8 @@ void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
 // instead. Over the same 120 linears (31-41 runs alternating with the code before, the median of
 // the runs' ratios, three runs of the script; the ratio of the fastest runs in brackets): 6 rows
 // 0.92-0.94 (0.90-0.99), 8 rows 0.96 (0.91-0.98), 12 rows 0.95-0.98 (0.93-0.97), 16 rows
-// 0.95-0.99 (0.91-0.94), 5 rows 0.97-0.99; 4 rows and fewer took 1.03 times as long with
-// span_panel, and 17 to 32 rows 1.0-1.09, where the compute outlasts the panel's read anyway.
+// 0.95-0.99 (0.91-0.94), 5 rows 0.97-0.99; 2 to 4 rows took 1.03-1.07 times as long with
+// span_panel, and 17 to 32 rows 1.00-1.09, where the compute outlasts the panel's read anyway.
 template <typename Lanes>
 void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
                 const Lanes& panel, const float* scale, const float* bias, float* out,

@@ -170,35 +170,26 @@ def test_f32_panels_hold_16_channels_per_feature(n: int) -> None:
     assert torch.equal(cpu_linear.unpack_panels16(cpu_linear.pack_panels16(q), n), q)
 
 
-def test_f32_panels_rows_over_several_row_blocks() -> None:
-    """Wide inputs sweep the rows in blocks (x of a block kept in L2: 12 rows at 4,096
-    features): every row of a 37-row batch is bit for bit the row alone, and close to the
-    reference."""
-    gen = torch.Generator().manual_seed(11)
-    x = torch.randn(37, 4096, generator=gen)
-    w = torch.randn(40, 4096, generator=gen) / 64
+# (rows, K): 37 wide rows swept in row blocks (x of a block kept in L2: 12 rows at 4,096
+# features); 5 to 16 rows (one to three tiles) taking a panel 128 features at a time, their sums
+# kept between spans, a last span shorter when K is not a multiple of 128
+ROWS_ALONE = [(37, 4096)] + [
+    (m, k) for m in (5, 6, 7, 8, 12, 13, 16) for k in (100, 128, 576, 1536)
+]
+
+
+@pytest.mark.parametrize(("rows", "k"), ROWS_ALONE)
+def test_f32_panels_rows_are_rows_alone(rows: int, k: int) -> None:
+    """Every row of a batch is bit for bit the row alone (one row runs a panel in one pass),
+    and close to the reference: over row blocks and over spans."""
+    gen = torch.Generator().manual_seed(rows + k)
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(40, k, generator=gen) / k**0.5
     b = torch.randn(40, generator=gen)
     panels = cpu_linear.pack_panels16(w)
     out = cpu_linear.linear_f32_panels(KERNEL, x, panels, 40, b)
     _close(out, cpu_linear.linear_f32_ref(x, w, b), x, w)
     alone = torch.cat([cpu_linear.linear_f32_panels(KERNEL, r, panels, 40, b) for r in x.split(1)])
-    assert torch.equal(out, alone)
-
-
-@pytest.mark.parametrize("rows", [5, 6, 7, 8, 12, 13, 16])
-@pytest.mark.parametrize("k", [100, 128, 576, 1536])
-def test_f32_panels_in_spans_are_rows_alone(rows: int, k: int) -> None:
-    """5 to 16 rows (one to three row tiles) take a panel 128 features at a time, keeping their
-    sums between spans (a last span shorter when K is not a multiple of 128): every row is bit
-    for bit the row alone, which runs the panel in one pass."""
-    gen = torch.Generator().manual_seed(rows + k)
-    x = torch.randn(rows, k, generator=gen)
-    w = torch.randn(50, k, generator=gen) / k**0.5
-    b = torch.randn(50, generator=gen)
-    panels = cpu_linear.pack_panels16(w)
-    out = cpu_linear.linear_f32_panels(KERNEL, x, panels, 50, b)
-    _close(out, cpu_linear.linear_f32_ref(x, w, b), x, w)
-    alone = torch.cat([cpu_linear.linear_f32_panels(KERNEL, r, panels, 50, b) for r in x.split(1)])
     assert torch.equal(out, alone)
 
 
