@@ -1,21 +1,25 @@
-"""Times the CPU attention kernels (kernels/cpu/attention.cpp) alone, optionally against another
-revision of the same source built beside it in the same process.
+"""Times the CPU attention kernels (kernels/cpu/attention.cpp) or the float32 panel linears
+(kernels/cpu/linear_f32.cpp) alone, optionally against another revision of the same source built
+beside it in the same process.
 
     python -m kernels.cpu.bench                                  # decode, batch 16, context 1000
     python -m kernels.cpu.bench --kv-dtype bfloat16 --context 4000 --layers 8
     python -m kernels.cpu.bench --kernel extend --new-tokens 64 --batch 7
     python -m kernels.cpu.bench --against HEAD~1                 # this tree against a revision
     python -m kernels.cpu.bench --shared-prefix-groups 4         # decode groups against plain
+    python -m kernels.cpu.bench --kernel linear --batch 8 --against HEAD~1
 
 Each layer has K and V pools of its own (`--layers`, 30 by default as in SmolLM2-135M), as in a
-decode step, not the one pool a repeated call would leave in the cache. One round calls the kernel once per layer; a build's figure is the median round.
-With `--against REV`, attention.cpp and the headers it includes are taken from git revision REV,
+decode step, not the one pool a repeated call would leave in the cache. One round calls the
+kernel once per layer; a build's figure is the median round.
+With `--against REV`, the source and the headers it includes are taken from git revision REV,
 built as a second extension, and the two builds run in alternating rounds, so a busy neighbour
 slows both alike; the largest difference of their outputs is printed too (0 when a change keeps
 every sum in the same order).
 
 With `--shared-prefix-groups G`, the decode rows are in G groups (row b in group b mod G) whose
-table rows start with the same `--shared-prefix-len` slots (default: all of `--context`), and the rounds alternate
+table rows start with the same `--shared-prefix-len` slots (default: all of `--context`), and the
+rounds alternate
 `grouped_decode_attention` over those groups with the plain decode kernel over the same table
 (kernels/cpu/cascade.py): the same outputs, but on CPUs with AVX2 and no AVX-512 the grouped form
 reads each span once for up to 8 of a group's rows.
@@ -28,6 +32,14 @@ bytes; with groups, a span counts once for each row that attends it. The pools c
 only when all layers' pools together outgrow the last-level cache (with `--layers 1` and a small
 batch they stay in it). On CPUs with AMX, the engine runs bfloat16 extends on
 `attention_amx.cpp`, which this tool does not time.
+
+`--kernel linear` times `linear_f32_panels` (the float32 linears of CPUs without AVX-512 BF16)
+over the decoder linears of `--layers` layers of a Llama-shaped model (q, k, v and o projections
+from `--heads`, `--kv-heads` and `--head-dim`, gate, up and down from `--hidden` and
+`--intermediate`; SmolLM2-135M's by default), each layer's weights random and its own, packed
+into panels of 16 channels, for `--batch` rows of input. All layers' weights together (425 MB by
+default) outgrow the last-level cache, so each call reads its weight from memory, as in a decode
+step; GB/s is those bytes over the median round. The other attention options do not apply.
 """
 
 from __future__ import annotations
@@ -44,11 +56,13 @@ from types import ModuleType
 
 import torch
 
+from kernels.cpu import linear as cpu_linear
 from kernels.cpu import load, load_error, supports_dtypes
 from kernels.cpu.build import Extension, build_root, included_names
 from kernels.cpu.cascade import reads_spans_once
 
 SOURCE = Path(__file__).with_name("attention.cpp")
+LINEAR_SOURCE = Path(__file__).with_name("linear_f32.cpp")
 THIS_TREE = "this tree"
 DTYPES = {
     "float32": torch.float32,
@@ -57,12 +71,13 @@ DTYPES = {
 }
 
 
-def build_revision(revision: str) -> ModuleType:
-    """attention.cpp and the headers it includes, as of git revision `revision`, built as an
-    extension of its own. The files are written to a directory under torch's extension root
-    named by a hash of their text, so a second run against the same sources reuses the build.
-    Raises RuntimeError when git cannot show a file or the build fails."""
-    repo = SOURCE.parents[2]
+def build_revision(revision: str, source: Path = SOURCE) -> ModuleType:
+    """`source` (a file of kernels/cpu) and the headers it includes, as of git revision
+    `revision`, built as an extension of its own. The files are written to a directory under
+    torch's extension root named by a hash of their text, so a second run against the same
+    sources reuses the build. Raises RuntimeError when git cannot show a file or the build
+    fails."""
+    repo = source.parents[2]
     texts: dict[str, str] = {}  # file name -> its text at the revision
 
     def show(name: str) -> str:
@@ -80,20 +95,22 @@ def build_revision(revision: str) -> ModuleType:
         texts[name] = shown.stdout
         return shown.stdout
 
-    included_names(show(SOURCE.name), show)  # fills texts with the source and its headers
+    included_names(show(source.name), show)  # fills texts with the source and its headers
     digest = hashlib.sha256("".join(texts[n] for n in sorted(texts)).encode()).hexdigest()[:12]
-    directory = build_root() / f"radixserve_cpu_attention_sources_{digest}"
+    directory = build_root() / f"radixserve_cpu_{source.stem}_sources_{digest}"
     directory.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
         path = directory / name
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
     extension = Extension(
-        "radixserve_cpu_attention_against", directory / SOURCE.name, f"attention.cpp at {revision}"
+        f"radixserve_cpu_{source.stem}_against",
+        directory / source.name,
+        f"{source.name} at {revision}",
     )
     module = extension.load()
     if module is None:
-        raise RuntimeError(f"building attention.cpp at {revision} failed: {extension.error}")
+        raise RuntimeError(f"building {source.name} at {revision} failed: {extension.error}")
     return module
 
 
@@ -148,6 +165,39 @@ def make_case(args: argparse.Namespace) -> tuple[Callable[[ModuleType, int], tor
     return call, per_round * kv_dtype.itemsize
 
 
+def linear_shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(out features, in features) of one layer's decoder linears: q, k, v, o, gate, up, down."""
+    q, kv = args.heads * args.head_dim, args.kv_heads * args.head_dim
+    hidden, inter = args.hidden, args.intermediate
+    return (
+        [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q)]
+        + [(inter, hidden)] * 2
+        + [(hidden, inter)]
+    )
+
+
+def make_linear_case(
+    args: argparse.Namespace,
+) -> tuple[Callable[[ModuleType, int], list[torch.Tensor]], int]:
+    """The call to time, as fn(module, layer) → the layer's outputs, and the weight bytes one
+    round reads (`--layers` layers of `linear_shapes`, float32)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = linear_shapes(args)
+    layers = [
+        [cpu_linear.pack_panels16(torch.randn(n, k, generator=gen) * k**-0.5) for n, k in shapes]
+        for _ in range(args.layers)
+    ]
+    inputs = {k: torch.randn(args.batch, k, generator=gen) for _, k in shapes}
+
+    def call(module: ModuleType, layer: int) -> list[torch.Tensor]:
+        return [
+            module.linear_f32_panels(inputs[k], panels, n, None)
+            for (n, k), panels in zip(shapes, layers[layer], strict=True)
+        ]
+
+    return call, 4 * args.layers * sum(n * k for n, k in shapes)
+
+
 def make_grouped_case(
     args: argparse.Namespace, module: ModuleType
 ) -> tuple[dict[str, Callable[[int], torch.Tensor]], int]:
@@ -190,10 +240,17 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[st
     Raises RuntimeError when a build fails."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    current = load()
-    if current is None:
-        raise RuntimeError(f"the attention kernels could not be built: {load_error()}")
-    entries: dict[str, Callable[[int], torch.Tensor]]  # name -> fn(layer)
+    linear = args.kernel == "linear"
+    if linear:
+        current = cpu_linear.f32_module()
+        if current is None:
+            error = cpu_linear.f32_load_error() or "disabled, or no AVX2 and FMA"
+            raise RuntimeError(f"the float32 linear kernels could not be built: {error}")
+    else:
+        current = load()
+        if current is None:
+            raise RuntimeError(f"the attention kernels could not be built: {load_error()}")
+    entries: dict[str, Callable[[int], torch.Tensor | list[torch.Tensor]]]  # name -> fn(layer)
     if args.shared_prefix_groups:
         entries, bytes_per_round = make_grouped_case(args, current)
         if not reads_spans_once(args.head_dim):
@@ -201,8 +258,8 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[st
     else:
         builds = {THIS_TREE: current}
         if args.against:
-            builds[args.against] = build_revision(args.against)
-        call, bytes_per_round = make_case(args)
+            builds[args.against] = build_revision(args.against, LINEAR_SOURCE if linear else SOURCE)
+        call, bytes_per_round = make_linear_case(args) if linear else make_case(args)
         entries = {
             name: (lambda layer, module=module: call(module, layer))
             for name, module in builds.items()
@@ -216,6 +273,40 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[st
             for layer in range(args.layers):
                 entries[name](layer)
             times[name].append((time.perf_counter() - start) * 1e3)
+    if linear:
+        what = (
+            f"linear: {args.batch} rows x {len(linear_shapes(args))} float32 panel linears "
+            f"(hidden {args.hidden}, intermediate {args.intermediate}, {args.heads}/"
+            f"{args.kv_heads} heads x {args.head_dim}), {args.layers} layers, "
+            f"{torch.get_num_threads()} threads, medians of {args.rounds} rounds"
+        )
+        read = "weights"
+    else:
+        what, read = describe_attention(args)
+    out(what)
+    for name, ms in times.items():
+        median = statistics.median(ms)
+        out(
+            f"  {name:>12}: {median:8.2f} ms a round ({median / args.layers * 1e3:7.1f} us a "
+            f"layer), {bytes_per_round / median / 1e6:5.1f} GB/s of {read}"
+        )
+    if len(entries) == 2:
+        (first, a), (second, b) = (
+            (name, [o] if isinstance(o, torch.Tensor) else o) for name, o in outputs.items()
+        )
+        diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b, strict=True))
+        ratio = statistics.median(times[first]) / statistics.median(times[second])
+        paired = statistics.median(x / y for x, y in zip(times[first], times[second], strict=True))
+        fastest = min(times[first]) / min(times[second])
+        out(
+            f"  {first} takes {ratio:.3f}x the time of {second} (median of the rounds' ratios "
+            f"{paired:.3f}, fastest rounds {fastest:.3f}); max |diff| {diff:g}"
+        )
+    return times
+
+
+def describe_attention(args: argparse.Namespace) -> tuple[str, str]:
+    """The attention run's description line, and what its GB/s counts."""
     what = (
         f"{args.kernel}: {args.batch} requests x "
         + (f"{args.new_tokens} new tokens after " if args.kernel == "extend" else "")
@@ -228,29 +319,17 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[st
         )
         + f"{torch.get_num_threads()} threads, medians of {args.rounds} rounds"
     )
-    out(what)
     # extend reads a request's keys and values again for each block of its new tokens
     read = "distinct K and V" if args.kernel == "extend" else "K and V"
     if args.shared_prefix_groups:  # a group's span counts once per row that attends it
         read = "K and V as the rows see them"
-    for name, ms in times.items():
-        median = statistics.median(ms)
-        out(
-            f"  {name:>12}: {median:8.2f} ms a round ({median / args.layers * 1e3:7.1f} us a "
-            f"layer), {bytes_per_round / median / 1e6:5.1f} GB/s of {read}"
-        )
-    if len(entries) == 2:
-        (first, a), (second, b) = outputs.items()
-        diff = (a.float() - b.float()).abs().max().item()
-        ratio = statistics.median(times[first]) / statistics.median(times[second])
-        out(f"  {first} takes {ratio:.3f}x the time of {second}; max |diff| {diff:g}")
-    return times
+    return what, read
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kernels.cpu.bench", description=__doc__)
-    parser.add_argument("--kernel", choices=("decode", "extend"), default="decode")
-    parser.add_argument("--batch", type=int, default=16, help="requests")
+    parser.add_argument("--kernel", choices=("decode", "extend", "linear"), default="decode")
+    parser.add_argument("--batch", type=int, default=16, help="requests (linear: rows)")
     parser.add_argument(
         "--context", type=int, default=1000, help="positions per request (extend: cached ones)"
     )
@@ -258,6 +337,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=9)
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=576, help="linear: the model's width")
+    parser.add_argument(
+        "--intermediate", type=int, default=1536, help="linear: the MLP's inner width"
+    )
     parser.add_argument("--kv-dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--q-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--layers", type=int, default=30, help="layers, each with its own pools")
@@ -265,7 +348,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scatter", action="store_true", help="slots in random order")
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     parser.add_argument(
-        "--against", metavar="REV", help="also time attention.cpp at this git revision"
+        "--against", metavar="REV", help="also time the kernel's source at this git revision"
     )
     parser.add_argument(
         "--shared-prefix-groups",
@@ -278,7 +361,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--shared-prefix-len", type=int, help="positions each group shares (default: --context)"
     )
     args = parser.parse_args(argv)
-    for name in ("batch", "context", "new_tokens", "heads", "kv_heads", "head_dim", "layers"):
+    names = ("batch", "context", "new_tokens", "heads", "kv_heads", "head_dim", "layers")
+    for name in (*names, "hidden", "intermediate"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rounds < 1 or args.threads < 0:
@@ -293,6 +377,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"the kernels do not take {args.q_dtype} queries over {args.kv_dtype} pools")
     if args.against == THIS_TREE:
         parser.error(f"--against names a git revision, not {THIS_TREE!r}")
+    if args.kernel == "linear" and (
+        args.shared_prefix_groups or args.scatter or args.kv_dtype != "float32"
+    ):
+        parser.error("--kernel linear takes no --shared-prefix-groups, --scatter or --kv-dtype")
     if args.shared_prefix_len is not None and not args.shared_prefix_groups:
         parser.error("--shared-prefix-len needs --shared-prefix-groups")
     if args.shared_prefix_groups:

@@ -26,13 +26,13 @@
 // panel's 16 weights once for all its rows (bfloat16 widened and int8 converted exactly, int4 as
 // above) and broadcasts one value of each row (2 + 6 loads for 12 FMAs with float32 weights,
 // nothing reduced across lanes); a bfloat16 or quantized panel serving more than kExpandRows rows
-// is expanded once into a float32 buffer instead, and a float32 panel for 5 to 16 rows is taken
-// by all its tiles in turn 128 steps at a time (span_panel), so it is read from memory once and
-// in order. Every output is one float32 sum over k ascending (int8: scaled after), so a row's
-// result does not depend on the rest of its batch. Threads take runs of panels from a shared counter (about
-// kChunksPerThread runs each) and sweep the rows in blocks whose x stays in L2
-// (kPackedBlockBytes). Measured on a 2-core AVX2 host over SmolLM2-135M's 120
-// decoder linears in float32 (distinct weights, read from memory): 17.8 ms at one row (the FMA
+// is expanded once into a float32 buffer instead, and a float32 panel for a batch of 5 to 16 rows
+// is taken by all its tiles in turn 128 steps at a time (span_panel), so it is read from memory
+// once and in order. Every output is one float32 sum over k ascending (int8: scaled after), so a
+// row's result does not depend on the rest of its batch. Threads take runs of panels from a
+// shared counter (about kChunksPerThread runs each) and sweep the rows in blocks whose x stays in
+// L2 (kPackedBlockBytes). Measured on a 2-core AVX2 host over SmolLM2-135M's 120 decoder linears
+// in float32 (distinct weights, read from memory): 17.8 ms at one row (the FMA
 // kernel below 18.8), 29.1 at 8 (oneDNN's packed GEMM 40.9), 60.2 at 32 (73.9), 111 at 64 (133),
 // 806 at 512 (808) and 1,484 at 1,024 (1,540).
 //
@@ -555,10 +555,11 @@ constexpr int64_t kFetchSteps = 32;
 // at a time. With kFetch (float32 panels only) each step also fetches the panel's line
 // kFetchSteps steps ahead into L1 (near the panel's end, lines past it: a hint only, which never
 // faults). With kEvery > 0 (float32 panels only) every kEvery-th step from k0 also fetches one
-// line into L2, from `far` on (see panel_rows and span_panel).
+// line into L2, from the address `far` on (see panel_rows and span_panel; an address past the
+// tensor is a hint only, which never faults).
 template <int R, bool kFetch, int kEvery, typename Lanes>
 inline void accumulate(const float* x, int64_t K, const Lanes& panel, int64_t k0, int64_t k1,
-                       __m256 (&acc)[R][2], const char* far = nullptr) {
+                       __m256 (&acc)[R][2], uintptr_t far = 0) {
   static_assert(!kFetch || std::is_same_v<Lanes, F32Lanes>, "fetches float32 panels only");
   static_assert(kEvery == 0 || std::is_same_v<Lanes, F32Lanes>, "fetches float32 panels only");
 #pragma GCC unroll 4
@@ -570,7 +571,9 @@ inline void accumulate(const float* x, int64_t K, const Lanes& panel, int64_t k0
       _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
     }
     if constexpr (kEvery > 0) {
-      if ((k - k0) % kEvery == 0) _mm_prefetch(far + (k - k0) / kEvery * 64, _MM_HINT_T1);
+      if ((k - k0) % kEvery == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(far + (k - k0) / kEvery * 64), _MM_HINT_T1);
+      }
     }
     panel.load(k, w);
     for (int step = 0; step < Lanes::kStep; ++step) {
@@ -619,7 +622,7 @@ inline void packed_tile(const float* x, int64_t K, const Lanes& panel, const flo
   __m256 acc[R][2];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  accumulate<R, kFetch, kEvery>(x, K, panel, 0, K, acc, next);
+  accumulate<R, kFetch, kEvery>(x, K, panel, 0, K, acc, reinterpret_cast<uintptr_t>(next));
   // Through a buffer rather than stored from `acc` lane by lane: indexing `acc` with a run-time
   // channel count made GCC keep it in memory, storing all 12 sums at every step (half the speed).
   alignas(32) float sums[R][kPanelLanes];
@@ -677,7 +680,8 @@ constexpr int64_t kSpanMaxRows = 16;
 // between spans. The span then stays in L1 while the tiles take it, and the panel is read from
 // memory once, in order: the first tile fetches the span's lines kFetchSteps ahead into L1, and
 // each tile fetches its share of the next span into L2 (one line every `tiles` steps), so the
-// next span streams in while this one is computed (after the last span, the next panel's first).
+// next span streams in while this one is computed (after the last span, the next panel's first;
+// past the tensor for its last panel, a hint only).
 // Each sum is still one FMA chain over k ascending, so the outputs are those of a tile that runs
 // the whole panel in one pass.
 void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
@@ -694,7 +698,8 @@ void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
       const float* xr = x + m * K;
       float(*tile_sums)[kPanelLanes] = sums + (m - m0);
       // the next span's lines [t * share, (t + 1) * share) (a line is one step's 16 weights)
-      const char* far = reinterpret_cast<const char*>(panel + (k1 + t * share) * kPanelLanes);
+      const uintptr_t far = reinterpret_cast<uintptr_t>(panel) +
+                            (k1 + t * share) * kPanelLanes * sizeof(float);
       with_rows(rows, [&](auto r) {
         constexpr int R = decltype(r)::value;
         __m256 acc[R][2];
@@ -746,19 +751,22 @@ void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
 // to stream in anyway. One row is left alone: fetching the next panel there too took 1.14
 // times as long.
 //
-// A float32 panel read from memory for kSpanMinRows to kSpanMaxRows rows runs span_panel
-// instead. Over the same 120 linears (31-41 runs alternating with the code before, the median of
-// the runs' ratios, three runs of the script; the ratio of the fastest runs in brackets): 6 rows
-// 0.92-0.94 (0.90-0.99), 8 rows 0.96 (0.91-0.98), 12 rows 0.95-0.98 (0.93-0.97), 16 rows
-// 0.95-0.99 (0.91-0.94), 5 rows 0.97-0.99; 2 to 4 rows took 1.03-1.07 times as long with
-// span_panel, and 17 to 32 rows 1.00-1.09, where the compute outlasts the panel's read anyway.
+// With `spans` (a float32 panel read from memory, a batch of kSpanMinRows to kSpanMaxRows rows),
+// a block of kSpanMinRows rows or more runs span_panel instead. Over the same 120 linears
+// (`python -m kernels.cpu.bench --kernel linear --batch M --against REV`, 31 rounds alternating
+// with the code before; the median of the rounds' ratios, and of the fastest rounds' in
+// brackets), three passes: 5 rows 1.01, 0.94, 1.01; 6 rows 0.90, 0.91, 0.94; 8 rows 0.97, 0.94,
+// 1.00; 12 rows 0.97, 0.97, 0.95; 16 rows 1.01 (0.90), 0.95, 0.98 (0.93); outputs bit for bit
+// the same. Earlier scripts gave 2 to 4 rows 1.03-1.07 times the time in spans, and 17 to 32
+// rows 1.00-1.09, where the compute outlasts the panel's read anyway.
 template <typename Lanes>
 void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
                 const Lanes& panel, const float* scale, const float* bias, float* out,
-                int64_t n0, int64_t valid, bool fetch, const float* next = nullptr) {
+                int64_t n0, int64_t valid, bool fetch, const float* next = nullptr,
+                bool spans = false) {
   const int64_t tiles = (m_end - m0 + kPackedRows - 1) / kPackedRows;
   if constexpr (std::is_same_v<Lanes, F32Lanes>) {
-    if (fetch && m_end - m0 >= kSpanMinRows && m_end - m0 <= kSpanMaxRows) {
+    if (spans && m_end - m0 >= kSpanMinRows) {
       span_panel(x, m0, m_end, K, N, panel.p, scale, bias, out, n0, valid);
       return;
     }
@@ -810,6 +818,8 @@ void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P));
   const int64_t chunk = std::max<int64_t>(1, P / (workers * kChunksPerThread));
   const int64_t chunks = (P + chunk - 1) / chunk;
+  // batches measured faster in spans (their row blocks then hold at most kSpanMaxRows rows)
+  const bool spans = !kConverted && M >= kSpanMinRows && M <= kSpanMaxRows;
   radixserve_tasks::for_each_task(
       chunks,
       [&] { return std::vector<float>(kConverted && M > kExpandRows ? K * kPanelLanes : 0); },
@@ -838,7 +848,8 @@ void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes
               if constexpr (!kConverted) {
                 if (p + 1 < P) next = lanes(p + 1).p;
               }
-              panel_rows(x, mb, m_end, K, N, panel, ps, pb, out, n0, valid, !kConverted, next);
+              panel_rows(x, mb, m_end, K, N, panel, ps, pb, out, n0, valid, !kConverted, next,
+                         spans);
             }
           }
         }

@@ -1,4 +1,5 @@
-"""`python -m kernels.cpu.bench`: the CPU attention kernels timed alone, and against a revision."""
+"""`python -m kernels.cpu.bench`: the CPU attention kernels and float32 linears timed alone, and
+against a revision."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 import kernels.cpu as cpu_kernels
 from kernels.cpu import bench
+from kernels.cpu import linear as cpu_linear
 
 pytestmark = pytest.mark.skipif(
     cpu_kernels.load() is None, reason=f"kernel not built: {cpu_kernels.load_error()}"
@@ -63,6 +65,43 @@ def test_the_same_source_at_head_gives_the_same_outputs() -> None:
     assert lines[-1].endswith("max |diff| 0"), lines[-1]
 
 
+LINEAR = [
+    *["--kernel", "linear", "--batch", "3", "--layers", "2", "--rounds", "3"],
+    *["--hidden", "64", "--intermediate", "96", "--heads", "2", "--kv-heads", "1"],
+    *["--head-dim", "32"],
+]
+needs_f32 = pytest.mark.skipif(
+    cpu_linear.f32_module() is None, reason=f"not built: {cpu_linear.f32_load_error()}"
+)
+
+
+@needs_f32
+def test_linear_times_every_round_and_reports_the_weight_bytes() -> None:
+    lines: list[str] = []
+    args = bench.parse_args(LINEAR)
+    times = bench.run(args, out=lines.append)
+    assert list(times) == ["this tree"] and len(times["this tree"]) == 3
+    assert lines[0].startswith("linear: 3 rows x 7 float32 panel linears (hidden 64, ")
+    assert "GB/s of weights" in lines[1]
+    # q and o 64 x 64, k and v 32 x 64, gate and up 96 x 64, down 64 x 96; float32, 2 layers
+    assert bench.make_linear_case(args)[1] == 4 * 2 * (2 * 4096 + 2 * 2048 + 3 * 6144)
+    call, _ = bench.make_linear_case(args)
+    outs = call(cpu_linear.f32_module(), 1)
+    shapes = [(3, 64), (3, 32), (3, 32), (3, 64), (3, 96), (3, 96), (3, 64)]
+    assert [tuple(o.shape) for o in outs] == shapes
+
+
+@pytest.mark.slow  # builds linear_f32.cpp a second time
+@needs_f32
+@pytest.mark.skipif(not head_has_this_attention_source(), reason="kernels/cpu differs from HEAD")
+def test_linear_at_head_gives_the_same_outputs() -> None:
+    lines: list[str] = []
+    times = bench.run(bench.parse_args([*LINEAR, "--against", "HEAD"]), out=lines.append)
+    assert list(times) == ["this tree", "HEAD"]
+    assert "median of the rounds' ratios" in lines[-1]
+    assert lines[-1].endswith("max |diff| 0"), lines[-1]
+
+
 def test_an_unknown_revision_is_an_error_naming_it() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "kernels.cpu.bench", *SMALL, "--against", "no-such-revision"],
@@ -89,6 +128,9 @@ def test_an_unknown_revision_is_an_error_naming_it() -> None:
         ["--shared-prefix-groups", "4", "--against", "HEAD"],
         ["--shared-prefix-groups", "-2"],
         ["--shared-prefix-len", "100"],  # without groups
+        ["--kernel", "linear", "--scatter"],
+        ["--kernel", "linear", "--kv-dtype", "bfloat16"],
+        ["--kernel", "linear", "--intermediate", "0"],
     ],
 )
 def test_arguments_the_kernels_cannot_take_are_refused(
