@@ -670,7 +670,7 @@ inline void packed_rows_next(int64_t every, int64_t rows, const float* x, int64_
 
 // Steps of a span (span_panel): 8 KB of a float32 panel, which every row tile computes in turn.
 constexpr int64_t kSpanSteps = 128;
-// Rows for which panel_rows runs span_panel: 5 to 16 (one to three tiles).
+// Batches (rows of x) whose float32 panels run span_panel: 5 to 16 (one to three tiles).
 constexpr int64_t kSpanMinRows = 5;
 constexpr int64_t kSpanMaxRows = 16;
 
@@ -681,9 +681,8 @@ constexpr int64_t kSpanMaxRows = 16;
 // memory once, in order: the first tile fetches the span's lines kFetchSteps ahead into L1, and
 // each tile fetches its share of the next span into L2 (one line every `tiles` steps), so the
 // next span streams in while this one is computed (after the last span, the next panel's first;
-// past the tensor for its last panel, a hint only).
-// Each sum is still one FMA chain over k ascending, so the outputs are those of a tile that runs
-// the whole panel in one pass.
+// past the tensor for its last panel, a hint only). Each sum is still one FMA chain over k
+// ascending, so the outputs are those of a tile that runs the whole panel in one pass.
 void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
                 const float* panel, const float* scale, const float* bias, float* out,
                 int64_t n0, int64_t valid) {
