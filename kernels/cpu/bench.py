@@ -19,10 +19,9 @@ every sum in the same order).
 
 With `--shared-prefix-groups G`, the decode rows are in G groups (row b in group b mod G) whose
 table rows start with the same `--shared-prefix-len` slots (default: all of `--context`), and the
-rounds alternate
-`grouped_decode_attention` over those groups with the plain decode kernel over the same table
-(kernels/cpu/cascade.py): the same outputs, but on CPUs with AVX2 and no AVX-512 the grouped form
-reads each span once for up to 8 of a group's rows.
+rounds alternate `grouped_decode_attention` over those groups with the plain decode kernel over
+the same table (kernels/cpu/cascade.py): the same outputs, but on CPUs with AVX2 and no AVX-512
+the grouped form reads each span once for up to 8 of a group's rows.
 
 GB/s is the K and V bytes the calls read (each request's positions x kv heads x head dim x the
 pool's element size, twice) over the median time; for decode it is the figure to hold against

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--batch", "3", "--context", "45", "--layers", "2", "--rounds", "3"]
 
 
-def head_has_this_attention_source() -> bool:
+def head_has_these_kernel_sources() -> bool:
     shown = subprocess.run(
         ["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "kernels/cpu"],
         capture_output=True,
@@ -56,7 +56,7 @@ def test_decode_groups_are_timed_against_the_plain_kernel_with_the_same_outputs(
 
 
 @pytest.mark.slow  # builds attention.cpp a second time
-@pytest.mark.skipif(not head_has_this_attention_source(), reason="kernels/cpu differs from HEAD")
+@pytest.mark.skipif(not head_has_these_kernel_sources(), reason="kernels/cpu differs from HEAD")
 def test_the_same_source_at_head_gives_the_same_outputs() -> None:
     lines: list[str] = []
     times = bench.run(bench.parse_args([*SMALL, "--against", "HEAD"]), out=lines.append)
@@ -93,7 +93,7 @@ def test_linear_times_every_round_and_reports_the_weight_bytes() -> None:
 
 @pytest.mark.slow  # builds linear_f32.cpp a second time
 @needs_f32
-@pytest.mark.skipif(not head_has_this_attention_source(), reason="kernels/cpu differs from HEAD")
+@pytest.mark.skipif(not head_has_these_kernel_sources(), reason="kernels/cpu differs from HEAD")
 def test_linear_at_head_gives_the_same_outputs() -> None:
     lines: list[str] = []
     times = bench.run(bench.parse_args([*LINEAR, "--against", "HEAD"]), out=lines.append)
