@@ -36,9 +36,11 @@ batch they stay in it). On CPUs with AMX, the engine runs bfloat16 extends on
 over the decoder linears of `--layers` layers of a Llama-shaped model (q, k, v and o projections
 from `--heads`, `--kv-heads` and `--head-dim`, gate, up and down from `--hidden` and
 `--intermediate`; SmolLM2-135M's by default), each layer's weights random and its own, packed
-into panels of 16 channels, for `--batch` rows of input. All layers' weights together (425 MB by
-default) outgrow the last-level cache, so each call reads its weight from memory, as in a decode
-step; GB/s is those bytes over the median round. The other attention options do not apply.
+into panels of 16 channels, for `--batch` rows of input; with `--linear-dtype bfloat16`,
+`linear_bf16_f32_panels` over bfloat16 inputs and panels instead (the linears of `--dtype
+bfloat16` there). All layers' weights together (425 MB by default, half in bfloat16) outgrow the
+last-level cache, so each call reads its weight from memory, as in a decode step; GB/s is those
+bytes over the median round. The other attention options do not apply.
 """
 
 from __future__ import annotations
@@ -164,6 +166,12 @@ def make_case(args: argparse.Namespace) -> tuple[Callable[[ModuleType, int], tor
     return call, per_round * kv_dtype.itemsize
 
 
+# --linear-dtype: the dtype of x and of the panels. float32: float32 models' linears
+# (`linear_f32_panels`); bfloat16: `--dtype bfloat16` models' on CPUs without AVX-512
+# (`linear_bf16_f32_panels`: x and weights widened to float32, each output rounded once).
+LINEAR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def linear_shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
     """(out features, in features) of one layer's decoder linears: q, k, v, o, gate, up, down."""
     q, kv = args.heads * args.head_dim, args.kv_heads * args.head_dim
@@ -179,22 +187,27 @@ def make_linear_case(
     args: argparse.Namespace,
 ) -> tuple[Callable[[ModuleType, int], list[torch.Tensor]], int]:
     """The call to time, as fn(module, layer) → the layer's outputs, and the weight bytes one
-    round reads (`--layers` layers of `linear_shapes`, float32)."""
+    round reads (`--layers` layers of `linear_shapes`, in `--linear-dtype`)."""
     gen = torch.Generator().manual_seed(0)
     shapes = linear_shapes(args)
+    dtype = LINEAR_DTYPES[args.linear_dtype]
     layers = [
-        [cpu_linear.pack_panels16(torch.randn(n, k, generator=gen) * k**-0.5) for n, k in shapes]
+        [
+            cpu_linear.pack_panels16((torch.randn(n, k, generator=gen) * k**-0.5).to(dtype))
+            for n, k in shapes
+        ]
         for _ in range(args.layers)
     ]
-    inputs = {k: torch.randn(args.batch, k, generator=gen) for _, k in shapes}
+    inputs = {k: torch.randn(args.batch, k, generator=gen).to(dtype) for _, k in shapes}
 
     def call(module: ModuleType, layer: int) -> list[torch.Tensor]:
+        run = module.linear_bf16_f32_panels if dtype == torch.bfloat16 else module.linear_f32_panels
         return [
-            module.linear_f32_panels(inputs[k], panels, n, None)
+            run(inputs[k], panels, n, None)
             for (n, k), panels in zip(shapes, layers[layer], strict=True)
         ]
 
-    return call, 4 * args.layers * sum(n * k for n, k in shapes)
+    return call, dtype.itemsize * args.layers * sum(n * k for n, k in shapes)
 
 
 def make_grouped_case(
@@ -274,7 +287,8 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[st
             times[name].append((time.perf_counter() - start) * 1e3)
     if linear:
         what = (
-            f"linear: {args.batch} rows x {len(linear_shapes(args))} float32 panel linears "
+            f"linear: {args.batch} rows x {len(linear_shapes(args))} {args.linear_dtype} panel "
+            "linears "
             f"(hidden {args.hidden}, intermediate {args.intermediate}, {args.heads}/"
             f"{args.kv_heads} heads x {args.head_dim}), {args.layers} layers, "
             f"{torch.get_num_threads()} threads, medians of {args.rounds} rounds"
@@ -341,6 +355,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--intermediate", type=int, default=1536, help="linear: the MLP's inner width"
     )
     parser.add_argument("--kv-dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument(
+        "--linear-dtype",
+        choices=tuple(LINEAR_DTYPES),
+        default="float32",
+        help="linear: the dtype of x and the panels (bfloat16: linear_bf16_f32_panels)",
+    )
     parser.add_argument("--q-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--layers", type=int, default=30, help="layers, each with its own pools")
     parser.add_argument("--rounds", type=int, default=11)
@@ -380,6 +400,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.shared_prefix_groups or args.scatter or args.kv_dtype != "float32"
     ):
         parser.error("--kernel linear takes no --shared-prefix-groups, --scatter or --kv-dtype")
+    if args.kernel != "linear" and args.linear_dtype != "float32":
+        parser.error("--linear-dtype applies to --kernel linear only")
     if args.shared_prefix_len is not None and not args.shared_prefix_groups:
         parser.error("--shared-prefix-len needs --shared-prefix-groups")
     if args.shared_prefix_groups:

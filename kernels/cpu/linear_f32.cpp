@@ -498,6 +498,7 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::
 //   zero [K / g][16] float32.
 struct F32Lanes {
   static constexpr int kStep = 1;
+  static constexpr int64_t kStepBytes = kPanelLanes * sizeof(float);  // one 64-byte line a step
   const float* p;
   inline void load(int64_t k, __m256 w[1][2]) const {
     w[0][0] = _mm256_loadu_ps(p + k * kPanelLanes);
@@ -506,6 +507,7 @@ struct F32Lanes {
 };
 struct Bf16Lanes {
   static constexpr int kStep = 1;
+  static constexpr int64_t kStepBytes = kPanelLanes * sizeof(uint16_t);  // half a line a step
   const uint16_t* p;
   inline void load(int64_t k, __m256 w[1][2]) const {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * kPanelLanes));
@@ -545,6 +547,11 @@ struct Int4Lanes {
   }
 };
 
+// Panels whose tiles fetch ahead (accumulate's kFetch and kEvery): those of 16-bit or 32-bit
+// floats, read from memory a line every one or two steps.
+template <typename Lanes>
+constexpr bool kFetchable = std::is_same_v<Lanes, F32Lanes> || std::is_same_v<Lanes, Bf16Lanes>;
+
 // Steps over k a float32 panel tile that fetches (kFetch) reads ahead: 32 steps of 64 bytes, 2 KB
 // (16 steps ran 3-6 % slower over the decoder linears at 8 to 256 rows; 64 even at 8 and 32
 // rows, 6 % slower at 256).
@@ -552,22 +559,23 @@ constexpr int64_t kFetchSteps = 32;
 
 // Adds to acc[r][0..1] (the sums of row r of x, K apart, over a packed panel's 16 channels) the
 // products of the panel's steps [k0, k1), k ascending, one FMA chain per sum, unrolled four steps
-// at a time. With kFetch (float32 panels only) each step also fetches the panel's line
-// kFetchSteps steps ahead into L1 (near the panel's end, lines past it: a hint only, which never
-// faults). With kEvery > 0 (float32 panels only) every kEvery-th step from k0 also fetches one
+// at a time. With kFetch (float32 and bfloat16 panels, kFetchable) each step also fetches the
+// panel's line kFetchSteps float32 steps (2 KB) ahead into L1 (a bfloat16 step is half a line, so
+// each line is asked for twice; near the panel's end, lines past it: a hint only, which never
+// faults). With kEvery > 0 (kFetchable panels) every kEvery-th step from k0 also fetches one
 // line into L2, from the address `far` on (see panel_rows and span_panel; an address past the
 // tensor is a hint only, which never faults).
-template <int R, bool kFetch, int kEvery, typename Lanes>
+template <int R, bool kFetch, int kEvery, typename Lanes, bool kSpill = false>
 inline void accumulate(const float* x, int64_t K, const Lanes& panel, int64_t k0, int64_t k1,
-                       __m256 (&acc)[R][2], uintptr_t far = 0) {
-  static_assert(!kFetch || std::is_same_v<Lanes, F32Lanes>, "fetches float32 panels only");
-  static_assert(kEvery == 0 || std::is_same_v<Lanes, F32Lanes>, "fetches float32 panels only");
+                       __m256 (&acc)[R][2], uintptr_t far = 0, float* spill = nullptr) {
+  static_assert(!kFetch || kFetchable<Lanes>, "fetches float32 and bfloat16 panels only");
+  static_assert(!kSpill || Lanes::kStep == 1, "spills panels of one step a load");
 #pragma GCC unroll 4
   for (int64_t k = k0; k < k1; k += Lanes::kStep) {
     __m256 w[Lanes::kStep][2];
     if constexpr (kFetch) {
-      const uintptr_t ahead = reinterpret_cast<uintptr_t>(panel.p) +
-                              (k + kFetchSteps) * kPanelLanes * sizeof(float);
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(panel.p) + k * Lanes::kStepBytes +
+                              kFetchSteps * F32Lanes::kStepBytes;
       _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
     }
     if constexpr (kEvery > 0) {
@@ -576,6 +584,10 @@ inline void accumulate(const float* x, int64_t K, const Lanes& panel, int64_t k0
       }
     }
     panel.load(k, w);
+    if constexpr (kSpill) {
+      _mm256_store_ps(spill + (k - k0) * kPanelLanes, w[0][0]);
+      _mm256_store_ps(spill + (k - k0) * kPanelLanes + 8, w[0][1]);
+    }
     for (int step = 0; step < Lanes::kStep; ++step) {
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
@@ -670,7 +682,8 @@ inline void packed_rows_next(int64_t every, int64_t rows, const float* x, int64_
 
 // Steps of a span (span_panel): 8 KB of a float32 panel, which every row tile computes in turn.
 constexpr int64_t kSpanSteps = 128;
-// Batches (rows of x) whose float32 panels run span_panel: 5 to 16 (one to three tiles).
+// Batches (rows of x) whose float32 and bfloat16 panels run span_panel: 5 to 16 (one to three
+// tiles).
 constexpr int64_t kSpanMinRows = 5;
 constexpr int64_t kSpanMaxRows = 16;
 
@@ -683,12 +696,19 @@ constexpr int64_t kSpanMaxRows = 16;
 // next span streams in while this one is computed (after the last span, the next panel's first;
 // past the tensor for its last panel, a hint only). Each sum is still one FMA chain over k
 // ascending, so the outputs are those of a tile that runs the whole panel in one pass.
+//
+// A bfloat16 panel's span (4 KB) is first widened into a float32 buffer on the stack, fetching
+// 2 KB ahead, and the tiles take the buffer: each weight is widened once, not once a tile, and
+// the tiles' fetches of the next span ask for half as many lines, at half the rate.
+template <typename Lanes>
 void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
-                const float* panel, const float* scale, const float* bias, float* out,
+                const Lanes& lanes, const float* scale, const float* bias, float* out,
                 int64_t n0, int64_t valid) {
+  static_assert(kFetchable<Lanes>, "spans of float32 and bfloat16 panels only");
+  constexpr bool kWiden = !std::is_same_v<Lanes, F32Lanes>;
   alignas(32) float sums[kSpanMaxRows][kPanelLanes];
+  alignas(64) float widened[kWiden ? kSpanSteps * kPanelLanes : 1];
   const int64_t tiles = (m_end - m0 + kPackedRows - 1) / kPackedRows;
-  const F32Lanes lanes{panel};
   for (int64_t k0 = 0; k0 < K; k0 += kSpanSteps) {
     const int64_t k1 = std::min(K, k0 + kSpanSteps), share = (k1 - k0 + tiles - 1) / tiles;
     int64_t m = m0;
@@ -696,9 +716,9 @@ void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
       const int64_t rows = (m_end - m) / (tiles - t);
       const float* xr = x + m * K;
       float(*tile_sums)[kPanelLanes] = sums + (m - m0);
-      // the next span's lines [t * share, (t + 1) * share) (a line is one step's 16 weights)
-      const uintptr_t far = reinterpret_cast<uintptr_t>(panel) +
-                            (k1 + t * share) * kPanelLanes * sizeof(float);
+      // the next span's steps [t * share, (t + 1) * share)
+      const uintptr_t far =
+          reinterpret_cast<uintptr_t>(lanes.p) + (k1 + t * share) * Lanes::kStepBytes;
       with_rows(rows, [&](auto r) {
         constexpr int R = decltype(r)::value;
         __m256 acc[R][2];
@@ -707,9 +727,22 @@ void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
           acc[i][0] = k0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(tile_sums[i]);
           acc[i][1] = k0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(tile_sums[i] + 8);
         }
-        // each tile fetches one line every `tiles` steps
+        // each tile fetches one line every `tiles` steps (bfloat16: every 2 * `tiles`)
         static_assert(kSpanMaxRows <= 3 * kPackedRows, "tiles of a span: 1 to 3");
-        if (tiles == 1) {
+        if constexpr (kWiden) {
+          // the first tile widens the span as it computes, the others take the buffer (whose
+          // step 0 is the span's step k0)
+          if (tiles == 1) {
+            accumulate<R, true, 2>(xr, K, lanes, k0, k1, acc, far);
+          } else if (t == 0) {
+            tiles == 2 ? accumulate<R, true, 4, Lanes, true>(xr, K, lanes, k0, k1, acc, far, widened)
+                       : accumulate<R, true, 6, Lanes, true>(xr, K, lanes, k0, k1, acc, far, widened);
+          } else {
+            const F32Lanes span{widened};
+            tiles == 2 ? accumulate<R, false, 4>(xr + k0, K, span, 0, k1 - k0, acc, far)
+                       : accumulate<R, false, 6>(xr + k0, K, span, 0, k1 - k0, acc, far);
+          }
+        } else if (tiles == 1) {
           accumulate<R, true, 1>(xr, K, lanes, k0, k1, acc, far);
         } else if (t == 0) {
           tiles == 2 ? accumulate<R, true, 2>(xr, K, lanes, k0, k1, acc, far)
@@ -758,15 +791,20 @@ void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
 // 1.00; 12 rows 0.97, 0.97, 0.95; 16 rows 1.01 (0.90), 0.95, 0.98 (0.93); outputs bit for bit
 // the same. Earlier scripts gave 2 to 4 rows 1.03-1.07 times the time in spans, and 17 to 32
 // rows 1.00-1.09, where the compute outlasts the panel's read anyway.
+//
+// A bfloat16 panel (`fetch`; up to 4 rows, one tile, as spans take 5 to 16 and more are expanded)
+// has its tile fetch ahead too: over the same linears (`python -m kernels.cpu.bench --kernel
+// linear --linear-dtype bfloat16 --against REV`, 21 rounds), 0.88 of the time at one row and
+// 0.87 at 4, outputs bit for bit the same.
 template <typename Lanes>
 void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
                 const Lanes& panel, const float* scale, const float* bias, float* out,
                 int64_t n0, int64_t valid, bool fetch, const float* next = nullptr,
                 bool spans = false) {
   const int64_t tiles = (m_end - m0 + kPackedRows - 1) / kPackedRows;
-  if constexpr (std::is_same_v<Lanes, F32Lanes>) {
+  if constexpr (kFetchable<Lanes>) {
     if (spans && m_end - m0 >= kSpanMinRows) {
-      span_panel(x, m0, m_end, K, N, panel.p, scale, bias, out, n0, valid);
+      span_panel(x, m0, m_end, K, N, panel, scale, bias, out, n0, valid);
       return;
     }
   }
@@ -788,7 +826,10 @@ void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
         m0 += rows;
         continue;
       }
-      if (fetch && t == 0 && tiles > 1) {
+    }
+    if constexpr (kFetchable<Lanes>) {
+      // a lone bfloat16 tile fetches too
+      if (fetch && t == 0 && (tiles > 1 || !std::is_same_v<Lanes, F32Lanes>)) {
         packed_rows<true>(rows, xr, K, panel, scale, bias, o, N, valid);
         m0 += rows;
         continue;
@@ -818,7 +859,7 @@ void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes
   const int64_t chunk = std::max<int64_t>(1, P / (workers * kChunksPerThread));
   const int64_t chunks = (P + chunk - 1) / chunk;
   // batches measured faster in spans (their row blocks then hold at most kSpanMaxRows rows)
-  const bool spans = !kConverted && M >= kSpanMinRows && M <= kSpanMaxRows;
+  const bool spans = kFetchable<Lanes> && M >= kSpanMinRows && M <= kSpanMaxRows;
   radixserve_tasks::for_each_task(
       chunks,
       [&] { return std::vector<float>(kConverted && M > kExpandRows ? K * kPanelLanes : 0); },
@@ -831,7 +872,7 @@ void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes
             const float* ps = scale != nullptr ? scale + n0 : nullptr;
             const float* pb = bias != nullptr ? bias + n0 : nullptr;
             const Lanes panel = lanes(p);
-            if (kConverted && m_end - mb > kExpandRows) {
+            if (kConverted && m_end - mb > kExpandRows && !spans) {
               for (int64_t k = 0; k < K; k += Lanes::kStep) {
                 __m256 w[Lanes::kStep][2];
                 panel.load(k, w);
@@ -847,8 +888,8 @@ void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes
               if constexpr (!kConverted) {
                 if (p + 1 < P) next = lanes(p + 1).p;
               }
-              panel_rows(x, mb, m_end, K, N, panel, ps, pb, out, n0, valid, !kConverted, next,
-                         spans);
+              panel_rows(x, mb, m_end, K, N, panel, ps, pb, out, n0, valid, kFetchable<Lanes>,
+                         next, spans);
             }
           }
         }

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import kernels.cpu as cpu_kernels
 from kernels.cpu import bench
@@ -91,6 +92,20 @@ def test_linear_times_every_round_and_reports_the_weight_bytes() -> None:
     assert [tuple(o.shape) for o in outs] == shapes
 
 
+@needs_f32
+def test_linear_in_bfloat16_reads_half_the_bytes_through_the_bfloat16_kernel() -> None:
+    lines: list[str] = []
+    args = bench.parse_args([*LINEAR, "--linear-dtype", "bfloat16"])
+    times = bench.run(args, out=lines.append)
+    assert len(times["this tree"]) == 3
+    assert lines[0].startswith("linear: 3 rows x 7 bfloat16 panel linears (hidden 64, ")
+    assert bench.make_linear_case(args)[1] == 2 * 2 * (2 * 4096 + 2 * 2048 + 3 * 6144)
+    call, _ = bench.make_linear_case(args)
+    outs = call(cpu_linear.f32_module(), 0)
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    assert [o.shape[1] for o in outs] == [64, 32, 32, 64, 96, 96, 64]
+
+
 @pytest.mark.slow  # builds linear_f32.cpp a second time
 @needs_f32
 @pytest.mark.skipif(not head_has_these_kernel_sources(), reason="kernels/cpu differs from HEAD")
@@ -131,6 +146,7 @@ def test_an_unknown_revision_is_an_error_naming_it() -> None:
         ["--kernel", "linear", "--scatter"],
         ["--kernel", "linear", "--kv-dtype", "bfloat16"],
         ["--kernel", "linear", "--intermediate", "0"],
+        ["--linear-dtype", "bfloat16"],  # decode attention has no linears
     ],
 )
 def test_arguments_the_kernels_cannot_take_are_refused(

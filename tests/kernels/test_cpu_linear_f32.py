@@ -193,6 +193,25 @@ def test_f32_panels_rows_are_rows_alone(rows: int, k: int) -> None:
     assert torch.equal(out, alone)
 
 
+@pytest.mark.parametrize(("rows", "k"), ROWS_ALONE)
+def test_bf16_panels_rows_are_rows_alone(rows: int, k: int) -> None:
+    """The same for bfloat16 panels, whose spans are widened by their first tile for the others
+    (and whose batches of 13 to 16 rows were expanded whole before): every row bit for bit the
+    row alone, and the float32 panels over the widened values rounded once."""
+    gen = torch.Generator().manual_seed(rows + k + 1)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    w = (torch.randn(40, k, generator=gen) / k**0.5).bfloat16()
+    b = torch.randn(40, generator=gen).bfloat16()
+    panels = cpu_linear.pack_panels16(w)
+    out = cpu_linear.linear_bf16_f32_panels(KERNEL, x, panels, 40, b)
+    alone = [cpu_linear.linear_bf16_f32_panels(KERNEL, r, panels, 40, b) for r in x.split(1)]
+    assert torch.equal(out, torch.cat(alone))
+    wide = cpu_linear.linear_f32_panels(
+        KERNEL, x.float(), cpu_linear.pack_panels16(w.float()), 40, b.float()
+    )
+    assert torch.equal(out, wide.bfloat16())
+
+
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize(("k", "n"), SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
