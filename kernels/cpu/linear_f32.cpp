@@ -25,10 +25,11 @@
 // up to 6 rows x 16 channels keeps its 12 sums in registers, and each step over k expands the
 // panel's 16 weights once for all its rows (bfloat16 widened and int8 converted exactly, int4 as
 // above) and broadcasts one value of each row (2 + 6 loads for 12 FMAs with float32 weights,
-// nothing reduced across lanes); a bfloat16 or quantized panel serving more than kExpandRows rows
-// is expanded once into a float32 buffer instead, and a float32 panel for a batch of 5 to 16 rows
-// is taken by all its tiles in turn 128 steps at a time (span_panel), so it is read from memory
-// once and in order. Every output is one float32 sum over k ascending (int8: scaled after), so a
+// nothing reduced across lanes); a float32 or bfloat16 panel for a batch of 5 to 16 rows is taken
+// by all its tiles in turn 128 steps at a time (span_panel), so it is read from memory once and
+// in order (bfloat16 widened once, by the first tile), and a bfloat16 or quantized panel serving
+// more rows than that (quantized: more than kExpandRows) is expanded once into a float32 buffer
+// instead. Every output is one float32 sum over k ascending (int8: scaled after), so a
 // row's result does not depend on the rest of its batch. Threads take runs of panels from a
 // shared counter (about kChunksPerThread runs each) and sweep the rows in blocks whose x stays in
 // L2 (kPackedBlockBytes). Measured on a 2-core AVX2 host over SmolLM2-135M's 120 decoder linears
@@ -78,6 +79,7 @@ constexpr int64_t kBlockBytes = 192 * 1024;  // transposed x a thread sweeps per
 constexpr int64_t kPanelLanes = 16;  // output channels of a packed panel
 constexpr int kPackedRows = 6;       // rows of a packed-panel tile (12 accumulators)
 constexpr int64_t kExpandRows = 12;  // above this many rows quantized panels are expanded once
+                                     // (bfloat16 ones above kSpanMaxRows, after spans)
 constexpr int64_t kPackedBlockBytes = 256 * 1024;  // rows of x a thread sweeps per panel (in L2)
 // Chunks of panels per thread (about) that run_packed's threads take from a shared counter, so
 // that a thread the OS deschedules (the other services share the cores) or that runs slower does
@@ -564,7 +566,8 @@ constexpr int64_t kFetchSteps = 32;
 // each line is asked for twice; near the panel's end, lines past it: a hint only, which never
 // faults). With kEvery > 0 (kFetchable panels) every kEvery-th step from k0 also fetches one
 // line into L2, from the address `far` on (see panel_rows and span_panel; an address past the
-// tensor is a hint only, which never faults).
+// tensor is a hint only, which never faults). With kSpill each step's 16 weights, as loaded
+// (widened), are also stored at spill[(k - k0) * 16], for the tiles after this one (span_panel).
 template <int R, bool kFetch, int kEvery, typename Lanes, bool kSpill = false>
 inline void accumulate(const float* x, int64_t K, const Lanes& panel, int64_t k0, int64_t k1,
                        __m256 (&acc)[R][2], uintptr_t far = 0, float* spill = nullptr) {
@@ -697,9 +700,11 @@ constexpr int64_t kSpanMaxRows = 16;
 // past the tensor for its last panel, a hint only). Each sum is still one FMA chain over k
 // ascending, so the outputs are those of a tile that runs the whole panel in one pass.
 //
-// A bfloat16 panel's span (4 KB) is first widened into a float32 buffer on the stack, fetching
-// 2 KB ahead, and the tiles take the buffer: each weight is widened once, not once a tile, and
-// the tiles' fetches of the next span ask for half as many lines, at half the rate.
+// A bfloat16 panel's span (4 KB) is widened by its first tile as it computes (fetching 2 KB ahead),
+// which stores the widened weights into an 8 KB float32 buffer on the stack that the other tiles
+// take: each weight is widened once, not once a tile, and while the FMAs of the first tile run.
+// The tiles' fetches of the next span ask for half as many lines (a line is two bfloat16 steps),
+// one every 2 * `tiles` steps.
 template <typename Lanes>
 void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
                 const Lanes& lanes, const float* scale, const float* bias, float* out,
@@ -735,8 +740,11 @@ void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
           if (tiles == 1) {
             accumulate<R, true, 2>(xr, K, lanes, k0, k1, acc, far);
           } else if (t == 0) {
-            tiles == 2 ? accumulate<R, true, 4, Lanes, true>(xr, K, lanes, k0, k1, acc, far, widened)
-                       : accumulate<R, true, 6, Lanes, true>(xr, K, lanes, k0, k1, acc, far, widened);
+            if (tiles == 2) {
+              accumulate<R, true, 4, Lanes, true>(xr, K, lanes, k0, k1, acc, far, widened);
+            } else {
+              accumulate<R, true, 6, Lanes, true>(xr, K, lanes, k0, k1, acc, far, widened);
+            }
           } else {
             const F32Lanes span{widened};
             tiles == 2 ? accumulate<R, false, 4>(xr + k0, K, span, 0, k1 - k0, acc, far)
@@ -841,8 +849,9 @@ void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
 }
 
 // out [M, N] = x [M, K] through the packed panels lanes(p) of N channels (see the header). A
-// bfloat16 or quantized panel that serves more than kExpandRows rows (three tiles or more) is
-// expanded to float32 once, into a buffer of the thread, and the tiles read that: over the 120
+// bfloat16 or quantized panel that serves more than kExpandRows rows (three tiles or more; a
+// bfloat16 one only past the batches of spans) is expanded to float32 once, into a buffer of the
+// thread, and the tiles read that: over the 120
 // decoder linears at 32 rows, converting in every tile took int8 72.7 and int4 89.4 ms, expanding
 // once 64.4 and 65.8 (float32 weights 60.2); at 8 rows (two tiles) expanding was slower, 33.8
 // against 22.3 ms for int8.
@@ -862,7 +871,9 @@ void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes
   const bool spans = kFetchable<Lanes> && M >= kSpanMinRows && M <= kSpanMaxRows;
   radixserve_tasks::for_each_task(
       chunks,
-      [&] { return std::vector<float>(kConverted && M > kExpandRows ? K * kPanelLanes : 0); },
+      [&] {
+        return std::vector<float>(kConverted && M > kExpandRows && !spans ? K * kPanelLanes : 0);
+      },
       [&](int64_t c, std::vector<float>& expanded) {
         const int64_t p0 = c * chunk, p1 = std::min(P, p0 + chunk);
         for (int64_t mb = 0; mb < M; mb += block) {
