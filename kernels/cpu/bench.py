@@ -1,6 +1,6 @@
-"""Times the CPU attention kernels (kernels/cpu/attention.cpp) or the float32 panel linears
-(kernels/cpu/linear_f32.cpp) alone, optionally against another revision of the same source built
-beside it in the same process.
+"""Times the CPU attention kernels (kernels/cpu/attention.cpp) or the float32 and bfloat16 panel
+linears (kernels/cpu/linear_f32.cpp) alone, optionally against another revision of the same source
+built beside it in the same process.
 
     python -m kernels.cpu.bench                                  # decode, batch 16, context 1000
     python -m kernels.cpu.bench --kv-dtype bfloat16 --context 4000 --layers 8
@@ -32,13 +32,13 @@ only when all layers' pools together outgrow the last-level cache (with `--layer
 batch they stay in it). On CPUs with AMX, the engine runs bfloat16 extends on
 `attention_amx.cpp`, which this tool does not time.
 
-`--kernel linear` times `linear_f32_panels` (the float32 linears of CPUs without AVX-512 BF16)
-over the decoder linears of `--layers` layers of a Llama-shaped model (q, k, v and o projections
-from `--heads`, `--kv-heads` and `--head-dim`, gate, up and down from `--hidden` and
-`--intermediate`; SmolLM2-135M's by default), each layer's weights random and its own, packed
+`--kernel linear` times `linear_f32_panels` (the float32 linears of CPUs with AVX2 and FMA but no
+AVX-512, `PanelLinear`) over the decoder linears of `--layers` layers of a Llama-shaped model (q, k,
+v and o projections from `--heads`, `--kv-heads` and `--head-dim`, gate, up and down from `--hidden`
+and `--intermediate`; SmolLM2-135M's by default), each layer's weights random and its own, packed
 into panels of 16 channels, for `--batch` rows of input; with `--linear-dtype bfloat16`,
-`linear_bf16_f32_panels` over bfloat16 inputs and panels instead (the linears of `--dtype
-bfloat16` there). All layers' weights together (425 MB by default, half in bfloat16) outgrow the
+`linear_bf16_f32_panels` over bfloat16 inputs and panels instead (those CPUs' linears under `--dtype
+bfloat16`). All layers' weights together (425 MB by default, half in bfloat16) outgrow the
 last-level cache, so each call reads its weight from memory, as in a decode step; GB/s is those
 bytes over the median round. The other attention options do not apply.
 """

@@ -572,6 +572,7 @@ template <int R, bool kFetch, int kEvery, typename Lanes, bool kSpill = false>
 inline void accumulate(const float* x, int64_t K, const Lanes& panel, int64_t k0, int64_t k1,
                        __m256 (&acc)[R][2], uintptr_t far = 0, float* spill = nullptr) {
   static_assert(!kFetch || kFetchable<Lanes>, "fetches float32 and bfloat16 panels only");
+  static_assert(kEvery == 0 || kFetchable<Lanes>, "fetches float32 and bfloat16 panels only");
   static_assert(!kSpill || Lanes::kStep == 1, "spills panels of one step a load");
 #pragma GCC unroll 4
   for (int64_t k = k0; k < k1; k += Lanes::kStep) {
@@ -700,9 +701,10 @@ constexpr int64_t kSpanMaxRows = 16;
 // past the tensor for its last panel, a hint only). Each sum is still one FMA chain over k
 // ascending, so the outputs are those of a tile that runs the whole panel in one pass.
 //
-// A bfloat16 panel's span (4 KB) is widened by its first tile as it computes (fetching 2 KB ahead),
-// which stores the widened weights into an 8 KB float32 buffer on the stack that the other tiles
-// take: each weight is widened once, not once a tile, and while the FMAs of the first tile run.
+// A bfloat16 panel's span (4 KB) is widened by its first tile as it computes (fetching 2 KB
+// ahead), which stores the widened weights into an 8 KB float32 buffer on the stack that the
+// other tiles take (a lone tile of 5 or 6 rows needs none): each weight is widened once, not once
+// a tile, and while the FMAs of the first tile run.
 // The tiles' fetches of the next span ask for half as many lines (a line is two bfloat16 steps),
 // one every 2 * `tiles` steps.
 template <typename Lanes>
@@ -800,10 +802,11 @@ void span_panel(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
 // the same. Earlier scripts gave 2 to 4 rows 1.03-1.07 times the time in spans, and 17 to 32
 // rows 1.00-1.09, where the compute outlasts the panel's read anyway.
 //
-// A bfloat16 panel (`fetch`; up to 4 rows, one tile, as spans take 5 to 16 and more are expanded)
-// has its tile fetch ahead too: over the same linears (`python -m kernels.cpu.bench --kernel
-// linear --linear-dtype bfloat16 --against REV`, 21 rounds), 0.88 of the time at one row and
-// 0.87 at 4, outputs bit for bit the same.
+// A bfloat16 panel in a batch of 1 to 4 rows (`fetch`; one tile) has its tile fetch ahead too
+// (larger batches run spans or expand the panel, except row blocks of layers wider than 3,640
+// input features, which fetch nothing, as before): over the same linears (`python -m
+// kernels.cpu.bench --kernel linear --linear-dtype bfloat16 --against REV`, 21 rounds), 0.86 and
+// 0.85 of the time at one row and 0.89 at 4, outputs bit for bit the same.
 template <typename Lanes>
 void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
                 const Lanes& panel, const float* scale, const float* bias, float* out,
@@ -836,7 +839,7 @@ void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
       }
     }
     if constexpr (kFetchable<Lanes>) {
-      // a lone bfloat16 tile fetches too
+      // a bfloat16 tile fetches when alone (run_packed gives `fetch` for batches of 1 to 4 rows)
       if (fetch && t == 0 && (tiles > 1 || !std::is_same_v<Lanes, F32Lanes>)) {
         packed_rows<true>(rows, xr, K, panel, scale, bias, o, N, valid);
         m0 += rows;
@@ -899,8 +902,9 @@ void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes
               if constexpr (!kConverted) {
                 if (p + 1 < P) next = lanes(p + 1).p;
               }
-              panel_rows(x, mb, m_end, K, N, panel, ps, pb, out, n0, valid, kFetchable<Lanes>,
-                         next, spans);
+              // float32 panels fetch ahead at every batch size, bfloat16 ones for 1 to 4 rows
+              const bool fetch = !kConverted || (kFetchable<Lanes> && M < kSpanMinRows);
+              panel_rows(x, mb, m_end, K, N, panel, ps, pb, out, n0, valid, fetch, next, spans);
             }
           }
         }

@@ -1,5 +1,5 @@
-"""`python -m kernels.cpu.bench`: the CPU attention kernels and float32 linears timed alone, and
-against a revision."""
+"""`python -m kernels.cpu.bench`: the CPU attention kernels and float32 and bfloat16 panel linears
+timed alone, and against a revision."""
 
 from __future__ import annotations
 
@@ -106,12 +106,14 @@ def test_linear_in_bfloat16_reads_half_the_bytes_through_the_bfloat16_kernel() -
     assert [o.shape[1] for o in outs] == [64, 32, 32, 64, 96, 96, 64]
 
 
-@pytest.mark.slow  # builds linear_f32.cpp a second time
+@pytest.mark.slow  # builds linear_f32.cpp a second time (once for both dtypes)
 @needs_f32
 @pytest.mark.skipif(not head_has_these_kernel_sources(), reason="kernels/cpu differs from HEAD")
-def test_linear_at_head_gives_the_same_outputs() -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_at_head_gives_the_same_outputs(dtype: str) -> None:
     lines: list[str] = []
-    times = bench.run(bench.parse_args([*LINEAR, "--against", "HEAD"]), out=lines.append)
+    argv = [*LINEAR, "--linear-dtype", dtype, "--against", "HEAD"]
+    times = bench.run(bench.parse_args(argv), out=lines.append)
     assert list(times) == ["this tree", "HEAD"]
     assert "median of the rounds' ratios" in lines[-1]
     assert lines[-1].endswith("max |diff| 0"), lines[-1]
