@@ -29,8 +29,9 @@
 // by all its tiles in turn 128 steps at a time (span_panel), so it is read from memory once and
 // in order (bfloat16 widened once, by the first tile), and a bfloat16 or quantized panel serving
 // more rows than that (quantized: more than kExpandRows) is expanded once into a float32 buffer
-// instead. Every output is one float32 sum over k ascending (int8: scaled after), so a
-// row's result does not depend on the rest of its batch. Threads take runs of panels from a
+// instead (bfloat16: by the first tile as it computes, as in a span). Every output is one float32
+// sum over k ascending (int8: scaled after), so a row's result does not depend on the rest of its
+// batch. Threads take runs of panels from a
 // shared counter (about kChunksPerThread runs each) and sweep the rows in blocks whose x stays in
 // L2 (kPackedBlockBytes). Measured on a 2-core AVX2 host over SmolLM2-135M's 120 decoder linears
 // in float32 (distinct weights, read from memory): 17.8 ms at one row (the FMA
@@ -631,14 +632,16 @@ inline void with_rows(int64_t rows, const Tile& tile) {
 // `valid` first channels of one packed panel, all its steps in one pass (accumulate, which also
 // says what kFetch and kEvery fetch; `next` is its `far`); out, scale (nullable: 1) and bias
 // (nullable) start at channel n0.
-template <int R, bool kFetch, typename Lanes, int kEvery = 0>
+// With kSpill the tile also stores the panel's weights, widened, at spill[k * 16] (accumulate).
+template <int R, bool kFetch, typename Lanes, int kEvery = 0, bool kSpill = false>
 inline void packed_tile(const float* x, int64_t K, const Lanes& panel, const float* scale,
                         const float* bias, float* out, int64_t N, int64_t valid,
-                        const char* next = nullptr) {
+                        const char* next = nullptr, float* spill = nullptr) {
   __m256 acc[R][2];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  accumulate<R, kFetch, kEvery>(x, K, panel, 0, K, acc, reinterpret_cast<uintptr_t>(next));
+  accumulate<R, kFetch, kEvery, Lanes, kSpill>(x, K, panel, 0, K, acc,
+                                               reinterpret_cast<uintptr_t>(next), spill);
   // Through a buffer rather than stored from `acc` lane by lane: indexing `acc` with a run-time
   // channel count made GCC keep it in memory, storing all 12 sums at every step (half the speed).
   alignas(32) float sums[R][kPanelLanes];
@@ -668,6 +671,17 @@ inline void packed_rows(int64_t rows, const float* x, int64_t K, const Lanes& pa
   with_rows(rows, [&](auto r) {
     packed_tile<decltype(r)::value, kFetch, Lanes, kEvery>(x, K, panel, scale, bias, out, N,
                                                            valid, next);
+  });
+}
+
+// packed_rows for 1 to kPackedRows rows of a bfloat16 panel, fetched 2 KB ahead, whose tile also
+// stores the panel's weights, widened, at spill[k * 16] for k in [0, K) (32-byte aligned).
+inline void widening_rows(int64_t rows, const float* x, int64_t K, const Bf16Lanes& panel,
+                          const float* scale, const float* bias, float* out, int64_t N,
+                          int64_t valid, float* spill) {
+  with_rows(rows, [&](auto r) {
+    packed_tile<decltype(r)::value, true, Bf16Lanes, 0, true>(x, K, panel, scale, bias, out, N,
+                                                              valid, nullptr, spill);
   });
 }
 
@@ -859,6 +873,11 @@ void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
 // once 64.4 and 65.8 (float32 weights 60.2); at 8 rows (two tiles) expanding was slower, 33.8
 // against 22.3 ms for int8.
 // The expanded weights are the ones the tiles would compute, so the sums do not change.
+// A bfloat16 panel is expanded by the first tile of each row block as it computes (fetching the
+// panel 2 KB ahead, widening_rows), where a loop of its own had the FMA units wait while it read
+// and widened the panel: over the 120 decoder linears (`python -m kernels.cpu.bench --kernel
+// linear --linear-dtype bfloat16 --batch M --against REV`, 15 rounds, the median of the rounds'
+// ratios) 0.86 of the time at 17 rows, 0.90 at 24 and 32, 0.94 at 64 and 128, 0.95 at 256.
 template <typename MakeLanes>
 void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes& lanes,
                 const float* scale, const float* bias, float* out) {
@@ -875,9 +894,13 @@ void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes
   radixserve_tasks::for_each_task(
       chunks,
       [&] {
-        return std::vector<float>(kConverted && M > kExpandRows && !spans ? K * kPanelLanes : 0);
+        // 8 floats more, for the 32-byte alignment of a bfloat16 tile's stores (widening_rows)
+        const bool expands = kConverted && M > kExpandRows && !spans;
+        return std::vector<float>(expands ? K * kPanelLanes + 8 : 0);
       },
-      [&](int64_t c, std::vector<float>& expanded) {
+      [&](int64_t c, std::vector<float>& buffer) {
+        float* const expanded = reinterpret_cast<float*>(
+            (reinterpret_cast<uintptr_t>(buffer.data()) + 31) & ~static_cast<uintptr_t>(31));
         const int64_t p0 = c * chunk, p1 = std::min(P, p0 + chunk);
         for (int64_t mb = 0; mb < M; mb += block) {
           const int64_t m_end = std::min(M, mb + block);
@@ -887,16 +910,24 @@ void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes
             const float* pb = bias != nullptr ? bias + n0 : nullptr;
             const Lanes panel = lanes(p);
             if (kConverted && m_end - mb > kExpandRows && !spans) {
-              for (int64_t k = 0; k < K; k += Lanes::kStep) {
-                __m256 w[Lanes::kStep][2];
-                panel.load(k, w);
-                for (int step = 0; step < Lanes::kStep; ++step) {
-                  _mm256_storeu_ps(expanded.data() + (k + step) * kPanelLanes, w[step][0]);
-                  _mm256_storeu_ps(expanded.data() + (k + step) * kPanelLanes + 8, w[step][1]);
+              int64_t m = mb;
+              if constexpr (std::is_same_v<Lanes, Bf16Lanes>) {
+                // bfloat16: the first tile widens the panel as it computes (see the header)
+                const int64_t rows = (m_end - mb) / ((m_end - mb + kPackedRows - 1) / kPackedRows);
+                widening_rows(rows, x + mb * K, K, panel, ps, pb, out + mb * N + n0, N, valid,
+                              expanded);
+                m += rows;
+              } else {
+                for (int64_t k = 0; k < K; k += Lanes::kStep) {
+                  __m256 w[Lanes::kStep][2];
+                  panel.load(k, w);
+                  for (int step = 0; step < Lanes::kStep; ++step) {
+                    _mm256_storeu_ps(expanded + (k + step) * kPanelLanes, w[step][0]);
+                    _mm256_storeu_ps(expanded + (k + step) * kPanelLanes + 8, w[step][1]);
+                  }
                 }
               }
-              panel_rows(x, mb, m_end, K, N, F32Lanes{expanded.data()}, ps, pb, out, n0, valid,
-                         false);
+              panel_rows(x, m, m_end, K, N, F32Lanes{expanded}, ps, pb, out, n0, valid, false);
             } else {
               const float* next = nullptr;
               if constexpr (!kConverted) {
