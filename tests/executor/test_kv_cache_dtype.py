@@ -11,10 +11,12 @@ import torch
 
 import kernels.cpu as cpu_kernels
 from services.common.config import add_arguments, from_args
+from services.executor import factory
 from services.executor.config import ExecutorConfig
-from services.executor.factory import pick_kv_dtype, size_kv_pool
+from services.executor.factory import pick_dtype, pick_kv_dtype, size_kv_pool
 from services.executor.kv_pool import KVPool
 from services.executor.model_config import ModelConfig
+from services.executor.packed_linear import can_use_panels16
 from services.executor.sampling_params import SamplingParams
 from services.executor.step import NewRequest, SharedPrefix, Slice, SlotWrite, StepInput
 from tests.executor.tiny import engine_for, hf_model
@@ -23,6 +25,38 @@ GREEDY = SamplingParams(temperature=0)
 KERNELS = pytest.mark.skipif(
     cpu_kernels.load() is None, reason=f"kernel not built: {cpu_kernels.load_error()}"
 )
+
+
+@pytest.mark.parametrize(
+    ("has_bf16", "bf16_panels", "picked"),
+    [
+        (True, False, torch.bfloat16),  # AVX-512 BF16 or AMX
+        (False, True, torch.bfloat16),  # AVX2 without AVX-512: bfloat16 panels of ours
+        (False, False, torch.float32),  # neither (or the kernels disabled)
+    ],
+)
+def test_dtype_auto_on_a_cpu(
+    monkeypatch: pytest.MonkeyPatch, has_bf16: bool, bf16_panels: bool, picked: torch.dtype
+) -> None:
+    monkeypatch.setattr(factory, "cpu_has_bf16", lambda: has_bf16)
+    asked: list[torch.dtype] = []
+    monkeypatch.setattr(
+        factory, "can_use_panels16", lambda dtype, device: asked.append(dtype) or bf16_panels
+    )
+    cpu = torch.device("cpu")
+    assert pick_dtype("auto", cpu) == picked
+    assert asked in ([], [torch.bfloat16])
+    for name in ("float32", "bfloat16", "float16"):
+        assert pick_dtype(name, cpu) == getattr(torch, name)
+
+
+def test_dtype_auto_on_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    fast = factory.cpu_has_bf16() or can_use_panels16(torch.bfloat16, cpu)
+    assert pick_dtype("auto", cpu) == (torch.bfloat16 if fast else torch.float32)
+    if not factory.cpu_has_bf16():  # without our kernels bfloat16 runs torch's scalar GEMM
+        monkeypatch.setenv("RADIXSERVE_DISABLE_CPU_KERNELS", "1")
+        assert pick_dtype("auto", cpu) == torch.float32
 
 
 def test_pick_kv_dtype() -> None:
