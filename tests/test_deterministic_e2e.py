@@ -1,5 +1,5 @@
 """`radixserve serve --enable-deterministic-inference` in the default dtype (bfloat16 on a CPU
-with AVX-512 BF16, float32 elsewhere): a seeded chat request at
+with AVX-512 BF16 or with AVX2 and no AVX-512, float32 elsewhere): a seeded chat request at
 temperature 1 answers the same — tokens and logprobs — on a cold cache, on a warm one, and when it
 runs among other requests whose prefill chunks share its steps (a 32-token chunk budget)."""
 

@@ -291,7 +291,7 @@ int64_t argmax_row(const float* x, int64_t n) {
     }
   }
 #endif
-  for (int64_t i = start; i < n; ++i) {  // the tail, or the whole row without AVX-512
+  for (int64_t i = start; i < n; ++i) {  // the tail, or the whole row without AVX2
     if (x[i] > best) {
       best = x[i];
       best_index = i;

@@ -20,23 +20,22 @@
 //
 // Float32, bfloat16, int8 and int4 weights can also be packed once into panels of 16 output
 // channels (kernels/cpu/linear.py's pack_panels16 and pack_int4_panels16; channels past N zero),
-// for linear_f32_panels, linear_bf16_f32_panels (x and outputs bfloat16: x widened to float32
-// once, each output rounded once), linear_int8_f32_panels and linear_int4_f32_panels: a tile of
-// up to 6 rows x 16 channels keeps its 12 sums in registers, and each step over k expands the
-// panel's 16 weights once for all its rows (bfloat16 widened and int8 converted exactly, int4 as
-// above) and broadcasts one value of each row (2 + 6 loads for 12 FMAs with float32 weights,
-// nothing reduced across lanes); a float32 or bfloat16 panel for a batch of 5 to 16 rows is taken
-// by all its tiles in turn 128 steps at a time (span_panel), so it is read from memory once and
-// in order (bfloat16 widened once, by the first tile), and a bfloat16 or quantized panel serving
-// more rows than that (quantized: more than kExpandRows) is expanded once into a float32 buffer
-// instead (bfloat16: by the first tile as it computes, as in a span). Every output is one float32
-// sum over k ascending (int8: scaled after), so a row's result does not depend on the rest of its
-// batch. Threads take runs of panels from a
-// shared counter (about kChunksPerThread runs each) and sweep the rows in blocks whose x stays in
-// L2 (kPackedBlockBytes). Measured on a 2-core AVX2 host over SmolLM2-135M's 120 decoder linears
-// in float32 (distinct weights, read from memory): 17.8 ms at one row (the FMA
-// kernel below 18.8), 29.1 at 8 (oneDNN's packed GEMM 40.9), 60.2 at 32 (73.9), 111 at 64 (133),
-// 806 at 512 (808) and 1,484 at 1,024 (1,540).
+// for linear_f32_panels, linear_bf16_f32_panels (x and outputs bfloat16: x widened to float32 once,
+// each output rounded once), linear_int8_f32_panels and linear_int4_f32_panels: a tile of up to 6
+// rows x 16 channels keeps its 12 sums in registers, and each step over k expands the panel's 16
+// weights once for all its rows (bfloat16 widened and int8 converted exactly, int4 as above) and
+// broadcasts one value of each row (2 + 6 loads for 12 FMAs with float32 weights, nothing reduced
+// across lanes); a float32 or bfloat16 panel for a batch of 5 to 16 rows is taken by all its tiles
+// in turn 128 steps at a time (span_panel), so it is read from memory once and in order (bfloat16
+// widened once, by the first tile), and a bfloat16 or quantized panel serving more rows than that
+// (quantized: more than kExpandRows) is expanded once into a float32 buffer instead (bfloat16: by
+// the first tile of a row block as it computes, as in a span). Every output is one float32 sum over
+// k ascending (int8: scaled after), so a row's result does not depend on the rest of its batch.
+// Threads take runs of panels from a shared counter (about kChunksPerThread runs each) and sweep
+// the rows in blocks whose x stays in L2 (kPackedBlockBytes). Measured on a 2-core AVX2 host over
+// SmolLM2-135M's 120 decoder linears in float32 (distinct weights, read from memory): 17.8 ms at
+// one row (the FMA kernel below 18.8), 29.1 at 8 (oneDNN's packed GEMM 40.9), 60.2 at 32 (73.9),
+// 111 at 64 (133), 806 at 512 (808) and 1,484 at 1,024 (1,540).
 //
 // At decode batch sizes a linear layer's time is reading its weights, and torch's own kernels do
 // that slowly on CPUs without AVX-512 (its int8 and int4 kernels fall back to scalar code there).
@@ -568,7 +567,8 @@ constexpr int64_t kFetchSteps = 32;
 // faults). With kEvery > 0 (kFetchable panels) every kEvery-th step from k0 also fetches one
 // line into L2, from the address `far` on (see panel_rows and span_panel; an address past the
 // tensor is a hint only, which never faults). With kSpill each step's 16 weights, as loaded
-// (widened), are also stored at spill[(k - k0) * 16], for the tiles after this one (span_panel).
+// (widened), are also stored at spill[(k - k0) * 16], for the tiles after this one (span_panel,
+// widening_rows).
 template <int R, bool kFetch, int kEvery, typename Lanes, bool kSpill = false>
 inline void accumulate(const float* x, int64_t K, const Lanes& panel, int64_t k0, int64_t k1,
                        __m256 (&acc)[R][2], uintptr_t far = 0, float* spill = nullptr) {
@@ -877,7 +877,8 @@ void panel_rows(const float* x, int64_t m0, int64_t m_end, int64_t K, int64_t N,
 // panel 2 KB ahead, widening_rows), where a loop of its own had the FMA units wait while it read
 // and widened the panel: over the 120 decoder linears (`python -m kernels.cpu.bench --kernel
 // linear --linear-dtype bfloat16 --batch M --against REV`, 15 rounds, the median of the rounds'
-// ratios) 0.86 of the time at 17 rows, 0.90 at 24 and 32, 0.94 at 64 and 128, 0.95 at 256.
+// ratios, two passes) 0.86-0.89 of the time at 17 rows, 0.91 at 24, 0.90 at 32, 0.93-0.96 at 64
+// and 128, 0.95-0.98 at 256.
 template <typename MakeLanes>
 void run_packed(const float* x, int64_t M, int64_t K, int64_t N, const MakeLanes& lanes,
                 const float* scale, const float* bias, float* out) {

@@ -114,11 +114,12 @@ class PrefillRow:
     cached_len: int = 0
 
 
-def dtype_names(names: list[str]) -> list[str]:
+def dtype_names(names: list[str], panels: bool = True) -> list[str]:
     """`--dtypes` values as torch dtype names, "auto" as the dtype `--dtype auto` serves on this
-    CPU (`pick_dtype`), each once in the order given: ["auto", "float32"] → ["float32"] on a CPU
-    without AVX-512 BF16."""
-    picked = [str(pick_dtype(n, torch.device("cpu"))).removeprefix("torch.") for n in names]
+    CPU (`pick_dtype`; `panels`: no quantization and no torch.compile in any timed mode), each
+    once in the order given: ["auto", "float32"] → ["float32"] on a CPU where auto is float32."""
+    cpu = torch.device("cpu")
+    picked = [str(pick_dtype(n, cpu, panels)).removeprefix("torch.") for n in names]
     return list(dict.fromkeys(picked))
 
 
@@ -504,7 +505,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 f"on one thread of another process",
                 flush=True,
             )
-        for dtype_name in dtype_names(args.dtypes):
+        panels = not args.enable_torch_compile and all(m == "none" for m in args.quantization)
+        for dtype_name in dtype_names(args.dtypes, panels):
             for mode in args.quantization:
                 rows = _bench_model(args, path, cfg, static, bandwidth, dtype_name, mode)
                 decode += rows[0]

@@ -32,7 +32,10 @@ class ExecutorConfig(ServiceConfig):
         None, "model name reported to clients (default: from the path)"
     )
     dtype: str = option(
-        "auto", "weight and KV dtype; auto = bfloat16 where the CPU/GPU has it", DTYPES
+        "auto",
+        "weight and KV dtype; auto = bfloat16 where the GPU or CPU has it or our AVX2 kernels "
+        "run it, else float32 (float16 on GPUs without bfloat16)",
+        DTYPES,
     )
     kv_cache_dtype: str = option(
         "auto",

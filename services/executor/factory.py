@@ -84,19 +84,27 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, panels: bool = True) -> torch.dtype:
     """`--dtype NAME` as a torch dtype. auto: on CUDA bfloat16 where the GPU has it, else float16;
-    on a CPU bfloat16 where it has AVX-512 BF16 or AMX, or where bfloat16 linears run our AVX2
-    panel kernels (`can_use_panels16`: AVX2 and FMA without AVX-512, kernels built and enabled),
-    else float32. On such an AVX2 CPU bfloat16 decoded faster than float32 at every batch size and
-    served all four README workloads at least as fast (docs/benchmarks.md)."""
+    on a CPU bfloat16 where it has AVX-512 BF16 or AMX, or, with `panels` (the linears are neither
+    quantized nor left plain for torch.compile), where bfloat16 linears run our AVX2 panel kernels
+    (`can_use_panels16`: AVX2 and FMA without AVX-512, kernels built and enabled); else float32.
+    On such an AVX2 CPU bfloat16 served one stream at 42 % less time a token than float32, and the
+    README's other workloads within the rounds' spread (docs/benchmarks.md); its quantized layers
+    ran slower in bfloat16, and torch's own bfloat16 GEMM runs scalar code there."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if cpu_has_bf16() or can_use_panels16(torch.bfloat16, device):
+        if cpu_has_bf16() or (panels and can_use_panels16(torch.bfloat16, device)):
             return torch.bfloat16
         return torch.float32
     return getattr(torch, name)
+
+
+def panel_linears(cfg: ExecutorConfig) -> bool:
+    """Whether the executor's unquantized linears may become panels (pick_dtype's `panels`):
+    neither --quantization nor --enable-torch-compile, which keeps torch's layout."""
+    return cfg.quantization == "none" and not cfg.enable_torch_compile
 
 
 def pick_kv_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
@@ -217,7 +225,7 @@ def _create_leader(
     ranks: RankGroup | None,
 ) -> LoadedModel:
     rank = Rank(0, cfg.tp) if ranks is not None else None
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.dtype, device, panel_linears(cfg))
     threads = setup_cpu_process(cfg.num_threads, cfg.tp) if device.type == "cpu" else 0
     context = cfg.context_length or model_cfg.max_position_embeddings
     if model_cfg.sliding_window is None and context > model_cfg.max_position_embeddings:
@@ -315,7 +323,7 @@ def follower_main(rank: Rank, port: int, conn: Connection, cfg: ExecutorConfig, 
     setup_logging(f"executor-rank{rank.index}", cfg)
     try:
         device = pick_device(cfg.device, rank, cfg.base_gpu_id)
-        dtype = pick_dtype(cfg.dtype, device)
+        dtype = pick_dtype(cfg.dtype, device, panel_linears(cfg))
         if device.type == "cpu":
             setup_cpu_process(cfg.num_threads, cfg.tp)
         init_process_group(rank, port, device, COLLECTIVE_TIMEOUT_S)

@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> list[Result]:
     threads = setup_cpu_process(args.num_threads)
     path = resolve_model_path(args.model_path)
     cfg = ModelConfig.from_dir(path)
-    dtype = pick_dtype(args.dtype, torch.device("cpu"))
+    panels = all(mode == "none" for mode in args.quantization)  # as the executor picks auto
+    dtype = pick_dtype(args.dtype, torch.device("cpu"), panels)
     ids = text_ids(Path(args.text), path, args.max_tokens)
     print(
         f"model {path.name}, {dtype}, {threads} threads; {len(ids)} tokens of {args.text}, "

@@ -1,6 +1,7 @@
 """--enable-deterministic-inference on the real SmolLM2-135M-Instruct in the CPU's default dtype
-(bfloat16 where the CPU computes it, as on AVX-512 BF16; float32 elsewhere): four seeded
-requests give the same tokens and logprobs, bit for bit, over 100 repetitions (40 in float32,
+(bfloat16 on AVX-512 BF16, and on AVX2 without AVX-512 through our panels; float32 elsewhere):
+four seeded requests give the same tokens and logprobs, bit for bit, over 100 repetitions (40 in
+float32,
 whose weights take twice the reads per tile) that each mix them
 with random background requests, prefill them in random chunks, join them at random steps and take
 a random part of their prompts from a cached prefix computed by another request.
@@ -41,9 +42,9 @@ TARGETS = [  # (prompt length, sampling) of the four requests whose outputs must
     (36, SamplingParams(temperature=1.0, top_k=40, repetition_penalty=1.2, seed=13, logprobs=True)),
 ]
 NEW_TOKENS = 8
-# What `--dtype auto` serves on this CPU (without native bfloat16, bfloat16 matmuls are emulated
-# and would not fit the test's time limit). Float32 steps read twice the weight bytes per 16-row
-# tile, so they repeat fewer times (about 100 s on 2 cores).
+# What `--dtype auto` serves on this CPU (bfloat16 only where it runs a kernel of ours: torch's
+# emulated bfloat16 matmuls would not fit the test's time limit). Float32 steps read twice the
+# weight bytes, so they repeat fewer times (about 100 s on 2 cores).
 DTYPE = pick_dtype("auto", torch.device("cpu"))
 REPETITIONS = 100 if torch.bfloat16 == DTYPE else 40
 

@@ -46,8 +46,27 @@ def test_dtype_auto_on_a_cpu(
     cpu = torch.device("cpu")
     assert pick_dtype("auto", cpu) == picked
     assert asked in ([], [torch.bfloat16])
+    # quantized or torch.compile'd linears are not bfloat16 panels: float32 unless native
+    assert pick_dtype("auto", cpu, panels=False) == (torch.bfloat16 if has_bf16 else torch.float32)
     for name in ("float32", "bfloat16", "float16"):
         assert pick_dtype(name, cpu) == getattr(torch, name)
+        assert pick_dtype(name, cpu, panels=False) == getattr(torch, name)
+
+
+@pytest.mark.parametrize(
+    ("flags", "panels"),
+    [
+        ([], True),
+        (["--quantization", "int8"], False),
+        (["--quantization", "gguf"], False),
+        (["--enable-torch-compile"], False),
+    ],
+)
+def test_which_executors_may_pick_bfloat16_panels(flags: list[str], panels: bool) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, ExecutorConfig)
+    cfg = from_args(ExecutorConfig, parser.parse_args(["--model-path", "m", *flags]))
+    assert factory.panel_linears(cfg) is panels
 
 
 def test_dtype_auto_on_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
