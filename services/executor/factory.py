@@ -89,9 +89,10 @@ def pick_dtype(name: str, device: torch.device, panels: bool = True) -> torch.dt
     on a CPU bfloat16 where it has AVX-512 BF16 or AMX, or, with `panels` (the linears are neither
     quantized nor left plain for torch.compile), where bfloat16 linears run our AVX2 panel kernels
     (`can_use_panels16`: AVX2 and FMA without AVX-512, kernels built and enabled); else float32.
-    On such an AVX2 CPU bfloat16 served one stream at 42 % less time a token than float32, and the
-    README's other workloads within the rounds' spread (docs/benchmarks.md); its quantized layers
-    ran slower in bfloat16, and torch's own bfloat16 GEMM runs scalar code there."""
+    On such an AVX2 CPU bfloat16 served one stream at 38-42 % less time a token than float32, the
+    README's other workloads at throughputs within the rounds' spread, and a median TTFT 5-15 %
+    higher (docs/benchmarks.md); quantized layers ran slower in bfloat16, and torch's own
+    bfloat16 GEMM runs scalar code there."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
