@@ -15,7 +15,7 @@
 // - keys, as rows: tile A of K (16 keys x 32 dims) times tile B of the queries (16 pairs of dims
 //   x 16 query rows, built once per task) gives the scores transposed, sT[key][row], in float32;
 // - so the online softmax runs down the key axis on whole vectors of 16 query rows, as the extend
-//   kernel of attention.cpp does: max, exp (exp16) and sums are vertical;
+//   kernel of attention.cpp does: max, exp (as 2^x, exp2_16) and sums are vertical;
 // - each row's probabilities of two keys, rounded to bfloat16, pair up into one 32-bit lane; 16
 //   such vectors (32 keys) transposed are tile A of P (16 query rows x 32 keys);
 // - values are re-laid as pairs of keys (16 pairs x 16 dims: tile B), so p . v is a tile product
@@ -106,11 +106,34 @@ inline void transpose16(const __m512i* r, uint32_t* dst) {
 }
 
 // Two probability vectors (16 rows each, keys 2j and 2j + 1) rounded to bfloat16 (nearest even)
-// and paired into 32-bit lanes, key 2j in the low half.
+// and paired into 32-bit lanes, key 2j in the low half: one vcvtne2ps2bf16 (a's 16 values in the
+// low half, b's in the high, each rounded as vcvtneps2bf16 rounds it) and one vpermw that
+// interleaves the halves.
 inline __m512i pair16(__m512 a, __m512 b) {
-  const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(a));
-  const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(b));
-  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+  alignas(64) static const uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19,
+                                                       4,  20, 5,  21, 6,  22, 7,  23,
+                                                       8,  24, 9,  25, 10, 26, 11, 27,
+                                                       12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave),
+                                  (__m512i)_mm512_cvtne2ps_pbh(b, a));
+}
+
+// 2^y of 16 floats, for the tiles' softmax, which takes e^x as 2^(x log2 e) with log2 e folded
+// into the scores' scale (12 vector operations with the subtraction and scaling of the scores,
+// where exp16 takes 15): y = n + f with n = round(y), |f| <= 1/2 (f exact); 2^f = 1 + f P(f),
+// P of degree 5 with Cephes' exp2f coefficients, highest first (within about 1 ulp of 2^f in
+// float32 arithmetic on [-1/2, 1/2]); scaled by 2^n (vscalefps). y <= -150 gives 0 under
+// flush-to-zero (the kernel's tasks set it), as exp16 does for x <= -104; y = 0 gives 1.
+inline __m512 exp2_16(__m512 y) {
+  constexpr float kPoly[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
+                             5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f};
+  y = _mm512_max_ps(_mm512_set1_ps(-150.f), y);
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(kPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kPoly[i]));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
 }
 
 // Keys slots[0 .. n) that the query rows lanes [lane_lo, lane_hi) of a task see; `vector`: one
@@ -374,7 +397,6 @@ void block_values(const uint32_t* pb, int64_t halves, const bf16* vb, int64_t ch
 void attend_block(const Shape& s, const KeyTiles& keys, int64_t n, int64_t tile, __mmask16 lanes,
                   const int32_t* lim, int64_t l0, Scratch& w, Fetch& fetch, int64_t goal) {
   const int64_t chunks = s.dim / kPair, dim = s.dim;
-  const __m512 scale = _mm512_set1_ps(s.scale);
   block_scores(w.qT.data() + tile * chunks * kTile, chunks, keys, n, w.sT.data());
   float* sT = w.sT.data();
   bool masked = lanes != 0xffff;
@@ -400,8 +422,13 @@ void attend_block(const Shape& s, const KeyTiles& keys, int64_t n, int64_t tile,
   float* sum = w.sum.data() + tile * kLanes;
   const __m512 old = _mm512_loadu_ps(mx);
   const __m512 now = _mm512_max_ps(old, top);
-  const __m512 alpha = exp16(_mm512_mul_ps(_mm512_sub_ps(old, now), scale));
-  const __m512 shift = _mm512_mul_ps(now, scale);
+  // e^((x - now) scale) as 2^((x - now) scale log2 e): x - now is exact where the two are
+  // within a factor of two, and the product rounds once more (exp2_16).
+  const __m512 scale = _mm512_set1_ps(s.scale * radixserve_simd::kLog2e);
+  const __m512 alpha = exp2_16(_mm512_mul_ps(_mm512_sub_ps(old, now), scale));
+  auto prob = [&](int64_t l) {  // key l's unnormalised probabilities
+    return exp2_16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sT + l * kLanes), now), scale));
+  };
   const int64_t halves = n > 32 ? 2 : 1;
   __m512 total = _mm512_setzero_ps();
   __m512i pairs[16];
@@ -411,10 +438,8 @@ void attend_block(const Shape& s, const KeyTiles& keys, int64_t n, int64_t tile,
       fetch.upto(start + (goal - start) * (h * 16 + j + 1) / steps);
       const int64_t l = h * 32 + 2 * j;
       __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
-      if (l < n) p0 = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(sT + l * kLanes), scale, shift));
-      if (l + 1 < n) {
-        p1 = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(sT + (l + 1) * kLanes), scale, shift));
-      }
+      if (l < n) p0 = prob(l);
+      if (l + 1 < n) p1 = prob(l + 1);
       total = _mm512_add_ps(total, _mm512_add_ps(p0, p1));
       pairs[j] = pair16(p0, p1);
     }
