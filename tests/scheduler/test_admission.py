@@ -63,12 +63,12 @@ def test_the_prefill_budget_defaults_by_the_executor_s_device(
 
 @pytest.mark.parametrize(
     "device, end_decode, flag, iterations",
-    [("cpu", True, None, 4), ("cuda", True, None, 1), ("cpu", False, None, 1), ("cpu", True, 2, 2)],
+    [("cpu", True, None, 8), ("cuda", True, None, 1), ("cpu", False, None, 1), ("cpu", True, 2, 2)],
 )
 def test_continuous_decode_steps_default_by_the_executor_s_device(
     device: str, end_decode: bool, flag: int | None, iterations: int
 ) -> None:
-    """4 decode iterations per Step on a CPU executor with EndDecode, 1 on others (and on one
+    """8 decode iterations per Step on a CPU executor with EndDecode, 1 on others (and on one
     without it, where an arrival would wait out every iteration), unless the flag says."""
     prompts = [[i + 1] * 10 for i in range(3)]
 
