@@ -1,8 +1,9 @@
 // Attention on AMX tiles, for bfloat16 queries over bfloat16 KV pools: the extend attention of
 // attention.cpp (a request's new tokens over its cached prefix and themselves, causal) and its
 // shared-prefix spans (a group's query tokens over one span of keys), with the same entry points
-// and results up to float32 summation order (the running maximum, below); and decode rows grouped
-// by shared prefix in one pass (cascade_decode_attention).
+// and results up to float32 summation order (the running maximum, below) and the exponential's
+// rounding (the tiles' exp2_16 against exp16); and decode rows grouped by shared prefix in one
+// pass (cascade_decode_attention).
 //
 // A task is up to 32 query tokens (kQueryBlock) of one request or group, or up to 16 decode
 // members of a group (kMemberBlock), and every KV head, or one (split_heads): for KV head hk its
@@ -121,9 +122,10 @@ inline __m512i pair16(__m512 a, __m512 b) {
 // 2^y of 16 floats, for the tiles' softmax, which takes e^x as 2^(x log2 e) with log2 e folded
 // into the scores' scale (12 vector operations with the subtraction and scaling of the scores,
 // where exp16 takes 15): y = n + f with n = round(y), |f| <= 1/2 (f exact); 2^f = 1 + f P(f),
-// P of degree 5 with Cephes' exp2f coefficients, highest first (within about 1 ulp of 2^f in
-// float32 arithmetic on [-1/2, 1/2]); scaled by 2^n (vscalefps). y <= -150 gives 0 under
-// flush-to-zero (the kernel's tasks set it), as exp16 does for x <= -104; y = 0 gives 1.
+// P of degree 5 with Cephes' exp2f coefficients, highest first (a float64 evaluation of the
+// float32 Horner steps at 2 million points of [-1/2, 1/2] was within 1.0e-7 of 2^f, relative);
+// scaled by 2^n (vscalefps). y <= -150 gives 0, and so does y < -126 under the flush-to-zero the
+// kernel's tasks set; y = 0 gives 1; NaN stays NaN (vmaxps returns its second operand).
 inline __m512 exp2_16(__m512 y) {
   constexpr float kPoly[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
                              5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f};
@@ -423,7 +425,7 @@ void attend_block(const Shape& s, const KeyTiles& keys, int64_t n, int64_t tile,
   const __m512 old = _mm512_loadu_ps(mx);
   const __m512 now = _mm512_max_ps(old, top);
   // e^((x - now) scale) as 2^((x - now) scale log2 e): x - now is exact where the two are
-  // within a factor of two, and the product rounds once more (exp2_16).
+  // within a factor of two; scale log2 e and the product round once each (exp2_16).
   const __m512 scale = _mm512_set1_ps(s.scale * radixserve_simd::kLog2e);
   const __m512 alpha = exp2_16(_mm512_mul_ps(_mm512_sub_ps(old, now), scale));
   auto prob = [&](int64_t l) {  // key l's unnormalised probabilities

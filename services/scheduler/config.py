@@ -31,10 +31,11 @@ CHUNKED_PREFILL_SIZE = 2048
 # concurrency 32 there). On the 2-vCPU Xeon with AMX ("Eight continuous decode steps"), 8 against 4
 # over three alternating rounds gave TPOT p50 15.57 against 16.83 ms one at a time, 317.4 against
 # 301.2 output tok/s on the shared prefixes and 273.4 against 265.4 at concurrency 8, with 32
-# level: every Step costs the executor about 5.6 ms between its iterations (result and Step over
-# gRPC, the scheduler's turn, the executor's preparing), which 8 pays half as often. The price:
-# the tokens reach the client 8 at a time, and a request that samples a stop token computes up
-# to 7 iterations more before the scheduler sees it (the executor does not know stop tokens).
+# level: the executor waited about 5.6 ms between one Step's forward and the next (result and Step
+# over gRPC, the scheduler's turn, the executor's preparing), which 8 pays half as often. The
+# price: the tokens reach the client up to 8 at a time, and a request that samples a stop token
+# computes up to 7 iterations more before the scheduler sees it (the executor does not know stop
+# tokens).
 CPU_CONTINUOUS_DECODE_STEPS = 8
 CONTINUOUS_DECODE_STEPS = 1
 
